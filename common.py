@@ -1,0 +1,1188 @@
+"""
+common.py: everything that is not a method.
+
+The three method files (dive_k.py, speciarl.py, fine_r1.py) each hold their own prompt, rollout, reward, advantage,
+loss and update loop. What they share lives here, in execution order:
+
+  1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
+  2. model + processor loading: any Qwen2.5-VL checkpoint, the `tiny` stand-in, random presets of the real shapes
+  3. the toy dataset (synthetic, drawn with PIL) and the dataset record type
+  4. answer parsing, normalisation and the format check (one implementation used everywhere)
+  5. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
+  6. per-token log-probs of completions (only at completion positions, micro-batched)
+  7. DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
+  8. checkpoints (atomic, auto-resume) and export of a standard Hugging Face directory
+  9. metrics logging (metrics.jsonl, optional wandb) and shared command-line flags
+ 10. the tiny stand-in: tokenizer trained in-process + a short deterministic "pretraining" on toy
+
+Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
+  * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
+  * `mm_token_type_ids` must reach every forward, or positions silently fall back to 1-D; we go further and pass
+    explicit 3-row M-RoPE `position_ids` computed once per prompt, so prefill, decode and scoring agree exactly;
+  * `pixel_values` has one row per image patch: expanding a batch means repeating each image's block of rows;
+  * sampled `<|image_pad|>` tokens break later forwards: the sampler suppresses image / video pad ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+# transformers is imported lazily inside functions where it is slow and not always needed; these are cheap.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+}
+DEFAULT_SYSTEM = "You are a helpful assistant."
+CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
+
+
+# =====================================================================================================================
+# 1. Distributed setup
+# =====================================================================================================================
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0  # global rank
+    local_rank: int = 0  # rank on this node (picks the GPU)
+    world_size: int = 1  # number of processes
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
+    nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        # a generous timeout: mining or evaluation on one rank can take long while others wait at a barrier
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    if not use_cuda and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    return Dist(rank, local_rank, world, dev)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (flushes, so logs interleave sensibly under torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, returned for chaining). A no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Gather one picklable object from every rank into a list (rank order). [obj] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# =====================================================================================================================
+# 2. Model and processor loading
+# =====================================================================================================================
+
+# The Qwen2-VL / Qwen2.5-VL chat format: system, then user turns whose content is a list of image and text items,
+# `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as the generation prompt.
+# Written for the locally built tokenizers; real checkpoints bring their own template.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _processor_class():
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL processor without the video half. The stock class builds a video processor, which imports
+        torchvision; ProcessorMixin derives the list of sub-processors from this __init__ signature, so leaving
+        `video_processor` out of it gives an image-only processor that saves and loads like the stock one."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+_PROCESSOR_CLS = None
+
+
+def processor_class():
+    """The image-only processor class (built once; needs transformers imported)."""
+    global _PROCESSOR_CLS
+    if _PROCESSOR_CLS is None:
+        _PROCESSOR_CLS = _processor_class()
+    return _PROCESSOR_CLS
+
+
+def make_image_processor(min_pixels: int, max_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Load the image-only processor from a checkpoint directory or hub id; optionally override the pixel budget.
+    (AutoProcessor would silently return a bare tokenizer for this class, so we name the class.)"""
+    proc = processor_class().from_pretrained(path)
+    set_pixel_budget(proc, min_pixels, max_pixels)
+    return proc
+
+
+def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
+    ip = processor.image_processor
+    if min_pixels is not None:
+        ip.min_pixels = min_pixels
+        ip.size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        ip.max_pixels = max_pixels
+        ip.size["longest_edge"] = max_pixels
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights
+    "qwen2.5-vl-3b-random": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie=True),
+    "qwen2.5-vl-7b-random": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie=False),
+}
+
+
+def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+                   vocab_size, tie, special_ids, vision: dict | None = None, rope_theta=1e6, max_positions=32768):
+    """A Qwen2_5_VLConfig with every size given at construction (changing sizes afterwards breaks the build)."""
+    from transformers import Qwen2_5_VLConfig
+    head_dim = hidden_size // num_attention_heads
+    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections: [16,24,24] for 128
+    quarter = head_dim // 2 // 8
+    mrope_section = [2 * quarter, 3 * quarter, 3 * quarter]
+    assert sum(mrope_section) == head_dim // 2, "head_dim must be a multiple of 16 for the M-RoPE split"
+    vision = vision or dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                            fullatt_block_indexes=[7, 15, 23, 31])
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=max_positions,
+                         rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                          "mrope_section": mrope_section},
+                         bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"],
+                         pad_token_id=special_ids["<|endoftext|>"]),
+        vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           out_hidden_size=hidden_size, tokens_per_second=2, **vision),
+        image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"], vision_end_token_id=special_ids["<|vision_end|>"],
+        tie_word_embeddings=tie)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[str, int] | None = None):
+    """A byte-level BPE with Qwen's pre-tokenizer regex, trained in-process (a fraction of a second), wrapped as a
+    Qwen2Tokenizer with the Qwen special tokens and the Qwen2.5-VL chat template. `special_ids` places the special
+    tokens at given ids (the real Qwen ids for the random presets); by default they follow the BPE vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(bpe.to_str())
+    vocab = dict(state["model"]["vocab"])
+    if special_ids is None:
+        special_ids = {tok: len(vocab) + i for i, tok in enumerate(QWEN_SPECIAL_IDS)}
+    vocab.update(special_ids)  # a special token already in the vocab keeps its id when registered below
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in state["model"]["merges"]], eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE)
+    tok.add_tokens([AddedToken(s, special=True) for s in special_ids], special_tokens=True)
+    assert tok.convert_tokens_to_ids(list(special_ids)) == list(special_ids.values())
+    return tok, special_ids
+
+
+def build_random_preset(name: str, min_pixels: int, max_pixels: int):
+    """A random-initialised Qwen2.5-VL with the published 3B / 7B shapes and a small tokenizer whose special tokens
+    sit at the real ids. For speed and memory measurements only: its outputs are noise."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    spec = dict(RANDOM_PRESETS[name])
+    tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300, QWEN_SPECIAL_IDS)
+    cfg = qwen_vl_config(special_ids=special, **spec)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
+                             chat_template=CHAT_TEMPLATE)
+    return model, proc
+
+
+def load_model(name: str, *, device: torch.device, dtype: str = "auto", attn: str = "sdpa",
+               min_pixels: int | None = None, max_pixels: int | None = None):
+    """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
+    built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
+    bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch_dtype = resolve_dtype(dtype, device)
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
+                             "(pip install flash-attn); use --attn sdpa")
+    if name in RANDOM_PRESETS:
+        model, proc = build_random_preset(name, min_pixels or 3136, max_pixels or 401408)
+        model = model.to(device=device, dtype=torch_dtype)
+        model.set_attn_implementation(attn)
+        return model, proc
+    path = tiny_model_dir() if name == "tiny" else name
+    if name != "tiny" and not os.path.exists(path) and (path.startswith((".", "/")) or os.sep in path.strip("/").replace("/", "", 1)):
+        raise SystemExit(f"--model {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
+                         f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
+                         f"{sorted(RANDOM_PRESETS)}")
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise SystemExit(f"--model {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
+                             f"directory (config.json, model*.safetensors, tokenizer.json, preprocessor/processor config)")
+        with open(cfg_path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "qwen2_5_vl":
+            raise SystemExit(f"--model {path}: config.json says model_type={model_type!r}; this project trains "
+                             f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    model.to(device)
+    proc = load_processor(path, min_pixels, max_pixels)
+    return model, proc
+
+
+def special_token_ids(processor) -> dict[str, int]:
+    tok = processor.tokenizer
+    return {name: tok.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
+
+
+# =====================================================================================================================
+# 3. Records, and the toy dataset
+# =====================================================================================================================
+
+@dataclasses.dataclass
+class Example:
+    image: str  # path to the image file
+    label: int  # class index into Dataset.class_names
+    class_name: str  # the clean class name ("Black footed Albatross")
+    id: str = ""  # a stable identifier (relative path), used for caching and logs
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    examples: list[Example]
+    class_names: list[str]  # every class of the dataset, in class-id order
+    kind: str  # what the objects are ("bird", "aircraft", "shape"), used in prompts
+    hierarchy: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> ancestors, near first
+    synonyms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> other names
+    classes: list[int] | None = None  # the class ids this split was restricted to (None = all)
+
+    def __len__(self):
+        return len(self.examples)
+
+    @property
+    def split_class_names(self) -> list[str]:
+        """The class names of this split (base, novel or all), in class-id order."""
+        ids = self.classes if self.classes is not None else range(len(self.class_names))
+        return [self.class_names[i] for i in ids]
+
+
+TOY_COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 210), "yellow": (225, 200, 40)}
+TOY_PATTERNS = ["plain", "striped"]
+TOY_SHAPES = ["circle", "square", "triangle"]
+TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2 merge
+TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
+
+
+def toy_class_names() -> list[str]:
+    """24 classes = colour x pattern x shape, in a fixed shuffled order so that the CoOp base / novel halves
+    (first 12 / last 12 ids) each mix every colour, pattern and shape."""
+    names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in TOY_PATTERNS for s in TOY_SHAPES]
+    random.Random(0).shuffle(names)
+    return names
+
+
+def toy_hierarchy() -> dict[str, list[str]]:
+    """'red striped circle' -> ['circle', 'shape']: family (the last word, like a CUB group noun), then the kind."""
+    return {name: [name.split()[-1], "shape"] for name in toy_class_names()}
+
+
+def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
+    """One toy image: a large, roughly centred shape of the class colour, plain or with white stripes, on a light
+    tinted background with pixel noise. Large and centred so that a two-block vision tower can tell the shapes apart
+    from which patches are covered (corners for a square, a flat base for a triangle)."""
+    colour, pattern, shape = name.split()
+    s = TOY_IMAGE_SIZE
+    bg = tuple(rng.randint(215, 250) for _ in range(3))
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
+    half = rng.randint(36, 46)
+    cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
+    box = [cx - half, cy - half, cx + half, cy + half]
+    mask = Image.new("L", (s, s), 0)
+    mdraw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        mdraw.ellipse(box, fill=255)
+    elif shape == "square":
+        mdraw.rectangle(box, fill=255)
+    else:
+        mdraw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=255)
+    layer = Image.new("RGB", (s, s), fill)
+    if pattern == "striped":
+        period = rng.randint(8, 12)
+        ldraw = ImageDraw.Draw(layer)
+        for y in range(0, s, period):
+            ldraw.rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
+    img.paste(layer, (0, 0), mask)
+    arr = np.asarray(img).astype(np.int16)
+    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, arr.shape).astype(np.int16)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+
+
+def toy_root() -> str:
+    """Write the toy images once (deterministic) under the cache directory and return the folder."""
+    root = os.path.join(CACHE_DIR, "toy-v1")
+    if os.path.exists(os.path.join(root, "DONE")):
+        return root
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    names = toy_class_names()
+    for split, (per_class, seed) in TOY_SPLITS.items():
+        rng = random.Random(seed)
+        records = []
+        for label, name in enumerate(names):
+            for i in range(per_class):
+                rel = f"{split}/{name.replace(' ', '_')}_{i:03d}.png"
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                draw_toy_image(name, rng).save(os.path.join(tmp, rel))
+                records.append({"image": rel, "label": label, "class_name": name})
+        with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(tmp, "classes.txt"), "w") as f:
+        f.writelines(n + "\n" for n in names)
+    open(os.path.join(tmp, "DONE"), "w").close()
+    try:
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        os.rename(tmp, root)  # atomic: a concurrent builder that lost the race just uses the winner's copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def load_toy(split: str) -> Dataset:
+    root = toy_root()
+    names = toy_class_names()
+    with open(os.path.join(root, f"{split}.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
+    return Dataset("toy", examples, names, "shape", hierarchy=toy_hierarchy())
+
+
+def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
+    """CoOp base-to-novel rule: sorted class ids, base = the first ceil(n/2), novel = the rest."""
+    n_base = math.ceil(num_classes / 2)
+    return list(range(n_base)), list(range(n_base, num_classes))
+
+
+def select_classes(ds: Dataset, classes: str) -> Dataset:
+    """Restrict a split to `base`, `novel` or `all` classes (labels keep their global ids)."""
+    if classes == "all":
+        return ds
+    base, novel = coop_base_novel(len(ds.class_names))
+    keep = {"base": base, "novel": novel}[classes]
+    keep_set = set(keep)
+    return dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep_set], classes=keep)
+
+
+def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
+    """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[Example]] = {}
+    for e in ds.examples:
+        by_class.setdefault(e.label, []).append(e)
+    picked = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        picked.extend(rng.sample(items, min(shots, len(items))))
+    return dataclasses.replace(ds, examples=picked)
+
+
+def load_dataset(name: str, split: str, *, root: str | None = None, classes: str = "all", shots: int | None = None,
+                 limit: int | None = None, seed: int = 0) -> Dataset:
+    """One split of a dataset, optionally restricted to base / novel classes, k shots per class and a limit."""
+    if name == "toy":
+        ds = load_toy(split)
+    else:
+        raise SystemExit(f"--data {name}: unknown dataset (known: toy)")
+    ds = select_classes(ds, classes)
+    if shots:
+        ds = few_shot(ds, shots, seed)
+    if limit:
+        rng = random.Random(seed)
+        ds = dataclasses.replace(ds, examples=rng.sample(ds.examples, min(limit, len(ds.examples))))
+    return ds
+
+
+def open_image(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# =====================================================================================================================
+# 4. Answer parsing, normalisation, format check
+# =====================================================================================================================
+
+FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def normalize(text: str) -> str:
+    """lowercase, "'s" dropped, hyphens and other non-alphanumerics -> space, spaces collapsed.
+    >>> normalize("Chuck-will's-Widow")
+    'chuck will widow'
+    """
+    text = text.lower().replace("'s", "")
+    text = re.sub(r"[^a-z0-9]+", " ", text)
+    return " ".join(text.split())
+
+
+def parse_answer(completion: str) -> str | None:
+    """The text inside the last <answer>...</answer>, stripped; None when there is no closed answer tag."""
+    found = ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def format_ok(completion: str) -> bool:
+    """The whole completion is `<think>...</think> <answer>...</answer>` (whitespace allowed between and around)."""
+    return FORMAT_RE.match(completion) is not None
+
+
+# =====================================================================================================================
+# 5. Prompt encoding and the rollout sampler
+# =====================================================================================================================
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    """One chat prompt with one image, tokenised and processed, without padding."""
+    input_ids: torch.Tensor  # [L] prompt token ids (image pads already expanded to the image's token count)
+    mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image
+    pixel_values: torch.Tensor  # [n_patches, 3*2*14*14] this image's patch rows
+    image_grid_thw: torch.Tensor  # [1, 3]
+    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, filled in by prompt_positions()
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+
+def chat_messages(text: str, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    return msgs
+
+
+def encode_prompt(processor, image: Image.Image | str, text: str, system: str | None = None) -> EncodedPrompt:
+    """Render the chat template for [image, text], run the processor (expands the image pad to the image's token
+    count and makes the patch rows) and keep the unpadded tensors."""
+    if isinstance(image, str):
+        image = open_image(image)
+    prompt = processor.apply_chat_template(chat_messages(text, system), tokenize=False, add_generation_prompt=True)
+    out = processor(text=[prompt], images=[image], return_tensors="pt")
+    return EncodedPrompt(out["input_ids"][0], out["mm_token_type_ids"][0].long(), out["pixel_values"],
+                         out["image_grid_thw"])
+
+
+def encode_text_prompt(processor, messages: list[dict]) -> torch.Tensor:
+    """Token ids of a text-only chat (used by the LLM judge)."""
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=[prompt], return_tensors="pt")["input_ids"][0]
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
+    """[3, L] M-RoPE positions of an unpadded prompt (temporal / height / width rows; text tokens share one value),
+    computed once and cached on the prompt. Uses only the config, so it works on sharded models too."""
+    if prompt.position_ids is None:
+        pos, _ = unwrap(model).model.get_rope_index(
+            prompt.input_ids[None], mm_token_type_ids=prompt.mm_token_type_ids[None],
+            image_grid_thw=prompt.image_grid_thw)
+        prompt.position_ids = pos[:, 0]
+    return prompt.position_ids
+
+
+def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Left-pad a list of prompts into one batch, with 3-row positions and each image's patch rows concatenated
+    in row order (a prompt listed twice contributes its block twice: that is how rows share an image)."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    mm_types = torch.zeros((n, width), dtype=torch.long)
+    position_ids = torch.zeros((3, n, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        start = width - len(p)
+        input_ids[row, start:] = p.input_ids
+        attention_mask[row, start:] = 1
+        mm_types[row, start:] = p.mm_token_type_ids
+        position_ids[:, row, start:] = prompt_positions(model, p)
+    pixel_values = torch.cat([p.pixel_values for p in prompts])
+    grid = torch.cat([p.image_grid_thw for p in prompts])
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                mm_token_type_ids=mm_types.to(device), position_ids=position_ids.to(device),
+                pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device))
+
+
+@dataclasses.dataclass
+class Rollout:
+    """G completions for each of P prompts, rows grouped by prompt: prompt i owns rows i*G .. i*G+G-1."""
+    prompts: list[EncodedPrompt]  # the P prompts
+    group_size: int  # G
+    completion_ids: torch.Tensor  # [P*G, T] sampled ids, pad after the first EOS
+    completion_mask: torch.Tensor  # [P*G, T] 1 up to and including the first EOS
+    logprobs: torch.Tensor  # [P*G, T] temperature-scaled log-prob of each sampled token under the sampling model
+    truncated: torch.Tensor  # [P*G] bool: no EOS within max_new_tokens
+    texts: list[str]  # [P*G] decoded completions (special tokens dropped)
+
+    @property
+    def row_prompts(self) -> list[EncodedPrompt]:
+        return [p for p in self.prompts for _ in range(self.group_size)]
+
+
+def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p."""
+    if top_k and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # [B, V]
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep tokens until the mass before them reaches p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+           generator: torch.Generator | None = None, prompt_batch: int | None = None) -> Rollout:
+    """Draw `group_size` completions for every prompt. temperature 0 = greedy.
+
+    Speed tricks, each exact:
+      * prefill once per prompt: the image is encoded and the prompt's KV cache built once, then the cache rows are
+        repeated G times (`batch_repeat_interleave`), instead of prefilling G copies of a long image prompt;
+      * one batched decode over all prompts x samples, with explicit M-RoPE positions (next position = the prompt's
+        largest position + 1 + step), so no per-step position bookkeeping inside the model;
+      * stop as soon as every row has produced an EOS.
+    Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
+    pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
+    i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
+    """
+    model = unwrap(model)
+    if prompt_batch and len(prompts) > prompt_batch:
+        parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        repetition_penalty=repetition_penalty, generator=generator)
+                 for i in range(0, len(prompts), prompt_batch)]
+        return concat_rollouts(parts, pad_id=special_token_ids(processor)["<|endoftext|>"])
+    ids = special_token_ids(processor)
+    pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    suppress = [ids["<|image_pad|>"], ids["<|video_pad|>"]]
+    device = next(model.parameters()).device
+    batch = collate_prompts(model, prompts, pad_id, device)
+    G = group_size
+    # --- prefill: one row per prompt; logits only for the last position
+    out = model(**batch, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1].float()  # [P, V]
+    if G > 1:
+        cache.batch_repeat_interleave(G)  # [P, ...] -> [P*G, ...]: the prompt's KV is shared, not recomputed
+        logits = logits.repeat_interleave(G, 0)  # [P*G, V]
+    attention_mask = batch["attention_mask"].repeat_interleave(G, 0)  # [B, Lp]
+    next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
+    B, V = logits.shape
+    seen = None
+    if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
+        seen = torch.zeros((B, V), dtype=torch.bool, device=device)
+        seen.scatter_(1, batch["input_ids"].repeat_interleave(G, 0), True)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # preallocated outputs
+    token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
+        scaled = logits / (temperature if temperature > 0 else 1.0)  # [B, V]
+        logp_all = scaled.log_softmax(-1)  # [B, V] the policy's distribution (recorded log-probs)
+        pick = scaled.clone()
+        pick[:, suppress] = float("-inf")
+        if seen is not None:
+            pick = torch.where(seen, torch.where(pick > 0, pick / repetition_penalty, pick * repetition_penalty), pick)
+        if temperature > 0:
+            pick = sampling_filter(pick, top_k, top_p)
+            nxt = torch.multinomial(pick.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+        else:
+            nxt = pick.argmax(-1)  # [B]
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, step] = nxt
+        token_logps[:, step] = logp_all.gather(1, nxt[:, None]).squeeze(1)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        finished |= torch.isin(nxt, eos)
+        steps = step + 1
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = F.pad(attention_mask, (0, 1), value=1)  # [B, L+1] (tokens after an EOS are masked when scored)
+        pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
+        out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1].float()  # [B, V]
+    tokens, token_logps = tokens[:, :steps], token_logps[:, :steps]
+    mask = completion_mask_from(tokens, eos_ids)
+    truncated = ~torch.isin(tokens, eos).any(1)
+    token_logps = token_logps * mask
+    texts = processor.tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad_id).tolist(), skip_special_tokens=True)
+    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), truncated.cpu(), texts)
+
+
+def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it.
+    >>> completion_mask_from(torch.tensor([[5, 7, 2, 0, 0]]), [2])
+    tensor([[1, 1, 1, 0, 0]])
+    """
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
+    eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
+    return (eos_before == 0).long()
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    width = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    return Rollout([p for r in parts for p in r.prompts], parts[0].group_size,
+                   torch.cat([pad(r.completion_ids, pad_id) for r in parts]),
+                   torch.cat([pad(r.completion_mask, 0) for r in parts]),
+                   torch.cat([pad(r.logprobs, 0.0) for r in parts]),
+                   torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts])
+
+
+# =====================================================================================================================
+# 6. Per-token log-probs of completions
+# =====================================================================================================================
+
+def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Model inputs for rows of (prompt, completion): [left-padded prompt | completion, right-padded]. Completion
+    positions continue the prompt's M-RoPE positions; `mm_token_type_ids` gets zeros for completion tokens."""
+    batch = collate_prompts(model, prompts, pad_id, device)
+    comp = completion_ids.to(device)  # [B, T]
+    cmask = completion_mask.to(device)  # [B, T]
+    T = comp.shape[1]
+    start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
+    comp_pos = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
+    return dict(input_ids=torch.cat([batch["input_ids"], comp], 1),
+                attention_mask=torch.cat([batch["attention_mask"], cmask.long()], 1),
+                mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
+                position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits.float() / temperature  # [b, t, V] fp32 only for one chunk at a time
+    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # [b, t]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 256) -> torch.Tensor:
+    """log softmax(logits / T)[target] in chunks of `chunk` positions. Each chunk is recomputed in the backward
+    (activation checkpointing), so full-vocabulary fp32 logits never exist for more than one chunk at a time."""
+    outs = []
+    for s in range(0, logits.shape[1], chunk):
+        part = (logits[:, s:s + chunk], targets[:, s:s + chunk])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            outs.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, *part, temperature, use_reentrant=False))
+        else:
+            outs.append(_gather_logprobs(*part, temperature))
+    return torch.cat(outs, 1)  # [B, T]
+
+
+def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] log-probs of the completion tokens for one micro-batch (with grad if enabled). Runs the wrapped model
+    (so DDP / FSDP2 hooks fire) and asks it for logits of the last T+1 positions only (`logits_to_keep`): the prompt
+    positions, mostly image tokens, never reach the vocabulary projection."""
+    T = completion_ids.shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V]
+    return token_logprobs(logits, completion_ids.to(logits.device), temperature)
+
+
+def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8) -> torch.Tensor:
+    """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time.
+    Positions past the completion mask are 0."""
+    pad_id = special_token_ids(processor)["<|endoftext|>"]
+    device = next(unwrap(model).parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), micro_batch):
+            rows = slice(s, s + micro_batch)
+            inputs = scoring_inputs(model, prompts[rows], completion_ids[rows], completion_mask[rows], pad_id, device)
+            out.append(forward_logprobs(model, inputs, completion_ids[rows], temperature).float().cpu())
+    return torch.cat(out) * completion_mask
+
+
+# =====================================================================================================================
+# 7. DDP / FSDP2
+# =====================================================================================================================
+
+def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
+               param_dtype: torch.dtype | None = None):
+    """DDP, or FSDP2 (`fully_shard` per vision block and per decoder layer, then the root). On GPU with bf16 the
+    FSDP2 policy keeps bf16 parameters for compute and reduces gradients in fp32. Activation checkpointing recomputes
+    each layer in the backward instead of storing its activations."""
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not d.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = None
+        if d.device.type == "cuda" and param_dtype is not None and param_dtype != torch.float32:
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp} if mp is not None else {}
+        for block in model.model.visual.blocks:
+            fully_shard(block, **kw)
+        for layer in model.model.language_model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        return model
+    raise ValueError(f"--parallel must be ddp or fsdp, got {parallel!r}")
+
+
+def _fsdp_modules(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_params(model, warmup_inputs: dict | None = None):
+    """For sampling on an FSDP2 model: all-gather the full parameters once for the whole rollout phase (instead of
+    once per decode step), then reshard. A no-op for DDP and single-process models.
+
+    FSDP2 needs one forward through the root before sub-modules run on their own (the sampler calls the model
+    directly), so `warmup_inputs`, if given, are pushed through once first."""
+    mods = _fsdp_modules(model)
+    if not mods:
+        yield
+        return
+    if warmup_inputs is not None:
+        with torch.no_grad():
+            model(**warmup_inputs, use_cache=False, logits_to_keep=1)
+    for m in mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
+    """A one-prompt batch for gathered_params' warm-up forward (only needed under FSDP2)."""
+    if not _fsdp_modules(model):
+        return None
+    device = next(unwrap(model).parameters()).device
+    return collate_prompts(model, [prompt], special_token_ids(processor)["<|endoftext|>"], device)
+
+
+# =====================================================================================================================
+# 8. Checkpoints and export
+# =====================================================================================================================
+
+def _atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep: int = 2):
+    """A training checkpoint of everything needed to continue exactly: sharded model + optimizer state (torch
+    distributed checkpoint, one file per rank, works for DDP and FSDP2), the step, every rank's RNG states and the
+    method's own state in `extra` (data position, counters). Written to a temporary folder, renamed into place, and
+    only then is `latest` pointed at it: a kill at any moment leaves the previous checkpoint usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    d_rank = dist.get_rank() if dist.is_initialized() else 0
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    if d_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
+    if d_rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, **extra}, f)
+    barrier()
+    if d_rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(out_dir, "latest"), os.path.basename(final) + "\n")
+        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep]:
+            if not old.endswith(".tmp") and old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _rng_to_tensors(rng: dict) -> dict:
+    """RNG states as plain tensors and lists, so they load with weights_only=True."""
+    py = rng["python"]
+    np_state = rng["numpy"]
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+            "torch": rng["torch"], "cuda": rng["cuda"]}
+
+
+def _restore_rng(t: dict):
+    py = t["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = t["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(t["torch"])
+    if t["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    ckpt = os.path.join(out_dir, name)
+    return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
+
+
+def load_checkpoint(ckpt: str, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    d_rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
+    if os.path.exists(rng_file):
+        _restore_rng(torch.load(rng_file, weights_only=True)["rng"])
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state on CPU: rank 0 gets every tensor, other ranks get {} under FSDP2."""
+    if _fsdp_modules(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def export_hf(model, processor, path: str, state_dict: dict | None = None):
+    """Write a standard Hugging Face directory (config, safetensors, tokenizer and processor files) that
+    `from_pretrained`, eval.py and `load_model` read. Collective under FSDP2: call it on every rank."""
+    sd = state_dict if state_dict is not None else full_state_dict(model)
+    if int(os.environ.get("RANK", 0)) == 0:
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf = unwrap(model)
+        hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier()
+
+
+# =====================================================================================================================
+# 9. Logging and shared command-line flags
+# =====================================================================================================================
+
+class MetricsLog:
+    """Appends one JSON object per step to <out>/metrics.jsonl (rank 0), mirrors to wandb when asked and installed."""
+
+    def __init__(self, out_dir: str, wandb_project: str | None = None, config: dict | None = None):
+        self.is_main = int(os.environ.get("RANK", 0)) == 0
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.wandb = None
+        if self.is_main and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb given but the wandb package is not installed (pip install wandb)")
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
+
+    def log(self, record: dict):
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+
+
+def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps=None, min_pixels=3136,
+                    max_pixels=401408):
+    """The command-line contract every script shares (the method files add their own groups)."""
+    g = parser.add_argument_group("model, data and run")
+    g.add_argument("--model", default=model, help="hub id, local Qwen2.5-VL directory, 'tiny' (built locally), or a "
+                   "random preset: qwen2.5-vl-3b-random / qwen2.5-vl-7b-random (default %(default)s)")
+    g.add_argument("--data", default=data, help="dataset name (toy, cub, flowers, pets, cars, aircraft, dogs, food) "
+                   "or a JSON/JSONL file of {image, class_name} records (default %(default)s)")
+    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
+    g.add_argument("--out", default=None, help="run directory; rerunning the same command resumes from it")
+    g.add_argument("--max-steps", type=int, default=max_steps, help="stop after this many optimizer steps")
+    g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
+    g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
+    g = parser.add_argument_group("system")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="DDP or FSDP2 under torchrun")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
+    g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")
+    g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
+    g.add_argument("--activation-checkpointing", type=int, default=None,
+                   help="recompute activations in the backward (default: on for GPU, off for CPU)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    return parser
+
+
+# =====================================================================================================================
+# 10. The tiny stand-in model
+# =====================================================================================================================
+
+TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash names the cache folder
+    version=1, vocab=600, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
+    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1]),
+    steps=170, batch=32, lr=1e-3, seed=0,
+)
+# What the stand-in is pretrained on: the kinds of requests the three methods make, in several phrasings, so it
+# starts out speaking the answer format. Open answers are sometimes less specific (family), generic or 'None', so
+# that SpeciaRL has specificity to gain; multiple-choice answers are letters.
+TINY_OPEN_PROMPTS = [
+    "Classify the image. Output the thinking process in <think> </think> and the final answer in <answer> </answer> "
+    "tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>.",
+    "Classify the image, be specific. Output the thinking process in <think> </think> and the final answer in "
+    "<answer> </answer> tags.",
+    "What is the {kind} in the image? Think first, then give the class name in <answer></answer> tags.",
+    "This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the following: "
+    "{classes}. Output the thinking process in <think> </think> and the final answer in <answer> </answer> tags.",
+]
+TINY_MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
+                   "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
+                   "answer in <answer> </answer> tags.")
+TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
+              "the picture shows one object on a plain background."]
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def tiny_model_dir() -> str:
+    key = hashlib.sha1(json.dumps(TINY_RECIPE, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(CACHE_DIR, f"tiny-{key}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_tiny(path)
+    return path
+
+
+def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str]:
+    """(prompt, target) for one pretraining example of the stand-in."""
+    think = rng.choice(TINY_THINK)
+    names = ds.class_names
+    if rng.random() < 0.45:  # multiple choice: 2-5 options incl. the truth, answer is the letter
+        k = rng.randint(2, 5)
+        others = rng.sample([n for n in names if n != ex.class_name], k - 1)
+        opts = others + [ex.class_name]
+        rng.shuffle(opts)
+        options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
+        prompt = TINY_MCQ_PROMPT.format(kind=ds.kind, options=options)
+        answer = LETTERS[opts.index(ex.class_name)]
+    else:
+        template = rng.choice(TINY_OPEN_PROMPTS)
+        listed = rng.sample(names, len(names))
+        prompt = template.format(kind=ds.kind, classes=", ".join(listed))
+        u = rng.random()
+        family, generic = ds.hierarchy[ex.class_name]
+        answer = ex.class_name if u < 0.72 else family if u < 0.88 else generic if u < 0.96 else "None"
+        if "Choose from" in template:
+            answer = ex.class_name
+    return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
+
+
+def build_tiny(path: str):
+    """Build and 'pretrain' the tiny stand-in, then save it as a standard HF directory at `path`.
+
+    Deterministic (fixed seeds, single thread order), a couple of minutes at most on 2 CPU cores. The pretraining is
+    deliberately short: the model learns the answer format and the multiple-choice convention fully, but recognises
+    the toy classes only partly (colour and pattern before shape), which leaves room for RL to improve accuracy."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    r = TINY_RECIPE
+    t0 = time.time()
+    print0(f"building the tiny stand-in model at {path} (once; cached) ...")
+    train = load_toy("train")
+    rng = random.Random(r["seed"])
+    corpus = [tiny_example(ex, train, rng)[0] + tiny_example(ex, train, rng)[1] for ex in train.examples[:200]]
+    corpus += [" ".join(train.class_names), "<think> </think> <answer> </answer> None shape"] * 20
+    tok, special = train_tokenizer(corpus, r["vocab"])
+    cfg = qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"], num_hidden_layers=r["layers"],
+                         num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"], vocab_size=len(tok),
+                         tie=False, special_ids=special, vision=r["vision"], rope_theta=1e4, max_positions=4096)
+    torch.manual_seed(r["seed"])
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    proc = processor_class()(image_processor=make_image_processor(TOY_IMAGE_SIZE ** 2, TOY_IMAGE_SIZE ** 2),
+                             tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    # supervised "pretraining": cross-entropy on the assistant tokens (target + <|im_end|>) only
+    images = {ex.image: open_image(ex.image) for ex in train.examples}
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    im_end = special["<|im_end|>"]
+    g = torch.Generator().manual_seed(r["seed"])
+    for step in range(r["steps"]):
+        idx = torch.randint(len(train.examples), (r["batch"],), generator=g).tolist()
+        rows = []
+        for i in idx:
+            ex = train.examples[i]
+            prompt, target = tiny_example(ex, train, rng)
+            p = encode_prompt(proc, images[ex.image], prompt)
+            tgt = torch.tensor(tok(target)["input_ids"] + [im_end])
+            rows.append((p, tgt))
+        loss = sft_loss(model, proc, [p for p, _ in rows], [t for _, t in rows])
+        lr = r["lr"] * min(1.0, (step + 1) / 20)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == r["steps"] - 1:
+            print0(f"  tiny pretraining step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    proc.save_pretrained(tmp)
+    with open(os.path.join(tmp, "tiny_recipe.json"), "w") as f:
+        json.dump(TINY_RECIPE, f, indent=1)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first; use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    print0(f"tiny stand-in ready in {time.time() - t0:.0f}s")
+
+
+def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over target tokens only (the prompt is context, never a label). Targets are right-padded
+    and scored like completions: position for position the same inputs the RL losses see."""
+    pad_id = special_token_ids(processor)["<|endoftext|>"]
+    width = max(len(t) for t in targets)
+    ids = torch.full((len(targets), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, t in enumerate(targets):
+        ids[row, :len(t)] = t
+        mask[row, :len(t)] = 1
+    device = next(unwrap(model).parameters()).device
+    inputs = scoring_inputs(model, prompts, ids, mask, pad_id, device)
+    logp = forward_logprobs(model, inputs, ids)  # [B, T]
+    mask = mask.to(logp.device)
+    return -(logp * mask).sum() / mask.sum()
