@@ -1,0 +1,698 @@
+"""
+dive_k.py: DiVE-k (arXiv 2511.18305) end to end, in one file.
+
+DiVE-k turns the model's own confusion into training data. Stage 1 (offline, before RL) samples the base model K
+times per training image with the base-class list in the prompt, counts the valid class names it answers, and keeps
+the most frequent ones (plus the truth) as the options of a multiple-choice question. Stage 2 runs GRPO on those
+questions: the policy reasons in <think>, answers a letter in <answer>, and is rewarded for the format and for the
+right letter. At test time the same model answers in two steps (eval.py, protocol `two_step`): K open answers with
+the split's class list, then a greedy pick among its own top-5.
+
+Launch
+  1 GPU     python dive_k.py --data cub --data-root /data/CUB_200_2011 --model Qwen/Qwen2.5-VL-7B-Instruct
+  8 GPUs    torchrun --nproc 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
+  2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+                dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
+  CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes, a few minutes on 2 cores)
+Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too).
+A 7B model with AdamW needs FSDP2 (fp32 master weights + optimizer state are ~112 GB on one GPU otherwise).
+
+What the file does, in order (section banners below follow it):
+  1. setup        argparse (paper defaults; a toy preset fills unset flags with CPU-sized values), torchrun
+  2. data         training images of the base classes (or k shots of all classes), held-out eval splits
+  3. models       policy (fp32 master weights, bf16 compute on GPU), frozen reference only when --beta > 0
+  4. prompts      the mining prompt (class list) and the multiple-choice prompt (lettered options)
+  5. mining       stage 1: K samples per image -> counted valid names -> options (cached to <out>/mcq.jsonl)
+  6. rollout      G completions per question, the whole group on one rank, prompts sharded over ranks
+  7. reward       a registry of plain functions (format, mcq, random); each component logged separately
+  8. advantage    group z-score (r - mean) / (std + eps)
+  9. loss         ratio + clip, optional k3 KL, per-sequence or global token-mean aggregation, written by hand
+ 10. update loop  gradient accumulation, grad clipping, AdamW with linear decay, metrics, periodic two-step eval,
+                  checkpoints with the data position, auto-resume, export to <out>/final (a standard HF directory)
+
+Deviations from the paper and its code (every one deliberate)
+  * Mining normalises answers and class names the same way (common.normalize: lowercase, "'s" dropped, hyphens and
+    other non-alphanumerics -> space). The released code keeps hyphens, so correct "black-footed albatross" answers
+    were discarded against the key "black footed albatross".
+  * Options keep the frequency order: a missing truth replaces the least frequent option, as the paper says (the
+    code replaced an arbitrary one after a set() lost the order). Distractors and valid names come from the BASE
+    classes only (the code's class list could leak novel names). With at most one distinct valid answer there is
+    nothing to replace: the truth joins that answer (if any) and random base classes pad the list to 3 options
+    (the code's behaviour too). So a question has 2 to 5 options.
+  * Mining sets top_k = 0 explicitly (the code inherited top_k = 50 from a generation config) and suppresses the
+    image pad tokens. It is sharded over ranks and resumable; the code ran one process per GPU on a shuffled list.
+  * The mcq reward reads the letter from the <answer> tag only (the code fell back to the whole completion) and
+    gives 0 when the answer names several letters ("A, B"): the code scored hedged answers with keyword heuristics.
+    A letter counts when it is not inside a word: "B", "B.", "(B)", "B) name", "B: name".
+  * The format check allows whitespace around the completion (common.format_ok); the code's fullmatch did not.
+  * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
+    update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
+    is added per token inside the loss, as in the paper's trainer (trl 0.16). Advantages use the unbiased group std.
+  * Mixed precision: fp32 master weights with bf16 compute (FSDP2 MixedPrecisionPolicy, or autocast for DDP / one
+    GPU), where the paper used DeepSpeed ZeRO-3 with CPU offload; `--dtype bf16` keeps bf16 weights instead (less
+    memory, but lr-1e-6 updates round away in bf16).
+  * Rollouts use the project's prefill-once sampler (the prompt and image are encoded once per question and the KV
+    cache is shared by its G completions), not HF generate with num_return_sequences.
+  * --online-mining rebuilds the options from the current policy at every step (the paper's e2e "topk_dynamic"
+    variant, its stated limitation); there, an easy image is kept with 2 random base distractors instead of dropped.
+  * Toy preset (`--data toy`, only flags left unset): K = 8 mining samples, 48 new tokens, G = 8, 16 prompts per
+    step, lr 1e-4, beta 0 (no reference model), 80 steps: sized for the tiny stand-in on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+
+import torch
+
+import common
+
+# ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
+
+# The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
+# listed here default to None on the command line: whatever the user sets wins, the preset fills the rest.
+PAPER = dict(group_size=4, prompts_per_step=6, lr=1e-6, beta=0.04, max_new_tokens=1024, mine_samples=20,
+             mine_max_new_tokens=1024, epochs=1.5, max_steps=None, micro_batch=4, eval_samples=20,
+             eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100, eval_classes="base,novel")
+TOY = dict(group_size=8, prompts_per_step=16, lr=1e-4, beta=0.0, max_new_tokens=48, mine_samples=8,
+           mine_max_new_tokens=48, epochs=None, max_steps=80, micro_batch=64, eval_samples=8,
+           eval_max_new_tokens=48, eval_every=40, eval_limit=None, save_every=40, eval_classes="all")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own "
+                                            "multiple-choice questions (Qwen2.5-VL)")
+    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
+    p.set_defaults(group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
+    g = p.add_argument_group("data")
+    g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
+    g.add_argument("--classes", default="base", choices=["base", "novel", "all"],
+                   help="classes trained on: CoOp base half (the paper's base-to-novel setting) or all (few-shot)")
+    g.add_argument("--shots", type=int, default=None, help="k training images per class (the 4-shot setting)")
+    g.add_argument("--train-limit", type=int, default=None, help="use at most this many training images")
+    g = p.add_argument_group("stage 1: top-k option mining")
+    g.add_argument("--mine-samples", type=int, default=None, help="K answers sampled per image (paper 20; toy 8)")
+    g.add_argument("--mine-temperature", type=float, default=1.0, help="sampling temperature (paper 1.0)")
+    g.add_argument("--mine-top-p", type=float, default=0.95, help="nucleus sampling (paper 0.95)")
+    g.add_argument("--mine-repetition-penalty", type=float, default=1.1, help="HF-style penalty (paper 1.1)")
+    g.add_argument("--mine-max-new-tokens", type=int, default=None, help="answer length cap (paper 1024; toy 48)")
+    g.add_argument("--mine-batch", type=int, default=8, help="images per sampling call (memory knob)")
+    g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (paper 5)")
+    g.add_argument("--pad-options", type=int, default=3,
+                   help="with <= 1 distinct valid answer, random base classes pad the options to this many (paper 3)")
+    g.add_argument("--online-mining", action="store_true",
+                   help="rebuild the options from the current policy at every step instead of once before RL")
+    g = p.add_argument_group("stage 2: GRPO")
+    g.add_argument("--prompts-per-step", type=int, default=None,
+                   help="questions per optimizer step over all ranks (paper 6 = 3 GPUs x 1 x grad-acc 2; toy 16)")
+    g.add_argument("--micro-batch", type=int, default=None,
+                   help="completions per forward/backward (gradient accumulation; paper-sized 4; toy 64)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the questions when --max-steps is unset "
+                   "(paper 1-1.5)")
+    g.add_argument("--rewards", default="format,mcq",
+                   help="comma list of reward functions summed into the reward (registry REWARDS: format, mcq, "
+                        "random). `--rewards random` is the control run: a coin flip that ignores the completion")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling (paper: off)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 1024; toy 48)")
+    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (paper 1e-4)")
+    g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="weight of the k3 KL to the frozen initial model; 0 builds no reference (paper 0.04; toy 0)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
+    g.add_argument("--clip-eps-high", type=float, default=None, help="PPO clip, upper side (default = --clip-eps)")
+    g.add_argument("--updates-per-batch", type=int, default=1,
+                   help="optimizer steps on each rollout batch (paper 1: on-policy, ratio == 1)")
+    g.add_argument("--loss-agg", default="seq", choices=["seq", "token"],
+                   help="seq: token mean per completion, then mean over completions (GRPO, the paper); "
+                        "token: one mean over every completion token of the optimizer step (DAPO)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 1e-6; toy 1e-4)")
+    g.add_argument("--lr-schedule", default="linear", choices=["constant", "linear", "cosine"],
+                   help="decay to 0 over the run (paper: linear, no warm-up)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (paper 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
+    g.add_argument("--freeze-vision", action="store_true", help="train the language model only (paper ablation)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="two-step evaluation every N steps, at the start and at the end (0 = never; paper-sized 100)")
+    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
+    g.add_argument("--eval-classes", default=None,
+                   help="comma list of class groups evaluated: base, novel, all (real data base,novel; toy all)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
+    g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
+    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--log-completions", type=int, default=2, help="sampled completions written to metrics.jsonl "
+                   "per step, with their rewards")
+    args = p.parse_args(argv)
+    preset = TOY if args.data == "toy" else PAPER
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.clip_eps_high is None:
+        args.clip_eps_high = args.clip_eps
+    args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
+    return args
+
+
+# ----- 4. prompts (defined before use; the tiny stand-in was pretrained on this wording) -----
+
+# Stage-1 prompt: the object kind, the question, the base-class list, the think / answer format.
+MINE_PROMPT = ("This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the "
+               "following: {classes}. Output the thinking process in <think> </think> and the final answer in "
+               "<answer> </answer> tags.")
+# Stage-2 prompt: the object kind, "find the most likely ... from the options below", one lettered option per line,
+# the letter in <answer>.
+MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
+              "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
+              "answer in <answer> </answer> tags.")
+
+
+def mine_prompt(kind: str, class_names: list[str]) -> str:
+    return MINE_PROMPT.format(kind=kind, classes=", ".join(class_names))
+
+
+def mcq_prompt(kind: str, options: list[str]) -> str:
+    return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}" for i, o in enumerate(options)))
+
+
+# ----- 5. stage 1: top-k option mining -----
+
+def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
+                   max_options: int = 5, pad_to: int = 3, drop_easy: bool = True) -> dict:
+    """The multiple-choice question of one image from its K sampled answers (the paper's rules).
+
+    answers: the parsed <answer> texts (None when a sample had none); truth: the image's class name;
+    base_classes: the names an option may take. Returns a record with `status` "kept" or "easy".
+
+      1. normalise every answer (hyphen == space, "'s" dropped, ...) and keep those naming a base class; count them
+      2. only the truth was answered -> "easy" (dropped from training; kept with padding when drop_easy=False)
+      3. options = the min(max_options, distinct) most frequent names (ties: the name answered first)
+      4. at most one distinct valid answer -> the truth joins it and random base classes pad to `pad_to` options;
+         otherwise a missing truth replaces the least frequent option
+      5. shuffle; the answer is the truth's letter
+
+    >>> build_question(["Red-striped circle", "red striped circle", "blue square", None],
+    ...                "blue square", ["red striped circle", "blue square", "green square"], random.Random(0))
+    # counts {'red striped circle': 2, 'blue square': 1}: options are those two, shuffled
+    """
+    canonical = {common.normalize(c): c for c in base_classes}
+    counts = Counter()
+    for a in answers:
+        name = canonical.get(common.normalize(a)) if a is not None else None
+        if name is not None:
+            counts[name] += 1
+    ranked = [name for name, _ in counts.most_common()]  # most frequent first; Counter keeps first-seen order on ties
+    record = dict(truth=truth, counts=dict(counts), n_samples=len(answers), n_valid=sum(counts.values()),
+                  truth_inserted=False, padded=False)
+    easy = ranked == [truth]
+    if easy and drop_easy:
+        return {**record, "status": "easy", "options": None, "answer": None}
+    options = ranked[:max_options]
+    if len(ranked) <= 1:  # nothing to choose between: the mined answer (if any), the truth, random base classes
+        record["truth_inserted"] = truth not in options
+        if truth not in options:
+            options.append(truth)
+        pool = [c for c in base_classes if c not in options]
+        options += rng.sample(pool, min(len(pool), max(0, pad_to - len(options))))
+        record["padded"] = True
+    elif truth not in options:
+        options[-1] = truth  # replaces the least frequent option
+        record["truth_inserted"] = True
+    rng.shuffle(options)
+    return {**record, "status": "easy" if easy else "kept", "options": options,
+            "answer": common.LETTERS[options.index(truth)]}
+
+
+def mine(model, processor, examples: list[common.Example], base_classes: list[str], kind: str, args, d: common.Dist,
+         *, seed: int, drop_easy: bool = True, progress=None) -> list[dict]:
+    """Sample K answers per image with the base-class list in the prompt and build each image's question.
+    One record per example (same order), with the counts behind it. Runs on the caller's shard of images."""
+    records = []
+    prompt_text = mine_prompt(kind, base_classes)
+    for start in range(0, len(examples), args.mine_batch):
+        batch = examples[start:start + args.mine_batch]
+        prompts = [common.encode_prompt(processor, ex.image, prompt_text) for ex in batch]
+        # a seed per batch of images: a resumed mining run (same number of ranks) samples the same answers
+        gen = torch.Generator().manual_seed(seed + start)
+        with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
+            ro = common.sample(model, processor, prompts, group_size=args.mine_samples,
+                               max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
+                               top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
+                               generator=gen)
+        K = args.mine_samples
+        for i, ex in enumerate(batch):
+            answers = [common.parse_answer(t) for t in ro.texts[i * K:(i + 1) * K]]
+            rng = random.Random(f"{args.seed}/{ex.id}")  # option order depends on the image only
+            q = build_question(answers, ex.class_name, base_classes, rng, max_options=args.max_options,
+                               pad_to=args.pad_options, drop_easy=drop_easy)
+            records.append({"id": ex.id, "image": ex.image, **q})
+        if progress is not None:
+            progress.update(len(batch))
+    return records
+
+
+def mine_offline(model, processor, train: common.Dataset, base_classes: list[str], args, d: common.Dist,
+                 out: str, log: common.MetricsLog) -> list[dict]:
+    """Stage 1 for the whole training set, cached to <out>/mcq.jsonl. Each rank mines its shard of the images not
+    done yet and appends them to <out>/mcq.part<rank>.jsonl as it goes (so an interrupted run resumes); rank 0 then
+    merges the parts in dataset order. Returns the kept questions."""
+    final = os.path.join(out, "mcq.jsonl")
+    if not os.path.exists(final):
+        done = {}
+        for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
+            for rec in read_jsonl(part):
+                done[rec["id"]] = rec
+        position = {ex.id: i for i, ex in enumerate(train.examples)}
+        todo = [ex for ex in train.examples if ex.id not in done]
+        mine_shard = todo[d.rank::d.world_size]
+        common.print0(f"stage 1: mining {len(todo)} images ({len(done)} cached) with K={args.mine_samples} samples "
+                      f"over {d.world_size} rank(s)")
+        model.eval()
+        bar = make_bar(d, total=len(mine_shard), desc="mining")
+        with open(os.path.join(out, f"mcq.part{d.rank}.jsonl"), "a") as f:
+            for start in range(0, len(mine_shard), args.mine_batch):
+                chunk = mine_shard[start:start + args.mine_batch]
+                for rec in mine(model, processor, chunk, base_classes, train.kind, args, d,
+                                seed=args.seed * 1_000_003 + position[chunk[0].id], progress=bar):
+                    f.write(json.dumps(rec) + "\n")
+                f.flush()
+        if bar is not None:
+            bar.close()
+        common.barrier()
+        if d.is_main:
+            for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
+                for rec in read_jsonl(part):
+                    done[rec["id"]] = rec
+            missing = [ex.id for ex in train.examples if ex.id not in done]
+            if missing:
+                raise SystemExit(f"{out}/mcq.part*.jsonl: {len(missing)} training images were not mined "
+                                 f"(first: {missing[0]}); rerun the same command to finish mining")
+            tmp = final + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
+            os.replace(tmp, final)
+            for part in glob.glob(os.path.join(out, "mcq.part*.jsonl")):
+                os.remove(part)
+        common.barrier()
+    records = read_jsonl(final)
+    summary = mining_summary(records)
+    common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
+    log.log({"step": 0, "event": "mining", **summary})
+    return [r for r in records if r["status"] == "kept"]
+
+
+def mining_summary(records: list[dict]) -> dict:
+    kept = [r for r in records if r["status"] == "kept"]
+    n = max(1, len(records))
+    return {"mining/images": len(records), "mining/kept": len(kept),
+            "mining/dropped_easy": sum(r["status"] == "easy" for r in records),
+            "mining/truth_inserted": sum(r["truth_inserted"] for r in kept),
+            "mining/padded": sum(r["padded"] for r in kept),
+            "mining/valid_answer_rate": sum(r["n_valid"] for r in records) / max(1, sum(r["n_samples"] for r in records)),
+            "mining/truth_in_top_rate": sum(1 for r in records if r["counts"].get(r["truth"])) / n,
+            "mining/mean_options": sum(len(r["options"]) for r in kept) / max(1, len(kept))}
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file. A cut last line (a kill mid-write during mining) is skipped: it is mined again."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise SystemExit(f"{path}: line {i + 1} is not JSON; expected one question record per line")
+    return out
+
+
+# ----- 7. reward: a registry of plain functions fn(completion, question) -> float -----
+
+LETTER_RE = re.compile(r"(?<![A-Z0-9])\(?([A-Z])(?:[).,:;!?]|$)")
+
+
+def answer_letter(completion: str, n_options: int) -> str | None:
+    """The option letter in the completion's <answer> tag: a capital letter not inside a word, followed by
+    ). , . : ; ! ? or the end ("B", "B.", "(B)", "B. sooty albatross"). None when there is no answer tag, no
+    letter, a letter past the options, or more than one distinct letter (a hedge such as "A or B." / "A, B")."""
+    text = common.parse_answer(completion)
+    if text is None:
+        return None
+    found = set(LETTER_RE.findall(text.strip().upper()))
+    if len(found) != 1:
+        return None
+    letter = found.pop()
+    return letter if letter in common.LETTERS[:n_options] else None
+
+
+def format_reward(completion: str, question: dict) -> float:
+    """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
+    return float(common.format_ok(completion))
+
+
+def mcq_reward(completion: str, question: dict) -> float:
+    """1 if the answered letter is the question's answer letter."""
+    return float(answer_letter(completion, len(question["options"])) == question["answer"])
+
+
+def random_reward(completion: str, question: dict) -> float:
+    """The control: a fair coin that ignores the completion (global RNG: seeded per rank, saved in checkpoints)."""
+    return float(random.random() < 0.5)
+
+
+REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
+
+
+def score(texts: list[str], questions: list[dict], names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards of B completions (row b answers questions[b]): the sum of the named reward functions [B], and each
+    component [B] for logging."""
+    parts = {n: torch.tensor([REWARDS[n](t, q) for t, q in zip(texts, questions)]) for n in names}  # [B] each
+    return sum(parts.values()), parts
+
+
+# ----- 8. advantage -----
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                     scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std unbiased (as trl / the paper); mean only with
+    scale=False (Dr. GRPO). Rows are grouped by prompt (prompt i owns rows i*G .. i*G+G-1).
+    Returns (advantages [B], zero_std [P]: groups whose rewards are all equal, hence no gradient).
+
+    >>> group_advantages(torch.tensor([2., 0., 1., 1.]), 2)
+    (tensor([ 0.7070, -0.7070,  0.0000,  0.0000]), tensor([False,  True]))   # std of (2, 0) = 1.414
+    """
+    r = rewards.float().view(-1, group_size)  # [P, G]
+    mean = r.mean(1, keepdim=True)  # [P, 1]
+    std = r.std(1, keepdim=True)  # [P, 1]
+    adv = (r - mean) / (std + eps) if scale else r - mean  # [P, G]
+    return adv.reshape(-1), std.squeeze(1) == 0
+
+
+# ----- 9. loss -----
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, *, beta: float, clip_low: float, clip_high: float, loss_agg: str,
+              normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of one micro-batch of completions, summed and divided by `normalizer`.
+
+    Per token t of completion i:   rho = exp(logp - old_logp)
+        L_it = -min(rho * A_i, clip(rho, 1 - clip_low, 1 + clip_high) * A_i) + beta * k3_it
+        k3_it = exp(ref - logp) - (ref - logp) - 1       (>= 0; only when ref_logp is given)
+    Aggregation:
+        seq:   sum_i [ mean_t L_it ]          / normalizer   (normalizer = completions on this rank: GRPO)
+        token: sum_i sum_t L_it               / normalizer   (normalizer = tokens of the step / world size: DAPO)
+    DDP and FSDP average gradients over ranks, hence "per rank" normalisers; the micro-batch losses of one step add
+    up to the step's loss.
+
+    Worked example, on-policy (old_logp = logp.detach(), so rho = 1 and its gradient is A * grad logp), beta = 0:
+        advantages [1, -1], mask [[1, 1, 0], [1, 1, 1]]  ->  L = [[-1, -1, .], [1, 1, 1]]
+        seq:   (mean(-1, -1) + mean(1, 1, 1)) / 2 = 0
+        token: (-1 - 1 + 1 + 1 + 1) / 5 = 0.2     (the longer completion weighs more)
+    The value of an on-policy loss says little; its gradient is what moves: sum_i A_i * mean_t grad logp_it / B.
+    """
+    mask = mask.to(logp.dtype)  # [B, T]
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
+    unclipped = ratio * adv  # [B, T]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv  # [B, T]
+    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    kl = torch.zeros_like(logp)  # [B, T]
+    if ref_logp is not None:
+        delta = ref_logp - logp  # [B, T]
+        kl = torch.exp(delta) - delta - 1  # [B, T] k3 estimator of KL(policy || ref)
+        per_token = per_token + beta * kl  # [B, T]
+    if loss_agg == "seq":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+        loss = per_seq.sum() / normalizer  # []
+    elif loss_agg == "token":
+        loss = (per_token * mask).sum() / normalizer  # []
+    else:
+        raise ValueError(f"loss_agg must be seq or token, got {loss_agg!r}")
+    with torch.no_grad():
+        stats = {"kl_sum": float((kl * mask).sum()), "clipped_sum": float(((clipped < unclipped).to(mask.dtype) * mask).sum()),
+                 "tokens": float(mask.sum())}
+    return loss, stats
+
+
+# ----- helpers used by the loop (precision, progress) -----
+
+def compute_ctx(args):
+    """bf16 compute on GPU for DDP / one GPU (FSDP2 casts through its MixedPrecisionPolicy instead)."""
+    if args.autocast_bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_bar(d: common.Dist, **kw):
+    if not d.is_main:
+        return None
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, **kw)
+
+
+def grad_sync(model, on: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP). FSDP2 reduce-scatters every micro-batch
+    so that gradients stay sharded (skipping it would hold full unsharded gradients)."""
+    if hasattr(model, "require_backward_grad_sync"):
+        model.require_backward_grad_sync = on
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Global grad-norm clipping; works for DDP tensors and FSDP2 DTensors (the norm is reduced over shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ----- 10. evaluation -----
+
+def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, out: str, step: int) -> dict:
+    """Two-step DiVE-k inference (eval.py, protocol two_step) on every held-out group; accuracy per group and the
+    harmonic mean of base and novel when both are there."""
+    import eval as eval_lib  # the project's evaluation harness (imported late: it is a sibling script)
+    model.eval()
+    result = {}
+    for group, ds in eval_sets.items():
+        with compute_ctx(args):
+            res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
+                                    seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
+                                    samples=args.eval_samples, out_dir=os.path.join(out, "eval", f"step_{step:07d}",
+                                                                                     group), progress=False)
+        result[f"eval/{group}/accuracy"] = res["accuracy"]
+    if "eval/base/accuracy" in result and "eval/novel/accuracy" in result:
+        b, n = result["eval/base/accuracy"], result["eval/novel/accuracy"]
+        result["eval/hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+    common.print0(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+# ----- the run -----
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ----- 1. setup -----
+    d, out = common.setup_run(args, default_out=os.path.join("runs", f"dive_k_{args.data}"))
+    log = common.MetricsLog(out, args.wandb, vars(args))
+    reward_names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    unknown = [n for n in reward_names if n not in REWARDS]
+    if unknown or not reward_names:
+        raise SystemExit(f"--rewards {args.rewards!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+    common.require_divisible("--prompts-per-step", args.prompts_per_step, d.world_size, "the number of ranks")
+    prompts_per_rank = args.prompts_per_step // d.world_size
+
+    # ----- 2. data -----
+    train = common.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
+                                shots=args.shots, limit=args.train_limit, seed=args.seed)
+    base_classes = train.split_class_names  # the names an option may take (base classes, or all in few-shot)
+    eval_sets = {}
+    if args.eval_every > 0:
+        for group in [g.strip() for g in args.eval_classes.split(",") if g.strip()]:
+            eval_sets[group] = common.load_dataset(args.data, args.eval_split, root=args.data_root, classes=group,
+                                                   limit=args.eval_limit, seed=args.seed)
+    common.print0(f"data: {len(train)} {args.train_split} images of {len(base_classes)} {args.classes} classes; "
+                  f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
+
+    # ----- 3. models -----
+    # fp32 master weights; on GPU the forward runs in bf16 (FSDP2 mixed precision, or autocast for DDP / one GPU)
+    on_gpu = d.device.type == "cuda"
+    master_dtype = "fp32" if args.dtype == "auto" else args.dtype
+    bf16_compute = on_gpu and args.dtype == "auto"
+    args.autocast_bf16 = bf16_compute and args.parallel == "ddp"
+    model, processor = common.load_model(args.model, device=d.device, dtype=master_dtype, attn=args.attn,
+                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    ref_model = None
+    if args.beta > 0:  # the frozen initial model for the KL term (none at all when beta = 0)
+        ref_model, _ = common.load_model(args.model, device=d.device, dtype="bf16" if bf16_compute else master_dtype,
+                                         attn=args.attn)
+        ref_model.requires_grad_(False).eval()
+        if args.parallel == "fsdp":
+            ref_model = common.wrap_model(ref_model, d, "fsdp")
+    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
+                              param_dtype=torch.bfloat16 if bf16_compute else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+
+    # auto-resume: the same command continues from <out>/latest
+    start_step, ckpt = 0, common.latest_checkpoint(out)
+    if ckpt:
+        state = common.load_checkpoint(ckpt, model, optimizer)
+        start_step = state["step"]
+        common.print0(f"resumed from {ckpt} at step {start_step} (data position {state.get('data_position')})")
+
+    # ----- 5. stage 1: mining (offline), or the images to mine at every step (online) -----
+    if args.online_mining:
+        items = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "example": ex} for ex in train.examples]
+    else:
+        items = mine_offline(model, processor, train, base_classes, args, d, out, log)
+    if not items:
+        raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
+    total_steps = args.max_steps or math.ceil(args.epochs * len(items) / args.prompts_per_step)
+    common.print0(f"stage 2: {len(items)} questions, {total_steps} steps of {args.prompts_per_step} prompts x "
+                  f"G={args.group_size} ({prompts_per_rank} prompts per rank)")
+
+    def step_items(step: int) -> list[dict]:
+        """This rank's questions for a step: positions step*P .. step*P+P-1 of an endless stream of epochs, each a
+        seeded permutation, so the data order depends only on the step (resume restores it exactly)."""
+        picked = []
+        for pos in range(step * args.prompts_per_step + d.rank, (step + 1) * args.prompts_per_step, d.world_size):
+            epoch, offset = divmod(pos, len(items))
+            order = list(range(len(items)))
+            random.Random(args.seed * 7919 + epoch).shuffle(order)
+            picked.append(items[order[offset]])
+        return picked
+
+    # ----- 10. update loop -----
+    timer = common.PhaseTimer()
+    if eval_sets and start_step == 0:  # the starting model's accuracy, the baseline of the run
+        log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
+    bar = make_bar(d, total=total_steps, initial=start_step, desc="grpo")
+    for step in range(start_step, total_steps):
+        t_step = time.perf_counter()
+        lr = common.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
+                          warmup_steps=args.warmup_steps)
+        common.set_lr(optimizer, lr)
+        batch = step_items(step)
+        model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
+        online = {}
+        if args.online_mining:  # options from the current policy (easy images kept, padded)
+            with timer("mining"):
+                mined = mine(model, processor, [it["example"] for it in batch], base_classes, train.kind, args, d,
+                             seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + d.rank, drop_easy=False)
+            batch = mined
+            online = {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
+                      "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
+
+        # ----- 6. rollout: G completions per question, on this rank -----
+        prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(train.kind, q["options"])) for q in batch]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+        with timer("sampling"), compute_ctx(args), \
+                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
+            ro = common.sample(model, processor, prompts, group_size=args.group_size,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=0, repetition_penalty=1.0, generator=gen)
+        row_questions = [q for q in batch for _ in range(args.group_size)]
+
+        # ----- 7. reward, 8. advantage -----
+        rewards, components = score(ro.texts, row_questions, reward_names)  # [B], {name: [B]}
+        advantages, zero_std = group_advantages(rewards, args.group_size, args.adv_eps, scale=not args.no_std)  # [B]
+        correct = torch.tensor([mcq_reward(t, q) for t, q in zip(ro.texts, row_questions)])  # [B] diagnostics
+        formatted = torch.tensor([format_reward(t, q) for t, q in zip(ro.texts, row_questions)])  # [B]
+
+        # ----- 9. loss: log-probs, then gradient accumulation over micro-batches -----
+        row_prompts = ro.row_prompts
+        ids, mask = ro.completion_ids, ro.completion_mask  # [B, T] each
+        B = ids.shape[0]
+        with timer("logprobs"), compute_ctx(args):
+            old_all = (common.completion_logprobs(model, processor, row_prompts, ids, mask,
+                                                  temperature=args.temperature, micro_batch=args.micro_batch)
+                       if args.updates_per_batch > 1 else None)  # [B, T] the sampling policy (ratio != 1 later)
+            ref_all = (common.completion_logprobs(ref_model, processor, row_prompts, ids, mask,
+                                                  temperature=args.temperature, micro_batch=args.micro_batch)
+                       if ref_model is not None else None)  # [B, T]
+        normalizer = (B if args.loss_agg == "seq"
+                      else common.global_token_count(mask) / d.world_size)  # see grpo_loss
+        model.train()
+        sums = Counter()
+        with timer("update"):
+            for update in range(args.updates_per_batch):
+                optimizer.zero_grad(set_to_none=True)
+                starts = list(range(0, B, args.micro_batch))
+                for k, s in enumerate(starts):
+                    rows = slice(s, s + args.micro_batch)
+                    width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
+                    mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
+                    grad_sync(model, k == len(starts) - 1)
+                    inputs = common.scoring_inputs(model, row_prompts[rows], mb_ids, mb_mask, pad_id, d.device)
+                    with compute_ctx(args):
+                        logp = common.forward_logprobs(model, inputs, mb_ids, args.temperature).float()  # [b, t]
+                    old = old_all[rows, :width].to(logp) if old_all is not None else logp.detach()  # [b, t]
+                    ref = ref_all[rows, :width].to(logp) if ref_all is not None else None  # [b, t]
+                    loss, st = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),
+                                         beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
+                                         loss_agg=args.loss_agg, normalizer=normalizer)
+                    loss.backward()
+                    sums.update({**st, "loss": float(loss.detach())})
+                grad_norm = clip_gradients(params, args.grad_clip)
+                optimizer.step()
+        grad_sync(model, True)
+
+        # ----- metrics -----
+        step_time = time.perf_counter() - t_step
+        tokens = float(mask.sum())
+        local = {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
+                 "format_rate": float(formatted.mean()), "zero_std_frac": float(zero_std.float().mean()),
+                 "completion_len": tokens / B, "truncation_rate": float(ro.truncated.float().mean()),
+                 "kl": sums["kl_sum"] / max(1.0, sums["tokens"]), "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
+                 "loss": sums["loss"] / args.updates_per_batch, "mean_options": sum(len(q["options"]) for q in batch) / len(batch),
+                 **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **online}
+        record = {"step": step + 1, **common.mean_over_ranks(local), "lr": lr, "grad_norm": grad_norm,
+                  **common.mean_over_ranks(timer.pop())}
+        record["tokens_per_s"] = float(common.all_reduce_sum(torch.tensor([tokens]))[0]) / step_time
+        if args.log_completions and d.is_main:
+            record["completions"] = [
+                {"id": q["id"], "options": q["options"], "answer": q["answer"], "completion": t,
+                 "reward": float(rewards[i]), **{n: float(v[i]) for n, v in components.items()}}
+                for i, (t, q) in enumerate(zip(ro.texts, row_questions)) if i % args.group_size == 0
+            ][:args.log_completions]
+        if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
+        log.log(record)
+        if bar is not None:
+            bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                            fmt=f"{record['format_rate']:.2f}")
+            bar.update(1)
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+            common.save_checkpoint(out, step + 1, model, optimizer,
+                                   {"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps})
+    if bar is not None:
+        bar.close()
+
+    # ----- export -----
+    common.export_hf(model, processor, os.path.join(out, "final"))
+    common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
+    common.cleanup_distributed()
+    return out
+
+
+if __name__ == "__main__":
+    main()
