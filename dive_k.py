@@ -204,9 +204,9 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
          otherwise a missing truth replaces the least frequent option
       5. shuffle; the answer is the truth's letter
 
-    >>> build_question(["Red-striped circle", "red striped circle", "blue square", None],
-    ...                "blue square", ["red striped circle", "blue square", "green square"], random.Random(0))
-    # counts {'red striped circle': 2, 'blue square': 1}: options are those two, shuffled
+    Example: answers ["Red-striped circle", "red striped circle", "blue square", None], truth "blue square",
+    base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
+    "blue square": 1}, options those two in a shuffled order, answer the letter of "blue square".
     """
     canonical = {common.normalize(c): c for c in base_classes}
     counts = Counter()
@@ -393,8 +393,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     scale=False (Dr. GRPO). Rows are grouped by prompt (prompt i owns rows i*G .. i*G+G-1).
     Returns (advantages [B], zero_std [P]: groups whose rewards are all equal, hence no gradient).
 
-    >>> group_advantages(torch.tensor([2., 0., 1., 1.]), 2)
-    (tensor([ 0.7070, -0.7070,  0.0000,  0.0000]), tensor([False,  True]))   # std of (2, 0) = 1.414
+    Example: rewards [2, 0, 1, 1], G = 2 -> advantages [0.7071, -0.7071, 0, 0] (group 1: mean 1, std 1.4142),
+    zero_std [False, True].
     """
     r = rewards.float().view(-1, group_size)  # [P, G]
     mean = r.mean(1, keepdim=True)  # [P, 1]
