@@ -1,0 +1,475 @@
+"""
+eval.py: the one evaluation harness of the project, for every protocol of the three papers.
+
+  open      one free answer per image (greedy), judged; accuracy = specific or more specific. Exact match and
+            substring match (the normalised truth inside the normalised answer, the ViRFT / Fine-R1 reward rule) are
+            reported beside it. Fine-R1's open-world setting.
+  two_step  DiVE-k inference: step 1 draws `--samples` (20) answers with the split's class list in the prompt
+            (T=1.0, top_p 0.95, repetition penalty 1.1, as in DiVE-k's mining), keeps the 5 most frequent parsed
+            answers (not filtered to valid names, no ground truth inserted), shuffles them; step 2 asks the same
+            model the multiple-choice question greedily; the chosen letter maps back to its answer, which is judged.
+  mcq       closed world: 4 options = the truth + 3 other classes of the split drawn at random, shuffled with a
+            seed per image; accuracy = the right letter. Fine-R1's closed-world setting.
+  speciarl  SpeciaRL: one greedy answer per image, judged into six labels; the share of each label, correctness
+            (correct at any level), specificity (specific or more specific among the correct), their harmonic mean.
+            `--best-of N` samples N answers (T=0.6, top_p 0.95) and keeps the best label: the paper's upper bound.
+
+Usage:
+  python eval.py --model tiny --data toy --protocol open --limit 48
+  python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --data cub --data-root /data/CUB_200_2011 \\
+      --protocol two_step --classes base+novel --out runs/eval_cub
+  torchrun --nproc 8 eval.py --model runs/dive_k_cub/export --data cub --data-root R --protocol two_step \\
+      --classes base+novel --out runs/eval_cub      (images sharded over ranks, results gathered)
+  python eval.py --model M --data food --data-root R --protocol speciarl --judge hf:meta-llama/Meta-Llama-3-70B-Instruct
+
+`--classes base+novel` evaluates the CoOp base and novel halves and reports HM = 2BN/(B+N). Written to --out:
+metrics.json (every number, the counts behind it and the exact settings) and predictions.jsonl (image, truth, raw
+output, parsed answer, judge label, and the protocol's extras). Failed parses count as wrong and are counted.
+
+From a training script: `evaluate(model, processor, dataset, protocol, judge=..., out_dir=...)` on every rank; it
+works on a plain, DDP- or FSDP2-wrapped model and returns the same metrics dict on every rank.
+
+Deviations from the papers, stated:
+  * the answer is the text of the last <answer>...</answer> (common.parse_answer; SpeciaRL's code takes the first);
+  * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
+    LLM judge with the six-label prompt like SpeciaRL's (whose exact prompt and Llama-3-70B judge are not bundled);
+  * Fine-R1's open-world "relative similarity" score (SigLIP) is not reproduced; the open protocol is judged instead;
+  * sampling is seeded per rank, so two_step and best-of results depend on the number of ranks (greedy ones do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+
+import torch
+
+import common
+
+# ----- 1. prompts: the papers' wording (the tiny stand-in was pretrained on the same phrasings) -----
+
+# SpeciaRL: "Classify the image.", reasoning in <think>, one label in <answer>, 'None' to abstain
+OPEN_PROMPT = ("Classify the image. Output the thinking process in <think> </think> and the final answer in <answer> "
+               "</answer> tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>.")
+# SpeciaRL's "be specific" prompt baseline (--be-specific)
+SPECIFIC_PROMPT = ("Classify the image, be specific. Output the thinking process in <think> </think> and the final "
+                   "answer in <answer> </answer> tags.")
+# DiVE-k step 1 (and its mining prompt): the object kind and the class list of the evaluated split
+TWO_STEP_PROMPT = ("This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the "
+                   "following: {classes}. Output the thinking process in <think> </think> and the final answer in "
+                   "<answer> </answer> tags.")
+# DiVE-k step 2 and the closed-world multiple choice: lettered options, one per line, answer the letter
+MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
+              "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
+              "answer in <answer> </answer> tags.")
+
+PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
+TWO_STEP_OPTIONS = 5  # DiVE-k: the 5 most frequent step-1 answers
+MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
+STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
+BEST_OF_SAMPLING = dict(temperature=0.6, top_p=0.95)  # SpeciaRL's best-of-N
+# best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), parse failures last
+BEST_OF_ORDER = ["parse_failure", *common.JUDGE_LABELS]
+
+
+def mcq_options_text(options: list[str]) -> str:
+    return "\n".join(f"{common.LETTERS[i]}. {name}" for i, name in enumerate(options))
+
+
+def parse_choice(answer: str | None, options: list[str]) -> int | None:
+    """Index of the chosen option: a bare letter ('B', '(B)', 'B.'), the option's text itself, or a letter that
+    starts the answer ('B. red circle', 'B) ...'). None when nothing valid was chosen.
+    >>> parse_choice("B", ["x", "y"]), parse_choice("y", ["x", "y"]), parse_choice("C", ["x", "y"])
+    (1, 1, None)
+    """
+    if answer is None:
+        return None
+    text = answer.strip()
+    m = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
+    if m is None:
+        norm = common.normalize(text)
+        for i, opt in enumerate(options):
+            if norm and norm == common.normalize(opt):
+                return i
+        m = re.match(r"\(?([A-Z])(?:\)|\.|:)", text)
+    if m is None:
+        return None
+    i = common.LETTERS.index(m.group(1))
+    return i if i < len(options) else None
+
+
+def rng_for(seed: int, ex: common.Example, what: str) -> random.Random:
+    """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
+    return random.Random(f"{seed}:{what}:{ex.id or ex.image}")
+
+
+def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int) -> list[str]:
+    """The truth and 3 other classes of the evaluated split (all classes if the split has too few), shuffled."""
+    rng = rng_for(seed, ex, "mcq")
+    pool = [n for n in dataset.split_class_names if n != ex.class_name]
+    if len(pool) < MCQ_OPTIONS - 1:
+        pool = [n for n in dataset.class_names if n != ex.class_name]
+    options = rng.sample(pool, min(MCQ_OPTIONS - 1, len(pool))) + [ex.class_name]
+    rng.shuffle(options)
+    return options
+
+
+def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS) -> tuple[list[str], list[int], int]:
+    """Step 1 of two-step inference: the k most frequent parsed answers (counted by normalised text, shown as first
+    written, ties broken by first appearance), their counts, and the number of samples that did not parse."""
+    counts: Counter = Counter()
+    shown: dict[str, str] = {}
+    failures = 0
+    for t in texts:
+        ans = common.parse_answer(t)
+        key = common.normalize(ans or "")
+        if not key:
+            failures += ans is None
+            continue
+        counts[key] += 1
+        shown.setdefault(key, ans)
+    top = counts.most_common(k)  # stable: equal counts keep first-appearance order
+    return [shown[key] for key, _ in top], [c for _, c in top], failures
+
+
+# ----- 2. one protocol on this rank's images -----
+
+def _encode(processor, ex: common.Example, text: str):
+    image = common.try_open_image(ex.image)
+    return None if image is None else common.encode_prompt(processor, image, text)
+
+
+def _base_record(idx: int, ex: common.Example) -> dict:
+    return {"index": idx, "id": ex.id, "image": ex.image, "truth": ex.class_name}
+
+
+def _judged(rec: dict, raw: str) -> dict:
+    """Fill the parse fields of an open-answer record (the label is added by the caller's judge call)."""
+    answer = common.parse_answer(raw)
+    rec.update(raw=raw, answer=answer, format_ok=common.format_ok(raw), parse_failure=answer is None)
+    return rec
+
+
+def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_new_tokens, samples, best_of,
+              generator, be_specific) -> list[dict]:
+    """Records for a batch of (global index, example) pairs."""
+    records, prompts, live = [], [], []
+    if protocol in ("open", "speciarl"):
+        text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
+    elif protocol == "two_step":
+        text = TWO_STEP_PROMPT.format(kind=dataset.kind, classes=", ".join(dataset.split_class_names))
+    for idx, ex in batch:
+        if protocol == "mcq":
+            options = mcq_options(ex, dataset, seed)
+            text = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(options))
+        p = _encode(processor, ex, text)
+        rec = _base_record(idx, ex)
+        if p is None:
+            rec["skipped"] = True
+        else:
+            live.append((rec, ex, p))
+            if protocol == "mcq":
+                rec.update(options=options, truth_letter=common.LETTERS[options.index(ex.class_name)])
+        records.append(rec)
+    if not live:
+        return records
+    prompts = [p for _, _, p in live]
+
+    if protocol in ("open", "speciarl"):
+        n = best_of or 1
+        sampling = BEST_OF_SAMPLING if best_of else dict(temperature=0.0)
+        roll = common.sample(model, processor, prompts, group_size=n, max_new_tokens=max_new_tokens,
+                             generator=generator, **sampling)
+        for i, (rec, ex, _) in enumerate(live):
+            cands = [_judged({}, raw) for raw in roll.texts[i * n:(i + 1) * n]]
+            parsed = [c for c in cands if not c["parse_failure"]]  # a failed parse is wrong without asking the judge
+            for c, lab in zip(parsed, judge.judge([(ex.class_name, c["answer"]) for c in parsed])):
+                c["label"] = lab
+            for c in cands:
+                c.setdefault("label", "wrong")
+                c["rank"] = BEST_OF_ORDER.index("parse_failure" if c["parse_failure"] else c["label"])
+            best = max(range(n), key=lambda j: (cands[j]["rank"], -j))  # ties: the lowest index
+            rec.update({k: v for k, v in cands[best].items() if k != "rank"})
+            if best_of:
+                rec["best_index"] = best
+                rec["samples"] = [{"raw": c["raw"], "answer": c["answer"], "label": c["label"]} for c in cands]
+            _add_match(rec)
+        return records
+
+    if protocol == "mcq":
+        roll = common.sample(model, processor, prompts, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                             generator=generator)
+        for (rec, ex, _), raw in zip(live, roll.texts):
+            _judged(rec, raw)
+            choice = parse_choice(rec["answer"], rec["options"])
+            rec["letter"] = None if choice is None else common.LETTERS[choice]
+            rec["prediction"] = None if choice is None else rec["options"][choice]
+            rec["invalid_choice"] = rec["answer"] is not None and choice is None
+            rec["label"] = "specific" if rec["letter"] == rec["truth_letter"] else "wrong"
+        return records
+
+    # two_step: step 1, K sampled answers with the class list; step 2, greedy multiple choice over the top 5
+    roll = common.sample(model, processor, prompts, group_size=samples, max_new_tokens=max_new_tokens,
+                         generator=generator, **STEP1_SAMPLING)
+    step2 = []
+    for i, (rec, ex, _) in enumerate(live):
+        options, counts, failures = top_answers(roll.texts[i * samples:(i + 1) * samples])
+        order = list(range(len(options)))
+        rng_for(seed, ex, "two_step").shuffle(order)
+        rec.update(options=[options[j] for j in order], option_counts=[counts[j] for j in order],
+                   step1_parse_failures=failures,
+                   truth_in_options=any(common.normalize(o) == common.normalize(ex.class_name) for o in options))
+        if options:
+            question = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(rec["options"]))
+            step2.append((rec, ex, _encode(processor, ex, question)))
+        else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
+            rec.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
+                       invalid_choice=False, label="wrong", no_candidates=True)
+    if step2:
+        roll2 = common.sample(model, processor, [p for _, _, p in step2], group_size=1, max_new_tokens=max_new_tokens,
+                              temperature=0.0, generator=generator)
+        for (rec, ex, _), raw in zip(step2, roll2.texts):
+            _judged(rec, raw)
+            choice = parse_choice(rec["answer"], rec["options"])
+            rec["letter"] = None if choice is None else common.LETTERS[choice]
+            rec["prediction"] = None if choice is None else rec["options"][choice]
+            rec["invalid_choice"] = rec["answer"] is not None and choice is None
+            rec["no_candidates"] = False
+        labels = judge.judge([(rec["truth"], rec["prediction"] or "") for rec, _, _ in step2])
+        for (rec, _, _), lab in zip(step2, labels):
+            rec["label"] = lab if rec["prediction"] is not None else "wrong"
+    return records
+
+
+def _add_match(rec: dict):
+    """Exact and substring match of the parsed answer against the truth (normalised), for transparency."""
+    answer, truth = common.normalize(rec.get("answer") or ""), common.normalize(rec["truth"])
+    rec["exact"] = bool(answer) and answer == truth
+    rec["substring"] = bool(answer) and truth in answer
+
+
+# ----- 3. metrics from the gathered records -----
+
+def compute_metrics(records: list[dict], protocol: str) -> dict:
+    """Every number of a protocol from its per-image records (the test recomputes these from predictions.jsonl)."""
+    scored = [r for r in records if not r.get("skipped")]
+    n = len(scored)
+    out = {"n": n, "skipped_images": len(records) - n,
+           "parse_failures": sum(r["parse_failure"] for r in scored),
+           "format_ok": sum(r["format_ok"] for r in scored) / n if n else 0.0}
+    if protocol == "mcq":
+        correct = sum(r["label"] == "specific" for r in scored)
+        out.update(accuracy=correct / n if n else 0.0, correct=correct,
+                   invalid_choices=sum(r["invalid_choice"] for r in scored))
+        return out
+    out.update(common.label_metrics([r["label"] for r in scored]))
+    if protocol in ("open", "speciarl"):
+        out.update(exact=sum(r["exact"] for r in scored) / n if n else 0.0,
+                   substring=sum(r["substring"] for r in scored) / n if n else 0.0)
+    if protocol == "two_step":
+        out.update(invalid_choices=sum(r["invalid_choice"] for r in scored),
+                   no_candidates=sum(r["no_candidates"] for r in scored),
+                   truth_in_options=sum(r["truth_in_options"] for r in scored) / n if n else 0.0,
+                   step1_parse_failures=sum(r["step1_parse_failures"] for r in scored))
+    return out
+
+
+# ----- 4. the harness -----
+
+def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=None, seed: int = 0,
+             max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
+             progress: bool = True, micro_batch: int = 8, be_specific: bool = False,
+             extra_settings: dict | None = None) -> dict:
+    """Evaluate `model` on `dataset` with one protocol; call it on every rank (images are sharded
+    examples[rank::world] and the records gathered). Returns the same metrics dict on every rank; rank 0 writes
+    metrics.json and predictions.jsonl to `out_dir` when given. `judge` defaults to the rules judge."""
+    if protocol not in PROTOCOLS:
+        raise SystemExit(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
+    if best_of and protocol not in ("open", "speciarl"):
+        raise SystemExit(f"--best-of applies to the open and speciarl protocols, not {protocol}")
+    if protocol != "mcq" and judge is None:
+        judge = common.get_judge("rules", dataset)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    indexed = list(enumerate(dataset.examples))[rank::world]
+    device = next(common.unwrap(model).parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
+    batches = [indexed[s:s + micro_batch] for s in range(0, len(indexed), micro_batch)]
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    records = []
+    # FSDP2: gather the full parameters once for the whole evaluation (every rank enters once, whatever its shard
+    # size); the warm-up forward uses the same first image on every rank. A no-op for plain and DDP models.
+    warm = _warmup_prompt(processor, dataset)
+    try:
+        with torch.no_grad(), common.gathered_params(
+                model, common.fsdp_warmup_inputs(model, processor, warm) if warm is not None else None):
+            bar = None
+            if progress and rank == 0:
+                from tqdm import tqdm
+                bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr)
+            for batch in batches:
+                records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
+                                     max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
+                                     generator=generator, be_specific=be_specific)
+                if bar is not None:
+                    bar.update(len(batch))
+            if bar is not None:
+                bar.close()
+    finally:
+        model.train(was_training)
+    records = sorted((r for part in common.all_gather_objects(records) for r in part), key=lambda r: r["index"])
+    metrics = compute_metrics(records, protocol)
+    if best_of:
+        metrics["best_of"] = best_of
+    if out_dir and rank == 0:
+        settings = {"protocol": protocol, "data": dataset.name, "split": dataset.split, "root": dataset.root,
+                    "classes": dataset.classes, "class_names": dataset.split_class_names, "n_images": len(records),
+                    "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
+                    "samples": samples if protocol == "two_step" else None, "best_of": best_of,
+                    "judge": getattr(judge, "name", None), "world_size": world, "micro_batch": micro_batch,
+                    "be_specific": be_specific, "seconds": round(time.time() - t0, 2),
+                    "prompt": {"open": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT, "speciarl":
+                               SPECIFIC_PROMPT if be_specific else OPEN_PROMPT, "two_step": [TWO_STEP_PROMPT, MCQ_PROMPT],
+                               "mcq": MCQ_PROMPT}[protocol],
+                    "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
+                                 "speciarl": BEST_OF_SAMPLING if best_of else "greedy",
+                                 "two_step": {"step1": STEP1_SAMPLING, "step2": "greedy"}, "mcq": "greedy"}[protocol],
+                    **(extra_settings or {})}
+        write_results(out_dir, {"protocol": protocol, "metrics": metrics, "settings": settings}, records)
+    common.barrier()
+    return metrics
+
+
+def _warmup_prompt(processor, dataset):
+    for ex in dataset.examples:
+        p = _encode(processor, ex, OPEN_PROMPT)
+        if p is not None:
+            return p
+    return None
+
+
+def write_results(out_dir: str, metrics_doc: dict, records: list[dict]):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics_doc, f, indent=1)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+# ----- 5. reporting -----
+
+def main_keys(protocol: str) -> list[str]:
+    """The numbers that get a base / novel harmonic mean."""
+    return ["hm", "correctness", "specificity"] if protocol == "speciarl" else ["accuracy"]
+
+
+def harmonic(b: float, n: float) -> float:
+    return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+
+TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "hm", *[f"share/{lab}" for lab in
+              common.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "parse_failures", "invalid_choices",
+              "no_candidates", "skipped_images"]
+
+
+def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None) -> str:
+    """| metric | <group> ... | HM | for the keys any group has."""
+    groups = list(results)
+    header = "| metric | " + " | ".join(groups) + (" | HM |" if hm else " |")
+    lines = [header, "|" + "---|" * (len(groups) + 1 + bool(hm))]
+    for key in TABLE_KEYS:
+        if not any(key in m for m in results.values()):
+            continue
+        cells = [_fmt(results[g].get(key)) for g in groups]
+        if hm:
+            cells.append(_fmt(hm.get(key)) if key in hm else "")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint with the papers' protocols.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--model", default="tiny", help="hub id, local Qwen2.5-VL directory (e.g. an export), or 'tiny'")
+    g.add_argument("--data", default="toy", help="toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / "
+                   ".jsonl file of {image, class_name} records")
+    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
+    g.add_argument("--split", default="test", help="train, val, test or trainval")
+    g.add_argument("--classes", default="all", choices=["all", "base", "novel", "base+novel"],
+                   help="CoOp class halves; base+novel reports both and their harmonic mean")
+    g.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many images (per half)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", required=True, choices=PROTOCOLS, help="see the module docstring")
+    g.add_argument("--judge", default="rules", help="rules, or hf:<causal LM directory or hub id>")
+    g.add_argument("--judge-cache", default=None, help="JSONL cache of judged pairs (default <out>/judge_cache.jsonl)")
+    g.add_argument("--samples", type=int, default=20, help="two_step: step-1 samples per image (DiVE-k 20)")
+    g.add_argument("--best-of", type=int, default=None, help="open / speciarl: best of N samples at T=0.6, top_p 0.95")
+    g.add_argument("--be-specific", action="store_true", help="open / speciarl: SpeciaRL's 'be specific' prompt")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length cap (DiVE-k 1024, SpeciaRL 2048)")
+    g.add_argument("--seed", type=int, default=0, help="subset, options and sampling seed")
+    g = p.add_argument_group("system")
+    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl")
+    g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    g.add_argument("--min-pixels", type=int, default=None,
+                   help="image pixel budget, lower bound (default: the checkpoint's own; papers 3136)")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="image pixel budget, upper bound (default: the checkpoint's own; DiVE-k 401408 = 512*28*28)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = common.init_distributed()
+    model, processor = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    model.eval()
+    halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
+    judge = None
+    cache = args.judge_cache or (os.path.join(args.out, "judge_cache.jsonl") if args.out else None)
+    results = {}
+    for half in halves:
+        ds = common.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
+                                 seed=args.seed)
+        if judge is None and args.protocol != "mcq":
+            judge = common.get_judge(args.judge, ds, cache)  # one judge (and cache) for both halves
+        out = os.path.join(args.out, half) if args.out and len(halves) > 1 else args.out
+        settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
+                    "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+        results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
+                                 max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
+                                 out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
+                                 be_specific=args.be_specific, extra_settings=settings)
+    hm = None
+    if len(halves) > 1:
+        hm = {k: harmonic(results["base"][k], results["novel"][k]) for k in main_keys(args.protocol)}
+        if args.out and d.is_main:
+            with open(os.path.join(args.out, "metrics.json"), "w") as f:
+                json.dump({"protocol": args.protocol, "classes": "base+novel", "base": results["base"],
+                           "novel": results["novel"], "hm": hm, "settings": vars(args)}, f, indent=1)
+    common.print0(f"\n{args.protocol} on {args.data} {args.split} ({args.model})\n" + markdown_table(results, hm))
+    if judge is not None:
+        common.print0(f"judge {judge.name}: {judge.judged} pairs judged, {judge.hits} from the cache")
+    common.cleanup_distributed()
+    return {"results": results, "hm": hm}
+
+
+if __name__ == "__main__":
+    main()
