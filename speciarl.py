@@ -1,0 +1,603 @@
+"""
+speciarl.py: SpeciaRL, specificity-aware RL for open-world fine-grained classification (arXiv 2603.03197).
+
+The model sees an image and "Classify the image.", reasons in <think>, and names ONE label in <answer> (or 'None' to
+abstain). A text-only verifier grades every answer against the ground-truth class name on an ordered ladder
+
+    wrong < abstain < generic < less_specific < specific = more_specific      (specific and more specific tie)
+
+and the reward is anchored to the best answer of the image's own rollout group ("dynamic" reward): every valid rollout
+in the group's best tier gets 1, the others 0; a missing or empty <answer> gets -1; a group whose best is wrong gets
+all 0. So the model is pushed to be as specific as it CAN be on that image (if one rollout named the species, naming
+only the family earns nothing), never past it (if the best was the family, the family is rewarded; if nothing was
+right but someone abstained, abstaining is rewarded). Training is GRPO with the PPO ratio, clip 0.2, dual clip 3,
+global token-mean and a k3 KL to the frozen model, with LoRA on the language model.
+
+Launch (the defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64/alpha32 on the LLM, vision frozen, 3000 CUB
+training images, G=10, 256 prompts per rollout batch in 2 optimizer steps, lr 3e-5 constant, 15 epochs = 165 steps):
+
+    python speciarl.py --data cub --data-root R --model Qwen/Qwen2.5-VL-7B-Instruct              # 1 GPU
+    torchrun --nproc 8 speciarl.py --data cub --data-root R                                      # 8 GPUs
+    torchrun --nnodes 2 --nproc 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
+        speciarl.py --data cub --data-root R --parallel fsdp                                     # 2 nodes (node_rank 1 on the other)
+
+CPU quickstart (the tiny stand-in on the synthetic toy shapes, a few minutes on 2 cores; see the TOY PRESET block):
+
+    python speciarl.py --data toy
+
+Rerunning a command with the same --out resumes from its latest checkpoint. Per-step metrics go to
+<out>/metrics.jsonl, a sample of judged rollouts to <out>/rollouts.jsonl, the merged final model to <out>/final.
+
+Deviations from the paper and GRPO simplifications (all deliberate, each visible below):
+  * The verifier is `common.get_judge(--judge)`: `rules` (offline, default) or `hf:<model>` (an LLM judge run here).
+    The paper's judge is Qwen3-30B-A3B behind a vLLM server for training and Llama-3-70B for evaluation; pass
+    `--judge hf:... --eval-judge hf:...` for that setup. Judgements are cached per (ground truth, answer) pair on disk
+    in <out>/judge_cache (the paper caches in Redis).
+  * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
+  * The answer is the text of the LAST <answer>...</answer> (common.parse_answer, shared with eval.py); the paper
+    takes the first. They differ only for completions with two answer tags.
+  * The "be specific" prompt variant keeps the wording the tiny stand-in was pretrained on
+    (common.TINY_OPEN_PROMPTS[1]), which drops the paper's 'None' sentence; the general prompt is
+    common.TINY_OPEN_PROMPTS[0]. Both ask for <think>/<answer> tags; there is no system prompt beyond the template's.
+  * `--adv-norm none` (Dr.GRPO) only drops the std from the advantage; the loss stays token-mean with the KL
+    (the paper's Dr.GRPO runs also change the aggregation and drop the KL).
+  * Judge failures get reward 0 and are left out of the group's best, as in the paper's code; a judge that raises
+    stops the run instead of silently scoring 0.
+  * With LoRA the KL reference is the policy with its adapters switched off (exactly the frozen initial model),
+    instead of a second copy. Checkpoints store the frozen base weights too (simple, not small).
+  * --max-steps counts rollout batches (the paper's "steps"); each is --minibatches optimizer steps.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+
+import torch
+
+import common
+
+# =====================================================================================================================
+# ----- 1. setup: command line -----
+# =====================================================================================================================
+
+# Flags the toy preset fills in when the user did not set them. The parser's default for these is None, and the
+# paper's value (PAPER) is used on real data. Everything else has one default for both.
+PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", rollout_prompts=256, group_size=10, max_new_tokens=2048,
+             lr=3e-5, lora_rank=64, lora_alpha=32.0, epochs=15, eval_every=5, eval_limit=None,
+             eval_max_new_tokens=2048, save_every=5, sample_batch=8, micro_batch=32, logprob_micro_batch=20)
+# ----------------------------------------------- TOY PRESET -------------------------------------------------------
+# `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
+# are ~30 tokens), a higher learning rate and a smaller adapter for a 0.7M-parameter model, a bounded number of steps
+# and a quick evaluation on 120 held-out images. Measured in tests/test_speciarl_learning.py.
+TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, lr=2e-3, lora_rank=16,
+           lora_alpha=32.0, epochs=3, eval_every=10, eval_limit=120, eval_max_new_tokens=48, save_every=10,
+           sample_batch=16, micro_batch=80, logprob_micro_batch=160)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, model=None, data="cub", group_size=None)
+    g = parser.add_argument_group("SpeciaRL: data, prompt, verifier, reward")
+    g.add_argument("--train-size", type=int, default=3000,
+                   help="random training images drawn once with --seed (paper: 3000 of CUB train, seed 42)")
+    g.add_argument("--prompt", choices=["general", "specific"], default="general",
+                   help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
+    g.add_argument("--judge", default="rules",
+                   help="training verifier: 'rules' (offline, default) or 'hf:<model>' (an LLM judge; paper: "
+                        "Qwen3-30B-A3B-Instruct)")
+    g.add_argument("--reward", default="dynamic", choices=sorted(REWARDS),
+                   help="dynamic (paper) or a static table: binary (the RFT baseline), scala1, scala2, scala3")
+    g.add_argument("--log-rollouts", type=int, default=16,
+                   help="judged rollouts per step written to <out>/rollouts.jsonl (label, group best, reward)")
+    g = parser.add_argument_group("GRPO")
+    g.add_argument("--rollout-prompts", type=int, default=None,
+                   help="images per rollout batch over all ranks (paper 256; toy 16)")
+    g.add_argument("--minibatches", type=int, default=2,
+                   help="optimizer steps per rollout batch (paper 2: mini-batch 128 of 256 prompts)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (paper 2048; toy 48)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus (paper 1.0)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip, low and high (paper 0.2)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap c for negative advantages (paper 3; "
+                   "0 turns it off)")
+    g.add_argument("--beta", type=float, default=0.01, help="k3 KL weight to the frozen model (paper 0.01; 0 = no "
+                   "reference forward)")
+    g.add_argument("--adv-norm", choices=["group", "none"], default="group",
+                   help="group: (r - mean) / (std + eps) (paper); none: r - mean (Dr.GRPO)")
+    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the group std (verl: 1e-6)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 3e-5; toy 2e-3)")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="paper: constant")
+    g.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up (paper 0)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper 1.0)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training images (paper 15 = 165 steps); --max-steps stops earlier")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank on every linear layer of the language model (paper 64; toy 16); 0 = full "
+                        "fine-tuning of the language model")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (paper 32)")
+    g.add_argument("--freeze-vision", type=int, default=1, help="keep the vision tower frozen (paper 1)")
+    g = parser.add_argument_group("batching (memory, not maths)")
+    g.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (real 8; toy 16)")
+    g.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward in the update "
+                   "(paper 32; toy 80)")
+    g.add_argument("--logprob-micro-batch", type=int, default=None, help="rows per no-grad log-prob forward "
+                   "(paper 20; toy 160)")
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=None, help="greedy speciarl-protocol evaluation every N steps "
+                   "and at the start and end (paper 5; 0 = never)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (default: all)")
+    g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
+    g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
+    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy budget (paper 2048; toy 48)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (paper 5; toy 10)")
+    args = parser.parse_args(argv)
+    preset = TOY if args.data == "toy" else PAPER
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# =====================================================================================================================
+# ----- 2. data -----
+# =====================================================================================================================
+
+def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
+    """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
+    the last partial batch dropped (as verl does). A pure function of `step`, so resuming needs only the step."""
+    steps_per_epoch = n_train // rollout_prompts
+    epoch, within = divmod(step, steps_per_epoch)
+    order = list(range(n_train))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[within * rollout_prompts:(within + 1) * rollout_prompts]
+
+
+# =====================================================================================================================
+# ----- 3. prompt -----
+# =====================================================================================================================
+# The tiny stand-in was pretrained on exactly these two phrasings, which are the paper's prompt with our tag wording:
+#   general:  "Classify the image. Output the thinking process in <think> </think> and the final answer in <answer>
+#              </answer> tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>."
+#   specific: "Classify the image, be specific. Output the thinking process in ... <answer> </answer> tags."
+PROMPTS = {"general": common.TINY_OPEN_PROMPTS[0], "specific": common.TINY_OPEN_PROMPTS[1]}
+
+
+# =====================================================================================================================
+# ----- 4. rollout -> answers -> verifier labels -----
+# =====================================================================================================================
+NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
+JUDGE_ERROR = "judge_error"  # the verifier gave no valid label: reward 0, left out of the group's best
+CORRECT = ("generic", "less_specific", "specific", "more_specific")  # correct at some level of the hierarchy
+
+
+def answers_of(texts: list[str]) -> list[str | None]:
+    """The <answer> text of each completion; None when missing or empty after normalisation."""
+    out = []
+    for text in texts:
+        answer = common.parse_answer(text)
+        out.append(answer if answer is not None and common.normalize(answer) else None)
+    return out
+
+
+def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
+    """One verifier label per rollout: the judge's label for every valid answer (one batched call; the judge caches
+    per pair), NO_ANSWER for missing answers, JUDGE_ERROR where the judge returned something not on the ladder."""
+    valid = [i for i, a in enumerate(answers) if a is not None]
+    judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
+    labels = [NO_ANSWER] * len(answers)
+    for i, label in zip(valid, judged):
+        labels[i] = label if label in common.JUDGE_LABELS else JUDGE_ERROR
+    return labels
+
+
+# =====================================================================================================================
+# ----- 5. reward: a registry of plain functions, one group of labels -> one reward per rollout -----
+# =====================================================================================================================
+# To try a new reward, add a function `labels -> rewards` to REWARDS; --reward picks it by name.
+TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
+
+
+def dynamic_reward(labels: list[str]) -> list[float]:
+    """SpeciaRL's best-in-group reward for the G rollouts of one image.
+
+    Missing answers get -1 and judge errors 0, and neither takes part in finding the group's best tier. If the best
+    tier is `wrong`, every valid rollout gets 0; otherwise valid rollouts in the best tier get 1 and the rest 0.
+    >>> dynamic_reward(["less_specific", "specific", "no_answer", "more_specific", "generic"])
+    [0.0, 1.0, -1.0, 1.0, 0.0]
+    >>> dynamic_reward(["wrong", "abstain", "judge_error"])    # nothing right: abstaining is the best it could do
+    [0.0, 1.0, 0.0]
+    """
+    tiers = [TIER[label] for label in labels if label in TIER]
+    best = max(tiers, default=None)
+    rewards = []
+    for label in labels:
+        if label == NO_ANSWER:
+            rewards.append(-1.0)
+        elif label not in TIER or best == TIER["wrong"]:
+            rewards.append(0.0)
+        else:
+            rewards.append(1.0 if TIER[label] == best else 0.0)
+    return rewards
+
+
+# The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
+# abstain, wrong). `binary` is the standard RFT baseline.
+STATIC_TABLES = {
+    "binary": dict(more_specific=1.0, specific=1.0, less_specific=0.0, generic=0.0, abstain=0.0, wrong=0.0),
+    "scala1": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.25, wrong=0.0),
+    "scala2": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.0, wrong=0.0),
+    "scala3": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.0, abstain=0.0, wrong=0.0),
+}
+
+
+def static_reward(table: dict[str, float]):
+    """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code)."""
+    def reward(labels: list[str]) -> list[float]:
+        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in labels]
+    return reward
+
+
+REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
+
+
+def best_label(labels: list[str]) -> str:
+    """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
+    ladder = list(common.JUDGE_LABELS)
+    valid = [label for label in labels if label in ladder]
+    return max(valid, key=ladder.index) if valid else "none"
+
+
+# =====================================================================================================================
+# ----- 6. advantage -----
+# =====================================================================================================================
+
+def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
+    group: (r - mean) / (std + eps) with the unbiased std (verl); none: r - mean (Dr.GRPO). Groups whose rewards are
+    all equal get 0 (no policy gradient; only the KL acts on them).
+    >>> group_advantages(torch.tensor([[1., 0., 0., -1.]]), "none", 1e-6)
+    tensor([[ 1.,  0.,  0., -1.]])
+    """
+    centred = rewards - rewards.mean(1, keepdim=True)  # [P, G]
+    if norm == "none":
+        return centred
+    return centred / (rewards.std(1, keepdim=True) + eps)  # [P, G]
+
+
+# =====================================================================================================================
+# ----- 7. loss -----
+# =====================================================================================================================
+
+def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
+                  beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The SUM over completion tokens of the per-token PPO-clip + dual-clip + k3-KL loss (the caller divides by the
+    token count of the whole optimizer step over all ranks: a global token mean). Also returns sums for logging.
+
+    Per token t of rollout i, with ratio rho = exp(logp - old_logp) and A = advantages[i]:
+        pg   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))          # PPO: the pessimistic of the two
+        pg   = min(pg, -A * c)   if A < 0                                 # dual clip: a bad action with a huge
+                                                                          # ratio costs at most c * |A|
+        kl   = exp(ref - logp) - (ref - logp) - 1                         # k3, >= 0, unbiased for KL(pi || ref)
+        loss = pg + beta * kl
+    Worked example (eps 0.2, c 3, beta 0): A = +1, rho = 1.5 -> max(-1.5, -1.2) = -1.2 (clipped, no gradient);
+    A = -1, rho = 0.5 -> max(0.5, 0.8) = 0.8 (clipped); A = -1, rho = 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3 (dual
+    clipped, no gradient); A = +1, rho = 1.1 -> -1.1 (inside the clip range, gradient -rho * grad logp).
+    """
+    mask = mask.to(logp.dtype)  # [B, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
+    surrogate = -adv * ratio  # [B, T]
+    surrogate_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # [B, T]
+    pg = torch.maximum(surrogate, surrogate_clipped)  # [B, T]
+    clipped = (surrogate_clipped > surrogate).to(logp.dtype)  # [B, T] 1 where the clip bound is the active one
+    dual = torch.zeros_like(pg)  # [B, T]
+    if dual_clip > 0:
+        cap = -adv * dual_clip  # [B, 1] only binds for A < 0, where it is positive
+        dual = ((adv < 0) & (pg > cap)).to(logp.dtype)  # [B, T]
+        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)  # [B, T]
+    per_token = pg  # [B, T]
+    kl = torch.zeros_like(pg)  # [B, T]
+    if beta > 0:
+        log_ref_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # [B, T]
+        per_token = per_token + beta * kl  # [B, T]
+    loss_sum = (per_token * mask).sum()  # []
+    stats = {"pg_loss": (pg * mask).sum().detach(), "kl": (kl * mask).sum().detach(),
+             "clip_frac": (clipped * mask).sum(), "dual_clip_frac": (dual * mask).sum(),
+             "ratio": (ratio * mask).sum().detach()}
+    return loss_sum, stats
+
+
+# =====================================================================================================================
+# ----- 8. models -----
+# =====================================================================================================================
+
+def build_models(args, d):
+    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
+    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
+    model, proc = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.lora_rank > 0:
+        adapted = common.inject_lora(model, args.lora_rank, args.lora_alpha)
+        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
+    elif args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.lora_rank > 0 and not args.freeze_vision:
+        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    param_dtype = common.resolve_dtype(args.dtype, d.device)
+    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ref = None
+    if args.beta > 0 and args.lora_rank == 0:
+        ref, _ = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        ref.requires_grad_(False)
+        ref = common.wrap_model(ref, d, "fsdp") if args.parallel == "fsdp" and d.distributed else ref
+    return wrapped, proc, optimizer, ref
+
+
+def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
+    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
+    if args.beta <= 0:
+        return None
+    ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
+    with ctx:
+        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
+                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch)
+
+
+@contextlib.contextmanager
+def gradient_sync(model, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an optimizer step."""
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+# =====================================================================================================================
+# ----- 9. the update loop -----
+# =====================================================================================================================
+
+def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
+                  first_opt_step: int, total_opt_steps: int) -> Counter:
+    """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
+    optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
+    tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
+    backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
+    the loss statistics (and the mean gradient norm) for logging."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    device = next(common.unwrap(model).parameters()).device
+    rows_per_minibatch = ids.shape[0] // args.minibatches
+    sums = Counter()
+    for mb in range(args.minibatches):
+        rows = list(range(mb * rows_per_minibatch, (mb + 1) * rows_per_minibatch))
+        tokens = common.global_token_count(mask[rows])  # all ranks, before any backward
+        common.set_lr(optimizer, common.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
+                                              total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
+        for c, chunk in enumerate(chunks):
+            with gradient_sync(model, enabled=c == len(chunks) - 1):
+                inputs = common.scoring_inputs(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
+                                               pad_id, device)
+                logp = common.forward_logprobs(model, inputs, ids[chunk], args.temperature)  # [b, T]
+                loss_sum, stats = speciarl_loss(
+                    logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
+                    advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
+                    dual_clip=args.dual_clip, beta=args.beta)
+                (loss_sum * world / max(tokens, 1.0)).backward()  # global token mean (x world: ranks are averaged)
+            for k, v in stats.items():
+                sums[k] += float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   args.grad_clip)
+        optimizer.step()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        sums["grad_norm"] += float(grad_norm) / args.minibatches
+    return sums
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d, out = common.setup_run(args, f"runs/speciarl-{args.data}")
+    world = d.world_size
+    common.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
+    prompts_per_rank = args.rollout_prompts // world
+    common.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
+                             "--minibatches")
+    prompts_per_minibatch = prompts_per_rank // args.minibatches
+    G = args.group_size
+
+    # ---- data: a fixed random subset of the training split; evaluation on the test split
+    train = common.load_dataset(args.data, "train", root=args.data_root, limit=args.train_size, seed=args.seed)
+    steps_per_epoch = len(train) // args.rollout_prompts
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    eval_data = args.eval_data or args.data
+    test = common.load_dataset(eval_data, "test", root=args.data_root if eval_data == args.data else None,
+                               limit=args.eval_limit, seed=args.seed) if args.eval_every else None
+    common.print0(f"{len(train)} training images, {steps_per_epoch} steps/epoch, {total_steps} steps of "
+                  f"{args.rollout_prompts} images x {G} rollouts ({prompts_per_rank} images per rank, "
+                  f"{args.minibatches} optimizer steps each)")
+
+    # ---- models, verifier, logging
+    model, proc, optimizer, ref = build_models(args, d)
+    pad_id = common.special_token_ids(proc)["<|endoftext|>"]
+    cache_dir = os.path.join(out, "judge_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    judge = common.get_judge(args.judge, train, cache_path=os.path.join(cache_dir, f"train_rank{d.rank}.jsonl"))
+    eval_judge = None
+    if test is not None:
+        eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
+            common.get_judge(args.eval_judge or args.judge, test,
+                             cache_path=os.path.join(cache_dir, f"eval_rank{d.rank}.jsonl"))
+    log = common.MetricsLog(out, args.wandb, vars(args))
+    timer = common.PhaseTimer()
+    text = PROMPTS[args.prompt]
+
+    # ---- auto-resume: the data order is a function of the step, so the step is the whole data position
+    start = 0
+    ckpt = common.latest_checkpoint(out)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, model, optimizer)["step"]
+        common.print0(f"resumed from {ckpt} at step {start}")
+    if args.eval_every and start == 0:
+        run_eval(args, model, proc, test, eval_judge, out, step=0, log=log)
+
+    for step in range(start, total_steps):
+        t_step = time.perf_counter()
+        # ---- rollout: this rank's images, G completions each (all G of an image on this rank)
+        batch = batch_for_step(len(train), step, args.rollout_prompts, args.seed)
+        mine = [train.examples[i] for i in batch[d.rank::world]]  # [prompts_per_rank]
+        with timer("encode"):
+            prompts = [common.encode_prompt(proc, ex.image, text) for ex in mine]
+        generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+        model.eval()
+        with timer("sample"), common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
+            rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                    repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch)
+        ids, mask = rollout.completion_ids, rollout.completion_mask  # [B, T], B = prompts_per_rank * G
+        row_prompts = rollout.row_prompts  # [B]
+
+        # ---- verifier labels and rewards, one group of G per image
+        with timer("judge"):
+            answers = answers_of(rollout.texts)  # [B]
+            truths = [ex.class_name for ex in mine for _ in range(G)]  # [B]
+            labels = judge_rollouts(judge, truths, answers)  # [B]
+        groups = [labels[i * G:(i + 1) * G] for i in range(len(mine))]
+        rewards = torch.tensor([r for grp in groups for r in REWARDS[args.reward](grp)]).view(-1, G)  # [P, G]
+        advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
+
+        # ---- old log-probs, once, before any update (mini-batches 2.. are off-policy); reference log-probs
+        with timer("logprobs"):
+            old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
+                                                  micro_batch=args.logprob_micro_batch)  # [B, T]
+            ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
+
+        # ---- update: --minibatches optimizer steps, each a global token mean over all ranks
+        model.train()
+        with timer("update"):
+            sums = update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp,
+                                 pad_id, first_opt_step=step * args.minibatches,
+                                 total_opt_steps=total_steps * args.minibatches)
+
+        # ---- log: rollout statistics summed over ranks, then the step's record
+        step_time = time.perf_counter() - t_step
+        record = step_metrics(labels, rewards, rollout, mask, sums, world, step_time)
+        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **timer.pop()})
+        log.log(record)
+        log_rollouts(out, step + 1, mine, answers, labels, groups, rewards, args.log_rollouts)
+        common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
+                      f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
+                      f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} kl {record['kl']:.4f} "
+                      f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
+
+        # ---- evaluation and checkpoints
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
+            with timer("checkpoint"):
+                common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
+
+    # ---- export: adapters merged into plain weights, a standard Hugging Face directory
+    common.export_hf(model, proc, os.path.join(out, "final"))
+    common.print0(f"final model: {os.path.join(out, 'final')}")
+    common.cleanup_distributed()
+
+
+def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict:
+    """Per-step scalars over all ranks: reward, share of each label, correctness (share of rollouts correct at any
+    level), specificity (specific or more specific among the correct ones), abstention, missing answers, judge
+    errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
+    counts = Counter(labels)
+    names = list(common.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
+    zero_std = float((rewards.std(1) == 0).sum()) if rewards.shape[1] > 1 else float(rewards.shape[0])
+    prompt_tokens = sum(len(p) for p in rollout.row_prompts)
+    local = [float(counts[n]) for n in names] + [
+        float(rewards.sum()), float(rewards.numel()), float(rewards.shape[0]), zero_std,
+        float(mask.sum()), float(rollout.truncated.sum()), float(prompt_tokens)]
+    local += [float(sums[k]) for k in ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")]
+    tot = common.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+    n_labels = len(names)
+    c = dict(zip(names, tot[:n_labels]))
+    (reward_sum, n_rollouts, n_groups, zero_std_groups, comp_tokens, truncated,
+     prompt_tok) = tot[n_labels:n_labels + 7]
+    pg, kl, clip, dual, ratio = tot[n_labels + 7:]
+    # the update visits every completion token once, so the loss sums divide by the tokens of the batch
+    correct = sum(c[n] for n in CORRECT)
+    rec = {f"share/{n}": c[n] / n_rollouts for n in names}
+    rec.update({
+        "reward": reward_sum / n_rollouts,
+        "correctness": correct / n_rollouts,
+        "specificity": (c["specific"] + c["more_specific"]) / correct if correct else 0.0,
+        "abstain_rate": c["abstain"] / n_rollouts,
+        "no_answer_rate": c[NO_ANSWER] / n_rollouts,
+        "judge_error_rate": c[JUDGE_ERROR] / n_rollouts,
+        "zero_std_groups": zero_std_groups / n_groups,
+        "pg_loss": pg / comp_tokens, "kl": kl / comp_tokens, "clip_frac": clip / comp_tokens,
+        "dual_clip_frac": dual / comp_tokens, "ratio_mean": ratio / comp_tokens,
+        "grad_norm": sums["grad_norm"],
+        "completion_tokens": comp_tokens / n_rollouts, "truncated": truncated / n_rollouts,
+        "tokens_per_s": (comp_tokens + prompt_tok) / step_time / world,
+    })
+    return rec
+
+
+def log_rollouts(out, step, mine, answers, labels, groups, rewards, k):
+    """Write k judged rollouts (spread over the groups of rank 0) with their group's best label and reward."""
+    if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
+        return
+    G = len(groups[0])
+    picks = [(i * G + j) for j in range(G) for i in range(len(groups))][:k]
+    with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
+        for r in picks:
+            i = r // G
+            f.write(json.dumps({"step": step, "image": mine[i].id, "truth": mine[i].class_name, "answer": answers[r],
+                                "label": labels[r], "group_best": best_label(groups[i]),
+                                "reward": float(rewards.view(-1)[r])}) + "\n")
+
+
+# =====================================================================================================================
+# ----- 10. evaluation, checkpoints, export -----
+# =====================================================================================================================
+
+def run_eval(args, model, proc, test, judge, out, step, log):
+    """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
+    of every label); collective: every rank takes part."""
+    import eval as evaluation
+    t0 = time.perf_counter()
+    model.eval()
+    res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
+                              max_new_tokens=args.eval_max_new_tokens,
+                              out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
+    scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+    log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
+    common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
+                  f"hm {res['hm']:.3f} ({time.perf_counter() - t0:.1f}s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
