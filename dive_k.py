@@ -239,7 +239,9 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
 def mine(model, processor, examples: list[common.Example], base_classes: list[str], kind: str, args, d: common.Dist,
          *, seed: int, drop_easy: bool = True, progress=None) -> list[dict]:
     """Sample K answers per image with the base-class list in the prompt and build each image's question.
-    One record per example (same order), with the counts behind it. Runs on the caller's shard of images."""
+    One record per example (same order), with the counts behind it. Runs on the caller's shard of images; under
+    FSDP2 the caller holds the gathered parameters (common.gathered_params), so that ranks with different numbers
+    of images never wait on each other."""
     records = []
     prompt_text = mine_prompt(kind, base_classes)
     for start in range(0, len(examples), args.mine_batch):
@@ -247,7 +249,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
         prompts = [common.encode_prompt(processor, ex.image, prompt_text) for ex in batch]
         # a seed per batch of images: a resumed mining run (same number of ranks) samples the same answers
         gen = torch.Generator().manual_seed(seed + start)
-        with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
+        with compute_ctx(args):
             ro = common.sample(model, processor, prompts, group_size=args.mine_samples,
                                max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
                                top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
@@ -282,7 +284,9 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
                       f"over {d.world_size} rank(s)")
         model.eval()
         bar = make_bar(d, total=len(mine_shard), desc="mining")
-        with open(os.path.join(out, f"mcq.part{d.rank}.jsonl"), "a") as f:
+        warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, base_classes))
+        with open(os.path.join(out, f"mcq.part{d.rank}.jsonl"), "a") as f, \
+                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
             for start in range(0, len(mine_shard), args.mine_batch):
                 chunk = mine_shard[start:start + args.mine_batch]
                 for rec in mine(model, processor, chunk, base_classes, train.kind, args, d,
@@ -449,6 +453,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
+def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float:
+    """What this rank divides its summed loss by, so that the gradient DDP / FSDP average over ranks is the mean
+    over the whole step: its number of completions (seq), or the step's token count over all ranks divided by the
+    number of ranks (token; all-reduced before any backward). mask: [B, T], this rank's completions."""
+    if loss_agg == "seq":
+        return float(mask.shape[0])
+    return common.global_token_count(mask) / world_size
+
+
 # ----- helpers used by the loop (precision, progress) -----
 
 def compute_ctx(args):
@@ -562,6 +575,7 @@ def main(argv=None):
     # ----- 5. stage 1: mining (offline), or the images to mine at every step (online) -----
     if args.online_mining:
         items = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "example": ex} for ex in train.examples]
+        warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, base_classes))
     else:
         items = mine_offline(model, processor, train, base_classes, args, d, out, log)
     if not items:
@@ -595,7 +609,7 @@ def main(argv=None):
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         online = {}
         if args.online_mining:  # options from the current policy (easy images kept, padded)
-            with timer("mining"):
+            with timer("mining"), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
                 mined = mine(model, processor, [it["example"] for it in batch], base_classes, train.kind, args, d,
                              seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + d.rank, drop_easy=False)
             batch = mined
@@ -629,8 +643,7 @@ def main(argv=None):
             ref_all = (common.completion_logprobs(ref_model, processor, row_prompts, ids, mask,
                                                   temperature=args.temperature, micro_batch=args.micro_batch)
                        if ref_model is not None else None)  # [B, T]
-        normalizer = (B if args.loss_agg == "seq"
-                      else common.global_token_count(mask) / d.world_size)  # see grpo_loss
+        normalizer = loss_normalizer(args.loss_agg, mask, d.world_size)  # see grpo_loss
         model.train()
         sums = Counter()
         with timer("update"):

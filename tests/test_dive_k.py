@@ -266,3 +266,10 @@ def test_toy_preset_fills_only_unset_flags_and_paper_defaults_elsewhere():
     assert (cub.min_pixels, cub.max_pixels) == (3136, 401408)
     with pytest.raises(SystemExit):
         dive_k.parse_args(["--data", "toy", "--group-size", "1"])
+
+
+def test_loss_normalizer_per_rank():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    assert dive_k.loss_normalizer("seq", mask, world_size=2) == 3.0  # completions on this rank
+    # token: all ranks' tokens of the step / world size (one process here: 6 / 1)
+    assert dive_k.loss_normalizer("token", mask, world_size=1) == 6.0
