@@ -195,12 +195,12 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
 
 
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
+    """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
+    are deprecated in transformers 5.x)."""
     ip = processor.image_processor
     if min_pixels is not None:
-        ip.min_pixels = min_pixels
         ip.size["shortest_edge"] = min_pixels
     if max_pixels is not None:
-        ip.max_pixels = max_pixels
         ip.size["longest_edge"] = max_pixels
 
 

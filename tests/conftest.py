@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny stand-in (built once per machine and cached), a torchrun launcher."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor) of the tiny stand-in on CPU, fp32, eval mode."""
+    model, proc = common.load_model("tiny", device=torch.device("cpu"))
+    model.eval()
+    return model, proc
+
+
+@pytest.fixture(scope="session")
+def toy_test():
+    return common.load_dataset("toy", "test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script_args, nproc=2, timeout=600, env=None, check=True):
+    """Run `python -m torch.distributed.run --nproc_per_node N ...` from the repo root; return the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + list(script_args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}")
+    return proc

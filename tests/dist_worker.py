@@ -1,0 +1,83 @@
+"""Worker for the distributed and resume tests (run under torchrun, or plain python for one process).
+
+  step  PARALLEL OUT : one SGD step of a policy-gradient loss on 4 fixed prompts, sharded over ranks; saves the
+                       parameters, samples on the wrapped model, exports an HF directory.
+  train PARALLEL OUT STEPS STOP : AdamW steps with random data drawn from the global RNG, a checkpoint every 2 steps,
+                       resuming from OUT if a checkpoint is there; exits after STOP steps (0 = never).
+"""
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+torch.set_num_threads(1)
+mode, parallel, out = sys.argv[1:4]
+d = common.init_distributed()
+model, proc = common.load_model("tiny", device=d.device)
+pad = common.special_token_ids(proc)["<|endoftext|>"]
+test = common.load_dataset("toy", "test")
+os.makedirs(out, exist_ok=True)
+
+
+def policy_loss(wrapped, prompts, seeds):
+    """Per-prompt sampling with its own seed, so a prompt's completions do not depend on which rank holds it."""
+    rollouts = [common.sample(model, proc, [p], group_size=2, max_new_tokens=12, temperature=1.0,
+                              generator=torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds)]
+    ro = common.concat_rollouts(rollouts, pad)
+    inputs = common.scoring_inputs(wrapped, ro.row_prompts, ro.completion_ids, ro.completion_mask, pad, d.device)
+    logp = common.forward_logprobs(wrapped, inputs, ro.completion_ids)  # [B, T]
+    adv = torch.tensor([1.0, -0.5] * len(prompts))  # [B]
+    mask = ro.completion_mask.float()
+    return -((logp * mask).sum(1) / mask.sum(1) * adv).mean()
+
+
+if mode == "step":
+    exs = test.examples[:4]
+    mine = list(range(d.rank, 4, d.world_size))
+    prompts = [common.encode_prompt(proc, exs[i].image, "Classify the image.") for i in mine]
+    wrapped = common.wrap_model(model, d, parallel)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    loss = policy_loss(wrapped, prompts, mine)
+    loss.backward()
+    opt.step()
+    sd = common.full_state_dict(wrapped)
+    if d.is_main:
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "params.safetensors"))
+    # sampling on the wrapped (possibly sharded) model: parameters gathered once for the whole rollout
+    with common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, proc, prompts[0])):
+        ro = common.sample(wrapped, proc, prompts, group_size=3, max_new_tokens=10, temperature=1.0)
+    assert ro.completion_ids.shape[0] == 3 * len(prompts)
+    # the sharded model still trains after sampling
+    loss = policy_loss(wrapped, prompts, mine)
+    loss.backward()
+    common.export_hf(wrapped, proc, os.path.join(out, "export"))
+    if d.is_main:
+        open(os.path.join(out, "ok"), "w").write("ok")
+elif mode == "train":
+    total, stop = int(sys.argv[4]), int(sys.argv[5])
+    wrapped = common.wrap_model(model, d, parallel)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+    start = 0
+    ckpt = common.latest_checkpoint(out)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, wrapped, opt)["step"]
+    prompts_all = [common.encode_prompt(proc, e.image, "Classify the image.") for e in test.examples[:8]]
+    for step in range(start, total):
+        pick = torch.randint(0, 8, (2,)).tolist()  # the global RNG drives the data: restoring it matters
+        seed = int(torch.randint(0, 10 ** 6, (1,)))
+        loss = policy_loss(wrapped, [prompts_all[i] for i in pick], [seed + d.rank, seed + 7 + d.rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 2 == 0:
+            common.save_checkpoint(out, step + 1, wrapped, opt, {"note": "test"})
+        if stop and step + 1 == stop:
+            sys.exit(0)
+    sd = common.full_state_dict(wrapped)
+    if d.is_main:
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "final.safetensors"))
+common.cleanup_distributed()

@@ -1,0 +1,119 @@
+"""The rollout sampler and the log-prob function."""
+import torch
+from PIL import Image
+
+import common
+
+
+def _prompts(proc, exs, text=common.TINY_OPEN_PROMPTS[0]):
+    return [common.encode_prompt(proc, e.image, text) for e in exs]
+
+
+def test_sampled_logprobs_match_recomputed(tiny, toy_test):
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:3])
+    g = torch.Generator().manual_seed(0)
+    ro = common.sample(model, proc, prompts, group_size=4, max_new_tokens=24, temperature=0.9, generator=g)
+    assert ro.completion_ids.shape[0] == 12 and len(ro.texts) == 12
+    lp = common.completion_logprobs(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask,
+                                    temperature=0.9, micro_batch=5)
+    assert (lp - ro.logprobs).abs().max().item() < 1e-4
+    assert ro.completion_mask.sum() > 0
+
+
+def test_greedy_equals_hf_generate(tiny, toy_test):
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:2])
+    ro = common.sample(model, proc, prompts, group_size=1, max_new_tokens=30, temperature=0)
+    ids = common.special_token_ids(proc)
+    for i, p in enumerate(prompts):
+        inp = common.collate_prompts(model, [p], ids["<|endoftext|>"], "cpu")
+        inp.pop("position_ids")
+        out = model.generate(**inp, do_sample=False, max_new_tokens=30, eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                             pad_token_id=ids["<|endoftext|>"], suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]],
+                             repetition_penalty=1.0, top_k=None, top_p=None, temperature=None)
+        gen = out[0, inp["input_ids"].shape[1]:]
+        n = int(ro.completion_mask[i].sum())
+        assert gen[:n].tolist() == ro.completion_ids[i, :n].tolist()
+
+
+def test_mask_stops_at_first_eos():
+    tokens = torch.tensor([[5, 7, 2, 9, 2], [2, 3, 3, 3, 3], [4, 4, 4, 4, 4]])
+    assert common.completion_mask_from(tokens, [2, 99]).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_rollout_masks_and_truncation(tiny, toy_test):
+    model, proc = tiny
+    ids = common.special_token_ids(proc)
+    prompts = _prompts(proc, toy_test.examples[:2])
+    ro = common.sample(model, proc, prompts, group_size=3, max_new_tokens=6, temperature=1.0,
+                       generator=torch.Generator().manual_seed(1))
+    assert bool(ro.truncated.all())  # 6 tokens cannot hold a whole answer
+    ro = common.sample(model, proc, prompts, group_size=3, max_new_tokens=60, temperature=1.0,
+                       generator=torch.Generator().manual_seed(1))
+    eos = {ids["<|im_end|>"], ids["<|endoftext|>"]}
+    for row in range(6):
+        toks = ro.completion_ids[row].tolist()
+        n = int(ro.completion_mask[row].sum())
+        if not ro.truncated[row]:
+            assert toks[n - 1] in eos and not any(t in eos for t in toks[:n - 1])
+            assert all(t == ids["<|endoftext|>"] for t in toks[n:])
+
+
+def test_left_padding_matches_alone(tiny, toy_test):
+    """Prompts with different image sizes (so different lengths, left-padded together) score their completions the
+    same as each prompt alone."""
+    model, proc = tiny
+    common.set_pixel_budget(proc, 56 * 56, 224 * 224)
+    try:
+        im = common.open_image(toy_test.examples[0].image)
+        big = im.resize((168, 140))
+        small = im.resize((84, 56))
+        p_big = common.encode_prompt(proc, big, "Classify the image.")
+        p_small = common.encode_prompt(proc, small, "Classify the image.")
+        assert len(p_big) != len(p_small)
+        ro = common.sample(model, proc, [p_big, p_small], group_size=2, max_new_tokens=16, temperature=1.0,
+                           generator=torch.Generator().manual_seed(3))
+        both = common.completion_logprobs(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask)
+        for row, p in enumerate(ro.row_prompts):
+            alone = common.completion_logprobs(model, proc, [p], ro.completion_ids[row:row + 1],
+                                               ro.completion_mask[row:row + 1])
+            assert (alone[0] - both[row]).abs().max().item() < 1e-4
+        assert (both - ro.logprobs).abs().max().item() < 1e-4
+    finally:
+        common.set_pixel_budget(proc, 112 * 112, 112 * 112)
+
+
+def test_repetition_penalty_and_top_k_change_sampling(tiny, toy_test):
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:2])
+    base = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0, top_k=1,
+                         generator=torch.Generator().manual_seed(0))
+    greedy = common.sample(model, proc, prompts, group_size=1, max_new_tokens=20, temperature=0)
+    # top_k=1 sampling is greedy decoding
+    for i in range(2):
+        n = int(greedy.completion_mask[i].sum())
+        for j in range(4):
+            assert base.completion_ids[i * 4 + j, :n].tolist() == greedy.completion_ids[i, :n].tolist()
+    pen = common.sample(model, proc, prompts, group_size=1, max_new_tokens=20, temperature=0, repetition_penalty=5.0)
+    assert pen.completion_ids.tolist() != greedy.completion_ids[:, :pen.completion_ids.shape[1]].tolist()
+
+
+def test_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = common.sampling_filter(logits, 0, 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = common.sampling_filter(logits, 3, 1.0).isfinite()
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_token_logprobs_chunked_grad_matches_plain():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 7))
+    a = common.token_logprobs(logits, targets, temperature=0.7, chunk=3)
+    b = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(a, b, atol=1e-6)
+    ga, = torch.autograd.grad(a.sum(), logits)
+    gb, = torch.autograd.grad(b.sum(), logits)
+    assert torch.allclose(ga, gb, atol=1e-6)
