@@ -271,7 +271,8 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
     centred = rewards - rewards.mean(1, keepdim=True)  # [P, G]
     if norm == "none":
         return centred
-    return centred / (rewards.std(1, keepdim=True) + eps)  # [P, G]
+    std = rewards.std(1, keepdim=True).nan_to_num(0.0)  # [P, 1] (nan for G = 1)
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
 
 
 # =====================================================================================================================
@@ -444,14 +445,12 @@ def main(argv=None):
     # ---- models, verifier, logging
     model, proc, optimizer, ref = build_models(args, d)
     pad_id = common.special_token_ids(proc)["<|endoftext|>"]
-    cache_dir = os.path.join(out, "judge_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    judge = common.get_judge(args.judge, train, cache_path=os.path.join(cache_dir, f"train_rank{d.rank}.jsonl"))
+    # one append-only cache file per run, shared by the ranks (the judge writes whole lines atomically)
+    judge = common.get_judge(args.judge, train, cache_path=os.path.join(out, "judge_cache.jsonl"))
     eval_judge = None
     if test is not None:
         eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
-            common.get_judge(args.eval_judge or args.judge, test,
-                             cache_path=os.path.join(cache_dir, f"eval_rank{d.rank}.jsonl"))
+            common.get_judge(args.eval_judge or args.judge, test, cache_path=os.path.join(out, "judge_cache.jsonl"))
     log = common.MetricsLog(out, args.wandb, vars(args))
     timer = common.PhaseTimer()
     text = PROMPTS[args.prompt]
@@ -590,7 +589,7 @@ def run_eval(args, model, proc, test, judge, out, step, log):
     t0 = time.perf_counter()
     model.eval()
     res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                              max_new_tokens=args.eval_max_new_tokens,
+                              max_new_tokens=args.eval_max_new_tokens, be_specific=args.prompt == "specific",
                               out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
