@@ -1353,7 +1353,10 @@ class RulesJudge(Judge):
         self.name = f"rules-v1:{dataset.name}"
         super().__init__(dataset, cache_path)
         ds = dataset
-        self.generic_words = sorted({_canon(w) for w in [ds.kind, *ds.generic] if w}, key=len, reverse=True)
+        self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
+        # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
+        self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in ds.hierarchy.values() if c},
+                                 key=len, reverse=True)
         # synonym groups (symmetric): canon name -> every canon name of the same thing
         self.groups: dict[str, set[str]] = {}
         for name, others in ds.synonyms.items():
@@ -1379,7 +1382,7 @@ class RulesJudge(Judge):
         return self.groups.get(c, {c})
 
     def _strip_kind(self, text: str) -> str:
-        for g in self.generic_words:
+        for g in self.kind_words:
             if text.endswith(" " + g):
                 return text[: -len(g) - 1]
         return text
@@ -1647,21 +1650,83 @@ def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
+_PREALLOCATED_LAYER = None
+
+
+def preallocated_kv_layer():
+    """The cache-layer class used by the sampler's decode (built once; needs transformers imported)."""
+    global _PREALLOCATED_LAYER
+    if _PREALLOCATED_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class PreallocatedLayer(DynamicLayer):
+            """Trick "preallocated KV cache": a DynamicLayer whose keys and values live in buffers with room for the
+            whole rollout. The stock layer appends with torch.cat, which copies the whole cache on every decode
+            step (a second full read + write of the KV on top of attention's read); this one writes the new position
+            in place and hands attention a view of the filled part, i.e. exactly the tensors the stock layer gives.
+            It is built from the prefill's cache of P prompts and holds each prompt's rows G times."""
+
+            def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+                super().__init__()
+                P, H, L, _ = keys.shape  # [P, kv_heads, prompt width, head_dim]
+                self.buffers = []
+                for t in (keys, values):
+                    buf = t.new_empty((P * repeats, H, capacity, t.shape[-1]))  # [P*G, H, capacity, D]
+                    buf.view(P, repeats, H, capacity, -1)[:, :, :, :L] = t[:, None]  # row p*G+g <- prompt p
+                    self.buffers.append(buf)
+                self.length = L
+                self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+                self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                n = key_states.shape[-2]
+                self.buffers[0][:, :, self.length:self.length + n] = key_states
+                self.buffers[1][:, :, self.length:self.length + n] = value_states
+                self.length += n
+                self.keys, self.values = (buf[:, :, :self.length] for buf in self.buffers)
+                return self.keys, self.values
+
+        _PREALLOCATED_LAYER = PreallocatedLayer
+    return _PREALLOCATED_LAYER
+
+
+def expand_cache(cache, repeats: int, capacity: int):
+    """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
+    in preallocated buffers of `capacity` positions (plain DynamicLayers). Other layer kinds (e.g. sliding-window)
+    fall back to transformers' own `batch_repeat_interleave`."""
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.batch_repeat_interleave(repeats)
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.keys is not None and layer.keys.numel():
+            layers[i] = preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity)
+        elif repeats > 1:
+            layer.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None) -> Rollout:
     """Draw `group_size` completions for every prompt. temperature 0 = greedy.
 
-    Speed tricks, each exact:
-      * prefill once per prompt: the image is encoded and the prompt's KV cache built once, then the cache rows are
-        repeated G times (`batch_repeat_interleave`), instead of prefilling G copies of a long image prompt;
+    Speed tricks, each exact (the tokens are those of HF `generate` under the same settings):
+      * prefill once per prompt: the image is encoded and the prompt's KV cache built once, then each prompt's cache
+        rows are copied G times into the decode cache, instead of prefilling G copies of a long image prompt;
+      * preallocated buffers: the KV cache (see `preallocated_kv_layer`), the attention mask (one [B, Lp+T] tensor,
+        sliced per step), the output tokens and log-probs; nothing grows by concatenation inside the loop;
       * one batched decode over all prompts x samples, with explicit M-RoPE positions (next position = the prompt's
         largest position + 1 + step), so no per-step position bookkeeping inside the model;
+      * light per-step sampling math: one log-sum-exp per row for the recorded log-probs (no [B, V] log-softmax
+        kept), the full-vocabulary sort only when top_p < 1, no processor or tokenizer call inside the loop;
       * stop as soon as every row has produced an EOS.
     Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
     pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
     i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
+    `Rollout.stats` holds the prefill and decode wall times and the number of decode steps.
     """
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
@@ -1674,18 +1739,19 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
     suppress = [ids["<|image_pad|>"], ids["<|video_pad|>"]]
     device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     batch = collate_prompts(model, prompts, pad_id, device)
     G = group_size
+    Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
     out = model(**batch, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1].float()  # [P, V]
-    if G > 1:
-        cache.batch_repeat_interleave(G)  # [P, ...] -> [P*G, ...]: the prompt's KV is shared, not recomputed
-        logits = logits.repeat_interleave(G, 0)  # [P*G, V]
-    attention_mask = batch["attention_mask"].repeat_interleave(G, 0)  # [B, Lp]
-    next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
+    cache = expand_cache(out.past_key_values, G, Lp + max_new_tokens)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # [B, V], B = P*G
     B, V = logits.shape
+    attention_mask = torch.ones((B, Lp + max_new_tokens), dtype=torch.long, device=device)  # [B, Lp+T] preallocated
+    attention_mask[:, :Lp] = batch["attention_mask"].repeat_interleave(G, 0)
+    next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
     if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
         seen = torch.zeros((B, V), dtype=torch.bool, device=device)
@@ -1694,39 +1760,44 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, device=device)
+    inv_t = 1.0 / temperature if temperature > 0 else 1.0
+    sync()
+    t1 = time.perf_counter()
     steps = 0
     for step in range(max_new_tokens):
-        scaled = logits / (temperature if temperature > 0 else 1.0)  # [B, V]
-        logp_all = scaled.log_softmax(-1)  # [B, V] the policy's distribution (recorded log-probs)
-        pick = scaled.clone()
-        pick[:, suppress] = float("-inf")
+        scores = logits * inv_t  # [B, V] temperature-scaled logits (a fresh tensor: edited in place below)
+        lse = scores.logsumexp(-1)  # [B] normaliser of the policy's distribution (for the recorded log-probs)
+        scores[:, suppress] = float("-inf")
         if seen is not None:
-            pick = torch.where(seen, torch.where(pick > 0, pick / repetition_penalty, pick * repetition_penalty), pick)
+            scores = torch.where(seen, torch.where(scores > 0, scores / repetition_penalty,
+                                                   scores * repetition_penalty), scores)
         if temperature > 0:
-            pick = sampling_filter(pick, top_k, top_p)
-            nxt = torch.multinomial(pick.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+            scores = sampling_filter(scores, top_k, top_p)
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
         else:
-            nxt = pick.argmax(-1)  # [B]
+            nxt = scores.argmax(-1)  # [B]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens[:, step] = nxt
-        token_logps[:, step] = logp_all.gather(1, nxt[:, None]).squeeze(1)
+        token_logps[:, step] = logits.gather(1, nxt[:, None]).squeeze(1) * inv_t - lse  # log softmax(logits/T)[nxt]
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         finished |= torch.isin(nxt, eos)
         steps = step + 1
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = F.pad(attention_mask, (0, 1), value=1)  # [B, L+1] (tokens after an EOS are masked when scored)
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
-        out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
+        # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
+        out = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
+                    past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()  # [B, V]
+    sync()
+    stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
     tokens, token_logps = tokens[:, :steps], token_logps[:, :steps]
     mask = completion_mask_from(tokens, eos_ids)
     truncated = ~torch.isin(tokens, eos).any(1)
     token_logps = token_logps * mask
     texts = processor.tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad_id).tolist(), skip_special_tokens=True)
-    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), truncated.cpu(), texts)
+    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), truncated.cpu(), texts, stats)
 
 
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
@@ -1748,7 +1819,8 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    torch.cat([pad(r.completion_ids, pad_id) for r in parts]),
                    torch.cat([pad(r.completion_mask, 0) for r in parts]),
                    torch.cat([pad(r.logprobs, 0.0) for r in parts]),
-                   torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts])
+                   torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts],
+                   {k: sum(r.stats.get(k, 0) for r in parts) for k in parts[0].stats})  # times and steps add up
 
 
 # =====================================================================================================================
@@ -1791,14 +1863,53 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.cat(outs, 1)  # [B, T]
 
 
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    return _gather_logprobs(F.linear(hidden, weight, bias), targets, temperature)  # [b, t]
+
+
+def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
+                    chunk: int = 256) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions, the vocabulary projection done inside each
+    chunk and recomputed in the backward: no logits of the whole micro-batch exist, neither in the model's dtype nor in
+    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]."""
+    outs = []
+    for s in range(0, hidden.shape[1], chunk):
+        part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk])
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            outs.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *part, temperature, use_reentrant=False))
+        else:
+            outs.append(_head_logprobs(*part, temperature))
+    return torch.cat(outs, 1)  # [B, T]
+
+
+@contextlib.contextmanager
+def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float):
+    """Trick "no full logits": for one forward of the (wrapped) model, its `lm_head` returns the log-probs of
+    `targets` [B, T] from the last T+1 hidden states instead of [B, T+1, V] logits (see `hidden_logprobs`). The swap
+    is of `lm_head.forward` only, inside the model's own forward: parameters, DDP hooks and FSDP2's unshard /
+    reshard of the root module (which owns lm_head) see the projection exactly where they expect it."""
+    head = unwrap(model).lm_head
+
+    def scores(hidden):  # [B, T+1, hidden] -> [B, T]; the last position predicts past the completion
+        return hidden_logprobs(hidden[:, :-1], head, targets, temperature)
+    head.forward = scores
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
     """[B, T] log-probs of the completion tokens for one micro-batch (with grad if enabled). Runs the wrapped model
-    (so DDP / FSDP2 hooks fire) and asks it for logits of the last T+1 positions only (`logits_to_keep`): the prompt
-    positions, mostly image tokens, never reach the vocabulary projection."""
+    (so DDP / FSDP2 hooks fire). Only the last T+1 positions reach the vocabulary projection (`logits_to_keep`): the
+    prompt positions, mostly image tokens, never do; and the completion positions are projected and scored in chunks
+    without materialising their logits (`lm_head_returns_logprobs`)."""
     T = completion_ids.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # [B, T, V]
-    return token_logprobs(logits, completion_ids.to(logits.device), temperature)
+    targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
+    with lm_head_returns_logprobs(model, targets, temperature):
+        return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # [B, T] log-probs, not logits
 
 
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
