@@ -1,0 +1,408 @@
+"""
+bench.py: speed and memory of the three phases of a GRPO step on Qwen2.5-VL, in one run.
+
+  1. rollout   our sampler (common.sample: prefill once per prompt, KV shared by the group) against Hugging Face
+               `model.generate(num_return_sequences=G)` on the same prompts and the same sampling settings, as a
+               ratio; generated tokens per second; the decode step against the memory-bandwidth limit; and a check
+               that both give the same tokens under greedy decoding;
+  2. log-probs the no-grad scoring pass of the rollout (common.completion_logprobs), tokens per second and MFU;
+  3. update    forward + backward + AdamW step on the same rows (common.forward_logprobs on the wrapped model),
+               tokens per second, MFU and peak memory.
+Every figure is the median (and min, max) over --repeats timed runs after --warmup untimed ones. The run prints a
+markdown table, then ONE last line of JSON with every figure and every setting, so that runs can be compared.
+
+Launch lines:
+  python bench.py --model tiny                                     # CPU: 4 prompts of 256 image tokens, G=8, 32 tokens
+  python bench.py --model qwen2.5-vl-3b-random --prompts 8 --new-tokens 256     # one GPU, bf16, random weights
+  python bench.py --model qwen2.5-vl-7b-random --prompts 4 --new-tokens 256
+  torchrun --nproc 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures are per GPU (rank 0)
+
+How the figures are defined
+  * tokens: real tokens only (no padding). Rollout tokens = generated completion tokens up to and including the
+    first EOS. Log-prob and update tokens = prompt tokens + completion tokens of every scored row.
+  * decode fraction of the bandwidth limit: a decode step must read every weight of the language model once (decoder
+    layers, final norm, lm_head; the vision tower and the embedding table are not read) plus the KV cache of every
+    row: bytes = weight bytes + sum over layers of 2 (K and V) x rows x kv_heads x head_dim x context x element size,
+    with the context averaged over the decode steps. limit time = bytes / copy bandwidth, where the copy bandwidth
+    is measured in this run: a large device-to-device copy moves 2 x size bytes (read + write) in the measured time.
+    fraction = limit time / measured decode step time (decode time of our sampler / decode steps; its prefill is
+    timed separately). On CPU the same numbers are printed but a tiny model is bound by Python overhead, not memory.
+  * FLOPs (the formula behind MFU), per row of L = prompt + completion tokens, C completion tokens, N image patches:
+        text    2 x P_layers x L  +  2 x n_layers x d_attn x L^2        (matmuls; causal attention QK^T and AV)
+        head    2 x d_model x vocab x C                                   (only completion positions are projected)
+        vision  2 x P_blocks x N  +  4 x d_vis x N x (N for full-attention blocks, min(N, window) for window blocks)
+                + 2 x P_patch_embed x N  +  2 x P_merger x N / 4
+    P_* are the parameter counts of those modules, counted from the model; d_attn = heads x head_dim. The vision
+    tower is counted once per scored row because the forward encodes each row's image. Forward = 1x, training =
+    3x (backward = 2x forward); recomputation under activation checkpointing is not counted (model FLOPs, not
+    hardware FLOPs). MFU = FLOPs / time / peak, with the dense bf16 peak of the device (989 TFLOP/s for H100 and
+    H200, 312 for A100; --peak-tflops overrides; on CPU it is only reported when --peak-tflops is given).
+  * peak memory: torch.cuda.max_memory_allocated per phase on GPU; the process's maximum resident set on CPU.
+  * the update pass trains the model in its loading dtype (bf16 parameters and AdamW states on GPU, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import common
+
+# ----- 1. setup ---------------------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and workload")
+    g.add_argument("--model", default="tiny", help="hub id, local directory, 'tiny', qwen2.5-vl-3b-random or "
+                   "qwen2.5-vl-7b-random (default %(default)s)")
+    g.add_argument("--prompts", type=int, default=4, help="prompts per rollout batch (default %(default)s)")
+    g.add_argument("--group-size", type=int, default=8, help="completions per prompt G (default %(default)s)")
+    g.add_argument("--image-size", type=int, default=448, help="square image side in pixels, a multiple of 28: "
+                   "(S/28)^2 image tokens, 448 -> 256 (default %(default)s)")
+    g.add_argument("--new-tokens", type=int, default=32, help="max new tokens per completion (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the timed rollouts "
+                   "(0 = greedy; default %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    g.add_argument("--micro-batch", type=int, default=None, help="rows per log-prob / update forward "
+                   "(default: the group size)")
+    g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the update pass")
+    g = p.add_argument_group("timing")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per phase (default %(default)s)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed runs per phase first (default %(default)s)")
+    g.add_argument("--phases", default="sample,generate,logprob,update",
+                   help="comma-separated subset of sample, generate, logprob, update (default: all)")
+    g.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device for MFU "
+                   "(default: from the GPU name: H100/H200 989, A100 312)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("system")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="wrapper under torchrun")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    g.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default: image-size^2)")
+    g.add_argument("--activation-checkpointing", type=int, default=None,
+                   help="recompute activations in the update's backward (default: on for GPU, off for CPU)")
+    args = p.parse_args(argv)
+    if args.image_size % 28:
+        p.error(f"--image-size {args.image_size}: must be a multiple of 28 (patch 14 x merge 2), e.g. 448")
+    args.phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    unknown = set(args.phases) - {"sample", "generate", "logprob", "update"}
+    if unknown:
+        p.error(f"--phases: unknown {sorted(unknown)}; choose from sample, generate, logprob, update")
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(result, seconds) of fn(), synchronised on GPU."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def repeat(fn, device, warmup, repeats):
+    """Run fn warmup times untimed, then repeats times timed; (last result, list of seconds)."""
+    for _ in range(warmup):
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        out, dt = timed(fn, device)
+        times.append(dt)
+    return out, times
+
+
+def stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kiB -> GiB, process-wide maximum
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted), the practical memory limit."""
+    n = (2 ** 28 if device.type == "cuda" else 2 ** 26)  # 1 GiB of fp32 on GPU, 256 MiB on CPU
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps = 10 if device.type == "cuda" else 3
+    _, dt = timed(lambda: [dst.copy_(src) for _ in range(reps)], device)
+    del src, dst
+    return 2 * n * 4 * reps / dt
+
+
+def device_peak_flops(device, override):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    common.print0(f"unknown GPU {name!r}: no MFU (pass --peak-tflops)")
+    return None
+
+
+# ----- 2. FLOP and byte counts ------------------------------------------------------------------------------------
+
+def numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_shape(model) -> dict:
+    """Parameter counts and sizes for the FLOP and byte formulas (see the header docstring)."""
+    hf = common.unwrap(model)
+    tc, vc = hf.config.text_config, hf.config.vision_config
+    lm, vis = hf.model.language_model, hf.model.visual
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    window = (vc.window_size // vc.patch_size) ** 2  # patches per attention window (112 px / 14 px = 8 x 8)
+    return dict(
+        layers_params=numel(lm.layers), norm_params=numel(lm.norm), head_params=hf.lm_head.weight.numel(),
+        n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, d_attn=tc.num_attention_heads * head_dim,
+        kv_dim=tc.num_key_value_heads * head_dim, vocab=tc.vocab_size,
+        blocks_params=numel(vis.blocks), patch_params=numel(vis.patch_embed), merger_params=numel(vis.merger),
+        d_vis=vc.hidden_size, n_blocks=vc.depth, n_full=len(vc.fullatt_block_indexes), window=window,
+        total_params=numel(hf))
+
+
+def forward_flops(shape: dict, rows: list[tuple[int, int, int]]) -> float:
+    """Model FLOPs of one forward over rows of (prompt tokens, completion tokens, image patches)."""
+    s = shape
+    total = 0.0
+    for prompt_len, comp_len, patches in rows:
+        L = prompt_len + comp_len
+        total += 2 * s["layers_params"] * L + 2 * s["n_layers"] * s["d_attn"] * L * L
+        total += 2 * s["d_model"] * s["vocab"] * comp_len
+        N = patches
+        attn = s["n_full"] * N + (s["n_blocks"] - s["n_full"]) * min(N, s["window"])
+        total += 2 * s["blocks_params"] * N + 4 * s["d_vis"] * N * attn
+        total += 2 * s["patch_params"] * N + 2 * s["merger_params"] * N / 4
+    return total
+
+
+def decode_bytes_per_step(shape: dict, rows: int, mean_context: float, elsize: int) -> float:
+    """Bytes one decode step must read: the language model's weights once, and every row's K and V cache."""
+    weights = (shape["layers_params"] + shape["norm_params"] + shape["head_params"]) * elsize
+    kv = shape["n_layers"] * 2 * rows * shape["kv_dim"] * mean_context * elsize
+    return weights + kv
+
+
+# ----- 3. the bench -----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = common.init_distributed()
+    device = d.device
+    common.seed_everything(args.seed)
+    ac = args.activation_checkpointing if args.activation_checkpointing is not None else int(device.type == "cuda")
+    max_pixels = args.max_pixels or args.image_size ** 2
+    model, proc = common.load_model(args.model, device=device, dtype=args.dtype, attn=args.attn,
+                                    min_pixels=min(3136, max_pixels), max_pixels=max_pixels)
+    common.set_pixel_budget(proc, min(3136, max_pixels), max_pixels)
+    model.eval()
+    param_dtype = next(model.parameters()).dtype
+    wrapped = common.wrap_model(model, d, args.parallel, activation_checkpointing=bool(ac), param_dtype=param_dtype)
+    ids = common.special_token_ids(proc)
+    pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    G, T = args.group_size, args.new_tokens
+    micro = args.micro_batch or G
+    shape = model_shape(model)
+
+    # prompts: toy test images resized to image-size x image-size, the tiny model's classification prompt
+    toy = common.load_dataset("toy", "test")
+    images = [common.open_image(e.image).resize((args.image_size, args.image_size)) for e in toy.examples]
+    prompts = [common.encode_prompt(proc, images[i % len(images)], common.TINY_OPEN_PROMPTS[0])
+               for i in range(args.prompts)]
+    image_tokens = int((prompts[0].mm_token_type_ids == 1).sum())
+    patches = [int(p.image_grid_thw.prod()) for p in prompts]
+
+    bandwidth = copy_bandwidth(device)
+    peak = device_peak_flops(device, args.peak_tflops)
+    fig: dict = {"copy_bandwidth_GBps": bandwidth / 1e9, "image_tokens": image_tokens,
+                 "prompt_tokens": len(prompts[0]), "params": shape["total_params"]}
+    # sampling on a sharded model: gather the parameters once for the whole rollout phase (no-op otherwise)
+    gather = lambda: common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, proc, prompts[0]))  # noqa: E731
+    knobs = dict(temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0)
+
+    # --- rollout, ours
+    rollout = None
+    if "sample" in args.phases or "logprob" in args.phases or "update" in args.phases:
+        gen = torch.Generator(device=device)
+
+        def ours():
+            with gather():
+                return common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, generator=gen, **knobs)
+        gen.manual_seed(args.seed)
+        reset_peak(device)
+        runs = []
+        rollout, times = repeat(lambda: runs.append(ours()) or runs[-1], device, args.warmup, args.repeats)
+        runs = runs[args.warmup:]
+        tokens = [int(r.completion_mask.sum()) for r in runs]
+        fig["sample_s"] = stats(times)
+        fig["sample_tok_s"] = stats([n / t for n, t in zip(tokens, times)])
+        fig["sample_tokens"] = statistics.median(tokens)
+        fig["sample_peak_GiB"] = peak_gib(device)
+        st = [r.stats for r in runs if getattr(r, "stats", None)]
+        if st:
+            steps = [s["decode_steps"] for s in st]
+            step_s = [s["decode_s"] / max(1, s["decode_steps"]) for s in st]
+            fig["prefill_s"] = stats([s["prefill_s"] for s in st])
+            fig["decode_step_ms"] = stats([1e3 * x for x in step_s])
+            width = max(len(p) for p in prompts)
+            mean_ctx = width + (statistics.median(steps) + 1) / 2
+            elsize = torch.finfo(param_dtype).bits // 8
+            step_bytes = decode_bytes_per_step(shape, len(prompts) * G, mean_ctx, elsize)
+            fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
+            fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
+
+    # --- rollout, Hugging Face generate with the same inputs and knobs; and the greedy identity check
+    if "generate" in args.phases:
+        hf = common.unwrap(wrapped)
+        inputs = common.collate_prompts(hf, prompts, pad_id, device)
+        inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
+        hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
+                        suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
+
+        def hf_generate(greedy=False):
+            with gather():
+                if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
+                    return hf.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None,
+                                       **hf_knobs)
+                return hf.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                   top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
+
+        def completions(seqs):
+            comp = seqs[:, inputs["input_ids"].shape[1]:]
+            return comp, common.completion_mask_from(comp, eos_ids)
+        torch.manual_seed(args.seed)
+        reset_peak(device)
+        runs = []
+        _, times = repeat(lambda: runs.append(hf_generate()) or runs[-1], device, args.warmup, args.repeats)
+        tokens = [int(completions(s)[1].sum()) for s in runs[args.warmup:]]
+        fig["generate_s"] = stats(times)
+        fig["generate_tok_s"] = stats([n / t for n, t in zip(tokens, times)])
+        fig["generate_tokens"] = statistics.median(tokens)
+        fig["generate_peak_GiB"] = peak_gib(device)
+        if "sample_s" in fig:
+            fig["speedup_time"] = fig["generate_s"]["median"] / fig["sample_s"]["median"]
+            fig["speedup_tok_s"] = fig["sample_tok_s"]["median"] / fig["generate_tok_s"]["median"]
+        # greedy: every one of our G rows of prompt i must equal generate's greedy completion of prompt i
+        with gather():
+            ours_greedy = common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, temperature=0)
+        comp, mask = completions(hf_generate(greedy=True))
+        same = True
+        for row in range(len(prompts) * G):
+            n_hf, n_ours = int(mask[row // G].sum()), int(ours_greedy.completion_mask[row].sum())
+            same &= n_hf == n_ours and comp[row // G, :n_hf].tolist() == ours_greedy.completion_ids[row, :n_ours].tolist()
+        fig["greedy_identical"] = bool(same)
+        fig["greedy_tokens"] = int(ours_greedy.completion_mask.sum())
+
+    # rows to score: the last timed rollout of ours
+    if rollout is not None and ("logprob" in args.phases or "update" in args.phases):
+        row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
+        rows = [(len(p), int(comp_mask[r].sum()), patches[r // G]) for r, p in enumerate(row_prompts)]
+        score_tokens = sum(a + b for a, b, _ in rows)
+        fwd_flops = forward_flops(shape, rows)
+        fig["score_tokens"] = score_tokens
+        temperature = args.temperature or 1.0
+
+        # --- log-prob pass (no grad)
+        if "logprob" in args.phases:
+            reset_peak(device)
+            _, times = repeat(lambda: common.completion_logprobs(wrapped, proc, row_prompts, comp_ids, comp_mask,
+                                                                 temperature=temperature, micro_batch=micro),
+                              device, args.warmup, args.repeats)
+            fig["logprob_s"] = stats(times)
+            fig["logprob_tok_s"] = stats([score_tokens / t for t in times])
+            fig["logprob_TFLOPs"] = fwd_flops / 1e12
+            fig["logprob_mfu"] = fwd_flops / statistics.median(times) / peak if peak else None
+            fig["logprob_peak_GiB"] = peak_gib(device)
+
+        # --- update pass: forward + backward + AdamW, micro-batched, one optimizer step per run
+        if "update" in args.phases:
+            model.train()
+            opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, fused=device.type == "cuda")
+            advantages = torch.randn(len(row_prompts), generator=torch.Generator().manual_seed(args.seed))  # [B]
+            n_micro = (len(row_prompts) + micro - 1) // micro
+
+            def update():
+                opt.zero_grad(set_to_none=True)
+                for k, s in enumerate(range(0, len(row_prompts), micro)):
+                    sl = slice(s, s + micro)
+                    last = k == n_micro - 1
+                    # gradient all-reduce only on the last micro-batch (DDP no_sync / FSDP2 requires_gradient_sync)
+                    no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
+                    if hasattr(wrapped, "set_requires_gradient_sync"):
+                        wrapped.set_requires_gradient_sync(last)
+                    with no_sync:
+                        inputs = common.scoring_inputs(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
+                                                       device)
+                        logp = common.forward_logprobs(wrapped, inputs, comp_ids[sl], temperature)  # [b, T]
+                        mask = comp_mask[sl].to(logp.device).float()  # [b, T]
+                        adv = advantages[sl].to(logp.device)  # [b]
+                        loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * adv).sum() / len(row_prompts)
+                        loss.backward()
+                opt.step()
+            reset_peak(device)
+            _, times = repeat(update, device, args.warmup, args.repeats)
+            model.eval()
+            fig["update_s"] = stats(times)
+            fig["update_tok_s"] = stats([score_tokens / t for t in times])
+            fig["update_TFLOPs"] = 3 * fwd_flops / 1e12
+            fig["update_mfu"] = 3 * fwd_flops / statistics.median(times) / peak if peak else None
+            fig["update_peak_GiB"] = peak_gib(device)
+
+    # ----- 4. report ----------------------------------------------------------------------------------------------
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(micro_batch=micro, activation_checkpointing=ac, dtype=str(param_dtype).replace("torch.", ""),
+                    world_size=d.world_size, torch=torch.__version__, transformers=__import__("transformers").__version__)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    settings["device"] = f"{dev_name} x{d.world_size}" if d.world_size > 1 else dev_name
+    result = {"settings": settings, "figures": fig}
+    common.print0(markdown(fig, settings))
+    common.print0(json.dumps(result))
+    common.cleanup_distributed()
+    return result
+
+
+def markdown(fig: dict, settings: dict) -> str:
+    """The table: one row per figure, median / min / max where repeated."""
+    head = (f"bench.py on {settings['device']}: model {settings['model']}, {settings['prompts']} prompts x G="
+            f"{settings['group_size']}, {fig['prompt_tokens']} prompt tokens ({fig['image_tokens']} image), "
+            f"{settings['new_tokens']} new tokens, T={settings['temperature']}, top_p={settings['top_p']}, "
+            f"{settings['dtype']}, repeats {settings['repeats']} after {settings['warmup']} warm-up")
+    lines = [head, "", "| figure | median | min | max |", "|---|---|---|---|"]
+    for k, v in fig.items():
+        if isinstance(v, dict):
+            lines.append(f"| {k} | {v['median']:.4g} | {v['min']:.4g} | {v['max']:.4g} |")
+        elif isinstance(v, float):
+            lines.append(f"| {k} | {v:.4g} | | |")
+        else:
+            lines.append(f"| {k} | {v} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
