@@ -151,6 +151,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
     g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
+    g.add_argument("--eval-batch", type=int, default=8, help="images per eval sampling call (memory knob)")
+    g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
     g.add_argument("--log-completions", type=int, default=2, help="sampled completions written to metrics.jsonl "
                    "per step, with their rewards")
@@ -505,13 +508,15 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
         with compute_ctx(args):
             res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                    samples=args.eval_samples, out_dir=os.path.join(out, "eval", f"step_{step:07d}",
-                                                                                     group), progress=False)
+                                    samples=args.eval_samples, micro_batch=args.eval_batch, progress=False,
+                                    out_dir=os.path.join(out, "eval", f"step_{step:07d}", group))
         result[f"eval/{group}/accuracy"] = res["accuracy"]
+        result[f"eval/{group}/truth_in_options"] = res["truth_in_options"]  # step 1's ceiling for step 2
+        result[f"eval/{group}/format_ok"] = res["format_ok"]
     if "eval/base/accuracy" in result and "eval/novel/accuracy" in result:
         b, n = result["eval/base/accuracy"], result["eval/novel/accuracy"]
         result["eval/hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
-    common.print0(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    common.print0(f"eval at step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.items()))
     return result
 
 
@@ -597,7 +602,7 @@ def main(argv=None):
 
     # ----- 10. update loop -----
     timer = common.PhaseTimer()
-    if eval_sets and start_step == 0:  # the starting model's accuracy, the baseline of the run
+    if eval_sets and start_step == 0 and args.initial_eval:  # the starting model's accuracy: the run's baseline
         log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
     bar = make_bar(d, total=total_steps, initial=start_step, desc="grpo")
     for step in range(start_step, total_steps):

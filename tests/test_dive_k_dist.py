@@ -16,7 +16,9 @@ import common
 # 13 training images mined 3 at a time: 7 on rank 0, 6 on rank 1 (3 and 2 sampling calls: uneven on purpose)
 ARGS = ["dive_k.py", "--data", "toy", "--train-limit", "13", "--mine-batch", "3", "--mine-samples", "3",
         "--mine-max-new-tokens", "24", "--max-new-tokens", "24", "--group-size", "4", "--prompts-per-step", "4",
-        "--micro-batch", "3", "--beta", "0.04", "--loss-agg", "token", "--eval-every", "0", "--save-every", "1"]
+        "--micro-batch", "3", "--beta", "0.04", "--loss-agg", "token", "--save-every", "1",
+        "--eval-every", "2", "--eval-classes", "base,novel", "--eval-limit", "3", "--eval-samples", "2",
+        "--eval-max-new-tokens", "16"]
 
 
 def metrics(out):
@@ -51,8 +53,11 @@ def test_two_rank_run_mines_trains_logs_and_exports(runs, parallel, tiny):
     assert not [p for p in os.listdir(out) if p.startswith("mcq.part")]
     rec = metrics(out)
     assert rec[0]["event"] == "mining" and rec[0]["mining/images"] == 13
-    steps = [r for r in rec if r.get("step", 0) >= 1]
-    assert [r["step"] for r in steps] == [1, 2]
+    steps = [r for r in rec if r.get("step", 0) >= 1 and "reward" in r]
+    assert [r["step"] for r in steps if "reward" in r] == [1, 2]
+    evals = [r for r in rec if "eval/base/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2] and all("eval/novel/accuracy" in r and "eval/hm" in r for r in evals)
+    assert os.path.exists(os.path.join(out, "eval", "step_0000002", "novel", "predictions.jsonl"))
     for key in ("reward", "reward/format", "reward/mcq", "accuracy", "format_rate", "kl", "clip_frac",
                 "zero_std_frac", "completion_len", "truncation_rate", "lr", "grad_norm", "time/sampling",
                 "time/logprobs", "time/update", "tokens_per_s", "completions"):
@@ -72,6 +77,9 @@ def test_ddp_and_fsdp_agree_on_the_first_step(runs):
     # different reductions (all-reduce vs reduce-scatter of DTensor shards) and must still agree
     for key in ("reward", "accuracy", "completion_len", "zero_std_frac"):
         assert a[key] == b[key], key
+    # two-step evaluation of the same starting model, sharded over the ranks, gives the same numbers
+    e_a, e_b = (next(r for r in metrics(runs[p]) if r.get("step") == 0 and "eval/hm" in r) for p in ("ddp", "fsdp"))
+    assert e_a == e_b
     for key in ("loss", "grad_norm"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
 
