@@ -219,11 +219,12 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                          generator=generator, **STEP1_SAMPLING)
     step2 = []
     for i, (rec, ex, _) in enumerate(live):
-        options, counts, failures = top_answers(roll.texts[i * samples:(i + 1) * samples])
+        texts = roll.texts[i * samples:(i + 1) * samples]
+        options, counts, failures = top_answers(texts)
         order = list(range(len(options)))
         rng_for(seed, ex, "two_step").shuffle(order)
-        rec.update(options=[options[j] for j in order], option_counts=[counts[j] for j in order],
-                   step1_parse_failures=failures,
+        rec.update(step1_answers=[common.parse_answer(t) for t in texts], options=[options[j] for j in order],
+                   option_counts=[counts[j] for j in order], step1_parse_failures=failures,
                    truth_in_options=any(common.normalize(o) == common.normalize(ex.class_name) for o in options))
         if options:
             question = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(rec["options"]))

@@ -1,0 +1,267 @@
+"""eval.py end to end on toy with the tiny stand-in, every protocol: metrics.json is checked against the numbers
+recomputed here from predictions.jsonl (answers re-parsed, labels re-judged). Plus the harness's helpers, skipping
+an unreadable image, and a 2-rank torchrun run (DDP and FSDP2) that must equal the single-process result.
+
+Run as a script under torchrun, this file is that 2-rank worker (see `worker` at the bottom)."""
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import eval as ev  # noqa: E402
+
+TOKENS = 48  # the stand-in's answers are ~25 tokens
+
+
+def read_out(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        doc = json.load(f)
+    with open(os.path.join(out, "predictions.jsonl")) as f:
+        preds = [json.loads(line) for line in f]
+    return doc, preds
+
+
+def assert_parsed(preds):
+    for p in preds:
+        assert p["answer"] == common.parse_answer(p["raw"]) and p["format_ok"] == common.format_ok(p["raw"])
+        assert p["parse_failure"] == (p["answer"] is None)
+
+
+def assert_label_metrics(metrics, labels):
+    """Shares, counts, accuracy, correctness, specificity, hm: recomputed by hand from the labels."""
+    n = len(labels)
+    correct = [lab in ("generic", "less_specific", "specific", "more_specific") for lab in labels]
+    specific = [lab in ("specific", "more_specific") for lab in labels]
+    assert metrics["n"] == n
+    assert metrics["accuracy"] == pytest.approx(sum(specific) / n)
+    assert metrics["correctness"] == pytest.approx(sum(correct) / n)
+    sp = sum(specific) / sum(correct) if sum(correct) else 0.0
+    assert metrics["specificity"] == pytest.approx(sp)
+    c = sum(correct) / n
+    assert metrics["hm"] == pytest.approx(2 * sp * c / (sp + c) if sp + c else 0.0)
+    for lab in common.JUDGE_LABELS:
+        assert metrics[f"count/{lab}"] == labels.count(lab)
+        assert metrics[f"share/{lab}"] == pytest.approx(labels.count(lab) / n)
+
+
+@pytest.fixture(scope="module")
+def toy24():
+    return common.load_dataset("toy", "test", limit=24, seed=1)
+
+
+# ----- helpers -----
+
+def test_prompts_keep_the_stand_in_phrasing():
+    # the tiny stand-in was pretrained on these phrasings; eval.py's wording must not drift from them
+    assert ev.OPEN_PROMPT == common.TINY_OPEN_PROMPTS[0]
+    assert ev.SPECIFIC_PROMPT == common.TINY_OPEN_PROMPTS[1]
+    assert ev.TWO_STEP_PROMPT == common.TINY_OPEN_PROMPTS[3]
+    assert ev.MCQ_PROMPT == common.TINY_MCQ_PROMPT
+
+
+def test_parse_choice_table():
+    opts = ["red plain circle", "blue striped square", "green plain triangle"]
+    table = [("B", 1), ("(C)", 2), ("A.", 0), ("C. green plain triangle", 2), ("B) blue", 1),
+             ("blue striped square", 1), ("Blue-striped square", 1), ("D", None), ("b", None), ("", None),
+             (None, None), ("A red circle", None), ("I think B", None)]
+    for answer, want in table:
+        assert ev.parse_choice(answer, opts) == want, answer
+
+
+def test_top_answers_and_options(toy24):
+    texts = [f"<think>x</think><answer>{a}</answer>" for a in
+             ["Red circle", "blue", "red circle", "green", "blue", "Red-Circle", "pink", "grey", "green"]]
+    texts += ["no answer", "<think>x</think><answer> </answer>"]
+    options, counts, failures = ev.top_answers(texts)
+    assert options == ["Red circle", "blue", "green", "pink", "grey"] and counts == [3, 2, 2, 1, 1]
+    assert failures == 1  # the empty answer is not an option but did parse
+    ds = common.load_dataset("toy", "test", classes="novel")
+    ex = ds.examples[0]
+    opts = ev.mcq_options(ex, ds, seed=3)
+    assert len(set(opts)) == 4 and ex.class_name in opts and set(opts) <= set(ds.split_class_names)
+    assert opts == ev.mcq_options(ex, ds, seed=3) and any(ev.mcq_options(ex, ds, seed=s) != opts for s in range(4, 9))
+    assert ev.harmonic(0.5, 0.25) == pytest.approx(1 / 3) and ev.harmonic(0, 0) == 0.0
+    table = ev.markdown_table({"base": {"accuracy": 0.5, "n": 4}, "novel": {"accuracy": 0.25, "n": 4}},
+                              {"accuracy": 1 / 3})
+    assert "| accuracy | 0.5000 | 0.2500 | 0.3333 |" in table and "| n | 4 | 4 |  |" in table
+
+
+# ----- end to end, every protocol -----
+
+def test_open(tiny, toy24, tmp_path):
+    model, proc = tiny
+    out = str(tmp_path / "open")
+    metrics = ev.evaluate(model, proc, toy24, "open", seed=0, max_new_tokens=TOKENS, out_dir=out, progress=False)
+    doc, preds = read_out(out)
+    assert doc["metrics"] == metrics and doc["protocol"] == "open" and doc["settings"]["judge"] == "rules-v1:toy"
+    assert [p["truth"] for p in preds] == [e.class_name for e in toy24.examples]
+    assert_parsed(preds)
+    judge = common.get_judge("rules", toy24)  # a fresh judge, no shared cache
+    for p in preds:
+        assert p["label"] == ("wrong" if p["parse_failure"] else judge.judge([(p["truth"], p["answer"])])[0])
+    assert_label_metrics(metrics, [p["label"] for p in preds])
+    norm = common.normalize
+    assert metrics["exact"] == pytest.approx(sum(norm(p["answer"] or "") == norm(p["truth"]) for p in preds) / 24)
+    assert metrics["substring"] == pytest.approx(
+        sum(bool(p["answer"]) and norm(p["truth"]) in norm(p["answer"]) for p in preds) / 24)
+    assert metrics["parse_failures"] == sum(p["parse_failure"] for p in preds)
+    assert metrics["format_ok"] == pytest.approx(sum(p["format_ok"] for p in preds) / 24)
+    assert metrics["skipped_images"] == 0 and len(set(p["label"] for p in preds)) >= 2
+
+
+def test_speciarl_best_of(tiny, toy24, tmp_path):
+    model, proc = tiny
+    ds = dataclasses.replace(toy24, examples=toy24.examples[:8])
+    out = str(tmp_path / "speciarl")
+    cache = str(tmp_path / "cache.jsonl")
+    judge = common.get_judge("rules", ds, cache_path=cache)
+    metrics = ev.evaluate(model, proc, ds, "speciarl", judge=judge, seed=0, max_new_tokens=TOKENS, best_of=3,
+                          out_dir=out, progress=False)
+    doc, preds = read_out(out)
+    assert doc["metrics"] == metrics and metrics["best_of"] == 3
+    assert doc["settings"]["sampling"] == {"temperature": 0.6, "top_p": 0.95}
+    fresh = common.get_judge("rules", ds)
+    for p in preds:
+        samples = p["samples"]
+        assert len(samples) == 3
+        ranks = []
+        for s in samples:
+            failed = s["answer"] is None
+            assert s["label"] == ("wrong" if failed else fresh.judge([(p["truth"], s["answer"])])[0])
+            ranks.append(ev.BEST_OF_ORDER.index("parse_failure" if failed else s["label"]))
+        best = max(range(3), key=lambda j: (ranks[j], -j))  # best label, first on ties
+        assert p["best_index"] == best and p["label"] == samples[best]["label"]
+        assert p["raw"] == samples[best]["raw"]
+    assert_label_metrics(metrics, [p["label"] for p in preds])
+    with open(cache) as f:  # the judge cache holds every distinct pair once
+        cached = [json.loads(line) for line in f]
+    assert len(cached) == len({(c["truth"], c["prediction"]) for c in cached}) == judge.judged
+
+
+def test_mcq_cli_base_novel(tmp_path, capsys):
+    out = str(tmp_path / "mcq")
+    res = ev.main(["--model", "tiny", "--data", "toy", "--protocol", "mcq", "--classes", "base+novel", "--limit", "8",
+                   "--max-new-tokens", str(TOKENS), "--out", out, "--no-progress", "--seed", "5"])
+    accs = {}
+    for half in ("base", "novel"):
+        doc, preds = read_out(os.path.join(out, half))
+        ds = common.load_dataset("toy", "test", classes=half)
+        assert len(preds) == 8 and doc["settings"]["model"] == "tiny" and doc["settings"]["seed"] == 5
+        assert_parsed(preds)
+        for p in preds:
+            opts = p["options"]
+            assert len(set(opts)) == 4 and p["truth"] in opts and set(opts) <= set(ds.split_class_names)
+            assert p["truth_letter"] == common.LETTERS[opts.index(p["truth"])]
+            choice = ev.parse_choice(p["answer"], opts)
+            assert p["letter"] == (None if choice is None else common.LETTERS[choice])
+            assert p["label"] == ("specific" if p["letter"] == p["truth_letter"] else "wrong")
+        correct = sum(p["letter"] == p["truth_letter"] for p in preds)
+        assert doc["metrics"]["accuracy"] == pytest.approx(correct / 8) and doc["metrics"]["correct"] == correct
+        assert doc["metrics"]["invalid_choices"] == sum(p["invalid_choice"] for p in preds)
+        accs[half] = correct / 8
+        assert res["results"][half] == doc["metrics"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        top = json.load(f)
+    b, n = accs["base"], accs["novel"]
+    assert top["hm"]["accuracy"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
+    assert top["base"]["accuracy"] == pytest.approx(b) and top["settings"]["classes"] == "base+novel"
+    printed = capsys.readouterr().out
+    assert "| metric | base | novel | HM |" in printed and f"| accuracy | {b:.4f} | {n:.4f} |" in printed
+
+
+def test_two_step(tiny, toy24, tmp_path):
+    model, proc = tiny
+    ds = dataclasses.replace(toy24, examples=toy24.examples[:8])
+    out = str(tmp_path / "two_step")
+    metrics = ev.evaluate(model, proc, ds, "two_step", seed=0, max_new_tokens=TOKENS, samples=6, out_dir=out,
+                          progress=False)
+    doc, preds = read_out(out)
+    assert doc["metrics"] == metrics and doc["settings"]["samples"] == 6
+    judge = common.get_judge("rules", ds)
+    for p in preds:
+        assert len(p["step1_answers"]) == 6
+        options, counts, failures = ev.top_answers(
+            [f"<answer>{a}</answer>" if a is not None else "" for a in p["step1_answers"]])
+        assert sorted(p["options"]) == sorted(options) and len(p["options"]) <= 5  # the top 5, shuffled
+        assert p["step1_parse_failures"] == failures
+        if not options:
+            assert p["no_candidates"] and p["label"] == "wrong"
+            continue
+        assert_parsed([p])
+        choice = ev.parse_choice(p["answer"], p["options"])
+        assert p["prediction"] == (None if choice is None else p["options"][choice])
+        want = "wrong" if p["prediction"] is None else judge.judge([(p["truth"], p["prediction"])])[0]
+        assert p["label"] == want
+        assert p["truth_in_options"] == any(common.normalize(o) == common.normalize(p["truth"]) for o in options)
+    assert_label_metrics(metrics, [p["label"] for p in preds])
+    assert metrics["truth_in_options"] == pytest.approx(sum(p["truth_in_options"] for p in preds) / 8)
+    assert any(len(p["options"]) > 1 for p in preds)  # step 1 really sampled several answers
+
+
+def test_unreadable_image_skipped_and_counted(tiny, toy24, tmp_path):
+    model, proc = tiny
+    bad = str(tmp_path / "bad.png")
+    with open(bad, "w") as f:
+        f.write("not a png")
+    exs = toy24.examples[:3] + [common.Example(bad, 0, toy24.class_names[0], "bad.png")]
+    ds = dataclasses.replace(toy24, examples=exs)  # the load-time check bypassed: the image breaks at encode time
+    metrics = ev.evaluate(model, proc, ds, "mcq", max_new_tokens=TOKENS, out_dir=str(tmp_path / "o"), progress=False)
+    assert metrics["n"] == 3 and metrics["skipped_images"] == 1
+    _, preds = read_out(str(tmp_path / "o"))
+    assert preds[3]["skipped"] and preds[3]["image"] == bad and len(preds) == 4
+
+
+def test_bad_protocol_and_best_of(tiny, toy24):
+    model, proc = tiny
+    with pytest.raises(SystemExit, match="--protocol"):
+        ev.evaluate(model, proc, toy24, "zero_shot")
+    with pytest.raises(SystemExit, match="--best-of applies"):
+        ev.evaluate(model, proc, toy24, "mcq", best_of=4)
+
+
+# ----- two ranks: DDP (open, shared judge cache) and FSDP2 (mcq) equal one process -----
+
+def test_two_ranks_equal_one_process(tiny, tmp_path):
+    from conftest import torchrun
+    model, proc = tiny
+    ds = common.load_dataset("toy", "test", limit=6, seed=2)
+    ref = {p: ev.evaluate(model, proc, ds, p, seed=0, max_new_tokens=TOKENS, micro_batch=1,
+                          out_dir=str(tmp_path / f"ref_{p}"), progress=False) for p in ("open", "mcq")}
+    out = str(tmp_path / "dist")
+    torchrun([os.path.abspath(__file__), out], nproc=2)
+    for p, parallel in (("open", "ddp"), ("mcq", "fsdp")):
+        per_rank = [json.load(open(os.path.join(out, f"{parallel}_rank{r}.json"))) for r in range(2)]
+        assert per_rank[0] == per_rank[1] == ref[p]  # every rank returns the same, equal to one process
+        _, preds = read_out(os.path.join(out, parallel))
+        _, ref_preds = read_out(str(tmp_path / f"ref_{p}"))
+        assert [(q["index"], q["raw"], q["label"]) for q in preds] == [(q["index"], q["raw"], q["label"])
+                                                                       for q in ref_preds]
+    with open(os.path.join(out, "cache.jsonl")) as f:  # both ranks appended to one judge cache: every line whole
+        lines = [json.loads(line) for line in f]
+    assert len(lines) >= 1 and all(rec["judge"] == "rules-v1:toy" for rec in lines)
+
+
+def worker(out):
+    """2-rank worker: evaluate `open` on a DDP-wrapped and `mcq` on an FSDP2-wrapped tiny model."""
+    import torch
+    torch.set_num_threads(1)
+    d = common.init_distributed()
+    ds = common.load_dataset("toy", "test", limit=6, seed=2)
+    os.makedirs(out, exist_ok=True)
+    for protocol, parallel in (("open", "ddp"), ("mcq", "fsdp")):
+        model, proc = common.load_model("tiny", device=d.device)
+        wrapped = common.wrap_model(model, d, parallel)
+        judge = common.get_judge("rules", ds, cache_path=os.path.join(out, "cache.jsonl"))
+        res = ev.evaluate(wrapped, proc, ds, protocol, judge=judge, seed=0, max_new_tokens=TOKENS, micro_batch=1,
+                          out_dir=os.path.join(out, parallel), progress=False)
+        with open(os.path.join(out, f"{parallel}_rank{d.rank}.json"), "w") as f:
+            json.dump(res, f)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
