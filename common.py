@@ -1110,7 +1110,10 @@ def drop_unreadable(ds: Dataset) -> Dataset:
     keep, bad = [], []
     for ex in ds.examples:
         reason = probe_image(ex.image)
-        (keep if reason is None else bad).append(ex if reason is None else (ex.image, reason))
+        if reason is None:
+            keep.append(ex)
+        else:
+            bad.append((ex.image, reason))
     if not bad:
         return ds
     skipped = Counter(reason for _, reason in bad)
@@ -2402,14 +2405,15 @@ class LoRALinear(torch.nn.Module):
     """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
     would vanish in bf16 weights of magnitude 1e-2) and their output is cast to the layer's dtype."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         device = base.weight.device
-        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        A = torch.empty(rank, base.in_features, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # the nn.Linear / peft initialisation
+        self.lora_A = torch.nn.Parameter(A.to(device))
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the usual nn.Linear / peft initialisation
         # the scale travels in the state dict, so a state dict can be merged without the module at hand
         self.register_buffer("lora_scale", torch.tensor(float(alpha) / rank))
         self.adapter_enabled = True
@@ -2422,11 +2426,13 @@ class LoRALinear(torch.nn.Module):
         return out + (F.linear(low, self.lora_B) * self.lora_scale).to(out.dtype)  # [..., out]
 
 
-def inject_lora(model, rank: int, alpha: float) -> list[str]:
+def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place) and freeze all
-    other parameters. Returns the names of the adapted layers. Call before wrap_model."""
+    other parameters. Returns the names of the adapted layers. Call before wrap_model. The adapters are drawn from
+    their own seeded generator, so every rank starts from the same adapters (FSDP2 does not broadcast them)."""
     hf = unwrap(model)
     hf.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     names = []
     layers = hf.model.language_model.layers
     for layer_idx, layer in enumerate(layers):
@@ -2434,7 +2440,7 @@ def inject_lora(model, rank: int, alpha: float) -> list[str]:
             if isinstance(module, torch.nn.Linear) and not isinstance(module, LoRALinear):
                 parent_name, _, child = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, LoRALinear(module, rank, alpha))
+                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
                 names.append(f"model.language_model.layers.{layer_idx}.{name}")
     if not names:
         raise ValueError("inject_lora: no nn.Linear found in model.model.language_model.layers")

@@ -141,8 +141,9 @@ def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS) -> tuple[list[str],
 # ----- 2. one protocol on this rank's images -----
 
 def _encode(processor, ex: common.Example, text: str):
+    """(prompt, image), or (None, None) when the image cannot be read (warned and counted by try_open_image)."""
     image = common.try_open_image(ex.image)
-    return None if image is None else common.encode_prompt(processor, image, text)
+    return (None, None) if image is None else (common.encode_prompt(processor, image, text), image)
 
 
 def _base_record(idx: int, ex: common.Example) -> dict:
@@ -168,25 +169,25 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         if protocol == "mcq":
             options = mcq_options(ex, dataset, seed)
             text = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(options))
-        p = _encode(processor, ex, text)
+        p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
         if p is None:
             rec["skipped"] = True
         else:
-            live.append((rec, ex, p))
+            live.append((rec, ex, p, image))
             if protocol == "mcq":
                 rec.update(options=options, truth_letter=common.LETTERS[options.index(ex.class_name)])
         records.append(rec)
     if not live:
         return records
-    prompts = [p for _, _, p in live]
+    prompts = [p for _, _, p, _ in live]
 
     if protocol in ("open", "speciarl"):
         n = best_of or 1
         sampling = BEST_OF_SAMPLING if best_of else dict(temperature=0.0)
         roll = common.sample(model, processor, prompts, group_size=n, max_new_tokens=max_new_tokens,
                              generator=generator, **sampling)
-        for i, (rec, ex, _) in enumerate(live):
+        for i, (rec, ex, _, _) in enumerate(live):
             cands = [_judged({}, raw) for raw in roll.texts[i * n:(i + 1) * n]]
             parsed = [c for c in cands if not c["parse_failure"]]  # a failed parse is wrong without asking the judge
             for c, lab in zip(parsed, judge.judge([(ex.class_name, c["answer"]) for c in parsed])):
@@ -205,7 +206,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     if protocol == "mcq":
         roll = common.sample(model, processor, prompts, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
                              generator=generator)
-        for (rec, ex, _), raw in zip(live, roll.texts):
+        for (rec, _, _, _), raw in zip(live, roll.texts):
             _judged(rec, raw)
             choice = parse_choice(rec["answer"], rec["options"])
             rec["letter"] = None if choice is None else common.LETTERS[choice]
@@ -218,7 +219,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     roll = common.sample(model, processor, prompts, group_size=samples, max_new_tokens=max_new_tokens,
                          generator=generator, **STEP1_SAMPLING)
     step2 = []
-    for i, (rec, ex, _) in enumerate(live):
+    for i, (rec, ex, _, image) in enumerate(live):
         texts = roll.texts[i * samples:(i + 1) * samples]
         options, counts, failures = top_answers(texts)
         order = list(range(len(options)))
@@ -228,23 +229,25 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                    truth_in_options=any(common.normalize(o) == common.normalize(ex.class_name) for o in options))
         if options:
             question = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(rec["options"]))
-            step2.append((rec, ex, _encode(processor, ex, question)))
+            step2.append((rec, common.encode_prompt(processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             rec.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
                        invalid_choice=False, label="wrong", no_candidates=True)
     if step2:
-        roll2 = common.sample(model, processor, [p for _, _, p in step2], group_size=1, max_new_tokens=max_new_tokens,
+        roll2 = common.sample(model, processor, [p for _, p in step2], group_size=1, max_new_tokens=max_new_tokens,
                               temperature=0.0, generator=generator)
-        for (rec, ex, _), raw in zip(step2, roll2.texts):
+        for (rec, _), raw in zip(step2, roll2.texts):
             _judged(rec, raw)
             choice = parse_choice(rec["answer"], rec["options"])
             rec["letter"] = None if choice is None else common.LETTERS[choice]
             rec["prediction"] = None if choice is None else rec["options"][choice]
             rec["invalid_choice"] = rec["answer"] is not None and choice is None
             rec["no_candidates"] = False
-        labels = judge.judge([(rec["truth"], rec["prediction"] or "") for rec, _, _ in step2])
-        for (rec, _, _), lab in zip(step2, labels):
-            rec["label"] = lab if rec["prediction"] is not None else "wrong"
+        chosen = [rec for rec, _ in step2 if rec["prediction"] is not None]  # no valid letter: wrong, not judged
+        for rec, lab in zip(chosen, judge.judge([(rec["truth"], rec["prediction"]) for rec in chosen])):
+            rec["label"] = lab
+        for rec, _ in step2:
+            rec.setdefault("label", "wrong")
     return records
 
 
@@ -351,7 +354,7 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
 
 def _warmup_prompt(processor, dataset):
     for ex in dataset.examples:
-        p = _encode(processor, ex, OPEN_PROMPT)
+        p, _ = _encode(processor, ex, OPEN_PROMPT)
         if p is not None:
             return p
     return None

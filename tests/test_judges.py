@@ -1,7 +1,6 @@
 """Answer parsing and the judges: a parser / format-check truth table, the rules judge against a truth table across
 datasets, label metrics by hand, the append-only cache, and the hf: judge on a tiny locally built causal LM."""
 import json
-import os
 
 import pytest
 import torch
