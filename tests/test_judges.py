@@ -57,6 +57,12 @@ def datasets(tmp_path_factory):
            "cub": common.load_dataset("cub", "test", root=fake.make_cub(str(root / "cub"))),
            "pets": common.load_dataset("pets", "test", root=fake.make_pets(str(root / "pets"))),
            "aircraft": common.load_dataset("aircraft", "test", root=fake.make_aircraft(str(root / "aircraft")))}
+    out["flowers"] = common.load_dataset("flowers", "test", root=fake.make_flowers(str(root / "flowers"), coop=True))
+    with open(root / "garden.json", "w") as f:  # a user's own data with a hierarchy and synonyms
+        json.dump({"classes": ["rose", "desert-rose", "yellow rose"], "kind": "flower",
+                   "hierarchy": {"yellow rose": ["rose", "flower"]},  # a class below another class
+                   "synonyms": {"desert-rose": ["Adenium obesum"]}, "test": []}, f)
+    out["json"] = common.read_json(str(root / "garden.json"), "test")
     try:
         out["cars"] = common.load_dataset("cars", "test", root=fake.make_cars(str(root / "cars")))
     except ImportError:  # scipy missing: the cars rows are skipped
@@ -111,6 +117,16 @@ RULES_TABLE = [  # dataset, ground truth, prediction, label
     ("aircraft", "A340-600", "airplane", "generic"),
     ("aircraft", "A340-600", "A340-500", "wrong"),
     ("aircraft", "A340-600", "707-320", "wrong"),
+    ("flowers", "barbeton daisy", "Barberton daisy", "specific"),  # the dataset's misspelling
+    ("flowers", "rose", "rose flower", "specific"),
+    ("flowers", "rose", "flowering plant", "generic"),
+    ("flowers", "sword lily", "lily", "wrong"),  # no hierarchy below 'flower' for Flowers102
+    ("json", "rose", "desert rose", "wrong"),  # another class that contains the truth's name
+    ("json", "desert-rose", "pink desert rose", "more_specific"),
+    ("json", "desert-rose", "Adenium obesum", "specific"),  # a scientific-name synonym
+    ("json", "yellow rose", "rose", "less_specific"),  # its parent, itself a class
+    ("json", "rose", "yellow rose", "more_specific"),  # a known descendant
+    ("json", "yellow rose", "Flower", "generic"),
     ("cars", "2012 Audi TTS Coupe", "Audi TTS Coupe 2012", "specific"),  # devkit word order
     ("cars", "2012 Audi TTS Coupe", "Audi TTS Coupe", "less_specific"),  # no year
     ("cars", "2012 Audi TTS Coupe", "Audi", "less_specific"),  # make
