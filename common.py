@@ -547,12 +547,10 @@ LAYOUTS = {
     "json": """a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):
   records {"image": path, "class_name": name, "split": "train"}   ("split" optional; paths relative to
   --data-root if given, else to the file's folder)
-  .json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, ...]},
+  .json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, grandparent, ...]},
   "synonyms": {name: [...]}, "train": [records], "val": [...], "test": [...]}
   class list: the "classes" key, else classes.txt next to the file (one name per line), else the sorted names""",
 }
-KINDS = {"cub": "bird", "flowers": "flower", "pets": "pet", "cars": "car", "aircraft": "aircraft", "dogs": "dog",
-         "food": "food"}
 GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer for every class of the dataset
     "cub": ["bird", "animal"], "flowers": ["flower", "plant", "flowering plant"], "pets": ["pet", "animal"],
     "cars": ["car", "vehicle", "automobile"], "dogs": ["dog", "animal", "canine"], "food": ["food", "dish", "meal"],
@@ -638,7 +636,8 @@ def _int(name: str, path: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"--data {name}: {path}: expected an integer, got {value!r}.\nExpected layout:\n{LAYOUTS[name]}")
+        raise SystemExit(f"--data {name}: {path}: expected an integer, got {value!r}.\n"
+                         f"Expected layout:\n{LAYOUTS[name]}")
 
 
 def load_mat(name: str, path: str) -> dict:
@@ -651,12 +650,14 @@ def load_mat(name: str, path: str) -> dict:
     try:
         return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
     except Exception as e:  # a truncated or non-MATLAB file
-        raise SystemExit(f"--data {name}: cannot read {path} as a MATLAB file ({e}).\nExpected layout:\n{LAYOUTS[name]}")
+        raise SystemExit(f"--data {name}: cannot read {path} as a MATLAB file ({e}).\n"
+                         f"Expected layout:\n{LAYOUTS[name]}")
 
 
 def _mat_field(name: str, path: str, mat: dict, key: str) -> np.ndarray:
     if key not in mat:
-        raise SystemExit(f"--data {name}: {path} has no variable {key!r} (has {sorted(k for k in mat if not k.startswith('__'))}).\n"
+        present = sorted(k for k in mat if not k.startswith("__"))
+        raise SystemExit(f"--data {name}: {path} has no variable {key!r} (it has {present}).\n"
                          f"Expected layout:\n{LAYOUTS[name]}")
     return np.atleast_1d(mat[key])
 
@@ -841,7 +842,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
 
 CAR_MAKES_TWO_WORDS = ("AM General", "Aston Martin", "Land Rover")
 CAR_BODY_TYPES = ("Crew Cab", "Extended Cab", "Regular Cab", "Club Cab", "Quad Cab", "SuperCab", "Cab", "Sedan",
-                  "Coupe", "Convertible", "SUV", "Hatchback", "Wagon", "Minivan", "Van", "Cargo Van", "Type-S", "Roadster")
+                  "Coupe", "Convertible", "SUV", "Hatchback", "Wagon", "Minivan", "Cargo Van", "Van", "Type-S",
+                  "Roadster")
 
 
 def car_name(meta_name: str) -> str:
@@ -882,7 +884,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
         class_names = [names[i] for i in range(max(names) + 1)] if names else []
     else:
         meta_path, train_path, _, _ = _require("cars", root, os.path.join("devkit", "cars_meta.mat"),
-                                               os.path.join("devkit", "cars_train_annos.mat"), "cars_train", "cars_test")
+                                               os.path.join("devkit", "cars_train_annos.mat"), "cars_train",
+                                               "cars_test")
         test_path = next((p for p in (os.path.join(root, "cars_test_annos_withlabels.mat"),
                                       os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"))
                           if os.path.exists(p)), None)
@@ -993,7 +996,8 @@ def read_food(root: str | None, split: str) -> Dataset:
         items, _ = _read_coop_json("food", coop, images, split)
     else:
         index = {n: i for i, n in enumerate(folders)}
-        train_txt, test_txt = _require("food", root, os.path.join("meta", "train.txt"), os.path.join("meta", "test.txt"))
+        train_txt, test_txt = _require("food", root, os.path.join("meta", "train.txt"),
+                                       os.path.join("meta", "test.txt"))
 
         def read(path):
             out = []
@@ -1033,8 +1037,8 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
         raise SystemExit(f"--data {path}: not valid JSON ({e}).\nExpected:\n{LAYOUTS['json']}")
     for i, r in enumerate(records):
         if not isinstance(r, dict) or "image" not in r or "class_name" not in r:
-            raise SystemExit(f"--data {path}: record {i} is {r!r}; expected {{\"image\": path, \"class_name\": name}}.\n"
-                             f"Expected:\n{LAYOUTS['json']}")
+            raise SystemExit(f"--data {path}: record {i} is {r!r}; expected "
+                             f"{{\"image\": path, \"class_name\": name}}.\nExpected:\n{LAYOUTS['json']}")
     classes_txt = os.path.join(os.path.dirname(path), "classes.txt")
     if "classes" in meta:
         class_names = list(meta["classes"])
@@ -1485,7 +1489,8 @@ class HFJudge(Judge):
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = self.model_path
-        if (path.startswith((".", "/")) or os.path.isdir(path)) and not os.path.exists(os.path.join(path, "config.json")):
+        local = path.startswith((".", "/")) or os.path.isdir(path)
+        if local and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"--judge hf:{path}: no config.json there; expected a Hugging Face causal-LM directory "
                              f"(config.json, *.safetensors, tokenizer files) or a hub id")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -1523,7 +1528,8 @@ class HFJudge(Judge):
         logp = logits[:, :-1].float().log_softmax(-1)  # [R, keep-1, V] predicts the last keep-1 tokens
         targets = input_ids[:, width - keep + 1:].to(self.device)  # [R, keep-1]
         tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [R, keep-1]
-        label_mask = torch.arange(keep - 1, device=self.device)[None] >= (keep - 1 - torch.tensor(lens, device=self.device))[:, None]
+        first = keep - 1 - torch.tensor(lens, device=self.device)  # [R] column of each row's first label token
+        label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
         return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
 
     def _judge(self, pairs):

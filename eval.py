@@ -334,14 +334,14 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
     if best_of:
         metrics["best_of"] = best_of
     if out_dir and rank == 0:
+        open_prompt = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
         settings = {"protocol": protocol, "data": dataset.name, "split": dataset.split, "root": dataset.root,
                     "classes": dataset.classes, "class_names": dataset.split_class_names, "n_images": len(records),
                     "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
                     "samples": samples if protocol == "two_step" else None, "best_of": best_of,
                     "judge": getattr(judge, "name", None), "world_size": world, "micro_batch": micro_batch,
                     "be_specific": be_specific, "seconds": round(time.time() - t0, 2),
-                    "prompt": {"open": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT, "speciarl":
-                               SPECIFIC_PROMPT if be_specific else OPEN_PROMPT, "two_step": [TWO_STEP_PROMPT, MCQ_PROMPT],
+                    "prompt": {"open": open_prompt, "speciarl": open_prompt, "two_step": [TWO_STEP_PROMPT, MCQ_PROMPT],
                                "mcq": MCQ_PROMPT}[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
                                  "speciarl": BEST_OF_SAMPLING if best_of else "greedy",
