@@ -246,72 +246,72 @@ def main(argv=None) -> dict:
     gather = lambda: common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, proc, prompts[0]))  # noqa: E731
     knobs = dict(temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0)
 
-    # --- rollout, ours
-    rollout = None
-    if "sample" in args.phases or "logprob" in args.phases or "update" in args.phases:
-        gen = torch.Generator(device=device)
+    # --- rollout: our sampler and Hugging Face generate on the same inputs and knobs, timed in alternation (ours,
+    # generate, ours, generate ...) so that a change of machine load mid-run hits both alike
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # generate draws from the global RNG
 
-        def ours():
-            with gather():
-                return common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, generator=gen, **knobs)
-        gen.manual_seed(args.seed)
-        reset_peak(device)
-        runs = []
-        rollout, times = repeat(lambda: runs.append(ours()) or runs[-1], device, args.warmup, args.repeats)
-        runs = runs[args.warmup:]
-        tokens = [int(r.completion_mask.sum()) for r in runs]
-        fig["sample_s"] = stats(times)
-        fig["sample_tok_s"] = stats([n / t for n, t in zip(tokens, times)])
-        fig["sample_tokens"] = statistics.median(tokens)
-        fig["sample_peak_GiB"] = peak_gib(device)
-        st = [r.stats for r in runs if getattr(r, "stats", None)]
-        if st:
-            steps = [s["decode_steps"] for s in st]
-            step_s = [s["decode_s"] / max(1, s["decode_steps"]) for s in st]
-            fig["prefill_s"] = stats([s["prefill_s"] for s in st])
-            fig["decode_step_ms"] = stats([1e3 * x for x in step_s])
-            width = max(len(p) for p in prompts)
-            mean_ctx = width + (statistics.median(steps) + 1) / 2
-            elsize = torch.finfo(param_dtype).bits // 8
-            step_bytes = decode_bytes_per_step(shape, len(prompts) * G, mean_ctx, elsize)
-            fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
-            fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
-
-    # --- rollout, Hugging Face generate with the same inputs and knobs; and the greedy identity check
-    if "generate" in args.phases:
-        hf = common.unwrap(wrapped)
-        inputs = common.collate_prompts(hf, prompts, pad_id, device)
-        inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
-        hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
-                        suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
-
-        def hf_generate(greedy=False):
-            with gather():
-                if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
-                    return hf.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None,
-                                       **hf_knobs)
-                return hf.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                   top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
-
-        def completions(seqs):
-            comp = seqs[:, inputs["input_ids"].shape[1]:]
-            return comp, common.completion_mask_from(comp, eos_ids)
-        torch.manual_seed(args.seed)
-        reset_peak(device)
-        runs = []
-        _, times = repeat(lambda: runs.append(hf_generate()) or runs[-1], device, args.warmup, args.repeats)
-        tokens = [int(completions(s)[1].sum()) for s in runs[args.warmup:]]
-        fig["generate_s"] = stats(times)
-        fig["generate_tok_s"] = stats([n / t for n, t in zip(tokens, times)])
-        fig["generate_tokens"] = statistics.median(tokens)
-        fig["generate_peak_GiB"] = peak_gib(device)
-        if "sample_s" in fig:
-            fig["speedup_time"] = fig["generate_s"]["median"] / fig["sample_s"]["median"]
-            fig["speedup_tok_s"] = fig["sample_tok_s"]["median"] / fig["generate_tok_s"]["median"]
-        # greedy: every one of our G rows of prompt i must equal generate's greedy completion of prompt i
+    def ours(**kw):
         with gather():
-            ours_greedy = common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, temperature=0)
-        comp, mask = completions(hf_generate(greedy=True))
+            return common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, generator=gen,
+                                 **{**knobs, **kw})
+    hf = common.unwrap(wrapped)
+    inputs = common.collate_prompts(hf, prompts, pad_id, device)
+    inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
+    hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
+                    suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
+
+    def hf_generate(greedy=False):
+        """[rows, T'] completion ids (prompt cut off) and their completion mask."""
+        with gather():
+            if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
+                seqs = hf.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
+            else:
+                seqs = hf.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                   top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
+        comp = seqs[:, inputs["input_ids"].shape[1]:]
+        return comp, common.completion_mask_from(comp, eos_ids)
+
+    methods = {name: fn for name, fn in (("sample", ours), ("generate", hf_generate))
+               if name in args.phases or (name == "sample" and {"logprob", "update"} & set(args.phases))}
+    runs = {name: [] for name in methods}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in methods.items():
+            reset_peak(device)
+            out, dt = timed(fn, device)
+            if i >= args.warmup:
+                runs[name].append((out, dt, peak_gib(device)))
+    rollout = runs["sample"][-1][0] if "sample" in runs else None
+    for name, done in runs.items():
+        times = [dt for _, dt, _ in done]
+        masks = [out.completion_mask if name == "sample" else out[1] for out, _, _ in done]
+        tokens = [int(m.sum()) for m in masks]
+        fig[f"{name}_s"] = stats(times)
+        fig[f"{name}_tok_s"] = stats([n / t for n, t in zip(tokens, times)])
+        fig[f"{name}_tokens"] = stats(tokens)
+        fig[f"{name}_peak_GiB"] = max(p for _, _, p in done)
+    if len(runs) == 2:  # the ratio of each alternating pair, then the median
+        pairs = list(zip(runs["sample"], runs["generate"]))
+        fig["speedup_time"] = stats([g[1] / s[1] for s, g in pairs])
+        fig["speedup_tok_s"] = stats([(int(s[0].completion_mask.sum()) / s[1]) / (int(g[0][1].sum()) / g[1])
+                                      for s, g in pairs])
+    if "sample" in runs:
+        st = [out.stats for out, _, _ in runs["sample"]]
+        steps = [s["decode_steps"] for s in st]
+        step_s = [s["decode_s"] / max(1, s["decode_steps"] - 1) for s in st]  # forwards = steps - 1 after prefill
+        fig["prefill_s"] = stats([s["prefill_s"] for s in st])
+        fig["decode_step_ms"] = stats([1e3 * x for x in step_s])
+        width = max(len(p) for p in prompts)
+        mean_ctx = width + statistics.median(steps) / 2
+        elsize = torch.finfo(param_dtype).bits // 8
+        step_bytes = decode_bytes_per_step(shape, len(prompts) * G, mean_ctx, elsize)
+        fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
+        fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
+    if len(runs) == 2:
+        # greedy: every one of our G rows of prompt i must equal generate's greedy completion of prompt i
+        ours_greedy = ours(temperature=0)
+        comp, mask = hf_generate(greedy=True)
         same = True
         for row in range(len(prompts) * G):
             n_hf, n_ours = int(mask[row // G].sum()), int(ours_greedy.completion_mask[row].sum())
