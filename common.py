@@ -1360,9 +1360,10 @@ class RulesJudge(Judge):
         self.name = f"rules-v1:{dataset.name}"
         super().__init__(dataset, cache_path)
         ds = dataset
+        self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
         self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
         # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
-        self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in ds.hierarchy.values() if c},
+        self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in self.hierarchy.values() if c},
                                  key=len, reverse=True)
         # synonym groups (symmetric): canon name -> every canon name of the same thing
         self.groups: dict[str, set[str]] = {}
@@ -1374,7 +1375,7 @@ class RulesJudge(Judge):
                 self.groups[member] = group
         # descendants: canon ancestor -> canon names below it
         self.below: dict[str, set[str]] = {}
-        for name, chain in ds.hierarchy.items():
+        for name, chain in self.hierarchy.items():
             for a in chain:
                 self.below.setdefault(_canon(a), set()).add(_canon(name))
         # every class (and synonym) form -> canon class name, for finding class names inside longer answers
@@ -1429,7 +1430,7 @@ class RulesJudge(Judge):
             return "specific"
         if is_hedge(answer):
             return "wrong"
-        chain = list(self.dataset.hierarchy.get(truth, []))
+        chain = list(self.hierarchy.get(truth, []))
         for i, a in enumerate(chain):
             if self._matches(forms, a):
                 return "generic" if i == len(chain) - 1 or _canon(a) in self.generic_words else "less_specific"

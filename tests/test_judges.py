@@ -244,3 +244,13 @@ def test_hf_judge_scores_labels_and_caches(tiny_lm, datasets, tmp_path):
     assert fresh.judge(pairs) == labels and fresh.judged == 0 and fresh.model is None  # never even loaded
     with pytest.raises(SystemExit, match="no config.json"):
         common.get_judge(f"hf:{tmp_path}", datasets["toy"]).judge([("a", "b")])
+
+
+def test_rules_judge_on_a_hand_built_dataset():
+    # a Dataset built by hand with a plain dict keyed by display names (not a NameMap) still works
+    ds = common.Dataset("mine", [], ["Yellow Warbler", "Song Sparrow"], "bird",
+                        hierarchy={"Yellow Warbler": ["warbler", "bird"], "Song Sparrow": ["sparrow", "bird"]})
+    judge = common.get_judge("rules", ds)
+    pairs = [("Yellow Warbler", "warbler"), ("Yellow Warbler", "Bird"), ("Yellow Warbler", "sparrow"),
+             ("warbler", "yellow warbler")]
+    assert judge.judge(pairs) == ["less_specific", "generic", "wrong", "more_specific"]
