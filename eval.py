@@ -470,7 +470,7 @@ def main(argv=None) -> dict:
                            "novel": results["novel"], "hm": hm, "settings": vars(args)}, f, indent=1)
     common.print0(f"\n{args.protocol} on {args.data} {args.split} ({args.model})\n" + markdown_table(results, hm))
     if judge is not None:
-        common.print0(f"judge {judge.name}: {judge.judged} pairs judged, {judge.hits} from the cache")
+        common.print0(f"judge {judge.name} on rank 0: {judge.judged} pairs judged, {judge.hits} from the cache")
     common.cleanup_distributed()
     return {"results": results, "hm": hm}
 
