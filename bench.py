@@ -27,16 +27,18 @@ How the figures are defined
     is measured in this run: a large device-to-device copy moves 2 x size bytes (read + write) in the measured time.
     fraction = limit time / measured decode step time (decode time of our sampler / decode steps; its prefill is
     timed separately). On CPU the same numbers are printed but a tiny model is bound by Python overhead, not memory.
-  * FLOPs (the formula behind MFU), per row of L = prompt + completion tokens, C completion tokens, N image patches:
+  * FLOPs (the formula behind MFU), per row of L = prompt + completion tokens, C completion tokens, N image patches
+    encoded for that row (0 when it repeats the previous row's image in its micro-batch: encoded once, see
+    common.images_encoded_once):
         text    2 x P_layers x L  +  2 x n_layers x d_attn x L^2        (matmuls; causal attention QK^T and AV)
         head    2 x d_model x vocab x C                                   (only completion positions are projected)
         vision  2 x P_blocks x N  +  4 x d_vis x N x (N for full-attention blocks, min(N, window) for window blocks)
                 + 2 x P_patch_embed x N  +  2 x P_merger x N / 4
-    P_* are the parameter counts of those modules, counted from the model; d_attn = heads x head_dim. The vision
-    tower is counted once per scored row because the forward encodes each row's image. Forward = 1x, training =
-    3x (backward = 2x forward); recomputation under activation checkpointing is not counted (model FLOPs, not
-    hardware FLOPs). MFU = FLOPs / time / peak, with the dense bf16 peak of the device (989 TFLOP/s for H100 and
-    H200, 312 for A100; --peak-tflops overrides; on CPU it is only reported when --peak-tflops is given).
+    P_* are the parameter counts of those modules, counted from the model; d_attn = heads x head_dim; window =
+    patches per attention window (64). Forward = 1x, training = 3x (backward = 2x forward); recomputation under
+    activation checkpointing is not counted (model FLOPs, not hardware FLOPs). MFU = FLOPs / time / peak, with the
+    dense bf16 peak of the device (989 TFLOP/s for H100 SXM and H200, 312 for A100; see PEAK_BF16_TFLOPS;
+    --peak-tflops overrides; on CPU it is only reported when --peak-tflops is given).
   * peak memory: torch.cuda.max_memory_allocated per phase on GPU; the process's maximum resident set on CPU.
   * the update pass trains the model in its loading dtype (bf16 parameters and AdamW states on GPU, fp32 on CPU).
 """
@@ -56,7 +58,9 @@ import common
 
 # ----- 1. setup ---------------------------------------------------------------------------------------------------
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+# dense bf16 peaks (TFLOP/s) by a substring of torch.cuda.get_device_name, most specific first
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+                    "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 def parse_args(argv=None):
@@ -322,7 +326,10 @@ def main(argv=None) -> dict:
     # rows to score: the last timed rollout of ours
     if rollout is not None and ("logprob" in args.phases or "update" in args.phases):
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
-        rows = [(len(p), int(comp_mask[r].sum()), patches[r // G]) for r, p in enumerate(row_prompts)]
+        # the scoring forward encodes an image once per run of rows that repeat it within a micro-batch
+        # (common.images_encoded_once): a row that repeats the previous row's image adds no vision FLOPs
+        rows = [(len(p), int(comp_mask[r].sum()),
+                 0 if r % micro and row_prompts[r - 1] is p else patches[r // G]) for r, p in enumerate(row_prompts)]
         score_tokens = sum(a + b for a, b, _ in rows)
         fwd_flops = forward_flops(shape, rows)
         fig["score_tokens"] = score_tokens

@@ -1910,15 +1910,51 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float):
         del head.forward
 
 
+@contextlib.contextmanager
+def images_encoded_once(model):
+    """Trick "encode each image once": the G rows of a group carry G copies of the same image, and scoring them
+    would run the vision tower G times. For one forward of the (wrapped) model, the vision tower encodes each run of
+    consecutive identical images (same grid, equal patch rows) once and repeats its output rows; the gradient of a
+    repeated output is the sum over the rows that use it, as with G separate encodings. Like
+    `lm_head_returns_logprobs` it swaps `visual.forward` only, inside the model's own forward (hooks unaffected)."""
+    visual = unwrap(model).model.visual
+    encode = visual.forward  # the bound original
+
+    def encode_once(pixel_values, grid_thw, **kwargs):
+        sizes = grid_thw.prod(-1).tolist()  # patch rows per image
+        blocks = pixel_values.split(sizes)
+        keep, owner = [], []  # images actually encoded; owner[i] = the position in `keep` that image i repeats
+        for i, block in enumerate(blocks):
+            if not (keep and torch.equal(grid_thw[i], grid_thw[keep[-1]]) and torch.equal(block, blocks[keep[-1]])):
+                keep.append(i)
+            owner.append(len(keep) - 1)
+        if len(keep) == len(blocks):
+            return encode(pixel_values, grid_thw, **kwargs)
+        out = encode(torch.cat([blocks[k] for k in keep]), grid_thw[keep], **kwargs)
+        unit = visual.spatial_merge_size ** 2  # patches per merged (LLM) token
+        merged = out.pooler_output.split([sizes[k] // unit for k in keep])  # per encoded image [tokens, hidden]
+        out.pooler_output = torch.cat([merged[o] for o in owner])  # [sum tokens, hidden], one block per image
+        if getattr(out, "last_hidden_state", None) is not None:  # per-patch states, each image's rows contiguous
+            patches = out.last_hidden_state.split([sizes[k] for k in keep])
+            out.last_hidden_state = torch.cat([patches[o] for o in owner])
+        return out
+    visual.forward = encode_once
+    try:
+        yield
+    finally:
+        del visual.forward
+
+
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
     """[B, T] log-probs of the completion tokens for one micro-batch (with grad if enabled). Runs the wrapped model
     (so DDP / FSDP2 hooks fire). Only the last T+1 positions reach the vocabulary projection (`logits_to_keep`): the
-    prompt positions, mostly image tokens, never do; and the completion positions are projected and scored in chunks
-    without materialising their logits (`lm_head_returns_logprobs`)."""
+    prompt positions, mostly image tokens, never do; the completion positions are projected and scored in chunks
+    without materialising their logits (`lm_head_returns_logprobs`); rows that repeat an image share one encoding
+    (`images_encoded_once`)."""
     T = completion_ids.shape[1]
     targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
-    with lm_head_returns_logprobs(model, targets, temperature):
+    with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
         return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # [B, T] log-probs, not logits
 
 
