@@ -1,0 +1,283 @@
+"""fine_r1.py unit tests: the SFT label mask, triplets, rewards, advantages, the TAPO loss by hand, dynamic sampling,
+the rationale filter and the toy preset. Seconds on a CPU."""
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import fine_r1
+
+
+# ----- SFT: the loss sees the assistant tokens only -----
+
+def test_sft_labels_are_the_assistant_tokens_only(tiny, toy_test):
+    """common.sft_loss on fine_r1's (prompt, target) pairs equals the Hugging Face loss of the whole rendered
+    conversation (chat template with the assistant turn) with every prompt position labelled -100."""
+    model, proc = tiny
+    tok = proc.tokenizer
+    ids = common.special_token_ids(proc)
+    exs = [toy_test.examples[0], toy_test.examples[40]]
+    records = [{"image": ex.image, "class_name": ex.class_name, "question": fine_r1.question("shape", ex.id),
+                "response": fine_r1.response_text(fine_r1.attribute_rationale(ex.class_name, ["red plain circle"] * (i + 1)),
+                                                  ex.class_name)} for i, ex in enumerate(exs)]
+    pairs = [fine_r1.sft_example(proc, r) for r in records]
+    rows, labels = [], []
+    for r, (prompt, target) in zip(records, pairs):
+        # the target is exactly the response followed by <|im_end|>, nothing of the prompt
+        assert tok.decode(target[:-1]) == r["response"] and int(target[-1]) == ids["<|im_end|>"]
+        messages = common.chat_messages(r["question"]) + [{"role": "assistant", "content": r["response"]}]
+        text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        full = proc(text=[text], images=[common.open_image(r["image"])], return_tensors="pt")
+        n_prompt, n_target = len(prompt), len(target)
+        assert full["input_ids"][0, :n_prompt].tolist() == prompt.input_ids.tolist()  # the prompt is a prefix
+        assert full["input_ids"][0, n_prompt:n_prompt + n_target].tolist() == target.tolist()
+        label = torch.full_like(full["input_ids"][0], -100)
+        label[n_prompt:n_prompt + n_target] = target  # the assistant turn, up to and including <|im_end|>
+        rows.append(full)
+        labels.append(label)
+    width = max(r["input_ids"].shape[1] for r in rows)
+
+    def right_pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
+    batch = dict(input_ids=torch.stack([right_pad(r["input_ids"][0], ids["<|endoftext|>"]) for r in rows]),
+                 attention_mask=torch.stack([right_pad(r["attention_mask"][0], 0) for r in rows]),
+                 mm_token_type_ids=torch.stack([right_pad(r["mm_token_type_ids"][0], 0) for r in rows]),
+                 pixel_values=torch.cat([r["pixel_values"] for r in rows]),
+                 image_grid_thw=torch.cat([r["image_grid_thw"] for r in rows]))
+    hf_labels = torch.stack([right_pad(lab, -100) for lab in labels])
+    with torch.no_grad():
+        ours = common.sft_loss(model, proc, [p for p, _ in pairs], [t for _, t in pairs])
+        reference = model(**batch, labels=hf_labels).loss
+        # the mask matters: labelling the prompt as well gives a different loss
+        everything = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+        everything[batch["mm_token_type_ids"].bool()] = -100
+        unmasked = model(**batch, labels=everything).loss
+    assert abs(float(ours) - float(reference)) < 1e-4, (float(ours), float(reference))
+    assert abs(float(unmasked) - float(reference)) > 1e-2
+
+
+# ----- triplets -----
+
+def _pool(names, per_class):
+    exs = [common.Example(f"/img/{n}_{i}.png", label, n, f"{n}_{i}") for label, n in enumerate(names)
+           for i in range(per_class)]
+    by_class = {}
+    for e in exs:
+        by_class.setdefault(e.class_name, []).append(e)
+    return exs, by_class
+
+
+@pytest.mark.parametrize("how", ["random", "confusable"])
+def test_triplets_positive_same_class_other_image_negative_other_class(how):
+    names = common.toy_class_names()[:12]
+    exs, by_class = _pool(names, 4)
+    negatives = fine_r1.negative_classes(names, how, 3)
+    seen_negative_classes = set()
+    for seed in range(30):
+        rng = random.Random(seed)
+        for anchor in exs:
+            t = fine_r1.make_triplet(anchor, by_class, negatives, rng)
+            assert t.anchor is anchor
+            assert t.positive.class_name == anchor.class_name and t.positive.image != anchor.image
+            assert t.negative.class_name != anchor.class_name
+            assert t.negative.class_name in negatives[anchor.class_name]
+            seen_negative_classes.add((anchor.class_name, t.negative.class_name))
+    for name in names:  # every candidate class gets drawn (3 confusable ones, or all 11 others)
+        assert {b for a, b in seen_negative_classes if a == name} == set(negatives[name])
+        assert len(negatives[name]) == (3 if how == "confusable" else 11)
+
+
+def test_confusable_classes_are_the_nearest_names():
+    names = common.toy_class_names()
+    near = fine_r1.confusable_classes(names, 3)
+    for name, others in near.items():
+        assert name not in others and len(others) == 3
+        for o in others:  # on toy, the most similar names differ in exactly one attribute
+            assert sum(a != b for a, b in zip(name.split(), o.split())) == 1, (name, o)
+    # 2 of 4 distinct words shared (Jaccard 0.5); 12 matching characters of 18 + 16 (ratio 24/34)
+    assert fine_r1.name_similarity("red striped circle", "red plain circle") == pytest.approx(0.5 + 0.5 * 24 / 34)
+
+
+def test_a_class_with_one_image_cannot_give_a_positive():
+    exs, by_class = _pool(["a b c", "d e f"], 1)
+    with pytest.raises(SystemExit, match="single training image"):
+        fine_r1.make_triplet(exs[0], by_class, fine_r1.negative_classes(["a b c", "d e f"], "random", 1),
+                             random.Random(0))
+
+
+# ----- reward, advantage -----
+
+def test_rewards_truth_table():
+    truth = "Red Striped Circle"
+    cases = [  # completion, accuracy (lowercased truth is a substring of <answer>), format
+        ("<think>x</think>\n\n<answer>red striped circle</answer>", 1, 1),
+        ("<think>x</think><answer>a RED STRIPED CIRCLE, I think</answer>", 1, 1),
+        ("<think>x</think><answer>red circle</answer>", 0, 1),
+        ("<answer>red striped circle</answer>", 1, 0),
+        ("<think>x</think><answer>red striped circle</answer> trailing", 1, 0),
+        ("<think>red striped circle</think>", 0, 0),
+        ("red striped circle", 0, 0),
+    ]
+    for text, acc, fmt in cases:
+        assert fine_r1.accuracy_reward(text, truth) == acc, text
+        assert fine_r1.format_reward(text, truth) == fmt, text
+    reward, parts = fine_r1.score([c[0] for c in cases], [truth] * len(cases), {"accuracy": 0.9, "format": 0.1})
+    assert torch.allclose(reward, torch.tensor([0.9 * a + 0.1 * f for _, a, f in cases]))
+    assert parts["accuracy"].tolist() == [float(a) for _, a, _ in cases]
+    assert fine_r1.parse_reward_weights("format=1") == {"format": 1.0, "accuracy": 0.0}
+    with pytest.raises(SystemExit):
+        fine_r1.parse_reward_weights("accuracy=0.9,lenght=0.1")
+
+
+def test_group_advantages_z_score_over_the_group_of_ten():
+    rewards = torch.tensor([1.0, 0.1, 0.1, 1.0, 0.0, 1.0, 0.1, 0.1, 0.1, 1.0] + [0.1] * 10)  # two groups of 10
+    adv = fine_r1.group_advantages(rewards, 10, eps=1e-6)
+    g = rewards[:10].tolist()
+    mean = sum(g) / 10
+    std = math.sqrt(sum((x - mean) ** 2 for x in g) / 9)  # unbiased
+    assert torch.allclose(adv[:10], torch.tensor([(x - mean) / (std + 1e-6) for x in g]), atol=1e-6)
+    assert torch.equal(adv[10:], torch.zeros(10))  # equal rewards: no signal
+
+
+# ----- the TAPO loss against a hand computation -----
+
+def _hand_tapo(logp, old, neg, adv, mask, normalizer, clip_low=0.2, clip_high=0.28, dual=3.0, kl_c=0.01, h_c=0.03,
+               hn_c=0.03):
+    """Term by term, token by token, in plain Python."""
+    pg = kl = h = hn = 0.0
+    for i in range(len(logp)):
+        a = adv[i]
+        for t in range(len(logp[i])):
+            if not mask[i][t]:
+                continue
+            rho = math.exp(max(-20.0, min(20.0, logp[i][t] - old[i][t])))
+            rho_c = max(1 - clip_low, min(1 + clip_high, rho))
+            loss = max(-a * rho, -a * rho_c)
+            if a < 0:
+                loss = min(loss, -dual * a)
+            pg += loss
+            delta = max(-20.0, min(20.0, neg[i][t] - logp[i][t]))
+            kl += max(-10.0, min(10.0, math.exp(delta) - delta - 1))
+            h += -logp[i][t]
+            hn += -neg[i][t]
+    terms = {"pg": pg / normalizer, "kl_neg": kl / normalizer, "entropy": h / normalizer, "entropy_neg": hn / normalizer}
+    terms["loss"] = terms["pg"] - kl_c * terms["kl_neg"] + h_c * terms["entropy"] + hn_c * terms["entropy_neg"]
+    return terms
+
+
+def test_tapo_loss_matches_a_hand_computation_including_the_clamps():
+    # row 0 (A > 0): ratio inside the clip; ratio far above 1 + 0.28 (clipped); log-ratio 30 clamped to 20
+    # row 1 (A < 0): ratio below 1 - 0.2 (clipped); ratio 2.5 -> dual clip 3|A| acts; a masked token with
+    #                extreme values that must not count
+    # delta = neg - logp: 25 (clamped to 20, then k3 clamped to 10), -30 (k3 = e^-20 + 19 -> 10), small ones
+    logp = [[-1.0, -0.5, -0.2], [-2.0, -0.1, -50.0]]
+    old = [[-1.1, -1.5, -30.2], [-1.5, -1.0, 0.0]]
+    neg = [[-3.0, 24.5, -30.2], [-1.8, -0.3, 40.0]]
+    adv = [0.7, -1.3]
+    mask = [[1, 1, 1], [1, 1, 0]]
+    normalizer = 2.5
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    lp = t(logp).requires_grad_(True)
+    loss, terms = fine_r1.tapo_loss(lp, t(old), t(neg), t(adv), t(mask), normalizer=normalizer)
+    hand = _hand_tapo(logp, old, neg, adv, mask, normalizer)
+    for key in ("loss", "pg", "kl_neg", "entropy", "entropy_neg"):
+        assert terms[key] == pytest.approx(hand[key], rel=1e-9, abs=1e-12), key
+    assert float(loss.detach()) == pytest.approx(hand["loss"], rel=1e-9)
+    # the gradient with respect to logp equals finite differences of the hand computation
+    loss.backward()
+    for i, j in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]:
+        h = 1e-6
+        up = [row[:] for row in logp]
+        dn = [row[:] for row in logp]
+        up[i][j] += h
+        dn[i][j] -= h
+        fd = (_hand_tapo(up, old, neg, adv, mask, normalizer)["loss"]
+              - _hand_tapo(dn, old, neg, adv, mask, normalizer)["loss"]) / (2 * h)
+        assert float(lp.grad[i, j]) == pytest.approx(fd, abs=1e-6), (i, j)
+    assert float(lp.grad[1, 2]) == 0.0  # masked
+    # at the clamped tokens the k3 term gives no gradient: only -A*1.28 (0) and the entropy term (-0.03/2.5) remain
+    assert float(lp.grad[0, 1]) == pytest.approx(-0.03 / normalizer)
+
+
+def test_tapo_dual_clip_and_worked_example():
+    one = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    # A = -1, ratio e^2 = 7.39: PPO gives -A*rho = 7.39; the dual clip caps it at 3|A| = 3
+    _, terms = fine_r1.tapo_loss(one([0.0]), one([-2.0]), one([0.0]), torch.tensor([-1.0], dtype=torch.float64),
+                                 one([1.0]), normalizer=1.0)
+    assert terms["pg"] == pytest.approx(3.0)
+    assert terms["clip_frac"] == pytest.approx(1.0)
+    # the docstring's worked example
+    loss, terms = fine_r1.tapo_loss(one([-1.0, -2.0]), one([-1.0, -1.0]), one([-3.0, -2.0]),
+                                    torch.tensor([-1.0], dtype=torch.float64), one([1.0, 1.0]), normalizer=2.0)
+    assert float(loss) == pytest.approx(0.9 - 0.01 * (math.exp(-2) + 1) / 2 + 0.03 * 1.5 + 0.03 * 2.5)
+    assert float(loss) == pytest.approx(1.01432, abs=1e-5)
+
+
+# ----- dynamic sampling -----
+
+def test_keep_groups_strictly_inside_the_bounds():
+    acc = torch.tensor([0.0, 0.005, 0.01, 0.1, 0.5, 0.9, 0.99, 0.995, 1.0])
+    assert fine_r1.keep_groups(acc, 0.01, 0.99).tolist() == [False, False, False, True, True, True, False, False, False]
+    # groups of 10 responses: k right answers -> kept iff 1 <= k <= 9
+    assert fine_r1.keep_groups(torch.arange(11) / 10).tolist() == [False] + [True] * 9 + [False]
+
+
+def test_dynamic_sampling_keeps_exactly_the_groups_inside_and_samples_until_full():
+    rounds = [[0.0, 0.3, 1.0, 0.5], [1.0, 0.0, 0.0, 0.1], [0.9, 0.2, 0.7, 0.0]]
+    calls = []
+
+    def sample_round(i):
+        calls.append(i)
+        return [SimpleNamespace(accuracy=a, tag=(i, j)) for j, a in enumerate(rounds[i])]
+    groups, stats = fine_r1.dynamic_sampling(sample_round, quota=4, max_rounds=8)
+    assert calls == [0, 1, 2]  # stopped as soon as 4 groups were kept
+    assert [g.tag for g in groups] == [(0, 1), (0, 3), (1, 3), (2, 0)]  # the first four kept, in sampling order
+    assert all(0.01 < g.accuracy < 0.99 for g in groups)
+    assert stats["dynamic/kept"] == 6 and stats["dynamic/sampled"] == 12 and stats["dynamic/filled"] == 0
+    # a cap on the rounds: the batch is filled with the latest rejected groups, and that is reported
+    calls.clear()
+    groups, stats = fine_r1.dynamic_sampling(sample_round, quota=4, max_rounds=1)
+    assert calls == [0]
+    assert [g.tag for g in groups] == [(0, 1), (0, 3), (0, 0), (0, 2)]
+    assert stats["dynamic/filled"] == 2 and stats["dynamic/rounds"] == 1
+
+
+# ----- rationales -----
+
+def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
+    names = common.toy_class_names()
+    cands = fine_r1.confusable_classes(names, 3)["red striped circle"]
+    think = fine_r1.attribute_rationale("red striped circle", cands)
+    good = fine_r1.response_text(think, "red striped circle")
+    kept, checks = fine_r1.check_rationale(good, "red striped circle")
+    assert kept == think and all(checks.values())
+    assert common.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
+    broken = {
+        "analysis": good.replace("1. colour", "colour"),
+        "candidates": good.replace(fine_r1.CANDIDATES_MARK, "Candidates:"),
+        "comparison": good.replace(think.split("\n")[2], ""),
+        "prediction": good.replace("The prediction is: red striped circle", "The prediction is: blue square"),
+        "answer": good.replace("<answer>red striped circle", "<answer>blue striped circle"),
+        "format": good + " and more",
+    }
+    for part, text in broken.items():
+        kept, checks = fine_r1.check_rationale(text, "red striped circle")
+        assert kept is None and not checks[part], (part, checks)
+
+
+# ----- flags -----
+
+def test_toy_preset_fills_only_unset_flags():
+    args = fine_r1.parse_args(["--data", "toy", "--lr", "0.5", "--out", "/tmp/x"])
+    assert args.model == "tiny" and args.lr == 0.5 and args.rollout_batch == fine_r1.TOY["rollout_batch"]
+    assert "lr" not in args.preset_filled and "model" in args.preset_filled
+    assert args.cot_source == "attributes"
+    paper = fine_r1.parse_args(["--data", "cub", "--data-root", "/nowhere"])
+    assert (paper.model, paper.lr, paper.sft_lr, paper.rollout_batch, paper.prompts_per_step, paper.group_size) == \
+        ("Qwen/Qwen2.5-VL-7B-Instruct", 1e-6, 5e-6, 192, 64, 5)
+    assert paper.reward_weights == {"accuracy": 0.9, "format": 0.1} and paper.cot_source == "teacher"
+    with pytest.raises(SystemExit, match="toy"):
+        fine_r1.parse_args(["--data", "cub", "--cot-source", "attributes"])
