@@ -69,14 +69,15 @@ import common
 # paper's value (PAPER) is used on real data. Everything else has one default for both.
 PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", rollout_prompts=256, group_size=10, max_new_tokens=2048,
              lr=3e-5, lora_rank=64, lora_alpha=32.0, epochs=15, eval_every=5, eval_limit=None,
-             eval_max_new_tokens=2048, save_every=5, sample_batch=8, micro_batch=32, logprob_micro_batch=20)
+             eval_max_new_tokens=2048, eval_batch=32, save_every=5, sample_batch=8, micro_batch=32,
+             logprob_micro_batch=20)
 # ----------------------------------------------- TOY PRESET -------------------------------------------------------
 # `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
 # are ~30 tokens), a higher learning rate and a smaller adapter for a 0.7M-parameter model, a bounded number of steps
 # and a quick evaluation on 120 held-out images. Measured in tests/test_speciarl_learning.py.
 TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, lr=2e-3, lora_rank=16,
-           lora_alpha=32.0, epochs=3, eval_every=10, eval_limit=120, eval_max_new_tokens=48, save_every=10,
-           sample_batch=16, micro_batch=80, logprob_micro_batch=160)
+           lora_alpha=32.0, epochs=3, eval_every=10, eval_limit=120, eval_max_new_tokens=48, eval_batch=120,
+           save_every=10, sample_batch=16, micro_batch=80, logprob_micro_batch=160)
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -135,8 +136,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=None, help="greedy speciarl-protocol evaluation every N steps "
                    "and at the start and end (paper 5; 0 = never)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (default: all)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (real: all; toy: "
+                   "120; 0 = all)")
     g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
+    g.add_argument("--eval-data-root", default=None, help="its folder (default: --data-root when it is --data)")
+    g.add_argument("--eval-batch", type=int, default=None, help="images per greedy evaluation batch (real 32; toy 120)")
     g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy budget (paper 2048; toy 48)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (paper 5; toy 10)")
@@ -327,6 +331,8 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
 def build_models(args, d):
     """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
     and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
+    if args.lora_rank > 0 and not args.freeze_vision:
+        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
     model, proc = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.lora_rank > 0:
@@ -334,8 +340,6 @@ def build_models(args, d):
         common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
     elif args.freeze_vision:
         model.model.visual.requires_grad_(False)
-    if args.lora_rank > 0 and not args.freeze_vision:
-        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -436,8 +440,9 @@ def main(argv=None):
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     eval_data = args.eval_data or args.data
-    test = common.load_dataset(eval_data, "test", root=args.data_root if eval_data == args.data else None,
-                               limit=args.eval_limit, seed=args.seed) if args.eval_every else None
+    eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
+    test = common.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
+                               seed=args.seed) if args.eval_every else None
     common.print0(f"{len(train)} training images, {steps_per_epoch} steps/epoch, {total_steps} steps of "
                   f"{args.rollout_prompts} images x {G} rollouts ({prompts_per_rank} images per rank, "
                   f"{args.minibatches} optimizer steps each)")
@@ -589,7 +594,8 @@ def run_eval(args, model, proc, test, judge, out, step, log):
     t0 = time.perf_counter()
     model.eval()
     res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                              max_new_tokens=args.eval_max_new_tokens, be_specific=args.prompt == "specific",
+                              max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
+                              be_specific=args.prompt == "specific",
                               out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
