@@ -94,6 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default: image-size^2)")
     g.add_argument("--activation-checkpointing", type=int, default=None,
                    help="recompute activations in the update's backward (default: on for GPU, off for CPU)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
+                   "1 gives steadier numbers on a machine shared with other jobs")
     args = p.parse_args(argv)
     if args.image_size % 28:
         p.error(f"--image-size {args.image_size}: must be a multiple of 28 (patch 14 x merge 2), e.g. 448")
@@ -169,6 +171,17 @@ def device_peak_flops(device, override):
     return None
 
 
+def same_completions(ids_a, mask_a, ids_b, mask_b) -> bool:
+    """Row for row the same completion tokens up to and including the first EOS (padding ignored)."""
+    if ids_a.shape[0] != ids_b.shape[0]:
+        return False
+    for row in range(ids_a.shape[0]):
+        n_a, n_b = int(mask_a[row].sum()), int(mask_b[row].sum())
+        if n_a != n_b or ids_a[row, :n_a].tolist() != ids_b[row, :n_b].tolist():
+            return False
+    return True
+
+
 # ----- 2. FLOP and byte counts ------------------------------------------------------------------------------------
 
 def numel(module) -> int:
@@ -219,6 +232,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
     device = d.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # recorded in the settings
     common.seed_everything(args.seed)
     ac = args.activation_checkpointing if args.activation_checkpointing is not None else int(device.type == "cuda")
     max_pixels = args.max_pixels or args.image_size ** 2
@@ -313,14 +329,15 @@ def main(argv=None) -> dict:
         fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
         fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
     if len(runs) == 2:
+        # both draw from a generator seeded alike, one multinomial per step over the same probabilities: when the
+        # sampling is exact they draw the same tokens (reported, not required: it also needs the same RNG stream)
+        fig["sampled_identical"] = all(same_completions(s[0].completion_ids, s[0].completion_mask, *g[0])
+                                       for s, g in zip(runs["sample"], runs["generate"]))
         # greedy: every one of our G rows of prompt i must equal generate's greedy completion of prompt i
         ours_greedy = ours(temperature=0)
         comp, mask = hf_generate(greedy=True)
-        same = True
-        for row in range(len(prompts) * G):
-            n_hf, n_ours = int(mask[row // G].sum()), int(ours_greedy.completion_mask[row].sum())
-            same &= n_hf == n_ours and comp[row // G, :n_hf].tolist() == ours_greedy.completion_ids[row, :n_ours].tolist()
-        fig["greedy_identical"] = bool(same)
+        fig["greedy_identical"] = same_completions(ours_greedy.completion_ids, ours_greedy.completion_mask,
+                                                   comp.repeat_interleave(G, 0), mask.repeat_interleave(G, 0))
         fig["greedy_tokens"] = int(ours_greedy.completion_mask.sum())
 
     # rows to score: the last timed rollout of ours

@@ -10,7 +10,7 @@ FIGURES = ["copy_bandwidth_GBps", "image_tokens", "prompt_tokens", "params",
            "sample_s", "sample_tok_s", "sample_tokens", "sample_peak_GiB", "prefill_s", "decode_step_ms",
            "decode_bytes_per_step_MB", "decode_bandwidth_fraction",
            "generate_s", "generate_tok_s", "generate_tokens", "generate_peak_GiB", "speedup_time", "speedup_tok_s",
-           "greedy_identical", "greedy_tokens", "score_tokens",
+           "sampled_identical", "greedy_identical", "greedy_tokens", "score_tokens",
            "logprob_s", "logprob_tok_s", "logprob_TFLOPs", "logprob_mfu", "logprob_peak_GiB",
            "update_s", "update_tok_s", "update_TFLOPs", "update_mfu", "update_peak_GiB"]
 
