@@ -97,7 +97,7 @@ import common
 # None on the command line: whatever the user sets wins, the preset fills the rest.
 PAPER = dict(
     model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-    cot_per_class=1, cot_max_new_tokens=2048,
+    cot_per_class=1, cot_max_new_tokens=2048, closed_frac=0.0,
     sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
     shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
     max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
@@ -108,7 +108,7 @@ PAPER = dict(
 # the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
 TOY = dict(
     model="tiny", min_pixels=common.TOY_IMAGE_SIZE ** 2, max_pixels=common.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_max_new_tokens=128,
+    cot_per_class=20, cot_max_new_tokens=128, closed_frac=0.5,
     sft_lr=5e-4, sft_batch=32, sft_epochs=4.0, sft_micro_batch=32, sft_min_pixels=common.TOY_IMAGE_SIZE ** 2,
     sft_max_pixels=common.TOY_IMAGE_SIZE ** 2,
     shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=2e-4, tapo_epochs=8.0,
@@ -140,6 +140,9 @@ def parse_args(argv=None):
     g.add_argument("--cot-top-p", type=float, default=0.95, help="teacher nucleus sampling")
     g.add_argument("--cot-max-new-tokens", type=int, default=None, help="rationale length cap (paper-sized 2048)")
     g.add_argument("--cot-batch", type=int, default=8, help="images per teacher sampling call (memory knob)")
+    g.add_argument("--closed-frac", type=float, default=None,
+                   help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
+                        "classes as lettered options, the class name as the answer (paper 0: open questions only)")
     g = p.add_argument_group("stage sft")
     g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 5e-4)")
     g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
@@ -270,9 +273,23 @@ TEACHER_PROMPT = (
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
 
-def question(kind: str, key) -> str:
-    """The question of one sample: a phrasing picked by a stable key (an image id, a data position)."""
-    return random.Random(f"question/{key}").choice(QUESTIONS).format(kind=kind)
+# The closed-world form (--closed-frac; the paper trains on open questions only): lettered options, one per line,
+# and the class NAME as the answer, which is how Fine-R1's closed-world evaluation scores (the truth inside the answer).
+CLOSED_QUESTION = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
+                   "below.\n{options}\nOutput the thinking process in <think> </think> and the final answer in "
+                   "<answer> </answer> tags.")
+
+
+def question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0) -> str:
+    """The question of one sample, picked by a stable key (an image id, a pair of images): an open phrasing, or with
+    probability closed_frac the closed-world form whose options are the truth and 3 of `others`, shuffled."""
+    rng = random.Random(f"question/{key}")
+    if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
+        options = rng.sample(list(others), 3) + [truth]
+        rng.shuffle(options)
+        return CLOSED_QUESTION.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}"
+                                                                  for i, o in enumerate(options)))
+    return rng.choice(QUESTIONS).format(kind=kind)
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -433,7 +450,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
         for name in seen:
             for ex in offers[name][:args.cot_per_class]:
                 records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": confusable[name],
-                                "question": question(train.kind, ex.id),
+                                "question": question(train.kind, ex.id, name, confusable[name], args.closed_frac),
                                 "response": response_text(attribute_rationale(name, confusable[name]), name)})
         stats["cot/tried"] = len(records)
     else:
@@ -482,7 +499,8 @@ def teacher_rationales(args, d, train, seen, offers, confusable, stats):
                     fails[k] = fails.get(k, 0) + (not ok)
                 if rationale is not None and kept < args.cot_per_class and ex.id not in {r["id"] for r in mine}:
                     mine.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
-                                 "question": question(train.kind, ex.id), "response": response_text(rationale, name)})
+                                 "question": question(train.kind, ex.id, name, candidates, args.closed_frac),
+                                 "response": response_text(rationale, name)})
                     kept += 1
             stats["cot/tried"] += len(ro.texts)
         common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {kept} kept")
@@ -779,10 +797,13 @@ class Group:
         return float(self.parts["accuracy"].mean())
 
 
-def sample_groups(model, processor, triplets: list[Triplet], kind: str, args, generator) -> list[Group]:
+def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
+                  generator) -> list[Group]:
     """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
     G = args.group_size
-    texts = [question(kind, f"{t.anchor.id}|{t.positive.id}") for t in triplets]  # one question per triplet
+    texts = [question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
+                      [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)
+             for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = []
     for t, text in zip(triplets, texts):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
         prompts += [common.encode_prompt(processor, t.anchor.image, text),
@@ -843,7 +864,8 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     by_class: dict[str, list[common.Example]] = {}
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
-    negatives = negative_classes(sorted(by_class), args.negatives, args.confusable_k)
+    seen_classes = sorted(by_class)
+    negatives = negative_classes(seen_classes, args.negatives, args.confusable_k)
     anchors = train.examples
     total_batches = max(1, math.floor(args.tapo_epochs * len(anchors) / args.rollout_batch))
     total_steps = total_batches * steps_per_batch
@@ -895,7 +917,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     cursor += args.sample_prompts
                     gen = torch.Generator().manual_seed(
                         args.seed * 1_000_003 + batch_idx * 1009 + round_index * 13 + d.rank)
-                    return sample_groups(model, processor, triplets, train.kind, args, gen)
+                    return sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
 
                 groups, dyn_stats = dynamic_sampling(sample_round, groups_per_rank, args.max_sample_rounds,
                                                      args.acc_low, args.acc_high)
