@@ -79,6 +79,8 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=None, help="rows per log-prob / update forward "
                    "(default: the group size)")
     g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the update pass")
+    g.add_argument("--compile-decode", type=int, default=0, help="our sampler decodes with a static KV cache and a "
+                   "torch.compile'd step (CUDA graphs on GPU); the warm-up run pays the compilation (default 0)")
     g = p.add_argument_group("timing")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per phase (default %(default)s)")
     g.add_argument("--warmup", type=int, default=1, help="untimed runs per phase first (default %(default)s)")
@@ -275,7 +277,7 @@ def main(argv=None) -> dict:
     def ours(**kw):
         with gather():
             return common.sample(wrapped, proc, prompts, group_size=G, max_new_tokens=T, generator=gen,
-                                 **{**knobs, **kw})
+                                 compile_decode=bool(args.compile_decode), **{**knobs, **kw})
     hf = common.unwrap(wrapped)
     inputs = common.collate_prompts(hf, prompts, pad_id, device)
     inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid

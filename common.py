@@ -1717,10 +1717,43 @@ def expand_cache(cache, repeats: int, capacity: int):
     return cache
 
 
+def static_cache(model, cache, repeats: int, capacity: int):
+    """transformers' StaticCache of `capacity` positions for P*G rows, filled with each prompt's prefill KV (a
+    DynamicCache of P rows) G times. Fixed shapes and fixed buffer addresses: what a compiled / CUDA-graph decode step
+    needs. Attention then runs over all `capacity` positions, the unwritten ones masked by causality."""
+    from transformers import StaticCache
+    static = StaticCache(config=unwrap(model).config, max_cache_len=capacity)
+    for layer, prefill in zip(static.layers, cache.layers):
+        P, H, L, D = prefill.keys.shape
+        layer.lazy_initialization(prefill.keys.new_empty((P * repeats, H, 0, D)),
+                                  prefill.values.new_empty((P * repeats, H, 0, prefill.values.shape[-1])))
+        layer.keys.view(P, repeats, H, capacity, D)[:, :, :, :L] = prefill.keys[:, None]  # row p*G+g <- prompt p
+        layer.values.view(P, repeats, H, capacity, -1)[:, :, :, :L] = prefill.values[:, None]
+        layer.cumulative_length.fill_(L)
+    return static
+
+
+def compiled_decode(model):
+    """Trick "compiled decode step" (opt-in: sample(..., compile_decode=True)): the one-token forward compiled with
+    torch.compile, in "reduce-overhead" mode on GPU, i.e. replayed as a CUDA graph, so the Python and kernel-launch
+    cost of the ~10 kernels per layer is paid once per graph instead of once per step. Compiled once per model; a new
+    rows x capacity shape compiles again (capacity is rounded up to a multiple of 256 to make that rare)."""
+    fn = model.__dict__.get("_fgrl_compiled_decode")
+    if fn is None:
+        def decode_step(input_ids, attention_mask, position_ids, cache):  # [B, 1] ids -> [B, V] logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True).logits[:, -1]
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        fn = torch.compile(decode_step, mode="reduce-overhead" if on_gpu else None, dynamic=False)
+        model.__dict__["_fgrl_compiled_decode"] = fn
+    return fn
+
+
 @torch.no_grad()
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-           generator: torch.Generator | None = None, prompt_batch: int | None = None) -> Rollout:
+           generator: torch.Generator | None = None, prompt_batch: int | None = None,
+           compile_decode: bool = False) -> Rollout:
     """Draw `group_size` completions for every prompt. temperature 0 = greedy.
 
     Speed tricks, each exact (the tokens are those of HF `generate` under the same settings):
@@ -1736,13 +1769,15 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
     pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
     i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
+    `compile_decode` (off by default; for GPU) decodes with a static KV cache and a compiled step (`compiled_decode`):
+    the first call per shape pays the compilation; not for FSDP2-sharded models.
     `Rollout.stats` holds the prefill and decode wall times and the number of decode steps.
     """
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        repetition_penalty=repetition_penalty, generator=generator)
+                        repetition_penalty=repetition_penalty, generator=generator, compile_decode=compile_decode)
                  for i in range(0, len(prompts), prompt_batch)]
         return concat_rollouts(parts, pad_id=special_token_ids(processor)["<|endoftext|>"])
     ids = special_token_ids(processor)
@@ -1756,10 +1791,18 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
     out = model(**batch, use_cache=True, logits_to_keep=1)
-    cache = expand_cache(out.past_key_values, G, Lp + max_new_tokens)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
+    if compile_decode:
+        if _fsdp_modules(model):
+            raise ValueError("sample(compile_decode=True) needs an unsharded model (one GPU or DDP), not FSDP2")
+        capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
+        cache = static_cache(model, out.past_key_values, G, capacity)
+        decode = compiled_decode(model)
+    else:
+        capacity = Lp + max_new_tokens
+        cache = expand_cache(out.past_key_values, G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # [B, V], B = P*G
     B, V = logits.shape
-    attention_mask = torch.ones((B, Lp + max_new_tokens), dtype=torch.long, device=device)  # [B, Lp+T] preallocated
+    attention_mask = torch.ones((B, capacity), dtype=torch.long, device=device)  # [B, capacity] preallocated
     attention_mask[:, :Lp] = batch["attention_mask"].repeat_interleave(G, 0)
     next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
@@ -1796,6 +1839,10 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
+        if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
+            logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
+            continue
         # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
         out = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
                     past_key_values=cache, use_cache=True)

@@ -84,3 +84,26 @@ def test_chunked_head_logprobs_equal_full_logits(tiny, toy_test):
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
     assert grads_b["lm_head.weight"].abs().sum() > 0
     assert "forward" not in model.lm_head.__dict__  # the swap of lm_head.forward was undone
+
+
+def test_static_cache_decode_equals_default(tiny, toy_test, monkeypatch):
+    """sample(compile_decode=True) (static KV cache, fixed-shape step) draws the same tokens as the default decode.
+    torch.compile is replaced by the identity here to keep the test fast: this checks the static-cache decode
+    itself; the compiled step is the same function."""
+    model, proc = tiny
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    common.set_pixel_budget(proc, 56 * 56, 224 * 224)
+    try:
+        im = common.open_image(toy_test.examples[0].image)
+        prompts = [common.encode_prompt(proc, im.resize((168, 140)), "Classify the image."),  # two lengths: left pad
+                   common.encode_prompt(proc, im.resize((84, 56)), common.TINY_OPEN_PROMPTS[0])]
+        for temperature in (0.0, 1.0):
+            runs = [common.sample(model, proc, prompts, group_size=3, max_new_tokens=16, temperature=temperature,
+                                  generator=torch.Generator().manual_seed(4), compile_decode=flag)
+                    for flag in (False, True)]
+            assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+            assert torch.equal(runs[0].completion_mask, runs[1].completion_mask)
+            assert (runs[0].logprobs - runs[1].logprobs).abs().max().item() < 1e-4
+    finally:
+        common.set_pixel_budget(proc, 112 * 112, 112 * 112)
+        model.__dict__.pop("_fgrl_compiled_decode", None)
