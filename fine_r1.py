@@ -264,10 +264,10 @@ CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
 # The teacher's instruction (the paper's is not published; this asks for the four parts its data shows).
 TEACHER_PROMPT = (
-    "This image shows a {kind} of the category \"{truth}\". Similar categories are: {candidates}.\n"
+    "This image shows a {kind} of the category \"{truth}\". Categories that look similar: {candidates}.\n"
     "Explain step by step how to recognise it, as if you did not know the answer yet, in four parts:\n"
     "1. a visual analysis: the visible discriminative features as a numbered list (1. 2. 3. ...);\n"
-    "2. a line starting with \"" + CANDIDATES_MARK + "\" that lists the plausible categories above;\n"
+    "2. a line starting with \"" + CANDIDATES_MARK + "\" that lists the similar categories;\n"
     "3. a comparison of those categories against the features;\n"
     "4. a final line \"" + PREDICTION_MARK + " {truth}\".\n"
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
@@ -455,6 +455,9 @@ def run_cot(args, d: common.Dist, out: str) -> str:
         stats["cot/tried"] = len(records)
     else:
         records, stats = teacher_rationales(args, d, train, seen, offers, confusable, stats)
+    if not records:
+        raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
+                         f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
     if d.is_main:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -463,9 +466,6 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     common.barrier()
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "
                   f"{len(seen)} seen classes -> {path}")
-    if not records:
-        raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
-                         f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
     return path
 
 
@@ -480,13 +480,12 @@ def teacher_rationales(args, d, train, seen, offers, confusable, stats):
     my_classes = seen[d.rank::d.world_size]
     for ci, name in enumerate(my_classes):
         candidates = confusable[name]
-        shown = sorted([name] + candidates, key=lambda c: random.Random(f"{args.seed}/{c}").random())
         kept = 0
         for start in range(0, args.cot_images_per_class, args.cot_batch):
             exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
             if not exs or kept >= args.cot_per_class:
                 break
-            text = TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(shown))
+            text = TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(candidates))
             prompts = [common.encode_prompt(processor, ex.image, text) for ex in exs]
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
             ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
@@ -505,6 +504,7 @@ def teacher_rationales(args, d, train, seen, offers, confusable, stats):
             stats["cot/tried"] += len(ro.texts)
         common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {kept} kept")
     records = [r for part in common.all_gather_objects(mine) for r in part]
+    records.sort(key=lambda r: seen.index(r["class_name"]))  # class order, whatever the number of ranks
     tried = sum(common.all_gather_objects(stats["cot/tried"]))
     fails_all = {}
     for part in common.all_gather_objects(fails):

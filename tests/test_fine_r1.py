@@ -1,6 +1,7 @@
 """fine_r1.py unit tests: the SFT label mask, triplets, rewards, advantages, the TAPO loss by hand, dynamic sampling,
 the rationale filter and the toy preset. Seconds on a CPU."""
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -281,3 +282,38 @@ def test_toy_preset_fills_only_unset_flags():
     assert paper.reward_weights == {"accuracy": 0.9, "format": 0.1} and paper.cot_source == "teacher"
     with pytest.raises(SystemExit, match="toy"):
         fine_r1.parse_args(["--data", "cub", "--cot-source", "attributes"])
+
+
+def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_path, monkeypatch):
+    """The teacher path of stage cot with a canned teacher: per class, the first rationale that passes the filter
+    is kept (at most --cot-per-class), failing ones are counted, nothing is kept for a class with none passing."""
+    model, proc = tiny
+    names = fine_r1.load_split(fine_r1.parse_args(["--data", "toy"]), "train", "base").split_class_names
+    asked = []
+
+    def canned_sample(teacher, processor, prompts, *, group_size, **kw):
+        text = processor.tokenizer.decode(prompts[0].input_ids)
+        truth = next(n for n in names if f'category "{n}"' in text)
+        asked.append(truth)
+        good = fine_r1.response_text(fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth]),
+                                     truth)
+        if truth == names[0]:  # every rationale fails for the first class: the answer is wrong
+            texts = [good.replace(f"<answer>{truth}", "<answer>nothing")] * (len(prompts) * group_size)
+        else:  # first a rationale without the candidate line, then good ones
+            texts = [good.replace(fine_r1.CANDIDATES_MARK, "")] + [good] * (len(prompts) * group_size - 1)
+        return SimpleNamespace(texts=texts)
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, proc))
+    monkeypatch.setattr(common, "sample", canned_sample)
+    args = fine_r1.parse_args(["--data", "toy", "--cot-source", "teacher", "--cot-per-class", "1",
+                               "--cot-images-per-class", "2", "--cot-batch", "2", "--cot-samples", "2",
+                               "--out", str(tmp_path)])
+    path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))
+    records = fine_r1.read_jsonl(path)
+    assert sorted(asked) == sorted(names)  # one sampling call per class (2 images x 2 samples)
+    assert [r["class_name"] for r in records] == names[1:]  # class order; none for the class that always failed
+    for r in records:
+        kept, checks = fine_r1.check_rationale(r["response"], r["class_name"])
+        assert kept is not None and fine_r1.CANDIDATES_MARK in r["response"]
+    log = fine_r1.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))[-1]
+    assert log["cot/kept"] == 11 and log["cot/tried"] == 12 * 4
+    assert log["cot/failed_answer"] == 4 and log["cot/failed_candidates"] == 11
