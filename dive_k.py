@@ -372,9 +372,20 @@ def format_reward(completion: str, question: dict) -> float:
     return float(common.format_ok(completion))
 
 
+def chosen_letter(completion: str, options: list[str]) -> str | None:
+    """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
+    (normalised). The tiny stand-in answers with the option's text; real checkpoints answer with letters."""
+    letter = answer_letter(completion, len(options))
+    if letter is None:
+        text = common.normalize(common.parse_answer(completion) or "")
+        matches = [i for i, option in enumerate(options) if text and text == common.normalize(option)]
+        letter = common.LETTERS[matches[0]] if len(matches) == 1 else None
+    return letter
+
+
 def mcq_reward(completion: str, question: dict) -> float:
-    """1 if the answered letter is the question's answer letter."""
-    return float(answer_letter(completion, len(question["options"])) == question["answer"])
+    """1 if the chosen option (by letter, or by its exact text) is the question's answer."""
+    return float(chosen_letter(completion, question["options"]) == question["answer"])
 
 
 def random_reward(completion: str, question: dict) -> float:
