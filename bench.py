@@ -369,7 +369,9 @@ def main(argv=None) -> dict:
         # --- update pass: forward + backward + AdamW, micro-batched, one optimizer step per run
         if "update" in args.phases:
             model.train()
-            opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, fused=device.type == "cuda")
+            # fused AdamW kernel on GPU for plain tensors; the default (foreach) one for FSDP2's sharded DTensors
+            fused = device.type == "cuda" and not (d.distributed and args.parallel == "fsdp")
+            opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, fused=fused)
             advantages = torch.randn(len(row_prompts), generator=torch.Generator().manual_seed(args.seed))  # [B]
             n_micro = (len(row_prompts) + micro - 1) // micro
 
