@@ -43,7 +43,9 @@ Deviations from the paper and its code (every one deliberate)
     image pad tokens. It is sharded over ranks and resumable; the code ran one process per GPU on a shuffled list.
   * The mcq reward reads the letter from the <answer> tag only (the code fell back to the whole completion) and
     gives 0 when the answer names several letters ("A, B"): the code scored hedged answers with keyword heuristics.
-    A letter counts when it is not inside a word: "B", "B.", "(B)", "B) name", "B: name".
+    A letter counts when it is not inside a word: "B", "B.", "(B)", "B) name", "B: name". An answer that is exactly
+    one option's text (normalised) also chooses that option, as eval.py's parser does: the tiny stand-in answers
+    multiple choice with the option's text (a two-layer model did not learn the letter lookup), the paper's 0.
   * The format check allows whitespace around the completion (common.format_ok); the code's fullmatch did not.
   * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
     update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL

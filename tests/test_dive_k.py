@@ -120,7 +120,9 @@ TRUTH_TABLE = [  # completion, format, mcq
     ("<think>x</think><answer>A</answer>", 1, 0),
     ("<think>x</think><answer>D</answer>", 1, 0),  # no option D
     ("<think>x</think><answer>A, B</answer>", 1, 0),  # hedged
-    ("<think>x</think><answer>Bobolink</answer>", 1, 0),  # the name, not the letter
+    ("<think>x</think><answer>bobolink</answer>", 1, 1),  # exactly one option's text chooses it (the stand-in)
+    ("<think>x</think><answer>Laysan</answer>", 1, 0),  # part of an option's text is no choice
+    ("<think>x</think><answer>Western Gull</answer>", 1, 0),  # a name outside the options
     ("<think>x</think><answer>A bird</answer>", 1, 0),  # 'A' as an article is no letter
     ("<answer>B</answer>", 0, 1),  # no think: format fails, the letter still counts
     ("<think>x</think><answer>B</answer> trailing", 0, 1),
