@@ -76,7 +76,7 @@ PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", rollout_prompts=256, group_siz
 # are ~30 tokens), a higher learning rate and a smaller adapter for a 0.7M-parameter model, a bounded number of steps
 # and a quick evaluation on 120 held-out images. Measured in tests/test_speciarl_learning.py.
 TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, lr=2e-3, lora_rank=16,
-           lora_alpha=32.0, epochs=3, eval_every=10, eval_limit=120, eval_max_new_tokens=48, eval_batch=120,
+           lora_alpha=32.0, epochs=1, eval_every=10, eval_limit=120, eval_max_new_tokens=48, eval_batch=120,
            save_every=10, sample_batch=16, micro_batch=80, logprob_micro_batch=160)
 # ------------------------------------------------------------------------------------------------------------------
 
