@@ -1774,7 +1774,8 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
       * one batched decode over all prompts x samples, with explicit M-RoPE positions (next position = the prompt's
         largest position + 1 + step), so no per-step position bookkeeping inside the model;
       * light per-step sampling math: one log-sum-exp per row for the recorded log-probs (no [B, V] log-softmax
-        kept), the full-vocabulary sort only when top_p < 1, no processor or tokenizer call inside the loop;
+        kept), no vocabulary sort unless top_p < 1 and then only of the top candidates (`sampling_filter`), no
+        processor or tokenizer call inside the loop;
       * stop as soon as every row has produced an EOS.
     Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
     pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
@@ -1811,6 +1812,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         capacity = Lp + max_new_tokens
         cache = expand_cache(out.past_key_values, G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # [B, V], B = P*G
+    del out  # the prefill's outputs (its cache now lives on in `cache`)
     B, V = logits.shape
     attention_mask = torch.ones((B, capacity), dtype=torch.long, device=device)  # [B, capacity] preallocated
     attention_mask[:, :Lp] = batch["attention_mask"].repeat_interleave(G, 0)
@@ -1852,11 +1854,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
             logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
-            continue
-        # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
-        out = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # [B, V]
+        else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
+            logits = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()  # [B, V]
     sync()
     stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
     tokens, token_logps = tokens[:, :steps], token_logps[:, :steps]
