@@ -59,6 +59,7 @@ if mode == "step":
         open(os.path.join(out, "ok"), "w").write("ok")
 elif mode == "train":
     total, stop = int(sys.argv[4]), int(sys.argv[5])
+    common.seed_everything(1234 + d.rank)  # a fresh process is not otherwise seeded; resume restores this RNG
     wrapped = common.wrap_model(model, d, parallel)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
     start = 0
