@@ -1148,6 +1148,11 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     ds = select_classes(ds, classes)
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
+    if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
+        dropped = f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}" if ds.skipped else ""
+        raise SystemExit(f"--data {name}: split {split!r} ({classes} classes) has no usable image (read from "
+                         f"{ds.root}{dropped}). Expected at least one readable image.\nExpected layout:\n"
+                         f"{LAYOUTS.get(name, LAYOUTS['json'])}")
     if shots:
         ds = few_shot(ds, shots, seed)
     if limit:
@@ -2143,6 +2148,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(out_dir, "latest"), os.path.basename(final) + "\n")
+        for stale in glob.glob(os.path.join(out_dir, "ckpt_*.tmp")):  # half-written by a killed run: never read
+            shutil.rmtree(stale, ignore_errors=True)
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep]:
             if not old.endswith(".tmp") and old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -2305,10 +2312,14 @@ def setup_run(args, default_out: str) -> tuple[Dist, str]:
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
     """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix."""
-    if by <= 0 or total % by:
-        lower, upper = (total // by) * by if by > 0 else 0, (total // by + 1) * by if by > 0 else by
+    if by <= 0:
+        raise SystemExit(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it).")
+    if total <= 0:
+        raise SystemExit(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}.")
+    if total % by:
+        lower, upper = (total // by) * by, (total // by + 1) * by
         raise SystemExit(f"{what} = {total} is not divisible by {by_what} = {by}. "
-                         f"Use a multiple of {by}, e.g. {lower or upper} or {upper}.")
+                         f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}.")
 
 
 def global_token_count(mask: torch.Tensor) -> float:
@@ -2350,6 +2361,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--activation-checkpointing", type=int, default=None,
                    help="recompute activations in the backward (default: on for GPU, off for CPU)")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    g.add_argument("--max-nonfinite", type=int, default=5, help="optimizer steps in a row with a NaN / inf loss or "
+                   "gradient (each one skipped) that stop the run with a checkpoint (0 = never stop)")
     return parser
 
 
@@ -2606,3 +2619,252 @@ def lora_disabled(model):
 
 def has_lora(model) -> bool:
     return any(isinstance(m, LoRALinear) for m in unwrap(model).modules())
+
+
+# =====================================================================================================================
+# 12. Robustness
+# =====================================================================================================================
+# What a run of several days needs beyond the happy path. The three method files use all of it:
+#   * NonFiniteGuard: a NaN / inf loss or gradient norm skips the optimizer step on every rank together (counted,
+#     logged); too many in a row stop the run with a message, after the caller has saved a checkpoint;
+#   * report_memory_budget: at start, the estimated memory per GPU (parameters, gradients, optimizer states, frozen
+#     reference, rollout KV cache, activations) and the knobs that reduce it, largest first;
+#   * repair_jsonl_tail: an append-only JSONL cache whose last line was cut by a kill is made appendable again;
+#   * fault_point: fault injection for the tests, read from the FGRL_FAULT environment variable (never set it in a
+#     real run):
+#         FGRL_FAULT="kind=raise,step=2,rank=1"    rank 1 raises RuntimeError in step 2 (the others are then killed
+#                                                   by torchrun, which shows that rank's traceback)
+#         FGRL_FAULT="kind=kill,step=3"            every rank sends itself SIGKILL in the middle of step 3 (kill -9)
+#         FGRL_FAULT="kind=nan,step=2-4,at=tapo"   the loss of steps 2 to 4 of the fault point named 'tapo' is NaN
+#     step: one step or an inclusive range (the step the method logs in metrics.jsonl); rank: one global rank
+#     (default: every rank); at: only the fault point of that name (default: any).
+# Checkpoints (section 8) are atomic already: written to ckpt_N.tmp, renamed, and only then is `latest` rewritten; a
+# .tmp left behind by a kill is never read and is removed by the next save.
+
+FAULT_ENV = "FGRL_FAULT"
+FAULT_KINDS = ("raise", "nan", "kill")
+
+
+def parse_fault(spec: str | None) -> dict | None:
+    """FGRL_FAULT's value -> {"kind", "first", "last", "rank", "at"}; None when unset or empty."""
+    if not spec:
+        return None
+    usage = (f"{FAULT_ENV}={spec!r}: expected comma-separated key=value pairs: kind=raise|nan|kill, step=N or N-M, "
+             f"optionally rank=R and at=NAME")
+    fields = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("kind", "step", "rank", "at"):
+            raise SystemExit(usage)
+        fields[key.strip()] = value.strip()
+    if fields.get("kind") not in FAULT_KINDS or "step" not in fields:
+        raise SystemExit(usage)
+    first, _, last = fields["step"].partition("-")
+    try:
+        first, last = int(first), int(last or first)
+        rank = int(fields["rank"]) if "rank" in fields else None
+    except ValueError:
+        raise SystemExit(usage)
+    return {"kind": fields["kind"], "first": first, "last": last, "rank": rank, "at": fields.get("at")}
+
+
+def fault_point(step: int, value: torch.Tensor | None = None, at: str | None = None):
+    """A place where a test may inject a fault: call it in the middle of a step, just before the backward, with the
+    loss. FGRL_FAULT unset (always, outside tests): returns `value` untouched. When FGRL_FAULT matches this step,
+    rank and name: kind=raise raises RuntimeError, kind=kill sends this process SIGKILL, kind=nan returns value * NaN."""
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    rank = int(os.environ.get("RANK", 0))
+    if (fault is None or not fault["first"] <= step <= fault["last"] or fault["rank"] not in (None, rank)
+            or fault["at"] not in (None, at)):
+        return value
+    where = f"step {step}{f' ({at})' if at else ''} on rank {rank}"
+    if fault["kind"] == "nan":
+        if value is None:
+            raise ValueError(f"{FAULT_ENV} kind=nan needs a fault point that passes the loss")
+        return value * float("nan")
+    print(f"{FAULT_ENV}: injecting kind={fault['kind']} at {where}", file=sys.stderr, flush=True)
+    if fault["kind"] == "kill":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault ({FAULT_ENV}={os.environ[FAULT_ENV]}) at {where}")
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss or gradient norm is NaN or inf, on every rank together, and stop after
+    `limit` of them in a row. Use, once per optimizer step, after the backward and the gradient clipping:
+
+        guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)
+        ...
+        if guard.check(step, loss=loss_value, grad_norm=grad_norm):
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)   # skipped: weights and optimizer state stay those of the last good step
+        ...
+        if guard.exhausted:
+            common.save_checkpoint(out, ...)        # then the run stops with a message naming that checkpoint
+            guard.stop(out)
+
+    The decision is all-reduced (one scalar), so DDP / FSDP2 replicas never diverge: a NaN on any rank skips the step
+    everywhere. The data of a skipped step is consumed (the step counter moves on). `limit` 0 never stops."""
+
+    def __init__(self, limit: int = 5, device: torch.device | str = "cpu"):
+        self.limit = limit  # non-finite steps in a row that stop the run
+        self.device = torch.device(device)  # where the all-reduced flag lives (a CUDA device under nccl)
+        self.skipped = 0  # steps skipped by this process
+        self.in_a_row = 0  # current streak of skipped steps
+        self.last: dict = {}  # the offending values of the last skipped step, on this rank
+
+    def check(self, step: int, **values) -> bool:
+        """True if every value (floats or 0-d tensors) is finite on every rank; else count and log the skip."""
+        local = {k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+        bad_here = not all(math.isfinite(v) for v in local.values())
+        flag = torch.tensor([float(bad_here)], device=self.device)
+        bad = bool(all_reduce_sum(flag).item() > 0)
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        self.last = local
+        rank = int(os.environ.get("RANK", 0))
+        if bad_here or rank == 0:
+            shown = ", ".join(f"{k}={v:g}" for k, v in local.items())
+            print(f"warning: step {step}: non-finite loss or gradient ({'here' if bad_here else 'on another rank'}: "
+                  f"rank {rank} {shown}); optimizer step skipped ({self.in_a_row} in a row, {self.skipped} in all"
+                  f"{f', the run stops at {self.limit} in a row' if self.limit else ''})", file=sys.stderr, flush=True)
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.limit) and self.in_a_row >= self.limit
+
+    def stats(self) -> dict[str, int]:
+        """For the metrics record: steps skipped so far by this process, and the current streak."""
+        return {"nonfinite/skipped": self.skipped, "nonfinite/in_a_row": self.in_a_row}
+
+    def stop(self, out_dir: str):
+        """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
+        ckpt = latest_checkpoint(out_dir)
+        raise SystemExit(
+            f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
+            f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "
+            f"weights and optimizer state of the last good step are saved in {ckpt}. Rerunning the same command "
+            f"resumes after the bad steps. If it happens again: lower the learning rate, look at the data of those "
+            f"steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
+
+
+# ----- memory budget -----
+
+MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag names where they differ)
+    "parameters": "--parallel fsdp over more GPUs (shards weights, gradients and optimizer states); --dtype bf16 "
+                  "halves the weights (small updates then round away)",
+    "gradients": "--parallel fsdp over more GPUs; train fewer parameters (freeze the vision tower, LoRA)",
+    "optimizer states": "--parallel fsdp over more GPUs; train fewer parameters (freeze the vision tower, LoRA)",
+    "frozen reference": "--beta 0 (no KL term, no reference model)",
+    "gathered parameters": "none but a smaller model: FSDP2 holds the whole model in compute precision while sampling",
+    "rollout KV cache": "fewer images per sampling call, a smaller --group-size, --max-new-tokens or --max-pixels",
+    "activations": "a smaller --micro-batch; --activation-checkpointing 1",
+}
+
+
+def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
+                  master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
+                  prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0,
+                  activation_checkpointing: bool = False) -> dict[str, float]:
+    """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
+
+      parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
+      gradients            n_trainable x master bytes                   / shards
+      optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
+      frozen reference     n_params x compute bytes                     / shards       (a second model for a KL)
+      gathered parameters  n_params x compute bytes x (1 - 1/shards)    (FSDP2 unshards the model for sampling)
+      rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
+      activations (rough)  train_rows x (prompt + new tokens) x compute bytes x (layers x (6 hidden + 4 intermediate)),
+                           with checkpointing layers x hidden + one layer's (6 hidden + 4 intermediate)
+    Not counted: the vision tower's activations, the CUDA context and allocator slack (add 10-20%)."""
+    shards = world_size if parallel == "fsdp" else 1
+    tc = text_config
+    layers, hidden = tc.num_hidden_layers, tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
+    tokens = prompt_tokens + new_tokens
+    per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
+    stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
+    return {
+        "parameters": n_params * master_bytes / shards,
+        "gradients": n_trainable * master_bytes / shards,
+        "optimizer states": 2 * n_trainable * master_bytes / shards,
+        "frozen reference": n_params * compute_bytes / shards if reference else 0.0,
+        "gathered parameters": n_params * compute_bytes * (1 - 1 / shards),
+        "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
+        "activations": float(train_rows * tokens * compute_bytes * stored),
+    }
+
+
+def prompt_tokens_estimate(processor, text: str) -> int:
+    """Prompt length, upper bound: the text's tokens, the chat template (~20) and one image at the pixel budget (one
+    visual token per 28 x 28 pixels after the 2 x 2 merge)."""
+    image_tokens = int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
+    return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens
+
+
+def _gib(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, rollout_rows: int, prompt_tokens: int,
+                         new_tokens: int, train_rows: int, activation_checkpointing: bool,
+                         compute_dtype: torch.dtype | None = None, knobs: dict[str, str] | None = None,
+                         title: str = "memory budget") -> dict[str, float]:
+    """Count the model's parameters (total and trainable, after freezing / LoRA), estimate the memory per GPU
+    (memory_budget) and print it on rank 0, largest component first, each with the knobs that reduce it. Returns the
+    estimate in bytes by component."""
+    hf = unwrap(model)
+    params = list(hf.parameters())
+    n_params = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in params if p.requires_grad)
+    master = params[0].dtype
+    compute = compute_dtype or master
+    budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
+                           world_size=d.world_size, parallel=parallel, master_bytes=master.itemsize,
+                           compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
+                           prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
+                           activation_checkpointing=activation_checkpointing)
+    total = sum(budget.values())
+    knobs = {**MEMORY_KNOBS, **(knobs or {})}
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    lines = [f"{title} per GPU, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
+             f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; rollouts of {rollout_rows} rows x "
+             f"{prompt_tokens} + {new_tokens} tokens; updates of {train_rows} rows): {_gib(total)}. "
+             f"Largest first, with what reduces it:"]
+    for i, (part, size) in enumerate(sorted(((k, v) for k, v in budget.items() if v > 0), key=lambda kv: -kv[1])):
+        lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
+    if d.device.type == "cuda":
+        have = torch.cuda.get_device_properties(d.device).total_memory
+        lines.append(f"  this GPU has {_gib(have)}" + (": the estimate does NOT fit, use the knobs above in order"
+                                                       if total > 0.9 * have else ""))
+    print0("\n".join(lines))
+    return budget
+
+
+# ----- append-only JSONL caches -----
+
+def repair_jsonl_tail(path: str) -> int:
+    """Make an append-only JSONL file safe to append to after a crash: a last line without its newline (a kill
+    mid-write) is cut off, or given its newline if it is a whole record. Returns the bytes dropped (0 if none)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+            f.write(b"\n")
+            return 0
+        except ValueError:
+            f.truncate(start)
+            return len(data) - start
