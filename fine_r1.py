@@ -97,7 +97,7 @@ import common
 # None on the command line: whatever the user sets wins, the preset fills the rest.
 PAPER = dict(
     model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-    cot_per_class=1, cot_max_new_tokens=2048, closed_frac=0.0,
+    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0,
     sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
     shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
     max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
@@ -108,12 +108,12 @@ PAPER = dict(
 # the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
 TOY = dict(
     model="tiny", min_pixels=common.TOY_IMAGE_SIZE ** 2, max_pixels=common.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_max_new_tokens=128, closed_frac=0.5,
-    sft_lr=5e-4, sft_batch=32, sft_epochs=4.0, sft_micro_batch=32, sft_min_pixels=common.TOY_IMAGE_SIZE ** 2,
+    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=128, closed_frac=0.5,
+    sft_lr=2e-3, sft_batch=16, sft_epochs=4.0, sft_micro_batch=16, sft_min_pixels=common.TOY_IMAGE_SIZE ** 2,
     sft_max_pixels=common.TOY_IMAGE_SIZE ** 2,
     shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=2e-4, tapo_epochs=8.0,
-    max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
-    eval_every=0, eval_limit=96, eval_max_new_tokens=96, eval_batch=96, save_every=8,
+    max_new_tokens=128, micro_batch=40, logprob_micro_batch=80,
+    eval_every=0, eval_limit=None, eval_max_new_tokens=128, eval_batch=96, save_every=8,
 )
 
 
@@ -135,7 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--cot-images-per-class", type=int, default=4,
                    help="training images per class given to the teacher until one rationale passes the filter")
     g.add_argument("--cot-samples", type=int, default=2, help="rationales sampled per image from the teacher")
-    g.add_argument("--cot-candidates", type=int, default=3, help="confusable classes shown with the truth (3-4)")
+    g.add_argument("--cot-candidates", type=int, default=None,
+                   help="confusable classes in a rationale's candidate line (paper 3-4; toy 2)")
     g.add_argument("--cot-temperature", type=float, default=0.7, help="teacher sampling temperature")
     g.add_argument("--cot-top-p", type=float, default=0.95, help="teacher nucleus sampling")
     g.add_argument("--cot-max-new-tokens", type=int, default=None, help="rationale length cap (paper-sized 2048)")
@@ -280,16 +281,20 @@ CLOSED_QUESTION = ("This is an image containing a {kind}. Find the most likely n
                    "<answer> </answer> tags.")
 
 
-def question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0) -> str:
-    """The question of one sample, picked by a stable key (an image id, a pair of images): an open phrasing, or with
-    probability closed_frac the closed-world form whose options are the truth and 3 of `others`, shuffled."""
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
+                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
+    phrasing and None, or with probability closed_frac the closed-world form whose options are the truth and 3 of
+    `others` (shuffled) and those 3 distractors."""
     rng = random.Random(f"question/{key}")
     if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
-        options = rng.sample(list(others), 3) + [truth]
+        distractors = rng.sample(list(others), 3)
+        options = distractors + [truth]
         rng.shuffle(options)
-        return CLOSED_QUESTION.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}"
+        text = CLOSED_QUESTION.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}"
                                                                   for i, o in enumerate(options)))
-    return rng.choice(QUESTIONS).format(kind=kind)
+        return text, distractors
+    return rng.choice(QUESTIONS).format(kind=kind), None
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -299,16 +304,19 @@ def response_text(rationale: str, class_name: str) -> str:
 
 def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     """The four-part rationale of a toy image, written from its known attributes (toy class = colour pattern shape).
-    Short on purpose (about 100 tokens): the tiny stand-in samples it on a CPU.
-    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped circle"])
-    '1. colour: red. 2. pattern: striped. 3. shape: circle.\\nThe analysis of candidate subcategories: red plain circle,
-     blue striped circle.\\nnot plain, not blue.\\nThe prediction is: red striped circle.'
+    Short (about 80 tokens) because the tiny stand-in samples it on a CPU. The shape is named first: named last, it
+    would be predictable from colour and pattern among the 12 seen classes (every seen blue shape is a triangle), and
+    a two-layer model learns that shortcut instead of looking, which fails on the unseen classes.
+    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
+    '1. shape: circle 2. colour: red 3. pattern: striped\nThe analysis of candidate subcategories: red plain circle,
+     blue striped square.\nnot plain, not square.\nThe prediction is: red striped circle.'
     """
     colour, pattern, shape = class_name.split()
     differs = []
-    for c in candidates:  # the attribute in which each candidate differs from what the image shows
-        differs += [w for w, mine in zip(c.split(), (colour, pattern, shape)) if w != mine][:1]
-    return (f"1. colour: {colour}. 2. pattern: {pattern}. 3. shape: {shape}.\n"
+    for c in candidates:  # the first attribute (in the order named) in which each candidate differs from the image
+        c_colour, c_pattern, c_shape = c.split()
+        differs += [w for w, mine in ((c_shape, shape), (c_colour, colour), (c_pattern, pattern)) if w != mine][:1]
+    return (f"1. shape: {shape} 2. colour: {colour} 3. pattern: {pattern}\n"
             f"{CANDIDATES_MARK} {', '.join(candidates)}.\n"
             f"{', '.join('not ' + w for w in differs)}.\n"
             f"{PREDICTION_MARK} {class_name}.")
@@ -449,9 +457,12 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     if args.cot_source == "attributes":
         for name in seen:
             for ex in offers[name][:args.cot_per_class]:
-                records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": confusable[name],
-                                "question": question(train.kind, ex.id, name, confusable[name], args.closed_frac),
-                                "response": response_text(attribute_rationale(name, confusable[name]), name)})
+                text, distractors = pose_question(train.kind, ex.id, name, [c for c in seen if c != name],
+                                                  args.closed_frac)
+                candidates = distractors or confusable[name]  # a closed question's candidates are its options
+                records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
+                                "question": text, "response": response_text(attribute_rationale(name, candidates),
+                                                                            name)})
         stats["cot/tried"] = len(records)
     else:
         records, stats = teacher_rationales(args, d, train, seen, offers, confusable, stats)
@@ -479,26 +490,29 @@ def teacher_rationales(args, d, train, seen, offers, confusable, stats):
     mine, fails = [], {}
     my_classes = seen[d.rank::d.world_size]
     for ci, name in enumerate(my_classes):
-        candidates = confusable[name]
         kept = 0
         for start in range(0, args.cot_images_per_class, args.cot_batch):
             exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
             if not exs or kept >= args.cot_per_class:
                 break
-            text = TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(candidates))
-            prompts = [common.encode_prompt(processor, ex.image, text) for ex in exs]
+            # the question each image will be trained with; a closed one's distractors are the rationale's candidates
+            posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
+                     for ex in exs]
+            candidates = [distractors or confusable[name] for _, distractors in posed]
+            prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
+                kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
             ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
                                max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                                top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
             for row, completion in enumerate(ro.texts):
-                ex = exs[row // args.cot_samples]
+                i = row // args.cot_samples
                 rationale, checks = check_rationale(completion, name)
                 for k, ok in checks.items():
                     fails[k] = fails.get(k, 0) + (not ok)
-                if rationale is not None and kept < args.cot_per_class and ex.id not in {r["id"] for r in mine}:
-                    mine.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
-                                 "question": question(train.kind, ex.id, name, candidates, args.closed_frac),
+                if rationale is not None and kept < args.cot_per_class and exs[i].id not in {r["id"] for r in mine}:
+                    mine.append({"image": exs[i].image, "id": exs[i].id, "class_name": name,
+                                 "candidates": candidates[i], "question": posed[i][0],
                                  "response": response_text(rationale, name)})
                     kept += 1
             stats["cot/tried"] += len(ro.texts)
@@ -598,7 +612,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                 with compute_ctx(args):
                     loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
                 (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
-                loss_sum += float(loss) * len(rows) / per_rank
+                loss_sum += float(loss.detach()) * len(rows) / per_rank
                 tokens += sum(len(t) for _, t in rows)
             grad_norm = clip_gradients(params, 1.0)
             optimizer.step()
@@ -801,13 +815,13 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
                   generator) -> list[Group]:
     """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
     G = args.group_size
-    texts = [question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
-                      [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)
-             for t in triplets]  # one question per triplet, asked with the anchor and with the positive
+    questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
+                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
+                 for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = []
-    for t, text in zip(triplets, texts):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
-        prompts += [common.encode_prompt(processor, t.anchor.image, text),
-                    common.encode_prompt(processor, t.positive.image, text)]
+    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
+        prompts += [common.encode_prompt(processor, t.anchor.image, q),
+                    common.encode_prompt(processor, t.positive.image, q)]
     with compute_ctx(args):
         ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
@@ -818,7 +832,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
         texts = ro.texts[rows]
         reward, parts = score(texts, [t.anchor.class_name] * 2 * G, args.reward_weights)  # [2G]
         groups.append(Group(t, [prompts[2 * i]] * G + [prompts[2 * i + 1]] * G,
-                            common.encode_prompt(processor, t.negative.image, texts[i]),
+                            common.encode_prompt(processor, t.negative.image, questions[i]),
                             ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward, parts))
     return groups
 
@@ -908,7 +922,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         # ----- 7. rollout with dynamic sampling: rounds of sampling until every rank has its groups -----
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         with timer("sampling"):
-            warm = common.encode_prompt(processor, anchors[0].image, question(train.kind, 0))
+            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
             with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
 
                 def sample_round(round_index: int) -> list[Group]:

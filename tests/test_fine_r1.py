@@ -21,7 +21,7 @@ def test_sft_labels_are_the_assistant_tokens_only(tiny, toy_test):
     tok = proc.tokenizer
     ids = common.special_token_ids(proc)
     exs = [toy_test.examples[0], toy_test.examples[40]]
-    records = [{"image": ex.image, "class_name": ex.class_name, "question": fine_r1.question("shape", ex.id),
+    records = [{"image": ex.image, "class_name": ex.class_name, "question": fine_r1.pose_question("shape", ex.id)[0],
                 "response": fine_r1.response_text(fine_r1.attribute_rationale(ex.class_name, ["red plain circle"] * (i + 1)),
                                                   ex.class_name)} for i, ex in enumerate(exs)]
     pairs = [fine_r1.sft_example(proc, r) for r in records]
@@ -257,7 +257,7 @@ def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
     assert kept == think and all(checks.values())
     assert common.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
     broken = {
-        "analysis": good.replace("1. colour", "colour"),
+        "analysis": good.replace("1. shape", "shape"),
         "candidates": good.replace(fine_r1.CANDIDATES_MARK, "Candidates:"),
         "comparison": good.replace(think.split("\n")[2], ""),
         "prediction": good.replace("The prediction is: red striped circle", "The prediction is: blue square"),
@@ -317,3 +317,32 @@ def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_pat
     log = fine_r1.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))[-1]
     assert log["cot/kept"] == 11 and log["cot/tried"] == 12 * 4
     assert log["cot/failed_answer"] == 4 and log["cot/failed_candidates"] == 11
+
+
+def test_rollout_groups_rows_images_and_negative_prompt(tiny):
+    """A group holds G rows from the anchor image then G from the positive, with one question; the negative prompt
+    asks the same question with the negative image; each row is scored against the anchor's class."""
+    model, proc = tiny
+    args = fine_r1.parse_args(["--data", "toy", "--group-size", "2", "--max-new-tokens", "12", "--closed-frac", "0.5"])
+    train = fine_r1.load_split(args, "train", "base", shots=4)
+    by_class = {}
+    for ex in train.examples:
+        by_class.setdefault(ex.class_name, []).append(ex)
+    negatives = fine_r1.negative_classes(sorted(by_class), "random", 0)
+    triplets = [fine_r1.make_triplet(a, by_class, negatives, random.Random(i)) for i, a in enumerate(train.examples[:3])]
+    groups = fine_r1.sample_groups(model, proc, triplets, "shape", sorted(by_class), args, torch.Generator().manual_seed(0))
+    tok = proc.tokenizer
+    for t, g in zip(triplets, groups):
+        assert g.completion_ids.shape[0] == 4 and len(g.texts) == 4 and g.reward.shape == (4,)
+        image_of = {id(p): p for p in g.prompts}
+        anchor = common.encode_prompt(proc, t.anchor.image, "x")
+        positive = common.encode_prompt(proc, t.positive.image, "x")
+        negative = common.encode_prompt(proc, t.negative.image, "x")
+        assert all(torch.equal(p.pixel_values, anchor.pixel_values) for p in g.prompts[:2])
+        assert all(torch.equal(p.pixel_values, positive.pixel_values) for p in g.prompts[2:])
+        assert torch.equal(g.neg_prompt.pixel_values, negative.pixel_values)
+        assert len(image_of) == 2  # rows share their prompt objects
+        question = tok.decode(g.prompts[0].input_ids)
+        assert tok.decode(g.prompts[2].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
+        expected, _ = fine_r1.score(g.texts, [t.anchor.class_name] * 4, args.reward_weights)
+        assert torch.equal(g.reward, expected)
