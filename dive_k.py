@@ -290,7 +290,10 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
         model.eval()
         bar = make_bar(d, total=len(mine_shard), desc="mining")
         warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, base_classes))
-        with open(os.path.join(out, f"mcq.part{d.rank}.jsonl"), "a") as f, \
+        part_path = os.path.join(out, f"mcq.part{d.rank}.jsonl")
+        common.barrier()  # every rank has read the parts (and agrees on `todo`) before any rank appends to them
+        common.repair_jsonl_tail(part_path)  # a line cut by a kill would glue onto the next record appended
+        with open(part_path, "a") as f, \
                 common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
             for start in range(0, len(mine_shard), args.mine_batch):
                 chunk = mine_shard[start:start + args.mine_batch]
@@ -582,6 +585,22 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+    # the memory estimate per GPU at start, for the larger of the two sampling phases, and the knobs that reduce it
+    phases = [(args.mine_batch * args.mine_samples, mine_prompt(train.kind, base_classes), args.mine_max_new_tokens),
+              (prompts_per_rank * args.group_size, mcq_prompt(train.kind, base_classes[:args.max_options]),
+               args.max_new_tokens)]
+    phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
+    kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
+    common.report_memory_budget(
+        model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=torch.bfloat16 if bf16_compute else None,
+        knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
+                                   "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
+               "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
+    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
 
     # auto-resume: the same command continues from <out>/latest
     start_step, ckpt = 0, common.latest_checkpoint(out)
@@ -667,6 +686,7 @@ def main(argv=None):
         with timer("update"):
             for update in range(args.updates_per_batch):
                 optimizer.zero_grad(set_to_none=True)
+                update_loss = 0.0
                 starts = list(range(0, B, args.micro_batch))
                 for k, s in enumerate(starts):
                     rows = slice(s, s + args.micro_batch)
@@ -681,10 +701,15 @@ def main(argv=None):
                     loss, st = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),
                                          beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
                                          loss_agg=args.loss_agg, normalizer=normalizer)
+                    loss = common.fault_point(step + 1, loss)  # tests only (FGRL_FAULT): raise / kill -9 / NaN here
                     loss.backward()
                     sums.update({**st, "loss": float(loss.detach())})
+                    update_loss += float(loss.detach())
                 grad_norm = clip_gradients(params, args.grad_clip)
-                optimizer.step()
+                if guard.check(step + 1, loss=update_loss, grad_norm=grad_norm):
+                    optimizer.step()
+                else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                    optimizer.zero_grad(set_to_none=True)
         grad_sync(model, True)
 
         # ----- metrics -----
@@ -697,7 +722,7 @@ def main(argv=None):
                  "loss": sums["loss"] / args.updates_per_batch, "mean_options": sum(len(q["options"]) for q in batch) / len(batch),
                  **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **online}
         record = {"step": step + 1, **common.mean_over_ranks(local), "lr": lr, "grad_norm": grad_norm,
-                  **common.mean_over_ranks(timer.pop())}
+                  **guard.stats(), **common.mean_over_ranks(timer.pop())}
         record["tokens_per_s"] = float(common.all_reduce_sum(torch.tensor([tokens]))[0]) / step_time
         if args.log_completions and d.is_main:
             record["completions"] = [
@@ -712,9 +737,11 @@ def main(argv=None):
             bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                             fmt=f"{record['format_rate']:.2f}")
             bar.update(1)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or guard.exhausted:
             common.save_checkpoint(out, step + 1, model, optimizer,
                                    {"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps})
+        if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
+            guard.stop(out)
     if bar is not None:
         bar.close()
 

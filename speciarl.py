@@ -383,13 +383,15 @@ def gradient_sync(model, enabled: bool):
 # =====================================================================================================================
 
 def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
-                  first_opt_step: int, total_opt_steps: int) -> Counter:
+                  first_opt_step: int, total_opt_steps: int, guard: common.NonFiniteGuard | None = None) -> Counter:
     """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
     optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
     tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
     backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
-    the loss statistics (and the mean gradient norm) for logging."""
+    the loss statistics (and the mean gradient norm) for logging. With a `guard`, a mini-batch whose loss or gradient
+    norm is not finite skips its optimizer step (common.NonFiniteGuard)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    step = first_opt_step // args.minibatches + 1  # the rollout step, as logged
     device = next(common.unwrap(model).parameters()).device
     rows_per_minibatch = ids.shape[0] // args.minibatches
     sums = Counter()
@@ -399,6 +401,7 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
         common.set_lr(optimizer, common.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
                                               total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
+        minibatch_loss = 0.0
         chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
         for c, chunk in enumerate(chunks):
             with gradient_sync(model, enabled=c == len(chunks) - 1):
@@ -409,13 +412,19 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
                     logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
                     advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
                     dual_clip=args.dual_clip, beta=args.beta)
-                (loss_sum * world / max(tokens, 1.0)).backward()  # global token mean (x world: ranks are averaged)
+                loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
+                loss = common.fault_point(step, loss)  # tests only (FGRL_FAULT): raise / kill -9 / NaN here
+                loss.backward()
+                minibatch_loss += float(loss.detach())
             for k, v in stats.items():
                 sums[k] += float(v)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    args.grad_clip)
-        optimizer.step()
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if guard is None or guard.check(step, loss=minibatch_loss, grad_norm=grad_norm):
+            optimizer.step()
+        else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+            optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] += float(grad_norm) / args.minibatches
     return sums
 
@@ -450,6 +459,16 @@ def main(argv=None):
     # ---- models, verifier, logging
     model, proc, optimizer, ref = build_models(args, d)
     pad_id = common.special_token_ids(proc)["<|endoftext|>"]
+    common.report_memory_budget(  # printed at start: the estimate per GPU and the knobs that reduce it, in order
+        model, d, parallel=args.parallel, reference=ref is not None, rollout_rows=min(args.sample_batch,
+        prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
+        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        knobs={"rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
+    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     # one append-only cache file per run, shared by the ranks (the judge writes whole lines atomically)
     judge = common.get_judge(args.judge, train, cache_path=os.path.join(out, "judge_cache.jsonl"))
     eval_judge = None
@@ -505,18 +524,22 @@ def main(argv=None):
         with timer("update"):
             sums = update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp,
                                  pad_id, first_opt_step=step * args.minibatches,
-                                 total_opt_steps=total_steps * args.minibatches)
+                                 total_opt_steps=total_steps * args.minibatches, guard=guard)
 
         # ---- log: rollout statistics summed over ranks, then the step's record
         step_time = time.perf_counter() - t_step
         record = step_metrics(labels, rewards, rollout, mask, sums, world, step_time)
-        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **timer.pop()})
+        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop()})
         log.log(record)
         log_rollouts(out, step + 1, mine, answers, labels, groups, rewards, args.log_rollouts)
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
                       f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
                       f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} kl {record['kl']:.4f} "
                       f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
+
+        if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
+            common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
+            guard.stop(out)
 
         # ---- evaluation and checkpoints
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
