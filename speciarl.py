@@ -167,7 +167,49 @@ def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> 
 
 
 # =====================================================================================================================
-# ----- 3. prompt -----
+# ----- 3. models -----
+# =====================================================================================================================
+
+def build_models(args, d):
+    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
+    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
+    if args.lora_rank > 0 and not args.freeze_vision:
+        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
+    model, proc = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.lora_rank > 0:
+        adapted = common.inject_lora(model, args.lora_rank, args.lora_alpha)
+        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
+    elif args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    param_dtype = common.resolve_dtype(args.dtype, d.device)
+    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ref = None
+    if args.beta > 0 and args.lora_rank == 0:
+        ref, _ = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        ref.requires_grad_(False)
+        ref = common.wrap_model(ref, d, "fsdp") if args.parallel == "fsdp" and d.distributed else ref
+    return wrapped, proc, optimizer, ref
+
+
+def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
+    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
+    if args.beta <= 0:
+        return None
+    ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
+    with ctx:
+        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
+                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch)
+
+
+# =====================================================================================================================
+# ----- 4. prompt -----
 # =====================================================================================================================
 # The tiny stand-in was pretrained on exactly these two phrasings, which are the paper's prompt with our tag wording:
 #   general:  "Classify the image. Output the thinking process in <think> </think> and the final answer in <answer>
@@ -177,11 +219,10 @@ PROMPTS = {"general": common.TINY_OPEN_PROMPTS[0], "specific": common.TINY_OPEN_
 
 
 # =====================================================================================================================
-# ----- 4. rollout -> answers -> verifier labels -----
+# ----- 5. rollout -> answers -> verifier labels -----
 # =====================================================================================================================
 NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
 JUDGE_ERROR = "judge_error"  # the verifier gave no valid label: reward 0, left out of the group's best
-CORRECT = ("generic", "less_specific", "specific", "more_specific")  # correct at some level of the hierarchy
 
 
 def answers_of(texts: list[str]) -> list[str | None]:
@@ -205,7 +246,7 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
 
 
 # =====================================================================================================================
-# ----- 5. reward: a registry of plain functions, one group of labels -> one reward per rollout -----
+# ----- 6. reward: a registry of plain functions, one group of labels -> one reward per rollout -----
 # =====================================================================================================================
 # To try a new reward, add a function `labels -> rewards` to REWARDS; --reward picks it by name.
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
@@ -262,7 +303,7 @@ def best_label(labels: list[str]) -> str:
 
 
 # =====================================================================================================================
-# ----- 6. advantage -----
+# ----- 7. advantage -----
 # =====================================================================================================================
 
 def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -280,7 +321,7 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
 
 
 # =====================================================================================================================
-# ----- 7. loss -----
+# ----- 8. loss -----
 # =====================================================================================================================
 
 def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -325,46 +366,8 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
 
 
 # =====================================================================================================================
-# ----- 8. models -----
+# ----- 9. the update loop -----
 # =====================================================================================================================
-
-def build_models(args, d):
-    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
-    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
-    if args.lora_rank > 0 and not args.freeze_vision:
-        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-    model, proc = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.lora_rank > 0:
-        adapted = common.inject_lora(model, args.lora_rank, args.lora_alpha)
-        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
-    elif args.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    param_dtype = common.resolve_dtype(args.dtype, d.device)
-    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ref = None
-    if args.beta > 0 and args.lora_rank == 0:
-        ref, _ = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
-                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        ref.requires_grad_(False)
-        ref = common.wrap_model(ref, d, "fsdp") if args.parallel == "fsdp" and d.distributed else ref
-    return wrapped, proc, optimizer, ref
-
-
-def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
-    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
-    if args.beta <= 0:
-        return None
-    ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
-    with ctx:
-        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
-                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch)
-
 
 @contextlib.contextmanager
 def gradient_sync(model, enabled: bool):
@@ -377,10 +380,6 @@ def gradient_sync(model, enabled: bool):
         model.set_requires_gradient_sync(enabled)
     yield
 
-
-# =====================================================================================================================
-# ----- 9. the update loop -----
-# =====================================================================================================================
 
 def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
                   first_opt_step: int, total_opt_steps: int, guard: common.NonFiniteGuard | None = None) -> Counter:
@@ -573,7 +572,7 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
      prompt_tok) = tot[n_labels:n_labels + 7]
     pg, kl, clip, dual, ratio = tot[n_labels + 7:]
     # the update visits every completion token once, so the loss sums divide by the tokens of the batch
-    correct = sum(c[n] for n in CORRECT)
+    correct = sum(c[n] for n in common.CORRECT_LABELS)
     rec = {f"share/{n}": c[n] / n_rollouts for n in names}
     rec.update({
         "reward": reward_sum / n_rollouts,
