@@ -581,6 +581,16 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=torch.bfloat16 if args.bf16_compute else None)
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
+    common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
+        model, d, parallel=args.parallel, reference=False, rollout_rows=0,
+        prompt_tokens=max(common.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
+        new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage sft)",
+        knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
+               "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start = 0
     ckpt = common.latest_checkpoint(sft_out)
     if ckpt:
@@ -611,13 +621,17 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                 grad_sync(model, k == len(micro_starts) - 1)
                 with compute_ctx(args):
                     loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
+                loss = common.fault_point(step + 1, loss, at="sft")  # tests only (FGRL_FAULT)
                 (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
                 loss_sum += float(loss.detach()) * len(rows) / per_rank
                 tokens += sum(len(t) for _, t in rows)
             grad_norm = clip_gradients(params, 1.0)
-            optimizer.step()
+            if guard.check(step + 1, loss=loss_sum, grad_norm=grad_norm):
+                optimizer.step()
+            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                optimizer.zero_grad(set_to_none=True)
         grad_sync(model, True)
-        record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
                   **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
                   **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
         done = step + 1 == total_steps
@@ -628,9 +642,11 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
         log.log(record)
         common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
                       f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
-        if done or (args.save_every and (step + 1) % args.save_every == 0):
+        if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
             common.save_checkpoint(sft_out, step + 1, model, optimizer,
                                    {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
+        if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
+            guard.stop(sft_out)
     common.export_hf(model, processor, final)
     common.print0(f"stage sft: done, exported to {final}")
     del model, optimizer
@@ -850,6 +866,18 @@ def stack_groups(groups: list[Group], pad_id: int):
 
 # ----- stage tapo: the update loop -----
 
+def check_tapo_batches(args, world_size: int):
+    """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
+    `--stage all` run never trains CoT SFT for hours and then stops here)."""
+    for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
+                    ("--prompts-per-step", args.prompts_per_step)):
+        common.require_divisible(what, n, world_size, "the number of ranks")
+    common.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
+    if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
+        raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
+                         f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
+
+
 def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool) -> str:
     tapo_out = os.path.join(out, "tapo")
     final = os.path.join(out, "final")
@@ -861,13 +889,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     sft_final = os.path.join(out, "sft", "final")
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
     G2 = 2 * args.group_size  # one advantage group: G from the anchor + G from the positive
-    for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
-                    ("--prompts-per-step", args.prompts_per_step)):
-        common.require_divisible(what, n, d.world_size, "the number of ranks")
-    common.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
-    if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
-        raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
-                         f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
+    check_tapo_batches(args, d.world_size)
     groups_per_rank = args.rollout_batch // d.world_size
     sample_per_rank = args.sample_prompts // d.world_size
     steps_per_batch = args.rollout_batch // args.prompts_per_step
@@ -894,6 +916,18 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                               param_dtype=torch.bfloat16 if args.bf16_compute else None)
     optimizer, params = make_optimizer(model, args.lr, args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+    common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
+        model, d, parallel=args.parallel, reference=False,
+        rollout_rows=(args.rollout_prompt_batch or 2 * sample_per_rank) * args.group_size,
+        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
+        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage tapo)",
+        knobs={"rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
+                                   "--max-new-tokens, --max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
+               "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start_batch, cursor, step = 0, 0, 0
     ckpt = common.latest_checkpoint(tapo_out)
     if ckpt:
@@ -951,7 +985,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         model.train()
         batch_records = []
         for k in range(steps_per_batch):
-            if step >= total_steps:
+            if step >= total_steps or guard.exhausted:
                 break
             lr = args.lr  # constant (paper)
             common.set_lr(optimizer, lr)
@@ -975,15 +1009,19 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                         kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
                         neg_entropy_coef=args.neg_entropy_coef)
+                    loss = common.fault_point(step + 1, loss, at="tapo")  # tests only (FGRL_FAULT)
                     loss.backward()
                     for key, v in terms.items():
                         sums[key] = sums.get(key, 0.0) + v
                 grad_norm = clip_gradients(params, args.grad_clip)
-                optimizer.step()
+                if guard.check(step + 1, loss=sums.get("loss", 0.0), grad_norm=grad_norm):
+                    optimizer.step()
+                else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                    optimizer.zero_grad(set_to_none=True)
             grad_sync(model, True)
             step += 1
             # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-            batch_records.append({"step": step, "stage": "tapo", "lr": lr, "grad_norm": grad_norm,
+            batch_records.append({"step": step, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
                                   **{f"loss/{n}": v for n, v in common.mean_over_ranks(sums).items()}})
 
         # ----- metrics of the rollout batch (attached to its last optimizer step) -----
@@ -1012,9 +1050,12 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                       f"acc {record['reward/accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
                       f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
                       f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
-        if done or (args.save_every and step // args.save_every > (step - len(batch_records)) // args.save_every):
+        if done or guard.exhausted or (args.save_every and step // args.save_every
+                                       > (step - len(batch_records)) // args.save_every):
             common.save_checkpoint(tapo_out, step, model, optimizer,
                                    {"stage": "tapo", "batch": batch_idx + 1, "cursor": cursor})
+        if guard.exhausted:  # --max-nonfinite skipped steps in a row (the rest of this rollout batch is dropped)
+            guard.stop(tapo_out)
         if done:
             break
     common.export_hf(model, processor, final)
@@ -1034,6 +1075,10 @@ def main(argv=None):
                       + ", ".join(f"{k}={getattr(args, k)}" for k in args.preset_filled))
     eval_sets = eval_sets_for(args)
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
+    if "sft" in stages:  # batch arithmetic refused at the start, never after hours of rationale writing / SFT
+        common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
+    if "tapo" in stages:
+        check_tapo_batches(args, d.world_size)
     cot_path = args.cot_data or os.path.join(out, "cot.jsonl")
     if "cot" in stages:
         cot_path = run_cot(args, d, out)
