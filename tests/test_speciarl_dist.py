@@ -1,6 +1,7 @@
 """SpeciaRL on 2 ranks (torchrun, gloo, CPU): the update on 2 ranks equals the single-process update (DDP and FSDP2,
-LoRA, 2 mini-batches with gradient accumulation, the global token mean), and speciarl.py runs end to end on toy
-with DDP (then resumes from its checkpoint) and with FSDP2.
+LoRA, 2 mini-batches with gradient accumulation, the global token mean; the export from the wrapped model is the
+merged model), and speciarl.py runs end to end on toy with DDP and LoRA (then resumes from its checkpoint) and with
+FSDP2 and full fine-tuning (a sharded reference copy for the KL).
 
 Run as a script (`torchrun ... tests/test_speciarl_dist.py update CASE OUT`), this file is the 2-rank worker."""
 import json
@@ -82,6 +83,8 @@ def worker(mode, case_path, out):
         sd = common.full_state_dict(wrapped)
         if d.is_main:
             results[parallel] = adapters(sd)
+        # export from the wrapped (under FSDP2: sharded) LoRA model: merged plain weights
+        common.export_hf(wrapped, proc, os.path.join(out, f"export_{parallel}"))
     if d.is_main:
         torch.save(results, os.path.join(out, "adapters.pt"))
     common.cleanup_distributed()
@@ -102,6 +105,12 @@ def test_two_rank_update_equals_single_process(tmp_path):
         diff = max((two_rank[parallel][k] - single[k]).abs().max().item() for k in single)
         # a wrong normaliser (per-rank token mean, or no x world) would be off by a sizeable fraction of the update
         assert diff < 1e-3 * moved, (parallel, diff, moved)
+    merged = common.merge_lora_state_dict(model.state_dict())
+    for parallel in ("ddp", "fsdp"):
+        exported, _ = common.load_model(str(tmp_path / f"export_{parallel}"), device=torch.device("cpu"))
+        sd = exported.state_dict()
+        assert set(sd) == set(merged)
+        assert max((sd[k] - merged[k]).abs().max().item() for k in merged) < 1e-5
 
 
 def _records(out):
@@ -143,11 +152,20 @@ def test_ddp_run_and_resume(tmp_path):
     _check_run(out, 3)
 
 
-def test_fsdp_run(tmp_path):
+def test_fsdp_full_finetuning_run(tmp_path):
+    """FSDP2 without LoRA: the language model trains in full and the KL reference is a second, sharded copy."""
     from conftest import torchrun
     out = str(tmp_path / "fsdp")
-    torchrun(["speciarl.py", *RUN_FLAGS, "--parallel", "fsdp", "--max-steps", "2", "--out", out])
-    _check_run(out, 2)
+    proc = torchrun(["speciarl.py", *RUN_FLAGS, "--parallel", "fsdp", "--lora-rank", "0", "--lr", "1e-4",
+                     "--max-steps", "2", "--out", out])
+    assert "LoRA" not in proc.stdout
+    train = _check_run(out, 2)
+    assert all(r["kl"] >= 0 for r in train) and train[-1]["kl"] > 0  # the reference copy is really used
+    final, _ = common.load_model(os.path.join(out, "final"), device=torch.device("cpu"))
+    base, _ = common.load_model("tiny", device=torch.device("cpu"))
+    fsd, bsd = final.state_dict(), base.state_dict()
+    changed = {k for k in bsd if not torch.equal(fsd[k], bsd[k])}
+    assert changed and all("visual" not in k for k in changed)  # the language model moved, the vision tower did not
 
 
 if __name__ == "__main__":
