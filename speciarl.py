@@ -32,7 +32,7 @@ Deviations from the paper and GRPO simplifications (all deliberate, each visible
   * The verifier is `common.get_judge(--judge)`: `rules` (offline, default) or `hf:<model>` (an LLM judge run here).
     The paper's judge is Qwen3-30B-A3B behind a vLLM server for training and Llama-3-70B for evaluation; pass
     `--judge hf:... --eval-judge hf:...` for that setup. Judgements are cached per (ground truth, answer) pair on disk
-    in <out>/judge_cache (the paper caches in Redis).
+    in <out>/judge_cache.jsonl (the paper caches in Redis).
   * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
   * The answer is the text of the LAST <answer>...</answer> (common.parse_answer, shared with eval.py); the paper
     takes the first. They differ only for completions with two answer tags.
@@ -51,7 +51,6 @@ Deviations from the paper and GRPO simplifications (all deliberate, each visible
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -60,6 +59,7 @@ from collections import Counter
 import torch
 
 import common
+import eval as evaluation
 
 # =====================================================================================================================
 # ----- 1. setup: command line -----
@@ -612,7 +612,6 @@ def log_rollouts(out, step, mine, answers, labels, groups, rewards, k):
 def run_eval(args, model, proc, test, judge, out, step, log):
     """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
     of every label); collective: every rank takes part."""
-    import eval as evaluation
     t0 = time.perf_counter()
     model.eval()
     res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
