@@ -2617,10 +2617,6 @@ def lora_disabled(model):
             m.adapter_enabled = True
 
 
-def has_lora(model) -> bool:
-    return any(isinstance(m, LoRALinear) for m in unwrap(model).modules())
-
-
 # =====================================================================================================================
 # 12. Robustness
 # =====================================================================================================================
@@ -2835,10 +2831,11 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
     total = sum(budget.values())
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
+               f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
     lines = [f"{title} per GPU, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
-             f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; rollouts of {rollout_rows} rows x "
-             f"{prompt_tokens} + {new_tokens} tokens; updates of {train_rows} rows): {_gib(total)}. "
-             f"Largest first, with what reduces it:"]
+             f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
+             f"rows): {_gib(total)}. Largest first, with what reduces it:"]
     for i, (part, size) in enumerate(sorted(((k, v) for k, v in budget.items() if v > 0), key=lambda kv: -kv[1])):
         lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
     if d.device.type == "cuda":

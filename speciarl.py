@@ -18,8 +18,9 @@ training images, G=10, 256 prompts per rollout batch in 2 optimizer steps, lr 3e
 
     python speciarl.py --data cub --data-root R --model Qwen/Qwen2.5-VL-7B-Instruct              # 1 GPU
     torchrun --nproc 8 speciarl.py --data cub --data-root R                                      # 8 GPUs
+    # two nodes: run on each, --node_rank 0 and 1
     torchrun --nnodes 2 --nproc 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
-        speciarl.py --data cub --data-root R --parallel fsdp                                     # 2 nodes (node_rank 1 on the other)
+        speciarl.py --data cub --data-root R --parallel fsdp
 
 CPU quickstart (the tiny stand-in on the synthetic toy shapes, a few minutes on 2 cores; see the TOY PRESET block):
 
