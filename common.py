@@ -6,14 +6,18 @@ loss and update loop. What they share lives here, in execution order:
 
   1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
   2. model + processor loading: any Qwen2.5-VL checkpoint, the `tiny` stand-in, random presets of the real shapes
-  3. the toy dataset (synthetic, drawn with PIL) and the dataset record type
+  3. datasets: readers for the official layouts (CUB, Flowers102, Pets, Cars, Aircraft, Dogs, Food-101, a JSON/JSONL
+     file of your own), the synthetic toy set, CoOp base / novel classes, few-shot sampling, class hierarchies
   4. answer parsing, normalisation and the format check (one implementation used everywhere)
+ 4b. answer judges: six verifier labels from `rules` (offline) or `hf:<model>` (an LLM scoring each label), cached
   5. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
-  6. per-token log-probs of completions (only at completion positions, micro-batched)
+  6. per-token log-probs of completions (only at completion positions, never full-vocabulary logits)
   7. DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
   8. checkpoints (atomic, auto-resume) and export of a standard Hugging Face directory
-  9. metrics logging (metrics.jsonl, optional wandb) and shared command-line flags
+  9. metrics logging (metrics.jsonl, optional wandb), phase timers, learning-rate schedules, shared flags
  10. the tiny stand-in: tokenizer trained in-process + a short deterministic "pretraining" on toy
+ 11. LoRA written by hand (SpeciaRL), merged into the exported weights
+ 12. robustness: non-finite guard, memory budget at start, fault injection for the tests, cache repair
 
 Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
   * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
