@@ -1,0 +1,433 @@
+"""Robustness across the entry points (issue 8): kills, bad input, batch arithmetic, NaN steps, caches cut by a crash,
+a failing rank, the memory estimate. Every case runs on toy / tiny on the CPU, sized to seconds; see each test.
+
+What is shown where (the rest is covered by other files, named here):
+  * kill -9 mid-step, then the same command: fine_r1 TAPO end to end (test_kill_mid_step_...); DiVE-k's resume to the
+    same parameters is tests/test_dive_k_dist.py::test_resume_reaches_the_same_parameters, the shared checkpoint
+    mechanism tests/test_core_distributed.py::test_resume_reaches_same_parameters; SpeciaRL resumes after the NaN
+    stop below (and tests/test_speciarl_dist.py::test_ddp_run_and_resume).
+  * kill -9 while a checkpoint is being written: test_kill_while_writing_a_checkpoint_...
+  * judge cache cut by a kill: tests/test_judges.py::test_cache_persisted_and_robust (unit) and the SpeciaRL run
+    below; the DiVE-k mining cache: test_mining_cache_...
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT, torchrun
+from fake_datasets import make_cub, not_an_image
+
+WORKER = os.path.join(ROOT, "tests", "robust_worker.py")
+
+
+def run_entry(args, env=None, timeout=300):
+    """`python <args>` from the repo root as a user would run it: one process, no torchrun variables, no fault."""
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", common.FAULT_ENV)
+    full = {k: v for k, v in os.environ.items() if k not in drop}
+    full.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tree_bytes(root, skip=("config.json",)):
+    """Every file under root -> its bytes (to show that a failed start damaged nothing)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name not in skip:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def previous_run(out):
+    """A run folder as an earlier run leaves it (checkpoint, latest, logs, caches)."""
+    files = {"latest": "ckpt_0000001\n", "ckpt_0000001/state.json": '{"step": 1}', "metrics.jsonl": '{"step": 1}\n',
+             "mcq.jsonl": '{"id": "a"}\n', "judge_cache.jsonl": '{"judge": "rules"}\n'}
+    for rel, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+        with open(os.path.join(out, rel), "w") as f:
+            f.write(text)
+    return tree_bytes(out)
+
+
+# ----- units: the fault hook, the guard, the memory arithmetic, divisibility, JSONL repair -----
+
+def test_fault_spec_and_fault_points(monkeypatch):
+    assert common.parse_fault(None) is None and common.parse_fault("") is None
+    assert common.parse_fault("kind=kill,step=3,rank=1,at=tapo") == {"kind": "kill", "first": 3, "last": 3,
+                                                                     "rank": 1, "at": "tapo"}
+    assert common.parse_fault("step=2-4,kind=nan")["last"] == 4
+    for bad in ("kind=boom,step=1", "kind=nan", "kind=nan,step=x", "kind=nan,step=1,when=now", "kind"):
+        with pytest.raises(SystemExit, match="kind=raise\\|nan\\|kill"):
+            common.parse_fault(bad)
+    x = torch.tensor(2.0)
+    monkeypatch.delenv(common.FAULT_ENV, raising=False)
+    assert common.fault_point(1, x) is x  # unset: untouched
+    monkeypatch.setenv(common.FAULT_ENV, "kind=nan,step=2-3,at=tapo")
+    assert common.fault_point(1, x, at="tapo") is x and common.fault_point(4, x, at="tapo") is x
+    assert torch.isnan(common.fault_point(2, x, at="tapo")) and torch.isnan(common.fault_point(3, x, at="tapo"))
+    assert common.fault_point(2, x, at="sft") is x and common.fault_point(2, x) is x  # another fault point
+    monkeypatch.setenv(common.FAULT_ENV, "kind=raise,step=1,rank=1")
+    monkeypatch.setenv("RANK", "0")
+    assert common.fault_point(1, x) is x  # rank 0 is not the one
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="injected fault .* at step 1 on rank 1"):
+        common.fault_point(1, x)
+
+
+def test_nonfinite_guard_skips_counts_resets_and_stops(tmp_path, capsys):
+    guard = common.NonFiniteGuard(limit=2)
+    assert guard.check(1, loss=0.5, grad_norm=torch.tensor(1.0))
+    assert not guard.check(2, loss=float("nan"), grad_norm=1.0)
+    assert guard.stats() == {"nonfinite/skipped": 1, "nonfinite/in_a_row": 1} and not guard.exhausted
+    assert guard.check(3, loss=1.0, grad_norm=2.0) and guard.in_a_row == 0  # a good step ends the streak
+    assert not guard.check(4, loss=1.0, grad_norm=torch.tensor(float("inf")))
+    assert not guard.check(5, loss=float("-inf"), grad_norm=1.0)
+    assert guard.exhausted and guard.stats() == {"nonfinite/skipped": 3, "nonfinite/in_a_row": 2}
+    err = capsys.readouterr().err
+    assert "step 2: non-finite loss or gradient" in err and "grad_norm=inf" in err
+    assert "optimizer step skipped (2 in a row, 3 in all, the run stops at 2 in a row)" in err
+    os.makedirs(tmp_path / "ckpt_0000005")
+    (tmp_path / "ckpt_0000005" / "state.json").write_text('{"step": 5}')
+    (tmp_path / "latest").write_text("ckpt_0000005\n")
+    with pytest.raises(SystemExit, match=f"2 optimizer steps in a row .* saved in {tmp_path}/ckpt_0000005"):
+        guard.stop(str(tmp_path))
+    never = common.NonFiniteGuard(limit=0)
+    for step in range(10):
+        never.check(step, loss=float("nan"))
+    assert never.skipped == 10 and not never.exhausted
+
+
+def test_nonfinite_guard_decides_the_same_on_every_rank(tmp_path):
+    """A NaN on one rank only skips the step on both (one all-reduce), so DDP / FSDP2 replicas never diverge."""
+    torchrun([WORKER, "guard", str(tmp_path)], timeout=180)
+    ranks = [json.loads((tmp_path / f"guard_rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["decisions"] == [True, False, True, False, True] and r["skipped"] == 2
+
+
+def test_memory_budget_against_a_hand_count(tiny, capsys):
+    model, _ = tiny
+    tc = model.config.text_config  # 2 layers, 2 kv heads, head_dim 128 / 4 = 32, hidden 128, intermediate 256
+    assert (tc.num_hidden_layers, tc.num_key_value_heads, tc.hidden_size, tc.intermediate_size) == (2, 2, 128, 256)
+    n = sum(p.numel() for p in model.parameters())
+    one = common.memory_budget(n_params=n, n_trainable=n // 2, text_config=tc, rollout_rows=10, prompt_tokens=50,
+                               new_tokens=14, train_rows=3)
+    assert one["parameters"] == 4 * n and one["gradients"] == 4 * (n // 2) and one["optimizer states"] == 8 * (n // 2)
+    assert one["frozen reference"] == 0 and one["gathered parameters"] == 0
+    assert one["rollout KV cache"] == 2 * 2 * 32 * 2 * 4 * 64 * 10  # layers x kv x head_dim x (K, V) x B x tokens x rows
+    assert one["activations"] == 3 * 64 * 4 * 2 * (6 * 128 + 4 * 256)
+    ckpt = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
+                                new_tokens=14, activation_checkpointing=True)
+    assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
+    fsdp = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, world_size=4, parallel="fsdp",
+                                compute_bytes=2, reference=True)
+    assert fsdp["parameters"] == n and fsdp["optimizer states"] == 2 * n and fsdp["frozen reference"] == n / 2
+    assert fsdp["gathered parameters"] == 2 * n * 3 / 4
+    # printed at start: the total, then each component largest first with what reduces it
+    budget = common.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
+                                         prompt_tokens=600, new_tokens=1000, train_rows=2,
+                                         activation_checkpointing=False, knobs={"rollout KV cache": "--sample-batch"})
+    out = capsys.readouterr().out
+    assert "memory budget per GPU, estimated" in out and f"{n:,} parameters" in out
+    rows = re.findall(r"^\s+(\d)\. (.+?)\s+([\d.]+) (GiB|MiB|KiB)\s+<- (.+)$", out, re.M)
+    assert [r[1] for r in rows] == sorted((k for k, v in budget.items() if v > 0), key=lambda k: -budget[k])
+    assert rows[0][1] == "rollout KV cache" and rows[0][4] == "--sample-batch"  # 400 rows x 1600 tokens dominate
+
+
+def test_require_divisible_refuses_with_the_numbers_and_a_suggestion():
+    common.require_divisible("--prompts-per-step", 8, 2, "the number of ranks")
+    with pytest.raises(SystemExit, match=r"--prompts-per-step = 7 is not divisible by the number of ranks = 2\. "
+                                         r"Use a multiple of 2, e.g\. 6 or 8\."):
+        common.require_divisible("--prompts-per-step", 7, 2, "the number of ranks")
+    with pytest.raises(SystemExit, match=r"= 1 is not divisible by .* = 4\. Use a multiple of 4, e\.g\. 4\."):
+        common.require_divisible("--rollout-prompts", 1, 4, "the number of ranks")
+    with pytest.raises(SystemExit, match=r"--prompts-per-step = 0: must be a positive multiple"):
+        common.require_divisible("--prompts-per-step", 0, 2, "the number of ranks")
+    with pytest.raises(SystemExit, match=r"--minibatches = 0: must be at least 1"):
+        common.require_divisible("images per rank", 4, 0, "--minibatches")
+
+
+def test_repair_jsonl_tail(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    assert common.repair_jsonl_tail(path) == 0  # no file yet
+    whole = json.dumps({"a": 1}) + "\n"
+    with open(path, "w") as f:
+        f.write(whole + '{"a": 2, "b"')  # a kill in the middle of the second record
+    assert common.repair_jsonl_tail(path) == len('{"a": 2, "b"')
+    assert open(path).read() == whole
+    with open(path, "a") as f:
+        f.write('{"a": 3}')  # a whole record whose newline never came
+    assert common.repair_jsonl_tail(path) == 0 and open(path).read() == whole + '{"a": 3}\n'
+    assert common.repair_jsonl_tail(path) == 0 and open(path).read() == whole + '{"a": 3}\n'
+
+
+# ----- crashes: a kill while writing a checkpoint, caches cut mid-write -----
+
+def test_kill_while_writing_a_checkpoint_leaves_latest_usable_and_the_tmp_is_cleaned(tmp_path):
+    out = tmp_path / "run"
+    proc = run_entry([WORKER, "save-kill", str(out)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    half = out / "ckpt_0000002.tmp"
+    assert half.is_dir() and any(half.iterdir())  # the step-2 shards were being written
+    assert (out / "latest").read_text().strip() == "ckpt_0000001"
+    assert common.latest_checkpoint(str(out)) == str(out / "ckpt_0000001")  # the .tmp is never read
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = common.load_checkpoint(common.latest_checkpoint(str(out)), model, optimizer)
+    assert state == {"step": 1, "note": "step one"}
+    step1 = torch.load(out / "params_step1.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, step1[k]), k
+    (out / "ckpt_0000009.tmp").mkdir()  # a stale half-written folder of another step
+    common.save_checkpoint(str(out), 2, model, optimizer, {"note": "again"})  # the next save cleans both
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt_")) == ["ckpt_0000001", "ckpt_0000002"]
+    assert common.latest_checkpoint(str(out)) == str(out / "ckpt_0000002")
+
+
+def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny, tmp_path):
+    import dive_k
+    args = dive_k.parse_args(["--data", "toy", "--mine-samples", "2", "--mine-max-new-tokens", "8",
+                              "--mine-batch", "4"])
+    train = common.load_dataset("toy", "train", classes="base", limit=4, seed=0)
+    # a previous run mined two images, then was killed in the middle of writing the third record
+    cached = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "counts": {}, "n_samples": 2, "n_valid": 0,
+               "truth_inserted": True, "padded": True, "status": "kept", "options": [ex.class_name, "cached option"],
+               "answer": "A"} for ex in train.examples[:3]]
+    with open(tmp_path / "mcq.part0.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in cached[:2])
+        f.write(json.dumps(cached[2])[:60])
+    model, processor = tiny
+    kept = dive_k.mine_offline(model, processor, train, train.split_class_names, args, common.Dist(), str(tmp_path),
+                               common.MetricsLog(str(tmp_path)))
+    records = read_jsonl(tmp_path / "mcq.jsonl")  # every line parses (the new records did not glue onto the cut one)
+    assert [r["id"] for r in records] == [ex.id for ex in train.examples]  # all four, in dataset order
+    assert records[:2] == cached[:2]  # the cached questions were reused, not mined again
+    assert "cached option" not in records[2]["options"] and records[2]["n_samples"] == 2  # the cut one was re-mined
+    assert not list(tmp_path.glob("mcq.part*")) and len(kept) == sum(r["status"] == "kept" for r in records)
+
+
+# ----- bad input: one clear message, a non-zero exit, nothing written before damaged -----
+
+def _break_cub(tmp_path, what):
+    base = make_cub(str(tmp_path / what))
+    if what == "empty split file":
+        open(os.path.join(base, "images.txt"), "w").close()
+    elif what == "truncated split file":
+        with open(os.path.join(base, "images.txt")) as f:
+            lines = f.read().splitlines()
+        with open(os.path.join(base, "images.txt"), "w") as f:
+            f.write("\n".join(lines[:-1]) + "\n" + lines[-1].split()[0])  # the last line cut after its id
+    elif what == "class list that does not match":
+        with open(os.path.join(base, "image_class_labels.txt"), "a") as f:
+            f.write("1 9\n")  # class 9 is not in classes.txt
+    return base
+
+
+def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
+    import dive_k
+    import eval as eval_lib
+    import fine_r1
+    import speciarl
+    out = str(tmp_path / "run")
+    before = previous_run(out)
+    # (1) subprocesses, as a user runs them: exit status 1, the message on stderr
+    wrong = tmp_path / "wrong_layout"
+    (wrong / "images").mkdir(parents=True)
+    json_dir = tmp_path / "mine"
+    json_dir.mkdir()
+    not_an_image(str(json_dir / "corrupt.jpg"))
+    (json_dir / "classes.txt").write_text("red circle\nblue square\n")
+    (json_dir / "train.jsonl").write_text(json.dumps({"image": "missing.jpg", "class_name": "red circle"}) + "\n" +
+                                          json.dumps({"image": "corrupt.jpg", "class_name": "red circle"}) + "\n")
+    cases = [
+        (["dive_k.py", "--data", "cub", "--data-root", str(wrong), "--out", out],
+         [f"images.txt not found under --data-root {wrong}", "Expected layout", "image_class_labels.txt"]),
+        (["speciarl.py", "--data", "cub", "--data-root", str(tmp_path / "nowhere"), "--out", out],
+         [f"--data-root {tmp_path / 'nowhere'} is not a directory", "Expected layout"]),
+        (["fine_r1.py", "--data", str(json_dir / "{split}.jsonl"), "--eval-every", "-1", "--out", out],
+         ["missing.jpg (missing)", "corrupt.jpg (not an image)", "split 'train' (base classes) has no usable image"]),
+        (["eval.py", "--model", str(tmp_path / "no_model"), "--protocol", "open", "--out", out],
+         [f"--model {tmp_path / 'no_model'}: no such directory", "Qwen2.5-VL checkpoint directory"]),
+    ]
+    for args, expected in cases:
+        proc = run_entry(args)
+        assert proc.returncode == 1, (args, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a message, not a crash
+        for text in expected:
+            assert text in proc.stderr, (text, proc.stderr[-3000:])
+    # (2) in-process main() of each entry point for the other cases (same code path, no interpreter start)
+    not_qwen = tmp_path / "llama"
+    not_qwen.mkdir()
+    (not_qwen / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "no_config").mkdir()
+    unknown_class = tmp_path / "unknown.jsonl"
+    unknown_class.write_text(json.dumps({"image": str(json_dir / "corrupt.jpg"), "class_name": "green star"}) + "\n")
+    (tmp_path / "classes.txt").write_text("red circle\nblue square\n")
+    cases = [
+        (dive_k.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "empty split file")],
+         "split 'train' (base classes) has no usable image"),
+        (speciarl.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "truncated split file")],
+         "images.txt line 40: expected 2 columns, got '40'"),
+        (fine_r1.main, ["--data", "cub", "--eval-every", "-1",
+                        "--data-root", _break_cub(tmp_path, "class list that does not match")],
+         "class id 9 is not in classes.txt"),
+        (eval_lib.main, ["--model", "tiny", "--data", str(unknown_class), "--protocol", "open"],
+         "has class_name 'green star', which is not in the class list"),
+        (eval_lib.main, ["--model", str(not_qwen), "--protocol", "open"], "model_type='llama'; this project trains"),
+        (eval_lib.main, ["--model", str(tmp_path / "no_config"), "--protocol", "open"], "config.json is missing"),
+    ]
+    for main, argv, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", out])
+        assert expected in str(e.value.code), (argv, e.value.code)
+    assert tree_bytes(out) == before  # the earlier run's checkpoint, logs and caches are untouched
+
+
+def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
+    import dive_k
+    import fine_r1
+    import speciarl
+    cases = [
+        (speciarl.main, ["--rollout-prompts", "4", "--minibatches", "3"],
+         "images per rank (--rollout-prompts / ranks) = 4 is not divisible by --minibatches = 3. Use a multiple of 3, "
+         "e.g. 3 or 6."),
+        (dive_k.main, ["--prompts-per-step", "0"], "--prompts-per-step = 0: must be a positive multiple"),
+        (fine_r1.main, ["--rollout-batch", "6", "--prompts-per-step", "4"],
+         "--rollout-batch = 6 is not divisible by --prompts-per-step = 4. Use a multiple of 4, e.g. 4 or 8."),
+    ]
+    for i, (main, argv, expected) in enumerate(cases):
+        out = tmp_path / str(i)
+        with pytest.raises(SystemExit) as e:
+            main(["--data", "toy", "--out", str(out)] + argv)
+        assert expected in str(e.value.code), e.value.code
+        assert sorted(os.listdir(out)) == ["config.json"]  # refused before any stage ran (fine_r1: before CoT/SFT)
+    # 2 ranks: --prompts-per-step 3 does not split over them; both ranks refuse at once, no rank waits for the other
+    t0 = time.time()
+    proc = torchrun(["dive_k.py", "--data", "toy", "--prompts-per-step", "3", "--out", str(tmp_path / "two")],
+                    timeout=180, check=False)
+    assert proc.returncode != 0
+    assert "--prompts-per-step = 3 is not divisible by the number of ranks = 2. Use a multiple of 2, e.g. 2 or 4." \
+        in proc.stderr
+    print(f"2-rank refusal took {time.time() - t0:.1f}s")
+
+
+# ----- a failing rank, a NaN streak, a kill -9 mid-step: end to end on toy -----
+
+SPECIARL = ["speciarl.py", "--data", "toy", "--train-size", "8", "--rollout-prompts", "2", "--group-size", "2",
+            "--minibatches", "1", "--eval-every", "0", "--log-rollouts", "0", "--save-every", "1"]
+
+
+def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):
+    """Rank 1 raises in the middle of step 1; rank 0 is then blocked in a gloo collective (the token count / the DDP
+    gradient all-reduce). torchrun sees rank 1 exit, kills rank 0 and exits non-zero showing rank 1's error; the
+    subprocess timeout turns a hang into a failure."""
+    out = str(tmp_path / "run")
+    t0 = time.time()
+    proc = torchrun([*SPECIARL, "--max-new-tokens", "8", "--max-steps", "2", "--out", out], timeout=240, check=False,
+                    env={common.FAULT_ENV: "kind=raise,step=1,rank=1"})
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "RuntimeError: injected fault (FGRL_FAULT=kind=raise,step=1,rank=1) at step 1 on rank 1" in output
+    assert not os.path.exists(os.path.join(out, "final")) and common.latest_checkpoint(out) is None
+    print(f"the 2-rank job went down {elapsed:.1f}s after its start")
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    """SpeciaRL, NaN loss at steps 2 and 3, --max-nonfinite 2: step 1 trains, 2 and 3 are skipped (counted, logged),
+    the run stops after step 3 with a checkpoint holding step 1's weights; the same command resumes after them."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import speciarl
+    out = str(tmp_path / "run")
+    argv = [*SPECIARL[1:], "--max-new-tokens", "40", "--max-steps", "4", "--max-nonfinite", "2", "--out", out]
+    proc = run_entry(["speciarl.py", *argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "memory budget per GPU, estimated" in proc.stdout  # printed at start
+    assert "warning: step 2: non-finite loss or gradient" in proc.stderr
+    assert (f"stopping: 2 optimizer steps in a row had a non-finite loss or gradient norm" in proc.stderr
+            and f"saved in {out}/ckpt_0000003" in proc.stderr)
+    steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
+    assert [(r["step"], r["nonfinite/skipped"], r["nonfinite/in_a_row"]) for r in steps] == [(1, 0, 0), (2, 1, 1),
+                                                                                           (3, 2, 2)]
+    assert steps[0]["grad_norm"] > 0 and all(r["grad_norm"] != r["grad_norm"] for r in steps[1:])  # NaN
+    saved = {}
+    for step in (2, 3):
+        dcp_to_torch_save(os.path.join(out, f"ckpt_000000{step}"), str(tmp_path / f"c{step}.pt"))
+        saved[step] = torch.load(tmp_path / f"c{step}.pt", weights_only=True)
+    for key, value in saved[3]["model"].items():
+        assert torch.equal(value, saved[2]["model"][key]) and torch.isfinite(value).all(), key  # no update since
+    assert max(v.abs().max() for k, v in saved[3]["model"].items() if k.endswith("lora_B")) > 0  # step 1 trained
+    assert {float(s["step"]) for s in saved[3]["optim"]["state"].values()} == {1.0}  # one optimizer step taken
+    # the judge cache is cut mid-write (as a kill would), then the same command, without the fault, resumes
+    cache = os.path.join(out, "judge_cache.jsonl")
+    assert read_jsonl(cache)  # the first run judged answers
+    with open(cache, "a") as f:
+        f.write('{"judge": "rules-v1:toy", "truth": "red')
+    monkeypatch.delenv(common.FAULT_ENV, raising=False)
+    speciarl.main(argv)
+    assert f"resumed from {out}/ckpt_0000003 at step 3" in capsys.readouterr().out
+    steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["grad_norm"] == steps[-1]["grad_norm"]
+    assert os.path.exists(os.path.join(out, "final", "config.json"))
+    with open(cache) as f:
+        lines = f.read().splitlines()
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            assert line.startswith('{"judge": "rules-v1:toy", "truth": "red'), line  # only the cut line
+    assert len(parsed) == len(lines) - 1  # new records start on their own line
+    keys = [(r["judge"], r["truth"], r["prediction"]) for r in parsed]
+    assert len(keys) == len(set(keys))  # pairs already in the cache were not judged (and appended) again
+
+
+FINE_R1_TAPO = ["fine_r1.py", "--data", "toy", "--stage", "tapo", "--rollout-batch", "2", "--sample-prompts", "2",
+                "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "4",
+                "--logprob-micro-batch", "8", "--max-sample-rounds", "1", "--max-steps", "4", "--save-every", "2",
+                "--eval-every", "-1"]
+
+
+def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_path):
+    """fine_r1 TAPO, 2 rollout batches of 2 optimizer steps, a checkpoint after each batch. Killed with SIGKILL in
+    the middle of step 3 (after batch 2 was sampled and scored, before its backward), the same command resumes
+    from the step-2 checkpoint with the same data (cursor, triplets, sampling seeds) and ends at the parameters of
+    a run that was never interrupted."""
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    proc = run_entry([*FINE_R1_TAPO, "--out", full])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory budget (stage tapo) per GPU, estimated" in proc.stdout  # printed at start
+    proc = run_entry([*FINE_R1_TAPO, "--out", killed], env={common.FAULT_ENV: "kind=kill,step=3,at=tapo"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "FGRL_FAULT: injecting kind=kill at step 3 (tapo) on rank 0" in proc.stderr
+    assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
+    assert not os.path.exists(os.path.join(killed, "final"))
+    proc = run_entry([*FINE_R1_TAPO, "--out", killed])  # the same command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage tapo: resumed from" in proc.stdout and "at rollout batch 1 (step 2, data position 2)" in proc.stdout
+    a, b = (read_jsonl(os.path.join(run, "tapo", "metrics.jsonl")) for run in (full, killed))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # steps 1-2 from the killed run, 3-4 from the resumed one
+    last = [next(r for r in rec if r["step"] == 4) for rec in (a, b)]
+    assert last[0]["completions"] == last[1]["completions"]  # the same triplets and samples: same data order
+    assert last[0]["loss/loss"] == pytest.approx(last[1]["loss/loss"], rel=1e-5, abs=1e-8)
+    wa, wb = (load_file(os.path.join(run, "final", "model.safetensors")) for run in (full, killed))
+    base = load_file(os.path.join(common.tiny_model_dir(), "model.safetensors"))
+    assert max((wa[k] - base[k]).abs().max().item() for k in wa) > 1e-6  # training moved the weights
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
