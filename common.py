@@ -2238,6 +2238,8 @@ class MetricsLog:
     def __init__(self, out_dir: str, wandb_project: str | None = None, config: dict | None = None):
         self.is_main = int(os.environ.get("RANK", 0)) == 0
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if self.is_main:  # a record cut by a crash would glue onto the first record of the resumed run
+            repair_jsonl_tail(self.path)
         self.wandb = None
         if self.is_main and wandb_project:
             try:

@@ -345,6 +345,7 @@ def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "RuntimeError: injected fault (FGRL_FAULT=kind=raise,step=1,rank=1) at step 1 on rank 1" in output
+    assert re.search(r"Root Cause \(first observed failure\):.*?rank\s*: 1 \(local_rank: 1\)", output, re.S), output
     assert not os.path.exists(os.path.join(out, "final")) and common.latest_checkpoint(out) is None
     print(f"the 2-rank job went down {elapsed:.1f}s after its start")
 
@@ -418,11 +419,14 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     assert "FGRL_FAULT: injecting kind=kill at step 3 (tapo) on rank 0" in proc.stderr
     assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
     assert not os.path.exists(os.path.join(killed, "final"))
+    with open(os.path.join(killed, "tapo", "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "stage": "ta')  # as if the kill had come in the middle of writing a record
     proc = run_entry([*FINE_R1_TAPO, "--out", killed])  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage tapo: resumed from" in proc.stdout and "at rollout batch 1 (step 2, data position 2)" in proc.stdout
     a, b = (read_jsonl(os.path.join(run, "tapo", "metrics.jsonl")) for run in (full, killed))
-    assert [r["step"] for r in b] == [1, 2, 3, 4]  # steps 1-2 from the killed run, 3-4 from the resumed one
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # steps 1-2 from the killed run, 3-4 from the resumed one (the
+    # cut record dropped: every line parses)
     last = [next(r for r in rec if r["step"] == 4) for rec in (a, b)]
     assert last[0]["completions"] == last[1]["completions"]  # the same triplets and samples: same data order
     assert last[0]["loss/loss"] == pytest.approx(last[1]["loss/loss"], rel=1e-5, abs=1e-8)
