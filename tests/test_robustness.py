@@ -4,8 +4,8 @@ a failing rank, the memory estimate. Every case runs on toy / tiny on the CPU, s
 What is shown where (the rest is covered by other files, named here):
   * kill -9 mid-step, then the same command: fine_r1 TAPO end to end (test_kill_mid_step_...); DiVE-k's resume to the
     same parameters is tests/test_dive_k_dist.py::test_resume_reaches_the_same_parameters, the shared checkpoint
-    mechanism tests/test_core_distributed.py::test_resume_reaches_same_parameters; SpeciaRL resumes after the NaN
-    stop below (and tests/test_speciarl_dist.py::test_ddp_run_and_resume).
+    mechanism tests/test_core_distributed.py::test_resume_reaches_same_parameters; SpeciaRL, stopped by the NaN
+    guard and rerun, ends at the parameters of a run that never stopped (test_nonfinite_steps_...).
   * kill -9 while a checkpoint is being written: test_kill_while_writing_a_checkpoint_...
   * judge cache cut by a kill: tests/test_judges.py::test_cache_persisted_and_robust (unit) and the SpeciaRL run
     below; the DiVE-k mining cache: test_mining_cache_...
@@ -350,12 +350,12 @@ def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):
     print(f"the 2-rank job went down {elapsed:.1f}s after its start")
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_resumes(tmp_path):
     """SpeciaRL, NaN loss at steps 2 and 3, --max-nonfinite 2: step 1 trains, 2 and 3 are skipped (counted, logged),
-    the run stops after step 3 with a checkpoint holding step 1's weights; the same command resumes after them."""
+    the run stops after step 3 with a checkpoint holding step 1's weights; the same command resumes after them and
+    ends where a run that skipped the same steps without stopping (--max-nonfinite 0) ends."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import speciarl
-    out = str(tmp_path / "run")
+    out, never = str(tmp_path / "run"), str(tmp_path / "never_stops")
     argv = [*SPECIARL[1:], "--max-new-tokens", "40", "--max-steps", "4", "--max-nonfinite", "2", "--out", out]
     proc = run_entry(["speciarl.py", *argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -380,12 +380,21 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     assert read_jsonl(cache)  # the first run judged answers
     with open(cache, "a") as f:
         f.write('{"judge": "rules-v1:toy", "truth": "red')
-    monkeypatch.delenv(common.FAULT_ENV, raising=False)
-    speciarl.main(argv)
-    assert f"resumed from {out}/ckpt_0000003 at step 3" in capsys.readouterr().out
+    proc = run_entry(["speciarl.py", *argv])
+    assert proc.returncode == 0 and f"resumed from {out}/ckpt_0000003 at step 3" in proc.stdout, proc.stderr[-3000:]
     steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["grad_norm"] == steps[-1]["grad_norm"]
-    assert os.path.exists(os.path.join(out, "final", "config.json"))
+    # the same NaN steps, never stopping: the same step 4 (same images and samples) and the same final weights
+    never_argv = argv[:-3] + ["0", "--out", never]  # ... "--max-nonfinite", "0", "--out", never
+    proc = run_entry(["speciarl.py", *never_argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [[r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("step") == 4][-1] for run in (out, never)]
+    for key in ("reward", "correctness", "completion_tokens", "share/specific", "no_answer_rate"):
+        assert last[0][key] == last[1][key], key
+    assert last[0]["pg_loss"] == pytest.approx(last[1]["pg_loss"], rel=1e-5, abs=1e-8)
+    wa, wb = (load_file(os.path.join(run, "final", "model.safetensors")) for run in (out, never))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
     with open(cache) as f:
         lines = f.read().splitlines()
     parsed = []
