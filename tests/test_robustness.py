@@ -43,7 +43,8 @@ def read_jsonl(path):
 
 
 def tree_bytes(root, skip=("config.json",)):
-    """Every file under root -> its bytes (to show that a failed start damaged nothing)."""
+    """Every file under root -> its bytes (to show that a failed start damaged nothing). config.json is left out:
+    common.setup_run rewrites it at every start with the command being run, before the inputs are read."""
     out = {}
     for folder, _, files in os.walk(root):
         for name in files:
