@@ -2634,12 +2634,14 @@ def lora_disabled(model):
 #   * repair_jsonl_tail: an append-only JSONL cache whose last line was cut by a kill is made appendable again;
 #   * fault_point: fault injection for the tests, read from the FGRL_FAULT environment variable (never set it in a
 #     real run):
-#         FGRL_FAULT="kind=raise,step=2,rank=1"    rank 1 raises RuntimeError in step 2 (the others are then killed
-#                                                   by torchrun, which shows that rank's traceback)
+#         FGRL_FAULT="kind=raise,step=2,rank=1"    rank 1 raises RuntimeError in step 2 (the others then fail in
+#                                                   their next collective or are terminated by torchrun, which names
+#                                                   rank 1 as the root cause; its traceback is in the output)
 #         FGRL_FAULT="kind=kill,step=3"            every rank sends itself SIGKILL in the middle of step 3 (kill -9)
 #         FGRL_FAULT="kind=nan,step=2-4,at=tapo"   the loss of steps 2 to 4 of the fault point named 'tapo' is NaN
 #     step: one step or an inclusive range (the step the method logs in metrics.jsonl); rank: one global rank
-#     (default: every rank); at: only the fault point of that name (default: any).
+#     (default: every rank); at: only the fault point of that name (default: any). The fault points sit just before
+#     the backward of each update loop: dive_k.py and speciarl.py (unnamed), fine_r1.py ('sft' and 'tapo').
 # Checkpoints (section 8) are atomic already: written to ckpt_N.tmp, renamed, and only then is `latest` rewritten; a
 # .tmp left behind by a kill is never read and is removed by the next save.
 
