@@ -92,7 +92,9 @@ def init_distributed(device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         # a generous timeout: mining or evaluation on one rank can take long while others wait at a barrier
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+        # on GPU two backends: nccl for CUDA tensors, gloo for the small CPU tensors (token counts, metrics) that
+        # are all-reduced too; nccl alone cannot reduce CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     if not use_cuda and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     return Dist(rank, local_rank, world, dev)
