@@ -23,7 +23,7 @@ import common
 import eval as evaluation
 import speciarl
 
-STEPS = 12  # rollout batches of 16 images x 10 rollouts (toy preset), 2 optimizer steps each
+STEPS = 10  # rollout batches of 16 images x 10 rollouts (toy preset), 2 optimizer steps each
 
 
 def se(p: float, n: float) -> float:
