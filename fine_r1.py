@@ -47,9 +47,15 @@ Deviations from the paper and its released code (every one deliberate)
     class-name similarity, and the four parts are checked by the filter below. For `--data toy` no model can
     write a rationale yet, so it is written from the image's known attributes (a toy class name IS colour, pattern
     and shape): the pipeline runs offline. The paper's rationales are also label-informed (86 of 404 name the class
-    in the first quarter), so a label-informed toy rationale is faithful in kind.
-  * One question wording for every stage (the paper uses 198 SFT phrasings, an R1 system prompt in SFT and Qwen's
-    default one in RL); we keep Qwen's default system prompt throughout.
+    in the first quarter), so a label-informed toy rationale is faithful in kind. It has the four parts in about 40
+    tokens, with the two fixed lines worded in the stand-in's vocabulary ("the options:", "the final answer is"):
+    the paper's lines cost the stand-in's tokenizer 38 single-character tokens, which a two-layer model garbles.
+  * The question is drawn per sample from four phrasings (the paper's SFT data has 198, its RL data one per domain):
+    the paper's RL question and the three open phrasings the tiny stand-in was pretrained on (one of them is
+    eval.py's open-world prompt). We keep Qwen's default system prompt throughout (the paper's SFT used an R1 one).
+  * --closed-frac (toy preset 0.5; paper 0) asks that share of the SFT and TAPO questions in closed-world form, with
+    the truth and 3 other seen classes as options and the class name as the answer: trained on open questions only,
+    the two-layer stand-in loses its multiple-choice behaviour, which a 7B model keeps.
   * Confusable negatives come from class-name similarity (word overlap + character similarity), not from the model's
     own confusions; `--negatives random` is the other choice. The released data pre-computed the triplets.
   * Each row is tokenised with its own image (anchor, positive or negative), so images of any size work; the
@@ -66,9 +72,11 @@ Deviations from the paper and its released code (every one deliberate)
     project's prefill-once sampler instead of vLLM.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
   * Evaluation is eval.py's (mcq: 4 shuffled options; open: rule judge), not the paper's SigLIP similarity.
-  * Toy preset (`--data toy`, only flags left unset): the tiny stand-in, 20 rationales per seen class (the toy has
-    only 12 seen classes), SFT lr 5e-4 batch 32, TAPO lr 2e-4, 16 triplets per rollout batch, 8 per optimizer step,
-    96 new tokens, evaluation on part of the test split: sized for a 2-core CPU.
+  * Toy preset (`--data toy`, only flags left unset): the tiny stand-in; 20 rationales per seen class (the toy has
+    12 seen classes: one each would be 12 samples); SFT lr 2e-3, batch 16, 4 epochs (60 steps); TAPO lr 1e-4,
+    16 triplets per rollout batch, 8 per optimizer step, 4 epochs of the 48 k-shot images (12 rollout batches,
+    24 steps), 96 new tokens; evaluation of the whole toy test split (180 seen-class and 180 unseen-class images) at
+    the start, after SFT and after TAPO: sized for a 2-core CPU.
   * --max-steps caps the TAPO optimizer steps; the SFT length is --sft-epochs.
 """
 
@@ -100,6 +108,7 @@ PAPER = dict(
     cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0,
     sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
     shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
+    rewards="accuracy=0.9,format=0.1",
     max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
     eval_every=50, eval_limit=None, eval_max_new_tokens=2048, eval_batch=8, save_every=15,
 )
@@ -108,12 +117,13 @@ PAPER = dict(
 # the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
 TOY = dict(
     model="tiny", min_pixels=common.TOY_IMAGE_SIZE ** 2, max_pixels=common.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=128, closed_frac=0.5,
+    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5,
     sft_lr=2e-3, sft_batch=16, sft_epochs=4.0, sft_micro_batch=16, sft_min_pixels=common.TOY_IMAGE_SIZE ** 2,
     sft_max_pixels=common.TOY_IMAGE_SIZE ** 2,
-    shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=2e-4, tapo_epochs=8.0,
-    max_new_tokens=128, micro_batch=40, logprob_micro_batch=80,
-    eval_every=0, eval_limit=None, eval_max_new_tokens=128, eval_batch=96, save_every=8,
+    shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
+    rewards="exact=0.9,format=0.1",
+    max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
+    eval_every=0, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
 )
 
 
@@ -145,7 +155,7 @@ def parse_args(argv=None):
                    help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
                         "classes as lettered options, the class name as the answer (paper 0: open questions only)")
     g = p.add_argument_group("stage sft")
-    g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 5e-4)")
+    g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 2e-3)")
     g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
     g.add_argument("--sft-weight-decay", type=float, default=0.1, help="AdamW weight decay (paper 0.1)")
     g.add_argument("--sft-batch", type=int, default=None, help="samples per optimizer step, all ranks (paper 64)")
@@ -176,8 +186,10 @@ def parse_args(argv=None):
                    help="triplets per optimizer step, all ranks (paper 64: 640 responses; 3 steps per batch)")
     g.add_argument("--tapo-epochs", type=float, default=None,
                    help="passes over the k-shot seen images, in rollout batches (paper 5 for 7B)")
-    g.add_argument("--rewards", default="accuracy=0.9,format=0.1",
-                   help="name=weight list of reward functions (registry REWARDS) summed into the reward")
+    g.add_argument("--rewards", default=None,
+                   help="name=weight list of reward functions (registry REWARDS: accuracy, exact, format) summed "
+                        "into the reward; dynamic sampling filters on the first (paper accuracy=0.9,format=0.1; "
+                        "toy exact=0.9,format=0.1)")
     g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in (r - mean) / (std + eps) (paper 1e-6)")
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip, lower side (paper 0.2)")
     g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip, upper side: clip-higher (paper 0.28)")
@@ -186,7 +198,7 @@ def parse_args(argv=None):
                    help="weight of the k3 KL against the negative image, MAXIMISED (paper 0.01)")
     g.add_argument("--entropy-coef", type=float, default=0.03, help="weight of mean(-logp) (paper 0.03)")
     g.add_argument("--neg-entropy-coef", type=float, default=0.03, help="weight of mean(-logp_neg) (paper 0.03)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (paper 1e-6; toy 2e-4)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (paper 1e-6; toy 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
     g.add_argument("--tapo-freeze-vision", action="store_true", help="freeze the vision tower (the paper trains it)")
@@ -261,8 +273,13 @@ QUESTIONS = [
     "in <answer> </answer> tags.",
     *[q for q in common.TINY_OPEN_PROMPTS if "{classes}" not in q],
 ]
+# The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
+# The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
+# toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
+TOY_CANDIDATES_MARK = "the options:"
+TOY_PREDICTION_MARK = "the final answer is"
 # The teacher's instruction (the paper's is not published; this asks for the four parts its data shows).
 TEACHER_PROMPT = (
     "This image shows a {kind} of the category \"{truth}\". Categories that look similar: {candidates}.\n"
@@ -274,11 +291,13 @@ TEACHER_PROMPT = (
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
 
-# The closed-world form (--closed-frac; the paper trains on open questions only): lettered options, one per line,
-# and the class NAME as the answer, which is how Fine-R1's closed-world evaluation scores (the truth inside the answer).
+# The closed-world form (--closed-frac; the paper trains on open questions only): the wording of eval.py's
+# closed-world protocol (and of the stand-in's pretraining), lettered options one per line. The answer is the class
+# NAME, which eval.py reads as the option with that text and which is how Fine-R1's closed-world evaluation scores
+# (the truth inside the answer); the tiny stand-in answers the same way.
 CLOSED_QUESTION = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
-                   "below.\n{options}\nOutput the thinking process in <think> </think> and the final answer in "
-                   "<answer> </answer> tags.")
+                   "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
+                   "answer in <answer> </answer> tags.")
 
 
 def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
@@ -303,51 +322,51 @@ def response_text(rationale: str, class_name: str) -> str:
 
 
 def attribute_rationale(class_name: str, candidates: list[str]) -> str:
-    """The four-part rationale of a toy image, written from its known attributes (toy class = colour pattern shape).
-    Short (about 80 tokens) because the tiny stand-in samples it on a CPU. The shape is named first: named last, it
-    would be predictable from colour and pattern among the 12 seen classes (every seen blue shape is a triangle), and
-    a two-layer model learns that shortcut instead of looking, which fails on the unseen classes.
+    """The four-part rationale of a toy image, written from its known attributes (a toy class name is colour, pattern
+    and shape): the features in the order of the class name (so that the prediction copies them), the candidate
+    classes, how each differs, the prediction. About 40 tokens: the tiny stand-in samples it on a CPU.
     >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
-    '1. shape: circle 2. colour: red 3. pattern: striped\nThe analysis of candidate subcategories: red plain circle,
-     blue striped square.\nnot plain, not square.\nThe prediction is: red striped circle.'
+    '1. colour: red 2. pattern: striped 3. shape: circle\nthe options: red plain circle, blue striped square\n
+     not plain, not blue\nthe final answer is red striped circle'
     """
-    colour, pattern, shape = class_name.split()
     differs = []
-    for c in candidates:  # the first attribute (in the order named) in which each candidate differs from the image
-        c_colour, c_pattern, c_shape = c.split()
-        differs += [w for w, mine in ((c_shape, shape), (c_colour, colour), (c_pattern, pattern)) if w != mine][:1]
-    return (f"1. shape: {shape} 2. colour: {colour} 3. pattern: {pattern}\n"
-            f"{CANDIDATES_MARK} {', '.join(candidates)}.\n"
-            f"{', '.join('not ' + w for w in differs)}.\n"
-            f"{PREDICTION_MARK} {class_name}.")
+    for c in candidates:  # the first attribute in which each candidate differs from the image
+        differs += [w for w, mine in zip(c.split(), class_name.split()) if w != mine][:1]
+    features = " ".join(f"{i}. {a}: {w}" for i, (a, w) in enumerate(zip(("colour", "pattern", "shape"),
+                                                                        class_name.split()), 1))
+    return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
+            f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
 
-def rationale_parts(think: str, truth: str) -> dict[str, bool]:
-    """The four parts the filter asks for, each True when present in the <think> text:
+def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> dict[str, bool]:
+    """The four parts the filter asks for, each True when present in the <think> text (marks = the candidate line's
+    and the prediction's opening words):
       analysis    a numbered feature ("1." or "1)") before the candidate line
       candidates  the line "The analysis of candidate subcategories: ..." naming at least one category
       comparison  some text (3 words or more) between the candidate line and the prediction
       prediction  "The prediction is: ..." naming the truth (normalised, as a substring)"""
-    c, p = think.find(CANDIDATES_MARK), think.rfind(PREDICTION_MARK)
+    cand_mark, pred_mark = marks
+    c, p = think.find(cand_mark), think.rfind(pred_mark)
+    predicted = p >= 0 and common.normalize(truth) in common.normalize(think[p + len(pred_mark):])
     if c < 0 or p < c:
         return {"analysis": bool(re.search(r"(^|\s)1[.)]\s", think)), "candidates": c >= 0, "comparison": False,
-                "prediction": p >= 0 and common.normalize(truth) in common.normalize(think[p + len(PREDICTION_MARK):])}
+                "prediction": predicted}
     line_end = think.find("\n", c)
     line_end = p if line_end < 0 or line_end > p else line_end
     return {"analysis": bool(re.search(r"(^|\s)1[.)]\s", think[:c])),
-            "candidates": len(think[c + len(CANDIDATES_MARK):line_end].strip()) > 0,
-            "comparison": len(think[line_end:p].split()) >= 3,
-            "prediction": common.normalize(truth) in common.normalize(think[p + len(PREDICTION_MARK):])}
+            "candidates": len(think[c + len(cand_mark):line_end].strip()) > 0,
+            "comparison": len(think[line_end:p].split()) >= 3, "prediction": predicted}
 
 
-def check_rationale(completion: str, truth: str) -> tuple[str | None, dict[str, bool]]:
+def check_rationale(completion: str, truth: str,
+                    marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> tuple[str | None, dict[str, bool]]:
     """(the rationale text, or None when rejected; the checks). Kept when the completion has the think / answer
     format, its answer is the truth (normalised) and the rationale has all four parts."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = common.parse_answer(completion)
     checks = {"format": common.format_ok(completion),
               "answer": answer is not None and common.normalize(answer) == common.normalize(truth),
-              **rationale_parts(think.group(1) if think else "", truth)}
+              **rationale_parts(think.group(1) if think else "", truth, marks)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
@@ -691,23 +710,33 @@ def accuracy_reward(completion: str, truth: str) -> float:
     return float(answer is not None and truth.lower() in answer.lower())
 
 
+def exact_reward(completion: str, truth: str) -> float:
+    """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
+    substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
+    repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule."""
+    answer = common.parse_answer(completion)
+    return float(answer is not None and common.normalize(answer) == common.normalize(truth))
+
+
 def format_reward(completion: str, truth: str) -> float:
     """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
     return float(common.format_ok(completion))
 
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+REWARDS = {"accuracy": accuracy_reward, "exact": exact_reward, "format": format_reward}
 
 
 def parse_reward_weights(spec: str) -> dict[str, float]:
+    """'accuracy=0.9,format=0.1' -> {'accuracy': 0.9, 'format': 0.1}, in the order given: the FIRST reward is the
+    accuracy that dynamic sampling filters on."""
     weights = {}
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, _, w = item.partition("=")
         if name not in REWARDS or not w:
             raise SystemExit(f"--rewards {spec!r}: expected name=weight items with names from {sorted(REWARDS)}")
         weights[name] = float(w)
-    if "accuracy" not in weights:  # dynamic sampling filters on accuracy, so it is always computed
-        weights["accuracy"] = 0.0
+    if not weights:
+        raise SystemExit(f"--rewards {spec!r}: no reward given")
     return weights
 
 
@@ -824,7 +853,8 @@ class Group:
 
     @property
     def accuracy(self) -> float:
-        return float(self.parts["accuracy"].mean())
+        """Mean of the group's first reward component (the accuracy, see parse_reward_weights)."""
+        return float(next(iter(self.parts.values())).mean())
 
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
@@ -1047,7 +1077,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
             record.update(timer.pop())
         log.log(record)
         common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
-                      f"acc {record['reward/accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
+                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
                       f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
                       f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if done or guard.exhausted or (args.save_every and step // args.save_every

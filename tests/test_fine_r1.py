@@ -113,22 +113,26 @@ def test_a_class_with_one_image_cannot_give_a_positive():
 
 def test_rewards_truth_table():
     truth = "Red Striped Circle"
-    cases = [  # completion, accuracy (lowercased truth is a substring of <answer>), format
-        ("<think>x</think>\n\n<answer>red striped circle</answer>", 1, 1),
-        ("<think>x</think><answer>a RED STRIPED CIRCLE, I think</answer>", 1, 1),
-        ("<think>x</think><answer>red circle</answer>", 0, 1),
-        ("<answer>red striped circle</answer>", 1, 0),
-        ("<think>x</think><answer>red striped circle</answer> trailing", 1, 0),
-        ("<think>red striped circle</think>", 0, 0),
-        ("red striped circle", 0, 0),
+    cases = [  # completion, accuracy (lowercased truth inside <answer>: the paper), exact (normalised equality), format
+        ("<think>x</think>\n\n<answer>red striped circle</answer>", 1, 1, 1),
+        ("<think>x</think><answer>a RED STRIPED CIRCLE, I think</answer>", 1, 0, 1),
+        ("<think>x</think><answer>red-striped circle.</answer>", 0, 1, 1),
+        ("<think>x</think><answer>red striped square, red striped circle</answer>", 1, 0, 1),  # a hedge
+        ("<think>x <answer>red striped circle\n</think><answer>red striped circle</answer>", 1, 0, 1),  # tag spam
+        ("<think>x</think><answer>red circle</answer>", 0, 0, 1),
+        ("<answer>red striped circle</answer>", 1, 1, 0),
+        ("<think>x</think><answer>red striped circle</answer> trailing", 1, 1, 0),
+        ("<think>red striped circle</think>", 0, 0, 0),
+        ("red striped circle", 0, 0, 0),
     ]
-    for text, acc, fmt in cases:
+    for text, acc, exact, fmt in cases:
         assert fine_r1.accuracy_reward(text, truth) == acc, text
+        assert fine_r1.exact_reward(text, truth) == exact, text
         assert fine_r1.format_reward(text, truth) == fmt, text
     reward, parts = fine_r1.score([c[0] for c in cases], [truth] * len(cases), {"accuracy": 0.9, "format": 0.1})
-    assert torch.allclose(reward, torch.tensor([0.9 * a + 0.1 * f for _, a, f in cases]))
-    assert parts["accuracy"].tolist() == [float(a) for _, a, _ in cases]
-    assert fine_r1.parse_reward_weights("format=1") == {"format": 1.0, "accuracy": 0.0}
+    assert torch.allclose(reward, torch.tensor([0.9 * a + 0.1 * f for _, a, _, f in cases]))
+    assert parts["accuracy"].tolist() == [float(a) for _, a, _, _ in cases]
+    assert list(fine_r1.parse_reward_weights("exact=0.9,format=0.1")) == ["exact", "format"]  # order kept
     with pytest.raises(SystemExit):
         fine_r1.parse_reward_weights("accuracy=0.9,lenght=0.1")
 
@@ -250,19 +254,25 @@ def test_dynamic_sampling_keeps_exactly_the_groups_inside_and_samples_until_full
 
 def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
     names = common.toy_class_names()
-    cands = fine_r1.confusable_classes(names, 3)["red striped circle"]
+    cands = fine_r1.confusable_classes(names, 2)["red striped circle"]
     think = fine_r1.attribute_rationale("red striped circle", cands)
+    toy = (fine_r1.TOY_CANDIDATES_MARK, fine_r1.TOY_PREDICTION_MARK)
     good = fine_r1.response_text(think, "red striped circle")
-    kept, checks = fine_r1.check_rationale(good, "red striped circle")
+    kept, checks = fine_r1.check_rationale(good, "red striped circle", toy)
     assert kept == think and all(checks.values())
     assert common.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
+    # the paper's wording of the same rationale passes the default (paper) filter
+    paper = fine_r1.response_text(think.replace(toy[0], fine_r1.CANDIDATES_MARK).replace(toy[1], fine_r1.PREDICTION_MARK),
+                                  "red striped circle")
+    assert all(fine_r1.check_rationale(paper, "red striped circle")[1].values())
+    assert fine_r1.check_rationale(good, "red striped circle")[0] is None  # toy wording: not the paper's lines
     broken = {
-        "analysis": good.replace("1. shape", "shape"),
-        "candidates": good.replace(fine_r1.CANDIDATES_MARK, "Candidates:"),
-        "comparison": good.replace(think.split("\n")[2], ""),
-        "prediction": good.replace("The prediction is: red striped circle", "The prediction is: blue square"),
-        "answer": good.replace("<answer>red striped circle", "<answer>blue striped circle"),
-        "format": good + " and more",
+        "analysis": paper.replace("1. colour", "colour"),
+        "candidates": paper.replace(fine_r1.CANDIDATES_MARK, "Candidates:"),
+        "comparison": paper.replace(think.split("\n")[2], ""),
+        "prediction": paper.replace("The prediction is: red striped circle", "The prediction is: blue square"),
+        "answer": paper.replace("<answer>red striped circle", "<answer>blue striped circle"),
+        "format": paper + " and more",
     }
     for part, text in broken.items():
         kept, checks = fine_r1.check_rationale(text, "red striped circle")
@@ -280,6 +290,7 @@ def test_toy_preset_fills_only_unset_flags():
     assert (paper.model, paper.lr, paper.sft_lr, paper.rollout_batch, paper.prompts_per_step, paper.group_size) == \
         ("Qwen/Qwen2.5-VL-7B-Instruct", 1e-6, 5e-6, 192, 64, 5)
     assert paper.reward_weights == {"accuracy": 0.9, "format": 0.1} and paper.cot_source == "teacher"
+    assert args.reward_weights == {"exact": 0.9, "format": 0.1}
     with pytest.raises(SystemExit, match="toy"):
         fine_r1.parse_args(["--data", "cub", "--cot-source", "attributes"])
 
@@ -295,8 +306,9 @@ def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_pat
         text = processor.tokenizer.decode(prompts[0].input_ids)
         truth = next(n for n in names if f'category "{n}"' in text)
         asked.append(truth)
-        good = fine_r1.response_text(fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth]),
-                                     truth)
+        think = fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth])
+        think = think.replace(fine_r1.TOY_CANDIDATES_MARK, fine_r1.CANDIDATES_MARK)  # the paper's wording
+        good = fine_r1.response_text(think.replace(fine_r1.TOY_PREDICTION_MARK, fine_r1.PREDICTION_MARK), truth)
         if truth == names[0]:  # every rationale fails for the first class: the answer is wrong
             texts = [good.replace(f"<answer>{truth}", "<answer>nothing")] * (len(prompts) * group_size)
         else:  # first a rationale without the candidate line, then good ones
