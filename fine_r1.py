@@ -765,9 +765,9 @@ def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0
 
 
 def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
-    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the first
-    `quota` are used, extras are dropped like verl's truncation). Every rank runs the same number of rounds (a rank
-    already full keeps sampling while another is short: collectives inside sampling need all ranks). After
+    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
+    first `quota` are used, extras are dropped like verl's truncation). Every rank runs the same number of rounds (a
+    rank already full keeps sampling while another is short: collectives inside sampling need all ranks). After
     `max_rounds` the batch is filled with the last rejected groups instead of failing. Returns (groups, stats)."""
     kept, rejected, rounds, sampled = [], [], 0, 0
     while True:
@@ -803,7 +803,8 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
         rho   = exp(clamp(logp - old_logp, -20, 20))
         pg    = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),  then for A < 0: min(pg, -dual_clip A)
         delta = clamp(neg_logp - logp, -20, 20),   k3 = clamp(exp(delta) - delta - 1, -10, 10)
-        L     = mean_tok(pg) - kl_coef mean_tok(k3) + entropy_coef mean_tok(-logp) + neg_entropy_coef mean_tok(-neg_logp)
+        L     = mean_tok(pg) - kl_coef mean_tok(k3) + entropy_coef mean_tok(-logp)
+                + neg_entropy_coef mean_tok(-neg_logp)
     mean_tok(x) = sum over the tokens of the whole optimizer step (all ranks) / their number; DDP and FSDP average
     gradients over ranks, so the caller passes normalizer = global token count / world size.
     The k3 term is subtracted: maximised, it pushes the response's likelihood under the true image away from the one
@@ -879,7 +880,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
         reward, parts = score(texts, [t.anchor.class_name] * 2 * G, args.reward_weights)  # [2G]
         groups.append(Group(t, [prompts[2 * i]] * G + [prompts[2 * i + 1]] * G,
                             common.encode_prompt(processor, t.negative.image, questions[i]),
-                            ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward, parts))
+                            ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward,
+                            parts))
     return groups
 
 

@@ -1,5 +1,6 @@
 """fine_r1.py unit tests: the SFT label mask, triplets, rewards, advantages, the TAPO loss by hand, dynamic sampling,
 the rationale filter and the toy preset. Seconds on a CPU."""
+import json
 import math
 import os
 import random
@@ -22,8 +23,9 @@ def test_sft_labels_are_the_assistant_tokens_only(tiny, toy_test):
     ids = common.special_token_ids(proc)
     exs = [toy_test.examples[0], toy_test.examples[40]]
     records = [{"image": ex.image, "class_name": ex.class_name, "question": fine_r1.pose_question("shape", ex.id)[0],
-                "response": fine_r1.response_text(fine_r1.attribute_rationale(ex.class_name, ["red plain circle"] * (i + 1)),
-                                                  ex.class_name)} for i, ex in enumerate(exs)]
+                "response": fine_r1.response_text(
+                    fine_r1.attribute_rationale(ex.class_name, ["red plain circle"] * (i + 1)), ex.class_name)}
+               for i, ex in enumerate(exs)]
     pairs = [fine_r1.sft_example(proc, r) for r in records]
     rows, labels = [], []
     for r, (prompt, target) in zip(records, pairs):
@@ -168,7 +170,8 @@ def _hand_tapo(logp, old, neg, adv, mask, normalizer, clip_low=0.2, clip_high=0.
             kl += max(-10.0, min(10.0, math.exp(delta) - delta - 1))
             h += -logp[i][t]
             hn += -neg[i][t]
-    terms = {"pg": pg / normalizer, "kl_neg": kl / normalizer, "entropy": h / normalizer, "entropy_neg": hn / normalizer}
+    terms = {"pg": pg / normalizer, "kl_neg": kl / normalizer, "entropy": h / normalizer,
+             "entropy_neg": hn / normalizer}
     terms["loss"] = terms["pg"] - kl_c * terms["kl_neg"] + h_c * terms["entropy"] + hn_c * terms["entropy_neg"]
     return terms
 
@@ -262,8 +265,8 @@ def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
     assert kept == think and all(checks.values())
     assert common.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
     # the paper's wording of the same rationale passes the default (paper) filter
-    paper = fine_r1.response_text(think.replace(toy[0], fine_r1.CANDIDATES_MARK).replace(toy[1], fine_r1.PREDICTION_MARK),
-                                  "red striped circle")
+    paper_think = think.replace(toy[0], fine_r1.CANDIDATES_MARK).replace(toy[1], fine_r1.PREDICTION_MARK)
+    paper = fine_r1.response_text(paper_think, "red striped circle")
     assert all(fine_r1.check_rationale(paper, "red striped circle")[1].values())
     assert fine_r1.check_rationale(good, "red striped circle")[0] is None  # toy wording: not the paper's lines
     broken = {
@@ -341,8 +344,10 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
     negatives = fine_r1.negative_classes(sorted(by_class), "random", 0)
-    triplets = [fine_r1.make_triplet(a, by_class, negatives, random.Random(i)) for i, a in enumerate(train.examples[:3])]
-    groups = fine_r1.sample_groups(model, proc, triplets, "shape", sorted(by_class), args, torch.Generator().manual_seed(0))
+    triplets = [fine_r1.make_triplet(a, by_class, negatives, random.Random(i))
+                for i, a in enumerate(train.examples[:3])]
+    groups = fine_r1.sample_groups(model, proc, triplets, "shape", sorted(by_class), args,
+                                   torch.Generator().manual_seed(0))
     tok = proc.tokenizer
     for t, g in zip(triplets, groups):
         assert g.completion_ids.shape[0] == 4 and len(g.texts) == 4 and g.reward.shape == (4,)
@@ -358,3 +363,26 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
         assert tok.decode(g.prompts[2].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
         expected, _ = fine_r1.score(g.texts, [t.anchor.class_name] * 4, args.reward_weights)
         assert torch.equal(g.reward, expected)
+
+
+def test_tapo_checkpoint_resume_continues_the_data_and_the_steps(tmp_path):
+    """TAPO stopped after 1 rollout batch (a checkpoint at each step) and rerun with a larger budget continues from
+    there with the saved data position instead of starting over (the first run's export is removed, as a kill before
+    the end would have left it absent)."""
+    import shutil
+    out = str(tmp_path)
+    flags = ["--data", "toy", "--stage", "tapo", "--out", out, "--rollout-batch", "1", "--sample-prompts", "1",
+             "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch", "4",
+             "--eval-every", "-1", "--save-every", "1", "--max-sample-rounds", "1"]
+    fine_r1.main(flags + ["--max-steps", "1"])
+
+    def state():
+        return json.load(open(os.path.join(common.latest_checkpoint(os.path.join(out, "tapo")), "state.json")))
+    assert (state()["step"], state()["batch"], state()["cursor"]) == (1, 1, 1)
+    shutil.rmtree(os.path.join(out, "final"))
+    fine_r1.main(flags + ["--max-steps", "2"])
+    records = fine_r1.read_jsonl(os.path.join(out, "tapo", "metrics.jsonl"))
+    assert [(r["step"], r["rollout_batch"]) for r in records] == [(1, 1), (2, 2)]  # resumed, not restarted
+    assert records[-1]["completions"][0]["anchor"] != records[0]["completions"][0]["anchor"]  # the next triplet
+    assert (state()["step"], state()["batch"], state()["cursor"]) == (2, 2, 2)
+    assert os.path.exists(os.path.join(out, "final", "config.json"))
