@@ -58,7 +58,9 @@ Deviations from the paper and its code (every one deliberate)
   * --online-mining rebuilds the options from the current policy at every step (the paper's e2e "topk_dynamic"
     variant, its stated limitation); there, an easy image is kept with 2 random base distractors instead of dropped.
   * Toy preset (`--data toy`, only flags left unset): K = 8 mining samples, 48 new tokens, G = 8, 16 prompts per
-    step, lr 1e-4, beta 0 (no reference model), 80 steps: sized for the tiny stand-in on a 2-core CPU.
+    step, lr 2e-4 constant, 60 steps, 8 step-1 samples at evaluation: sized for the tiny stand-in on a 2-core CPU.
+    On toy the gain shows on held-out images of the trained (base) classes; novel-class accuracy stays flat (the
+    tiny model's errors are shape confusions, which RL on base-class questions does not teach for unseen classes).
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ import common
 
 # The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
 # listed here default to None on the command line: whatever the user sets wins, the preset fills the rest.
-PAPER = dict(group_size=4, prompts_per_step=6, lr=1e-6, beta=0.04, max_new_tokens=1024, mine_samples=20,
-             mine_max_new_tokens=1024, epochs=1.5, max_steps=None, micro_batch=4, eval_samples=20,
+PAPER = dict(group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear", beta=0.04, max_new_tokens=1024,
+             mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None, micro_batch=4, eval_samples=20,
              eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100, eval_classes="base,novel")
-TOY = dict(group_size=8, prompts_per_step=16, lr=1e-4, beta=0.0, max_new_tokens=48, mine_samples=8,
-           mine_max_new_tokens=48, epochs=None, max_steps=80, micro_batch=64, eval_samples=8,
-           eval_max_new_tokens=48, eval_every=40, eval_limit=None, save_every=40, eval_classes="all")
+TOY = dict(group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.04, max_new_tokens=48,
+           mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=60, micro_batch=64, eval_samples=8,
+           eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30, eval_classes="base,novel")
 
 
 def parse_args(argv=None):
@@ -129,7 +131,7 @@ def parse_args(argv=None):
     g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (paper 1e-4)")
     g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
     g.add_argument("--beta", type=float, default=None,
-                   help="weight of the k3 KL to the frozen initial model; 0 builds no reference (paper 0.04; toy 0)")
+                   help="weight of the k3 KL to the frozen initial model; 0 builds no reference (paper 0.04)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
     g.add_argument("--clip-eps-high", type=float, default=None, help="PPO clip, upper side (default = --clip-eps)")
     g.add_argument("--updates-per-batch", type=int, default=1,
@@ -137,19 +139,20 @@ def parse_args(argv=None):
     g.add_argument("--loss-agg", default="seq", choices=["seq", "token"],
                    help="seq: token mean per completion, then mean over completions (GRPO, the paper); "
                         "token: one mean over every completion token of the optimizer step (DAPO)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 1e-6; toy 1e-4)")
-    g.add_argument("--lr-schedule", default="linear", choices=["constant", "linear", "cosine"],
-                   help="decay to 0 over the run (paper: linear, no warm-up)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 1e-6; toy 2e-4)")
+    g.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
+                   help="decay to 0 over the run (paper: linear, no warm-up; toy: constant)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (paper 0)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
     g.add_argument("--freeze-vision", action="store_true", help="train the language model only (paper ablation)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=None,
-                   help="two-step evaluation every N steps, at the start and at the end (0 = never; paper-sized 100)")
+                   help="two-step evaluation every N steps, at the start and at the end (0 = never; 100; toy 30)")
     g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
     g.add_argument("--eval-classes", default=None,
-                   help="comma list of class groups evaluated: base, novel, all (real data base,novel; toy all)")
+                   help="comma list of class groups evaluated: base, novel, all (default base,novel: the paper's "
+                        "base-to-novel table, with their harmonic mean)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
     g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
