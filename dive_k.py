@@ -14,7 +14,8 @@ Launch
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes, a few minutes on 2 cores)
-Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too).
+Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too); --out
+must be on a filesystem every node sees (mining shards, checkpoints).
 A 7B model with AdamW needs FSDP2 (fp32 master weights + optimizer state are ~112 GB on one GPU otherwise).
 
 What the file does, in order (section banners below follow it):
@@ -24,10 +25,10 @@ What the file does, in order (section banners below follow it):
   4. prompts      the mining prompt (class list) and the multiple-choice prompt (lettered options)
   5. mining       stage 1: K samples per image -> counted valid names -> options (cached to <out>/mcq.jsonl)
   6. rollout      G completions per question, the whole group on one rank, prompts sharded over ranks
-  7. reward       a registry of plain functions (format, mcq, random); each component logged separately
+  7. reward       a registry of plain functions (format, mcq; random for a control run), each logged separately
   8. advantage    group z-score (r - mean) / (std + eps)
   9. loss         ratio + clip, optional k3 KL, per-sequence or global token-mean aggregation, written by hand
- 10. update loop  gradient accumulation, grad clipping, AdamW with linear decay, metrics, periodic two-step eval,
+ 10. update loop  gradient accumulation, grad clipping, AdamW (linear decay), metrics, periodic two-step eval,
                   checkpoints with the data position, auto-resume, export to <out>/final (a standard HF directory)
 
 Deviations from the paper and its code (every one deliberate)
@@ -45,7 +46,8 @@ Deviations from the paper and its code (every one deliberate)
     gives 0 when the answer names several letters ("A, B"): the code scored hedged answers with keyword heuristics.
     A letter counts when it is not inside a word: "B", "B.", "(B)", "B) name", "B: name". An answer that is exactly
     one option's text (normalised) also chooses that option, as eval.py's parser does: the tiny stand-in answers
-    multiple choice with the option's text (a two-layer model did not learn the letter lookup), the paper's 0.
+    multiple choice with the option's text (a two-layer model did not learn the letter lookup); the paper's
+    reward gives such an answer 0.
   * The format check allows whitespace around the completion (common.format_ok); the code's fullmatch did not.
   * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
     update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
@@ -336,7 +338,8 @@ def mining_summary(records: list[dict]) -> dict:
             "mining/dropped_easy": sum(r["status"] == "easy" for r in records),
             "mining/truth_inserted": sum(r["truth_inserted"] for r in kept),
             "mining/padded": sum(r["padded"] for r in kept),
-            "mining/valid_answer_rate": sum(r["n_valid"] for r in records) / max(1, sum(r["n_samples"] for r in records)),
+            "mining/valid_answer_rate": (sum(r["n_valid"] for r in records)
+                                         / max(1, sum(r["n_samples"] for r in records))),
             "mining/truth_in_top_rate": sum(1 for r in records if r["counts"].get(r["truth"])) / n,
             "mining/mean_options": sum(len(r["options"]) for r in kept) / max(1, len(kept))}
 
@@ -470,7 +473,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     else:
         raise ValueError(f"loss_agg must be seq or token, got {loss_agg!r}")
     with torch.no_grad():
-        stats = {"kl_sum": float((kl * mask).sum()), "clipped_sum": float(((clipped < unclipped).to(mask.dtype) * mask).sum()),
+        clipped_taken = (clipped < unclipped).to(mask.dtype)  # [B, T] tokens where the clip changed the objective
+        stats = {"kl_sum": float((kl * mask).sum()), "clipped_sum": float((clipped_taken * mask).sum()),
                  "tokens": float(mask.sum())}
     return loss, stats
 
@@ -721,8 +725,10 @@ def main(argv=None):
         local = {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
                  "format_rate": float(formatted.mean()), "zero_std_frac": float(zero_std.float().mean()),
                  "completion_len": tokens / B, "truncation_rate": float(ro.truncated.float().mean()),
-                 "kl": sums["kl_sum"] / max(1.0, sums["tokens"]), "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
-                 "loss": sums["loss"] / args.updates_per_batch, "mean_options": sum(len(q["options"]) for q in batch) / len(batch),
+                 "kl": sums["kl_sum"] / max(1.0, sums["tokens"]),
+                 "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
+                 "loss": sums["loss"] / args.updates_per_batch,
+                 "mean_options": sum(len(q["options"]) for q in batch) / len(batch),
                  **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **online}
         record = {"step": step + 1, **common.mean_over_ranks(local), "lr": lr, "grad_norm": grad_norm,
                   **guard.stats(), **common.mean_over_ranks(timer.pop())}
