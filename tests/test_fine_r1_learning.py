@@ -1,0 +1,65 @@
+"""Fine-R1 learns on toy: the CPU quickstart (`python fine_r1.py --data toy`: rationales written from the toy
+attributes, CoT SFT, TAPO, all from the tiny stand-in) raises the closed-world (mcq) and open-world (open) accuracies
+on the seen (base) classes over the starting model beyond evaluation noise, and TAPO raises its own on-policy
+accuracy. Run with -s to see the table of every stage.
+
+Held out: the whole toy test split, 180 images of the 12 seen classes and 180 of the 12 unseen ones, each answered
+greedily and scored by eval.py. Noise: the standard error of the difference of two accuracies on n = 180 images,
+sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n) (0.047 at p = 0.7); a gain counts when it exceeds two of them.
+
+The unseen (novel) classes are printed, not asserted: they fall. Of the 12 unseen toy classes, 8 have a colour and
+pattern that the seen classes show with a single shape (every seen blue class is a triangle; red striped is only a
+square; yellow plain only a triangle), so training on the seen classes teaches the two-layer stand-in to read the
+shape from the colour, which is right on the seen images and wrong on those 8 unseen classes. Measured when this test
+was written (one process, one thread): start mcq 0.683 / 0.578, open 0.600 / 0.528 (seen / unseen); after SFT
+0.789 / 0.478 and 0.739 / 0.250; after TAPO 0.856 / 0.394 and 0.806 / 0.189.
+"""
+import json
+import math
+import os
+
+import torch
+
+import fine_r1
+
+GROUPS = [(protocol, group) for protocol in ("mcq", "open") for group in ("seen", "unseen")]
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_then_tapo_raise_seen_class_accuracy(tmp_path):
+    out = str(tmp_path / "run")
+    threads = torch.get_num_threads()
+    # one thread: the stand-in's matrices are too small to gain from a second one, and on a CPU shared with other
+    # jobs OpenMP threads that spin-wait for each other multiplied the CPU time of this run by seven
+    torch.set_num_threads(1)
+    try:
+        fine_r1.main(["--data", "toy", "--out", out])  # the quickstart, all stages, toy preset
+    finally:
+        torch.set_num_threads(threads)
+    sft = [r for r in read(os.path.join(out, "sft", "metrics.jsonl")) if "eval/mcq/seen" in r]
+    tapo = read(os.path.join(out, "tapo", "metrics.jsonl"))
+    stages = {"start": sft[0], "after sft": sft[-1], "after tapo": [r for r in tapo if "eval/mcq/seen" in r][-1]}
+    assert sft[0]["step"] == 0 and stages["after tapo"]["step"] == 24
+    lines = [f"{'':14}" + "".join(f"{name:>12}" for name in stages) + f"{'gain':>8}{'2 SE':>8}{'n':>5}"]
+    gains = {}
+    for protocol, group in GROUPS:
+        key = f"eval/{protocol}/{group}"
+        n = stages["start"][key + "_n"]
+        p0, p1 = stages["start"][key], stages["after tapo"][key]
+        se = math.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
+        gains[key] = (p1 - p0, se, n)
+        lines.append(f"{protocol + ' ' + group:14}" + "".join(f"{r[key]:12.3f}" for r in stages.values())
+                     + f"{p1 - p0:+8.3f}{2 * se:8.3f}{n:5d}")
+    # on-policy accuracy of the TAPO rollouts (all sampled groups, before the dynamic-sampling filter)
+    sampled = [r["sampled_accuracy"] for r in tapo if "sampled_accuracy" in r]
+    first, last = sum(sampled[:3]) / 3, sum(sampled[-3:]) / 3
+    lines.append(f"TAPO sampled accuracy, first 3 rollout batches {first:.3f}, last 3 {last:.3f}")
+    print("\n" + "\n".join(lines))
+    for protocol in ("mcq", "open"):
+        gain, se, n = gains[f"eval/{protocol}/seen"]
+        assert n == 180 and gain > 2 * se, f"{protocol} seen: gain {gain:.3f}, 2 SE {2 * se:.3f}\n" + "\n".join(lines)
+    assert last > first + 0.03, "\n".join(lines)
