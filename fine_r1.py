@@ -22,7 +22,7 @@ Launch
   8 GPUs    torchrun --nproc 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python fine_r1.py --data toy          (all three stages on the tiny stand-in, a few minutes on 2 cores)
+  CPU       python fine_r1.py --data toy          (all three stages on the tiny stand-in, about 2 minutes)
   One stage at a time: --stage cot | sft | tapo (each reads the previous stage's output from --out); --cot-data FILE
   trains on a given rationale file. Rerunning the same command resumes: a finished stage is skipped, an interrupted
   one continues from its last checkpoint (with its data position).
@@ -34,8 +34,8 @@ What the file does, in order (the section banners below follow it):
   4. stage cot    teacher rationales -> four-part filter -> at most one per seen class -> cot.jsonl
   5. stage sft    label mask, cosine schedule with warm-up, frozen vision tower, DDP / FSDP2
   6. triplets     (anchor, positive, negative), random or confusable negatives
-  7. rollout      5 + 5 completions per triplet, dynamic sampling until the rollout batch is full
-  8. reward       a registry of plain functions (accuracy, format), weighted 0.9 / 0.1, each logged
+  7. rollout      5 + 5 completions per triplet, dynamic sampling (section 9) until the batch is full
+  8. reward       a registry of plain functions (accuracy, exact, format), weighted 0.9 / 0.1, each logged
   9. advantage    z-score over the group of 10
  10. loss         L_clip (clip-higher, dual clip) - 0.01 k3(own || negative) + 0.03 H_own + 0.03 H_neg, by hand
  11. update loop  old log-probs once per rollout batch, several optimizer steps, metrics, periodic evaluation
@@ -706,6 +706,65 @@ def make_triplet(anchor: common.Example, by_class: dict[str, list[common.Example
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
 
+# ----- 7. rollout: 5 + 5 completions per triplet, one group -----
+
+@dataclasses.dataclass
+class Group:
+    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
+    triplet: Triplet
+    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
+    neg_prompt: common.EncodedPrompt  # the same question with the negative image
+    completion_ids: torch.Tensor  # [2G, T]
+    completion_mask: torch.Tensor  # [2G, T]
+    truncated: torch.Tensor  # [2G]
+    texts: list[str]
+    reward: torch.Tensor  # [2G]
+    parts: dict  # component -> [2G]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean of the group's first reward component (the accuracy, see parse_reward_weights)."""
+        return float(next(iter(self.parts.values())).mean())
+
+
+def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
+                  generator) -> list[Group]:
+    """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
+    G = args.group_size
+    questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
+                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
+                 for t in triplets]  # one question per triplet, asked with the anchor and with the positive
+    prompts = []
+    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
+        prompts += [common.encode_prompt(processor, t.anchor.image, q),
+                    common.encode_prompt(processor, t.positive.image, q)]
+    with compute_ctx(args):
+        ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
+                           generator=generator, prompt_batch=args.rollout_prompt_batch)
+    groups = []
+    for i, t in enumerate(triplets):
+        rows = slice(2 * G * i, 2 * G * (i + 1))
+        texts = ro.texts[rows]
+        reward, parts = score(texts, [t.anchor.class_name] * 2 * G, args.reward_weights)  # [2G]
+        groups.append(Group(t, [prompts[2 * i]] * G + [prompts[2 * i + 1]] * G,
+                            common.encode_prompt(processor, t.negative.image, questions[i]),
+                            ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward,
+                            parts))
+    return groups
+
+
+def stack_groups(groups: list[Group], pad_id: int):
+    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
+    width = max(g.completion_ids.shape[1] for g in groups)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
+    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
+    own = [p for g in groups for p in g.prompts]
+    neg = [g.neg_prompt for g in groups for _ in g.prompts]
+    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
+
+
 # ----- 8. reward: a registry of plain functions fn(completion, truth) -> float -----
 
 def accuracy_reward(completion: str, truth: str) -> float:
@@ -841,66 +900,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
-# ----- 7. rollout (defined after the reward and the filter it uses) -----
-
-@dataclasses.dataclass
-class Group:
-    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
-    triplet: Triplet
-    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
-    neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    completion_ids: torch.Tensor  # [2G, T]
-    completion_mask: torch.Tensor  # [2G, T]
-    truncated: torch.Tensor  # [2G]
-    texts: list[str]
-    reward: torch.Tensor  # [2G]
-    parts: dict  # component -> [2G]
-
-    @property
-    def accuracy(self) -> float:
-        """Mean of the group's first reward component (the accuracy, see parse_reward_weights)."""
-        return float(next(iter(self.parts.values())).mean())
-
-
-def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
-                  generator) -> list[Group]:
-    """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
-    G = args.group_size
-    questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
-                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
-                 for t in triplets]  # one question per triplet, asked with the anchor and with the positive
-    prompts = []
-    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
-        prompts += [common.encode_prompt(processor, t.anchor.image, q),
-                    common.encode_prompt(processor, t.positive.image, q)]
-    with compute_ctx(args):
-        ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                           generator=generator, prompt_batch=args.rollout_prompt_batch)
-    groups = []
-    for i, t in enumerate(triplets):
-        rows = slice(2 * G * i, 2 * G * (i + 1))
-        texts = ro.texts[rows]
-        reward, parts = score(texts, [t.anchor.class_name] * 2 * G, args.reward_weights)  # [2G]
-        groups.append(Group(t, [prompts[2 * i]] * G + [prompts[2 * i + 1]] * G,
-                            common.encode_prompt(processor, t.negative.image, questions[i]),
-                            ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward,
-                            parts))
-    return groups
-
-
-def stack_groups(groups: list[Group], pad_id: int):
-    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
-    width = max(g.completion_ids.shape[1] for g in groups)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
-    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
-    own = [p for g in groups for p in g.prompts]
-    neg = [g.neg_prompt for g in groups for _ in g.prompts]
-    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
-
-
-# ----- stage tapo: the update loop -----
+# ----- 11. stage tapo: the update loop -----
 
 def check_tapo_batches(args, world_size: int):
     """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
