@@ -1191,7 +1191,7 @@ def try_open_image(path: str) -> Image.Image | None:
 # =====================================================================================================================
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)  # the innermost: no <answer> inside
 
 
 def normalize(text: str) -> str:

@@ -485,6 +485,8 @@ def main(argv=None):
     if ckpt:
         start = common.load_checkpoint(ckpt, model, optimizer)["step"]
         common.print0(f"resumed from {ckpt} at step {start}")
+    if d.rank == 0:
+        common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     if args.eval_every and start == 0:
         run_eval(args, model, proc, test, eval_judge, out, step=0, log=log)
 

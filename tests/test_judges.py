@@ -21,6 +21,8 @@ PARSE_TABLE = [  # completion, parse_answer, format_ok
     ("preamble <think>a</think><answer>B</answer>", "B", False),  # text before the reasoning
     ("<think>a<answer>B</answer>", "B", False),  # reasoning never closed
     ("<think>a</think><answer>x</answer><answer>y</answer>", "y", True),  # the last answer; the paper's regex matches
+    ("<answer>x</think><answer>y</answer>", "y", False),  # a stray opening tag does not swallow the next answer
+    ("<think>a</think><answer>x <answer>y</answer>", "y", True),  # the papers' format regex allows it
     ("<think>a</think><answer>unclosed", None, False),
     ("no tags at all", None, False),
     ("<THINK>a</THINK><ANSWER>b</ANSWER>", None, False),  # tags are case-sensitive
