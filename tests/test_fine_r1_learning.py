@@ -7,12 +7,16 @@ Held out: the whole toy test split, 180 images of the 12 seen classes and 180 of
 greedily and scored by eval.py. Noise: the standard error of the difference of two accuracies on n = 180 images,
 sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n) (0.047 at p = 0.7); a gain counts when it exceeds two of them.
 
-The unseen (novel) classes are printed, not asserted: they fall. Of the 12 unseen toy classes, 8 have a colour and
-pattern that the seen classes show with a single shape (every seen blue class is a triangle; red striped is only a
-square; yellow plain only a triangle), so training on the seen classes teaches the two-layer stand-in to read the
-shape from the colour, which is right on the seen images and wrong on those 8 unseen classes. Measured when this test
-was written (one process, one thread): start mcq 0.683 / 0.578, open 0.600 / 0.528 (seen / unseen); after SFT
-0.789 / 0.478 and 0.739 / 0.250; after TAPO 0.856 / 0.394 and 0.806 / 0.189.
+The unseen (novel) classes are printed, not asserted: they fall, and the issue's unseen-class gain is not met. On toy
+an unseen class is an unseen colour-pattern-shape word sequence, and every update on seen-class text moves the
+two-layer stand-in's class names toward the seen sequences. With this split, 8 of the 12 unseen classes have a colour
+and pattern that the seen classes show with one shape only, and the tuned model reads the shape from them. Tried and
+not kept (numbers in the closing note of issue 6): a split in which colour and pattern say nothing about the seen
+shapes (the colour then gave the pattern away, unseen open 0.57 -> 0.00 after SFT), a stand-in pretrained to
+describe the attributes (after SFT its feature line named the unseen pattern right and its answer named a seen
+class), gentler or shorter SFT, and TAPO alone from that stand-in (unseen open 0.79 -> 0.66-0.68). Measured when this test was written
+(one process, one thread): start mcq 0.683 / 0.578, open 0.600 / 0.528 (seen / unseen); after SFT 0.789 / 0.478 and
+0.739 / 0.250; after TAPO 0.856 / 0.394 and 0.806 / 0.189.
 """
 import json
 import math
