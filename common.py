@@ -2303,14 +2303,35 @@ def set_lr(optimizer, lr: float):
         group["lr"] = lr
 
 
+def write_run_config(out: str, config: dict):
+    """<out>/config.json = this start's settings; every start is also appended to <out>/config_history.jsonl. A
+    resumed run started with other settings says which ones changed (it resumes all the same: changing the learning
+    rate or the evaluation cadence mid-run is legitimate)."""
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict):
+        changed = [k for k in sorted(set(before) | set(config)) if before.get(k) != config.get(k)]
+        if changed:
+            print0(f"{out} was started before with other settings (all starts: config_history.jsonl); changed: "
+                   + ", ".join(f"{k} {before.get(k)!r} -> {config.get(k)!r}" for k in changed))
+    _atomic_write_text(path, json.dumps(config, indent=1))
+    repair_jsonl_tail(os.path.join(out, "config_history.jsonl"))
+    with open(os.path.join(out, "config_history.jsonl"), "a") as f:
+        f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
+
+
 def setup_run(args, default_out: str) -> tuple[Dist, str]:
     """Start the process group, make the run directory (rank 0 writes config.json), seed every rank differently."""
     d = init_distributed()
     out = args.out or default_out
     if d.is_main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**vars(args), "world_size": d.world_size}, f, indent=1)
+        write_run_config(out, {**vars(args), "world_size": d.world_size})
     barrier()
     seed_everything(args.seed + d.rank)
     if args.activation_checkpointing is None:

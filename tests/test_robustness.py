@@ -42,9 +42,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def tree_bytes(root, skip=("config.json",)):
-    """Every file under root -> its bytes (to show that a failed start damaged nothing). config.json is left out:
-    common.setup_run rewrites it at every start with the command being run, before the inputs are read."""
+def tree_bytes(root, skip=("config.json", "config_history.jsonl")):
+    """Every file under root -> its bytes (to show that a failed start damaged nothing). The two config files are
+    left out: common.setup_run records every start's command there, before the inputs are read."""
     out = {}
     for folder, _, files in os.walk(root):
         for name in files:
@@ -176,6 +176,22 @@ def test_repair_jsonl_tail(tmp_path):
         f.write('{"a": 3}')  # a whole record whose newline never came
     assert common.repair_jsonl_tail(path) == 0 and open(path).read() == whole + '{"a": 3}\n'
     assert common.repair_jsonl_tail(path) == 0 and open(path).read() == whole + '{"a": 3}\n'
+
+
+def test_a_restart_with_other_settings_is_recorded_and_named(tmp_path, capsys):
+    out = str(tmp_path)
+    common.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})
+    common.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})  # the same command again: silent
+    assert "changed" not in capsys.readouterr().out
+    with open(os.path.join(out, "config_history.jsonl"), "a") as f:
+        f.write('{"started": "cut')  # a kill while the history was written
+    common.write_run_config(out, {"lr": 2e-6, "steps": 10, "tags": ("a", "b"), "eval_every": 5})
+    said = capsys.readouterr().out
+    assert "changed: eval_every None -> 5, lr 1e-06 -> 2e-06" in said and "steps" not in said
+    assert json.load(open(os.path.join(out, "config.json"))) == {"lr": 2e-6, "steps": 10, "tags": ["a", "b"],
+                                                                 "eval_every": 5}
+    history = read_jsonl(os.path.join(out, "config_history.jsonl"))
+    assert [h["lr"] for h in history] == [1e-6, 1e-6, 2e-6] and all("started" in h for h in history)
 
 
 # ----- crashes: a kill while writing a checkpoint, caches cut mid-write -----
@@ -317,7 +333,8 @@ def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["--data", "toy", "--out", str(out)] + argv)
         assert expected in str(e.value.code), e.value.code
-        assert sorted(os.listdir(out)) == ["config.json"]  # refused before any stage ran (fine_r1: before CoT/SFT)
+        # refused before any stage ran (fine_r1: before CoT/SFT)
+        assert sorted(os.listdir(out)) == ["config.json", "config_history.jsonl"]
     # 2 ranks: --prompts-per-step 3 does not split over them; both ranks refuse at once, no rank waits for the other
     t0 = time.time()
     proc = torchrun(["dive_k.py", "--data", "toy", "--prompts-per-step", "3", "--out", str(tmp_path / "two")],
