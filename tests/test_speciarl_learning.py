@@ -1,4 +1,5 @@
-"""SpeciaRL learns at toy scale: from the tiny stand-in, a bounded run of speciarl.py (toy preset) makes the model
+"""SpeciaRL learns at toy scale: from the tiny stand-in, the CPU quickstart (`python speciarl.py --data toy`: one epoch,
+30 rollout batches of 16 images x 10 rollouts, the learning rate decaying linearly) makes the model
 more specific without costing correctness, measured with eval.py's `speciarl` protocol (greedy, rules judge) on the
 360 held-out toy test images before and after, with standard errors (printed; run with -s to see them).
 
@@ -22,8 +23,6 @@ import torch
 import common
 import eval as evaluation
 import speciarl
-
-STEPS = 10  # rollout batches of 16 images x 10 rollouts (toy preset), 2 optimizer steps each
 
 
 def se(p: float, n: float) -> float:
@@ -50,8 +49,7 @@ def test_speciarl_raises_specificity_on_toy(tiny, tmp_path):
 
     before = summary(measure(model0, proc, "before"))
     out = str(tmp_path / "run")
-    speciarl.main(["--data", "toy", "--out", out, "--max-steps", str(STEPS), "--eval-every", "0",
-                   "--save-every", "0"])
+    speciarl.main(["--data", "toy", "--out", out, "--eval-every", "0", "--save-every", "0"])  # the quickstart
     trained, proc2 = common.load_model(os.path.join(out, "final"), device=torch.device("cpu"))
     trained.eval()
     after = summary(measure(trained, proc2, "after"))
