@@ -8,8 +8,10 @@ eval.py: the one evaluation harness of the project, for every protocol of the th
             (T=1.0, top_p 0.95, repetition penalty 1.1, as in DiVE-k's mining), keeps the 5 most frequent parsed
             answers (not filtered to valid names, no ground truth inserted), shuffles them; step 2 asks the same
             model the multiple-choice question greedily; the chosen letter maps back to its answer, which is judged.
-  mcq       closed world: 4 options = the truth + 3 other classes of the split drawn at random, shuffled with a
-            seed per image; accuracy = the right letter. Fine-R1's closed-world setting.
+  mcq       closed world: 4 options = the truth + 3 other classes drawn at random, shuffled with a seed per image;
+            accuracy = the right letter. Fine-R1's closed-world setting. `--mcq-distractors all` draws the 3 from
+            every class of the dataset, seen and unseen alike, as the paper's released evaluation files do;
+            `split` (the default here) only from the evaluated classes (base or novel).
   speciarl  SpeciaRL: one greedy answer per image, judged into six labels; the share of each label, correctness
             (correct at any level), specificity (specific or more specific among the correct), their harmonic mean.
             `--best-of N` samples N answers (T=0.6, top_p 0.95) and keeps the best label: the paper's upper bound.
@@ -70,6 +72,7 @@ MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name o
               "answer in <answer> </answer> tags.")
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
+MCQ_DISTRACTORS = ("split", "all")
 TWO_STEP_OPTIONS = 5  # DiVE-k: the 5 most frequent step-1 answers
 MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
 STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
@@ -109,11 +112,12 @@ def rng_for(seed: int, ex: common.Example, what: str) -> random.Random:
     return random.Random(f"{seed}:{what}:{ex.id or ex.image}")
 
 
-def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int) -> list[str]:
-    """The truth and 3 other classes of the evaluated split (all classes if the split has too few), shuffled."""
+def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int, distractors: str = "split") -> list[str]:
+    """The truth and 3 other classes, shuffled: distractors from the evaluated classes ('split'; all classes if the
+    split has too few) or from every class of the dataset ('all')."""
     rng = rng_for(seed, ex, "mcq")
     pool = [n for n in dataset.split_class_names if n != ex.class_name]
-    if len(pool) < MCQ_OPTIONS - 1:
+    if distractors == "all" or len(pool) < MCQ_OPTIONS - 1:
         pool = [n for n in dataset.class_names if n != ex.class_name]
     options = rng.sample(pool, min(MCQ_OPTIONS - 1, len(pool))) + [ex.class_name]
     rng.shuffle(options)
@@ -158,7 +162,7 @@ def _judged(rec: dict, raw: str) -> dict:
 
 
 def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_new_tokens, samples, best_of,
-              generator, be_specific) -> list[dict]:
+              generator, be_specific, mcq_distractors="split") -> list[dict]:
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
     if protocol in ("open", "speciarl"):
@@ -167,7 +171,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         text = TWO_STEP_PROMPT.format(kind=dataset.kind, classes=", ".join(dataset.split_class_names))
     for idx, ex in batch:
         if protocol == "mcq":
-            options = mcq_options(ex, dataset, seed)
+            options = mcq_options(ex, dataset, seed, mcq_distractors)
             text = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(options))
         p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
@@ -288,13 +292,15 @@ def compute_metrics(records: list[dict], protocol: str) -> dict:
 
 def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=None, seed: int = 0,
              max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
-             progress: bool = True, micro_batch: int = 8, be_specific: bool = False,
+             progress: bool = True, micro_batch: int = 8, be_specific: bool = False, mcq_distractors: str = "split",
              extra_settings: dict | None = None) -> dict:
     """Evaluate `model` on `dataset` with one protocol; call it on every rank (images are sharded
     examples[rank::world] and the records gathered). Returns the same metrics dict on every rank; rank 0 writes
     metrics.json and predictions.jsonl to `out_dir` when given. `judge` defaults to the rules judge."""
     if protocol not in PROTOCOLS:
         raise SystemExit(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
+    if mcq_distractors not in MCQ_DISTRACTORS:
+        raise SystemExit(f"--mcq-distractors {mcq_distractors}: expected one of {', '.join(MCQ_DISTRACTORS)}")
     if best_of and protocol not in ("open", "speciarl"):
         raise SystemExit(f"--best-of applies to the open and speciarl protocols, not {protocol}")
     if protocol != "mcq" and judge is None:
@@ -322,7 +328,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
             for batch in batches:
                 records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
                                      max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
-                                     generator=generator, be_specific=be_specific)
+                                     generator=generator, be_specific=be_specific,
+                                     mcq_distractors=mcq_distractors)
                 if bar is not None:
                     bar.update(len(batch))
             if bar is not None:
@@ -340,7 +347,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
                     "samples": samples if protocol == "two_step" else None, "best_of": best_of,
                     "judge": getattr(judge, "name", None), "world_size": world, "micro_batch": micro_batch,
-                    "be_specific": be_specific, "seconds": round(time.time() - t0, 2),
+                    "be_specific": be_specific,
+                    "mcq_distractors": mcq_distractors if protocol == "mcq" else None, "seconds": round(time.time() - t0, 2),
                     "prompt": {"open": open_prompt, "speciarl": open_prompt, "two_step": [TWO_STEP_PROMPT, MCQ_PROMPT],
                                "mcq": MCQ_PROMPT}[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
@@ -424,6 +432,9 @@ def parse_args(argv=None):
     g.add_argument("--samples", type=int, default=20, help="two_step: step-1 samples per image (DiVE-k 20)")
     g.add_argument("--best-of", type=int, default=None, help="open / speciarl: best of N samples at T=0.6, top_p 0.95")
     g.add_argument("--be-specific", action="store_true", help="open / speciarl: SpeciaRL's 'be specific' prompt")
+    g.add_argument("--mcq-distractors", default="split", choices=MCQ_DISTRACTORS,
+                   help="mcq: the 3 wrong options from the evaluated classes (split) or from every class, seen and "
+                        "unseen (all: Fine-R1's released evaluation files)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length cap (DiVE-k 1024, SpeciaRL 2048)")
     g.add_argument("--seed", type=int, default=0, help="subset, options and sampling seed")
     g = p.add_argument_group("system")
@@ -460,7 +471,8 @@ def main(argv=None) -> dict:
         results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
                                  max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
                                  out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
-                                 be_specific=args.be_specific, extra_settings=settings)
+                                 be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
+                                 extra_settings=settings)
     hm = None
     if len(halves) > 1:
         hm = {k: harmonic(results["base"][k], results["novel"][k]) for k in main_keys(args.protocol)}

@@ -71,7 +71,9 @@ Deviations from the paper and its released code (every one deliberate)
     one GPU); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP with CPU offload (RL). Rollouts use the
     project's prefill-once sampler instead of vLLM.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
-  * Evaluation is eval.py's (mcq: 4 shuffled options; open: rule judge), not the paper's SigLIP similarity.
+  * Evaluation is eval.py's: mcq = 4 shuffled options, the 3 wrong ones drawn from every class, seen and unseen, as
+    in the paper's released evaluation files (--mcq-distractors); open = the rule judge's exact match, not the
+    paper's SigLIP similarity.
   * Toy preset (`--data toy`, only flags left unset): the tiny stand-in; 20 rationales per seen class (the toy has
     12 seen classes: one each would be 12 samples); SFT lr 2e-3, batch 16, 6 epochs (90 steps); TAPO lr 1e-4,
     rollout temperature 0.7 (at 1.0 the stand-in samples far worse answers than it gives greedily), the exact-match
@@ -219,6 +221,9 @@ def parse_args(argv=None):
                         "and end only; -1 = never)")
     g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
     g.add_argument("--eval-protocols", default="mcq,open", help="eval.py protocols (closed and open world)")
+    g.add_argument("--mcq-distractors", default="all", choices=["all", "split"],
+                   help="mcq wrong options from every class, seen and unseen (all: the paper's evaluation files), or "
+                        "only from the evaluated group (split)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per class group")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
     g.add_argument("--eval-batch", type=int, default=None, help="images per evaluation sampling call (memory knob)")
@@ -432,7 +437,8 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, tag: str) ->
                 res = eval_lib.evaluate(model, processor, ds, protocol, judge=common.get_judge("rules", ds),
                                         seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                         out_dir=os.path.join(out, "eval", tag, f"{protocol}_{group}"),
-                                        progress=False, micro_batch=args.eval_batch)
+                                        progress=False, micro_batch=args.eval_batch,
+                                        mcq_distractors=args.mcq_distractors)
             result[f"eval/{protocol}/{group}"] = res["accuracy"]
             result[f"eval/{protocol}/{group}_n"] = len(ds)
         if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):

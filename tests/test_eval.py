@@ -84,6 +84,13 @@ def test_top_answers_and_options(toy24):
     opts = ev.mcq_options(ex, ds, seed=3)
     assert len(set(opts)) == 4 and ex.class_name in opts and set(opts) <= set(ds.split_class_names)
     assert opts == ev.mcq_options(ex, ds, seed=3) and any(ev.mcq_options(ex, ds, seed=s) != opts for s in range(4, 9))
+    # Fine-R1's files draw the wrong options from every class: a novel image gets seen-class distractors too
+    wide = [ev.mcq_options(e, ds, seed=3, distractors="all") for e in ds.examples]
+    assert all(len(set(o)) == 4 and e.class_name in o for o, e in zip(wide, ds.examples))
+    seen_names = set(ds.class_names) - set(ds.split_class_names)
+    assert 0.3 < sum(bool(set(o) & seen_names) for o in wide) / len(wide) < 1  # 1 - (11/23 10/22 9/21) = 0.91
+    with pytest.raises(SystemExit, match="--mcq-distractors some"):
+        ev.evaluate(None, None, ds, "mcq", mcq_distractors="some")
     assert ev.harmonic(0.5, 0.25) == pytest.approx(1 / 3) and ev.harmonic(0, 0) == 0.0
     table = ev.markdown_table({"base": {"accuracy": 0.5, "n": 4}, "novel": {"accuracy": 0.25, "n": 4}},
                               {"accuracy": 1 / 3})
