@@ -25,7 +25,8 @@ Launch
   CPU       python fine_r1.py --data toy          (all three stages on the tiny stand-in: 53 s on an idle 2-core CPU)
   One stage at a time: --stage cot | sft | tapo (each reads the previous stage's output from --out); --cot-data FILE
   trains on a given rationale file. Rerunning the same command resumes: a finished stage is skipped, an interrupted
-  one continues from its last checkpoint (with its data position).
+  one continues from its last checkpoint (with its data position); an interrupted cot stage keeps the classes its
+  teacher finished.
 
 What the file does, in order (the section banners below follow it):
   1. setup        argparse (paper defaults; a toy preset fills unset flags with CPU-sized values), torchrun
@@ -91,6 +92,7 @@ import contextlib
 import dataclasses
 import difflib
 import gc
+import glob
 import json
 import math
 import os
@@ -494,7 +496,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
                                                                             name)})
         stats["cot/tried"] = len(records)
     else:
-        records, stats = teacher_rationales(args, d, train, seen, offers, confusable, stats)
+        records, stats = teacher_rationales(args, d, out, train, seen, offers, confusable, stats)
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -502,6 +504,8 @@ def run_cot(args, d: common.Dist, out: str) -> str:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
+        for part in glob.glob(os.path.join(out, "cot.part*.jsonl")):  # the teacher's per-rank progress, now merged
+            os.remove(part)
         common.MetricsLog(out).log({"step": 0, "stage": "cot", "cot/kept": len(records), **stats})
     common.barrier()
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "
@@ -509,53 +513,84 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     return path
 
 
-def teacher_rationales(args, d, train, seen, offers, confusable, stats):
+def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
     """The teacher writes rationales for the seen classes (sharded over ranks), class by class: images are offered
-    until --cot-per-class rationales pass check_rationale."""
+    until --cot-per-class rationales pass check_rationale. Each finished class is appended to
+    <out>/cot.part<rank>.jsonl (its rationales, then a line {"class_done": name, ...}), so a killed run resumes with
+    the classes not done yet, whatever the number of ranks."""
+    if d.is_main:  # a kill mid-write leaves a cut last line: drop it before anyone reads or appends
+        for part in glob.glob(os.path.join(out, "cot.part*.jsonl")):
+            common.repair_jsonl_tail(part)
+    common.barrier()
+    done = read_cot_parts(out)
+    common.barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends
+    todo = [name for name in seen if name not in done]
+    if len(todo) < len(seen):
+        common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
     teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
                                            attn=args.attn, min_pixels=args.sft_min_pixels,
                                            max_pixels=args.sft_max_pixels)
     teacher.eval()
-    mine, fails = [], {}
-    my_classes = seen[d.rank::d.world_size]
-    for ci, name in enumerate(my_classes):
-        kept = 0
-        for start in range(0, args.cot_images_per_class, args.cot_batch):
-            exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-            if not exs or kept >= args.cot_per_class:
-                break
-            # the question each image will be trained with; a closed one's distractors are the rationale's candidates
-            posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
-                     for ex in exs]
-            candidates = [distractors or confusable[name] for _, distractors in posed]
-            prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
-                kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-            ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
-                               max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
-                               top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
-            for row, completion in enumerate(ro.texts):
-                i = row // args.cot_samples
-                rationale, checks = check_rationale(completion, name)
-                for k, ok in checks.items():
-                    fails[k] = fails.get(k, 0) + (not ok)
-                if rationale is not None and kept < args.cot_per_class and exs[i].id not in {r["id"] for r in mine}:
-                    mine.append({"image": exs[i].image, "id": exs[i].id, "class_name": name,
-                                 "candidates": candidates[i], "question": posed[i][0],
-                                 "response": response_text(rationale, name)})
-                    kept += 1
-            stats["cot/tried"] += len(ro.texts)
-        common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {kept} kept")
-    records = [r for part in common.all_gather_objects(mine) for r in part]
-    records.sort(key=lambda r: seen.index(r["class_name"]))  # class order, whatever the number of ranks
-    tried = sum(common.all_gather_objects(stats["cot/tried"]))
-    fails_all = {}
-    for part in common.all_gather_objects(fails):
-        for k, v in part.items():
-            fails_all[f"cot/failed_{k}"] = fails_all.get(f"cot/failed_{k}", 0) + v
+    my_classes = todo[d.rank::d.world_size]
+    with open(os.path.join(out, f"cot.part{d.rank}.jsonl"), "a") as part:
+        for ci, name in enumerate(my_classes):
+            kept, tried, fails = [], 0, {}
+            for start in range(0, args.cot_images_per_class, args.cot_batch):
+                exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+                if not exs or len(kept) >= args.cot_per_class:
+                    break
+                # the question each image will be trained with; a closed one's distractors are its candidates
+                posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
+                         for ex in exs]
+                candidates = [distractors or confusable[name] for _, distractors in posed]
+                prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
+                    kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
+                ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
+                                   max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
+                                   top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
+                for row, completion in enumerate(ro.texts):
+                    i = row // args.cot_samples
+                    rationale, checks = check_rationale(completion, name)
+                    for k, ok in checks.items():
+                        fails[k] = fails.get(k, 0) + (not ok)
+                    if (rationale is not None and len(kept) < args.cot_per_class
+                            and exs[i].id not in {r["id"] for r in kept}):
+                        kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name,
+                                     "candidates": candidates[i], "question": posed[i][0],
+                                     "response": response_text(rationale, name)})
+                tried += len(ro.texts)
+            part.write("".join(json.dumps(r) + "\n" for r in kept)
+                       + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
+            part.flush()
+            common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {len(kept)} kept")
     del teacher
     release_memory()
-    return records, {**stats, "cot/tried": tried, **fails_all}
+    common.barrier()
+    done = read_cot_parts(out)
+    records = [r for name in seen if name in done for r in done[name]["records"]]  # class order, any rank count
+    stats["cot/tried"] = sum(c["tried"] for c in done.values())
+    for c in done.values():
+        for k, v in c["fails"].items():
+            stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
+    return records, stats
+
+
+def read_cot_parts(out: str) -> dict[str, dict]:
+    """class -> {"records", "tried", "fails"} for every class a teacher finished, from <out>/cot.part*.jsonl.
+    Rationales count only when their class's done line follows them (a class cut short by a kill is redone)."""
+    done = {}
+    for path in sorted(glob.glob(os.path.join(out, "cot.part*.jsonl"))):
+        pending = []
+        for rec in read_jsonl(path):
+            if "class_done" in rec:
+                name = rec["class_done"]
+                done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
+                              "fails": rec["fails"]}
+                pending = []
+            else:
+                pending.append(rec)
+    return done
 
 
 def read_jsonl(path: str, required: tuple = ()) -> list[dict]:

@@ -334,6 +334,52 @@ def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_pat
     assert log["cot/failed_answer"] == 4 and log["cot/failed_candidates"] == 11
 
 
+def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
+    """A run killed after 5 classes (and mid-write of the 6th) resumes with the 7 classes left and writes the same
+    cot.jsonl and counts as an uninterrupted run; the per-rank progress files are removed once merged."""
+    model, proc = tiny
+    names = fine_r1.load_split(fine_r1.parse_args(["--data", "toy"]), "train", "base").split_class_names
+    asked = []
+
+    def canned_sample(teacher, processor, prompts, *, group_size, **kw):
+        text = processor.tokenizer.decode(prompts[0].input_ids)
+        truth = next(n for n in names if f'category "{n}"' in text)
+        if kill_after is not None and len(asked) == kill_after:
+            raise KeyboardInterrupt  # the kill
+        asked.append(truth)
+        think = fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth])
+        think = think.replace(fine_r1.TOY_CANDIDATES_MARK, fine_r1.CANDIDATES_MARK)
+        good = fine_r1.response_text(think.replace(fine_r1.TOY_PREDICTION_MARK, fine_r1.PREDICTION_MARK), truth)
+        return SimpleNamespace(texts=[good.replace("<answer>", "<answer>x") if truth == names[3] else good]
+                               * (len(prompts) * group_size))
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, proc))
+    monkeypatch.setattr(common, "sample", canned_sample)
+    flags = ["--data", "toy", "--cot-source", "teacher", "--cot-per-class", "1", "--cot-images-per-class", "2",
+             "--cot-batch", "2", "--cot-samples", "2"]
+    kill_after = None
+    os.makedirs(tmp_path / "a")
+    whole = fine_r1.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", str(tmp_path / "a")]),
+                                               common.Dist(), str(tmp_path / "a")))
+    whole_log = fine_r1.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))[-1]
+    out = str(tmp_path / "b")
+    os.makedirs(out)
+    asked.clear()
+    kill_after = 5
+    with pytest.raises(KeyboardInterrupt):
+        fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out)
+    with open(os.path.join(out, "cot.part0.jsonl"), "a") as f:
+        f.write('{"image": "cut mid-wri')  # the kill landed while the 6th class was written
+    asked.clear()
+    kill_after = None
+    resumed = fine_r1.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out))
+    assert asked == names[5:]  # only the classes not finished before the kill
+    assert resumed == whole and len(whole) == 11  # names[3]'s rationales all fail the answer check
+    log = fine_r1.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
+    assert {k: v for k, v in log.items() if k.startswith("cot/")} == {
+        k: v for k, v in whole_log.items() if k.startswith("cot/")}
+    assert not [p for p in os.listdir(out) if p.startswith("cot.part")]
+
+
 def test_rollout_groups_rows_images_and_negative_prompt(tiny):
     """A group holds G rows from the anchor image then G from the positive, with one question; the negative prompt
     asks the same question with the negative image; each row is scored against the anchor's class."""
