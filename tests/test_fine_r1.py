@@ -298,6 +298,19 @@ def test_toy_preset_fills_only_unset_flags():
         fine_r1.parse_args(["--data", "cub", "--cot-source", "attributes"])
 
 
+def paper_style_rationale(names, truth):
+    """A response with the paper's two fixed lines, as a teacher would write it for `truth`, and the teacher's truth
+    read back from its prompt."""
+    think = fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth])
+    think = think.replace(fine_r1.TOY_CANDIDATES_MARK, fine_r1.CANDIDATES_MARK)
+    return fine_r1.response_text(think.replace(fine_r1.TOY_PREDICTION_MARK, fine_r1.PREDICTION_MARK), truth)
+
+
+def asked_truth(names, processor, prompts):
+    text = processor.tokenizer.decode(prompts[0].input_ids)
+    return next(n for n in names if f'category "{n}"' in text)
+
+
 def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_path, monkeypatch):
     """The teacher path of stage cot with a canned teacher: per class, the first rationale that passes the filter
     is kept (at most --cot-per-class), failing ones are counted, nothing is kept for a class with none passing."""
@@ -306,12 +319,9 @@ def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_pat
     asked = []
 
     def canned_sample(teacher, processor, prompts, *, group_size, **kw):
-        text = processor.tokenizer.decode(prompts[0].input_ids)
-        truth = next(n for n in names if f'category "{n}"' in text)
+        truth = asked_truth(names, processor, prompts)
         asked.append(truth)
-        think = fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth])
-        think = think.replace(fine_r1.TOY_CANDIDATES_MARK, fine_r1.CANDIDATES_MARK)  # the paper's wording
-        good = fine_r1.response_text(think.replace(fine_r1.TOY_PREDICTION_MARK, fine_r1.PREDICTION_MARK), truth)
+        good = paper_style_rationale(names, truth)
         if truth == names[0]:  # every rationale fails for the first class: the answer is wrong
             texts = [good.replace(f"<answer>{truth}", "<answer>nothing")] * (len(prompts) * group_size)
         else:  # first a rationale without the candidate line, then good ones
@@ -342,14 +352,11 @@ def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     asked = []
 
     def canned_sample(teacher, processor, prompts, *, group_size, **kw):
-        text = processor.tokenizer.decode(prompts[0].input_ids)
-        truth = next(n for n in names if f'category "{n}"' in text)
+        truth = asked_truth(names, processor, prompts)
         if kill_after is not None and len(asked) == kill_after:
             raise KeyboardInterrupt  # the kill
         asked.append(truth)
-        think = fine_r1.attribute_rationale(truth, fine_r1.confusable_classes(names, 3)[truth])
-        think = think.replace(fine_r1.TOY_CANDIDATES_MARK, fine_r1.CANDIDATES_MARK)
-        good = fine_r1.response_text(think.replace(fine_r1.TOY_PREDICTION_MARK, fine_r1.PREDICTION_MARK), truth)
+        good = paper_style_rationale(names, truth)
         return SimpleNamespace(texts=[good.replace("<answer>", "<answer>x") if truth == names[3] else good]
                                * (len(prompts) * group_size))
     monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, proc))
