@@ -1806,6 +1806,10 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
     suppress = [ids["<|image_pad|>"], ids["<|video_pad|>"]]
     device = next(model.parameters()).device
+    if generator is not None and generator.device.type != device.type:
+        # torch.multinomial needs a generator on the tensors' device: a CPU generator given for a GPU model seeds a
+        # device one, so the draws stay a function of the caller's seed
+        generator = torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     batch = collate_prompts(model, prompts, pad_id, device)
