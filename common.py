@@ -1700,13 +1700,17 @@ def preallocated_kv_layer():
             def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
                 super().__init__()
                 P, H, L, _ = keys.shape  # [P, kv_heads, prompt width, head_dim]
+                # under autocast RoPE hands over fp32 keys (and the stock layer then keeps fp32 values too), while
+                # attention casts both to the autocast dtype anyway: store them in that dtype, half the memory
+                kind = keys.device.type
+                dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
                 self.buffers = []
                 for t in (keys, values):
-                    buf = t.new_empty((P * repeats, H, capacity, t.shape[-1]))  # [P*G, H, capacity, D]
+                    buf = t.new_empty((P * repeats, H, capacity, t.shape[-1]), dtype=dtype or t.dtype)  # [P*G,H,cap,D]
                     buf.view(P, repeats, H, capacity, -1)[:, :, :, :L] = t[:, None]  # row p*G+g <- prompt p
                     self.buffers.append(buf)
                 self.length = L
-                self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+                self.dtype, self.device, self.is_initialized = self.buffers[0].dtype, keys.device, True
                 self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
 
             def update(self, key_states, value_states, *args, **kwargs):
@@ -1820,6 +1824,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     if compile_decode:
         if _fsdp_modules(model):
             raise ValueError("sample(compile_decode=True) needs an unsharded model (one GPU or DDP), not FSDP2")
+        if torch.is_autocast_enabled(device.type):  # the static cache takes the prefill's dtype, steps write another
+            raise ValueError("sample(compile_decode=True) needs a model loaded in its compute dtype (e.g. bf16 "
+                             "weights), not fp32 weights under autocast")
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
         cache = static_cache(model, out.past_key_values, G, capacity)
         decode = compiled_decode(model)
@@ -1951,10 +1958,13 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk: int = 256) -> torch.Tensor:
+                    chunk: int | None = None) -> torch.Tensor:
     """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions, the vocabulary projection done inside each
     chunk and recomputed in the backward: no logits of the whole micro-batch exist, neither in the model's dtype nor in
-    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]."""
+    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]. The default chunk holds about 2^28 logits
+    (1 GiB in fp32) whatever the micro-batch: 55 positions of 32 rows over Qwen's 151,936-token vocabulary."""
+    if chunk is None:
+        chunk = max(1, (1 << 28) // (hidden.shape[0] * head.weight.shape[0]))
     outs = []
     for s in range(0, hidden.shape[1], chunk):
         part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk])
@@ -2105,9 +2115,9 @@ def gathered_params(model, warmup_inputs: dict | None = None):
     try:
         yield
     finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True)
+        for m in mods:  # back to FSDP2's defaults: layers reshard after forward, the root does not (its parameters
+            m.reshard()  # are needed again at once by the backward)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
@@ -2578,7 +2588,7 @@ class LoRALinear(torch.nn.Module):
         self.lora_A = torch.nn.Parameter(A.to(device))
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
         # the scale travels in the state dict, so a state dict can be merged without the module at hand
-        self.register_buffer("lora_scale", torch.tensor(float(alpha) / rank))
+        self.register_buffer("lora_scale", torch.tensor(float(alpha) / rank, device=device))
         self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -2807,7 +2817,8 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
       gradients            n_trainable x master bytes                   / shards
       optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
-      frozen reference     n_params x compute bytes                     / shards       (a second model for a KL)
+      frozen reference     n_params x master bytes                      / shards       (a second model for a KL,
+                                                                                        the policy's twin)
       gathered parameters  n_params x compute bytes x (1 - 1/shards)    (FSDP2 unshards the model for sampling)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
       activations (rough)  train_rows x (prompt + new tokens) x compute bytes x (layers x (6 hidden + 4 intermediate)),
@@ -2824,7 +2835,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
         "optimizer states": 2 * n_trainable * master_bytes / shards,
-        "frozen reference": n_params * compute_bytes / shards if reference else 0.0,
+        "frozen reference": n_params * master_bytes / shards if reference else 0.0,
         "gathered parameters": n_params * compute_bytes * (1 - 1 / shards),
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
         "activations": float(train_rows * tokens * compute_bytes * stored),

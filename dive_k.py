@@ -582,11 +582,12 @@ def main(argv=None):
         model.model.visual.requires_grad_(False)
     ref_model = None
     if args.beta > 0:  # the frozen initial model for the KL term (none at all when beta = 0)
-        ref_model, _ = common.load_model(args.model, device=d.device, dtype="bf16" if bf16_compute else master_dtype,
-                                         attn=args.attn)
+        # the policy's twin: same weights dtype, same wrapping, same compute (bf16 weights here would give the KL a
+        # noise floor from numerics alone: under autocast the policy's residual stream stays fp32)
+        ref_model, _ = common.load_model(args.model, device=d.device, dtype=master_dtype, attn=args.attn)
         ref_model.requires_grad_(False).eval()
         if args.parallel == "fsdp":
-            ref_model = common.wrap_model(ref_model, d, "fsdp")
+            ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=torch.bfloat16 if bf16_compute else None)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=torch.bfloat16 if bf16_compute else None)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -176,7 +176,15 @@ def build_models(args, d):
     and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
     if args.lora_rank > 0 and not args.freeze_vision:
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-    model, proc = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+    # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
+    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute through FSDP2's mixed precision
+    weights_dtype = args.dtype
+    if args.lora_rank == 0 and args.dtype == "auto" and d.device.type == "cuda":
+        weights_dtype = "fp32"
+        if args.parallel != "fsdp" or not d.distributed:
+            common.print0("full fine-tuning with --parallel ddp (or one GPU) computes in fp32; --parallel fsdp "
+                          "computes in bf16 over the fp32 master weights")
+    model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.lora_rank > 0:
         adapted = common.inject_lora(model, args.lora_rank, args.lora_alpha)
@@ -192,10 +200,10 @@ def build_models(args, d):
                                   weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ref = None
     if args.beta > 0 and args.lora_rank == 0:
-        ref, _ = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+        ref, _ = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        ref.requires_grad_(False)
-        ref = common.wrap_model(ref, d, "fsdp") if args.parallel == "fsdp" and d.distributed else ref
+        ref.requires_grad_(False)  # the policy's twin: same weights dtype, same wrapping, same compute
+        ref = common.wrap_model(ref, d, "fsdp", param_dtype=param_dtype) if args.parallel == "fsdp" else ref
     return wrapped, proc, optimizer, ref
 
 
@@ -464,6 +472,7 @@ def main(argv=None):
         prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=common.resolve_dtype(args.dtype, d.device) if args.parallel == "fsdp" and d.distributed else None,
         knobs={"rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
                "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
