@@ -37,6 +37,28 @@ def test_greedy_equals_hf_generate(tiny, toy_test):
         assert gen[:n].tolist() == ro.completion_ids[i, :n].tolist()
 
 
+def test_autocast_keeps_the_rollout_cache_in_the_compute_dtype(tiny, toy_test):
+    """fp32 weights under bf16 autocast (dive_k and fine_r1 on one GPU or DDP): the preallocated KV cache is stored
+    in bf16, what attention consumes anyway (RoPE hands over fp32 keys), and sampling under autocast agrees with the
+    same call's recomputed log-probs."""
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:2])
+    pad = common.special_token_ids(proc)["<|endoftext|>"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = common.collate_prompts(model, prompts, pad, "cpu")
+        out = model(**batch, use_cache=True, logits_to_keep=1)
+        width = batch["input_ids"].shape[1]
+        cache = common.expand_cache(out.past_key_values, 3, width + 8)
+        for layer in cache.layers:
+            assert [b.dtype for b in layer.buffers] == [torch.bfloat16] * 2 and layer.dtype == torch.bfloat16
+            assert layer.buffers[0].shape == (6, 2, width + 8, 32) and layer.keys.shape[2] == width
+        g = torch.Generator().manual_seed(0)
+        ro = common.sample(model, proc, prompts, group_size=3, max_new_tokens=16, temperature=0.9, generator=g)
+        lp = common.completion_logprobs(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask,
+                                        temperature=0.9, micro_batch=6)
+    assert ro.completion_mask.sum() > 0 and (lp - ro.logprobs).abs().max().item() < 1e-3  # 1e-5 measured
+
+
 def test_mask_stops_at_first_eos():
     tokens = torch.tensor([[5, 7, 2, 9, 2], [2, 3, 3, 3, 3], [4, 4, 4, 4, 4]])
     assert common.completion_mask_from(tokens, [2, 99]).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
