@@ -1778,7 +1778,7 @@ def compiled_decode(model):
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None,
-           compile_decode: bool = False) -> Rollout:
+           compile_decode: bool = False, row_seeds: Sequence[int] | None = None) -> Rollout:
     """Draw `group_size` completions for every prompt. temperature 0 = greedy.
 
     Speed tricks, each exact (the tokens are those of HF `generate` under the same settings):
@@ -1797,13 +1797,17 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
     `compile_decode` (off by default; for GPU) decodes with a static KV cache and a compiled step (`compiled_decode`):
     the first call per shape pays the compilation; not for FSDP2-sharded models.
+    `row_seeds` (one per output row, prompt-major: row p*G+g): each row samples from its own random stream (inverse
+    CDF with its own uniforms) instead of `generator`, so what a row draws does not depend on which other prompts
+    share the call: the same samples on 1 or 8 ranks and with any prompt batch (evaluation uses it).
     `Rollout.stats` holds the prefill and decode wall times and the number of decode steps.
     """
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        repetition_penalty=repetition_penalty, generator=generator, compile_decode=compile_decode)
+                        repetition_penalty=repetition_penalty, generator=generator, compile_decode=compile_decode,
+                        row_seeds=row_seeds[i * group_size:(i + prompt_batch) * group_size] if row_seeds else None)
                  for i in range(0, len(prompts), prompt_batch)]
         return concat_rollouts(parts, pad_id=special_token_ids(processor)["<|endoftext|>"])
     ids = special_token_ids(processor)
@@ -1847,6 +1851,12 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, device=device)
+    uniforms = None
+    if row_seeds is not None and temperature > 0:
+        if len(row_seeds) != B:
+            raise ValueError(f"sample: {len(row_seeds)} row_seeds for {B} rows ({len(prompts)} prompts x {G})")
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)),
+                                           dtype=torch.float64) for s in row_seeds]).to(device)  # [B, T]
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     sync()
     t1 = time.perf_counter()
@@ -1860,7 +1870,12 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
                                                    scores * repetition_penalty), scores)
         if temperature > 0:
             scores = sampling_filter(scores, top_k, top_p)
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+            if uniforms is None:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+            else:  # inverse CDF: the first token whose cumulative probability exceeds the row's uniform
+                cdf = scores.double().softmax(-1).cumsum(-1)  # [B, V]
+                target = (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous()  # [B, 1]
+                nxt = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [B]
         else:
             nxt = scores.argmax(-1)  # [B]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)

@@ -36,7 +36,8 @@ Deviations from the papers, stated:
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
     LLM judge with the six-label prompt like SpeciaRL's (whose exact prompt and Llama-3-70B judge are not bundled);
   * Fine-R1's open-world "relative similarity" score (SigLIP) is not reproduced; the open protocol is judged instead;
-  * sampling is seeded per rank, so two_step and best-of results depend on the number of ranks (greedy ones do not).
+  * every sampled answer (two_step's step 1, best-of) draws from its own random stream, seeded by --seed, the image
+    and the sample's index: results do not depend on the number of ranks or on --micro-batch.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
 def rng_for(seed: int, ex: common.Example, what: str) -> random.Random:
     """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
     return random.Random(f"{seed}:{what}:{ex.id or ex.image}")
+
+
+def row_seeds(live: list, seed: int, what: str, n: int) -> list[int]:
+    """A random stream per sample of each image (common.sample's row_seeds): what an image draws depends on the seed
+    and the image only, not on the ranks or the micro-batch it was evaluated in."""
+    return [rng_for(seed, ex, f"{what}:{j}").getrandbits(62) for _, ex, _, _ in live for j in range(n)]
 
 
 def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int, distractors: str = "split") -> list[str]:
@@ -190,7 +197,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         n = best_of or 1
         sampling = BEST_OF_SAMPLING if best_of else dict(temperature=0.0)
         roll = common.sample(model, processor, prompts, group_size=n, max_new_tokens=max_new_tokens,
-                             generator=generator, **sampling)
+                             generator=generator, row_seeds=row_seeds(live, seed, "best_of", n), **sampling)
         for i, (rec, ex, _, _) in enumerate(live):
             cands = [_judged({}, raw) for raw in roll.texts[i * n:(i + 1) * n]]
             parsed = [c for c in cands if not c["parse_failure"]]  # a failed parse is wrong without asking the judge
@@ -221,7 +228,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
 
     # two_step: step 1, K sampled answers with the class list; step 2, greedy multiple choice over the top 5
     roll = common.sample(model, processor, prompts, group_size=samples, max_new_tokens=max_new_tokens,
-                         generator=generator, **STEP1_SAMPLING)
+                         generator=generator, row_seeds=row_seeds(live, seed, "two_step", samples), **STEP1_SAMPLING)
     step2 = []
     for i, (rec, ex, _, image) in enumerate(live):
         texts = roll.texts[i * samples:(i + 1) * samples]

@@ -1,4 +1,5 @@
 """The rollout sampler and the log-prob function."""
+import pytest
 import torch
 from PIL import Image
 
@@ -57,6 +58,43 @@ def test_autocast_keeps_the_rollout_cache_in_the_compute_dtype(tiny, toy_test):
         lp = common.completion_logprobs(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask,
                                         temperature=0.9, micro_batch=6)
     assert ro.completion_mask.sum() > 0 and (lp - ro.logprobs).abs().max().item() < 1e-3  # 1e-5 measured
+
+
+def test_row_seeds_give_each_row_its_own_stream(tiny, toy_test):
+    """With row_seeds a row's sample depends on its seed only: the same whether its prompt is sampled alone or with
+    others, in another prompt batch; a different seed draws differently; top_k=1 is still greedy (the inverse-CDF
+    draw never picks a filtered-out token)."""
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:3])
+    seeds = [11, 12, 21, 22, 31, 32]  # prompt-major: rows p*G+g
+    together = common.sample(model, proc, prompts, group_size=2, max_new_tokens=24, temperature=1.0,
+                             row_seeds=seeds)
+    split = common.sample(model, proc, prompts, group_size=2, max_new_tokens=24, temperature=1.0,
+                          row_seeds=seeds, prompt_batch=1)
+    alone = common.sample(model, proc, prompts[1:2], group_size=2, max_new_tokens=24, temperature=1.0,
+                          row_seeds=seeds[2:4])
+    assert together.texts == split.texts and together.texts[2:4] == alone.texts
+    lp = common.completion_logprobs(model, proc, together.row_prompts, together.completion_ids,
+                                    together.completion_mask, temperature=1.0)
+    assert (lp - together.logprobs).abs().max().item() < 1e-4
+    other = common.sample(model, proc, prompts, group_size=2, max_new_tokens=24, temperature=1.0,
+                          row_seeds=[s + 100 for s in seeds])
+    assert other.texts != together.texts
+    greedy = common.sample(model, proc, prompts, group_size=1, max_new_tokens=24, temperature=0)
+    top1 = common.sample(model, proc, prompts, group_size=1, max_new_tokens=24, temperature=1.0, top_k=1,
+                         row_seeds=[1, 2, 3])
+    assert top1.texts == greedy.texts
+    # the draws follow the distribution: 4000 first tokens of one prompt at T=1.5 against their probabilities
+    many = common.sample(model, proc, prompts[:1], group_size=4000, max_new_tokens=1, temperature=1.5,
+                         row_seeds=range(4000))
+    first, p_first = many.completion_ids[:, 0], many.logprobs[:, 0].exp()
+    for token in first.unique():
+        p = float(p_first[first == token][0])
+        freq = float((first == token).float().mean())
+        assert abs(freq - p) < 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3, (int(token), freq, p)
+    assert len(first.unique()) > 1
+    with pytest.raises(ValueError, match="5 row_seeds for 6 rows"):
+        common.sample(model, proc, prompts, group_size=2, max_new_tokens=4, temperature=1.0, row_seeds=seeds[:5])
 
 
 def test_mask_stops_at_first_eos():

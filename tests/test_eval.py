@@ -207,6 +207,14 @@ def test_two_step(tiny, toy24, tmp_path):
     assert_label_metrics(metrics, [p["label"] for p in preds])
     assert metrics["truth_in_options"] == pytest.approx(sum(p["truth_in_options"] for p in preds) / 8)
     assert any(len(p["options"]) > 1 for p in preds)  # step 1 really sampled several answers
+    # each image's samples come from its own random streams: another micro-batch (as another rank count would give)
+    # draws the same answers
+    again = ev.evaluate(model, proc, ds, "two_step", seed=0, max_new_tokens=TOKENS, samples=6, micro_batch=3,
+                        out_dir=str(tmp_path / "again"), progress=False)
+    _, preds_again = read_out(str(tmp_path / "again"))
+    assert again == metrics
+    assert [(p["step1_answers"], p["options"], p["raw"]) for p in preds_again] == [
+        (p["step1_answers"], p["options"], p["raw"]) for p in preds]
 
 
 def test_unreadable_image_skipped_and_counted(tiny, toy24, tmp_path):
