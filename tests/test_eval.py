@@ -238,42 +238,45 @@ def test_bad_protocol_and_best_of(tiny, toy24):
         ev.evaluate(model, proc, toy24, "mcq", best_of=4)
 
 
-# ----- two ranks: DDP (open, shared judge cache) and FSDP2 (mcq) equal one process -----
+# ----- two ranks: DDP (open, two_step, shared judge cache) and FSDP2 (mcq) equal one process -----
 
 def test_two_ranks_equal_one_process(tiny, tmp_path):
     from conftest import torchrun
     model, proc = tiny
     ds = common.load_dataset("toy", "test", limit=6, seed=2)
-    ref = {p: ev.evaluate(model, proc, ds, p, seed=0, max_new_tokens=TOKENS, micro_batch=1,
-                          out_dir=str(tmp_path / f"ref_{p}"), progress=False) for p in ("open", "mcq")}
+    ref = {p: ev.evaluate(model, proc, ds, p, seed=0, max_new_tokens=TOKENS, micro_batch=1, samples=4,
+                          out_dir=str(tmp_path / f"ref_{p}"), progress=False) for p in ("open", "mcq", "two_step")}
     out = str(tmp_path / "dist")
     torchrun([os.path.abspath(__file__), out], nproc=2)
-    for p, parallel in (("open", "ddp"), ("mcq", "fsdp")):
-        per_rank = [json.load(open(os.path.join(out, f"{parallel}_rank{r}.json"))) for r in range(2)]
+    for p, parallel in WORKER_RUNS:  # two_step samples: each image's own streams, whatever its rank
+        per_rank = [json.load(open(os.path.join(out, f"{p}_rank{r}.json"))) for r in range(2)]
         assert per_rank[0] == per_rank[1] == ref[p]  # every rank returns the same, equal to one process
-        _, preds = read_out(os.path.join(out, parallel))
+        _, preds = read_out(os.path.join(out, p))
         _, ref_preds = read_out(str(tmp_path / f"ref_{p}"))
-        assert [(q["index"], q["raw"], q["label"]) for q in preds] == [(q["index"], q["raw"], q["label"])
-                                                                       for q in ref_preds]
+        fields = ("index", "raw", "label", "step1_answers")
+        assert [[q.get(k) for k in fields] for q in preds] == [[q.get(k) for k in fields] for q in ref_preds]
     with open(os.path.join(out, "cache.jsonl")) as f:  # both ranks appended to one judge cache: every line whole
         lines = [json.loads(line) for line in f]
     assert len(lines) >= 1 and all(rec["judge"] == "rules-v1:toy" for rec in lines)
 
 
+WORKER_RUNS = (("open", "ddp"), ("mcq", "fsdp"), ("two_step", "ddp"))
+
+
 def worker(out):
-    """2-rank worker: evaluate `open` on a DDP-wrapped and `mcq` on an FSDP2-wrapped tiny model."""
+    """2-rank worker: evaluate `open` and `two_step` on a DDP-wrapped and `mcq` on an FSDP2-wrapped tiny model."""
     import torch
     torch.set_num_threads(1)
     d = common.init_distributed()
     ds = common.load_dataset("toy", "test", limit=6, seed=2)
     os.makedirs(out, exist_ok=True)
-    for protocol, parallel in (("open", "ddp"), ("mcq", "fsdp")):
+    for protocol, parallel in WORKER_RUNS:
         model, proc = common.load_model("tiny", device=d.device)
         wrapped = common.wrap_model(model, d, parallel)
         judge = common.get_judge("rules", ds, cache_path=os.path.join(out, "cache.jsonl"))
         res = ev.evaluate(wrapped, proc, ds, protocol, judge=judge, seed=0, max_new_tokens=TOKENS, micro_batch=1,
-                          out_dir=os.path.join(out, parallel), progress=False)
-        with open(os.path.join(out, f"{parallel}_rank{d.rank}.json"), "w") as f:
+                          samples=4, out_dir=os.path.join(out, protocol), progress=False)
+        with open(os.path.join(out, f"{protocol}_rank{d.rank}.json"), "w") as f:
             json.dump(res, f)
     common.cleanup_distributed()
 
