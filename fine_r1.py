@@ -527,45 +527,21 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
     todo = [name for name in seen if name not in done]
     if len(todo) < len(seen):
         common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
-    teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
-                                           attn=args.attn, min_pixels=args.sft_min_pixels,
-                                           max_pixels=args.sft_max_pixels)
-    teacher.eval()
     my_classes = todo[d.rank::d.world_size]
-    with open(os.path.join(out, f"cot.part{d.rank}.jsonl"), "a") as part:
-        for ci, name in enumerate(my_classes):
-            kept, tried, fails = [], 0, {}
-            for start in range(0, args.cot_images_per_class, args.cot_batch):
-                exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-                if not exs or len(kept) >= args.cot_per_class:
-                    break
-                # the question each image will be trained with; a closed one's distractors are its candidates
-                posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
-                         for ex in exs]
-                candidates = [distractors or confusable[name] for _, distractors in posed]
-                prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
-                    kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-                ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
-                                   max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
-                                   top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
-                for row, completion in enumerate(ro.texts):
-                    i = row // args.cot_samples
-                    rationale, checks = check_rationale(completion, name)
-                    for k, ok in checks.items():
-                        fails[k] = fails.get(k, 0) + (not ok)
-                    if (rationale is not None and len(kept) < args.cot_per_class
-                            and exs[i].id not in {r["id"] for r in kept}):
-                        kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name,
-                                     "candidates": candidates[i], "question": posed[i][0],
-                                     "response": response_text(rationale, name)})
-                tried += len(ro.texts)
-            part.write("".join(json.dumps(r) + "\n" for r in kept)
-                       + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
-            part.flush()
-            common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {len(kept)} kept")
-    del teacher
-    release_memory()
+    if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
+        teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
+                                               attn=args.attn, min_pixels=args.sft_min_pixels,
+                                               max_pixels=args.sft_max_pixels)
+        teacher.eval()
+        with open(os.path.join(out, f"cot.part{d.rank}.jsonl"), "a") as part:
+            for ci, name in enumerate(my_classes):
+                kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
+                part.write("".join(json.dumps(r) + "\n" for r in kept)
+                           + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
+                part.flush()
+                common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {len(kept)} kept")
+        del teacher
+        release_memory()
     common.barrier()
     done = read_cot_parts(out)
     records = [r for name in seen if name in done for r in done[name]["records"]]  # class order, any rank count
@@ -574,6 +550,36 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
         for k, v in c["fails"].items():
             stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
     return records, stats
+
+
+def class_rationales(teacher, processor, args, train, name, seen, offers, confusable):
+    """(kept rationales, completions tried, failed checks by part) for one seen class: its images are offered to the
+    teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+    kept, tried, fails = [], 0, {}
+    for start in range(0, args.cot_images_per_class, args.cot_batch):
+        exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+        if not exs or len(kept) >= args.cot_per_class:
+            break
+        # the question each image will be trained with; a closed one's distractors are the rationale's candidates
+        posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
+                 for ex in exs]
+        candidates = [distractors or confusable[name] for _, distractors in posed]
+        prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
+            kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
+        ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
+                           max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
+                           top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
+        for row, completion in enumerate(ro.texts):
+            i = row // args.cot_samples
+            rationale, checks = check_rationale(completion, name)
+            for k, ok in checks.items():
+                fails[k] = fails.get(k, 0) + (not ok)
+            if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
+                kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
+                             "question": posed[i][0], "response": response_text(rationale, name)})
+        tried += len(ro.texts)
+    return kept, tried, fails
 
 
 def read_cot_parts(out: str) -> dict[str, dict]:
