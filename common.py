@@ -1973,13 +1973,10 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk: int | None = None) -> torch.Tensor:
+                    chunk: int = 256) -> torch.Tensor:
     """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions, the vocabulary projection done inside each
     chunk and recomputed in the backward: no logits of the whole micro-batch exist, neither in the model's dtype nor in
-    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]. The default chunk holds about 2^28 logits
-    (1 GiB in fp32) whatever the micro-batch: 55 positions of 32 rows over Qwen's 151,936-token vocabulary."""
-    if chunk is None:
-        chunk = max(1, (1 << 28) // (hidden.shape[0] * head.weight.shape[0]))
+    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]."""
     outs = []
     for s in range(0, hidden.shape[1], chunk):
         part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk])
@@ -2130,9 +2127,9 @@ def gathered_params(model, warmup_inputs: dict | None = None):
     try:
         yield
     finally:
-        for m in mods:  # back to FSDP2's defaults: layers reshard after forward, the root does not (its parameters
-            m.reshard()  # are needed again at once by the backward)
-            m.set_reshard_after_forward(m is not model, recurse=False)
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
