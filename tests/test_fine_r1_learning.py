@@ -23,10 +23,9 @@ every red and green class, unseen = every blue and yellow one, .694 / .550 -> .0
 and unseen shape accuracy flat, .550 -> .544, while seen shape accuracy rose .622 -> .739); a stand-in that also
 learned to describe colour, pattern and shape on request, .694 / .711 -> .567 / .417 (lr 2e-3) and .372 / .072 (lr
 5e-4, 3 epochs). Whatever the split or the order of the words, the unseen names the stand-in has not been fine-tuned
-on lose to the seen ones. Measured with this
-test (one process, one thread; mcq distractors from all 24 classes, as in the paper's files): start mcq 0.700 / 0.556,
-open 0.600 / 0.528 (seen / unseen); after SFT 0.800 / 0.444 and 0.739 / 0.250; after TAPO 0.867 / 0.394 and
-0.833 / 0.217.
+on lose to the seen ones. Measured with this test (one process, one thread; mcq distractors from all 24 classes, as
+in the paper's files): start mcq 0.700 / 0.556, open 0.600 / 0.528 (seen / unseen); after SFT 0.800 / 0.444 and
+0.739 / 0.250; after TAPO 0.867 / 0.394 and 0.833 / 0.217.
 """
 import json
 import math
