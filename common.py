@@ -42,6 +42,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
@@ -1191,23 +1192,56 @@ def try_open_image(path: str) -> Image.Image | None:
 # =====================================================================================================================
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)  # the innermost: no <answer> inside
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
+APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
 
 
 def normalize(text: str) -> str:
-    """lowercase, "'s" dropped, hyphens and other non-alphanumerics -> space, spaces collapsed.
-    >>> normalize("Chuck-will's-Widow")
-    'chuck will widow'
+    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
+    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
+    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
+    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
+    ('chuck will widow', 'crème brûlée', 'f 16a b')
     """
-    text = text.lower().replace("'s", "")
-    text = re.sub(r"[^a-z0-9]+", " ", text)
-    return " ".join(text.split())
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+def verifier_text(text: str) -> str:
+    """What a verifier reads of a name or an answer, as SpeciaRL's verifier prepares both: lowercase, letters (any
+    script), digits and dashes kept, every other character a space, spaces collapsed. It keys the judge cache.
+    >>> verifier_text("Anna's Black-chinned Hummingbird?"), verifier_text("???"), verifier_text("Crème brûlée")
+    ('anna s black-chinned hummingbird', '', 'crème brûlée')
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch if ch.isalnum() or ch.isspace() or unicodedata.category(ch) == "Pd" else " " for ch in text)
+    return " ".join(text.lower().split())
 
 
 def parse_answer(completion: str) -> str | None:
-    """The text inside the last <answer>...</answer>, stripped; None when there is no closed answer tag."""
-    found = ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    """The text inside the FIRST <answer>...</answer>, stripped, as all three papers' released code reads it
+    (`<answer>x</answer><answer>y</answer>` -> 'x'). None when there is no closed answer tag or the text is blank
+    (SpeciaRL's code treats a blank answer as a missing one)."""
+    found = ANSWER_RE.search(completion)
+    return found.group(1).strip() or None if found else None
+
+
+# Answer-format prefixes DiVE-k's released code strips before matching ("species name: Laysan Albatross"): mining
+# strips the dataset's own format (one of the first two), two-step evaluation all four; case-insensitive, a colon
+# and one space, every occurrence.
+DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
+
+
+def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
+    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do.
+    >>> strip_prefixes("Species name: Laysan Albatross", DIVEK_PREFIXES[:2])
+    'laysan albatross'
+    """
+    text = answer.strip().lower()
+    for prefix in prefixes:
+        text = text.replace(prefix, "")
+    return text
 
 
 def format_ok(completion: str) -> bool:
@@ -1243,6 +1277,72 @@ def is_hedge(answer: str | None) -> bool:
     (True, False)
     """
     return HEDGE_RE.search(normalize(answer or "")) is not None
+
+
+# =====================================================================================================================
+# 4a. The papers' prompts (every instruction of each paper's prompt, in this project's words)
+# =====================================================================================================================
+# One place for the wording that the methods train on, eval.py scores with and the tiny stand-in is pretrained on.
+# What each instruction of the released prompt asks for is kept; the sentences are ours.
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>, in this "
+               "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
+
+# SpeciaRL (released general_base / specific_base): classify; reasoning in <think>; one label or 'None' to abstain in
+# <answer>; the format strictly. The "be specific" baseline differs only by ", be specific".
+SPECIARL_PROMPT = "Classify the image.\n" + FORMAT_LINE.format(shape="a single label, or None to abstain")
+SPECIARL_SPECIFIC_PROMPT = SPECIARL_PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
+
+# DiVE-k mining and two-step step 1 (released create_prompt): the object kind; give the most likely name in the
+# dataset's answer format; it must be one of the listed categories (a Python list, as released); reasoning and answer
+# tags with the answer's shape; the format strictly.
+DIVEK_MINE_PROMPT = ("This is an image containing a {kind}. Give the most likely {answer_format} of the {kind} in the "
+                     "image.\nThe {answer_format} must be one of these categories: {categories}.\n"
+                     + FORMAT_LINE.format(shape="{answer_format}"))
+# DiVE-k multiple choice (released build_mcq_prompt): the object kind; pick the most likely one from the options, one
+# "X. name" per line; answer with the letter of the correct name; tags with '<answer> option letter </answer>'.
+DIVEK_MCQ_PROMPT = ("This is an image containing a {kind}. Which of the options below is the {kind} in the image?\n"
+                    "{options}\nAnswer with the letter of the correct {kind} name.\n"
+                    + FORMAT_LINE.format(shape="option letter"))
+# The answer format the released DiVE-k prompts name per dataset (a model often echoes it: "species name: X").
+ANSWER_FORMATS = {"cars": "make model", "aircraft": "make model", "toy": "shape name"}  # others: "species name"
+
+
+def answer_format(dataset_name: str) -> str:
+    return ANSWER_FORMATS.get(dataset_name, "species name")
+
+
+def divek_mine_prompt(kind: str, answer_fmt: str, class_names: Sequence[str]) -> str:
+    return DIVEK_MINE_PROMPT.format(kind=kind, answer_format=answer_fmt, categories=str(list(class_names)))
+
+
+def divek_mcq_prompt(kind: str, options: Sequence[str]) -> str:
+    return DIVEK_MCQ_PROMPT.format(kind=kind, options="\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options)))
+
+
+# Fine-R1 closed world (released eval_closedworld): the question, the options as a Python list (no letters), the
+# reasoning in <think> and the chosen option in <answer>, the expected form.
+FINE_R1_QUESTION = "Which {kind} is shown in this picture?"
+FINE_R1_CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
+                         "<think> </think> and your final choice inside <answer> </answer>, in the form "
+                         "<think>...</think> <answer>choice</answer>.")
+
+
+def fine_r1_closed_prompt(kind: str, options: Sequence[str]) -> str:
+    return FINE_R1_CLOSED_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind), options=str(list(options)))
+
+
+# Fine-R1 open questions. Its SFT samples pair a system prompt that states the <think>/<answer> format with a bare
+# question (198 phrasings); its RL prompt is the question, a blank line, and the request to think it through as an
+# inner monologue in <think> and answer in <answer> under the default system prompt.
+FINE_R1_QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
+                     "What is the specific name of this {kind}?", "Name the {kind} in the image."]
+FINE_R1_SFT_SYSTEM = ("The assistant answers the user's question about an image. It reasons first and answers second: "
+                      "the reasoning goes inside <think> </think> and the answer inside <answer> </answer>, i.e. "
+                      "<think> reasoning here </think><answer> answer here </answer>.")
+FINE_R1_RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
+                     "the final answer inside <answer> </answer>.")
 
 
 # =====================================================================================================================
@@ -1308,7 +1408,7 @@ class Judge:
 
     def judge(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
         """One label from JUDGE_LABELS per (ground-truth class name, predicted answer) pair."""
-        keys = [(normalize(gt), normalize(pred or "")) for gt, pred in pairs]
+        keys = [(verifier_text(gt), verifier_text(pred or "")) for gt, pred in pairs]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         if todo:
             labels = self._judge(todo)
@@ -1344,8 +1444,10 @@ class Judge:
 
 
 def _canon(text: str) -> str:
-    """normalise, drop a leading article, 'grey' -> 'gray'."""
+    """normalise, drop a lone 's' after a word (what is left of a possessive in the verifier's text: "anna s
+    hummingbird"), drop a leading article, 'grey' -> 'gray'."""
     words = normalize(text).split()
+    words = [w for i, w in enumerate(words) if not (w == "s" and i > 0)]
     if len(words) > 1 and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join("gray" if w == "grey" else w for w in words)
@@ -1368,7 +1470,7 @@ class RulesJudge(Judge):
     Plurals of the answer ('warblers') match too."""
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.name = f"rules-v1:{dataset.name}"
+        self.name = f"rules-v2:{dataset.name}"
         super().__init__(dataset, cache_path)
         ds = dataset
         self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
@@ -1434,6 +1536,8 @@ class RulesJudge(Judge):
         return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
 
     def label(self, truth: str, answer: str) -> str:
+        if not _canon(answer):  # nothing but punctuation ('???', '...'): malformed, as the paper's verifier rules
+            return "wrong"
         if is_abstain(answer):
             return "abstain"
         forms = self._answer_forms(answer)
@@ -2310,10 +2414,14 @@ class PhaseTimer:
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, linear decay to 0, or
-    cosine decay to 0 over the remaining steps."""
+    """Learning rate for optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from
+    0 (step 0 gets 0, step w gets the full rate), then constant, linear decay to 0, or cosine decay to 0 over the
+    remaining steps.
+    >>> [round(lr_at(s, base_lr=1.0, total_steps=8, schedule="cosine", warmup_steps=2), 3) for s in range(4)]
+    [0.0, 0.5, 1.0, 0.933]
+    """
     if warmup_steps and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps
     if schedule == "constant":
         return base_lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -2426,66 +2534,62 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
 # =====================================================================================================================
 
 TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash names the cache folder
-    version=2, vocab=600, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
+    version=3, vocab=600, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
     vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1]),
     steps=200, batch=32, lr=1e-3, seed=0,
 )
-# What the stand-in is pretrained on: the kinds of requests the three methods make, in several phrasings, so it
-# starts out speaking the answer format. Open answers are sometimes less specific (family), generic or 'None', so
-# that SpeciaRL has specificity to gain; multiple-choice answers are letters.
-TINY_OPEN_PROMPTS = [
-    "Classify the image. Output the thinking process in <think> </think> and the final answer in <answer> </answer> "
-    "tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>.",
-    "Classify the image, be specific. Output the thinking process in <think> </think> and the final answer in "
-    "<answer> </answer> tags.",
-    "What is the {kind} in the image? Think first, then give the class name in <answer></answer> tags.",
-    "This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the following: "
-    "{classes}. Output the thinking process in <think> </think> and the final answer in <answer> </answer> tags.",
-]
-TINY_MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
-                   "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
-                   "answer in <answer> </answer> tags.")
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TINY_PROMPTS = [SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT, DIVEK_MINE_PROMPT, DIVEK_MCQ_PROMPT, FINE_R1_CLOSED_PROMPT,
+                FINE_R1_QUESTION, *FINE_R1_QUESTIONS, FINE_R1_SFT_SYSTEM, FINE_R1_RL_SUFFIX, str(ANSWER_FORMATS)]
 
 
 def tiny_model_dir() -> str:
-    key = hashlib.sha1(json.dumps(TINY_RECIPE, sort_keys=True).encode()).hexdigest()[:10]
+    """The cached stand-in; its folder is named by a hash of the recipe and of the prompts it is pretrained on, so a
+    change to either builds a new one."""
+    key = hashlib.sha1(json.dumps([TINY_RECIPE, TINY_PROMPTS], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(CACHE_DIR, f"tiny-{key}")
     if not os.path.exists(os.path.join(path, "config.json")):
         build_tiny(path)
     return path
 
 
-def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str]:
-    """(prompt, target) for one pretraining example of the stand-in.
+def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str, str | None]:
+    """(prompt, target, system prompt or None) for one pretraining example of the stand-in: the methods' own prompts
+    (section 4a), each answered the way a real checkpoint would, except for the letter.
 
-    Multiple choice: the stand-in names the class in its rationale and answers with that option's text, not its
-    letter. A two-layer model did not learn the letter lookup (find the option line that matches, emit the letter
-    before it) within the build budget: letter accuracy stayed at chance after 400 steps with 2 and with 4 layers.
-    Every parser here accepts an option's text as that option; real checkpoints answer with letters."""
+    Multiple choice (DiVE-k's lettered options, Fine-R1's option list): the stand-in names the class in its rationale
+    and answers with that option's text, not its letter. A two-layer model did not learn the letter lookup (find the
+    option line that matches, emit the letter before it) within the build budget: letter accuracy stayed at chance
+    after 400 steps with 2 and with 4 layers. Open questions: SpeciaRL's prompts are answered sometimes less
+    specifically (family), generically or with 'None', so that SpeciaRL has specificity to gain; DiVE-k's list prompt
+    and Fine-R1's questions with the class name."""
     think = rng.choice(TINY_THINK)
     names = ds.class_names
-    if rng.random() < 0.4:  # multiple choice: 2-5 options incl. the truth
-        k = rng.randint(2, 5)
-        others = rng.sample([n for n in names if n != ex.class_name], k - 1)
-        opts = others + [ex.class_name]
+    u = rng.random()
+    system = None
+    if u < 0.4:  # multiple choice: DiVE-k's 2-5 lettered options or Fine-R1's list of 4, the truth among them
+        k = rng.randint(2, 5) if u < 0.25 else 4
+        opts = rng.sample([n for n in names if n != ex.class_name], k - 1) + [ex.class_name]
         rng.shuffle(opts)
-        options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
-        prompt = TINY_MCQ_PROMPT.format(kind=ds.kind, options=options)
-        think = f"it looks like a {ex.class_name}."
-        answer = ex.class_name
-    else:
-        template = rng.choice(TINY_OPEN_PROMPTS)
+        prompt = divek_mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1_closed_prompt(ds.kind, opts)
+        think, answer = f"it looks like a {ex.class_name}.", ex.class_name
+    elif u < 0.55:  # DiVE-k's mining / two-step step 1: the class list in the prompt
         listed = rng.sample(names, len(names))
-        prompt = template.format(kind=ds.kind, classes=", ".join(listed))
-        u = rng.random()
+        prompt, answer = divek_mine_prompt(ds.kind, answer_format(ds.name), listed), ex.class_name
+    elif u < 0.85:  # SpeciaRL: general or 'be specific'
+        prompt = SPECIARL_PROMPT if rng.random() < 0.5 else SPECIARL_SPECIFIC_PROMPT
+        v = rng.random()
         family, generic = ds.hierarchy[ex.class_name]
-        answer = ex.class_name if u < 0.72 else family if u < 0.88 else generic if u < 0.96 else "None"
-        if "Choose from" in template:
-            answer = ex.class_name
-    return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
+        answer = ex.class_name if v < 0.72 else family if v < 0.88 else generic if v < 0.96 else "None"
+    else:  # Fine-R1: a question under its SFT system prompt, or with its RL format request
+        question = rng.choice(FINE_R1_QUESTIONS).format(kind=ds.kind)
+        if rng.random() < 0.5:
+            prompt, system = question, FINE_R1_SFT_SYSTEM
+        else:
+            prompt = question + FINE_R1_RL_SUFFIX
+        answer = ex.class_name
+    return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>", system
 
 
 def build_tiny(path: str):
@@ -2513,6 +2617,7 @@ def _build_tiny(path: str):
     train = load_toy("train")
     rng = random.Random(r["seed"])
     corpus = [tiny_example(ex, train, rng)[0] + tiny_example(ex, train, rng)[1] for ex in train.examples[:200]]
+    corpus += [FINE_R1_SFT_SYSTEM] * 4
     corpus += [" ".join(train.class_names), "<think> </think> <answer> </answer> None shape"] * 20
     tok, special = train_tokenizer(corpus, r["vocab"])
     cfg = qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"], num_hidden_layers=r["layers"],
@@ -2532,8 +2637,8 @@ def _build_tiny(path: str):
         rows = []
         for i in idx:
             ex = train.examples[i]
-            prompt, target = tiny_example(ex, train, rng)
-            p = encode_prompt(proc, images[ex.image], prompt)
+            prompt, target, system = tiny_example(ex, train, rng)
+            p = encode_prompt(proc, images[ex.image], prompt, system=system)
             tgt = torch.tensor(tok(target)["input_ids"] + [im_end])
             rows.append((p, tgt))
         loss = sft_loss(model, proc, [p for p, _ in rows], [t for _, t in rows])

@@ -31,23 +31,30 @@ What the file does, in order (section banners below follow it):
  10. update loop  gradient accumulation, grad clipping, AdamW (linear decay), metrics, periodic two-step eval,
                   checkpoints with the data position, auto-resume, export to <out>/final (a standard HF directory)
 
-Deviations from the paper and its code (every one deliberate)
-  * Mining normalises answers and class names the same way (common.normalize: lowercase, "'s" dropped, hyphens and
-    other non-alphanumerics -> space). The released code keeps hyphens, so correct "black-footed albatross" answers
-    were discarded against the key "black footed albatross".
-  * Options keep the frequency order: a missing truth replaces the least frequent option, as the paper says (the
-    code replaced an arbitrary one after a set() lost the order). Distractors and valid names come from the BASE
-    classes only (the code's class list could leak novel names). With at most one distinct valid answer there is
-    nothing to replace: the truth joins that answer (if any) and random base classes pad the list to 3 options
-    (the code's behaviour too). So a question has 2 to 5 options.
-  * Mining sets top_k = 0 explicitly (the code inherited top_k = 50 from a generation config) and suppresses the
-    image pad tokens. It is sharded over ranks and resumable; the code ran one process per GPU on a shuffled list.
-  * The mcq reward reads the letter from the <answer> tag only (the code fell back to the whole completion) and
-    gives 0 when the answer names several letters ("A, B"): the code scored hedged answers with keyword heuristics.
-    A letter counts when it is not inside a word: "B", "B.", "(B)", "B) name", "B: name". An answer that is exactly
-    one option's text (normalised) also chooses that option, as eval.py's parser does: the tiny stand-in answers
-    multiple choice with the option's text (a two-layer model did not learn the letter lookup); the paper's
-    reward gives such an answer 0.
+Deviations from the paper and its code (every one deliberate); where the paper is silent the code's rule is kept
+  * Prompts: every instruction of the released mining and multiple-choice prompts, in this project's words
+    (common.DIVEK_MINE_PROMPT, common.DIVEK_MCQ_PROMPT); the class list is a Python list, as released.
+  * Mining reads the first <answer> of each sample, strips the dataset's answer-format prefix ("species name: ",
+    "make model: ") and ignores answers over 120 characters, as the code does. It normalises answers and class
+    names alike with common.normalize (lowercase, "'s" dropped, hyphens and other non-letters -> space, accents
+    kept). The code keeps hyphens, so its answer "Black-footed Albatross" misses a class written "Black footed
+    Albatross" (CUB's folder names).
+  * Options keep the frequency order and a missing truth replaces the least frequent option, as the paper says;
+    the code cuts its answers to the 5 most frequent before dropping invalid names (an invalid answer takes a slot)
+    and then replaces an arbitrary option (a set() lost the order). Options and random extras come from the BASE
+    classes only (the code draws extras from its whole class list). With at most one distinct valid answer, the
+    truth and 2 random classes join it, as the code does: 4 options after one wrong answer, 3 after none; an image
+    whose only answer is the truth is dropped as easy. So a question has 2 to 5 options.
+  * Mining sets top_k = 0 explicitly (the code sets no top_k, so the checkpoint's generation config decides it)
+    and suppresses the image pad tokens. It is sharded over ranks and resumable; the code ran one process per GPU
+    on a shuffled list.
+  * The mcq reward reads the letter from the first <answer> tag only (the code fell back to the whole completion)
+    and gives 0 to a hedge ("A, B", "A or B."), which the code settled with keyword heuristics. A letter counts
+    when it is not inside a word: "B", "b", "B.", "(B)", "Option B", "The answer is B.", "B: name". An answer that
+    is exactly one option's text (normalised) also chooses that option: the tiny stand-in answers multiple choice
+    with the option's text (a two-layer model did not learn the letter lookup); the paper's reward gives it 0.
+  * Two-step evaluation scores step 2 with the released letter reader (eval.py --scoring paper); the toy preset
+    uses --eval-scoring strict, because the paper's reader counts the stand-in's option-text answers wrong.
   * The format check allows whitespace around the completion (common.format_ok); the code's fullmatch did not.
   * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
     update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
@@ -88,10 +95,12 @@ import common
 # listed here default to None on the command line: whatever the user sets wins, the preset fills the rest.
 PAPER = dict(group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear", beta=0.04, max_new_tokens=1024,
              mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None, micro_batch=4, eval_samples=20,
-             eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100, eval_classes="base,novel")
+             eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100, eval_classes="base,novel",
+             eval_scoring="paper")
 TOY = dict(group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.04, max_new_tokens=48,
            mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=60, micro_batch=64, eval_samples=8,
-           eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30, eval_classes="base,novel")
+           eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30, eval_classes="base,novel",
+           eval_scoring="strict")  # the stand-in answers an option's text, which the paper's letter reader misses
 
 
 def parse_args(argv=None):
@@ -113,8 +122,9 @@ def parse_args(argv=None):
     g.add_argument("--mine-max-new-tokens", type=int, default=None, help="answer length cap (paper 1024; toy 48)")
     g.add_argument("--mine-batch", type=int, default=8, help="images per sampling call (memory knob)")
     g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (paper 5)")
-    g.add_argument("--pad-options", type=int, default=3,
-                   help="with <= 1 distinct valid answer, random base classes pad the options to this many (paper 3)")
+    g.add_argument("--random-options", type=int, default=2,
+                   help="with at most one distinct valid answer, the truth and this many random base classes join "
+                        "it (the code: 2, so 4 options after one wrong answer, 3 after none)")
     g.add_argument("--online-mining", action="store_true",
                    help="rebuild the options from the current policy at every step instead of once before RL")
     g = p.add_argument_group("stage 2: GRPO")
@@ -158,6 +168,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
     g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
+    g.add_argument("--eval-scoring", default=None, choices=["paper", "strict"],
+                   help="step-2 scoring (eval.py --scoring): paper = DiVE-k's released letter reader; strict = a "
+                        "letter or an option's exact text in <answer> (toy: strict)")
     g.add_argument("--eval-batch", type=int, default=8, help="images per eval sampling call (memory knob)")
     g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
@@ -177,51 +190,47 @@ def parse_args(argv=None):
     return args
 
 
-# ----- 4. prompts (defined before use; the tiny stand-in was pretrained on this wording) -----
+# ----- 4. prompts (common section 4a: every instruction of the released prompts; the tiny stand-in learned them) -----
 
-# Stage-1 prompt: the object kind, the question, the base-class list, the think / answer format.
-MINE_PROMPT = ("This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the "
-               "following: {classes}. Output the thinking process in <think> </think> and the final answer in "
-               "<answer> </answer> tags.")
-# Stage-2 prompt: the object kind, "find the most likely ... from the options below", one lettered option per line,
-# the letter in <answer>.
-MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
-              "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
-              "answer in <answer> </answer> tags.")
-
-
-def mine_prompt(kind: str, class_names: list[str]) -> str:
-    return MINE_PROMPT.format(kind=kind, classes=", ".join(class_names))
+def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
+    """Stage 1: the object kind, the most likely name in the dataset's answer format ('species name', 'make model'),
+    one of the listed classes (a Python list, as released), think / answer tags, the format strictly."""
+    return common.divek_mine_prompt(kind, common.answer_format(dataset_name), class_names)
 
 
 def mcq_prompt(kind: str, options: list[str]) -> str:
-    return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}" for i, o in enumerate(options)))
+    """Stage 2: the object kind, pick from the options ('A. name' per line), answer the letter, the format."""
+    return common.divek_mcq_prompt(kind, options)
 
 
 # ----- 5. stage 1: top-k option mining -----
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
-                   max_options: int = 5, pad_to: int = 3, drop_easy: bool = True) -> dict:
-    """The multiple-choice question of one image from its K sampled answers (the paper's rules).
+                   max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
+                   prefixes: tuple[str, ...] = common.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
+    """The multiple-choice question of one image from its K sampled answers (the paper's rules, and the released
+    code's where the paper is silent).
 
     answers: the parsed <answer> texts (None when a sample had none); truth: the image's class name;
     base_classes: the names an option may take. Returns a record with `status` "kept" or "easy".
 
-      1. normalise every answer (hyphen == space, "'s" dropped, ...) and keep those naming a base class; count them
-      2. only the truth was answered -> "easy" (dropped from training; kept with padding when drop_easy=False)
+      1. strip the answer-format prefix ("species name: ..."), drop answers over `max_chars` characters, normalise
+         (hyphen == space, "'s" dropped, ...) and keep those naming a base class; count them
+      2. only the truth was answered -> "easy" (dropped from training; kept with random options if drop_easy=False)
       3. options = the min(max_options, distinct) most frequent names (ties: the name answered first)
-      4. at most one distinct valid answer -> the truth joins it and random base classes pad to `pad_to` options;
-         otherwise a missing truth replaces the least frequent option
+      4. at most one distinct valid answer -> the truth and `random_options` random base classes join it (so 4
+         options after one wrong answer, 3 after none); otherwise a missing truth replaces the least frequent option
       5. shuffle; the answer is the truth's letter
 
-    Example: answers ["Red-striped circle", "red striped circle", "blue square", None], truth "blue square",
-    base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
+    Example: answers ["Species name: Red-striped circle", "red striped circle", "blue square", None], truth "blue
+    square", base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
     "blue square": 1}, options those two in a shuffled order, answer the letter of "blue square".
     """
     canonical = {common.normalize(c): c for c in base_classes}
     counts = Counter()
     for a in answers:
-        name = canonical.get(common.normalize(a)) if a is not None else None
+        key = common.normalize(common.strip_prefixes(a, prefixes)) if a is not None else ""
+        name = canonical.get(key) if len(key) <= max_chars else None
         if name is not None:
             counts[name] += 1
     ranked = [name for name, _ in counts.most_common()]  # most frequent first; Counter keeps first-seen order on ties
@@ -236,7 +245,7 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
         if truth not in options:
             options.append(truth)
         pool = [c for c in base_classes if c not in options]
-        options += rng.sample(pool, min(len(pool), max(0, pad_to - len(options))))
+        options += rng.sample(pool, min(len(pool), random_options))
         record["padded"] = True
     elif truth not in options:
         options[-1] = truth  # replaces the least frequent option
@@ -253,7 +262,8 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
     FSDP2 the caller holds the gathered parameters (common.gathered_params), so that ranks with different numbers
     of images never wait on each other."""
     records = []
-    prompt_text = mine_prompt(kind, base_classes)
+    prompt_text = mine_prompt(kind, args.data, base_classes)
+    prefixes = (f"{common.answer_format(args.data)}: ",)  # the released mining strips its own format's prefix
     for start in range(0, len(examples), args.mine_batch):
         batch = examples[start:start + args.mine_batch]
         prompts = [common.encode_prompt(processor, ex.image, prompt_text) for ex in batch]
@@ -269,7 +279,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
             answers = [common.parse_answer(t) for t in ro.texts[i * K:(i + 1) * K]]
             rng = random.Random(f"{args.seed}/{ex.id}")  # option order depends on the image only
             q = build_question(answers, ex.class_name, base_classes, rng, max_options=args.max_options,
-                               pad_to=args.pad_options, drop_easy=drop_easy)
+                               random_options=args.random_options, drop_easy=drop_easy, prefixes=prefixes)
             records.append({"id": ex.id, "image": ex.image, **q})
         if progress is not None:
             progress.update(len(batch))
@@ -294,7 +304,8 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
                       f"over {d.world_size} rank(s)")
         model.eval()
         bar = make_bar(d, total=len(mine_shard), desc="mining")
-        warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, base_classes))
+        warmup = common.encode_prompt(processor, train.examples[0].image,
+                                      mine_prompt(train.kind, args.data, base_classes))
         part_path = os.path.join(out, f"mcq.part{d.rank}.jsonl")
         common.barrier()  # every rank has read the parts (and agrees on `todo`) before any rank appends to them
         common.repair_jsonl_tail(part_path)  # a line cut by a kill would glue onto the next record appended
@@ -365,14 +376,20 @@ LETTER_RE = re.compile(r"(?<![A-Z0-9])\(?([A-Z])(?:[).,:;!?]|$)")
 
 
 def answer_letter(completion: str, n_options: int) -> str | None:
-    """The option letter in the completion's <answer> tag: a capital letter not inside a word, followed by
-    ). , . : ; ! ? or the end ("B", "B.", "(B)", "B. sooty albatross"). None when there is no answer tag, no
-    letter, a letter past the options, or more than one distinct letter (a hedge such as "A or B." / "A, B")."""
+    """The option letter in the completion's first <answer> tag: a capital letter not inside a word, followed by
+    ). , . : ; ! ? or the end ("B", "b", "B.", "(B)", "Option B", "The answer is B.", "B. sooty albatross"). None when
+    there is no answer tag, no letter, a letter past the options, or a hedge: two distinct letters ("A, B") or two
+    letters joined by or / either / vs ("A or B.").
+    >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
+    ('B', None)
+    """
     text = common.parse_answer(completion)
     if text is None:
         return None
-    found = set(LETTER_RE.findall(text.strip().upper()))
-    if len(found) != 1:
+    upper = text.strip().upper()
+    found = set(LETTER_RE.findall(upper))
+    standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
+    if len(found) != 1 or (len(standalone) > 1 and common.is_hedge(text)):
         return None
     letter = found.pop()
     return letter if letter in common.LETTERS[:n_options] else None
@@ -532,6 +549,7 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
             res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                     samples=args.eval_samples, micro_batch=args.eval_batch, progress=False,
+                                    scoring=args.eval_scoring,
                                     out_dir=os.path.join(out, "eval", f"step_{step:07d}", group))
         result[f"eval/{group}/accuracy"] = res["accuracy"]
         result[f"eval/{group}/truth_in_options"] = res["truth_in_options"]  # step 1's ceiling for step 2
@@ -594,7 +612,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
     # the memory estimate per GPU at start, for the larger of the two sampling phases, and the knobs that reduce it
-    phases = [(args.mine_batch * args.mine_samples, mine_prompt(train.kind, base_classes), args.mine_max_new_tokens),
+    phases = [(args.mine_batch * args.mine_samples, mine_prompt(train.kind, args.data, base_classes),
+               args.mine_max_new_tokens),
               (prompts_per_rank * args.group_size, mcq_prompt(train.kind, base_classes[:args.max_options]),
                args.max_new_tokens)]
     phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
@@ -620,7 +639,8 @@ def main(argv=None):
     # ----- 5. stage 1: mining (offline), or the images to mine at every step (online) -----
     if args.online_mining:
         items = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "example": ex} for ex in train.examples]
-        warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, base_classes))
+        warmup = common.encode_prompt(processor, train.examples[0].image,
+                                      mine_prompt(train.kind, args.data, base_classes))
     else:
         items = mine_offline(model, processor, train, base_classes, args, d, out, log)
     if not items:

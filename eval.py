@@ -6,12 +6,13 @@ eval.py: the one evaluation harness of the project, for every protocol of the th
             reported beside it. Fine-R1's open-world setting.
   two_step  DiVE-k inference: step 1 draws `--samples` (20) answers with the split's class list in the prompt
             (T=1.0, top_p 0.95, repetition penalty 1.1, as in DiVE-k's mining), keeps the 5 most frequent parsed
-            answers (not filtered to valid names, no ground truth inserted), shuffles them; step 2 asks the same
-            model the multiple-choice question greedily; the chosen letter maps back to its answer, which is judged.
-  mcq       closed world: 4 options = the truth + 3 other classes drawn at random, shuffled with a seed per image;
-            accuracy = the right letter. Fine-R1's closed-world setting. `--mcq-distractors all` draws the 3 from
-            every class of the dataset, seen and unseen alike, as the paper's released evaluation files do;
-            `split` (the default here) only from the evaluated classes (base or novel).
+            answers (answer-format prefixes such as 'species name: ' removed, answers of 100+ characters skipped, not
+            filtered to valid names, no ground truth inserted), shuffles them; step 2 asks the same model the
+            lettered multiple-choice question greedily; the chosen option is judged.
+  mcq       closed world: 4 options = the truth + 3 other classes drawn at random, shuffled with a seed per image.
+            Fine-R1's closed-world setting. `--mcq-distractors all` draws the 3 from every class of the dataset, seen
+            and unseen alike, as the paper's released evaluation files do; `split` (the default here) only from the
+            evaluated classes (base or novel).
   speciarl  SpeciaRL: one greedy answer per image, judged into six labels; the share of each label, correctness
             (correct at any level), specificity (specific or more specific among the correct), their harmonic mean.
             `--best-of N` samples N answers (T=0.6, top_p 0.95) and keeps the best label: the paper's upper bound.
@@ -31,10 +32,23 @@ output, parsed answer, judge label, and the protocol's extras). Failed parses co
 From a training script: `evaluate(model, processor, dataset, protocol, judge=..., out_dir=...)` on every rank; it
 works on a plain, DDP- or FSDP2-wrapped model and returns the same metrics dict on every rank.
 
+Scoring (`--scoring`, two_step and mcq). `paper` (the default) scores as the papers' released evaluations do, so a
+number here sits next to the paper's column:
+  * two_step, step 2: the first <answer> text, or the whole response when there is no tag, upper-cased; DiVE-k's
+    letter reader (a capital followed by punctuation or the end; several candidates settled by nearby words such as
+    'answer', then by position): 'b', 'The answer is B.', 'Option B' all choose B. Images whose step 1 gave no
+    answer at all are left out of the count (`no_candidates`), as the released script drops them.
+  * mcq: Fine-R1's prompt shows the options as a list without letters; right when the ground truth (lowercased)
+    is inside the text from the first <answer> to the last </answer>. The released files always put the truth
+    first; here the options are shuffled with a seed per image.
+`strict`: lettered options, and only the <answer> tag counts: a letter ('B', '(B)', 'B.', 'B. name') or an option's
+exact text chooses that option; images without step-1 answers count as wrong.
+
 Deviations from the papers, stated:
-  * the answer is the text of the last <answer>...</answer> (common.parse_answer; SpeciaRL's code takes the first);
+  * the answer is the text of the first <answer>...</answer> (common.parse_answer), as in all three released codes;
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
     LLM judge with the six-label prompt like SpeciaRL's (whose exact prompt and Llama-3-70B judge are not bundled);
+    DiVE-k's released two-step scoring asks an LLM (Gemini) whether the chosen name is the truth;
   * Fine-R1's open-world "relative similarity" score (SigLIP) is not reproduced; the open protocol is judged instead;
   * every sampled answer (two_step's step 1, best-of) draws from its own random stream, seeded by --seed, the image
     and the sample's index: results do not depend on the number of ranks or on --micro-batch.
@@ -55,31 +69,65 @@ import torch
 
 import common
 
-# ----- 1. prompts: the papers' wording (the tiny stand-in was pretrained on the same phrasings) -----
+# ----- 1. prompts and scoring: the papers' (common section 4a; the tiny stand-in was pretrained on the same) -----
 
-# SpeciaRL: "Classify the image.", reasoning in <think>, one label in <answer>, 'None' to abstain
-OPEN_PROMPT = ("Classify the image. Output the thinking process in <think> </think> and the final answer in <answer> "
-               "</answer> tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>.")
-# SpeciaRL's "be specific" prompt baseline (--be-specific)
-SPECIFIC_PROMPT = ("Classify the image, be specific. Output the thinking process in <think> </think> and the final "
-                   "answer in <answer> </answer> tags.")
-# DiVE-k step 1 (and its mining prompt): the object kind and the class list of the evaluated split
-TWO_STEP_PROMPT = ("This is an image containing a {kind}. What is the most likely name of this {kind}? Choose from the "
-                   "following: {classes}. Output the thinking process in <think> </think> and the final answer in "
-                   "<answer> </answer> tags.")
-# DiVE-k step 2 and the closed-world multiple choice: lettered options, one per line, answer the letter
-MCQ_PROMPT = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
-              "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
-              "answer in <answer> </answer> tags.")
+OPEN_PROMPT = common.SPECIARL_PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
+SPECIFIC_PROMPT = common.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
+SCORINGS = ("paper", "strict")
 TWO_STEP_OPTIONS = 5  # DiVE-k: the 5 most frequent step-1 answers
+STEP1_MAX_CHARS = 100  # DiVE-k's two-step code skips step-1 answers of 100 characters or more
 MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
 STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
 BEST_OF_SAMPLING = dict(temperature=0.6, top_p=0.95)  # SpeciaRL's best-of-N
 # best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), parse failures last
 BEST_OF_ORDER = ["parse_failure", *common.JUDGE_LABELS]
+# DiVE-k's released letter extraction scores each candidate letter by these words nearby (its list, as released)
+CHOICE_WORDS = ("answer", "correct", "choose", "select", "right", "think", "believe", "should",
+                "\u7b54\u6848", "\u9009\u62e9", "\u6b63\u786e", "\u662f", "\u5bf9", "\u8ba4\u4e3a", "\u5e94\u8be5",
+                "\u89c9\u5f97")
+
+
+def released_letter(text: str) -> str | None:
+    """The letter DiVE-k's released evaluation reads from a step-2 answer: upper-cased, a capital not preceded by a
+    letter and followed by . , ? ! : ; or the end. One candidate is the choice; among several, each occurrence scores
+    +1 per keyword within 20 characters of the letter's first position, +2 when that position lies in the last 30%,
+    +1 when punctuation follows it; the first best wins.
+    >>> [released_letter(t) for t in ["b", "The answer is B.", "Option B", "B) Bobolink", "A or B.", "blue"]]
+    ['B', 'B', 'B', None, 'B', None]
+    """
+    text = re.sub(r"\s+", " ", text.upper())
+    found = re.findall(r"(?<![A-Z])([A-Z])(?=[.,?!:;]|$)", text)
+    if len(found) <= 1:
+        return found[0] if found else None
+    score = dict.fromkeys(found, 0)
+    for letter in found:  # every occurrence counts, as released
+        pos = text.find(letter)
+        context = text[max(0, pos - 20):pos + 20]
+        score[letter] += sum(word.upper() in context for word in CHOICE_WORDS)
+        score[letter] += 2 * (pos > 0.7 * len(text))  # near the end: usually the final answer
+        score[letter] += pos < len(text) - 1 and text[pos + 1] in "\u3002.!\uff01,\uff0c"  # punctuation follows
+    return max(score, key=score.get)
+
+
+def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
+    """Index of the option a step-2 answer chose. paper (DiVE-k's released evaluation): the first <answer> text, or
+    the whole response when there is no tag, read by released_letter. strict: the <answer> tag only (parse_choice)."""
+    if scoring == "strict":
+        return parse_choice(common.parse_answer(raw), options)
+    found = common.ANSWER_RE.search(raw)
+    letter = released_letter(found.group(1).strip() if found else raw.strip())
+    index = common.LETTERS.index(letter) if letter else None
+    return index if index is not None and index < len(options) else None
+
+
+def closed_world_correct(raw: str, truth: str) -> bool:
+    """Fine-R1's released closed-world scoring: the text from the first <answer> to the last </answer>, and right
+    when the ground truth (lowercased, '_' -> ' ') is inside it (lowercased). No tag: wrong."""
+    found = re.search(r"<answer>(.*)</answer>", raw, re.DOTALL)
+    return found is not None and truth.lower().replace("_", " ") in found.group(1).strip().lower().replace("_", " ")
 
 
 def mcq_options_text(options: list[str]) -> str:
@@ -87,8 +135,8 @@ def mcq_options_text(options: list[str]) -> str:
 
 
 def parse_choice(answer: str | None, options: list[str]) -> int | None:
-    """Index of the chosen option: a bare letter ('B', '(B)', 'B.'), the option's text itself, or a letter that
-    starts the answer ('B. red circle', 'B) ...'). None when nothing valid was chosen.
+    """Index of the chosen option (strict scoring): a bare letter ('B', '(B)', 'B.'), the option's text itself, or a
+    letter that starts the answer ('B. red circle', 'B) ...'). None when nothing valid was chosen.
     >>> parse_choice("B", ["x", "y"]), parse_choice("y", ["x", "y"]), parse_choice("C", ["x", "y"])
     (1, 1, None)
     """
@@ -131,17 +179,25 @@ def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int, distract
     return options
 
 
-def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS) -> tuple[list[str], list[int], int]:
-    """Step 1 of two-step inference: the k most frequent parsed answers (counted by normalised text, shown as first
-    written, ties broken by first appearance), their counts, and the number of samples that did not parse."""
+def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS, answer_fmt: str = "species name") -> \
+        tuple[list[str], list[int], int]:
+    """Step 1 of two-step inference, as DiVE-k's released evaluation reads its samples: the first <answer> text,
+    lowercased, the answer-format prefixes removed ('species name: ', 'make model: ', 'species: ', 'make and model: '
+    and this dataset's own), answers of 100 characters or more skipped; then the k most frequent (counted by
+    normalised text, shown as first written, ties broken by first appearance), their counts, and the number of
+    samples without an answer tag."""
     counts: Counter = Counter()
     shown: dict[str, str] = {}
     failures = 0
+    prefixes = (*common.DIVEK_PREFIXES, f"{answer_fmt}: ")
     for t in texts:
         ans = common.parse_answer(t)
-        key = common.normalize(ans or "")
-        if not key:
-            failures += ans is None
+        if ans is None:
+            failures += 1
+            continue
+        ans = common.strip_prefixes(ans, prefixes)
+        key = common.normalize(ans)
+        if not key or len(ans) >= STEP1_MAX_CHARS:
             continue
         counts[key] += 1
         shown.setdefault(key, ans)
@@ -169,17 +225,19 @@ def _judged(rec: dict, raw: str) -> dict:
 
 
 def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_new_tokens, samples, best_of,
-              generator, be_specific, mcq_distractors="split") -> list[dict]:
+              generator, be_specific, mcq_distractors="split", scoring="paper") -> list[dict]:
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
+    answer_fmt = common.answer_format(dataset.name)
     if protocol in ("open", "speciarl"):
         text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
     elif protocol == "two_step":
-        text = TWO_STEP_PROMPT.format(kind=dataset.kind, classes=", ".join(dataset.split_class_names))
+        text = common.divek_mine_prompt(dataset.kind, answer_fmt, dataset.split_class_names)
     for idx, ex in batch:
-        if protocol == "mcq":
+        if protocol == "mcq":  # paper: Fine-R1's option list; strict: lettered options, answer the letter
             options = mcq_options(ex, dataset, seed, mcq_distractors)
-            text = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(options))
+            text = common.fine_r1_closed_prompt(dataset.kind, options) if scoring == "paper" else \
+                common.divek_mcq_prompt(dataset.kind, options)
         p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
         if p is None:
@@ -217,13 +275,18 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     if protocol == "mcq":
         roll = common.sample(model, processor, prompts, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
                              generator=generator)
-        for (rec, _, _, _), raw in zip(live, roll.texts):
+        for (rec, ex, _, _), raw in zip(live, roll.texts):
             _judged(rec, raw)
-            choice = parse_choice(rec["answer"], rec["options"])
-            rec["letter"] = None if choice is None else common.LETTERS[choice]
-            rec["prediction"] = None if choice is None else rec["options"][choice]
-            rec["invalid_choice"] = rec["answer"] is not None and choice is None
-            rec["label"] = "specific" if rec["letter"] == rec["truth_letter"] else "wrong"
+            if scoring == "paper":  # the truth's name inside the answer text
+                correct = closed_world_correct(raw, ex.class_name)
+                rec["invalid_choice"] = False
+            else:  # the truth's letter (or its exact text)
+                choice = parse_choice(rec["answer"], rec["options"])
+                rec["letter"] = None if choice is None else common.LETTERS[choice]
+                rec["prediction"] = None if choice is None else rec["options"][choice]
+                rec["invalid_choice"] = rec["answer"] is not None and choice is None
+                correct = rec["letter"] == rec["truth_letter"]
+            rec["label"] = "specific" if correct else "wrong"
         return records
 
     # two_step: step 1, K sampled answers with the class list; step 2, greedy multiple choice over the top 5
@@ -232,14 +295,14 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     step2 = []
     for i, (rec, ex, _, image) in enumerate(live):
         texts = roll.texts[i * samples:(i + 1) * samples]
-        options, counts, failures = top_answers(texts)
+        options, counts, failures = top_answers(texts, answer_fmt=answer_fmt)
         order = list(range(len(options)))
         rng_for(seed, ex, "two_step").shuffle(order)
         rec.update(step1_answers=[common.parse_answer(t) for t in texts], options=[options[j] for j in order],
                    option_counts=[counts[j] for j in order], step1_parse_failures=failures,
                    truth_in_options=any(common.normalize(o) == common.normalize(ex.class_name) for o in options))
         if options:
-            question = MCQ_PROMPT.format(kind=dataset.kind, options=mcq_options_text(rec["options"]))
+            question = common.divek_mcq_prompt(dataset.kind, rec["options"])
             step2.append((rec, common.encode_prompt(processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             rec.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
@@ -249,10 +312,10 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                               temperature=0.0, generator=generator)
         for (rec, _), raw in zip(step2, roll2.texts):
             _judged(rec, raw)
-            choice = parse_choice(rec["answer"], rec["options"])
+            choice = step2_choice(raw, rec["options"], scoring)
             rec["letter"] = None if choice is None else common.LETTERS[choice]
             rec["prediction"] = None if choice is None else rec["options"][choice]
-            rec["invalid_choice"] = rec["answer"] is not None and choice is None
+            rec["invalid_choice"] = choice is None and (rec["answer"] is not None or scoring == "paper")
             rec["no_candidates"] = False
         chosen = [rec for rec, _ in step2 if rec["prediction"] is not None]  # no valid letter: wrong, not judged
         for rec, lab in zip(chosen, judge.judge([(rec["truth"], rec["prediction"]) for rec in chosen])):
@@ -271,11 +334,16 @@ def _add_match(rec: dict):
 
 # ----- 3. metrics from the gathered records -----
 
-def compute_metrics(records: list[dict], protocol: str) -> dict:
-    """Every number of a protocol from its per-image records (the test recomputes these from predictions.jsonl)."""
+def compute_metrics(records: list[dict], protocol: str, scoring: str = "paper") -> dict:
+    """Every number of a protocol from its per-image records (the test recomputes these from predictions.jsonl).
+    two_step with paper scoring leaves images whose step 1 gave no answer out of the count, as DiVE-k's released
+    evaluation does (they are counted in `no_candidates`); strict scoring counts them wrong."""
     scored = [r for r in records if not r.get("skipped")]
+    no_candidates = sum(bool(r.get("no_candidates")) for r in scored)
+    if protocol == "two_step" and scoring == "paper":
+        scored = [r for r in scored if not r.get("no_candidates")]
     n = len(scored)
-    out = {"n": n, "skipped_images": len(records) - n,
+    out = {"n": n, "skipped_images": sum(bool(r.get("skipped")) for r in records),
            "parse_failures": sum(r["parse_failure"] for r in scored),
            "format_ok": sum(r["format_ok"] for r in scored) / n if n else 0.0}
     if protocol == "mcq":
@@ -289,7 +357,7 @@ def compute_metrics(records: list[dict], protocol: str) -> dict:
                    substring=sum(r["substring"] for r in scored) / n if n else 0.0)
     if protocol == "two_step":
         out.update(invalid_choices=sum(r["invalid_choice"] for r in scored),
-                   no_candidates=sum(r["no_candidates"] for r in scored),
+                   no_candidates=no_candidates,
                    truth_in_options=sum(r["truth_in_options"] for r in scored) / n if n else 0.0,
                    step1_parse_failures=sum(r["step1_parse_failures"] for r in scored))
     return out
@@ -300,7 +368,7 @@ def compute_metrics(records: list[dict], protocol: str) -> dict:
 def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=None, seed: int = 0,
              max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
              progress: bool = True, micro_batch: int = 8, be_specific: bool = False, mcq_distractors: str = "split",
-             extra_settings: dict | None = None) -> dict:
+             scoring: str = "paper", extra_settings: dict | None = None) -> dict:
     """Evaluate `model` on `dataset` with one protocol; call it on every rank (images are sharded
     examples[rank::world] and the records gathered). Returns the same metrics dict on every rank; rank 0 writes
     metrics.json and predictions.jsonl to `out_dir` when given. `judge` defaults to the rules judge."""
@@ -308,6 +376,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
         raise SystemExit(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
     if mcq_distractors not in MCQ_DISTRACTORS:
         raise SystemExit(f"--mcq-distractors {mcq_distractors}: expected one of {', '.join(MCQ_DISTRACTORS)}")
+    if scoring not in SCORINGS:
+        raise SystemExit(f"--scoring {scoring}: expected one of {', '.join(SCORINGS)}")
     if best_of and protocol not in ("open", "speciarl"):
         raise SystemExit(f"--best-of applies to the open and speciarl protocols, not {protocol}")
     if protocol != "mcq" and judge is None:
@@ -336,7 +406,7 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                 records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
                                      max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
                                      generator=generator, be_specific=be_specific,
-                                     mcq_distractors=mcq_distractors)
+                                     mcq_distractors=mcq_distractors, scoring=scoring)
                 if bar is not None:
                     bar.update(len(batch))
             if bar is not None:
@@ -344,7 +414,7 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
     finally:
         model.train(was_training)
     records = sorted((r for part in common.all_gather_objects(records) for r in part), key=lambda r: r["index"])
-    metrics = compute_metrics(records, protocol)
+    metrics = compute_metrics(records, protocol, scoring)
     if best_of:
         metrics["best_of"] = best_of
     if out_dir and rank == 0:
@@ -355,9 +425,12 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "samples": samples if protocol == "two_step" else None, "best_of": best_of,
                     "judge": getattr(judge, "name", None), "world_size": world, "micro_batch": micro_batch,
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
+                    "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
-                    "prompt": {"open": open_prompt, "speciarl": open_prompt, "two_step": [TWO_STEP_PROMPT, MCQ_PROMPT],
-                               "mcq": MCQ_PROMPT}[protocol],
+                    "prompt": {"open": open_prompt, "speciarl": open_prompt,
+                               "two_step": [common.DIVEK_MINE_PROMPT, common.DIVEK_MCQ_PROMPT],
+                               "mcq": common.FINE_R1_CLOSED_PROMPT if scoring == "paper" else common.DIVEK_MCQ_PROMPT,
+                               }[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
                                  "speciarl": BEST_OF_SAMPLING if best_of else "greedy",
                                  "two_step": {"step1": STEP1_SAMPLING, "step2": "greedy"}, "mcq": "greedy"}[protocol],
@@ -442,6 +515,10 @@ def parse_args(argv=None):
     g.add_argument("--mcq-distractors", default="split", choices=MCQ_DISTRACTORS,
                    help="mcq: the 3 wrong options from the evaluated classes (split) or from every class, seen and "
                         "unseen (all: Fine-R1's released evaluation files)")
+    g.add_argument("--scoring", default="paper", choices=SCORINGS,
+                   help="two_step / mcq: 'paper' scores as the released evaluations do (DiVE-k: its letter parser, "
+                        "also outside the tag; Fine-R1: options as a list, right when the truth's name is inside the "
+                        "answer); 'strict': lettered options, only a letter or an option's exact text in <answer>")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length cap (DiVE-k 1024, SpeciaRL 2048)")
     g.add_argument("--seed", type=int, default=0, help="subset, options and sampling seed")
     g = p.add_argument_group("system")
@@ -479,7 +556,7 @@ def main(argv=None) -> dict:
                                  max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
                                  out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
                                  be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
-                                 extra_settings=settings)
+                                 scoring=args.scoring, extra_settings=settings)
     hm = None
     if len(halves) > 1:
         hm = {k: harmonic(results["base"][k], results["novel"][k]) for k in main_keys(args.protocol)}

@@ -51,12 +51,19 @@ Deviations from the paper and its released code (every one deliberate)
     in the first quarter), so a label-informed toy rationale is faithful in kind. It has the four parts in about 40
     tokens, with the two fixed lines worded in the stand-in's vocabulary ("the options:", "the final answer is"):
     the paper's lines cost the stand-in's tokenizer 38 single-character tokens, which a two-layer model garbles.
-  * The question is drawn per sample from four phrasings (the paper's SFT data has 198, its RL data one per domain):
-    the paper's RL question and the three open phrasings the tiny stand-in was pretrained on (one of them is
-    eval.py's open-world prompt). We keep Qwen's default system prompt throughout (the paper's SFT used an R1 one).
-  * --closed-frac (toy preset 0.5; paper 0) asks that share of the SFT and TAPO questions in closed-world form, with
-    the truth and 3 other seen classes as options and the class name as the answer: trained on open questions only,
-    the two-layer stand-in loses its multiple-choice behaviour, which a 7B model keeps.
+  * The question is drawn per sample from four phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data has 198,
+    its RL data one per domain). SFT asks it bare under a system prompt stating the <think>/<answer> format (the
+    paper's SFT samples carry an R1-style one); TAPO adds the paper's RL request to reason as an inner monologue in
+    <think> and answer in <answer>, under the chat template's default system prompt, as the released RL prompt.
+  * The rationale filter (the paper's is not published) checks the four parts in the layouts a teacher writes: the
+    candidate list on the marker's line or below it, numbered, bulleted or comma-separated, markdown bold, the
+    prediction with or without a period, a car's model year left out. Of the paper's 404 released SFT samples, 376
+    pass; 4 have no candidate line, and 24 predict a name without the truth in it (22 cars named without their
+    body type, e.g. "Honda Odyssey" for "Honda Odyssey Minivan 2012"; "Snapdragons"; "Neoregelia" for bromelia).
+  * --closed-frac (toy preset 0.5; paper 0) asks that share of the SFT and TAPO questions in closed-world form, in
+    the wording of the paper's closed-world evaluation (the truth and 3 other seen classes as a list, the name as
+    the answer): trained on open questions only, the two-layer stand-in loses its multiple-choice behaviour, which a
+    7B model keeps.
   * Confusable negatives come from class-name similarity (word overlap + character similarity), not from the model's
     own confusions; `--negatives random` is the other choice. The released data pre-computed the triplets.
   * Each row is tokenised with its own image (anchor, positive or negative), so images of any size work; the
@@ -65,16 +72,20 @@ Deviations from the paper and its released code (every one deliberate)
     without gradient, so its term only shifts the loss value (it is logged; it moves nothing). No reference KL.
   * Token mean over the optimizer step on all ranks (the normaliser is all-reduced before the backward passes);
     the released code took a token mean per micro-batch and divided by the accumulation count.
-  * Dynamic sampling stops after --max-sample-rounds rounds; if the batch is still short, it is filled with groups
-    the filter rejected (logged as dynamic/filled) instead of failing: the released code retried without limit.
+  * Dynamic sampling keeps a sampling round whole when none of its groups (on any rank) passes the filter, as the
+    released trainer does (zero advantage; the KL and entropy terms still act). It stops after --max-sample-rounds
+    rounds; if the batch is still short, it is filled with groups the filter rejected (logged as dynamic/filled)
+    instead of failing: the released code retried without limit.
+  * The SFT warm-up follows the HF schedule the paper used: step 0 has learning rate 0, step 6 the full 5e-6.
   * Old log-probs are recomputed with one forward per rollout batch (as verl), not taken from the sampler.
   * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy, or autocast for DDP /
     one GPU); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP with CPU offload (RL). Rollouts use the
     project's prefill-once sampler instead of vLLM.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
-  * Evaluation is eval.py's: mcq = 4 shuffled options, the 3 wrong ones drawn from every class, seen and unseen, as
-    in the paper's released evaluation files (--mcq-distractors); open = the rule judge's exact match, not the
-    paper's SigLIP similarity.
+  * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
+    the truth's name is in the answer), 4 options shuffled per image (the released files always list the truth
+    first), the 3 wrong ones drawn from every class, seen and unseen, as in those files (--mcq-distractors); open =
+    the rule judge's exact match, not the paper's SigLIP similarity.
   * Toy preset (`--data toy`, only flags left unset): the tiny stand-in; 20 rationales per seen class (the toy has
     12 seen classes: one each would be 12 samples); SFT lr 2e-3, batch 16, 6 epochs (90 steps); TAPO lr 1e-4,
     rollout temperature 0.7 (at 1.0 the stand-in samples far worse answers than it gives greedily), the exact-match
@@ -276,14 +287,10 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 
 # ----- 3. prompts -----
 
-# The question, drawn per sample from a few phrasings (the paper's SFT data uses 198 phrasings, its RL data one per
-# domain): the paper's RL question and the open phrasings the tiny stand-in was pretrained on (common.TINY_OPEN_PROMPTS,
-# also eval.py's open-world prompt), each asking for the reasoning in <think> and the class in <answer>.
-QUESTIONS = [
-    "Based on this image, what {kind} is shown? Output the thinking process in <think> </think> and the final answer "
-    "in <answer> </answer> tags.",
-    *[q for q in common.TINY_OPEN_PROMPTS if "{classes}" not in q],
-]
+# The question, drawn per sample from a few phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data uses 198
+# phrasings, its RL data one per domain). SFT asks it bare under a system prompt that states the <think>/<answer>
+# format (common.FINE_R1_SFT_SYSTEM), as the paper's SFT samples do; TAPO asks it with the paper's RL request to think
+# it through as an inner monologue in <think> and answer in <answer> (common.FINE_R1_RL_SUFFIX).
 # The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
@@ -302,29 +309,23 @@ TEACHER_PROMPT = (
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
 
-# The closed-world form (--closed-frac; the paper trains on open questions only): the wording of eval.py's
-# closed-world protocol (and of the stand-in's pretraining), lettered options one per line. The answer is the class
-# NAME, which eval.py reads as the option with that text and which is how Fine-R1's closed-world evaluation scores
-# (the truth inside the answer); the tiny stand-in answers the same way.
-CLOSED_QUESTION = ("This is an image containing a {kind}. Find the most likely name of this {kind} from the options "
-                   "below.\n{options}\nOutput the thinking process in <think> </think> and the letter of the final "
-                   "answer in <answer> </answer> tags.")
-
-
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
-                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+# The closed-world form (--closed-frac; the paper trains on open questions only): Fine-R1's closed-world evaluation
+# prompt (common.fine_r1_closed_prompt: the options as a list, the chosen name in <answer>), scored as that
+# evaluation scores (the truth's name inside the answer).
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0,
+                  stage: str = "sft") -> tuple[str, list[str] | None]:
     """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
     phrasing and None, or with probability closed_frac the closed-world form whose options are the truth and 3 of
-    `others` (shuffled) and those 3 distractors."""
+    `others` (shuffled) and those 3 distractors. stage 'rl' adds the paper's RL format request to an open question
+    (at SFT the system prompt states the format)."""
     rng = random.Random(f"question/{key}")
     if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
         distractors = rng.sample(list(others), 3)
         options = distractors + [truth]
         rng.shuffle(options)
-        text = CLOSED_QUESTION.format(kind=kind, options="\n".join(f"{common.LETTERS[i]}. {o}"
-                                                                  for i, o in enumerate(options)))
-        return text, distractors
-    return rng.choice(QUESTIONS).format(kind=kind), None
+        return common.fine_r1_closed_prompt(kind, options), distractors
+    question = rng.choice(common.FINE_R1_QUESTIONS).format(kind=kind)
+    return question + (common.FINE_R1_RL_SUFFIX if stage == "rl" else ""), None
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -349,24 +350,90 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
 
+LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
+
+
+def _marker(text: str, mark: str) -> list[tuple[int, int]]:
+    """(start, end) of every occurrence of a fixed line's words, any case, spaces allowed before its colon."""
+    pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
+    return [(m.start(), m.end()) for m in re.finditer(pattern, text, re.IGNORECASE)]
+
+
+def candidate_block(body: str) -> tuple[str, str]:
+    """Split the text after the candidate line's opening words into (the candidate list, what follows). The list is
+    the rest of that line, or the next non-blank line; an introduction ending in ':' is followed by its list; list
+    items ("1.", "-", nested "  - ") continue it, across blank lines only while a numbered list goes on (3. after
+    2.). The layouts of the paper's released samples: "1. A" lines right below, an intro then "1." lines, "- A"
+    lines, or "A, B, C" on the next line."""
+    lines = body.split("\n")
+    i, block = 0, []
+    if lines[0].strip():  # the list on the marker's own line ("...: A, B, C")
+        block, i = [lines[0]], 1
+    else:
+        i = 1
+        while i < len(lines) and not lines[i].strip():
+            i += 1
+        if i < len(lines):
+            block, i = [lines[i]], i + 1
+            if not LIST_ITEM.match(block[0]) and block[0].rstrip().endswith(":"):  # an intro: its list follows
+                while i < len(lines) and not lines[i].strip():
+                    i += 1
+                if i < len(lines):
+                    block, i = block + [lines[i]], i + 1
+    number = None
+    for line in block:
+        m = LIST_ITEM.match(line)
+        number = int(m.group(1)) if m and m.group(1) else number
+    while i < len(lines):
+        m = LIST_ITEM.match(lines[i])
+        if m:
+            block.append(lines[i])
+            number = int(m.group(1)) if m.group(1) else number
+            i += 1
+            continue
+        if lines[i].strip() or number is None:
+            break
+        j = i  # blank lines: go on only if the numbered list continues after them
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        m = LIST_ITEM.match(lines[j]) if j < len(lines) else None
+        if not (m and m.group(1) and int(m.group(1)) == number + 1):
+            break
+        i = j
+    return "\n".join(block), "\n".join(lines[i:])
+
+
+def names_truth(text: str, truth: str) -> bool:
+    """The truth's name (normalised) inside `text`; a car's model year may be left out ("the car is a Cadillac CTS-V
+    Sedan" names "Cadillac CTS-V Sedan 2012"), as the paper's teacher often does."""
+    name = common.normalize(truth)
+    short = re.sub(r"^(19|20)\d\d |( (19|20)\d\d)$", "", name)
+    return any(f" {n} " in f" {common.normalize(text)} " for n in {name, short} if n)
+
+
 def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> dict[str, bool]:
     """The four parts the filter asks for, each True when present in the <think> text (marks = the candidate line's
-    and the prediction's opening words):
-      analysis    a numbered feature ("1." or "1)") before the candidate line
-      candidates  the line "The analysis of candidate subcategories: ..." naming at least one category
-      comparison  some text (3 words or more) between the candidate line and the prediction
-      prediction  "The prediction is: ..." naming the truth (normalised, as a substring)"""
-    cand_mark, pred_mark = marks
-    c, p = think.find(cand_mark), think.rfind(pred_mark)
-    predicted = p >= 0 and common.normalize(truth) in common.normalize(think[p + len(pred_mark):])
-    if c < 0 or p < c:
-        return {"analysis": bool(re.search(r"(^|\s)1[.)]\s", think)), "candidates": c >= 0, "comparison": False,
-                "prediction": predicted}
-    line_end = think.find("\n", c)
-    line_end = p if line_end < 0 or line_end > p else line_end
-    return {"analysis": bool(re.search(r"(^|\s)1[.)]\s", think[:c])),
-            "candidates": len(think[c + len(cand_mark):line_end].strip()) > 0,
-            "comparison": len(think[line_end:p].split()) >= 3, "prediction": predicted}
+    and the prediction's opening words, found in any case, with or without markdown bold or a heading mark):
+      analysis    a list of features ("1." / "1)" / "- " items) before the candidate line
+      candidates  "The analysis of candidate subcategories:" followed by a list, on that line or the next ones
+      comparison  some text (3 words or more) after the candidate list and before the prediction
+      prediction  the last "The prediction is: ..." naming the truth (names_truth), on its line or the lines
+                  after, with or without a period
+    A rationale that lacks a part, or whose prediction names another class, fails."""
+    text = re.sub(r"\*\*|__", "", think)  # markdown bold
+    text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
+    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
+    c_start, c_end = cands[0] if cands else (-1, -1)
+    p_start, p_end = preds[-1] if preds else (-1, -1)
+    predicted = p_start >= 0 and names_truth(text[p_end:], truth)
+    features = text[:c_start] if c_start >= 0 else text
+    analysis = any(LIST_ITEM.match(line) for line in features.split("\n")) or \
+        re.search(r"(^|\s)1[.)]\s", features) is not None
+    if c_start < 0 or p_start < c_end:
+        return {"analysis": analysis, "candidates": c_start >= 0, "comparison": False, "prediction": predicted}
+    block, rest = candidate_block(text[c_end:p_start])
+    return {"analysis": analysis, "candidates": len(block.split()) > 0, "comparison": len(rest.split()) >= 3,
+            "prediction": predicted}
 
 
 def check_rationale(completion: str, truth: str,
@@ -624,7 +691,7 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
     """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
     the labels are the assistant's tokens: the response and the closing <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"])
+    prompt = common.encode_prompt(processor, record["image"], record["question"], system=common.FINE_R1_SFT_SYSTEM)
     target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
     return prompt, target
 
@@ -779,7 +846,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
     G = args.group_size
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
-                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
+                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac, "rl")[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = []
     for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
@@ -876,16 +943,21 @@ def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0
 
 def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
     """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
-    first `quota` are used, extras are dropped like verl's truncation). Every rank runs the same number of rounds (a
-    rank already full keeps sampling while another is short: collectives inside sampling need all ranks). After
-    `max_rounds` the batch is filled with the last rejected groups instead of failing. Returns (groups, stats)."""
-    kept, rejected, rounds, sampled = [], [], 0, 0
+    first `quota` are used, extras are dropped like verl's truncation). A round in which no group on any rank passes
+    the filter is kept whole, as the released trainer does (its groups have zero advantage; TAPO's KL and entropy
+    terms still act on them). Every rank runs the same number of rounds (a rank already full keeps sampling while
+    another is short: collectives inside sampling need all ranks). After `max_rounds` the batch is filled with the
+    last rejected groups instead of failing. Returns (groups, stats)."""
+    kept, rejected, rounds, sampled, whole_rounds = [], [], 0, 0, 0
     while True:
         short = common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))  # ranks still short
         if float(short[0]) == 0 or rounds >= max_rounds:
             break
         groups = sample_round(rounds)
         keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
+        if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
+            keep = torch.ones_like(keep)
+            whole_rounds += 1
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
@@ -896,6 +968,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
     batch = kept[:quota] + (rejected[-filled:] if filled else [])
     stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
              "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
+             "dynamic/whole_rounds": whole_rounds,
              "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
     return batch, stats
 
@@ -1002,7 +1075,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
         model, d, parallel=args.parallel, reference=False,
         rollout_rows=(args.rollout_prompt_batch or 2 * sample_per_rank) * args.group_size,
-        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
+        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0, stage="rl")[0]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage tapo)",
@@ -1039,7 +1112,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         # ----- 7. rollout with dynamic sampling: rounds of sampling until every rank has its groups -----
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         with timer("sampling"):
-            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
+            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0, stage="rl")[0])
             with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
 
                 def sample_round(round_index: int) -> list[Group]:

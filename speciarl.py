@@ -35,11 +35,17 @@ Deviations from the paper and GRPO simplifications (all deliberate, each visible
     `--judge hf:... --eval-judge hf:...` for that setup. Judgements are cached per (ground truth, answer) pair on disk
     in <out>/judge_cache.jsonl (the paper caches in Redis).
   * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
-  * The answer is the text of the LAST <answer>...</answer> (common.parse_answer, shared with eval.py); the paper
-    takes the first. They differ only for completions with two answer tags.
-  * The "be specific" prompt variant keeps the wording the tiny stand-in was pretrained on
-    (common.TINY_OPEN_PROMPTS[1]), which drops the paper's 'None' sentence; the general prompt is
-    common.TINY_OPEN_PROMPTS[0]. Both ask for <think>/<answer> tags; there is no system prompt beyond the template's.
+  * The answer is the text of the first <answer>...</answer> (common.parse_answer, shared with eval.py), as in the
+    paper's code; a blank answer is a missing one (-1), and an answer of punctuation only ("???") is judged.
+    Answer and ground truth reach the verifier as the paper's code prepares them (common.verifier_text:
+    lowercase, letters of any script, digits and dashes kept, other characters -> space).
+  * Both prompts carry every instruction of the paper's (common.SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT) in this
+    project's words; no system prompt is added to the chat template's (the paper's prompt configs set an empty
+    one).
+  * The k3 KL is clamped per token to [-10, 10] (and its log-ratio to [-20, 20]), as verl's low_var_kl is.
+  * The loss is a token mean over ALL completion tokens of an optimizer step on all ranks (it does not change with
+    --micro-batch or the number of ranks). verl takes the token mean of each micro-batch and divides by the number
+    of accumulation steps, which weighs micro-batches with few tokens more.
   * `--adv-norm none` (Dr.GRPO) only drops the std from the advantage; the loss stays token-mean with the KL
     (the paper's Dr.GRPO runs also change the aggregation and drop the KL).
   * Judge failures get reward 0 and are left out of the group's best, as in the paper's code; a judge that raises
@@ -220,11 +226,10 @@ def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
 # =====================================================================================================================
 # ----- 4. prompt -----
 # =====================================================================================================================
-# The tiny stand-in was pretrained on exactly these two phrasings, which are the paper's prompt with our tag wording:
-#   general:  "Classify the image. Output the thinking process in <think> </think> and the final answer in <answer>
-#              </answer> tags, e.g. <answer> label </answer>. If you cannot name it, answer <answer> None </answer>."
-#   specific: "Classify the image, be specific. Output the thinking process in ... <answer> </answer> tags."
-PROMPTS = {"general": common.TINY_OPEN_PROMPTS[0], "specific": common.TINY_OPEN_PROMPTS[1]}
+# The paper's two prompts (common section 4a): "Classify the image." with reasoning in <think> and a single label or
+# 'None' (to abstain) in <answer>, the format strictly; the "be specific" baseline adds ", be specific". Training
+# uses the general one, as the paper does.
+PROMPTS = {"general": common.SPECIARL_PROMPT, "specific": common.SPECIARL_SPECIFIC_PROMPT}
 
 
 # =====================================================================================================================
@@ -235,12 +240,9 @@ JUDGE_ERROR = "judge_error"  # the verifier gave no valid label: reward 0, left 
 
 
 def answers_of(texts: list[str]) -> list[str | None]:
-    """The <answer> text of each completion; None when missing or empty after normalisation."""
-    out = []
-    for text in texts:
-        answer = common.parse_answer(text)
-        out.append(answer if answer is not None and common.normalize(answer) else None)
-    return out
+    """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
+    punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
+    return [common.parse_answer(text) for text in texts]
 
 
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
@@ -343,7 +345,9 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
         pg   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))          # PPO: the pessimistic of the two
         pg   = min(pg, -A * c)   if A < 0                                 # dual clip: a bad action with a huge
                                                                           # ratio costs at most c * |A|
-        kl   = exp(ref - logp) - (ref - logp) - 1                         # k3, >= 0, unbiased for KL(pi || ref)
+        kl   = min(exp(ref - logp) - (ref - logp) - 1, 10)                # k3, >= 0, unbiased for KL(pi || ref);
+                                                                          # capped at 10 as verl's low_var_kl is,
+                                                                          # so a drifted token pulls back no harder
         loss = pg + beta * kl
     Worked example (eps 0.2, c 3, beta 0): A = +1, rho = 1.5 -> max(-1.5, -1.2) = -1.2 (clipped, no gradient);
     A = -1, rho = 0.5 -> max(0.5, 0.8) = 0.8 (clipped); A = -1, rho = 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3 (dual
@@ -365,7 +369,7 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     kl = torch.zeros_like(pg)  # [B, T]
     if beta > 0:
         log_ref_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # [B, T]
+        kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1.0).clamp(-10.0, 10.0)  # [B, T] verl's low_var_kl bound
         per_token = per_token + beta * kl  # [B, T]
     loss_sum = (per_token * mask).sum()  # []
     stats = {"pg_loss": (pg * mask).sum().detach(), "kl": (kl * mask).sum().detach(),

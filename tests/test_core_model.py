@@ -46,7 +46,7 @@ def test_tiny_starts_in_format(tiny, toy_test):
     """The stand-in speaks the answer format greedily but is far from perfect: room for RL."""
     model, proc = tiny
     exs = toy_test.examples[::6]
-    prompts = [common.encode_prompt(proc, e.image, common.TINY_OPEN_PROMPTS[0]) for e in exs]
+    prompts = [common.encode_prompt(proc, e.image, common.SPECIARL_PROMPT) for e in exs]
     ro = common.sample(model, proc, prompts, group_size=1, max_new_tokens=40, temperature=0)
     fmt = sum(common.format_ok(t) for t in ro.texts) / len(exs)
     acc = sum(common.normalize(common.parse_answer(t) or "") == common.normalize(e.class_name)

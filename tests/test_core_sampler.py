@@ -6,7 +6,7 @@ from PIL import Image
 import common
 
 
-def _prompts(proc, exs, text=common.TINY_OPEN_PROMPTS[0]):
+def _prompts(proc, exs, text=common.SPECIARL_PROMPT):
     return [common.encode_prompt(proc, e.image, text) for e in exs]
 
 

@@ -51,24 +51,45 @@ def test_missing_truth_replaces_the_least_frequent_option():
 def test_easy_image_is_dropped():
     q = question(["Bobolink"] * 7 + ["a bobolink?", None, "Gull"], "Bobolink")  # invalid answers do not count
     assert q["status"] == "easy" and q["options"] is None
-    # online mining keeps it, padded with random base classes
+    # online mining keeps it, with 2 random base classes
     q = question(["Bobolink"] * 7, "Bobolink", drop_easy=False)
     assert q["status"] == "easy" and len(q["options"]) == 3 and "Bobolink" in q["options"] and q["padded"]
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_padding_to_three_with_random_base_classes(seed):
+def test_one_distinct_answer_gets_the_truth_and_two_random_base_classes(seed):
+    """The released code's rule where the paper is silent: with at most one distinct valid answer, the truth and 2
+    random classes join it (4 options after one wrong answer, 3 after none)."""
     # no valid answer at all: truth + 2 random base classes
     q = question([None, "Gull", "Western Gull"], "Bobolink", seed=seed)
     assert len(q["options"]) == 3 and len(set(q["options"])) == 3 and set(q["options"]) <= set(BASE)
     assert "Bobolink" in q["options"] and q["padded"] and q["truth_inserted"]
-    # one distinct wrong answer: it stays, the truth joins, one random base class pads
+    # one distinct wrong answer: it stays, the truth joins, two random base classes
     q = question(["Rusty Blackbird"] * 9, "Bobolink", seed=seed)
-    assert len(q["options"]) == 3 and {"Rusty Blackbird", "Bobolink"} <= set(q["options"])
+    assert len(q["options"]) == 4 and len(set(q["options"])) == 4 and {"Rusty Blackbird", "Bobolink"} <= set(q["options"])
     assert set(q["options"]) <= set(BASE) and q["padded"]
-    # two distinct answers: no padding
+    # two distinct answers: no random classes
     q = question(["Rusty Blackbird"] * 3 + ["Bobolink"], "Bobolink", seed=seed)
     assert sorted(q["options"]) == ["Bobolink", "Rusty Blackbird"] and not q["padded"]
+
+
+def test_answer_format_prefix_is_stripped_and_long_answers_are_ignored():
+    """'species name: Laysan Albatross' is Laysan Albatross (the released mining strips its format's prefix); an
+    answer over 120 characters is not counted."""
+    prefixed = ["species name: Laysan Albatross"] * 4 + ["Species Name: Sooty Albatross"] * 2
+    q = question(prefixed, "Laysan Albatross")
+    assert q["counts"] == {"Laysan Albatross": 4, "Sooty Albatross": 2} and q["status"] == "kept"
+    assert question(["species name: Laysan Albatross"] * 5, "Laysan Albatross")["status"] == "easy"
+    cars = dive_k.build_question(["make model: 2012 Audi TTS Coupe"] * 3, "2012 Audi TTS Coupe",
+                                 ["2012 Audi TTS Coupe", "2012 Audi R8 Coupe"], random.Random(0),
+                                 prefixes=("make model: ",))
+    assert cars["status"] == "easy"
+    name = "Laysan Albatross of the " + "far northern Pacific islands " * 4  # a class name of 135 characters
+    q = dive_k.build_question([name] * 3 + ["Sooty Albatross"] * 2, "Sooty Albatross", [name, "Sooty Albatross"],
+                              random.Random(0))
+    assert len(common.normalize(name)) > 120 and q["counts"] == {"Sooty Albatross": 2} and q["status"] == "easy"
+    assert dive_k.build_question([name] * 3, "Sooty Albatross", [name, "Sooty Albatross"], random.Random(0),
+                                 max_chars=200)["counts"] == {name: 3}
 
 
 def test_hyphens_case_and_possessives_normalise_to_the_class_name():
@@ -94,12 +115,6 @@ def test_options_are_shuffled_and_lettered_deterministically():
     assert "\nA. Laysan Albatross\nB. Bobolink\n" in text
 
 
-def test_prompts_keep_the_wording_the_tiny_stand_in_was_pretrained_on():
-    assert dive_k.MINE_PROMPT == common.TINY_OPEN_PROMPTS[3]
-    assert dive_k.MCQ_PROMPT == common.TINY_MCQ_PROMPT
-    assert "Bobolink, Gull" in dive_k.mine_prompt("bird", ["Bobolink", "Gull"])
-
-
 def test_read_jsonl_skips_a_cut_last_line_and_rejects_garbage(tmp_path):
     path = tmp_path / "mcq.part0.jsonl"
     path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "opt')
@@ -120,6 +135,12 @@ TRUTH_TABLE = [  # completion, format, mcq
     ("<think>x</think><answer>A</answer>", 1, 0),
     ("<think>x</think><answer>D</answer>", 1, 0),  # no option D
     ("<think>x</think><answer>A, B</answer>", 1, 0),  # hedged
+    ("<think>x</think><answer>A or B.</answer>", 1, 0),  # hedged with 'or' (only B is followed by punctuation)
+    ("<think>x</think><answer>Either A or B</answer>", 1, 0),
+    ("<think>x</think><answer>The answer is B.</answer>", 1, 1),
+    ("<think>x</think><answer>Option B</answer>", 1, 1),
+    ("<think>x</think><answer>B. a bobolink</answer>", 1, 1),  # an article after the letter is no hedge
+    ("<think>x</think><answer>B</answer><answer>A</answer>", 1, 1),  # the first answer counts
     ("<think>x</think><answer>bobolink</answer>", 1, 1),  # exactly one option's text chooses it (the stand-in)
     ("<think>x</think><answer>Laysan</answer>", 1, 0),  # part of an option's text is no choice
     ("<think>x</think><answer>Western Gull</answer>", 1, 0),  # a name outside the options

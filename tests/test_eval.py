@@ -55,12 +55,41 @@ def toy24():
 
 # ----- helpers -----
 
-def test_prompts_keep_the_stand_in_phrasing():
-    # the tiny stand-in was pretrained on these phrasings; eval.py's wording must not drift from them
-    assert ev.OPEN_PROMPT == common.TINY_OPEN_PROMPTS[0]
-    assert ev.SPECIFIC_PROMPT == common.TINY_OPEN_PROMPTS[1]
-    assert ev.TWO_STEP_PROMPT == common.TINY_OPEN_PROMPTS[3]
-    assert ev.MCQ_PROMPT == common.TINY_MCQ_PROMPT
+def test_prompts_carry_every_instruction_of_the_papers():
+    """Each prompt asks for what the released prompt asks for, item by item (our words), and the tiny stand-in is
+    pretrained on exactly these texts (common.TINY_PROMPTS keys its cache)."""
+    import dive_k
+    import fine_r1
+    import speciarl
+    general = common.SPECIARL_PROMPT
+    for phrase in ["Classify the image.\n", "<think> </think>", "<answer> </answer>",
+                   "a single label, or None to abstain", "Follow this format exactly"]:
+        assert phrase in general, phrase
+    assert common.SPECIARL_SPECIFIC_PROMPT == general.replace("Classify the image.", "Classify the image, be specific.")
+    mine = dive_k.mine_prompt("bird", "cub", ["Bobolink", "Gull"])
+    for phrase in ["This is an image containing a bird.", "most likely species name of the bird",
+                   "must be one of these categories: ['Bobolink', 'Gull']", "<think> ... </think> <answer> species "
+                   "name </answer>", "Follow this format exactly"]:
+        assert phrase in mine, phrase
+    assert "most likely make model" in dive_k.mine_prompt("aircraft", "aircraft", ["707-320"])
+    mcq = dive_k.mcq_prompt("bird", ["Laysan Albatross", "Bobolink"])
+    for phrase in ["This is an image containing a bird.", "options below", "\nA. Laysan Albatross\nB. Bobolink\n",
+                   "letter of the correct bird name", "<answer> option letter </answer>", "Follow this format exactly"]:
+        assert phrase in mcq, phrase
+    closed = common.fine_r1_closed_prompt("bird", ["Laysan Albatross", "Bobolink"])
+    for phrase in ["Which bird is shown", "['Laysan Albatross', 'Bobolink']", "<think> </think>",
+                   "final choice inside <answer> </answer>", "<think>...</think> <answer>choice</answer>"]:
+        assert phrase in closed, phrase
+    assert "inner monologue inside <think> </think>" in common.FINE_R1_RL_SUFFIX
+    assert "<think> reasoning here </think><answer> answer here </answer>" in common.FINE_R1_SFT_SYSTEM
+    # one wording everywhere: eval.py, the methods and the stand-in's pretraining
+    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == common.SPECIARL_PROMPT
+    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == common.SPECIARL_SPECIFIC_PROMPT
+    assert fine_r1.pose_question("bird", 1, stage="rl")[0].endswith(common.FINE_R1_RL_SUFFIX)
+    for text in [common.SPECIARL_PROMPT, common.SPECIARL_SPECIFIC_PROMPT, common.DIVEK_MINE_PROMPT,
+                 common.DIVEK_MCQ_PROMPT, common.FINE_R1_CLOSED_PROMPT, *common.FINE_R1_QUESTIONS,
+                 common.FINE_R1_SFT_SYSTEM, common.FINE_R1_RL_SUFFIX]:
+        assert text in common.TINY_PROMPTS
 
 
 def test_parse_choice_table():
@@ -77,8 +106,14 @@ def test_top_answers_and_options(toy24):
              ["Red circle", "blue", "red circle", "green", "blue", "Red-Circle", "pink", "grey", "green"]]
     texts += ["no answer", "<think>x</think><answer> </answer>"]
     options, counts, failures = ev.top_answers(texts)
-    assert options == ["Red circle", "blue", "green", "pink", "grey"] and counts == [3, 2, 2, 1, 1]
-    assert failures == 1  # the empty answer is not an option but did parse
+    assert options == ["red circle", "blue", "green", "pink", "grey"] and counts == [3, 2, 2, 1, 1]
+    assert failures == 2  # no tag, and a blank answer
+    # as DiVE-k's evaluation reads step 1: the first answer, format prefixes removed, 100+ characters skipped
+    texts = [f"<answer>{a}</answer><answer>x</answer>" for a in
+             ["Species name: Laysan Albatross", "species: laysan albatross", "Make and model: Sooty Albatross",
+              "shape name: red circle", "Laysan " * 15]]
+    options, counts, _ = ev.top_answers(texts, answer_fmt="shape name")
+    assert options == ["laysan albatross", "sooty albatross", "red circle"] and counts == [2, 1, 1]
     ds = common.load_dataset("toy", "test", classes="novel")
     ex = ds.examples[0]
     opts = ev.mcq_options(ex, ds, seed=3)
@@ -104,7 +139,7 @@ def test_open(tiny, toy24, tmp_path):
     out = str(tmp_path / "open")
     metrics = ev.evaluate(model, proc, toy24, "open", seed=0, max_new_tokens=TOKENS, out_dir=out, progress=False)
     doc, preds = read_out(out)
-    assert doc["metrics"] == metrics and doc["protocol"] == "open" and doc["settings"]["judge"] == "rules-v1:toy"
+    assert doc["metrics"] == metrics and doc["protocol"] == "open" and doc["settings"]["judge"] == "rules-v2:toy"
     assert [p["truth"] for p in preds] == [e.class_name for e in toy24.examples]
     assert_parsed(preds)
     judge = common.get_judge("rules", toy24)  # a fresh judge, no shared cache
@@ -150,6 +185,7 @@ def test_speciarl_best_of(tiny, toy24, tmp_path):
 
 
 def test_mcq_cli_base_novel(tmp_path, capsys):
+    """Default (paper) scoring: Fine-R1's option list, right when the truth's name is in the answer."""
     out = str(tmp_path / "mcq")
     res = ev.main(["--model", "tiny", "--data", "toy", "--protocol", "mcq", "--classes", "base+novel", "--limit", "8",
                    "--max-new-tokens", str(TOKENS), "--out", out, "--no-progress", "--seed", "5"])
@@ -158,17 +194,14 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
         doc, preds = read_out(os.path.join(out, half))
         ds = common.load_dataset("toy", "test", classes=half)
         assert len(preds) == 8 and doc["settings"]["model"] == "tiny" and doc["settings"]["seed"] == 5
+        assert doc["settings"]["scoring"] == "paper" and doc["settings"]["prompt"] == common.FINE_R1_CLOSED_PROMPT
         assert_parsed(preds)
         for p in preds:
             opts = p["options"]
             assert len(set(opts)) == 4 and p["truth"] in opts and set(opts) <= set(ds.split_class_names)
-            assert p["truth_letter"] == common.LETTERS[opts.index(p["truth"])]
-            choice = ev.parse_choice(p["answer"], opts)
-            assert p["letter"] == (None if choice is None else common.LETTERS[choice])
-            assert p["label"] == ("specific" if p["letter"] == p["truth_letter"] else "wrong")
-        correct = sum(p["letter"] == p["truth_letter"] for p in preds)
+            assert p["label"] == ("specific" if ev.closed_world_correct(p["raw"], p["truth"]) else "wrong")
+        correct = sum(p["label"] == "specific" for p in preds)
         assert doc["metrics"]["accuracy"] == pytest.approx(correct / 8) and doc["metrics"]["correct"] == correct
-        assert doc["metrics"]["invalid_choices"] == sum(p["invalid_choice"] for p in preds)
         accs[half] = correct / 8
         assert res["results"][half] == doc["metrics"]
     with open(os.path.join(out, "metrics.json")) as f:
@@ -178,6 +211,36 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
     assert top["base"]["accuracy"] == pytest.approx(b) and top["settings"]["classes"] == "base+novel"
     printed = capsys.readouterr().out
     assert "| metric | base | novel | HM |" in printed and f"| accuracy | {b:.4f} | {n:.4f} |" in printed
+    # strict scoring: lettered options, the letter (or the option's exact text) in <answer>
+    ev.main(["--model", "tiny", "--data", "toy", "--protocol", "mcq", "--classes", "base", "--limit", "8",
+             "--max-new-tokens", str(TOKENS), "--out", out + "_strict", "--no-progress", "--scoring", "strict"])
+    doc, preds = read_out(out + "_strict")
+    assert doc["settings"]["prompt"] == common.DIVEK_MCQ_PROMPT
+    for p in preds:
+        choice = ev.parse_choice(p["answer"], p["options"])
+        assert p["letter"] == (None if choice is None else common.LETTERS[choice])
+        assert p["label"] == ("specific" if p["letter"] == p["truth_letter"] else "wrong")
+    assert doc["metrics"]["invalid_choices"] == sum(p["invalid_choice"] for p in preds)
+
+
+def test_paper_scoring_truth_tables():
+    """Step 2 of two-step as DiVE-k's released evaluation reads it, and Fine-R1's closed-world substring rule."""
+    opts = ["laysan albatross", "sooty albatross", "bobolink"]
+    table = [("<answer>B</answer>", 1), ("<answer>b</answer>", 1), ("<answer>The answer is B.</answer>", 1),
+             ("<answer>Option B</answer>", 1), ("I pick C.", 2),  # no tag: the whole response
+             ("<answer>D</answer>", None), ("<answer>(B)</answer>", None), ("<answer>bobolink</answer>", None),
+             ("<answer>C</answer><answer>A</answer>", 2),  # the first tag
+             ("<answer>A or B.</answer>", 1),  # one candidate: only B is followed by punctuation
+             ("<answer>A, I think the answer is B.</answer>", 1)]  # keywords and the end favour B
+    for raw, want in table:
+        assert ev.step2_choice(raw, opts, "paper") == want, raw
+    assert ev.step2_choice("<answer>bobolink</answer>", opts, "strict") == 2  # strict reads the option's text
+    assert ev.step2_choice("I pick C.", opts, "strict") is None  # and only the tag
+    assert ev.closed_world_correct("<think>x</think><answer>Black_footed albatross</answer>", "Black footed Albatross")
+    assert ev.closed_world_correct("<answer>it is a Laysan Albatross, not a sooty</answer>", "laysan albatross")
+    assert ev.closed_world_correct("<answer>A</answer> <answer>Bobolink</answer>", "Bobolink")  # first to last tag
+    assert not ev.closed_world_correct("Bobolink", "Bobolink")  # no tag: wrong
+    assert not ev.closed_world_correct("<answer>B</answer>", "Bobolink")
 
 
 def test_two_step(tiny, toy24, tmp_path):
@@ -199,13 +262,24 @@ def test_two_step(tiny, toy24, tmp_path):
             assert p["no_candidates"] and p["label"] == "wrong"
             continue
         assert_parsed([p])
-        choice = ev.parse_choice(p["answer"], p["options"])
+        choice = ev.step2_choice(p["raw"], p["options"], "paper")  # DiVE-k's released letter reader
         assert p["prediction"] == (None if choice is None else p["options"][choice])
         want = "wrong" if p["prediction"] is None else judge.judge([(p["truth"], p["prediction"])])[0]
         assert p["label"] == want
         assert p["truth_in_options"] == any(common.normalize(o) == common.normalize(p["truth"]) for o in options)
-    assert_label_metrics(metrics, [p["label"] for p in preds])
-    assert metrics["truth_in_options"] == pytest.approx(sum(p["truth_in_options"] for p in preds) / 8)
+    counted = [p for p in preds if not p["no_candidates"]]  # the released script drops images without candidates
+    assert metrics["n"] == len(counted) and metrics["no_candidates"] == 8 - len(counted)
+    assert_label_metrics(metrics, [p["label"] for p in counted])
+    assert metrics["truth_in_options"] == pytest.approx(sum(p["truth_in_options"] for p in counted) / len(counted))
+    strict = ev.evaluate(model, proc, ds, "two_step", seed=0, max_new_tokens=TOKENS, samples=6, progress=False,
+                         scoring="strict", out_dir=str(tmp_path / "strict"))
+    _, preds_strict = read_out(str(tmp_path / "strict"))
+    for p, q in zip(preds, preds_strict):  # the same samples, read by the tag-only parser
+        assert q["options"] == p["options"]
+        if q["options"]:
+            choice = ev.parse_choice(q["answer"], q["options"])
+            assert q["prediction"] == (None if choice is None else q["options"][choice])
+    assert strict["n"] == 8
     assert any(len(p["options"]) > 1 for p in preds)  # step 1 really sampled several answers
     # each image's samples come from its own random streams: another micro-batch (as another rank count would give)
     # draws the same answers
@@ -257,7 +331,7 @@ def test_two_ranks_equal_one_process(tiny, tmp_path):
         assert [[q.get(k) for k in fields] for q in preds] == [[q.get(k) for k in fields] for q in ref_preds]
     with open(os.path.join(out, "cache.jsonl")) as f:  # both ranks appended to one judge cache: every line whole
         lines = [json.loads(line) for line in f]
-    assert len(lines) >= 1 and all(rec["judge"] == "rules-v1:toy" for rec in lines)
+    assert len(lines) >= 1 and all(rec["judge"] == "rules-v2:toy" for rec in lines)
 
 
 WORKER_RUNS = (("open", "ddp"), ("mcq", "fsdp"), ("two_step", "ddp"))

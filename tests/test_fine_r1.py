@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -253,6 +254,27 @@ def test_dynamic_sampling_keeps_exactly_the_groups_inside_and_samples_until_full
     assert stats["dynamic/filled"] == 2 and stats["dynamic/rounds"] == 1
 
 
+def test_dynamic_sampling_keeps_a_round_in_which_no_group_passes_whole():
+    """The released trainer keeps every group of a sampling round whose groups all fail the filter (all right or all
+    wrong): they count toward the batch with zero advantage."""
+    rounds = [[0.0, 1.0, 1.0], [0.5, 0.0, 0.2]]
+
+    def sample_round(i):
+        return [SimpleNamespace(accuracy=a, tag=(i, j)) for j, a in enumerate(rounds[i])]
+    groups, stats = fine_r1.dynamic_sampling(sample_round, quota=4, max_rounds=8)
+    assert [g.tag for g in groups] == [(0, 0), (0, 1), (0, 2), (1, 0)]  # round 0 whole, then the filter again
+    assert stats["dynamic/whole_rounds"] == 1 and stats["dynamic/rounds"] == 2 and stats["dynamic/filled"] == 0
+    adv = fine_r1.group_advantages(torch.tensor([1.0] * 10), 10)  # an all-right group of the kept round
+    assert torch.equal(adv, torch.zeros(10))
+
+
+def test_sft_warm_up_starts_at_zero_like_the_hf_schedule():
+    """Fine-R1's SFT (LLaMA-Factory / HF Trainer): cosine with 6 warm-up steps; the first step's rate is 0."""
+    lrs = [common.lr_at(s, base_lr=5e-6, total_steps=70, schedule="cosine", warmup_steps=6) for s in range(8)]
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(2.5e-6) and lrs[6] == pytest.approx(5e-6)
+    assert lrs[7] == pytest.approx(5e-6 * 0.5 * (1 + math.cos(math.pi / 64)))
+
+
 # ----- rationales -----
 
 def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
@@ -280,6 +302,68 @@ def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
     for part, text in broken.items():
         kept, checks = fine_r1.check_rationale(text, "red striped circle")
         assert kept is None and not checks[part], (part, checks)
+
+
+FEATURES = "Visual features:\n1. Plumage: dark brown back, pale rump.\n2. Bill: long, hooked, grey.\n\n"
+COMPARE = ("\n\nComparison: the Laysan Albatross has a white head, the Sooty Albatross a uniformly dark body; "
+           "the brown back and pale rump point to the Black footed Albatross.\n")
+LAYOUTS = {  # rationales in the layouts a teacher writes (the paper's released samples use 2, 3, 4 and 6)
+    "same line, commas": FEATURES + "The analysis of candidate subcategories: Black footed Albatross, Laysan "
+                         "Albatross, Sooty Albatross" + COMPARE + "The prediction is: Black footed Albatross.",
+    "next line, numbered": FEATURES + "The analysis of candidate subcategories: \n1. Black footed Albatross\n2. "
+                           "Laysan Albatross\n3. Sooty Albatross" + COMPARE + "The prediction is: Black footed "
+                                                                             "Albatross",
+    "intro, blank, numbered": FEATURES + "The analysis of candidate subcategories:\nThe bird could be one of:\n\n1. "
+                              "Black footed Albatross: dark.\n   - nests on islands\n2. Laysan Albatross: white "
+                              "head.\n\n3. Sooty Albatross: all dark." + COMPARE + "The prediction is: Black "
+                                                                                  "footed Albatross",
+    "bullets": FEATURES.replace("1. ", "- ").replace("2. ", "- ") + "The analysis of candidate subcategories:\n- "
+               "Black footed Albatross\n- Laysan Albatross" + COMPARE + "The prediction is: Black-footed albatross.",
+    "markdown bold": "### Features\n" + FEATURES + "**The analysis of candidate subcategories:**\n1. **Black footed "
+                     "Albatross**\n2. **Laysan Albatross**" + COMPARE + "**The prediction is:** Black footed "
+                                                                        "Albatross.",
+    "next line, comma list, prediction below": FEATURES + "THE ANALYSIS OF CANDIDATE SUBCATEGORIES : \nBlack "
+                                               "footed Albatross, Laysan Albatross" + COMPARE + "The prediction is: "
+                                               "taking all of this together, the species is\n\nBlack footed Albatross",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_rationale_filter_accepts_a_teachers_layouts(layout):
+    truth = "Black footed Albatross"
+    think = LAYOUTS[layout]
+    kept, checks = fine_r1.check_rationale(fine_r1.response_text(think, truth), truth)
+    assert kept == think.strip() and all(checks.values()), checks
+    # and still rejects the same rationale without a part, or predicting another class
+    unlisted = think
+    for item in ("1. ", "2. ", "- "):
+        unlisted = unlisted.replace(item + "Plumage", "Plumage").replace(item + "Bill", "Bill")
+    cut = think.rfind("The prediction is:") + len("The prediction is:")
+    broken = {
+        "analysis": unlisted,  # the features as prose, not a list
+        "candidates": re.sub(r"(?i)(\*\*)?the analysis of candidate subcategories\s*:(\*\*)?", "Options:", think),
+        "comparison": think.replace(COMPARE, "\n\n"),
+        "prediction": think[:cut] + " Laysan Albatross.",
+    }
+    for part, text in broken.items():
+        kept, checks = fine_r1.check_rationale(fine_r1.response_text(text, truth), truth)
+        assert kept is None and not checks[part], (layout, part, checks)
+
+
+def test_rationale_parts_find_the_candidate_list_and_what_follows():
+    block, rest = fine_r1.candidate_block(" \n1. A\n2. B\n\n\n- A vs B: A is larger.\n")
+    assert block.split("\n") == ["1. A", "2. B"] and rest.split() == ["-", "A", "vs", "B:", "A", "is", "larger."]
+    block, rest = fine_r1.candidate_block("\nIt could be:\n1. A\n\n2. B\nA is larger than B.")
+    assert block.split("\n") == ["It could be:", "1. A", "2. B"] and rest == "A is larger than B."
+    # a candidate line straight into the prediction has no comparison; no list at all has no candidates
+    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories: A, B\nThe prediction is: A",
+                                       "A")["comparison"]
+    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A",
+                                       "A")["candidates"]
+    # a car's model year may be left out of the prediction; its make and model may not
+    assert fine_r1.names_truth("The car is a Cadillac CTS-V Sedan.", "Cadillac CTS-V Sedan 2012")
+    assert fine_r1.names_truth("a 2012 Audi TTS Coupe", "2012 Audi TTS Coupe")
+    assert not fine_r1.names_truth("The car is a Cadillac CTS Sedan.", "Cadillac CTS-V Sedan 2012")
 
 
 # ----- flags -----

@@ -15,14 +15,14 @@ PARSE_TABLE = [  # completion, parse_answer, format_ok
     ("<think>round, red</think><answer>red circle</answer>", "red circle", True),
     ("<think>a</think>\n\n<answer> Yellow Warbler </answer>\n", "Yellow Warbler", True),
     ("  <think>\nmulti\nline\n</think> <answer>B</answer>  ", "B", True),
-    ("<think></think><answer></answer>", "", True),
+    ("<think></think><answer></answer>", None, True),  # blank: no answer (SpeciaRL's code: a parse failure)
     ("<answer>B</answer>", "B", False),  # no reasoning block
     ("<think>a</think><answer>B</answer> and more", "B", False),  # text after the answer
     ("preamble <think>a</think><answer>B</answer>", "B", False),  # text before the reasoning
     ("<think>a<answer>B</answer>", "B", False),  # reasoning never closed
-    ("<think>a</think><answer>x</answer><answer>y</answer>", "y", True),  # the last answer; the paper's regex matches
-    ("<answer>x</think><answer>y</answer>", "y", False),  # a stray opening tag does not swallow the next answer
-    ("<think>a</think><answer>x <answer>y</answer>", "y", True),  # the papers' format regex allows it
+    ("<think>a</think><answer>x</answer><answer>y</answer>", "x", True),  # the FIRST answer, as all three papers' code
+    ("<answer>x</think><answer>y</answer>", "x</think><answer>y", False),  # from the first opening tag, as released
+    ("<think>a</think><answer>x <answer>y</answer>", "x <answer>y", True),  # the papers' format regex allows it
     ("<think>a</think><answer>unclosed", None, False),
     ("no tags at all", None, False),
     ("<THINK>a</THINK><ANSWER>b</ANSWER>", None, False),  # tags are case-sensitive
@@ -35,9 +35,33 @@ def test_parse_and_format(completion, answer, ok):
     assert common.format_ok(completion) is ok
 
 
+def test_names_keep_their_letters():
+    """One comparison key for names everywhere (accents kept, a possessive 's and hyphens folded), and the text a
+    verifier reads, as SpeciaRL's verifier prepares it (letters of any script, digits and dashes kept)."""
+    assert common.normalize("Cr\u00e8me Br\u00fbl\u00e9e") == "cr\u00e8me br\u00fbl\u00e9e"
+    assert common.normalize("Cre\u0300me bru\u0302le\u0301e") == "cr\u00e8me br\u00fbl\u00e9e"  # NFC first
+    assert common.normalize("Anna's hummingbird") == common.normalize("Anna Hummingbird") == "anna hummingbird"
+    assert common.normalize("Black-footed Albatross") == common.normalize("black footed albatross")
+    assert common.normalize("Colt's Foot") == "colt foot"
+    assert common.normalize("Pe\u00f1a Blanca \u00c9t\u00e9") == "pe\u00f1a blanca \u00e9t\u00e9"
+    assert common.verifier_text("Cr\u00e8me Br\u00fbl\u00e9e!") == "cr\u00e8me br\u00fbl\u00e9e"
+    assert common.verifier_text("Anna's Hummingbird") == "anna s hummingbird"
+    assert common.verifier_text("Black-footed  Albatross.") == "black-footed albatross"
+    assert common.verifier_text("???") == "" and common.verifier_text("\u2014") == "\u2014"
+
+
+def test_punctuation_answers_are_judged_not_missing():
+    """'???' and a dash are answers (the verifier judges them, as SpeciaRL's code does); only a blank or missing
+    <answer> is no answer."""
+    import speciarl
+    texts = ["<think>a</think><answer>???</answer>", "<think>a</think><answer>\u2014</answer>",
+             "<think>a</think><answer>  </answer>", "<think>a</think>"]
+    assert speciarl.answers_of(texts) == ["???", "\u2014", None, None]
+
+
 def test_normalize_abstain_hedge():
     assert common.normalize("Chuck-will's-Widow") == "chuck will widow"
-    assert common.normalize("  Brewer's   Blackbird ") == "brewer blackbird"
+    assert common.normalize("  Brewer\u2019s   Blackbird ") == "brewer blackbird"  # typographic apostrophe
     assert common.normalize("F-16A/B") == "f 16a b"
     for text in ["None", "", None, "unknown", "I don't know", "I do not know.", "Not sure", "cannot tell",
                  "I cannot identify this bird", "Unable to determine", "N/A"]:
@@ -82,7 +106,8 @@ RULES_TABLE = [  # dataset, ground truth, prediction, label
     ("toy", "red striped circle", "shape", "generic"),  # the kind
     ("toy", "red striped circle", "object", "generic"),
     ("toy", "red striped circle", "None", "abstain"),
-    ("toy", "red striped circle", "", "abstain"),
+    ("toy", "red striped circle", "???", "wrong"),  # malformed: judged, as the released verifier does
+    ("toy", "red striped circle", "\u2014", "wrong"),
     ("toy", "red striped circle", "I don't know", "abstain"),
     ("toy", "red striped circle", "red striped circle or blue plain square", "wrong"),  # hedge, truth included
     ("toy", "red striped circle", "either a circle or a square", "wrong"),
@@ -106,6 +131,8 @@ RULES_TABLE = [  # dataset, ground truth, prediction, label
     ("cub", "Chuck will Widow", "widow", "wrong"),  # not a group noun
     ("cub", "Yellow Warbler", "adult male yellow warbler", "more_specific"),
     ("cub", "Yellow Warbler", "Kirtland's Warbler", "wrong"),
+    ("cub", "Anna Hummingbird", "Anna's Hummingbird", "specific"),  # CUB's names drop the possessive
+    ("cub", "Anna Hummingbird", "an adult male Anna\u2019s hummingbird", "more_specific"),
     ("cub", "Yellow Warbler", "unknown", "abstain"),
     ("pets", "beagle", "dog", "generic"),  # species: much broader
     ("pets", "abyssinian", "cat", "generic"),
@@ -171,7 +198,7 @@ def test_cache_persisted_and_robust(tmp_path, datasets):
         assert len(f.readlines()) == 2
     with open(path, "a") as f:  # a kill mid-write leaves a cut line; and a record of another judge is ignored
         f.write(json.dumps({"judge": "hf:other", "truth": "blue plain square", "prediction": "square",
-                            "label": "specific"}) + "\n" + '{"judge": "rules-v1:toy", "tru')
+                            "label": "specific"}) + "\n" + '{"judge": "rules-v2:toy", "tru')
     again = common.get_judge("rules", datasets["toy"], cache_path=path)
     assert again.bad_cache_lines == 1 and len(again.cache) == 2
     assert again.judge([("blue plain square", "square")]) == ["less_specific"] and again.judged == 1
@@ -230,17 +257,17 @@ def test_hf_judge_scores_labels_and_caches(tiny_lm, datasets, tmp_path):
     assert all(lab in common.JUDGE_LABELS for lab in labels) and judge.judged == 3
     assert judge.name == f"hf:{tiny_lm}"
     # the batched, left-padded scores equal one-by-one scoring, and the label is their argmax
-    batched = judge.label_scores([(common.normalize(t), common.normalize(a)) for t, a in pairs])
+    batched = judge.label_scores([(common.verifier_text(t), common.verifier_text(a)) for t, a in pairs])
     assert batched.shape == (3, 6)
     for i, (t, a) in enumerate(pairs[:2]):
-        ref = reference_scores(judge, common.normalize(t), common.normalize(a))
+        ref = reference_scores(judge, common.verifier_text(t), common.verifier_text(a))
         assert torch.allclose(batched[i], torch.tensor(ref), atol=1e-3), (batched[i], ref)
         assert labels[i] == common.JUDGE_LABELS[max(range(6), key=lambda k: ref[k])]
     assert len({tuple(batched[i].tolist()) for i in range(3)}) == 3  # scores depend on the pair
     # cached: the same pairs (also differently written) never reach the model again, in this process or the next
     calls = []
     judge.label_scores = lambda batch: calls.append(batch)
-    assert judge.judge([("Red-striped circle", "Blue plain square!")] + pairs) == [labels[1]] + labels
+    assert judge.judge([("Red striped Circle", "Blue plain square!")] + pairs) == [labels[1]] + labels
     assert calls == [] and judge.hits == 4
     fresh = common.get_judge(f"hf:{tiny_lm}", datasets["toy"], cache_path=path)
     assert fresh.judge(pairs) == labels and fresh.judged == 0 and fresh.model is None  # never even loaded

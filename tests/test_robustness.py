@@ -397,7 +397,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     cache = os.path.join(out, "judge_cache.jsonl")
     assert read_jsonl(cache)  # the first run judged answers
     with open(cache, "a") as f:
-        f.write('{"judge": "rules-v1:toy", "truth": "red')
+        f.write('{"judge": "rules-v2:toy", "truth": "red')
     proc = run_entry(["speciarl.py", *argv])
     assert proc.returncode == 0 and f"resumed from {out}/ckpt_0000003 at step 3" in proc.stdout, proc.stderr[-3000:]
     steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
@@ -420,7 +420,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
         try:
             parsed.append(json.loads(line))
         except ValueError:
-            assert line.startswith('{"judge": "rules-v1:toy", "truth": "red'), line  # only the cut line
+            assert line.startswith('{"judge": "rules-v2:toy", "truth": "red'), line  # only the cut line
     assert len(parsed) == len(lines) - 1  # new records start on their own line
     keys = [(r["judge"], r["truth"], r["prediction"]) for r in parsed]
     assert len(keys) == len(set(keys))  # pairs already in the cache were not judged (and appended) again

@@ -92,16 +92,16 @@ def test_judge_rollouts_skips_missing_answers_and_flags_judge_errors():
              "<think>x</think><answer> </answer>",  # empty answer
              "<think>x</think> no tags at all",  # missing answer
              "<answer>circle</answer>",
-             "<answer>!!!</answer>",  # nothing left after normalisation
+             "<answer>!!!</answer>",  # punctuation only: an answer the verifier judges (the paper's code)
              "<answer>banana</answer>"]  # the judge has no label for it
     answers = speciarl.answers_of(texts)
-    assert answers == ["red striped circle", None, None, "circle", None, "banana"]
-    judge = FakeJudge({"red striped circle": S, "circle": L})
+    assert answers == ["red striped circle", None, None, "circle", "!!!", "banana"]
+    judge = FakeJudge({"red striped circle": S, "circle": L, "!!!": "wrong"})
     labels = speciarl.judge_rollouts(judge, ["red striped circle"] * 6, answers)
-    assert labels == [S, NO_ANSWER, NO_ANSWER, L, NO_ANSWER, JUDGE_ERROR]
+    assert labels == [S, NO_ANSWER, NO_ANSWER, L, "wrong", JUDGE_ERROR]
     assert judge.calls == [[("red striped circle", "red striped circle"), ("red striped circle", "circle"),
-                            ("red striped circle", "banana")]]  # one batched call, valid answers only
-    assert speciarl.dynamic_reward(labels) == [1.0, -1.0, -1.0, 0.0, -1.0, 0.0]
+                            ("red striped circle", "!!!"), ("red striped circle", "banana")]]  # one call, valid only
+    assert speciarl.dynamic_reward(labels) == [1.0, -1.0, -1.0, 0.0, 0.0, 0.0]
 
 
 def test_rules_judge_on_toy_labels_the_ladder():
@@ -261,3 +261,20 @@ def test_lora_only_adapters_train(lora_model):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.endswith(("lora_A", "lora_B"))}
+
+
+def test_kl_is_clamped_at_ten_like_verls_low_var_kl():
+    """verl's low_var_kl (the paper's trainer) bounds the per-token k3 to [-10, 10]: a token whose k3 is above 10
+    counts 10 and pulls back with no gradient; a token below the bound keeps the plain k3 and its gradient."""
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0 + 3.0, -1.0 + 0.5]])  # d = ref - logp: 3 -> k3 = e^3 - 4 = 16.09; 0.5 -> 0.1487
+    zero = torch.zeros(1)
+    loss, stats = speciarl.speciarl_loss(logp, logp.detach(), ref, zero, torch.ones(1, 2), clip_eps=0.2,
+                                         dual_clip=3.0, beta=1.0)
+    k3_small = math.exp(0.5) - 0.5 - 1
+    assert math.exp(3.0) - 4.0 > 10
+    assert loss.item() == pytest.approx(10.0 + k3_small, abs=1e-5)
+    assert stats["kl"].item() == pytest.approx(10.0 + k3_small, abs=1e-5)
+    loss.backward()
+    assert logp.grad[0, 0].item() == 0.0  # clamped: no pull-back beyond the bound
+    assert logp.grad[0, 1].item() == pytest.approx(1 - math.exp(0.5), abs=1e-5)  # d k3 / d logp = 1 - e^d
