@@ -41,6 +41,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 import unicodedata
 from collections import Counter
@@ -1359,13 +1360,16 @@ FINE_R1_RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue
 JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
 SPECIFIC_LABELS = ("specific", "more_specific")  # what 'accuracy' counts
+JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the ladder): counted, never a silent 'wrong'
 
 
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     """Shares and counts of the six labels, and SpeciaRL's metrics: correctness = share correct at any level;
     specificity = share of specific or more-specific among the correct ones (the paper's definition is not public,
     so `specificity_of_all`, the unconditional share, is reported too); hm = their harmonic mean; accuracy = share
-    specific or more specific."""
+    specific or more specific. Judge errors are left out of every share and counted in `judge_errors`."""
+    errors = sum(lab == JUDGE_ERROR for lab in labels)
+    labels = [lab for lab in labels if lab != JUDGE_ERROR]
     n = len(labels)
     counts = Counter(labels)
     unknown = set(counts) - set(JUDGE_LABELS)
@@ -1375,7 +1379,7 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
     correctness = correct / n if n else 0.0
     specificity = specific / correct if correct else 0.0
-    out = {"n": n, "accuracy": specific / n if n else 0.0, "correctness": correctness, "specificity": specificity,
+    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness, "specificity": specificity,
            "specificity_of_all": specific / n if n else 0.0,
            "hm": 2 * specificity * correctness / (specificity + correctness) if specificity + correctness else 0.0}
     for lab in JUDGE_LABELS:
@@ -1386,8 +1390,10 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
 
 class Judge:
     """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
-    another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`."""
+    another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
+    (None for a pair it could not label)."""
     name = "judge"
+    writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
         self.dataset = dataset
@@ -1396,6 +1402,7 @@ class Judge:
         self.judged = 0  # pairs sent to _judge in this process
         self.hits = 0  # pairs answered from the cache
         self.bad_cache_lines = 0
+        self.errors = 0  # pairs the judge gave no usable label for
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -1407,17 +1414,27 @@ class Judge:
                         self.bad_cache_lines += 1  # e.g. a last line cut short by a kill: skipped, judged again
 
     def judge(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
-        """One label from JUDGE_LABELS per (ground-truth class name, predicted answer) pair."""
+        """One label from JUDGE_LABELS per (ground-truth class name, predicted answer) pair, or JUDGE_ERROR where the
+        judge gave no usable label (counted in `errors`, never cached: asked again next time)."""
         keys = [(verifier_text(gt), verifier_text(pred or "")) for gt, pred in pairs]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         if todo:
             labels = self._judge(todo)
-            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS for lab in labels), labels
-            self.cache.update(zip(todo, labels))
-            self._persist(todo, labels)
+            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
+            good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
+            self.cache.update(good)
+            if not self.writes_as_it_goes:
+                self._persist([k for k, _ in good], [lab for _, lab in good])
+            self.errors += len(todo) - len(good)
         self.judged += len(todo)
         self.hits += len(keys) - len(todo)
-        return [self.cache[k] for k in keys]
+        return [self.cache.get(k, JUDGE_ERROR) for k in keys]
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the run log: pairs judged and answered from the cache, the hit rate, judge errors."""
+        asked = self.judged + self.hits
+        return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
+                "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
 
     def _persist(self, keys, labels):
         if not self.cache_path:
@@ -1656,13 +1673,200 @@ class HFJudge(Judge):
         return out
 
 
-def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None):
-    """'rules' or 'hf:<model dir or hub id>'; `judge.judge([(truth, answer), ...]) -> labels`."""
+# ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, a hosted API) -----
+# Plain HTTP with the standard library (no extra dependency). The papers run their verifier (SpeciaRL: Qwen3-30B-A3B
+# for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
+
+class ServerError(RuntimeError):
+    """The server did not answer after the retries (connection refused or dropped, timeouts, 429, 5xx)."""
+
+
+class OpenAIServer:
+    """A chat-completions endpoint: `base_url` (e.g. http://host:8000/v1) and a model name. Requests run in a bounded
+    pool (`concurrency`), each with a timeout, retried with exponential backoff on connection errors, timeouts,
+    malformed replies, 429 and 5xx; a 401, an unknown model or another 4xx stops at once with one message."""
+
+    BACKOFF = 1.0  # seconds before the first retry, doubling (with jitter): 0.5-1, 1-2, 2-4, 4-8, 8-16 s
+
+    def __init__(self, base_url: str | None, model: str, *, api_key: str | None = None, what: str = "--judge-url",
+                 concurrency: int = 16, timeout: float = 60.0, retries: int = 5, backoff: float | None = None):
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise SystemExit(f"{what}: no server address; pass {what} http://HOST:PORT/v1 or set OPENAI_BASE_URL")
+        self.url, self.model, self.what = base_url.rstrip("/"), model, what
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
+        self.backoff = self.BACKOFF if backoff is None else backoff
+        self.counts = Counter()  # requests, retries, seconds (summed latency), wall (seconds with requests running)
+        self._lock = threading.Lock()
+
+    def _once(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
+        import urllib.error
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:300]
+            if e.code == 429 or e.code >= 500:
+                raise _Retry(f"HTTP {e.code} {detail}")
+            if e.code == 401:
+                raise SystemExit(f"{self.what} {self.url}: 401 unauthorized; set OPENAI_API_KEY to the server's key")
+            if e.code == 404 and "model" in detail.lower():
+                raise SystemExit(f"{self.what} {self.url}: the server does not serve the model {self.model!r} "
+                                 f"({detail.strip()})")
+            raise _BadRequest(e.code, detail)
+        except (OSError, TimeoutError) as e:  # refused, reset, dropped, timed out (URLError is an OSError)
+            raise _Retry(f"{type(e).__name__}: {e}")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Retry(f"a reply that is not JSON: {raw[:80]!r}")
+
+    def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
+                timeout: float | None = None) -> dict:
+        """One request with retries; ServerError after the last one."""
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = self._once(method, path, body, timeout or self.timeout)
+                with self._lock:
+                    self.counts["requests"] += 1
+                    self.counts["seconds"] += time.perf_counter() - t0
+                return out
+            except _Retry as e:
+                if attempt == retries:
+                    raise ServerError(f"{self.what} {self.url}: no answer after {retries + 1} tries (last: {e})")
+                with self._lock:
+                    self.counts["retries"] += 1
+                time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
+
+    def check(self):
+        """At start: the server answers within seconds and serves the model (else one message naming the URL)."""
+        try:
+            listing = self.request("GET", "/models", retries=1, timeout=5.0)
+        except ServerError as e:
+            raise SystemExit(f"{self.what} {self.url}: cannot reach the server ({e}); start it (README: vLLM) or fix "
+                             f"the address")
+        served = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
+        if served and self.model not in served:
+            raise SystemExit(f"{self.what} {self.url}: the server does not serve {self.model!r}; it serves {served}")
+
+    def chat(self, body: dict) -> list[str]:
+        """POST /chat/completions with this model; the texts of the choices."""
+        reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
+        try:
+            return [c["message"]["content"] or "" for c in reply["choices"]]
+        except (KeyError, TypeError, IndexError):
+            raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        """[fn(item) for item in items], `concurrency` at a time; the first error cancels what has not started."""
+        from concurrent.futures import ThreadPoolExecutor
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(items)))) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                results = [fut.result() for fut in futures]
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                self.counts["wall"] += time.perf_counter() - t0
+        return results
+
+    def stats(self, prefix: str) -> dict[str, float]:
+        c = self.counts
+        return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
+                f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
+                f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
+
+
+class _Retry(Exception):
+    pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+def label_from_text(text: str) -> str | None:
+    """The ladder label an LLM's answer names ('Less specific.', 'less_specific', 'Category: generic'), or None
+    when it names none or several."""
+    words = f" {' '.join(re.sub(r'[^a-z]+', ' ', text.lower()).split())} "
+    found = set()
+    for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
+        phrase = f" {JUDGE_LABEL_TEXT[label]} "
+        if phrase in words:
+            found.add(label)
+            words = words.replace(phrase, " ")
+    return found.pop() if len(found) == 1 else None
+
+
+class OpenAIJudge(Judge):
+    """The six-label verifier behind an OpenAI-compatible server: the same prompt as HFJudge, temperature 0, the
+    answer constrained to the six labels with vLLM's guided choice (dropped, once, for a server that refuses the
+    field) and mapped to a label; an answer that names no label is a judge error. Every answer goes to the cache
+    file as it arrives, so a killed run loses nothing judged."""
+    writes_as_it_goes = True
+
+    def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
+                 concurrency: int = 16, timeout: float = 60.0, check: bool = True):
+        self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
+        super().__init__(dataset, cache_path)
+        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
+        self.guided = True
+        if check:
+            self.server.check()
+
+    def _ask(self, pair: tuple[str, str]) -> str | None:
+        body = {"messages": [{"role": "user", "content": JUDGE_PROMPT.format(truth=pair[0], answer=pair[1])}],
+                "temperature": 0.0, "max_tokens": 16}
+        guided = self.guided
+        if guided:
+            body["guided_choice"] = [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]
+        try:
+            return label_from_text(self.server.chat(body)[0])
+        except _BadRequest as e:
+            if guided and "guided" in e.detail.lower():  # a server without guided decoding: ask plainly
+                self.guided = False
+                return self._ask(pair)
+            raise SystemExit(f"--judge-url {self.server.url}: the server refused the request ({e})")
+
+    def _judge(self, pairs):
+        def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
+            label = self._ask(pair)
+            if label is not None:
+                with self.server._lock:
+                    self._persist([pair], [label])
+            return label
+        return self.server.map(ask_and_keep, pairs)
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), **self.server.stats("judge")}
+
+
+def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
+              concurrency: int = 16):
+    """'rules', 'hf:<model dir or hub id>' or 'openai:<model>' (a server at `url`, default $OPENAI_BASE_URL);
+    `judge.judge([(truth, answer), ...]) -> labels`."""
     if spec == "rules":
         return RulesJudge(dataset, cache_path)
     if spec.startswith("hf:") and len(spec) > 3:
         return HFJudge(spec[3:], dataset, cache_path)
-    raise SystemExit(f"--judge {spec}: expected 'rules' or 'hf:<causal LM directory or hub id>'")
+    if spec.startswith("openai:") and len(spec) > 7:
+        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency)
+    raise SystemExit(f"--judge {spec}: expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:<model "
+                     f"served at --judge-url>'")
 
 
 # =====================================================================================================================

@@ -83,7 +83,7 @@ MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
 STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
 BEST_OF_SAMPLING = dict(temperature=0.6, top_p=0.95)  # SpeciaRL's best-of-N
 # best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), parse failures last
-BEST_OF_ORDER = ["parse_failure", *common.JUDGE_LABELS]
+BEST_OF_ORDER = ["parse_failure", common.JUDGE_ERROR, *common.JUDGE_LABELS]
 # DiVE-k's released letter extraction scores each candidate letter by these words nearby (its list, as released)
 CHOICE_WORDS = ("answer", "correct", "choose", "select", "right", "think", "believe", "should",
                 "\u7b54\u6848", "\u9009\u62e9", "\u6b63\u786e", "\u662f", "\u5bf9", "\u8ba4\u4e3a", "\u5e94\u8be5",
@@ -423,7 +423,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "classes": dataset.classes, "class_names": dataset.split_class_names, "n_images": len(records),
                     "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
                     "samples": samples if protocol == "two_step" else None, "best_of": best_of,
-                    "judge": getattr(judge, "name", None), "world_size": world, "micro_batch": micro_batch,
+                    "judge": getattr(judge, "name", None), "judge_stats": judge.stats() if judge is not None else None,
+                    "world_size": world, "micro_batch": micro_batch,
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
                     "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
@@ -507,7 +508,11 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many images (per half)")
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", required=True, choices=PROTOCOLS, help="see the module docstring")
-    g.add_argument("--judge", default="rules", help="rules, or hf:<causal LM directory or hub id>")
+    g.add_argument("--judge", default="rules", help="rules, hf:<causal LM directory or hub id>, or openai:<model> "
+                   "served at --judge-url (e.g. vLLM; SpeciaRL evaluates with Llama-3-70B-Instruct)")
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible server of an openai: judge, e.g. "
+                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP")
+    g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
     g.add_argument("--judge-cache", default=None, help="JSONL cache of judged pairs (default <out>/judge_cache.jsonl)")
     g.add_argument("--samples", type=int, default=20, help="two_step: step-1 samples per image (DiVE-k 20)")
     g.add_argument("--best-of", type=int, default=None, help="open / speciarl: best of N samples at T=0.6, top_p 0.95")
@@ -548,7 +553,8 @@ def main(argv=None) -> dict:
         ds = common.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
                                  seed=args.seed)
         if judge is None and args.protocol != "mcq":
-            judge = common.get_judge(args.judge, ds, cache)  # one judge (and cache) for both halves
+            judge = common.get_judge(args.judge, ds, cache, url=args.judge_url,
+                                     concurrency=args.judge_concurrency)  # one judge (and cache) for both halves
         out = os.path.join(args.out, half) if args.out and len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}

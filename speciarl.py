@@ -98,8 +98,12 @@ def parse_args(argv=None):
     g.add_argument("--prompt", choices=["general", "specific"], default="general",
                    help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
     g.add_argument("--judge", default="rules",
-                   help="training verifier: 'rules' (offline, default) or 'hf:<model>' (an LLM judge; paper: "
-                        "Qwen3-30B-A3B-Instruct)")
+                   help="training verifier: 'rules' (offline, default), 'hf:<model>' (an LLM judge loaded here) or "
+                        "'openai:<model>' (served at --judge-url, e.g. by vLLM; paper: Qwen3-30B-A3B-Instruct)")
+    g.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible server of an openai: judge, e.g. http://HOST:8000/v1 (default "
+                        "$OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP, no extra package")
+    g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
     g.add_argument("--reward", default="dynamic", choices=sorted(REWARDS),
                    help="dynamic (paper) or a static table: binary (the RFT baseline), scala1, scala2, scala3")
     g.add_argument("--log-rollouts", type=int, default=16,
@@ -149,6 +153,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-data-root", default=None, help="its folder (default: --data-root when it is --data)")
     g.add_argument("--eval-batch", type=int, default=None, help="images per greedy evaluation batch (real 32; toy 120)")
     g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
+    g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy budget (paper 2048; toy 48)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (paper 5; toy 10)")
     args = parser.parse_args(argv)
@@ -236,7 +241,7 @@ PROMPTS = {"general": common.SPECIARL_PROMPT, "specific": common.SPECIARL_SPECIF
 # ----- 5. rollout -> answers -> verifier labels -----
 # =====================================================================================================================
 NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
-JUDGE_ERROR = "judge_error"  # the verifier gave no valid label: reward 0, left out of the group's best
+JUDGE_ERROR = common.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 
 def answers_of(texts: list[str]) -> list[str | None]:
@@ -253,6 +258,20 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     labels = [NO_ANSWER] * len(answers)
     for i, label in zip(valid, judged):
         labels[i] = label if label in common.JUDGE_LABELS else JUDGE_ERROR
+    return labels
+
+
+def judge_or_stop(judge, truths, answers, out, step, model, optimizer) -> list[str]:
+    """judge_rollouts, and if the judge's server stays away after its retries (on any rank): a checkpoint of the
+    steps done so far, the judge cache intact, and a stop with one message; the same command resumes."""
+    try:
+        labels, failure = judge_rollouts(judge, truths, answers), ""
+    except common.ServerError as e:
+        labels, failure = [], str(e)
+    if float(common.all_reduce_sum(torch.tensor([float(bool(failure))]))[0]):
+        common.save_checkpoint(out, step, model, optimizer, {"data_step": step})
+        raise SystemExit(f"{failure or 'another rank lost the judge server'}. Checkpoint saved after step {step}, "
+                         f"judged pairs kept in {out}/judge_cache.jsonl: rerun the same command to resume")
     return labels
 
 
@@ -483,11 +502,13 @@ def main(argv=None):
                "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     # one append-only cache file per run, shared by the ranks (the judge writes whole lines atomically)
-    judge = common.get_judge(args.judge, train, cache_path=os.path.join(out, "judge_cache.jsonl"))
+    cache = os.path.join(out, "judge_cache.jsonl")
+    judge = common.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
     eval_judge = None
     if test is not None:
         eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
-            common.get_judge(args.eval_judge or args.judge, test, cache_path=os.path.join(out, "judge_cache.jsonl"))
+            common.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
+                             concurrency=args.judge_concurrency)
     log = common.MetricsLog(out, args.wandb, vars(args))
     timer = common.PhaseTimer()
     text = PROMPTS[args.prompt]
@@ -523,7 +544,7 @@ def main(argv=None):
         with timer("judge"):
             answers = answers_of(rollout.texts)  # [B]
             truths = [ex.class_name for ex in mine for _ in range(G)]  # [B]
-            labels = judge_rollouts(judge, truths, answers)  # [B]
+            labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer)  # [B]
         groups = [labels[i * G:(i + 1) * G] for i in range(len(mine))]
         rewards = torch.tensor([r for grp in groups for r in REWARDS[args.reward](grp)]).view(-1, G)  # [P, G]
         advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
@@ -544,7 +565,8 @@ def main(argv=None):
         # ---- log: rollout statistics summed over ranks, then the step's record
         step_time = time.perf_counter() - t_step
         record = step_metrics(labels, rewards, rollout, mask, sums, world, step_time)
-        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop()})
+        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop(),
+                       **common.mean_over_ranks(judge.stats())})
         log.log(record)
         log_rollouts(out, step + 1, mine, answers, labels, groups, rewards, args.log_rollouts)
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
