@@ -1334,16 +1334,19 @@ def fine_r1_closed_prompt(kind: str, options: Sequence[str]) -> str:
     return FINE_R1_CLOSED_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind), options=str(list(options)))
 
 
-# Fine-R1 open questions. Its SFT samples pair a system prompt that states the <think>/<answer> format with a bare
-# question (198 phrasings); its RL prompt is the question, a blank line, and the request to think it through as an
-# inner monologue in <think> and answer in <answer> under the default system prompt.
+# Fine-R1 open questions (its SFT data has 198 phrasings, its RL data one per domain). Its RL prompt is the question,
+# a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>; its
+# open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
+# the RL prompt's wording of that request, so that a model trained on it is asked the way it was trained).
 FINE_R1_QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
                      "What is the specific name of this {kind}?", "Name the {kind} in the image."]
-FINE_R1_SFT_SYSTEM = ("The assistant answers the user's question about an image. It reasons first and answers second: "
-                      "the reasoning goes inside <think> </think> and the answer inside <answer> </answer>, i.e. "
-                      "<think> reasoning here </think><answer> answer here </answer>.")
 FINE_R1_RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
                      "the final answer inside <answer> </answer>.")
+FINE_R1_OPEN_PROMPT = "{question} This is a fine-grained question." + FINE_R1_RL_SUFFIX
+
+
+def fine_r1_open_prompt(kind: str) -> str:
+    return FINE_R1_OPEN_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind))
 
 
 # =====================================================================================================================
@@ -2745,7 +2748,8 @@ TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash n
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
 TINY_PROMPTS = [SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT, DIVEK_MINE_PROMPT, DIVEK_MCQ_PROMPT, FINE_R1_CLOSED_PROMPT,
-                FINE_R1_QUESTION, *FINE_R1_QUESTIONS, FINE_R1_SFT_SYSTEM, FINE_R1_RL_SUFFIX, str(ANSWER_FORMATS)]
+                FINE_R1_QUESTION, *FINE_R1_QUESTIONS, FINE_R1_RL_SUFFIX, FINE_R1_OPEN_PROMPT, str(ANSWER_FORMATS),
+                "speciarl answers v3"]
 
 
 def tiny_model_dir() -> str:
@@ -2758,8 +2762,8 @@ def tiny_model_dir() -> str:
     return path
 
 
-def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str, str | None]:
-    """(prompt, target, system prompt or None) for one pretraining example of the stand-in: the methods' own prompts
+def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str]:
+    """(prompt, target) for one pretraining example of the stand-in: the methods' own prompts
     (section 4a), each answered the way a real checkpoint would, except for the letter.
 
     Multiple choice (DiVE-k's lettered options, Fine-R1's option list): the stand-in names the class in its rationale
@@ -2767,11 +2771,10 @@ def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str
     option line that matches, emit the letter before it) within the build budget: letter accuracy stayed at chance
     after 400 steps with 2 and with 4 layers. Open questions: SpeciaRL's prompts are answered sometimes less
     specifically (family), generically or with 'None', so that SpeciaRL has specificity to gain; DiVE-k's list prompt
-    and Fine-R1's questions with the class name."""
+    and Fine-R1's questions with the class name. The 'be specific' prompt is answered specifically more often."""
     think = rng.choice(TINY_THINK)
     names = ds.class_names
     u = rng.random()
-    system = None
     if u < 0.4:  # multiple choice: DiVE-k's 2-5 lettered options or Fine-R1's list of 4, the truth among them
         k = rng.randint(2, 5) if u < 0.25 else 4
         opts = rng.sample([n for n in names if n != ex.class_name], k - 1) + [ex.class_name]
@@ -2781,19 +2784,18 @@ def tiny_example(ex: Example, ds: Dataset, rng: random.Random) -> tuple[str, str
     elif u < 0.55:  # DiVE-k's mining / two-step step 1: the class list in the prompt
         listed = rng.sample(names, len(names))
         prompt, answer = divek_mine_prompt(ds.kind, answer_format(ds.name), listed), ex.class_name
-    elif u < 0.85:  # SpeciaRL: general or 'be specific'
-        prompt = SPECIARL_PROMPT if rng.random() < 0.5 else SPECIARL_SPECIFIC_PROMPT
+    elif u < 0.85:  # SpeciaRL: general or 'be specific' (answered more specifically)
+        specific = rng.random() < 0.5
+        prompt = SPECIARL_SPECIFIC_PROMPT if specific else SPECIARL_PROMPT
         v = rng.random()
         family, generic = ds.hierarchy[ex.class_name]
-        answer = ex.class_name if v < 0.72 else family if v < 0.88 else generic if v < 0.96 else "None"
-    else:  # Fine-R1: a question under its SFT system prompt, or with its RL format request
+        cuts = (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
+        answer = ex.class_name if v < cuts[0] else family if v < cuts[1] else generic if v < cuts[2] else "None"
+    else:  # Fine-R1: a question with its RL format request, or its open-world evaluation prompt
         question = rng.choice(FINE_R1_QUESTIONS).format(kind=ds.kind)
-        if rng.random() < 0.5:
-            prompt, system = question, FINE_R1_SFT_SYSTEM
-        else:
-            prompt = question + FINE_R1_RL_SUFFIX
+        prompt = question + FINE_R1_RL_SUFFIX if rng.random() < 0.5 else fine_r1_open_prompt(ds.kind)
         answer = ex.class_name
-    return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>", system
+    return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
 
 
 def build_tiny(path: str):
@@ -2821,7 +2823,6 @@ def _build_tiny(path: str):
     train = load_toy("train")
     rng = random.Random(r["seed"])
     corpus = [tiny_example(ex, train, rng)[0] + tiny_example(ex, train, rng)[1] for ex in train.examples[:200]]
-    corpus += [FINE_R1_SFT_SYSTEM] * 4
     corpus += [" ".join(train.class_names), "<think> </think> <answer> </answer> None shape"] * 20
     tok, special = train_tokenizer(corpus, r["vocab"])
     cfg = qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"], num_hidden_layers=r["layers"],
@@ -2841,8 +2842,8 @@ def _build_tiny(path: str):
         rows = []
         for i in idx:
             ex = train.examples[i]
-            prompt, target, system = tiny_example(ex, train, rng)
-            p = encode_prompt(proc, images[ex.image], prompt, system=system)
+            prompt, target = tiny_example(ex, train, rng)
+            p = encode_prompt(proc, images[ex.image], prompt)
             tgt = torch.tensor(tok(target)["input_ids"] + [im_end])
             rows.append((p, tgt))
         loss = sft_loss(model, proc, [p for p, _ in rows], [t for _, t in rows])

@@ -1,9 +1,11 @@
 """
 eval.py: the one evaluation harness of the project, for every protocol of the three papers.
 
-  open      one free answer per image (greedy), judged; accuracy = specific or more specific. Exact match and
-            substring match (the normalised truth inside the normalised answer, the ViRFT / Fine-R1 reward rule) are
-            reported beside it. Fine-R1's open-world setting.
+  open      Fine-R1's open-world setting: its question, "This is a fine-grained question.", and the request for
+            <think> and <answer> worded as in its RL prompt (the released evaluation words it more briefly); one
+            greedy free answer per image, judged; accuracy = specific or more specific. Exact match and substring
+            match (the normalised truth inside the normalised answer, the ViRFT / Fine-R1 reward rule) are reported
+            beside it.
   two_step  DiVE-k inference: step 1 draws `--samples` (20) answers with the split's class list in the prompt
             (T=1.0, top_p 0.95, repetition penalty 1.1, as in DiVE-k's mining), keeps the 5 most frequent parsed
             answers (answer-format prefixes such as 'species name: ' removed, answers of 100+ characters skipped, not
@@ -23,7 +25,8 @@ Usage:
       --protocol two_step --classes base+novel --out runs/eval_cub
   torchrun --nproc 8 eval.py --model runs/dive_k_cub/export --data cub --data-root R --protocol two_step \\
       --classes base+novel --out runs/eval_cub      (images sharded over ranks, results gathered)
-  python eval.py --model M --data food --data-root R --protocol speciarl --judge hf:meta-llama/Meta-Llama-3-70B-Instruct
+  python eval.py --model M --data food --data-root R --protocol speciarl \\
+      --judge openai:meta-llama/Meta-Llama-3-70B-Instruct --judge-url http://HOST:8000/v1    (a vLLM server)
 
 `--classes base+novel` evaluates the CoOp base and novel halves and reports HM = 2BN/(B+N). Written to --out:
 metrics.json (every number, the counts behind it and the exact settings) and predictions.jsonl (image, truth, raw
@@ -47,7 +50,8 @@ exact text chooses that option; images without step-1 answers count as wrong.
 Deviations from the papers, stated:
   * the answer is the text of the first <answer>...</answer> (common.parse_answer), as in all three released codes;
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
-    LLM judge with the six-label prompt like SpeciaRL's (whose exact prompt and Llama-3-70B judge are not bundled);
+    LLM judge here and `--judge openai:<model>` one behind a server, both with our six-label prompt in the spirit
+    of SpeciaRL's (its released prompt is longer and gives examples);
     DiVE-k's released two-step scoring asks an LLM (Gemini) whether the chosen name is the truth;
   * Fine-R1's open-world "relative similarity" score (SigLIP) is not reproduced; the open protocol is judged instead;
   * every sampled answer (two_step's step 1, best-of) draws from its own random stream, seeded by --seed, the image
@@ -73,6 +77,7 @@ import common
 
 OPEN_PROMPT = common.SPECIARL_PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
 SPECIFIC_PROMPT = common.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
+# the open protocol asks Fine-R1's open-world question: common.fine_r1_open_prompt(kind)
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
@@ -229,8 +234,10 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
     answer_fmt = common.answer_format(dataset.name)
-    if protocol in ("open", "speciarl"):
+    if protocol == "speciarl":
         text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
+    elif protocol == "open":
+        text = common.fine_r1_open_prompt(dataset.kind)
     elif protocol == "two_step":
         text = common.divek_mine_prompt(dataset.kind, answer_fmt, dataset.split_class_names)
     for idx, ex in batch:
@@ -378,6 +385,9 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
         raise SystemExit(f"--mcq-distractors {mcq_distractors}: expected one of {', '.join(MCQ_DISTRACTORS)}")
     if scoring not in SCORINGS:
         raise SystemExit(f"--scoring {scoring}: expected one of {', '.join(SCORINGS)}")
+    if be_specific and protocol != "speciarl":
+        raise SystemExit(f"--be-specific is SpeciaRL's prompt baseline: it applies to the speciarl protocol, not "
+                         f"{protocol}")
     if best_of and protocol not in ("open", "speciarl"):
         raise SystemExit(f"--best-of applies to the open and speciarl protocols, not {protocol}")
     if protocol != "mcq" and judge is None:
@@ -418,7 +428,6 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
     if best_of:
         metrics["best_of"] = best_of
     if out_dir and rank == 0:
-        open_prompt = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
         settings = {"protocol": protocol, "data": dataset.name, "split": dataset.split, "root": dataset.root,
                     "classes": dataset.classes, "class_names": dataset.split_class_names, "n_images": len(records),
                     "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
@@ -428,7 +437,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
                     "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
-                    "prompt": {"open": open_prompt, "speciarl": open_prompt,
+                    "prompt": {"open": common.FINE_R1_OPEN_PROMPT,
+                               "speciarl": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT,
                                "two_step": [common.DIVEK_MINE_PROMPT, common.DIVEK_MCQ_PROMPT],
                                "mcq": common.FINE_R1_CLOSED_PROMPT if scoring == "paper" else common.DIVEK_MCQ_PROMPT,
                                }[protocol],
@@ -516,7 +526,7 @@ def parse_args(argv=None):
     g.add_argument("--judge-cache", default=None, help="JSONL cache of judged pairs (default <out>/judge_cache.jsonl)")
     g.add_argument("--samples", type=int, default=20, help="two_step: step-1 samples per image (DiVE-k 20)")
     g.add_argument("--best-of", type=int, default=None, help="open / speciarl: best of N samples at T=0.6, top_p 0.95")
-    g.add_argument("--be-specific", action="store_true", help="open / speciarl: SpeciaRL's 'be specific' prompt")
+    g.add_argument("--be-specific", action="store_true", help="speciarl: SpeciaRL's 'be specific' prompt")
     g.add_argument("--mcq-distractors", default="split", choices=MCQ_DISTRACTORS,
                    help="mcq: the 3 wrong options from the evaluated classes (split) or from every class, seen and "
                         "unseen (all: Fine-R1's released evaluation files)")
@@ -558,11 +568,15 @@ def main(argv=None) -> dict:
         out = os.path.join(args.out, half) if args.out and len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
-        results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
-                                 max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
-                                 out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
-                                 be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
-                                 scoring=args.scoring, extra_settings=settings)
+        try:
+            results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
+                                     max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
+                                     out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
+                                     be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
+                                     scoring=args.scoring, extra_settings=settings)
+        except common.ServerError as e:  # the judge's server went away: what it judged is in the cache
+            raise SystemExit(f"{e}. The pairs judged so far are kept in {cache or 'no cache (pass --out)'}: rerun "
+                             f"the same command to continue") from None
     hm = None
     if len(halves) > 1:
         hm = {k: harmonic(results["base"][k], results["novel"][k]) for k in main_keys(args.protocol)}

@@ -44,17 +44,19 @@ What the file does, in order (the section banners below follow it):
 
 Deviations from the paper and its released code (every one deliberate)
   * The teacher and its instruction are not published (only the rationale format is). Ours: --teacher (any
-    Qwen2.5-VL checkpoint, default the policy itself) gets the image, the truth and 3-4 seen classes ranked by
-    class-name similarity, and the four parts are checked by the filter below. For `--data toy` no model can
+    Qwen2.5-VL checkpoint, default the policy itself, or `openai:<model>` behind an OpenAI-compatible server at
+    --teacher-url, the image sent inline) gets the image, the truth and 3-4 seen classes ranked by class-name
+    similarity, and the four parts are checked by the filter below. For `--data toy` no model can
     write a rationale yet, so it is written from the image's known attributes (a toy class name IS colour, pattern
     and shape): the pipeline runs offline. The paper's rationales are also label-informed (86 of 404 name the class
     in the first quarter), so a label-informed toy rationale is faithful in kind. It has the four parts in about 40
     tokens, with the two fixed lines worded in the stand-in's vocabulary ("the options:", "the final answer is"):
     the paper's lines cost the stand-in's tokenizer 38 single-character tokens, which a two-layer model garbles.
   * The question is drawn per sample from four phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data has 198,
-    its RL data one per domain). SFT asks it bare under a system prompt stating the <think>/<answer> format (the
-    paper's SFT samples carry an R1-style one); TAPO adds the paper's RL request to reason as an inner monologue in
-    <think> and answer in <answer>, under the chat template's default system prompt, as the released RL prompt.
+    its RL data one per domain), with the paper's RL request to reason as an inner monologue in <think> and answer
+    in <answer>, under the chat template's default system prompt, at SFT and TAPO alike. The paper's SFT samples
+    instead carry an R1-style system prompt stating the same format and a bare question; on the tiny stand-in that
+    SFT did not carry over to the evaluation prompts (on an earlier build, seen mcq 0.794 -> 0.572 after SFT).
   * The rationale filter (the paper's is not published) checks the four parts in the layouts a teacher writes: the
     candidate list on the marker's line or below it, numbered, bulleted or comma-separated, markdown bold, the
     prediction with or without a period, a car's model year left out. Of the paper's 404 released SFT samples, 376
@@ -99,6 +101,7 @@ Deviations from the paper and its released code (every one deliberate)
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import difflib
@@ -157,7 +160,11 @@ def parse_args(argv=None):
     g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
                    help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
                         "auto = attributes for toy, teacher otherwise")
-    g.add_argument("--teacher", default=None, help="teacher checkpoint (any Qwen2.5-VL; default: --model)")
+    g.add_argument("--teacher", default=None, help="teacher: a Qwen2.5-VL checkpoint loaded here (default: --model), "
+                   "or openai:<model> served at --teacher-url (any vision chat model, e.g. by vLLM)")
+    g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server of an openai: teacher, e.g. "
+                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
+    g.add_argument("--teacher-concurrency", type=int, default=16, help="requests in flight per rank (openai:)")
     g.add_argument("--cot-per-class", type=int, default=None, help="rationales kept per seen class (paper 1)")
     g.add_argument("--cot-images-per-class", type=int, default=4,
                    help="training images per class given to the teacher until one rationale passes the filter")
@@ -288,9 +295,8 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 # ----- 3. prompts -----
 
 # The question, drawn per sample from a few phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data uses 198
-# phrasings, its RL data one per domain). SFT asks it bare under a system prompt that states the <think>/<answer>
-# format (common.FINE_R1_SFT_SYSTEM), as the paper's SFT samples do; TAPO asks it with the paper's RL request to think
-# it through as an inner monologue in <think> and answer in <answer> (common.FINE_R1_RL_SUFFIX).
+# phrasings, its RL data one per domain), followed by the paper's RL request to think it through as an inner monologue
+# in <think> and answer in <answer> (common.FINE_R1_RL_SUFFIX), at SFT and at TAPO alike.
 # The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
@@ -312,20 +318,18 @@ TEACHER_PROMPT = (
 # The closed-world form (--closed-frac; the paper trains on open questions only): Fine-R1's closed-world evaluation
 # prompt (common.fine_r1_closed_prompt: the options as a list, the chosen name in <answer>), scored as that
 # evaluation scores (the truth's name inside the answer).
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0,
-                  stage: str = "sft") -> tuple[str, list[str] | None]:
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
+                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
     """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
-    phrasing and None, or with probability closed_frac the closed-world form whose options are the truth and 3 of
-    `others` (shuffled) and those 3 distractors. stage 'rl' adds the paper's RL format request to an open question
-    (at SFT the system prompt states the format)."""
+    phrasing with the paper's RL format request and None, or with probability closed_frac the closed-world form
+    whose options are the truth and 3 of `others` (shuffled) and those 3 distractors."""
     rng = random.Random(f"question/{key}")
     if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
         distractors = rng.sample(list(others), 3)
         options = distractors + [truth]
         rng.shuffle(options)
         return common.fine_r1_closed_prompt(kind, options), distractors
-    question = rng.choice(common.FINE_R1_QUESTIONS).format(kind=kind)
-    return question + (common.FINE_R1_RL_SUFFIX if stage == "rl" else ""), None
+    return rng.choice(common.FINE_R1_QUESTIONS).format(kind=kind) + common.FINE_R1_RL_SUFFIX, None
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -596,10 +600,15 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
         common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
     my_classes = todo[d.rank::d.world_size]
     if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
-        teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
-                                               attn=args.attn, min_pixels=args.sft_min_pixels,
-                                               max_pixels=args.sft_max_pixels)
-        teacher.eval()
+        if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
+            teacher, processor = common.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
+                                                     concurrency=args.teacher_concurrency), None
+            teacher.check()
+        else:
+            teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
+                                                   attn=args.attn, min_pixels=args.sft_min_pixels,
+                                                   max_pixels=args.sft_max_pixels)
+            teacher.eval()
         with open(os.path.join(out, f"cot.part{d.rank}.jsonl"), "a") as part:
             for ci, name in enumerate(my_classes):
                 kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
@@ -631,13 +640,11 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
         posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
                  for ex in exs]
         candidates = [distractors or confusable[name] for _, distractors in posed]
-        prompts = [common.encode_prompt(processor, ex.image, TEACHER_PROMPT.format(
-            kind=train.kind, truth=name, candidates=", ".join(cands))) for ex, cands in zip(exs, candidates)]
+        texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(cands))
+                 for cands in candidates]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-        ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples,
-                           max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
-                           top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=gen)
-        for row, completion in enumerate(ro.texts):
+        completions = teacher_completions(teacher, processor, [ex.image for ex in exs], texts, args, gen)
+        for row, completion in enumerate(completions):
             i = row // args.cot_samples
             rationale, checks = check_rationale(completion, name)
             for k, ok in checks.items():
@@ -645,8 +652,34 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
             if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
                 kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
                              "question": posed[i][0], "response": response_text(rationale, name)})
-        tried += len(ro.texts)
+        tried += len(completions)
     return kept, tried, fails
+
+
+def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
+    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
+    model behind an OpenAI-compatible server (common.OpenAIServer; the image sent inline as a data URL)."""
+    if isinstance(teacher, common.OpenAIServer):
+        def ask(item):
+            image, text = item
+            with open(image, "rb") as f:
+                data = base64.b64encode(f.read()).decode()
+            mime = "image/png" if image.lower().endswith(".png") else "image/jpeg"
+            content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
+                       {"type": "text", "text": text}]
+            out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
+                                "temperature": args.cot_temperature, "top_p": args.cot_top_p,
+                                "max_tokens": args.cot_max_new_tokens})
+            if len(out) != args.cot_samples:
+                raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
+                                 f"{len(out)}; pass --cot-samples 1 for a server that ignores n")
+            return out
+        return [t for texts_of_one in teacher.map(ask, list(zip(images, texts))) for t in texts_of_one]
+    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
+    ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples, max_new_tokens=args.cot_max_new_tokens,
+                       temperature=args.cot_temperature, top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0,
+                       generator=generator)
+    return ro.texts
 
 
 def read_cot_parts(out: str) -> dict[str, dict]:
@@ -691,7 +724,7 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
     """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
     the labels are the assistant's tokens: the response and the closing <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"], system=common.FINE_R1_SFT_SYSTEM)
+    prompt = common.encode_prompt(processor, record["image"], record["question"])
     target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
     return prompt, target
 
@@ -846,7 +879,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
     G = args.group_size
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
-                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac, "rl")[0]
+                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = []
     for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
@@ -1075,7 +1108,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
         model, d, parallel=args.parallel, reference=False,
         rollout_rows=(args.rollout_prompt_batch or 2 * sample_per_rank) * args.group_size,
-        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0, stage="rl")[0]),
+        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage tapo)",
@@ -1112,7 +1145,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         # ----- 7. rollout with dynamic sampling: rounds of sampling until every rank has its groups -----
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         with timer("sampling"):
-            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0, stage="rl")[0])
+            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
             with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
 
                 def sample_round(round_index: int) -> list[Group]:

@@ -30,10 +30,11 @@ Rerunning a command with the same --out resumes from its latest checkpoint. Per-
 <out>/metrics.jsonl, a sample of judged rollouts to <out>/rollouts.jsonl, the merged final model to <out>/final.
 
 Deviations from the paper and GRPO simplifications (all deliberate, each visible below):
-  * The verifier is `common.get_judge(--judge)`: `rules` (offline, default) or `hf:<model>` (an LLM judge run here).
-    The paper's judge is Qwen3-30B-A3B behind a vLLM server for training and Llama-3-70B for evaluation; pass
-    `--judge hf:... --eval-judge hf:...` for that setup. Judgements are cached per (ground truth, answer) pair on disk
-    in <out>/judge_cache.jsonl (the paper caches in Redis).
+  * The verifier is `common.get_judge(--judge)`: `rules` (offline, default), `hf:<model>` (an LLM judge run here)
+    or `openai:<model>` behind an OpenAI-compatible server at --judge-url, as the paper runs Qwen3-30B-A3B (training)
+    and Llama-3-70B (evaluation) behind vLLM: `--judge openai:... --judge-url ... --eval-judge openai:...
+    --eval-judge-url ...`. Judgements are cached per (ground truth, answer) pair on disk in
+    <out>/judge_cache.jsonl (the paper caches in Redis); if the server stays away the run saves and stops.
   * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
   * The answer is the text of the first <answer>...</answer> (common.parse_answer, shared with eval.py), as in the
     paper's code; a blank answer is a missing one (-1), and an answer of punctuation only ("???") is judged.

@@ -66,7 +66,8 @@ def test_one_distinct_answer_gets_the_truth_and_two_random_base_classes(seed):
     assert "Bobolink" in q["options"] and q["padded"] and q["truth_inserted"]
     # one distinct wrong answer: it stays, the truth joins, two random base classes
     q = question(["Rusty Blackbird"] * 9, "Bobolink", seed=seed)
-    assert len(q["options"]) == 4 and len(set(q["options"])) == 4 and {"Rusty Blackbird", "Bobolink"} <= set(q["options"])
+    assert len(q["options"]) == 4 and len(set(q["options"])) == 4
+    assert {"Rusty Blackbird", "Bobolink"} <= set(q["options"])
     assert set(q["options"]) <= set(BASE) and q["padded"]
     # two distinct answers: no random classes
     q = question(["Rusty Blackbird"] * 3 + ["Bobolink"], "Bobolink", seed=seed)

@@ -81,14 +81,15 @@ def test_prompts_carry_every_instruction_of_the_papers():
                    "final choice inside <answer> </answer>", "<think>...</think> <answer>choice</answer>"]:
         assert phrase in closed, phrase
     assert "inner monologue inside <think> </think>" in common.FINE_R1_RL_SUFFIX
-    assert "<think> reasoning here </think><answer> answer here </answer>" in common.FINE_R1_SFT_SYSTEM
+    for phrase in ["Which bird is shown", "This is a fine-grained question.", "<think> </think>", "<answer> </answer>"]:
+        assert phrase in common.fine_r1_open_prompt("bird"), phrase
     # one wording everywhere: eval.py, the methods and the stand-in's pretraining
     assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == common.SPECIARL_PROMPT
     assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == common.SPECIARL_SPECIFIC_PROMPT
-    assert fine_r1.pose_question("bird", 1, stage="rl")[0].endswith(common.FINE_R1_RL_SUFFIX)
+    assert fine_r1.pose_question("bird", 1)[0].endswith(common.FINE_R1_RL_SUFFIX)
     for text in [common.SPECIARL_PROMPT, common.SPECIARL_SPECIFIC_PROMPT, common.DIVEK_MINE_PROMPT,
                  common.DIVEK_MCQ_PROMPT, common.FINE_R1_CLOSED_PROMPT, *common.FINE_R1_QUESTIONS,
-                 common.FINE_R1_SFT_SYSTEM, common.FINE_R1_RL_SUFFIX]:
+                 common.FINE_R1_OPEN_PROMPT, common.FINE_R1_RL_SUFFIX]:
         assert text in common.TINY_PROMPTS
 
 
@@ -310,6 +311,10 @@ def test_bad_protocol_and_best_of(tiny, toy24):
         ev.evaluate(model, proc, toy24, "zero_shot")
     with pytest.raises(SystemExit, match="--best-of applies"):
         ev.evaluate(model, proc, toy24, "mcq", best_of=4)
+    with pytest.raises(SystemExit, match="--be-specific is SpeciaRL's prompt baseline"):
+        ev.evaluate(model, proc, toy24, "open", be_specific=True)
+    with pytest.raises(SystemExit, match="--scoring loose"):
+        ev.evaluate(model, proc, toy24, "mcq", scoring="loose")
 
 
 # ----- two ranks: DDP (open, two_step, shared judge cache) and FSDP2 (mcq) equal one process -----

@@ -121,7 +121,9 @@ def test_rewards_truth_table():
         ("<think>x</think><answer>a RED STRIPED CIRCLE, I think</answer>", 1, 0, 1),
         ("<think>x</think><answer>red-striped circle.</answer>", 0, 1, 1),
         ("<think>x</think><answer>red striped square, red striped circle</answer>", 1, 0, 1),  # a hedge
-        ("<think>x <answer>red striped circle\n</think><answer>red striped circle</answer>", 1, 1, 1),  # the last answer
+        # the first <answer> runs to the first </answer>, as the papers' code reads it: the truth is inside, but the
+        # text is not exactly the truth
+        ("<think>x <answer>red striped circle\n</think><answer>red striped circle</answer>", 1, 0, 1),
         ("<think>x</think><answer>red circle</answer>", 0, 0, 1),
         ("<answer>red striped circle</answer>", 1, 1, 0),
         ("<think>x</think><answer>red striped circle</answer> trailing", 1, 1, 0),

@@ -210,7 +210,7 @@ def test_cache_persisted_and_robust(tmp_path, datasets):
 
 
 def test_get_judge_rejects_unknown(datasets):
-    with pytest.raises(SystemExit, match="expected 'rules' or 'hf:"):
+    with pytest.raises(SystemExit, match="expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:"):
         common.get_judge("gpt", datasets["toy"])
 
 

@@ -191,3 +191,27 @@ def test_speciarl_stops_cleanly_when_the_server_goes_away_and_resumes(tmp_path, 
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "reward" in r][-1]
     assert last["judge/requests"] >= 1 and "judge/cache_hit_rate" in last and "judge/mean_latency_s" in last
+
+
+def test_fine_r1_teacher_behind_a_server_writes_the_rationales(tmp_path):
+    """Stage cot with --teacher openai:<model>: every seen toy class gets a rationale that passes the filter; the
+    teacher saw each image inline (a data URL of the file's bytes) with the class and its look-alikes."""
+    import fine_r1
+    behaviour = fake.Behaviour(model="teacher-model")
+    with fake.Server(behaviour) as server:
+        args = fine_r1.parse_args(["--data", "toy", "--cot-source", "teacher", "--teacher", "openai:teacher-model",
+                                   "--teacher-url", server.url, "--cot-per-class", "1", "--cot-images-per-class", "2",
+                                   "--cot-batch", "2", "--cot-samples", "2", "--out", str(tmp_path)])
+        path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))
+    records = fine_r1.read_jsonl(path)
+    seen = fine_r1.load_split(args, "train", "base").split_class_names
+    assert [r["class_name"] for r in records] == seen
+    for r in records:
+        kept, checks = fine_r1.check_rationale(r["response"], r["class_name"])
+        assert kept is not None, checks
+    shown = {fake.decode_image(url) for url in behaviour.images}
+    assert len(behaviour.images) == len(seen) * 2  # 2 images offered per class, one request each (n = 2)
+    for r in records:
+        with open(r["image"], "rb") as f:
+            assert f.read() in shown
+    assert all(url.startswith("data:image/png;base64,") for url in behaviour.images)
