@@ -13,7 +13,7 @@ Launch
   8 GPUs    torchrun --nproc 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 88 s on an idle 2-core CPU)
+  CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 164 s on an idle 2-core CPU)
 Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too); --out
 must be on a filesystem every node sees (mining shards, checkpoints).
 A 7B model with AdamW needs FSDP2 (fp32 master weights + optimizer state are ~112 GB on one GPU otherwise).

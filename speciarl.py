@@ -22,7 +22,7 @@ training images, G=10, 256 prompts per rollout batch in 2 optimizer steps, lr 3e
     torchrun --nnodes 2 --nproc 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
         speciarl.py --data cub --data-root R --parallel fsdp
 
-CPU quickstart (the tiny stand-in on the synthetic toy shapes, 48 s on an idle 2-core CPU; see the TOY PRESET block):
+CPU quickstart (the tiny stand-in on the synthetic toy shapes, 70 s on an idle 2-core CPU; see the TOY PRESET block):
 
     python speciarl.py --data toy
 
