@@ -155,6 +155,15 @@ def test_eval_with_the_server_judge_equals_the_in_process_judge(tiny, toy, tmp_p
     assert remote == local
     with open(tmp_path / "remote" / "metrics.json") as f:
         assert json.load(f)["settings"]["judge_stats"]["judge/requests"] >= 1
+    # the command line: --judge openai:<model> --judge-url, the cache in --out
+    with fake.Server(fake.Behaviour(rules_labels(toy))) as server:
+        out = str(tmp_path / "cli")
+        res = ev.main(["--model", "tiny", "--data", "toy", "--protocol", "speciarl", "--limit", "8", "--no-progress",
+                       "--max-new-tokens", "32", "--judge", "openai:judge-model", "--judge-url", server.url,
+                       "--judge-concurrency", "4", "--out", out])
+        assert res["results"]["all"]["n"] == 8 and sum(server.behaviour.pairs.values()) >= 1
+    with open(os.path.join(out, "judge_cache.jsonl")) as f:
+        assert all(json.loads(line)["judge"] == "openai:judge-model" for line in f)
 
 
 def test_speciarl_stops_cleanly_when_the_server_goes_away_and_resumes(tmp_path, monkeypatch, toy):
