@@ -17,6 +17,8 @@ Launch
 Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too); --out
 must be on a filesystem every node sees (mining shards, checkpoints).
 A 7B model with AdamW needs FSDP2 (fp32 master weights + optimizer state are ~112 GB on one GPU otherwise).
+The paper's 6 questions per step divide over 1, 2, 3 or 6 ranks; on 4 or 8 ranks the default becomes 8, on 16 ranks
+16 (the nearest multiple, said at start); pass --prompts-per-step to choose.
 
 What the file does, in order (section banners below follow it):
   1. setup        argparse (paper defaults; a toy preset fills unset flags with CPU-sized values), torchrun
@@ -182,9 +184,11 @@ def parse_args(argv=None):
                    "per step, with their rewards")
     args = p.parse_args(argv)
     preset = TOY if args.data == "toy" else PAPER
+    args.preset_filled = []  # the flags the preset chose (a preset value may be fitted to the number of ranks)
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+            args.preset_filled.append(key)
     if args.clip_eps_high is None:
         args.clip_eps_high = args.clip_eps
     args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
@@ -566,6 +570,20 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
 
 # ----- the run -----
 
+def prompts_per_step_for(args, world_size: int) -> int:
+    """Questions per optimizer step over all ranks (each rank takes an equal share). The paper's 6 does not divide
+    over 4, 8 or 16 ranks: an unset --prompts-per-step then becomes the nearest multiple of the ranks (ties upward),
+    said at start; a value the user set must divide."""
+    n = args.prompts_per_step
+    if n % world_size and "prompts_per_step" in getattr(args, "preset_filled", []):
+        fitted = max(world_size, (n + world_size // 2) // world_size * world_size)
+        common.print0(f"--prompts-per-step: the preset's {n} does not divide over {world_size} ranks; using {fitted} "
+                      f"({fitted // world_size} per rank)")
+        return fitted
+    common.require_divisible("--prompts-per-step", n, world_size, "the number of ranks")
+    return n
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -576,7 +594,7 @@ def main(argv=None):
     unknown = [n for n in reward_names if n not in REWARDS]
     if unknown or not reward_names:
         raise SystemExit(f"--rewards {args.rewards!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
-    common.require_divisible("--prompts-per-step", args.prompts_per_step, d.world_size, "the number of ranks")
+    args.prompts_per_step = prompts_per_step_for(args, d.world_size)
     prompts_per_rank = args.prompts_per_step // d.world_size
 
     # ----- 2. data -----

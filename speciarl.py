@@ -461,15 +461,21 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
     return sums
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    d, out = common.setup_run(args, f"runs/speciarl-{args.data}")
-    world = d.world_size
+def check_batches(args, world: int) -> tuple[int, int]:
+    """(images per rank, images per rank and mini-batch), refused at start when the batch arithmetic does not divide
+    (the paper's 256 images in 2 mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
     common.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
     prompts_per_rank = args.rollout_prompts // world
     common.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
                              "--minibatches")
-    prompts_per_minibatch = prompts_per_rank // args.minibatches
+    return prompts_per_rank, prompts_per_rank // args.minibatches
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d, out = common.setup_run(args, f"runs/speciarl-{args.data}")
+    world = d.world_size
+    prompts_per_rank, _ = check_batches(args, world)
     G = args.group_size
 
     # ---- data: a fixed random subset of the training split; evaluation on the test split

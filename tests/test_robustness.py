@@ -345,6 +345,29 @@ def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
     print(f"2-rank refusal took {time.time() - t0:.1f}s")
 
 
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
+def test_every_method_starts_with_its_paper_defaults_on_1_to_16_ranks(world, capsys):
+    """The README's launch lines: each method's paper batch sizes work out on 1, 2, 4, 8 and 16 ranks. DiVE-k keeps
+    the paper's 6 questions per step where it divides and otherwise takes the nearest multiple of the ranks, said at
+    start; a value the user set must still divide."""
+    import dive_k
+    import fine_r1
+    import speciarl
+    args = dive_k.parse_args(["--data", "cub"])
+    per_step = dive_k.prompts_per_step_for(args, world)
+    assert per_step == {1: 6, 2: 6, 4: 8, 8: 8, 16: 16}[world] and per_step % world == 0
+    if per_step != 6:
+        assert f"the preset's 6 does not divide over {world} ranks; using {per_step}" in capsys.readouterr().out
+    user = dive_k.parse_args(["--data", "cub", "--prompts-per-step", "6"])
+    if world in (4, 8, 16):
+        with pytest.raises(SystemExit, match="--prompts-per-step = 6 is not divisible by the number of ranks"):
+            dive_k.prompts_per_step_for(user, world)
+    per_rank, per_minibatch = speciarl.check_batches(speciarl.parse_args(["--data", "cub"]), world)
+    assert per_rank * world == 256 and per_minibatch * 2 * world == 256
+    fine_r1.check_tapo_batches(fine_r1.parse_args(["--data", "cub"]), world)  # raises SystemExit if it does not fit
+    assert fine_r1.parse_args(["--data", "cub"]).sft_batch % world == 0
+
+
 # ----- a failing rank, a NaN streak, a kill -9 mid-step: end to end on toy -----
 
 SPECIARL = ["speciarl.py", "--data", "toy", "--train-size", "8", "--rollout-prompts", "2", "--group-size", "2",
