@@ -8,8 +8,10 @@ loss and update loop. What they share lives here, in execution order:
   2. model + processor loading: any Qwen2.5-VL checkpoint, the `tiny` stand-in, random presets of the real shapes
   3. datasets: readers for the official layouts (CUB, Flowers102, Pets, Cars, Aircraft, Dogs, Food-101, a JSON/JSONL
      file of your own), the synthetic toy set, CoOp base / novel classes, few-shot sampling, class hierarchies
-  4. answer parsing, normalisation and the format check (one implementation used everywhere)
- 4b. answer judges: six verifier labels from `rules` (offline) or `hf:<model>` (an LLM scoring each label), cached
+  4. answer parsing (the first <answer>, as the papers' code), name normalisation, the format check
+ 4a. the papers' prompts, one wording for the methods, eval.py and the stand-in's pretraining
+ 4b. answer judges: six verifier labels from `rules` (offline), `hf:<model>` (an LLM scoring each label) or
+     `openai:<model>` (an LLM behind an OpenAI-compatible server), cached
   5. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
   6. per-token log-probs of completions (only at completion positions, never full-vocabulary logits)
   7. DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
