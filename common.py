@@ -1384,8 +1384,8 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
     correctness = correct / n if n else 0.0
     specificity = specific / correct if correct else 0.0
-    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness, "specificity": specificity,
-           "specificity_of_all": specific / n if n else 0.0,
+    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness,
+           "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
            "hm": 2 * specificity * correctness / (specificity + correctness) if specificity + correctness else 0.0}
     for lab in JUDGE_LABELS:
         out[f"count/{lab}"] = counts[lab]
@@ -1831,6 +1831,7 @@ class OpenAIJudge(Judge):
         super().__init__(dataset, cache_path)
         self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
         self.guided = True
+        self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
 
@@ -1852,7 +1853,7 @@ class OpenAIJudge(Judge):
         def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
             label = self._ask(pair)
             if label is not None:
-                with self.server._lock:
+                with self._cache_lock:
                     self._persist([pair], [label])
             return label
         return self.server.map(ask_and_keep, pairs)

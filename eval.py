@@ -52,7 +52,7 @@ Deviations from the papers, stated:
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
     LLM judge here and `--judge openai:<model>` one behind a server, both with our six-label prompt in the spirit
     of SpeciaRL's (its released prompt is longer and gives examples);
-    DiVE-k's released two-step scoring asks an LLM (Gemini) whether the chosen name is the truth;
+    DiVE-k's released scripts grade two-step outputs with an LLM (Gemini through OpenRouter; README says which);
   * Fine-R1's open-world "relative similarity" score (SigLIP) is not reproduced; the open protocol is judged instead;
   * every sampled answer (two_step's step 1, best-of) draws from its own random stream, seeded by --seed, the image
     and the sample's index: results do not depend on the number of ranks or on --micro-batch.
@@ -135,10 +135,6 @@ def closed_world_correct(raw: str, truth: str) -> bool:
     return found is not None and truth.lower().replace("_", " ") in found.group(1).strip().lower().replace("_", " ")
 
 
-def mcq_options_text(options: list[str]) -> str:
-    return "\n".join(f"{common.LETTERS[i]}. {name}" for i, name in enumerate(options))
-
-
 def parse_choice(answer: str | None, options: list[str]) -> int | None:
     """Index of the chosen option (strict scoring): a bare letter ('B', '(B)', 'B.'), the option's text itself, or a
     letter that starts the answer ('B. red circle', 'B) ...'). None when nothing valid was chosen.
@@ -184,8 +180,8 @@ def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int, distract
     return options
 
 
-def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS, answer_fmt: str = "species name") -> \
-        tuple[list[str], list[int], int]:
+def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
+                answer_fmt: str = "species name") -> tuple[list[str], list[int], int]:
     """Step 1 of two-step inference, as DiVE-k's released evaluation reads its samples: the first <answer> text,
     lowercased, the answer-format prefixes removed ('species name: ', 'make model: ', 'species: ', 'make and model: '
     and this dataset's own), answers of 100 characters or more skipped; then the k most frequent (counted by
