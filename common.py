@@ -2060,17 +2060,45 @@ def expand_cache(cache, repeats: int, capacity: int):
 def static_cache(model, cache, repeats: int, capacity: int):
     """transformers' StaticCache of `capacity` positions for P*G rows, filled with each prompt's prefill KV (a
     DynamicCache of P rows) G times. Fixed shapes and fixed buffer addresses: what a compiled / CUDA-graph decode step
-    needs. Attention then runs over all `capacity` positions, the unwritten ones masked by causality."""
+    needs. Attention then runs over all `capacity` positions, the unwritten ones masked by causality. Under autocast
+    (fp32 weights, bf16 compute) the buffers hold the autocast dtype and every write is cast to it, as the
+    preallocated layer does: RoPE hands over fp32 keys there while attention reads bf16."""
     from transformers import StaticCache
     static = StaticCache(config=unwrap(model).config, max_cache_len=capacity)
+    kind = cache.layers[0].keys.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     for layer, prefill in zip(static.layers, cache.layers):
         P, H, L, D = prefill.keys.shape
-        layer.lazy_initialization(prefill.keys.new_empty((P * repeats, H, 0, D)),
-                                  prefill.values.new_empty((P * repeats, H, 0, prefill.values.shape[-1])))
+        layer.lazy_initialization(prefill.keys.new_empty((P * repeats, H, 0, D), dtype=dtype or prefill.keys.dtype),
+                                  prefill.values.new_empty((P * repeats, H, 0, prefill.values.shape[-1]),
+                                                           dtype=dtype or prefill.values.dtype))
         layer.keys.view(P, repeats, H, capacity, D)[:, :, :, :L] = prefill.keys[:, None]  # row p*G+g <- prompt p
         layer.values.view(P, repeats, H, capacity, -1)[:, :, :, :L] = prefill.values[:, None]
         layer.cumulative_length.fill_(L)
+        if dtype is not None:
+            stock_update = layer.update
+            layer.update = lambda k, v, *a, _up=stock_update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
     return static
+
+
+_CACHE_KEYWORD = None
+
+
+def cache_keyword() -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x (where `past_key_values` warns on every
+    call and goes away in 5.40), `past_key_values` before (5.17 on the GPU machine)."""
+    global _CACHE_KEYWORD
+    if _CACHE_KEYWORD is None:
+        import inspect
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+        _CACHE_KEYWORD = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (`out.cache`, or `out.past_key_values` before transformers 5.2x)."""
+    return out["cache"] if "cache" in out.keys() else out.past_key_values
 
 
 def compiled_decode(model):
@@ -2080,13 +2108,42 @@ def compiled_decode(model):
     rows x capacity shape compiles again (capacity is rounded up to a multiple of 256 to make that rare)."""
     fn = model.__dict__.get("_fgrl_compiled_decode")
     if fn is None:
+        kw = cache_keyword()
+
         def decode_step(input_ids, attention_mask, position_ids, cache):  # [B, 1] ids -> [B, V] logits
             return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True).logits[:, -1]
+                         use_cache=True, **{kw: cache}).logits[:, -1]
         on_gpu = next(model.parameters()).device.type == "cuda"
         fn = torch.compile(decode_step, mode="reduce-overhead" if on_gpu else None, dynamic=False)
         model.__dict__["_fgrl_compiled_decode"] = fn
     return fn
+
+
+FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row ended?" (each look is a host sync)
+
+
+class NonFiniteLogits(RuntimeError):
+    """The policy produced NaN / inf logits while sampling."""
+
+
+def nonfinite_message(rows: torch.Tensor, step: int) -> str:
+    bad = rows.nonzero().flatten().tolist()
+    return (f"sampling stopped: the model's logits are NaN or inf (rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+            f"of {rows.numel()}, by decode step {step}). The weights or the inputs hold NaN / inf: a diverged update "
+            f"(lower the learning rate, resume from the last checkpoint), a corrupt checkpoint, or fp16 overflow "
+            f"(use bf16 or fp32, --dtype)")
+
+
+def compile_decode_problem(model) -> str | None:
+    """Why the compiled decode cannot run on this model (None if it can)."""
+    hf = unwrap(model)
+    if _fsdp_modules(hf):
+        return ("the compiled decode needs an unsharded model (one GPU, or --parallel ddp); under FSDP2 sample with "
+                "--compile-decode 0")
+    if getattr(hf.config, "_attn_implementation", None) == "flash_attention_2":
+        return ("the compiled decode attends over the whole static cache, unwritten slots included, with a mask that "
+                "flash-attention 2 ignores: use --attn sdpa with --compile-decode 1, or --compile-decode 0")
+    return None
 
 
 @torch.no_grad()
@@ -2106,16 +2163,20 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
       * light per-step sampling math: one log-sum-exp per row for the recorded log-probs (no [B, V] log-softmax
         kept), no vocabulary sort unless top_p < 1 and then only of the top candidates (`sampling_filter`), no
         processor or tokenizer call inside the loop;
-      * stop as soon as every row has produced an EOS.
+      * stop once every row has produced an EOS, looked at every FINISHED_CHECK_EVERY steps (each look waits for the
+        GPU; the extra steps only write padding, cut off at the end).
     Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
     pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
     i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
     `compile_decode` (off by default; for GPU) decodes with a static KV cache and a compiled step (`compiled_decode`):
-    the first call per shape pays the compilation; not for FSDP2-sharded models.
+    the first call per shape pays the compilation; refused for FSDP2-sharded models and with flash-attention 2
+    (`check_compile_decode`).
     `row_seeds` (one per output row, prompt-major: row p*G+g): each row samples from its own random stream (inverse
     CDF with its own uniforms) instead of `generator`, so what a row draws does not depend on which other prompts
     share the call: the same samples on 1 or 8 ranks and with any prompt batch (evaluation uses it).
     `Rollout.stats` holds the prefill and decode wall times and the number of decode steps.
+    Non-finite logits (NaN / inf weights or inputs) raise NonFiniteLogits naming the step, instead of a device-side
+    assert inside torch.multinomial.
     """
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
@@ -2139,19 +2200,18 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     G = group_size
     Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
+    if compile_decode:
+        problem = compile_decode_problem(model)
+        if problem:
+            raise ValueError(f"sample(compile_decode=True): {problem}")
     out = model(**batch, use_cache=True, logits_to_keep=1)
     if compile_decode:
-        if _fsdp_modules(model):
-            raise ValueError("sample(compile_decode=True) needs an unsharded model (one GPU or DDP), not FSDP2")
-        if torch.is_autocast_enabled(device.type):  # the static cache takes the prefill's dtype, steps write another
-            raise ValueError("sample(compile_decode=True) needs a model loaded in its compute dtype (e.g. bf16 "
-                             "weights), not fp32 weights under autocast")
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
-        cache = static_cache(model, out.past_key_values, G, capacity)
+        cache = static_cache(model, returned_cache(out), G, capacity)
         decode = compiled_decode(model)
     else:
         capacity = Lp + max_new_tokens
-        cache = expand_cache(out.past_key_values, G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
+        cache = expand_cache(returned_cache(out), G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # [B, V], B = P*G
     del out  # the prefill's outputs (its cache now lives on in `cache`)
     B, V = logits.shape
@@ -2165,7 +2225,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # preallocated outputs
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
     eos = torch.tensor(eos_ids, device=device)
+    cache_kw = cache_keyword()
     uniforms = None
     if row_seeds is not None and temperature > 0:
         if len(row_seeds) != B:
@@ -2179,6 +2241,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     for step in range(max_new_tokens):
         scores = logits * inv_t  # [B, V] temperature-scaled logits (a fresh tensor: edited in place below)
         lse = scores.logsumexp(-1)  # [B] normaliser of the policy's distribution (for the recorded log-probs)
+        bad = lse.isnan() | (lse == float("inf"))  # [B] a NaN or +inf logit in the row (sync-free: raised below)
+        nonfinite |= bad
+        scores = scores.masked_fill(bad[:, None], 0.0)  # keeps multinomial from a device assert until we raise
         scores[:, suppress] = float("-inf")
         if seen is not None:
             scores = torch.where(seen, torch.where(scores > 0, scores / repetition_penalty,
@@ -2200,19 +2265,27 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
             seen[torch.arange(B, device=device), nxt] = True
         finished |= torch.isin(nxt, eos)
         steps = step + 1
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1:
             break
+        if step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1:  # one host sync every few steps
+            if bool(nonfinite.any()):
+                raise NonFiniteLogits(nonfinite_message(nonfinite, step))
+            if bool(finished.all()):
+                break
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
         if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
             logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
             logits = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()  # [B, V]
+                           use_cache=True, **{cache_kw: cache}).logits[:, -1].float()  # [B, V]
+    if bool(nonfinite.any()):
+        raise NonFiniteLogits(nonfinite_message(nonfinite, steps - 1))
     sync()
     stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
-    tokens, token_logps = tokens[:, :steps], token_logps[:, :steps]
-    mask = completion_mask_from(tokens, eos_ids)
+    mask = completion_mask_from(tokens[:, :steps], eos_ids)
+    width = int(mask.sum(1).max()) if steps else 0  # the longest completion: steps past the last EOS wrote padding
+    tokens, token_logps, mask = tokens[:, :width], token_logps[:, :width], mask[:, :width]
     truncated = ~torch.isin(tokens, eos).any(1)
     token_logps = token_logps * mask
     texts = processor.tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad_id).tolist(), skip_special_tokens=True)
@@ -2696,6 +2769,18 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
                          f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}.")
 
 
+def check_system_flags(args):
+    """Flag combinations every script refuses at start, before anything is loaded (one message, no traceback)."""
+    if getattr(args, "compile_decode", 0):
+        if args.attn == "flash_attention_2":
+            raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "
+                             "whole static KV cache, unwritten slots included, under a mask that flash-attention 2 "
+                             "ignores. Use --attn sdpa with --compile-decode 1, or --compile-decode 0")
+        if getattr(args, "parallel", "ddp") == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
+                             "unsharded model. Use --parallel ddp, or --compile-decode 0")
+
+
 def global_token_count(mask: torch.Tensor) -> float:
     """Number of loss tokens in this optimizer step summed over all ranks (for a global token-mean)."""
     return float(all_reduce_sum(mask.sum().double().reshape(1).clone())[0])
@@ -2730,6 +2815,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="DDP or FSDP2 under torchrun")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
+    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="rollouts decode with a static KV "
+                   "cache and a torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")
     g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")
     g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
     g.add_argument("--activation-checkpointing", type=int, default=None,

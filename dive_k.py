@@ -194,6 +194,7 @@ def parse_args(argv=None):
     args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
+    common.check_system_flags(args)
     return args
 
 
@@ -280,7 +281,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
             ro = common.sample(model, processor, prompts, group_size=args.mine_samples,
                                max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
                                top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
-                               generator=gen)
+                               generator=gen, compile_decode=bool(args.compile_decode))
         K = args.mine_samples
         for i, ex in enumerate(batch):
             answers = [common.parse_answer(t) for t in ro.texts[i * K:(i + 1) * K]]
@@ -556,7 +557,7 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
             res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                     samples=args.eval_samples, micro_batch=args.eval_batch, progress=False,
-                                    scoring=args.eval_scoring,
+                                    scoring=args.eval_scoring, compile_decode=bool(args.compile_decode),
                                     out_dir=os.path.join(out, "eval", f"step_{step:07d}", group))
         result[f"eval/{group}/accuracy"] = res["accuracy"]
         result[f"eval/{group}/truth_in_options"] = res["truth_in_options"]  # step 1's ceiling for step 2
@@ -709,7 +710,8 @@ def main(argv=None):
                 common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
             ro = common.sample(model, processor, prompts, group_size=args.group_size,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=0, repetition_penalty=1.0, generator=gen)
+                               top_k=0, repetition_penalty=1.0, generator=gen,
+                               compile_decode=bool(args.compile_decode))
         row_questions = [q for q in batch for _ in range(args.group_size)]
 
         # ----- 7. reward, 8. advantage -----

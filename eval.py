@@ -82,6 +82,14 @@ SPECIFIC_PROMPT = common.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
 SCORINGS = ("paper", "strict")
+# Evaluation resolution, per protocol: the pixel budget of the paper's released evaluation. All three read images with
+# Qwen's defaults whatever the checkpoint: DiVE-k's eval/two_step_inference.py and Fine-R1's eval/evaluation.py go
+# through qwen_vl_utils.process_vision_info (4*28*28 .. 16384*28*28) and the hub processor; SpeciaRL's evaluator hands
+# native-size images to vLLM with the checkpoint's hub processor (the same bounds). eval.py applies it to every model
+# (--min-pixels / --max-pixels override), so a hub checkpoint and a trained export, whose processor keeps the
+# training budget, are scored on the same image tokens.
+EVAL_PIXELS = {"open": (3136, 12845056), "mcq": (3136, 12845056), "two_step": (3136, 12845056),
+               "speciarl": (3136, 12845056)}
 TWO_STEP_OPTIONS = 5  # DiVE-k: the 5 most frequent step-1 answers
 STEP1_MAX_CHARS = 100  # DiVE-k's two-step code skips step-1 answers of 100 characters or more
 MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
@@ -226,7 +234,8 @@ def _judged(rec: dict, raw: str) -> dict:
 
 
 def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_new_tokens, samples, best_of,
-              generator, be_specific, mcq_distractors="split", scoring="paper") -> list[dict]:
+              generator, be_specific, mcq_distractors="split", scoring="paper",
+              compile_decode=False) -> list[dict]:
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
     answer_fmt = common.answer_format(dataset.name)
@@ -258,7 +267,8 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         n = best_of or 1
         sampling = BEST_OF_SAMPLING if best_of else dict(temperature=0.0)
         roll = common.sample(model, processor, prompts, group_size=n, max_new_tokens=max_new_tokens,
-                             generator=generator, row_seeds=row_seeds(live, seed, "best_of", n), **sampling)
+                             generator=generator, row_seeds=row_seeds(live, seed, "best_of", n),
+                             compile_decode=compile_decode, **sampling)
         for i, (rec, ex, _, _) in enumerate(live):
             cands = [_judged({}, raw) for raw in roll.texts[i * n:(i + 1) * n]]
             parsed = [c for c in cands if not c["parse_failure"]]  # a failed parse is wrong without asking the judge
@@ -277,7 +287,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
 
     if protocol == "mcq":
         roll = common.sample(model, processor, prompts, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                             generator=generator)
+                             generator=generator, compile_decode=compile_decode)
         for (rec, ex, _, _), raw in zip(live, roll.texts):
             _judged(rec, raw)
             if scoring == "paper":  # the truth's name inside the answer text
@@ -294,7 +304,8 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
 
     # two_step: step 1, K sampled answers with the class list; step 2, greedy multiple choice over the top 5
     roll = common.sample(model, processor, prompts, group_size=samples, max_new_tokens=max_new_tokens,
-                         generator=generator, row_seeds=row_seeds(live, seed, "two_step", samples), **STEP1_SAMPLING)
+                         generator=generator, row_seeds=row_seeds(live, seed, "two_step", samples),
+                         compile_decode=compile_decode, **STEP1_SAMPLING)
     step2 = []
     for i, (rec, ex, _, image) in enumerate(live):
         texts = roll.texts[i * samples:(i + 1) * samples]
@@ -312,7 +323,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                        invalid_choice=False, label="wrong", no_candidates=True)
     if step2:
         roll2 = common.sample(model, processor, [p for _, p in step2], group_size=1, max_new_tokens=max_new_tokens,
-                              temperature=0.0, generator=generator)
+                              temperature=0.0, generator=generator, compile_decode=compile_decode)
         for (rec, _), raw in zip(step2, roll2.texts):
             _judged(rec, raw)
             choice = step2_choice(raw, rec["options"], scoring)
@@ -371,10 +382,11 @@ def compute_metrics(records: list[dict], protocol: str, scoring: str = "paper") 
 def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=None, seed: int = 0,
              max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
              progress: bool = True, micro_batch: int = 8, be_specific: bool = False, mcq_distractors: str = "split",
-             scoring: str = "paper", extra_settings: dict | None = None) -> dict:
+             scoring: str = "paper", compile_decode: bool = False, extra_settings: dict | None = None) -> dict:
     """Evaluate `model` on `dataset` with one protocol; call it on every rank (images are sharded
     examples[rank::world] and the records gathered). Returns the same metrics dict on every rank; rank 0 writes
-    metrics.json and predictions.jsonl to `out_dir` when given. `judge` defaults to the rules judge."""
+    metrics.json and predictions.jsonl to `out_dir` when given. `judge` defaults to the rules judge. Images are read
+    at the processor's pixel budget (eval.py sets the papers' evaluation budget, EVAL_PIXELS)."""
     if protocol not in PROTOCOLS:
         raise SystemExit(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
     if mcq_distractors not in MCQ_DISTRACTORS:
@@ -412,7 +424,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                 records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
                                      max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
                                      generator=generator, be_specific=be_specific,
-                                     mcq_distractors=mcq_distractors, scoring=scoring)
+                                     mcq_distractors=mcq_distractors, scoring=scoring,
+                                     compile_decode=compile_decode)
                 if bar is not None:
                     bar.update(len(batch))
             if bar is not None:
@@ -429,7 +442,9 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "dataset_skipped_at_load": dataset.skipped, "seed": seed, "max_new_tokens": max_new_tokens,
                     "samples": samples if protocol == "two_step" else None, "best_of": best_of,
                     "judge": getattr(judge, "name", None), "judge_stats": judge.stats() if judge is not None else None,
-                    "world_size": world, "micro_batch": micro_batch,
+                    "world_size": world, "micro_batch": micro_batch, "compile_decode": bool(compile_decode),
+                    "min_pixels": processor.image_processor.size.get("shortest_edge"),
+                    "max_pixels": processor.image_processor.size.get("longest_edge"),
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
                     "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
@@ -537,17 +552,25 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="decode with a static KV cache and "
+                   "a torch.compile'd step (CUDA graphs on GPU; not with --attn flash_attention_2) (default 0)")
     g.add_argument("--min-pixels", type=int, default=None,
-                   help="image pixel budget, lower bound (default: the checkpoint's own; papers 3136)")
+                   help="image pixel budget, lower bound (default: the paper's evaluation budget, EVAL_PIXELS: 3136)")
     g.add_argument("--max-pixels", type=int, default=None,
-                   help="image pixel budget, upper bound (default: the checkpoint's own; DiVE-k 401408 = 512*28*28)")
+                   help="image pixel budget, upper bound (default: the paper's evaluation budget, EVAL_PIXELS: "
+                        "12845056 = 16384*28*28)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check_system_flags(args)
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
+    paper_min, paper_max = EVAL_PIXELS[args.protocol]  # the same resolution for a hub model and a trained export
+    args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
+    args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
     model, processor = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.eval()
@@ -569,7 +592,8 @@ def main(argv=None) -> dict:
                                      max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
                                      out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
                                      be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
-                                     scoring=args.scoring, extra_settings=settings)
+                                     scoring=args.scoring, compile_decode=bool(args.compile_decode),
+                                     extra_settings=settings)
         except common.ServerError as e:  # the judge's server went away: what it judged is in the cache
             raise SystemExit(f"{e}. The pairs judged so far are kept in {cache or 'no cache (pass --out)'}: rerun "
                              f"the same command to continue") from None

@@ -267,6 +267,7 @@ def parse_args(argv=None):
     args.reward_weights = parse_reward_weights(args.rewards)
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
     args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
+    common.check_system_flags(args)
     return args
 
 
@@ -511,7 +512,8 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, tag: str) ->
                                         seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                         out_dir=os.path.join(out, "eval", tag, f"{protocol}_{group}"),
                                         progress=False, micro_batch=args.eval_batch,
-                                        mcq_distractors=args.mcq_distractors)
+                                        mcq_distractors=args.mcq_distractors,
+                                        compile_decode=bool(args.compile_decode))
             result[f"eval/{protocol}/{group}"] = res["accuracy"]
             result[f"eval/{protocol}/{group}_n"] = len(ds)
         if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
@@ -678,7 +680,7 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
     prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
     ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples, max_new_tokens=args.cot_max_new_tokens,
                        temperature=args.cot_temperature, top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0,
-                       generator=generator)
+                       generator=generator, compile_decode=bool(args.compile_decode))
     return ro.texts
 
 
@@ -888,7 +890,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     with compute_ctx(args):
         ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                           generator=generator, prompt_batch=args.rollout_prompt_batch)
+                           generator=generator, prompt_batch=args.rollout_prompt_batch,
+                           compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * G * i, 2 * G * (i + 1))

@@ -162,6 +162,7 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    common.check_system_flags(args)
     return args
 
 
@@ -543,7 +544,8 @@ def main(argv=None):
         with timer("sample"), common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
             rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                    repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch)
+                                    repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch,
+                                    compile_decode=bool(args.compile_decode))
         ids, mask = rollout.completion_ids, rollout.completion_mask  # [B, T], B = prompts_per_rank * G
         row_prompts = rollout.row_prompts  # [B]
 
@@ -661,7 +663,7 @@ def run_eval(args, model, proc, test, judge, out, step, log):
     model.eval()
     res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
                               max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                              be_specific=args.prompt == "specific",
+                              be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
                               out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})

@@ -362,3 +362,23 @@ def worker(out):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
+    """A trained export keeps the training pixel budget in its processor files and a hub checkpoint has Qwen's: eval.py
+    reads every model's images at the protocol's EVAL_PIXELS, so the same weights give the same predictions from a
+    directory saved with a coarser budget, and metrics.json says which budget was used."""
+    import shutil
+    coarse = str(tmp_path / "coarse")
+    shutil.copytree(common.tiny_model_dir(), coarse)
+    proc = common.load_processor(coarse, 56 * 56, 56 * 56)  # 4 image tokens instead of the stand-in's 16
+    proc.save_pretrained(coarse)
+    assert common.load_processor(coarse).image_processor.size["longest_edge"] == 56 * 56
+    runs = {}
+    for name, model in (("tiny", "tiny"), ("coarse", coarse)):
+        ev.main(["--model", model, "--data", "toy", "--protocol", "open", "--limit", "6", "--max-new-tokens",
+                 str(TOKENS), "--out", str(tmp_path / name), "--no-progress"])
+        runs[name] = read_out(str(tmp_path / name))
+    for doc, _ in runs.values():
+        assert (doc["settings"]["min_pixels"], doc["settings"]["max_pixels"]) == ev.EVAL_PIXELS["open"]
+    assert [p["raw"] for p in runs["tiny"][1]] == [p["raw"] for p in runs["coarse"][1]]
