@@ -91,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("system")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="wrapper under torchrun")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="weights and compute: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     g.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default: image-size^2)")
     g.add_argument("--activation-checkpointing", type=int, default=None,

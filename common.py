@@ -214,11 +214,17 @@ def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
         ip.size["longest_edge"] = max_pixels
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' = bf16 on GPU, fp32 on CPU."""
+DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype weights are loaded in: 'auto' = bf16 on GPU, fp32 on CPU; 'bf16-mixed' loads fp32 (bf16 is the
+    compute, see precision_for). A torch.dtype is returned as it is."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
             "fp16": torch.float16, "float16": torch.float16}[name]
 
 
@@ -296,7 +302,7 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int):
     return model, proc
 
 
-def load_model(name: str, *, device: torch.device, dtype: str = "auto", attn: str = "sdpa",
+def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
                min_pixels: int | None = None, max_pixels: int | None = None):
     """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
     built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
@@ -2456,14 +2462,67 @@ def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], comp
 
 
 # =====================================================================================================================
-# 7. DDP / FSDP2
+# 7. Precision, DDP / FSDP2
 # =====================================================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a run stores its weights in, what its forward computes in, and how the second is reached from the first:
+    'weights' (the same dtype), 'fsdp' (FSDP2's MixedPrecisionPolicy casts the gathered parameters) or 'autocast'
+    (torch.autocast around every forward: DDP, or one process whatever --parallel says, since FSDP2 only wraps a
+    model under torchrun)."""
+    weights: torch.dtype
+    compute: torch.dtype
+    via: str
+    device_type: str
+
+    def context(self):
+        """Enter around every forward (sampling, log-probs, the loss, evaluation)."""
+        if self.via == "autocast":
+            return torch.autocast(self.device_type, dtype=self.compute)
+        return contextlib.nullcontext()
+
+    @property
+    def fsdp_param_dtype(self) -> torch.dtype | None:
+        """wrap_model's param_dtype: the compute dtype when FSDP2 casts, else None."""
+        return self.compute if self.via == "fsdp" else None
+
+    def __str__(self):
+        name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+        how = {"weights": "", "fsdp": " through FSDP2 mixed precision", "autocast": " through autocast"}[self.via]
+        return f"weights {name(self.weights)}, compute {name(self.compute)}{how}"
+
+
+def precision_for(dtype: str, d: Dist, parallel: str, trained_weights: bool = True) -> Precision:
+    """The run's Precision from --dtype:
+
+      auto        GPU: bf16 compute; weights that AdamW updates stay fp32 (lr 1e-6 steps round away in bf16),
+                  frozen weights (`trained_weights=False`: LoRA's base, evaluation) are stored bf16. CPU: fp32.
+      bf16-mixed  fp32 weights, bf16 compute, on any device (on CPU through CPU autocast)
+      bf16, fp32  weights and compute in that dtype
+
+    bf16 compute over fp32 weights is FSDP2's mixed precision when the model is sharded (--parallel fsdp on several
+    ranks) and autocast otherwise. On GPU, fp32 matmuls use TF32 (torch.set_float32_matmul_precision('high'))."""
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    on_gpu = d.device.type == "cuda"
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
+    if dtype == "bf16-mixed" or (dtype == "auto" and on_gpu and trained_weights):
+        weights, compute = torch.float32, torch.bfloat16
+    else:
+        weights = compute = resolve_dtype(dtype, d.device)
+    via = "weights" if weights == compute else ("fsdp" if parallel == "fsdp" and d.distributed else "autocast")
+    return Precision(weights, compute, via, d.device.type)
+
 
 def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
-    """DDP, or FSDP2 (`fully_shard` per vision block and per decoder layer, then the root). On GPU with bf16 the
-    FSDP2 policy keeps bf16 parameters for compute and reduces gradients in fp32. Activation checkpointing recomputes
-    each layer in the backward instead of storing its activations."""
+    """DDP, or FSDP2 (`fully_shard` per vision block and per decoder layer, then the root). With a `param_dtype`
+    other than fp32 (Precision.fsdp_param_dtype) the FSDP2 policy gathers the parameters in that dtype for compute
+    and reduces gradients in fp32. One process: the model is returned as it is (its precision comes from
+    Precision.context). Activation checkpointing recomputes each layer in the backward instead of storing its
+    activations."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -2475,7 +2534,7 @@ def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: 
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = None
-        if d.device.type == "cuda" and param_dtype is not None and param_dtype != torch.float32:
+        if param_dtype is not None and param_dtype != torch.float32:
             mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         kw = {"mp_policy": mp} if mp is not None else {}
         for block in model.model.visual.blocks:
@@ -2813,7 +2872,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
     g = parser.add_argument_group("system")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="DDP or FSDP2 under torchrun")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU fp32 weights with bf16 compute, "
+                   "on CPU fp32; bf16-mixed: the same on any device; bf16 / fp32: weights and compute")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
     g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="rollouts decode with a static KV "
                    "cache and a torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")

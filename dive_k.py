@@ -61,9 +61,9 @@ Deviations from the paper and its code (every one deliberate); where the paper i
   * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
     update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
     is added per token inside the loss, as in the paper's trainer (trl 0.16). Advantages use the unbiased group std.
-  * Mixed precision: fp32 master weights with bf16 compute (FSDP2 MixedPrecisionPolicy, or autocast for DDP / one
-    GPU), where the paper used DeepSpeed ZeRO-3 with CPU offload; `--dtype bf16` keeps bf16 weights instead (less
-    memory, but lr-1e-6 updates round away in bf16).
+  * Mixed precision: fp32 master weights with bf16 compute (FSDP2 MixedPrecisionPolicy when sharded, autocast for
+    DDP and one process; common.precision_for), where the paper used DeepSpeed ZeRO-3 with CPU offload; `--dtype
+    bf16` keeps bf16 weights instead (less memory, but lr-1e-6 updates round away in bf16).
   * Rollouts use the project's prefill-once sampler (the prompt and image are encoded once per question and the KV
     cache is shared by its G completions), not HF generate with num_return_sequences.
   * --online-mining rebuilds the options from the current policy at every step (the paper's e2e "topk_dynamic"
@@ -80,7 +80,6 @@ Deviations from the paper and its code (every one deliberate); where the paper i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import math
@@ -191,7 +190,6 @@ def parse_args(argv=None):
             args.preset_filled.append(key)
     if args.clip_eps_high is None:
         args.clip_eps_high = args.clip_eps
-    args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
     common.check_system_flags(args)
@@ -277,7 +275,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
         prompts = [common.encode_prompt(processor, ex.image, prompt_text) for ex in batch]
         # a seed per batch of images: a resumed mining run (same number of ranks) samples the same answers
         gen = torch.Generator().manual_seed(seed + start)
-        with compute_ctx(args):
+        with args.precision.context():
             ro = common.sample(model, processor, prompts, group_size=args.mine_samples,
                                max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
                                top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
@@ -513,14 +511,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     return common.global_token_count(mask) / world_size
 
 
-# ----- helpers used by the loop (precision, progress) -----
-
-def compute_ctx(args):
-    """bf16 compute on GPU for DDP / one GPU (FSDP2 casts through its MixedPrecisionPolicy instead)."""
-    if args.autocast_bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
+# ----- helpers used by the loop (progress) -----
 
 def make_bar(d: common.Dist, **kw):
     if not d.is_main:
@@ -553,7 +544,7 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
     model.eval()
     result = {}
     for group, ds in eval_sets.items():
-        with compute_ctx(args):
+        with args.precision.context():
             res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                     samples=args.eval_samples, micro_batch=args.eval_batch, progress=False,
@@ -611,12 +602,10 @@ def main(argv=None):
                   f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
 
     # ----- 3. models -----
-    # fp32 master weights; on GPU the forward runs in bf16 (FSDP2 mixed precision, or autocast for DDP / one GPU)
-    on_gpu = d.device.type == "cuda"
-    master_dtype = "fp32" if args.dtype == "auto" else args.dtype
-    bf16_compute = on_gpu and args.dtype == "auto"
-    args.autocast_bf16 = bf16_compute and args.parallel == "ddp"
-    model, processor = common.load_model(args.model, device=d.device, dtype=master_dtype, attn=args.attn,
+    # fp32 master weights; on GPU the forward runs in bf16 (FSDP2 mixed precision when sharded, else autocast)
+    args.precision = common.precision_for(args.dtype, d, args.parallel)
+    common.print0(f"precision: {args.precision}")
+    model, processor = common.load_model(args.model, device=d.device, dtype=args.precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -624,12 +613,12 @@ def main(argv=None):
     if args.beta > 0:  # the frozen initial model for the KL term (none at all when beta = 0)
         # the policy's twin: same weights dtype, same wrapping, same compute (bf16 weights here would give the KL a
         # noise floor from numerics alone: under autocast the policy's residual stream stays fp32)
-        ref_model, _ = common.load_model(args.model, device=d.device, dtype=master_dtype, attn=args.attn)
+        ref_model, _ = common.load_model(args.model, device=d.device, dtype=args.precision.weights, attn=args.attn)
         ref_model.requires_grad_(False).eval()
         if args.parallel == "fsdp":
-            ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=torch.bfloat16 if bf16_compute else None)
+            ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=torch.bfloat16 if bf16_compute else None)
+                              param_dtype=args.precision.fsdp_param_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
@@ -644,7 +633,7 @@ def main(argv=None):
         model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=torch.bfloat16 if bf16_compute else None,
+        compute_dtype=args.precision.compute,
         knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
                                    "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
                "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
@@ -706,7 +695,7 @@ def main(argv=None):
         # ----- 6. rollout: G completions per question, on this rank -----
         prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(train.kind, q["options"])) for q in batch]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
-        with timer("sampling"), compute_ctx(args), \
+        with timer("sampling"), args.precision.context(), \
                 common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
             ro = common.sample(model, processor, prompts, group_size=args.group_size,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -724,7 +713,7 @@ def main(argv=None):
         row_prompts = ro.row_prompts
         ids, mask = ro.completion_ids, ro.completion_mask  # [B, T] each
         B = ids.shape[0]
-        with timer("logprobs"), compute_ctx(args):
+        with timer("logprobs"), args.precision.context():
             old_all = (common.completion_logprobs(model, processor, row_prompts, ids, mask,
                                                   temperature=args.temperature, micro_batch=args.micro_batch)
                        if args.updates_per_batch > 1 else None)  # [B, T] the sampling policy (ratio != 1 later)
@@ -745,7 +734,7 @@ def main(argv=None):
                     mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
                     grad_sync(model, k == len(starts) - 1)
                     inputs = common.scoring_inputs(model, row_prompts[rows], mb_ids, mb_mask, pad_id, d.device)
-                    with compute_ctx(args):
+                    with args.precision.context():
                         logp = common.forward_logprobs(model, inputs, mb_ids, args.temperature).float()  # [b, t]
                     old = old_all[rows, :width].to(logp) if old_all is not None else logp.detach()  # [b, t]
                     ref = ref_all[rows, :width].to(logp) if ref_all is not None else None  # [b, t]

@@ -550,7 +550,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl")
     g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    g.add_argument("--dtype", default="auto", choices=common.DTYPES, help="auto (bf16 on GPU, fp32 on CPU), "
+                   "bf16-mixed (fp32 weights, bf16 compute), bf16, fp32")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="decode with a static KV cache and "
                    "a torch.compile'd step (CUDA graphs on GPU; not with --attn flash_attention_2) (default 0)")
@@ -571,7 +572,8 @@ def main(argv=None) -> dict:
     paper_min, paper_max = EVAL_PIXELS[args.protocol]  # the same resolution for a hub model and a trained export
     args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
     args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
-    model, processor = common.load_model(args.model, device=d.device, dtype=args.dtype, attn=args.attn,
+    precision = common.precision_for(args.dtype, d, "ddp", trained_weights=False)  # nothing is updated here
+    model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.eval()
     halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
@@ -588,12 +590,13 @@ def main(argv=None) -> dict:
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
         try:
-            results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
-                                     max_new_tokens=args.max_new_tokens, samples=args.samples, best_of=args.best_of,
-                                     out_dir=out, progress=not args.no_progress, micro_batch=args.micro_batch,
-                                     be_specific=args.be_specific, mcq_distractors=args.mcq_distractors,
-                                     scoring=args.scoring, compile_decode=bool(args.compile_decode),
-                                     extra_settings=settings)
+            with precision.context():
+                results[half] = evaluate(model, processor, ds, args.protocol, judge=judge, seed=args.seed,
+                                         max_new_tokens=args.max_new_tokens, samples=args.samples,
+                                         best_of=args.best_of, out_dir=out, progress=not args.no_progress,
+                                         micro_batch=args.micro_batch, be_specific=args.be_specific,
+                                         mcq_distractors=args.mcq_distractors, scoring=args.scoring,
+                                         compile_decode=bool(args.compile_decode), extra_settings=settings)
         except common.ServerError as e:  # the judge's server went away: what it judged is in the cache
             raise SystemExit(f"{e}. The pairs judged so far are kept in {cache or 'no cache (pass --out)'}: rerun "
                              f"the same command to continue") from None

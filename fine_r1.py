@@ -80,8 +80,8 @@ Deviations from the paper and its released code (every one deliberate)
     instead of failing: the released code retried without limit.
   * The SFT warm-up follows the HF schedule the paper used: step 0 has learning rate 0, step 6 the full 5e-6.
   * Old log-probs are recomputed with one forward per rollout batch (as verl), not taken from the sampler.
-  * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy, or autocast for DDP /
-    one GPU); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP with CPU offload (RL). Rollouts use the
+  * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy when sharded, autocast
+    for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP with CPU offload (RL). Rollouts use the
     project's prefill-once sampler instead of vLLM.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
   * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
@@ -102,7 +102,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import difflib
 import gc
@@ -266,7 +265,6 @@ def parse_args(argv=None):
         raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
     args.reward_weights = parse_reward_weights(args.rewards)
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    args.autocast_bf16 = False  # set in main: bf16 autocast for DDP / one GPU
     common.check_system_flags(args)
     return args
 
@@ -453,12 +451,7 @@ def check_rationale(completion: str, truth: str,
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
-# ----- helpers used by every stage (precision, gradient sync, clipping, optimizer, evaluation) -----
-
-def compute_ctx(args):
-    """bf16 compute on GPU for DDP / one GPU (FSDP2 casts through its MixedPrecisionPolicy instead)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if args.autocast_bf16 else contextlib.nullcontext()
-
+# ----- helpers used by every stage (gradient sync, clipping, optimizer, evaluation) -----
 
 def grad_sync(model, on: bool):
     """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step (FSDP2 reduce-scatters
@@ -482,12 +475,10 @@ def make_optimizer(model, lr: float, weight_decay: float):
 
 
 def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int):
-    """The policy with fp32 master weights (bf16 compute on GPU, see compute_ctx), and its processor."""
-    on_gpu = d.device.type == "cuda"
-    master_dtype = "fp32" if args.dtype == "auto" else args.dtype
-    args.bf16_compute = on_gpu and args.dtype == "auto"
-    args.autocast_bf16 = args.bf16_compute and args.parallel == "ddp"
-    return common.load_model(path, device=d.device, dtype=master_dtype, attn=args.attn, min_pixels=min_pixels,
+    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), and its processor."""
+    args.precision = common.precision_for(args.dtype, d, args.parallel)
+    common.print0(f"precision: {args.precision}")
+    return common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, min_pixels=min_pixels,
                              max_pixels=max_pixels)
 
 
@@ -507,7 +498,7 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, tag: str) ->
     result = {}
     for protocol in args.protocols:
         for group, ds in eval_sets.items():
-            with compute_ctx(args):
+            with args.precision.context():
                 res = eval_lib.evaluate(model, processor, ds, protocol, judge=common.get_judge("rules", ds),
                                         seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                         out_dir=os.path.join(out, "eval", tag, f"{protocol}_{group}"),
@@ -607,7 +598,9 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
                                                      concurrency=args.teacher_concurrency), None
             teacher.check()
         else:
-            teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=args.dtype,
+            # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
+            frozen = common.precision_for(args.dtype, d, "ddp", trained_weights=False).compute
+            teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=frozen,
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
                                                    max_pixels=args.sft_max_pixels)
             teacher.eval()
@@ -751,14 +744,14 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     if not args.sft_train_vision:  # the paper's SFT trains the language model only (vision tower + merger frozen)
         model.model.visual.requires_grad_(False)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=torch.bfloat16 if args.bf16_compute else None)
+                              param_dtype=args.precision.fsdp_param_dtype)
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
     common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
         model, d, parallel=args.parallel, reference=False, rollout_rows=0,
         prompt_tokens=max(common.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
         new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage sft)",
+        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
         knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
                "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
                "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
@@ -791,7 +784,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
             for k, s in enumerate(micro_starts):
                 rows = [sft_example(processor, r) for r in batch[s:s + args.sft_micro_batch]]
                 grad_sync(model, k == len(micro_starts) - 1)
-                with compute_ctx(args):
+                with args.precision.context():
                     loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
                 loss = common.fault_point(step + 1, loss, at="sft")  # tests only (FGRL_FAULT)
                 (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
@@ -887,7 +880,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
         prompts += [common.encode_prompt(processor, t.anchor.image, q),
                     common.encode_prompt(processor, t.positive.image, q)]
-    with compute_ctx(args):
+    with args.precision.context():
         ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
                            generator=generator, prompt_batch=args.rollout_prompt_batch,
@@ -1105,7 +1098,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     if args.tapo_freeze_vision:
         model.model.visual.requires_grad_(False)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=torch.bfloat16 if args.bf16_compute else None)
+                              param_dtype=args.precision.fsdp_param_dtype)
     optimizer, params = make_optimizer(model, args.lr, args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
     common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
@@ -1114,7 +1107,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=torch.bfloat16 if args.bf16_compute else None, title="memory budget (stage tapo)",
+        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
         knobs={"rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
                                    "--max-new-tokens, --max-pixels",
                "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
@@ -1149,7 +1142,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         with timer("sampling"):
             warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
-            with compute_ctx(args), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
+            with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
 
                 def sample_round(round_index: int) -> list[Group]:
                     nonlocal cursor
@@ -1167,7 +1160,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         advantages = group_advantages(rewards, G2, args.adv_eps)  # [R]
 
         # ----- old log-probs (own image) and negative-image log-probs, once per rollout batch, no grad -----
-        with timer("logprobs"), compute_ctx(args):
+        with timer("logprobs"), args.precision.context():
             old_logp = common.completion_logprobs(model, processor, own, ids, mask, temperature=args.temperature,
                                                   micro_batch=args.logprob_micro_batch)  # [R, T]
             neg_logp = common.completion_logprobs(model, processor, neg, ids, mask, temperature=args.temperature,
@@ -1193,7 +1186,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
                     grad_sync(model, j == len(starts) - 1)
                     inputs = common.scoring_inputs(model, own[rows], mb_ids, mb_mask, pad_id, d.device)
-                    with compute_ctx(args):
+                    with args.precision.context():
                         logp = common.forward_logprobs(model, inputs, mb_ids, args.temperature).float()  # [b, t]
                     loss, terms = tapo_loss(
                         logp, old_logp[rows, :width].to(logp), neg_logp[rows, :width].to(logp),

@@ -190,13 +190,11 @@ def build_models(args, d):
     if args.lora_rank > 0 and not args.freeze_vision:
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
     # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
-    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute through FSDP2's mixed precision
-    weights_dtype = args.dtype
-    if args.lora_rank == 0 and args.dtype == "auto" and d.device.type == "cuda":
-        weights_dtype = "fp32"
-        if args.parallel != "fsdp" or not d.distributed:
-            common.print0("full fine-tuning with --parallel ddp (or one GPU) computes in fp32; --parallel fsdp "
-                          "computes in bf16 over the fp32 master weights")
+    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute (FSDP2 mixed precision when sharded,
+    # else autocast)
+    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
+    common.print0(f"precision: {args.precision}")
+    weights_dtype = args.precision.weights
     model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.lora_rank > 0:
@@ -207,7 +205,7 @@ def build_models(args, d):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    param_dtype = common.resolve_dtype(args.dtype, d.device)
+    param_dtype = args.precision.fsdp_param_dtype
     wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, betas=(0.9, 0.999))
@@ -225,7 +223,7 @@ def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
     if args.beta <= 0:
         return None
     ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
-    with ctx:
+    with ctx, args.precision.context():
         return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
                                           temperature=args.temperature, micro_batch=args.logprob_micro_batch)
 
@@ -440,7 +438,8 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
             with gradient_sync(model, enabled=c == len(chunks) - 1):
                 inputs = common.scoring_inputs(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
                                                pad_id, device)
-                logp = common.forward_logprobs(model, inputs, ids[chunk], args.temperature)  # [b, T]
+                with args.precision.context():
+                    logp = common.forward_logprobs(model, inputs, ids[chunk], args.temperature).float()  # [b, T]
                 loss_sum, stats = speciarl_loss(
                     logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
                     advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
@@ -503,7 +502,7 @@ def main(argv=None):
         prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=common.resolve_dtype(args.dtype, d.device) if args.parallel == "fsdp" and d.distributed else None,
+        compute_dtype=args.precision.compute,
         knobs={"rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
                "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
@@ -541,7 +540,7 @@ def main(argv=None):
             prompts = [common.encode_prompt(proc, ex.image, text) for ex in mine]
         generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
         model.eval()
-        with timer("sample"), common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
+        with timer("sample"), args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
             rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, top_k=0,
                                     repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch,
@@ -559,7 +558,7 @@ def main(argv=None):
         advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
 
         # ---- old log-probs, once, before any update (mini-batches 2.. are off-policy); reference log-probs
-        with timer("logprobs"):
+        with timer("logprobs"), args.precision.context():
             old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
                                                   micro_batch=args.logprob_micro_batch)  # [B, T]
             ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
@@ -661,10 +660,11 @@ def run_eval(args, model, proc, test, judge, out, step, log):
     of every label); collective: every rank takes part."""
     t0 = time.perf_counter()
     model.eval()
-    res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                              max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                              be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                              out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
+    with args.precision.context():
+        res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
+                                  max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
+                                  be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
+                                  out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
     common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "

@@ -61,3 +61,50 @@ def test_resume_reaches_same_parameters(parallel, tmp_path, tiny):
     b = load_file(os.path.join(resumed, "final.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_precision_is_what_the_run_reports(tiny, toy_test, capsys):
+    """--dtype, --parallel and the world size -> where the weights live and what the forward computes in. On one
+    process FSDP2 wraps nothing, so bf16 compute over fp32 weights must come from autocast there (it used to run in
+    fp32 while the memory report said bf16); sharded FSDP2 casts through its policy; fp32 matmuls on GPU use TF32."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    gpu = lambda world: common.Dist(world_size=world, device=torch.device("cuda"))  # noqa: E731 (nothing allocated)
+    before = torch.get_float32_matmul_precision()
+    try:
+        table = [  # (dtype, parallel, world, trained weights) -> (weights, compute, via)
+            (("auto", "ddp", 1, True), (fp32, bf16, "autocast")),
+            (("auto", "fsdp", 1, True), (fp32, bf16, "autocast")),  # one process: nothing sharded
+            (("auto", "ddp", 8, True), (fp32, bf16, "autocast")),
+            (("auto", "fsdp", 8, True), (fp32, bf16, "fsdp")),
+            (("auto", "fsdp", 8, False), (bf16, bf16, "weights")),  # LoRA's frozen base, evaluation
+            (("bf16", "fsdp", 8, True), (bf16, bf16, "weights")),
+            (("fp32", "ddp", 1, True), (fp32, fp32, "weights")),
+        ]
+        for (dtype, parallel, world, trained), want in table:
+            p = common.precision_for(dtype, gpu(world), parallel, trained_weights=trained)
+            assert (p.weights, p.compute, p.via) == want, (dtype, parallel, world, trained)
+            assert p.fsdp_param_dtype == (bf16 if want[2] == "fsdp" else None)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    cpu = common.Dist()
+    assert common.precision_for("auto", cpu, "fsdp").compute == fp32 and torch.get_float32_matmul_precision() == before
+    with pytest.raises(SystemExit, match="--dtype fp16"):
+        common.precision_for("fp16", cpu, "ddp")
+
+    # behaviour: one process, --parallel fsdp, bf16-mixed on this CPU: the model stays fp32, the forward is bf16
+    model, proc = tiny
+    p = common.precision_for("bf16-mixed", cpu, "fsdp")
+    assert common.wrap_model(model, cpu, "fsdp", param_dtype=p.fsdp_param_dtype) is model
+    prompt = common.encode_prompt(proc, toy_test.examples[0].image, "Classify the image.")
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    try:
+        with torch.no_grad(), p.context():
+            model(**common.collate_prompts(model, [prompt], 0, "cpu"), logits_to_keep=1)
+    finally:
+        hook.remove()
+    assert seen == [bf16] and next(model.parameters()).dtype == fp32
+    common.report_memory_budget(model, cpu, parallel="fsdp", reference=False, rollout_rows=0, prompt_tokens=10,
+                                new_tokens=10, train_rows=1, activation_checkpointing=False, compute_dtype=p.compute)
+    assert "weights float32, compute bfloat16" in capsys.readouterr().out

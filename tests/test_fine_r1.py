@@ -478,6 +478,7 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
     asks the same question with the negative image; each row is scored against the anchor's class."""
     model, proc = tiny
     args = fine_r1.parse_args(["--data", "toy", "--group-size", "2", "--max-new-tokens", "12", "--closed-frac", "0.5"])
+    args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # what main sets
     train = fine_r1.load_split(args, "train", "base", shots=4)
     by_class = {}
     for ex in train.examples:

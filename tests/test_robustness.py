@@ -221,6 +221,7 @@ def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny
     import dive_k
     args = dive_k.parse_args(["--data", "toy", "--mine-samples", "2", "--mine-max-new-tokens", "8",
                               "--mine-batch", "4"])
+    args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # what main sets
     train = common.load_dataset("toy", "train", classes="base", limit=4, seed=0)
     # a previous run mined two images, then was killed in the middle of writing the third record
     cached = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "counts": {}, "n_samples": 2, "n_valid": 0,

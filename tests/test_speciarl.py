@@ -244,6 +244,7 @@ def test_lora_only_adapters_train(lora_model):
     assert all(".language_model.layers." in n for n in trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = speciarl.parse_args(["--data", "toy", "--minibatches", "2", "--micro-batch", "3", "--beta", "0.01"])
+    args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # what main sets
     _, prompts = _inputs(model, proc, n=2)
     G = 3
     ro = common.sample(model, proc, prompts, group_size=G, max_new_tokens=12, temperature=1.0,
