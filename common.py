@@ -224,8 +224,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
         return name
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-            "fp16": torch.float16, "float16": torch.float16}[name]
+    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+            "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[name]
 
 
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights
@@ -2688,19 +2688,85 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def export_hf(model, processor, path: str, state_dict: dict | None = None):
-    """Write a standard Hugging Face directory (config, safetensors, tokenizer and processor files) that
-    `from_pretrained`, eval.py and `load_model` read. Collective under FSDP2: call it on every rank."""
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtype
+STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
+
+
+def tied_weight_names(hf) -> list[str]:
+    """Parameters that are the same tensor as another one (Qwen2.5-VL-3B's lm_head is its input embedding): a
+    checkpoint stores them once."""
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    if not (getattr(config, "tie_word_embeddings", False) or getattr(hf.config, "tie_word_embeddings", False)):
+        return []
+    return list(getattr(hf, "_tied_weights_keys", None) or [])
+
+
+def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype: str = "bf16"):
+    """Write the file set of a hub Qwen2.5-VL checkpoint, which `from_pretrained` with plain transformers classes
+    (AutoProcessor, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration), vLLM, eval.py and
+    `load_model` read:
+
+      config.json, generation_config.json   the model's, with the weights' dtype
+      model*.safetensors                    weights in `dtype` (bf16 by default, as on the hub; fp32 for exact
+                                            copies), tied weights stored once
+      tokenizer.json, tokenizer_config.json the tokenizer (with the chat template), naming the stock processor
+      chat_template.json                    the chat template
+      preprocessor_config.json              the image processor (the run's pixel budget as size and as
+                                            min_pixels / max_pixels), naming the stock processor class
+
+    Collective under FSDP2: call it on every rank. Written to a temporary folder, then renamed into place."""
+    if dtype not in EXPORT_DTYPES:
+        raise SystemExit(f"--export-dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
     sd = state_dict if state_dict is not None else full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         hf = unwrap(model)
+        torch_dtype = EXPORT_DTYPES[dtype]
+        tied = set(tied_weight_names(hf))
+        sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items() if k not in tied}
         hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        _set_json(os.path.join(tmp, "config.json"), lambda c: c.update(
+            {"dtype" if "dtype" in c else "torch_dtype": str(torch_dtype).replace("torch.", "")}))
         processor.save_pretrained(tmp)
+        _stock_processor_files(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     barrier()
+
+
+def _set_json(path: str, edit: Callable[[dict], Any]):
+    with open(path) as f:
+        doc = json.load(f)
+    edit(doc)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _stock_processor_files(folder: str):
+    """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
+    chat_template.jinja) into a hub checkpoint's files (preprocessor_config.json naming Qwen2_5_VLProcessor,
+    chat_template.json)."""
+    with open(os.path.join(folder, "processor_config.json")) as f:
+        image = json.load(f)["image_processor"]
+    os.remove(os.path.join(folder, "processor_config.json"))
+    size = image.get("size") or {}
+    image.update(min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
+                 processor_class=STOCK_PROCESSOR)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(image, f, indent=2, sort_keys=True)
+        f.write("\n")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    with open(jinja) as f:
+        template = f.read()
+    os.remove(jinja)
+    with open(os.path.join(folder, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": template}, f, indent=2)
+        f.write("\n")
+    # the tokenizer carries the template too (as on the hub), for tools that read the tokenizer alone
+    _set_json(os.path.join(folder, "tokenizer_config.json"),
+              lambda c: c.update(processor_class=STOCK_PROCESSOR, chat_template=template))
 
 
 # =====================================================================================================================
@@ -2881,6 +2947,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
     g.add_argument("--activation-checkpointing", type=int, default=None,
                    help="recompute activations in the backward (default: on for GPU, off for CPU)")
+    g.add_argument("--export-dtype", default="bf16", choices=list(EXPORT_DTYPES), help="weights of the exported "
+                   "final/ model: bf16 (as hub checkpoints) or fp32 (an exact copy of fp32 master weights)")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     g.add_argument("--max-nonfinite", type=int, default=5, help="optimizer steps in a row with a NaN / inf loss or "
                    "gradient (each one skipped) that stop the run with a checkpoint (0 = never stop)")

@@ -788,7 +788,7 @@ def main(argv=None):
         bar.close()
 
     # ----- export -----
-    common.export_hf(model, processor, os.path.join(out, "final"))
+    common.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
     common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
     common.cleanup_distributed()
     return out

@@ -81,8 +81,9 @@ Deviations from the paper and its released code (every one deliberate)
   * The SFT warm-up follows the HF schedule the paper used: step 0 has learning rate 0, step 6 the full 5e-6.
   * Old log-probs are recomputed with one forward per rollout batch (as verl), not taken from the sampler.
   * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy when sharded, autocast
-    for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP with CPU offload (RL). Rollouts use the
-    project's prefill-once sampler instead of vLLM.
+    for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP
+    with CPU offload (RL). Rollouts use the project's prefill-once sampler instead of vLLM. final/ is exported in
+    bf16 (--export-dtype), as the paper's checkpoints; TAPO starts from the SFT export.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
   * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
     the truth's name is in the answer), 4 options shuffled per image (the released files always list the truth
@@ -812,7 +813,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                                    {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
             guard.stop(sft_out)
-    common.export_hf(model, processor, final)
+    common.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
     del model, optimizer
     release_memory()
@@ -1142,7 +1143,8 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
         with timer("sampling"):
             warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
-            with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
+            with args.precision.context(), \
+                    common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
 
                 def sample_round(round_index: int) -> list[Group]:
                     nonlocal cursor
@@ -1243,7 +1245,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
             guard.stop(tapo_out)
         if done:
             break
-    common.export_hf(model, processor, final)
+    common.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     del model, optimizer
     release_memory()

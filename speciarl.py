@@ -540,7 +540,8 @@ def main(argv=None):
             prompts = [common.encode_prompt(proc, ex.image, text) for ex in mine]
         generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
         model.eval()
-        with timer("sample"), args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
+        with timer("sample"), args.precision.context(), \
+                common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
             rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, top_k=0,
                                     repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch,
@@ -594,7 +595,7 @@ def main(argv=None):
                 common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
 
     # ---- export: adapters merged into plain weights, a standard Hugging Face directory
-    common.export_hf(model, proc, os.path.join(out, "final"))
+    common.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
     common.print0(f"final model: {os.path.join(out, 'final')}")
     common.cleanup_distributed()
 

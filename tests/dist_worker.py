@@ -54,7 +54,7 @@ if mode == "step":
     # the sharded model still trains after sampling
     loss = policy_loss(wrapped, prompts, mine)
     loss.backward()
-    common.export_hf(wrapped, proc, os.path.join(out, "export"))
+    common.export_hf(wrapped, proc, os.path.join(out, "export"), dtype="fp32")
     if d.is_main:
         open(os.path.join(out, "ok"), "w").write("ok")
 elif mode == "train":

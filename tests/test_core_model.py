@@ -1,4 +1,7 @@
 """Loading, saving and the tiny stand-in."""
+import copy
+import importlib.util
+import json
 import os
 
 import torch
@@ -14,7 +17,7 @@ def _inputs(proc, images, text="Classify the image."):
 def test_save_reload_identical(tiny, toy_test, tmp_path):
     model, proc = tiny
     path = str(tmp_path / "export")
-    common.export_hf(model, proc, path)
+    common.export_hf(model, proc, path, dtype="fp32")  # an exact copy
     assert os.path.exists(os.path.join(path, "model.safetensors"))
     model2, proc2 = common.load_model(path, device=torch.device("cpu"))
     model2.eval()
@@ -63,3 +66,73 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(SystemExit, match="qwen2_5_vl"):
         common.load_model(str(tmp_path / "other"), device=torch.device("cpu"))
+
+
+HUB_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.json", "preprocessor_config.json"}
+
+
+def test_export_is_a_hub_checkpoint_that_plain_transformers_reads(tiny, toy_test, tmp_path):
+    """final/ has a hub checkpoint's file set (no processor_config.json naming this project's class), bf16 weights by
+    default, and loads with plain transformers classes: the image processor and tokenizer encode a prompt exactly as
+    the run's processor, and the model gives the log-probs of the run's model in bf16. (AutoProcessor itself also
+    builds a video processor, which needs torchvision: checked where torchvision is installed.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    model, proc = tiny
+    path = str(tmp_path / "final")
+    common.export_hf(model, proc, path)
+    assert set(os.listdir(path)) == HUB_FILES
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    size = proc.image_processor.size
+    assert pre["processor_class"] == "Qwen2_5_VLProcessor"
+    assert (pre["min_pixels"], pre["max_pixels"]) == (size["shortest_edge"], size["longest_edge"])
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        assert json.load(f)["processor_class"] == "Qwen2_5_VLProcessor"
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert len(weights) == len(model.state_dict())
+
+    image_processor, tokenizer = AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template == proc.chat_template
+    plain = common.processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=tokenizer.chat_template)
+    image = toy_test.examples[0].image
+    a, b = (common.encode_prompt(p, image, common.SPECIARL_PROMPT) for p in (proc, plain))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+    if importlib.util.find_spec("torchvision") is not None:
+        assert type(AutoProcessor.from_pretrained(path)).__name__ == "Qwen2_5_VLProcessor"
+
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    assert reloaded.dtype == torch.bfloat16
+    run_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ro = common.sample(model, proc, [a], group_size=2, max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    lp = [common.completion_logprobs(m, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask)
+          for m in (reloaded, run_bf16, model)]
+    ours = run_bf16.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in reloaded.state_dict().items())  # the run's weights, in bf16
+    assert (lp[0] - lp[1]).abs().max() < 0.01  # bf16 arithmetic; buffers such as RoPE's are rebuilt on load (3e-4)
+    assert (lp[0] - lp[2]).abs().max() < 0.1  # bf16 weights against the fp32 run (0.016 measured)
+
+
+def test_tied_embeddings_are_exported_once(tiny, toy_test, tmp_path):
+    """Qwen2.5-VL-3B ties lm_head to the input embedding: the export stores the tensor once and reloads tied."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    model, proc = tiny
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = Qwen2_5_VLForConditionalGeneration(config).eval()
+    assert tied.lm_head.weight is tied.model.language_model.embed_tokens.weight
+    path = str(tmp_path / "tied")
+    common.export_hf(tied, proc, path, dtype="fp32")
+    names = set(load_file(os.path.join(path, "model.safetensors")))
+    assert "lm_head.weight" not in names and len(names) == len(tied.state_dict()) - 1
+    again, _ = common.load_model(path, device=torch.device("cpu"))
+    assert again.lm_head.weight.data_ptr() == again.model.language_model.embed_tokens.weight.data_ptr()
+    inputs = common.collate_prompts(tied, [common.encode_prompt(proc, toy_test.examples[0].image, "Classify.")], 0,
+                                    "cpu")
+    with torch.no_grad():
+        assert torch.equal(tied(**inputs).logits, again.eval()(**inputs).logits)

@@ -14,7 +14,8 @@ from conftest import torchrun
 import common
 
 # 13 training images mined 3 at a time: 7 on rank 0, 6 on rank 1 (3 and 2 sampling calls: uneven on purpose)
-ARGS = ["dive_k.py", "--data", "toy", "--train-limit", "13", "--mine-batch", "3", "--mine-samples", "3",
+ARGS = ["dive_k.py", "--data", "toy", "--export-dtype", "fp32",
+        "--train-limit", "13", "--mine-batch", "3", "--mine-samples", "3",
         "--mine-max-new-tokens", "24", "--max-new-tokens", "24", "--group-size", "4", "--prompts-per-step", "4",
         "--micro-batch", "3", "--beta", "0.04", "--loss-agg", "token", "--save-every", "1",
         "--eval-every", "2", "--eval-classes", "base,novel", "--eval-limit", "3", "--eval-samples", "2",

@@ -16,7 +16,8 @@ from conftest import ROOT, torchrun
 # 12 rationales (one per seen class); SFT: 2 steps of 4 samples, one sample per micro-batch (so the 2-rank mean of
 # per-sample losses is the same number as the 1-process mean); TAPO: one rollout batch of 4 triplets x (2 + 2)
 # responses, 2 optimizer steps; evaluation on 4 images per class group.
-FLAGS = ["fine_r1.py", "--data", "toy", "--cot-per-class", "1", "--sft-batch", "4", "--sft-micro-batch", "1",
+FLAGS = ["fine_r1.py", "--data", "toy", "--export-dtype", "fp32",
+         "--cot-per-class", "1", "--sft-batch", "4", "--sft-micro-batch", "1",
          "--sft-epochs", "0.6", "--rollout-batch", "4", "--sample-prompts", "4", "--prompts-per-step", "2",
          "--group-size", "2", "--max-new-tokens", "24", "--micro-batch", "2", "--logprob-micro-batch", "4",
          "--max-sample-rounds", "2", "--max-steps", "2", "--save-every", "1", "--eval-limit", "4",

@@ -371,7 +371,8 @@ def test_every_method_starts_with_its_paper_defaults_on_1_to_16_ranks(world, cap
 
 # ----- a failing rank, a NaN streak, a kill -9 mid-step: end to end on toy -----
 
-SPECIARL = ["speciarl.py", "--data", "toy", "--train-size", "8", "--rollout-prompts", "2", "--group-size", "2",
+SPECIARL = ["speciarl.py", "--data", "toy", "--export-dtype", "fp32",
+            "--train-size", "8", "--rollout-prompts", "2", "--group-size", "2",
             "--minibatches", "1", "--eval-every", "0", "--log-rollouts", "0", "--save-every", "1"]
 
 
@@ -450,7 +451,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     assert len(keys) == len(set(keys))  # pairs already in the cache were not judged (and appended) again
 
 
-FINE_R1_TAPO = ["fine_r1.py", "--data", "toy", "--stage", "tapo", "--rollout-batch", "2", "--sample-prompts", "2",
+FINE_R1_TAPO = ["fine_r1.py", "--data", "toy", "--export-dtype", "fp32",
+                "--stage", "tapo", "--rollout-batch", "2", "--sample-prompts", "2",
                 "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "4",
                 "--logprob-micro-batch", "8", "--max-sample-rounds", "1", "--max-steps", "4", "--save-every", "2",
                 "--eval-every", "-1"]

@@ -84,7 +84,7 @@ def worker(mode, case_path, out):
         if d.is_main:
             results[parallel] = adapters(sd)
         # export from the wrapped (under FSDP2: sharded) LoRA model: merged plain weights
-        common.export_hf(wrapped, proc, os.path.join(out, f"export_{parallel}"))
+        common.export_hf(wrapped, proc, os.path.join(out, f"export_{parallel}"), dtype="fp32")
     if d.is_main:
         torch.save(results, os.path.join(out, "adapters.pt"))
     common.cleanup_distributed()
@@ -157,7 +157,7 @@ def test_fsdp_full_finetuning_run(tmp_path):
     from conftest import torchrun
     out = str(tmp_path / "fsdp")
     proc = torchrun(["speciarl.py", *RUN_FLAGS, "--parallel", "fsdp", "--lora-rank", "0", "--lr", "1e-4",
-                     "--max-steps", "2", "--out", out])
+                     "--max-steps", "2", "--export-dtype", "fp32", "--out", out])
     assert "LoRA" not in proc.stdout
     train = _check_run(out, 2)
     assert all(r["kl"] >= 0 for r in train) and train[-1]["kl"] > 0  # the reference copy is really used
