@@ -289,14 +289,17 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
     return tok, special_ids
 
 
-def build_random_preset(name: str, min_pixels: int, max_pixels: int):
+def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32):
     """A random-initialised Qwen2.5-VL with the published 3B / 7B shapes and a small tokenizer whose special tokens
-    sit at the real ids. For speed and memory measurements only: its outputs are noise."""
+    sit at the real ids, built directly on `device` in `dtype` (no host copy, no fp32 copy first). For speed and
+    memory measurements only: its outputs are noise."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     spec = dict(RANDOM_PRESETS[name])
     tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300, QWEN_SPECIAL_IDS)
     cfg = qwen_vl_config(special_ids=special, **spec)
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
     proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
                              chat_template=CHAT_TEMPLATE)
     return model, proc
@@ -306,7 +309,11 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
                min_pixels: int | None = None, max_pixels: int | None = None):
     """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
     built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
-    bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed)."""
+    bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed).
+
+    The weights go straight to `device` in `dtype`: a checkpoint is read tensor by tensor from its (memory-mapped)
+    safetensors onto the device, a random preset is initialised there. No rank holds a host copy of the model, nor a
+    copy in another dtype; under FSDP2 each rank holds one full copy on its GPU until wrap_model shards it."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
     if attn == "flash_attention_2":
@@ -316,8 +323,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
             raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
                              "(pip install flash-attn); use --attn sdpa")
     if name in RANDOM_PRESETS:
-        model, proc = build_random_preset(name, min_pixels or 3136, max_pixels or 401408)
-        model = model.to(device=device, dtype=torch_dtype)
+        model, proc = build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype)
         model.set_attn_implementation(attn)
         return model, proc
     path = tiny_model_dir() if name == "tiny" else name
@@ -335,8 +341,16 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         if model_type != "qwen2_5_vl":
             raise SystemExit(f"--model {path}: config.json says model_type={model_type!r}; this project trains "
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
-    model.to(device)
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is not None:  # transformers needs it for any device_map
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
+                                                                   device_map={"": device})
+    else:
+        if device.type != "cpu":
+            print0("note: the accelerate package is not installed, so the weights pass through host memory on their "
+                   "way to the GPU (pip install accelerate reads them straight onto it)")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+        model.to(device)
     proc = load_processor(path, min_pixels, max_pixels)
     return model, proc
 
@@ -2342,13 +2356,16 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
 
+LOGPROB_CHUNK = 256  # completion positions projected onto the vocabulary at a time when scoring
+
+
 def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     scaled = logits.float() / temperature  # [b, t, V] fp32 only for one chunk at a time
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # [b, t]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 256) -> torch.Tensor:
+                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """log softmax(logits / T)[target] in chunks of `chunk` positions. Each chunk is recomputed in the backward
     (activation checkpointing), so full-vocabulary fp32 logits never exist for more than one chunk at a time."""
     outs = []
@@ -2367,7 +2384,7 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk: int = 256) -> torch.Tensor:
+                    chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions, the vocabulary projection done inside each
     chunk and recomputed in the backward: no logits of the whole micro-batch exist, neither in the model's dtype nor in
     fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]."""
@@ -3346,12 +3363,14 @@ MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag n
     "gathered parameters": "none but a smaller model: FSDP2 holds the whole model in compute precision while sampling",
     "rollout KV cache": "fewer images per sampling call, a smaller --group-size, --max-new-tokens or --max-pixels",
     "activations": "a smaller --micro-batch; --activation-checkpointing 1",
+    "logits": "a smaller --micro-batch (rows scored at once); fewer rows per sampling call",
+    "load peak": "--dtype bf16 (weights in bf16); under FSDP2 each GPU holds one whole copy until it is sharded",
 }
 
 
 def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
                   master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
-                  prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0,
+                  prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   activation_checkpointing: bool = False) -> dict[str, float]:
     """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
 
@@ -3360,10 +3379,17 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
       frozen reference     n_params x master bytes                      / shards       (a second model for a KL,
                                                                                         the policy's twin)
-      gathered parameters  n_params x compute bytes x (1 - 1/shards)    (FSDP2 unshards the model for sampling)
+      gathered parameters  n_params x compute bytes, when sharded       (FSDP2 gathers a whole copy in the compute
+                                                                         dtype for sampling, beside the shards)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
       activations (rough)  train_rows x (prompt + new tokens) x compute bytes x (layers x (6 hidden + 4 intermediate)),
                            with checkpointing layers x hidden + one layer's (6 hidden + 4 intermediate)
+      logits (transient)   the larger of scoring, logit_rows x min(new tokens, LOGPROB_CHUNK) x vocab x (compute
+                           bytes + 8: the projection, its fp32 copy and the log-sum-exp's), and sampling,
+                           rollout rows x vocab x 24 (fp32 logits, scores, probabilities and a float64 CDF)
+    and, not added to the others since it is over before they exist:
+      load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy on the GPU
+                           until wrap_model shards it (the policy is sharded before the reference loads)
     Not counted: the vision tower's activations, the CUDA context and allocator slack (add 10-20%)."""
     shards = world_size if parallel == "fsdp" else 1
     tc = text_config
@@ -3372,14 +3398,19 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     tokens = prompt_tokens + new_tokens
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
+    logit_rows = train_rows if logit_rows is None else logit_rows
+    scoring = logit_rows * min(new_tokens, LOGPROB_CHUNK) * tc.vocab_size * (compute_bytes + 8)
+    sampling = rollout_rows * tc.vocab_size * 24
     return {
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
         "optimizer states": 2 * n_trainable * master_bytes / shards,
         "frozen reference": n_params * master_bytes / shards if reference else 0.0,
-        "gathered parameters": n_params * compute_bytes * (1 - 1 / shards),
+        "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
         "activations": float(train_rows * tokens * compute_bytes * stored),
+        "logits": float(max(scoring, sampling)),
+        "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
 
 
@@ -3399,11 +3430,12 @@ def _gib(n: float) -> str:
 
 def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, rollout_rows: int, prompt_tokens: int,
                          new_tokens: int, train_rows: int, activation_checkpointing: bool,
-                         compute_dtype: torch.dtype | None = None, knobs: dict[str, str] | None = None,
-                         title: str = "memory budget") -> dict[str, float]:
+                         compute_dtype: torch.dtype | None = None, logit_rows: int | None = None,
+                         knobs: dict[str, str] | None = None, title: str = "memory budget") -> dict[str, float]:
     """Count the model's parameters (total and trainable, after freezing / LoRA), estimate the memory per GPU
-    (memory_budget) and print it on rank 0, largest component first, each with the knobs that reduce it. Returns the
-    estimate in bytes by component."""
+    (memory_budget) and print it on rank 0, largest component first, each with the knobs that reduce it, then the
+    load peak. The estimate is the larger of the training total and the load peak. Returns the estimate in bytes by
+    component."""
     hf = unwrap(model)
     params = list(hf.parameters())
     n_params = sum(p.numel() for p in params)
@@ -3414,8 +3446,9 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
                            world_size=d.world_size, parallel=parallel, master_bytes=master.itemsize,
                            compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
-                           activation_checkpointing=activation_checkpointing)
-    total = sum(budget.values())
+                           logit_rows=logit_rows, activation_checkpointing=activation_checkpointing)
+    steady = {k: v for k, v in budget.items() if k != "load peak"}
+    total = max(sum(steady.values()), budget["load peak"])
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
@@ -3423,8 +3456,9 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
     lines = [f"{title} per GPU, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
              f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
              f"rows): {_gib(total)}. Largest first, with what reduces it:"]
-    for i, (part, size) in enumerate(sorted(((k, v) for k, v in budget.items() if v > 0), key=lambda kv: -kv[1])):
+    for i, (part, size) in enumerate(sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])):
         lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
+    lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
     if d.device.type == "cuda":
         have = torch.cuda.get_device_properties(d.device).total_memory
         lines.append(f"  this GPU has {_gib(have)}" + (": the estimate does NOT fit, use the knobs above in order"

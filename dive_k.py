@@ -609,6 +609,8 @@ def main(argv=None):
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
+    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
+                              param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
     ref_model = None
     if args.beta > 0:  # the frozen initial model for the KL term (none at all when beta = 0)
         # the policy's twin: same weights dtype, same wrapping, same compute (bf16 weights here would give the KL a
@@ -617,8 +619,6 @@ def main(argv=None):
         ref_model.requires_grad_(False).eval()
         if args.parallel == "fsdp":
             ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
-    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=args.precision.fsdp_param_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]

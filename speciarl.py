@@ -501,9 +501,11 @@ def main(argv=None):
         model, d, parallel=args.parallel, reference=ref is not None, rollout_rows=min(args.sample_batch,
         prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=args.precision.compute,
-        knobs={"rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
+               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
                "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
                "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})

@@ -136,10 +136,15 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     ckpt = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
                                 new_tokens=14, activation_checkpointing=True)
     assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
+    V = tc.vocab_size
+    assert one["logits"] == max(3 * 14 * V * (4 + 8), 10 * V * 24)  # rows x min(new, 256) x vocab x bytes
+    assert one["load peak"] == 4 * n  # one process: the model as it stays
     fsdp = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, world_size=4, parallel="fsdp",
-                                compute_bytes=2, reference=True)
+                                compute_bytes=2, reference=True, train_rows=2, logit_rows=8, new_tokens=1000)
     assert fsdp["parameters"] == n and fsdp["optimizer states"] == 2 * n and fsdp["frozen reference"] == n
-    assert fsdp["gathered parameters"] == 2 * n * 3 / 4
+    assert fsdp["gathered parameters"] == 2 * n  # a whole bf16 copy beside the fp32 shards while sampling
+    assert fsdp["logits"] == 8 * 256 * V * (2 + 8)  # scored 256 positions at a time
+    assert fsdp["load peak"] == 4 * n * (1 + 1 / 4)  # the reference loads whole beside the sharded policy
     # printed at start: the total, then each component largest first with what reduces it
     budget = common.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
                                          prompt_tokens=600, new_tokens=1000, train_rows=2,
@@ -147,7 +152,9 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     out = capsys.readouterr().out
     assert "memory budget per GPU, estimated" in out and f"{n:,} parameters" in out
     rows = re.findall(r"^\s+(\d)\. (.+?)\s+([\d.]+) (GiB|MiB|KiB)\s+<- (.+)$", out, re.M)
-    assert [r[1] for r in rows] == sorted((k for k, v in budget.items() if v > 0), key=lambda k: -budget[k])
+    steady = {k: v for k, v in budget.items() if k != "load peak"}
+    assert [r[1] for r in rows] == sorted((k for k, v in steady.items() if v > 0), key=lambda k: -budget[k])
+    assert "while loading:" in out
     assert rows[0][1] == "rollout KV cache" and rows[0][4] == "--sample-batch"  # 400 rows x 1600 tokens dominate
 
 
