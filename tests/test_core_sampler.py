@@ -49,7 +49,7 @@ def test_autocast_keeps_the_rollout_cache_in_the_compute_dtype(tiny, toy_test):
         batch = common.collate_prompts(model, prompts, pad, "cpu")
         out = model(**batch, use_cache=True, logits_to_keep=1)
         width = batch["input_ids"].shape[1]
-        cache = common.expand_cache(out.past_key_values, 3, width + 8)
+        cache = common.expand_cache(common.returned_cache(out), 3, width + 8)
         for layer in cache.layers:
             assert [b.dtype for b in layer.buffers] == [torch.bfloat16] * 2 and layer.dtype == torch.bfloat16
             assert layer.buffers[0].shape == (6, 2, width + 8, 32) and layer.keys.shape[2] == width
@@ -177,3 +177,23 @@ def test_token_logprobs_chunked_grad_matches_plain():
     ga, = torch.autograd.grad(a.sum(), logits)
     gb, = torch.autograd.grad(b.sum(), logits)
     assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_sampler_passes_the_cache_under_its_current_name(tiny, toy_test, monkeypatch):
+    """transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name warns on every call and goes
+    away in 5.40): the sampler and the compiled step use whichever name the installed version's forward takes."""
+    import inspect
+    import warnings
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import generic
+    params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+    assert common.cache_keyword() == ("cache" if "cache" in params else "past_key_values")
+    model, proc = tiny
+    told = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: told.append(msg), raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        common.sample(model, proc, _prompts(proc, toy_test.examples[:1]), group_size=2, max_new_tokens=6,
+                      generator=torch.Generator().manual_seed(0))
+    said = told + [str(w.message) for w in caught]
+    assert not [m for m in said if "past_key_values" in m], said

@@ -382,3 +382,22 @@ def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
     for doc, _ in runs.values():
         assert (doc["settings"]["min_pixels"], doc["settings"]["max_pixels"]) == ev.EVAL_PIXELS["open"]
     assert [p["raw"] for p in runs["tiny"][1]] == [p["raw"] for p in runs["coarse"][1]]
+
+
+def test_compiled_decode_flag_reaches_every_sampling_call(tmp_path, monkeypatch):
+    """--compile-decode 1 decodes two_step's both steps with the static cache and compiled step (torch.compile is
+    the identity here, to keep the test fast): the same predictions as the default decode, recorded in settings."""
+    import torch
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    calls = []
+    real = common.sample
+    monkeypatch.setattr(common, "sample", lambda *a, **kw: calls.append(kw["compile_decode"]) or real(*a, **kw))
+    docs = []
+    for flag in ("0", "1"):
+        out = str(tmp_path / f"compiled{flag}")
+        ev.main(["--model", "tiny", "--data", "toy", "--protocol", "two_step", "--limit", "3", "--samples", "2",
+                 "--max-new-tokens", str(TOKENS), "--out", out, "--no-progress", "--compile-decode", flag])
+        docs.append(read_out(out))
+    assert calls == [False, False, True, True]  # step 1 and step 2 of each run
+    assert docs[1][0]["settings"]["compile_decode"] is True and docs[0][0]["settings"]["compile_decode"] is False
+    assert [p["raw"] for p in docs[0][1]] == [p["raw"] for p in docs[1][1]]

@@ -41,6 +41,7 @@ def prompts_for(proc):
 def run_update(model, proc, case, prompt_ids):
     """update_policy on the rows of `prompt_ids` (whole groups), plain SGD so the comparison is not washed out."""
     args = speciarl.parse_args(UPDATE_FLAGS)
+    args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # fp32 on CPU, as main sets
     prompts = prompts_for(proc)
     rows = [p * G + j for p in prompt_ids for j in range(G)]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
