@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import unicodedata
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
@@ -2632,7 +2633,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
         os.makedirs(tmp, exist_ok=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with single_process_dcp():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
@@ -2650,6 +2652,15 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
             if not old.endswith(".tmp") and old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+@contextlib.contextmanager
+def single_process_dcp():
+    """torch.distributed.checkpoint warns "torch.distributed is disabled ... assuming the intent is to load in a
+    single process" at every save and load of a one-process run: that intent is right, the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_to_tensors(rng: dict) -> dict:
@@ -2687,7 +2698,8 @@ def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=ckpt)
+    with single_process_dcp():
+        dcp.load(state, checkpoint_id=ckpt)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     d_rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
@@ -2747,6 +2759,10 @@ def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype
             {"dtype" if "dtype" in c else "torch_dtype": str(torch_dtype).replace("torch.", "")}))
         processor.save_pretrained(tmp)
         _stock_processor_files(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # safetensors writes 0600; every file readable as the others (0644 usually)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     barrier()
@@ -2806,6 +2822,18 @@ class MetricsLog:
                 raise SystemExit("--wandb given but the wandb package is not installed (pip install wandb)")
             self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
 
+    def resume_at(self, step: int):
+        """Drop the records of the steps a resumed run redoes: those after `step` (the checkpoint's), or every step's
+        record when the run starts over (step 0), so that metrics.jsonl holds each step once."""
+        if not self.is_main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = [line for line in lines if not _redone(json.loads(line).get("step"), step)]
+        if len(keep) < len(lines):
+            _atomic_write_text(self.path, "".join(keep))
+            print0(f"{self.path}: {len(lines) - len(keep)} records of steps after {step} dropped (they are redone)")
+
     def log(self, record: dict):
         if not self.is_main:
             return
@@ -2814,6 +2842,10 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+
+
+def _redone(logged_step, resumed_at: int) -> bool:
+    return isinstance(logged_step, (int, float)) and (logged_step > resumed_at or resumed_at == 0)
 
 
 class PhaseTimer:
@@ -2885,12 +2917,70 @@ def write_run_config(out: str, config: dict):
         f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
 
 
+_RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
+
+
+def lock_run_dir(out: str):
+    """Hold <out>/.lock for as long as this process lives (flock: released by the kernel even on kill -9), so that a
+    second run on the same --out stops at once with one line naming the first one's pid."""
+    import fcntl
+    key = os.path.realpath(out)
+    if key in _RUN_LOCKS:  # this process already holds it (a script's main called twice)
+        return
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"--out {out} is in use by another run (pid {holder}): wait for it to end, stop it, or pass "
+                         f"another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
+def make_run_dir(out: str):
+    """Create --out (one clear line if it is a file or cannot be created) and lock it; rank 0 only."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file; expected a run directory (new, or one to resume)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None
+    lock_run_dir(out)
+
+
+def run_script(main: Callable[[], Any]):
+    """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
+    ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
+    is intact and the same command resumes from it."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): the last checkpoint is kept; rerun the same "
+              f"command to resume from it", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 def setup_run(args, default_out: str) -> tuple[Dist, str]:
-    """Start the process group, make the run directory (rank 0 writes config.json), seed every rank differently."""
+    """Start the process group, make and lock the run directory (rank 0 writes config.json), seed every rank
+    differently."""
     d = init_distributed()
     out = args.out or default_out
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
+        make_run_dir(out)
         write_run_config(out, {**vars(args), "world_size": d.world_size})
     barrier()
     seed_everything(args.seed + d.rank)
@@ -3453,7 +3543,8 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
                f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
-    lines = [f"{title} per GPU, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
+    where = "GPU" if d.device.type == "cuda" else "process (CPU)"
+    lines = [f"{title} per {where}, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
              f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
              f"rows): {_gib(total)}. Largest first, with what reduces it:"]
     for i, (part, size) in enumerate(sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])):

@@ -293,7 +293,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
 
 
 def mine_offline(model, processor, train: common.Dataset, base_classes: list[str], args, d: common.Dist,
-                 out: str, log: common.MetricsLog) -> list[dict]:
+                 out: str, log: common.MetricsLog | None) -> list[dict]:
     """Stage 1 for the whole training set, cached to <out>/mcq.jsonl. Each rank mines its shard of the images not
     done yet and appends them to <out>/mcq.part<rank>.jsonl as it goes (so an interrupted run resumes); rank 0 then
     merges the parts in dataset order. Returns the kept questions."""
@@ -344,7 +344,8 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
     records = read_jsonl(final)
     summary = mining_summary(records)
     common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
-    log.log({"step": 0, "event": "mining", **summary})
+    if log is not None:  # None when resuming: the summary is in metrics.jsonl already
+        log.log({"step": 0, "event": "mining", **summary})
     return [r for r in records if r["status"] == "kept"]
 
 
@@ -646,6 +647,7 @@ def main(argv=None):
         state = common.load_checkpoint(ckpt, model, optimizer)
         start_step = state["step"]
         common.print0(f"resumed from {ckpt} at step {start_step} (data position {state.get('data_position')})")
+    log.resume_at(start_step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
 
     # ----- 5. stage 1: mining (offline), or the images to mine at every step (online) -----
     if args.online_mining:
@@ -653,7 +655,7 @@ def main(argv=None):
         warmup = common.encode_prompt(processor, train.examples[0].image,
                                       mine_prompt(train.kind, args.data, base_classes))
     else:
-        items = mine_offline(model, processor, train, base_classes, args, d, out, log)
+        items = mine_offline(model, processor, train, base_classes, args, d, out, log if start_step == 0 else None)
     if not items:
         raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
     total_steps = args.max_steps or math.ceil(args.epochs * len(items) / args.prompts_per_step)
@@ -795,4 +797,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

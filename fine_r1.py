@@ -762,6 +762,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     if ckpt:
         start = common.load_checkpoint(ckpt, model, optimizer)["step"]
         common.print0(f"stage sft: resumed from {ckpt} at step {start}")
+    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
     common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
                   f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
                   f"vision {'trained' if args.sft_train_vision else 'frozen'}")
@@ -1123,6 +1124,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         start_batch, cursor, step = state["batch"], state["cursor"], state["step"]
         common.print0(f"stage tapo: resumed from {ckpt} at rollout batch {start_batch} (step {step}, data "
                       f"position {cursor})")
+    log.resume_at(step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
     common.print0(f"stage tapo from {init}: {len(anchors)} anchors of {len(by_class)} seen classes, "
                   f"{total_batches} rollout batches x {args.rollout_batch} triplets x {G2} responses, "
                   f"{steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} negatives")
@@ -1280,4 +1282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -531,6 +531,7 @@ def main(argv=None):
     if ckpt:
         start = common.load_checkpoint(ckpt, model, optimizer)["step"]
         common.print0(f"resumed from {ckpt} at step {start}")
+    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
     if d.rank == 0:
         common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     if args.eval_every and start == 0:
@@ -679,4 +680,4 @@ def run_eval(args, model, proc, test, judge, out, step, log):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

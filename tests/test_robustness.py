@@ -150,7 +150,7 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
                                          prompt_tokens=600, new_tokens=1000, train_rows=2,
                                          activation_checkpointing=False, knobs={"rollout KV cache": "--sample-batch"})
     out = capsys.readouterr().out
-    assert "memory budget per GPU, estimated" in out and f"{n:,} parameters" in out
+    assert "memory budget per process (CPU), estimated" in out and f"{n:,} parameters" in out
     rows = re.findall(r"^\s+(\d)\. (.+?)\s+([\d.]+) (GiB|MiB|KiB)\s+<- (.+)$", out, re.M)
     steady = {k: v for k, v in budget.items() if k != "load peak"}
     assert [r[1] for r in rows] == sorted((k for k, v in steady.items() if v > 0), key=lambda k: -budget[k])
@@ -409,7 +409,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     argv = [*SPECIARL[1:], "--max-new-tokens", "40", "--max-steps", "4", "--max-nonfinite", "2", "--out", out]
     proc = run_entry(["speciarl.py", *argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "memory budget per GPU, estimated" in proc.stdout  # printed at start
+    assert "memory budget per process (CPU), estimated" in proc.stdout  # printed at start
     assert "warning: step 2: non-finite loss or gradient" in proc.stderr
     assert (f"stopping: 2 optimizer steps in a row had a non-finite loss or gradient norm" in proc.stderr
             and f"saved in {out}/ckpt_0000003" in proc.stderr)
@@ -473,20 +473,22 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = run_entry([*FINE_R1_TAPO, "--out", full])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "memory budget (stage tapo) per GPU, estimated" in proc.stdout  # printed at start
+    assert "memory budget (stage tapo) per process (CPU), estimated" in proc.stdout  # printed at start
     proc = run_entry([*FINE_R1_TAPO, "--out", killed], env={common.FAULT_ENV: "kind=kill,step=3,at=tapo"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "FGRL_FAULT: injecting kind=kill at step 3 (tapo) on rank 0" in proc.stderr
     assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
     assert not os.path.exists(os.path.join(killed, "final"))
     with open(os.path.join(killed, "tapo", "metrics.jsonl"), "a") as f:
-        f.write('{"step": 3, "stage": "ta')  # as if the kill had come in the middle of writing a record
+        f.write('{"step": 3, "stage": "tapo", "stale": true}\n')  # a step logged after the last checkpoint ...
+        f.write('{"step": 4, "stage": "ta')  # ... and a kill in the middle of writing the next record
     proc = run_entry([*FINE_R1_TAPO, "--out", killed])  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage tapo: resumed from" in proc.stdout and "at rollout batch 1 (step 2, data position 2)" in proc.stdout
     a, b = (read_jsonl(os.path.join(run, "tapo", "metrics.jsonl")) for run in (full, killed))
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # steps 1-2 from the killed run, 3-4 from the resumed one (the
-    # cut record dropped: every line parses)
+    # cut record dropped: every line parses; the stale step 3, redone, dropped: each step once)
+    assert not any(r.get("stale") for r in b)
     last = [next(r for r in rec if r["step"] == 4) for rec in (a, b)]
     assert last[0]["completions"] == last[1]["completions"]  # the same triplets and samples: same data order
     assert last[0]["loss/loss"] == pytest.approx(last[1]["loss/loss"], rel=1e-5, abs=1e-8)
@@ -495,3 +497,44 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     assert max((wa[k] - base[k]).abs().max().item() for k in wa) > 1e-6  # training moved the weights
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_run_directory_is_locked_and_the_log_keeps_each_step_once(tmp_path):
+    """A second run on the same --out stops at once naming the first one's pid; resuming drops the records of the
+    steps it redoes (those after the checkpoint's step; all of them when it starts over)."""
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; common.make_run_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", out],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"--out {re.escape(out)} is in use by another run \(pid {holder.pid}\)"):
+            common.make_run_dir(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    common.make_run_dir(out)  # the kernel released the dead holder's lock
+    common.make_run_dir(out)  # and this process may enter its own directory again
+    with pytest.raises(SystemExit, match="is a file; expected a run directory"):
+        common.make_run_dir(str(tmp_path / "run" / ".lock"))
+    log = common.MetricsLog(out)
+    for step in (0, 1, 2, 3, 4):
+        log.log({"step": step, "loss": float(step)})
+    log.resume_at(2)  # checkpoint at step 2: steps 3 and 4 are redone
+    assert [r["step"] for r in read_jsonl(log.path)] == [0, 1, 2]
+    log.resume_at(0)  # no checkpoint: the run starts over
+    assert read_jsonl(log.path) == []
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_end_with_one_line(signame):
+    code = ("import common, sys, time\n"
+            "def main():\n    print('running', flush=True)\n    time.sleep(60)\n"
+            "common.run_script(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "running"
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "interrupted (rank 0): the last checkpoint is kept; rerun the same command to resume from it"
