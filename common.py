@@ -343,17 +343,20 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
             raise SystemExit(f"--model {path}: config.json says model_type={model_type!r}; this project trains "
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
     import importlib.util
-    if importlib.util.find_spec("accelerate") is not None:  # transformers needs it for any device_map
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
-                                                                   device_map={"": device})
-    else:
-        if device.type != "cpu":
-            print0("note: the accelerate package is not installed, so the weights pass through host memory on their "
-                   "way to the GPU (pip install accelerate reads them straight onto it)")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
-        model.to(device)
-    proc = load_processor(path, min_pixels, max_pixels)
-    return model, proc
+    straight = importlib.util.find_spec("accelerate") is not None  # transformers needs it for any device_map
+    if not straight and device.type != "cpu":
+        print0("note: the accelerate package is not installed, so the weights pass through host memory on their way "
+               "to the GPU (pip install accelerate reads them straight onto it)")
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn, **({"device_map": {"": device}} if straight else {}))
+        proc = load_processor(path, min_pixels, max_pixels)
+    except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"--model {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
+                         f"directory with config.json, model*.safetensors, tokenizer and processor files, or a hub id "
+                         f"that is downloaded already or reachable") from None
+    return model.to(device), proc
 
 
 def special_token_ids(processor) -> dict[str, int]:
@@ -1055,7 +1058,14 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     try:
         with open(path) as f:
             if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in f if line.strip()]
+                records = []
+                for number, line in enumerate(f, 1):  # line numbers as an editor shows them, blank lines counted
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except ValueError as e:
+                            raise SystemExit(f"--data {path}: line {number} is not valid JSON ({e.msg}); expected "
+                                             f"one {{\"image\": path, \"class_name\": name}} record per line") from None
             else:
                 data = json.load(f)
                 if isinstance(data, dict):
@@ -1067,9 +1077,10 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     except ValueError as e:
         raise SystemExit(f"--data {path}: not valid JSON ({e}).\nExpected:\n{LAYOUTS['json']}")
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "image" not in r or "class_name" not in r:
-            raise SystemExit(f"--data {path}: record {i} is {r!r}; expected "
-                             f"{{\"image\": path, \"class_name\": name}}.\nExpected:\n{LAYOUTS['json']}")
+        if (not isinstance(r, dict) or not isinstance(r.get("image"), str) or not isinstance(r.get("class_name"), str)
+                or not isinstance(r.get("split", ""), (str, type(None)))):
+            raise SystemExit(f"--data {path}: record {i + 1} is {r!r}; expected {{\"image\": path, \"class_name\": "
+                             f"name}} with text values (and an optional \"split\" name).\nExpected:\n{LAYOUTS['json']}")
     classes_txt = os.path.join(os.path.dirname(path), "classes.txt")
     if "classes" in meta:
         class_names = list(meta["classes"])
@@ -1084,13 +1095,17 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     examples = []
     for i, r in enumerate(records):
         if r.get("split") is not None and r["split"] not in wanted:
-            continue
+            continue  # (a split spelled differently, "Test", is named when the split comes out empty)
         label = index.get(normalize(r["class_name"]))
         if label is None:
-            raise SystemExit(f"--data {path}: record {i} has class_name {r['class_name']!r}, which is not in the class "
-                             f"list ({'the classes key' if 'classes' in meta else classes_txt})")
+            raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
+                             f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
         examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
+    if not examples:
+        present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
+        raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
+                         f"are lowercase: {', '.join(s for s in SPLITS if s != 'trainval')})")
     kind = meta.get("kind", "object")
     hierarchy = NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
@@ -1114,8 +1129,12 @@ class UnreadableImage(OSError):
     """An image file that cannot be decoded (raised by open_image; try_open_image returns None instead)."""
 
 
+MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images whose long side is over 200 times the short one
+
+
 def probe_image(path: str) -> str | None:
-    """None if the file looks like a whole image, else why not: 'missing', 'empty', 'not an image', 'truncated'.
+    """None if the file looks like a whole image, else why not: 'missing', 'empty', 'not an image', 'truncated',
+    'aspect ratio over 200' (Qwen2.5-VL's processor refuses those).
     Cheap (header + last KB): JPEGs must end with the end-of-image marker, PNGs with IEND; when the marker is not in
     the last KB (trailing bytes after it happen), the image is fully decoded to decide."""
     try:
@@ -1126,7 +1145,9 @@ def probe_image(path: str) -> str | None:
         return "empty"
     try:
         with Image.open(path) as im:
-            fmt = im.format
+            fmt, (width, height) = im.format, im.size
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            return f"aspect ratio over {MAX_ASPECT}"
         marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
         if marker is not None:
             with open(path, "rb") as f:
@@ -2633,14 +2654,21 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
         os.makedirs(tmp, exist_ok=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with single_process_dcp():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
-    if d_rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, **extra}, f)
+    try:
+        with single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
+        if d_rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, **extra}, f)
+    except (OSError, RuntimeError) as e:  # a full disk shows as OSError or as a RuntimeError from the writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"writing the checkpoint of step {step} to {tmp} failed ({reason}); is the disk full? The "
+                         f"previous checkpoint ({latest_checkpoint(out_dir) or 'none yet'}) is intact: free some "
+                         f"space and rerun the same command to resume from it") from None
     barrier()
     if d_rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -3001,8 +3029,29 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
                          f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}.")
 
 
+# flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")
+POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
+                  "train_size", "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
+                  "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
+                  "rollout_batch", "sample_prompts", "sft_batch", "minibatches", "max_new_tokens",
+                  "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
+                  "sft_epochs", "tapo_epochs", "temperature", "mine_temperature", "threads")
+WHY_POSITIVE = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
+                "mine_temperature": "at 0 the K mining samples are one answer repeated",
+                "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
+                "eval_limit": "leave it out to evaluate every image"}
+
+
 def check_system_flags(args):
-    """Flag combinations every script refuses at start, before anything is loaded (one message, no traceback)."""
+    """Flag values and combinations every script refuses at start, before anything is loaded (one line each)."""
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            why = WHY_POSITIVE.get(name, "")
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be above 0{f' ({why})' if why else ''}")
+    low, high = getattr(args, "min_pixels", None), getattr(args, "max_pixels", None)
+    if low is not None and high is not None and low > high:
+        raise SystemExit(f"--min-pixels {low} is above --max-pixels {high}: the image budget needs min <= max")
     if getattr(args, "compile_decode", 0):
         if args.attn == "flash_attention_2":
             raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "

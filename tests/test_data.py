@@ -251,8 +251,17 @@ def test_json_and_jsonl(tmp_path):
     assert len(ds) == 1 and ds.class_names == ["Pho"]  # no class list: the sorted names
     # bad input names the file and what was expected
     fake.write(str(tmp_path / "bad.jsonl"), [json.dumps({"img": "x.jpg"})])
-    with pytest.raises(SystemExit, match=r"bad.jsonl: record 0 .*expected"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl: record 1 .*expected"):
         common.load_dataset(str(tmp_path / "bad.jsonl"), "train")
+    fake.write(str(tmp_path / "number.jsonl"), [json.dumps({"image": "x.jpg", "class_name": 17})])
+    with pytest.raises(SystemExit, match=r"number.jsonl: record 1 is .*17.* with text values"):
+        common.load_dataset(str(tmp_path / "number.jsonl"), "train")
+    fake.write(str(tmp_path / "broken.jsonl"), [json.dumps({"image": "x.jpg", "class_name": "Wren"}), "", "{oops"])
+    with pytest.raises(SystemExit, match=r"broken.jsonl: line 3 is not valid JSON"):  # the editor's line number
+        common.load_dataset(str(tmp_path / "broken.jsonl"), "train")
+    fake.write(str(tmp_path / "cased.jsonl"), [json.dumps({"image": "x.jpg", "class_name": "Wren", "split": "Test"})])
+    with pytest.raises(SystemExit, match=r"no record of split 'test'; the file's splits are \['Test'\]"):
+        common.load_dataset(str(tmp_path / "cased.jsonl"), "test")
     fake.write(str(tmp_path / "bad2.jsonl"), [json.dumps({"image": "x.jpg", "class_name": "Robin", "split": "train"})])
     with open(tmp_path / "bad2.json", "w") as f:
         json.dump({"classes": ["Wren"], "train": [{"image": "x.jpg", "class_name": "Robin"}]}, f)
@@ -273,3 +282,19 @@ def test_toy_and_unknown():
         common.load_dataset("imagenet", "test")
     with pytest.raises(SystemExit, match="--classes"):
         common.load_dataset("toy", "test", classes="seen")
+
+
+def test_an_image_of_extreme_aspect_ratio_is_skipped_and_named(tmp_path, capsys):
+    """Qwen2.5-VL's processor raises on a long side over 200x the short one (mid-run, on every rerun): the load-time
+    probe skips such an image with the others that cannot be used, naming it."""
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (4000, 2)).save(tmp_path / "img" / "strip.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "img" / "fine.png")
+    assert common.probe_image(str(tmp_path / "img" / "strip.png")) == "aspect ratio over 200"
+    assert common.probe_image(str(tmp_path / "img" / "fine.png")) is None
+    fake.write(str(tmp_path / "d.jsonl"), [json.dumps({"image": f"img/{n}.png", "class_name": "Wren"})
+                                           for n in ("strip", "fine")])
+    ds = common.load_dataset(str(tmp_path / "d.jsonl"), "train")
+    assert len(ds) == 1 and ds.skipped == {"aspect ratio over 200": 1}
+    assert "strip.png (aspect ratio over 200)" in capsys.readouterr().err

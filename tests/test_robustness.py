@@ -13,6 +13,7 @@ What is shown where (the rest is covered by other files, named here):
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,10 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def tree_bytes(root, skip=("config.json", "config_history.jsonl")):
-    """Every file under root -> its bytes (to show that a failed start damaged nothing). The two config files are
-    left out: common.setup_run records every start's command there, before the inputs are read."""
+def tree_bytes(root, skip=("config.json", "config_history.jsonl", ".lock")):
+    """Every file under root -> its bytes (to show that a failed start damaged nothing). The two config files and the
+    lock are left out: common.setup_run locks the directory and records every start's command there, before the
+    inputs are read."""
     out = {}
     for folder, _, files in os.walk(root):
         for name in files:
@@ -304,6 +306,15 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
     unknown_class = tmp_path / "unknown.jsonl"
     unknown_class.write_text(json.dumps({"image": str(json_dir / "corrupt.jpg"), "class_name": "green star"}) + "\n")
     (tmp_path / "classes.txt").write_text("red circle\nblue square\n")
+    no_weights = tmp_path / "no_weights"  # a Qwen config and nothing else
+    no_weights.mkdir()
+    shutil.copy(os.path.join(common.tiny_model_dir(), "config.json"), no_weights)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    offline = run_entry(["eval.py", "--model", "someone/NoSuchModel-7B", "--protocol", "open"],
+                        env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1 and "Traceback" not in offline.stderr, offline.stderr[-2000:]
+    assert "--model someone/NoSuchModel-7B: cannot load a Qwen2.5-VL checkpoint from it" in offline.stderr
     cases = [
         (dive_k.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "empty split file")],
          "split 'train' (base classes) has no usable image"),
@@ -316,10 +327,13 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
          "has class_name 'green star', which is not in the class list"),
         (eval_lib.main, ["--model", str(not_qwen), "--protocol", "open"], "model_type='llama'; this project trains"),
         (eval_lib.main, ["--model", str(tmp_path / "no_config"), "--protocol", "open"], "config.json is missing"),
+        (eval_lib.main, ["--model", str(no_weights), "--protocol", "open"],
+         f"--model {no_weights}: cannot load a Qwen2.5-VL checkpoint from it (Error no file named model.safetensors"),
+        (dive_k.main, ["--data", "toy", "--out", str(a_file)], f"--out {a_file} is a file; expected a run directory"),
     ]
     for main, argv, expected in cases:
         with pytest.raises(SystemExit) as e:
-            main(argv + ["--out", out])
+            main(argv if "--out" in argv else argv + ["--out", out])
         assert expected in str(e.value.code), (argv, e.value.code)
     assert tree_bytes(out) == before  # the earlier run's checkpoint, logs and caches are untouched
 
@@ -332,7 +346,7 @@ def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
         (speciarl.main, ["--rollout-prompts", "4", "--minibatches", "3"],
          "images per rank (--rollout-prompts / ranks) = 4 is not divisible by --minibatches = 3. Use a multiple of 3, "
          "e.g. 3 or 6."),
-        (dive_k.main, ["--prompts-per-step", "0"], "--prompts-per-step = 0: must be a positive multiple"),
+        (dive_k.main, ["--prompts-per-step", "0"], "--prompts-per-step 0: must be above 0"),
         (fine_r1.main, ["--rollout-batch", "6", "--prompts-per-step", "4"],
          "--rollout-batch = 6 is not divisible by --prompts-per-step = 4. Use a multiple of 4, e.g. 4 or 8."),
     ]
@@ -341,8 +355,8 @@ def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["--data", "toy", "--out", str(out)] + argv)
         assert expected in str(e.value.code), e.value.code
-        # refused before any stage ran (fine_r1: before CoT/SFT)
-        assert sorted(os.listdir(out)) == ["config.json", "config_history.jsonl"]
+        # refused before any stage ran (fine_r1: before CoT/SFT), or at parsing, before the run directory exists
+        assert not out.exists() or sorted(os.listdir(out)) == [".lock", "config.json", "config_history.jsonl"]
     # 2 ranks: --prompts-per-step 3 does not split over them; both ranks refuse at once, no rank waits for the other
     t0 = time.time()
     proc = torchrun(["dive_k.py", "--data", "toy", "--prompts-per-step", "3", "--out", str(tmp_path / "two")],
@@ -538,3 +552,21 @@ def test_ctrl_c_and_sigterm_end_with_one_line(signame):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip() == "interrupted (rank 0): the last checkpoint is kept; rerun the same command to resume from it"
+
+
+def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path,
+                                                                                        monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    out = str(tmp_path)
+    common.save_checkpoint(out, 1, model, optimizer, {})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(out, 2, model, optimizer, {})
+    assert "writing the checkpoint of step 2" in str(e.value.code) and "No space left on device" in str(e.value.code)
+    assert f"previous checkpoint ({os.path.join(out, 'ckpt_0000001')}) is intact" in str(e.value.code)
+    assert common.latest_checkpoint(out).endswith("ckpt_0000001") and not os.path.exists(out + "/ckpt_0000002.tmp")
