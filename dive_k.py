@@ -97,11 +97,11 @@ import common
 
 # The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
 # listed here default to None on the command line: whatever the user sets wins, the preset fills the rest.
-PAPER = dict(group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear", beta=0.04, max_new_tokens=1024,
+PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear", beta=0.04, max_new_tokens=1024,
              mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None, micro_batch=4, eval_samples=20,
              eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100, eval_classes="base,novel",
              eval_scoring="paper")
-TOY = dict(group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2, max_new_tokens=48,
+TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2, max_new_tokens=48,
            mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=90, micro_batch=64, eval_samples=8,
            eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30, eval_classes="base,novel",
            eval_scoring="strict")  # the stand-in answers an option's text, which the paper's letter reader misses
@@ -111,7 +111,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own "
                                             "multiple-choice questions (Qwen2.5-VL)")
     common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
-    p.set_defaults(group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
+    p.set_defaults(model=None, group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
     g = p.add_argument_group("data")
     g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
     g.add_argument("--classes", default="base", choices=["base", "novel", "all"],
@@ -161,7 +161,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (paper 0)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
-    g.add_argument("--freeze-vision", action="store_true", help="train the language model only (paper ablation)")
+    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1],
+                   help="1: train the language model only (paper ablation); 0: vision tower too (paper default)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=None,
                    help="two-step evaluation every N steps, at the start and at the end (0 = never; 100; toy 30)")
@@ -548,9 +549,9 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
         with args.precision.context():
             res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                    samples=args.eval_samples, micro_batch=args.eval_batch, progress=False,
+                                    samples=args.eval_samples, micro_batch=args.eval_batch, progress=True,
                                     scoring=args.eval_scoring, compile_decode=bool(args.compile_decode),
-                                    out_dir=os.path.join(out, "eval", f"step_{step:07d}", group))
+                                    out_dir=common.eval_dir(out, step, group))
         result[f"eval/{group}/accuracy"] = res["accuracy"]
         result[f"eval/{group}/truth_in_options"] = res["truth_in_options"]  # step 1's ceiling for step 2
         result[f"eval/{group}/format_ok"] = res["format_ok"]
@@ -581,7 +582,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     # ----- 1. setup -----
-    d, out = common.setup_run(args, default_out=os.path.join("runs", f"dive_k_{args.data}"))
+    d, out = common.setup_run(args, default_out=common.default_run_dir("dive_k", args.data))
     log = common.MetricsLog(out, args.wandb, vars(args))
     reward_names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     unknown = [n for n in reward_names if n not in REWARDS]

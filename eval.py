@@ -419,7 +419,8 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
             bar = None
             if progress and rank == 0:
                 from tqdm import tqdm
-                bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr)
+                bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr,
+                           leave=False)
             for batch in batches:
                 records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
                                      max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
@@ -548,7 +549,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length cap (DiVE-k 1024, SpeciaRL 2048)")
     g.add_argument("--seed", type=int, default=0, help="subset, options and sampling seed")
     g = p.add_argument_group("system")
-    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl")
+    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl (default "
+                   "runs/eval_<data>_<protocol>)")
     g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
     g.add_argument("--dtype", default="auto", choices=common.DTYPES, help="auto (bf16 on GPU, fp32 on CPU), "
                    "bf16-mixed (fp32 weights, bf16 compute), bf16, fp32")
@@ -560,8 +562,13 @@ def parse_args(argv=None):
     g.add_argument("--max-pixels", type=int, default=None,
                    help="image pixel budget, upper bound (default: the paper's evaluation budget, EVAL_PIXELS: "
                         "12845056 = 16384*28*28)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
+                   "with other work, shared by the ranks); ignored on GPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    paper_min, paper_max = EVAL_PIXELS[args.protocol]  # the same resolution for a hub model and a trained export
+    args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
+    args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
     common.check_system_flags(args)
     return args
 
@@ -569,9 +576,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
-    paper_min, paper_max = EVAL_PIXELS[args.protocol]  # the same resolution for a hub model and a trained export
-    args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
-    args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
+    args.out = args.out or f"{common.default_run_dir('eval', args.data)}_{args.protocol}"
+    if d.is_main:
+        common.make_run_dir(args.out)  # before loading: a bad --out is one line, not a lost evaluation
+    common.configure_threads(args.threads, d)
     precision = common.precision_for(args.dtype, d, "ddp", trained_weights=False)  # nothing is updated here
     model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)

@@ -143,7 +143,7 @@ TOY = dict(
     shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
     rewards="exact=0.9,format=0.1", temperature=0.7,
     max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
-    eval_every=0, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
+    eval_every=90, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
 )
 
 
@@ -237,8 +237,8 @@ def parse_args(argv=None):
                    help="images per sampling call (memory knob; default: all of a round at once)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate every N optimizer steps of each stage, plus at the start and the end (0 = start "
-                        "and end only; -1 = never)")
+                   help="evaluate every N optimizer steps of each stage, plus at the start and the end (0 = never; "
+                        "paper 50; toy 90: the start and end of each toy stage)")
     g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
     g.add_argument("--eval-protocols", default="mcq,open", help="eval.py protocols (closed and open world)")
     g.add_argument("--mcq-distractors", default="all", choices=["all", "split"],
@@ -492,7 +492,7 @@ def stream_position(position: int, n: int, seed: int) -> int:
     return order[offset]
 
 
-def evaluate_all(model, processor, eval_sets: dict, args, out: str, tag: str) -> dict:
+def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """eval.py on seen (base) and unseen (novel) classes under each protocol; the paper's Avg = mean of the two."""
     import eval as eval_lib  # the project's evaluation harness (a sibling script, imported when needed)
     model.eval()
@@ -502,20 +502,20 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, tag: str) ->
             with args.precision.context():
                 res = eval_lib.evaluate(model, processor, ds, protocol, judge=common.get_judge("rules", ds),
                                         seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                        out_dir=os.path.join(out, "eval", tag, f"{protocol}_{group}"),
-                                        progress=False, micro_batch=args.eval_batch,
+                                        out_dir=common.eval_dir(out, step, f"{protocol}_{group}"),
+                                        progress=True, micro_batch=args.eval_batch,
                                         mcq_distractors=args.mcq_distractors,
                                         compile_decode=bool(args.compile_decode))
             result[f"eval/{protocol}/{group}"] = res["accuracy"]
             result[f"eval/{protocol}/{group}_n"] = len(ds)
         if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
             result[f"eval/{protocol}/avg"] = (result[f"eval/{protocol}/seen"] + result[f"eval/{protocol}/unseen"]) / 2
-    common.print0(f"eval {tag}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n")))
+    common.print0(f"eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n")))
     return result
 
 
 def eval_sets_for(args) -> dict:
-    if args.eval_every < 0:
+    if not args.eval_every:
         return {}
     return {"seen": load_split(args, args.eval_split, "base", limit=args.eval_limit),
             "unseen": load_split(args, args.eval_split, "novel", limit=args.eval_limit)}
@@ -769,7 +769,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     timer = common.PhaseTimer()
     if eval_sets and start == 0:  # the starting model: the baseline of the whole pipeline
         with timer("eval"):
-            log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, "step_0")})
+            log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, 0)})
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         lr = common.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
@@ -804,7 +804,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
         done = step + 1 == total_steps
         if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
             with timer("eval"):
-                record.update(evaluate_all(model, processor, eval_sets, args, sft_out, f"step_{step + 1}"))
+                record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
             record.update(timer.pop())
         log.log(record)
         common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
@@ -1140,7 +1140,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     timer = common.PhaseTimer()
     if eval_sets and first_stage and start_batch == 0:  # run alone: the starting model is the baseline
         with timer("eval"):
-            log.log({"step": 0, "stage": "tapo", **evaluate_all(model, processor, eval_sets, args, tapo_out, "step_0")})
+            log.log({"step": 0, "stage": "tapo", **evaluate_all(model, processor, eval_sets, args, tapo_out, 0)})
     for batch_idx in range(start_batch, total_batches):
         t_batch = time.perf_counter()
         # ----- 7. rollout with dynamic sampling: rounds of sampling until every rank has its groups -----
@@ -1156,7 +1156,12 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     cursor += args.sample_prompts
                     gen = torch.Generator().manual_seed(
                         args.seed * 1_000_003 + batch_idx * 1009 + round_index * 13 + d.rank)
-                    return sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
+                    t_round = time.perf_counter()
+                    round_groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
+                    if time.perf_counter() - t_round > 30:  # a long stage says where it is
+                        common.print0(f"tapo batch {batch_idx + 1}/{total_batches}: sampling round {round_index + 1} "
+                                      f"took {time.perf_counter() - t_round:.0f} s")
+                    return round_groups
 
                 groups, dyn_stats = dynamic_sampling(sample_round, groups_per_rank, args.max_sample_rounds,
                                                      args.acc_low, args.acc_high)
@@ -1234,7 +1239,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         if eval_sets and (done or (args.eval_every > 0 and step // args.eval_every
                                    > (step - len(batch_records)) // args.eval_every)):
             with timer("eval"):
-                record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, f"step_{step}"))
+                record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, step))
             record.update(timer.pop())
         log.log(record)
         common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
@@ -1260,7 +1265,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
 
 def main(argv=None):
     args = parse_args(argv)
-    d, out = common.setup_run(args, default_out=os.path.join("runs", f"fine_r1_{args.data}"))
+    d, out = common.setup_run(args, default_out=common.default_run_dir("fine_r1", args.data))
     if args.preset_filled:
         common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for flags left unset: "
                       + ", ".join(f"{k}={getattr(args, k)}" for k in args.preset_filled))

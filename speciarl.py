@@ -95,10 +95,13 @@ TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, l
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, model=None, data="cub", group_size=None)
+    common.add_common_args(parser, model=None, group_size=None)
     g = parser.add_argument_group("SpeciaRL: data, prompt, verifier, reward")
     g.add_argument("--train-size", type=int, default=3000,
                    help="random training images drawn once with --seed (paper: 3000 of CUB train, seed 42)")
+    g.add_argument("--classes", default="all", choices=["all", "base", "novel"],
+                   help="classes trained on (paper: all; base = the CoOp base half)")
+    g.add_argument("--shots", type=int, default=None, help="k training images per class, drawn before --train-size")
     g.add_argument("--prompt", choices=["general", "specific"], default="general",
                    help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
     g.add_argument("--judge", default="rules",
@@ -151,8 +154,8 @@ def parse_args(argv=None):
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, default=None, help="greedy speciarl-protocol evaluation every N steps "
                    "and at the start and end (paper 5; 0 = never)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (real: all; toy: "
-                   "120; 0 = all)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (default: all; "
+                   "toy 120)")
     g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
     g.add_argument("--eval-data-root", default=None, help="its folder (default: --data-root when it is --data)")
     g.add_argument("--eval-batch", type=int, default=None, help="images per greedy evaluation batch (real 32; toy 120)")
@@ -476,13 +479,14 @@ def check_batches(args, world: int) -> tuple[int, int]:
 
 def main(argv=None):
     args = parse_args(argv)
-    d, out = common.setup_run(args, f"runs/speciarl-{args.data}")
+    d, out = common.setup_run(args, common.default_run_dir("speciarl", args.data))
     world = d.world_size
     prompts_per_rank, _ = check_batches(args, world)
     G = args.group_size
 
     # ---- data: a fixed random subset of the training split; evaluation on the test split
-    train = common.load_dataset(args.data, "train", root=args.data_root, limit=args.train_size, seed=args.seed)
+    train = common.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
+                                limit=args.train_size, seed=args.seed)
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
         raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
@@ -671,7 +675,7 @@ def run_eval(args, model, proc, test, judge, out, step, log):
         res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
                                   max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
                                   be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                                  out_dir=os.path.join(out, "eval", f"step{step:05d}"), progress=False)
+                                  out_dir=common.eval_dir(out, step), progress=True)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
     common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "

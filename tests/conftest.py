@@ -13,6 +13,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 torch.set_num_threads(2)
+os.environ["OMP_NUM_THREADS"] = "2"  # what the scripts' mains then keep (common.configure_threads), for stable numbers
 
 
 @pytest.fixture(scope="session")

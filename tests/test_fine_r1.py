@@ -513,7 +513,7 @@ def test_tapo_checkpoint_resume_continues_the_data_and_the_steps(tmp_path):
     out = str(tmp_path)
     flags = ["--data", "toy", "--stage", "tapo", "--out", out, "--rollout-batch", "1", "--sample-prompts", "1",
              "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch", "4",
-             "--eval-every", "-1", "--save-every", "1", "--max-sample-rounds", "1"]
+             "--eval-every", "0", "--save-every", "1", "--max-sample-rounds", "1"]
     fine_r1.main(flags + ["--max-steps", "1"])
 
     def state():

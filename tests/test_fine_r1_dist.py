@@ -30,7 +30,7 @@ def one_process_sft(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fine_r1_single"))
     env = {**os.environ, "PYTHONPATH": ROOT}
     for stage in ("cot", "sft"):
-        proc = subprocess.run([sys.executable, *FLAGS, "--stage", stage, "--eval-every", "-1", "--out", out], cwd=ROOT,
+        proc = subprocess.run([sys.executable, *FLAGS, "--stage", stage, "--eval-every", "0", "--out", out], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

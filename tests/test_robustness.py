@@ -287,7 +287,7 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
          [f"images.txt not found under --data-root {wrong}", "Expected layout", "image_class_labels.txt"]),
         (["speciarl.py", "--data", "cub", "--data-root", str(tmp_path / "nowhere"), "--out", out],
          [f"--data-root {tmp_path / 'nowhere'} is not a directory", "Expected layout"]),
-        (["fine_r1.py", "--data", str(json_dir / "{split}.jsonl"), "--eval-every", "-1", "--out", out],
+        (["fine_r1.py", "--data", str(json_dir / "{split}.jsonl"), "--eval-every", "0", "--out", out],
          ["missing.jpg (missing)", "corrupt.jpg (not an image)", "split 'train' (base classes) has no usable image"]),
         (["eval.py", "--model", str(tmp_path / "no_model"), "--protocol", "open", "--out", out],
          [f"--model {tmp_path / 'no_model'}: no such directory", "Qwen2.5-VL checkpoint directory"]),
@@ -320,7 +320,7 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
          "split 'train' (base classes) has no usable image"),
         (speciarl.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "truncated split file")],
          "images.txt line 40: expected 2 columns, got '40'"),
-        (fine_r1.main, ["--data", "cub", "--eval-every", "-1",
+        (fine_r1.main, ["--data", "cub", "--eval-every", "0",
                         "--data-root", _break_cub(tmp_path, "class list that does not match")],
          "class id 9 is not in classes.txt"),
         (eval_lib.main, ["--model", "tiny", "--data", str(unknown_class), "--protocol", "open"],
@@ -476,7 +476,7 @@ FINE_R1_TAPO = ["fine_r1.py", "--data", "toy", "--export-dtype", "fp32",
                 "--stage", "tapo", "--rollout-batch", "2", "--sample-prompts", "2",
                 "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "16", "--micro-batch", "4",
                 "--logprob-micro-batch", "8", "--max-sample-rounds", "1", "--max-steps", "4", "--save-every", "2",
-                "--eval-every", "-1"]
+                "--eval-every", "0"]
 
 
 def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_path):
