@@ -1102,7 +1102,7 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
                              f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
         examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
-    if not examples:
+    if not examples and any(str(r.get("split")).lower() in wanted for r in records):  # "Test" for "test"
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
                          f"are lowercase: {', '.join(s for s in SPLITS if s != 'trainval')})")

@@ -435,6 +435,7 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
         model.train(was_training)
     records = sorted((r for part in common.all_gather_objects(records) for r in part), key=lambda r: r["index"])
     metrics = compute_metrics(records, protocol, scoring)
+    metrics["skipped_at_load"] = sum(dataset.skipped.values())  # missing / undecodable files, never in `records`
     if best_of:
         metrics["best_of"] = best_of
     if out_dir and rank == 0:
@@ -492,7 +493,7 @@ def harmonic(b: float, n: float) -> float:
 
 TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "hm", *[f"share/{lab}" for lab in
               common.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "parse_failures", "invalid_choices",
-              "no_candidates", "skipped_images"]
+              "no_candidates", "skipped_images", "skipped_at_load"]
 
 
 def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None) -> str:

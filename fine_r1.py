@@ -247,7 +247,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per class group")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
     g.add_argument("--eval-batch", type=int, default=None, help="images per evaluation sampling call (memory knob)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N optimizer steps and at the end (0 = at the end only)")
     g.add_argument("--log-completions", type=int, default=2, help="sampled completions per rollout batch written "
                    "to metrics.jsonl with their rewards")
     argv = sys.argv[1:] if argv is None else list(argv)

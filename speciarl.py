@@ -162,7 +162,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
     g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
     g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy budget (paper 2048; toy 48)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (paper 5; toy 10)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N steps and at the end (0 = at the end only; paper 5; toy 10)")
     args = parser.parse_args(argv)
     preset = TOY if args.data == "toy" else PAPER
     for key, value in preset.items():
@@ -600,7 +601,7 @@ def main(argv=None):
         # ---- evaluation and checkpoints
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log)
-        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == total_steps):
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
             with timer("checkpoint"):
                 common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
 

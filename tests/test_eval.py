@@ -299,8 +299,9 @@ def test_unreadable_image_skipped_and_counted(tiny, toy24, tmp_path):
         f.write("not a png")
     exs = toy24.examples[:3] + [common.Example(bad, 0, toy24.class_names[0], "bad.png")]
     ds = dataclasses.replace(toy24, examples=exs)  # the load-time check bypassed: the image breaks at encode time
+    ds = dataclasses.replace(ds, skipped={"not an image": 2})  # and two more were dropped when the split was read
     metrics = ev.evaluate(model, proc, ds, "mcq", max_new_tokens=TOKENS, out_dir=str(tmp_path / "o"), progress=False)
-    assert metrics["n"] == 3 and metrics["skipped_images"] == 1
+    assert metrics["n"] == 3 and metrics["skipped_images"] == 1 and metrics["skipped_at_load"] == 2
     _, preds = read_out(str(tmp_path / "o"))
     assert preds[3]["skipped"] and preds[3]["image"] == bad and len(preds) == 4
 
