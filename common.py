@@ -3649,6 +3649,29 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
 
 # ----- append-only JSONL caches -----
 
+def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
+    """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
+    message naming the file and the line (as an editor numbers it, blank lines counted). `skip_cut_tail`: a last line
+    cut by a kill mid-write is skipped instead (its item is redone by the caller)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file")
+    with open(path) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    out = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if skip_cut_tail and i == len(lines) - 1:
+                break
+            raise SystemExit(f"{path}: line {number} is not JSON; expected one record per line") from None
+        missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise SystemExit(f"{path}: line {number} lacks {missing}; expected records with {list(required)}")
+        out.append(rec)
+    return out
+
+
 def repair_jsonl_tail(path: str) -> int:
     """Make an append-only JSONL file safe to append to after a crash: a last line without its newline (a kill
     mid-write) is cut off, or given its newline if it is a whole record. Returns the bytes dropped (0 if none)."""

@@ -303,7 +303,7 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
     if not os.path.exists(final):
         done = {}
         for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
-            for rec in read_jsonl(part):
+            for rec in common.read_jsonl(part, skip_cut_tail=True):
                 done[rec["id"]] = rec
         position = {ex.id: i for i, ex in enumerate(train.examples)}
         todo = [ex for ex in train.examples if ex.id not in done]
@@ -330,7 +330,7 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
         common.barrier()
         if d.is_main:
             for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
-                for rec in read_jsonl(part):
+                for rec in common.read_jsonl(part, skip_cut_tail=True):
                     done[rec["id"]] = rec
             missing = [ex.id for ex in train.examples if ex.id not in done]
             if missing:
@@ -343,7 +343,7 @@ def mine_offline(model, processor, train: common.Dataset, base_classes: list[str
             for part in glob.glob(os.path.join(out, "mcq.part*.jsonl")):
                 os.remove(part)
         common.barrier()
-    records = read_jsonl(final)
+    records = common.read_jsonl(final)
     summary = mining_summary(records)
     common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
     if log is not None:  # None when resuming: the summary is in metrics.jsonl already
@@ -362,21 +362,6 @@ def mining_summary(records: list[dict]) -> dict:
                                          / max(1, sum(r["n_samples"] for r in records))),
             "mining/truth_in_top_rate": sum(1 for r in records if r["counts"].get(r["truth"])) / n,
             "mining/mean_options": sum(len(r["options"]) for r in kept) / max(1, len(kept))}
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file. A cut last line (a kill mid-write during mining) is skipped: it is mined again."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise SystemExit(f"{path}: line {i + 1} is not JSON; expected one question record per line")
-    return out
 
 
 # ----- 7. reward: a registry of plain functions fn(completion, question) -> float -----

@@ -534,7 +534,7 @@ def release_memory():
 def run_cot(args, d: common.Dist, out: str) -> str:
     """Write <out>/cot.jsonl (or check and return --cot-data). Skipped when the file exists (resume)."""
     if args.cot_data:
-        records = read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
+        records = common.read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
         common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
         return args.cot_data
     path = os.path.join(out, "cot.jsonl")
@@ -685,7 +685,7 @@ def read_cot_parts(out: str) -> dict[str, dict]:
     done = {}
     for path in sorted(glob.glob(os.path.join(out, "cot.part*.jsonl"))):
         pending = []
-        for rec in read_jsonl(path):
+        for rec in common.read_jsonl(path):
             if "class_done" in rec:
                 name = rec["class_done"]
                 done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
@@ -694,25 +694,6 @@ def read_cot_parts(out: str) -> dict[str, dict]:
             else:
                 pending.append(rec)
     return done
-
-
-def read_jsonl(path: str, required: tuple = ()) -> list[dict]:
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such file")
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise SystemExit(f"{path}: line {i + 1} is not JSON; expected one record per line")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise SystemExit(f"{path}: line {i + 1} lacks {missing}; expected records with {list(required)}")
-            out.append(rec)
-    return out
 
 
 # ----- 5. stage sft: cross-entropy on the assistant tokens -----
@@ -736,7 +717,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     os.makedirs(sft_out, exist_ok=True)
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
-    records = read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
+    records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
     log = common.MetricsLog(sft_out, args.wandb, vars(args))
     common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
     per_rank = args.sft_batch // d.world_size

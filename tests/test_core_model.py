@@ -83,6 +83,9 @@ def test_export_is_a_hub_checkpoint_that_plain_transformers_reads(tiny, toy_test
     path = str(tmp_path / "final")
     common.export_hf(model, proc, path)
     assert set(os.listdir(path)) == HUB_FILES
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(os.path.join(path, n)).st_mode & 0o777 for n in HUB_FILES} == {0o666 & ~umask}  # no 0600 file
     with open(os.path.join(path, "preprocessor_config.json")) as f:
         pre = json.load(f)
     size = proc.image_processor.size

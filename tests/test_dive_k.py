@@ -119,10 +119,14 @@ def test_options_are_shuffled_and_lettered_deterministically():
 def test_read_jsonl_skips_a_cut_last_line_and_rejects_garbage(tmp_path):
     path = tmp_path / "mcq.part0.jsonl"
     path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "opt')
-    assert dive_k.read_jsonl(str(path)) == [{"id": "a"}]
-    path.write_text("not json\n" + json.dumps({"id": "a"}) + "\n")
-    with pytest.raises(SystemExit, match="mcq.part0.jsonl: line 1"):
-        dive_k.read_jsonl(str(path))
+    assert common.read_jsonl(str(path), skip_cut_tail=True) == [{"id": "a"}]
+    with pytest.raises(SystemExit, match="mcq.part0.jsonl: line 2 is not JSON"):
+        common.read_jsonl(str(path))  # a cut line is an error where nothing redoes it
+    path.write_text(json.dumps({"id": "a"}) + "\n\n" + "not json\n" + json.dumps({"id": "c"}) + "\n")
+    with pytest.raises(SystemExit, match="mcq.part0.jsonl: line 3 is not JSON"):  # blank lines counted, as an editor
+        common.read_jsonl(str(path), skip_cut_tail=True)
+    with pytest.raises(SystemExit, match=r"line 1 lacks \['options'\]"):
+        common.read_jsonl(str(path), required=("id", "options"))
 
 
 # ----- rewards -----

@@ -419,13 +419,13 @@ def test_teacher_cot_keeps_at_most_one_passing_rationale_per_class(tiny, tmp_pat
                                "--cot-images-per-class", "2", "--cot-batch", "2", "--cot-samples", "2",
                                "--out", str(tmp_path)])
     path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))
-    records = fine_r1.read_jsonl(path)
+    records = common.read_jsonl(path)
     assert sorted(asked) == sorted(names)  # one sampling call per class (2 images x 2 samples)
     assert [r["class_name"] for r in records] == names[1:]  # class order; none for the class that always failed
     for r in records:
         kept, checks = fine_r1.check_rationale(r["response"], r["class_name"])
         assert kept is not None and fine_r1.CANDIDATES_MARK in r["response"]
-    log = fine_r1.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))[-1]
+    log = common.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))[-1]
     assert log["cot/kept"] == 11 and log["cot/tried"] == 12 * 4
     assert log["cot/failed_answer"] == 4 and log["cot/failed_candidates"] == 11
 
@@ -451,9 +451,9 @@ def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
              "--cot-batch", "2", "--cot-samples", "2"]
     kill_after = None
     os.makedirs(tmp_path / "a")
-    whole = fine_r1.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", str(tmp_path / "a")]),
+    whole = common.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", str(tmp_path / "a")]),
                                                common.Dist(), str(tmp_path / "a")))
-    whole_log = fine_r1.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))[-1]
+    whole_log = common.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))[-1]
     out = str(tmp_path / "b")
     os.makedirs(out)
     asked.clear()
@@ -464,10 +464,10 @@ def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
         f.write('{"image": "cut mid-wri')  # the kill landed while the 6th class was written
     asked.clear()
     kill_after = None
-    resumed = fine_r1.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out))
+    resumed = common.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out))
     assert asked == names[5:]  # only the classes not finished before the kill
     assert resumed == whole and len(whole) == 11  # names[3]'s rationales all fail the answer check
-    log = fine_r1.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
+    log = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
     assert {k: v for k, v in log.items() if k.startswith("cot/")} == {
         k: v for k, v in whole_log.items() if k.startswith("cot/")}
     assert not [p for p in os.listdir(out) if p.startswith("cot.part")]
@@ -521,7 +521,7 @@ def test_tapo_checkpoint_resume_continues_the_data_and_the_steps(tmp_path):
     assert (state()["step"], state()["batch"], state()["cursor"]) == (1, 1, 1)
     shutil.rmtree(os.path.join(out, "final"))
     fine_r1.main(flags + ["--max-steps", "2"])
-    records = fine_r1.read_jsonl(os.path.join(out, "tapo", "metrics.jsonl"))
+    records = common.read_jsonl(os.path.join(out, "tapo", "metrics.jsonl"))
     assert [(r["step"], r["rollout_batch"]) for r in records] == [(1, 1), (2, 2)]  # resumed, not restarted
     assert records[-1]["completions"][0]["anchor"] != records[0]["completions"][0]["anchor"]  # the next triplet
     assert (state()["step"], state()["batch"], state()["cursor"]) == (2, 2, 2)
