@@ -2969,6 +2969,8 @@ def lock_run_dir(out: str):
     f.write(f"{os.getpid()}\n")
     f.flush()
     _RUN_LOCKS[key] = f
+    import atexit
+    atexit.register(f.close)  # held to the end; the kernel releases the lock with the process anyway
 
 
 def make_run_dir(out: str):
