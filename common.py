@@ -3013,7 +3013,7 @@ def configure_threads(threads: int | None, d: Dist) -> int:
     if threads is None:
         cores = os.cpu_count() or 1
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores // d.world_size, int(cores - busy + 0.5)))
+        threads = max(1, min(cores // d.world_size, cores - int(busy)))  # a whole core's worth of load per core
         if d.device.type == "cpu" and threads < cores // d.world_size:
             print0(f"CPU threads per process: {threads} ({cores} cores, load {busy:.1f}; --threads to choose)")
     torch.set_num_threads(threads)
