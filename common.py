@@ -2421,15 +2421,19 @@ def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.
 
 
 @contextlib.contextmanager
-def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float):
+def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, predictors: torch.Tensor | None = None):
     """Trick "no full logits": for one forward of the (wrapped) model, its `lm_head` returns the log-probs of
-    `targets` [B, T] from the last T+1 hidden states instead of [B, T+1, V] logits (see `hidden_logprobs`). The swap
-    is of `lm_head.forward` only, inside the model's own forward: parameters, DDP hooks and FSDP2's unshard /
-    reshard of the root module (which owns lm_head) see the projection exactly where they expect it."""
+    `targets` [B, T] from the hidden states that predict them instead of logits over the vocabulary (see
+    `hidden_logprobs`): the first T of the last T+1 positions of each row, or, given `predictors` [B, T], those
+    positions of the kept hidden states flattened over the batch (the shared-prefix layout). The swap is of
+    `lm_head.forward` only, inside the model's own forward: parameters, DDP hooks and FSDP2's unshard / reshard of
+    the root module (which owns lm_head) see the projection exactly where they expect it."""
     head = unwrap(model).lm_head
 
-    def scores(hidden):  # [B, T+1, hidden] -> [B, T]; the last position predicts past the completion
-        return hidden_logprobs(hidden[:, :-1], head, targets, temperature)
+    def scores(hidden):  # [rows, kept, hidden] -> [B, T]
+        if predictors is None:  # the last position predicts past the completion
+            return hidden_logprobs(hidden[:, :-1], head, targets, temperature)
+        return hidden_logprobs(hidden.reshape(-1, hidden.shape[-1])[predictors], head, targets, temperature)
     head.forward = scores
     try:
         yield
@@ -2485,18 +2489,116 @@ def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: tor
         return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # [B, T] log-probs, not logits
 
 
-def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
-                        completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8) -> torch.Tensor:
-    """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time.
-    Positions past the completion mask are 0."""
-    pad_id = special_token_ids(processor)["<|endoftext|>"]
+def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive rows that share one prompt (the same EncodedPrompt object: the G rows
+    of a group, as the sampler lays them out).
+    >>> p, q = object(), object(); prompt_runs([p, p, p, q, q])
+    [(0, 3), (3, 5)]"""
+    runs = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] is p:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
+                         completion_mask: torch.Tensor, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
+    """Trick "shared prefix": model inputs that hold each prompt once with all of its rows' completions after it, one
+    packed sequence per run of rows sharing a prompt (prompt_runs):
+
+        [ left-padded prompt | completion 1 | completion 2 | ... | completion g ]   (each completion T slots)
+
+    with a 4-D attention mask under which the prompt is causal as usual and every completion sees the whole prompt
+    and its own earlier tokens, never another completion; each completion's M-RoPE positions continue the prompt's,
+    as if it were alone. A row's log-probs are then exactly those of [prompt | completion] scored on its own (up to
+    float summation order), but the prompt (mostly image tokens) and the image are computed once per group instead
+    of G times, in the forward and in the backward: its gradient is the sum over the group's completions.
+
+    Returns (inputs, predictors, keep): the model keeps the hidden states of the last `keep` = 1 + g_max * T
+    positions of each packed sequence (`logits_to_keep`), and predictors [B, T] is, for completion token (b, t), the
+    index into those (flattened over the packed sequences) of the one that predicts it: the prompt's last position
+    for t = 0, else the completion's own previous token."""
+    runs = prompt_runs(prompts)
+    B, T = completion_ids.shape
+    g_max = max(end - start for start, end in runs)
+    batch = collate_prompts(model, [prompts[start] for start, _ in runs], pad_id, device)
+    R, L = batch["input_ids"].shape
+    S = L + g_max * T
+    comp = torch.full((R, g_max, T), pad_id, dtype=torch.long, device=device)  # [R, g, T]
+    real = torch.zeros((R, g_max, T), dtype=torch.bool, device=device)  # [R, g, T] slots holding a real token
+    row_run, row_slot = [], []
+    for r, (start, end) in enumerate(runs):
+        comp[r, :end - start] = completion_ids[start:end].to(device)
+        real[r, :end - start] = completion_mask[start:end].to(device).bool()
+        row_run += [r] * (end - start)
+        row_slot += list(range(end - start))
+    start_pos = batch["position_ids"].amax(dim=(0, 2)) + 1  # [R] first completion position
+    comp_pos = (start_pos[:, None] + torch.arange(T, device=device)).repeat(1, g_max)  # [R, g*T]
+    # the mask [R, 1, S, S]: segment -1 = the prompt, k = completion k; a key is visible to a query at or after it in
+    # the same segment, or in the prompt; padding keys never (a left-pad query sees itself, so no row is empty)
+    seg = torch.cat([torch.full((L,), -1, device=device),
+                     torch.arange(g_max, device=device).repeat_interleave(T)])  # [S]
+    key_ok = torch.cat([batch["attention_mask"].bool(), real.view(R, -1)], 1)  # [R, S]
+    pos = torch.arange(S, device=device)
+    same = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])  # [S, S] query i, key j
+    causal = pos[None, :] <= pos[:, None]  # [S, S]
+    mask = (same & causal)[None] & key_ok[:, None, :]  # [R, S, S]
+    mask |= torch.eye(S, dtype=torch.bool, device=device)[None] & ~mask.any(-1, keepdim=True)
+    if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=unwrap(model).dtype, device=device).masked_fill_(
+            ~mask, torch.finfo(unwrap(model).dtype).min)
+    inputs = dict(input_ids=torch.cat([batch["input_ids"], comp.view(R, -1)], 1),  # [R, S]
+                  attention_mask=mask[:, None],  # [R, 1, S, S]
+                  mm_token_type_ids=torch.cat([batch["mm_token_type_ids"],
+                                               batch["mm_token_type_ids"].new_zeros((R, g_max * T))], 1),
+                  position_ids=torch.cat([batch["position_ids"], comp_pos[None].expand(3, -1, -1)], 2),  # [3, R, S]
+                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    # kept positions are L-1 .. S-1; completion k's token t is predicted at L-1 (t = 0) or L + k*T + t - 1
+    slot = torch.tensor(row_slot, device=device)[:, None]  # [B, 1]
+    t = torch.arange(T, device=device)[None]  # [1, T]
+    within = torch.where(t == 0, torch.zeros_like(t * slot), 1 + slot * T + t - 1)  # [B, T] index into kept
+    predictors = torch.tensor(row_run, device=device)[:, None] * (g_max * T + 1) + within  # [B, T] flat over runs
+    return inputs, predictors, g_max * T + 1
+
+
+def shared_prefix_supported(model) -> bool:
+    """The shared-prefix forward needs an attention that takes a 4-D mask (sdpa, eager); flash-attention 2 does not."""
+    return getattr(unwrap(model).config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
+                      shared_prefix: bool = True) -> torch.Tensor:
+    """[B, T] log-probs of the completion tokens of one micro-batch, with grad if enabled: the one scoring path of
+    every method's old / reference log-probs and of every update. Rows that share a prompt (a group) go through one
+    packed sequence per group (`shared_prefix_inputs`): the prompt and its image are computed once for the group, in
+    the forward and the backward. `shared_prefix=False`, flash-attention 2, or no prompt shared by two rows: one
+    sequence per row (`scoring_inputs`). Positions past a row's completion mask hold garbage: mask them."""
     device = next(unwrap(model).parameters()).device
+    if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
+        inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, completion_mask, pad_id,
+                                                        device)
+        targets = completion_ids.to(device)  # [B, T]
+        with lm_head_returns_logprobs(model, targets, temperature, predictors):
+            return model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, T] log-probs, not logits
+    inputs = scoring_inputs(model, prompts, completion_ids, completion_mask, pad_id, device)
+    return forward_logprobs(model, inputs, completion_ids, temperature)
+
+
+def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
+                        shared_prefix: bool = True) -> torch.Tensor:
+    """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time
+    (score_completions: rows sharing a prompt share its forward). Positions past the completion mask are 0."""
+    pad_id = special_token_ids(processor)["<|endoftext|>"]
     out = []
     with torch.no_grad():
         for s in range(0, len(prompts), micro_batch):
             rows = slice(s, s + micro_batch)
-            inputs = scoring_inputs(model, prompts[rows], completion_ids[rows], completion_mask[rows], pad_id, device)
-            out.append(forward_logprobs(model, inputs, completion_ids[rows], temperature).float().cpu())
+            out.append(score_completions(model, prompts[rows], completion_ids[rows], completion_mask[rows], pad_id,
+                                         temperature, shared_prefix).float().cpu())
     return torch.cat(out) * completion_mask
 
 
@@ -2555,6 +2657,15 @@ def precision_for(dtype: str, d: Dist, parallel: str, trained_weights: bool = Tr
     return Precision(weights, compute, via, d.device.type)
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each layer in the backward (non-reentrant): `activation_checkpointing_enable` from transformers 5.2x,
+    `gradient_checkpointing_enable` before it (now a deprecated alias that warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
     """DDP, or FSDP2 (`fully_shard` per vision block and per decoder layer, then the root). With a `param_dtype`
@@ -2563,7 +2674,7 @@ def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: 
     Precision.context). Activation checkpointing recomputes each layer in the backward instead of storing its
     activations."""
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if not d.distributed:
         return model
@@ -3137,6 +3248,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU fp32 weights with bf16 compute, "
                    "on CPU fp32; bf16-mixed: the same on any device; bf16 / fp32: weights and compute")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
+    g.add_argument("--shared-prefix", type=int, default=1, choices=[0, 1], help="score and update each group's "
+                   "prompt once for its G completions (common.score_completions; exact); 0 = once per completion")
     g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="rollouts decode with a static KV "
                    "cache and a torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")
     g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")

@@ -704,10 +704,12 @@ def main(argv=None):
         B = ids.shape[0]
         with timer("logprobs"), args.precision.context():
             old_all = (common.completion_logprobs(model, processor, row_prompts, ids, mask,
-                                                  temperature=args.temperature, micro_batch=args.micro_batch)
+                                                  temperature=args.temperature, micro_batch=args.micro_batch,
+                                                  shared_prefix=bool(args.shared_prefix))
                        if args.updates_per_batch > 1 else None)  # [B, T] the sampling policy (ratio != 1 later)
             ref_all = (common.completion_logprobs(ref_model, processor, row_prompts, ids, mask,
-                                                  temperature=args.temperature, micro_batch=args.micro_batch)
+                                                  temperature=args.temperature, micro_batch=args.micro_batch,
+                                                  shared_prefix=bool(args.shared_prefix))
                        if ref_model is not None else None)  # [B, T]
         normalizer = loss_normalizer(args.loss_agg, mask, d.world_size)  # see grpo_loss
         model.train()
@@ -722,9 +724,9 @@ def main(argv=None):
                     width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
                     mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
                     grad_sync(model, k == len(starts) - 1)
-                    inputs = common.scoring_inputs(model, row_prompts[rows], mb_ids, mb_mask, pad_id, d.device)
-                    with args.precision.context():
-                        logp = common.forward_logprobs(model, inputs, mb_ids, args.temperature).float()  # [b, t]
+                    with args.precision.context():  # each question's prompt once for its G completions
+                        logp = common.score_completions(model, row_prompts[rows], mb_ids, mb_mask, pad_id,
+                                                        args.temperature, bool(args.shared_prefix)).float()  # [b, t]
                     old = old_all[rows, :width].to(logp) if old_all is not None else logp.detach()  # [b, t]
                     ref = ref_all[rows, :width].to(logp) if ref_all is not None else None  # [b, t]
                     loss, st = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),

@@ -1155,9 +1155,11 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         # ----- old log-probs (own image) and negative-image log-probs, once per rollout batch, no grad -----
         with timer("logprobs"), args.precision.context():
             old_logp = common.completion_logprobs(model, processor, own, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch)  # [R, T]
+                                                  micro_batch=args.logprob_micro_batch,
+                                                  shared_prefix=bool(args.shared_prefix))  # [R, T]
             neg_logp = common.completion_logprobs(model, processor, neg, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch)  # [R, T]
+                                                  micro_batch=args.logprob_micro_batch,
+                                                  shared_prefix=bool(args.shared_prefix))  # [R, T]
 
         # ----- 11. several optimizer steps on the rollout batch -----
         model.train()
@@ -1178,9 +1180,9 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
                     mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
                     grad_sync(model, j == len(starts) - 1)
-                    inputs = common.scoring_inputs(model, own[rows], mb_ids, mb_mask, pad_id, d.device)
-                    with args.precision.context():
-                        logp = common.forward_logprobs(model, inputs, mb_ids, args.temperature).float()  # [b, t]
+                    with args.precision.context():  # each image's prompt once for its G completions
+                        logp = common.score_completions(model, own[rows], mb_ids, mb_mask, pad_id, args.temperature,
+                                                        bool(args.shared_prefix)).float()  # [b, t]
                     loss, terms = tapo_loss(
                         logp, old_logp[rows, :width].to(logp), neg_logp[rows, :width].to(logp),
                         advantages[rows].to(logp), mb_mask.to(logp.device), normalizer=normalizer,

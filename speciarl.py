@@ -232,7 +232,8 @@ def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
     ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
     with ctx, args.precision.context():
         return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
-                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch)
+                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+                                          shared_prefix=bool(args.shared_prefix))
 
 
 # =====================================================================================================================
@@ -443,10 +444,9 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
         chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
         for c, chunk in enumerate(chunks):
             with gradient_sync(model, enabled=c == len(chunks) - 1):
-                inputs = common.scoring_inputs(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
-                                               pad_id, device)
-                with args.precision.context():
-                    logp = common.forward_logprobs(model, inputs, ids[chunk], args.temperature).float()  # [b, T]
+                with args.precision.context():  # each image's prompt once for its G completions
+                    logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
+                                                    pad_id, args.temperature, bool(args.shared_prefix)).float()
                 loss_sum, stats = speciarl_loss(
                     logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
                     advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
@@ -572,7 +572,8 @@ def main(argv=None):
         # ---- old log-probs, once, before any update (mini-batches 2.. are off-policy); reference log-probs
         with timer("logprobs"), args.precision.context():
             old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch)  # [B, T]
+                                                  micro_batch=args.logprob_micro_batch,
+                                                  shared_prefix=bool(args.shared_prefix))  # [B, T]
             ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
 
         # ---- update: --minibatches optimizer steps, each a global token mean over all ranks

@@ -1,7 +1,8 @@
 """Worker for the distributed and resume tests (run under torchrun, or plain python for one process).
 
   step  PARALLEL OUT : one SGD step of a policy-gradient loss on 4 fixed prompts, sharded over ranks; saves the
-                       parameters, samples on the wrapped model, exports an HF directory.
+                       parameters, samples on the wrapped model, exports an HF directory. Scored with the shared
+                       prefix (SCORE=rows: one sequence per completion), AC=1 with activation checkpointing.
   train PARALLEL OUT STEPS STOP : AdamW steps with random data drawn from the global RNG, a checkpoint every 2 steps,
                        resuming from OUT if a checkpoint is there; exits after STOP steps (0 = never).
 """
@@ -25,11 +26,13 @@ os.makedirs(out, exist_ok=True)
 
 def policy_loss(wrapped, prompts, seeds):
     """Per-prompt sampling with its own seed, so a prompt's completions do not depend on which rank holds it."""
+    model.eval()  # sampling needs the KV cache; checkpointing (AC=1) acts in train mode, for the scoring below
     rollouts = [common.sample(model, proc, [p], group_size=2, max_new_tokens=12, temperature=1.0,
                               generator=torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds)]
     ro = common.concat_rollouts(rollouts, pad)
-    inputs = common.scoring_inputs(wrapped, ro.row_prompts, ro.completion_ids, ro.completion_mask, pad, d.device)
-    logp = common.forward_logprobs(wrapped, inputs, ro.completion_ids)  # [B, T]
+    model.train(os.environ.get("AC") == "1")
+    logp = common.score_completions(wrapped, ro.row_prompts, ro.completion_ids, ro.completion_mask, pad,
+                                    shared_prefix=os.environ.get("SCORE") != "rows")  # [B, T]
     adv = torch.tensor([1.0, -0.5] * len(prompts))  # [B]
     mask = ro.completion_mask.float()
     return -((logp * mask).sum(1) / mask.sum(1) * adv).mean()
@@ -39,7 +42,7 @@ if mode == "step":
     exs = test.examples[:4]
     mine = list(range(d.rank, 4, d.world_size))
     prompts = [common.encode_prompt(proc, exs[i].image, "Classify the image.") for i in mine]
-    wrapped = common.wrap_model(model, d, parallel)
+    wrapped = common.wrap_model(model, d, parallel, activation_checkpointing=os.environ.get("AC") == "1")
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
     loss = policy_loss(wrapped, prompts, mine)
     loss.backward()

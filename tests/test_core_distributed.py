@@ -14,8 +14,8 @@ import common
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 
 
-def _single(args):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+def _single(args, extra_env=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     subprocess.run([sys.executable, WORKER] + args, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
@@ -24,14 +24,16 @@ def _single(args):
 @pytest.fixture(scope="module")
 def single_step(tmp_path_factory, tiny):
     out = str(tmp_path_factory.mktemp("single"))
-    _single(["step", "ddp", out])
+    _single(["step", "ddp", out], {"SCORE": "rows"})  # the reference: one sequence per completion, one process
     return load_file(os.path.join(out, "params.safetensors"))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_rank_step_equals_single_process(parallel, single_step, tmp_path, tiny):
+@pytest.mark.parametrize("parallel,checkpointing", [("ddp", "0"), ("fsdp", "0"), ("fsdp", "1")])
+def test_two_rank_step_equals_single_process(parallel, checkpointing, single_step, tmp_path, tiny):
+    """2 ranks scoring with the shared prefix (each prompt once for its completions), under DDP and FSDP2, with and
+    without activation checkpointing: the same step as one process scoring one sequence per completion."""
     out = str(tmp_path / parallel)
-    torchrun([WORKER, "step", parallel, out])
+    torchrun([WORKER, "step", parallel, out], env={"AC": checkpointing})
     two = load_file(os.path.join(out, "params.safetensors"))
     before = {k: v for k, v in tiny[0].state_dict().items()}
     assert two.keys() == single_step.keys()
