@@ -6,13 +6,18 @@ bench.py: speed and memory of the three phases of a GRPO step on Qwen2.5-VL, in 
                ratio; generated tokens per second; the decode step against the memory-bandwidth limit; and a check
                that both give the same tokens under greedy decoding;
   2. log-probs the no-grad scoring pass of the rollout (common.completion_logprobs), tokens per second and MFU;
-  3. update    forward + backward + AdamW step on the same rows (common.forward_logprobs on the wrapped model),
+  3. update    forward + backward + AdamW step on the same rows (common.score_completions on the wrapped model),
                tokens per second, MFU and peak memory.
+  Phases 2 and 3 run both scoring paths in alternation: the shared prefix (each prompt once for its group's
+  completions; the figures without suffix) and one sequence per completion (suffix _rows), with their pairwise
+  ratio (logprob_speedup, update_speedup: rows time / shared time, median of the pairs).
 Every figure is the median (and min, max) over --repeats timed runs after --warmup untimed ones. The run prints a
 markdown table, then ONE last line of JSON with every figure and every setting, so that runs can be compared.
 
 Launch lines:
   python bench.py --model tiny                                     # CPU: 4 prompts of 256 image tokens, G=8, 32 tokens
+  python bench.py --model qwen2.5-vl-30m-random --phases sample,logprob,update  # CPU: a model whose layers dominate
+  python bench.py --model qwen2.5-vl-35m-random --phases sample,logprob,update  # CPU, the real 151,936 vocabulary
   python bench.py --model qwen2.5-vl-3b-random --prompts 8 --new-tokens 256     # one GPU, bf16, random weights
   python bench.py --model qwen2.5-vl-7b-random --prompts 4 --new-tokens 256
   torchrun --nproc 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures are per GPU (rank 0)
@@ -39,7 +44,10 @@ How the figures are defined
     activation checkpointing is not counted (model FLOPs, not hardware FLOPs). MFU = FLOPs / time / peak, with the
     dense bf16 peak of the device (989 TFLOP/s for H100 SXM and H200, 312 for A100; see PEAK_BF16_TFLOPS;
     --peak-tflops overrides; on CPU it is only reported when --peak-tflops is given).
-  * peak memory: torch.cuda.max_memory_allocated per phase on GPU; the process's maximum resident set on CPU.
+  * peak memory: torch.cuda.max_memory_allocated per phase on GPU; on CPU the largest resident set of the process
+    seen during the phase (polled every 2 ms), so it includes the weights and everything else alive.
+  * the shared scoring path counts each run of rows sharing a prompt (within a micro-batch) as one row of the
+    prompt's tokens plus all of the run's completion tokens, in the token counts and the FLOP formula below.
   * the update pass trains the model in its loading dtype (bf16 parameters and AdamW states on GPU, fp32 on CPU).
 """
 
@@ -48,8 +56,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
+import threading
 import time
 
 import torch
@@ -66,7 +76,8 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and workload")
-    g.add_argument("--model", default="tiny", help="hub id, local directory, 'tiny', qwen2.5-vl-3b-random or "
+    g.add_argument("--model", default="tiny", help="hub id, local directory, 'tiny', or a random preset: "
+                   "qwen2.5-vl-30m-random or -35m-random (CPU; 35m has the real vocabulary), qwen2.5-vl-3b-random, "
                    "qwen2.5-vl-7b-random (default %(default)s)")
     g.add_argument("--prompts", type=int, default=4, help="prompts per rollout batch (default %(default)s)")
     g.add_argument("--group-size", type=int, default=8, help="completions per prompt G (default %(default)s)")
@@ -138,14 +149,46 @@ def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+class ResidentPeak(threading.Thread):
+    """The largest resident set of this process seen since start(), read from /proc/self/statm every 2 ms: a peak
+    per phase on CPU, where ru_maxrss only knows the process's lifetime maximum. (Torch releases the GIL in its
+    kernels, so the thread gets to look during them.)"""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak, self.running = 0, True
+
+    def resident(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, self.resident())
+            time.sleep(0.002)
+
+
+_RESIDENT: ResidentPeak | None = None
+
+
 def reset_peak(device):
+    global _RESIDENT
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/statm"):
+        if _RESIDENT is not None:
+            _RESIDENT.running = False
+        _RESIDENT = ResidentPeak()
+        _RESIDENT.peak = _RESIDENT.resident()
+        _RESIDENT.start()
 
 
 def peak_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if _RESIDENT is not None:
+        return max(_RESIDENT.peak, _RESIDENT.resident()) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kiB -> GiB, process-wide maximum
 
 
@@ -343,29 +386,53 @@ def main(argv=None) -> dict:
                                                    comp.repeat_interleave(G, 0), mask.repeat_interleave(G, 0))
         fig["greedy_tokens"] = int(ours_greedy.completion_mask.sum())
 
-    # rows to score: the last timed rollout of ours
+    # rows to score: the last timed rollout of ours. Each scoring phase runs both paths of common.score_completions,
+    # alternating (rows, shared, rows, shared ...): "rows" = one sequence per completion, "shared" = each prompt once
+    # for the completions of its group (the default); the figures without a suffix are the shared path's
     if rollout is not None and ("logprob" in args.phases or "update" in args.phases):
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
-        # the scoring forward encodes an image once per run of rows that repeat it within a micro-batch
+        # the per-row forward encodes an image once per run of rows that repeat it within a micro-batch
         # (common.images_encoded_once): a row that repeats the previous row's image adds no vision FLOPs
         rows = [(len(p), int(comp_mask[r].sum()),
                  0 if r % micro and row_prompts[r - 1] is p else patches[r // G]) for r, p in enumerate(row_prompts)]
-        score_tokens = sum(a + b for a, b, _ in rows)
-        fwd_flops = forward_flops(shape, rows)
-        fig["score_tokens"] = score_tokens
+        # the shared path: per micro-batch, one sequence per run of rows sharing a prompt (its completions after it)
+        packed = []
+        for s in range(0, len(row_prompts), micro):
+            for a, b in common.prompt_runs(row_prompts[s:s + micro]):
+                packed.append((len(row_prompts[s + a]), int(comp_mask[s + a:s + b].sum()), patches[(s + a) // G]))
+        work = {"rows": (sum(a + b for a, b, _ in rows), forward_flops(shape, rows)),
+                "shared": (sum(a + b for a, b, _ in packed), forward_flops(shape, packed))}
+        fig["score_tokens"] = work["rows"][0]  # prompt + completion tokens of every scored row
+        fig["score_tokens_run_shared"] = work["shared"][0]  # the tokens the shared path actually runs
         temperature = args.temperature or 1.0
+
+        def alternate(fn) -> dict:
+            """{path: [(seconds, peak GiB)]} of fn(shared) over warm-up + repeats rounds of both paths."""
+            done = {"rows": [], "shared": []}
+            for i in range(args.warmup + args.repeats):
+                for path in done:
+                    reset_peak(device)
+                    _, dt = timed(lambda: fn(path == "shared"), device)
+                    if i >= args.warmup:
+                        done[path].append((dt, peak_gib(device)))
+            return done
+
+        def report(phase: str, done: dict, flops_factor: int):
+            for path, suffix in (("shared", ""), ("rows", "_rows")):
+                times = [t for t, _ in done[path]]
+                tokens, flops = work["rows"][0], work[path][1]  # tokens scored (per row, either path); FLOPs run
+                fig[f"{phase}{suffix}_s"] = stats(times)
+                fig[f"{phase}{suffix}_tok_s"] = stats([tokens / t for t in times])
+                fig[f"{phase}{suffix}_TFLOPs"] = flops_factor * flops / 1e12
+                fig[f"{phase}{suffix}_mfu"] = flops_factor * flops / statistics.median(times) / peak if peak else None
+                fig[f"{phase}{suffix}_peak_GiB"] = max(p for _, p in done[path])
+            fig[f"{phase}_speedup"] = stats([r / s for (r, _), (s, _) in zip(done["rows"], done["shared"])])
 
         # --- log-prob pass (no grad)
         if "logprob" in args.phases:
-            reset_peak(device)
-            _, times = repeat(lambda: common.completion_logprobs(wrapped, proc, row_prompts, comp_ids, comp_mask,
-                                                                 temperature=temperature, micro_batch=micro),
-                              device, args.warmup, args.repeats)
-            fig["logprob_s"] = stats(times)
-            fig["logprob_tok_s"] = stats([score_tokens / t for t in times])
-            fig["logprob_TFLOPs"] = fwd_flops / 1e12
-            fig["logprob_mfu"] = fwd_flops / statistics.median(times) / peak if peak else None
-            fig["logprob_peak_GiB"] = peak_gib(device)
+            report("logprob", alternate(lambda shared: common.completion_logprobs(
+                wrapped, proc, row_prompts, comp_ids, comp_mask, temperature=temperature, micro_batch=micro,
+                shared_prefix=shared)), 1)
 
         # --- update pass: forward + backward + AdamW, micro-batched, one optimizer step per run
         if "update" in args.phases:
@@ -376,7 +443,7 @@ def main(argv=None) -> dict:
             advantages = torch.randn(len(row_prompts), generator=torch.Generator().manual_seed(args.seed))  # [B]
             n_micro = (len(row_prompts) + micro - 1) // micro
 
-            def update():
+            def update(shared: bool):
                 opt.zero_grad(set_to_none=True)
                 for k, s in enumerate(range(0, len(row_prompts), micro)):
                     sl = slice(s, s + micro)
@@ -386,22 +453,15 @@ def main(argv=None) -> dict:
                     if hasattr(wrapped, "set_requires_gradient_sync"):
                         wrapped.set_requires_gradient_sync(last)
                     with no_sync:
-                        inputs = common.scoring_inputs(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
-                                                       device)
-                        logp = common.forward_logprobs(wrapped, inputs, comp_ids[sl], temperature)  # [b, T]
+                        logp = common.score_completions(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
+                                                        temperature, shared_prefix=shared)  # [b, T]
                         mask = comp_mask[sl].to(logp.device).float()  # [b, T]
                         adv = advantages[sl].to(logp.device)  # [b]
                         loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * adv).sum() / len(row_prompts)
                         loss.backward()
                 opt.step()
-            reset_peak(device)
-            _, times = repeat(update, device, args.warmup, args.repeats)
+            report("update", alternate(update), 3)
             model.eval()
-            fig["update_s"] = stats(times)
-            fig["update_tok_s"] = stats([score_tokens / t for t in times])
-            fig["update_TFLOPs"] = 3 * fwd_flops / 1e12
-            fig["update_mfu"] = 3 * fwd_flops / statistics.median(times) / peak if peak else None
-            fig["update_peak_GiB"] = peak_gib(device)
 
     # ----- 4. report ----------------------------------------------------------------------------------------------
     settings = {k: v for k, v in vars(args).items()}

@@ -229,7 +229,17 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights
+RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
+    # for bench.py on CPU: 30m has a small vocabulary, so its time goes to the decoder layers as a big model's does;
+    # 35m has the real 151,936-token vocabulary, for the memory of scoring at that vocabulary
+    "qwen2.5-vl-30m-random": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                                  num_key_value_heads=2, vocab_size=None, tie=False,
+                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
+                                              fullatt_block_indexes=[3])),
+    "qwen2.5-vl-35m-random": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=151936, tie=True,
+                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
+                                              fullatt_block_indexes=[3])),
     "qwen2.5-vl-3b-random": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                  num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie=True),
     "qwen2.5-vl-7b-random": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -292,12 +302,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
 
 def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32):
-    """A random-initialised Qwen2.5-VL with the published 3B / 7B shapes and a small tokenizer whose special tokens
-    sit at the real ids, built directly on `device` in `dtype` (no host copy, no fp32 copy first). For speed and
-    memory measurements only: its outputs are noise."""
+    """A random-initialised Qwen2.5-VL of a preset's shape and a small tokenizer whose special tokens sit at the real
+    ids (or, for a preset with vocab_size None, right after its few hundred tokens), built directly on `device` in
+    `dtype` (no host copy, no fp32 copy first). For speed and memory measurements only: its outputs are noise."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     spec = dict(RANDOM_PRESETS[name])
-    tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300, QWEN_SPECIAL_IDS)
+    real_ids = spec["vocab_size"] is not None
+    tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
+                                   QWEN_SPECIAL_IDS if real_ids else None)
+    if not real_ids:
+        spec["vocab_size"] = len(tok)
     cfg = qwen_vl_config(special_ids=special, **spec)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
@@ -2378,18 +2392,30 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
 
-LOGPROB_CHUNK = 256  # completion positions projected onto the vocabulary at a time when scoring
+LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
 
 
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    scaled = logits.float() / temperature  # [b, t, V] fp32 only for one chunk at a time
+def logits_chunk(rows: int, vocab: int) -> int:
+    """Positions per chunk so that one chunk's scores stay within LOGITS_BUDGET (at least one position): at Qwen's
+    151,936-token vocabulary and 16 rows, 27 positions; at the stand-in's, every position at once."""
+    return max(1, LOGITS_BUDGET // max(1, rows * vocab))
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     owned: bool = False) -> torch.Tensor:
+    """log softmax(logits / T)[target]. One fp32 copy of the chunk at most: the temperature divides it in place when
+    it is a copy already or the caller's own (`owned`: a projection made for this call)."""
+    scaled = logits.float()  # [b, t, V] a copy unless fp32 already
+    if temperature != 1.0:
+        scaled = scaled.div_(temperature) if owned or scaled is not logits else scaled / temperature
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # [b, t]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log softmax(logits / T)[target] in chunks of `chunk` positions. Each chunk is recomputed in the backward
-    (activation checkpointing), so full-vocabulary fp32 logits never exist for more than one chunk at a time."""
+                   chunk: int | None = None) -> torch.Tensor:
+    """log softmax(logits / T)[target] in chunks of `chunk` positions (default: within LOGITS_BUDGET). Each chunk is
+    recomputed in the backward (activation checkpointing), so fp32 scores never exist for more than one chunk."""
+    chunk = chunk or logits_chunk(logits.shape[0], logits.shape[-1])
     outs = []
     for s in range(0, logits.shape[1], chunk):
         part = (logits[:, s:s + chunk], targets[:, s:s + chunk])
@@ -2402,14 +2428,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
-    return _gather_logprobs(F.linear(hidden, weight, bias), targets, temperature)  # [b, t]
+    return _gather_logprobs(F.linear(hidden, weight, bias), targets, temperature, owned=True)  # [b, t]
 
 
 def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions, the vocabulary projection done inside each
-    chunk and recomputed in the backward: no logits of the whole micro-batch exist, neither in the model's dtype nor in
-    fp32, and the backward keeps only [B, T, hidden] instead of [B, T, V]."""
+                    chunk: int | None = None) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions (default: as many as fit LOGITS_BUDGET
+    scores), the vocabulary projection done inside each chunk and recomputed in the backward: no logits of the whole
+    micro-batch exist, neither in the model's dtype nor in fp32, and the backward keeps only [B, T, hidden] instead
+    of [B, T, V]."""
+    chunk = chunk or logits_chunk(hidden.shape[0], head.weight.shape[0])
     outs = []
     for s in range(0, hidden.shape[1], chunk):
         part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk])
@@ -3678,9 +3706,10 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
       activations (rough)  train_rows x (prompt + new tokens) x compute bytes x (layers x (6 hidden + 4 intermediate)),
                            with checkpointing layers x hidden + one layer's (6 hidden + 4 intermediate)
-      logits (transient)   the larger of scoring, logit_rows x min(new tokens, LOGPROB_CHUNK) x vocab x (compute
-                           bytes + 8: the projection, its fp32 copy and the log-sum-exp's), and sampling,
-                           rollout rows x vocab x 24 (fp32 logits, scores, probabilities and a float64 CDF)
+      logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(LOGITS_BUDGET /
+                           vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
+                           and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
+                           probabilities and a float64 CDF)
     and, not added to the others since it is over before they exist:
       load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy on the GPU
                            until wrap_model shards it (the policy is sharded before the reference loads)
@@ -3693,7 +3722,8 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
     logit_rows = train_rows if logit_rows is None else logit_rows
-    scoring = logit_rows * min(new_tokens, LOGPROB_CHUNK) * tc.vocab_size * (compute_bytes + 8)
+    scoring = min(logit_rows * new_tokens * tc.vocab_size, max(LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
+        compute_bytes + 8)
     sampling = rollout_rows * tc.vocab_size * 24
     return {
         "parameters": n_params * master_bytes / shards,

@@ -140,13 +140,16 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
                                 new_tokens=14, activation_checkpointing=True)
     assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
     V = tc.vocab_size
-    assert one["logits"] == max(3 * 14 * V * (4 + 8), 10 * V * 24)  # rows x min(new, 256) x vocab x bytes
+    assert one["logits"] == max(3 * 14 * V * (4 + 8), 10 * V * 24)  # rows x new tokens x vocab x bytes (one chunk)
     assert one["load peak"] == 4 * n  # one process: the model as it stays
     fsdp = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, world_size=4, parallel="fsdp",
                                 compute_bytes=2, reference=True, train_rows=2, logit_rows=8, new_tokens=1000)
     assert fsdp["parameters"] == n and fsdp["optimizer states"] == 2 * n and fsdp["frozen reference"] == n
     assert fsdp["gathered parameters"] == 2 * n  # a whole bf16 copy beside the fp32 shards while sampling
-    assert fsdp["logits"] == 8 * 256 * V * (2 + 8)  # scored 256 positions at a time
+    assert fsdp["logits"] == 8 * 1000 * V * (2 + 8)  # all in one chunk at this small vocabulary
+    big = common.memory_budget(n_params=n, n_trainable=n, text_config=type(tc)(**{**tc.to_dict(), "vocab_size": 151936}),
+                               compute_bytes=2, logit_rows=16, new_tokens=256)
+    assert big["logits"] == common.LOGITS_BUDGET * (2 + 8)  # at Qwen's vocabulary: chunks of the budget
     assert fsdp["load peak"] == 4 * n * (1 + 1 / 4)  # the reference loads whole beside the sharded policy
     # printed at start: the total, then each component largest first with what reduces it
     budget = common.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
