@@ -13,7 +13,8 @@ loss and update loop. What they share lives here, in execution order:
  4b. answer judges: six verifier labels from `rules` (offline), `hf:<model>` (an LLM scoring each label) or
      `openai:<model>` (an LLM behind an OpenAI-compatible server), cached
   5. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
-  6. per-token log-probs of completions (only at completion positions, never full-vocabulary logits)
+  6. per-token log-probs of completions: each group's prompt run once (shared prefix), vocabulary scores only at
+     completion positions, in chunks of a bounded size
   7. DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
   8. checkpoints (atomic, auto-resume) and export of a standard Hugging Face directory
   9. metrics logging (metrics.jsonl, optional wandb), phase timers, learning-rate schedules, shared flags

@@ -65,7 +65,9 @@ Deviations from the paper and its code (every one deliberate); where the paper i
     DDP and one process; common.precision_for), where the paper used DeepSpeed ZeRO-3 with CPU offload; `--dtype
     bf16` keeps bf16 weights instead (less memory, but lr-1e-6 updates round away in bf16).
   * Rollouts use the project's prefill-once sampler (the prompt and image are encoded once per question and the KV
-    cache is shared by its G completions), not HF generate with num_return_sequences.
+    cache is shared by its G completions), not HF generate with num_return_sequences; the log-prob and update
+    forwards likewise run each question's prompt once for its G completions (common.score_completions: exact, the
+    same log-probs and gradients as one sequence per completion; --shared-prefix 0 for the latter).
   * --online-mining rebuilds the options from the current policy at every step (the paper's e2e "topk_dynamic"
     variant, its stated limitation); there, an easy image is kept with 2 random base distractors instead of dropped.
   * Toy preset (`--data toy`, only flags left unset): K = 8 mining samples, 48 new tokens, G = 8, 16 prompts per

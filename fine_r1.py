@@ -82,8 +82,9 @@ Deviations from the paper and its released code (every one deliberate)
   * Old log-probs are recomputed with one forward per rollout batch (as verl), not taken from the sampler.
   * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy when sharded, autocast
     for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP
-    with CPU offload (RL). Rollouts use the project's prefill-once sampler instead of vLLM. final/ is exported in
-    bf16 (--export-dtype), as the paper's checkpoints; TAPO starts from the SFT export.
+    with CPU offload (RL). Rollouts use the project's prefill-once sampler instead of vLLM, and the log-prob and
+    update forwards run each image's prompt once for its completions (common.score_completions, exact). final/ is
+    exported in bf16 (--export-dtype), as the paper's checkpoints; TAPO starts from the SFT export.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
   * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
     the truth's name is in the answer), 4 options shuffled per image (the released files always list the truth
@@ -511,7 +512,8 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -
             result[f"eval/{protocol}/{group}_n"] = len(ds)
         if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
             result[f"eval/{protocol}/avg"] = (result[f"eval/{protocol}/seen"] + result[f"eval/{protocol}/unseen"]) / 2
-    common.print0(f"eval at step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n")))
+    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n"))
+    common.print0(f"eval at step {step}: {shown}")
     return result
 
 

@@ -54,6 +54,8 @@ Deviations from the paper and GRPO simplifications (all deliberate, each visible
   * With LoRA the KL reference is the policy with its adapters switched off (exactly the frozen initial model),
     instead of a second copy. Checkpoints store the frozen base weights too (simple, not small).
   * --max-steps counts rollout batches (the paper's "steps"); each is --minibatches optimizer steps.
+  * Rollouts use the project's prefill-once sampler instead of vLLM, and the log-prob and update forwards run each
+    image's prompt once for its G completions (common.score_completions: exact, --shared-prefix 0 to turn it off).
   * Precision on GPU (common.precision_for): with LoRA the frozen base is stored in bf16 and the adapters in fp32;
     full fine-tuning keeps fp32 master weights and computes in bf16 (FSDP2 mixed precision when sharded, autocast
     otherwise). The merged final/ is exported in bf16 (--export-dtype).
