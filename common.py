@@ -3694,7 +3694,7 @@ MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag n
 def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
                   master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
-                  activation_checkpointing: bool = False) -> dict[str, float]:
+                  rows_per_prompt: int = 1, activation_checkpointing: bool = False) -> dict[str, float]:
     """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
 
       parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
@@ -3705,8 +3705,10 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       gathered parameters  n_params x compute bytes, when sharded       (FSDP2 gathers a whole copy in the compute
                                                                          dtype for sampling, beside the shards)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
-      activations (rough)  train_rows x (prompt + new tokens) x compute bytes x (layers x (6 hidden + 4 intermediate)),
-                           with checkpointing layers x hidden + one layer's (6 hidden + 4 intermediate)
+      activations (rough)  (train_rows x new + prompts x prompt tokens) x compute bytes x (layers x (6 hidden + 4
+                           intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
+                           intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
+                           for the rows of its group in a micro-batch; 1 = once per row)
       logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(LOGITS_BUDGET /
                            vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
                            and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
@@ -3733,7 +3735,8 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "frozen reference": n_params * master_bytes / shards if reference else 0.0,
         "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
-        "activations": float(train_rows * tokens * compute_bytes * stored),
+        "activations": float((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
+                             * compute_bytes * stored),
         "logits": float(max(scoring, sampling)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
@@ -3754,7 +3757,7 @@ def _gib(n: float) -> str:
 
 
 def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, rollout_rows: int, prompt_tokens: int,
-                         new_tokens: int, train_rows: int, activation_checkpointing: bool,
+                         new_tokens: int, train_rows: int, activation_checkpointing: bool, rows_per_prompt: int = 1,
                          compute_dtype: torch.dtype | None = None, logit_rows: int | None = None,
                          knobs: dict[str, str] | None = None, title: str = "memory budget") -> dict[str, float]:
     """Count the model's parameters (total and trainable, after freezing / LoRA), estimate the memory per GPU
@@ -3771,6 +3774,7 @@ def report_memory_budget(model, d: Dist, *, parallel: str, reference: bool, roll
                            world_size=d.world_size, parallel=parallel, master_bytes=master.itemsize,
                            compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
+                           rows_per_prompt=rows_per_prompt,
                            logit_rows=logit_rows, activation_checkpointing=activation_checkpointing)
     steady = {k: v for k, v in budget.items() if k != "load peak"}
     total = max(sum(steady.values()), budget["load peak"])

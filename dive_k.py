@@ -622,6 +622,7 @@ def main(argv=None):
     common.report_memory_budget(
         model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=args.precision.compute,
         knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "

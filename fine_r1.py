@@ -1092,6 +1092,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         rollout_rows=(args.rollout_prompt_batch or 2 * sample_per_rank) * args.group_size,
         prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=args.precision.compute, title="memory budget (stage tapo)",

@@ -511,6 +511,7 @@ def main(argv=None):
         model, d, parallel=args.parallel, reference=ref is not None, rollout_rows=min(args.sample_batch,
         prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        rows_per_prompt=min(G, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=args.precision.compute,

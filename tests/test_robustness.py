@@ -136,6 +136,9 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     assert one["frozen reference"] == 0 and one["gathered parameters"] == 0
     assert one["rollout KV cache"] == 2 * 2 * 32 * 2 * 4 * 64 * 10  # layers x kv x head_dim x (K, V) x B x tokens x rows
     assert one["activations"] == 3 * 64 * 4 * 2 * (6 * 128 + 4 * 256)
+    shared = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, prompt_tokens=50, new_tokens=14,
+                                  train_rows=3, rows_per_prompt=3)  # the shared prefix: one prompt for 3 rows
+    assert shared["activations"] == (3 * 14 + 50) * 4 * 2 * (6 * 128 + 4 * 256)
     ckpt = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
                                 new_tokens=14, activation_checkpointing=True)
     assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
