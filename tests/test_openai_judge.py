@@ -212,7 +212,7 @@ def test_fine_r1_teacher_behind_a_server_writes_the_rationales(tmp_path):
                                    "--teacher-url", server.url, "--cot-per-class", "1", "--cot-images-per-class", "2",
                                    "--cot-batch", "2", "--cot-samples", "2", "--out", str(tmp_path)])
         path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))
-    records = fine_r1.read_jsonl(path)
+    records = common.read_jsonl(path)
     seen = fine_r1.load_split(args, "train", "base").split_class_names
     assert [r["class_name"] for r in records] == seen
     for r in records:
