@@ -540,7 +540,9 @@ def run_cot(args, d: common.Dist, out: str) -> str:
         common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
         return args.cot_data
     path = os.path.join(out, "cot.jsonl")
-    if os.path.exists(path):
+    # rank 0's view, shared: rank 0 may write the file before a slower rank would look for it, and a rank that
+    # skipped the stage alone would then wait in the next stage's collectives for ever
+    if common.all_gather_objects(os.path.exists(path))[0]:
         common.print0(f"stage cot: {path} exists, skipped")
         return path
     train = load_split(args, "train", "base")
