@@ -2936,13 +2936,17 @@ def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype
     barrier()
 
 
+def _write_json(path: str, doc: dict):
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def _set_json(path: str, edit: Callable[[dict], Any]):
     with open(path) as f:
         doc = json.load(f)
     edit(doc)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(path, doc)
 
 
 def _stock_processor_files(folder: str):
@@ -2955,16 +2959,12 @@ def _stock_processor_files(folder: str):
     size = image.get("size") or {}
     image.update(min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
                  processor_class=STOCK_PROCESSOR)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(image, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(os.path.join(folder, "preprocessor_config.json"), image)
     jinja = os.path.join(folder, "chat_template.jinja")
     with open(jinja) as f:
         template = f.read()
     os.remove(jinja)
-    with open(os.path.join(folder, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": template}, f, indent=2)
-        f.write("\n")
+    _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
     # the tokenizer carries the template too (as on the hub), for tools that read the tokenizer alone
     _set_json(os.path.join(folder, "tokenizer_config.json"),
               lambda c: c.update(processor_class=STOCK_PROCESSOR, chat_template=template))
@@ -2997,7 +2997,8 @@ class MetricsLog:
             return
         with open(self.path) as f:
             lines = f.readlines()
-        keep = [line for line in lines if not _redone(json.loads(line).get("step"), step)]
+        redone = lambda s: isinstance(s, (int, float)) and (s > step or step == 0)  # noqa: E731
+        keep = [line for line in lines if not redone(json.loads(line).get("step"))]
         if len(keep) < len(lines):
             _atomic_write_text(self.path, "".join(keep))
             print0(f"{self.path}: {len(lines) - len(keep)} records of steps after {step} dropped (they are redone)")
@@ -3010,10 +3011,6 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
-
-
-def _redone(logged_step, resumed_at: int) -> bool:
-    return isinstance(logged_step, (int, float)) and (logged_step > resumed_at or resumed_at == 0)
 
 
 class PhaseTimer:

@@ -98,7 +98,8 @@ import common
 # ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
 
 # The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
-# listed here default to None on the command line: whatever the user sets wins, the preset fills the rest.
+# listed here default to None on the command line: whatever the user sets wins, the preset fills the rest. The toy
+# preset scores two-step strictly: the stand-in answers an option's text, which the paper's letter reader misses.
 PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear",
              beta=0.04, max_new_tokens=1024, mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None,
              micro_batch=4, eval_samples=20, eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100,
@@ -106,8 +107,7 @@ PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, prompts_per_step
 TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2,
            max_new_tokens=48, mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=90, micro_batch=64,
            eval_samples=8, eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30,
-           eval_classes="base,novel", eval_scoring="strict")  # the stand-in answers an option's text, which the
-# paper's letter reader misses
+           eval_classes="base,novel", eval_scoring="strict")
 
 
 def parse_args(argv=None):

@@ -82,10 +82,11 @@ SPECIFIC_PROMPT = common.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
 SCORINGS = ("paper", "strict")
-# Evaluation resolution, per protocol: the pixel budget of the paper's released evaluation. All three read images with
-# Qwen's defaults whatever the checkpoint: DiVE-k's eval/two_step_inference.py and Fine-R1's eval/evaluation.py go
-# through qwen_vl_utils.process_vision_info (4*28*28 .. 16384*28*28) and the hub processor; SpeciaRL's evaluator hands
-# native-size images to vLLM with the checkpoint's hub processor (the same bounds). eval.py applies it to every model
+# Evaluation resolution, per protocol: the pixel budget of the paper's released evaluation. DiVE-k's
+# eval/two_step_inference.py (with the base model's processor) and Fine-R1's eval/evaluation.py (with the evaluated
+# model's) resize images through qwen_vl_utils.process_vision_info, whose defaults are 4*28*28 .. 16384*28*28;
+# SpeciaRL's evaluator resizes nothing for Qwen and hands the images to vLLM, which applies the model's processor
+# (Qwen's same defaults for a hub checkpoint). eval.py applies it to every model
 # (--min-pixels / --max-pixels override), so a hub checkpoint and a trained export, whose processor keeps the
 # training budget, are scored on the same image tokens.
 EVAL_PIXELS = {"open": (3136, 12845056), "mcq": (3136, 12845056), "two_step": (3136, 12845056),

@@ -84,7 +84,7 @@ Deviations from the paper and its released code (every one deliberate)
     for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP
     with CPU offload (RL). Rollouts use the project's prefill-once sampler instead of vLLM, and the log-prob and
     update forwards run each image's prompt once for its completions (common.score_completions, exact). final/ is
-    exported in bf16 (--export-dtype), as the paper's checkpoints; TAPO starts from the SFT export.
+    exported in bf16 (--export-dtype); TAPO starts from the SFT export.
   * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
   * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
     the truth's name is in the answer), 4 options shuffled per image (the released files always list the truth

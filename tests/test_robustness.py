@@ -150,8 +150,9 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     assert fsdp["parameters"] == n and fsdp["optimizer states"] == 2 * n and fsdp["frozen reference"] == n
     assert fsdp["gathered parameters"] == 2 * n  # a whole bf16 copy beside the fp32 shards while sampling
     assert fsdp["logits"] == 8 * 1000 * V * (2 + 8)  # all in one chunk at this small vocabulary
-    big = common.memory_budget(n_params=n, n_trainable=n, text_config=type(tc)(**{**tc.to_dict(), "vocab_size": 151936}),
-                               compute_bytes=2, logit_rows=16, new_tokens=256)
+    qwen_vocab = type(tc)(**{**tc.to_dict(), "vocab_size": 151936})
+    big = common.memory_budget(n_params=n, n_trainable=n, text_config=qwen_vocab, compute_bytes=2, logit_rows=16,
+                               new_tokens=256)
     assert big["logits"] == common.LOGITS_BUDGET * (2 + 8)  # at Qwen's vocabulary: chunks of the budget
     assert fsdp["load peak"] == 4 * n * (1 + 1 / 4)  # the reference loads whole beside the sharded policy
     # printed at start: the total, then each component largest first with what reduces it
