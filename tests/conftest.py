@@ -39,7 +39,8 @@ def torchrun(script_args, nproc=2, timeout=600, env=None, check=True):
     """Run `python -m torch.distributed.run --nproc_per_node N ...` from the repo root; return the CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + list(script_args)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    # PYTHONFAULTHANDLER: a rank that aborts in C++ ("terminate called ...") prints every thread's Python stack
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONFAULTHANDLER": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}")

@@ -27,8 +27,11 @@ os.makedirs(out, exist_ok=True)
 def policy_loss(wrapped, prompts, seeds):
     """Per-prompt sampling with its own seed, so a prompt's completions do not depend on which rank holds it."""
     model.eval()  # sampling needs the KV cache; checkpointing (AC=1) acts in train mode, for the scoring below
-    rollouts = [common.sample(model, proc, [p], group_size=2, max_new_tokens=12, temperature=1.0,
-                              generator=torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds)]
+    # Under FSDP2 every forward all-gathers, and ranks' rollouts may end at different decode steps: sample on the
+    # gathered parameters, as the methods do (sampling on the sharded model here once aborted a CI run).
+    with common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, proc, prompts[0])):
+        rollouts = [common.sample(wrapped, proc, [p], group_size=2, max_new_tokens=12, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds)]
     ro = common.concat_rollouts(rollouts, pad)
     model.train(os.environ.get("AC") == "1")
     logp = common.score_completions(wrapped, ro.row_prompts, ro.completion_ids, ro.completion_mask, pad,
