@@ -65,6 +65,8 @@ import time
 import torch
 
 import common
+import data
+import speciarl
 
 # ----- 1. setup ---------------------------------------------------------------------------------------------------
 
@@ -297,9 +299,9 @@ def main(argv=None) -> dict:
     shape = model_shape(model)
 
     # prompts: toy test images resized to image-size x image-size, the tiny model's classification prompt
-    toy = common.load_dataset("toy", "test")
+    toy = data.load_dataset("toy", "test")
     images = [common.open_image(e.image).resize((args.image_size, args.image_size)) for e in toy.examples]
-    prompts = [common.encode_prompt(proc, images[i % len(images)], common.SPECIARL_PROMPT)
+    prompts = [common.encode_prompt(proc, images[i % len(images)], speciarl.SPECIARL_PROMPT)
                for i in range(args.prompts)]
     image_tokens = int((prompts[0].mm_token_type_ids == 1).sum())
     patches = [int(p.image_grid_thw.prod()) for p in prompts]

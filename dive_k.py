@@ -35,10 +35,10 @@ What the file does, in order (section banners below follow it):
 
 Deviations from the paper and its code (every one deliberate); where the paper is silent the code's rule is kept
   * Prompts: every instruction of the released mining and multiple-choice prompts, in this project's words
-    (common.DIVEK_MINE_PROMPT, common.DIVEK_MCQ_PROMPT); the class list is a Python list, as released.
+    (DIVEK_MINE_PROMPT, DIVEK_MCQ_PROMPT); the class list is a Python list, as released.
   * Mining reads the first <answer> of each sample, strips the dataset's answer-format prefix ("species name: ",
     "make model: ") and ignores answers over 120 characters, as the code does. It normalises answers and class
-    names alike with common.normalize (lowercase, "'s" dropped, hyphens and other non-letters -> space, accents
+    names alike with judges.normalize (lowercase, "'s" dropped, hyphens and other non-letters -> space, accents
     kept). The code keeps hyphens, so its answer "Black-footed Albatross" misses a class written "Black footed
     Albatross" (CUB's folder names).
   * Options keep the frequency order and a missing truth replaces the least frequent option, as the paper says;
@@ -57,7 +57,7 @@ Deviations from the paper and its code (every one deliberate); where the paper i
     with the option's text (a two-layer model did not learn the letter lookup); the paper's reward gives it 0.
   * Two-step evaluation scores step 2 with the released letter reader (eval.py --scoring paper); the toy preset
     uses --eval-scoring strict, because the paper's reader counts the stand-in's option-text answers wrong.
-  * The format check allows whitespace around the completion (common.format_ok); the code's fullmatch did not.
+  * The format check allows whitespace around the completion (judges.format_ok); the code's fullmatch did not.
   * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
     update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
     is added per token inside the loss, as in the paper's trainer (trl 0.16). Advantages use the unbiased group std.
@@ -90,10 +90,40 @@ import random
 import re
 import time
 from collections import Counter
+from typing import Sequence
 
 import torch
 
 import common
+import data
+import judges
+
+
+# DiVE-k mining and two-step step 1 (released create_prompt): the object kind; give the most likely name in the
+# dataset's answer format; it must be one of the listed categories (a Python list, as released); reasoning and answer
+# tags with the answer's shape; the format strictly.
+DIVEK_MINE_PROMPT = ("This is an image containing a {kind}. Give the most likely {answer_format} of the {kind} in the "
+                     "image.\nThe {answer_format} must be one of these categories: {categories}.\n"
+                     + judges.FORMAT_LINE.format(shape="{answer_format}"))
+# DiVE-k multiple choice (released build_mcq_prompt): the object kind; pick the most likely one from the options, one
+# "X. name" per line; answer with the letter of the correct name; tags with '<answer> option letter </answer>'.
+DIVEK_MCQ_PROMPT = ("This is an image containing a {kind}. Which of the options below is the {kind} in the image?\n"
+                    "{options}\nAnswer with the letter of the correct {kind} name.\n"
+                    + judges.FORMAT_LINE.format(shape="option letter"))
+# The answer format the released DiVE-k prompts name per dataset (a model often echoes it: "species name: X").
+ANSWER_FORMATS = {"cars": "make model", "aircraft": "make model", "toy": "shape name"}  # others: "species name"
+
+
+def answer_format(dataset_name: str) -> str:
+    return ANSWER_FORMATS.get(dataset_name, "species name")
+
+
+def divek_mine_prompt(kind: str, answer_fmt: str, class_names: Sequence[str]) -> str:
+    return DIVEK_MINE_PROMPT.format(kind=kind, answer_format=answer_fmt, categories=str(list(class_names)))
+
+
+def divek_mcq_prompt(kind: str, options: Sequence[str]) -> str:
+    return DIVEK_MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
 
 # ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
 
@@ -200,24 +230,24 @@ def parse_args(argv=None):
     return args
 
 
-# ----- 4. prompts (common section 4a: every instruction of the released prompts; the tiny stand-in learned them) -----
+# ----- 4. prompts (defined at the top of this file: every instruction of the released prompts; the tiny stand-in learned them) -----
 
 def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
     """Stage 1: the object kind, the most likely name in the dataset's answer format ('species name', 'make model'),
     one of the listed classes (a Python list, as released), think / answer tags, the format strictly."""
-    return common.divek_mine_prompt(kind, common.answer_format(dataset_name), class_names)
+    return divek_mine_prompt(kind, answer_format(dataset_name), class_names)
 
 
 def mcq_prompt(kind: str, options: list[str]) -> str:
     """Stage 2: the object kind, pick from the options ('A. name' per line), answer the letter, the format."""
-    return common.divek_mcq_prompt(kind, options)
+    return divek_mcq_prompt(kind, options)
 
 
 # ----- 5. stage 1: top-k option mining -----
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
-                   prefixes: tuple[str, ...] = common.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
+                   prefixes: tuple[str, ...] = judges.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
     """The multiple-choice question of one image from its K sampled answers (the paper's rules, and the released
     code's where the paper is silent).
 
@@ -236,10 +266,10 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
     square", base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
     "blue square": 1}, options those two in a shuffled order, answer the letter of "blue square".
     """
-    canonical = {common.normalize(c): c for c in base_classes}
+    canonical = {judges.normalize(c): c for c in base_classes}
     counts = Counter()
     for a in answers:
-        key = common.normalize(common.strip_prefixes(a, prefixes)) if a is not None else ""
+        key = judges.normalize(judges.strip_prefixes(a, prefixes)) if a is not None else ""
         name = canonical.get(key) if len(key) <= max_chars else None
         if name is not None:
             counts[name] += 1
@@ -262,10 +292,10 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
         record["truth_inserted"] = True
     rng.shuffle(options)
     return {**record, "status": "easy" if easy else "kept", "options": options,
-            "answer": common.LETTERS[options.index(truth)]}
+            "answer": judges.LETTERS[options.index(truth)]}
 
 
-def mine(model, processor, examples: list[common.Example], base_classes: list[str], kind: str, args, d: common.Dist,
+def mine(model, processor, examples: list[data.Example], base_classes: list[str], kind: str, args, d: common.Dist,
          *, seed: int, drop_easy: bool = True, progress=None) -> list[dict]:
     """Sample K answers per image with the base-class list in the prompt and build each image's question.
     One record per example (same order), with the counts behind it. Runs on the caller's shard of images; under
@@ -273,7 +303,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
     of images never wait on each other."""
     records = []
     prompt_text = mine_prompt(kind, args.data, base_classes)
-    prefixes = (f"{common.answer_format(args.data)}: ",)  # the released mining strips its own format's prefix
+    prefixes = (f"{answer_format(args.data)}: ",)  # the released mining strips its own format's prefix
     for start in range(0, len(examples), args.mine_batch):
         batch = examples[start:start + args.mine_batch]
         prompts = [common.encode_prompt(processor, ex.image, prompt_text) for ex in batch]
@@ -286,7 +316,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
                                generator=gen, compile_decode=bool(args.compile_decode))
         K = args.mine_samples
         for i, ex in enumerate(batch):
-            answers = [common.parse_answer(t) for t in ro.texts[i * K:(i + 1) * K]]
+            answers = [judges.parse_answer(t) for t in ro.texts[i * K:(i + 1) * K]]
             rng = random.Random(f"{args.seed}/{ex.id}")  # option order depends on the image only
             q = build_question(answers, ex.class_name, base_classes, rng, max_options=args.max_options,
                                random_options=args.random_options, drop_easy=drop_easy, prefixes=prefixes)
@@ -296,7 +326,7 @@ def mine(model, processor, examples: list[common.Example], base_classes: list[st
     return records
 
 
-def mine_offline(model, processor, train: common.Dataset, base_classes: list[str], args, d: common.Dist,
+def mine_offline(model, processor, train: data.Dataset, base_classes: list[str], args, d: common.Dist,
                  out: str, log: common.MetricsLog | None) -> list[dict]:
     """Stage 1 for the whole training set, cached to <out>/mcq.jsonl. Each rank mines its shard of the images not
     done yet and appends them to <out>/mcq.part<rank>.jsonl as it goes (so an interrupted run resumes); rank 0 then
@@ -379,21 +409,21 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
     ('B', None)
     """
-    text = common.parse_answer(completion)
+    text = judges.parse_answer(completion)
     if text is None:
         return None
     upper = text.strip().upper()
     found = set(LETTER_RE.findall(upper))
     standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
-    if len(found) != 1 or (len(standalone) > 1 and common.is_hedge(text)):
+    if len(found) != 1 or (len(standalone) > 1 and judges.is_hedge(text)):
         return None
     letter = found.pop()
-    return letter if letter in common.LETTERS[:n_options] else None
+    return letter if letter in judges.LETTERS[:n_options] else None
 
 
 def format_reward(completion: str, question: dict) -> float:
     """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
-    return float(common.format_ok(completion))
+    return float(judges.format_ok(completion))
 
 
 def chosen_letter(completion: str, options: list[str]) -> str | None:
@@ -401,9 +431,9 @@ def chosen_letter(completion: str, options: list[str]) -> str | None:
     (normalised). The tiny stand-in answers with the option's text; real checkpoints answer with letters."""
     letter = answer_letter(completion, len(options))
     if letter is None:
-        text = common.normalize(common.parse_answer(completion) or "")
-        matches = [i for i, option in enumerate(options) if text and text == common.normalize(option)]
-        letter = common.LETTERS[matches[0]] if len(matches) == 1 else None
+        text = judges.normalize(judges.parse_answer(completion) or "")
+        matches = [i for i, option in enumerate(options) if text and text == judges.normalize(option)]
+        letter = judges.LETTERS[matches[0]] if len(matches) == 1 else None
     return letter
 
 
@@ -535,7 +565,7 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
     result = {}
     for group, ds in eval_sets.items():
         with args.precision.context():
-            res = eval_lib.evaluate(model, processor, ds, "two_step", judge=common.get_judge("rules", ds),
+            res = eval_lib.evaluate(model, processor, ds, "two_step", judge=judges.get_judge("rules", ds),
                                     seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                     samples=args.eval_samples, micro_batch=args.eval_batch, progress=True,
                                     scoring=args.eval_scoring, compile_decode=bool(args.compile_decode),
@@ -580,13 +610,13 @@ def main(argv=None):
     prompts_per_rank = args.prompts_per_step // d.world_size
 
     # ----- 2. data -----
-    train = common.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
+    train = data.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
                                 shots=args.shots, limit=args.train_limit, seed=args.seed)
     base_classes = train.split_class_names  # the names an option may take (base classes, or all in few-shot)
     eval_sets = {}
     if args.eval_every > 0:
         for group in [g.strip() for g in args.eval_classes.split(",") if g.strip()]:
-            eval_sets[group] = common.load_dataset(args.data, args.eval_split, root=args.data_root, classes=group,
+            eval_sets[group] = data.load_dataset(args.data, args.eval_split, root=args.data_root, classes=group,
                                                    limit=args.eval_limit, seed=args.seed)
     common.print0(f"data: {len(train)} {args.train_split} images of {len(base_classes)} {args.classes} classes; "
                   f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
@@ -735,7 +765,6 @@ def main(argv=None):
                     loss, st = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),
                                          beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
                                          loss_agg=args.loss_agg, normalizer=normalizer)
-                    loss = common.fault_point(step + 1, loss)  # tests only (FGRL_FAULT): raise / kill -9 / NaN here
                     loss.backward()
                     sums.update({**st, "loss": float(loss.detach())})
                     update_loss += float(loss.detach())

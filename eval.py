@@ -48,7 +48,7 @@ number here sits next to the paper's column:
 exact text chooses that option; images without step-1 answers count as wrong.
 
 Deviations from the papers, stated:
-  * the answer is the text of the first <answer>...</answer> (common.parse_answer), as in all three released codes;
+  * the answer is the text of the first <answer>...</answer> (judges.parse_answer), as in all three released codes;
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
     LLM judge here and `--judge openai:<model>` one behind a server, both with our six-label prompt in the spirit
     of SpeciaRL's (its released prompt is longer and gives examples);
@@ -72,12 +72,17 @@ from collections import Counter
 import torch
 
 import common
+import data
+import dive_k
+import fine_r1
+import judges
+import speciarl
 
 # ----- 1. prompts and scoring: the papers' (common section 4a; the tiny stand-in was pretrained on the same) -----
 
-OPEN_PROMPT = common.SPECIARL_PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
-SPECIFIC_PROMPT = common.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
-# the open protocol asks Fine-R1's open-world question: common.fine_r1_open_prompt(kind)
+OPEN_PROMPT = speciarl.SPECIARL_PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
+SPECIFIC_PROMPT = speciarl.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
+# the open protocol asks Fine-R1's open-world question: fine_r1.fine_r1_open_prompt(kind)
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
@@ -97,7 +102,7 @@ MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
 STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
 BEST_OF_SAMPLING = dict(temperature=0.6, top_p=0.95)  # SpeciaRL's best-of-N
 # best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), parse failures last
-BEST_OF_ORDER = ["parse_failure", common.JUDGE_ERROR, *common.JUDGE_LABELS]
+BEST_OF_ORDER = ["parse_failure", judges.JUDGE_ERROR, *judges.JUDGE_LABELS]
 # DiVE-k's released letter extraction scores each candidate letter by these words nearby (its list, as released)
 CHOICE_WORDS = ("answer", "correct", "choose", "select", "right", "think", "believe", "should",
                 "\u7b54\u6848", "\u9009\u62e9", "\u6b63\u786e", "\u662f", "\u5bf9", "\u8ba4\u4e3a", "\u5e94\u8be5",
@@ -130,10 +135,10 @@ def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
     """Index of the option a step-2 answer chose. paper (DiVE-k's released evaluation): the first <answer> text, or
     the whole response when there is no tag, read by released_letter. strict: the <answer> tag only (parse_choice)."""
     if scoring == "strict":
-        return parse_choice(common.parse_answer(raw), options)
-    found = common.ANSWER_RE.search(raw)
+        return parse_choice(judges.parse_answer(raw), options)
+    found = judges.ANSWER_RE.search(raw)
     letter = released_letter(found.group(1).strip() if found else raw.strip())
-    index = common.LETTERS.index(letter) if letter else None
+    index = judges.LETTERS.index(letter) if letter else None
     return index if index is not None and index < len(options) else None
 
 
@@ -155,18 +160,18 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
     text = answer.strip()
     m = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
     if m is None:
-        norm = common.normalize(text)
+        norm = judges.normalize(text)
         for i, opt in enumerate(options):
-            if norm and norm == common.normalize(opt):
+            if norm and norm == judges.normalize(opt):
                 return i
         m = re.match(r"\(?([A-Z])(?:\)|\.|:)", text)
     if m is None:
         return None
-    i = common.LETTERS.index(m.group(1))
+    i = judges.LETTERS.index(m.group(1))
     return i if i < len(options) else None
 
 
-def rng_for(seed: int, ex: common.Example, what: str) -> random.Random:
+def rng_for(seed: int, ex: data.Example, what: str) -> random.Random:
     """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
     return random.Random(f"{seed}:{what}:{ex.id or ex.image}")
 
@@ -177,7 +182,7 @@ def row_seeds(live: list, seed: int, what: str, n: int) -> list[int]:
     return [rng_for(seed, ex, f"{what}:{j}").getrandbits(62) for _, ex, _, _ in live for j in range(n)]
 
 
-def mcq_options(ex: common.Example, dataset: common.Dataset, seed: int, distractors: str = "split") -> list[str]:
+def mcq_options(ex: data.Example, dataset: data.Dataset, seed: int, distractors: str = "split") -> list[str]:
     """The truth and 3 other classes, shuffled: distractors from the evaluated classes ('split'; all classes if the
     split has too few) or from every class of the dataset ('all')."""
     rng = rng_for(seed, ex, "mcq")
@@ -199,14 +204,14 @@ def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
     counts: Counter = Counter()
     shown: dict[str, str] = {}
     failures = 0
-    prefixes = (*common.DIVEK_PREFIXES, f"{answer_fmt}: ")
+    prefixes = (*judges.DIVEK_PREFIXES, f"{answer_fmt}: ")
     for t in texts:
-        ans = common.parse_answer(t)
+        ans = judges.parse_answer(t)
         if ans is None:
             failures += 1
             continue
-        ans = common.strip_prefixes(ans, prefixes)
-        key = common.normalize(ans)
+        ans = judges.strip_prefixes(ans, prefixes)
+        key = judges.normalize(ans)
         if not key or len(ans) >= STEP1_MAX_CHARS:
             continue
         counts[key] += 1
@@ -217,20 +222,20 @@ def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
 
 # ----- 2. one protocol on this rank's images -----
 
-def _encode(processor, ex: common.Example, text: str):
+def _encode(processor, ex: data.Example, text: str):
     """(prompt, image), or (None, None) when the image cannot be read (warned and counted by try_open_image)."""
     image = common.try_open_image(ex.image)
     return (None, None) if image is None else (common.encode_prompt(processor, image, text), image)
 
 
-def _base_record(idx: int, ex: common.Example) -> dict:
+def _base_record(idx: int, ex: data.Example) -> dict:
     return {"index": idx, "id": ex.id, "image": ex.image, "truth": ex.class_name}
 
 
 def _judged(rec: dict, raw: str) -> dict:
     """Fill the parse fields of an open-answer record (the label is added by the caller's judge call)."""
-    answer = common.parse_answer(raw)
-    rec.update(raw=raw, answer=answer, format_ok=common.format_ok(raw), parse_failure=answer is None)
+    answer = judges.parse_answer(raw)
+    rec.update(raw=raw, answer=answer, format_ok=judges.format_ok(raw), parse_failure=answer is None)
     return rec
 
 
@@ -239,18 +244,18 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
               compile_decode=False) -> list[dict]:
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
-    answer_fmt = common.answer_format(dataset.name)
+    answer_fmt = dive_k.answer_format(dataset.name)
     if protocol == "speciarl":
         text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
     elif protocol == "open":
-        text = common.fine_r1_open_prompt(dataset.kind)
+        text = fine_r1.fine_r1_open_prompt(dataset.kind)
     elif protocol == "two_step":
-        text = common.divek_mine_prompt(dataset.kind, answer_fmt, dataset.split_class_names)
+        text = dive_k.divek_mine_prompt(dataset.kind, answer_fmt, dataset.split_class_names)
     for idx, ex in batch:
         if protocol == "mcq":  # paper: Fine-R1's option list; strict: lettered options, answer the letter
             options = mcq_options(ex, dataset, seed, mcq_distractors)
-            text = common.fine_r1_closed_prompt(dataset.kind, options) if scoring == "paper" else \
-                common.divek_mcq_prompt(dataset.kind, options)
+            text = fine_r1.fine_r1_closed_prompt(dataset.kind, options) if scoring == "paper" else \
+                dive_k.divek_mcq_prompt(dataset.kind, options)
         p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
         if p is None:
@@ -258,7 +263,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         else:
             live.append((rec, ex, p, image))
             if protocol == "mcq":
-                rec.update(options=options, truth_letter=common.LETTERS[options.index(ex.class_name)])
+                rec.update(options=options, truth_letter=judges.LETTERS[options.index(ex.class_name)])
         records.append(rec)
     if not live:
         return records
@@ -296,7 +301,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                 rec["invalid_choice"] = False
             else:  # the truth's letter (or its exact text)
                 choice = parse_choice(rec["answer"], rec["options"])
-                rec["letter"] = None if choice is None else common.LETTERS[choice]
+                rec["letter"] = None if choice is None else judges.LETTERS[choice]
                 rec["prediction"] = None if choice is None else rec["options"][choice]
                 rec["invalid_choice"] = rec["answer"] is not None and choice is None
                 correct = rec["letter"] == rec["truth_letter"]
@@ -313,11 +318,11 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         options, counts, failures = top_answers(texts, answer_fmt=answer_fmt)
         order = list(range(len(options)))
         rng_for(seed, ex, "two_step").shuffle(order)
-        rec.update(step1_answers=[common.parse_answer(t) for t in texts], options=[options[j] for j in order],
+        rec.update(step1_answers=[judges.parse_answer(t) for t in texts], options=[options[j] for j in order],
                    option_counts=[counts[j] for j in order], step1_parse_failures=failures,
-                   truth_in_options=any(common.normalize(o) == common.normalize(ex.class_name) for o in options))
+                   truth_in_options=any(judges.normalize(o) == judges.normalize(ex.class_name) for o in options))
         if options:
-            question = common.divek_mcq_prompt(dataset.kind, rec["options"])
+            question = dive_k.divek_mcq_prompt(dataset.kind, rec["options"])
             step2.append((rec, common.encode_prompt(processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             rec.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
@@ -328,7 +333,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
         for (rec, _), raw in zip(step2, roll2.texts):
             _judged(rec, raw)
             choice = step2_choice(raw, rec["options"], scoring)
-            rec["letter"] = None if choice is None else common.LETTERS[choice]
+            rec["letter"] = None if choice is None else judges.LETTERS[choice]
             rec["prediction"] = None if choice is None else rec["options"][choice]
             rec["invalid_choice"] = choice is None and (rec["answer"] is not None or scoring == "paper")
             rec["no_candidates"] = False
@@ -342,7 +347,7 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
 
 def _add_match(rec: dict):
     """Exact and substring match of the parsed answer against the truth (normalised), for transparency."""
-    answer, truth = common.normalize(rec.get("answer") or ""), common.normalize(rec["truth"])
+    answer, truth = judges.normalize(rec.get("answer") or ""), judges.normalize(rec["truth"])
     rec["exact"] = bool(answer) and answer == truth
     rec["substring"] = bool(answer) and truth in answer
 
@@ -366,7 +371,7 @@ def compute_metrics(records: list[dict], protocol: str, scoring: str = "paper") 
         out.update(accuracy=correct / n if n else 0.0, correct=correct,
                    invalid_choices=sum(r["invalid_choice"] for r in scored))
         return out
-    out.update(common.label_metrics([r["label"] for r in scored]))
+    out.update(judges.label_metrics([r["label"] for r in scored]))
     if protocol in ("open", "speciarl"):
         out.update(exact=sum(r["exact"] for r in scored) / n if n else 0.0,
                    substring=sum(r["substring"] for r in scored) / n if n else 0.0)
@@ -380,7 +385,7 @@ def compute_metrics(records: list[dict], protocol: str, scoring: str = "paper") 
 
 # ----- 4. the harness -----
 
-def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=None, seed: int = 0,
+def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=None, seed: int = 0,
              max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
              progress: bool = True, micro_batch: int = 8, be_specific: bool = False, mcq_distractors: str = "split",
              scoring: str = "paper", compile_decode: bool = False, extra_settings: dict | None = None) -> dict:
@@ -400,7 +405,7 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
     if best_of and protocol not in ("open", "speciarl"):
         raise SystemExit(f"--best-of applies to the open and speciarl protocols, not {protocol}")
     if protocol != "mcq" and judge is None:
-        judge = common.get_judge("rules", dataset)
+        judge = judges.get_judge("rules", dataset)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indexed = list(enumerate(dataset.examples))[rank::world]
@@ -451,10 +456,10 @@ def evaluate(model, processor, dataset: common.Dataset, protocol: str, *, judge=
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
                     "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
-                    "prompt": {"open": common.FINE_R1_OPEN_PROMPT,
+                    "prompt": {"open": fine_r1.FINE_R1_OPEN_PROMPT,
                                "speciarl": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT,
-                               "two_step": [common.DIVEK_MINE_PROMPT, common.DIVEK_MCQ_PROMPT],
-                               "mcq": common.FINE_R1_CLOSED_PROMPT if scoring == "paper" else common.DIVEK_MCQ_PROMPT,
+                               "two_step": [dive_k.DIVEK_MINE_PROMPT, dive_k.DIVEK_MCQ_PROMPT],
+                               "mcq": fine_r1.FINE_R1_CLOSED_PROMPT if scoring == "paper" else dive_k.DIVEK_MCQ_PROMPT,
                                }[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
                                  "speciarl": BEST_OF_SAMPLING if best_of else "greedy",
@@ -493,7 +498,7 @@ def harmonic(b: float, n: float) -> float:
 
 
 TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "hm", *[f"share/{lab}" for lab in
-              common.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "parse_failures", "invalid_choices",
+              judges.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "parse_failures", "invalid_choices",
               "no_candidates", "skipped_images", "skipped_at_load"]
 
 
@@ -591,10 +596,10 @@ def main(argv=None) -> dict:
     cache = args.judge_cache or (os.path.join(args.out, "judge_cache.jsonl") if args.out else None)
     results = {}
     for half in halves:
-        ds = common.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
+        ds = data.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
                                  seed=args.seed)
         if judge is None and args.protocol != "mcq":
-            judge = common.get_judge(args.judge, ds, cache, url=args.judge_url,
+            judge = judges.get_judge(args.judge, ds, cache, url=args.judge_url,
                                      concurrency=args.judge_concurrency)  # one judge (and cache) for both halves
         out = os.path.join(args.out, half) if args.out and len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
@@ -607,7 +612,7 @@ def main(argv=None) -> dict:
                                          micro_batch=args.micro_batch, be_specific=args.be_specific,
                                          mcq_distractors=args.mcq_distractors, scoring=args.scoring,
                                          compile_decode=bool(args.compile_decode), extra_settings=settings)
-        except common.ServerError as e:  # the judge's server went away: what it judged is in the cache
+        except judges.ServerError as e:  # the judge's server went away: what it judged is in the cache
             raise SystemExit(f"{e}. The pairs judged so far are kept in {cache or 'no cache (pass --out)'}: rerun "
                              f"the same command to continue") from None
     hm = None

@@ -52,7 +52,7 @@ Deviations from the paper and its released code (every one deliberate)
     in the first quarter), so a label-informed toy rationale is faithful in kind. It has the four parts in about 40
     tokens, with the two fixed lines worded in the stand-in's vocabulary ("the options:", "the final answer is"):
     the paper's lines cost the stand-in's tokenizer 38 single-character tokens, which a two-layer model garbles.
-  * The question is drawn per sample from four phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data has 198,
+  * The question is drawn per sample from four phrasings (FINE_R1_QUESTIONS; the paper's SFT data has 198,
     its RL data one per domain), with the paper's RL request to reason as an inner monologue in <think> and answer
     in <answer>, under the chat template's default system prompt, at SFT and TAPO alike. The paper's SFT samples
     instead carry an R1-style system prompt stating the same format and a bare question; on the tiny stand-in that
@@ -115,10 +115,41 @@ import random
 import re
 import sys
 import time
+from typing import Sequence
 
 import torch
 
 import common
+import data
+import judges
+
+
+
+# Fine-R1 closed world (released eval_closedworld): the question, the options as a Python list (no letters), the
+# reasoning in <think> and the chosen option in <answer>, the expected form.
+FINE_R1_QUESTION = "Which {kind} is shown in this picture?"
+FINE_R1_CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
+                         "<think> </think> and your final choice inside <answer> </answer>, in the form "
+                         "<think>...</think> <answer>choice</answer>.")
+
+
+def fine_r1_closed_prompt(kind: str, options: Sequence[str]) -> str:
+    return FINE_R1_CLOSED_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind), options=str(list(options)))
+
+
+# Fine-R1 open questions (its SFT data has 198 phrasings, its RL data one per domain). Its RL prompt is the question,
+# a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>; its
+# open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
+# the RL prompt's wording of that request, so that a model trained on it is asked the way it was trained).
+FINE_R1_QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
+                     "What is the specific name of this {kind}?", "Name the {kind} in the image."]
+FINE_R1_RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
+                     "the final answer inside <answer> </answer>.")
+FINE_R1_OPEN_PROMPT = "{question} This is a fine-grained question." + FINE_R1_RL_SUFFIX
+
+
+def fine_r1_open_prompt(kind: str) -> str:
+    return FINE_R1_OPEN_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind))
 
 # ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
 
@@ -137,10 +168,10 @@ PAPER = dict(
 # give 12 SFT samples; 20 per class (every training image) gives the tiny stand-in enough to learn the format and
 # the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
 TOY = dict(
-    model="tiny", min_pixels=common.TOY_IMAGE_SIZE ** 2, max_pixels=common.TOY_IMAGE_SIZE ** 2,
+    model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
     cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5,
-    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=common.TOY_IMAGE_SIZE ** 2,
-    sft_max_pixels=common.TOY_IMAGE_SIZE ** 2,
+    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
+    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2,
     shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
     rewards="exact=0.9,format=0.1", temperature=0.7,
     max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
@@ -274,8 +305,8 @@ def parse_args(argv=None):
 
 # ----- 2. data: seen / unseen classes, k shots, class-name similarity -----
 
-def load_split(args, split: str, classes: str, **kw) -> common.Dataset:
-    return common.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
+def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
+    return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
 
 
 def name_similarity(a: str, b: str) -> float:
@@ -283,7 +314,7 @@ def name_similarity(a: str, b: str) -> float:
     >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
     0.8529411764705883
     """
-    na, nb = common.normalize(a), common.normalize(b)
+    na, nb = judges.normalize(a), judges.normalize(b)
     wa, wb = set(na.split()), set(nb.split())
     jaccard = len(wa & wb) / max(1, len(wa | wb))
     return jaccard + 0.5 * difflib.SequenceMatcher(None, na, nb).ratio()
@@ -296,9 +327,9 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 
 # ----- 3. prompts -----
 
-# The question, drawn per sample from a few phrasings (common.FINE_R1_QUESTIONS; the paper's SFT data uses 198
+# The question, drawn per sample from a few phrasings (FINE_R1_QUESTIONS; the paper's SFT data uses 198
 # phrasings, its RL data one per domain), followed by the paper's RL request to think it through as an inner monologue
-# in <think> and answer in <answer> (common.FINE_R1_RL_SUFFIX), at SFT and at TAPO alike.
+# in <think> and answer in <answer> (FINE_R1_RL_SUFFIX), at SFT and at TAPO alike.
 # The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
@@ -318,7 +349,7 @@ TEACHER_PROMPT = (
 
 
 # The closed-world form (--closed-frac; the paper trains on open questions only): Fine-R1's closed-world evaluation
-# prompt (common.fine_r1_closed_prompt: the options as a list, the chosen name in <answer>), scored as that
+# prompt (fine_r1_closed_prompt: the options as a list, the chosen name in <answer>), scored as that
 # evaluation scores (the truth's name inside the answer).
 def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
                   closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
@@ -330,8 +361,8 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
         distractors = rng.sample(list(others), 3)
         options = distractors + [truth]
         rng.shuffle(options)
-        return common.fine_r1_closed_prompt(kind, options), distractors
-    return rng.choice(common.FINE_R1_QUESTIONS).format(kind=kind) + common.FINE_R1_RL_SUFFIX, None
+        return fine_r1_closed_prompt(kind, options), distractors
+    return rng.choice(FINE_R1_QUESTIONS).format(kind=kind) + FINE_R1_RL_SUFFIX, None
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -412,9 +443,9 @@ def candidate_block(body: str) -> tuple[str, str]:
 def names_truth(text: str, truth: str) -> bool:
     """The truth's name (normalised) inside `text`; a car's model year may be left out ("the car is a Cadillac CTS-V
     Sedan" names "Cadillac CTS-V Sedan 2012"), as the paper's teacher often does."""
-    name = common.normalize(truth)
+    name = judges.normalize(truth)
     short = re.sub(r"^(19|20)\d\d |( (19|20)\d\d)$", "", name)
-    return any(f" {n} " in f" {common.normalize(text)} " for n in {name, short} if n)
+    return any(f" {n} " in f" {judges.normalize(text)} " for n in {name, short} if n)
 
 
 def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> dict[str, bool]:
@@ -447,9 +478,9 @@ def check_rationale(completion: str, truth: str,
     """(the rationale text, or None when rejected; the checks). Kept when the completion has the think / answer
     format, its answer is the truth (normalised) and the rationale has all four parts."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    answer = common.parse_answer(completion)
-    checks = {"format": common.format_ok(completion),
-              "answer": answer is not None and common.normalize(answer) == common.normalize(truth),
+    answer = judges.parse_answer(completion)
+    checks = {"format": judges.format_ok(completion),
+              "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
               **rationale_parts(think.group(1) if think else "", truth, marks)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
@@ -502,7 +533,7 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -
     for protocol in args.protocols:
         for group, ds in eval_sets.items():
             with args.precision.context():
-                res = eval_lib.evaluate(model, processor, ds, protocol, judge=common.get_judge("rules", ds),
+                res = eval_lib.evaluate(model, processor, ds, protocol, judge=judges.get_judge("rules", ds),
                                         seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
                                         out_dir=common.eval_dir(out, step, f"{protocol}_{group}"),
                                         progress=True, micro_batch=args.eval_batch,
@@ -548,7 +579,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     train = load_split(args, "train", "base")
     seen = train.split_class_names
     confusable = confusable_classes(seen, args.cot_candidates)
-    by_class: dict[str, list[common.Example]] = {}
+    by_class: dict[str, list[data.Example]] = {}
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
     rng = random.Random(args.seed)
@@ -600,7 +631,7 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
     my_classes = todo[d.rank::d.world_size]
     if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
         if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
-            teacher, processor = common.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
+            teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
                                                      concurrency=args.teacher_concurrency), None
             teacher.check()
         else:
@@ -659,8 +690,8 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
     """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
-    model behind an OpenAI-compatible server (common.OpenAIServer; the image sent inline as a data URL)."""
-    if isinstance(teacher, common.OpenAIServer):
+    model behind an OpenAI-compatible server (judges.OpenAIServer; the image sent inline as a data URL)."""
+    if isinstance(teacher, judges.OpenAIServer):
         def ask(item):
             image, text = item
             with open(image, "rb") as f:
@@ -774,7 +805,6 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                 grad_sync(model, k == len(micro_starts) - 1)
                 with args.precision.context():
                     loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
-                loss = common.fault_point(step + 1, loss, at="sft")  # tests only (FGRL_FAULT)
                 (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
                 loss_sum += float(loss.detach()) * len(rows) / per_rank
                 tokens += sum(len(t) for _, t in rows)
@@ -811,9 +841,9 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
 
 @dataclasses.dataclass
 class Triplet:
-    anchor: common.Example
-    positive: common.Example
-    negative: common.Example
+    anchor: data.Example
+    positive: data.Example
+    negative: data.Example
 
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
@@ -824,7 +854,7 @@ def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]
     return confusable_classes(names, k)
 
 
-def make_triplet(anchor: common.Example, by_class: dict[str, list[common.Example]],
+def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
                  negatives: dict[str, list[str]], rng: random.Random) -> Triplet:
     """The anchor, a positive drawn from the other images of its class, and a negative drawn from an image of one of
     the anchor's negative classes."""
@@ -900,7 +930,7 @@ def stack_groups(groups: list[Group], pad_id: int):
 
 def accuracy_reward(completion: str, truth: str) -> float:
     """1 if the lowercased truth is a substring of the <answer> text (the paper's rule)."""
-    answer = common.parse_answer(completion)
+    answer = judges.parse_answer(completion)
     return float(answer is not None and truth.lower() in answer.lower())
 
 
@@ -908,13 +938,13 @@ def exact_reward(completion: str, truth: str) -> float:
     """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
     substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
     repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule."""
-    answer = common.parse_answer(completion)
-    return float(answer is not None and common.normalize(answer) == common.normalize(truth))
+    answer = judges.parse_answer(completion)
+    return float(answer is not None and judges.normalize(answer) == judges.normalize(truth))
 
 
 def format_reward(completion: str, truth: str) -> float:
     """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
-    return float(common.format_ok(completion))
+    return float(judges.format_ok(completion))
 
 
 REWARDS = {"accuracy": accuracy_reward, "exact": exact_reward, "format": format_reward}
@@ -1070,7 +1100,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
 
     # ----- 2. data: k images per seen class, triplets -----
     train = load_split(args, "train", "base", shots=args.shots)
-    by_class: dict[str, list[common.Example]] = {}
+    by_class: dict[str, list[data.Example]] = {}
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
     seen_classes = sorted(by_class)
@@ -1194,7 +1224,6 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                         kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
                         neg_entropy_coef=args.neg_entropy_coef)
-                    loss = common.fault_point(step + 1, loss, at="tapo")  # tests only (FGRL_FAULT)
                     loss.backward()
                     for key, v in terms.items():
                         sums[key] = sums.get(key, 0.0) + v

@@ -30,17 +30,17 @@ Rerunning a command with the same --out resumes from its latest checkpoint. Per-
 <out>/metrics.jsonl, a sample of judged rollouts to <out>/rollouts.jsonl, the merged final model to <out>/final.
 
 Deviations from the paper and GRPO simplifications (all deliberate, each visible below):
-  * The verifier is `common.get_judge(--judge)`: `rules` (offline, default), `hf:<model>` (an LLM judge run here)
+  * The verifier is `judges.get_judge(--judge)`: `rules` (offline, default), `hf:<model>` (an LLM judge run here)
     or `openai:<model>` behind an OpenAI-compatible server at --judge-url, as the paper runs Qwen3-30B-A3B (training)
     and Llama-3-70B (evaluation) behind vLLM: `--judge openai:... --judge-url ... --eval-judge openai:...
     --eval-judge-url ...`. Judgements are cached per (ground truth, answer) pair on disk in
     <out>/judge_cache.jsonl (the paper caches in Redis); if the server stays away the run saves and stops.
   * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
-  * The answer is the text of the first <answer>...</answer> (common.parse_answer, shared with eval.py), as in the
+  * The answer is the text of the first <answer>...</answer> (judges.parse_answer, shared with eval.py), as in the
     paper's code; a blank answer is a missing one (-1), and an answer of punctuation only ("???") is judged.
-    Answer and ground truth reach the verifier as the paper's code prepares them (common.verifier_text:
+    Answer and ground truth reach the verifier as the paper's code prepares them (judges.verifier_text:
     lowercase, letters of any script, digits and dashes kept, other characters -> space).
-  * Both prompts carry every instruction of the paper's (common.SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT) in this
+  * Both prompts carry every instruction of the paper's (SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT) in this
     project's words; no system prompt is added to the chat template's (the paper's prompt configs set an empty
     one).
   * The k3 KL is clamped per token to [-10, 10] (and its log-ratio to [-20, 20]), as verl's low_var_kl is.
@@ -64,15 +64,120 @@ Deviations from the paper and GRPO simplifications (all deliberate, each visible
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import time
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 import common
-import eval as evaluation
+import data
+import judges
+
+
+# SpeciaRL (released general_base / specific_base): classify; reasoning in <think>; one label or 'None' to abstain in
+# <answer>; the format strictly. The "be specific" baseline differs only by ", be specific".
+SPECIARL_PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
+SPECIARL_SPECIFIC_PROMPT = SPECIARL_PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
+
+
+# =====================================================================================================================
+# LoRA
+# =====================================================================================================================
+# Low-rank adapters on the language model's linear layers, written out by hand (no peft): each nn.Linear W of the
+# decoder layers becomes W x + (alpha / r) * B A x, with A [r, in] random, B [out, r] zero (so training starts exactly
+# at the base model), and only A and B train. The vision tower, embeddings, norms and lm_head stay frozen. Adapters
+# are injected BEFORE wrap_model, so DDP sees only adapter gradients and FSDP2 shards adapters with their layer.
+# Turning the adapters off gives the base model back: that is the frozen reference of a KL term, with no second copy.
+# Exporting merges B A into W: `export_hf` and `model.save_pretrained` write a plain Qwen2.5-VL checkpoint.
+
+class LoRALinear(torch.nn.Module):
+    """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
+    would vanish in bf16 weights of magnitude 1e-2) and their output is cast to the layer's dtype."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        device = base.weight.device
+        A = torch.empty(rank, base.in_features, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # the nn.Linear / peft initialisation
+        self.lora_A = torch.nn.Parameter(A.to(device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
+        # the scale travels in the state dict, so a state dict can be merged without the module at hand
+        self.register_buffer("lora_scale", torch.tensor(float(alpha) / rank, device=device))
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # [..., out]
+        if not self.adapter_enabled:
+            return out
+        low = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., r]
+        return out + (F.linear(low, self.lora_B) * self.lora_scale).to(out.dtype)  # [..., out]
+
+
+def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
+    """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place) and freeze all
+    other parameters. Returns the names of the adapted layers. Call before wrap_model. The adapters are drawn from
+    their own seeded generator, so every rank starts from the same adapters (FSDP2 does not broadcast them)."""
+    hf = common.unwrap(model)
+    hf.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    names = []
+    layers = hf.model.language_model.layers
+    for layer_idx, layer in enumerate(layers):
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, torch.nn.Linear) and not isinstance(module, LoRALinear):
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
+                names.append(f"model.language_model.layers.{layer_idx}.{name}")
+    if not names:
+        raise ValueError("inject_lora: no nn.Linear found in model.model.language_model.layers")
+    # saving in Hugging Face format (export_hf calls save_pretrained) writes merged, plain weights
+    plain_save = hf.save_pretrained
+
+    def save_merged(save_directory, *args, state_dict=None, **kwargs):
+        sd = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in hf.state_dict().items()}
+        return plain_save(save_directory, *args, state_dict=merge_lora_state_dict(sd), **kwargs)
+    hf.save_pretrained = save_merged
+    return names
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA model's state dict -> the plain model's: for every adapted layer X, X.weight = X.base.weight +
+    scale * B @ A (computed in fp32, stored in the base dtype), X.bias = X.base.bias; adapter keys dropped.
+    Keys of non-adapted modules pass through. An empty dict (non-zero ranks under FSDP2) stays empty."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".lora_A") or key.endswith(".lora_B") or key.endswith(".lora_scale"):
+            continue
+        prefix, sep, rest = key.rpartition(".base.")
+        if sep and prefix + ".lora_A" in state_dict:
+            if rest == "weight":
+                A, B = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
+                scale = float(state_dict[prefix + ".lora_scale"])
+                value = (value.float() + scale * (B @ A)).to(value.dtype)  # [out, in]
+            out[f"{prefix}.{rest}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run the base model: adapters off inside the block (the frozen reference of the KL term)."""
+    mods = [m for m in common.unwrap(model).modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.adapter_enabled = True
 
 # =====================================================================================================================
 # ----- 1. setup: command line -----
@@ -207,7 +312,7 @@ def build_models(args, d):
     model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.lora_rank > 0:
-        adapted = common.inject_lora(model, args.lora_rank, args.lora_alpha)
+        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
         common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
     elif args.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -231,7 +336,7 @@ def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
     """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
     if args.beta <= 0:
         return None
-    ctx = common.lora_disabled(model) if ref is None else contextlib.nullcontext()
+    ctx = lora_disabled(model) if ref is None else contextlib.nullcontext()
     with ctx, args.precision.context():
         return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
                                           temperature=args.temperature, micro_batch=args.logprob_micro_batch,
@@ -241,23 +346,23 @@ def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
 # =====================================================================================================================
 # ----- 4. prompt -----
 # =====================================================================================================================
-# The paper's two prompts (common section 4a): "Classify the image." with reasoning in <think> and a single label or
+# The paper's two prompts (defined at the top of this file): "Classify the image." with reasoning in <think> and a single label or
 # 'None' (to abstain) in <answer>, the format strictly; the "be specific" baseline adds ", be specific". Training
 # uses the general one, as the paper does.
-PROMPTS = {"general": common.SPECIARL_PROMPT, "specific": common.SPECIARL_SPECIFIC_PROMPT}
+PROMPTS = {"general": SPECIARL_PROMPT, "specific": SPECIARL_SPECIFIC_PROMPT}
 
 
 # =====================================================================================================================
 # ----- 5. rollout -> answers -> verifier labels -----
 # =====================================================================================================================
 NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
-JUDGE_ERROR = common.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
+JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 
 def answers_of(texts: list[str]) -> list[str | None]:
     """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
     punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
-    return [common.parse_answer(text) for text in texts]
+    return [judges.parse_answer(text) for text in texts]
 
 
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
@@ -267,7 +372,7 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
     labels = [NO_ANSWER] * len(answers)
     for i, label in zip(valid, judged):
-        labels[i] = label if label in common.JUDGE_LABELS else JUDGE_ERROR
+        labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
     return labels
 
 
@@ -276,7 +381,7 @@ def judge_or_stop(judge, truths, answers, out, step, model, optimizer) -> list[s
     steps done so far, the judge cache intact, and a stop with one message; the same command resumes."""
     try:
         labels, failure = judge_rollouts(judge, truths, answers), ""
-    except common.ServerError as e:
+    except judges.ServerError as e:
         labels, failure = [], str(e)
     if float(common.all_reduce_sum(torch.tensor([float(bool(failure))]))[0]):
         common.save_checkpoint(out, step, model, optimizer, {"data_step": step})
@@ -337,7 +442,7 @@ REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, ta
 
 def best_label(labels: list[str]) -> str:
     """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
-    ladder = list(common.JUDGE_LABELS)
+    ladder = list(judges.JUDGE_LABELS)
     valid = [label for label in labels if label in ladder]
     return max(valid, key=ladder.index) if valid else "none"
 
@@ -454,7 +559,6 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
                     advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
                     dual_clip=args.dual_clip, beta=args.beta)
                 loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
-                loss = common.fault_point(step, loss)  # tests only (FGRL_FAULT): raise / kill -9 / NaN here
                 loss.backward()
                 minibatch_loss += float(loss.detach())
             for k, v in stats.items():
@@ -488,7 +592,7 @@ def main(argv=None):
     G = args.group_size
 
     # ---- data: a fixed random subset of the training split; evaluation on the test split
-    train = common.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
+    train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
                                 limit=args.train_size, seed=args.seed)
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
@@ -498,7 +602,7 @@ def main(argv=None):
         total_steps = min(total_steps, args.max_steps)
     eval_data = args.eval_data or args.data
     eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
-    test = common.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
+    test = data.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
                                seed=args.seed) if args.eval_every else None
     common.print0(f"{len(train)} training images, {steps_per_epoch} steps/epoch, {total_steps} steps of "
                   f"{args.rollout_prompts} images x {G} rollouts ({prompts_per_rank} images per rank, "
@@ -523,11 +627,11 @@ def main(argv=None):
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     # one append-only cache file per run, shared by the ranks (the judge writes whole lines atomically)
     cache = os.path.join(out, "judge_cache.jsonl")
-    judge = common.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
+    judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
     eval_judge = None
     if test is not None:
         eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
-            common.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
+            judges.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
                              concurrency=args.judge_concurrency)
     log = common.MetricsLog(out, args.wandb, vars(args))
     timer = common.PhaseTimer()
@@ -620,7 +724,7 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
     level), specificity (specific or more specific among the correct ones), abstention, missing answers, judge
     errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
     counts = Counter(labels)
-    names = list(common.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
+    names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
     zero_std = float((rewards.std(1) == 0).sum()) if rewards.shape[1] > 1 else float(rewards.shape[0])
     prompt_tokens = sum(len(p) for p in rollout.row_prompts)
     local = [float(counts[n]) for n in names] + [
@@ -634,7 +738,7 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
      prompt_tok) = tot[n_labels:n_labels + 7]
     pg, kl, clip, dual, ratio = tot[n_labels + 7:]
     # the update visits every completion token once, so the loss sums divide by the tokens of the batch
-    correct = sum(c[n] for n in common.CORRECT_LABELS)
+    correct = sum(c[n] for n in judges.CORRECT_LABELS)
     rec = {f"share/{n}": c[n] / n_rollouts for n in names}
     rec.update({
         "reward": reward_sum / n_rollouts,
@@ -676,6 +780,7 @@ def run_eval(args, model, proc, test, judge, out, step, log):
     of every label); collective: every rank takes part."""
     t0 = time.perf_counter()
     model.eval()
+    import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
     with args.precision.context():
         res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
                                   max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,

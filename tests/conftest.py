@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import data  # noqa: E402
 
 torch.set_num_threads(2)
 os.environ["OMP_NUM_THREADS"] = "2"  # what the scripts' mains then keep (common.configure_threads), for stable numbers
@@ -26,7 +28,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def toy_test():
-    return common.load_dataset("toy", "test")
+    return data.load_dataset("toy", "test")
 
 
 def free_port() -> int:
@@ -35,13 +37,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(script_args, nproc=2, timeout=600, env=None, check=True):
     """Run `python -m torch.distributed.run --nproc_per_node N ...` from the repo root; return the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + list(script_args)
+    cmd = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),  # noqa: E731
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + list(script_args)
     # PYTHONFAULTHANDLER: a rank that aborts in C++ ("terminate called ...") prints every thread's Python stack
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONFAULTHANDLER": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd(), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr and "exitcode  : -6" in proc.stderr:
+        # A rank aborted inside C++ with no Python error: seen twice in CI on the 2-rank FSDP2 tests (gloo, CPU),
+        # never in 30 local reruns. Its stacks (PYTHONFAULTHANDLER) go to the warnings summary; the command reruns
+        # once, so a rare abort of the CPU transport does not hide what the test checks.
+        warnings.warn(f"a torchrun rank aborted ({GLOO_ABORT!r}); rerunning once. Its output:\n{proc.stderr[-6000:]}")
+        proc = subprocess.run(cmd(), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}")
     return proc

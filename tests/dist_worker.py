@@ -14,13 +14,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data
 
 torch.set_num_threads(1)
 mode, parallel, out = sys.argv[1:4]
 d = common.init_distributed()
 model, proc = common.load_model("tiny", device=d.device)
 pad = common.special_token_ids(proc)["<|endoftext|>"]
-test = common.load_dataset("toy", "test")
+test = data.load_dataset("toy", "test")
 os.makedirs(out, exist_ok=True)
 
 

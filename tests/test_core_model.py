@@ -7,6 +7,9 @@ import os
 import torch
 
 import common
+import judges
+import speciarl
+import tiny
 
 
 def _inputs(proc, images, text="Classify the image."):
@@ -49,10 +52,10 @@ def test_tiny_starts_in_format(tiny, toy_test):
     """The stand-in speaks the answer format greedily but is far from perfect: room for RL."""
     model, proc = tiny
     exs = toy_test.examples[::6]
-    prompts = [common.encode_prompt(proc, e.image, common.SPECIARL_PROMPT) for e in exs]
+    prompts = [common.encode_prompt(proc, e.image, speciarl.SPECIARL_PROMPT) for e in exs]
     ro = common.sample(model, proc, prompts, group_size=1, max_new_tokens=40, temperature=0)
-    fmt = sum(common.format_ok(t) for t in ro.texts) / len(exs)
-    acc = sum(common.normalize(common.parse_answer(t) or "") == common.normalize(e.class_name)
+    fmt = sum(judges.format_ok(t) for t in ro.texts) / len(exs)
+    acc = sum(judges.normalize(judges.parse_answer(t) or "") == judges.normalize(e.class_name)
               for t, e in zip(ro.texts, exs)) / len(exs)
     assert fmt >= 0.9
     assert 0.1 <= acc <= 0.85
@@ -102,7 +105,7 @@ def test_export_is_a_hub_checkpoint_that_plain_transformers_reads(tiny, toy_test
     plain = common.processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)
     image = toy_test.examples[0].image
-    a, b = (common.encode_prompt(p, image, common.SPECIARL_PROMPT) for p in (proc, plain))
+    a, b = (common.encode_prompt(p, image, speciarl.SPECIARL_PROMPT) for p in (proc, plain))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     if importlib.util.find_spec("torchvision") is not None:
         assert type(AutoProcessor.from_pretrained(path)).__name__ == "Qwen2_5_VLProcessor"
@@ -177,6 +180,6 @@ def test_loading_holds_one_copy_in_the_target_dtype(monkeypatch):
         seen.update(kwargs)
         return real(cls, path, **kwargs)
     monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", classmethod(spy))
-    model, _ = common.load_model(common.tiny_model_dir(), device=torch.device("cpu"), dtype="bf16")
+    model, _ = common.load_model(tiny.tiny_model_dir(), device=torch.device("cpu"), dtype="bf16")
     assert seen["device_map"] == {"": torch.device("cpu")} and seen["dtype"] == torch.bfloat16
     assert next(model.parameters()).dtype == torch.bfloat16

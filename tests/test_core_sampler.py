@@ -1,12 +1,12 @@
 """The rollout sampler and the log-prob function."""
 import pytest
 import torch
-from PIL import Image
 
 import common
+import speciarl
 
 
-def _prompts(proc, exs, text=common.SPECIARL_PROMPT):
+def _prompts(proc, exs, text=speciarl.SPECIARL_PROMPT):
     return [common.encode_prompt(proc, e.image, text) for e in exs]
 
 

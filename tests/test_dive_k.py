@@ -8,6 +8,7 @@ import torch
 
 import common
 import dive_k
+import judges
 
 BASE = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross", "Chuck will Widow", "Brewer Blackbird",
         "Red winged Blackbird", "Rusty Blackbird", "Bobolink"]
@@ -27,7 +28,7 @@ def test_top_k_by_frequency_with_truth_present():
     # five most frequent; Rusty (2) ties with Bobolink (2) and comes after it (first seen later); Brewer (1) is out
     assert sorted(q["options"]) == sorted(["Laysan Albatross", "Sooty Albatross", "Black footed Albatross",
                                            "Bobolink", "Rusty Blackbird"])
-    assert q["options"][common.LETTERS.index(q["answer"])] == "Bobolink"
+    assert q["options"][judges.LETTERS.index(q["answer"])] == "Bobolink"
     assert q["counts"] == {"Laysan Albatross": 6, "Sooty Albatross": 5, "Black footed Albatross": 3, "Bobolink": 2,
                            "Rusty Blackbird": 2, "Brewer Blackbird": 1}
     assert q["n_valid"] == 19 and q["n_samples"] == 22
@@ -42,7 +43,7 @@ def test_missing_truth_replaces_the_least_frequent_option():
     assert sorted(q["options"]) == sorted(["Laysan Albatross", "Sooty Albatross", "Rusty Blackbird",
                                            "Brewer Blackbird", "Chuck will Widow"])
     assert q["truth_inserted"] and not q["padded"]
-    assert q["options"][common.LETTERS.index(q["answer"])] == "Chuck will Widow"
+    assert q["options"][judges.LETTERS.index(q["answer"])] == "Chuck will Widow"
     # with fewer than five distinct answers the truth still replaces the least frequent one
     q = question(["Laysan Albatross"] * 3 + ["Sooty Albatross"] * 2, "Bobolink")
     assert sorted(q["options"]) == ["Bobolink", "Laysan Albatross"] and q["truth_inserted"]
@@ -88,7 +89,7 @@ def test_answer_format_prefix_is_stripped_and_long_answers_are_ignored():
     name = "Laysan Albatross of the " + "far northern Pacific islands " * 4  # a class name of 135 characters
     q = dive_k.build_question([name] * 3 + ["Sooty Albatross"] * 2, "Sooty Albatross", [name, "Sooty Albatross"],
                               random.Random(0))
-    assert len(common.normalize(name)) > 120 and q["counts"] == {"Sooty Albatross": 2} and q["status"] == "easy"
+    assert len(judges.normalize(name)) > 120 and q["counts"] == {"Sooty Albatross": 2} and q["status"] == "easy"
     assert dive_k.build_question([name] * 3, "Sooty Albatross", [name, "Sooty Albatross"], random.Random(0),
                                  max_chars=200)["counts"] == {name: 3}
 

@@ -12,6 +12,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data
+import dive_k  # noqa: E402
+import fine_r1  # noqa: E402
+import judges
+import speciarl  # noqa: E402
+import tiny  # noqa: E402
 import eval as ev  # noqa: E402
 
 TOKENS = 48  # the stand-in's answers are ~25 tokens
@@ -27,7 +33,7 @@ def read_out(out):
 
 def assert_parsed(preds):
     for p in preds:
-        assert p["answer"] == common.parse_answer(p["raw"]) and p["format_ok"] == common.format_ok(p["raw"])
+        assert p["answer"] == judges.parse_answer(p["raw"]) and p["format_ok"] == judges.format_ok(p["raw"])
         assert p["parse_failure"] == (p["answer"] is None)
 
 
@@ -43,29 +49,26 @@ def assert_label_metrics(metrics, labels):
     assert metrics["specificity"] == pytest.approx(sp)
     c = sum(correct) / n
     assert metrics["hm"] == pytest.approx(2 * sp * c / (sp + c) if sp + c else 0.0)
-    for lab in common.JUDGE_LABELS:
+    for lab in judges.JUDGE_LABELS:
         assert metrics[f"count/{lab}"] == labels.count(lab)
         assert metrics[f"share/{lab}"] == pytest.approx(labels.count(lab) / n)
 
 
 @pytest.fixture(scope="module")
 def toy24():
-    return common.load_dataset("toy", "test", limit=24, seed=1)
+    return data.load_dataset("toy", "test", limit=24, seed=1)
 
 
 # ----- helpers -----
 
 def test_prompts_carry_every_instruction_of_the_papers():
     """Each prompt asks for what the released prompt asks for, item by item (our words), and the tiny stand-in is
-    pretrained on exactly these texts (common.TINY_PROMPTS keys its cache)."""
-    import dive_k
-    import fine_r1
-    import speciarl
-    general = common.SPECIARL_PROMPT
+    pretrained on exactly these texts (tiny.TINY_PROMPTS keys its cache)."""
+    general = speciarl.SPECIARL_PROMPT
     for phrase in ["Classify the image.\n", "<think> </think>", "<answer> </answer>",
                    "a single label, or None to abstain", "Follow this format exactly"]:
         assert phrase in general, phrase
-    assert common.SPECIARL_SPECIFIC_PROMPT == general.replace("Classify the image.", "Classify the image, be specific.")
+    assert speciarl.SPECIARL_SPECIFIC_PROMPT == general.replace("Classify the image.", "Classify the image, be specific.")
     mine = dive_k.mine_prompt("bird", "cub", ["Bobolink", "Gull"])
     for phrase in ["This is an image containing a bird.", "most likely species name of the bird",
                    "must be one of these categories: ['Bobolink', 'Gull']", "<think> ... </think> <answer> species "
@@ -76,21 +79,21 @@ def test_prompts_carry_every_instruction_of_the_papers():
     for phrase in ["This is an image containing a bird.", "options below", "\nA. Laysan Albatross\nB. Bobolink\n",
                    "letter of the correct bird name", "<answer> option letter </answer>", "Follow this format exactly"]:
         assert phrase in mcq, phrase
-    closed = common.fine_r1_closed_prompt("bird", ["Laysan Albatross", "Bobolink"])
+    closed = fine_r1.fine_r1_closed_prompt("bird", ["Laysan Albatross", "Bobolink"])
     for phrase in ["Which bird is shown", "['Laysan Albatross', 'Bobolink']", "<think> </think>",
                    "final choice inside <answer> </answer>", "<think>...</think> <answer>choice</answer>"]:
         assert phrase in closed, phrase
-    assert "inner monologue inside <think> </think>" in common.FINE_R1_RL_SUFFIX
+    assert "inner monologue inside <think> </think>" in fine_r1.FINE_R1_RL_SUFFIX
     for phrase in ["Which bird is shown", "This is a fine-grained question.", "<think> </think>", "<answer> </answer>"]:
-        assert phrase in common.fine_r1_open_prompt("bird"), phrase
+        assert phrase in fine_r1.fine_r1_open_prompt("bird"), phrase
     # one wording everywhere: eval.py, the methods and the stand-in's pretraining
-    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == common.SPECIARL_PROMPT
-    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == common.SPECIARL_SPECIFIC_PROMPT
-    assert fine_r1.pose_question("bird", 1)[0].endswith(common.FINE_R1_RL_SUFFIX)
-    for text in [common.SPECIARL_PROMPT, common.SPECIARL_SPECIFIC_PROMPT, common.DIVEK_MINE_PROMPT,
-                 common.DIVEK_MCQ_PROMPT, common.FINE_R1_CLOSED_PROMPT, *common.FINE_R1_QUESTIONS,
-                 common.FINE_R1_OPEN_PROMPT, common.FINE_R1_RL_SUFFIX]:
-        assert text in common.TINY_PROMPTS
+    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == speciarl.SPECIARL_PROMPT
+    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == speciarl.SPECIARL_SPECIFIC_PROMPT
+    assert fine_r1.pose_question("bird", 1)[0].endswith(fine_r1.FINE_R1_RL_SUFFIX)
+    for text in [speciarl.SPECIARL_PROMPT, speciarl.SPECIARL_SPECIFIC_PROMPT, dive_k.DIVEK_MINE_PROMPT,
+                 dive_k.DIVEK_MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT, *fine_r1.FINE_R1_QUESTIONS,
+                 fine_r1.FINE_R1_OPEN_PROMPT, fine_r1.FINE_R1_RL_SUFFIX]:
+        assert text in tiny.TINY_PROMPTS
 
 
 def test_parse_choice_table():
@@ -115,7 +118,7 @@ def test_top_answers_and_options(toy24):
               "shape name: red circle", "Laysan " * 15]]
     options, counts, _ = ev.top_answers(texts, answer_fmt="shape name")
     assert options == ["laysan albatross", "sooty albatross", "red circle"] and counts == [2, 1, 1]
-    ds = common.load_dataset("toy", "test", classes="novel")
+    ds = data.load_dataset("toy", "test", classes="novel")
     ex = ds.examples[0]
     opts = ev.mcq_options(ex, ds, seed=3)
     assert len(set(opts)) == 4 and ex.class_name in opts and set(opts) <= set(ds.split_class_names)
@@ -143,11 +146,11 @@ def test_open(tiny, toy24, tmp_path):
     assert doc["metrics"] == metrics and doc["protocol"] == "open" and doc["settings"]["judge"] == "rules-v2:toy"
     assert [p["truth"] for p in preds] == [e.class_name for e in toy24.examples]
     assert_parsed(preds)
-    judge = common.get_judge("rules", toy24)  # a fresh judge, no shared cache
+    judge = judges.get_judge("rules", toy24)  # a fresh judge, no shared cache
     for p in preds:
         assert p["label"] == ("wrong" if p["parse_failure"] else judge.judge([(p["truth"], p["answer"])])[0])
     assert_label_metrics(metrics, [p["label"] for p in preds])
-    norm = common.normalize
+    norm = judges.normalize
     assert metrics["exact"] == pytest.approx(sum(norm(p["answer"] or "") == norm(p["truth"]) for p in preds) / 24)
     assert metrics["substring"] == pytest.approx(
         sum(bool(p["answer"]) and norm(p["truth"]) in norm(p["answer"]) for p in preds) / 24)
@@ -161,13 +164,13 @@ def test_speciarl_best_of(tiny, toy24, tmp_path):
     ds = dataclasses.replace(toy24, examples=toy24.examples[:8])
     out = str(tmp_path / "speciarl")
     cache = str(tmp_path / "cache.jsonl")
-    judge = common.get_judge("rules", ds, cache_path=cache)
+    judge = judges.get_judge("rules", ds, cache_path=cache)
     metrics = ev.evaluate(model, proc, ds, "speciarl", judge=judge, seed=0, max_new_tokens=TOKENS, best_of=3,
                           out_dir=out, progress=False)
     doc, preds = read_out(out)
     assert doc["metrics"] == metrics and metrics["best_of"] == 3
     assert doc["settings"]["sampling"] == {"temperature": 0.6, "top_p": 0.95}
-    fresh = common.get_judge("rules", ds)
+    fresh = judges.get_judge("rules", ds)
     for p in preds:
         samples = p["samples"]
         assert len(samples) == 3
@@ -193,9 +196,9 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
     accs = {}
     for half in ("base", "novel"):
         doc, preds = read_out(os.path.join(out, half))
-        ds = common.load_dataset("toy", "test", classes=half)
+        ds = data.load_dataset("toy", "test", classes=half)
         assert len(preds) == 8 and doc["settings"]["model"] == "tiny" and doc["settings"]["seed"] == 5
-        assert doc["settings"]["scoring"] == "paper" and doc["settings"]["prompt"] == common.FINE_R1_CLOSED_PROMPT
+        assert doc["settings"]["scoring"] == "paper" and doc["settings"]["prompt"] == fine_r1.FINE_R1_CLOSED_PROMPT
         assert_parsed(preds)
         for p in preds:
             opts = p["options"]
@@ -216,10 +219,10 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
     ev.main(["--model", "tiny", "--data", "toy", "--protocol", "mcq", "--classes", "base", "--limit", "8",
              "--max-new-tokens", str(TOKENS), "--out", out + "_strict", "--no-progress", "--scoring", "strict"])
     doc, preds = read_out(out + "_strict")
-    assert doc["settings"]["prompt"] == common.DIVEK_MCQ_PROMPT
+    assert doc["settings"]["prompt"] == dive_k.DIVEK_MCQ_PROMPT
     for p in preds:
         choice = ev.parse_choice(p["answer"], p["options"])
-        assert p["letter"] == (None if choice is None else common.LETTERS[choice])
+        assert p["letter"] == (None if choice is None else judges.LETTERS[choice])
         assert p["label"] == ("specific" if p["letter"] == p["truth_letter"] else "wrong")
     assert doc["metrics"]["invalid_choices"] == sum(p["invalid_choice"] for p in preds)
 
@@ -252,7 +255,7 @@ def test_two_step(tiny, toy24, tmp_path):
                           progress=False)
     doc, preds = read_out(out)
     assert doc["metrics"] == metrics and doc["settings"]["samples"] == 6
-    judge = common.get_judge("rules", ds)
+    judge = judges.get_judge("rules", ds)
     for p in preds:
         assert len(p["step1_answers"]) == 6
         options, counts, failures = ev.top_answers(
@@ -267,7 +270,7 @@ def test_two_step(tiny, toy24, tmp_path):
         assert p["prediction"] == (None if choice is None else p["options"][choice])
         want = "wrong" if p["prediction"] is None else judge.judge([(p["truth"], p["prediction"])])[0]
         assert p["label"] == want
-        assert p["truth_in_options"] == any(common.normalize(o) == common.normalize(p["truth"]) for o in options)
+        assert p["truth_in_options"] == any(judges.normalize(o) == judges.normalize(p["truth"]) for o in options)
     counted = [p for p in preds if not p["no_candidates"]]  # the released script drops images without candidates
     assert metrics["n"] == len(counted) and metrics["no_candidates"] == 8 - len(counted)
     assert_label_metrics(metrics, [p["label"] for p in counted])
@@ -297,7 +300,7 @@ def test_unreadable_image_skipped_and_counted(tiny, toy24, tmp_path):
     bad = str(tmp_path / "bad.png")
     with open(bad, "w") as f:
         f.write("not a png")
-    exs = toy24.examples[:3] + [common.Example(bad, 0, toy24.class_names[0], "bad.png")]
+    exs = toy24.examples[:3] + [data.Example(bad, 0, toy24.class_names[0], "bad.png")]
     ds = dataclasses.replace(toy24, examples=exs)  # the load-time check bypassed: the image breaks at encode time
     ds = dataclasses.replace(ds, skipped={"not an image": 2})  # and two more were dropped when the split was read
     metrics = ev.evaluate(model, proc, ds, "mcq", max_new_tokens=TOKENS, out_dir=str(tmp_path / "o"), progress=False)
@@ -323,7 +326,7 @@ def test_bad_protocol_and_best_of(tiny, toy24):
 def test_two_ranks_equal_one_process(tiny, tmp_path):
     from conftest import torchrun
     model, proc = tiny
-    ds = common.load_dataset("toy", "test", limit=6, seed=2)
+    ds = data.load_dataset("toy", "test", limit=6, seed=2)
     ref = {p: ev.evaluate(model, proc, ds, p, seed=0, max_new_tokens=TOKENS, micro_batch=1, samples=4,
                           out_dir=str(tmp_path / f"ref_{p}"), progress=False) for p in ("open", "mcq", "two_step")}
     out = str(tmp_path / "dist")
@@ -348,12 +351,12 @@ def worker(out):
     import torch
     torch.set_num_threads(1)
     d = common.init_distributed()
-    ds = common.load_dataset("toy", "test", limit=6, seed=2)
+    ds = data.load_dataset("toy", "test", limit=6, seed=2)
     os.makedirs(out, exist_ok=True)
     for protocol, parallel in WORKER_RUNS:
         model, proc = common.load_model("tiny", device=d.device)
         wrapped = common.wrap_model(model, d, parallel)
-        judge = common.get_judge("rules", ds, cache_path=os.path.join(out, "cache.jsonl"))
+        judge = judges.get_judge("rules", ds, cache_path=os.path.join(out, "cache.jsonl"))
         res = ev.evaluate(wrapped, proc, ds, protocol, judge=judge, seed=0, max_new_tokens=TOKENS, micro_batch=1,
                           samples=4, out_dir=os.path.join(out, protocol), progress=False)
         with open(os.path.join(out, f"{protocol}_rank{d.rank}.json"), "w") as f:
@@ -371,7 +374,7 @@ def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
     directory saved with a coarser budget, and metrics.json says which budget was used."""
     import shutil
     coarse = str(tmp_path / "coarse")
-    shutil.copytree(common.tiny_model_dir(), coarse)
+    shutil.copytree(tiny.tiny_model_dir(), coarse)
     proc = common.load_processor(coarse, 56 * 56, 56 * 56)  # 4 image tokens instead of the stand-in's 16
     proc.save_pretrained(coarse)
     assert common.load_processor(coarse).image_processor.size["longest_edge"] == 56 * 56

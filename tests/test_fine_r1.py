@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import common
+import data
 import fine_r1
+import judges
 
 
 # ----- SFT: the loss sees the assistant tokens only -----
@@ -66,7 +68,7 @@ def test_sft_labels_are_the_assistant_tokens_only(tiny, toy_test):
 # ----- triplets -----
 
 def _pool(names, per_class):
-    exs = [common.Example(f"/img/{n}_{i}.png", label, n, f"{n}_{i}") for label, n in enumerate(names)
+    exs = [data.Example(f"/img/{n}_{i}.png", label, n, f"{n}_{i}") for label, n in enumerate(names)
            for i in range(per_class)]
     by_class = {}
     for e in exs:
@@ -76,7 +78,7 @@ def _pool(names, per_class):
 
 @pytest.mark.parametrize("how", ["random", "confusable"])
 def test_triplets_positive_same_class_other_image_negative_other_class(how):
-    names = common.toy_class_names()[:12]
+    names = data.toy_class_names()[:12]
     exs, by_class = _pool(names, 4)
     negatives = fine_r1.negative_classes(names, how, 3)
     seen_negative_classes = set()
@@ -95,7 +97,7 @@ def test_triplets_positive_same_class_other_image_negative_other_class(how):
 
 
 def test_confusable_classes_are_the_nearest_names():
-    names = common.toy_class_names()
+    names = data.toy_class_names()
     near = fine_r1.confusable_classes(names, 3)
     for name, others in near.items():
         assert name not in others and len(others) == 3
@@ -280,14 +282,14 @@ def test_sft_warm_up_starts_at_zero_like_the_hf_schedule():
 # ----- rationales -----
 
 def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
-    names = common.toy_class_names()
+    names = data.toy_class_names()
     cands = fine_r1.confusable_classes(names, 2)["red striped circle"]
     think = fine_r1.attribute_rationale("red striped circle", cands)
     toy = (fine_r1.TOY_CANDIDATES_MARK, fine_r1.TOY_PREDICTION_MARK)
     good = fine_r1.response_text(think, "red striped circle")
     kept, checks = fine_r1.check_rationale(good, "red striped circle", toy)
     assert kept == think and all(checks.values())
-    assert common.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
+    assert judges.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
     # the paper's wording of the same rationale passes the default (paper) filter
     paper_think = think.replace(toy[0], fine_r1.CANDIDATES_MARK).replace(toy[1], fine_r1.PREDICTION_MARK)
     paper = fine_r1.response_text(paper_think, "red striped circle")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import tiny
 from conftest import ROOT, torchrun
 
 # 12 rationales (one per seen class); SFT: 2 steps of 4 samples, one sample per micro-batch (so the 2-rank mean of
@@ -59,7 +59,7 @@ def test_two_ranks_run_every_stage(parallel, tmp_path, one_process_sft):
     for k in ours:
         assert torch.allclose(ours[k], single[k], atol=2e-6, rtol=0), k
     # the vision tower and merger stayed frozen in SFT, the language model moved
-    base = load_file(os.path.join(common.tiny_model_dir(), "model.safetensors"))
+    base = load_file(os.path.join(tiny.tiny_model_dir(), "model.safetensors"))
     for k in ours:
         changed = not torch.equal(ours[k], base[k])
         if k.startswith("model.visual."):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import common
+import data
+import judges
 import fake_datasets as fake
 
 
@@ -31,23 +33,23 @@ PARSE_TABLE = [  # completion, parse_answer, format_ok
 
 @pytest.mark.parametrize("completion,answer,ok", PARSE_TABLE)
 def test_parse_and_format(completion, answer, ok):
-    assert common.parse_answer(completion) == answer
-    assert common.format_ok(completion) is ok
+    assert judges.parse_answer(completion) == answer
+    assert judges.format_ok(completion) is ok
 
 
 def test_names_keep_their_letters():
     """One comparison key for names everywhere (accents kept, a possessive 's and hyphens folded), and the text a
     verifier reads, as SpeciaRL's verifier prepares it (letters of any script, digits and dashes kept)."""
-    assert common.normalize("Cr\u00e8me Br\u00fbl\u00e9e") == "cr\u00e8me br\u00fbl\u00e9e"
-    assert common.normalize("Cre\u0300me bru\u0302le\u0301e") == "cr\u00e8me br\u00fbl\u00e9e"  # NFC first
-    assert common.normalize("Anna's hummingbird") == common.normalize("Anna Hummingbird") == "anna hummingbird"
-    assert common.normalize("Black-footed Albatross") == common.normalize("black footed albatross")
-    assert common.normalize("Colt's Foot") == "colt foot"
-    assert common.normalize("Pe\u00f1a Blanca \u00c9t\u00e9") == "pe\u00f1a blanca \u00e9t\u00e9"
-    assert common.verifier_text("Cr\u00e8me Br\u00fbl\u00e9e!") == "cr\u00e8me br\u00fbl\u00e9e"
-    assert common.verifier_text("Anna's Hummingbird") == "anna s hummingbird"
-    assert common.verifier_text("Black-footed  Albatross.") == "black-footed albatross"
-    assert common.verifier_text("???") == "" and common.verifier_text("\u2014") == "\u2014"
+    assert judges.normalize("Cr\u00e8me Br\u00fbl\u00e9e") == "cr\u00e8me br\u00fbl\u00e9e"
+    assert judges.normalize("Cre\u0300me bru\u0302le\u0301e") == "cr\u00e8me br\u00fbl\u00e9e"  # NFC first
+    assert judges.normalize("Anna's hummingbird") == judges.normalize("Anna Hummingbird") == "anna hummingbird"
+    assert judges.normalize("Black-footed Albatross") == judges.normalize("black footed albatross")
+    assert judges.normalize("Colt's Foot") == "colt foot"
+    assert judges.normalize("Pe\u00f1a Blanca \u00c9t\u00e9") == "pe\u00f1a blanca \u00e9t\u00e9"
+    assert judges.verifier_text("Cr\u00e8me Br\u00fbl\u00e9e!") == "cr\u00e8me br\u00fbl\u00e9e"
+    assert judges.verifier_text("Anna's Hummingbird") == "anna s hummingbird"
+    assert judges.verifier_text("Black-footed  Albatross.") == "black-footed albatross"
+    assert judges.verifier_text("???") == "" and judges.verifier_text("\u2014") == "\u2014"
 
 
 def test_punctuation_answers_are_judged_not_missing():
@@ -60,18 +62,18 @@ def test_punctuation_answers_are_judged_not_missing():
 
 
 def test_normalize_abstain_hedge():
-    assert common.normalize("Chuck-will's-Widow") == "chuck will widow"
-    assert common.normalize("  Brewer\u2019s   Blackbird ") == "brewer blackbird"  # typographic apostrophe
-    assert common.normalize("F-16A/B") == "f 16a b"
+    assert judges.normalize("Chuck-will's-Widow") == "chuck will widow"
+    assert judges.normalize("  Brewer\u2019s   Blackbird ") == "brewer blackbird"  # typographic apostrophe
+    assert judges.normalize("F-16A/B") == "f 16a b"
     for text in ["None", "", None, "unknown", "I don't know", "I do not know.", "Not sure", "cannot tell",
                  "I cannot identify this bird", "Unable to determine", "N/A"]:
-        assert common.is_abstain(text), text
+        assert judges.is_abstain(text), text
     for text in ["Yellow Warbler", "unknown warbler", "nonesuch", "Canada Warbler"]:
-        assert not common.is_abstain(text), text
+        assert not judges.is_abstain(text), text
     for text in ["robin or cardinal", "either a gull or a tern", "707-320 vs 727-200", "A and/or B"]:
-        assert common.is_hedge(text), text
+        assert judges.is_hedge(text), text
     for text in ["Orange crowned Warbler", "Oriole", "Northern Flicker", "Red-eyed Vireo"]:
-        assert not common.is_hedge(text), text
+        assert not judges.is_hedge(text), text
 
 
 # ----- the rules judge -----
@@ -79,18 +81,18 @@ def test_normalize_abstain_hedge():
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("judge_data")
-    out = {"toy": common.load_dataset("toy", "test"),
-           "cub": common.load_dataset("cub", "test", root=fake.make_cub(str(root / "cub"))),
-           "pets": common.load_dataset("pets", "test", root=fake.make_pets(str(root / "pets"))),
-           "aircraft": common.load_dataset("aircraft", "test", root=fake.make_aircraft(str(root / "aircraft")))}
-    out["flowers"] = common.load_dataset("flowers", "test", root=fake.make_flowers(str(root / "flowers"), coop=True))
+    out = {"toy": data.load_dataset("toy", "test"),
+           "cub": data.load_dataset("cub", "test", root=fake.make_cub(str(root / "cub"))),
+           "pets": data.load_dataset("pets", "test", root=fake.make_pets(str(root / "pets"))),
+           "aircraft": data.load_dataset("aircraft", "test", root=fake.make_aircraft(str(root / "aircraft")))}
+    out["flowers"] = data.load_dataset("flowers", "test", root=fake.make_flowers(str(root / "flowers"), coop=True))
     with open(root / "garden.json", "w") as f:  # a user's own data with a hierarchy and synonyms
         json.dump({"classes": ["rose", "desert-rose", "yellow rose"], "kind": "flower",
                    "hierarchy": {"yellow rose": ["rose", "flower"]},  # a class below another class
                    "synonyms": {"desert-rose": ["Adenium obesum"]}, "test": []}, f)
-    out["json"] = common.read_json(str(root / "garden.json"), "test")
+    out["json"] = data.read_json(str(root / "garden.json"), "test")
     try:
-        out["cars"] = common.load_dataset("cars", "test", root=fake.make_cars(str(root / "cars")))
+        out["cars"] = data.load_dataset("cars", "test", root=fake.make_cars(str(root / "cars")))
     except ImportError:  # scipy missing: the cars rows are skipped
         pass
     return out
@@ -166,30 +168,30 @@ RULES_TABLE = [  # dataset, ground truth, prediction, label
 
 
 def test_rules_truth_table(datasets):
-    judges = {name: common.get_judge("rules", ds) for name, ds in datasets.items()}
-    rows = [r for r in RULES_TABLE if r[0] in judges]
+    judge_of = {name: judges.get_judge("rules", ds) for name, ds in datasets.items()}
+    rows = [r for r in RULES_TABLE if r[0] in judge_of]
     assert len(rows) >= 25
     for name, truth, pred, label in rows:
-        got = judges[name].judge([(truth, pred)])[0]
+        got = judge_of[name].judge([(truth, pred)])[0]
         assert got == label, f"{name}: ({truth!r}, {pred!r}) -> {got}, expected {label}"
-    assert common.JUDGE_LABELS == ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
+    assert judges.JUDGE_LABELS == ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 
 
 def test_label_metrics_by_hand():
     labels = ["specific", "more_specific", "less_specific", "generic", "abstain", "wrong", "wrong", "specific"]
-    m = common.label_metrics(labels)
+    m = judges.label_metrics(labels)
     # correct at any level: 2 specific + 1 more + 1 less + 1 generic = 5 of 8; specific-or-more among them: 3 of 5
     assert m["n"] == 8 and m["correctness"] == 5 / 8 and m["specificity"] == 3 / 5 and m["accuracy"] == 3 / 8
     assert m["hm"] == pytest.approx(2 * (3 / 5) * (5 / 8) / (3 / 5 + 5 / 8))
     assert m["count/wrong"] == 2 and m["share/abstain"] == 1 / 8 and m["specificity_of_all"] == 3 / 8
-    assert sum(m[f"share/{lab}"] for lab in common.JUDGE_LABELS) == pytest.approx(1.0)
+    assert sum(m[f"share/{lab}"] for lab in judges.JUDGE_LABELS) == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        common.label_metrics(["right"])
+        judges.label_metrics(["right"])
 
 
 def test_cache_persisted_and_robust(tmp_path, datasets):
     path = str(tmp_path / "judge_cache.jsonl")
-    judge = common.get_judge("rules", datasets["toy"], cache_path=path)
+    judge = judges.get_judge("rules", datasets["toy"], cache_path=path)
     pairs = [("red striped circle", "circle"), ("red striped circle", "Circle!"), ("blue plain square", "None")]
     assert judge.judge(pairs) == ["less_specific", "less_specific", "abstain"]
     assert judge.judged == 2 and judge.hits == 1  # "circle" and "Circle!" are the same normalised pair
@@ -199,19 +201,19 @@ def test_cache_persisted_and_robust(tmp_path, datasets):
     with open(path, "a") as f:  # a kill mid-write leaves a cut line; and a record of another judge is ignored
         f.write(json.dumps({"judge": "hf:other", "truth": "blue plain square", "prediction": "square",
                             "label": "specific"}) + "\n" + '{"judge": "rules-v2:toy", "tru')
-    again = common.get_judge("rules", datasets["toy"], cache_path=path)
+    again = judges.get_judge("rules", datasets["toy"], cache_path=path)
     assert again.bad_cache_lines == 1 and len(again.cache) == 2
     assert again.judge([("blue plain square", "square")]) == ["less_specific"] and again.judged == 1
     with open(path) as f:
         lines = f.read().splitlines()
     assert json.loads(lines[-1])["prediction"] == "square"  # the new record starts on its own line
-    third = common.get_judge("rules", datasets["toy"], cache_path=path)
+    third = judges.get_judge("rules", datasets["toy"], cache_path=path)
     assert len(third.cache) == 3 and third.bad_cache_lines == 1
 
 
 def test_get_judge_rejects_unknown(datasets):
     with pytest.raises(SystemExit, match="expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:"):
-        common.get_judge("gpt", datasets["toy"])
+        judges.get_judge("gpt", datasets["toy"])
 
 
 # ----- the hf: judge on a tiny causal LM built here -----
@@ -219,8 +221,8 @@ def test_get_judge_rejects_unknown(datasets):
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    corpus = [common.JUDGE_PROMPT.format(truth="yellow warbler", answer="warbler")] * 4
-    corpus += [" ".join(common.JUDGE_LABEL_TEXT.values())] * 4 + ["red striped circle blue plain square none"] * 4
+    corpus = [judges.JUDGE_PROMPT.format(truth="yellow warbler", answer="warbler")] * 4
+    corpus += [" ".join(judges.JUDGE_LABEL_TEXT.values())] * 4 + ["red striped circle blue plain square none"] * 4
     tok, _ = common.train_tokenizer(corpus, 420)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -250,36 +252,36 @@ def reference_scores(judge, truth, answer):
 
 def test_hf_judge_scores_labels_and_caches(tiny_lm, datasets, tmp_path):
     path = str(tmp_path / "cache.jsonl")
-    judge = common.get_judge(f"hf:{tiny_lm}", datasets["toy"], cache_path=path)
+    judge = judges.get_judge(f"hf:{tiny_lm}", datasets["toy"], cache_path=path)
     pairs = [("red striped circle", "red striped circle"), ("red striped circle", "blue plain square"),
              ("blue plain square", "Shape")]
     labels = judge.judge(pairs)
-    assert all(lab in common.JUDGE_LABELS for lab in labels) and judge.judged == 3
+    assert all(lab in judges.JUDGE_LABELS for lab in labels) and judge.judged == 3
     assert judge.name == f"hf:{tiny_lm}"
     # the batched, left-padded scores equal one-by-one scoring, and the label is their argmax
-    batched = judge.label_scores([(common.verifier_text(t), common.verifier_text(a)) for t, a in pairs])
+    batched = judge.label_scores([(judges.verifier_text(t), judges.verifier_text(a)) for t, a in pairs])
     assert batched.shape == (3, 6)
     for i, (t, a) in enumerate(pairs[:2]):
-        ref = reference_scores(judge, common.verifier_text(t), common.verifier_text(a))
+        ref = reference_scores(judge, judges.verifier_text(t), judges.verifier_text(a))
         assert torch.allclose(batched[i], torch.tensor(ref), atol=1e-3), (batched[i], ref)
-        assert labels[i] == common.JUDGE_LABELS[max(range(6), key=lambda k: ref[k])]
+        assert labels[i] == judges.JUDGE_LABELS[max(range(6), key=lambda k: ref[k])]
     assert len({tuple(batched[i].tolist()) for i in range(3)}) == 3  # scores depend on the pair
     # cached: the same pairs (also differently written) never reach the model again, in this process or the next
     calls = []
     judge.label_scores = lambda batch: calls.append(batch)
     assert judge.judge([("Red striped Circle", "Blue plain square!")] + pairs) == [labels[1]] + labels
     assert calls == [] and judge.hits == 4
-    fresh = common.get_judge(f"hf:{tiny_lm}", datasets["toy"], cache_path=path)
+    fresh = judges.get_judge(f"hf:{tiny_lm}", datasets["toy"], cache_path=path)
     assert fresh.judge(pairs) == labels and fresh.judged == 0 and fresh.model is None  # never even loaded
     with pytest.raises(SystemExit, match="no config.json"):
-        common.get_judge(f"hf:{tmp_path}", datasets["toy"]).judge([("a", "b")])
+        judges.get_judge(f"hf:{tmp_path}", datasets["toy"]).judge([("a", "b")])
 
 
 def test_rules_judge_on_a_hand_built_dataset():
     # a Dataset built by hand with a plain dict keyed by display names (not a NameMap) still works
-    ds = common.Dataset("mine", [], ["Yellow Warbler", "Song Sparrow"], "bird",
+    ds = data.Dataset("mine", [], ["Yellow Warbler", "Song Sparrow"], "bird",
                         hierarchy={"Yellow Warbler": ["warbler", "bird"], "Song Sparrow": ["sparrow", "bird"]})
-    judge = common.get_judge("rules", ds)
+    judge = judges.get_judge("rules", ds)
     pairs = [("Yellow Warbler", "warbler"), ("Yellow Warbler", "Bird"), ("Yellow Warbler", "sparrow"),
              ("warbler", "yellow warbler")]
     assert judge.judge(pairs) == ["less_specific", "generic", "wrong", "more_specific"]

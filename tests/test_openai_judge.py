@@ -9,6 +9,8 @@ import time
 import pytest
 
 import common
+import data
+import judges
 import openai_server as fake
 
 PAIRS = [("red striped circle", "red striped circle"), ("red striped circle", "circle"),
@@ -17,12 +19,12 @@ PAIRS = [("red striped circle", "red striped circle"), ("red striped circle", "c
 
 @pytest.fixture(scope="module")
 def toy():
-    return common.load_dataset("toy", "test")
+    return data.load_dataset("toy", "test")
 
 
 def rules_labels(toy):
     """The server answers what the in-process rules judge would (so both judges can be compared)."""
-    rules = common.get_judge("rules", toy)
+    rules = judges.get_judge("rules", toy)
     return lambda truth, answer: rules.judge([(truth, answer)])[0]
 
 
@@ -34,12 +36,12 @@ def quick(judge):
 def test_labels_cache_and_stats(toy, tmp_path):
     cache = str(tmp_path / "judge_cache.jsonl")
     with fake.Server(fake.Behaviour(rules_labels(toy))) as server:
-        judge = common.get_judge("openai:judge-model", toy, cache, url=server.url)
+        judge = judges.get_judge("openai:judge-model", toy, cache, url=server.url)
         labels = judge.judge(PAIRS + PAIRS[:1])
         assert labels == ["specific", "less_specific", "wrong", "abstain", "specific"]
         assert sum(server.behaviour.pairs.values()) == 4  # each distinct pair once
         assert ("red striped circle", "circle") in server.behaviour.pairs  # the verifier's text of the answer
-        again = common.get_judge("openai:judge-model", toy, cache, url=server.url)  # a restarted run
+        again = judges.get_judge("openai:judge-model", toy, cache, url=server.url)  # a restarted run
         assert again.judge(PAIRS) == labels[:4] and sum(server.behaviour.pairs.values()) == 4
         stats = judge.stats()
         assert stats["judge/requests"] == 5 and stats["judge/cache_hits"] == 1 and stats["judge/errors"] == 0  # + check
@@ -53,10 +55,10 @@ def test_an_answer_off_the_ladder_is_a_judge_error_and_guided_choice_falls_back(
     behaviour = fake.Behaviour(lambda t, a: "maybe" if a == "circle" else "specific")
     behaviour.refuse_guided = True  # a hosted API: no guided decoding; answers "Specific." in free text
     with fake.Server(behaviour) as server:
-        judge = common.get_judge("openai:judge-model", toy, str(tmp_path / "c.jsonl"), url=server.url)
-        assert judge.judge(PAIRS[:2]) == ["specific", common.JUDGE_ERROR]
+        judge = judges.get_judge("openai:judge-model", toy, str(tmp_path / "c.jsonl"), url=server.url)
+        assert judge.judge(PAIRS[:2]) == ["specific", judges.JUDGE_ERROR]
         assert not judge.guided and judge.errors == 1
-        assert judge.judge(PAIRS[1:2]) == [common.JUDGE_ERROR]  # never cached: asked again
+        assert judge.judge(PAIRS[1:2]) == [judges.JUDGE_ERROR]  # never cached: asked again
         assert behaviour.pairs[("red striped circle", "circle")] == 2
 
 
@@ -68,7 +70,7 @@ def test_requests_run_concurrently(toy):
     with fake.Server(behaviour) as server:
         timings = {}
         for concurrency in (1, 8):
-            judge = common.get_judge("openai:judge-model", toy, url=server.url, concurrency=concurrency)
+            judge = judges.get_judge("openai:judge-model", toy, url=server.url, concurrency=concurrency)
             t0 = time.perf_counter()
             judge.judge(pairs)
             timings[concurrency] = time.perf_counter() - t0
@@ -78,7 +80,7 @@ def test_requests_run_concurrently(toy):
 def test_retries_then_success(toy):
     behaviour = fake.Behaviour()
     with fake.Server(behaviour) as server:
-        judge = quick(common.get_judge("openai:judge-model", toy, url=server.url, concurrency=1))
+        judge = quick(judges.get_judge("openai:judge-model", toy, url=server.url, concurrency=1))
         behaviour.fail_next, behaviour.drop_next, behaviour.malformed_next = 2, 1, 1
         assert judge.judge(PAIRS[:1]) == ["specific"]
         assert judge.stats()["judge/retries"] == 4  # two 500s, a dropped connection, a reply that is not JSON
@@ -89,32 +91,32 @@ def test_failures_are_one_clear_message(toy):
         port_url = server.url
     t0 = time.perf_counter()
     with pytest.raises(SystemExit, match="cannot reach the server") as e:
-        common.get_judge("openai:judge-model", toy, url=port_url)  # nobody listens there now
+        judges.get_judge("openai:judge-model", toy, url=port_url)  # nobody listens there now
     assert port_url in str(e.value) and time.perf_counter() - t0 < 10
     behaviour = fake.Behaviour()
     with fake.Server(behaviour) as server:
         with pytest.raises(SystemExit, match="does not serve 'other-model'; it serves \\['judge-model'\\]"):
-            common.get_judge("openai:other-model", toy, url=server.url)
+            judges.get_judge("openai:other-model", toy, url=server.url)
         behaviour.key = "secret"
         with pytest.raises(SystemExit, match="401 unauthorized; set OPENAI_API_KEY"):
-            common.get_judge("openai:judge-model", toy, url=server.url)
+            judges.get_judge("openai:judge-model", toy, url=server.url)
         os.environ["OPENAI_API_KEY"], os.environ["OPENAI_BASE_URL"] = "secret", server.url
         try:
-            judge = common.get_judge("openai:judge-model", toy)  # both from the environment
+            judge = judges.get_judge("openai:judge-model", toy)  # both from the environment
             assert judge.judge(PAIRS[:1]) == ["specific"]
         finally:
             del os.environ["OPENAI_API_KEY"], os.environ["OPENAI_BASE_URL"]
         behaviour.key, behaviour.fail_always = None, True
-        judge = quick(common.OpenAIJudge("judge-model", toy, url=server.url, check=False))
-        with pytest.raises(common.ServerError, match="no answer after 6 tries"):
+        judge = quick(judges.OpenAIJudge("judge-model", toy, url=server.url, check=False))
+        with pytest.raises(judges.ServerError, match="no answer after 6 tries"):
             judge.judge(PAIRS[:1])
     with pytest.raises(SystemExit, match="no server address"):
-        common.get_judge("openai:judge-model", toy)
+        judges.get_judge("openai:judge-model", toy)
 
 
 def _judge_in_a_process(url, cache, pairs, queue):
-    toy = common.load_dataset("toy", "test")
-    judge = common.get_judge("openai:judge-model", toy, cache, url=url)
+    toy = data.load_dataset("toy", "test")
+    judge = judges.get_judge("openai:judge-model", toy, cache, url=url)
     queue.put(judge.judge(pairs))
 
 
@@ -134,7 +136,7 @@ def test_two_processes_share_one_cache(toy, tmp_path):
         for p in procs:
             p.join(timeout=60)
         assert sorted(len(r) for r in results) == [6, 6]
-        fresh = common.get_judge("openai:judge-model", toy, cache, url=server.url)
+        fresh = judges.get_judge("openai:judge-model", toy, cache, url=server.url)
         assert fresh.judge(pairs) == ["wrong" if i % 2 else "generic" for i in range(12)]
         assert sum(behaviour.pairs.values()) == 12 and fresh.judged == 0 and fresh.bad_cache_lines == 0
 
@@ -145,10 +147,10 @@ def test_eval_with_the_server_judge_equals_the_in_process_judge(tiny, toy, tmp_p
     import eval as ev
     model, proc = tiny
     ds = dataclasses.replace(toy, examples=toy.examples[:12])
-    local = ev.evaluate(model, proc, ds, "speciarl", judge=common.get_judge("rules", ds), max_new_tokens=32,
+    local = ev.evaluate(model, proc, ds, "speciarl", judge=judges.get_judge("rules", ds), max_new_tokens=32,
                         progress=False, out_dir=str(tmp_path / "local"))
     with fake.Server(fake.Behaviour(rules_labels(toy))) as server:
-        remote_judge = common.get_judge("openai:judge-model", ds, str(tmp_path / "cache.jsonl"), url=server.url)
+        remote_judge = judges.get_judge("openai:judge-model", ds, str(tmp_path / "cache.jsonl"), url=server.url)
         remote = ev.evaluate(model, proc, ds, "speciarl", judge=remote_judge, max_new_tokens=32, progress=False,
                              out_dir=str(tmp_path / "remote"))
         assert sum(server.behaviour.pairs.values()) >= 1
@@ -170,7 +172,7 @@ def test_speciarl_stops_cleanly_when_the_server_goes_away_and_resumes(tmp_path, 
     """The server answers 40 pairs, then only 500s: the run stops with one message and a checkpoint, the cache
     keeps every label; the same command against a healthy server resumes and finishes, judging no pair twice."""
     import speciarl
-    monkeypatch.setattr(common.OpenAIServer, "BACKOFF", 0.01)
+    monkeypatch.setattr(judges.OpenAIServer, "BACKOFF", 0.01)
     rules = rules_labels(toy)
     behaviour = fake.Behaviour()
 

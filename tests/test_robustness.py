@@ -25,15 +25,18 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import data
+import tiny
 from conftest import ROOT, torchrun
 from fake_datasets import make_cub, not_an_image
 
 WORKER = os.path.join(ROOT, "tests", "robust_worker.py")
+FAULTY = os.path.join(ROOT, "tests", "faulty.py")  # runs a method with a fault injected into its loss
 
 
 def run_entry(args, env=None, timeout=300):
     """`python <args>` from the repo root as a user would run it: one process, no torchrun variables, no fault."""
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", common.FAULT_ENV)
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     full = {k: v for k, v in os.environ.items() if k not in drop}
     full.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
@@ -70,29 +73,6 @@ def previous_run(out):
 
 
 # ----- units: the fault hook, the guard, the memory arithmetic, divisibility, JSONL repair -----
-
-def test_fault_spec_and_fault_points(monkeypatch):
-    assert common.parse_fault(None) is None and common.parse_fault("") is None
-    assert common.parse_fault("kind=kill,step=3,rank=1,at=tapo") == {"kind": "kill", "first": 3, "last": 3,
-                                                                     "rank": 1, "at": "tapo"}
-    assert common.parse_fault("step=2-4,kind=nan")["last"] == 4
-    for bad in ("kind=boom,step=1", "kind=nan", "kind=nan,step=x", "kind=nan,step=1,when=now", "kind"):
-        with pytest.raises(SystemExit, match="kind=raise\\|nan\\|kill"):
-            common.parse_fault(bad)
-    x = torch.tensor(2.0)
-    monkeypatch.delenv(common.FAULT_ENV, raising=False)
-    assert common.fault_point(1, x) is x  # unset: untouched
-    monkeypatch.setenv(common.FAULT_ENV, "kind=nan,step=2-3,at=tapo")
-    assert common.fault_point(1, x, at="tapo") is x and common.fault_point(4, x, at="tapo") is x
-    assert torch.isnan(common.fault_point(2, x, at="tapo")) and torch.isnan(common.fault_point(3, x, at="tapo"))
-    assert common.fault_point(2, x, at="sft") is x and common.fault_point(2, x) is x  # another fault point
-    monkeypatch.setenv(common.FAULT_ENV, "kind=raise,step=1,rank=1")
-    monkeypatch.setenv("RANK", "0")
-    assert common.fault_point(1, x) is x  # rank 0 is not the one
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(RuntimeError, match="injected fault .* at step 1 on rank 1"):
-        common.fault_point(1, x)
-
 
 def test_nonfinite_guard_skips_counts_resets_and_stops(tmp_path, capsys):
     guard = common.NonFiniteGuard(limit=2)
@@ -239,7 +219,7 @@ def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny
     args = dive_k.parse_args(["--data", "toy", "--mine-samples", "2", "--mine-max-new-tokens", "8",
                               "--mine-batch", "4"])
     args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # what main sets
-    train = common.load_dataset("toy", "train", classes="base", limit=4, seed=0)
+    train = data.load_dataset("toy", "train", classes="base", limit=4, seed=0)
     # a previous run mined two images, then was killed in the middle of writing the third record
     cached = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "counts": {}, "n_samples": 2, "n_valid": 0,
                "truth_inserted": True, "padded": True, "status": "kept", "options": [ex.class_name, "cached option"],
@@ -316,7 +296,7 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
     (tmp_path / "classes.txt").write_text("red circle\nblue square\n")
     no_weights = tmp_path / "no_weights"  # a Qwen config and nothing else
     no_weights.mkdir()
-    shutil.copy(os.path.join(common.tiny_model_dir(), "config.json"), no_weights)
+    shutil.copy(os.path.join(tiny.tiny_model_dir(), "config.json"), no_weights)
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
     offline = run_entry(["eval.py", "--model", "someone/NoSuchModel-7B", "--protocol", "open"],
@@ -411,12 +391,12 @@ def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):
     subprocess timeout turns a hang into a failure."""
     out = str(tmp_path / "run")
     t0 = time.time()
-    proc = torchrun([*SPECIARL, "--max-new-tokens", "8", "--max-steps", "2", "--out", out], timeout=240, check=False,
-                    env={common.FAULT_ENV: "kind=raise,step=1,rank=1"})
+    proc = torchrun([FAULTY, "raise", "1", "rank=1", "--", *SPECIARL, "--max-new-tokens", "8", "--max-steps", "2",
+                     "--out", out], timeout=240, check=False)
     elapsed = time.time() - t0
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "RuntimeError: injected fault (FGRL_FAULT=kind=raise,step=1,rank=1) at step 1 on rank 1" in output
+    assert "RuntimeError: injected fault (raise 1 rank=1) at step 1 on rank 1" in output
     assert re.search(r"Root Cause \(first observed failure\):.*?rank\s*: 1 \(local_rank: 1\)", output, re.S), output
     assert not os.path.exists(os.path.join(out, "final")) and common.latest_checkpoint(out) is None
     print(f"the 2-rank job went down {elapsed:.1f}s after its start")
@@ -429,7 +409,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out, never = str(tmp_path / "run"), str(tmp_path / "never_stops")
     argv = [*SPECIARL[1:], "--max-new-tokens", "40", "--max-steps", "4", "--max-nonfinite", "2", "--out", out]
-    proc = run_entry(["speciarl.py", *argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
+    proc = run_entry([FAULTY, "nan", "2-3", "--", "speciarl.py", *argv])
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "memory budget per process (CPU), estimated" in proc.stdout  # printed at start
     assert "warning: step 2: non-finite loss or gradient" in proc.stderr
@@ -458,7 +438,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["grad_norm"] == steps[-1]["grad_norm"]
     # the same NaN steps, never stopping: the same step 4 (same images and samples) and the same final weights
     never_argv = argv[:-3] + ["0", "--out", never]  # ... "--max-nonfinite", "0", "--out", never
-    proc = run_entry(["speciarl.py", *never_argv], env={common.FAULT_ENV: "kind=nan,step=2-3"})
+    proc = run_entry([FAULTY, "nan", "2-3", "--", "speciarl.py", *never_argv])
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [[r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("step") == 4][-1] for run in (out, never)]
     for key in ("reward", "correctness", "completion_tokens", "share/specific", "no_answer_rate"):
@@ -496,9 +476,9 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     proc = run_entry([*FINE_R1_TAPO, "--out", full])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory budget (stage tapo) per process (CPU), estimated" in proc.stdout  # printed at start
-    proc = run_entry([*FINE_R1_TAPO, "--out", killed], env={common.FAULT_ENV: "kind=kill,step=3,at=tapo"})
+    proc = run_entry([FAULTY, "kill", "3", "at=tapo", "--", *FINE_R1_TAPO, "--out", killed])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert "FGRL_FAULT: injecting kind=kill at step 3 (tapo) on rank 0" in proc.stderr
+    assert "faulty.py: injecting kill at step 3 on rank 0" in proc.stderr
     assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
     assert not os.path.exists(os.path.join(killed, "final"))
     with open(os.path.join(killed, "tapo", "metrics.jsonl"), "a") as f:
@@ -515,7 +495,7 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     assert last[0]["completions"] == last[1]["completions"]  # the same triplets and samples: same data order
     assert last[0]["loss/loss"] == pytest.approx(last[1]["loss/loss"], rel=1e-5, abs=1e-8)
     wa, wb = (load_file(os.path.join(run, "final", "model.safetensors")) for run in (full, killed))
-    base = load_file(os.path.join(common.tiny_model_dir(), "model.safetensors"))
+    base = load_file(os.path.join(tiny.tiny_model_dir(), "model.safetensors"))
     assert max((wa[k] - base[k]).abs().max().item() for k in wa) > 1e-6  # training moved the weights
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k

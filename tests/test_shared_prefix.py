@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import fine_r1
+import speciarl
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +17,8 @@ def rollout(tiny, toy_test):
     """Three prompts of different lengths (left padding) and image sizes; runs of 4, 3 and 1 rows."""
     model, proc = tiny
     images = [common.open_image(e.image) for e in toy_test.examples[:3]]
-    prompts = [common.encode_prompt(proc, images[0], common.SPECIARL_PROMPT),
-               common.encode_prompt(proc, images[1].resize((84, 56)), common.FINE_R1_OPEN_PROMPT),
+    prompts = [common.encode_prompt(proc, images[0], speciarl.SPECIARL_PROMPT),
+               common.encode_prompt(proc, images[1].resize((84, 56)), fine_r1.FINE_R1_OPEN_PROMPT),
                common.encode_prompt(proc, images[2], "Classify.")]
     ro = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0,
                        generator=torch.Generator().manual_seed(1))
@@ -72,7 +74,7 @@ def test_with_activation_checkpointing(tiny, rollout):
 def test_with_lora(tiny, rollout):
     model, proc = tiny
     model = copy.deepcopy(model)
-    common.inject_lora(model, rank=4, alpha=8.0, seed=0)
+    speciarl.inject_lora(model, rank=4, alpha=8.0, seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # adapters away from zero, so that their gradients differ from B = 0's
         for name, p in model.named_parameters():
@@ -86,7 +88,7 @@ def test_fine_r1_layout(tiny, toy_test):
     with the question on a negative image (one run of 2G rows): per-row and shared agree, with and without grad."""
     model, proc = tiny
     images = [common.open_image(e.image) for e in toy_test.examples[5:8]]
-    anchor, positive, negative = (common.encode_prompt(proc, im, common.FINE_R1_OPEN_PROMPT) for im in images)
+    anchor, positive, negative = (common.encode_prompt(proc, im, fine_r1.FINE_R1_OPEN_PROMPT) for im in images)
     ro = common.sample(model, proc, [anchor, positive], group_size=3, max_new_tokens=16, temperature=1.0,
                        generator=torch.Generator().manual_seed(2))
     assert_same(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask)

@@ -1,12 +1,13 @@
 """SpeciaRL unit tests: the reward truth tables, judging of rollouts, advantages, the loss against a hand computation,
 the data order, the toy preset, and the hand-written LoRA (merge, reference, what trains)."""
 import math
-import os
 
 import pytest
 import torch
 
 import common
+import data
+import judges
 import speciarl
 from speciarl import JUDGE_ERROR, NO_ANSWER
 
@@ -106,8 +107,8 @@ def test_judge_rollouts_skips_missing_answers_and_flags_judge_errors():
 
 def test_rules_judge_on_toy_labels_the_ladder():
     """The real verifier on the toy hierarchy (red striped circle -> circle -> shape): the labels the reward needs."""
-    train = common.load_dataset("toy", "train")
-    judge = common.get_judge("rules", train)
+    train = data.load_dataset("toy", "train")
+    judge = judges.get_judge("rules", train)
     answers = ["red striped circle", "circle", "shape", "None", "blue plain square", "red circle or blue square"]
     texts = [f"<think>t</think><answer>{a}</answer>" for a in answers]
     labels = speciarl.judge_rollouts(judge, ["red striped circle"] * len(texts), speciarl.answers_of(texts))
@@ -195,7 +196,7 @@ def test_toy_preset_fills_only_unset_flags():
 # ----- LoRA -----
 
 def _inputs(model, proc, n=2):
-    test = common.load_dataset("toy", "test")
+    test = data.load_dataset("toy", "test")
     prompts = [common.encode_prompt(proc, ex.image, speciarl.PROMPTS["general"]) for ex in test.examples[:n]]
     pad = common.special_token_ids(proc)["<|endoftext|>"]
     return common.collate_prompts(model, prompts, pad, "cpu"), prompts
@@ -205,11 +206,11 @@ def _inputs(model, proc, n=2):
 def lora_model(tiny):
     """A fresh copy of the tiny stand-in with rank-4 adapters whose B is non-zero (as after some training)."""
     model, proc = common.load_model("tiny", device=torch.device("cpu"))
-    common.inject_lora(model, rank=4, alpha=8)
+    speciarl.inject_lora(model, rank=4, alpha=8)
     torch.manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, common.LoRALinear):
+            if isinstance(m, speciarl.LoRALinear):
                 m.lora_B.normal_(0, 0.05)
     return model, proc
 
@@ -220,12 +221,12 @@ def test_lora_merge_matches_adapters_and_export(lora_model, tiny, tmp_path):
     inputs, _ = _inputs(model, proc)
     with torch.no_grad():
         with_adapters = model(**inputs).logits
-        with common.lora_disabled(model):
+        with speciarl.lora_disabled(model):
             without = model(**inputs).logits
         base = base_model(**inputs).logits
     assert (with_adapters - base).abs().max() > 1e-2  # the adapters do something
     assert torch.allclose(without, base, atol=1e-6)  # adapters off = the frozen base model (the KL reference)
-    merged_sd = common.merge_lora_state_dict(model.state_dict())
+    merged_sd = speciarl.merge_lora_state_dict(model.state_dict())
     assert not any("lora" in k or ".base." in k for k in merged_sd)
     assert set(merged_sd) == set(base_model.state_dict())
     # the export is a plain Qwen2.5-VL directory whose logits equal the adapted model's
@@ -251,7 +252,7 @@ def test_lora_only_adapters_train(lora_model):
                        generator=torch.Generator().manual_seed(0))
     rows = ro.row_prompts
     old = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
-    with common.lora_disabled(model):
+    with speciarl.lora_disabled(model):
         ref = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

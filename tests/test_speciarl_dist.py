@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import data
+import judges
 import speciarl  # noqa: E402
 
 # no gradient clipping here: a clipped gradient has norm 1 whatever its scale, which would hide a wrong normaliser
@@ -24,17 +26,17 @@ N_PROMPTS, G = 4, 3
 def lora_tiny(device="cpu"):
     """The tiny stand-in with rank-4 adapters, B drawn from a fixed seed (identical on every rank)."""
     model, proc = common.load_model("tiny", device=torch.device(device))
-    common.inject_lora(model, rank=4, alpha=8)
+    speciarl.inject_lora(model, rank=4, alpha=8)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, common.LoRALinear):
+            if isinstance(m, speciarl.LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
     return model, proc
 
 
 def prompts_for(proc):
-    test = common.load_dataset("toy", "test")
+    test = data.load_dataset("toy", "test")
     return [common.encode_prompt(proc, ex.image, speciarl.PROMPTS["general"]) for ex in test.examples[:N_PROMPTS]]
 
 
@@ -63,7 +65,7 @@ def make_case(path):
                        generator=torch.Generator().manual_seed(3))
     rows = ro.row_prompts
     old = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
-    with common.lora_disabled(model):
+    with speciarl.lora_disabled(model):
         ref = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
     rewards = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 1.0]])
     adv = speciarl.group_advantages(rewards, "group", 1e-6).view(-1)
@@ -106,7 +108,7 @@ def test_two_rank_update_equals_single_process(tmp_path):
         diff = max((two_rank[parallel][k] - single[k]).abs().max().item() for k in single)
         # a wrong normaliser (per-rank token mean, or no x world) would be off by a sizeable fraction of the update
         assert diff < 1e-3 * moved, (parallel, diff, moved)
-    merged = common.merge_lora_state_dict(model.state_dict())
+    merged = speciarl.merge_lora_state_dict(model.state_dict())
     for parallel in ("ddp", "fsdp"):
         exported, _ = common.load_model(str(tmp_path / f"export_{parallel}"), device=torch.device("cpu"))
         sd = exported.state_dict()
@@ -131,7 +133,7 @@ def _check_run(out, steps):
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
         assert -1.0 <= r["reward"] <= 1.0 and 0.0 <= r["correctness"] <= 1.0
-        assert abs(sum(r[f"share/{n}"] for n in common.JUDGE_LABELS + ["no_answer", "judge_error"]) - 1) < 1e-9
+        assert abs(sum(r[f"share/{n}"] for n in judges.JUDGE_LABELS + ["no_answer", "judge_error"]) - 1) < 1e-9
         assert r["kl"] >= 0 and r["grad_norm"] >= 0 and r["time/sample"] > 0 and r["tokens_per_s"] > 0
     assert evals[0]["step"] == 0 and 0 <= evals[-1]["eval/specificity"] <= 1
     with open(os.path.join(out, "rollouts.jsonl")) as f:

@@ -25,6 +25,8 @@ import os
 import torch
 
 import common
+import data
+import judges
 import eval as evaluation
 import speciarl
 
@@ -35,17 +37,17 @@ def se(p: float, n: float) -> float:
 
 def summary(m: dict) -> dict:
     n = m["n"]
-    correct = sum(m[f"count/{k}"] for k in common.CORRECT_LABELS)
+    correct = sum(m[f"count/{k}"] for k in judges.CORRECT_LABELS)
     return {"n": n, "specific_share": m["specificity_of_all"], "se_specific_share": se(m["specificity_of_all"], n),
             "correctness": m["correctness"], "se_correctness": se(m["correctness"], n),
             "specificity": m["specificity"], "se_specificity": se(m["specificity"], correct),
-            "shares": {k: round(m[f"share/{k}"], 3) for k in common.JUDGE_LABELS}}
+            "shares": {k: round(m[f"share/{k}"], 3) for k in judges.JUDGE_LABELS}}
 
 
 def test_speciarl_raises_specificity_on_toy(tiny, tmp_path):
     model0, proc = tiny
-    test = common.load_dataset("toy", "test")  # 360 held-out images, 15 per class
-    judge = common.get_judge("rules", test)
+    test = data.load_dataset("toy", "test")  # 360 held-out images, 15 per class
+    judge = judges.get_judge("rules", test)
 
     def measure(model, processor, name):
         return evaluation.evaluate(model, processor, test, "speciarl", judge=judge, max_new_tokens=48,

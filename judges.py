@@ -1,0 +1,677 @@
+"""
+judges.py: what a completion answers and whether it is right.
+
+  * parsing: the first <answer>...</answer> (as the papers' code), name normalisation, the format check, refusals;
+  * judges: six verifier labels (SpeciaRL's ladder, wrong < abstain < generic < less_specific < specific <
+    more_specific) from `rules` (offline, from the dataset's names and hierarchy), `hf:<model>` (an LLM scoring each
+    label) or `openai:<model>` (an LLM behind an OpenAI-compatible server), cached per normalised pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+import unicodedata
+from collections import Counter
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+import common
+
+if TYPE_CHECKING:
+    from data import Dataset
+
+
+
+class NameMap(dict):
+    """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
+    albatross"]` are the same entry. Values stay as given (display forms)."""
+
+    def __init__(self, items=()):
+        super().__init__()
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(normalize(key), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(normalize(key))
+
+    def __contains__(self, key):
+        return isinstance(key, str) and super().__contains__(normalize(key))
+
+    def get(self, key, default=None):
+        return super().get(normalize(key), default) if isinstance(key, str) else default
+
+    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
+        return (NameMap, (dict(self),))
+
+
+# =====================================================================================================================
+# 1. Answer parsing, normalisation, format check
+# =====================================================================================================================
+
+FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
+APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
+
+
+def normalize(text: str) -> str:
+    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
+    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
+    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
+    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
+    ('chuck will widow', 'crème brûlée', 'f 16a b')
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+def verifier_text(text: str) -> str:
+    """What a verifier reads of a name or an answer, as SpeciaRL's verifier prepares both: lowercase, letters (any
+    script), digits and dashes kept, every other character a space, spaces collapsed. It keys the judge cache.
+    >>> verifier_text("Anna's Black-chinned Hummingbird?"), verifier_text("???"), verifier_text("Crème brûlée")
+    ('anna s black-chinned hummingbird', '', 'crème brûlée')
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch if ch.isalnum() or ch.isspace() or unicodedata.category(ch) == "Pd" else " " for ch in text)
+    return " ".join(text.lower().split())
+
+
+def parse_answer(completion: str) -> str | None:
+    """The text inside the FIRST <answer>...</answer>, stripped, as all three papers' released code reads it
+    (`<answer>x</answer><answer>y</answer>` -> 'x'). None when there is no closed answer tag or the text is blank
+    (SpeciaRL's code treats a blank answer as a missing one)."""
+    found = ANSWER_RE.search(completion)
+    return found.group(1).strip() or None if found else None
+
+
+# Answer-format prefixes DiVE-k's released code strips before matching ("species name: Laysan Albatross"): mining
+# strips the dataset's own format (one of the first two), two-step evaluation all four; case-insensitive, a colon
+# and one space, every occurrence.
+DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
+
+
+def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
+    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do.
+    >>> strip_prefixes("Species name: Laysan Albatross", DIVEK_PREFIXES[:2])
+    'laysan albatross'
+    """
+    text = answer.strip().lower()
+    for prefix in prefixes:
+        text = text.replace(prefix, "")
+    return text
+
+
+def format_ok(completion: str) -> bool:
+    """The whole completion is `<think>...</think> <answer>...</answer>` (whitespace allowed between and around)."""
+    return FORMAT_RE.match(completion) is not None
+
+
+ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too)
+    "", "none", "unknown", "i don t know", "i do not know", "don t know", "do not know", "no idea", "i have no idea",
+    "not sure", "i m not sure", "i am not sure", "unsure", "uncertain", "unclear", "cannot tell", "can t tell",
+    "cannot determine", "can t determine", "cannot be determined", "undetermined", "n a", "na", "nothing",
+    "no answer", "none of the above", "none of these", "unidentified", "unidentifiable", "not identifiable",
+    "impossible to tell", "not possible to tell", "abstain", "pass",
+}
+ABSTAIN_RE = re.compile(r"^(i m |i am |i )?(cannot|can t|can not|could not|couldn t|am unable to|unable to|"
+                        r"do not know|don t know|have no idea|m not sure|not sure)\b")
+HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
+
+
+def is_abstain(answer: str | None) -> bool:
+    """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which" ...
+    >>> is_abstain("I don't know"), is_abstain("Unable to identify the species"), is_abstain("unknown warbler")
+    (True, True, False)
+    """
+    text = normalize(answer or "")
+    return text in ABSTAIN_ANSWERS or ABSTAIN_RE.match(text) is not None
+
+
+def is_hedge(answer: str | None) -> bool:
+    """Several options offered instead of one ('robin or cardinal', 'either a gull or a tern', 'A vs B', 'A and/or
+    B'). Lists of names without a connective are caught by the rules judge, which knows the class names.
+    >>> is_hedge("Laysan Albatross or Black-footed Albatross"), is_hedge("Orange crowned Warbler")
+    (True, False)
+    """
+    return HEDGE_RE.search(normalize(answer or "")) is not None
+
+
+# The letters of multiple-choice options, and the format request every prompt ends with (what format_ok checks);
+# each method's own prompt is at the top of its file.
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>, in this "
+               "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
+
+
+# =====================================================================================================================
+# 2. Answer judges
+# =====================================================================================================================
+# A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, ordered worst to best
+# (SpeciaRL's verifier): wrong < abstain < generic < less_specific < specific < more_specific.
+#   rules          offline and deterministic, from the dataset's names, synonyms and hierarchy;
+#   hf:<model>     an LLM judge run with transformers: the six-label prompt, and the label chosen by scoring each
+#                  label's likelihood after the prompt (greedy and constrained: it can never answer off-list).
+# Both see only normalised strings, as SpeciaRL's judge does, and cache per normalised pair, persisted append-only
+# to a JSONL file so that a long run (or a restarted one) judges each distinct pair once.
+
+JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
+CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
+SPECIFIC_LABELS = ("specific", "more_specific")  # what 'accuracy' counts
+JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the ladder): counted, never a silent 'wrong'
+
+
+def label_metrics(labels: Sequence[str]) -> dict[str, float]:
+    """Shares and counts of the six labels, and SpeciaRL's metrics: correctness = share correct at any level;
+    specificity = share of specific or more-specific among the correct ones (the paper's definition is not public,
+    so `specificity_of_all`, the unconditional share, is reported too); hm = their harmonic mean; accuracy = share
+    specific or more specific. Judge errors are left out of every share and counted in `judge_errors`."""
+    errors = sum(lab == JUDGE_ERROR for lab in labels)
+    labels = [lab for lab in labels if lab != JUDGE_ERROR]
+    n = len(labels)
+    counts = Counter(labels)
+    unknown = set(counts) - set(JUDGE_LABELS)
+    if unknown:
+        raise ValueError(f"labels outside JUDGE_LABELS: {sorted(unknown)}")
+    correct = sum(counts[lab] for lab in CORRECT_LABELS)
+    specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
+    correctness = correct / n if n else 0.0
+    specificity = specific / correct if correct else 0.0
+    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness,
+           "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
+           "hm": 2 * specificity * correctness / (specificity + correctness) if specificity + correctness else 0.0}
+    for lab in JUDGE_LABELS:
+        out[f"count/{lab}"] = counts[lab]
+        out[f"share/{lab}"] = counts[lab] / n if n else 0.0
+    return out
+
+
+class Judge:
+    """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
+    another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
+    (None for a pair it could not label)."""
+    name = "judge"
+    writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
+
+    def __init__(self, dataset: Dataset, cache_path: str | None = None):
+        self.dataset = dataset
+        self.cache_path = cache_path
+        self.cache: dict[tuple[str, str], str] = {}
+        self.judged = 0  # pairs sent to _judge in this process
+        self.hits = 0  # pairs answered from the cache
+        self.bad_cache_lines = 0
+        self.errors = 0  # pairs the judge gave no usable label for
+        if cache_path and os.path.exists(cache_path):
+            with open(cache_path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        if rec["judge"] == self.name and rec["label"] in JUDGE_LABELS:
+                            self.cache[(rec["truth"], rec["prediction"])] = rec["label"]
+                    except (ValueError, KeyError, TypeError):
+                        self.bad_cache_lines += 1  # e.g. a last line cut short by a kill: skipped, judged again
+
+    def judge(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        """One label from JUDGE_LABELS per (ground-truth class name, predicted answer) pair, or JUDGE_ERROR where the
+        judge gave no usable label (counted in `errors`, never cached: asked again next time)."""
+        keys = [(verifier_text(gt), verifier_text(pred or "")) for gt, pred in pairs]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if todo:
+            labels = self._judge(todo)
+            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
+            good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
+            self.cache.update(good)
+            if not self.writes_as_it_goes:
+                self._persist([k for k, _ in good], [lab for _, lab in good])
+            self.errors += len(todo) - len(good)
+        self.judged += len(todo)
+        self.hits += len(keys) - len(todo)
+        return [self.cache.get(k, JUDGE_ERROR) for k in keys]
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the run log: pairs judged and answered from the cache, the hit rate, judge errors."""
+        asked = self.judged + self.hits
+        return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
+                "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
+
+    def _persist(self, keys, labels):
+        if not self.cache_path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+        text = "".join(json.dumps({"judge": self.name, "truth": t, "prediction": p, "label": lab}) + "\n"
+                       for (t, p), lab in zip(keys, labels))
+        # one O_APPEND write per batch: ranks sharing the file never interleave inside a line; a file whose last line
+        # was cut short gets a newline first so the new records stay parseable
+        fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                with open(self.cache_path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+
+    def _judge(self, pairs: list[tuple[str, str]]) -> list[str]:
+        raise NotImplementedError
+
+
+def _canon(text: str) -> str:
+    """normalise, drop a lone 's' after a word (what is left of a possessive in the verifier's text: "anna s
+    hummingbird"), drop a leading article, 'grey' -> 'gray'."""
+    words = normalize(text).split()
+    words = [w for i, w in enumerate(words) if not (w == "s" and i > 0)]
+    if len(words) > 1 and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join("gray" if w == "grey" else w for w in words)
+
+
+class RulesJudge(Judge):
+    """Offline, deterministic labels from the dataset's names (in this order):
+      empty, 'none', 'unknown', "I don't know" ...                      -> abstain
+      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word such as 'dog' ignored)
+                                                                        -> specific
+      'X or Y', 'either ...', 'X vs Y'                                  -> wrong (hedge)
+      an ancestor in dataset.hierarchy: the last one (the kind: 'bird', 'shape') or a dataset.generic word
+      ('animal', 'vehicle')                                             -> generic; a nearer one -> less_specific
+      a known descendant (a name whose ancestors include the truth)     -> more_specific
+      the truth named inside a longer answer that names no other class ('adult male yellow warbler')
+                                                                        -> more_specific
+      two or more different class names ('laysan albatross black footed albatross')
+                                                                        -> wrong (a list)
+      anything else                                                     -> wrong
+    Plurals of the answer ('warblers') match too."""
+
+    def __init__(self, dataset: Dataset, cache_path: str | None = None):
+        self.name = f"rules-v2:{dataset.name}"
+        super().__init__(dataset, cache_path)
+        ds = dataset
+        self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
+        self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
+        # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
+        self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in self.hierarchy.values() if c},
+                                 key=len, reverse=True)
+        # synonym groups (symmetric): canon name -> every canon name of the same thing
+        self.groups: dict[str, set[str]] = {}
+        for name, others in ds.synonyms.items():
+            group = {_canon(name), *(_canon(o) for o in others)}
+            for member in list(group):
+                group |= self.groups.get(member, set())
+            for member in group:
+                self.groups[member] = group
+        # descendants: canon ancestor -> canon names below it
+        self.below: dict[str, set[str]] = {}
+        for name, chain in self.hierarchy.items():
+            for a in chain:
+                self.below.setdefault(_canon(a), set()).add(_canon(name))
+        # every class (and synonym) form -> canon class name, for finding class names inside longer answers
+        self.mentionable: dict[str, str] = {}
+        for cname in ds.class_names:
+            for n in self._names(cname):
+                for form in self._forms(n, compact=False):
+                    self.mentionable.setdefault(form, _canon(cname))
+
+    def _names(self, name: str) -> set[str]:
+        c = _canon(name)
+        return self.groups.get(c, {c})
+
+    def _strip_kind(self, text: str) -> str:
+        for g in self.kind_words:
+            if text.endswith(" " + g):
+                return text[: -len(g) - 1]
+        return text
+
+    def _forms(self, text: str, compact: bool = True) -> set[str]:
+        c = _canon(text)
+        forms = {c, self._strip_kind(c)}
+        return forms | {f.replace(" ", "") for f in forms} if compact else forms
+
+    def _answer_forms(self, text: str) -> set[str]:
+        c = _canon(text)
+        words = c.split()
+        out = self._forms(c)
+        if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
+            out |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
+        return out
+
+    def _matches(self, answer: set[str], name: str) -> bool:
+        return any(answer & self._forms(n) for n in self._names(name))
+
+    def _mentions(self, text: str) -> set[str]:
+        """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
+        padded = f" {_canon(text)} "
+        spans = []
+        for form, cname in self.mentionable.items():
+            start = padded.find(f" {form} ")
+            while start >= 0:
+                spans.append((start, start + len(form) + 1, cname))
+                start = padded.find(f" {form} ", start + 1)
+        return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
+
+    def label(self, truth: str, answer: str) -> str:
+        if not _canon(answer):  # nothing but punctuation ('???', '...'): malformed, as the paper's verifier rules
+            return "wrong"
+        if is_abstain(answer):
+            return "abstain"
+        forms = self._answer_forms(answer)
+        if self._matches(forms, truth):
+            return "specific"
+        if is_hedge(answer):
+            return "wrong"
+        chain = list(self.hierarchy.get(truth, []))
+        for i, a in enumerate(chain):
+            if self._matches(forms, a):
+                return "generic" if i == len(chain) - 1 or _canon(a) in self.generic_words else "less_specific"
+        if forms & set(self.generic_words):
+            return "generic"
+        for n in self._names(truth):
+            if any(self._matches(forms, d) for d in self.below.get(n, ())):
+                return "more_specific"
+        mentioned = self._mentions(answer)
+        truth_names = self._names(truth)
+        if not mentioned:  # the truth may not be a class of the dataset: look for it directly
+            padded = f" {_canon(answer)} "
+            mentioned = {_canon(truth)} if any(f" {n} " in padded for n in truth_names) else set()
+        if mentioned and all(m in truth_names or self._names(m) & truth_names for m in mentioned):
+            return "more_specific"
+        return "wrong"
+
+    def _judge(self, pairs):
+        return [self.label(truth, answer) for truth, answer in pairs]
+
+
+JUDGE_PROMPT = """You check the answer of an image classifier against the correct class.
+Correct class: "{truth}"
+Answer: "{answer}"
+
+Pick the one category that describes the answer:
+wrong: incorrect, unrelated, garbled, or several options offered instead of one (e.g. "robin or cardinal").
+abstain: the answer declines to name anything ("none", "unknown", "i don't know").
+generic: correct but much broader than the correct class (e.g. "dog" for "samoyed", "aircraft" for "757 200").
+less specific: correct but a close parent of the correct class: its group, genus, family or product line (e.g. "warbler" for "yellow warbler", "boeing 707" for "707 320").
+specific: the correct class itself, exactly or by a synonym or its scientific name.
+more specific: a correct subtype or a finer description of the correct class (e.g. "adult male yellow warbler" for "yellow warbler").
+
+Reply with the category only."""
+JUDGE_LABEL_TEXT = {"wrong": "wrong", "abstain": "abstain", "generic": "generic", "less_specific": "less specific",
+                    "specific": "specific", "more_specific": "more specific"}
+
+
+class HFJudge(Judge):
+    """An LLM judge with transformers. For every pair the prompt is scored once with each of the six label texts
+    appended; the label with the highest total log-probability wins (temperature 0, constrained to the six labels).
+    Rows are left-padded so the label tokens sit at the end, and only those positions reach the vocabulary layer."""
+
+    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None, *, device=None,
+                 dtype: str = "auto", pairs_per_batch: int = 8):
+        self.name = f"hf:{model_path}"
+        super().__init__(dataset, cache_path)
+        self.model_path = model_path
+        self.pairs_per_batch = pairs_per_batch
+        self.model = self.tokenizer = None
+        if device is None:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def _load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = self.model_path
+        local = path.startswith((".", "/")) or os.path.isdir(path)
+        if local and not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"--judge hf:{path}: no config.json there; expected a Hugging Face causal-LM directory "
+                             f"(config.json, *.safetensors, tokenizer files) or a hub id")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype(self.dtype, self.device))
+        self.model.to(self.device).eval()
+        tok = self.tokenizer
+        self.label_ids = [tok(JUDGE_LABEL_TEXT[lab], add_special_tokens=False)["input_ids"] for lab in JUDGE_LABELS]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def prompt_ids(self, truth: str, answer: str) -> list[int]:
+        text = JUDGE_PROMPT.format(truth=truth, answer=answer)
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(text + "\nCategory: ", add_special_tokens=True)["input_ids"]
+
+    @torch.no_grad()
+    def label_scores(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        """[len(pairs), 6] total log-probability of each label's tokens after the judge prompt."""
+        if self.model is None:
+            self._load()
+        rows = [self.prompt_ids(t, a) + ids for t, a in pairs for ids in self.label_ids]
+        lens = [len(ids) for _ in pairs for ids in self.label_ids]
+        width, keep = max(len(r) for r in rows), max(lens) + 1
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row ends at the last column
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), logits_to_keep=keep).logits  # [R, keep, V]
+        logp = logits[:, :-1].float().log_softmax(-1)  # [R, keep-1, V] predicts the last keep-1 tokens
+        targets = input_ids[:, width - keep + 1:].to(self.device)  # [R, keep-1]
+        tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [R, keep-1]
+        first = keep - 1 - torch.tensor(lens, device=self.device)  # [R] column of each row's first label token
+        label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
+        return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
+
+    def _judge(self, pairs):
+        out = []
+        for s in range(0, len(pairs), self.pairs_per_batch):
+            scores = self.label_scores(pairs[s:s + self.pairs_per_batch])
+            out += [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
+        return out
+
+
+# ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, a hosted API) -----
+# Plain HTTP with the standard library (no extra dependency). The papers run their verifier (SpeciaRL: Qwen3-30B-A3B
+# for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
+
+class ServerError(RuntimeError):
+    """The server did not answer after the retries (connection refused or dropped, timeouts, 429, 5xx)."""
+
+
+class OpenAIServer:
+    """A chat-completions endpoint: `base_url` (e.g. http://host:8000/v1) and a model name. Requests run in a bounded
+    pool (`concurrency`), each with a timeout, retried with exponential backoff on connection errors, timeouts,
+    malformed replies, 429 and 5xx; a 401, an unknown model or another 4xx stops at once with one message."""
+
+    BACKOFF = 1.0  # seconds before the first retry, doubling (with jitter): 0.5-1, 1-2, 2-4, 4-8, 8-16 s
+
+    def __init__(self, base_url: str | None, model: str, *, api_key: str | None = None, what: str = "--judge-url",
+                 concurrency: int = 16, timeout: float = 60.0, retries: int = 5, backoff: float | None = None):
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise SystemExit(f"{what}: no server address; pass {what} http://HOST:PORT/v1 or set OPENAI_BASE_URL")
+        self.url, self.model, self.what = base_url.rstrip("/"), model, what
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
+        self.backoff = self.BACKOFF if backoff is None else backoff
+        self.counts = Counter()  # requests, retries, seconds (summed latency), wall (seconds with requests running)
+        self._lock = threading.Lock()
+
+    def _once(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
+        import http.client
+        import urllib.error
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:300]
+            if e.code == 429 or e.code >= 500:
+                raise _Retry(f"HTTP {e.code} {detail}")
+            if e.code == 401:
+                raise SystemExit(f"{self.what} {self.url}: 401 unauthorized; set OPENAI_API_KEY to the server's key")
+            if e.code == 404 and "model" in detail.lower():
+                raise SystemExit(f"{self.what} {self.url}: the server does not serve the model {self.model!r} "
+                                 f"({detail.strip()})")
+            raise _BadRequest(e.code, detail)
+        except (OSError, TimeoutError, http.client.HTTPException) as e:  # refused, reset, dropped, cut, timed out
+            raise _Retry(f"{type(e).__name__}: {e}")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Retry(f"a reply that is not JSON: {raw[:80]!r}")
+
+    def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
+                timeout: float | None = None) -> dict:
+        """One request with retries; ServerError after the last one."""
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = self._once(method, path, body, timeout or self.timeout)
+                with self._lock:
+                    self.counts["requests"] += 1
+                    self.counts["seconds"] += time.perf_counter() - t0
+                return out
+            except _Retry as e:
+                if attempt == retries:
+                    raise ServerError(f"{self.what} {self.url}: no answer after {retries + 1} tries (last: {e})")
+                with self._lock:
+                    self.counts["retries"] += 1
+                time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
+
+    def check(self):
+        """At start: the server answers within seconds and serves the model (else one message naming the URL)."""
+        try:
+            listing = self.request("GET", "/models", retries=1, timeout=5.0)
+        except ServerError as e:
+            raise SystemExit(f"{self.what} {self.url}: cannot reach the server ({e}); start it (README: vLLM) or fix "
+                             f"the address")
+        served = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
+        if served and self.model not in served:
+            raise SystemExit(f"{self.what} {self.url}: the server does not serve {self.model!r}; it serves {served}")
+
+    def chat(self, body: dict) -> list[str]:
+        """POST /chat/completions with this model; the texts of the choices."""
+        reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
+        try:
+            return [c["message"]["content"] or "" for c in reply["choices"]]
+        except (KeyError, TypeError, IndexError):
+            raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        """[fn(item) for item in items], `concurrency` at a time; the first error cancels what has not started."""
+        from concurrent.futures import ThreadPoolExecutor
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(items)))) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                results = [fut.result() for fut in futures]
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                self.counts["wall"] += time.perf_counter() - t0
+        return results
+
+    def stats(self, prefix: str) -> dict[str, float]:
+        c = self.counts
+        return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
+                f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
+                f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
+
+
+class _Retry(Exception):
+    pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+def label_from_text(text: str) -> str | None:
+    """The ladder label an LLM's answer names ('Less specific.', 'less_specific', 'Category: generic'), or None
+    when it names none or several."""
+    words = f" {' '.join(re.sub(r'[^a-z]+', ' ', text.lower()).split())} "
+    found = set()
+    for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
+        phrase = f" {JUDGE_LABEL_TEXT[label]} "
+        if phrase in words:
+            found.add(label)
+            words = words.replace(phrase, " ")
+    return found.pop() if len(found) == 1 else None
+
+
+class OpenAIJudge(Judge):
+    """The six-label verifier behind an OpenAI-compatible server: the same prompt as HFJudge, temperature 0, the
+    answer constrained to the six labels with vLLM's guided choice (dropped, once, for a server that refuses the
+    field) and mapped to a label; an answer that names no label is a judge error. Every answer goes to the cache
+    file as it arrives, so a killed run loses nothing judged."""
+    writes_as_it_goes = True
+
+    def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
+                 concurrency: int = 16, timeout: float = 60.0, check: bool = True):
+        self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
+        super().__init__(dataset, cache_path)
+        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
+        self.guided = True
+        self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
+        if check:
+            self.server.check()
+
+    def _ask(self, pair: tuple[str, str]) -> str | None:
+        body = {"messages": [{"role": "user", "content": JUDGE_PROMPT.format(truth=pair[0], answer=pair[1])}],
+                "temperature": 0.0, "max_tokens": 16}
+        guided = self.guided
+        if guided:
+            body["guided_choice"] = [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]
+        try:
+            return label_from_text(self.server.chat(body)[0])
+        except _BadRequest as e:
+            if guided and "guided" in e.detail.lower():  # a server without guided decoding: ask plainly
+                self.guided = False
+                return self._ask(pair)
+            raise SystemExit(f"--judge-url {self.server.url}: the server refused the request ({e})")
+
+    def _judge(self, pairs):
+        def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
+            label = self._ask(pair)
+            if label is not None:
+                with self._cache_lock:
+                    self._persist([pair], [label])
+            return label
+        return self.server.map(ask_and_keep, pairs)
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), **self.server.stats("judge")}
+
+
+def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
+              concurrency: int = 16):
+    """'rules', 'hf:<model dir or hub id>' or 'openai:<model>' (a server at `url`, default $OPENAI_BASE_URL);
+    `judge.judge([(truth, answer), ...]) -> labels`."""
+    if spec == "rules":
+        return RulesJudge(dataset, cache_path)
+    if spec.startswith("hf:") and len(spec) > 3:
+        return HFJudge(spec[3:], dataset, cache_path)
+    if spec.startswith("openai:") and len(spec) > 7:
+        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency)
+    raise SystemExit(f"--judge {spec}: expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:<model "
+                     f"served at --judge-url>'")
