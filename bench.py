@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
     # prompts: toy test images resized to image-size x image-size, the tiny model's classification prompt
     toy = data.load_dataset("toy", "test")
     images = [common.open_image(e.image).resize((args.image_size, args.image_size)) for e in toy.examples]
-    prompts = [common.encode_prompt(proc, images[i % len(images)], speciarl.SPECIARL_PROMPT)
+    prompts = [common.encode_prompt(proc, images[i % len(images)], speciarl.PROMPT)
                for i in range(args.prompts)]
     image_tokens = int((prompts[0].mm_token_type_ids == 1).sum())
     patches = [int(p.image_grid_thw.prod()) for p in prompts]

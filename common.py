@@ -135,6 +135,18 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def stream_position(position: int, n: int, seed: int) -> int:
+    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation. The data
+    order depends only on the position, so a resumed run continues exactly where it stopped.
+    >>> [stream_position(p, 3, seed=0) for p in range(6)]  # two epochs, each a permutation of 0, 1, 2
+    [0, 2, 1, 1, 2, 0]
+    """
+    epoch, offset = divmod(position, n)
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order[offset]
+
+
 # =====================================================================================================================
 # 2. Model and processor loading
 # =====================================================================================================================
@@ -1209,6 +1221,20 @@ def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: 
     raise ValueError(f"--parallel must be ddp or fsdp, got {parallel!r}")
 
 
+def grad_sync(model, on: bool):
+    """Gradient accumulation: skip DDP's all-reduce on all but the last micro-batch of an optimizer step. Under
+    FSDP2 every micro-batch reduce-scatters (the gradients stay sharded; skipping would hold them whole)."""
+    if hasattr(model, "require_backward_grad_sync"):
+        model.require_backward_grad_sync = on
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Global grad-norm clipping (0 = off, the norm still measured); DDP tensors and FSDP2 DTensors alike (the norm
+    is reduced over shards). Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def _fsdp_modules(model):
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -1518,6 +1544,27 @@ class PhaseTimer:
         out = {f"time/{k}": v for k, v in self.times.items()}
         self.times = {}
         return out
+
+
+def progress_bar(d: Dist, **kw):
+    """A tqdm bar on rank 0 (None elsewhere): `bar = progress_bar(d, total=steps, desc="grpo")`."""
+    if not d.is_main:
+        return None
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, **kw)
+
+
+def resume(out: str, model, optimizer, log: MetricsLog | None = None) -> dict:
+    """Auto-resume: the state of <out>/latest (model and optimizer loaded in place, RNG restored) or {"step": 0}
+    when there is none; the log drops the steps about to be redone, so each step is logged once."""
+    ckpt = latest_checkpoint(out)
+    state = load_checkpoint(ckpt, model, optimizer) if ckpt else {"step": 0}
+    if ckpt:
+        position = f" (data position {state['data_position']})" if "data_position" in state else ""
+        print0(f"resumed from {ckpt} at step {state['step']}{position}")
+    if log is not None:
+        log.resume_at(state["step"])
+    return state
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:

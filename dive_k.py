@@ -1,82 +1,28 @@
 """
-dive_k.py: DiVE-k (arXiv 2511.18305) end to end, in one file.
+dive_k.py: DiVE-k (arXiv 2511.18305) in one file: GRPO on multiple-choice questions mined from the model's own
+confusions.
 
-DiVE-k turns the model's own confusion into training data. Stage 1 (offline, before RL) samples the base model K
-times per training image with the base-class list in the prompt, counts the valid class names it answers, and keeps
-the most frequent ones (plus the truth) as the options of a multiple-choice question. Stage 2 runs GRPO on those
-questions: the policy reasons in <think>, answers a letter in <answer>, and is rewarded for the format and for the
-right letter. At test time the same model answers in two steps (eval.py, protocol `two_step`): K open answers with
-the split's class list, then a greedy pick among its own top-5.
+Stage 1, before RL, samples the base model K times per training image with the base-class list in the prompt and
+keeps its most frequent valid answers, plus the truth, as the options of a multiple-choice question. Stage 2 runs
+GRPO on those questions: the policy reasons in <think>, answers a letter in <answer>, and is rewarded for the format
+and for the right letter. At test time the model answers in two steps (eval.py --protocol two_step): K open answers
+with the class list, then a greedy pick among its own top 5.
 
 Launch
-  1 GPU     python dive_k.py --data cub --data-root /data/CUB_200_2011 --model Qwen/Qwen2.5-VL-7B-Instruct
+  1 GPU     python dive_k.py --data cub --data-root /data/CUB_200_2011
   8 GPUs    torchrun --nproc 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 164 s on an idle 2-core CPU)
-Rerunning the same command resumes from the last checkpoint in --out (mining resumes from its cache too); --out
-must be on a filesystem every node sees (mining shards, checkpoints).
-A 7B model with AdamW needs FSDP2 (fp32 master weights + optimizer state are ~112 GB on one GPU otherwise).
-The paper's 6 questions per step divide over 1, 2, 3 or 6 ranks; on 4 or 8 ranks the default becomes 8, on 16 ranks
-16 (the nearest multiple, said at start); pass --prompts-per-step to choose.
+The same command resumes from the last checkpoint in --out (mining from its cache; --out on a filesystem every node
+sees). A 7B model needs --parallel fsdp. The paper's 6 questions per step become 8 on 4 or 8 ranks, 16 on 16.
 
-What the file does, in order (section banners below follow it):
-  1. setup        argparse (paper defaults; a toy preset fills unset flags with CPU-sized values), torchrun
-  2. data         training images of the base classes (or k shots of all classes), held-out eval splits
-  3. models       policy (fp32 master weights, bf16 compute on GPU), frozen reference only when --beta > 0
-  4. prompts      the mining prompt (class list) and the multiple-choice prompt (lettered options)
-  5. mining       stage 1: K samples per image -> counted valid names -> options (cached to <out>/mcq.jsonl)
-  6. rollout      G completions per question, the whole group on one rank, prompts sharded over ranks
-  7. reward       a registry of plain functions (format, mcq; random for a control run), each logged separately
-  8. advantage    group z-score (r - mean) / (std + eps)
-  9. loss         ratio + clip, optional k3 KL, per-sequence or global token-mean aggregation, written by hand
- 10. update loop  gradient accumulation, grad clipping, AdamW (linear decay), metrics, periodic two-step eval,
-                  checkpoints with the data position, auto-resume, export to <out>/final (a standard HF directory)
-
-Deviations from the paper and its code (every one deliberate); where the paper is silent the code's rule is kept
-  * Prompts: every instruction of the released mining and multiple-choice prompts, in this project's words
-    (DIVEK_MINE_PROMPT, DIVEK_MCQ_PROMPT); the class list is a Python list, as released.
-  * Mining reads the first <answer> of each sample, strips the dataset's answer-format prefix ("species name: ",
-    "make model: ") and ignores answers over 120 characters, as the code does. It normalises answers and class
-    names alike with judges.normalize (lowercase, "'s" dropped, hyphens and other non-letters -> space, accents
-    kept). The code keeps hyphens, so its answer "Black-footed Albatross" misses a class written "Black footed
-    Albatross" (CUB's folder names).
-  * Options keep the frequency order and a missing truth replaces the least frequent option, as the paper says;
-    the code cuts its answers to the 5 most frequent before dropping invalid names (an invalid answer takes a slot)
-    and then replaces an arbitrary option (a set() lost the order). Options and random extras come from the BASE
-    classes only (the code draws extras from its whole class list). With at most one distinct valid answer, the
-    truth and 2 random classes join it, as the code does: 4 options after one wrong answer, 3 after none; an image
-    whose only answer is the truth is dropped as easy. So a question has 2 to 5 options.
-  * Mining sets top_k = 0 explicitly (the code sets no top_k, so the checkpoint's generation config decides it)
-    and suppresses the image pad tokens. It is sharded over ranks and resumable; the code ran one process per GPU
-    on a shuffled list.
-  * The mcq reward reads the letter from the first <answer> tag only (the code fell back to the whole completion)
-    and gives 0 to a hedge ("A, B", "A or B."), which the code settled with keyword heuristics. A letter counts
-    when it is not inside a word: "B", "b", "B.", "(B)", "Option B", "The answer is B.", "B: name". An answer that
-    is exactly one option's text (normalised) also chooses that option: the tiny stand-in answers multiple choice
-    with the option's text (a two-layer model did not learn the letter lookup); the paper's reward gives it 0.
-  * Two-step evaluation scores step 2 with the released letter reader (eval.py --scoring paper); the toy preset
-    uses --eval-scoring strict, because the paper's reader counts the stand-in's option-text answers wrong.
-  * The format check allows whitespace around the completion (judges.format_ok); the code's fullmatch did not.
-  * GRPO: the ratio and clip (eps 0.2) are written out so that --updates-per-batch > 1 works; with the paper's one
-    update per rollout batch the ratio is exactly 1 and the clip never acts (as in the paper's trainer). The k3 KL
-    is added per token inside the loss, as in the paper's trainer (trl 0.16). Advantages use the unbiased group std.
-  * Mixed precision: fp32 master weights with bf16 compute (FSDP2 MixedPrecisionPolicy when sharded, autocast for
-    DDP and one process; common.precision_for), where the paper used DeepSpeed ZeRO-3 with CPU offload; `--dtype
-    bf16` keeps bf16 weights instead (less memory, but lr-1e-6 updates round away in bf16).
-  * Rollouts use the project's prefill-once sampler (the prompt and image are encoded once per question and the KV
-    cache is shared by its G completions), not HF generate with num_return_sequences; the log-prob and update
-    forwards likewise run each question's prompt once for its G completions (common.score_completions: exact, the
-    same log-probs and gradients as one sequence per completion; --shared-prefix 0 for the latter).
-  * --online-mining rebuilds the options from the current policy at every step (the paper's e2e "topk_dynamic"
-    variant, its stated limitation); there, an easy image is kept with 2 random base distractors instead of dropped.
-  * Toy preset (`--data toy`, only flags left unset): K = 8 mining samples, 48 new tokens, G = 8, 16 prompts per
-    step, lr 2e-4 constant, beta 0.2, 90 steps, 8 step-1 samples at evaluation: sized for the tiny stand-in on a
-    2-core CPU. With a weaker pull to the reference the stand-in's step-1 answers narrow onto wrong names: at the
-    paper's beta 0.04 (60 steps) the truth was among the options 0.97 -> 0.90 and two-step accuracy moved 0.739 ->
-    0.750; at lr 3e-4 (beta 0.1) it fell 0.717 -> 0.550.
-    On toy the gain shows on held-out images of the trained (base) classes; novel-class accuracy stays flat (the
-    tiny model's errors are shape confusions, which RL on base-class questions does not teach for unseen classes).
+What this file simplifies or changes (each one, with the released code's behaviour: README, "DiVE-k: deviations")
+  * GRPO with one update per rollout batch (ratio 1, as the paper), the k3 KL inside the per-token loss (beta
+    0.04), the unbiased group std, a token mean per completion; the clip is written out for --updates-per-batch > 1
+  * options keep the frequency order, a missing truth replaces the least frequent one, base classes only (2-5)
+  * the letter is read from the first <answer> only and a hedge scores 0; an option's exact text also counts
+  * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
 """
 
 from __future__ import annotations
@@ -90,7 +36,6 @@ import random
 import re
 import time
 from collections import Counter
-from typing import Sequence
 
 import torch
 
@@ -98,19 +43,21 @@ import common
 import data
 import judges
 
+# =====================================================================================================================
+# 1. Prompts: every instruction of the released prompts, in this project's words
+# =====================================================================================================================
 
-# DiVE-k mining and two-step step 1 (released create_prompt): the object kind; give the most likely name in the
-# dataset's answer format; it must be one of the listed categories (a Python list, as released); reasoning and answer
-# tags with the answer's shape; the format strictly.
-DIVEK_MINE_PROMPT = ("This is an image containing a {kind}. Give the most likely {answer_format} of the {kind} in the "
-                     "image.\nThe {answer_format} must be one of these categories: {categories}.\n"
-                     + judges.FORMAT_LINE.format(shape="{answer_format}"))
-# DiVE-k multiple choice (released build_mcq_prompt): the object kind; pick the most likely one from the options, one
-# "X. name" per line; answer with the letter of the correct name; tags with '<answer> option letter </answer>'.
-DIVEK_MCQ_PROMPT = ("This is an image containing a {kind}. Which of the options below is the {kind} in the image?\n"
-                    "{options}\nAnswer with the letter of the correct {kind} name.\n"
-                    + judges.FORMAT_LINE.format(shape="option letter"))
-# The answer format the released DiVE-k prompts name per dataset (a model often echoes it: "species name: X").
+# Mining and two-step step 1 (released create_prompt): the object kind; the most likely name in the dataset's answer
+# format; one of the listed categories (a Python list, as released); reasoning and answer tags; the format strictly.
+MINE_PROMPT = ("This is an image containing a {kind}. Give the most likely {answer_format} of the {kind} in the "
+               "image.\nThe {answer_format} must be one of these categories: {categories}.\n"
+               + judges.FORMAT_LINE.format(shape="{answer_format}"))
+# Multiple choice (released build_mcq_prompt): the object kind; pick from the options, one "X. name" per line; answer
+# with the letter of the correct name; tags with '<answer> option letter </answer>'.
+MCQ_PROMPT = ("This is an image containing a {kind}. Which of the options below is the {kind} in the image?\n"
+              "{options}\nAnswer with the letter of the correct {kind} name.\n"
+              + judges.FORMAT_LINE.format(shape="option letter"))
+# The answer format the released prompts name per dataset (a model often echoes it: "species name: X").
 ANSWER_FORMATS = {"cars": "make model", "aircraft": "make model", "toy": "shape name"}  # others: "species name"
 
 
@@ -118,132 +65,20 @@ def answer_format(dataset_name: str) -> str:
     return ANSWER_FORMATS.get(dataset_name, "species name")
 
 
-def divek_mine_prompt(kind: str, answer_fmt: str, class_names: Sequence[str]) -> str:
-    return DIVEK_MINE_PROMPT.format(kind=kind, answer_format=answer_fmt, categories=str(list(class_names)))
-
-
-def divek_mcq_prompt(kind: str, options: Sequence[str]) -> str:
-    return DIVEK_MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
-
-# ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
-
-# The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
-# listed here default to None on the command line: whatever the user sets wins, the preset fills the rest. The toy
-# preset scores two-step strictly: the stand-in answers an option's text, which the paper's letter reader misses.
-PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear",
-             beta=0.04, max_new_tokens=1024, mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None,
-             micro_batch=4, eval_samples=20, eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100,
-             eval_classes="base,novel", eval_scoring="paper")
-TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2,
-           max_new_tokens=48, mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=90, micro_batch=64,
-           eval_samples=8, eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30,
-           eval_classes="base,novel", eval_scoring="strict")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own "
-                                            "multiple-choice questions (Qwen2.5-VL)")
-    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
-    p.set_defaults(model=None, group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
-    g = p.add_argument_group("data")
-    g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
-    g.add_argument("--classes", default="base", choices=["base", "novel", "all"],
-                   help="classes trained on: CoOp base half (the paper's base-to-novel setting) or all (few-shot)")
-    g.add_argument("--shots", type=int, default=None, help="k training images per class (the 4-shot setting)")
-    g.add_argument("--train-limit", type=int, default=None, help="use at most this many training images")
-    g = p.add_argument_group("stage 1: top-k option mining")
-    g.add_argument("--mine-samples", type=int, default=None, help="K answers sampled per image (paper 20; toy 8)")
-    g.add_argument("--mine-temperature", type=float, default=1.0, help="sampling temperature (paper 1.0)")
-    g.add_argument("--mine-top-p", type=float, default=0.95, help="nucleus sampling (paper 0.95)")
-    g.add_argument("--mine-repetition-penalty", type=float, default=1.1, help="HF-style penalty (paper 1.1)")
-    g.add_argument("--mine-max-new-tokens", type=int, default=None, help="answer length cap (paper 1024; toy 48)")
-    g.add_argument("--mine-batch", type=int, default=8, help="images per sampling call (memory knob)")
-    g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (paper 5)")
-    g.add_argument("--random-options", type=int, default=2,
-                   help="with at most one distinct valid answer, the truth and this many random base classes join "
-                        "it (the code: 2, so 4 options after one wrong answer, 3 after none)")
-    g.add_argument("--online-mining", action="store_true",
-                   help="rebuild the options from the current policy at every step instead of once before RL")
-    g = p.add_argument_group("stage 2: GRPO")
-    g.add_argument("--prompts-per-step", type=int, default=None,
-                   help="questions per optimizer step over all ranks (paper 6 = 3 GPUs x 1 x grad-acc 2; toy 16)")
-    g.add_argument("--micro-batch", type=int, default=None,
-                   help="completions per forward/backward (gradient accumulation; paper-sized 4; toy 64)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the questions when --max-steps is unset "
-                   "(paper 1-1.5)")
-    g.add_argument("--rewards", default="format,mcq",
-                   help="comma list of reward functions summed into the reward (registry REWARDS: format, mcq, "
-                        "random). `--rewards random` is the control run: a coin flip that ignores the completion")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling (paper: off)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 1024; toy 48)")
-    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (paper 1e-4)")
-    g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="weight of the k3 KL to the frozen initial model; 0 builds no reference (paper 0.04)")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
-    g.add_argument("--clip-eps-high", type=float, default=None, help="PPO clip, upper side (default = --clip-eps)")
-    g.add_argument("--updates-per-batch", type=int, default=1,
-                   help="optimizer steps on each rollout batch (paper 1: on-policy, ratio == 1)")
-    g.add_argument("--loss-agg", default="seq", choices=["seq", "token"],
-                   help="seq: token mean per completion, then mean over completions (GRPO, the paper); "
-                        "token: one mean over every completion token of the optimizer step (DAPO)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 1e-6; toy 2e-4)")
-    g.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
-                   help="decay to 0 over the run (paper: linear, no warm-up; toy: constant)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (paper 0)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
-    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1],
-                   help="1: train the language model only (paper ablation); 0: vision tower too (paper default)")
-    g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="two-step evaluation every N steps, at the start and at the end (0 = never; 100; toy 30)")
-    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
-    g.add_argument("--eval-classes", default=None,
-                   help="comma list of class groups evaluated: base, novel, all (default base,novel: the paper's "
-                        "base-to-novel table, with their harmonic mean)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
-    g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
-    g.add_argument("--eval-scoring", default=None, choices=["paper", "strict"],
-                   help="step-2 scoring (eval.py --scoring): paper = DiVE-k's released letter reader; strict = a "
-                        "letter or an option's exact text in <answer> (toy: strict)")
-    g.add_argument("--eval-batch", type=int, default=8, help="images per eval sampling call (memory knob)")
-    g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--log-completions", type=int, default=2, help="sampled completions written to metrics.jsonl "
-                   "per step, with their rewards")
-    args = p.parse_args(argv)
-    preset = TOY if args.data == "toy" else PAPER
-    args.preset_filled = []  # the flags the preset chose (a preset value may be fitted to the number of ranks)
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-            args.preset_filled.append(key)
-    if args.clip_eps_high is None:
-        args.clip_eps_high = args.clip_eps
-    if args.group_size < 2:
-        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
-    common.check_system_flags(args)
-    return args
-
-
-# ----- 4. prompts (defined at the top of this file: every instruction of the released prompts; the tiny stand-in learned them) -----
-
 def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
-    """Stage 1: the object kind, the most likely name in the dataset's answer format ('species name', 'make model'),
-    one of the listed classes (a Python list, as released), think / answer tags, the format strictly."""
-    return divek_mine_prompt(kind, answer_format(dataset_name), class_names)
+    """Stage 1: e.g. mine_prompt("bird", "cub", ["Bobolink", "Gull"]) asks for the most likely 'species name' of the
+    bird, one of ['Bobolink', 'Gull']."""
+    return MINE_PROMPT.format(kind=kind, answer_format=answer_format(dataset_name), categories=str(list(class_names)))
 
 
 def mcq_prompt(kind: str, options: list[str]) -> str:
-    """Stage 2: the object kind, pick from the options ('A. name' per line), answer the letter, the format."""
-    return divek_mcq_prompt(kind, options)
+    """Stage 2: the options as 'A. name' lines, the answer a letter."""
+    return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
 
 
-# ----- 5. stage 1: top-k option mining -----
+# =====================================================================================================================
+# 2. Stage 1: top-k option mining (the method's own data)
+# =====================================================================================================================
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
@@ -343,7 +178,7 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
         common.print0(f"stage 1: mining {len(todo)} images ({len(done)} cached) with K={args.mine_samples} samples "
                       f"over {d.world_size} rank(s)")
         model.eval()
-        bar = make_bar(d, total=len(mine_shard), desc="mining")
+        bar = common.progress_bar(d, total=len(mine_shard), desc="mining")
         warmup = common.encode_prompt(processor, train.examples[0].image,
                                       mine_prompt(train.kind, args.data, base_classes))
         part_path = os.path.join(out, f"mcq.part{d.rank}.jsonl")
@@ -396,7 +231,26 @@ def mining_summary(records: list[dict]) -> dict:
             "mining/mean_options": sum(len(r["options"]) for r in kept) / max(1, len(kept))}
 
 
-# ----- 7. reward: a registry of plain functions fn(completion, question) -> float -----
+def questions_for_step(step: int, items: list[dict], model, processor, base_classes: list[str], kind: str, args,
+                       d: common.Dist, timer: common.PhaseTimer, warmup) -> tuple[list[dict], dict]:
+    """This rank's questions of a step: positions step*P + rank, + world, ... of an endless stream of seeded epochs
+    over the mined questions (the order depends only on the step, so a resume restores it exactly). With
+    --online-mining the options are rebuilt now from the current policy (easy images kept, padded)."""
+    positions = range(step * args.prompts_per_step + d.rank, (step + 1) * args.prompts_per_step, d.world_size)
+    batch = [items[common.stream_position(pos, len(items), args.seed)] for pos in positions]
+    if not args.online_mining:
+        return batch, {}
+    model.eval()
+    with timer("mining"), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
+        mined = mine(model, processor, [it["example"] for it in batch], base_classes, kind, args, d,
+                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + d.rank, drop_easy=False)
+    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
+                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
+
+
+# =====================================================================================================================
+# 3. Reward: a registry of plain functions fn(completion, question) -> float
+# =====================================================================================================================
 
 LETTER_RE = re.compile(r"(?<![A-Z0-9])\(?([A-Z])(?:[).,:;!?]|$)")
 
@@ -426,17 +280,6 @@ def format_reward(completion: str, question: dict) -> float:
     return float(judges.format_ok(completion))
 
 
-def chosen_letter(completion: str, options: list[str]) -> str | None:
-    """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
-    (normalised). The tiny stand-in answers with the option's text; real checkpoints answer with letters."""
-    letter = answer_letter(completion, len(options))
-    if letter is None:
-        text = judges.normalize(judges.parse_answer(completion) or "")
-        matches = [i for i, option in enumerate(options) if text and text == judges.normalize(option)]
-        letter = judges.LETTERS[matches[0]] if len(matches) == 1 else None
-    return letter
-
-
 def mcq_reward(completion: str, question: dict) -> float:
     """1 if the chosen option (by letter, or by its exact text) is the question's answer."""
     return float(chosen_letter(completion, question["options"]) == question["answer"])
@@ -457,7 +300,9 @@ def score(texts: list[str], questions: list[dict], names: list[str]) -> tuple[to
     return sum(parts.values()), parts
 
 
-# ----- 8. advantage -----
+# =====================================================================================================================
+# 4. Advantage
+# =====================================================================================================================
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
                      scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +320,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     return adv.reshape(-1), std.squeeze(1) == 0
 
 
-# ----- 9. loss -----
+# =====================================================================================================================
+# 5. The loss, written by hand
+# =====================================================================================================================
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, beta: float, clip_low: float, clip_high: float, loss_agg: str,
@@ -531,31 +378,91 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     return common.global_token_count(mask) / world_size
 
 
-# ----- helpers used by the loop (progress) -----
+# =====================================================================================================================
+# 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update
+# =====================================================================================================================
 
-def make_bar(d: common.Dist, **kw):
-    if not d.is_main:
-        return None
-    from tqdm import tqdm
-    return tqdm(dynamic_ncols=True, **kw)
+def train_step(step: int, questions: list[dict], model, ref_model, optimizer, processor, kind: str, args,
+               d: common.Dist, guard: common.NonFiniteGuard, timer: common.PhaseTimer) -> tuple[dict, float, list]:
+    """One GRPO step on this rank's questions. Returns (metrics of this rank, the gradient norm, a few completions
+    with their rewards for the log)."""
+    # rollout: G completions per question, the whole group on this rank
+    model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
+    prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(kind, q["options"])) for q in questions]
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+    with timer("sampling"), args.precision.context(), \
+            common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
+        ro = common.sample(model, processor, prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
+                           generator=gen, compile_decode=bool(args.compile_decode))
+    row_questions = [q for q in questions for _ in range(args.group_size)]  # row b answers row_questions[b]
+
+    # reward and advantage
+    rewards, components = score(ro.texts, row_questions, args.reward_names)  # [B], {name: [B]}
+    advantages, zero_std = group_advantages(rewards, args.group_size, args.adv_eps, scale=not args.no_std)  # [B]
+
+    # log-probs of the sampling policy (needed only when it moves before the last update) and of the reference
+    ids, mask = ro.completion_ids, ro.completion_mask  # [B, T] each
+    scored = lambda m: common.completion_logprobs(  # noqa: E731  [B, T]
+        m, processor, ro.row_prompts, ids, mask, temperature=args.temperature, micro_batch=args.micro_batch,
+        shared_prefix=bool(args.shared_prefix))
+    with timer("logprobs"), args.precision.context():
+        old_all = scored(model) if args.updates_per_batch > 1 else None  # [B, T]
+        ref_all = scored(ref_model) if ref_model is not None else None  # [B, T]
+
+    # update: gradient accumulation over micro-batches, each question's prompt run once for its G completions
+    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+    normalizer = loss_normalizer(args.loss_agg, mask, d.world_size)  # see grpo_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    sums = Counter()
+    with timer("update"):
+        for _ in range(args.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            update_loss = 0.0
+            starts = list(range(0, ids.shape[0], args.micro_batch))
+            for k, start in enumerate(starts):
+                rows = slice(start, start + args.micro_batch)
+                width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
+                mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
+                common.grad_sync(model, k == len(starts) - 1)
+                with args.precision.context():
+                    logp = common.score_completions(model, ro.row_prompts[rows], mb_ids, mb_mask, pad_id,
+                                                    args.temperature, bool(args.shared_prefix)).float()  # [b, t]
+                old = old_all[rows, :width].to(logp) if old_all is not None else logp.detach()  # [b, t]
+                ref = ref_all[rows, :width].to(logp) if ref_all is not None else None  # [b, t]
+                loss, stats = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),
+                                        beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
+                                        loss_agg=args.loss_agg, normalizer=normalizer)
+                loss.backward()
+                sums.update({**stats, "loss": float(loss.detach())})
+                update_loss += float(loss.detach())
+            grad_norm = common.clip_gradients(params, args.grad_clip)
+            if guard.check(step + 1, loss=update_loss, grad_norm=grad_norm):
+                optimizer.step()
+            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                optimizer.zero_grad(set_to_none=True)
+    common.grad_sync(model, True)
+
+    tokens = float(mask.sum())
+    metrics = {"reward": float(rewards.mean()),
+               "accuracy": float(torch.tensor([mcq_reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean()),
+               "format_rate": float(torch.tensor([format_reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean()),
+               "zero_std_frac": float(zero_std.float().mean()), "completion_len": tokens / len(ro.texts),
+               "truncation_rate": float(ro.truncated.float().mean()),
+               "kl": sums["kl_sum"] / max(1.0, sums["tokens"]), "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
+               "loss": sums["loss"] / args.updates_per_batch,
+               "mean_options": sum(len(q["options"]) for q in questions) / len(questions),
+               **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, "tokens": tokens}
+    samples = [{"id": q["id"], "options": q["options"], "answer": q["answer"], "completion": t,
+                "reward": float(rewards[i]), **{n: float(v[i]) for n, v in components.items()}}
+               for i, (t, q) in enumerate(zip(ro.texts, row_questions)) if i % args.group_size == 0]
+    return metrics, grad_norm, samples[:args.log_completions]
 
 
-def grad_sync(model, on: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch (DDP). FSDP2 reduce-scatters every micro-batch
-    so that gradients stay sharded (skipping it would hold full unsharded gradients)."""
-    if hasattr(model, "require_backward_grad_sync"):
-        model.require_backward_grad_sync = on
-
-
-def clip_gradients(params, max_norm: float) -> float:
-    """Global grad-norm clipping; works for DDP tensors and FSDP2 DTensors (the norm is reduced over shards)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-# ----- 10. evaluation -----
+# =====================================================================================================================
+# 7. Evaluation: two-step inference (eval.py)
+# =====================================================================================================================
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, out: str, step: int) -> dict:
     """Two-step DiVE-k inference (eval.py, protocol two_step) on every held-out group; accuracy per group and the
@@ -580,7 +487,117 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, o
     return result
 
 
-# ----- the run -----
+# =====================================================================================================================
+# 8. Flags: the paper's values, and a toy preset for the CPU
+# =====================================================================================================================
+
+# The paper's settings (SPEC section 4; trl-0.16 defaults where the scripts set nothing) and the toy preset. Flags
+# listed here default to None on the command line: whatever the user sets wins, the preset fills the rest. The toy
+# preset scores two-step strictly: the stand-in answers an option's text, which the paper's letter reader misses.
+PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, prompts_per_step=6, lr=1e-6, lr_schedule="linear",
+             beta=0.04, max_new_tokens=1024, mine_samples=20, mine_max_new_tokens=1024, epochs=1.5, max_steps=None,
+             micro_batch=4, eval_samples=20, eval_max_new_tokens=1024, eval_every=100, eval_limit=None, save_every=100,
+             eval_classes="base,novel", eval_scoring="paper")
+
+TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2,
+           max_new_tokens=48, mine_samples=8, mine_max_new_tokens=48, epochs=None, max_steps=90, micro_batch=64,
+           eval_samples=8, eval_max_new_tokens=48, eval_every=30, eval_limit=None, save_every=30,
+           eval_classes="base,novel", eval_scoring="strict")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own "
+                                            "multiple-choice questions (Qwen2.5-VL)")
+    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
+    p.set_defaults(model=None, group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
+    g = p.add_argument_group("data")
+    g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
+    g.add_argument("--classes", default="base", choices=["base", "novel", "all"],
+                   help="classes trained on: CoOp base half (the paper's base-to-novel setting) or all (few-shot)")
+    g.add_argument("--shots", type=int, default=None, help="k training images per class (the 4-shot setting)")
+    g.add_argument("--train-limit", type=int, default=None, help="use at most this many training images")
+    g = p.add_argument_group("stage 1: top-k option mining")
+    g.add_argument("--mine-samples", type=int, default=None, help="K answers sampled per image (paper 20; toy 8)")
+    g.add_argument("--mine-temperature", type=float, default=1.0, help="sampling temperature (paper 1.0)")
+    g.add_argument("--mine-top-p", type=float, default=0.95, help="nucleus sampling (paper 0.95)")
+    g.add_argument("--mine-repetition-penalty", type=float, default=1.1, help="HF-style penalty (paper 1.1)")
+    g.add_argument("--mine-max-new-tokens", type=int, default=None, help="answer length cap (paper 1024; toy 48)")
+    g.add_argument("--mine-batch", type=int, default=8, help="images per sampling call (memory knob)")
+    g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (paper 5)")
+    g.add_argument("--random-options", type=int, default=2,
+                   help="with at most one distinct valid answer, the truth and this many random base classes join "
+                        "it (the code: 2, so 4 options after one wrong answer, 3 after none)")
+    g.add_argument("--online-mining", action="store_true",
+                   help="rebuild the options from the current policy at every step instead of once before RL")
+    g = p.add_argument_group("stage 2: GRPO")
+    g.add_argument("--prompts-per-step", type=int, default=None,
+                   help="questions per optimizer step over all ranks (paper 6 = 3 GPUs x 1 x grad-acc 2; toy 16)")
+    g.add_argument("--micro-batch", type=int, default=None,
+                   help="completions per forward/backward (gradient accumulation; paper-sized 4; toy 64)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the questions when --max-steps is unset "
+                   "(paper 1-1.5)")
+    g.add_argument("--rewards", default="format,mcq",
+                   help="comma list of reward functions summed into the reward (registry REWARDS: format, mcq, "
+                        "random). `--rewards random` is the control run: a coin flip that ignores the completion")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling (paper: off)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 1024; toy 48)")
+    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (paper 1e-4)")
+    g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="weight of the k3 KL to the frozen initial model; 0 builds no reference (paper 0.04)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
+    g.add_argument("--clip-eps-high", type=float, default=None, help="PPO clip, upper side (default = --clip-eps)")
+    g.add_argument("--updates-per-batch", type=int, default=1,
+                   help="optimizer steps on each rollout batch (paper 1: on-policy, ratio == 1)")
+    g.add_argument("--loss-agg", default="seq", choices=["seq", "token"],
+                   help="seq: token mean per completion, then mean over completions (GRPO, the paper); "
+                        "token: one mean over every completion token of the optimizer step (DAPO)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 1e-6; toy 2e-4)")
+    g.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
+                   help="decay to 0 over the run (paper: linear, no warm-up; toy: constant)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (paper 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
+    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1],
+                   help="1: train the language model only (paper ablation); 0: vision tower too (paper default)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="two-step evaluation every N steps, at the start and at the end (0 = never; 100; toy 30)")
+    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
+    g.add_argument("--eval-classes", default=None,
+                   help="comma list of class groups evaluated: base, novel, all (default base,novel: the paper's "
+                        "base-to-novel table, with their harmonic mean)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
+    g.add_argument("--eval-samples", type=int, default=None, help="step-1 samples of two-step inference (paper 20)")
+    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
+    g.add_argument("--eval-scoring", default=None, choices=["paper", "strict"],
+                   help="step-2 scoring (eval.py --scoring): paper = DiVE-k's released letter reader; strict = a "
+                        "letter or an option's exact text in <answer> (toy: strict)")
+    g.add_argument("--eval-batch", type=int, default=8, help="images per eval sampling call (memory knob)")
+    g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--log-completions", type=int, default=2, help="sampled completions written to metrics.jsonl "
+                   "per step, with their rewards")
+    args = p.parse_args(argv)
+    preset = TOY if args.data == "toy" else PAPER
+    args.preset_filled = []  # the flags the preset chose (a preset value may be fitted to the number of ranks)
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            args.preset_filled.append(key)
+    if args.clip_eps_high is None:
+        args.clip_eps_high = args.clip_eps
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
+    args.reward_names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    unknown = [n for n in args.reward_names if n not in REWARDS]
+    if unknown or not args.reward_names:
+        raise SystemExit(f"--rewards {args.rewards!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+    common.check_system_flags(args)
+    return args
+
 
 def prompts_per_step_for(args, world_size: int) -> int:
     """Questions per optimizer step over all ranks (each rank takes an equal share). The paper's 6 does not divide
@@ -596,33 +613,27 @@ def prompts_per_step_for(args, world_size: int) -> int:
     return n
 
 
+# =====================================================================================================================
+# 9. main: set-up, data, models, resume, stage 1, the GRPO loop, export
+# =====================================================================================================================
+
 def main(argv=None):
     args = parse_args(argv)
-
-    # ----- 1. setup -----
     d, out = common.setup_run(args, default_out=common.default_run_dir("dive_k", args.data))
     log = common.MetricsLog(out, args.wandb, vars(args))
-    reward_names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    unknown = [n for n in reward_names if n not in REWARDS]
-    if unknown or not reward_names:
-        raise SystemExit(f"--rewards {args.rewards!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
     args.prompts_per_step = prompts_per_step_for(args, d.world_size)
-    prompts_per_rank = args.prompts_per_step // d.world_size
 
-    # ----- 2. data -----
+    # data: training images of the base classes (or k shots of all classes), held-out class groups to evaluate
     train = data.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
-                                shots=args.shots, limit=args.train_limit, seed=args.seed)
+                              shots=args.shots, limit=args.train_limit, seed=args.seed)
     base_classes = train.split_class_names  # the names an option may take (base classes, or all in few-shot)
-    eval_sets = {}
-    if args.eval_every > 0:
-        for group in [g.strip() for g in args.eval_classes.split(",") if g.strip()]:
-            eval_sets[group] = data.load_dataset(args.data, args.eval_split, root=args.data_root, classes=group,
-                                                   limit=args.eval_limit, seed=args.seed)
+    eval_sets = {group: data.load_dataset(args.data, args.eval_split, root=args.data_root, classes=group,
+                                          limit=args.eval_limit, seed=args.seed)
+                 for group in (g.strip() for g in args.eval_classes.split(",")) if group and args.eval_every > 0}
     common.print0(f"data: {len(train)} {args.train_split} images of {len(base_classes)} {args.classes} classes; "
                   f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
 
-    # ----- 3. models -----
-    # fp32 master weights; on GPU the forward runs in bf16 (FSDP2 mixed precision when sharded, else autocast)
+    # models: the policy (fp32 master weights, bf16 compute on GPU) and, when beta > 0, its frozen initial copy
     args.precision = common.precision_for(args.dtype, d, args.parallel)
     common.print0(f"precision: {args.precision}")
     model, processor = common.load_model(args.model, device=d.device, dtype=args.precision.weights, attn=args.attn,
@@ -632,169 +643,49 @@ def main(argv=None):
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
     ref_model = None
-    if args.beta > 0:  # the frozen initial model for the KL term (none at all when beta = 0)
-        # the policy's twin: same weights dtype, same wrapping, same compute (bf16 weights here would give the KL a
-        # noise floor from numerics alone: under autocast the policy's residual stream stays fp32)
+    if args.beta > 0:  # the policy's twin (same weights dtype, wrapping and compute, so the KL starts at 0 exactly)
         ref_model, _ = common.load_model(args.model, device=d.device, dtype=args.precision.weights, attn=args.attn)
         ref_model.requires_grad_(False).eval()
         if args.parallel == "fsdp":
             ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    # the memory estimate per GPU at start, for the larger of the two sampling phases, and the knobs that reduce it
-    phases = [(args.mine_batch * args.mine_samples, mine_prompt(train.kind, args.data, base_classes),
-               args.mine_max_new_tokens),
-              (prompts_per_rank * args.group_size, mcq_prompt(train.kind, base_classes[:args.max_options]),
-               args.max_new_tokens)]
-    phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
-    kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
-    common.report_memory_budget(
-        model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute,
-        knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
-                                   "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
-               "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
-               "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=args.weight_decay)
+    report_memory(model, ref_model, processor, train.kind, base_classes, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    start_step = common.resume(out, model, optimizer, log)["step"]  # the same command continues from <out>/latest
 
-    # auto-resume: the same command continues from <out>/latest
-    start_step, ckpt = 0, common.latest_checkpoint(out)
-    if ckpt:
-        state = common.load_checkpoint(ckpt, model, optimizer)
-        start_step = state["step"]
-        common.print0(f"resumed from {ckpt} at step {start_step} (data position {state.get('data_position')})")
-    log.resume_at(start_step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
-
-    # ----- 5. stage 1: mining (offline), or the images to mine at every step (online) -----
+    # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining)
+    warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, args.data, base_classes))
     if args.online_mining:
         items = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "example": ex} for ex in train.examples]
-        warmup = common.encode_prompt(processor, train.examples[0].image,
-                                      mine_prompt(train.kind, args.data, base_classes))
     else:
         items = mine_offline(model, processor, train, base_classes, args, d, out, log if start_step == 0 else None)
     if not items:
         raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
     total_steps = args.max_steps or math.ceil(args.epochs * len(items) / args.prompts_per_step)
     common.print0(f"stage 2: {len(items)} questions, {total_steps} steps of {args.prompts_per_step} prompts x "
-                  f"G={args.group_size} ({prompts_per_rank} prompts per rank)")
+                  f"G={args.group_size} ({args.prompts_per_step // d.world_size} prompts per rank)")
 
-    def step_items(step: int) -> list[dict]:
-        """This rank's questions for a step: positions step*P .. step*P+P-1 of an endless stream of epochs, each a
-        seeded permutation, so the data order depends only on the step (resume restores it exactly)."""
-        picked = []
-        for pos in range(step * args.prompts_per_step + d.rank, (step + 1) * args.prompts_per_step, d.world_size):
-            epoch, offset = divmod(pos, len(items))
-            order = list(range(len(items)))
-            random.Random(args.seed * 7919 + epoch).shuffle(order)
-            picked.append(items[order[offset]])
-        return picked
-
-    # ----- 10. update loop -----
+    # stage 2: GRPO
     timer = common.PhaseTimer()
     if eval_sets and start_step == 0 and args.initial_eval:  # the starting model's accuracy: the run's baseline
         log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
-    bar = make_bar(d, total=total_steps, initial=start_step, desc="grpo")
+    bar = common.progress_bar(d, total=total_steps, initial=start_step, desc="grpo")
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
         lr = common.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                           warmup_steps=args.warmup_steps)
         common.set_lr(optimizer, lr)
-        batch = step_items(step)
-        model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
-        online = {}
-        if args.online_mining:  # options from the current policy (easy images kept, padded)
-            with timer("mining"), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
-                mined = mine(model, processor, [it["example"] for it in batch], base_classes, train.kind, args, d,
-                             seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + d.rank, drop_easy=False)
-            batch = mined
-            online = {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
-                      "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
-
-        # ----- 6. rollout: G completions per question, on this rank -----
-        prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(train.kind, q["options"])) for q in batch]
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
-        with timer("sampling"), args.precision.context(), \
-                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
-            ro = common.sample(model, processor, prompts, group_size=args.group_size,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=0, repetition_penalty=1.0, generator=gen,
-                               compile_decode=bool(args.compile_decode))
-        row_questions = [q for q in batch for _ in range(args.group_size)]
-
-        # ----- 7. reward, 8. advantage -----
-        rewards, components = score(ro.texts, row_questions, reward_names)  # [B], {name: [B]}
-        advantages, zero_std = group_advantages(rewards, args.group_size, args.adv_eps, scale=not args.no_std)  # [B]
-        correct = torch.tensor([mcq_reward(t, q) for t, q in zip(ro.texts, row_questions)])  # [B] diagnostics
-        formatted = torch.tensor([format_reward(t, q) for t, q in zip(ro.texts, row_questions)])  # [B]
-
-        # ----- 9. loss: log-probs, then gradient accumulation over micro-batches -----
-        row_prompts = ro.row_prompts
-        ids, mask = ro.completion_ids, ro.completion_mask  # [B, T] each
-        B = ids.shape[0]
-        with timer("logprobs"), args.precision.context():
-            old_all = (common.completion_logprobs(model, processor, row_prompts, ids, mask,
-                                                  temperature=args.temperature, micro_batch=args.micro_batch,
-                                                  shared_prefix=bool(args.shared_prefix))
-                       if args.updates_per_batch > 1 else None)  # [B, T] the sampling policy (ratio != 1 later)
-            ref_all = (common.completion_logprobs(ref_model, processor, row_prompts, ids, mask,
-                                                  temperature=args.temperature, micro_batch=args.micro_batch,
-                                                  shared_prefix=bool(args.shared_prefix))
-                       if ref_model is not None else None)  # [B, T]
-        normalizer = loss_normalizer(args.loss_agg, mask, d.world_size)  # see grpo_loss
-        model.train()
-        sums = Counter()
-        with timer("update"):
-            for update in range(args.updates_per_batch):
-                optimizer.zero_grad(set_to_none=True)
-                update_loss = 0.0
-                starts = list(range(0, B, args.micro_batch))
-                for k, s in enumerate(starts):
-                    rows = slice(s, s + args.micro_batch)
-                    width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
-                    mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
-                    grad_sync(model, k == len(starts) - 1)
-                    with args.precision.context():  # each question's prompt once for its G completions
-                        logp = common.score_completions(model, row_prompts[rows], mb_ids, mb_mask, pad_id,
-                                                        args.temperature, bool(args.shared_prefix)).float()  # [b, t]
-                    old = old_all[rows, :width].to(logp) if old_all is not None else logp.detach()  # [b, t]
-                    ref = ref_all[rows, :width].to(logp) if ref_all is not None else None  # [b, t]
-                    loss, st = grpo_loss(logp, old, ref, advantages[rows].to(logp.device), mb_mask.to(logp.device),
-                                         beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
-                                         loss_agg=args.loss_agg, normalizer=normalizer)
-                    loss.backward()
-                    sums.update({**st, "loss": float(loss.detach())})
-                    update_loss += float(loss.detach())
-                grad_norm = clip_gradients(params, args.grad_clip)
-                if guard.check(step + 1, loss=update_loss, grad_norm=grad_norm):
-                    optimizer.step()
-                else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-                    optimizer.zero_grad(set_to_none=True)
-        grad_sync(model, True)
-
-        # ----- metrics -----
-        step_time = time.perf_counter() - t_step
-        tokens = float(mask.sum())
-        local = {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
-                 "format_rate": float(formatted.mean()), "zero_std_frac": float(zero_std.float().mean()),
-                 "completion_len": tokens / B, "truncation_rate": float(ro.truncated.float().mean()),
-                 "kl": sums["kl_sum"] / max(1.0, sums["tokens"]),
-                 "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
-                 "loss": sums["loss"] / args.updates_per_batch,
-                 "mean_options": sum(len(q["options"]) for q in batch) / len(batch),
-                 **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **online}
-        record = {"step": step + 1, **common.mean_over_ranks(local), "lr": lr, "grad_norm": grad_norm,
-                  **guard.stats(), **common.mean_over_ranks(timer.pop())}
-        record["tokens_per_s"] = float(common.all_reduce_sum(torch.tensor([tokens]))[0]) / step_time
+        questions, online = questions_for_step(step, items, model, processor, base_classes, train.kind, args, d,
+                                               timer, warmup)
+        metrics, grad_norm, samples = train_step(step, questions, model, ref_model, optimizer, processor, train.kind,
+                                                 args, d, guard, timer)
+        tokens = metrics.pop("tokens")
+        record = {"step": step + 1, **common.mean_over_ranks({**metrics, **online}), "lr": lr, "grad_norm": grad_norm,
+                  **guard.stats(), **common.mean_over_ranks(timer.pop()),
+                  "tokens_per_s": float(common.all_reduce_sum(torch.tensor([tokens]))[0]) / (time.perf_counter() - t_step)}
         if args.log_completions and d.is_main:
-            record["completions"] = [
-                {"id": q["id"], "options": q["options"], "answer": q["answer"], "completion": t,
-                 "reward": float(rewards[i]), **{n: float(v[i]) for n, v in components.items()}}
-                for i, (t, q) in enumerate(zip(ro.texts, row_questions)) if i % args.group_size == 0
-            ][:args.log_completions]
+            record["completions"] = samples
         if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
         log.log(record)
@@ -810,11 +701,44 @@ def main(argv=None):
     if bar is not None:
         bar.close()
 
-    # ----- export -----
     common.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
     common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
     common.cleanup_distributed()
     return out
+
+
+def report_memory(model, ref_model, processor, kind: str, base_classes: list[str], args, d: common.Dist):
+    """The memory estimate per GPU at start (common.report_memory_budget), for the larger of the two sampling
+    phases (mining, rollouts), with this script's knobs."""
+    phases = [(args.mine_batch * args.mine_samples, mine_prompt(kind, args.data, base_classes), args.mine_max_new_tokens),
+              (args.prompts_per_step // d.world_size * args.group_size, mcq_prompt(kind, base_classes[:args.max_options]),
+               args.max_new_tokens)]
+    phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
+    kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
+    common.report_memory_budget(
+        model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
+        knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
+                                   "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
+               "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
+
+
+# =====================================================================================================================
+# 10. For the CPU stand-in
+# =====================================================================================================================
+
+def chosen_letter(completion: str, options: list[str]) -> str | None:
+    """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
+    (normalised). The tiny stand-in answers with the option's text; real checkpoints answer with letters."""
+    letter = answer_letter(completion, len(options))
+    if letter is None:
+        text = judges.normalize(judges.parse_answer(completion) or "")
+        matches = [i for i, option in enumerate(options) if text and text == judges.normalize(option)]
+        letter = judges.LETTERS[matches[0]] if len(matches) == 1 else None
+    return letter
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ import speciarl
 
 # ----- 1. prompts and scoring: the papers' (common section 4a; the tiny stand-in was pretrained on the same) -----
 
-OPEN_PROMPT = speciarl.SPECIARL_PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
-SPECIFIC_PROMPT = speciarl.SPECIARL_SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
+OPEN_PROMPT = speciarl.PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
+SPECIFIC_PROMPT = speciarl.SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
 # the open protocol asks Fine-R1's open-world question: fine_r1.fine_r1_open_prompt(kind)
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
@@ -244,18 +244,17 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
               compile_decode=False) -> list[dict]:
     """Records for a batch of (global index, example) pairs."""
     records, prompts, live = [], [], []
-    answer_fmt = dive_k.answer_format(dataset.name)
     if protocol == "speciarl":
         text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
     elif protocol == "open":
         text = fine_r1.fine_r1_open_prompt(dataset.kind)
     elif protocol == "two_step":
-        text = dive_k.divek_mine_prompt(dataset.kind, answer_fmt, dataset.split_class_names)
+        text = dive_k.mine_prompt(dataset.kind, dataset.name, dataset.split_class_names)
     for idx, ex in batch:
         if protocol == "mcq":  # paper: Fine-R1's option list; strict: lettered options, answer the letter
             options = mcq_options(ex, dataset, seed, mcq_distractors)
             text = fine_r1.fine_r1_closed_prompt(dataset.kind, options) if scoring == "paper" else \
-                dive_k.divek_mcq_prompt(dataset.kind, options)
+                dive_k.mcq_prompt(dataset.kind, options)
         p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
         if p is None:
@@ -315,14 +314,14 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     step2 = []
     for i, (rec, ex, _, image) in enumerate(live):
         texts = roll.texts[i * samples:(i + 1) * samples]
-        options, counts, failures = top_answers(texts, answer_fmt=answer_fmt)
+        options, counts, failures = top_answers(texts, answer_fmt=dive_k.answer_format(dataset.name))
         order = list(range(len(options)))
         rng_for(seed, ex, "two_step").shuffle(order)
         rec.update(step1_answers=[judges.parse_answer(t) for t in texts], options=[options[j] for j in order],
                    option_counts=[counts[j] for j in order], step1_parse_failures=failures,
                    truth_in_options=any(judges.normalize(o) == judges.normalize(ex.class_name) for o in options))
         if options:
-            question = dive_k.divek_mcq_prompt(dataset.kind, rec["options"])
+            question = dive_k.mcq_prompt(dataset.kind, rec["options"])
             step2.append((rec, common.encode_prompt(processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             rec.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
@@ -458,8 +457,8 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
                     "seconds": round(time.time() - t0, 2),
                     "prompt": {"open": fine_r1.FINE_R1_OPEN_PROMPT,
                                "speciarl": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT,
-                               "two_step": [dive_k.DIVEK_MINE_PROMPT, dive_k.DIVEK_MCQ_PROMPT],
-                               "mcq": fine_r1.FINE_R1_CLOSED_PROMPT if scoring == "paper" else dive_k.DIVEK_MCQ_PROMPT,
+                               "two_step": [dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT],
+                               "mcq": fine_r1.FINE_R1_CLOSED_PROMPT if scoring == "paper" else dive_k.MCQ_PROMPT,
                                }[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
                                  "speciarl": BEST_OF_SAMPLING if best_of else "greedy",

@@ -485,20 +485,7 @@ def check_rationale(completion: str, truth: str,
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
-# ----- helpers used by every stage (gradient sync, clipping, optimizer, evaluation) -----
-
-def grad_sync(model, on: bool):
-    """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step (FSDP2 reduce-scatters
-    every micro-batch so that gradients stay sharded)."""
-    if hasattr(model, "require_backward_grad_sync"):
-        model.require_backward_grad_sync = on
-
-
-def clip_gradients(params, max_norm: float) -> float:
-    """Global grad-norm clipping; works for DDP tensors and FSDP2 DTensors (the norm is reduced over shards)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
+# ----- helpers used by every stage (optimizer, policy, evaluation) -----
 
 def make_optimizer(model, lr: float, weight_decay: float):
     """AdamW on the trainable parameters; no weight decay on 1-D ones (norm weights, biases)."""
@@ -514,15 +501,6 @@ def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: in
     common.print0(f"precision: {args.precision}")
     return common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, min_pixels=min_pixels,
                              max_pixels=max_pixels)
-
-
-def stream_position(position: int, n: int, seed: int) -> int:
-    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation: the data
-    order depends only on the position, so a resumed run continues exactly where it stopped."""
-    epoch, offset = divmod(position, n)
-    order = list(range(n))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return order[offset]
 
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
@@ -794,7 +772,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
         common.set_lr(optimizer, lr)
         # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
         positions = range(step * args.sft_batch + d.rank, (step + 1) * args.sft_batch, d.world_size)
-        batch = [records[stream_position(pos, len(records), args.seed)] for pos in positions]
+        batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
         model.train()
         optimizer.zero_grad(set_to_none=True)
         micro_starts = list(range(0, per_rank, args.sft_micro_batch))
@@ -802,18 +780,18 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
         with timer("update"):
             for k, s in enumerate(micro_starts):
                 rows = [sft_example(processor, r) for r in batch[s:s + args.sft_micro_batch]]
-                grad_sync(model, k == len(micro_starts) - 1)
+                common.grad_sync(model, k == len(micro_starts) - 1)
                 with args.precision.context():
                     loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
                 (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
                 loss_sum += float(loss.detach()) * len(rows) / per_rank
                 tokens += sum(len(t) for _, t in rows)
-            grad_norm = clip_gradients(params, 1.0)
+            grad_norm = common.clip_gradients(params, 1.0)
             if guard.check(step + 1, loss=loss_sum, grad_norm=grad_norm):
                 optimizer.step()
             else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
                 optimizer.zero_grad(set_to_none=True)
-        grad_sync(model, True)
+        common.grad_sync(model, True)
         record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
                   **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
                   **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
@@ -1149,7 +1127,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     def next_triplets() -> list[Triplet]:
         """This rank's triplets of the next sampling round (positions cursor + rank, + world, ...); the positive and
         negative of a position are drawn with a seed of that position: the same on resume, on any rank count."""
-        picked = [make_triplet(anchors[stream_position(pos, len(anchors), args.seed)], by_class, negatives,
+        picked = [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
                                random.Random(args.seed * 1_000_003 + pos))
                   for pos in range(cursor + d.rank, cursor + args.sample_prompts, d.world_size)]
         return picked
@@ -1214,7 +1192,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     rows = slice(s, min(s + args.micro_batch, rows_all.stop))
                     width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
                     mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
-                    grad_sync(model, j == len(starts) - 1)
+                    common.grad_sync(model, j == len(starts) - 1)
                     with args.precision.context():  # each image's prompt once for its G completions
                         logp = common.score_completions(model, own[rows], mb_ids, mb_mask, pad_id, args.temperature,
                                                         bool(args.shared_prefix)).float()  # [b, t]
@@ -1227,12 +1205,12 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                     loss.backward()
                     for key, v in terms.items():
                         sums[key] = sums.get(key, 0.0) + v
-                grad_norm = clip_gradients(params, args.grad_clip)
+                grad_norm = common.clip_gradients(params, args.grad_clip)
                 if guard.check(step + 1, loss=sums.get("loss", 0.0), grad_norm=grad_norm):
                     optimizer.step()
                 else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
                     optimizer.zero_grad(set_to_none=True)
-            grad_sync(model, True)
+            common.grad_sync(model, True)
             step += 1
             # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
             batch_records.append({"step": step, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **guard.stats(),

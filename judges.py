@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from data import Dataset
 
 
-
 class NameMap(dict):
     """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
     albatross"]` are the same entry. Values stay as given (display forms)."""

@@ -1,65 +1,33 @@
 """
-speciarl.py: SpeciaRL, specificity-aware RL for open-world fine-grained classification (arXiv 2603.03197).
+speciarl.py: SpeciaRL (arXiv 2603.03197) in one file: specificity-aware RL for open-world fine-grained naming.
 
-The model sees an image and "Classify the image.", reasons in <think>, and names ONE label in <answer> (or 'None' to
-abstain). A text-only verifier grades every answer against the ground-truth class name on an ordered ladder
+The model sees an image and "Classify the image.", reasons in <think> and names ONE label in <answer> (or 'None' to
+abstain). A text-only verifier grades every answer against the true class on an ordered ladder
 
     wrong < abstain < generic < less_specific < specific = more_specific      (specific and more specific tie)
 
-and the reward is anchored to the best answer of the image's own rollout group ("dynamic" reward): every valid rollout
-in the group's best tier gets 1, the others 0; a missing or empty <answer> gets -1; a group whose best is wrong gets
-all 0. So the model is pushed to be as specific as it CAN be on that image (if one rollout named the species, naming
-only the family earns nothing), never past it (if the best was the family, the family is rewarded; if nothing was
-right but someone abstained, abstaining is rewarded). Training is GRPO with the PPO ratio, clip 0.2, dual clip 3,
-global token-mean and a k3 KL to the frozen model, with LoRA on the language model.
+and the reward is anchored to the best answer of the image's own group of rollouts ("dynamic"): every valid rollout
+in the group's best tier gets 1, the others 0, a missing answer -1, and a group whose best is wrong all 0. So the
+model is pushed to be as specific as it CAN be on that image, never past it. Training is GRPO with the PPO ratio,
+clip 0.2, dual clip 3, a global token mean and a k3 KL to the frozen model, with LoRA on the language model.
 
-Launch (the defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64/alpha32 on the LLM, vision frozen, 3000 CUB
-training images, G=10, 256 prompts per rollout batch in 2 optimizer steps, lr 3e-5 constant, 15 epochs = 165 steps):
+Launch (the defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64 / alpha 32, vision frozen, 3000 CUB images,
+G = 10, 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 165 steps)
+  1 GPU     python speciarl.py --data cub --data-root /data/CUB_200_2011
+  8 GPUs    torchrun --nproc 8 speciarl.py --data cub --data-root /data/CUB_200_2011
+  2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+                speciarl.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
+  CPU       python speciarl.py --data toy          (tiny stand-in model, toy shapes: 70 s on an idle 2-core CPU)
+The same command resumes from the last checkpoint in --out; judged rollouts go to <out>/rollouts.jsonl.
 
-    python speciarl.py --data cub --data-root R --model Qwen/Qwen2.5-VL-7B-Instruct              # 1 GPU
-    torchrun --nproc 8 speciarl.py --data cub --data-root R                                      # 8 GPUs
-    # two nodes: run on each, --node_rank 0 and 1
-    torchrun --nnodes 2 --nproc 8 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \\
-        speciarl.py --data cub --data-root R --parallel fsdp
-
-CPU quickstart (the tiny stand-in on the synthetic toy shapes, 70 s on an idle 2-core CPU; see the TOY PRESET block):
-
-    python speciarl.py --data toy
-
-Rerunning a command with the same --out resumes from its latest checkpoint. Per-step metrics go to
-<out>/metrics.jsonl, a sample of judged rollouts to <out>/rollouts.jsonl, the merged final model to <out>/final.
-
-Deviations from the paper and GRPO simplifications (all deliberate, each visible below):
-  * The verifier is `judges.get_judge(--judge)`: `rules` (offline, default), `hf:<model>` (an LLM judge run here)
-    or `openai:<model>` behind an OpenAI-compatible server at --judge-url, as the paper runs Qwen3-30B-A3B (training)
-    and Llama-3-70B (evaluation) behind vLLM: `--judge openai:... --judge-url ... --eval-judge openai:...
-    --eval-judge-url ...`. Judgements are cached per (ground truth, answer) pair on disk in
-    <out>/judge_cache.jsonl (the paper caches in Redis); if the server stays away the run saves and stops.
-  * Rollouts come from common.sample (HF forward + KV cache, prefill once per image), not vLLM.
-  * The answer is the text of the first <answer>...</answer> (judges.parse_answer, shared with eval.py), as in the
-    paper's code; a blank answer is a missing one (-1), and an answer of punctuation only ("???") is judged.
-    Answer and ground truth reach the verifier as the paper's code prepares them (judges.verifier_text:
-    lowercase, letters of any script, digits and dashes kept, other characters -> space).
-  * Both prompts carry every instruction of the paper's (SPECIARL_PROMPT, SPECIARL_SPECIFIC_PROMPT) in this
-    project's words; no system prompt is added to the chat template's (the paper's prompt configs set an empty
-    one).
-  * The k3 KL is clamped per token to [-10, 10] (and its log-ratio to [-20, 20]), as verl's low_var_kl is.
-  * The loss is a token mean over ALL completion tokens of an optimizer step on all ranks (it does not change with
-    --micro-batch or the number of ranks). verl takes the token mean of each micro-batch and divides by the number
-    of accumulation steps, which weighs micro-batches with few tokens more.
-  * `--adv-norm none` (Dr.GRPO) only drops the std from the advantage; the loss stays token-mean with the KL
-    (the paper's Dr.GRPO runs also change the aggregation and drop the KL).
-  * Judge failures get reward 0 and are left out of the group's best, as in the paper's code; a judge that raises
-    stops the run instead of silently scoring 0.
-  * With LoRA the KL reference is the policy with its adapters switched off (exactly the frozen initial model),
-    instead of a second copy. Checkpoints store the frozen base weights too (simple, not small).
-  * --max-steps counts rollout batches (the paper's "steps"); each is --minibatches optimizer steps.
-  * Rollouts use the project's prefill-once sampler instead of vLLM, and the log-prob and update forwards run each
-    image's prompt once for its G completions (common.score_completions: exact, --shared-prefix 0 to turn it off).
-  * Precision on GPU (common.precision_for): with LoRA the frozen base is stored in bf16 and the adapters in fp32;
-    full fine-tuning keeps fp32 master weights and computes in bf16 (FSDP2 mixed precision when sharded, autocast
-    otherwise). The merged final/ is exported in bf16 (--export-dtype).
+What this file simplifies or changes (each one, with the released code's behaviour: README, "SpeciaRL (speciarl.py)")
+  * the verifier is `--judge rules` (offline) by default; the paper's LLM judges run behind a server (openai:)
+  * the k3 KL is clamped to [-10, 10] per token (as verl); the loss is a token mean over the whole optimizer step
+  * with LoRA the KL reference is the policy with its adapters off (exactly the initial model), not a second copy
+  * fp32 adapters over a bf16 base; each prompt is encoded once per group, in sampling and in scoring
 """
+
+from __future__ import annotations
 
 import argparse
 import contextlib
@@ -77,22 +45,298 @@ import common
 import data
 import judges
 
+# =====================================================================================================================
+# 1. Prompts
+# =====================================================================================================================
 
-# SpeciaRL (released general_base / specific_base): classify; reasoning in <think>; one label or 'None' to abstain in
-# <answer>; the format strictly. The "be specific" baseline differs only by ", be specific".
-SPECIARL_PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
-SPECIARL_SPECIFIC_PROMPT = SPECIARL_PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
+# The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
+# 'None' to abstain in <answer>; the format strictly. No system prompt is added to the chat template's (the paper's
+# prompt configs set an empty one). The "be specific" baseline differs only by ", be specific".
+PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
+SPECIFIC_PROMPT = PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
+PROMPTS = {"general": PROMPT, "specific": SPECIFIC_PROMPT}
 
 
 # =====================================================================================================================
-# LoRA
+# 2. Data: the images of a step, and the verifier's labels
 # =====================================================================================================================
-# Low-rank adapters on the language model's linear layers, written out by hand (no peft): each nn.Linear W of the
-# decoder layers becomes W x + (alpha / r) * B A x, with A [r, in] random, B [out, r] zero (so training starts exactly
-# at the base model), and only A and B train. The vision tower, embeddings, norms and lm_head stay frozen. Adapters
-# are injected BEFORE wrap_model, so DDP sees only adapter gradients and FSDP2 shards adapters with their layer.
-# Turning the adapters off gives the base model back: that is the frozen reference of a KL term, with no second copy.
-# Exporting merges B A into W: `export_hf` and `model.save_pretrained` write a plain Qwen2.5-VL checkpoint.
+
+def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
+    """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
+    the last partial batch dropped (as verl does). A pure function of `step`, so resuming needs only the step."""
+    steps_per_epoch = n_train // rollout_prompts
+    epoch, within = divmod(step, steps_per_epoch)
+    order = list(range(n_train))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[within * rollout_prompts:(within + 1) * rollout_prompts]
+
+
+NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
+
+JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
+
+
+def answers_of(texts: list[str]) -> list[str | None]:
+    """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
+    punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
+    return [judges.parse_answer(text) for text in texts]
+
+
+def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
+    """One verifier label per rollout: the judge's label for every valid answer (one batched call; the judge caches
+    per pair), NO_ANSWER for missing answers, JUDGE_ERROR where the judge returned something not on the ladder."""
+    valid = [i for i, a in enumerate(answers) if a is not None]
+    judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
+    labels = [NO_ANSWER] * len(answers)
+    for i, label in zip(valid, judged):
+        labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
+    return labels
+
+
+def judge_or_stop(judge, truths, answers, out, step, model, optimizer) -> list[str]:
+    """judge_rollouts, and if the judge's server stays away after its retries (on any rank): a checkpoint of the
+    steps done so far, the judge cache intact, and a stop with one message; the same command resumes."""
+    try:
+        labels, failure = judge_rollouts(judge, truths, answers), ""
+    except judges.ServerError as e:
+        labels, failure = [], str(e)
+    if float(common.all_reduce_sum(torch.tensor([float(bool(failure))]))[0]):
+        common.save_checkpoint(out, step, model, optimizer, {"data_step": step})
+        raise SystemExit(f"{failure or 'another rank lost the judge server'}. Checkpoint saved after step {step}, "
+                         f"judged pairs kept in {out}/judge_cache.jsonl: rerun the same command to resume")
+    return labels
+
+
+# =====================================================================================================================
+# 3. Reward: a registry of plain functions, one group of labels -> one reward per rollout
+# =====================================================================================================================
+
+# To try a new reward, add a function `labels -> rewards` to REWARDS; --reward picks it by name.
+TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
+
+
+def dynamic_reward(labels: list[str]) -> list[float]:
+    """SpeciaRL's best-in-group reward for the G rollouts of one image.
+
+    Missing answers get -1 and judge errors 0, and neither takes part in finding the group's best tier. If the best
+    tier is `wrong`, every valid rollout gets 0; otherwise valid rollouts in the best tier get 1 and the rest 0.
+    >>> dynamic_reward(["less_specific", "specific", "no_answer", "more_specific", "generic"])
+    [0.0, 1.0, -1.0, 1.0, 0.0]
+    >>> dynamic_reward(["wrong", "abstain", "judge_error"])    # nothing right: abstaining is the best it could do
+    [0.0, 1.0, 0.0]
+    """
+    tiers = [TIER[label] for label in labels if label in TIER]
+    best = max(tiers, default=None)
+    rewards = []
+    for label in labels:
+        if label == NO_ANSWER:
+            rewards.append(-1.0)
+        elif label not in TIER or best == TIER["wrong"]:
+            rewards.append(0.0)
+        else:
+            rewards.append(1.0 if TIER[label] == best else 0.0)
+    return rewards
+
+
+# The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
+# abstain, wrong). `binary` is the standard RFT baseline.
+STATIC_TABLES = {
+    "binary": dict(more_specific=1.0, specific=1.0, less_specific=0.0, generic=0.0, abstain=0.0, wrong=0.0),
+    "scala1": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.25, wrong=0.0),
+    "scala2": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.0, wrong=0.0),
+    "scala3": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.0, abstain=0.0, wrong=0.0),
+}
+
+
+def static_reward(table: dict[str, float]):
+    """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code)."""
+    def reward(labels: list[str]) -> list[float]:
+        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in labels]
+    return reward
+
+
+REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
+
+
+def best_label(labels: list[str]) -> str:
+    """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
+    ladder = list(judges.JUDGE_LABELS)
+    valid = [label for label in labels if label in ladder]
+    return max(valid, key=ladder.index) if valid else "none"
+
+
+# =====================================================================================================================
+# 4. Advantage
+# =====================================================================================================================
+
+def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
+    group: (r - mean) / (std + eps) with the unbiased std (verl); none: r - mean (Dr.GRPO). Groups whose rewards are
+    all equal get 0 (no policy gradient; only the KL acts on them).
+    >>> group_advantages(torch.tensor([[1., 0., 0., -1.]]), "none", 1e-6)
+    tensor([[ 1.,  0.,  0., -1.]])
+    """
+    centred = rewards - rewards.mean(1, keepdim=True)  # [P, G]
+    if norm == "none":
+        return centred
+    std = rewards.std(1, keepdim=True).nan_to_num(0.0)  # [P, 1] (nan for G = 1)
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
+
+
+# =====================================================================================================================
+# 5. The loss, written by hand
+# =====================================================================================================================
+
+def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
+                  beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The SUM over completion tokens of the per-token PPO-clip + dual-clip + k3-KL loss (the caller divides by the
+    token count of the whole optimizer step over all ranks: a global token mean). Also returns sums for logging.
+
+    Per token t of rollout i, with ratio rho = exp(logp - old_logp) and A = advantages[i]:
+        pg   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))          # PPO: the pessimistic of the two
+        pg   = min(pg, -A * c)   if A < 0                                 # dual clip: a bad action with a huge
+                                                                          # ratio costs at most c * |A|
+        kl   = min(exp(ref - logp) - (ref - logp) - 1, 10)                # k3, >= 0, unbiased for KL(pi || ref);
+                                                                          # capped at 10 as verl's low_var_kl is,
+                                                                          # so a drifted token pulls back no harder
+        loss = pg + beta * kl
+    Worked example (eps 0.2, c 3, beta 0): A = +1, rho = 1.5 -> max(-1.5, -1.2) = -1.2 (clipped, no gradient);
+    A = -1, rho = 0.5 -> max(0.5, 0.8) = 0.8 (clipped); A = -1, rho = 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3 (dual
+    clipped, no gradient); A = +1, rho = 1.1 -> -1.1 (inside the clip range, gradient -rho * grad logp).
+    """
+    mask = mask.to(logp.dtype)  # [B, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
+    surrogate = -adv * ratio  # [B, T]
+    surrogate_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # [B, T]
+    pg = torch.maximum(surrogate, surrogate_clipped)  # [B, T]
+    clipped = (surrogate_clipped > surrogate).to(logp.dtype)  # [B, T] 1 where the clip bound is the active one
+    dual = torch.zeros_like(pg)  # [B, T]
+    if dual_clip > 0:
+        cap = -adv * dual_clip  # [B, 1] only binds for A < 0, where it is positive
+        dual = ((adv < 0) & (pg > cap)).to(logp.dtype)  # [B, T]
+        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)  # [B, T]
+    per_token = pg  # [B, T]
+    kl = torch.zeros_like(pg)  # [B, T]
+    if beta > 0:
+        log_ref_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
+        kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1.0).clamp(-10.0, 10.0)  # [B, T] verl's low_var_kl bound
+        per_token = per_token + beta * kl  # [B, T]
+    loss_sum = (per_token * mask).sum()  # []
+    stats = {"pg_loss": (pg * mask).sum().detach(), "kl": (kl * mask).sum().detach(),
+             "clip_frac": (clipped * mask).sum(), "dual_clip_frac": (dual * mask).sum(),
+             "ratio": (ratio * mask).sum().detach()}
+    return loss_sum, stats
+
+
+# =====================================================================================================================
+# 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batched updates
+# =====================================================================================================================
+
+def train_step(step: int, images: list[data.Example], model, ref, optimizer, proc, judge, args, d: common.Dist,
+               guard: common.NonFiniteGuard, timer: common.PhaseTimer, total_steps: int, out: str) -> tuple[dict, dict]:
+    """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank). Returns (the step's metrics
+    over all ranks, the judged rollouts for <out>/rollouts.jsonl)."""
+    t_step, G = time.perf_counter(), args.group_size
+    # rollout
+    with timer("encode"):
+        prompts = [common.encode_prompt(proc, ex.image, PROMPTS[args.prompt]) for ex in images]
+    generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+    model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
+    with timer("sample"), args.precision.context(), \
+            common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
+        rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
+                                generator=generator, prompt_batch=args.sample_batch,
+                                compile_decode=bool(args.compile_decode))
+    ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
+
+    # verifier labels, then the reward of each group of G and its advantages
+    with timer("judge"):
+        answers = answers_of(rollout.texts)  # [B]
+        truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
+        labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer)  # [B]
+    groups = [labels[i * G:(i + 1) * G] for i in range(len(images))]
+    rewards = torch.tensor([r for group in groups for r in REWARDS[args.reward](group)]).view(-1, G)  # [P, G]
+    advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
+
+    # old log-probs, once, before any update (mini-batches 2.. are off-policy); the reference's
+    with timer("logprobs"), args.precision.context():
+        old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
+                                              micro_batch=args.logprob_micro_batch,
+                                              shared_prefix=bool(args.shared_prefix))  # [B, T]
+        ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
+
+    # update: --minibatches optimizer steps, each a global token mean over all ranks
+    model.train()
+    with timer("update"):
+        sums = update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp,
+                             common.special_token_ids(proc)["<|endoftext|>"], first_opt_step=step * args.minibatches,
+                             total_opt_steps=total_steps * args.minibatches, guard=guard)
+    metrics = step_metrics(labels, rewards, rollout, mask, sums, d.world_size, time.perf_counter() - t_step)
+    return metrics, {"images": images, "answers": answers, "labels": labels, "groups": groups, "rewards": rewards}
+
+
+def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
+                  first_opt_step: int, total_opt_steps: int, guard: common.NonFiniteGuard | None = None) -> Counter:
+    """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
+    optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
+    tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
+    backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
+    the loss statistics (and the mean gradient norm) for logging. With a `guard`, a mini-batch whose loss or gradient
+    norm is not finite skips its optimizer step (common.NonFiniteGuard)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    step = first_opt_step // args.minibatches + 1  # the rollout step, as logged
+    device = next(common.unwrap(model).parameters()).device
+    rows_per_minibatch = ids.shape[0] // args.minibatches
+    sums = Counter()
+    for mb in range(args.minibatches):
+        rows = list(range(mb * rows_per_minibatch, (mb + 1) * rows_per_minibatch))
+        tokens = common.global_token_count(mask[rows])  # all ranks, before any backward
+        common.set_lr(optimizer, common.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
+                                              total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        minibatch_loss = 0.0
+        chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
+        for c, chunk in enumerate(chunks):
+            common.grad_sync(model, c == len(chunks) - 1)
+            with args.precision.context():  # each image's prompt once for its G completions
+                logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
+                                                pad_id, args.temperature, bool(args.shared_prefix)).float()  # [b, t]
+            loss_sum, stats = speciarl_loss(
+                logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
+                advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
+                dual_clip=args.dual_clip, beta=args.beta)
+            loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
+            loss.backward()
+            minibatch_loss += float(loss.detach())
+            for k, v in stats.items():
+                sums[k] += float(v)
+        grad_norm = common.clip_gradients([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        if guard is None or guard.check(step, loss=minibatch_loss, grad_norm=grad_norm):
+            optimizer.step()
+        else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+            optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] += grad_norm / args.minibatches
+    common.grad_sync(model, True)
+    return sums
+
+
+def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
+    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
+    if args.beta <= 0:
+        return None
+    ctx = lora_disabled(model) if ref is None else contextlib.nullcontext()
+    with ctx, args.precision.context():
+        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
+                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+                                          shared_prefix=bool(args.shared_prefix))
+
+
+# =====================================================================================================================
+# 7. The policy: LoRA adapters written by hand (no peft), and the models
+# =====================================================================================================================
 
 class LoRALinear(torch.nn.Module):
     """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
@@ -179,9 +423,62 @@ def lora_disabled(model):
         for m in mods:
             m.adapter_enabled = True
 
+
+def build_models(args, d):
+    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
+    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
+    if args.lora_rank > 0 and not args.freeze_vision:
+        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
+    # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
+    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute (FSDP2 mixed precision when sharded,
+    # else autocast)
+    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
+    common.print0(f"precision: {args.precision}")
+    weights_dtype = args.precision.weights
+    model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
+                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.lora_rank > 0:
+        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
+        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
+    elif args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    param_dtype = args.precision.fsdp_param_dtype
+    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ref = None
+    if args.beta > 0 and args.lora_rank == 0:
+        ref, _ = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
+                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        ref.requires_grad_(False)  # the policy's twin: same weights dtype, same wrapping, same compute
+        ref = common.wrap_model(ref, d, "fsdp", param_dtype=param_dtype) if args.parallel == "fsdp" else ref
+    return wrapped, proc, optimizer, ref
+
+
 # =====================================================================================================================
-# ----- 1. setup: command line -----
+# 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU
 # =====================================================================================================================
+
+def run_eval(args, model, proc, test, judge, out, step, log):
+    """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
+    of every label); collective: every rank takes part."""
+    t0 = time.perf_counter()
+    model.eval()
+    import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
+    with args.precision.context():
+        res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
+                                  max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
+                                  be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
+                                  out_dir=common.eval_dir(out, step), progress=True)
+    scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+    log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
+    common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
+                  f"hm {res['hm']:.3f} ({time.perf_counter() - t0:.1f}s)")
+    return res
+
 
 # Flags the toy preset fills in when the user did not set them. The parser's default for these is None, and the
 # paper's value (PAPER) is used on real data. Everything else has one default for both.
@@ -189,14 +486,13 @@ PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", rollout_prompts=256, group_siz
              lr=3e-5, lr_schedule="constant", lora_rank=64, lora_alpha=32.0, epochs=15, eval_every=5,
              eval_limit=None, eval_max_new_tokens=2048, eval_batch=32, save_every=5, sample_batch=8, micro_batch=32,
              logprob_micro_batch=20)
-# ----------------------------------------------- TOY PRESET -------------------------------------------------------
+
 # `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
 # are ~30 tokens), a higher learning rate decaying linearly and a smaller adapter for a 0.7M-parameter model, one
 # epoch (30 steps), evaluation on all 360 held-out images. Measured in tests/test_speciarl_learning.py.
 TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, lr=2e-3, lr_schedule="linear",
            lora_rank=16, lora_alpha=32.0, epochs=1, eval_every=10, eval_limit=None, eval_max_new_tokens=48,
            eval_batch=120, save_every=10, sample_batch=16, micro_batch=80, logprob_micro_batch=160)
-# ------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -280,300 +576,6 @@ def parse_args(argv=None):
     return args
 
 
-# =====================================================================================================================
-# ----- 2. data -----
-# =====================================================================================================================
-
-def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
-    """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
-    the last partial batch dropped (as verl does). A pure function of `step`, so resuming needs only the step."""
-    steps_per_epoch = n_train // rollout_prompts
-    epoch, within = divmod(step, steps_per_epoch)
-    order = list(range(n_train))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[within * rollout_prompts:(within + 1) * rollout_prompts]
-
-
-# =====================================================================================================================
-# ----- 3. models -----
-# =====================================================================================================================
-
-def build_models(args, d):
-    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
-    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
-    if args.lora_rank > 0 and not args.freeze_vision:
-        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-    # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
-    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute (FSDP2 mixed precision when sharded,
-    # else autocast)
-    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
-    common.print0(f"precision: {args.precision}")
-    weights_dtype = args.precision.weights
-    model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.lora_rank > 0:
-        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
-        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
-    elif args.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    param_dtype = args.precision.fsdp_param_dtype
-    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ref = None
-    if args.beta > 0 and args.lora_rank == 0:
-        ref, _ = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
-                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        ref.requires_grad_(False)  # the policy's twin: same weights dtype, same wrapping, same compute
-        ref = common.wrap_model(ref, d, "fsdp", param_dtype=param_dtype) if args.parallel == "fsdp" else ref
-    return wrapped, proc, optimizer, ref
-
-
-def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
-    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
-    if args.beta <= 0:
-        return None
-    ctx = lora_disabled(model) if ref is None else contextlib.nullcontext()
-    with ctx, args.precision.context():
-        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
-                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-                                          shared_prefix=bool(args.shared_prefix))
-
-
-# =====================================================================================================================
-# ----- 4. prompt -----
-# =====================================================================================================================
-# The paper's two prompts (defined at the top of this file): "Classify the image." with reasoning in <think> and a single label or
-# 'None' (to abstain) in <answer>, the format strictly; the "be specific" baseline adds ", be specific". Training
-# uses the general one, as the paper does.
-PROMPTS = {"general": SPECIARL_PROMPT, "specific": SPECIARL_SPECIFIC_PROMPT}
-
-
-# =====================================================================================================================
-# ----- 5. rollout -> answers -> verifier labels -----
-# =====================================================================================================================
-NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
-JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
-
-
-def answers_of(texts: list[str]) -> list[str | None]:
-    """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
-    punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
-    return [judges.parse_answer(text) for text in texts]
-
-
-def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
-    """One verifier label per rollout: the judge's label for every valid answer (one batched call; the judge caches
-    per pair), NO_ANSWER for missing answers, JUDGE_ERROR where the judge returned something not on the ladder."""
-    valid = [i for i, a in enumerate(answers) if a is not None]
-    judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
-    labels = [NO_ANSWER] * len(answers)
-    for i, label in zip(valid, judged):
-        labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
-    return labels
-
-
-def judge_or_stop(judge, truths, answers, out, step, model, optimizer) -> list[str]:
-    """judge_rollouts, and if the judge's server stays away after its retries (on any rank): a checkpoint of the
-    steps done so far, the judge cache intact, and a stop with one message; the same command resumes."""
-    try:
-        labels, failure = judge_rollouts(judge, truths, answers), ""
-    except judges.ServerError as e:
-        labels, failure = [], str(e)
-    if float(common.all_reduce_sum(torch.tensor([float(bool(failure))]))[0]):
-        common.save_checkpoint(out, step, model, optimizer, {"data_step": step})
-        raise SystemExit(f"{failure or 'another rank lost the judge server'}. Checkpoint saved after step {step}, "
-                         f"judged pairs kept in {out}/judge_cache.jsonl: rerun the same command to resume")
-    return labels
-
-
-# =====================================================================================================================
-# ----- 6. reward: a registry of plain functions, one group of labels -> one reward per rollout -----
-# =====================================================================================================================
-# To try a new reward, add a function `labels -> rewards` to REWARDS; --reward picks it by name.
-TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
-
-
-def dynamic_reward(labels: list[str]) -> list[float]:
-    """SpeciaRL's best-in-group reward for the G rollouts of one image.
-
-    Missing answers get -1 and judge errors 0, and neither takes part in finding the group's best tier. If the best
-    tier is `wrong`, every valid rollout gets 0; otherwise valid rollouts in the best tier get 1 and the rest 0.
-    >>> dynamic_reward(["less_specific", "specific", "no_answer", "more_specific", "generic"])
-    [0.0, 1.0, -1.0, 1.0, 0.0]
-    >>> dynamic_reward(["wrong", "abstain", "judge_error"])    # nothing right: abstaining is the best it could do
-    [0.0, 1.0, 0.0]
-    """
-    tiers = [TIER[label] for label in labels if label in TIER]
-    best = max(tiers, default=None)
-    rewards = []
-    for label in labels:
-        if label == NO_ANSWER:
-            rewards.append(-1.0)
-        elif label not in TIER or best == TIER["wrong"]:
-            rewards.append(0.0)
-        else:
-            rewards.append(1.0 if TIER[label] == best else 0.0)
-    return rewards
-
-
-# The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
-# abstain, wrong). `binary` is the standard RFT baseline.
-STATIC_TABLES = {
-    "binary": dict(more_specific=1.0, specific=1.0, less_specific=0.0, generic=0.0, abstain=0.0, wrong=0.0),
-    "scala1": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.25, wrong=0.0),
-    "scala2": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.0, wrong=0.0),
-    "scala3": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.0, abstain=0.0, wrong=0.0),
-}
-
-
-def static_reward(table: dict[str, float]):
-    """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code)."""
-    def reward(labels: list[str]) -> list[float]:
-        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in labels]
-    return reward
-
-
-REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
-
-
-def best_label(labels: list[str]) -> str:
-    """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
-    ladder = list(judges.JUDGE_LABELS)
-    valid = [label for label in labels if label in ladder]
-    return max(valid, key=ladder.index) if valid else "none"
-
-
-# =====================================================================================================================
-# ----- 7. advantage -----
-# =====================================================================================================================
-
-def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
-    group: (r - mean) / (std + eps) with the unbiased std (verl); none: r - mean (Dr.GRPO). Groups whose rewards are
-    all equal get 0 (no policy gradient; only the KL acts on them).
-    >>> group_advantages(torch.tensor([[1., 0., 0., -1.]]), "none", 1e-6)
-    tensor([[ 1.,  0.,  0., -1.]])
-    """
-    centred = rewards - rewards.mean(1, keepdim=True)  # [P, G]
-    if norm == "none":
-        return centred
-    std = rewards.std(1, keepdim=True).nan_to_num(0.0)  # [P, 1] (nan for G = 1)
-    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
-
-
-# =====================================================================================================================
-# ----- 8. loss -----
-# =====================================================================================================================
-
-def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
-                  beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The SUM over completion tokens of the per-token PPO-clip + dual-clip + k3-KL loss (the caller divides by the
-    token count of the whole optimizer step over all ranks: a global token mean). Also returns sums for logging.
-
-    Per token t of rollout i, with ratio rho = exp(logp - old_logp) and A = advantages[i]:
-        pg   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps))          # PPO: the pessimistic of the two
-        pg   = min(pg, -A * c)   if A < 0                                 # dual clip: a bad action with a huge
-                                                                          # ratio costs at most c * |A|
-        kl   = min(exp(ref - logp) - (ref - logp) - 1, 10)                # k3, >= 0, unbiased for KL(pi || ref);
-                                                                          # capped at 10 as verl's low_var_kl is,
-                                                                          # so a drifted token pulls back no harder
-        loss = pg + beta * kl
-    Worked example (eps 0.2, c 3, beta 0): A = +1, rho = 1.5 -> max(-1.5, -1.2) = -1.2 (clipped, no gradient);
-    A = -1, rho = 0.5 -> max(0.5, 0.8) = 0.8 (clipped); A = -1, rho = 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3 (dual
-    clipped, no gradient); A = +1, rho = 1.1 -> -1.1 (inside the clip range, gradient -rho * grad logp).
-    """
-    mask = mask.to(logp.dtype)  # [B, T]
-    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # [B, T]
-    surrogate = -adv * ratio  # [B, T]
-    surrogate_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # [B, T]
-    pg = torch.maximum(surrogate, surrogate_clipped)  # [B, T]
-    clipped = (surrogate_clipped > surrogate).to(logp.dtype)  # [B, T] 1 where the clip bound is the active one
-    dual = torch.zeros_like(pg)  # [B, T]
-    if dual_clip > 0:
-        cap = -adv * dual_clip  # [B, 1] only binds for A < 0, where it is positive
-        dual = ((adv < 0) & (pg > cap)).to(logp.dtype)  # [B, T]
-        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)  # [B, T]
-    per_token = pg  # [B, T]
-    kl = torch.zeros_like(pg)  # [B, T]
-    if beta > 0:
-        log_ref_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
-        kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1.0).clamp(-10.0, 10.0)  # [B, T] verl's low_var_kl bound
-        per_token = per_token + beta * kl  # [B, T]
-    loss_sum = (per_token * mask).sum()  # []
-    stats = {"pg_loss": (pg * mask).sum().detach(), "kl": (kl * mask).sum().detach(),
-             "clip_frac": (clipped * mask).sum(), "dual_clip_frac": (dual * mask).sum(),
-             "ratio": (ratio * mask).sum().detach()}
-    return loss_sum, stats
-
-
-# =====================================================================================================================
-# ----- 9. the update loop -----
-# =====================================================================================================================
-
-@contextlib.contextmanager
-def gradient_sync(model, enabled: bool):
-    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an optimizer step."""
-    if hasattr(model, "no_sync") and not enabled:  # DDP
-        with model.no_sync():
-            yield
-        return
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    yield
-
-
-def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
-                  first_opt_step: int, total_opt_steps: int, guard: common.NonFiniteGuard | None = None) -> Counter:
-    """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
-    optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
-    tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
-    backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
-    the loss statistics (and the mean gradient norm) for logging. With a `guard`, a mini-batch whose loss or gradient
-    norm is not finite skips its optimizer step (common.NonFiniteGuard)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    step = first_opt_step // args.minibatches + 1  # the rollout step, as logged
-    device = next(common.unwrap(model).parameters()).device
-    rows_per_minibatch = ids.shape[0] // args.minibatches
-    sums = Counter()
-    for mb in range(args.minibatches):
-        rows = list(range(mb * rows_per_minibatch, (mb + 1) * rows_per_minibatch))
-        tokens = common.global_token_count(mask[rows])  # all ranks, before any backward
-        common.set_lr(optimizer, common.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
-                                              total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        minibatch_loss = 0.0
-        chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
-        for c, chunk in enumerate(chunks):
-            with gradient_sync(model, enabled=c == len(chunks) - 1):
-                with args.precision.context():  # each image's prompt once for its G completions
-                    logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
-                                                    pad_id, args.temperature, bool(args.shared_prefix)).float()
-                loss_sum, stats = speciarl_loss(
-                    logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
-                    advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
-                    dual_clip=args.dual_clip, beta=args.beta)
-                loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
-                loss.backward()
-                minibatch_loss += float(loss.detach())
-            for k, v in stats.items():
-                sums[k] += float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   args.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if guard is None or guard.check(step, loss=minibatch_loss, grad_norm=grad_norm):
-            optimizer.step()
-        else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-            optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] += float(grad_norm) / args.minibatches
-    return sums
-
-
 def check_batches(args, world: int) -> tuple[int, int]:
     """(images per rank, images per rank and mini-batch), refused at start when the batch arithmetic does not divide
     (the paper's 256 images in 2 mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
@@ -584,16 +586,18 @@ def check_batches(args, world: int) -> tuple[int, int]:
     return prompts_per_rank, prompts_per_rank // args.minibatches
 
 
+# =====================================================================================================================
+# 9. main: set-up, data, models, verifier, resume, the loop, export
+# =====================================================================================================================
+
 def main(argv=None):
     args = parse_args(argv)
     d, out = common.setup_run(args, common.default_run_dir("speciarl", args.data))
-    world = d.world_size
-    prompts_per_rank, _ = check_batches(args, world)
-    G = args.group_size
+    prompts_per_rank, _ = check_batches(args, d.world_size)
 
-    # ---- data: a fixed random subset of the training split; evaluation on the test split
+    # data: a fixed random subset of the training split; evaluation on a test split
     train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
-                                limit=args.train_size, seed=args.seed)
+                              limit=args.train_size, seed=args.seed)
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
         raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
@@ -603,30 +607,16 @@ def main(argv=None):
     eval_data = args.eval_data or args.data
     eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
     test = data.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
-                               seed=args.seed) if args.eval_every else None
+                             seed=args.seed) if args.eval_every else None
     common.print0(f"{len(train)} training images, {steps_per_epoch} steps/epoch, {total_steps} steps of "
-                  f"{args.rollout_prompts} images x {G} rollouts ({prompts_per_rank} images per rank, "
+                  f"{args.rollout_prompts} images x {args.group_size} rollouts ({prompts_per_rank} images per rank, "
                   f"{args.minibatches} optimizer steps each)")
 
-    # ---- models, verifier, logging
+    # models, verifier, log
     model, proc, optimizer, ref = build_models(args, d)
-    pad_id = common.special_token_ids(proc)["<|endoftext|>"]
-    common.report_memory_budget(  # printed at start: the estimate per GPU and the knobs that reduce it, in order
-        model, d, parallel=args.parallel, reference=ref is not None, rollout_rows=min(args.sample_batch,
-        prompts_per_rank) * G, prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]),
-        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
-        rows_per_prompt=min(G, args.micro_batch) if args.shared_prefix else 1,
-        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute,
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
-               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
-                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
+    report_memory(model, ref, proc, args, d, prompts_per_rank)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    # one append-only cache file per run, shared by the ranks (the judge writes whole lines atomically)
-    cache = os.path.join(out, "judge_cache.jsonl")
+    cache = os.path.join(out, "judge_cache.jsonl")  # one append-only file per run, shared by the ranks
     judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
     eval_judge = None
     if test is not None:
@@ -635,15 +625,7 @@ def main(argv=None):
                              concurrency=args.judge_concurrency)
     log = common.MetricsLog(out, args.wandb, vars(args))
     timer = common.PhaseTimer()
-    text = PROMPTS[args.prompt]
-
-    # ---- auto-resume: the data order is a function of the step, so the step is the whole data position
-    start = 0
-    ckpt = common.latest_checkpoint(out)
-    if ckpt:
-        start = common.load_checkpoint(ckpt, model, optimizer)["step"]
-        common.print0(f"resumed from {ckpt} at step {start}")
-    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
+    start = common.resume(out, model, optimizer, log)["step"]  # the data order is a function of the step
     if d.rank == 0:
         common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     if args.eval_every and start == 0:
@@ -651,73 +633,35 @@ def main(argv=None):
 
     for step in range(start, total_steps):
         t_step = time.perf_counter()
-        # ---- rollout: this rank's images, G completions each (all G of an image on this rank)
-        batch = batch_for_step(len(train), step, args.rollout_prompts, args.seed)
-        mine = [train.examples[i] for i in batch[d.rank::world]]  # [prompts_per_rank]
-        with timer("encode"):
-            prompts = [common.encode_prompt(proc, ex.image, text) for ex in mine]
-        generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
-        model.eval()
-        with timer("sample"), args.precision.context(), \
-                common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
-            rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                    repetition_penalty=1.0, generator=generator, prompt_batch=args.sample_batch,
-                                    compile_decode=bool(args.compile_decode))
-        ids, mask = rollout.completion_ids, rollout.completion_mask  # [B, T], B = prompts_per_rank * G
-        row_prompts = rollout.row_prompts  # [B]
-
-        # ---- verifier labels and rewards, one group of G per image
-        with timer("judge"):
-            answers = answers_of(rollout.texts)  # [B]
-            truths = [ex.class_name for ex in mine for _ in range(G)]  # [B]
-            labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer)  # [B]
-        groups = [labels[i * G:(i + 1) * G] for i in range(len(mine))]
-        rewards = torch.tensor([r for grp in groups for r in REWARDS[args.reward](grp)]).view(-1, G)  # [P, G]
-        advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
-
-        # ---- old log-probs, once, before any update (mini-batches 2.. are off-policy); reference log-probs
-        with timer("logprobs"), args.precision.context():
-            old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch,
-                                                  shared_prefix=bool(args.shared_prefix))  # [B, T]
-            ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
-
-        # ---- update: --minibatches optimizer steps, each a global token mean over all ranks
-        model.train()
-        with timer("update"):
-            sums = update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp,
-                                 pad_id, first_opt_step=step * args.minibatches,
-                                 total_opt_steps=total_steps * args.minibatches, guard=guard)
-
-        # ---- log: rollout statistics summed over ranks, then the step's record
-        step_time = time.perf_counter() - t_step
-        record = step_metrics(labels, rewards, rollout, mask, sums, world, step_time)
+        images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
+        record, judged = train_step(step, images[d.rank::d.world_size], model, ref, optimizer, proc, judge, args, d,
+                                    guard, timer, total_steps, out)
         record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop(),
                        **common.mean_over_ranks(judge.stats())})
         log.log(record)
-        log_rollouts(out, step + 1, mine, answers, labels, groups, rewards, args.log_rollouts)
+        log_rollouts(out, step + 1, judged, args.log_rollouts)
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
                       f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
                       f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} kl {record['kl']:.4f} "
-                      f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
-
+                      f"clip {record['clip_frac']:.3f} ({time.perf_counter() - t_step:.1f}s)")
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
             common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
             guard.stop(out)
-
-        # ---- evaluation and checkpoints
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
             with timer("checkpoint"):
                 common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
 
-    # ---- export: adapters merged into plain weights, a standard Hugging Face directory
+    # export: adapters merged into plain weights, a standard Hugging Face directory
     common.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
     common.print0(f"final model: {os.path.join(out, 'final')}")
     common.cleanup_distributed()
 
+
+# =====================================================================================================================
+# 10. Logging
+# =====================================================================================================================
 
 def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict:
     """Per-step scalars over all ranks: reward, share of each label, correctness (share of rollouts correct at any
@@ -757,40 +701,35 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
     return rec
 
 
-def log_rollouts(out, step, mine, answers, labels, groups, rewards, k):
+def report_memory(model, ref, proc, args, d: common.Dist, prompts_per_rank: int):
+    """The memory estimate per GPU at start (common.report_memory_budget), with this script's knobs."""
+    common.report_memory_budget(
+        model, d, parallel=args.parallel, reference=ref is not None,
+        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
+        prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
+        train_rows=args.micro_batch, rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
+        activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
+        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
+               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
+
+
+def log_rollouts(out: str, step: int, judged: dict, k: int):
     """Write k judged rollouts (spread over the groups of rank 0) with their group's best label and reward."""
     if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
         return
+    images, answers, labels, groups = judged["images"], judged["answers"], judged["labels"], judged["groups"]
     G = len(groups[0])
     picks = [(i * G + j) for j in range(G) for i in range(len(groups))][:k]
     with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
         for r in picks:
             i = r // G
-            f.write(json.dumps({"step": step, "image": mine[i].id, "truth": mine[i].class_name, "answer": answers[r],
-                                "label": labels[r], "group_best": best_label(groups[i]),
-                                "reward": float(rewards.view(-1)[r])}) + "\n")
-
-
-# =====================================================================================================================
-# ----- 10. evaluation, checkpoints, export -----
-# =====================================================================================================================
-
-def run_eval(args, model, proc, test, judge, out, step, log):
-    """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
-    of every label); collective: every rank takes part."""
-    t0 = time.perf_counter()
-    model.eval()
-    import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
-    with args.precision.context():
-        res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                                  max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                                  be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                                  out_dir=common.eval_dir(out, step), progress=True)
-    scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
-    log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
-    common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
-                  f"hm {res['hm']:.3f} ({time.perf_counter() - t0:.1f}s)")
-    return res
+            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
+                                "answer": answers[r], "label": labels[r], "group_best": best_label(groups[i]),
+                                "reward": float(judged["rewards"].view(-1)[r])}) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import fine_r1
 import speciarl
 
 
-
 # =====================================================================================================================
 # The tiny stand-in model
 # =====================================================================================================================
@@ -37,7 +36,7 @@ TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash n
 )
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
-TINY_PROMPTS = [speciarl.SPECIARL_PROMPT, speciarl.SPECIARL_SPECIFIC_PROMPT, dive_k.DIVEK_MINE_PROMPT, dive_k.DIVEK_MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT,
+TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT,
                 fine_r1.FINE_R1_QUESTION, *fine_r1.FINE_R1_QUESTIONS, fine_r1.FINE_R1_RL_SUFFIX, fine_r1.FINE_R1_OPEN_PROMPT, str(dive_k.ANSWER_FORMATS),
                 "speciarl answers v3"]
 
@@ -69,14 +68,14 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
         k = rng.randint(2, 5) if u < 0.25 else 4
         opts = rng.sample([n for n in names if n != ex.class_name], k - 1) + [ex.class_name]
         rng.shuffle(opts)
-        prompt = dive_k.divek_mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1.fine_r1_closed_prompt(ds.kind, opts)
+        prompt = dive_k.mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1.fine_r1_closed_prompt(ds.kind, opts)
         think, answer = f"it looks like a {ex.class_name}.", ex.class_name
     elif u < 0.55:  # DiVE-k's mining / two-step step 1: the class list in the prompt
         listed = rng.sample(names, len(names))
-        prompt, answer = dive_k.divek_mine_prompt(ds.kind, dive_k.answer_format(ds.name), listed), ex.class_name
+        prompt, answer = dive_k.mine_prompt(ds.kind, ds.name, listed), ex.class_name
     elif u < 0.85:  # SpeciaRL: general or 'be specific' (answered more specifically)
         specific = rng.random() < 0.5
-        prompt = speciarl.SPECIARL_SPECIFIC_PROMPT if specific else speciarl.SPECIARL_PROMPT
+        prompt = speciarl.SPECIFIC_PROMPT if specific else speciarl.PROMPT
         v = rng.random()
         family, generic = ds.hierarchy[ex.class_name]
         cuts = (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)

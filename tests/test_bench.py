@@ -65,7 +65,7 @@ def test_chunked_head_logprobs_equal_full_logits(tiny, toy_test):
     """forward_logprobs projects and scores completion positions chunk by chunk inside the model's forward; values
     and every parameter's gradient must equal the plain path (full logits, then log-softmax)."""
     model, proc = tiny
-    prompts = [common.encode_prompt(proc, e.image, speciarl.SPECIARL_PROMPT) for e in toy_test.examples[:2]]
+    prompts = [common.encode_prompt(proc, e.image, speciarl.PROMPT) for e in toy_test.examples[:2]]
     ro = common.sample(model, proc, prompts, group_size=2, max_new_tokens=12, temperature=1.0,
                        generator=torch.Generator().manual_seed(0))
     pad = common.special_token_ids(proc)["<|endoftext|>"]
@@ -102,7 +102,7 @@ def test_static_cache_decode_equals_default(tiny, toy_test, monkeypatch):
     try:
         im = common.open_image(toy_test.examples[0].image)
         prompts = [common.encode_prompt(proc, im.resize((168, 140)), "Classify the image."),  # two lengths: left pad
-                   common.encode_prompt(proc, im.resize((84, 56)), speciarl.SPECIARL_PROMPT)]
+                   common.encode_prompt(proc, im.resize((84, 56)), speciarl.PROMPT)]
         for temperature, autocast in ((0.0, False), (1.0, False), (1.0, True)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # fp32 weights, bf16 compute
                 runs = [common.sample(model, proc, prompts, group_size=3, max_new_tokens=16, temperature=temperature,

@@ -52,7 +52,7 @@ def test_tiny_starts_in_format(tiny, toy_test):
     """The stand-in speaks the answer format greedily but is far from perfect: room for RL."""
     model, proc = tiny
     exs = toy_test.examples[::6]
-    prompts = [common.encode_prompt(proc, e.image, speciarl.SPECIARL_PROMPT) for e in exs]
+    prompts = [common.encode_prompt(proc, e.image, speciarl.PROMPT) for e in exs]
     ro = common.sample(model, proc, prompts, group_size=1, max_new_tokens=40, temperature=0)
     fmt = sum(judges.format_ok(t) for t in ro.texts) / len(exs)
     acc = sum(judges.normalize(judges.parse_answer(t) or "") == judges.normalize(e.class_name)
@@ -105,7 +105,7 @@ def test_export_is_a_hub_checkpoint_that_plain_transformers_reads(tiny, toy_test
     plain = common.processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)
     image = toy_test.examples[0].image
-    a, b = (common.encode_prompt(p, image, speciarl.SPECIARL_PROMPT) for p in (proc, plain))
+    a, b = (common.encode_prompt(p, image, speciarl.PROMPT) for p in (proc, plain))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     if importlib.util.find_spec("torchvision") is not None:
         assert type(AutoProcessor.from_pretrained(path)).__name__ == "Qwen2_5_VLProcessor"

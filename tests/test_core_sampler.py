@@ -6,7 +6,7 @@ import common
 import speciarl
 
 
-def _prompts(proc, exs, text=speciarl.SPECIARL_PROMPT):
+def _prompts(proc, exs, text=speciarl.PROMPT):
     return [common.encode_prompt(proc, e.image, text) for e in exs]
 
 

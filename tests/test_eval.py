@@ -64,11 +64,11 @@ def toy24():
 def test_prompts_carry_every_instruction_of_the_papers():
     """Each prompt asks for what the released prompt asks for, item by item (our words), and the tiny stand-in is
     pretrained on exactly these texts (tiny.TINY_PROMPTS keys its cache)."""
-    general = speciarl.SPECIARL_PROMPT
+    general = speciarl.PROMPT
     for phrase in ["Classify the image.\n", "<think> </think>", "<answer> </answer>",
                    "a single label, or None to abstain", "Follow this format exactly"]:
         assert phrase in general, phrase
-    assert speciarl.SPECIARL_SPECIFIC_PROMPT == general.replace("Classify the image.", "Classify the image, be specific.")
+    assert speciarl.SPECIFIC_PROMPT == general.replace("Classify the image.", "Classify the image, be specific.")
     mine = dive_k.mine_prompt("bird", "cub", ["Bobolink", "Gull"])
     for phrase in ["This is an image containing a bird.", "most likely species name of the bird",
                    "must be one of these categories: ['Bobolink', 'Gull']", "<think> ... </think> <answer> species "
@@ -87,11 +87,11 @@ def test_prompts_carry_every_instruction_of_the_papers():
     for phrase in ["Which bird is shown", "This is a fine-grained question.", "<think> </think>", "<answer> </answer>"]:
         assert phrase in fine_r1.fine_r1_open_prompt("bird"), phrase
     # one wording everywhere: eval.py, the methods and the stand-in's pretraining
-    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == speciarl.SPECIARL_PROMPT
-    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == speciarl.SPECIARL_SPECIFIC_PROMPT
+    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == speciarl.PROMPT
+    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == speciarl.SPECIFIC_PROMPT
     assert fine_r1.pose_question("bird", 1)[0].endswith(fine_r1.FINE_R1_RL_SUFFIX)
-    for text in [speciarl.SPECIARL_PROMPT, speciarl.SPECIARL_SPECIFIC_PROMPT, dive_k.DIVEK_MINE_PROMPT,
-                 dive_k.DIVEK_MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT, *fine_r1.FINE_R1_QUESTIONS,
+    for text in [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT,
+                 dive_k.MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT, *fine_r1.FINE_R1_QUESTIONS,
                  fine_r1.FINE_R1_OPEN_PROMPT, fine_r1.FINE_R1_RL_SUFFIX]:
         assert text in tiny.TINY_PROMPTS
 
@@ -219,7 +219,7 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
     ev.main(["--model", "tiny", "--data", "toy", "--protocol", "mcq", "--classes", "base", "--limit", "8",
              "--max-new-tokens", str(TOKENS), "--out", out + "_strict", "--no-progress", "--scoring", "strict"])
     doc, preds = read_out(out + "_strict")
-    assert doc["settings"]["prompt"] == dive_k.DIVEK_MCQ_PROMPT
+    assert doc["settings"]["prompt"] == dive_k.MCQ_PROMPT
     for p in preds:
         choice = ev.parse_choice(p["answer"], p["options"])
         assert p["letter"] == (None if choice is None else judges.LETTERS[choice])

@@ -17,7 +17,7 @@ def rollout(tiny, toy_test):
     """Three prompts of different lengths (left padding) and image sizes; runs of 4, 3 and 1 rows."""
     model, proc = tiny
     images = [common.open_image(e.image) for e in toy_test.examples[:3]]
-    prompts = [common.encode_prompt(proc, images[0], speciarl.SPECIARL_PROMPT),
+    prompts = [common.encode_prompt(proc, images[0], speciarl.PROMPT),
                common.encode_prompt(proc, images[1].resize((84, 56)), fine_r1.FINE_R1_OPEN_PROMPT),
                common.encode_prompt(proc, images[2], "Classify.")]
     ro = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0,
