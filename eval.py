@@ -82,7 +82,7 @@ import speciarl
 
 OPEN_PROMPT = speciarl.PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
 SPECIFIC_PROMPT = speciarl.SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)
-# the open protocol asks Fine-R1's open-world question: fine_r1.fine_r1_open_prompt(kind)
+# the open protocol asks Fine-R1's open-world question: fine_r1.open_prompt(kind)
 
 PROTOCOLS = ("open", "two_step", "mcq", "speciarl")
 MCQ_DISTRACTORS = ("split", "all")
@@ -247,13 +247,13 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
     if protocol == "speciarl":
         text = SPECIFIC_PROMPT if be_specific else OPEN_PROMPT
     elif protocol == "open":
-        text = fine_r1.fine_r1_open_prompt(dataset.kind)
+        text = fine_r1.open_prompt(dataset.kind)
     elif protocol == "two_step":
         text = dive_k.mine_prompt(dataset.kind, dataset.name, dataset.split_class_names)
     for idx, ex in batch:
         if protocol == "mcq":  # paper: Fine-R1's option list; strict: lettered options, answer the letter
             options = mcq_options(ex, dataset, seed, mcq_distractors)
-            text = fine_r1.fine_r1_closed_prompt(dataset.kind, options) if scoring == "paper" else \
+            text = fine_r1.closed_prompt(dataset.kind, options) if scoring == "paper" else \
                 dive_k.mcq_prompt(dataset.kind, options)
         p, image = _encode(processor, ex, text)
         rec = _base_record(idx, ex)
@@ -455,10 +455,10 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
                     "scoring": scoring if protocol in ("two_step", "mcq") else None,
                     "seconds": round(time.time() - t0, 2),
-                    "prompt": {"open": fine_r1.FINE_R1_OPEN_PROMPT,
+                    "prompt": {"open": fine_r1.OPEN_PROMPT,
                                "speciarl": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT,
                                "two_step": [dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT],
-                               "mcq": fine_r1.FINE_R1_CLOSED_PROMPT if scoring == "paper" else dive_k.MCQ_PROMPT,
+                               "mcq": fine_r1.CLOSED_PROMPT if scoring == "paper" else dive_k.MCQ_PROMPT,
                                }[protocol],
                     "sampling": {"open": BEST_OF_SAMPLING if best_of else "greedy",
                                  "speciarl": BEST_OF_SAMPLING if best_of else "greedy",

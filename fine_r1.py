@@ -1,103 +1,33 @@
 """
-fine_r1.py: Fine-R1 (arXiv 2602.07605) end to end, in one file: chain-of-thought data, CoT SFT, then TAPO.
+fine_r1.py: Fine-R1 (arXiv 2602.07605) in one file: chain-of-thought data, CoT SFT, then TAPO.
 
-Fine-R1 teaches a vision-language model to name fine-grained categories (bird species, aircraft variants, car
-models...) from few examples, training on the seen (base) classes only and judged on seen and unseen (novel) ones:
-  1. cot   A teacher model sees a training image, its true class and 3-4 confusable classes, and writes a four-part
-           rationale: a visual analysis with numbered features, "The analysis of candidate subcategories:" listing
-           similar classes, a comparison of them, and "The prediction is: ...". Rationales whose answer is the truth
-           and that have all four parts are kept, at most one per seen class -> <out>/cot.jsonl.
-  2. sft   Cross-entropy on the assistant tokens of those rationales (the prompt is never a label), the vision tower
-           and its merger frozen -> <out>/sft/final.
-  3. tapo  Triplet-Augmented Policy Optimization, a DAPO-style GRPO on open questions ("what is the bird?"):
-           intra-class augmentation: each sample is a triplet (anchor, positive = another image of the same class,
-           negative = an image of another class); 5 rollouts from the anchor and 5 from the positive form ONE group
-           of 10 whose advantages are z-scored together, each rollout scored with the image that produced it;
-           inter-class augmentation: every response is also scored, without gradient, under the negative image,
-           and the token-level k3 KL between "own image" and "negative image" is MAXIMISED, so that the reasoning
-           depends on what is in the picture. -> <out>/tapo (checkpoints, metrics) and <out>/final (the model).
+Fine-R1 teaches a vision-language model to name fine-grained categories from a few examples, training on the seen
+(base) classes and judged on seen and unseen (novel) ones, in three stages:
+  cot   a teacher sees a training image, its class and 3-4 confusable classes, and writes a four-part rationale
+        (numbered features, "The analysis of candidate subcategories:", a comparison, "The prediction is: ...");
+        the ones that pass a filter are kept, at most one per seen class -> <out>/cot.jsonl
+  sft   cross-entropy on the assistant tokens of those rationales, vision tower frozen -> <out>/sft/final
+  tapo  Triplet-Augmented Policy Optimization, a DAPO-style GRPO on open questions. Each sample is a triplet
+        (anchor, positive = another image of its class, negative = an image of another class): G rollouts from the
+        anchor and G from the positive form ONE group of 2G whose advantages are z-scored together; every response
+        is also scored under the negative image, and the k3 KL between the two is MAXIMISED, so that the reasoning
+        depends on the picture -> <out>/tapo, <out>/final
 
 Launch
-  1 GPU     python fine_r1.py --data cub --data-root /data/CUB_200_2011 --model Qwen/Qwen2.5-VL-7B-Instruct
+  1 GPU     python fine_r1.py --data cub --data-root /data/CUB_200_2011
   8 GPUs    torchrun --nproc 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python fine_r1.py --data toy          (all three stages on the tiny stand-in: 97 s on an idle 2-core CPU)
-  One stage at a time: --stage cot | sft | tapo (each reads the previous stage's output from --out); --cot-data FILE
-  trains on a given rationale file. Rerunning the same command resumes: a finished stage is skipped, an interrupted
-  one continues from its last checkpoint (with its data position); an interrupted cot stage keeps the classes its
-  teacher finished.
+--stage cot | sft | tapo runs one stage (each reads the previous one's output from --out); --cot-data FILE trains
+on given rationales. The same command resumes: a finished stage is skipped, an interrupted one continues.
 
-What the file does, in order (the section banners below follow it):
-  1. setup        argparse (paper defaults; a toy preset fills unset flags with CPU-sized values), torchrun
-  2. data         seen / unseen class splits, k shots per seen class, class-name similarity (confusable classes)
-  3. prompts      the question, the teacher's instruction, the toy rationale written from known attributes
-  4. stage cot    teacher rationales -> four-part filter -> at most one per seen class -> cot.jsonl
-  5. stage sft    label mask, cosine schedule with warm-up, frozen vision tower, DDP / FSDP2
-  6. triplets     (anchor, positive, negative), random or confusable negatives
-  7. rollout      5 + 5 completions per triplet, dynamic sampling (section 9) until the batch is full
-  8. reward       a registry of plain functions (accuracy, exact, format), weighted 0.9 / 0.1, each logged
-  9. advantage    z-score over the group of 10
- 10. loss         L_clip (clip-higher, dual clip) - 0.01 k3(own || negative) + 0.03 H_own + 0.03 H_neg, by hand
- 11. update loop  old log-probs once per rollout batch, several optimizer steps, metrics, periodic evaluation
-                  (eval.py: mcq and open protocols on seen and unseen classes), checkpoints, auto-resume, export
-
-Deviations from the paper and its released code (every one deliberate)
-  * The teacher and its instruction are not published (only the rationale format is). Ours: --teacher (any
-    Qwen2.5-VL checkpoint, default the policy itself, or `openai:<model>` behind an OpenAI-compatible server at
-    --teacher-url, the image sent inline) gets the image, the truth and 3-4 seen classes ranked by class-name
-    similarity, and the four parts are checked by the filter below. For `--data toy` no model can
-    write a rationale yet, so it is written from the image's known attributes (a toy class name IS colour, pattern
-    and shape): the pipeline runs offline. The paper's rationales are also label-informed (86 of 404 name the class
-    in the first quarter), so a label-informed toy rationale is faithful in kind. It has the four parts in about 40
-    tokens, with the two fixed lines worded in the stand-in's vocabulary ("the options:", "the final answer is"):
-    the paper's lines cost the stand-in's tokenizer 38 single-character tokens, which a two-layer model garbles.
-  * The question is drawn per sample from four phrasings (FINE_R1_QUESTIONS; the paper's SFT data has 198,
-    its RL data one per domain), with the paper's RL request to reason as an inner monologue in <think> and answer
-    in <answer>, under the chat template's default system prompt, at SFT and TAPO alike. The paper's SFT samples
-    instead carry an R1-style system prompt stating the same format and a bare question; on the tiny stand-in that
-    SFT did not carry over to the evaluation prompts (on an earlier build, seen mcq 0.794 -> 0.572 after SFT).
-  * The rationale filter (the paper's is not published) checks the four parts in the layouts a teacher writes: the
-    candidate list on the marker's line or below it, numbered, bulleted or comma-separated, markdown bold, the
-    prediction with or without a period, a car's model year left out. Of the paper's 404 released SFT samples, 376
-    pass; 4 have no candidate line, and 24 predict a name without the truth in it (22 cars named without their
-    body type, e.g. "Honda Odyssey" for "Honda Odyssey Minivan 2012"; "Snapdragons"; "Neoregelia" for bromelia).
-  * --closed-frac (toy preset 0.5; paper 0) asks that share of the SFT and TAPO questions in closed-world form, in
-    the wording of the paper's closed-world evaluation (the truth and 3 other seen classes as a list, the name as
-    the answer): trained on open questions only, the two-layer stand-in loses its multiple-choice behaviour, which a
-    7B model keeps.
-  * Confusable negatives come from class-name similarity (word overlap + character similarity), not from the model's
-    own confusions; `--negatives random` is the other choice. The released data pre-computed the triplets.
-  * Each row is tokenised with its own image (anchor, positive or negative), so images of any size work; the
-    released code reused the anchor's token ids and required every image pre-resized to the anchor's size.
-  * The TAPO loss is the released code's: H_own is the sampled-token NLL (it has a gradient), H_neg is computed
-    without gradient, so its term only shifts the loss value (it is logged; it moves nothing). No reference KL.
-  * Token mean over the optimizer step on all ranks (the normaliser is all-reduced before the backward passes);
-    the released code took a token mean per micro-batch and divided by the accumulation count.
-  * Dynamic sampling keeps a sampling round whole when none of its groups (on any rank) passes the filter, as the
-    released trainer does (zero advantage; the KL and entropy terms still act). It stops after --max-sample-rounds
-    rounds; if the batch is still short, it is filled with groups the filter rejected (logged as dynamic/filled)
-    instead of failing: the released code retried without limit.
-  * The SFT warm-up follows the HF schedule the paper used: step 0 has learning rate 0, step 6 the full 5e-6.
-  * Old log-probs are recomputed with one forward per rollout batch (as verl), not taken from the sampler.
-  * Mixed precision: fp32 master weights with bf16 compute on GPU (FSDP2 MixedPrecisionPolicy when sharded, autocast
-    for DDP and one process; common.precision_for); the paper used bf16 with DeepSpeed ZeRO-3 (SFT) and verl FSDP
-    with CPU offload (RL). Rollouts use the project's prefill-once sampler instead of vLLM, and the log-prob and
-    update forwards run each image's prompt once for its completions (common.score_completions, exact). final/ is
-    exported in bf16 (--export-dtype); TAPO starts from the SFT export.
-  * Weight decay skips 1-D parameters (norms, biases), like the HF Trainer used by the paper's SFT.
-  * Evaluation is eval.py's: mcq = the paper's closed-world prompt and scoring (the options as a list, right when
-    the truth's name is in the answer), 4 options shuffled per image (the released files always list the truth
-    first), the 3 wrong ones drawn from every class, seen and unseen, as in those files (--mcq-distractors); open =
-    the rule judge's exact match, not the paper's SigLIP similarity.
-  * Toy preset (`--data toy`, only flags left unset): the tiny stand-in; 20 rationales per seen class (the toy has
-    12 seen classes: one each would be 12 samples); SFT lr 2e-3, batch 16, 6 epochs (90 steps); TAPO lr 1e-4,
-    rollout temperature 0.7 (at 1.0 the stand-in samples far worse answers than it gives greedily), the exact-match
-    accuracy reward (the two-layer model learned to hedge under the substring rule: several names inside one
-    <answer>), 16 triplets per rollout batch, 8 per optimizer step, 4 epochs of the 48 k-shot images (12 rollout
-    batches, 24 steps), 96 new tokens; evaluation of the whole toy test split (180 seen-class and 180 unseen-class
-    images) at the start, after SFT and after TAPO: about 1.5 CPU-minutes.
-  * --max-steps caps the TAPO optimizer steps; the SFT length is --sft-epochs.
+What this file simplifies or changes (each one, with the released code's behaviour: README, "Fine-R1 (fine_r1.py)")
+  * the teacher and its instruction are not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy
+    the rationale is written from the image's known attributes
+  * confusable classes come from class-name similarity; each row is tokenised with its own image
+  * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
+  * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
 """
 
 from __future__ import annotations
@@ -115,7 +45,6 @@ import random
 import re
 import sys
 import time
-from typing import Sequence
 
 import torch
 
@@ -123,220 +52,63 @@ import common
 import data
 import judges
 
+# =====================================================================================================================
+# 1. Prompts
+# =====================================================================================================================
+
+# Closed world (released eval_closedworld): the question, the options as a Python list (no letters), the reasoning
+# in <think> and the chosen option in <answer>, the expected form.
+QUESTION = "Which {kind} is shown in this picture?"
+CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
+                 "<think> </think> and your final choice inside <answer> </answer>, in the form "
+                 "<think>...</think> <answer>choice</answer>.")
 
 
-# Fine-R1 closed world (released eval_closedworld): the question, the options as a Python list (no letters), the
-# reasoning in <think> and the chosen option in <answer>, the expected form.
-FINE_R1_QUESTION = "Which {kind} is shown in this picture?"
-FINE_R1_CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
-                         "<think> </think> and your final choice inside <answer> </answer>, in the form "
-                         "<think>...</think> <answer>choice</answer>.")
+def closed_prompt(kind: str, options: list[str]) -> str:
+    return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
 
 
-def fine_r1_closed_prompt(kind: str, options: Sequence[str]) -> str:
-    return FINE_R1_CLOSED_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind), options=str(list(options)))
-
-
-# Fine-R1 open questions (its SFT data has 198 phrasings, its RL data one per domain). Its RL prompt is the question,
-# a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>; its
-# open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
+# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt is the
+# question, a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>;
+# the open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
 # the RL prompt's wording of that request, so that a model trained on it is asked the way it was trained).
-FINE_R1_QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
-                     "What is the specific name of this {kind}?", "Name the {kind} in the image."]
-FINE_R1_RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
-                     "the final answer inside <answer> </answer>.")
-FINE_R1_OPEN_PROMPT = "{question} This is a fine-grained question." + FINE_R1_RL_SUFFIX
+QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
+             "What is the specific name of this {kind}?", "Name the {kind} in the image."]
+RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
+             "the final answer inside <answer> </answer>.")
+OPEN_PROMPT = "{question} This is a fine-grained question." + RL_SUFFIX
 
 
-def fine_r1_open_prompt(kind: str) -> str:
-    return FINE_R1_OPEN_PROMPT.format(question=FINE_R1_QUESTION.format(kind=kind))
-
-# ----- 1. setup: flags (paper defaults; a toy preset for the CPU) -----
-
-# The paper's settings (SPEC section 6, research note section 1) and the toy preset. Flags listed here default to
-# None on the command line: whatever the user sets wins, the preset fills the rest.
-PAPER = dict(
-    model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0,
-    sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
-    shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
-    rewards="accuracy=0.9,format=0.1", temperature=1.0,
-    max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
-    eval_every=50, eval_limit=None, eval_max_new_tokens=2048, eval_batch=8, save_every=15,
-)
-# Toy preset: the toy data has 12 seen classes of 20 training images each, so the one-rationale-per-class rule would
-# give 12 SFT samples; 20 per class (every training image) gives the tiny stand-in enough to learn the format and
-# the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
-TOY = dict(
-    model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5,
-    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
-    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
-    rewards="exact=0.9,format=0.1", temperature=0.7,
-    max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
-    eval_every=90, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
-)
+def open_prompt(kind: str) -> str:
+    return OPEN_PROMPT.format(question=QUESTION.format(kind=kind))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
-                                            "recognition with Qwen2.5-VL")
-    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
-    p.set_defaults(model=None, group_size=None, min_pixels=None, max_pixels=None)  # filled by PAPER / TOY
-    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
-                   help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
-    g = p.add_argument_group("stage cot: the rationale data")
-    g.add_argument("--cot-data", default=None, help="a JSONL file of rationales to use instead of writing them "
-                   "(records: image, class_name, question, response)")
-    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
-                   help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
-                        "auto = attributes for toy, teacher otherwise")
-    g.add_argument("--teacher", default=None, help="teacher: a Qwen2.5-VL checkpoint loaded here (default: --model), "
-                   "or openai:<model> served at --teacher-url (any vision chat model, e.g. by vLLM)")
-    g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server of an openai: teacher, e.g. "
-                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
-    g.add_argument("--teacher-concurrency", type=int, default=16, help="requests in flight per rank (openai:)")
-    g.add_argument("--cot-per-class", type=int, default=None, help="rationales kept per seen class (paper 1)")
-    g.add_argument("--cot-images-per-class", type=int, default=4,
-                   help="training images per class given to the teacher until one rationale passes the filter")
-    g.add_argument("--cot-samples", type=int, default=2, help="rationales sampled per image from the teacher")
-    g.add_argument("--cot-candidates", type=int, default=None,
-                   help="confusable classes in a rationale's candidate line (paper 3-4; toy 2)")
-    g.add_argument("--cot-temperature", type=float, default=0.7, help="teacher sampling temperature")
-    g.add_argument("--cot-top-p", type=float, default=0.95, help="teacher nucleus sampling")
-    g.add_argument("--cot-max-new-tokens", type=int, default=None, help="rationale length cap (paper-sized 2048)")
-    g.add_argument("--cot-batch", type=int, default=8, help="images per teacher sampling call (memory knob)")
-    g.add_argument("--closed-frac", type=float, default=None,
-                   help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
-                        "classes as lettered options, the class name as the answer (paper 0: open questions only)")
-    g = p.add_argument_group("stage sft")
-    g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 2e-3)")
-    g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
-    g.add_argument("--sft-weight-decay", type=float, default=0.1, help="AdamW weight decay (paper 0.1)")
-    g.add_argument("--sft-batch", type=int, default=None, help="samples per optimizer step, all ranks (paper 64)")
-    g.add_argument("--sft-epochs", type=float, default=None, help="passes over the rationales (paper 10)")
-    g.add_argument("--sft-micro-batch", type=int, default=None, help="samples per forward/backward on a rank")
-    g.add_argument("--sft-train-vision", action="store_true",
-                   help="also train the vision tower and merger (the paper freezes both in SFT)")
-    g.add_argument("--sft-min-pixels", type=int, default=None, help="SFT image pixel budget, lower (paper 32*32)")
-    g.add_argument("--sft-max-pixels", type=int, default=None, help="SFT image pixel budget, upper (paper 768*768)")
-    g = p.add_argument_group("stage tapo")
-    g.add_argument("--tapo-init", default=None, help="checkpoint TAPO starts from (default: <out>/sft/final if it "
-                   "exists, else --model)")
-    g.add_argument("--shots", type=int, default=None, help="training images per seen class (paper 4)")
-    g.add_argument("--negatives", default="confusable", choices=["random", "confusable"],
-                   help="negative image from a random other class, or from one of the --confusable-k classes "
-                        "whose names are most similar to the anchor's")
-    g.add_argument("--confusable-k", type=int, default=3, help="candidate classes for a confusable negative")
-    # --group-size (common) = rollouts per image: the anchor and the positive each get that many -> a group of 2x
-    g.add_argument("--rollout-batch", type=int, default=None,
-                   help="triplets (groups) per rollout batch after filtering, all ranks (paper 192)")
-    g.add_argument("--sample-prompts", type=int, default=None,
-                   help="triplets sampled per dynamic-sampling round, all ranks (paper 64)")
-    g.add_argument("--max-sample-rounds", type=int, default=8,
-                   help="dynamic-sampling rounds per rollout batch before filling it with rejected groups")
-    g.add_argument("--acc-low", type=float, default=0.01, help="keep a group if its mean accuracy is > this")
-    g.add_argument("--acc-high", type=float, default=0.99, help="... and < this (paper 0.01 / 0.99)")
-    g.add_argument("--prompts-per-step", type=int, default=None,
-                   help="triplets per optimizer step, all ranks (paper 64: 640 responses; 3 steps per batch)")
-    g.add_argument("--tapo-epochs", type=float, default=None,
-                   help="passes over the k-shot seen images, in rollout batches (paper 5 for 7B)")
-    g.add_argument("--rewards", default=None,
-                   help="name=weight list of reward functions (registry REWARDS: accuracy, exact, format) summed "
-                        "into the reward; dynamic sampling filters on the first (paper accuracy=0.9,format=0.1; "
-                        "toy exact=0.9,format=0.1)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in (r - mean) / (std + eps) (paper 1e-6)")
-    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip, lower side (paper 0.2)")
-    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip, upper side: clip-higher (paper 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="cap of the loss at c*|A| for A < 0 (paper 3)")
-    g.add_argument("--kl-neg-coef", type=float, default=0.01,
-                   help="weight of the k3 KL against the negative image, MAXIMISED (paper 0.01)")
-    g.add_argument("--entropy-coef", type=float, default=0.03, help="weight of mean(-logp) (paper 0.03)")
-    g.add_argument("--neg-entropy-coef", type=float, default=0.03, help="weight of mean(-logp_neg) (paper 0.03)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (paper 1e-6; toy 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
-    g.add_argument("--tapo-freeze-vision", action="store_true", help="freeze the vision tower (the paper trains it)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="rollout temperature (paper 1.0; toy 0.7: the stand-in's samples at 1.0 are far worse than "
-                        "its greedy answers)")
-    g.add_argument("--top-p", type=float, default=0.99, help="rollout nucleus sampling (paper 0.99)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 2048)")
-    g.add_argument("--micro-batch", type=int, default=None, help="responses per forward/backward (memory knob)")
-    g.add_argument("--logprob-micro-batch", type=int, default=None, help="responses per no-grad log-prob forward")
-    g.add_argument("--rollout-prompt-batch", type=int, default=None,
-                   help="images per sampling call (memory knob; default: all of a round at once)")
-    g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate every N optimizer steps of each stage, plus at the start and the end (0 = never; "
-                        "paper 50; toy 90: the start and end of each toy stage)")
-    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
-    g.add_argument("--eval-protocols", default="mcq,open", help="eval.py protocols (closed and open world)")
-    g.add_argument("--mcq-distractors", default="all", choices=["all", "split"],
-                   help="mcq wrong options from every class, seen and unseen (all: the paper's evaluation files), or "
-                        "only from the evaluated group (split)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per class group")
-    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
-    g.add_argument("--eval-batch", type=int, default=None, help="images per evaluation sampling call (memory knob)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N optimizer steps and at the end (0 = at the end only)")
-    g.add_argument("--log-completions", type=int, default=2, help="sampled completions per rollout batch written "
-                   "to metrics.jsonl with their rewards")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    preset = TOY if args.data == "toy" else PAPER
-    filled = {k: v for k, v in preset.items() if getattr(args, k) is None}
-    for key, value in filled.items():
-        setattr(args, key, value)
-    args.preset_filled = sorted(filled)
-    if args.cot_source == "auto":
-        args.cot_source = "attributes" if args.data == "toy" else "teacher"
-    if args.cot_source == "attributes" and args.data != "toy":
-        raise SystemExit(f"--cot-source attributes needs --data toy (whose class names are the attributes); "
-                         f"for --data {args.data} use a teacher model or --cot-data FILE")
-    if args.group_size < 1:
-        raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
-    args.reward_weights = parse_reward_weights(args.rewards)
-    args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    common.check_system_flags(args)
-    return args
+# The closed-world form (--closed-frac; the paper trains on open questions only): the closed-world evaluation prompt
+# (closed_prompt: the options as a list, the chosen name in <answer>), scored as that evaluation scores (the truth's
+# name inside the answer).
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
+                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
+    phrasing with the paper's RL format request and None, or with probability closed_frac the closed-world form
+    whose options are the truth and 3 of `others` (shuffled) and those 3 distractors."""
+    rng = random.Random(f"question/{key}")
+    if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
+        distractors = rng.sample(list(others), 3)
+        options = distractors + [truth]
+        rng.shuffle(options)
+        return closed_prompt(kind, options), distractors
+    return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
 
 
-# ----- 2. data: seen / unseen classes, k shots, class-name similarity -----
-
-def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
-    return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
-
-
-def name_similarity(a: str, b: str) -> float:
-    """How confusable two class names look: shared words (Jaccard) plus half the character similarity.
-    >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
-    0.8529411764705883
-    """
-    na, nb = judges.normalize(a), judges.normalize(b)
-    wa, wb = set(na.split()), set(nb.split())
-    jaccard = len(wa & wb) / max(1, len(wa | wb))
-    return jaccard + 0.5 * difflib.SequenceMatcher(None, na, nb).ratio()
+def response_text(rationale: str, class_name: str) -> str:
+    """The SFT target format of the paper: <think>...</think>, a blank line, <answer>CLASS</answer>."""
+    return f"<think>{rationale.strip()}</think>\n\n<answer>{class_name}</answer>"
 
 
-def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
-    """name -> the k other names most similar to it (ties broken by name, so the result is deterministic)."""
-    return {a: sorted((b for b in names if b != a), key=lambda b: (-name_similarity(a, b), b))[:k] for a in names}
-
-
-# ----- 3. prompts -----
-
-# The question, drawn per sample from a few phrasings (FINE_R1_QUESTIONS; the paper's SFT data uses 198
-# phrasings, its RL data one per domain), followed by the paper's RL request to think it through as an inner monologue
-# in <think> and answer in <answer> (FINE_R1_RL_SUFFIX), at SFT and at TAPO alike.
 # The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
 PREDICTION_MARK = "The prediction is:"
-# The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
-# toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
-TOY_CANDIDATES_MARK = "the options:"
-TOY_PREDICTION_MARK = "the final answer is"
+
 # The teacher's instruction (the paper's is not published; this asks for the four parts its data shows).
 TEACHER_PROMPT = (
     "This image shows a {kind} of the category \"{truth}\". Categories that look similar: {candidates}.\n"
@@ -348,44 +120,9 @@ TEACHER_PROMPT = (
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
 
-# The closed-world form (--closed-frac; the paper trains on open questions only): Fine-R1's closed-world evaluation
-# prompt (fine_r1_closed_prompt: the options as a list, the chosen name in <answer>), scored as that
-# evaluation scores (the truth's name inside the answer).
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
-                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
-    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
-    phrasing with the paper's RL format request and None, or with probability closed_frac the closed-world form
-    whose options are the truth and 3 of `others` (shuffled) and those 3 distractors."""
-    rng = random.Random(f"question/{key}")
-    if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
-        distractors = rng.sample(list(others), 3)
-        options = distractors + [truth]
-        rng.shuffle(options)
-        return fine_r1_closed_prompt(kind, options), distractors
-    return rng.choice(FINE_R1_QUESTIONS).format(kind=kind) + FINE_R1_RL_SUFFIX, None
-
-
-def response_text(rationale: str, class_name: str) -> str:
-    """The SFT target format of the paper: <think>...</think>, a blank line, <answer>CLASS</answer>."""
-    return f"<think>{rationale.strip()}</think>\n\n<answer>{class_name}</answer>"
-
-
-def attribute_rationale(class_name: str, candidates: list[str]) -> str:
-    """The four-part rationale of a toy image, written from its known attributes (a toy class name is colour, pattern
-    and shape): the features in the order of the class name (so that the prediction copies them), the candidate
-    classes, how each differs, the prediction. About 40 tokens: the tiny stand-in samples it on a CPU.
-    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
-    '1. colour: red 2. pattern: striped 3. shape: circle\nthe options: red plain circle, blue striped square\n
-     not plain, not blue\nthe final answer is red striped circle'
-    """
-    differs = []
-    for c in candidates:  # the first attribute in which each candidate differs from the image
-        differs += [w for w, mine in zip(c.split(), class_name.split()) if w != mine][:1]
-    features = " ".join(f"{i}. {a}: {w}" for i, (a, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                        class_name.split()), 1))
-    return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
-            f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
-
+# =====================================================================================================================
+# 2. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
+# =====================================================================================================================
 
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
@@ -485,62 +222,21 @@ def check_rationale(completion: str, truth: str,
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
-# ----- helpers used by every stage (optimizer, policy, evaluation) -----
-
-def make_optimizer(model, lr: float, weight_decay: float):
-    """AdamW on the trainable parameters; no weight decay on 1-D ones (norm weights, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8), params
-
-
-def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int):
-    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), and its processor."""
-    args.precision = common.precision_for(args.dtype, d, args.parallel)
-    common.print0(f"precision: {args.precision}")
-    return common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, min_pixels=min_pixels,
-                             max_pixels=max_pixels)
+def name_similarity(a: str, b: str) -> float:
+    """How confusable two class names look: shared words (Jaccard) plus half the character similarity.
+    >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
+    0.8529411764705883
+    """
+    na, nb = judges.normalize(a), judges.normalize(b)
+    wa, wb = set(na.split()), set(nb.split())
+    jaccard = len(wa & wb) / max(1, len(wa | wb))
+    return jaccard + 0.5 * difflib.SequenceMatcher(None, na, nb).ratio()
 
 
-def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """eval.py on seen (base) and unseen (novel) classes under each protocol; the paper's Avg = mean of the two."""
-    import eval as eval_lib  # the project's evaluation harness (a sibling script, imported when needed)
-    model.eval()
-    result = {}
-    for protocol in args.protocols:
-        for group, ds in eval_sets.items():
-            with args.precision.context():
-                res = eval_lib.evaluate(model, processor, ds, protocol, judge=judges.get_judge("rules", ds),
-                                        seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                        out_dir=common.eval_dir(out, step, f"{protocol}_{group}"),
-                                        progress=True, micro_batch=args.eval_batch,
-                                        mcq_distractors=args.mcq_distractors,
-                                        compile_decode=bool(args.compile_decode))
-            result[f"eval/{protocol}/{group}"] = res["accuracy"]
-            result[f"eval/{protocol}/{group}_n"] = len(ds)
-        if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
-            result[f"eval/{protocol}/avg"] = (result[f"eval/{protocol}/seen"] + result[f"eval/{protocol}/unseen"]) / 2
-    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n"))
-    common.print0(f"eval at step {step}: {shown}")
-    return result
+def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
+    """name -> the k other names most similar to it (ties broken by name, so the result is deterministic)."""
+    return {a: sorted((b for b in names if b != a), key=lambda b: (-name_similarity(a, b), b))[:k] for a in names}
 
-
-def eval_sets_for(args) -> dict:
-    if not args.eval_every:
-        return {}
-    return {"seen": load_split(args, args.eval_split, "base", limit=args.eval_limit),
-            "unseen": load_split(args, args.eval_split, "novel", limit=args.eval_limit)}
-
-
-def release_memory():
-    """After a stage has dropped its model and optimizer: give the memory back before the next stage loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ----- 4. stage cot: the rationale data -----
 
 def run_cot(args, d: common.Dist, out: str) -> str:
     """Write <out>/cot.jsonl (or check and return --cot-data). Skipped when the file exists (resume)."""
@@ -709,7 +405,9 @@ def read_cot_parts(out: str) -> dict[str, dict]:
     return done
 
 
-# ----- 5. stage sft: cross-entropy on the assistant tokens -----
+# =====================================================================================================================
+# 3. Stage sft: cross-entropy on the assistant tokens (common.sft_loss)
+# =====================================================================================================================
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
     """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
@@ -742,15 +440,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
-    common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
-        model, d, parallel=args.parallel, reference=False, rollout_rows=0,
-        prompt_tokens=max(common.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
-        new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
-        knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
-               "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
-               "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+    report_memory_sft(model, processor, records, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start = 0
     ckpt = common.latest_checkpoint(sft_out)
@@ -815,7 +505,9 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     return final
 
 
-# ----- 6. triplets: anchor, positive (same class, other image), negative (other class) -----
+# =====================================================================================================================
+# 4. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
+# =====================================================================================================================
 
 @dataclasses.dataclass
 class Triplet:
@@ -843,8 +535,6 @@ def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-
-# ----- 7. rollout: 5 + 5 completions per triplet, one group -----
 
 @dataclasses.dataclass
 class Group:
@@ -904,7 +594,9 @@ def stack_groups(groups: list[Group], pad_id: int):
     return own, neg, ids, mask, torch.cat([g.reward for g in groups])
 
 
-# ----- 8. reward: a registry of plain functions fn(completion, truth) -> float -----
+# =====================================================================================================================
+# 5. Reward: a registry of plain functions fn(completion, truth) -> float
+# =====================================================================================================================
 
 def accuracy_reward(completion: str, truth: str) -> float:
     """1 if the lowercased truth is a substring of the <answer> text (the paper's rule)."""
@@ -948,7 +640,9 @@ def score(texts: list[str], truths: list[str], weights: dict[str, float]):
     return sum(weights[n] * v for n, v in parts.items()), parts
 
 
-# ----- 9. advantage, dynamic-sampling filter -----
+# =====================================================================================================================
+# 6. Advantage, and the dynamic-sampling filter
+# =====================================================================================================================
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
@@ -998,7 +692,9 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
     return batch, stats
 
 
-# ----- 10. loss -----
+# =====================================================================================================================
+# 7. The TAPO loss, written by hand
+# =====================================================================================================================
 
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, normalizer: float, clip_low: float = 0.2, clip_high: float = 0.28,
@@ -1045,23 +741,115 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
-# ----- 11. stage tapo: the update loop -----
+# =====================================================================================================================
+# 8. The TAPO step: one rollout batch -> advantages -> old and negative-image log-probs -> several updates
+# =====================================================================================================================
 
-def check_tapo_batches(args, world_size: int):
-    """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
-    `--stage all` run never trains CoT SFT for hours and then stops here)."""
-    for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
-                    ("--prompts-per-step", args.prompts_per_step)):
-        common.require_divisible(what, n, world_size, "the number of ranks")
-    common.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
-    if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
-        raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
-                         f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
+def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
+                d: common.Dist) -> list[Triplet]:
+    """This rank's triplets of the sampling round at data position `cursor` (positions cursor + rank, + world, ...
+    of an endless stream of seeded epochs over the anchors). A position's positive and negative are drawn with a
+    seed of that position: the same on resume, on any number of ranks."""
+    return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
+                         random.Random(args.seed * 1_000_003 + pos))
+            for pos in range(cursor + d.rank, cursor + args.sample_prompts, d.world_size)]
 
+
+def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, optimizer, processor, train, by_class,
+              negatives, args, d: common.Dist, guard: common.NonFiniteGuard, timer: common.PhaseTimer):
+    """One rollout batch of TAPO: sample rounds of triplets until every rank holds its groups (dynamic sampling),
+    then --rollout-batch / --prompts-per-step optimizer steps on them. Returns (a record per optimizer step, the
+    batch's rollout metrics on this rank, its groups, the data position after it, the step count after it)."""
+    G2 = 2 * args.group_size  # one advantage group: G from the anchor + G from the positive
+    seen_classes = sorted(by_class)
+
+    # rollout with dynamic sampling: rounds of sampling until every rank has its groups
+    def sample_round(round_index: int) -> list[Group]:
+        triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args, d)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_idx * 1009 + round_index * 13 + d.rank)
+        t_round = time.perf_counter()
+        round_groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
+        if time.perf_counter() - t_round > 30:  # a long stage says where it is
+            common.print0(f"tapo batch {batch_idx + 1}: sampling round {round_index + 1} took "
+                          f"{time.perf_counter() - t_round:.0f} s")
+        return round_groups
+
+    model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
+    with timer("sampling"):
+        warm = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
+        with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
+            groups, dyn_stats = dynamic_sampling(sample_round, args.rollout_batch // d.world_size,
+                                                 args.max_sample_rounds, args.acc_low, args.acc_high)
+    cursor += dyn_stats["dynamic/rounds"] * args.sample_prompts
+
+    # advantage over each group of 2G; old log-probs (own image) and negative-image log-probs, once, no grad
+    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+    own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
+    advantages = group_advantages(rewards, G2, args.adv_eps)  # [R]
+    scored = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
+        model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+        shared_prefix=bool(args.shared_prefix))
+    with timer("logprobs"), args.precision.context():
+        old_logp = scored(own)  # [R, T] the sampling policy, each response under its own image
+        neg_logp = scored(neg)  # [R, T] the same responses under the triplet's negative image
+
+    # several optimizer steps on the rollout batch, each a token mean over its responses on all ranks
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows_per_step = args.prompts_per_step // d.world_size * G2  # responses of one optimizer step on this rank
+    records = []
+    for k in range(args.rollout_batch // args.prompts_per_step):
+        if step >= total_steps or guard.exhausted:
+            break
+        common.set_lr(optimizer, args.lr)  # constant (paper)
+        rows_all = range(k * rows_per_step, (k + 1) * rows_per_step)
+        normalizer = common.global_token_count(mask[rows_all.start:rows_all.stop]) / d.world_size
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        starts = list(range(rows_all.start, rows_all.stop, args.micro_batch))
+        with timer("update"):
+            for j, start in enumerate(starts):
+                rows = slice(start, min(start + args.micro_batch, rows_all.stop))
+                width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
+                mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
+                common.grad_sync(model, j == len(starts) - 1)
+                with args.precision.context():  # each image's prompt once for its G completions
+                    logp = common.score_completions(model, own[rows], mb_ids, mb_mask, pad_id, args.temperature,
+                                                    bool(args.shared_prefix)).float()  # [b, t]
+                loss, terms = tapo_loss(
+                    logp, old_logp[rows, :width].to(logp), neg_logp[rows, :width].to(logp),
+                    advantages[rows].to(logp), mb_mask.to(logp.device), normalizer=normalizer,
+                    clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
+                    kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef, neg_entropy_coef=args.neg_entropy_coef)
+                loss.backward()
+                for key, v in terms.items():
+                    sums[key] = sums.get(key, 0.0) + v
+            grad_norm = common.clip_gradients(params, args.grad_clip)
+            if guard.check(step + 1, loss=sums.get("loss", 0.0), grad_norm=grad_norm):
+                optimizer.step()
+            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                optimizer.zero_grad(set_to_none=True)
+        common.grad_sync(model, True)
+        step += 1
+        # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
+        records.append({"step": step, "stage": "tapo", "lr": args.lr, "grad_norm": grad_norm, **guard.stats(),
+                        **{f"loss/{n}": v for n, v in common.mean_over_ranks(sums).items()}})
+
+    parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
+    metrics = {"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
+               **dyn_stats, "completion_len": float(mask.sum()) / mask.shape[0],
+               "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())}
+    return records, metrics, groups, cursor, step
+
+
+# =====================================================================================================================
+# 9. Stage tapo: the loop over rollout batches
+# =====================================================================================================================
 
 def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool) -> str:
-    tapo_out = os.path.join(out, "tapo")
-    final = os.path.join(out, "final")
+    """TAPO from the SFT export (or --tapo-init / --model); checkpoints and metrics in <out>/tapo, the model exported
+    to <out>/final. Skipped when that exists (resume)."""
+    tapo_out, final = os.path.join(out, "tapo"), os.path.join(out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage tapo: {final} exists, skipped")
         return final
@@ -1069,48 +857,28 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     log = common.MetricsLog(tapo_out, args.wandb, vars(args))
     sft_final = os.path.join(out, "sft", "final")
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
-    G2 = 2 * args.group_size  # one advantage group: G from the anchor + G from the positive
     check_tapo_batches(args, d.world_size)
-    groups_per_rank = args.rollout_batch // d.world_size
-    sample_per_rank = args.sample_prompts // d.world_size
     steps_per_batch = args.rollout_batch // args.prompts_per_step
-    rows_per_step = args.prompts_per_step // d.world_size * G2  # responses of one optimizer step on this rank
 
-    # ----- 2. data: k images per seen class, triplets -----
+    # data: k images per seen class (the anchors), and the classes each one's negative may come from
     train = load_split(args, "train", "base", shots=args.shots)
     by_class: dict[str, list[data.Example]] = {}
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
-    seen_classes = sorted(by_class)
-    negatives = negative_classes(seen_classes, args.negatives, args.confusable_k)
-    anchors = train.examples
-    total_batches = max(1, math.floor(args.tapo_epochs * len(anchors) / args.rollout_batch))
+    negatives = negative_classes(sorted(by_class), args.negatives, args.confusable_k)
+    total_batches = max(1, math.floor(args.tapo_epochs * len(train.examples) / args.rollout_batch))
     total_steps = total_batches * steps_per_batch
     if args.max_steps:  # overrides --tapo-epochs
         total_steps, total_batches = args.max_steps, math.ceil(args.max_steps / steps_per_batch)
 
-    # ----- 3. models -----
+    # the policy, its optimizer, resume
     model, processor = load_policy(args, d, init, args.min_pixels, args.max_pixels)
     if args.tapo_freeze_vision:
         model.model.visual.requires_grad_(False)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
-    optimizer, params = make_optimizer(model, args.lr, args.weight_decay)
-    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    common.report_memory_budget(  # the estimate per GPU at start, and the knobs that reduce it, in order
-        model, d, parallel=args.parallel, reference=False,
-        rollout_rows=(args.rollout_prompt_batch or 2 * sample_per_rank) * args.group_size,
-        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(train.kind, 0)[0]),
-        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
-               "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
-                                   "--max-new-tokens, --max-pixels",
-               "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
-               "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+    optimizer, _ = make_optimizer(model, args.lr, args.weight_decay)
+    report_memory_tapo(model, processor, train.kind, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start_batch, cursor, step = 0, 0, 0
     ckpt = common.latest_checkpoint(tapo_out)
@@ -1120,17 +888,9 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         common.print0(f"stage tapo: resumed from {ckpt} at rollout batch {start_batch} (step {step}, data "
                       f"position {cursor})")
     log.resume_at(step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
-    common.print0(f"stage tapo from {init}: {len(anchors)} anchors of {len(by_class)} seen classes, "
-                  f"{total_batches} rollout batches x {args.rollout_batch} triplets x {G2} responses, "
-                  f"{steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} negatives")
-
-    def next_triplets() -> list[Triplet]:
-        """This rank's triplets of the next sampling round (positions cursor + rank, + world, ...); the positive and
-        negative of a position are drawn with a seed of that position: the same on resume, on any rank count."""
-        picked = [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
-                               random.Random(args.seed * 1_000_003 + pos))
-                  for pos in range(cursor + d.rank, cursor + args.sample_prompts, d.world_size)]
-        return picked
+    common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
+                  f"{total_batches} rollout batches x {args.rollout_batch} triplets x {2 * args.group_size} "
+                  f"responses, {steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} negatives")
 
     timer = common.PhaseTimer()
     if eval_sets and first_stage and start_batch == 0:  # run alone: the starting model is the baseline
@@ -1138,93 +898,13 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
             log.log({"step": 0, "stage": "tapo", **evaluate_all(model, processor, eval_sets, args, tapo_out, 0)})
     for batch_idx in range(start_batch, total_batches):
         t_batch = time.perf_counter()
-        # ----- 7. rollout with dynamic sampling: rounds of sampling until every rank has its groups -----
-        model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
-        with timer("sampling"):
-            warm = common.encode_prompt(processor, anchors[0].image, pose_question(train.kind, 0)[0])
-            with args.precision.context(), \
-                    common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
-
-                def sample_round(round_index: int) -> list[Group]:
-                    nonlocal cursor
-                    triplets = next_triplets()
-                    cursor += args.sample_prompts
-                    gen = torch.Generator().manual_seed(
-                        args.seed * 1_000_003 + batch_idx * 1009 + round_index * 13 + d.rank)
-                    t_round = time.perf_counter()
-                    round_groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
-                    if time.perf_counter() - t_round > 30:  # a long stage says where it is
-                        common.print0(f"tapo batch {batch_idx + 1}/{total_batches}: sampling round {round_index + 1} "
-                                      f"took {time.perf_counter() - t_round:.0f} s")
-                    return round_groups
-
-                groups, dyn_stats = dynamic_sampling(sample_round, groups_per_rank, args.max_sample_rounds,
-                                                     args.acc_low, args.acc_high)
-
-        # ----- 9. advantage over each group of 2G -----
-        own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
-        advantages = group_advantages(rewards, G2, args.adv_eps)  # [R]
-
-        # ----- old log-probs (own image) and negative-image log-probs, once per rollout batch, no grad -----
-        with timer("logprobs"), args.precision.context():
-            old_logp = common.completion_logprobs(model, processor, own, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch,
-                                                  shared_prefix=bool(args.shared_prefix))  # [R, T]
-            neg_logp = common.completion_logprobs(model, processor, neg, ids, mask, temperature=args.temperature,
-                                                  micro_batch=args.logprob_micro_batch,
-                                                  shared_prefix=bool(args.shared_prefix))  # [R, T]
-
-        # ----- 11. several optimizer steps on the rollout batch -----
-        model.train()
-        batch_records = []
-        for k in range(steps_per_batch):
-            if step >= total_steps or guard.exhausted:
-                break
-            lr = args.lr  # constant (paper)
-            common.set_lr(optimizer, lr)
-            rows_all = range(k * rows_per_step, (k + 1) * rows_per_step)
-            normalizer = common.global_token_count(mask[rows_all.start:rows_all.stop]) / d.world_size
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            starts = list(range(rows_all.start, rows_all.stop, args.micro_batch))
-            with timer("update"):
-                for j, s in enumerate(starts):
-                    rows = slice(s, min(s + args.micro_batch, rows_all.stop))
-                    width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
-                    mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
-                    common.grad_sync(model, j == len(starts) - 1)
-                    with args.precision.context():  # each image's prompt once for its G completions
-                        logp = common.score_completions(model, own[rows], mb_ids, mb_mask, pad_id, args.temperature,
-                                                        bool(args.shared_prefix)).float()  # [b, t]
-                    loss, terms = tapo_loss(
-                        logp, old_logp[rows, :width].to(logp), neg_logp[rows, :width].to(logp),
-                        advantages[rows].to(logp), mb_mask.to(logp.device), normalizer=normalizer,
-                        clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                        kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
-                        neg_entropy_coef=args.neg_entropy_coef)
-                    loss.backward()
-                    for key, v in terms.items():
-                        sums[key] = sums.get(key, 0.0) + v
-                grad_norm = common.clip_gradients(params, args.grad_clip)
-                if guard.check(step + 1, loss=sums.get("loss", 0.0), grad_norm=grad_norm):
-                    optimizer.step()
-                else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-                    optimizer.zero_grad(set_to_none=True)
-            common.grad_sync(model, True)
-            step += 1
-            # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-            batch_records.append({"step": step, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
-                                  **{f"loss/{n}": v for n, v in common.mean_over_ranks(sums).items()}})
-
-        # ----- metrics of the rollout batch (attached to its last optimizer step) -----
-        comp = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
-        local = {"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in comp.items()},
-                 **dyn_stats,
-                 "completion_len": float(mask.sum()) / mask.shape[0],
-                 "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())}
-        record = {**batch_records[-1], "rollout_batch": batch_idx + 1, **common.mean_over_ranks(local),
+        records, metrics, groups, cursor, step = tapo_step(batch_idx, cursor, step, total_steps, model, optimizer,
+                                                           processor, train, by_class, negatives, args, d, guard,
+                                                           timer)
+        # the rollout batch's metrics go with its last optimizer step
+        record = {**records[-1], "rollout_batch": batch_idx + 1, **common.mean_over_ranks(metrics),
                   **common.mean_over_ranks(timer.pop()), "time/rollout_batch": time.perf_counter() - t_batch}
-        for r in batch_records[:-1]:
+        for r in records[:-1]:
             log.log(r)
         if args.log_completions and d.is_main:
             record["completions"] = [
@@ -1233,7 +913,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
         done = batch_idx + 1 == total_batches or step >= total_steps
         if eval_sets and (done or (args.eval_every > 0 and step // args.eval_every
-                                   > (step - len(batch_records)) // args.eval_every)):
+                                   > (step - len(records)) // args.eval_every)):
             with timer("eval"):
                 record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, step))
             record.update(timer.pop())
@@ -1243,7 +923,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                       f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
                       f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if done or guard.exhausted or (args.save_every and step // args.save_every
-                                       > (step - len(batch_records)) // args.save_every):
+                                       > (step - len(records)) // args.save_every):
             common.save_checkpoint(tapo_out, step, model, optimizer,
                                    {"stage": "tapo", "batch": batch_idx + 1, "cursor": cursor})
         if guard.exhausted:  # --max-nonfinite skipped steps in a row (the rest of this rollout batch is dropped)
@@ -1257,7 +937,237 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     return final
 
 
-# ----- the run -----
+# =====================================================================================================================
+# 10. Shared by the stages: data, policy, optimizer, evaluation
+# =====================================================================================================================
+
+def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
+    return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
+
+
+def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int):
+    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), and its processor."""
+    args.precision = common.precision_for(args.dtype, d, args.parallel)
+    common.print0(f"precision: {args.precision}")
+    return common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, min_pixels=min_pixels,
+                             max_pixels=max_pixels)
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW on the trainable parameters; no weight decay on 1-D ones (norm weights, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8), params
+
+
+def release_memory():
+    """After a stage has dropped its model and optimizer: give the memory back before the next stage loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
+    """eval.py on seen (base) and unseen (novel) classes under each protocol; the paper's Avg = mean of the two."""
+    import eval as eval_lib  # the project's evaluation harness (a sibling script, imported when needed)
+    model.eval()
+    result = {}
+    for protocol in args.protocols:
+        for group, ds in eval_sets.items():
+            with args.precision.context():
+                res = eval_lib.evaluate(model, processor, ds, protocol, judge=judges.get_judge("rules", ds),
+                                        seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
+                                        out_dir=common.eval_dir(out, step, f"{protocol}_{group}"),
+                                        progress=True, micro_batch=args.eval_batch,
+                                        mcq_distractors=args.mcq_distractors,
+                                        compile_decode=bool(args.compile_decode))
+            result[f"eval/{protocol}/{group}"] = res["accuracy"]
+            result[f"eval/{protocol}/{group}_n"] = len(ds)
+        if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
+            result[f"eval/{protocol}/avg"] = (result[f"eval/{protocol}/seen"] + result[f"eval/{protocol}/unseen"]) / 2
+    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n"))
+    common.print0(f"eval at step {step}: {shown}")
+    return result
+
+
+def eval_sets_for(args) -> dict:
+    if not args.eval_every:
+        return {}
+    return {"seen": load_split(args, args.eval_split, "base", limit=args.eval_limit),
+            "unseen": load_split(args, args.eval_split, "novel", limit=args.eval_limit)}
+
+
+# =====================================================================================================================
+# 11. Flags: the paper's values, and a toy preset for the CPU
+# =====================================================================================================================
+
+# The paper's settings (SPEC section 6, research note section 1) and the toy preset. Flags listed here default to
+# None on the command line: whatever the user sets wins, the preset fills the rest.
+PAPER = dict(
+    model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
+    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0,
+    sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
+    shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
+    rewards="accuracy=0.9,format=0.1", temperature=1.0,
+    max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
+    eval_every=50, eval_limit=None, eval_max_new_tokens=2048, eval_batch=8, save_every=15,
+)
+
+# Toy preset: the toy data has 12 seen classes of 20 training images each, so the one-rationale-per-class rule would
+# give 12 SFT samples; 20 per class (every training image) gives the tiny stand-in enough to learn the format and
+# the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
+TOY = dict(
+    model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
+    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5,
+    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
+    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2,
+    shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
+    rewards="exact=0.9,format=0.1", temperature=0.7,
+    max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
+    eval_every=90, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
+                                            "recognition with Qwen2.5-VL")
+    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
+    p.set_defaults(model=None, group_size=None, min_pixels=None, max_pixels=None)  # filled by PAPER / TOY
+    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
+                   help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
+    g = p.add_argument_group("stage cot: the rationale data")
+    g.add_argument("--cot-data", default=None, help="a JSONL file of rationales to use instead of writing them "
+                   "(records: image, class_name, question, response)")
+    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
+                   help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
+                        "auto = attributes for toy, teacher otherwise")
+    g.add_argument("--teacher", default=None, help="teacher: a Qwen2.5-VL checkpoint loaded here (default: --model), "
+                   "or openai:<model> served at --teacher-url (any vision chat model, e.g. by vLLM)")
+    g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server of an openai: teacher, e.g. "
+                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
+    g.add_argument("--teacher-concurrency", type=int, default=16, help="requests in flight per rank (openai:)")
+    g.add_argument("--cot-per-class", type=int, default=None, help="rationales kept per seen class (paper 1)")
+    g.add_argument("--cot-images-per-class", type=int, default=4,
+                   help="training images per class given to the teacher until one rationale passes the filter")
+    g.add_argument("--cot-samples", type=int, default=2, help="rationales sampled per image from the teacher")
+    g.add_argument("--cot-candidates", type=int, default=None,
+                   help="confusable classes in a rationale's candidate line (paper 3-4; toy 2)")
+    g.add_argument("--cot-temperature", type=float, default=0.7, help="teacher sampling temperature")
+    g.add_argument("--cot-top-p", type=float, default=0.95, help="teacher nucleus sampling")
+    g.add_argument("--cot-max-new-tokens", type=int, default=None, help="rationale length cap (paper-sized 2048)")
+    g.add_argument("--cot-batch", type=int, default=8, help="images per teacher sampling call (memory knob)")
+    g.add_argument("--closed-frac", type=float, default=None,
+                   help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
+                        "classes as lettered options, the class name as the answer (paper 0: open questions only)")
+    g = p.add_argument_group("stage sft")
+    g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 2e-3)")
+    g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
+    g.add_argument("--sft-weight-decay", type=float, default=0.1, help="AdamW weight decay (paper 0.1)")
+    g.add_argument("--sft-batch", type=int, default=None, help="samples per optimizer step, all ranks (paper 64)")
+    g.add_argument("--sft-epochs", type=float, default=None, help="passes over the rationales (paper 10)")
+    g.add_argument("--sft-micro-batch", type=int, default=None, help="samples per forward/backward on a rank")
+    g.add_argument("--sft-train-vision", action="store_true",
+                   help="also train the vision tower and merger (the paper freezes both in SFT)")
+    g.add_argument("--sft-min-pixels", type=int, default=None, help="SFT image pixel budget, lower (paper 32*32)")
+    g.add_argument("--sft-max-pixels", type=int, default=None, help="SFT image pixel budget, upper (paper 768*768)")
+    g = p.add_argument_group("stage tapo")
+    g.add_argument("--tapo-init", default=None, help="checkpoint TAPO starts from (default: <out>/sft/final if it "
+                   "exists, else --model)")
+    g.add_argument("--shots", type=int, default=None, help="training images per seen class (paper 4)")
+    g.add_argument("--negatives", default="confusable", choices=["random", "confusable"],
+                   help="negative image from a random other class, or from one of the --confusable-k classes "
+                        "whose names are most similar to the anchor's")
+    g.add_argument("--confusable-k", type=int, default=3, help="candidate classes for a confusable negative")
+    # --group-size (common) = rollouts per image: the anchor and the positive each get that many -> a group of 2x
+    g.add_argument("--rollout-batch", type=int, default=None,
+                   help="triplets (groups) per rollout batch after filtering, all ranks (paper 192)")
+    g.add_argument("--sample-prompts", type=int, default=None,
+                   help="triplets sampled per dynamic-sampling round, all ranks (paper 64)")
+    g.add_argument("--max-sample-rounds", type=int, default=8,
+                   help="dynamic-sampling rounds per rollout batch before filling it with rejected groups")
+    g.add_argument("--acc-low", type=float, default=0.01, help="keep a group if its mean accuracy is > this")
+    g.add_argument("--acc-high", type=float, default=0.99, help="... and < this (paper 0.01 / 0.99)")
+    g.add_argument("--prompts-per-step", type=int, default=None,
+                   help="triplets per optimizer step, all ranks (paper 64: 640 responses; 3 steps per batch)")
+    g.add_argument("--tapo-epochs", type=float, default=None,
+                   help="passes over the k-shot seen images, in rollout batches (paper 5 for 7B)")
+    g.add_argument("--rewards", default=None,
+                   help="name=weight list of reward functions (registry REWARDS: accuracy, exact, format) summed "
+                        "into the reward; dynamic sampling filters on the first (paper accuracy=0.9,format=0.1; "
+                        "toy exact=0.9,format=0.1)")
+    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in (r - mean) / (std + eps) (paper 1e-6)")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip, lower side (paper 0.2)")
+    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip, upper side: clip-higher (paper 0.28)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="cap of the loss at c*|A| for A < 0 (paper 3)")
+    g.add_argument("--kl-neg-coef", type=float, default=0.01,
+                   help="weight of the k3 KL against the negative image, MAXIMISED (paper 0.01)")
+    g.add_argument("--entropy-coef", type=float, default=0.03, help="weight of mean(-logp) (paper 0.03)")
+    g.add_argument("--neg-entropy-coef", type=float, default=0.03, help="weight of mean(-logp_neg) (paper 0.03)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (paper 1e-6; toy 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
+    g.add_argument("--tapo-freeze-vision", action="store_true", help="freeze the vision tower (the paper trains it)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="rollout temperature (paper 1.0; toy 0.7: the stand-in's samples at 1.0 are far worse than "
+                        "its greedy answers)")
+    g.add_argument("--top-p", type=float, default=0.99, help="rollout nucleus sampling (paper 0.99)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 2048)")
+    g.add_argument("--micro-batch", type=int, default=None, help="responses per forward/backward (memory knob)")
+    g.add_argument("--logprob-micro-batch", type=int, default=None, help="responses per no-grad log-prob forward")
+    g.add_argument("--rollout-prompt-batch", type=int, default=None,
+                   help="images per sampling call (memory knob; default: all of a round at once)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N optimizer steps of each stage, plus at the start and the end (0 = never; "
+                        "paper 50; toy 90: the start and end of each toy stage)")
+    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
+    g.add_argument("--eval-protocols", default="mcq,open", help="eval.py protocols (closed and open world)")
+    g.add_argument("--mcq-distractors", default="all", choices=["all", "split"],
+                   help="mcq wrong options from every class, seen and unseen (all: the paper's evaluation files), or "
+                        "only from the evaluated group (split)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per class group")
+    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
+    g.add_argument("--eval-batch", type=int, default=None, help="images per evaluation sampling call (memory knob)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N optimizer steps and at the end (0 = at the end only)")
+    g.add_argument("--log-completions", type=int, default=2, help="sampled completions per rollout batch written "
+                   "to metrics.jsonl with their rewards")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    preset = TOY if args.data == "toy" else PAPER
+    filled = {k: v for k, v in preset.items() if getattr(args, k) is None}
+    for key, value in filled.items():
+        setattr(args, key, value)
+    args.preset_filled = sorted(filled)
+    if args.cot_source == "auto":
+        args.cot_source = "attributes" if args.data == "toy" else "teacher"
+    if args.cot_source == "attributes" and args.data != "toy":
+        raise SystemExit(f"--cot-source attributes needs --data toy (whose class names are the attributes); "
+                         f"for --data {args.data} use a teacher model or --cot-data FILE")
+    if args.group_size < 1:
+        raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
+    args.reward_weights = parse_reward_weights(args.rewards)
+    args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
+    common.check_system_flags(args)
+    return args
+
+
+def check_tapo_batches(args, world_size: int):
+    """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
+    `--stage all` run never trains CoT SFT for hours and then stops here)."""
+    for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
+                    ("--prompts-per-step", args.prompts_per_step)):
+        common.require_divisible(what, n, world_size, "the number of ranks")
+    common.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
+    if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
+        raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
+                         f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
+
+
+# =====================================================================================================================
+# 12. main
+# =====================================================================================================================
 
 def main(argv=None):
     args = parse_args(argv)
@@ -1280,6 +1190,65 @@ def main(argv=None):
         run_tapo(args, d, out, eval_sets, first_stage=stages[0] == "tapo")
     common.cleanup_distributed()
     return out
+
+
+def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist):
+    """The memory estimate per GPU at the start of stage sft (common.report_memory_budget), with its knobs."""
+    common.report_memory_budget(
+        model, d, parallel=args.parallel, reference=False, rollout_rows=0,
+        prompt_tokens=max(common.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
+        new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
+        knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
+               "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+
+
+def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
+    """The memory estimate per GPU at the start of stage tapo (common.report_memory_budget), with its knobs."""
+    common.report_memory_budget(
+        model, d, parallel=args.parallel, reference=False,
+        rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // d.world_size)) * args.group_size,
+        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
+        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
+        activation_checkpointing=bool(args.activation_checkpointing),
+        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
+        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
+               "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
+                                   "--max-new-tokens, --max-pixels",
+               "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
+               "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+
+
+# =====================================================================================================================
+# 13. For the CPU stand-in
+# =====================================================================================================================
+
+# The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
+# toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
+TOY_CANDIDATES_MARK = "the options:"
+
+TOY_PREDICTION_MARK = "the final answer is"
+
+
+def attribute_rationale(class_name: str, candidates: list[str]) -> str:
+    """The four-part rationale of a toy image, written from its known attributes (a toy class name is colour, pattern
+    and shape): the features in the order of the class name (so that the prediction copies them), the candidate
+    classes, how each differs, the prediction. About 40 tokens: the tiny stand-in samples it on a CPU.
+    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
+    '1. colour: red 2. pattern: striped 3. shape: circle\nthe options: red plain circle, blue striped square\n
+     not plain, not blue\nthe final answer is red striped circle'
+    """
+    differs = []
+    for c in candidates:  # the first attribute in which each candidate differs from the image
+        differs += [w for w, mine in zip(c.split(), class_name.split()) if w != mine][:1]
+    features = " ".join(f"{i}. {a}: {w}" for i, (a, w) in enumerate(zip(("colour", "pattern", "shape"),
+                                                                        class_name.split()), 1))
+    return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
+            f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
 
 if __name__ == "__main__":

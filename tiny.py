@@ -36,8 +36,8 @@ TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash n
 )
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
-TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT,
-                fine_r1.FINE_R1_QUESTION, *fine_r1.FINE_R1_QUESTIONS, fine_r1.FINE_R1_RL_SUFFIX, fine_r1.FINE_R1_OPEN_PROMPT, str(dive_k.ANSWER_FORMATS),
+TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT, fine_r1.CLOSED_PROMPT,
+                fine_r1.QUESTION, *fine_r1.QUESTIONS, fine_r1.RL_SUFFIX, fine_r1.OPEN_PROMPT, str(dive_k.ANSWER_FORMATS),
                 "speciarl answers v3"]
 
 
@@ -68,7 +68,7 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
         k = rng.randint(2, 5) if u < 0.25 else 4
         opts = rng.sample([n for n in names if n != ex.class_name], k - 1) + [ex.class_name]
         rng.shuffle(opts)
-        prompt = dive_k.mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1.fine_r1_closed_prompt(ds.kind, opts)
+        prompt = dive_k.mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1.closed_prompt(ds.kind, opts)
         think, answer = f"it looks like a {ex.class_name}.", ex.class_name
     elif u < 0.55:  # DiVE-k's mining / two-step step 1: the class list in the prompt
         listed = rng.sample(names, len(names))
@@ -81,8 +81,8 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
         cuts = (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
         answer = ex.class_name if v < cuts[0] else family if v < cuts[1] else generic if v < cuts[2] else "None"
     else:  # Fine-R1: a question with its RL format request, or its open-world evaluation prompt
-        question = rng.choice(fine_r1.FINE_R1_QUESTIONS).format(kind=ds.kind)
-        prompt = question + fine_r1.FINE_R1_RL_SUFFIX if rng.random() < 0.5 else fine_r1.fine_r1_open_prompt(ds.kind)
+        question = rng.choice(fine_r1.QUESTIONS).format(kind=ds.kind)
+        prompt = question + fine_r1.RL_SUFFIX if rng.random() < 0.5 else fine_r1.open_prompt(ds.kind)
         answer = ex.class_name
     return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
 

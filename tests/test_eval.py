@@ -79,20 +79,20 @@ def test_prompts_carry_every_instruction_of_the_papers():
     for phrase in ["This is an image containing a bird.", "options below", "\nA. Laysan Albatross\nB. Bobolink\n",
                    "letter of the correct bird name", "<answer> option letter </answer>", "Follow this format exactly"]:
         assert phrase in mcq, phrase
-    closed = fine_r1.fine_r1_closed_prompt("bird", ["Laysan Albatross", "Bobolink"])
+    closed = fine_r1.closed_prompt("bird", ["Laysan Albatross", "Bobolink"])
     for phrase in ["Which bird is shown", "['Laysan Albatross', 'Bobolink']", "<think> </think>",
                    "final choice inside <answer> </answer>", "<think>...</think> <answer>choice</answer>"]:
         assert phrase in closed, phrase
-    assert "inner monologue inside <think> </think>" in fine_r1.FINE_R1_RL_SUFFIX
+    assert "inner monologue inside <think> </think>" in fine_r1.RL_SUFFIX
     for phrase in ["Which bird is shown", "This is a fine-grained question.", "<think> </think>", "<answer> </answer>"]:
-        assert phrase in fine_r1.fine_r1_open_prompt("bird"), phrase
+        assert phrase in fine_r1.open_prompt("bird"), phrase
     # one wording everywhere: eval.py, the methods and the stand-in's pretraining
     assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == speciarl.PROMPT
     assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == speciarl.SPECIFIC_PROMPT
-    assert fine_r1.pose_question("bird", 1)[0].endswith(fine_r1.FINE_R1_RL_SUFFIX)
+    assert fine_r1.pose_question("bird", 1)[0].endswith(fine_r1.RL_SUFFIX)
     for text in [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT,
-                 dive_k.MCQ_PROMPT, fine_r1.FINE_R1_CLOSED_PROMPT, *fine_r1.FINE_R1_QUESTIONS,
-                 fine_r1.FINE_R1_OPEN_PROMPT, fine_r1.FINE_R1_RL_SUFFIX]:
+                 dive_k.MCQ_PROMPT, fine_r1.CLOSED_PROMPT, *fine_r1.QUESTIONS,
+                 fine_r1.OPEN_PROMPT, fine_r1.RL_SUFFIX]:
         assert text in tiny.TINY_PROMPTS
 
 
@@ -198,7 +198,7 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
         doc, preds = read_out(os.path.join(out, half))
         ds = data.load_dataset("toy", "test", classes=half)
         assert len(preds) == 8 and doc["settings"]["model"] == "tiny" and doc["settings"]["seed"] == 5
-        assert doc["settings"]["scoring"] == "paper" and doc["settings"]["prompt"] == fine_r1.FINE_R1_CLOSED_PROMPT
+        assert doc["settings"]["scoring"] == "paper" and doc["settings"]["prompt"] == fine_r1.CLOSED_PROMPT
         assert_parsed(preds)
         for p in preds:
             opts = p["options"]

@@ -18,7 +18,7 @@ def rollout(tiny, toy_test):
     model, proc = tiny
     images = [common.open_image(e.image) for e in toy_test.examples[:3]]
     prompts = [common.encode_prompt(proc, images[0], speciarl.PROMPT),
-               common.encode_prompt(proc, images[1].resize((84, 56)), fine_r1.FINE_R1_OPEN_PROMPT),
+               common.encode_prompt(proc, images[1].resize((84, 56)), fine_r1.OPEN_PROMPT),
                common.encode_prompt(proc, images[2], "Classify.")]
     ro = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0,
                        generator=torch.Generator().manual_seed(1))
@@ -88,7 +88,7 @@ def test_fine_r1_layout(tiny, toy_test):
     with the question on a negative image (one run of 2G rows): per-row and shared agree, with and without grad."""
     model, proc = tiny
     images = [common.open_image(e.image) for e in toy_test.examples[5:8]]
-    anchor, positive, negative = (common.encode_prompt(proc, im, fine_r1.FINE_R1_OPEN_PROMPT) for im in images)
+    anchor, positive, negative = (common.encode_prompt(proc, im, fine_r1.OPEN_PROMPT) for im in images)
     ro = common.sample(model, proc, [anchor, positive], group_size=3, max_new_tokens=16, temperature=1.0,
                        generator=torch.Generator().manual_seed(2))
     assert_same(model, proc, ro.row_prompts, ro.completion_ids, ro.completion_mask)
