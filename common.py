@@ -2065,3 +2065,39 @@ def repair_jsonl_tail(path: str) -> int:
         except ValueError:
             f.truncate(start)
             return len(data) - start
+
+
+class RankParts:
+    """A resumable per-rank JSONL cache: each rank appends the items it finishes to <folder>/<stem>.part<rank>.jsonl,
+    so a killed run (on any number of ranks) redoes only what no rank had finished; rank 0 merges the parts at the
+    end and removes them. Used by DiVE-k's mining and Fine-R1's teacher rationales.
+
+        parts = common.RankParts(out, "mcq")
+        done = {r["id"]: r for r in parts.records()}      # every rank reads what earlier runs finished
+        common.barrier()                                  # ... before any rank appends
+        with parts.append(d.rank) as f:
+            f.write(json.dumps(record) + "\\n")            # as each item finishes
+    """
+
+    def __init__(self, folder: str, stem: str):
+        self.folder, self.stem = folder, stem
+
+    def paths(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.folder, f"{self.stem}.part*.jsonl")))
+
+    def records(self) -> list[dict]:
+        """Every record of every part, part by part in file order; a last line cut by a kill is skipped."""
+        return [rec for path in self.paths() for rec in read_jsonl(path, skip_cut_tail=True)]
+
+    @contextlib.contextmanager
+    def append(self, rank: int):
+        """This rank's part, opened for appending (a line cut by a kill is dropped first), flushed on exit."""
+        path = os.path.join(self.folder, f"{self.stem}.part{rank}.jsonl")
+        repair_jsonl_tail(path)
+        with open(path, "a") as f:
+            yield f
+            f.flush()
+
+    def remove(self):
+        for path in self.paths():
+            os.remove(path)

@@ -542,7 +542,8 @@ def car_hierarchy(name: str) -> list[str]:
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     out = []
     for a in (line, no_type, make, "car"):
-        if judges.normalize(a) != judges.normalize(name) and (not out or judges.normalize(out[-1]) != judges.normalize(a)):
+        if judges.normalize(a) != judges.normalize(name) and (
+                not out or judges.normalize(out[-1]) != judges.normalize(a)):
             out.append(a)
     return out
 
@@ -613,7 +614,8 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     hierarchy, synonyms = judges.NameMap(), judges.NameMap()
     for v in class_names:
         chain = [a for a in parents.get(v, []) if judges.normalize(a) != judges.normalize(v)] + ["aircraft"]
-        hierarchy[v] = [a for i, a in enumerate(chain) if judges.normalize(a) not in {judges.normalize(b) for b in chain[:i]}]
+        hierarchy[v] = [a for i, a in enumerate(chain)
+                        if judges.normalize(a) not in {judges.normalize(b) for b in chain[:i]}]
         maker = parents.get(v, [None, None])[1]
         if maker and not judges.normalize(v).startswith(judges.normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
@@ -646,7 +648,8 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
     items = _pick_split("dogs", split, train, test)
     return Dataset("dogs", _examples(root, items, class_names), class_names, "dog",
-                   hierarchy=judges.NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"], split=split,
+                   hierarchy=judges.NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
+                   split=split,
                    root=root)
 
 
@@ -682,7 +685,8 @@ def read_food(root: str | None, split: str) -> Dataset:
             return out
         items = _pick_split("food", split, read(train_txt), read(test_txt))
     return Dataset("food", _examples(root, items, class_names), class_names, "food",
-                   hierarchy=judges.NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"], split=split,
+                   hierarchy=judges.NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
+                   split=split,
                    root=root)
 
 
@@ -751,7 +755,8 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
         chain = hierarchy.get(n, [])
         hierarchy[n] = chain if chain and judges.normalize(chain[-1]) == judges.normalize(kind) else chain + [kind]
     return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
-                   synonyms=judges.NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]], split=split,
+                   synonyms=judges.NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
+                   split=split,
                    root=base)
 
 

@@ -17,7 +17,7 @@ Launch
 The same command resumes from the last checkpoint in --out (mining from its cache; --out on a filesystem every node
 sees). A 7B model needs --parallel fsdp. The paper's 6 questions per step become 8 on 4 or 8 ranks, 16 on 16.
 
-What this file simplifies or changes (each one, with the released code's behaviour: README, "DiVE-k: deviations")
+Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
   * GRPO with one update per rollout batch (ratio 1, as the paper), the k3 KL inside the per-token loss (beta
     0.04), the unbiased group std, a token mean per completion; the clip is written out for --updates-per-batch > 1
   * options keep the frequency order, a missing truth replaces the least frequent one, base classes only (2-5)
@@ -28,7 +28,6 @@ What this file simplifies or changes (each one, with the released code's behavio
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -166,12 +165,9 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
     """Stage 1 for the whole training set, cached to <out>/mcq.jsonl. Each rank mines its shard of the images not
     done yet and appends them to <out>/mcq.part<rank>.jsonl as it goes (so an interrupted run resumes); rank 0 then
     merges the parts in dataset order. Returns the kept questions."""
-    final = os.path.join(out, "mcq.jsonl")
+    final, parts = os.path.join(out, "mcq.jsonl"), common.RankParts(out, "mcq")
     if not os.path.exists(final):
-        done = {}
-        for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
-            for rec in common.read_jsonl(part, skip_cut_tail=True):
-                done[rec["id"]] = rec
+        done = {rec["id"]: rec for rec in parts.records()}  # images mined by an earlier, interrupted run
         position = {ex.id: i for i, ex in enumerate(train.examples)}
         todo = [ex for ex in train.examples if ex.id not in done]
         mine_shard = todo[d.rank::d.world_size]
@@ -181,10 +177,8 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
         bar = common.progress_bar(d, total=len(mine_shard), desc="mining")
         warmup = common.encode_prompt(processor, train.examples[0].image,
                                       mine_prompt(train.kind, args.data, base_classes))
-        part_path = os.path.join(out, f"mcq.part{d.rank}.jsonl")
         common.barrier()  # every rank has read the parts (and agrees on `todo`) before any rank appends to them
-        common.repair_jsonl_tail(part_path)  # a line cut by a kill would glue onto the next record appended
-        with open(part_path, "a") as f, \
+        with parts.append(d.rank) as f, \
                 common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warmup)):
             for start in range(0, len(mine_shard), args.mine_batch):
                 chunk = mine_shard[start:start + args.mine_batch]
@@ -195,20 +189,16 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
         if bar is not None:
             bar.close()
         common.barrier()
-        if d.is_main:
-            for part in sorted(glob.glob(os.path.join(out, "mcq.part*.jsonl"))):
-                for rec in common.read_jsonl(part, skip_cut_tail=True):
-                    done[rec["id"]] = rec
+        if d.is_main:  # the parts, merged in dataset order
+            done.update({rec["id"]: rec for rec in parts.records()})
             missing = [ex.id for ex in train.examples if ex.id not in done]
             if missing:
                 raise SystemExit(f"{out}/mcq.part*.jsonl: {len(missing)} training images were not mined "
                                  f"(first: {missing[0]}); rerun the same command to finish mining")
-            tmp = final + ".tmp"
-            with open(tmp, "w") as f:
+            with open(final + ".tmp", "w") as f:
                 f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
-            os.replace(tmp, final)
-            for part in glob.glob(os.path.join(out, "mcq.part*.jsonl")):
-                os.remove(part)
+            os.replace(final + ".tmp", final)
+            parts.remove()
         common.barrier()
     records = common.read_jsonl(final)
     summary = mining_summary(records)
@@ -445,12 +435,12 @@ def train_step(step: int, questions: list[dict], model, ref_model, optimizer, pr
     common.grad_sync(model, True)
 
     tokens = float(mask.sum())
-    metrics = {"reward": float(rewards.mean()),
-               "accuracy": float(torch.tensor([mcq_reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean()),
-               "format_rate": float(torch.tensor([format_reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean()),
+    rate = lambda reward: sum(reward(t, q) for t, q in zip(ro.texts, row_questions)) / len(ro.texts)  # noqa: E731
+    metrics = {"reward": float(rewards.mean()), "accuracy": rate(mcq_reward), "format_rate": rate(format_reward),
                "zero_std_frac": float(zero_std.float().mean()), "completion_len": tokens / len(ro.texts),
                "truncation_rate": float(ro.truncated.float().mean()),
-               "kl": sums["kl_sum"] / max(1.0, sums["tokens"]), "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
+               "kl": sums["kl_sum"] / max(1.0, sums["tokens"]),
+               "clip_frac": sums["clipped_sum"] / max(1.0, sums["tokens"]),
                "loss": sums["loss"] / args.updates_per_batch,
                "mean_options": sum(len(q["options"]) for q in questions) / len(questions),
                **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, "tokens": tokens}
@@ -680,10 +670,10 @@ def main(argv=None):
                                                timer, warmup)
         metrics, grad_norm, samples = train_step(step, questions, model, ref_model, optimizer, processor, train.kind,
                                                  args, d, guard, timer)
-        tokens = metrics.pop("tokens")
+        tokens = float(common.all_reduce_sum(torch.tensor([metrics.pop("tokens")]))[0])  # over all ranks
         record = {"step": step + 1, **common.mean_over_ranks({**metrics, **online}), "lr": lr, "grad_norm": grad_norm,
                   **guard.stats(), **common.mean_over_ranks(timer.pop()),
-                  "tokens_per_s": float(common.all_reduce_sum(torch.tensor([tokens]))[0]) / (time.perf_counter() - t_step)}
+                  "tokens_per_s": tokens / (time.perf_counter() - t_step)}
         if args.log_completions and d.is_main:
             record["completions"] = samples
         if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
@@ -710,9 +700,10 @@ def main(argv=None):
 def report_memory(model, ref_model, processor, kind: str, base_classes: list[str], args, d: common.Dist):
     """The memory estimate per GPU at start (common.report_memory_budget), for the larger of the two sampling
     phases (mining, rollouts), with this script's knobs."""
-    phases = [(args.mine_batch * args.mine_samples, mine_prompt(kind, args.data, base_classes), args.mine_max_new_tokens),
-              (args.prompts_per_step // d.world_size * args.group_size, mcq_prompt(kind, base_classes[:args.max_options]),
-               args.max_new_tokens)]
+    phases = [(args.mine_batch * args.mine_samples, mine_prompt(kind, args.data, base_classes),
+               args.mine_max_new_tokens),
+              (args.prompts_per_step // d.world_size * args.group_size,
+               mcq_prompt(kind, base_classes[:args.max_options]), args.max_new_tokens)]
     phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
     kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
     common.report_memory_budget(

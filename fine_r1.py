@@ -22,7 +22,7 @@ Launch
 --stage cot | sft | tapo runs one stage (each reads the previous one's output from --out); --cot-data FILE trains
 on given rationales. The same command resumes: a finished stage is skipped, an interrupted one continues.
 
-What this file simplifies or changes (each one, with the released code's behaviour: README, "Fine-R1 (fine_r1.py)")
+Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
   * the teacher and its instruction are not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy
     the rationale is written from the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
@@ -37,7 +37,6 @@ import base64
 import dataclasses
 import difflib
 import gc
-import glob
 import json
 import math
 import os
@@ -279,8 +278,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
-        for part in glob.glob(os.path.join(out, "cot.part*.jsonl")):  # the teacher's per-rank progress, now merged
-            os.remove(part)
+        common.RankParts(out, "cot").remove()  # the teacher's per-rank progress, now merged
         common.MetricsLog(out).log({"step": 0, "stage": "cot", "cot/kept": len(records), **stats})
     common.barrier()
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "
@@ -293,11 +291,8 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
     until --cot-per-class rationales pass check_rationale. Each finished class is appended to
     <out>/cot.part<rank>.jsonl (its rationales, then a line {"class_done": name, ...}), so a killed run resumes with
     the classes not done yet, whatever the number of ranks."""
-    if d.is_main:  # a kill mid-write leaves a cut last line: drop it before anyone reads or appends
-        for part in glob.glob(os.path.join(out, "cot.part*.jsonl")):
-            common.repair_jsonl_tail(part)
-    common.barrier()
-    done = read_cot_parts(out)
+    parts = common.RankParts(out, "cot")
+    done = read_cot_parts(parts)
     common.barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends
     todo = [name for name in seen if name not in done]
     if len(todo) < len(seen):
@@ -315,7 +310,7 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
                                                    max_pixels=args.sft_max_pixels)
             teacher.eval()
-        with open(os.path.join(out, f"cot.part{d.rank}.jsonl"), "a") as part:
+        with parts.append(d.rank) as part:
             for ci, name in enumerate(my_classes):
                 kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
                 part.write("".join(json.dumps(r) + "\n" for r in kept)
@@ -325,7 +320,7 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
         del teacher
         release_memory()
     common.barrier()
-    done = read_cot_parts(out)
+    done = read_cot_parts(parts)
     records = [r for name in seen if name in done for r in done[name]["records"]]  # class order, any rank count
     stats["cot/tried"] = sum(c["tried"] for c in done.values())
     for c in done.values():
@@ -362,151 +357,8 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
     return kept, tried, fails
 
 
-def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
-    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
-    model behind an OpenAI-compatible server (judges.OpenAIServer; the image sent inline as a data URL)."""
-    if isinstance(teacher, judges.OpenAIServer):
-        def ask(item):
-            image, text = item
-            with open(image, "rb") as f:
-                data = base64.b64encode(f.read()).decode()
-            mime = "image/png" if image.lower().endswith(".png") else "image/jpeg"
-            content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
-                       {"type": "text", "text": text}]
-            out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
-                                "temperature": args.cot_temperature, "top_p": args.cot_top_p,
-                                "max_tokens": args.cot_max_new_tokens})
-            if len(out) != args.cot_samples:
-                raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
-                                 f"{len(out)}; pass --cot-samples 1 for a server that ignores n")
-            return out
-        return [t for texts_of_one in teacher.map(ask, list(zip(images, texts))) for t in texts_of_one]
-    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
-    ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples, max_new_tokens=args.cot_max_new_tokens,
-                       temperature=args.cot_temperature, top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0,
-                       generator=generator, compile_decode=bool(args.compile_decode))
-    return ro.texts
-
-
-def read_cot_parts(out: str) -> dict[str, dict]:
-    """class -> {"records", "tried", "fails"} for every class a teacher finished, from <out>/cot.part*.jsonl.
-    Rationales count only when their class's done line follows them (a class cut short by a kill is redone)."""
-    done = {}
-    for path in sorted(glob.glob(os.path.join(out, "cot.part*.jsonl"))):
-        pending = []
-        for rec in common.read_jsonl(path):
-            if "class_done" in rec:
-                name = rec["class_done"]
-                done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
-                              "fails": rec["fails"]}
-                pending = []
-            else:
-                pending.append(rec)
-    return done
-
-
 # =====================================================================================================================
-# 3. Stage sft: cross-entropy on the assistant tokens (common.sft_loss)
-# =====================================================================================================================
-
-def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
-    """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
-    the labels are the assistant's tokens: the response and the closing <|im_end|>."""
-    im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"])
-    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
-    return prompt, target
-
-
-def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> str:
-    """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
-    sft_out = os.path.join(out, "sft")
-    final = os.path.join(sft_out, "final")
-    if os.path.exists(os.path.join(final, "config.json")):
-        common.print0(f"stage sft: {final} exists, skipped")
-        return final
-    os.makedirs(sft_out, exist_ok=True)
-    if not os.path.exists(cot_path):
-        raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
-    records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
-    log = common.MetricsLog(sft_out, args.wandb, vars(args))
-    common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
-    per_rank = args.sft_batch // d.world_size
-    total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
-
-    model, processor = load_policy(args, d, args.model, args.sft_min_pixels, args.sft_max_pixels)
-    if not args.sft_train_vision:  # the paper's SFT trains the language model only (vision tower + merger frozen)
-        model.model.visual.requires_grad_(False)
-    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=args.precision.fsdp_param_dtype)
-    optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
-    report_memory_sft(model, processor, records, args, d)  # the estimate per GPU, at start
-    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start = 0
-    ckpt = common.latest_checkpoint(sft_out)
-    if ckpt:
-        start = common.load_checkpoint(ckpt, model, optimizer)["step"]
-        common.print0(f"stage sft: resumed from {ckpt} at step {start}")
-    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
-    common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
-                  f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
-                  f"vision {'trained' if args.sft_train_vision else 'frozen'}")
-    timer = common.PhaseTimer()
-    if eval_sets and start == 0:  # the starting model: the baseline of the whole pipeline
-        with timer("eval"):
-            log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, 0)})
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        lr = common.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
-                          warmup_steps=args.sft_warmup)
-        common.set_lr(optimizer, lr)
-        # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
-        positions = range(step * args.sft_batch + d.rank, (step + 1) * args.sft_batch, d.world_size)
-        batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        micro_starts = list(range(0, per_rank, args.sft_micro_batch))
-        loss_sum, tokens = 0.0, 0
-        with timer("update"):
-            for k, s in enumerate(micro_starts):
-                rows = [sft_example(processor, r) for r in batch[s:s + args.sft_micro_batch]]
-                common.grad_sync(model, k == len(micro_starts) - 1)
-                with args.precision.context():
-                    loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
-                (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
-                loss_sum += float(loss.detach()) * len(rows) / per_rank
-                tokens += sum(len(t) for _, t in rows)
-            grad_norm = common.clip_gradients(params, 1.0)
-            if guard.check(step + 1, loss=loss_sum, grad_norm=grad_norm):
-                optimizer.step()
-            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-                optimizer.zero_grad(set_to_none=True)
-        common.grad_sync(model, True)
-        record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
-                  **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
-                  **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
-        done = step + 1 == total_steps
-        if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
-            with timer("eval"):
-                record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
-            record.update(timer.pop())
-        log.log(record)
-        common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                      f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
-        if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
-            common.save_checkpoint(sft_out, step + 1, model, optimizer,
-                                   {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
-        if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
-            guard.stop(sft_out)
-    common.export_hf(model, processor, final, dtype=args.export_dtype)
-    common.print0(f"stage sft: done, exported to {final}")
-    del model, optimizer
-    release_memory()
-    return final
-
-
-# =====================================================================================================================
-# 4. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
+# 3. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
 # =====================================================================================================================
 
 @dataclasses.dataclass
@@ -595,7 +447,7 @@ def stack_groups(groups: list[Group], pad_id: int):
 
 
 # =====================================================================================================================
-# 5. Reward: a registry of plain functions fn(completion, truth) -> float
+# 4. Reward: a registry of plain functions fn(completion, truth) -> float
 # =====================================================================================================================
 
 def accuracy_reward(completion: str, truth: str) -> float:
@@ -641,7 +493,7 @@ def score(texts: list[str], truths: list[str], weights: dict[str, float]):
 
 
 # =====================================================================================================================
-# 6. Advantage, and the dynamic-sampling filter
+# 5. Advantage, and the dynamic-sampling filter
 # =====================================================================================================================
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -693,7 +545,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
 
 
 # =====================================================================================================================
-# 7. The TAPO loss, written by hand
+# 6. The TAPO loss, written by hand
 # =====================================================================================================================
 
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
@@ -742,7 +594,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 
 
 # =====================================================================================================================
-# 8. The TAPO step: one rollout batch -> advantages -> old and negative-image log-probs -> several updates
+# 7. The TAPO step: one rollout batch -> advantages -> old and negative-image log-probs -> several updates
 # =====================================================================================================================
 
 def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
@@ -843,6 +695,106 @@ def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, o
 
 
 # =====================================================================================================================
+# 8. Stage sft: cross-entropy on the assistant tokens of the rationales (common.sft_loss)
+# =====================================================================================================================
+
+def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
+    """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
+    the labels are the assistant's tokens: the response and the closing <|im_end|>."""
+    im_end = common.special_token_ids(processor)["<|im_end|>"]
+    prompt = common.encode_prompt(processor, record["image"], record["question"])
+    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
+    return prompt, target
+
+
+def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> str:
+    """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
+    sft_out = os.path.join(out, "sft")
+    final = os.path.join(sft_out, "final")
+    if os.path.exists(os.path.join(final, "config.json")):
+        common.print0(f"stage sft: {final} exists, skipped")
+        return final
+    os.makedirs(sft_out, exist_ok=True)
+    if not os.path.exists(cot_path):
+        raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
+    records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
+    log = common.MetricsLog(sft_out, args.wandb, vars(args))
+    common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
+    per_rank = args.sft_batch // d.world_size
+    total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
+
+    model, processor = load_policy(args, d, args.model, args.sft_min_pixels, args.sft_max_pixels)
+    if not args.sft_train_vision:  # the paper's SFT trains the language model only (vision tower + merger frozen)
+        model.model.visual.requires_grad_(False)
+    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
+                              param_dtype=args.precision.fsdp_param_dtype)
+    optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
+    report_memory_sft(model, processor, records, args, d)  # the estimate per GPU, at start
+    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    start = 0
+    ckpt = common.latest_checkpoint(sft_out)
+    if ckpt:
+        start = common.load_checkpoint(ckpt, model, optimizer)["step"]
+        common.print0(f"stage sft: resumed from {ckpt} at step {start}")
+    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
+    common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
+                  f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
+                  f"vision {'trained' if args.sft_train_vision else 'frozen'}")
+    timer = common.PhaseTimer()
+    if eval_sets and start == 0:  # the starting model: the baseline of the whole pipeline
+        with timer("eval"):
+            log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, 0)})
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        lr = common.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
+                          warmup_steps=args.sft_warmup)
+        common.set_lr(optimizer, lr)
+        # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
+        positions = range(step * args.sft_batch + d.rank, (step + 1) * args.sft_batch, d.world_size)
+        batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        micro_starts = list(range(0, per_rank, args.sft_micro_batch))
+        loss_sum, tokens = 0.0, 0
+        with timer("update"):
+            for k, s in enumerate(micro_starts):
+                rows = [sft_example(processor, r) for r in batch[s:s + args.sft_micro_batch]]
+                common.grad_sync(model, k == len(micro_starts) - 1)
+                with args.precision.context():
+                    loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
+                (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
+                loss_sum += float(loss.detach()) * len(rows) / per_rank
+                tokens += sum(len(t) for _, t in rows)
+            grad_norm = common.clip_gradients(params, 1.0)
+            if guard.check(step + 1, loss=loss_sum, grad_norm=grad_norm):
+                optimizer.step()
+            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
+                optimizer.zero_grad(set_to_none=True)
+        common.grad_sync(model, True)
+        record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
+                  **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
+                  **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
+        done = step + 1 == total_steps
+        if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
+            with timer("eval"):
+                record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
+            record.update(timer.pop())
+        log.log(record)
+        common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                      f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
+        if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
+            common.save_checkpoint(sft_out, step + 1, model, optimizer,
+                                   {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
+        if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
+            guard.stop(sft_out)
+    common.export_hf(model, processor, final, dtype=args.export_dtype)
+    common.print0(f"stage sft: done, exported to {final}")
+    del model, optimizer
+    release_memory()
+    return final
+
+
+# =====================================================================================================================
 # 9. Stage tapo: the loop over rollout batches
 # =====================================================================================================================
 
@@ -890,7 +842,8 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     log.resume_at(step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
     common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
                   f"{total_batches} rollout batches x {args.rollout_batch} triplets x {2 * args.group_size} "
-                  f"responses, {steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} negatives")
+                  f"responses, {steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} "
+                  f"negatives")
 
     timer = common.PhaseTimer()
     if eval_sets and first_stage and start_batch == 0:  # run alone: the starting model is the baseline
@@ -1013,6 +966,7 @@ PAPER = dict(
     max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
     eval_every=50, eval_limit=None, eval_max_new_tokens=2048, eval_batch=8, save_every=15,
 )
+
 
 # Toy preset: the toy data has 12 seen classes of 20 training images each, so the one-rationale-per-class rule would
 # give 12 SFT samples; 20 per class (every training image) gives the tiny stand-in enough to learn the format and
@@ -1192,6 +1146,54 @@ def main(argv=None):
     return out
 
 
+# =====================================================================================================================
+# 13. Plumbing: the teacher's input and output, the memory estimates
+# =====================================================================================================================
+
+def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
+    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
+    model behind an OpenAI-compatible server (judges.OpenAIServer; the image sent inline as a data URL)."""
+    if isinstance(teacher, judges.OpenAIServer):
+        def ask(item):
+            image, text = item
+            with open(image, "rb") as f:
+                data = base64.b64encode(f.read()).decode()
+            mime = "image/png" if image.lower().endswith(".png") else "image/jpeg"
+            content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
+                       {"type": "text", "text": text}]
+            out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
+                                "temperature": args.cot_temperature, "top_p": args.cot_top_p,
+                                "max_tokens": args.cot_max_new_tokens})
+            if len(out) != args.cot_samples:
+                raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
+                                 f"{len(out)}; pass --cot-samples 1 for a server that ignores n")
+            return out
+        return [t for texts_of_one in teacher.map(ask, list(zip(images, texts))) for t in texts_of_one]
+    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
+    ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples, max_new_tokens=args.cot_max_new_tokens,
+                       temperature=args.cot_temperature, top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0,
+                       generator=generator, compile_decode=bool(args.compile_decode))
+    return ro.texts
+
+
+def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
+    """class -> {"records", "tried", "fails"} for every class a teacher finished, from <out>/cot.part*.jsonl.
+    Rationales count only when their class's done line follows them in the same part (a class cut short by a kill
+    is redone)."""
+    done = {}
+    for path in parts.paths():
+        pending = []
+        for rec in common.read_jsonl(path, skip_cut_tail=True):
+            if "class_done" in rec:
+                name = rec["class_done"]
+                done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
+                              "fails": rec["fails"]}
+                pending = []
+            else:
+                pending.append(rec)
+    return done
+
+
 def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist):
     """The memory estimate per GPU at the start of stage sft (common.report_memory_budget), with its knobs."""
     common.report_memory_budget(
@@ -1224,12 +1226,13 @@ def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
 
 
 # =====================================================================================================================
-# 13. For the CPU stand-in
+# 14. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
 # toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
 TOY_CANDIDATES_MARK = "the options:"
+
 
 TOY_PREDICTION_MARK = "the final answer is"
 

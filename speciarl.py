@@ -20,7 +20,7 @@ G = 10, 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 
   CPU       python speciarl.py --data toy          (tiny stand-in model, toy shapes: 70 s on an idle 2-core CPU)
 The same command resumes from the last checkpoint in --out; judged rollouts go to <out>/rollouts.jsonl.
 
-What this file simplifies or changes (each one, with the released code's behaviour: README, "SpeciaRL (speciarl.py)")
+Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
   * the verifier is `--judge rules` (offline) by default; the paper's LLM judges run behind a server (openai:)
   * the k3 KL is clamped to [-10, 10] per token (as verl); the loss is a token mean over the whole optimizer step
   * with LoRA the KL reference is the policy with its adapters off (exactly the initial model), not a second copy
@@ -72,7 +72,6 @@ def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> 
 
 
 NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
-
 JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 
@@ -707,7 +706,8 @@ def report_memory(model, ref, proc, args, d: common.Dist, prompts_per_rank: int)
         model, d, parallel=args.parallel, reference=ref is not None,
         rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
         prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
-        train_rows=args.micro_batch, rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        train_rows=args.micro_batch,
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",

@@ -37,8 +37,8 @@ TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash n
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
 TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT, fine_r1.CLOSED_PROMPT,
-                fine_r1.QUESTION, *fine_r1.QUESTIONS, fine_r1.RL_SUFFIX, fine_r1.OPEN_PROMPT, str(dive_k.ANSWER_FORMATS),
-                "speciarl answers v3"]
+                fine_r1.QUESTION, *fine_r1.QUESTIONS, fine_r1.RL_SUFFIX, fine_r1.OPEN_PROMPT,
+                str(dive_k.ANSWER_FORMATS), "speciarl answers v3"]
 
 
 def tiny_model_dir() -> str:
@@ -113,13 +113,15 @@ def _build_tiny(path: str):
     corpus = [tiny_example(ex, train, rng)[0] + tiny_example(ex, train, rng)[1] for ex in train.examples[:200]]
     corpus += [" ".join(train.class_names), "<think> </think> <answer> </answer> None shape"] * 20
     tok, special = common.train_tokenizer(corpus, r["vocab"])
-    cfg = common.qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"], num_hidden_layers=r["layers"],
-                         num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"], vocab_size=len(tok),
-                         tie=False, special_ids=special, vision=r["vision"], rope_theta=1e4, max_positions=4096)
+    cfg = common.qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"],
+                                num_hidden_layers=r["layers"], num_attention_heads=r["heads"],
+                                num_key_value_heads=r["kv_heads"], vocab_size=len(tok), tie=False, special_ids=special,
+                                vision=r["vision"], rope_theta=1e4, max_positions=4096)
     torch.manual_seed(r["seed"])
     model = Qwen2_5_VLForConditionalGeneration(cfg)
-    proc = common.processor_class()(image_processor=common.make_image_processor(data.TOY_IMAGE_SIZE ** 2, data.TOY_IMAGE_SIZE ** 2),
-                             tokenizer=tok, chat_template=common.CHAT_TEMPLATE)
+    pixels = data.TOY_IMAGE_SIZE ** 2
+    proc = common.processor_class()(image_processor=common.make_image_processor(pixels, pixels), tokenizer=tok,
+                                    chat_template=common.CHAT_TEMPLATE)
     # supervised "pretraining": cross-entropy on the assistant tokens (target + <|im_end|>) only
     images = {ex.image: common.open_image(ex.image) for ex in train.examples}
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.0)
