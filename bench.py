@@ -54,7 +54,6 @@ How the figures are defined
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -449,18 +448,13 @@ def main(argv=None) -> dict:
                 opt.zero_grad(set_to_none=True)
                 for k, s in enumerate(range(0, len(row_prompts), micro)):
                     sl = slice(s, s + micro)
-                    last = k == n_micro - 1
-                    # gradient all-reduce only on the last micro-batch (DDP no_sync / FSDP2 requires_gradient_sync)
-                    no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
-                    if hasattr(wrapped, "set_requires_gradient_sync"):
-                        wrapped.set_requires_gradient_sync(last)
-                    with no_sync:
-                        logp = common.score_completions(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
-                                                        temperature, shared_prefix=shared)  # [b, T]
-                        mask = comp_mask[sl].to(logp.device).float()  # [b, T]
-                        adv = advantages[sl].to(logp.device)  # [b]
-                        loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * adv).sum() / len(row_prompts)
-                        loss.backward()
+                    common.grad_sync(wrapped, k == n_micro - 1)  # as the methods: DDP all-reduces once per step
+                    logp = common.score_completions(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
+                                                    temperature, shared_prefix=shared)  # [b, T]
+                    mask = comp_mask[sl].to(logp.device).float()  # [b, T]
+                    adv = advantages[sl].to(logp.device)  # [b]
+                    loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * adv).sum() / len(row_prompts)
+                    loss.backward()
                 opt.step()
             report("update", alternate(update), 3)
             model.eval()
