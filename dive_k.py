@@ -41,6 +41,7 @@ import torch
 import common
 import data
 import judges
+import memory
 
 # =====================================================================================================================
 # 1. Prompts: every instruction of the released prompts, in this project's words
@@ -698,15 +699,15 @@ def main(argv=None):
 
 
 def report_memory(model, ref_model, processor, kind: str, base_classes: list[str], args, d: common.Dist):
-    """The memory estimate per GPU at start (common.report_memory_budget), for the larger of the two sampling
+    """The memory estimate per GPU at start (memory.report_memory_budget), for the larger of the two sampling
     phases (mining, rollouts), with this script's knobs."""
     phases = [(args.mine_batch * args.mine_samples, mine_prompt(kind, args.data, base_classes),
                args.mine_max_new_tokens),
               (args.prompts_per_step // d.world_size * args.group_size,
                mcq_prompt(kind, base_classes[:args.max_options]), args.max_new_tokens)]
-    phases = [(rows, common.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
+    phases = [(rows, memory.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
     kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
-    common.report_memory_budget(
+    memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,

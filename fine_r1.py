@@ -50,6 +50,7 @@ import torch
 import common
 import data
 import judges
+import memory
 
 # =====================================================================================================================
 # 1. Prompts
@@ -1195,10 +1196,10 @@ def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
 
 
 def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist):
-    """The memory estimate per GPU at the start of stage sft (common.report_memory_budget), with its knobs."""
-    common.report_memory_budget(
+    """The memory estimate per GPU at the start of stage sft (memory.report_memory_budget), with its knobs."""
+    memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=False, rollout_rows=0,
-        prompt_tokens=max(common.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
+        prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
         new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
         compute_dtype=args.precision.compute, title="memory budget (stage sft)",
@@ -1208,11 +1209,11 @@ def report_memory_sft(model, processor, records: list[dict], args, d: common.Dis
 
 
 def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
-    """The memory estimate per GPU at the start of stage tapo (common.report_memory_budget), with its knobs."""
-    common.report_memory_budget(
+    """The memory estimate per GPU at the start of stage tapo (memory.report_memory_budget), with its knobs."""
+    memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=False,
         rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // d.world_size)) * args.group_size,
-        prompt_tokens=common.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
+        prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
         new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import common
 import data
 import judges
+import memory
 
 # =====================================================================================================================
 # 1. Prompts
@@ -701,11 +702,11 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
 
 
 def report_memory(model, ref, proc, args, d: common.Dist, prompts_per_rank: int):
-    """The memory estimate per GPU at start (common.report_memory_budget), with this script's knobs."""
-    common.report_memory_budget(
+    """The memory estimate per GPU at start (memory.report_memory_budget), with this script's knobs."""
+    memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=ref is not None,
         rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
-        prompt_tokens=common.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
+        prompt_tokens=memory.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
         train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),

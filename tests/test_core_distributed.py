@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, torchrun
 
 import common
+import memory
 
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 
@@ -107,6 +108,6 @@ def test_precision_is_what_the_run_reports(tiny, toy_test, capsys):
     finally:
         hook.remove()
     assert seen == [bf16] and next(model.parameters()).dtype == fp32
-    common.report_memory_budget(model, cpu, parallel="fsdp", reference=False, rollout_rows=0, prompt_tokens=10,
+    memory.report_memory_budget(model, cpu, parallel="fsdp", reference=False, rollout_rows=0, prompt_tokens=10,
                                 new_tokens=10, train_rows=1, activation_checkpointing=False, compute_dtype=p.compute)
     assert "weights float32, compute bfloat16" in capsys.readouterr().out

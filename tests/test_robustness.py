@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import common
 import data
+import memory
 import tiny
 from conftest import ROOT, torchrun
 from fake_datasets import make_cub, not_an_image
@@ -110,33 +111,33 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     tc = model.config.text_config  # 2 layers, 2 kv heads, head_dim 128 / 4 = 32, hidden 128, intermediate 256
     assert (tc.num_hidden_layers, tc.num_key_value_heads, tc.hidden_size, tc.intermediate_size) == (2, 2, 128, 256)
     n = sum(p.numel() for p in model.parameters())
-    one = common.memory_budget(n_params=n, n_trainable=n // 2, text_config=tc, rollout_rows=10, prompt_tokens=50,
+    one = memory.memory_budget(n_params=n, n_trainable=n // 2, text_config=tc, rollout_rows=10, prompt_tokens=50,
                                new_tokens=14, train_rows=3)
     assert one["parameters"] == 4 * n and one["gradients"] == 4 * (n // 2) and one["optimizer states"] == 8 * (n // 2)
     assert one["frozen reference"] == 0 and one["gathered parameters"] == 0
     assert one["rollout KV cache"] == 2 * 2 * 32 * 2 * 4 * 64 * 10  # layers x kv x head_dim x (K, V) x B x tokens x rows
     assert one["activations"] == 3 * 64 * 4 * 2 * (6 * 128 + 4 * 256)
-    shared = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, prompt_tokens=50, new_tokens=14,
+    shared = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, prompt_tokens=50, new_tokens=14,
                                   train_rows=3, rows_per_prompt=3)  # the shared prefix: one prompt for 3 rows
     assert shared["activations"] == (3 * 14 + 50) * 4 * 2 * (6 * 128 + 4 * 256)
-    ckpt = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
+    ckpt = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
                                 new_tokens=14, activation_checkpointing=True)
     assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
     V = tc.vocab_size
     assert one["logits"] == max(3 * 14 * V * (4 + 8), 10 * V * 24)  # rows x new tokens x vocab x bytes (one chunk)
     assert one["load peak"] == 4 * n  # one process: the model as it stays
-    fsdp = common.memory_budget(n_params=n, n_trainable=n, text_config=tc, world_size=4, parallel="fsdp",
+    fsdp = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, world_size=4, parallel="fsdp",
                                 compute_bytes=2, reference=True, train_rows=2, logit_rows=8, new_tokens=1000)
     assert fsdp["parameters"] == n and fsdp["optimizer states"] == 2 * n and fsdp["frozen reference"] == n
     assert fsdp["gathered parameters"] == 2 * n  # a whole bf16 copy beside the fp32 shards while sampling
     assert fsdp["logits"] == 8 * 1000 * V * (2 + 8)  # all in one chunk at this small vocabulary
     qwen_vocab = type(tc)(**{**tc.to_dict(), "vocab_size": 151936})
-    big = common.memory_budget(n_params=n, n_trainable=n, text_config=qwen_vocab, compute_bytes=2, logit_rows=16,
+    big = memory.memory_budget(n_params=n, n_trainable=n, text_config=qwen_vocab, compute_bytes=2, logit_rows=16,
                                new_tokens=256)
     assert big["logits"] == common.LOGITS_BUDGET * (2 + 8)  # at Qwen's vocabulary: chunks of the budget
     assert fsdp["load peak"] == 4 * n * (1 + 1 / 4)  # the reference loads whole beside the sharded policy
     # printed at start: the total, then each component largest first with what reduces it
-    budget = common.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
+    budget = memory.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
                                          prompt_tokens=600, new_tokens=1000, train_rows=2,
                                          activation_checkpointing=False, knobs={"rollout KV cache": "--sample-batch"})
     out = capsys.readouterr().out

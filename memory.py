@@ -1,0 +1,135 @@
+"""
+memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU).
+
+From the model's shapes and the run's settings: parameters, gradients and optimizer states (sharded by FSDP2 or
+not), FSDP2's gathered bf16 copy while sampling, a frozen reference, the rollout KV cache, activations, the logits
+transients of scoring and sampling, and the peak while loading; each part printed with the flags that reduce it,
+largest first. An estimate, checked against a hand count in tests/test_robustness.py, not a measurement (bench.py
+measures).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import common
+
+
+MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag names where they differ)
+    "parameters": "--parallel fsdp over more GPUs (shards weights, gradients and optimizer states); --dtype bf16 "
+                  "halves the weights (small updates then round away)",
+    "gradients": "--parallel fsdp over more GPUs; train fewer parameters (freeze the vision tower, LoRA)",
+    "optimizer states": "--parallel fsdp over more GPUs; train fewer parameters (freeze the vision tower, LoRA)",
+    "frozen reference": "--beta 0 (no KL term, no reference model)",
+    "gathered parameters": "none but a smaller model: FSDP2 holds the whole model in compute precision while sampling",
+    "rollout KV cache": "fewer images per sampling call, a smaller --group-size, --max-new-tokens or --max-pixels",
+    "activations": "a smaller --micro-batch; --activation-checkpointing 1",
+    "logits": "a smaller --micro-batch (rows scored at once); fewer rows per sampling call",
+    "load peak": "--dtype bf16 (weights in bf16); under FSDP2 each GPU holds one whole copy until it is sharded",
+}
+
+
+def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
+                  master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
+                  prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
+                  rows_per_prompt: int = 1, activation_checkpointing: bool = False) -> dict[str, float]:
+    """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
+
+      parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
+      gradients            n_trainable x master bytes                   / shards
+      optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
+      frozen reference     n_params x master bytes                      / shards       (a second model for a KL,
+                                                                                        the policy's twin)
+      gathered parameters  n_params x compute bytes, when sharded       (FSDP2 gathers a whole copy in the compute
+                                                                         dtype for sampling, beside the shards)
+      rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
+      activations (rough)  (train_rows x new + prompts x prompt tokens) x compute bytes x (layers x (6 hidden + 4
+                           intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
+                           intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
+                           for the rows of its group in a micro-batch; 1 = once per row)
+      logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET /
+                           vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
+                           and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
+                           probabilities and a float64 CDF)
+    and, not added to the others since it is over before they exist:
+      load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy on the GPU
+                           until wrap_model shards it (the policy is sharded before the reference loads)
+    Not counted: the vision tower's activations, the CUDA context and allocator slack (add 10-20%)."""
+    shards = world_size if parallel == "fsdp" else 1
+    tc = text_config
+    layers, hidden = tc.num_hidden_layers, tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
+    tokens = prompt_tokens + new_tokens
+    per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
+    stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
+    logit_rows = train_rows if logit_rows is None else logit_rows
+    scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
+        compute_bytes + 8)
+    sampling = rollout_rows * tc.vocab_size * 24
+    return {
+        "parameters": n_params * master_bytes / shards,
+        "gradients": n_trainable * master_bytes / shards,
+        "optimizer states": 2 * n_trainable * master_bytes / shards,
+        "frozen reference": n_params * master_bytes / shards if reference else 0.0,
+        "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
+        "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
+        "activations": float((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
+                             * compute_bytes * stored),
+        "logits": float(max(scoring, sampling)),
+        "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
+    }
+
+
+def prompt_tokens_estimate(processor, text: str) -> int:
+    """Prompt length, upper bound: the text's tokens, the chat template (~20) and one image at the pixel budget (one
+    visual token per 28 x 28 pixels after the 2 x 2 merge)."""
+    image_tokens = int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
+    return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens
+
+
+def _gib(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: bool, rollout_rows: int, prompt_tokens: int,
+                         new_tokens: int, train_rows: int, activation_checkpointing: bool, rows_per_prompt: int = 1,
+                         compute_dtype: torch.dtype | None = None, logit_rows: int | None = None,
+                         knobs: dict[str, str] | None = None, title: str = "memory budget") -> dict[str, float]:
+    """Count the model's parameters (total and trainable, after freezing / LoRA), estimate the memory per GPU
+    (memory_budget) and print it on rank 0, largest component first, each with the knobs that reduce it, then the
+    load peak. The estimate is the larger of the training total and the load peak. Returns the estimate in bytes by
+    component."""
+    hf = common.unwrap(model)
+    params = list(hf.parameters())
+    n_params = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in params if p.requires_grad)
+    master = params[0].dtype
+    compute = compute_dtype or master
+    budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
+                           world_size=d.world_size, parallel=parallel, master_bytes=master.itemsize,
+                           compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
+                           prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
+                           rows_per_prompt=rows_per_prompt,
+                           logit_rows=logit_rows, activation_checkpointing=activation_checkpointing)
+    steady = {k: v for k, v in budget.items() if k != "load peak"}
+    total = max(sum(steady.values()), budget["load peak"])
+    knobs = {**MEMORY_KNOBS, **(knobs or {})}
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
+               f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
+    where = "GPU" if d.device.type == "cuda" else "process (CPU)"
+    lines = [f"{title} per {where}, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
+             f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
+             f"rows): {_gib(total)}. Largest first, with what reduces it:"]
+    for i, (part, size) in enumerate(sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])):
+        lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
+    lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
+    if d.device.type == "cuda":
+        have = torch.cuda.get_device_properties(d.device).total_memory
+        lines.append(f"  this GPU has {_gib(have)}" + (": the estimate does NOT fit, use the knobs above in order"
+                                                       if total > 0.9 * have else ""))
+    common.print0("\n".join(lines))
+    return budget
