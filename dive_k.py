@@ -13,7 +13,7 @@ Launch
   8 GPUs    torchrun --nproc 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 164 s on an idle 2-core CPU)
+  CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 116 s on an idle 2-core CPU)
 The same command resumes from the last checkpoint in --out (mining from its cache; --out on a filesystem every node
 sees). A 7B model needs --parallel fsdp. The paper's 6 questions per step become 8 on 4 or 8 ranks, 16 on 16.
 

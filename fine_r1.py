@@ -18,7 +18,7 @@ Launch
   8 GPUs    torchrun --nproc 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python fine_r1.py --data toy          (all three stages on the tiny stand-in: 97 s on an idle 2-core CPU)
+  CPU       python fine_r1.py --data toy         (all three stages on the tiny stand-in: 126 s, idle 2-core CPU)
 --stage cot | sft | tapo runs one stage (each reads the previous one's output from --out); --cot-data FILE trains
 on given rationales. The same command resumes: a finished stage is skipped, an interrupted one continues.
 

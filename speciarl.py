@@ -17,7 +17,7 @@ G = 10, 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 
   8 GPUs    torchrun --nproc 8 speciarl.py --data cub --data-root /data/CUB_200_2011
   2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 speciarl.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python speciarl.py --data toy          (tiny stand-in model, toy shapes: 70 s on an idle 2-core CPU)
+  CPU       python speciarl.py --data toy        (tiny stand-in model, toy shapes: 67 s on an idle 2-core CPU)
 The same command resumes from the last checkpoint in --out; judged rollouts go to <out>/rollouts.jsonl.
 
 Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
