@@ -43,6 +43,7 @@ import data
 import judges
 import memory
 
+
 # =====================================================================================================================
 # 1. Prompts: every instruction of the released prompts, in this project's words
 # =====================================================================================================================
@@ -284,6 +285,15 @@ def random_reward(completion: str, question: dict) -> float:
 REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
 
 
+def reward_names(spec: str) -> list[str]:
+    """--rewards "format,mcq" -> ["format", "mcq"]; an unknown name stops the run with the known ones."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown or not names:
+        raise SystemExit(f"--rewards {spec!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+    return names
+
+
 def score(texts: list[str], questions: list[dict], names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards of B completions (row b answers questions[b]): the sum of the named reward functions [B], and each
     component [B] for logging."""
@@ -389,7 +399,7 @@ def train_step(step: int, questions: list[dict], model, ref_model, optimizer, pr
     row_questions = [q for q in questions for _ in range(args.group_size)]  # row b answers row_questions[b]
 
     # reward and advantage
-    rewards, components = score(ro.texts, row_questions, args.reward_names)  # [B], {name: [B]}
+    rewards, components = score(ro.texts, row_questions, reward_names(args.rewards))  # [B], {name: [B]}
     advantages, zero_std = group_advantages(rewards, args.group_size, args.adv_eps, scale=not args.no_std)  # [B]
 
     # log-probs of the sampling policy (needed only when it moves before the last update) and of the reference
@@ -436,7 +446,7 @@ def train_step(step: int, questions: list[dict], model, ref_model, optimizer, pr
     common.grad_sync(model, True)
 
     tokens = float(mask.sum())
-    rate = lambda reward: sum(reward(t, q) for t, q in zip(ro.texts, row_questions)) / len(ro.texts)  # noqa: E731
+    rate = lambda reward: float(torch.tensor([reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean())  # noqa: E731
     metrics = {"reward": float(rewards.mean()), "accuracy": rate(mcq_reward), "format_rate": rate(format_reward),
                "zero_std_frac": float(zero_std.float().mean()), "completion_len": tokens / len(ro.texts),
                "truncation_rate": float(ro.truncated.float().mean()),
@@ -582,10 +592,7 @@ def parse_args(argv=None):
         args.clip_eps_high = args.clip_eps
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
-    args.reward_names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    unknown = [n for n in args.reward_names if n not in REWARDS]
-    if unknown or not args.reward_names:
-        raise SystemExit(f"--rewards {args.rewards!r}: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+    reward_names(args.rewards)  # refused here if a name is unknown
     common.check_system_flags(args)
     return args
 
@@ -646,8 +653,10 @@ def main(argv=None):
     start_step = common.resume(out, model, optimizer, log)["step"]  # the same command continues from <out>/latest
 
     # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining)
-    warmup = common.encode_prompt(processor, train.examples[0].image, mine_prompt(train.kind, args.data, base_classes))
+    warmup = None  # online mining: a prompt for FSDP2's warm-up forward before the parameters are gathered
     if args.online_mining:
+        warmup = common.encode_prompt(processor, train.examples[0].image,
+                                      mine_prompt(train.kind, args.data, base_classes))
         items = [{"id": ex.id, "image": ex.image, "truth": ex.class_name, "example": ex} for ex in train.examples]
     else:
         items = mine_offline(model, processor, train, base_classes, args, d, out, log if start_step == 0 else None)
@@ -671,10 +680,10 @@ def main(argv=None):
                                                timer, warmup)
         metrics, grad_norm, samples = train_step(step, questions, model, ref_model, optimizer, processor, train.kind,
                                                  args, d, guard, timer)
+        step_time = time.perf_counter() - t_step
         tokens = float(common.all_reduce_sum(torch.tensor([metrics.pop("tokens")]))[0])  # over all ranks
         record = {"step": step + 1, **common.mean_over_ranks({**metrics, **online}), "lr": lr, "grad_norm": grad_norm,
-                  **guard.stats(), **common.mean_over_ranks(timer.pop()),
-                  "tokens_per_s": tokens / (time.perf_counter() - t_step)}
+                  **guard.stats(), **common.mean_over_ranks(timer.pop()), "tokens_per_s": tokens / step_time}
         if args.log_completions and d.is_main:
             record["completions"] = samples
         if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):

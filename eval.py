@@ -78,7 +78,7 @@ import fine_r1
 import judges
 import speciarl
 
-# ----- 1. prompts and scoring: the papers' (common section 4a; the tiny stand-in was pretrained on the same) -----
+# ----- 1. prompts (each method file holds its own; the tiny stand-in was pretrained on them) and scoring -----
 
 OPEN_PROMPT = speciarl.PROMPT  # SpeciaRL: classify, reasoning in <think>, one label or 'None' in <answer>
 SPECIFIC_PROMPT = speciarl.SPECIFIC_PROMPT  # its "be specific" baseline (--be-specific)

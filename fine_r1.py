@@ -52,6 +52,7 @@ import data
 import judges
 import memory
 
+
 # =====================================================================================================================
 # 1. Prompts
 # =====================================================================================================================
@@ -1233,8 +1234,6 @@ def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
 # toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
 TOY_CANDIDATES_MARK = "the options:"
-
-
 TOY_PREDICTION_MARK = "the final answer is"
 
 

@@ -46,6 +46,7 @@ import data
 import judges
 import memory
 
+
 # =====================================================================================================================
 # 1. Prompts
 # =====================================================================================================================
@@ -540,7 +541,7 @@ def parse_args(argv=None):
                    help="paper: constant; toy: linear (at a constant 2e-3 the stand-in peaks mid-run, then falls back)")
     g.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up (paper 0)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper 1.0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper 1.0; 0 = off)")
     g.add_argument("--epochs", type=int, default=None,
                    help="passes over the training images (paper 15 = 165 steps); --max-steps stops earlier")
     g.add_argument("--lora-rank", type=int, default=None,
@@ -636,6 +637,7 @@ def main(argv=None):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
         record, judged = train_step(step, images[d.rank::d.world_size], model, ref, optimizer, proc, judge, args, d,
                                     guard, timer, total_steps, out)
+        step_time = time.perf_counter() - t_step
         record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop(),
                        **common.mean_over_ranks(judge.stats())})
         log.log(record)
@@ -643,7 +645,7 @@ def main(argv=None):
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
                       f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
                       f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} kl {record['kl']:.4f} "
-                      f"clip {record['clip_frac']:.3f} ({time.perf_counter() - t_step:.1f}s)")
+                      f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
             common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
             guard.stop(out)

@@ -48,9 +48,9 @@ def torchrun(script_args, nproc=2, timeout=600, env=None, check=True):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONFAULTHANDLER": "1", **(env or {})}
     proc = subprocess.run(cmd(), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and GLOO_ABORT in proc.stderr and "exitcode  : -6" in proc.stderr:
-        # A rank aborted inside C++ with no Python error: seen twice in CI on the 2-rank FSDP2 tests (gloo, CPU),
-        # never in 30 local reruns. Its stacks (PYTHONFAULTHANDLER) go to the warnings summary; the command reruns
-        # once, so a rare abort of the CPU transport does not hide what the test checks.
+        # A rank aborted inside C++ with no Python error: seen twice on the 2-rank FSDP2 tests (gloo, CPU), never in
+        # 28 local reruns. Its stacks (PYTHONFAULTHANDLER) go to the warnings summary and the command runs once more,
+        # continuing from whatever the aborted attempt left in its output folder, as a user's rerun would.
         warnings.warn(f"a torchrun rank aborted ({GLOO_ABORT!r}); rerunning once. Its output:\n{proc.stderr[-6000:]}")
         proc = subprocess.run(cmd(), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

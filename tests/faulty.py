@@ -1,12 +1,12 @@
 """Run a method script with a fault injected into its loss, for the robustness tests (the product has no fault hooks).
 
-    python tests/faulty.py KIND STEPS [rank=R] [at=sft|tapo] -- SCRIPT.py ARGS...     (or under torchrun)
+    python tests/faulty.py KIND STEPS [rank=R] -- SCRIPT.py ARGS...        (or under torchrun)
 
 KIND: raise (RuntimeError), nan (the loss times NaN) or kill (this process sends itself SIGKILL, as kill -9 would).
-STEPS: N or N-M, the steps the method logs in metrics.jsonl. rank=R: only that global rank (default every rank).
-at: which loss of fine_r1.py (default tapo). The function under test is patched in place: dive_k.grpo_loss,
-speciarl.speciarl_loss, fine_r1.tapo_loss or common.sft_loss (fine_r1's SFT). A loss belongs to the step after the last
-one the run logged (or resumed at), which is how the methods number their steps.
+STEPS: N or N-M, counted in optimizer steps from the start of the run (a resumed run counts on from the step it
+resumed at): the logged step of dive_k and speciarl when each step is one optimizer step (one update per batch,
+--minibatches 1), TAPO's step for fine_r1. rank=R: only that global rank (default every rank).
+The function under test is patched in place: dive_k.grpo_loss, speciarl.speciarl_loss or fine_r1.tapo_loss.
 """
 import importlib
 import os
@@ -28,27 +28,27 @@ def main():
     first, last = int(first), int(last or first)
     rank = int(os.environ.get("RANK", 0))
     spec = " ".join(sys.argv[1:split])
-    logged = {"step": 0}
+    done = {"steps": 0}  # optimizer steps finished: each method clips its gradients once per optimizer step
 
-    log, resume_at = common.MetricsLog.log, common.MetricsLog.resume_at
-
-    def log_and_count(self, record):
-        logged["step"] = max(logged["step"], int(record.get("step", 0)))
-        return log(self, record)
+    resume_at, clip_gradients = common.MetricsLog.resume_at, common.clip_gradients
 
     def resume_and_count(self, step):
-        logged["step"] = step
+        done["steps"] = step
         return resume_at(self, step)
-    common.MetricsLog.log, common.MetricsLog.resume_at = log_and_count, resume_and_count
+
+    def clip_and_count(*a, **k):
+        done["steps"] += 1
+        return clip_gradients(*a, **k)
+    common.MetricsLog.resume_at, common.clip_gradients = resume_and_count, clip_and_count
 
     def faulty(loss_fn):
         def wrapped(*a, **k):
             out = loss_fn(*a, **k)
-            step = logged["step"] + 1
+            step = done["steps"] + 1
             if not first <= step <= last or int(options.get("rank", rank)) != rank:
                 return out
             if kind == "nan":
-                return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+                return (out[0] * float("nan"), *out[1:])
             print(f"faulty.py: injecting {kind} at step {step} on rank {rank}", file=sys.stderr, flush=True)
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -57,10 +57,7 @@ def main():
 
     name = os.path.splitext(os.path.basename(script))[0]
     method = importlib.import_module(name)
-    if options.get("at") == "sft":
-        common.sft_loss = faulty(common.sft_loss)
-    else:
-        setattr(method, LOSSES[name], faulty(getattr(method, LOSSES[name])))
+    setattr(method, LOSSES[name], faulty(getattr(method, LOSSES[name])))
     sys.argv = [script, *args]
     common.run_script(method.main)
 

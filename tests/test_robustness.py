@@ -477,7 +477,7 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     proc = run_entry([*FINE_R1_TAPO, "--out", full])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory budget (stage tapo) per process (CPU), estimated" in proc.stdout  # printed at start
-    proc = run_entry([FAULTY, "kill", "3", "at=tapo", "--", *FINE_R1_TAPO, "--out", killed])
+    proc = run_entry([FAULTY, "kill", "3", "--", *FINE_R1_TAPO, "--out", killed])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "faulty.py: injecting kill at step 3 on rank 0" in proc.stderr
     assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
