@@ -55,7 +55,6 @@ QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
     "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
 }
-DEFAULT_SYSTEM = "You are a helpful assistant."
 CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
 
 
@@ -444,12 +443,6 @@ def encode_prompt(processor, image: Image.Image | str, text: str, system: str | 
     out = processor(text=[prompt], images=[image], return_tensors="pt")
     return EncodedPrompt(out["input_ids"][0], out["mm_token_type_ids"][0].long(), out["pixel_values"],
                          out["image_grid_thw"])
-
-
-def encode_text_prompt(processor, messages: list[dict]) -> torch.Tensor:
-    """Token ids of a text-only chat (used by the LLM judge)."""
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return processor(text=[prompt], return_tensors="pt")["input_ids"][0]
 
 
 def unwrap(model):

@@ -592,7 +592,7 @@ def main(argv=None) -> dict:
     model.eval()
     halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
     judge = None
-    cache = args.judge_cache or (os.path.join(args.out, "judge_cache.jsonl") if args.out else None)
+    cache = args.judge_cache or os.path.join(args.out, "judge_cache.jsonl")
     results = {}
     for half in halves:
         ds = data.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
@@ -600,7 +600,7 @@ def main(argv=None) -> dict:
         if judge is None and args.protocol != "mcq":
             judge = judges.get_judge(args.judge, ds, cache, url=args.judge_url,
                                      concurrency=args.judge_concurrency)  # one judge (and cache) for both halves
-        out = os.path.join(args.out, half) if args.out and len(halves) > 1 else args.out
+        out = os.path.join(args.out, half) if len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
         try:
@@ -612,12 +612,12 @@ def main(argv=None) -> dict:
                                          mcq_distractors=args.mcq_distractors, scoring=args.scoring,
                                          compile_decode=bool(args.compile_decode), extra_settings=settings)
         except judges.ServerError as e:  # the judge's server went away: what it judged is in the cache
-            raise SystemExit(f"{e}. The pairs judged so far are kept in {cache or 'no cache (pass --out)'}: rerun "
+            raise SystemExit(f"{e}. The pairs judged so far are kept in {cache}: rerun "
                              f"the same command to continue") from None
     hm = None
     if len(halves) > 1:
         hm = {k: harmonic(results["base"][k], results["novel"][k]) for k in main_keys(args.protocol)}
-        if args.out and d.is_main:
+        if d.is_main:
             with open(os.path.join(args.out, "metrics.json"), "w") as f:
                 json.dump({"protocol": args.protocol, "classes": "base+novel", "base": results["base"],
                            "novel": results["novel"], "hm": hm, "settings": vars(args)}, f, indent=1)
