@@ -1651,7 +1651,11 @@ def make_run_dir(out: str):
 def run_script(main: Callable[[], Any]):
     """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
     ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
-    is intact and the same command resumes from it."""
+    is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
+    refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
+    group still referenced at interpreter exit can abort the process ("terminate called without an active
+    exception", pytorch/pytorch#190489)."""
+    import gc
     import signal
 
     def stop(signum, frame):
@@ -1659,6 +1663,8 @@ def run_script(main: Callable[[], Any]):
     signal.signal(signal.SIGTERM, stop)
     try:
         main()
+        gc.collect()
+        cleanup_distributed()
     except KeyboardInterrupt:
         print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): the last checkpoint is kept; rerun the same "
               f"command to resume from it", file=sys.stderr, flush=True)
