@@ -733,12 +733,7 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
     report_memory_sft(model, processor, records, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start = 0
-    ckpt = common.latest_checkpoint(sft_out)
-    if ckpt:
-        start = common.load_checkpoint(ckpt, model, optimizer)["step"]
-        common.print0(f"stage sft: resumed from {ckpt} at step {start}")
-    log.resume_at(start)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
+    start = common.resume(sft_out, model, optimizer, log)["step"]  # the same command continues from sft/latest
     common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
                   f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
                   f"vision {'trained' if args.sft_train_vision else 'frozen'}")
