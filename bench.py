@@ -20,7 +20,7 @@ Launch lines:
   python bench.py --model qwen2.5-vl-35m-random --phases sample,logprob,update  # CPU, the real 151,936 vocabulary
   python bench.py --model qwen2.5-vl-3b-random --prompts 8 --new-tokens 256     # one GPU, bf16, random weights
   python bench.py --model qwen2.5-vl-7b-random --prompts 4 --new-tokens 256
-  torchrun --nproc 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures are per GPU (rank 0)
+  torchrun --nproc-per-node 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures are per GPU (rank 0)
 
 How the figures are defined
   * tokens: real tokens only (no padding). Rollout tokens = generated completion tokens up to and including the

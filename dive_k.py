@@ -10,8 +10,8 @@ with the class list, then a greedy pick among its own top 5.
 
 Launch
   1 GPU     python dive_k.py --data cub --data-root /data/CUB_200_2011
-  8 GPUs    torchrun --nproc 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+  8 GPUs    torchrun --nproc-per-node 8 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
+  2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python dive_k.py --data toy          (tiny stand-in model, toy shapes: 116 s on an idle 2-core CPU)
 The same command resumes from the last checkpoint in --out (mining from its cache; --out on a filesystem every node

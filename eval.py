@@ -23,7 +23,7 @@ Usage:
   python eval.py --model tiny --data toy --protocol open --limit 48
   python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --data cub --data-root /data/CUB_200_2011 \\
       --protocol two_step --classes base+novel --out runs/eval_cub
-  torchrun --nproc 8 eval.py --model runs/dive_k_cub/export --data cub --data-root R --protocol two_step \\
+  torchrun --nproc-per-node 8 eval.py --model runs/dive_k_cub/export --data cub --data-root R --protocol two_step \\
       --classes base+novel --out runs/eval_cub      (images sharded over ranks, results gathered)
   python eval.py --model M --data food --data-root R --protocol speciarl \\
       --judge openai:meta-llama/Meta-Llama-3-70B-Instruct --judge-url http://HOST:8000/v1    (a vLLM server)

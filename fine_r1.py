@@ -15,8 +15,8 @@ Fine-R1 teaches a vision-language model to name fine-grained categories from a f
 
 Launch
   1 GPU     python fine_r1.py --data cub --data-root /data/CUB_200_2011
-  8 GPUs    torchrun --nproc 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+  8 GPUs    torchrun --nproc-per-node 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
+  2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python fine_r1.py --data toy         (all three stages on the tiny stand-in: 126 s, idle 2-core CPU)
 --stage cot | sft | tapo runs one stage (each reads the previous one's output from --out); --cot-data FILE trains

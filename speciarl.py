@@ -14,8 +14,8 @@ clip 0.2, dual clip 3, a global token mean and a k3 KL to the frozen model, with
 Launch (the defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64 / alpha 32, vision frozen, 3000 CUB images,
 G = 10, 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 165 steps)
   1 GPU     python speciarl.py --data cub --data-root /data/CUB_200_2011
-  8 GPUs    torchrun --nproc 8 speciarl.py --data cub --data-root /data/CUB_200_2011
-  2 nodes   torchrun --nnodes 2 --node_rank {0,1} --nproc 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+  8 GPUs    torchrun --nproc-per-node 8 speciarl.py --data cub --data-root /data/CUB_200_2011
+  2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 speciarl.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python speciarl.py --data toy        (tiny stand-in model, toy shapes: 67 s on an idle 2-core CPU)
 The same command resumes from the last checkpoint in --out; judged rollouts go to <out>/rollouts.jsonl.

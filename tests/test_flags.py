@@ -105,3 +105,41 @@ def _parser(script) -> argparse.ArgumentParser:
     finally:
         argparse.ArgumentParser.parse_args = real
     return caught["parser"]
+
+
+def launch_lines() -> list[tuple[str, str]]:
+    """(where, command) of every `torchrun` line that README and the scripts' docstrings print, with backslash
+    continuations joined and trailing notes (`# ...`, `(...)`) cut."""
+    import ast
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    texts = {"README.md": open(os.path.join(root, "README.md")).read()}
+    for name in ("dive_k.py", "speciarl.py", "fine_r1.py", "eval.py", "bench.py"):
+        texts[name] = ast.get_docstring(ast.parse(open(os.path.join(root, name)).read()))
+    found = []
+    for where, text in texts.items():
+        for match in re.finditer(r"torchrun (?:[^\n]*\\\n)*[^\n]*", text):
+            command = re.sub(r"\\\n", " ", match.group(0))
+            command = re.split(r"\s#|\s{2,}\(", command)[0]
+            found.append((where, command.rstrip("` ")))
+    return found
+
+
+def test_every_printed_torchrun_line_parses_with_the_installed_torchrun():
+    """torchrun's own parser over every launch line (`--nproc` alone is ambiguous since torch 2.x added
+    `--nproc-per-node` beside `--nproc_per_node`)."""
+    import shlex
+    from torch.distributed.run import get_args_parser
+    lines = launch_lines()
+    assert {where for where, _ in lines} >= {"README.md", "dive_k.py", "speciarl.py", "fine_r1.py", "eval.py",
+                                             "bench.py"}
+    for where, command in lines:
+        if command.startswith("torchrun`"):  # prose naming the launcher
+            continue
+        args = get_args_parser().parse_args(shlex.split(command)[1:])
+        assert args.nproc_per_node == "8", (where, command)
+        assert args.training_script in ("dive_k.py", "speciarl.py", "fine_r1.py", "eval.py", "bench.py"), (where, command)
+        script = args.training_script[:-3]
+        if script in PARSERS:  # the script's own flags parse too
+            PARSERS[script](args.training_script_args)
