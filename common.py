@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import json
 import math
@@ -1004,18 +1005,86 @@ def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     return runs
 
 
-def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
-                         completion_mask: torch.Tensor, pad_id: int, device) -> tuple[dict, torch.Tensor, int]:
+@dataclasses.dataclass
+class PrefixLayout:
+    """The packed rows of the shared-prefix forward (`shared_prefix_inputs`), handed to every decoder layer in place
+    of an attention mask: each packed row is a prompt left-padded to `prompt_width` slots, `prompt_lengths[r]` of them
+    real, then `groups` completion slots of `width` tokens each."""
+    prompt_width: int
+    groups: int
+    width: int
+    prompt_lengths: list[int]
+
+
+def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     base: str = "sdpa", **kwargs):
+    """The text model's attention (installed by `shared_prefix_supported`). Given a PrefixLayout it attends the packed
+    rows without any [S, S] mask: per packed row, the real prompt tokens causally among themselves, and each completion
+    over the whole prompt and its own earlier tokens (a lower-right causal bias, which the flash and memory-efficient
+    kernels apply without a mask tensor). The prompt's keys are shared by its completions; no completion sees another.
+    Any other call goes to the `base` attention unchanged. Shapes: query [R, H, S, D], key / value [R, H_kv, S, D]."""
+    if not isinstance(attention_mask, PrefixLayout):
+        return _base_attention(base)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+    layout, kind = attention_mask, query.device.type
+    if torch.is_autocast_enabled(kind):  # what autocast does to a plain SDPA call
+        query, key, value = (x.to(torch.get_autocast_dtype(kind)) for x in (query, key, value))
+    key, value = (x.repeat_interleave(query.shape[1] // key.shape[1], 1) for x in (key, value))  # [R, H, S, D]
+    L, g, T = layout.prompt_width, layout.groups, layout.width
+    packed = []
+    for r, n in enumerate(layout.prompt_lengths):
+        q, k, v = query[r], key[r], value[r]  # [H, S, D]
+        real = slice(L - n, L)  # the prompt's real tokens, after its left padding
+        prompt = F.scaled_dot_product_attention(q[:, real], k[:, real], v[:, real], dropout_p=dropout, is_causal=True,
+                                                scale=scaling)  # [H, n, D]
+        qc, kc, vc = (x[:, L:].unflatten(1, (g, T)).transpose(0, 1) for x in (q, k, v))  # [g, H, T, D]
+        kc, vc = (torch.cat([x[None, :, real].expand(g, -1, -1, -1), c], 2) for x, c in ((k, kc), (v, vc)))  # [g,H,n+T,D]
+        done = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal_lower_right(T, n + T), dropout_p=dropout,
+                                              scale=scaling)  # [g, H, T, D]
+        packed.append(torch.cat([q.new_zeros((q.shape[0], L - n, q.shape[2])), prompt,
+                                 done.transpose(0, 1).flatten(1, 2)], 1))  # [H, S, D]; padding slots 0
+    return torch.stack(packed).transpose(1, 2), None  # [R, S, H, D], as transformers' attention functions return
+
+
+def _base_attention(name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if name == "eager":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def shared_prefix_supported(model) -> bool:
+    """Whether the shared-prefix forward can run (text attention sdpa or eager, not flash-attention 2), installing
+    `prefix_attention` as the text model's attention on the way (once; other calls still reach sdpa / eager)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+    config = unwrap(model).config.text_config
+    name = config._attn_implementation or "sdpa"
+    base = name.removeprefix("prefix+")
+    if base not in ("sdpa", "eager"):
+        return False
+    if name == base:
+        AttentionInterface.register("prefix+" + base, functools.partial(prefix_attention, base=base))
+        AttentionMaskInterface.register("prefix+" + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        config._attn_implementation = "prefix+" + base
+    return True
+
+
+def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
+                         device) -> tuple[dict, torch.Tensor, int]:
     """Trick "shared prefix": model inputs that hold each prompt once with all of its rows' completions after it, one
     packed sequence per run of rows sharing a prompt (prompt_runs):
 
         [ left-padded prompt | completion 1 | completion 2 | ... | completion g ]   (each completion T slots)
 
-    with a 4-D attention mask under which the prompt is causal as usual and every completion sees the whole prompt
-    and its own earlier tokens, never another completion; each completion's M-RoPE positions continue the prompt's,
-    as if it were alone. A row's log-probs are then exactly those of [prompt | completion] scored on its own (up to
-    float summation order), but the prompt (mostly image tokens) and the image are computed once per group instead
-    of G times, in the forward and in the backward: its gradient is the sum over the group's completions.
+    and, in place of an attention mask, their PrefixLayout, under which `prefix_attention` lets every completion see
+    the whole prompt and its own earlier tokens, never another completion; each completion's M-RoPE positions
+    continue the prompt's, as if it were alone. A row's log-probs are then exactly those of [prompt | completion]
+    scored on its own (up to float summation order), but the prompt (mostly image tokens) and the image are computed
+    once per group instead of G times, in the forward and in the backward: its gradient is the sum over the group's
+    completions. Completions are right-padded, so causality alone keeps their padding out of sight.
 
     Returns (inputs, predictors, keep): the model keeps the hidden states of the last `keep` = 1 + g_max * T
     positions of each packed sequence (`logits_to_keep`), and predictors [B, T] is, for completion token (b, t), the
@@ -1026,32 +1095,17 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     g_max = max(end - start for start, end in runs)
     batch = collate_prompts(model, [prompts[start] for start, _ in runs], pad_id, device)
     R, L = batch["input_ids"].shape
-    S = L + g_max * T
     comp = torch.full((R, g_max, T), pad_id, dtype=torch.long, device=device)  # [R, g, T]
-    real = torch.zeros((R, g_max, T), dtype=torch.bool, device=device)  # [R, g, T] slots holding a real token
     row_run, row_slot = [], []
     for r, (start, end) in enumerate(runs):
         comp[r, :end - start] = completion_ids[start:end].to(device)
-        real[r, :end - start] = completion_mask[start:end].to(device).bool()
         row_run += [r] * (end - start)
         row_slot += list(range(end - start))
     start_pos = batch["position_ids"].amax(dim=(0, 2)) + 1  # [R] first completion position
     comp_pos = (start_pos[:, None] + torch.arange(T, device=device)).repeat(1, g_max)  # [R, g*T]
-    # the mask [R, 1, S, S]: segment -1 = the prompt, k = completion k; a key is visible to a query at or after it in
-    # the same segment, or in the prompt; padding keys never (a left-pad query sees itself, so no row is empty)
-    seg = torch.cat([torch.full((L,), -1, device=device),
-                     torch.arange(g_max, device=device).repeat_interleave(T)])  # [S]
-    key_ok = torch.cat([batch["attention_mask"].bool(), real.view(R, -1)], 1)  # [R, S]
-    pos = torch.arange(S, device=device)
-    same = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])  # [S, S] query i, key j
-    causal = pos[None, :] <= pos[:, None]  # [S, S]
-    mask = (same & causal)[None] & key_ok[:, None, :]  # [R, S, S]
-    mask |= torch.eye(S, dtype=torch.bool, device=device)[None] & ~mask.any(-1, keepdim=True)
-    if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=unwrap(model).dtype, device=device).masked_fill_(
-            ~mask, torch.finfo(unwrap(model).dtype).min)
-    inputs = dict(input_ids=torch.cat([batch["input_ids"], comp.view(R, -1)], 1),  # [R, S]
-                  attention_mask=mask[:, None],  # [R, 1, S, S]
+    layout = PrefixLayout(L, g_max, T, [len(prompts[start]) for start, _ in runs])
+    inputs = dict(input_ids=torch.cat([batch["input_ids"], comp.view(R, -1)], 1),  # [R, S], S = L + g*T
+                  attention_mask={"full_attention": layout},  # handed to each decoder layer as it is
                   mm_token_type_ids=torch.cat([batch["mm_token_type_ids"],
                                                batch["mm_token_type_ids"].new_zeros((R, g_max * T))], 1),
                   position_ids=torch.cat([batch["position_ids"], comp_pos[None].expand(3, -1, -1)], 2),  # [3, R, S]
@@ -1064,11 +1118,6 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     return inputs, predictors, g_max * T + 1
 
 
-def shared_prefix_supported(model) -> bool:
-    """The shared-prefix forward needs an attention that takes a 4-D mask (sdpa, eager); flash-attention 2 does not."""
-    return getattr(unwrap(model).config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
-
-
 def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       shared_prefix: bool = True) -> torch.Tensor:
@@ -1079,8 +1128,7 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
     sequence per row (`scoring_inputs`). Positions past a row's completion mask hold garbage: mask them."""
     device = next(unwrap(model).parameters()).device
     if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
-        inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, completion_mask, pad_id,
-                                                        device)
+        inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, pad_id, device)
         targets = completion_ids.to(device)  # [B, T]
         with lm_head_returns_logprobs(model, targets, temperature, predictors):
             return model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, T] log-probs, not logits
