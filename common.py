@@ -503,26 +503,25 @@ class Rollout:
 
 
 def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p."""
+    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p (no host
+    sync: neither filter looks at the values from the host)."""
     if top_k and top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        # Trick "nucleus among candidates": sorting the whole vocabulary (152k) every step is slow; the nucleus
-        # lives among the most likely tokens, so sort only the top `k` and check that they hold mass >= top_p in
-        # every row (then every other token has mass >= top_p before it and is dropped, exactly as with a full
-        # sort); if not, widen k (x8) up to the full vocabulary.
-        probs = logits.softmax(-1)  # [B, V]
-        k = min(1024, probs.shape[-1])
-        while True:
-            top_probs, top_ids = probs.topk(k, dim=-1)  # [B, k], sorted descending
-            cum = top_probs.cumsum(-1)  # [B, k]
-            if k == probs.shape[-1] or bool((cum[:, -1] >= top_p).all()):
-                break
-            k = min(8 * k, probs.shape[-1])
-        keep_sorted = (cum - top_probs) < top_p  # keep tokens until the mass before them reaches p
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_ids, keep_sorted)  # [B, V]
-        logits = logits.masked_fill(~keep, float("-inf"))
+        # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
+        # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
+        # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
+        # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
+        # The same tokens as a sort, except that tokens tied at the threshold are all kept.
+        probs = logits.float().softmax(-1)  # [B, V]
+        lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
+        hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
+        for _ in range(31):
+            mid = (lo + hi) // 2  # [B]
+            above = torch.where(probs > mid.int().view(torch.float32)[:, None], probs, 0.0).sum(-1)  # [B]
+            lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
+        logits = logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
     return logits
 
 
@@ -691,8 +690,8 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
       * one batched decode over all prompts x samples, with explicit M-RoPE positions (next position = the prompt's
         largest position + 1 + step), so no per-step position bookkeeping inside the model;
       * light per-step sampling math: one log-sum-exp per row for the recorded log-probs (no [B, V] log-softmax
-        kept), no vocabulary sort unless top_p < 1 and then only of the top candidates (`sampling_filter`), no
-        processor or tokenizer call inside the loop;
+        kept), no vocabulary sort (`sampling_filter`), no processor or tokenizer call inside the loop, and no look
+        from the host but the one below;
       * stop once every row has produced an EOS, looked at every FINISHED_CHECK_EVERY steps (each look waits for the
         GPU; the extra steps only write padding, cut off at the end).
     Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
@@ -700,7 +699,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
     `compile_decode` (off by default; for GPU) decodes with a static KV cache and a compiled step (`compiled_decode`):
     the first call per shape pays the compilation; refused for FSDP2-sharded models and with flash-attention 2
-    (`check_compile_decode`).
+    (`compile_decode_problem`).
     `row_seeds` (one per output row, prompt-major: row p*G+g): each row samples from its own random stream (inverse
     CDF with its own uniforms) instead of `generator`, so what a row draws does not depend on which other prompts
     share the call: the same samples on 1 or 8 ranks and with any prompt batch (evaluation uses it).
@@ -718,8 +717,8 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         return concat_rollouts(parts, pad_id=special_token_ids(processor)["<|endoftext|>"])
     ids = special_token_ids(processor)
     pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    suppress = [ids["<|image_pad|>"], ids["<|video_pad|>"]]
     device = next(model.parameters()).device
+    suppress = torch.tensor([ids["<|image_pad|>"], ids["<|video_pad|>"]], device=device)  # never sampled
     if generator is not None and generator.device.type != device.type:
         # torch.multinomial needs a generator on the tensors' device: a CPU generator given for a GPU model seeds a
         # device one, so the draws stay a function of the caller's seed
@@ -747,6 +746,12 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     B, V = logits.shape
     attention_mask = torch.ones((B, capacity), dtype=torch.long, device=device)  # [B, capacity] preallocated
     attention_mask[:, :Lp] = batch["attention_mask"].repeat_interleave(G, 0)
+    # the uncompiled step's mask, already 4-D (a one-token query sees every key but the prompt's padding): handed to
+    # attention as it is, where a 2-D mask would cost a look from the host per step (transformers checks it for pads)
+    step_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]
+    if getattr(model.config.text_config, "_attn_implementation", "sdpa").endswith("eager"):  # eager adds the mask
+        step_mask = torch.zeros(step_mask.shape, dtype=model.dtype, device=device).masked_fill_(
+            ~step_mask, torch.finfo(model.dtype).min)
     next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
     if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
@@ -774,7 +779,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         bad = lse.isnan() | (lse == float("inf"))  # [B] a NaN or +inf logit in the row (sync-free: raised below)
         nonfinite |= bad
         scores = scores.masked_fill(bad[:, None], 0.0)  # keeps multinomial from a device assert until we raise
-        scores[:, suppress] = float("-inf")
+        scores.index_fill_(1, suppress, float("-inf"))
         if seen is not None:
             scores = torch.where(seen, torch.where(scores > 0, scores / repetition_penalty,
                                                    scores * repetition_penalty), scores)
@@ -807,7 +812,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
             logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
-            logits = model(input_ids=nxt[:, None], attention_mask=attention_mask[:, :Lp + step + 1], position_ids=pos,
+            logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :Lp + step + 1], position_ids=pos,
                            use_cache=True, **{cache_kw: cache}).logits[:, -1].float()  # [B, V]
     if bool(nonfinite.any()):
         raise NonFiniteLogits(nonfinite_message(nonfinite, steps - 1))
@@ -1034,17 +1039,17 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     L, g, T = layout.prompt_width, layout.groups, layout.width
     packed = []
     for r, n in enumerate(layout.prompt_lengths):
-        q, k, v = query[r], key[r], value[r]  # [H, S, D]
+        q, k, v = query[r:r + 1], key[r:r + 1], value[r:r + 1]  # [1, H, S, D] (4-D, as the fused kernels want)
         real = slice(L - n, L)  # the prompt's real tokens, after its left padding
-        prompt = F.scaled_dot_product_attention(q[:, real], k[:, real], v[:, real], dropout_p=dropout, is_causal=True,
-                                                scale=scaling)  # [H, n, D]
-        qc, kc, vc = (x[:, L:].unflatten(1, (g, T)).transpose(0, 1) for x in (q, k, v))  # [g, H, T, D]
-        kc, vc = (torch.cat([x[None, :, real].expand(g, -1, -1, -1), c], 2) for x, c in ((k, kc), (v, vc)))  # [g,H,n+T,D]
+        prompt = F.scaled_dot_product_attention(q[:, :, real], k[:, :, real], v[:, :, real], dropout_p=dropout,
+                                                is_causal=True, scale=scaling)  # [1, H, n, D]
+        qc, kc, vc = (x[0, :, L:].unflatten(1, (g, T)).transpose(0, 1) for x in (q, k, v))  # [g, H, T, D]
+        kc, vc = (torch.cat([x[:, :, real].expand(g, -1, -1, -1), c], 2) for x, c in ((k, kc), (v, vc)))  # [g,H,n+T,D]
         done = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=causal_lower_right(T, n + T), dropout_p=dropout,
                                               scale=scaling)  # [g, H, T, D]
-        packed.append(torch.cat([q.new_zeros((q.shape[0], L - n, q.shape[2])), prompt,
-                                 done.transpose(0, 1).flatten(1, 2)], 1))  # [H, S, D]; padding slots 0
-    return torch.stack(packed).transpose(1, 2), None  # [R, S, H, D], as transformers' attention functions return
+        packed.append(torch.cat([q.new_zeros((1, q.shape[1], L - n, q.shape[3])), prompt,
+                                 done.transpose(0, 1).flatten(1, 2)[None]], 2))  # [1, H, S, D]; padding slots 0
+    return torch.cat(packed).transpose(1, 2), None  # [R, S, H, D], as transformers' attention functions return
 
 
 def _base_attention(name: str):

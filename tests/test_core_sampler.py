@@ -197,3 +197,39 @@ def test_sampler_passes_the_cache_under_its_current_name(tiny, toy_test, monkeyp
                       generator=torch.Generator().manual_seed(0))
     said = told + [str(w.message) for w in caught]
     assert not [m for m in said if "past_key_values" in m], said
+
+
+def test_decode_steps_never_wait_for_the_host(tiny, toy_test, monkeypatch):
+    """No host read (item, bool, cpu, tolist, int, float) inside a decode step, with top-p, a repetition penalty
+    and the pad suppression on: the reads of a call do not grow with its length when the every-few-steps look at
+    "has every row ended?" is off."""
+    model, proc = tiny
+    prompts = _prompts(proc, toy_test.examples[:2])
+    monkeypatch.setattr(common, "FINISHED_CHECK_EVERY", 10 ** 6)
+    reads = [0]
+    for name in ("item", "__bool__", "cpu", "tolist", "__int__", "__float__"):
+        def counted(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+            reads[0] += 1
+            return _read(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_of(new_tokens):
+        reads[0] = 0
+        common.sample(model, proc, prompts, group_size=3, max_new_tokens=new_tokens, temperature=1.0, top_p=0.9,
+                      repetition_penalty=1.1, generator=torch.Generator().manual_seed(0))
+        return reads[0]
+    reads_of(4)  # first call: one-off reads (caches filled inside transformers)
+    assert reads_of(6) == reads_of(16)
+
+
+def test_top_p_filter_keeps_what_a_full_sort_keeps():
+    """The sort-free nucleus (bisection on the probabilities' bits) against the sort-based rule of HF's TopPLogitsWarper
+    (keep a token while the mass before it is below top_p), on random rows of a large vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 5000, generator=generator) * torch.linspace(0.1, 8, 16)[:, None]  # flat to peaked
+    for top_p in (0.3, 0.9, 0.95, 0.999):
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        before = probs.cumsum(-1) - probs  # [B, V] the mass sorted before each token
+        expected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before < top_p)
+        kept = common.sampling_filter(logits, 0, top_p).isfinite()
+        assert (kept != expected).sum().item() <= 2, top_p  # float summation order may move the boundary token
