@@ -1145,15 +1145,20 @@ def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], comp
                         completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
                         shared_prefix: bool = True) -> torch.Tensor:
     """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time
-    (score_completions: rows sharing a prompt share its forward). Positions past the completion mask are 0."""
+    (score_completions: rows sharing a prompt share its forward), each micro-batch cut to its longest completion as
+    the updates cut it. Positions past the completion mask are 0. One copy to the host, at the end."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
-    out = []
+    out = None
     with torch.no_grad():
         for s in range(0, len(prompts), micro_batch):
             rows = slice(s, s + micro_batch)
-            out.append(score_completions(model, prompts[rows], completion_ids[rows], completion_mask[rows], pad_id,
-                                         temperature, shared_prefix).float().cpu())
-    return torch.cat(out) * completion_mask
+            width = max(1, int(completion_mask[rows].sum(1).max()))  # the mask is on the host: no sync
+            logp = score_completions(model, prompts[rows], completion_ids[rows, :width], completion_mask[rows, :width],
+                                     pad_id, temperature, shared_prefix).float()  # [b, width]
+            if out is None:
+                out = logp.new_zeros(completion_mask.shape)  # [B, T] on the model's device
+            out[rows, :width] = logp
+    return out.cpu() * completion_mask
 
 
 def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequence[torch.Tensor]) -> torch.Tensor:

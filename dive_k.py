@@ -365,8 +365,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         raise ValueError(f"loss_agg must be seq or token, got {loss_agg!r}")
     with torch.no_grad():
         clipped_taken = (clipped < unclipped).to(mask.dtype)  # [B, T] tokens where the clip changed the objective
-        stats = {"kl_sum": float((kl * mask).sum()), "clipped_sum": float((clipped_taken * mask).sum()),
-                 "tokens": float(mask.sum())}
+        stats = {"kl_sum": (kl * mask).sum(), "clipped_sum": (clipped_taken * mask).sum(),
+                 "tokens": mask.sum()}  # 0-d tensors: summed over micro-batches, read once per step
     return loss, stats
 
 
@@ -436,14 +436,15 @@ def train_step(step: int, questions: list[dict], model, ref_model, optimizer, pr
                                         beta=args.beta, clip_low=args.clip_eps, clip_high=args.clip_eps_high,
                                         loss_agg=args.loss_agg, normalizer=normalizer)
                 loss.backward()
-                sums.update({**stats, "loss": float(loss.detach())})
-                update_loss += float(loss.detach())
+                sums.update({**stats, "loss": loss.detach()})  # tensors: no host read per micro-batch
+                update_loss += loss.detach()
             grad_norm = common.clip_gradients(params, args.grad_clip)
             if guard.check(step + 1, loss=update_loss, grad_norm=grad_norm):
                 optimizer.step()
             else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
                 optimizer.zero_grad(set_to_none=True)
     common.grad_sync(model, True)
+    sums = {k: float(v) for k, v in sums.items()}  # the step's one read of the loss statistics
 
     tokens = float(mask.sum())
     rate = lambda reward: float(torch.tensor([reward(t, q) for t, q in zip(ro.texts, row_questions)]).mean())  # noqa: E731

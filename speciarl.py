@@ -311,9 +311,9 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
                 dual_clip=args.dual_clip, beta=args.beta)
             loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
             loss.backward()
-            minibatch_loss += float(loss.detach())
+            minibatch_loss += loss.detach()  # tensors: read once per step, not per micro-batch
             for k, v in stats.items():
-                sums[k] += float(v)
+                sums[k] += v.detach()
         grad_norm = common.clip_gradients([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         if guard is None or guard.check(step, loss=minibatch_loss, grad_norm=grad_norm):
             optimizer.step()
