@@ -317,7 +317,9 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
     if not real_ids:
         spec["vocab_size"] = len(tok)
     cfg = qwen_vl_config(special_ids=special, **spec)
-    with torch.device(device):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)  # the same weights at every load: a KL reference loaded the same way is the policy's twin
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
     proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
                              chat_template=CHAT_TEMPLATE)

@@ -183,3 +183,17 @@ def test_loading_holds_one_copy_in_the_target_dtype(monkeypatch):
     model, _ = common.load_model(tiny.tiny_model_dir(), device=torch.device("cpu"), dtype="bf16")
     assert seen["device_map"] == {"": torch.device("cpu")} and seen["dtype"] == torch.bfloat16
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_random_preset_loads_the_same_weights_every_time():
+    """The KL reference of dive_k / speciarl is loaded like the policy: on a random preset both must be the same
+    weights, so that the KL starts at 0; the caller's random stream is left as it was."""
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    a, _ = common.load_model("qwen2.5-vl-30m-random", device=torch.device("cpu"), dtype="fp32")
+    after = torch.rand(1)
+    b, _ = common.load_model("qwen2.5-vl-30m-random", device=torch.device("cpu"), dtype="fp32")
+    assert torch.equal(before, after)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
