@@ -334,7 +334,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
 
     The weights go straight to `device` in `dtype`: a checkpoint is read tensor by tensor from its (memory-mapped)
     safetensors onto the device, a random preset is initialised there. No rank holds a host copy of the model, nor a
-    copy in another dtype; under FSDP2 each rank holds one full copy on its GPU until wrap_model shards it."""
+    copy in another dtype; under FSDP2 each rank holds one full copy on its GPU until wrap_model shards it. On the
+    meta device: the model's shapes only (no weights read), for the memory estimate at start."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
     if attn == "flash_attention_2":
@@ -366,12 +367,18 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
     import importlib.util
     straight = importlib.util.find_spec("accelerate") is not None  # transformers needs it for any device_map
-    if not straight and device.type != "cpu":
+    if not straight and device.type not in ("cpu", "meta"):
         print0("note: the accelerate package is not installed, so the weights pass through host memory on their way "
                "to the GPU (pip install accelerate reads them straight onto it)")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation=attn, **({"device_map": {"": device}} if straight else {}))
+        if device.type == "meta":  # the shapes alone, for the memory estimate before anything is loaded
+            from transformers import AutoConfig
+            with device:
+                model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path),
+                                                                        dtype=torch_dtype)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation=attn, **({"device_map": {"": device}} if straight else {}))
         proc = load_processor(path, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -1860,7 +1867,10 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
     g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
     g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
     g = parser.add_argument_group("system")
-    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="DDP or FSDP2 under torchrun")
+    g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
+                   "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
+    g.add_argument("--memory-check", type=int, default=1, choices=[0, 1], help="1: a run whose memory estimate "
+                   "exceeds the device's memory stops before loading; 0: warn and go on")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU fp32 weights with bf16 compute, "
                    "on CPU fp32; bf16-mixed: the same on any device; bf16 / fp32: weights and compute")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")

@@ -632,13 +632,18 @@ def main(argv=None):
     common.print0(f"data: {len(train)} {args.train_split} images of {len(base_classes)} {args.classes} classes; "
                   f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
 
-    # models: the policy (fp32 master weights, bf16 compute on GPU) and, when beta > 0, its frozen initial copy
+    # models: the policy (fp32 master weights, bf16 compute on GPU) and, when beta > 0, its frozen initial copy;
+    # first their shapes alone, for the memory estimate (it picks --parallel auto and stops a run that would not fit)
+    args.precision = common.precision_for(args.dtype, d, args.parallel)
+    shapes, processor = common.load_model(args.model, device=torch.device("meta"), dtype=args.precision.weights,
+                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    shapes.model.visual.requires_grad_(not args.freeze_vision)
+    args.parallel = report_memory(shapes, processor, train.kind, base_classes, args, d)
     args.precision = common.precision_for(args.dtype, d, args.parallel)
     common.print0(f"precision: {args.precision}")
     model, processor = common.load_model(args.model, device=d.device, dtype=args.precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
+    model.model.visual.requires_grad_(not args.freeze_vision)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
     ref_model = None
@@ -649,7 +654,6 @@ def main(argv=None):
             ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                                   eps=1e-8, weight_decay=args.weight_decay)
-    report_memory(model, ref_model, processor, train.kind, base_classes, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start_step = common.resume(out, model, optimizer, log)["step"]  # the same command continues from <out>/latest
 
@@ -708,21 +712,21 @@ def main(argv=None):
     return out
 
 
-def report_memory(model, ref_model, processor, kind: str, base_classes: list[str], args, d: common.Dist):
+def report_memory(model, processor, kind: str, base_classes: list[str], args, d: common.Dist) -> str:
     """The memory estimate per GPU at start (memory.report_memory_budget), for the larger of the two sampling
-    phases (mining, rollouts), with this script's knobs."""
+    phases (mining, rollouts), with this script's knobs. Returns the parallel mode (--parallel auto resolved)."""
     phases = [(args.mine_batch * args.mine_samples, mine_prompt(kind, args.data, base_classes),
                args.mine_max_new_tokens),
               (args.prompts_per_step // d.world_size * args.group_size,
                mcq_prompt(kind, base_classes[:args.max_options]), args.max_new_tokens)]
     phases = [(rows, memory.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
     kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
-    memory.report_memory_budget(
-        model, d, parallel=args.parallel, reference=ref_model is not None, rollout_rows=kv_rows,
+    return memory.report_memory_budget(
+        model, d, parallel=args.parallel, reference=args.beta > 0, rollout_rows=kv_rows,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
-        knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
+        check=bool(args.memory_check), knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
                                    "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
                "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
                "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})

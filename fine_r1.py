@@ -725,13 +725,12 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     per_rank = args.sft_batch // d.world_size
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
-    model, processor = load_policy(args, d, args.model, args.sft_min_pixels, args.sft_max_pixels)
-    if not args.sft_train_vision:  # the paper's SFT trains the language model only (vision tower + merger frozen)
-        model.model.visual.requires_grad_(False)
+    # the paper's SFT trains the language model only (vision tower + merger frozen)
+    model, processor = load_policy(args, d, args.model, args.sft_min_pixels, args.sft_max_pixels,
+                                   not args.sft_train_vision, lambda m, p: report_memory_sft(m, p, records, args, d))
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
-    report_memory_sft(model, processor, records, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start = common.resume(sft_out, model, optimizer, log)["step"]  # the same command continues from sft/latest
     common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
@@ -821,13 +820,11 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         total_steps, total_batches = args.max_steps, math.ceil(args.max_steps / steps_per_batch)
 
     # the policy, its optimizer, resume
-    model, processor = load_policy(args, d, init, args.min_pixels, args.max_pixels)
-    if args.tapo_freeze_vision:
-        model.model.visual.requires_grad_(False)
+    model, processor = load_policy(args, d, init, args.min_pixels, args.max_pixels, args.tapo_freeze_vision,
+                                   lambda m, p: report_memory_tapo(m, p, train.kind, args, d))
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
     optimizer, _ = make_optimizer(model, args.lr, args.weight_decay)
-    report_memory_tapo(model, processor, train.kind, args, d)  # the estimate per GPU, at start
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start_batch, cursor, step = 0, 0, 0
     ckpt = common.latest_checkpoint(tapo_out)
@@ -895,12 +892,20 @@ def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
     return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
 
 
-def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int):
-    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), and its processor."""
+def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int, freeze_vision: bool, report):
+    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), its vision tower frozen or not, and
+    its processor; first `report(shapes, processor)`, the memory estimate on the model's shapes alone (it resolves
+    --parallel auto and stops a run that would not fit)."""
     args.precision = common.precision_for(args.dtype, d, args.parallel)
-    common.print0(f"precision: {args.precision}")
-    return common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, min_pixels=min_pixels,
-                             max_pixels=max_pixels)
+    for device in (torch.device("meta"), d.device):
+        model, processor = common.load_model(path, device=device, dtype=args.precision.weights, attn=args.attn,
+                                             min_pixels=min_pixels, max_pixels=max_pixels)
+        model.model.visual.requires_grad_(not freeze_vision)
+        if device.type == "meta":
+            args.parallel = report(model, processor)
+            args.precision = common.precision_for(args.dtype, d, args.parallel)
+            common.print0(f"precision: {args.precision}")
+    return model, processor
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -1191,22 +1196,22 @@ def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
     return done
 
 
-def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist):
+def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist) -> str:
     """The memory estimate per GPU at the start of stage sft (memory.report_memory_budget), with its knobs."""
-    memory.report_memory_budget(
+    return memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=False, rollout_rows=0,
         prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
         new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
+        compute_dtype=args.precision.compute, title="memory budget (stage sft)", check=bool(args.memory_check),
         knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
                "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
                "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
 
 
-def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
+def report_memory_tapo(model, processor, kind: str, args, d: common.Dist) -> str:
     """The memory estimate per GPU at the start of stage tapo (memory.report_memory_budget), with its knobs."""
-    memory.report_memory_budget(
+    return memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=False,
         rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // d.world_size)) * args.group_size,
         prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
@@ -1214,7 +1219,7 @@ def report_memory_tapo(model, processor, kind: str, args, d: common.Dist):
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
+        compute_dtype=args.precision.compute, title="memory budget (stage tapo)", check=bool(args.memory_check),
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
                "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
                                    "--max-new-tokens, --max-pixels",

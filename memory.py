@@ -10,6 +10,8 @@ measures).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import common
@@ -46,7 +48,9 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       activations (rough)  (train_rows x new + prompts x prompt tokens) x compute bytes x (layers x (6 hidden + 4
                            intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
                            intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
-                           for the rows of its group in a micro-batch; 1 = once per row)
+                           for the rows of its group in a micro-batch; 1 = once per row); with the shared prefix
+                           also train_rows x prompt tokens x 2 hidden x compute bytes per layer kept (each
+                           completion's copy of the prompt's keys and values)
       logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET /
                            vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
                            and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
@@ -62,6 +66,10 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     tokens = prompt_tokens + new_tokens
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
+    # the shared prefix (common.prefix_attention): each completion attends over its own copy of the prompt's keys and
+    # values (all heads), kept for the backward in every layer (in one at a time with checkpointing)
+    shared_kv = 2 * hidden * train_rows * prompt_tokens * (1 if activation_checkpointing else layers) * (
+        rows_per_prompt > 1)
     logit_rows = train_rows if logit_rows is None else logit_rows
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
         compute_bytes + 8)
@@ -73,8 +81,8 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "frozen reference": n_params * master_bytes / shards if reference else 0.0,
         "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
-        "activations": float((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
-                             * compute_bytes * stored),
+        "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
+                              * stored + shared_kv) * compute_bytes),
         "logits": float(max(scoring, sampling)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
@@ -94,28 +102,48 @@ def _gib(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: bool, rollout_rows: int, prompt_tokens: int,
-                         new_tokens: int, train_rows: int, activation_checkpointing: bool, rows_per_prompt: int = 1,
-                         compute_dtype: torch.dtype | None = None, logit_rows: int | None = None,
-                         knobs: dict[str, str] | None = None, title: str = "memory budget") -> dict[str, float]:
-    """Count the model's parameters (total and trainable, after freezing / LoRA), estimate the memory per GPU
-    (memory_budget) and print it on rank 0, largest component first, each with the knobs that reduce it, then the
-    load peak. The estimate is the larger of the training total and the load peak. Returns the estimate in bytes by
-    component."""
+def device_memory(device: torch.device) -> int:
+    """Bytes a process may fill: the GPU's memory, or on CPU the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: bool, rollout_rows: int,
+                         prompt_tokens: int, new_tokens: int, train_rows: int, activation_checkpointing: bool,
+                         rows_per_prompt: int = 1, compute_dtype: torch.dtype | None = None,
+                         logit_rows: int | None = None, knobs: dict[str, str] | None = None,
+                         title: str = "memory budget", check: bool = True) -> str:
+    """Count the model's parameters (total and trainable, after freezing / LoRA; a model on the meta device, before
+    anything is loaded, does), estimate the memory per GPU (memory_budget) and print it on rank 0, largest component
+    first, each with the knobs that reduce it, then the load peak. The estimate is the larger of the training total
+    and the load peak. `parallel` "auto" becomes fsdp when several ranks train and a whole replica per GPU would not
+    fit, else ddp (said). A run whose estimate exceeds the device's memory stops here with one line naming the knobs
+    (`check` False: it goes on with a warning). Returns the parallel mode to use."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
     n_params = sum(p.numel() for p in params)
     n_trainable = sum(p.numel() for p in params if p.requires_grad)
     master = params[0].dtype
     compute = compute_dtype or master
-    budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
-                           world_size=d.world_size, parallel=parallel, master_bytes=master.itemsize,
-                           compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
-                           prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
-                           rows_per_prompt=rows_per_prompt,
-                           logit_rows=logit_rows, activation_checkpointing=activation_checkpointing)
+    have = device_memory(d.device)
+
+    def estimate(mode: str) -> tuple[dict[str, float], float]:
+        budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
+                               world_size=d.world_size, parallel=mode, master_bytes=master.itemsize,
+                               compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
+                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
+                               rows_per_prompt=rows_per_prompt, logit_rows=logit_rows,
+                               activation_checkpointing=activation_checkpointing)
+        return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"])
+    if parallel == "auto":
+        replica = estimate("ddp")[1]
+        parallel = "fsdp" if d.world_size > 1 and replica > 0.9 * have else "ddp"
+        common.print0(f"parallel: auto -> {parallel} ({d.world_size} rank{'s' * (d.world_size > 1)}; a whole replica "
+                      f"per {'GPU' if d.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
+                      f"{_gib(have)})")
+    budget, total = estimate(parallel)
     steady = {k: v for k, v in budget.items() if k != "load peak"}
-    total = max(sum(steady.values()), budget["load peak"])
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
@@ -123,13 +151,16 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
     where = "GPU" if d.device.type == "cuda" else "process (CPU)"
     lines = [f"{title} per {where}, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
              f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
-             f"rows): {_gib(total)}. Largest first, with what reduces it:"]
-    for i, (part, size) in enumerate(sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])):
+             f"rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
+    largest = sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])
+    for i, (part, size) in enumerate(largest):
         lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
     lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
-    if d.device.type == "cuda":
-        have = torch.cuda.get_device_properties(d.device).total_memory
-        lines.append(f"  this GPU has {_gib(have)}" + (": the estimate does NOT fit, use the knobs above in order"
-                                                       if total > 0.9 * have else ""))
     common.print0("\n".join(lines))
-    return budget
+    if total > have:
+        what = "; ".join(f"{part} {_gib(size)}: {knobs[part]}" for part, size in largest[:3])
+        message = f"memory: estimated {_gib(total)} per {where}, more than its {_gib(have)}. Largest parts: {what}"
+        if check:
+            raise SystemExit(f"{message}. Stopped before loading; --memory-check 0 starts anyway")
+        common.print0(f"warning: {message} (--memory-check 0: going on)")
+    return parallel

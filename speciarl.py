@@ -425,24 +425,33 @@ def lora_disabled(model):
             m.adapter_enabled = True
 
 
-def build_models(args, d):
+def build_models(args, d, prompts_per_rank: int):
     """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
-    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without."""
+    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without. The
+    memory estimate comes first, on the model's shapes alone (it resolves --parallel auto and stops a run that would
+    not fit)."""
     if args.lora_rank > 0 and not args.freeze_vision:
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
+
+    def trained(model):  # LoRA adapters, or the language model (and the vision tower unless frozen)
+        if args.lora_rank > 0:
+            return inject_lora(model, args.lora_rank, args.lora_alpha)
+        model.model.visual.requires_grad_(not args.freeze_vision)
     # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
     # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute (FSDP2 mixed precision when sharded,
     # else autocast)
+    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
+    shapes, proc = common.load_model(args.model, device=torch.device("meta"), dtype=args.precision.weights,
+                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    trained(shapes)
+    args.parallel = report_memory(shapes, proc, args, d, prompts_per_rank)
     args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
     common.print0(f"precision: {args.precision}")
     weights_dtype = args.precision.weights
     model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.lora_rank > 0:
-        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
+    if adapted := trained(model):
         common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
-    elif args.freeze_vision:
-        model.model.visual.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -614,8 +623,7 @@ def main(argv=None):
                   f"{args.minibatches} optimizer steps each)")
 
     # models, verifier, log
-    model, proc, optimizer, ref = build_models(args, d)
-    report_memory(model, ref, proc, args, d, prompts_per_rank)  # the estimate per GPU, at start
+    model, proc, optimizer, ref = build_models(args, d, prompts_per_rank)  # after the memory estimate per GPU
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     cache = os.path.join(out, "judge_cache.jsonl")  # one append-only file per run, shared by the ranks
     judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
@@ -703,16 +711,18 @@ def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict
     return rec
 
 
-def report_memory(model, ref, proc, args, d: common.Dist, prompts_per_rank: int):
-    """The memory estimate per GPU at start (memory.report_memory_budget), with this script's knobs."""
-    memory.report_memory_budget(
-        model, d, parallel=args.parallel, reference=ref is not None,
+def report_memory(model, proc, args, d: common.Dist, prompts_per_rank: int) -> str:
+    """The memory estimate per GPU at start (memory.report_memory_budget), with this script's knobs. Returns the
+    parallel mode (--parallel auto resolved)."""
+    return memory.report_memory_budget(
+        model, d, parallel=args.parallel, reference=args.beta > 0 and args.lora_rank == 0,
         rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
         prompt_tokens=memory.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
         train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
+        check=bool(args.memory_check),
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
                "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",

@@ -106,6 +106,29 @@ def test_nonfinite_guard_decides_the_same_on_every_rank(tmp_path):
         assert r["decisions"] == [True, False, True, False, True] and r["skipped"] == 2
 
 
+def test_parallel_auto_and_the_fit_check_before_loading(capsys, monkeypatch):
+    """On the 7B shape (meta device: nothing loaded), 8 ranks with 80 GiB each: `--parallel auto` picks FSDP2 (a whole
+    replica needs far more), and the sharded estimate fits; one rank cannot fit it and stops with one line naming the
+    knobs, or goes on with a warning under --memory-check 0. One rank of the tiny model: ddp."""
+    shapes, _ = common.load_model("qwen2.5-vl-7b-random", device=torch.device("meta"), dtype=torch.float32)
+    assert next(shapes.parameters()).is_meta
+    monkeypatch.setattr(memory, "device_memory", lambda device: 80 * 2 ** 30)
+    work = dict(reference=True, rollout_rows=160, prompt_tokens=700, new_tokens=1024, train_rows=4,
+                rows_per_prompt=4, activation_checkpointing=True, compute_dtype=torch.bfloat16)
+    eight = common.Dist(world_size=8)
+    assert memory.report_memory_budget(shapes, eight, parallel="auto", **work) == "fsdp"
+    assert "parallel: auto -> fsdp (8 ranks" in capsys.readouterr().out
+    assert memory.report_memory_budget(shapes, eight, parallel="ddp", check=False, **work) == "ddp"
+    assert "warning: memory: estimated" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        memory.report_memory_budget(shapes, common.Dist(), parallel="auto", **work)
+    line = str(stop.value)
+    assert line.startswith("memory: estimated 171.") and "more than its 80.00 GiB" in line and "\n" not in line
+    assert "--parallel fsdp over more GPUs" in line and "--memory-check 0" in line
+    tiny_shapes, _ = common.load_model("tiny", device=torch.device("meta"))
+    assert memory.report_memory_budget(tiny_shapes, common.Dist(world_size=2), parallel="auto", **work) == "ddp"
+
+
 def test_memory_budget_against_a_hand_count(tiny, capsys):
     model, _ = tiny
     tc = model.config.text_config  # 2 layers, 2 kv heads, head_dim 128 / 4 = 32, hidden 128, intermediate 256
@@ -119,7 +142,8 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     assert one["activations"] == 3 * 64 * 4 * 2 * (6 * 128 + 4 * 256)
     shared = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, prompt_tokens=50, new_tokens=14,
                                   train_rows=3, rows_per_prompt=3)  # the shared prefix: one prompt for 3 rows
-    assert shared["activations"] == (3 * 14 + 50) * 4 * 2 * (6 * 128 + 4 * 256)
+    assert shared["activations"] == ((3 * 14 + 50) * 2 * (6 * 128 + 4 * 256)  # + each row's copy of the prompt's K, V
+                                     + 3 * 50 * 2 * 128 * 2) * 4
     ckpt = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, train_rows=3, prompt_tokens=50,
                                 new_tokens=14, activation_checkpointing=True)
     assert ckpt["activations"] == 3 * 64 * 4 * (2 * 128 + 6 * 128 + 4 * 256)
@@ -137,9 +161,10 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
     assert big["logits"] == common.LOGITS_BUDGET * (2 + 8)  # at Qwen's vocabulary: chunks of the budget
     assert fsdp["load peak"] == 4 * n * (1 + 1 / 4)  # the reference loads whole beside the sharded policy
     # printed at start: the total, then each component largest first with what reduces it
-    budget = memory.report_memory_budget(model, common.Dist(), parallel="ddp", reference=True, rollout_rows=400,
-                                         prompt_tokens=600, new_tokens=1000, train_rows=2,
-                                         activation_checkpointing=False, knobs={"rollout KV cache": "--sample-batch"})
+    settings = dict(reference=True, rollout_rows=400, prompt_tokens=600, new_tokens=1000, train_rows=2)
+    assert memory.report_memory_budget(model, common.Dist(), parallel="ddp", activation_checkpointing=False,
+                                       knobs={"rollout KV cache": "--sample-batch"}, **settings) == "ddp"
+    budget = memory.memory_budget(n_params=n, n_trainable=n, text_config=tc, **settings)
     out = capsys.readouterr().out
     assert "memory budget per process (CPU), estimated" in out and f"{n:,} parameters" in out
     rows = re.findall(r"^\s+(\d)\. (.+?)\s+([\d.]+) (GiB|MiB|KiB)\s+<- (.+)$", out, re.M)
