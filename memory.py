@@ -139,9 +139,10 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
     if parallel == "auto":
         replica = estimate("ddp")[1]
         parallel = "fsdp" if d.world_size > 1 and replica > 0.9 * have else "ddp"
-        common.print0(f"parallel: auto -> {parallel} ({d.world_size} rank{'s' * (d.world_size > 1)}; a whole replica "
-                      f"per {'GPU' if d.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
-                      f"{_gib(have)})")
+        if d.world_size > 1:  # one process has nothing to choose (no wrapper)
+            common.print0(f"parallel: auto -> {parallel} ({d.world_size} ranks; a whole replica per "
+                          f"{'GPU' if d.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
+                          f"{_gib(have)})")
     budget, total = estimate(parallel)
     steady = {k: v for k, v in budget.items() if k != "load peak"}
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
