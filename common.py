@@ -755,12 +755,14 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     B, V = logits.shape
     attention_mask = torch.ones((B, capacity), dtype=torch.long, device=device)  # [B, capacity] preallocated
     attention_mask[:, :Lp] = batch["attention_mask"].repeat_interleave(G, 0)
-    # the uncompiled step's mask, already 4-D (a one-token query sees every key but the prompt's padding): handed to
-    # attention as it is, where a 2-D mask would cost a look from the host per step (transformers checks it for pads)
-    step_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]
-    if getattr(model.config.text_config, "_attn_implementation", "sdpa").endswith("eager"):  # eager adds the mask
-        step_mask = torch.zeros(step_mask.shape, dtype=model.dtype, device=device).masked_fill_(
-            ~step_mask, torch.finfo(model.dtype).min)
+    # the uncompiled step's mask for sdpa / eager, already 4-D (a one-token query sees every key but the prompt's
+    # padding): used as it is, where a 2-D one costs a look from the host per step (transformers checks it for pads)
+    step_mask, impl = attention_mask, model.config.text_config._attn_implementation or "sdpa"
+    if impl.endswith(("sdpa", "eager")):  # (flash-attention 2 takes the 2-D mask)
+        step_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]
+        if impl.endswith("eager"):  # eager adds the mask to its scores
+            step_mask = torch.zeros(step_mask.shape, dtype=model.dtype, device=device).masked_fill_(
+                ~step_mask, torch.finfo(model.dtype).min)
     next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
     if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
