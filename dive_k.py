@@ -726,7 +726,8 @@ def report_memory(model, processor, kind: str, base_classes: list[str], args, d:
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
-        check=bool(args.memory_check), knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
+        check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),
+        knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
                                    "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
                "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
                "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})

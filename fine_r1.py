@@ -1203,7 +1203,8 @@ def report_memory_sft(model, processor, records: list[dict], args, d: common.Dis
         prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
         new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage sft)", check=bool(args.memory_check),
+        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
+        check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),
         knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
                "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
                "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
@@ -1219,7 +1220,8 @@ def report_memory_tapo(model, processor, kind: str, args, d: common.Dist) -> str
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage tapo)", check=bool(args.memory_check),
+        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
+        check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
                "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
                                    "--max-new-tokens, --max-pixels",

@@ -28,13 +28,15 @@ MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag n
     "activations": "a smaller --micro-batch; --activation-checkpointing 1",
     "logits": "a smaller --micro-batch (rows scored at once); fewer rows per sampling call",
     "load peak": "--dtype bf16 (weights in bf16); under FSDP2 each GPU holds one whole copy until it is sharded",
+    "process so far": "nothing: the interpreter, torch and the data read so far (CPU only; a GPU starts empty)",
 }
 
 
 def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
                   master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
-                  rows_per_prompt: int = 1, activation_checkpointing: bool = False) -> dict[str, float]:
+                  rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
+                  vision_patches: int = 0) -> dict[str, float]:
     """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
 
       parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
@@ -50,7 +52,10 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                            intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
                            for the rows of its group in a micro-batch; 1 = once per row); with the shared prefix
                            also train_rows x prompt tokens x 2 hidden x compute bytes per layer kept (each
-                           completion's copy of the prompt's keys and values)
+                           completion's copy of the prompt's keys and values); with a trained vision tower
+                           (vision_patches > 0: the patches of the images one micro-batch encodes) also patches x
+                           compute bytes x (blocks x (6 hidden + 4 intermediate)) of the tower, with checkpointing
+                           blocks x hidden + one block's
       logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET /
                            vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
                            and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
@@ -58,7 +63,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     and, not added to the others since it is over before they exist:
       load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy on the GPU
                            until wrap_model shards it (the policy is sharded before the reference loads)
-    Not counted: the vision tower's activations, the CUDA context and allocator slack (add 10-20%)."""
+    Not counted: the CUDA context and allocator slack (add 10-20%)."""
     shards = world_size if parallel == "fsdp" else 1
     tc = text_config
     layers, hidden = tc.num_hidden_layers, tc.hidden_size
@@ -70,6 +75,11 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     # values (all heads), kept for the backward in every layer (in one at a time with checkpointing)
     shared_kv = 2 * hidden * train_rows * prompt_tokens * (1 if activation_checkpointing else layers) * (
         rows_per_prompt > 1)
+    vision = 0
+    if vision_patches:
+        vc = vision_config
+        block = 6 * vc.hidden_size + 4 * vc.intermediate_size  # stored activations of one patch in one block
+        vision = vision_patches * (vc.depth * vc.hidden_size + block if activation_checkpointing else vc.depth * block)
     logit_rows = train_rows if logit_rows is None else logit_rows
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
         compute_bytes + 8)
@@ -82,17 +92,29 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
         "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
-                              * stored + shared_kv) * compute_bytes),
+                              * stored + shared_kv + vision) * compute_bytes),
         "logits": float(max(scoring, sampling)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
 
 
+def image_tokens(processor) -> int:
+    """Visual tokens of one image at the pixel budget, upper bound: one per 28 x 28 pixels (after the 2 x 2 merge)."""
+    return int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
+
+
 def prompt_tokens_estimate(processor, text: str) -> int:
-    """Prompt length, upper bound: the text's tokens, the chat template (~20) and one image at the pixel budget (one
-    visual token per 28 x 28 pixels after the 2 x 2 merge)."""
-    image_tokens = int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
-    return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens
+    """Prompt length, upper bound: the text's tokens, the chat template (~20) and one image at the pixel budget."""
+    return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens(processor)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def _gib(n: float) -> str:
@@ -113,13 +135,15 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
                          prompt_tokens: int, new_tokens: int, train_rows: int, activation_checkpointing: bool,
                          rows_per_prompt: int = 1, compute_dtype: torch.dtype | None = None,
                          logit_rows: int | None = None, knobs: dict[str, str] | None = None,
-                         title: str = "memory budget", check: bool = True) -> str:
+                         title: str = "memory budget", check: bool = True, image_tokens: int = 0) -> str:
     """Count the model's parameters (total and trainable, after freezing / LoRA; a model on the meta device, before
     anything is loaded, does), estimate the memory per GPU (memory_budget) and print it on rank 0, largest component
     first, each with the knobs that reduce it, then the load peak. The estimate is the larger of the training total
     and the load peak. `parallel` "auto" becomes fsdp when several ranks train and a whole replica per GPU would not
     fit, else ddp (said). A run whose estimate exceeds the device's memory stops here with one line naming the knobs
-    (`check` False: it goes on with a warning). Returns the parallel mode to use."""
+    (`check` False: it goes on with a warning). A trained vision tower adds the activations of the images of one
+    micro-batch (`image_tokens` each); on CPU the process's resident memory so far is counted too. Returns the
+    parallel mode to use."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
     n_params = sum(p.numel() for p in params)
@@ -127,6 +151,9 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
     master = params[0].dtype
     compute = compute_dtype or master
     have = device_memory(d.device)
+    vision_trained = any(p.requires_grad for p in hf.model.visual.parameters())
+    patches = 4 * image_tokens * -(-train_rows // max(1, rows_per_prompt)) if vision_trained else 0  # 2 x 2 merge
+    so_far = resident_bytes() if d.device.type == "cpu" else 0
 
     def estimate(mode: str) -> tuple[dict[str, float], float]:
         budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
@@ -134,8 +161,10 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
                                compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
                                rows_per_prompt=rows_per_prompt, logit_rows=logit_rows,
-                               activation_checkpointing=activation_checkpointing)
-        return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"])
+                               activation_checkpointing=activation_checkpointing,
+                               vision_config=hf.config.vision_config, vision_patches=patches)
+        budget["process so far"] = float(so_far)
+        return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"] + so_far)
     if parallel == "auto":
         replica = estimate("ddp")[1]
         parallel = "fsdp" if d.world_size > 1 and replica > 0.9 * have else "ddp"

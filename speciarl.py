@@ -722,7 +722,7 @@ def report_memory(model, proc, args, d: common.Dist, prompts_per_rank: int) -> s
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
-        check=bool(args.memory_check),
+        check=bool(args.memory_check), image_tokens=memory.image_tokens(proc),
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
                "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",

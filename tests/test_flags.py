@@ -137,7 +137,7 @@ def test_every_printed_torchrun_line_parses_with_the_installed_torchrun():
     for where, command in lines:
         args = get_args_parser().parse_args(shlex.split(command)[1:])
         assert args.nproc_per_node == "8", (where, command)
-        assert args.training_script in ("dive_k.py", "speciarl.py", "fine_r1.py", "eval.py", "bench.py"), (where, command)
+        assert args.training_script in [f"{name}.py" for name in (*PARSERS, "bench")], (where, command)
         script = args.training_script[:-3]
         if script in PARSERS:  # the script's own flags parse too
             PARSERS[script](args.training_script_args)
