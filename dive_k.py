@@ -724,6 +724,7 @@ def report_memory(model, processor, kind: str, base_classes: list[str], args, d:
     return memory.report_memory_budget(
         model, d, parallel=args.parallel, reference=args.beta > 0, rollout_rows=kv_rows,
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
+        train_prompt_tokens=phases[1][1],  # the updates score multiple-choice prompts
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
         activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
         check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),

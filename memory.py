@@ -36,7 +36,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                   master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
-                  vision_patches: int = 0) -> dict[str, float]:
+                  vision_patches: int = 0, train_prompt_tokens: int | None = None) -> dict[str, float]:
     """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
 
       parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
@@ -47,7 +47,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
       gathered parameters  n_params x compute bytes, when sharded       (FSDP2 gathers a whole copy in the compute
                                                                          dtype for sampling, beside the shards)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
-      activations (rough)  (train_rows x new + prompts x prompt tokens) x compute bytes x (layers x (6 hidden + 4
+      activations (rough)  (train_rows x new + prompts x train prompt tokens) x compute bytes x (layers x (6 hidden + 4
                            intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
                            intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
                            for the rows of its group in a micro-batch; 1 = once per row); with the shared prefix
@@ -69,11 +69,12 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     layers, hidden = tc.num_hidden_layers, tc.hidden_size
     head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
     tokens = prompt_tokens + new_tokens
+    train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
     # the shared prefix (common.prefix_attention): each completion attends over its own copy of the prompt's keys and
     # values (all heads), kept for the backward in every layer (in one at a time with checkpointing)
-    shared_kv = 2 * hidden * train_rows * prompt_tokens * (1 if activation_checkpointing else layers) * (
+    shared_kv = 2 * hidden * train_rows * train_prompt * (1 if activation_checkpointing else layers) * (
         rows_per_prompt > 1)
     vision = 0
     if vision_patches:
@@ -91,7 +92,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "frozen reference": n_params * master_bytes / shards if reference else 0.0,
         "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
-        "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * prompt_tokens)
+        "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * train_prompt)
                               * stored + shared_kv + vision) * compute_bytes),
         "logits": float(max(scoring, sampling)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
@@ -135,7 +136,8 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
                          prompt_tokens: int, new_tokens: int, train_rows: int, activation_checkpointing: bool,
                          rows_per_prompt: int = 1, compute_dtype: torch.dtype | None = None,
                          logit_rows: int | None = None, knobs: dict[str, str] | None = None,
-                         title: str = "memory budget", check: bool = True, image_tokens: int = 0) -> str:
+                         title: str = "memory budget", check: bool = True, image_tokens: int = 0,
+                         train_prompt_tokens: int | None = None) -> str:
     """Count the model's parameters (total and trainable, after freezing / LoRA; a model on the meta device, before
     anything is loaded, does), estimate the memory per GPU (memory_budget) and print it on rank 0, largest component
     first, each with the knobs that reduce it, then the load peak. The estimate is the larger of the training total
@@ -162,7 +164,8 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
                                rows_per_prompt=rows_per_prompt, logit_rows=logit_rows,
                                activation_checkpointing=activation_checkpointing,
-                               vision_config=hf.config.vision_config, vision_patches=patches)
+                               vision_config=hf.config.vision_config, vision_patches=patches,
+                               train_prompt_tokens=train_prompt_tokens)
         budget["process so far"] = float(so_far)
         return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"] + so_far)
     if parallel == "auto":
