@@ -34,8 +34,9 @@ How the figures are defined
     timed separately). On CPU the same numbers are printed but a tiny model is bound by Python overhead, not memory.
   * FLOPs (the formula behind MFU), per row of L = prompt + completion tokens, C completion tokens, N image patches
     encoded for that row (0 when it repeats the previous row's image in its micro-batch: encoded once, see
-    common.images_encoded_once):
-        text    2 x P_layers x L  +  2 x n_layers x d_attn x L^2        (matmuls; causal attention QK^T and AV)
+    common.images_encoded_once); pairs = the query-key pairs causal attention computes, P^2 / 2 + C x P + C^2 / 2
+    for a prompt of P tokens (a packed shared-prefix row: P^2 / 2 once, plus C_i x P + C_i^2 / 2 per completion):
+        text    2 x P_layers x L  +  4 x n_layers x d_attn x pairs     (matmuls; causal attention QK^T and AV)
         head    2 x d_model x vocab x C                                   (only completion positions are projected)
         vision  2 x P_blocks x N  +  4 x d_vis x N x (N for full-attention blocks, min(N, window) for window blocks)
                 + 2 x P_patch_embed x N  +  2 x P_merger x N / 4
@@ -251,14 +252,16 @@ def model_shape(model) -> dict:
         total_params=numel(hf))
 
 
-def forward_flops(shape: dict, rows: list[tuple[int, int, int]]) -> float:
-    """Model FLOPs of one forward over rows of (prompt tokens, completion tokens, image patches)."""
+def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
+    """Model FLOPs of one forward over sequences of (prompt tokens, [completion tokens of each completion that
+    follows it], image patches): one completion per sequence on the per-row path, a group's on the shared one."""
     s = shape
     total = 0.0
-    for prompt_len, comp_len, patches in rows:
-        L = prompt_len + comp_len
-        total += 2 * s["layers_params"] * L + 2 * s["n_layers"] * s["d_attn"] * L * L
-        total += 2 * s["d_model"] * s["vocab"] * comp_len
+    for prompt_len, comp_lens, patches in rows:
+        L = prompt_len + sum(comp_lens)
+        pairs = prompt_len ** 2 / 2 + sum(c * prompt_len + c * c / 2 for c in comp_lens)  # causal query-key pairs
+        total += 2 * s["layers_params"] * L + 4 * s["n_layers"] * s["d_attn"] * pairs
+        total += 2 * s["d_model"] * s["vocab"] * sum(comp_lens)
         N = patches
         attn = s["n_full"] * N + (s["n_blocks"] - s["n_full"]) * min(N, s["window"])
         total += 2 * s["blocks_params"] * N + 4 * s["d_vis"] * N * attn
@@ -394,15 +397,15 @@ def main(argv=None) -> dict:
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
         # the per-row forward encodes an image once per run of rows that repeat it within a micro-batch
         # (common.images_encoded_once): a row that repeats the previous row's image adds no vision FLOPs
-        rows = [(len(p), int(comp_mask[r].sum()),
+        rows = [(len(p), [int(comp_mask[r].sum())],
                  0 if r % micro and row_prompts[r - 1] is p else patches[r // G]) for r, p in enumerate(row_prompts)]
         # the shared path: per micro-batch, one sequence per run of rows sharing a prompt (its completions after it)
         packed = []
         for s in range(0, len(row_prompts), micro):
             for a, b in common.prompt_runs(row_prompts[s:s + micro]):
-                packed.append((len(row_prompts[s + a]), int(comp_mask[s + a:s + b].sum()), patches[(s + a) // G]))
-        work = {"rows": (sum(a + b for a, b, _ in rows), forward_flops(shape, rows)),
-                "shared": (sum(a + b for a, b, _ in packed), forward_flops(shape, packed))}
+                packed.append((len(row_prompts[s + a]), comp_mask[s + a:s + b].sum(1).tolist(), patches[(s + a) // G]))
+        work = {"rows": (sum(a + sum(b) for a, b, _ in rows), forward_flops(shape, rows)),
+                "shared": (sum(a + sum(b) for a, b, _ in packed), forward_flops(shape, packed))}
         fig["score_tokens"] = work["rows"][0]  # prompt + completion tokens of every scored row
         fig["score_tokens_run_shared"] = work["shared"][0]  # the tokens the shared path actually runs
         temperature = args.temperature or 1.0

@@ -58,7 +58,11 @@ def test_flop_accounting_covers_every_parameter(tiny):
     want = 2 * s["layers_params"] * L + 2 * s["n_layers"] * s["d_attn"] * L * L + 2 * s["d_model"] * s["vocab"] * C
     want += 2 * s["blocks_params"] * N + 4 * s["d_vis"] * N * N * s["n_blocks"]  # N <= window: every block sees N
     want += 2 * s["patch_params"] * N + 2 * s["merger_params"] * N / 4
-    assert bench.forward_flops(s, [(L - C, C, N)]) == want
+    assert bench.forward_flops(s, [(L - C, [C], N)]) == want
+    # the shared prefix: the prompt's pairs once, each completion over the prompt and itself
+    shared = bench.forward_flops(s, [(L - C, [C, 2], N)]) - bench.forward_flops(s, [(L - C, [C], N)])
+    assert shared == 2 * s["layers_params"] * 2 + 4 * s["n_layers"] * s["d_attn"] * (2 * (L - C) + 2) + \
+        2 * s["d_model"] * s["vocab"] * 2
 
 
 def test_chunked_head_logprobs_equal_full_logits(tiny, toy_test):
