@@ -44,7 +44,8 @@ def test_labels_cache_and_stats(toy, tmp_path):
         again = judges.get_judge("openai:judge-model", toy, cache, url=server.url)  # a restarted run
         assert again.judge(PAIRS) == labels[:4] and sum(server.behaviour.pairs.values()) == 4
         stats = judge.stats()
-        assert stats["judge/requests"] == 5 and stats["judge/cache_hits"] == 1 and stats["judge/errors"] == 0  # + check
+        # + the check and the probe; the repeated pair within the call is no cache hit
+        assert stats["judge/requests"] == 6 and stats["judge/cache_hits"] == 0 and stats["judge/errors"] == 0
         assert stats["judge/mean_latency_s"] > 0 and stats["judge/requests_per_s"] > 0
     with open(cache) as f:
         records = [json.loads(line) for line in f]
@@ -53,11 +54,11 @@ def test_labels_cache_and_stats(toy, tmp_path):
 
 def test_an_answer_off_the_ladder_is_a_judge_error_and_guided_choice_falls_back(toy, tmp_path):
     behaviour = fake.Behaviour(lambda t, a: "maybe" if a == "circle" else "specific")
-    behaviour.refuse_guided = True  # a hosted API: no guided decoding; answers "Specific." in free text
+    behaviour.reads, behaviour.refuse_unknown = (), 400  # a hosted API: no choice field; "Specific." in free text
     with fake.Server(behaviour) as server:
         judge = judges.get_judge("openai:judge-model", toy, str(tmp_path / "c.jsonl"), url=server.url)
         assert judge.judge(PAIRS[:2]) == ["specific", judges.JUDGE_ERROR]
-        assert not judge.guided and judge.errors == 1
+        assert judge.constraint == "" and judge.errors == 1
         assert judge.judge(PAIRS[1:2]) == [judges.JUDGE_ERROR]  # never cached: asked again
         assert behaviour.pairs[("red striped circle", "circle")] == 2
 
