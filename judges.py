@@ -194,6 +194,24 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def add_judge_flags(group):
+    """The flags of an openai: judge's requests and of the stop on judge errors (speciarl.py, eval.py)."""
+    group.add_argument("--judge-max-tokens", type=int, default=0, help="max_tokens of an openai: judge's answer (0 = "
+                       "not sent: the server's limit, as the paper's client; a thinking judge needs room)")
+    group.add_argument("--judge-thinking", type=int, default=0, choices=[0, 1], help="an openai: judge's "
+                       "chat_template_kwargs enable_thinking (paper 0: its Qwen3 verifier does not think)")
+    group.add_argument("--max-judge-errors", type=float, default=0.05, help="stop when more than this share of judged "
+                       "answers gets no label from the judge (a constrained judge, as the paper's, gives none)")
+
+
+def judge_error_stop(errors: float, judged: float, limit: float) -> str:
+    """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
+    if judged and errors / judged > limit:
+        return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, above "
+                f"--max-judge-errors {limit}): check the judge's server and flags (README: servers)")
+    return ""
+
+
 class Judge:
     """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
     another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
