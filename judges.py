@@ -224,7 +224,7 @@ class Judge:
         self.cache_path = cache_path
         self.cache: dict[tuple[str, str], str] = {}
         self.judged = 0  # pairs sent to _judge in this process
-        self.hits = 0  # pairs answered from the cache
+        self.hits = 0  # lookups answered from the cache (not a pair repeated within one call)
         self.bad_cache_lines = 0
         self.errors = 0  # pairs the judge gave no usable label for
         if cache_path and os.path.exists(cache_path):
