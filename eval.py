@@ -601,10 +601,9 @@ def main(argv=None) -> dict:
     for half in halves:
         ds = data.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
                                  seed=args.seed)
-        if judge is None and args.protocol != "mcq":
+        if judge is None and args.protocol != "mcq":  # one judge (and cache) for both halves
             judge = judges.get_judge(args.judge, ds, cache, url=args.judge_url, concurrency=args.judge_concurrency,
                                      max_tokens=args.judge_max_tokens, thinking=bool(args.judge_thinking))
-            # one judge (and cache) for both halves
         out = os.path.join(args.out, half) if len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
