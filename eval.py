@@ -101,8 +101,9 @@ STEP1_MAX_CHARS = 100  # DiVE-k's two-step code skips step-1 answers of 100 char
 MCQ_OPTIONS = 4  # Fine-R1: truth + 3 distractors
 STEP1_SAMPLING = dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)  # DiVE-k's sampling
 BEST_OF_SAMPLING = dict(temperature=0.6, top_p=0.95)  # SpeciaRL's best-of-N
-# best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), parse failures last
-BEST_OF_ORDER = ["parse_failure", judges.JUDGE_ERROR, *judges.JUDGE_LABELS]
+# best-of-N keeps the best label by SpeciaRL's evaluation ranks (more specific above specific), then parse failures,
+# judge errors last (its released best-of-N ranks API errors below parse failures)
+BEST_OF_ORDER = [judges.JUDGE_ERROR, "parse_failure", *judges.JUDGE_LABELS]
 # DiVE-k's released letter extraction scores each candidate letter by these words nearby (its list, as released)
 CHOICE_WORDS = ("answer", "correct", "choose", "select", "right", "think", "believe", "should",
                 "\u7b54\u6848", "\u9009\u62e9", "\u6b63\u786e", "\u662f", "\u5bf9", "\u8ba4\u4e3a", "\u5e94\u8be5",
@@ -426,16 +427,18 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
                 from tqdm import tqdm
                 bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr,
                            leave=False)
-            for batch in batches:
-                records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
-                                     max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
-                                     generator=generator, be_specific=be_specific,
-                                     mcq_distractors=mcq_distractors, scoring=scoring,
-                                     compile_decode=compile_decode)
+            try:
+                for batch in batches:
+                    records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
+                                         max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,
+                                         generator=generator, be_specific=be_specific,
+                                         mcq_distractors=mcq_distractors, scoring=scoring,
+                                         compile_decode=compile_decode)
+                    if bar is not None:
+                        bar.update(len(batch))
+            finally:  # also on a stop: the bar's line is cleared, so a stop message starts a line of its own
                 if bar is not None:
-                    bar.update(len(batch))
-            if bar is not None:
-                bar.close()
+                    bar.close()
     finally:
         model.train(was_training)
     records = sorted((r for part in common.all_gather_objects(records) for r in part), key=lambda r: r["index"])
@@ -497,8 +500,8 @@ def harmonic(b: float, n: float) -> float:
 
 
 TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "hm", *[f"share/{lab}" for lab in
-              judges.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "parse_failures", "invalid_choices",
-              "no_candidates", "skipped_images", "skipped_at_load"]
+              judges.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "judge_errors", "parse_failures",
+              "invalid_choices", "no_candidates", "skipped_images", "skipped_at_load"]
 
 
 def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None) -> str:
@@ -541,6 +544,7 @@ def parse_args(argv=None):
     g.add_argument("--judge-url", default=None, help="OpenAI-compatible server of an openai: judge, e.g. "
                    "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
+    judges.add_judge_flags(g)
     g.add_argument("--judge-cache", default=None, help="JSONL cache of judged pairs (default <out>/judge_cache.jsonl)")
     g.add_argument("--samples", type=int, default=20, help="two_step: step-1 samples per image (DiVE-k 20)")
     g.add_argument("--best-of", type=int, default=None, help="open / speciarl: best of N samples at T=0.6, top_p 0.95")
@@ -597,9 +601,9 @@ def main(argv=None) -> dict:
     for half in halves:
         ds = data.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
                                  seed=args.seed)
-        if judge is None and args.protocol != "mcq":
-            judge = judges.get_judge(args.judge, ds, cache, url=args.judge_url,
-                                     concurrency=args.judge_concurrency)  # one judge (and cache) for both halves
+        if judge is None and args.protocol != "mcq":  # one judge (and cache) for both halves
+            judge = judges.get_judge(args.judge, ds, cache, url=args.judge_url, concurrency=args.judge_concurrency,
+                                     max_tokens=args.judge_max_tokens, thinking=bool(args.judge_thinking))
         out = os.path.join(args.out, half) if len(halves) > 1 else args.out
         settings = {"model": args.model, "argv": sys.argv[1:] if argv is None else list(argv), "dtype": args.dtype,
                     "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
@@ -623,7 +627,12 @@ def main(argv=None) -> dict:
                            "novel": results["novel"], "hm": hm, "settings": vars(args)}, f, indent=1)
     common.print0(f"\n{args.protocol} on {args.data} {args.split} ({args.model})\n" + markdown_table(results, hm))
     if judge is not None:
-        common.print0(f"judge {judge.name} on rank 0: {judge.judged} pairs judged, {judge.hits} from the cache")
+        common.print0(f"judge {judge.name} on rank 0: {judge.judged} pairs judged, {judge.hits} from the cache, "
+                      f"{judge.errors} judge errors")
+        for half, m in results.items():
+            stop = judges.judge_error_stop(m["judge_errors"], m["n"] + m["judge_errors"], args.max_judge_errors)
+            if stop:
+                raise SystemExit(f"{stop}; {half} results written to {args.out}")
     common.cleanup_distributed()
     return {"results": results, "hm": hm}
 

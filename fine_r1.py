@@ -314,7 +314,12 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
             teacher.eval()
         with parts.append(d.rank) as part:
             for ci, name in enumerate(my_classes):
-                kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
+                try:
+                    kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers,
+                                                          confusable)
+                except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
+                    raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl:"
+                                     f" rerun the same command to resume") from None
                 part.write("".join(json.dumps(r) + "\n" for r in kept)
                            + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
                 part.flush()
@@ -997,7 +1002,7 @@ def parse_args(argv=None):
                    "(records: image, class_name, question, response)")
     g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
                    help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
-                        "auto = attributes for toy, teacher otherwise")
+                        "auto = the teacher when --teacher is given or the data is not toy, else attributes")
     g.add_argument("--teacher", default=None, help="teacher: a Qwen2.5-VL checkpoint loaded here (default: --model), "
                    "or openai:<model> served at --teacher-url (any vision chat model, e.g. by vLLM)")
     g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server of an openai: teacher, e.g. "
@@ -1097,10 +1102,13 @@ def parse_args(argv=None):
         setattr(args, key, value)
     args.preset_filled = sorted(filled)
     if args.cot_source == "auto":
-        args.cot_source = "attributes" if args.data == "toy" else "teacher"
+        args.cot_source = "attributes" if args.data == "toy" and not args.teacher else "teacher"
     if args.cot_source == "attributes" and args.data != "toy":
         raise SystemExit(f"--cot-source attributes needs --data toy (whose class names are the attributes); "
                          f"for --data {args.data} use a teacher model or --cot-data FILE")
+    if args.cot_source == "attributes" and args.teacher:
+        raise SystemExit(f"--teacher {args.teacher} with --cot-source attributes: the attributes write the "
+                         f"rationales and the teacher would be ignored; drop one of the two")
     if args.group_size < 1:
         raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
     args.reward_weights = parse_reward_weights(args.rewards)

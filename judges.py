@@ -9,6 +9,7 @@ judges.py: what a completion answers and whether it is right.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import random
@@ -193,6 +194,24 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def add_judge_flags(group):
+    """The flags of an openai: judge's requests and of the stop on judge errors (speciarl.py, eval.py)."""
+    group.add_argument("--judge-max-tokens", type=int, default=0, help="max_tokens of an openai: judge's answer (0 = "
+                       "not sent: the server's limit, as the paper's client; a thinking judge needs room)")
+    group.add_argument("--judge-thinking", type=int, default=0, choices=[0, 1], help="an openai: judge's "
+                       "chat_template_kwargs enable_thinking (paper 0: its Qwen3 verifier does not think)")
+    group.add_argument("--max-judge-errors", type=float, default=0.05, help="stop when more than this share of judged "
+                       "answers gets no label from the judge (a constrained judge, as the paper's, gives none)")
+
+
+def judge_error_stop(errors: float, judged: float, limit: float) -> str:
+    """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
+    if judged and errors / judged > limit:
+        return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, above "
+                f"--max-judge-errors {limit}): check the judge's server and flags (README: servers)")
+    return ""
+
+
 class Judge:
     """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
     another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
@@ -205,7 +224,7 @@ class Judge:
         self.cache_path = cache_path
         self.cache: dict[tuple[str, str], str] = {}
         self.judged = 0  # pairs sent to _judge in this process
-        self.hits = 0  # pairs answered from the cache
+        self.hits = 0  # lookups answered from the cache (not a pair repeated within one call)
         self.bad_cache_lines = 0
         self.errors = 0  # pairs the judge gave no usable label for
         if cache_path and os.path.exists(cache_path):
@@ -223,6 +242,7 @@ class Judge:
         judge gave no usable label (counted in `errors`, never cached: asked again next time)."""
         keys = [(verifier_text(gt), verifier_text(pred or "")) for gt, pred in pairs]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.hits += sum(k in self.cache for k in keys)  # a pair repeated within this call is no hit
         if todo:
             labels = self._judge(todo)
             assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
@@ -232,11 +252,10 @@ class Judge:
                 self._persist([k for k, _ in good], [lab for _, lab in good])
             self.errors += len(todo) - len(good)
         self.judged += len(todo)
-        self.hits += len(keys) - len(todo)
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
 
     def stats(self) -> dict[str, float]:
-        """Counters for the run log: pairs judged and answered from the cache, the hit rate, judge errors."""
+        """Counters for the run log: pairs judged and lookups answered from the cache, the hit rate, judge errors."""
         asked = self.judged + self.hits
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
                 "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
@@ -478,20 +497,46 @@ class HFJudge(Judge):
         return out
 
 
-# ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, a hosted API) -----
+# ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, transformers serve, a hosted API) -----
 # Plain HTTP with the standard library (no extra dependency). The papers run their verifier (SpeciaRL: Qwen3-30B-A3B
 # for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
 
 class ServerError(RuntimeError):
-    """The server did not answer after the retries (connection refused or dropped, timeouts, 429, 5xx)."""
+    """The server did not answer after the retries (connection refused or dropped, timeouts, 408, 409, 429, 5xx)."""
+
+
+class BadRequest(RuntimeError):
+    """The server refused the request with a 4xx that is not retried; the message names the URL."""
+
+    def __init__(self, message: str, code: int, detail: str):
+        super().__init__(message)
+        self.code, self.detail = code, detail
+
+
+def retry_after(headers) -> float | None:
+    """The seconds a reply asks the client to wait: retry-after-ms, else Retry-After in seconds or as an HTTP date
+    (the headers the official openai client reads, in its order)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return float(headers.get(name)) * scale
+        except (TypeError, ValueError):
+            pass
+    try:
+        return email.utils.parsedate_to_datetime(headers.get("retry-after") or "").timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
 
 
 class OpenAIServer:
     """A chat-completions endpoint: `base_url` (e.g. http://host:8000/v1) and a model name. Requests run in a bounded
-    pool (`concurrency`), each with a timeout, retried with exponential backoff on connection errors, timeouts,
-    malformed replies, 429 and 5xx; a 401, an unknown model or another 4xx stops at once with one message."""
+    pool (`concurrency`), each with a timeout, retried as the official openai client retries: refused or dropped
+    connections, timeouts, 408, 409, 429 and 5xx (a reply's x-should-retry header decides when present), after the
+    wait the reply asks for (Retry-After, retry-after-ms) when it is at most 60 s, else after 0.5, 1, 2, 4, 8, 8 ... s
+    less up to a quarter of jitter; also a reply that is not JSON. A 401 or an unknown model stops with one message;
+    another 4xx raises BadRequest."""
 
-    BACKOFF = 1.0  # seconds before the first retry, doubling (with jitter): 0.5-1, 1-2, 2-4, 4-8, 8-16 s
+    BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
+    MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
 
     def __init__(self, base_url: str | None, model: str, *, api_key: str | None = None, what: str = "--judge-url",
                  concurrency: int = 16, timeout: float = 60.0, retries: int = 5, backoff: float | None = None):
@@ -518,15 +563,16 @@ class OpenAIServer:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:300]
-            if e.code == 429 or e.code >= 500:
-                raise _Retry(f"HTTP {e.code} {detail}")
+            detail = e.read().decode("utf-8", "replace")[:300].strip()
+            should = e.headers.get("x-should-retry")
+            if should == "true" or (should != "false" and (e.code in (408, 409, 429) or e.code >= 500)):
+                raise _Retry(f"HTTP {e.code} {detail}", retry_after(e.headers))
             if e.code == 401:
                 raise SystemExit(f"{self.what} {self.url}: 401 unauthorized; set OPENAI_API_KEY to the server's key")
             if e.code == 404 and "model" in detail.lower():
                 raise SystemExit(f"{self.what} {self.url}: the server does not serve the model {self.model!r} "
-                                 f"({detail.strip()})")
-            raise _BadRequest(e.code, detail)
+                                 f"({detail})")
+            raise BadRequest(f"{self.what} {self.url}: {method} {path} answered HTTP {e.code} {detail}", e.code, detail)
         except (OSError, TimeoutError, http.client.HTTPException) as e:  # refused, reset, dropped, cut, timed out
             raise _Retry(f"{type(e).__name__}: {e}")
         try:
@@ -551,25 +597,44 @@ class OpenAIServer:
                     raise ServerError(f"{self.what} {self.url}: no answer after {retries + 1} tries (last: {e})")
                 with self._lock:
                     self.counts["retries"] += 1
-                time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
+                asked = e.wait is not None and 0 < e.wait <= self.MAX_RETRY_AFTER
+                time.sleep(e.wait if asked else min(self.backoff * 2 ** attempt, 16 * self.backoff)
+                           * (1 - 0.25 * random.random()))
 
     def check(self):
-        """At start: the server answers within seconds and serves the model (else one message naming the URL)."""
-        try:
-            listing = self.request("GET", "/models", retries=1, timeout=5.0)
-        except ServerError as e:
-            raise SystemExit(f"{self.what} {self.url}: cannot reach the server ({e}); start it (README: vLLM) or fix "
-                             f"the address")
+        """At start: the server answers within seconds and serves the model (else one message naming the URL). An
+        address without the API's /v1 (http://HOST:PORT) gets it added when the server answers there."""
+        urls = [self.url] if self.url.endswith("/v1") else [self.url, self.url + "/v1"]
+        for self.url in urls:
+            try:
+                listing = self.request("GET", "/models", retries=1, timeout=5.0)
+                break
+            except ServerError as e:
+                raise SystemExit(f"{self.what} {self.url}: cannot reach the server ({e}); start it (README: vLLM) or "
+                                 f"fix the address")
+            except BadRequest as e:
+                if e.code != 404 or self.url == urls[-1]:
+                    raise SystemExit(f"{e}: no OpenAI API there; pass the API's base address, e.g. {self.what} "
+                                     f"http://HOST:PORT/v1")
+        if self.url != urls[0]:
+            common.print0(f"{self.what} {urls[0]}: no API there, using {self.url}")
         served = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
         if served and self.model not in served:
             raise SystemExit(f"{self.what} {self.url}: the server does not serve {self.model!r}; it serves {served}")
 
     def chat(self, body: dict) -> list[str]:
-        """POST /chat/completions with this model; the texts of the choices."""
+        """POST /chat/completions with this model; the texts of the choices. Reasoning the server split out of the
+        text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
+        <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
         try:
-            return [c["message"]["content"] or "" for c in reply["choices"]]
-        except (KeyError, TypeError, IndexError):
+            texts = []
+            for choice in reply["choices"]:
+                message = choice["message"]
+                thought = message.get("reasoning_content") or message.get("reasoning")
+                texts.append((f"<think>{thought}</think>" if thought else "") + (message["content"] or ""))
+            return texts
+        except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
     def map(self, fn: Callable, items: Sequence) -> list:
@@ -596,60 +661,98 @@ class OpenAIServer:
 
 
 class _Retry(Exception):
-    pass
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait  # seconds the server asked for, if it did
 
 
-class _BadRequest(Exception):
-    def __init__(self, code: int, detail: str):
-        super().__init__(f"HTTP {code}: {detail}")
-        self.code, self.detail = code, detail
+def strip_think(text: str) -> str:
+    """The answer after the reasoning: the text after the last </think>, cut at an unclosed <think> (reasoning the
+    token budget stopped)."""
+    return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
 def label_from_text(text: str) -> str | None:
     """The ladder label an LLM's answer names ('Less specific.', 'less_specific', 'Category: generic'), or None
-    when it names none or several."""
-    words = f" {' '.join(re.sub(r'[^a-z]+', ' ', text.lower()).split())} "
-    found = set()
-    for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
-        phrase = f" {JUDGE_LABEL_TEXT[label]} "
-        if phrase in words:
-            found.add(label)
-            words = words.replace(phrase, " ")
-    return found.pop() if len(found) == 1 else None
+    when it names none or several. Reasoning in <think> is skipped; an answer at length that names several labels
+    is read by its last line ('... Category: less specific')."""
+    text = strip_think(text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    for part in (text, lines[-1] if lines else ""):
+        words = f" {' '.join(re.sub(r'[^a-z]+', ' ', part.lower()).split())} "
+        found = set()
+        for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
+            phrase = f" {JUDGE_LABEL_TEXT[label]} "
+            if phrase in words:
+                found.add(label)
+                words = words.replace(phrase, " ")
+        if len(found) == 1:
+            return found.pop()
+    return None
+
+
+PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply with one word." unconstrained
 
 
 class OpenAIJudge(Judge):
     """The six-label verifier behind an OpenAI-compatible server: the same prompt as HFJudge, temperature 0, the
-    answer constrained to the six labels with vLLM's guided choice (dropped, once, for a server that refuses the
-    field) and mapped to a label; an answer that names no label is a judge error. Every answer goes to the cache
+    answer constrained to the six labels and mapped to a label; an answer that names no label is a judge error.
+    Which field constrains the answer is found by a probe (one request per field allowing only PROBE; the field whose
+    answer is PROBE is read): `structured_outputs: {"choice": [...]}` (vLLM 0.10.2 and later; 0.12 dropped
+    `guided_choice` and ignores it), else `guided_choice` (earlier vLLM, which ignores the new field), else none (a
+    server that refuses or ignores both: its free-text answer is read). `max_tokens` is sent only when set (the
+    paper's client sends none) and `chat_template_kwargs: {"enable_thinking": ...}` sets a hybrid model's thinking
+    (the paper's judge: off); a server that refuses that field is asked without it. Every answer goes to the cache
     file as it arrives, so a killed run loses nothing judged."""
     writes_as_it_goes = True
 
     def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-                 concurrency: int = 16, timeout: float = 60.0, check: bool = True):
+                 concurrency: int = 16, timeout: float = 60.0, check: bool = True, max_tokens: int = 0,
+                 thinking: bool = False):
         self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
         super().__init__(dataset, cache_path)
         self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
-        self.guided = True
+        self.options = {"chat_template_kwargs": {"enable_thinking": thinking},
+                        **({"max_tokens": max_tokens} if max_tokens else {})}
+        self.constraint = None  # the field the server reads a choice from ("" none); None until probed
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
+            self._probe()
+            common.print0(f"--judge-url {self.server.url}: the answer constrained by "
+                          f"{self.constraint or 'nothing (the server reads no choice field; free text is read)'}")
+
+    def _send(self, text: str, choices: list[str]) -> str:
+        body = {"messages": [{"role": "user", "content": text}], "temperature": 0.0, **self.options}
+        if self.constraint:
+            body[self.constraint] = {"choice": choices} if self.constraint == "structured_outputs" else choices
+        try:
+            return self.server.chat(body)[0]
+        except BadRequest as e:  # a server that refuses fields it does not know (400 / 422 naming the field)
+            if "chat_template_kwargs" in e.detail and self.options.pop("chat_template_kwargs", None):
+                return self._send(text, choices)
+            raise
+
+    def _probe(self):
+        for self.constraint in ("structured_outputs", "guided_choice"):
+            try:
+                if strip_think(self._send("Reply with one word.", [PROBE])).strip() == PROBE:
+                    return
+            except BadRequest:  # the field refused
+                pass
+        self.constraint = ""
 
     def _ask(self, pair: tuple[str, str]) -> str | None:
-        body = {"messages": [{"role": "user", "content": JUDGE_PROMPT.format(truth=pair[0], answer=pair[1])}],
-                "temperature": 0.0, "max_tokens": 16}
-        guided = self.guided
-        if guided:
-            body["guided_choice"] = [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]
         try:
-            return label_from_text(self.server.chat(body)[0])
-        except _BadRequest as e:
-            if guided and "guided" in e.detail.lower():  # a server without guided decoding: ask plainly
-                self.guided = False
-                return self._ask(pair)
-            raise SystemExit(f"--judge-url {self.server.url}: the server refused the request ({e})")
+            return label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
+                                              [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
+        except BadRequest as e:
+            raise SystemExit(f"{e} (the judge's request refused)")
 
     def _judge(self, pairs):
+        if self.constraint is None:
+            self._probe()
+
         def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
             label = self._ask(pair)
             if label is not None:
@@ -663,14 +766,15 @@ class OpenAIJudge(Judge):
 
 
 def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-              concurrency: int = 16):
-    """'rules', 'hf:<model dir or hub id>' or 'openai:<model>' (a server at `url`, default $OPENAI_BASE_URL);
-    `judge.judge([(truth, answer), ...]) -> labels`."""
+              concurrency: int = 16, max_tokens: int = 0, thinking: bool = False):
+    """'rules', 'hf:<model dir or hub id>' or 'openai:<model>' (a server at `url`, default $OPENAI_BASE_URL; its
+    token budget and thinking switch); `judge.judge([(truth, answer), ...]) -> labels`."""
     if spec == "rules":
         return RulesJudge(dataset, cache_path)
     if spec.startswith("hf:") and len(spec) > 3:
         return HFJudge(spec[3:], dataset, cache_path)
     if spec.startswith("openai:") and len(spec) > 7:
-        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency)
+        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency, max_tokens=max_tokens,
+                           thinking=thinking)
     raise SystemExit(f"--judge {spec}: expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:<model "
                      f"served at --judge-url>'")

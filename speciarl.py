@@ -94,18 +94,28 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     return labels
 
 
-def judge_or_stop(judge, truths, answers, out, step, model, optimizer) -> list[str]:
-    """judge_rollouts, and if the judge's server stays away after its retries (on any rank): a checkpoint of the
-    steps done so far, the judge cache intact, and a stop with one message; the same command resumes."""
+def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
+    """judge_rollouts; a stop through save_and_stop when the judge's server stays away after its retries (on any
+    rank) or when more than `max_errors` of the judged answers (all ranks together) got no label."""
     try:
         labels, failure = judge_rollouts(judge, truths, answers), ""
     except judges.ServerError as e:
         labels, failure = [], str(e)
-    if float(common.all_reduce_sum(torch.tensor([float(bool(failure))]))[0]):
-        common.save_checkpoint(out, step, model, optimizer, {"data_step": step})
-        raise SystemExit(f"{failure or 'another rank lost the judge server'}. Checkpoint saved after step {step}, "
-                         f"judged pairs kept in {out}/judge_cache.jsonl: rerun the same command to resume")
+    local = [float(bool(failure)), float(labels.count(JUDGE_ERROR)), float(sum(a is not None for a in answers))]
+    failed, errors, judged = common.all_reduce_sum(torch.tensor(local)).tolist()
+    failure = failure or ("another rank lost the judge server" if failed else
+                          judges.judge_error_stop(errors, judged, max_errors))
+    if failure:
+        save_and_stop(failure, out, step, model, optimizer)
     return labels
+
+
+def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
+    """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
+    judge cache intact, and a stop with one message; the same command resumes."""
+    common.save_checkpoint(out, step, model, optimizer, {"data_step": step, "eval_pending": eval_pending})
+    raise SystemExit(f"{reason}. Checkpoint saved after step {step}, judged pairs kept in {out}/judge_cache.jsonl: "
+                     f"rerun the same command to resume")
 
 
 # =====================================================================================================================
@@ -257,7 +267,7 @@ def train_step(step: int, images: list[data.Example], model, ref, optimizer, pro
     with timer("judge"):
         answers = answers_of(rollout.texts)  # [B]
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
-        labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer)  # [B]
+        labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer, args.max_judge_errors)  # [B]
     groups = [labels[i * G:(i + 1) * G] for i in range(len(images))]
     rewards = torch.tensor([r for group in groups for r in REWARDS[args.reward](group)]).view(-1, G)  # [P, G]
     advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
@@ -472,21 +482,28 @@ def build_models(args, d, prompts_per_rank: int):
 # 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU
 # =====================================================================================================================
 
-def run_eval(args, model, proc, test, judge, out, step, log):
+def run_eval(args, model, proc, test, judge, out, step, log, optimizer):
     """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
-    of every label); collective: every rank takes part."""
+    of every label); collective: every rank takes part. A judge server that stays away, or judge errors above
+    --max-judge-errors, stop the run with a checkpoint whose evaluation the resumed run does first."""
     t0 = time.perf_counter()
     model.eval()
     import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
-    with args.precision.context():
-        res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                                  max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                                  be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                                  out_dir=common.eval_dir(out, step), progress=True)
+    try:
+        with args.precision.context():
+            res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
+                                      max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
+                                      be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
+                                      out_dir=common.eval_dir(out, step), progress=True)
+    except judges.ServerError as e:
+        save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
     log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
     common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
-                  f"hm {res['hm']:.3f} ({time.perf_counter() - t0:.1f}s)")
+                  f"hm {res['hm']:.3f} judge errors {res['judge_errors']} ({time.perf_counter() - t0:.1f}s)")
+    stop = judges.judge_error_stop(res["judge_errors"], res["n"] + res["judge_errors"], args.max_judge_errors)
+    if stop:
+        save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
     return res
 
 
@@ -524,6 +541,7 @@ def parse_args(argv=None):
                    help="OpenAI-compatible server of an openai: judge, e.g. http://HOST:8000/v1 (default "
                         "$OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP, no extra package")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
+    judges.add_judge_flags(g)
     g.add_argument("--reward", default="dynamic", choices=sorted(REWARDS),
                    help="dynamic (paper) or a static table: binary (the RFT baseline), scala1, scala2, scala3")
     g.add_argument("--log-rollouts", type=int, default=16,
@@ -626,19 +644,22 @@ def main(argv=None):
     model, proc, optimizer, ref = build_models(args, d, prompts_per_rank)  # after the memory estimate per GPU
     guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     cache = os.path.join(out, "judge_cache.jsonl")  # one append-only file per run, shared by the ranks
-    judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, concurrency=args.judge_concurrency)
+    server = dict(concurrency=args.judge_concurrency, max_tokens=args.judge_max_tokens,
+                  thinking=bool(args.judge_thinking))
+    judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, **server)
     eval_judge = None
     if test is not None:
         eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
             judges.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
-                             concurrency=args.judge_concurrency)
+                             **server)
     log = common.MetricsLog(out, args.wandb, vars(args))
     timer = common.PhaseTimer()
-    start = common.resume(out, model, optimizer, log)["step"]  # the data order is a function of the step
+    state = common.resume(out, model, optimizer, log)
+    start = state["step"]  # the data order is a function of the step
     if d.rank == 0:
         common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
-    if args.eval_every and start == 0:
-        run_eval(args, model, proc, test, eval_judge, out, step=0, log=log)
+    if args.eval_every and (start == 0 or state.get("eval_pending")):  # at the start, or the one a stop cut short
+        run_eval(args, model, proc, test, eval_judge, out, step=start, log=log, optimizer=optimizer)
 
     for step in range(start, total_steps):
         t_step = time.perf_counter()
@@ -652,13 +673,14 @@ def main(argv=None):
         log_rollouts(out, step + 1, judged, args.log_rollouts)
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
                       f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
-                      f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} kl {record['kl']:.4f} "
+                      f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} judge-errors "
+                      f"{record['judge_error_rate']:.3f} kl {record['kl']:.4f} "
                       f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
             common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
             guard.stop(out)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log)
+            run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log, optimizer=optimizer)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
             with timer("checkpoint"):
                 common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})

@@ -1,8 +1,12 @@
 """A small OpenAI-compatible server for the tests (127.0.0.1, a free port): GET /v1/models and POST
 /v1/chat/completions, answering the judge's six-label prompt from a function of (truth, answer) and the teacher's
-rationale prompt with a four-part rationale of the class it names. It can be told to fail: the next N requests
-answer 500, every request waits, drops the connection or answers text that is not JSON, a key is required, guided
-choice is refused. It counts what it was asked, per (truth, answer) pair."""
+rationale prompt with a four-part rationale of the class it names. It plays the servers people run: the choice fields
+it reads (vLLM 0.10.2-0.11 both, 0.12+ `structured_outputs` only, earlier `guided_choice` only; unread fields are
+ignored, as vLLM does, or refused with 400 / 422, as OpenAI's API / transformers serve do), reasoning split out of
+the text, a judge that answers at length. It can be told to fail: the next N requests answer 500 (with Retry-After
+headers), every request after the first N answered fails (a server that died), every request waits, drops the
+connection or answers text that is not JSON, a key is required. It counts what it was asked, per (truth, answer)
+pair."""
 import base64
 import json
 import re
@@ -12,6 +16,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 JUDGE_RE = re.compile(r'Correct class: "(.*)"\nAnswer: "(.*)"')
+STANDARD = {"model", "messages", "temperature", "top_p", "max_tokens", "n"}  # the fields every server reads
 TEACHER_RE = re.compile(r'of the category "(.*?)"\. Categories that look similar: (.*?)\.\n')
 
 
@@ -25,7 +30,13 @@ class Behaviour:
         self.drop_next = 0  # close the connection without a reply, this many times
         self.malformed_next = 0  # answer text that is not JSON, this many times
         self.key = None  # required bearer key
-        self.refuse_guided = False  # 400 when guided_choice is sent (a hosted API)
+        self.reads = ("structured_outputs", "guided_choice")  # the choice fields it honours (vLLM 0.10.2-0.11)
+        self.refuse_unknown = 0  # status for a field it does not read (0: ignored, as vLLM; 400 OpenAI; 422 serve)
+        self.reasoning_field = None  # "reasoning_content" / "reasoning": <think>...</think> split out of the text
+        self.chatty = False  # an unconstrained judge reasons at length before its label
+        self.fail_after = None  # every request after this many answered chat requests answers 500 (died)
+        self.fail_code, self.fail_headers = 500, {}  # what a failing request answers
+        self.asked = []  # the bodies of the chat requests
         self.pairs = Counter()  # (truth, answer) -> times asked
         self.images = []  # data URLs the teacher was shown
         self.requests = 0
@@ -38,9 +49,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def _reply(self, code: int, payload, raw: bytes | None = None):
+    def _reply(self, code: int, payload, raw: bytes | None = None, headers: dict | None = None):
         body = raw if raw is not None else json.dumps(payload).encode()
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -51,7 +64,8 @@ class Handler(BaseHTTPRequestHandler):
         b = self.behaviour
         with b.lock:  # one failure per request: 500s first, then dropped connections
             b.requests += 1
-            fail = b.fail_always or b.fail_next > 0
+            died = b.fail_after is not None and len(b.asked) >= b.fail_after
+            fail = b.fail_always or b.fail_next > 0 or died
             drop = not fail and b.drop_next > 0
             b.fail_next -= b.fail_next > 0 and not b.fail_always
             b.drop_next -= drop
@@ -65,7 +79,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return True
         if fail:
-            self._reply(500, {"error": {"message": "internal error"}})
+            self._reply(b.fail_code, {"error": {"message": "internal error"}}, headers=b.fail_headers)
+            return True
+        if not self.path.startswith("/v1/"):
+            self._reply(404, {"detail": "Not Found"})
             return True
         return False
 
@@ -86,10 +103,12 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("model") != b.model:
             self._reply(404, {"error": {"message": f"The model `{request.get('model')}` does not exist."}})
             return
-        if b.refuse_guided and "guided_choice" in request:
-            self._reply(400, {"error": {"message": "Unrecognized request argument supplied: guided_choice"}})
+        unknown = sorted(set(request) - STANDARD - set(b.reads))
+        if b.refuse_unknown and unknown:
+            self._reply(b.refuse_unknown, {"detail": [{"type": "extra_forbidden", "loc": ["body", unknown[0]]}]})
             return
         with b.lock:
+            b.asked.append(request)
             if b.malformed_next > 0:
                 b.malformed_next -= 1
                 self._reply(200, None, raw=b"<html>bad gateway</html>")
@@ -101,19 +120,37 @@ class Handler(BaseHTTPRequestHandler):
                 b.images += [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
         else:
             text = content
+        read = [request[f] for f in b.reads if f in request]
+        choices = (read[0]["choice"] if isinstance(read[0], dict) else read[0]) if read else None
         judged = JUDGE_RE.search(text)
         if judged:
             truth, answer = judged.groups()
             with b.lock:
                 b.pairs[(truth, answer)] += 1
             label = b.label_of(truth, answer).replace("_", " ")
-            texts = [label.capitalize() + "." if "guided_choice" not in request else label]
-        else:
+            if choices:
+                texts = [label]
+            elif b.chatty:  # names every label while reasoning, then its own on the last line
+                texts = ["<think>\nwrong, abstain, generic, less specific, specific or more specific? Weighing the "
+                         "two names word by word.\n</think>\n\nThe answer is close to the class; of the "
+                         f"categories (generic, specific, ...) the one that fits:\nCategory: {label}"]
+            else:
+                texts = [label.capitalize() + "."]
+        elif TEACHER_RE.search(text):
             truth, similar = TEACHER_RE.search(text).groups()
             texts = [rationale(truth, similar.split(", ")) for _ in range(request.get("n", 1))]
+        else:  # the judge's probe: "Reply with one word."
+            texts = [choices[0] if choices else "Hello."]
+        if request.get("max_tokens"):  # a word is a token here; the budget cuts the text
+            texts = [" ".join(t.split(" ")[:request["max_tokens"]]) for t in texts]
+        messages = []
+        for t in texts:
+            think = re.match(r"(?s)<think>(.*?)</think>(.*)", t) if b.reasoning_field else None
+            messages.append({"role": "assistant", "content": think.group(2), b.reasoning_field: think.group(1)}
+                            if think else {"role": "assistant", "content": t})
         self._reply(200, {"id": "x", "object": "chat.completion", "model": b.model,
-                          "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                       "finish_reason": "stop"} for i, t in enumerate(texts)]})
+                          "choices": [{"index": i, "message": m, "finish_reason": "stop"}
+                                      for i, m in enumerate(messages)]})
 
 
 def rationale(truth: str, similar: list[str]) -> str:

@@ -159,6 +159,14 @@ def test_open(tiny, toy24, tmp_path):
     assert metrics["skipped_images"] == 0 and len(set(p["label"] for p in preds)) >= 2
 
 
+def test_best_of_ranks_as_speciarl_released():
+    """Released best-of-N ranks (lower is better): more specific 1 .. wrong 6, a failed parse 100, API errors 104-106
+    (a judge error here)."""
+    released = {"more_specific": 1, "specific": 2, "less_specific": 3, "generic": 4, "abstain": 5, "wrong": 6,
+                "parse_failure": 100, judges.JUDGE_ERROR: 104}
+    assert ev.BEST_OF_ORDER == sorted(released, key=released.get, reverse=True)
+
+
 def test_speciarl_best_of(tiny, toy24, tmp_path):
     model, proc = tiny
     ds = dataclasses.replace(toy24, examples=toy24.examples[:8])

@@ -386,6 +386,13 @@ def test_toy_preset_fills_only_unset_flags():
         fine_r1.parse_args(["--data", "cub", "--cot-source", "attributes"])
 
 
+def test_a_teacher_is_never_ignored_silently():
+    """--teacher on toy: --cot-source auto means the teacher; with --cot-source attributes it is refused."""
+    assert fine_r1.parse_args(["--data", "toy", "--teacher", "openai:m"]).cot_source == "teacher"
+    with pytest.raises(SystemExit, match="--teacher openai:m with --cot-source attributes: .* would be ignored"):
+        fine_r1.parse_args(["--data", "toy", "--teacher", "openai:m", "--cot-source", "attributes"])
+
+
 def paper_style_rationale(names, truth):
     """A response with the paper's two fixed lines, as a teacher would write it for `truth`, and the teacher's truth
     read back from its prompt."""

@@ -194,8 +194,9 @@ def test_cache_persisted_and_robust(tmp_path, datasets):
     judge = judges.get_judge("rules", datasets["toy"], cache_path=path)
     pairs = [("red striped circle", "circle"), ("red striped circle", "Circle!"), ("blue plain square", "None")]
     assert judge.judge(pairs) == ["less_specific", "less_specific", "abstain"]
-    assert judge.judged == 2 and judge.hits == 1  # "circle" and "Circle!" are the same normalised pair
-    assert judge.judge(pairs[:1]) == ["less_specific"] and judge.judged == 2
+    assert judge.judged == 2 and judge.hits == 0  # "circle" and "Circle!": one pair, judged once, no cache hit
+    assert judge.judge(pairs[:2]) == ["less_specific"] * 2 and judge.judged == 2 and judge.hits == 2
+    assert judge.stats()["judge/cache_hit_rate"] == 0.5  # 2 lookups answered by the cache, 2 pairs judged
     with open(path) as f:
         assert len(f.readlines()) == 2
     with open(path, "a") as f:  # a kill mid-write leaves a cut line; and a record of another judge is ignored

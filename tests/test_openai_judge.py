@@ -44,7 +44,8 @@ def test_labels_cache_and_stats(toy, tmp_path):
         again = judges.get_judge("openai:judge-model", toy, cache, url=server.url)  # a restarted run
         assert again.judge(PAIRS) == labels[:4] and sum(server.behaviour.pairs.values()) == 4
         stats = judge.stats()
-        assert stats["judge/requests"] == 5 and stats["judge/cache_hits"] == 1 and stats["judge/errors"] == 0  # + check
+        # + the check and the probe; the repeated pair within the call is no cache hit
+        assert stats["judge/requests"] == 6 and stats["judge/cache_hits"] == 0 and stats["judge/errors"] == 0
         assert stats["judge/mean_latency_s"] > 0 and stats["judge/requests_per_s"] > 0
     with open(cache) as f:
         records = [json.loads(line) for line in f]
@@ -53,11 +54,11 @@ def test_labels_cache_and_stats(toy, tmp_path):
 
 def test_an_answer_off_the_ladder_is_a_judge_error_and_guided_choice_falls_back(toy, tmp_path):
     behaviour = fake.Behaviour(lambda t, a: "maybe" if a == "circle" else "specific")
-    behaviour.refuse_guided = True  # a hosted API: no guided decoding; answers "Specific." in free text
+    behaviour.reads, behaviour.refuse_unknown = (), 400  # a hosted API: no choice field; "Specific." in free text
     with fake.Server(behaviour) as server:
         judge = judges.get_judge("openai:judge-model", toy, str(tmp_path / "c.jsonl"), url=server.url)
         assert judge.judge(PAIRS[:2]) == ["specific", judges.JUDGE_ERROR]
-        assert not judge.guided and judge.errors == 1
+        assert judge.constraint == "" and judge.errors == 1
         assert judge.judge(PAIRS[1:2]) == [judges.JUDGE_ERROR]  # never cached: asked again
         assert behaviour.pairs[("red striped circle", "circle")] == 2
 
@@ -204,11 +205,14 @@ def test_speciarl_stops_cleanly_when_the_server_goes_away_and_resumes(tmp_path, 
     assert last["judge/requests"] >= 1 and "judge/cache_hit_rate" in last and "judge/mean_latency_s" in last
 
 
-def test_fine_r1_teacher_behind_a_server_writes_the_rationales(tmp_path):
+@pytest.mark.parametrize("reasoning_field", [None, "reasoning_content"])
+def test_fine_r1_teacher_behind_a_server_writes_the_rationales(tmp_path, reasoning_field):
     """Stage cot with --teacher openai:<model>: every seen toy class gets a rationale that passes the filter; the
-    teacher saw each image inline (a data URL of the file's bytes) with the class and its look-alikes."""
+    teacher saw each image inline (a data URL of the file's bytes) with the class and its look-alikes. A server that
+    splits the reasoning out (vLLM's reasoning parsers, transformers serve for Qwen) gets it joined back as <think>."""
     import fine_r1
     behaviour = fake.Behaviour(model="teacher-model")
+    behaviour.reasoning_field = reasoning_field
     with fake.Server(behaviour) as server:
         args = fine_r1.parse_args(["--data", "toy", "--cot-source", "teacher", "--teacher", "openai:teacher-model",
                                    "--teacher-url", server.url, "--cot-per-class", "1", "--cot-images-per-class", "2",
@@ -226,3 +230,194 @@ def test_fine_r1_teacher_behind_a_server_writes_the_rationales(tmp_path):
         with open(r["image"], "rb") as f:
             assert f.read() in shown
     assert all(url.startswith("data:image/png;base64,") for url in behaviour.images)
+
+
+# ----- the servers people run (issue: vLLM 0.12+, reasoning split out, no /v1, every failure one line) -----
+
+LADDER = [judges.JUDGE_LABEL_TEXT[lab] for lab in judges.JUDGE_LABELS]
+
+
+def judge_requests(behaviour):
+    return [r for r in behaviour.asked if "Correct class" in r["messages"][-1]["content"]]
+
+
+@pytest.mark.parametrize("reads,refuse,field", [
+    (("structured_outputs",), 0, "structured_outputs"),  # vLLM 0.12+: guided_choice is no longer read
+    (("guided_choice",), 0, "guided_choice"),  # vLLM before 0.10.2: structured_outputs is ignored
+    ((), 422, ""),  # transformers serve: unknown fields refused with 422; a free-text answer is read
+])
+def test_the_choice_goes_in_the_field_the_server_reads(toy, reads, refuse, field):
+    behaviour = fake.Behaviour(rules_labels(toy))
+    behaviour.reads, behaviour.refuse_unknown, behaviour.chatty = reads, refuse, True
+    with fake.Server(behaviour) as server:
+        judge = judges.get_judge("openai:judge-model", toy, url=server.url)
+        assert judge.constraint == field
+        assert judge.judge(PAIRS) == ["specific", "less_specific", "wrong", "abstain"] and judge.errors == 0
+    sent = judge_requests(behaviour)
+    assert len(sent) == 4 and "max_tokens" not in sent[0]  # the paper's client sends no budget
+    expected = {"structured_outputs": {"choice": LADDER}, "guided_choice": LADDER, "": None}[field]
+    assert all(r.get(field) == expected for r in sent) if field else all(set(r) <= fake.STANDARD for r in sent)
+    other = {"structured_outputs": "guided_choice", "guided_choice": "structured_outputs"}.get(field)
+    assert other is None or not any(other in r for r in sent)
+    if refuse:  # the thinking switch refused once, then not sent
+        assert "chat_template_kwargs" not in sent[0]
+    else:  # the paper's judge does not think
+        assert sent[0]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_a_thinking_judge_that_answers_at_length_needs_its_budget(toy):
+    """A judge reasoning before its label (split out as `reasoning` by the server, or left in the text): read past
+    the reasoning, by the last line; a budget too small cuts it to a judge error, none (the default) does not."""
+    for field in ("reasoning", None):
+        behaviour = fake.Behaviour(rules_labels(toy))
+        behaviour.reads, behaviour.chatty, behaviour.reasoning_field = (), True, field
+        with fake.Server(behaviour) as server:
+            judge = judges.get_judge("openai:judge-model", toy, url=server.url, thinking=True)
+            assert judge.judge(PAIRS[1:2]) == ["less_specific"]
+            assert judge_requests(behaviour)[0]["chat_template_kwargs"] == {"enable_thinking": True}
+            short = judges.get_judge("openai:judge-model", toy, url=server.url, max_tokens=16)
+            assert short.judge(PAIRS[1:2]) == [judges.JUDGE_ERROR]
+            assert judge_requests(behaviour)[-1]["max_tokens"] == 16
+    assert judges.label_from_text("<think>specific or generic?</think>\n\nGeneric.") == "generic"
+    assert judges.label_from_text("<think>specific or generic? Let me") is None  # cut inside the reasoning
+
+
+def test_an_address_without_v1(toy, capsys):
+    with fake.Server(fake.Behaviour(rules_labels(toy))) as server:
+        root = server.url[:-len("/v1")]
+        judge = judges.get_judge("openai:judge-model", toy, url=root)
+        assert judge.server.url == server.url and judge.judge(PAIRS[:1]) == ["specific"]
+        assert f"--judge-url {root}: no API there, using {server.url}" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="HTTP 404.*pass the API's base address, e.g. --teacher-url http://"):
+            judges.OpenAIServer(root + "/api", "judge-model", what="--teacher-url").check()
+
+
+def test_retries_as_the_openai_client(toy, monkeypatch):
+    """408 and 409 are retried; the wait a reply asks for (retry-after-ms, Retry-After in seconds or as a date) is
+    taken when it is at most 60 s, else the backoff; x-should-retry: false is not retried."""
+    waits = []
+    monkeypatch.setattr(judges.time, "sleep", waits.append)
+    behaviour = fake.Behaviour()
+    with fake.Server(behaviour) as server:
+        judge = judges.get_judge("openai:judge-model", toy, url=server.url, concurrency=1)
+        for code, headers, wait in [(408, {"retry-after-ms": "250"}, 0.25), (409, {"Retry-After": "2"}, 2.0),
+                                    (429, {"Retry-After": "120"}, None)]:
+            behaviour.fail_next, behaviour.fail_code, behaviour.fail_headers = 1, code, headers
+            waits.clear()
+            assert judge.judge([("red striped circle", f"answer {code}")]) == ["wrong"]
+            assert len(waits) == 1 and (waits[0] == wait if wait else 0.375 <= waits[0] <= 0.5), (code, waits)
+        behaviour.fail_next, behaviour.fail_code, behaviour.fail_headers = 1, 503, {"x-should-retry": "false"}
+        with pytest.raises(SystemExit, match="HTTP 503"):
+            judge.judge([("red striped circle", "answer 503")])
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < judges.retry_after({"retry-after": later}) <= 30 and judges.retry_after({}) is None
+
+
+def test_fine_r1_teacher_server_failures_are_one_line_and_resume(tmp_path, monkeypatch):
+    """The teacher's server refuses a request (400: a prompt too long) after 3 answers, then dies (500s) after 2 more:
+    each stops the stage with one line naming the URL and the error, the finished classes are kept, and the same
+    command resumes with the classes not done."""
+    import fine_r1
+    monkeypatch.setattr(judges.OpenAIServer, "BACKOFF", 0.01)
+    behaviour = fake.Behaviour(model="teacher-model")
+    behaviour.fail_after, behaviour.fail_code = 3, 400  # 2 requests per class: the second class fails
+    with fake.Server(behaviour) as server:
+        args = fine_r1.parse_args(["--data", "toy", "--teacher", "openai:teacher-model", "--teacher-url", server.url,
+                                   "--cot-per-class", "1", "--cot-images-per-class", "2", "--cot-batch", "2",
+                                   "--cot-samples", "2", "--out", str(tmp_path)])
+        assert args.cot_source == "teacher"  # --teacher given: auto means the teacher, also on toy
+        for code, message in [(400, "HTTP 400"), (500, "no answer after 6 tries")]:
+            behaviour.fail_after, behaviour.fail_code = len(behaviour.asked) + 3 - (code == 500), code
+            with pytest.raises(SystemExit) as e:
+                fine_r1.run_cot(args, common.Dist(), str(tmp_path))
+            assert f"stage cot: --teacher-url {server.url}" in str(e.value) and message in str(e.value)
+            assert "\n" not in str(e.value) and "rerun the same command to resume" in str(e.value)
+        done = fine_r1.read_cot_parts(common.RankParts(str(tmp_path), "cot"))
+        assert len(done) == 2  # the first class of each run
+        behaviour.fail_after = None
+        asked_before = len(behaviour.asked)
+        path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))
+    seen = fine_r1.load_split(args, "train", "base").split_class_names
+    assert [r["class_name"] for r in common.read_jsonl(path)] == seen
+    assert len(behaviour.asked) - asked_before == 2 * (len(seen) - 2)  # the finished classes were not asked again
+
+
+def test_speciarl_resumes_an_evaluation_its_judge_server_cut_short(tmp_path, monkeypatch, toy):
+    """The evaluation judge's server dies in the middle of the step-2 evaluation: a checkpoint at step 2 and one
+    line; the same command does that evaluation first, then finishes. (At step 0 the server labels nothing, so that
+    step 2 has pairs to ask: judge errors are never cached; --max-judge-errors 1 lets them pass.)"""
+    import speciarl
+    monkeypatch.setattr(judges.OpenAIServer, "BACKOFF", 0.01)
+    rules = rules_labels(toy)
+    behaviour = fake.Behaviour(lambda truth, answer: "maybe")
+    real_eval = speciarl.run_eval
+
+    def eval_then_die(*a, step, **k):
+        if step == 2 and not os.path.exists(os.path.join(out, "ckpt_0000002")):
+            behaviour.fail_after, behaviour.label_of = len(behaviour.asked) + 1, rules  # one answer, then gone
+        return real_eval(*a, step=step, **k)
+    monkeypatch.setattr(speciarl, "run_eval", eval_then_die)
+    out = str(tmp_path / "run")
+    with fake.Server(behaviour) as server:
+        argv = ["--data", "toy", "--max-steps", "2", "--eval-every", "2", "--eval-limit", "8", "--eval-batch", "4",
+                "--save-every", "0", "--max-judge-errors", "1", "--out", out, "--eval-judge", "openai:judge-model",
+                "--eval-judge-url", server.url]
+        with pytest.raises(SystemExit, match="evaluation at step 2: --judge-url .* no answer after 6 tries.*"
+                                             "Checkpoint saved after step 2") as e:
+            speciarl.main(argv)
+        assert "\n" not in str(e.value)
+        behaviour.fail_after = None  # healthy again
+        speciarl.main(argv)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        evals = [(r["step"], r["eval/judge_errors"]) for r in map(json.loads, f) if "eval/hm" in r]
+    assert [step for step, _ in evals] == [0, 2] and evals[0][1] > 0 and evals[1][1] == 0
+    assert os.path.exists(os.path.join(out, "final", "config.json"))
+
+
+def test_judge_errors_are_shown_and_too_many_stop_the_run(tmp_path, toy, capsys):
+    """A judge that labels some answers off the ladder: its errors on eval.py's table and final line and on
+    speciarl's step and eval lines; above --max-judge-errors a run stops with one line (eval.py after writing its
+    results; speciarl before the update, with a checkpoint)."""
+    import eval as ev
+    import speciarl
+    behaviour = fake.Behaviour(lambda truth, answer: "maybe" if len(answer) % 2 else "wrong")
+    with fake.Server(behaviour) as server:
+        out = str(tmp_path / "eval")
+        flags = ["--model", "tiny", "--data", "toy", "--protocol", "speciarl", "--limit", "8", "--no-progress",
+                 "--max-new-tokens", "32", "--judge", "openai:judge-model", "--judge-url", server.url, "--out", out]
+        res = ev.main(flags + ["--max-judge-errors", "1"])["results"]["all"]
+        printed = capsys.readouterr().out
+        assert res["judge_errors"] > 0 and f"| judge_errors | {res['judge_errors']} |" in printed
+        assert f"{res['judge_errors']} judge errors" in printed.splitlines()[-1]
+        share = res["judge_errors"] / (res["n"] + res["judge_errors"])
+        with pytest.raises(SystemExit, match=f"judged answers got no label from the judge .*above --max-judge-errors "
+                                             f"{share / 2}.*all results written to {out}") as e:
+            ev.main(flags + ["--max-judge-errors", str(share / 2)])
+        assert "\n" not in str(e.value) and os.path.exists(os.path.join(out, "metrics.json"))
+        run = str(tmp_path / "run")
+        argv = ["--data", "toy", "--max-steps", "1", "--eval-every", "1", "--eval-limit", "4", "--eval-batch", "4",
+                "--out", run, "--judge", "openai:judge-model", "--judge-url", server.url]
+        speciarl.main(argv + ["--max-judge-errors", "1"])
+        lines = capsys.readouterr().out.splitlines()
+        step_line = next(line for line in lines if line.startswith("step 1/1"))
+        assert float(step_line.split("judge-errors ")[1].split()[0]) > 0
+        assert all("judge errors" in line for line in lines if line.startswith("eval @"))
+        with pytest.raises(SystemExit, match="judged answers got no label .*Checkpoint saved after step 0") as e:
+            speciarl.main(argv[:-6] + ["--eval-every", "0", "--out", str(tmp_path / "stopped"), "--judge",
+                                       "openai:judge-model", "--judge-url", server.url])
+        assert "\n" not in str(e.value)
+
+
+def test_a_stop_message_starts_its_own_line(tmp_path, toy, capsys):
+    """The judge's server dies during eval.py with the progress bar on: the bar's line is cleared, so the message
+    that follows is not glued to it."""
+    import eval as ev
+    behaviour = fake.Behaviour(rules_labels(toy))
+    with fake.Server(behaviour) as server:
+        behaviour.fail_after = len(behaviour.asked) + 1  # after the probe, one answer and gone
+        with pytest.raises(SystemExit, match="no answer after .*rerun the same command to continue"):
+            ev.main(["--model", "tiny", "--data", "toy", "--protocol", "speciarl", "--limit", "8", "--micro-batch",
+                     "2", "--max-new-tokens", "32", "--judge", "openai:judge-model", "--judge-url", server.url,
+                     "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert "eval speciarl toy" in err and err.split("\r")[-1].strip() == ""
