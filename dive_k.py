@@ -106,6 +106,7 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
     counts = Counter()
     for a in answers:
         key = judges.normalize(judges.strip_prefixes(a, prefixes)) if a is not None else ""
+        key = key.replace("barberton", "barbeton")  # the released mining's one spelling fix: Flowers' "barbeton daisy"
         name = canonical.get(key) if len(key) <= max_chars else None
         if name is not None:
             counts[name] += 1
@@ -244,14 +245,15 @@ def questions_for_step(step: int, items: list[dict], model, processor, base_clas
 # 3. Reward: a registry of plain functions fn(completion, question) -> float
 # =====================================================================================================================
 
-LETTER_RE = re.compile(r"(?<![A-Z0-9])\(?([A-Z])(?:[).,:;!?]|$)")
+# a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
+# opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
+LETTER_RE = re.compile(r"(?<![A-Z0-9])([A-Z])(?=[.,:;!?]|$|(?<=\(.)\)|(?<=\A.)\))")
 
 
 def answer_letter(completion: str, n_options: int) -> str | None:
-    """The option letter in the completion's first <answer> tag: a capital letter not inside a word, followed by
-    ). , . : ; ! ? or the end ("B", "b", "B.", "(B)", "Option B", "The answer is B.", "B. sooty albatross"). None when
-    there is no answer tag, no letter, a letter past the options, or a hedge: two distinct letters ("A, B") or two
-    letters joined by or / either / vs ("A or B.").
+    """The option letter in the completion's first <answer> tag (LETTER_RE: "B", "b", "B.", "(B)", "B) ...",
+    "Option B", "The answer is B.", "B. sooty albatross"). None when there is no answer tag, no letter, a letter
+    past the options, or a hedge: two distinct letters ("A, B") or two letters joined by or / either / vs ("A or B.").
     >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
     ('B', None)
     """

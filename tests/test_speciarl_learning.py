@@ -31,6 +31,9 @@ import eval as evaluation
 import speciarl
 
 
+SEED = 42  # the quickstart's default
+
+
 def se(p: float, n: float) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
@@ -44,7 +47,7 @@ def summary(m: dict) -> dict:
             "shares": {k: round(m[f"share/{k}"], 3) for k in judges.JUDGE_LABELS}}
 
 
-def test_speciarl_raises_specificity_on_toy(tiny, tmp_path):
+def test_speciarl_raises_specificity_on_toy(tiny, tmp_path, one_thread):
     model0, proc = tiny
     test = data.load_dataset("toy", "test")  # 360 held-out images, 15 per class
     judge = judges.get_judge("rules", test)
@@ -55,7 +58,8 @@ def test_speciarl_raises_specificity_on_toy(tiny, tmp_path):
 
     before = summary(measure(model0, proc, "before"))
     out = str(tmp_path / "run")
-    speciarl.main(["--data", "toy", "--out", out, "--eval-every", "0", "--save-every", "0"])  # the quickstart
+    speciarl.main(["--data", "toy", "--out", out, "--eval-every", "0", "--save-every", "0", "--seed", str(SEED),
+                   "--threads", "1"])  # the quickstart
     trained, proc2 = common.load_model(os.path.join(out, "final"), device=torch.device("cpu"))
     trained.eval()
     after = summary(measure(trained, proc2, "after"))
