@@ -324,7 +324,7 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
 
 
 def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
-               min_pixels: int | None = None, max_pixels: int | None = None):
+               min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
     """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
     built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
     bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed).
@@ -348,19 +348,22 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         import tiny  # the CPU stand-in, built once and cached
     path = tiny.tiny_model_dir() if name == "tiny" else name
     if name != "tiny" and not os.path.exists(path) and (path.startswith((".", "/")) or os.sep in path.strip("/").replace("/", "", 1)):
-        raise SystemExit(f"--model {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
+        raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
                          f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
                          f"{sorted(RANDOM_PRESETS)}")
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"--model {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
+            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
                              f"directory (config.json, model*.safetensors, tokenizer.json, preprocessor/processor config)")
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
-            raise SystemExit(f"--model {path}: config.json says model_type={model_type!r}; this project trains "
-                             f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
+            final = os.path.join(path, "final")  # a run directory: its exported model is in final/
+            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(
+                os.path.join(final, "config.json")) else ""
+            raise SystemExit(f"{flag} {path}: config.json says model_type={model_type!r}; this project trains "
+                             f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
     import importlib.util
     straight = importlib.util.find_spec("accelerate") is not None  # transformers needs it for any device_map
     if not straight and device.type != "cpu":
@@ -372,7 +375,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         proc = load_processor(path, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"--model {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
+        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
                          f"directory with config.json, model*.safetensors, tokenizer and processor files, or a hub id "
                          f"that is downloaded already or reachable") from None
     return model.to(device), proc
@@ -1648,13 +1651,16 @@ def make_run_dir(out: str):
     lock_run_dir(out)
 
 
-def run_script(main: Callable[[], Any]):
+RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume from it"
+
+
+def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
     ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
     is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
     refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
     group still referenced at interpreter exit can abort the process ("terminate called without an active
-    exception", pytorch/pytorch#190489)."""
+    exception", pytorch/pytorch#190489). `interrupted`: what the one line says is kept."""
     import gc
     import signal
 
@@ -1666,8 +1672,7 @@ def run_script(main: Callable[[], Any]):
         gc.collect()
         cleanup_distributed()
     except KeyboardInterrupt:
-        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): the last checkpoint is kept; rerun the same "
-              f"command to resume from it", file=sys.stderr, flush=True)
+        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): {interrupted}", file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -595,6 +595,10 @@ def parse_args(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
     reward_names(args.rewards)  # refused here if a name is unknown
+    wrong = [g for g in args.eval_classes.split(",") if g.strip() not in ("all", "base", "novel")]
+    if wrong:
+        raise SystemExit(f"--eval-classes {args.eval_classes}: {wrong[0]!r} is not a class group; expected a comma "
+                         f"list of all, base and novel")
     common.check_system_flags(args)
     return args
 

@@ -603,6 +603,10 @@ def parse_args(argv=None):
     return args
 
 
+INTERRUPTED = ("an evaluation keeps no checkpoint; rerun the same command to evaluate from the start (pairs in the "
+               "judge's cache are not judged again)")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
@@ -614,6 +618,10 @@ def main(argv=None) -> dict:
     model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.eval()
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not 0 < args.max_new_tokens <= (context or args.max_new_tokens):  # the sampler preallocates this many
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: expected 1 to {context}, the model's context "
+                         f"(max_position_embeddings), which the prompt shares")
     halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
     judge = None
     cache = args.judge_cache or os.path.join(args.out, "judge_cache.jsonl")
@@ -653,4 +661,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    common.run_script(main, interrupted=INTERRUPTED)

@@ -335,7 +335,8 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
             frozen = common.precision_for(args.dtype, d, "ddp", trained_weights=False).compute
             teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=frozen,
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
-                                                   max_pixels=args.sft_max_pixels)
+                                                   max_pixels=args.sft_max_pixels,
+                                                   flag="--teacher" if args.teacher else "--model")
             teacher.eval()
         with parts.append(d.rank) as part:
             for ci, name in enumerate(my_classes):
