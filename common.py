@@ -1519,6 +1519,22 @@ class MetricsLog:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
 
 
+def print_eval_summary(logs: list[str], keys: list[str] | None = None):
+    """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
+    number), the first value -> the last, with their steps: the before -> after the run was for."""
+    first, last = {}, {}
+    for path in logs:
+        for r in (read_jsonl(path) if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path) else []):
+            for k, v in r.items():
+                if (k in keys if keys else k.startswith("eval/") and not k.endswith("_n")) and isinstance(v, float):
+                    at = f"{r['stage']} step {r['step']}" if "stage" in r else f"step {r['step']}"
+                    first.setdefault(k, (at, v))
+                    last[k] = (at, v)
+    if first:
+        print0("evaluations, first -> last:\n" + "\n".join(
+            f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
+
+
 class PhaseTimer:
     """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
     >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
@@ -1542,12 +1558,14 @@ class PhaseTimer:
         return out
 
 
-def progress_bar(d: Dist, **kw):
-    """A tqdm bar on rank 0 (None elsewhere): `bar = progress_bar(d, total=steps, desc="grpo")`."""
-    if not d.is_main:
+def progress_bar(show: bool, **kw):
+    """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(d.is_main, total=steps, desc="grpo")`.
+    Drawn on a terminal only: redirected to a file, a bar's redraws (and a nested bar's cursor moves) would fill the
+    log, which keeps the printed lines instead."""
+    if not show:
         return None
     from tqdm import tqdm
-    return tqdm(dynamic_ncols=True, **kw)
+    return tqdm(dynamic_ncols=True, disable=not sys.stderr.isatty(), **kw)
 
 
 def resume(out: str, model, optimizer, log: MetricsLog | None = None) -> dict:

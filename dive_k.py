@@ -177,7 +177,7 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
         common.print0(f"stage 1: mining {len(todo)} images ({len(done)} cached) with K={args.mine_samples} samples "
                       f"over {d.world_size} rank(s)")
         model.eval()
-        bar = common.progress_bar(d, total=len(mine_shard), desc="mining")
+        bar = common.progress_bar(d.is_main, total=len(mine_shard), desc="mining")
         warmup = common.encode_prompt(processor, train.examples[0].image,
                                       mine_prompt(train.kind, args.data, base_classes))
         common.barrier()  # every rank has read the parts (and agrees on `todo`) before any rank appends to them
@@ -676,7 +676,7 @@ def main(argv=None):
     timer = common.PhaseTimer()
     if eval_sets and start_step == 0 and args.initial_eval:  # the starting model's accuracy: the run's baseline
         log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
-    bar = common.progress_bar(d, total=total_steps, initial=start_step, desc="grpo")
+    bar = common.progress_bar(d.is_main, total=total_steps, initial=start_step, desc="grpo")
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
         lr = common.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
@@ -692,13 +692,13 @@ def main(argv=None):
                   **guard.stats(), **common.mean_over_ranks(timer.pop()), "tokens_per_s": tokens / step_time}
         if args.log_completions and d.is_main:
             record["completions"] = samples
-        if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
-        log.log(record)
         if bar is not None:
             bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                             fmt=f"{record['format_rate']:.2f}")
             bar.update(1)
+        if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
+        log.log(record)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or guard.exhausted:
             common.save_checkpoint(out, step + 1, model, optimizer,
                                    {"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps})
@@ -708,6 +708,7 @@ def main(argv=None):
         bar.close()
 
     common.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
+    common.print_eval_summary([os.path.join(out, "metrics.jsonl")])
     common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
     common.cleanup_distributed()
     return out

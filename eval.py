@@ -445,11 +445,8 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
     try:
         with torch.no_grad(), common.gathered_params(
                 model, common.fsdp_warmup_inputs(model, processor, warm) if warm is not None else None):
-            bar = None
-            if progress and rank == 0:
-                from tqdm import tqdm
-                bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr,
-                           leave=False)
+            bar = common.progress_bar(progress and rank == 0, total=len(indexed), unit="img", leave=False,
+                                      desc=f"eval {protocol} {dataset.name}")
             for batch in batches:
                 records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
                                      max_new_tokens=max_new_tokens, samples=samples, best_of=best_of,

@@ -801,13 +801,14 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                   **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
                   **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
         done = step + 1 == total_steps
+        if step == start or done or (step + 1) % max(1, total_steps // 10) == 0:  # every step is in metrics.jsonl
+            common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                          f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
         if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
             with timer("eval"):
                 record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
             record.update(timer.pop())
         log.log(record)
-        common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                      f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
         if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
             common.save_checkpoint(sft_out, step + 1, model, optimizer,
                                    {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
@@ -891,16 +892,16 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                  "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
         done = batch_idx + 1 == total_batches or step >= total_steps
+        common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
+                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
+                      f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
+                      f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if eval_sets and (done or (args.eval_every > 0 and step // args.eval_every
                                    > (step - len(records)) // args.eval_every)):
             with timer("eval"):
                 record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, step))
             record.update(timer.pop())
         log.log(record)
-        common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
-                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
-                      f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
-                      f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if done or guard.exhausted or (args.save_every and step // args.save_every
                                        > (step - len(records)) // args.save_every):
             common.save_checkpoint(tapo_out, step, model, optimizer,
@@ -1156,8 +1157,8 @@ def main(argv=None):
     args = parse_args(argv)
     d, out = common.setup_run(args, default_out=common.default_run_dir("fine_r1", args.data))
     if args.preset_filled:
-        common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for flags left unset: "
-                      + ", ".join(f"{k}={getattr(args, k)}" for k in args.preset_filled))
+        common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for the {len(args.preset_filled)} flags left "
+                      f"unset (their values: {os.path.join(out, 'config.json')})")
     eval_sets = eval_sets_for(args)
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
     if "sft" in stages:  # batch arithmetic refused at the start, never after hours of rationale writing / SFT
@@ -1171,6 +1172,7 @@ def main(argv=None):
         run_sft(args, d, out, cot_path, eval_sets)
     if "tapo" in stages:
         run_tapo(args, d, out, eval_sets, first_stage=stages[0] == "tapo")
+    common.print_eval_summary([os.path.join(out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
     return out
 

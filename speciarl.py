@@ -657,6 +657,8 @@ def main(argv=None):
 
     # export: adapters merged into plain weights, a standard Hugging Face directory
     common.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
+    common.print_eval_summary([os.path.join(out, "metrics.jsonl")],
+                              ["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
     common.print0(f"final model: {os.path.join(out, 'final')}")
     common.cleanup_distributed()
 

@@ -602,3 +602,32 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_
     assert "writing the checkpoint of step 2" in str(e.value.code) and "No space left on device" in str(e.value.code)
     assert f"previous checkpoint ({os.path.join(out, 'ckpt_0000001')}) is intact" in str(e.value.code)
     assert common.latest_checkpoint(out).endswith("ckpt_0000001") and not os.path.exists(out + "/ckpt_0000002.tmp")
+
+
+def test_a_run_prints_its_steps_in_order_and_ends_with_its_evaluations(tmp_path, capsys, one_thread):
+    """fine_r1's toy SFT, 60 steps: the preset is one short line; a tenth of the step lines are printed (every step is
+    in metrics.jsonl); 'eval at step N' follows the line of step N; the run ends with the first -> last value of each
+    evaluation; a progress bar draws nothing into output that is not a terminal (here pytest's capture)."""
+    import fine_r1
+    out = str(tmp_path / "run")
+    flags = ["--data", "toy", "--out", out, "--sft-epochs", "1", "--sft-batch", "4", "--sft-micro-batch", "4",
+             "--eval-limit", "4", "--threads", "1"]
+    fine_r1.main(flags + ["--stage", "cot"])
+    capsys.readouterr()
+    fine_r1.main(flags + ["--stage", "sft"])
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    preset = [line for line in lines if "preset for the" in line]
+    where = os.path.join(out, "config.json")
+    assert len(preset) == 1 and where in preset[0] and len(preset[0]) - len(where) < 80
+    steps = [line.split()[2] for line in lines if line.startswith("sft step ")]
+    assert steps == ["1/60"] + [f"{s}/60" for s in range(6, 61, 6)]
+    assert len(read_jsonl(os.path.join(out, "sft", "metrics.jsonl"))) == 61  # step 0's evaluation and 60 steps
+    evals = [i for i, line in enumerate(lines) if line.startswith("eval at step ")]
+    assert [lines[i].split()[3] for i in evals] == ["0:", "60:"]
+    assert lines.index("sft step 60/60" + lines[evals[1] - 1][len("sft step 60/60"):]) == evals[1] - 1
+    summary = lines.index("evaluations, first -> last:")
+    first, last = (read_jsonl(os.path.join(out, "sft", "metrics.jsonl"))[i] for i in (0, -1))
+    assert lines[summary + 1].split() == ["mcq/seen", f"{first['eval/mcq/seen']:.3f}", "(sft", "step", "0)", "->",
+                                          f"{last['eval/mcq/seen']:.3f}", "(sft", "step", "60)"]
+    assert "\x1b[A" not in printed.err and "img/s" not in printed.err  # no bar drawn
