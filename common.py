@@ -1738,16 +1738,24 @@ def setup_run(args, default_out: str) -> tuple[Dist, str]:
     return d, out
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
+    checked with it before any rank waits on another."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def require_divisible(what: str, total: int, by: int, by_what: str):
-    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix."""
+    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
+    stops; rank 0 alone says why (one line, not one per rank)."""
+    said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
     if by <= 0:
-        raise SystemExit(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it).")
+        raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
     if total <= 0:
-        raise SystemExit(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}.")
+        raise SystemExit(said(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}."))
     if total % by:
         lower, upper = (total // by) * by, (total // by + 1) * by
-        raise SystemExit(f"{what} = {total} is not divisible by {by_what} = {by}. "
-                         f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}.")
+        raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
+                              f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
 
 # flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")

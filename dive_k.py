@@ -623,9 +623,9 @@ def prompts_per_step_for(args, world_size: int) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.prompts_per_step = prompts_per_step_for(args, common.launched_world_size())  # before the process group
     d, out = common.setup_run(args, default_out=common.default_run_dir("dive_k", args.data))
     log = common.MetricsLog(out, args.wandb, vars(args))
-    args.prompts_per_step = prompts_per_step_for(args, d.world_size)
 
     # data: training images of the base classes (or k shots of all classes), held-out class groups to evaluate
     train = data.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,

@@ -1155,16 +1155,17 @@ def check_tapo_batches(args, world_size: int):
 
 def main(argv=None):
     args = parse_args(argv)
+    stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
+    # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
+    if "sft" in stages:
+        common.require_divisible("--sft-batch", args.sft_batch, common.launched_world_size(), "the number of ranks")
+    if "tapo" in stages:
+        check_tapo_batches(args, common.launched_world_size())
     d, out = common.setup_run(args, default_out=common.default_run_dir("fine_r1", args.data))
     if args.preset_filled:
         common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for the {len(args.preset_filled)} flags left "
                       f"unset (their values: {os.path.join(out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
-    if "sft" in stages:  # batch arithmetic refused at the start, never after hours of rationale writing / SFT
-        common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
-    if "tapo" in stages:
-        check_tapo_batches(args, d.world_size)
     cot_path = args.cot_data or os.path.join(out, "cot.jsonl")
     if "cot" in stages:
         cot_path = run_cot(args, d, out)
