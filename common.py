@@ -1678,7 +1678,8 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
     refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
     group still referenced at interpreter exit can abort the process ("terminate called without an active
-    exception", pytorch/pytorch#190489). `interrupted`: what the one line says is kept."""
+    exception", pytorch/pytorch#190489). A disk that fills at any write (checkpoint, export, log, cache) ends the run
+    with one line too. `interrupted`: what the one line says is kept."""
     import gc
     import signal
 
@@ -1692,6 +1693,13 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     except KeyboardInterrupt:
         print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): {interrupted}", file=sys.stderr, flush=True)
         sys.exit(130)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as "unexpected pos"
+        if getattr(e, "errno", None) != 28 and not any(t in str(e) for t in ("No space left", "unexpected pos")):
+            raise
+        reason = str(e).strip().splitlines()[0][:200]
+        print(f"\nstopped (rank {os.environ.get('RANK', '0')}): the disk is full ({reason}); {interrupted} once "
+              f"there is space", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def configure_threads(threads: int | None, d: Dist) -> int:

@@ -583,6 +583,24 @@ def test_ctrl_c_and_sigterm_end_with_one_line(signame, note):
     assert err.strip() == "interrupted (rank 0): " + getattr(__import__(module), name)
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448")])
+def test_a_full_disk_at_any_write_ends_with_one_line(error, capsys):
+    """Any write point (an export, a log, a cache) that meets a full disk: one line, not a traceback; other errors
+    still raise."""
+    def fills(exc):
+        def main():
+            raise exc
+        return main
+    with pytest.raises(SystemExit) as e:
+        common.run_script(fills(error))
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"stopped (rank 0): the disk is full ({error}); {common.RESUME_NOTE} " \
+                                              f"once there is space"
+    with pytest.raises(RuntimeError, match="something else"):
+        common.run_script(fills(RuntimeError("something else")))
+
+
 def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path,
                                                                                         monkeypatch):
     import torch.distributed.checkpoint as dcp
