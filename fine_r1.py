@@ -26,6 +26,8 @@ Simplifications and changes (the full list, with what the released code does: RE
   * the teacher and its instruction are not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy
     the rationale is written from the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
+  * SFT asks as the paper's SFT data (R1-style system prompt, bare question); the toy preset asks with TAPO's
+    prompt instead (--sft-prompt rl), which the tiny stand-in learned from
   * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
   * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
 """
