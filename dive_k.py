@@ -696,6 +696,9 @@ def main(argv=None):
             bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                             fmt=f"{record['format_rate']:.2f}")
             bar.update(1)
+        if (bar is None or bar.disable) and (step == start_step or (step + 1) % max(1, total_steps // 10) == 0):
+            common.print0(f"step {step + 1}/{total_steps}  reward {record['reward']:.3f}  accuracy "
+                          f"{record['accuracy']:.3f}  format {record['format_rate']:.3f}  {step_time:.1f}s")
         if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
         log.log(record)
