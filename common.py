@@ -1560,8 +1560,8 @@ class PhaseTimer:
 
 def progress_bar(show: bool, **kw):
     """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(d.is_main, total=steps, desc="grpo")`.
-    Drawn on a terminal only: redirected to a file, a bar's redraws (and a nested bar's cursor moves) would fill the
-    log, which keeps the printed lines instead."""
+    Drawn on a terminal only: in a redirected log its redraws (and a nested bar's cursor moves) would bury the printed
+    lines."""
     if not show:
         return None
     from tqdm import tqdm
