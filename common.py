@@ -327,7 +327,7 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
 
 
 def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
-               min_pixels: int | None = None, max_pixels: int | None = None):
+               min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
     """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
     built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
     bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed).
@@ -352,19 +352,22 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         import tiny  # the CPU stand-in, built once and cached
     path = tiny.tiny_model_dir() if name == "tiny" else name
     if name != "tiny" and not os.path.exists(path) and (path.startswith((".", "/")) or os.sep in path.strip("/").replace("/", "", 1)):
-        raise SystemExit(f"--model {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
+        raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
                          f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
                          f"{sorted(RANDOM_PRESETS)}")
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"--model {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
+            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
                              f"directory (config.json, model*.safetensors, tokenizer.json, preprocessor/processor config)")
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
-            raise SystemExit(f"--model {path}: config.json says model_type={model_type!r}; this project trains "
-                             f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
+            final = os.path.join(path, "final")  # a run directory: its exported model is in final/
+            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(
+                os.path.join(final, "config.json")) else ""
+            raise SystemExit(f"{flag} {path}: config.json says model_type={model_type!r}; this project trains "
+                             f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
     import importlib.util
     straight = importlib.util.find_spec("accelerate") is not None  # transformers needs it for any device_map
     if not straight and device.type not in ("cpu", "meta"):
@@ -382,7 +385,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         proc = load_processor(path, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"--model {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
+        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
                          f"directory with config.json, model*.safetensors, tokenizer and processor files, or a hub id "
                          f"that is downloaded already or reachable") from None
     return model.to(device), proc
@@ -1585,6 +1588,22 @@ class MetricsLog:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
 
 
+def print_eval_summary(logs: list[str], keys: list[str] | None = None):
+    """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
+    number), the first value -> the last, with their steps: the before -> after the run was for."""
+    first, last = {}, {}
+    for path in logs:
+        for r in (read_jsonl(path) if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path) else []):
+            for k, v in r.items():
+                if (k in keys if keys else k.startswith("eval/") and not k.endswith("_n")) and isinstance(v, float):
+                    at = f"{r['stage']} step {r['step']}" if "stage" in r else f"step {r['step']}"
+                    first.setdefault(k, (at, v))
+                    last[k] = (at, v)
+    if first:
+        print0("evaluations, first -> last:\n" + "\n".join(
+            f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
+
+
 class PhaseTimer:
     """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
     >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
@@ -1608,12 +1627,14 @@ class PhaseTimer:
         return out
 
 
-def progress_bar(d: Dist, **kw):
-    """A tqdm bar on rank 0 (None elsewhere): `bar = progress_bar(d, total=steps, desc="grpo")`."""
-    if not d.is_main:
+def progress_bar(show: bool, **kw):
+    """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(d.is_main, total=steps, desc="grpo")`.
+    Drawn on a terminal only: in a redirected log its redraws (and a nested bar's cursor moves) would bury the printed
+    lines."""
+    if not show:
         return None
     from tqdm import tqdm
-    return tqdm(dynamic_ncols=True, **kw)
+    return tqdm(dynamic_ncols=True, disable=not sys.stderr.isatty(), **kw)
 
 
 def resume(out: str, model, optimizer, log: MetricsLog | None = None) -> dict:
@@ -1717,13 +1738,17 @@ def make_run_dir(out: str):
     lock_run_dir(out)
 
 
-def run_script(main: Callable[[], Any]):
+RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume from it"
+
+
+def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
     ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
     is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
     refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
     group still referenced at interpreter exit can abort the process ("terminate called without an active
-    exception", pytorch/pytorch#190489)."""
+    exception", pytorch/pytorch#190489). A disk that fills at any write (checkpoint, export, log, cache) ends the run
+    with one line too. `interrupted`: what the one line says is kept."""
     import gc
     import signal
 
@@ -1735,9 +1760,15 @@ def run_script(main: Callable[[], Any]):
         gc.collect()
         cleanup_distributed()
     except KeyboardInterrupt:
-        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): the last checkpoint is kept; rerun the same "
-              f"command to resume from it", file=sys.stderr, flush=True)
+        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): {interrupted}", file=sys.stderr, flush=True)
         sys.exit(130)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as "unexpected pos"
+        if getattr(e, "errno", None) != 28 and not any(t in str(e) for t in ("No space left", "unexpected pos")):
+            raise
+        reason = str(e).strip().splitlines()[0][:200]
+        print(f"\nstopped (rank {os.environ.get('RANK', '0')}): the disk is full ({reason}); {interrupted} once "
+              f"there is space", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def configure_threads(threads: int | None, d: Dist) -> int:
@@ -1784,16 +1815,24 @@ def setup_run(args, default_out: str) -> tuple[Dist, str]:
     return d, out
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
+    checked with it before any rank waits on another."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def require_divisible(what: str, total: int, by: int, by_what: str):
-    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix."""
+    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
+    stops; rank 0 alone says why (one line, not one per rank)."""
+    said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
     if by <= 0:
-        raise SystemExit(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it).")
+        raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
     if total <= 0:
-        raise SystemExit(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}.")
+        raise SystemExit(said(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}."))
     if total % by:
         lower, upper = (total // by) * by, (total // by + 1) * by
-        raise SystemExit(f"{what} = {total} is not divisible by {by_what} = {by}. "
-                         f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}.")
+        raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
+                              f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
 
 # flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")

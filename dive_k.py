@@ -106,6 +106,7 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
     counts = Counter()
     for a in answers:
         key = judges.normalize(judges.strip_prefixes(a, prefixes)) if a is not None else ""
+        key = key.replace("barberton", "barbeton")  # the released mining's one spelling fix: Flowers' "barbeton daisy"
         name = canonical.get(key) if len(key) <= max_chars else None
         if name is not None:
             counts[name] += 1
@@ -176,7 +177,7 @@ def mine_offline(model, processor, train: data.Dataset, base_classes: list[str],
         common.print0(f"stage 1: mining {len(todo)} images ({len(done)} cached) with K={args.mine_samples} samples "
                       f"over {d.world_size} rank(s)")
         model.eval()
-        bar = common.progress_bar(d, total=len(mine_shard), desc="mining")
+        bar = common.progress_bar(d.is_main, total=len(mine_shard), desc="mining")
         warmup = common.encode_prompt(processor, train.examples[0].image,
                                       mine_prompt(train.kind, args.data, base_classes))
         common.barrier()  # every rank has read the parts (and agrees on `todo`) before any rank appends to them
@@ -244,14 +245,15 @@ def questions_for_step(step: int, items: list[dict], model, processor, base_clas
 # 3. Reward: a registry of plain functions fn(completion, question) -> float
 # =====================================================================================================================
 
-LETTER_RE = re.compile(r"(?<![A-Z0-9])\(?([A-Z])(?:[).,:;!?]|$)")
+# a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
+# opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
+LETTER_RE = re.compile(r"(?<![A-Z0-9])([A-Z])(?=[.,:;!?]|$|(?<=\(.)\)|(?<=\A.)\))")
 
 
 def answer_letter(completion: str, n_options: int) -> str | None:
-    """The option letter in the completion's first <answer> tag: a capital letter not inside a word, followed by
-    ). , . : ; ! ? or the end ("B", "b", "B.", "(B)", "Option B", "The answer is B.", "B. sooty albatross"). None when
-    there is no answer tag, no letter, a letter past the options, or a hedge: two distinct letters ("A, B") or two
-    letters joined by or / either / vs ("A or B.").
+    """The option letter in the completion's first <answer> tag (LETTER_RE: "B", "b", "B.", "(B)", "B) ...",
+    "Option B", "The answer is B.", "B. sooty albatross"). None when there is no answer tag, no letter, a letter
+    past the options, or a hedge: two distinct letters ("A, B") or two letters joined by or / either / vs ("A or B.").
     >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
     ('B', None)
     """
@@ -594,6 +596,10 @@ def parse_args(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt")
     reward_names(args.rewards)  # refused here if a name is unknown
+    wrong = [g for g in args.eval_classes.split(",") if g.strip() not in ("all", "base", "novel")]
+    if wrong:
+        raise SystemExit(f"--eval-classes {args.eval_classes}: {wrong[0]!r} is not a class group; expected a comma "
+                         f"list of all, base and novel")
     common.check_system_flags(args)
     return args
 
@@ -618,9 +624,9 @@ def prompts_per_step_for(args, world_size: int) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.prompts_per_step = prompts_per_step_for(args, common.launched_world_size())  # before the process group
     d, out = common.setup_run(args, default_out=common.default_run_dir("dive_k", args.data))
     log = common.MetricsLog(out, args.wandb, vars(args))
-    args.prompts_per_step = prompts_per_step_for(args, d.world_size)
 
     # data: training images of the base classes (or k shots of all classes), held-out class groups to evaluate
     train = data.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
@@ -675,7 +681,7 @@ def main(argv=None):
     timer = common.PhaseTimer()
     if eval_sets and start_step == 0 and args.initial_eval:  # the starting model's accuracy: the run's baseline
         log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
-    bar = common.progress_bar(d, total=total_steps, initial=start_step, desc="grpo")
+    bar = common.progress_bar(d.is_main, total=total_steps, initial=start_step, desc="grpo")
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
         lr = common.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
@@ -691,13 +697,16 @@ def main(argv=None):
                   **guard.stats(), **common.mean_over_ranks(timer.pop()), "tokens_per_s": tokens / step_time}
         if args.log_completions and d.is_main:
             record["completions"] = samples
-        if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
-        log.log(record)
         if bar is not None:
             bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                             fmt=f"{record['format_rate']:.2f}")
             bar.update(1)
+        if (bar is None or bar.disable) and (step == start_step or (step + 1) % max(1, total_steps // 10) == 0):
+            common.print0(f"step {step + 1}/{total_steps}  reward {record['reward']:.3f}  accuracy "
+                          f"{record['accuracy']:.3f}  format {record['format_rate']:.3f}  {step_time:.1f}s")
+        if eval_sets and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
+        log.log(record)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or guard.exhausted:
             common.save_checkpoint(out, step + 1, model, optimizer,
                                    {"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps})
@@ -707,6 +716,7 @@ def main(argv=None):
         bar.close()
 
     common.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
+    common.print_eval_summary([os.path.join(out, "metrics.jsonl")])
     common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
     common.cleanup_distributed()
     return out

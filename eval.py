@@ -35,7 +35,7 @@ output, parsed answer, judge label, and the protocol's extras). Failed parses co
 From a training script: `evaluate(model, processor, dataset, protocol, judge=..., out_dir=...)` on every rank; it
 works on a plain, DDP- or FSDP2-wrapped model and returns the same metrics dict on every rank.
 
-Scoring (`--scoring`, two_step and mcq). `paper` (the default) scores as the papers' released evaluations do, so a
+Scoring (`--scoring`, two_step, mcq and open). `paper` (the default) scores as the papers' released evaluations do, so a
 number here sits next to the paper's column:
   * two_step, step 2: the first <answer> text, or the whole response when there is no tag, upper-cased; DiVE-k's
     letter reader (a capital followed by punctuation or the end; several candidates settled by nearby words such as
@@ -44,11 +44,16 @@ number here sits next to the paper's column:
   * mcq: Fine-R1's prompt shows the options as a list without letters; right when the ground truth (lowercased)
     is inside the text from the first <answer> to the last </answer>. The released files always put the truth
     first; here the options are shuffled with a seed per image.
+  * open: accuracy is Fine-R1's text-include rule (open_world_correct): the truth inside the text from the first
+    <answer> to the last </answer>, or inside the whole response without one; for cars the truth without its body
+    type and year. The judge's labels (first <answer>) are reported beside it (specificity_of_all, shares).
 `strict`: lettered options, and only the <answer> tag counts: a letter ('B', '(B)', 'B.', 'B. name') or an option's
-exact text chooses that option; images without step-1 answers count as wrong.
+exact text chooses that option; images without step-1 answers count as wrong; open accuracy is the judge's share
+of specific or more specific answers (text_include still reported).
 
 Deviations from the papers, stated:
-  * the answer is the text of the first <answer>...</answer> (judges.parse_answer), as in all three released codes;
+  * the judged answer is the text of the first <answer>...</answer> (judges.parse_answer), as in all three released
+    training codes;
   * the judge is `rules` by default (offline, from the dataset's names and hierarchy); `--judge hf:<model>` runs an
     LLM judge here and `--judge openai:<model>` one behind a server, both with our six-label prompt in the spirit
     of SpeciaRL's (its released prompt is longer and gives examples);
@@ -143,11 +148,24 @@ def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
     return index if index is not None and index < len(options) else None
 
 
+FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R1's evaluation reads this span
+
+
 def closed_world_correct(raw: str, truth: str) -> bool:
     """Fine-R1's released closed-world scoring: the text from the first <answer> to the last </answer>, and right
     when the ground truth (lowercased, '_' -> ' ') is inside it (lowercased). No tag: wrong."""
-    found = re.search(r"<answer>(.*)</answer>", raw, re.DOTALL)
+    found = FIRST_TO_LAST_ANSWER.search(raw)
     return found is not None and truth.lower().replace("_", " ") in found.group(1).strip().lower().replace("_", " ")
+
+
+def open_world_correct(raw: str, truth: str, kind: str) -> bool:
+    """Fine-R1's released open-world text-include (TI) accuracy: the text from the first <answer> to the last
+    </answer>, stripped, or the whole response when there is no such text; right when the truth (lowercased, '_' ->
+    ' ') is inside it (lowercased). Cars: the truth without its last two words (body type and year)."""
+    found = FIRST_TO_LAST_ANSWER.search(raw)
+    text = (found.group(1).strip() if found else "") or raw
+    name = " ".join(truth.lower().split()[:-2]) if kind == "car" else truth.lower().replace("_", " ")
+    return name in text.lower()
 
 
 def parse_choice(answer: str | None, options: list[str]) -> int | None:
@@ -289,6 +307,8 @@ def run_batch(model, processor, dataset, protocol, batch, *, judge, seed, max_ne
                 rec["best_index"] = best
                 rec["samples"] = [{"raw": c["raw"], "answer": c["answer"], "label": c["label"]} for c in cands]
             _add_match(rec)
+            if protocol == "open":
+                rec["text_include"] = open_world_correct(rec["raw"], ex.class_name, dataset.kind)
         return records
 
     if protocol == "mcq":
@@ -375,6 +395,10 @@ def compute_metrics(records: list[dict], protocol: str, scoring: str = "paper") 
     if protocol in ("open", "speciarl"):
         out.update(exact=sum(r["exact"] for r in scored) / n if n else 0.0,
                    substring=sum(r["substring"] for r in scored) / n if n else 0.0)
+    if protocol == "open":  # paper: Fine-R1's text-include accuracy; strict: the judge's specific or more specific
+        out["text_include"] = sum(r["text_include"] for r in scored) / n if n else 0.0
+        if scoring == "paper":
+            out["accuracy"] = out["text_include"]
     if protocol == "two_step":
         out.update(invalid_choices=sum(r["invalid_choice"] for r in scored),
                    no_candidates=no_candidates,
@@ -422,11 +446,8 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
     try:
         with torch.no_grad(), common.gathered_params(
                 model, common.fsdp_warmup_inputs(model, processor, warm) if warm is not None else None):
-            bar = None
-            if progress and rank == 0:
-                from tqdm import tqdm
-                bar = tqdm(total=len(indexed), desc=f"eval {protocol} {dataset.name}", unit="img", file=sys.stderr,
-                           leave=False)
+            bar = common.progress_bar(progress and rank == 0, total=len(indexed), unit="img", leave=False,
+                                      desc=f"eval {protocol} {dataset.name}")
             try:
                 for batch in batches:
                     records += run_batch(model, processor, dataset, protocol, batch, judge=judge, seed=seed,
@@ -456,7 +477,7 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, judge=No
                     "min_pixels": processor.image_processor.size.get("shortest_edge"),
                     "max_pixels": processor.image_processor.size.get("longest_edge"),
                     "be_specific": be_specific, "mcq_distractors": mcq_distractors if protocol == "mcq" else None,
-                    "scoring": scoring if protocol in ("two_step", "mcq") else None,
+                    "scoring": scoring if protocol in ("two_step", "mcq", "open") else None,
                     "seconds": round(time.time() - t0, 2),
                     "prompt": {"open": fine_r1.OPEN_PROMPT,
                                "speciarl": SPECIFIC_PROMPT if be_specific else OPEN_PROMPT,
@@ -583,6 +604,10 @@ def parse_args(argv=None):
     return args
 
 
+INTERRUPTED = ("an evaluation keeps no checkpoint; rerun the same command to evaluate from the start (pairs in the "
+               "judge's cache are not judged again)")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
@@ -594,6 +619,10 @@ def main(argv=None) -> dict:
     model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.eval()
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not 0 < args.max_new_tokens <= (context or args.max_new_tokens):  # the sampler preallocates this many
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: expected 1 to {context}, the model's context "
+                         f"(max_position_embeddings), which the prompt shares")
     halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
     judge = None
     cache = args.judge_cache or os.path.join(args.out, "judge_cache.jsonl")
@@ -638,4 +667,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    common.run_script(main, interrupted=INTERRUPTED)

@@ -26,6 +26,8 @@ Simplifications and changes (the full list, with what the released code does: RE
   * the teacher and its instruction are not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy
     the rationale is written from the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
+  * SFT asks as the paper's SFT data (R1-style system prompt, bare question); the toy preset asks with TAPO's
+    prompt instead (--sft-prompt rl), which the tiny stand-in learned from
   * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
   * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
 """
@@ -82,6 +84,24 @@ OPEN_PROMPT = "{question} This is a fine-grained question." + RL_SUFFIX
 
 def open_prompt(kind: str) -> str:
     return OPEN_PROMPT.format(question=QUESTION.format(kind=kind))
+
+
+# SFT asks as the paper's released SFT samples do (--sft-prompt paper): an R1-style system prompt that asks for the
+# reasoning in <think> and the answer in <answer>, and the bare question. The toy preset (--sft-prompt rl) asks with
+# the TAPO prompt's format request and no system prompt instead: the two-layer stand-in, pretrained on the RL and
+# evaluation prompts, lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
+SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you first reason it through, then give "
+              "the answer. Put the reasoning inside <think> </think> and the answer inside <answer> </answer>, "
+              "as in <think> your reasoning </think><answer> your answer </answer>.")
+
+
+def sft_question(sft_prompt: str, kind: str, key, truth: str, others: list[str],
+                 closed_frac: float) -> tuple[dict, list[str] | None]:
+    """({question, system} of one SFT sample, closed-world distractors or None): see SFT_SYSTEM."""
+    text, distractors = pose_question(kind, key, truth, others, closed_frac)
+    if sft_prompt == "paper":
+        return {"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM}, distractors
+    return {"question": text, "system": None}, distractors
 
 
 # The closed-world form (--closed-frac; the paper trains on open questions only): the closed-world evaluation prompt
@@ -178,29 +198,37 @@ def candidate_block(body: str) -> tuple[str, str]:
     return "\n".join(block), "\n".join(lines[i:])
 
 
-def names_truth(text: str, truth: str) -> bool:
-    """The truth's name (normalised) inside `text`; a car's model year may be left out ("the car is a Cadillac CTS-V
-    Sedan" names "Cadillac CTS-V Sedan 2012"), as the paper's teacher often does."""
-    name = judges.normalize(truth)
+def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
+    """The truth's name (normalised, whole words) inside `text`, and no other class of `classes` whose name contains
+    the truth's ("Border Collie" does not name "Collie"). A model year opening or closing the truth may be
+    left out, as the paper's teacher often does ("the car is a Cadillac CTS-V Sedan" names "Cadillac CTS-V Sedan
+    2012"), but not replaced by another number ("Falcon 900" does not name "Falcon 2000", nor "Audi TT Coupe 2011"
+    "Audi TT Coupe 2012")."""
+    said, name = f" {judges.normalize(text)} ", judges.normalize(truth)
     short = re.sub(r"^(19|20)\d\d |( (19|20)\d\d)$", "", name)
-    return any(f" {n} " in f" {judges.normalize(text)} " for n in {name, short} if n)
+    year = name.replace(short, "").strip()
+    found = f" {name} " in said or bool(year) and (f" {year} {short} " in said or f" {short} {year} " in said or
+                                                  re.search(rf"(?<!\d) {re.escape(short)} (?!\d)", said) is not None)
+    longer = {c for c in map(judges.normalize, classes) if c != name and f" {name} " in f" {c} "}
+    return found and not any(f" {c} " in said for c in longer)
 
 
-def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> dict[str, bool]:
+def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
+                    classes: list[str] = ()) -> dict[str, bool]:
     """The four parts the filter asks for, each True when present in the <think> text (marks = the candidate line's
     and the prediction's opening words, found in any case, with or without markdown bold or a heading mark):
       analysis    a list of features ("1." / "1)" / "- " items) before the candidate line
       candidates  "The analysis of candidate subcategories:" followed by a list, on that line or the next ones
       comparison  some text (3 words or more) after the candidate list and before the prediction
-      prediction  the last "The prediction is: ..." naming the truth (names_truth), on its line or the lines
-                  after, with or without a period
+      prediction  the last "The prediction is: ..." naming the truth and no longer class name (names_truth),
+                  on its line or the lines after, with or without a period
     A rationale that lacks a part, or whose prediction names another class, fails."""
     text = re.sub(r"\*\*|__", "", think)  # markdown bold
     text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
     cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
     c_start, c_end = cands[0] if cands else (-1, -1)
     p_start, p_end = preds[-1] if preds else (-1, -1)
-    predicted = p_start >= 0 and names_truth(text[p_end:], truth)
+    predicted = p_start >= 0 and names_truth(text[p_end:], truth, classes)
     features = text[:c_start] if c_start >= 0 else text
     analysis = any(LIST_ITEM.match(line) for line in features.split("\n")) or \
         re.search(r"(^|\s)1[.)]\s", features) is not None
@@ -211,15 +239,15 @@ def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_M
             "prediction": predicted}
 
 
-def check_rationale(completion: str, truth: str,
-                    marks=(CANDIDATES_MARK, PREDICTION_MARK)) -> tuple[str | None, dict[str, bool]]:
+def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
+                    classes: list[str] = ()) -> tuple[str | None, dict[str, bool]]:
     """(the rationale text, or None when rejected; the checks). Kept when the completion has the think / answer
     format, its answer is the truth (normalised) and the rationale has all four parts."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     checks = {"format": judges.format_ok(completion),
               "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
-              **rationale_parts(think.group(1) if think else "", truth, marks)}
+              **rationale_parts(think.group(1) if think else "", truth, marks, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
@@ -264,12 +292,11 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     if args.cot_source == "attributes":
         for name in seen:
             for ex in offers[name][:args.cot_per_class]:
-                text, distractors = pose_question(train.kind, ex.id, name, [c for c in seen if c != name],
-                                                  args.closed_frac)
+                asked, distractors = sft_question(args.sft_prompt, train.kind, ex.id, name,
+                                                  [c for c in seen if c != name], args.closed_frac)
                 candidates = distractors or confusable[name]  # a closed question's candidates are its options
                 records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
-                                "question": text, "response": response_text(attribute_rationale(name, candidates),
-                                                                            name)})
+                                **asked, "response": response_text(attribute_rationale(name, candidates), name)})
         stats["cot/tried"] = len(records)
     else:
         records, stats = teacher_rationales(args, d, out, train, seen, offers, confusable, stats)
@@ -310,7 +337,8 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
             frozen = common.precision_for(args.dtype, d, "ddp", trained_weights=False).compute
             teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=frozen,
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
-                                                   max_pixels=args.sft_max_pixels)
+                                                   max_pixels=args.sft_max_pixels,
+                                                   flag="--teacher" if args.teacher else "--model")
             teacher.eval()
         with parts.append(d.rank) as part:
             for ci, name in enumerate(my_classes):
@@ -345,8 +373,8 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
         if not exs or len(kept) >= args.cot_per_class:
             break
         # the question each image will be trained with; a closed one's distractors are the rationale's candidates
-        posed = [pose_question(train.kind, ex.id, name, [c for c in seen if c != name], args.closed_frac)
-                 for ex in exs]
+        posed = [sft_question(args.sft_prompt, train.kind, ex.id, name, [c for c in seen if c != name],
+                              args.closed_frac) for ex in exs]
         candidates = [distractors or confusable[name] for _, distractors in posed]
         texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(cands))
                  for cands in candidates]
@@ -354,12 +382,12 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
         completions = teacher_completions(teacher, processor, [ex.image for ex in exs], texts, args, gen)
         for row, completion in enumerate(completions):
             i = row // args.cot_samples
-            rationale, checks = check_rationale(completion, name)
+            rationale, checks = check_rationale(completion, name, classes=train.class_names)
             for k, ok in checks.items():
                 fails[k] = fails.get(k, 0) + (not ok)
             if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
                 kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
-                             "question": posed[i][0], "response": response_text(rationale, name)})
+                             **posed[i][0], "response": response_text(rationale, name)})
         tried += len(completions)
     return kept, tried, fails
 
@@ -494,7 +522,9 @@ def parse_reward_weights(spec: str) -> dict[str, float]:
 
 
 def score(texts: list[str], truths: list[str], weights: dict[str, float]):
-    """(reward [B] = sum of weight * component, {component: [B]})."""
+    """(reward [B] = sum of weight * component, {component: [B]}). Each component reads the response with the
+    whitespace around every <, > and / removed, as the released reward does ("< answer >" is "<answer>")."""
+    texts = [re.sub(r"\s*([<>/])\s*", r"\1", t) for t in texts]
     parts = {n: torch.tensor([REWARDS[n](t, y) for t, y in zip(texts, truths)]) for n in weights}  # [B] each
     return sum(weights[n] * v for n, v in parts.items()), parts
 
@@ -707,9 +737,10 @@ def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, o
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
     """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
-    the labels are the assistant's tokens: the response and the closing <|im_end|>."""
+    the labels are the assistant's tokens: the response and the closing <|im_end|>. A record's "system" (absent or
+    null: Qwen's default) is its system prompt."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"])
+    prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
     target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
     return prompt, target
 
@@ -776,13 +807,14 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                   **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
                   **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
         done = step + 1 == total_steps
+        if step == start or done or (step + 1) % max(1, total_steps // 10) == 0:  # every step is in metrics.jsonl
+            common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                          f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
         if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
             with timer("eval"):
                 record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
             record.update(timer.pop())
         log.log(record)
-        common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                      f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
         if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
             common.save_checkpoint(sft_out, step + 1, model, optimizer,
                                    {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
@@ -864,16 +896,16 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                  "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
         done = batch_idx + 1 == total_batches or step >= total_steps
+        common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
+                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
+                      f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
+                      f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if eval_sets and (done or (args.eval_every > 0 and step // args.eval_every
                                    > (step - len(records)) // args.eval_every)):
             with timer("eval"):
                 record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, step))
             record.update(timer.pop())
         log.log(record)
-        common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
-                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
-                      f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
-                      f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
         if done or guard.exhausted or (args.save_every and step // args.save_every
                                        > (step - len(records)) // args.save_every):
             common.save_checkpoint(tapo_out, step, model, optimizer,
@@ -966,7 +998,7 @@ def eval_sets_for(args) -> dict:
 # None on the command line: whatever the user sets wins, the preset fills the rest.
 PAPER = dict(
     model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0,
+    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0, sft_prompt="paper",
     sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
     shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
     rewards="accuracy=0.9,format=0.1", temperature=1.0,
@@ -980,7 +1012,7 @@ PAPER = dict(
 # the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
 TOY = dict(
     model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5,
+    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl",
     sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
     sft_max_pixels=data.TOY_IMAGE_SIZE ** 2,
     shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
@@ -999,7 +1031,7 @@ def parse_args(argv=None):
                    help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
     g = p.add_argument_group("stage cot: the rationale data")
     g.add_argument("--cot-data", default=None, help="a JSONL file of rationales to use instead of writing them "
-                   "(records: image, class_name, question, response)")
+                   "(records: image, class_name, question, response; optional system)")
     g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
                    help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
                         "auto = the teacher when --teacher is given or the data is not toy, else attributes")
@@ -1022,6 +1054,9 @@ def parse_args(argv=None):
                    help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
                         "classes as lettered options, the class name as the answer (paper 0: open questions only)")
     g = p.add_argument_group("stage sft")
+    g.add_argument("--sft-prompt", default=None, choices=["paper", "rl"], help="how SFT asks (written into the "
+                   "rationales): paper = an R1-style system prompt and the bare question, as the paper's SFT data; "
+                   "rl = the TAPO prompt's format request (toy preset)")
     g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 2e-3)")
     g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
     g.add_argument("--sft-weight-decay", type=float, default=0.1, help="AdamW weight decay (paper 0.1)")
@@ -1135,16 +1170,17 @@ def check_tapo_batches(args, world_size: int):
 
 def main(argv=None):
     args = parse_args(argv)
+    stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
+    # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
+    if "sft" in stages:
+        common.require_divisible("--sft-batch", args.sft_batch, common.launched_world_size(), "the number of ranks")
+    if "tapo" in stages:
+        check_tapo_batches(args, common.launched_world_size())
     d, out = common.setup_run(args, default_out=common.default_run_dir("fine_r1", args.data))
     if args.preset_filled:
-        common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for flags left unset: "
-                      + ", ".join(f"{k}={getattr(args, k)}" for k in args.preset_filled))
+        common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for the {len(args.preset_filled)} flags left "
+                      f"unset (their values: {os.path.join(out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
-    if "sft" in stages:  # batch arithmetic refused at the start, never after hours of rationale writing / SFT
-        common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
-    if "tapo" in stages:
-        check_tapo_batches(args, d.world_size)
     cot_path = args.cot_data or os.path.join(out, "cot.jsonl")
     if "cot" in stages:
         cot_path = run_cot(args, d, out)
@@ -1152,6 +1188,7 @@ def main(argv=None):
         run_sft(args, d, out, cot_path, eval_sets)
     if "tapo" in stages:
         run_tapo(args, d, out, eval_sets, first_stage=stages[0] == "tapo")
+    common.print_eval_summary([os.path.join(out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
     return out
 

@@ -479,6 +479,11 @@ class HFJudge(Judge):
         for i, r in enumerate(rows):  # left padding: every row ends at the last column
             input_ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if int(input_ids.max()) >= vocab:  # a tokenizer that does not match the model (its eos / pad id, a token)
+            raise SystemExit(f"--judge {self.name}: token id {int(input_ids.max())} (the tokenizer's pad / eos id or a "
+                             f"prompt token) lies outside the model's {vocab} embeddings; expected a tokenizer that "
+                             f"matches the model")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), logits_to_keep=keep).logits  # [R, keep, V]

@@ -620,8 +620,8 @@ def check_batches(args, world: int) -> tuple[int, int]:
 
 def main(argv=None):
     args = parse_args(argv)
+    prompts_per_rank, _ = check_batches(args, common.launched_world_size())  # before the process group
     d, out = common.setup_run(args, common.default_run_dir("speciarl", args.data))
-    prompts_per_rank, _ = check_batches(args, d.world_size)
 
     # data: a fixed random subset of the training split; evaluation on a test split
     train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
@@ -687,6 +687,8 @@ def main(argv=None):
 
     # export: adapters merged into plain weights, a standard Hugging Face directory
     common.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
+    common.print_eval_summary([os.path.join(out, "metrics.jsonl")],
+                              ["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
     common.print0(f"final model: {os.path.join(out, 'final')}")
     common.cleanup_distributed()
 

@@ -26,6 +26,16 @@ def tiny():
     return model, proc
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread during the test, restored after: a learning run's numbers then depend on its seed
+    only, never on the machine's cores or load (the scripts get --threads 1 too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def toy_test():
     return data.load_dataset("toy", "test")

@@ -92,6 +92,11 @@ def test_answer_format_prefix_is_stripped_and_long_answers_are_ignored():
     assert len(judges.normalize(name)) > 120 and q["counts"] == {"Sooty Albatross": 2} and q["status"] == "easy"
     assert dive_k.build_question([name] * 3, "Sooty Albatross", [name, "Sooty Albatross"], random.Random(0),
                                  max_chars=200)["counts"] == {name: 3}
+    # the released mining maps the correct spelling "barberton" to Flowers' class name "barbeton daisy"
+    flowers = ["barbeton daisy", "oxeye daisy"]
+    daisy = dive_k.build_question(["Barberton Daisy"] * 3 + ["barbeton daisy", "oxeye daisy"], "oxeye daisy",
+                                  flowers, random.Random(0))
+    assert daisy["counts"] == {"barbeton daisy": 4, "oxeye daisy": 1}
 
 
 def test_hyphens_case_and_possessives_normalise_to_the_class_name():
@@ -151,6 +156,9 @@ TRUTH_TABLE = [  # completion, format, mcq
     ("<think>x</think><answer>Laysan</answer>", 1, 0),  # part of an option's text is no choice
     ("<think>x</think><answer>Western Gull</answer>", 1, 0),  # a name outside the options
     ("<think>x</think><answer>A bird</answer>", 1, 0),  # 'A' as an article is no letter
+    # a letter before a bracket counts only as "(B)" or opening the answer: "B (not A)" chooses nothing (released)
+    ("<think>x</think><answer>B (not A)</answer>", 1, 0),
+    ("<think>x</think><answer>B) Bobolink</answer>", 1, 1),
     ("<answer>B</answer>", 0, 1),  # no think: format fails, the letter still counts
     ("<think>x</think><answer>B</answer> trailing", 0, 1),
     ("<think>x</think> B", 0, 0),  # no answer tag

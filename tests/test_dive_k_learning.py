@@ -23,8 +23,9 @@ import shutil
 import dive_k
 
 STEPS = 90
+SEED = 42  # the quickstart's default
 FLAGS = ["--data", "toy", "--max-steps", str(STEPS), "--eval-every", str(STEPS), "--eval-classes", "base",
-         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0"]
+         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "1"]
 
 
 def evals(out):
@@ -48,12 +49,12 @@ def paired(before: dict, after: dict) -> tuple[float, float, int]:
     return mean, math.sqrt(var / len(ids)), len(ids)
 
 
-def test_grpo_on_mined_questions_beats_a_random_reward(tmp_path, tiny):
+def test_grpo_on_mined_questions_beats_a_random_reward(tmp_path, tiny, one_thread):
     real, control = str(tmp_path / "real"), str(tmp_path / "control")
-    dive_k.main(FLAGS + ["--out", real])
+    dive_k.main(FLAGS + ["--seed", str(SEED), "--out", real])
     os.makedirs(control)
     shutil.copy(os.path.join(real, "mcq.jsonl"), os.path.join(control, "mcq.jsonl"))  # the same questions
-    dive_k.main(FLAGS + ["--out", control, "--rewards", "random", "--no-initial-eval"])
+    dive_k.main(FLAGS + ["--seed", str(SEED), "--out", control, "--rewards", "random", "--no-initial-eval"])
     before, after, after_control = evals(real)[0], evals(real)[STEPS], evals(control)[STEPS]
     gain, se, n = paired(before, after)
     control_gain, control_se, _ = paired(before, after_control)

@@ -149,7 +149,10 @@ def test_open(tiny, toy24, tmp_path):
     judge = judges.get_judge("rules", toy24)  # a fresh judge, no shared cache
     for p in preds:
         assert p["label"] == ("wrong" if p["parse_failure"] else judge.judge([(p["truth"], p["answer"])])[0])
-    assert_label_metrics(metrics, [p["label"] for p in preds])
+    assert_label_metrics({**metrics, "accuracy": metrics["specificity_of_all"]}, [p["label"] for p in preds])
+    # paper scoring: accuracy is Fine-R1's text-include rule on each raw output
+    assert [p["text_include"] for p in preds] == [ev.open_world_correct(p["raw"], p["truth"], "shape") for p in preds]
+    assert metrics["accuracy"] == metrics["text_include"] == pytest.approx(sum(p["text_include"] for p in preds) / 24)
     norm = judges.normalize
     assert metrics["exact"] == pytest.approx(sum(norm(p["answer"] or "") == norm(p["truth"]) for p in preds) / 24)
     assert metrics["substring"] == pytest.approx(
@@ -253,6 +256,26 @@ def test_paper_scoring_truth_tables():
     assert ev.closed_world_correct("<answer>A</answer> <answer>Bobolink</answer>", "Bobolink")  # first to last tag
     assert not ev.closed_world_correct("Bobolink", "Bobolink")  # no tag: wrong
     assert not ev.closed_world_correct("<answer>B</answer>", "Bobolink")
+
+
+OPEN_WORLD_TABLE = [  # raw output, truth, kind, right under Fine-R1's released open-world text-include rule
+    ("<think>x</think><answer>A Black_footed albatross</answer>", "Black_footed Albatross", "bird", False),  # '_' kept
+    ("<think>x</think><answer>a black footed albatross</answer>", "Black_footed Albatross", "bird", True),
+    ("<answer>A</answer> then <answer>Bobolink</answer>", "Bobolink", "bird", True),  # first tag to the last
+    ("I think it is a Bobolink.", "Bobolink", "bird", True),  # no tag: the whole output
+    ("<answer> </answer> Bobolink", "Bobolink", "bird", True),  # a blank answer: the whole output
+    ("<think>Bobolink?</think><answer>Rusty Blackbird</answer>", "Bobolink", "bird", False),
+    ("<answer>Bobolink", "Bobolink", "bird", True),  # no closing tag: the whole output
+    ("<answer>Honda Odyssey</answer>", "Honda Odyssey Minivan 2012", "car", True),  # cars: last two words dropped
+    ("<answer>Honda Odyssey</answer>", "Honda Odyssey Minivan 2012", "bird", False),
+    ("<answer>Honda Accord</answer>", "Honda Odyssey Minivan 2012", "car", False),
+    ("<answer>Boeing 737-800</answer>", "737-800", "aircraft", True),
+]
+
+
+@pytest.mark.parametrize("raw,truth,kind,right", OPEN_WORLD_TABLE)
+def test_open_world_scoring_is_fine_r1s_text_include(raw, truth, kind, right):
+    assert ev.open_world_correct(raw, truth, kind) == right
 
 
 def test_two_step(tiny, toy24, tmp_path):

@@ -139,6 +139,14 @@ def test_rewards_truth_table():
     reward, parts = fine_r1.score([c[0] for c in cases], [truth] * len(cases), {"accuracy": 0.9, "format": 0.1})
     assert torch.allclose(reward, torch.tensor([0.9 * a + 0.1 * f for _, a, _, f in cases]))
     assert parts["accuracy"].tolist() == [float(a) for _, a, _, _ in cases]
+    # the released reward first removes the whitespace around every <, > and /: (completion, truth, accuracy, format)
+    spaced = [("<think> x </think>\n<answer> red striped circle </answer>\n", truth, 1, 1),
+              (" < think >x< / think > < answer >red striped circle< / answer >", truth, 1, 1),
+              ("<think>x</think><answer>F-16A / B</answer>", "F-16A/B", 1, 1),
+              ("<think>x</think><answer>red striped circle</answer> trailing", truth, 1, 0)]
+    _, parts = fine_r1.score([c[0] for c in spaced], [c[1] for c in spaced], {"accuracy": 0.9, "format": 0.1})
+    assert parts["accuracy"].tolist() == [c[2] for c in spaced] and parts["format"].tolist() == [c[3] for c in spaced]
+    assert fine_r1.accuracy_reward(spaced[1][0], truth) == 0  # the functions alone read the text as given
     assert list(fine_r1.parse_reward_weights("exact=0.9,format=0.1")) == ["exact", "format"]  # order kept
     with pytest.raises(SystemExit):
         fine_r1.parse_reward_weights("accuracy=0.9,lenght=0.1")
@@ -364,10 +372,47 @@ def test_rationale_parts_find_the_candidate_list_and_what_follows():
                                        "A")["comparison"]
     assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A",
                                        "A")["candidates"]
-    # a car's model year may be left out of the prediction; its make and model may not
-    assert fine_r1.names_truth("The car is a Cadillac CTS-V Sedan.", "Cadillac CTS-V Sedan 2012")
-    assert fine_r1.names_truth("a 2012 Audi TTS Coupe", "2012 Audi TTS Coupe")
-    assert not fine_r1.names_truth("The car is a Cadillac CTS Sedan.", "Cadillac CTS-V Sedan 2012")
+
+
+
+NAMES_TRUTH_TABLE = [  # prediction text, truth, the dataset's classes, names the truth
+    ("The car is a Cadillac CTS-V Sedan.", "Cadillac CTS-V Sedan 2012", [], True),  # the model year left out
+    ("a 2012 Audi TTS Coupe", "2012 Audi TTS Coupe", [], True),
+    ("consistent with the 2012 Toyota Sequoia SUV.", "Toyota Sequoia SUV 2012", [], True),  # the year moved
+    ("The car is a Cadillac CTS Sedan.", "Cadillac CTS-V Sedan 2012", [], False),  # make and model may not differ
+    ("Audi TT Coupe 2011", "Audi TT Coupe 2012", [], False),  # nor the year
+    ("a 2011 Audi TT Coupe", "Audi TT Coupe 2012", [], False),
+    ("Falcon 900", "Falcon 2000", [], False),  # a model number is no year
+    ("Dassault Falcon 2000.", "Falcon 2000", [], True),
+    ("Border Collie", "Collie", ["Collie", "Border Collie"], False),  # another class that contains the truth
+    ("Border Collie", "Border Collie", ["Collie", "Border Collie"], True),
+    ("a Collie", "Collie", ["Collie", "Border Collie"], True),
+    ("Laysan Albatross, not Sooty Albatross", "Laysan Albatross", ["Laysan Albatross", "Sooty Albatross"], True),
+]
+
+
+@pytest.mark.parametrize("text,truth,classes,named", NAMES_TRUTH_TABLE)
+def test_names_truth_truth_table(text, truth, classes, named):
+    assert fine_r1.names_truth(text, truth, classes) == named
+
+
+def test_sft_asks_as_the_paper_and_the_toy_preset_as_tapo(tiny):
+    """--sft-prompt paper: an R1-style system prompt and the bare question (the paper's SFT samples); rl (toy preset):
+    TAPO's prompt under the default system prompt. A record's system prompt is what sft_example encodes."""
+    _, proc = tiny
+    paper, _ = fine_r1.sft_question("paper", "bird", "img1", "Bobolink", [], 0.0)
+    rl, _ = fine_r1.sft_question("rl", "bird", "img1", "Bobolink", [], 0.0)
+    assert rl == {"question": fine_r1.pose_question("bird", "img1")[0], "system": None}
+    assert paper == {"question": rl["question"].removesuffix(fine_r1.RL_SUFFIX), "system": fine_r1.SFT_SYSTEM}
+    assert "<think>" not in paper["question"] and rl["question"].endswith(fine_r1.RL_SUFFIX)
+    assert fine_r1.parse_args(["--data", "cub", "--data-root", "/x"]).sft_prompt == "paper"
+    assert fine_r1.parse_args(["--data", "toy"]).sft_prompt == "rl"
+    image = data.load_dataset("toy", "test").examples[0].image
+    record = {"image": image, "class_name": "Bobolink", **paper, "response": "<think>x</think>\n\n<answer>B</answer>"}
+    text = proc.tokenizer.decode(fine_r1.sft_example(proc, record)[0].input_ids)
+    assert fine_r1.SFT_SYSTEM in text and "You are a helpful assistant." not in text
+    default = proc.tokenizer.decode(fine_r1.sft_example(proc, {**record, **rl})[0].input_ids)
+    assert "You are a helpful assistant." in default and fine_r1.SFT_SYSTEM not in default
 
 
 # ----- flags -----

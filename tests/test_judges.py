@@ -276,6 +276,11 @@ def test_hf_judge_scores_labels_and_caches(tiny_lm, datasets, tmp_path):
     assert fresh.judge(pairs) == labels and fresh.judged == 0 and fresh.model is None  # never even loaded
     with pytest.raises(SystemExit, match="no config.json"):
         judges.get_judge(f"hf:{tmp_path}", datasets["toy"]).judge([("a", "b")])
+    fresh._load()
+    fresh.pad_id = fresh.model.get_input_embeddings().num_embeddings  # an eos / pad id outside the vocabulary
+    with pytest.raises(SystemExit, match=f"--judge hf:{tiny_lm}: token id {fresh.pad_id} .* lies outside the "
+                                         f"model's {fresh.pad_id} embeddings; expected a tokenizer that matches"):
+        fresh.label_scores([("red striped circle", "red striped circle")])
 
 
 def test_rules_judge_on_a_hand_built_dataset():
