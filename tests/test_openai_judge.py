@@ -4,7 +4,9 @@ ranks sharing one cache, speciarl stopping cleanly when the server goes away and
 import json
 import multiprocessing
 import os
+import sys
 import time
+import types
 
 import pytest
 
@@ -295,8 +297,8 @@ def test_an_address_without_v1(toy, capsys):
 def test_retries_as_the_openai_client(toy, monkeypatch):
     """408 and 409 are retried; the wait a reply asks for (retry-after-ms, Retry-After in seconds or as a date) is
     taken when it is at most 60 s, else the backoff; x-should-retry: false is not retried."""
-    waits = []
-    monkeypatch.setattr(judges.time, "sleep", waits.append)
+    waits = []  # the judge's own sleeps only (the fake server's threads sleep too)
+    monkeypatch.setattr(judges, "time", types.SimpleNamespace(**{**vars(time), "sleep": waits.append}))
     behaviour = fake.Behaviour()
     with fake.Server(behaviour) as server:
         judge = judges.get_judge("openai:judge-model", toy, url=server.url, concurrency=1)
@@ -408,10 +410,11 @@ def test_judge_errors_are_shown_and_too_many_stop_the_run(tmp_path, toy, capsys)
         assert "\n" not in str(e.value)
 
 
-def test_a_stop_message_starts_its_own_line(tmp_path, toy, capsys):
-    """The judge's server dies during eval.py with the progress bar on: the bar's line is cleared, so the message
-    that follows is not glued to it."""
+def test_a_stop_message_starts_its_own_line(tmp_path, toy, capsys, monkeypatch):
+    """The judge's server dies during eval.py with the progress bar on (as on a terminal): the bar's line is cleared,
+    so the message that follows is not glued to it."""
     import eval as ev
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are drawn on a terminal only
     behaviour = fake.Behaviour(rules_labels(toy))
     with fake.Server(behaviour) as server:
         behaviour.fail_after = len(behaviour.asked) + 1  # after the probe, one answer and gone
