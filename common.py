@@ -514,6 +514,9 @@ class Rollout:
         return [p for p in self.prompts for _ in range(self.group_size)]
 
 
+SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
+
+
 def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p (no host
     sync: neither filter looks at the values from the host)."""
@@ -527,6 +530,10 @@ def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
         # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
         # The same tokens as a sort, except that tokens tied at the threshold are all kept.
         probs = logits.float().softmax(-1)  # [B, V]
+        if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
+            ranked, order = probs.sort(-1, descending=True)  # [B, V]
+            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < top_p)
+            return logits.masked_fill(~keep, float("-inf"))
         lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
         hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
         for _ in range(31):

@@ -222,14 +222,19 @@ def test_decode_steps_never_wait_for_the_host(tiny, toy_test, monkeypatch):
     assert reads_of(6) == reads_of(16)
 
 
-def test_top_p_filter_keeps_what_a_full_sort_keeps():
-    """The sort-free nucleus (bisection on the probabilities' bits) against the sort-based rule of HF's TopPLogitsWarper
-    (keep a token while the mass before it is below top_p), on random rows of a large vocabulary."""
+def test_top_p_filter_keeps_what_a_full_sort_keeps(monkeypatch):
+    """Both nucleus filters (a sort up to SORTED_NUCLEUS_VOCAB tokens, above it the bisection on the probabilities'
+    bits) against the sort-based rule of HF's TopPLogitsWarper (keep a token while the mass before it is below
+    top_p), on random rows from flat to peaked."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 5000, generator=generator) * torch.linspace(0.1, 8, 16)[:, None]  # flat to peaked
     for top_p in (0.3, 0.9, 0.95, 0.999):
         probs, order = logits.softmax(-1).sort(-1, descending=True)
         before = probs.cumsum(-1) - probs  # [B, V] the mass sorted before each token
         expected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before < top_p)
+        kept = common.sampling_filter(logits, 0, top_p).isfinite()  # 5,000 tokens: the sort
+        assert torch.equal(kept, expected), top_p
+        monkeypatch.setattr(common, "SORTED_NUCLEUS_VOCAB", 100)  # the bisection
         kept = common.sampling_filter(logits, 0, top_p).isfinite()
+        monkeypatch.undo()
         assert (kept != expected).sum().item() <= 2, top_p  # float summation order may move the boundary token

@@ -33,7 +33,7 @@ import dive_k
 STEPS = 90
 SEED = 42  # the quickstart's default
 FLAGS = ["--data", "toy", "--max-steps", str(STEPS), "--eval-every", str(STEPS), "--eval-classes", "base",
-         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "1"]
+         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "2"]
 
 
 def evals(out):

@@ -60,7 +60,7 @@ def read(path):
 
 def test_sft_then_tapo_raise_seen_class_accuracy(tmp_path, one_thread):
     out = str(tmp_path / "run")
-    fine_r1.main(["--data", "toy", "--out", out, "--seed", str(SEED), "--threads", "1"])  # the quickstart
+    fine_r1.main(["--data", "toy", "--out", out, "--seed", str(SEED), "--threads", "2"])  # the quickstart
     sft = [r for r in read(os.path.join(out, "sft", "metrics.jsonl")) if "eval/mcq/seen" in r]
     tapo = read(os.path.join(out, "tapo", "metrics.jsonl"))
     stages = {"start": sft[0], "after sft": sft[-1], "after tapo": [r for r in tapo if "eval/mcq/seen" in r][-1]}
