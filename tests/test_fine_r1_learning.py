@@ -31,6 +31,8 @@ scored as Fine-R1's evaluation, open asked with its open-world question): start 
 accuracy 0.771 -> 0.836. On an earlier v3 build, asking the SFT questions bare under an R1-style system prompt, as
 the paper's SFT samples do, took seen mcq from 0.794 at the start to 0.572 after SFT.
 
+The test runs on two torch threads (a fixed count: the same numbers on any machine and load); there seed 42 gave the
+same numbers as on one thread.
 Seeds tried (one torch thread; open = Fine-R1's text-include accuracy; start -> after SFT -> after TAPO, seen classes;
 TAPO sampled accuracy, first 3 -> last 3 rollout batches):
   seed 42 (the test's)  mcq 0.722 -> 0.756 -> 0.844 (+0.122, 2 SE 0.086); open 0.656 -> 0.739 -> 0.783 (+0.128, 2 SE
