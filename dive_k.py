@@ -39,6 +39,7 @@ from collections import Counter
 import torch
 
 import common
+import lifecycle
 import data
 import judges
 import memory
@@ -164,7 +165,7 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
 
 
 def mine_offline(model, processor, train: data.Dataset, base_classes: list[str], args, d: common.Dist,
-                 out: str, log: common.MetricsLog | None) -> list[dict]:
+                 out: str, log: lifecycle.MetricsLog | None) -> list[dict]:
     """Stage 1 for the whole training set, cached to <out>/mcq.jsonl. Each rank mines its shard of the images not
     done yet and appends them to <out>/mcq.part<rank>.jsonl as it goes (so an interrupted run resumes); rank 0 then
     merges the parts in dataset order. Returns the kept questions."""
@@ -225,7 +226,7 @@ def mining_summary(records: list[dict]) -> dict:
 
 
 def questions_for_step(step: int, items: list[dict], model, processor, base_classes: list[str], kind: str, args,
-                       d: common.Dist, timer: common.PhaseTimer, warmup) -> tuple[list[dict], dict]:
+                       d: common.Dist, timer: lifecycle.PhaseTimer, warmup) -> tuple[list[dict], dict]:
     """This rank's questions of a step: positions step*P + rank, + world, ... of an endless stream of seeded epochs
     over the mined questions (the order depends only on the step, so a resume restores it exactly). With
     --online-mining the options are rebuilt now from the current policy (easy images kept, padded)."""
@@ -378,7 +379,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     number of ranks (token; all-reduced before any backward). mask: [B, T], this rank's completions."""
     if loss_agg == "seq":
         return float(mask.shape[0])
-    return common.global_token_count(mask) / world_size
+    return lifecycle.global_token_count(mask) / world_size
 
 
 # =====================================================================================================================
@@ -386,7 +387,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
 # =====================================================================================================================
 
 def train_step(step: int, questions: list[dict], model, ref_model, optimizer, processor, kind: str, args,
-               d: common.Dist, guard: common.NonFiniteGuard, timer: common.PhaseTimer) -> tuple[dict, float, list]:
+               d: common.Dist, guard: lifecycle.NonFiniteGuard, timer: lifecycle.PhaseTimer) -> tuple[dict, float, list]:
     """One GRPO step on this rank's questions. Returns (metrics of this rank, the gradient norm, a few completions
     with their rewards for the log)."""
     # rollout: G completions per question, the whole group on this rank
@@ -512,7 +513,7 @@ TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own "
                                             "multiple-choice questions (Qwen2.5-VL)")
-    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
+    lifecycle.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
     p.set_defaults(model=None, group_size=None, max_steps=None)  # filled by the paper defaults or the toy preset
     g = p.add_argument_group("data")
     g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
@@ -600,7 +601,7 @@ def parse_args(argv=None):
     if wrong:
         raise SystemExit(f"--eval-classes {args.eval_classes}: {wrong[0]!r} is not a class group; expected a comma "
                          f"list of all, base and novel")
-    common.check_system_flags(args)
+    lifecycle.check_system_flags(args)
     return args
 
 
@@ -614,7 +615,7 @@ def prompts_per_step_for(args, world_size: int) -> int:
         common.print0(f"--prompts-per-step: the preset's {n} does not divide over {world_size} ranks; using {fitted} "
                       f"({fitted // world_size} per rank)")
         return fitted
-    common.require_divisible("--prompts-per-step", n, world_size, "the number of ranks")
+    lifecycle.require_divisible("--prompts-per-step", n, world_size, "the number of ranks")
     return n
 
 
@@ -624,9 +625,9 @@ def prompts_per_step_for(args, world_size: int) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    args.prompts_per_step = prompts_per_step_for(args, common.launched_world_size())  # before the process group
-    d, out = common.setup_run(args, default_out=common.default_run_dir("dive_k", args.data))
-    log = common.MetricsLog(out, args.wandb, vars(args))
+    args.prompts_per_step = prompts_per_step_for(args, lifecycle.launched_world_size())  # before the process group
+    d, out = lifecycle.setup_run(args, default_out=lifecycle.default_run_dir("dive_k", args.data))
+    log = lifecycle.MetricsLog(out, args.wandb, vars(args))
 
     # data: training images of the base classes (or k shots of all classes), held-out class groups to evaluate
     train = data.load_dataset(args.data, args.train_split, root=args.data_root, classes=args.classes,
@@ -660,8 +661,8 @@ def main(argv=None):
             ref_model = common.wrap_model(ref_model, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
                                   eps=1e-8, weight_decay=args.weight_decay)
-    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start_step = common.resume(out, model, optimizer, log)["step"]  # the same command continues from <out>/latest
+    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    start_step = lifecycle.resume(out, model, optimizer, log)["step"]  # the same command continues from <out>/latest
 
     # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining)
     warmup = None  # online mining: a prompt for FSDP2's warm-up forward before the parameters are gathered
@@ -678,23 +679,23 @@ def main(argv=None):
                   f"G={args.group_size} ({args.prompts_per_step // d.world_size} prompts per rank)")
 
     # stage 2: GRPO
-    timer = common.PhaseTimer()
+    timer = lifecycle.PhaseTimer()
     if eval_sets and start_step == 0 and args.initial_eval:  # the starting model's accuracy: the run's baseline
         log.log({"step": 0, **evaluate_two_step(model, processor, eval_sets, args, d, out, 0)})
     bar = common.progress_bar(d.is_main, total=total_steps, initial=start_step, desc="grpo")
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        lr = common.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
+        lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                           warmup_steps=args.warmup_steps)
-        common.set_lr(optimizer, lr)
+        lifecycle.set_lr(optimizer, lr)
         questions, online = questions_for_step(step, items, model, processor, base_classes, train.kind, args, d,
                                                timer, warmup)
         metrics, grad_norm, samples = train_step(step, questions, model, ref_model, optimizer, processor, train.kind,
                                                  args, d, guard, timer)
         step_time = time.perf_counter() - t_step
         tokens = float(common.all_reduce_sum(torch.tensor([metrics.pop("tokens")]))[0])  # over all ranks
-        record = {"step": step + 1, **common.mean_over_ranks({**metrics, **online}), "lr": lr, "grad_norm": grad_norm,
-                  **guard.stats(), **common.mean_over_ranks(timer.pop()), "tokens_per_s": tokens / step_time}
+        record = {"step": step + 1, **lifecycle.mean_over_ranks({**metrics, **online}), "lr": lr, "grad_norm": grad_norm,
+                  **guard.stats(), **lifecycle.mean_over_ranks(timer.pop()), "tokens_per_s": tokens / step_time}
         if args.log_completions and d.is_main:
             record["completions"] = samples
         if bar is not None:
@@ -708,15 +709,15 @@ def main(argv=None):
             record.update(evaluate_two_step(model, processor, eval_sets, args, d, out, step + 1))
         log.log(record)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or guard.exhausted:
-            common.save_checkpoint(out, step + 1, model, optimizer,
+            lifecycle.save_checkpoint(out, step + 1, model, optimizer,
                                    {"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps})
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
             guard.stop(out)
     if bar is not None:
         bar.close()
 
-    common.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
-    common.print_eval_summary([os.path.join(out, "metrics.jsonl")])
+    lifecycle.export_hf(model, processor, os.path.join(out, "final"), dtype=args.export_dtype)
+    lifecycle.print_eval_summary([os.path.join(out, "metrics.jsonl")])
     common.print0(f"done: {total_steps} steps; model exported to {os.path.join(out, 'final')}")
     common.cleanup_distributed()
     return out
@@ -760,4 +761,4 @@ def chosen_letter(completion: str, options: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    lifecycle.run_script(main)

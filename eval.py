@@ -77,6 +77,7 @@ from collections import Counter
 import torch
 
 import common
+import lifecycle
 import data
 import dive_k
 import fine_r1
@@ -600,7 +601,7 @@ def parse_args(argv=None):
     paper_min, paper_max = EVAL_PIXELS[args.protocol]  # the same resolution for a hub model and a trained export
     args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
     args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
-    common.check_system_flags(args)
+    lifecycle.check_system_flags(args)
     return args
 
 
@@ -611,10 +612,10 @@ INTERRUPTED = ("an evaluation keeps no checkpoint; rerun the same command to eva
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = common.init_distributed()
-    args.out = args.out or f"{common.default_run_dir('eval', args.data)}_{args.protocol}"
+    args.out = args.out or f"{lifecycle.default_run_dir('eval', args.data)}_{args.protocol}"
     if d.is_main:
-        common.make_run_dir(args.out)  # before loading: a bad --out is one line, not a lost evaluation
-    common.configure_threads(args.threads, d)
+        lifecycle.make_run_dir(args.out)  # before loading: a bad --out is one line, not a lost evaluation
+    lifecycle.configure_threads(args.threads, d)
     precision = common.precision_for(args.dtype, d, "ddp", trained_weights=False)  # nothing is updated here
     model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -667,4 +668,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_script(main, interrupted=INTERRUPTED)
+    lifecycle.run_script(main, interrupted=INTERRUPTED)

@@ -50,6 +50,7 @@ import time
 import torch
 
 import common
+import lifecycle
 import data
 import judges
 import memory
@@ -308,7 +309,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
         common.RankParts(out, "cot").remove()  # the teacher's per-rank progress, now merged
-        common.MetricsLog(out).log({"step": 0, "stage": "cot", "cot/kept": len(records), **stats})
+        lifecycle.MetricsLog(out).log({"step": 0, "stage": "cot", "cot/kept": len(records), **stats})
     common.barrier()
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "
                   f"{len(seen)} seen classes -> {path}")
@@ -645,7 +646,7 @@ def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negati
 
 
 def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, optimizer, processor, train, by_class,
-              negatives, args, d: common.Dist, guard: common.NonFiniteGuard, timer: common.PhaseTimer):
+              negatives, args, d: common.Dist, guard: lifecycle.NonFiniteGuard, timer: lifecycle.PhaseTimer):
     """One rollout batch of TAPO: sample rounds of triplets until every rank holds its groups (dynamic sampling),
     then --rollout-batch / --prompts-per-step optimizer steps on them. Returns (a record per optimizer step, the
     batch's rollout metrics on this rank, its groups, the data position after it, the step count after it)."""
@@ -690,9 +691,9 @@ def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, o
     for k in range(args.rollout_batch // args.prompts_per_step):
         if step >= total_steps or guard.exhausted:
             break
-        common.set_lr(optimizer, args.lr)  # constant (paper)
+        lifecycle.set_lr(optimizer, args.lr)  # constant (paper)
         rows_all = range(k * rows_per_step, (k + 1) * rows_per_step)
-        normalizer = common.global_token_count(mask[rows_all.start:rows_all.stop]) / d.world_size
+        normalizer = lifecycle.global_token_count(mask[rows_all.start:rows_all.stop]) / d.world_size
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         starts = list(range(rows_all.start, rows_all.stop, args.micro_batch))
@@ -722,7 +723,7 @@ def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, o
         step += 1
         # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
         records.append({"step": step, "stage": "tapo", "lr": args.lr, "grad_norm": grad_norm, **guard.stats(),
-                        **{f"loss/{n}": v for n, v in common.mean_over_ranks(sums).items()}})
+                        **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
 
     parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
     metrics = {"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
@@ -756,8 +757,8 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
-    log = common.MetricsLog(sft_out, args.wandb, vars(args))
-    common.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
+    log = lifecycle.MetricsLog(sft_out, args.wandb, vars(args))
+    lifecycle.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
     per_rank = args.sft_batch // d.world_size
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
@@ -767,20 +768,20 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
     optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
-    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start = common.resume(sft_out, model, optimizer, log)["step"]  # the same command continues from sft/latest
+    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    start = lifecycle.resume(sft_out, model, optimizer, log)["step"]  # the same command continues from sft/latest
     common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
                   f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
                   f"vision {'trained' if args.sft_train_vision else 'frozen'}")
-    timer = common.PhaseTimer()
+    timer = lifecycle.PhaseTimer()
     if eval_sets and start == 0:  # the starting model: the baseline of the whole pipeline
         with timer("eval"):
             log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, 0)})
     for step in range(start, total_steps):
         t0 = time.perf_counter()
-        lr = common.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
+        lr = lifecycle.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
                           warmup_steps=args.sft_warmup)
-        common.set_lr(optimizer, lr)
+        lifecycle.set_lr(optimizer, lr)
         # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
         positions = range(step * args.sft_batch + d.rank, (step + 1) * args.sft_batch, d.world_size)
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
@@ -804,8 +805,8 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
                 optimizer.zero_grad(set_to_none=True)
         common.grad_sync(model, True)
         record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
-                  **common.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
-                  **common.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
+                  **lifecycle.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
+                  **lifecycle.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
         done = step + 1 == total_steps
         if step == start or done or (step + 1) % max(1, total_steps // 10) == 0:  # every step is in metrics.jsonl
             common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
@@ -816,11 +817,11 @@ def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> s
             record.update(timer.pop())
         log.log(record)
         if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
-            common.save_checkpoint(sft_out, step + 1, model, optimizer,
+            lifecycle.save_checkpoint(sft_out, step + 1, model, optimizer,
                                    {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
             guard.stop(sft_out)
-    common.export_hf(model, processor, final, dtype=args.export_dtype)
+    lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
     del model, optimizer
     release_memory()
@@ -839,7 +840,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         common.print0(f"stage tapo: {final} exists, skipped")
         return final
     os.makedirs(tapo_out, exist_ok=True)
-    log = common.MetricsLog(tapo_out, args.wandb, vars(args))
+    log = lifecycle.MetricsLog(tapo_out, args.wandb, vars(args))
     sft_final = os.path.join(out, "sft", "final")
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
     check_tapo_batches(args, d.world_size)
@@ -862,11 +863,11 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
     model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                               param_dtype=args.precision.fsdp_param_dtype)
     optimizer, _ = make_optimizer(model, args.lr, args.weight_decay)
-    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     start_batch, cursor, step = 0, 0, 0
-    ckpt = common.latest_checkpoint(tapo_out)
+    ckpt = lifecycle.latest_checkpoint(tapo_out)
     if ckpt:
-        state = common.load_checkpoint(ckpt, model, optimizer)
+        state = lifecycle.load_checkpoint(ckpt, model, optimizer)
         start_batch, cursor, step = state["batch"], state["cursor"], state["step"]
         common.print0(f"stage tapo: resumed from {ckpt} at rollout batch {start_batch} (step {step}, data "
                       f"position {cursor})")
@@ -876,7 +877,7 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                   f"responses, {steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} "
                   f"negatives")
 
-    timer = common.PhaseTimer()
+    timer = lifecycle.PhaseTimer()
     if eval_sets and first_stage and start_batch == 0:  # run alone: the starting model is the baseline
         with timer("eval"):
             log.log({"step": 0, "stage": "tapo", **evaluate_all(model, processor, eval_sets, args, tapo_out, 0)})
@@ -886,8 +887,8 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
                                                            processor, train, by_class, negatives, args, d, guard,
                                                            timer)
         # the rollout batch's metrics go with its last optimizer step
-        record = {**records[-1], "rollout_batch": batch_idx + 1, **common.mean_over_ranks(metrics),
-                  **common.mean_over_ranks(timer.pop()), "time/rollout_batch": time.perf_counter() - t_batch}
+        record = {**records[-1], "rollout_batch": batch_idx + 1, **lifecycle.mean_over_ranks(metrics),
+                  **lifecycle.mean_over_ranks(timer.pop()), "time/rollout_batch": time.perf_counter() - t_batch}
         for r in records[:-1]:
             log.log(r)
         if args.log_completions and d.is_main:
@@ -908,13 +909,13 @@ def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool)
         log.log(record)
         if done or guard.exhausted or (args.save_every and step // args.save_every
                                        > (step - len(records)) // args.save_every):
-            common.save_checkpoint(tapo_out, step, model, optimizer,
+            lifecycle.save_checkpoint(tapo_out, step, model, optimizer,
                                    {"stage": "tapo", "batch": batch_idx + 1, "cursor": cursor})
         if guard.exhausted:  # --max-nonfinite skipped steps in a row (the rest of this rollout batch is dropped)
             guard.stop(tapo_out)
         if done:
             break
-    common.export_hf(model, processor, final, dtype=args.export_dtype)
+    lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     del model, optimizer
     release_memory()
@@ -1025,7 +1026,7 @@ TOY = dict(
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
                                             "recognition with Qwen2.5-VL")
-    common.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
+    lifecycle.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
     p.set_defaults(model=None, group_size=None, min_pixels=None, max_pixels=None)  # filled by PAPER / TOY
     p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
                    help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
@@ -1148,7 +1149,7 @@ def parse_args(argv=None):
         raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
     args.reward_weights = parse_reward_weights(args.rewards)
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    common.check_system_flags(args)
+    lifecycle.check_system_flags(args)
     return args
 
 
@@ -1157,8 +1158,8 @@ def check_tapo_batches(args, world_size: int):
     `--stage all` run never trains CoT SFT for hours and then stops here)."""
     for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
                     ("--prompts-per-step", args.prompts_per_step)):
-        common.require_divisible(what, n, world_size, "the number of ranks")
-    common.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
+        lifecycle.require_divisible(what, n, world_size, "the number of ranks")
+    lifecycle.require_divisible("--rollout-batch", args.rollout_batch, args.prompts_per_step, "--prompts-per-step")
     if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
         raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
                          f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
@@ -1173,10 +1174,10 @@ def main(argv=None):
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
     # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
     if "sft" in stages:
-        common.require_divisible("--sft-batch", args.sft_batch, common.launched_world_size(), "the number of ranks")
+        lifecycle.require_divisible("--sft-batch", args.sft_batch, lifecycle.launched_world_size(), "the number of ranks")
     if "tapo" in stages:
-        check_tapo_batches(args, common.launched_world_size())
-    d, out = common.setup_run(args, default_out=common.default_run_dir("fine_r1", args.data))
+        check_tapo_batches(args, lifecycle.launched_world_size())
+    d, out = lifecycle.setup_run(args, default_out=lifecycle.default_run_dir("fine_r1", args.data))
     if args.preset_filled:
         common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for the {len(args.preset_filled)} flags left "
                       f"unset (their values: {os.path.join(out, 'config.json')})")
@@ -1188,7 +1189,7 @@ def main(argv=None):
         run_sft(args, d, out, cot_path, eval_sets)
     if "tapo" in stages:
         run_tapo(args, d, out, eval_sets, first_stage=stages[0] == "tapo")
-    common.print_eval_summary([os.path.join(out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
+    lifecycle.print_eval_summary([os.path.join(out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
     return out
 
@@ -1302,4 +1303,4 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    lifecycle.run_script(main)

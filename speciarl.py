@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import lifecycle
 import data
 import judges
 import memory
@@ -113,7 +114,7 @@ def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_error
 def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
     """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
     judge cache intact, and a stop with one message; the same command resumes."""
-    common.save_checkpoint(out, step, model, optimizer, {"data_step": step, "eval_pending": eval_pending})
+    lifecycle.save_checkpoint(out, step, model, optimizer, {"data_step": step, "eval_pending": eval_pending})
     raise SystemExit(f"{reason}. Checkpoint saved after step {step}, judged pairs kept in {out}/judge_cache.jsonl: "
                      f"rerun the same command to resume")
 
@@ -246,7 +247,7 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
 # =====================================================================================================================
 
 def train_step(step: int, images: list[data.Example], model, ref, optimizer, proc, judge, args, d: common.Dist,
-               guard: common.NonFiniteGuard, timer: common.PhaseTimer, total_steps: int, out: str) -> tuple[dict, dict]:
+               guard: lifecycle.NonFiniteGuard, timer: lifecycle.PhaseTimer, total_steps: int, out: str) -> tuple[dict, dict]:
     """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank). Returns (the step's metrics
     over all ranks, the judged rollouts for <out>/rollouts.jsonl)."""
     t_step, G = time.perf_counter(), args.group_size
@@ -290,13 +291,13 @@ def train_step(step: int, images: list[data.Example], model, ref, optimizer, pro
 
 
 def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
-                  first_opt_step: int, total_opt_steps: int, guard: common.NonFiniteGuard | None = None) -> Counter:
+                  first_opt_step: int, total_opt_steps: int, guard: lifecycle.NonFiniteGuard | None = None) -> Counter:
     """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
     optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
     tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
     backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
     the loss statistics (and the mean gradient norm) for logging. With a `guard`, a mini-batch whose loss or gradient
-    norm is not finite skips its optimizer step (common.NonFiniteGuard)."""
+    norm is not finite skips its optimizer step (lifecycle.NonFiniteGuard)."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     step = first_opt_step // args.minibatches + 1  # the rollout step, as logged
     device = next(common.unwrap(model).parameters()).device
@@ -304,8 +305,8 @@ def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, ol
     sums = Counter()
     for mb in range(args.minibatches):
         rows = list(range(mb * rows_per_minibatch, (mb + 1) * rows_per_minibatch))
-        tokens = common.global_token_count(mask[rows])  # all ranks, before any backward
-        common.set_lr(optimizer, common.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
+        tokens = lifecycle.global_token_count(mask[rows])  # all ranks, before any backward
+        lifecycle.set_lr(optimizer, lifecycle.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
                                               total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         minibatch_loss = 0.0
@@ -525,7 +526,7 @@ TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, l
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, model=None, group_size=None)
+    lifecycle.add_common_args(parser, model=None, group_size=None)
     g = parser.add_argument_group("SpeciaRL: data, prompt, verifier, reward")
     g.add_argument("--train-size", type=int, default=3000,
                    help="random training images drawn once with --seed (paper: 3000 of CUB train, seed 42)")
@@ -600,16 +601,16 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    common.check_system_flags(args)
+    lifecycle.check_system_flags(args)
     return args
 
 
 def check_batches(args, world: int) -> tuple[int, int]:
     """(images per rank, images per rank and mini-batch), refused at start when the batch arithmetic does not divide
     (the paper's 256 images in 2 mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
-    common.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
+    lifecycle.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
     prompts_per_rank = args.rollout_prompts // world
-    common.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
+    lifecycle.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
                              "--minibatches")
     return prompts_per_rank, prompts_per_rank // args.minibatches
 
@@ -620,8 +621,8 @@ def check_batches(args, world: int) -> tuple[int, int]:
 
 def main(argv=None):
     args = parse_args(argv)
-    prompts_per_rank, _ = check_batches(args, common.launched_world_size())  # before the process group
-    d, out = common.setup_run(args, common.default_run_dir("speciarl", args.data))
+    prompts_per_rank, _ = check_batches(args, lifecycle.launched_world_size())  # before the process group
+    d, out = lifecycle.setup_run(args, lifecycle.default_run_dir("speciarl", args.data))
 
     # data: a fixed random subset of the training split; evaluation on a test split
     train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
@@ -642,7 +643,7 @@ def main(argv=None):
 
     # models, verifier, log
     model, proc, optimizer, ref = build_models(args, d, prompts_per_rank)  # after the memory estimate per GPU
-    guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
     cache = os.path.join(out, "judge_cache.jsonl")  # one append-only file per run, shared by the ranks
     server = dict(concurrency=args.judge_concurrency, max_tokens=args.judge_max_tokens,
                   thinking=bool(args.judge_thinking))
@@ -652,9 +653,9 @@ def main(argv=None):
         eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
             judges.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
                              **server)
-    log = common.MetricsLog(out, args.wandb, vars(args))
-    timer = common.PhaseTimer()
-    state = common.resume(out, model, optimizer, log)
+    log = lifecycle.MetricsLog(out, args.wandb, vars(args))
+    timer = lifecycle.PhaseTimer()
+    state = lifecycle.resume(out, model, optimizer, log)
     start = state["step"]  # the data order is a function of the step
     if d.rank == 0:
         common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
@@ -668,7 +669,7 @@ def main(argv=None):
                                     guard, timer, total_steps, out)
         step_time = time.perf_counter() - t_step
         record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop(),
-                       **common.mean_over_ranks(judge.stats())})
+                       **lifecycle.mean_over_ranks(judge.stats())})
         log.log(record)
         log_rollouts(out, step + 1, judged, args.log_rollouts)
         common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
@@ -677,17 +678,17 @@ def main(argv=None):
                       f"{record['judge_error_rate']:.3f} kl {record['kl']:.4f} "
                       f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
         if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
-            common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
+            lifecycle.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
             guard.stop(out)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log, optimizer=optimizer)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
             with timer("checkpoint"):
-                common.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
+                lifecycle.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
 
     # export: adapters merged into plain weights, a standard Hugging Face directory
-    common.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
-    common.print_eval_summary([os.path.join(out, "metrics.jsonl")],
+    lifecycle.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
+    lifecycle.print_eval_summary([os.path.join(out, "metrics.jsonl")],
                               ["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
     common.print0(f"final model: {os.path.join(out, 'final')}")
     common.cleanup_distributed()
@@ -770,4 +771,4 @@ def log_rollouts(out: str, step: int, judged: dict, k: int):
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    lifecycle.run_script(main)

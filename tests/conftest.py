@@ -12,10 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import lifecycle
 import data  # noqa: E402
 
 torch.set_num_threads(2)
-os.environ["OMP_NUM_THREADS"] = "2"  # what the scripts' mains then keep (common.configure_threads), for stable numbers
+os.environ["OMP_NUM_THREADS"] = "2"  # what the scripts' mains then keep (lifecycle.configure_threads), for stable numbers
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import lifecycle
 import data  # noqa: E402
 
 torch.set_num_threads(1)
@@ -54,7 +55,7 @@ def main(d: common.Dist, mode: str, parallel: str, out: str):
         loss = policy_loss(model, wrapped, proc, pad, prompts, mine)
         loss.backward()
         opt.step()
-        sd = common.full_state_dict(wrapped)
+        sd = lifecycle.full_state_dict(wrapped)
         if d.is_main:
             save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "params.safetensors"))
         # sampling on the wrapped (possibly sharded) model: parameters gathered once for the whole rollout
@@ -64,7 +65,7 @@ def main(d: common.Dist, mode: str, parallel: str, out: str):
         # the sharded model still trains after sampling
         loss = policy_loss(model, wrapped, proc, pad, prompts, mine)
         loss.backward()
-        common.export_hf(wrapped, proc, os.path.join(out, "export"), dtype="fp32")
+        lifecycle.export_hf(wrapped, proc, os.path.join(out, "export"), dtype="fp32")
         if d.is_main:
             open(os.path.join(out, "ok"), "w").write("ok")
     elif mode == "train":
@@ -73,9 +74,9 @@ def main(d: common.Dist, mode: str, parallel: str, out: str):
         wrapped = common.wrap_model(model, d, parallel)
         opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
         start = 0
-        ckpt = common.latest_checkpoint(out)
+        ckpt = lifecycle.latest_checkpoint(out)
         if ckpt:
-            start = common.load_checkpoint(ckpt, wrapped, opt)["step"]
+            start = lifecycle.load_checkpoint(ckpt, wrapped, opt)["step"]
         prompts_all = [common.encode_prompt(proc, e.image, "Classify the image.") for e in test.examples[:8]]
         for step in range(start, total):
             pick = torch.randint(0, 8, (2,)).tolist()  # the global RNG drives the data: restoring it matters
@@ -86,10 +87,10 @@ def main(d: common.Dist, mode: str, parallel: str, out: str):
             loss.backward()
             opt.step()
             if (step + 1) % 2 == 0:
-                common.save_checkpoint(out, step + 1, wrapped, opt, {"note": "test"})
+                lifecycle.save_checkpoint(out, step + 1, wrapped, opt, {"note": "test"})
             if stop and step + 1 == stop:
                 return  # stops here, as a killed run would (its last checkpoint: the last even step)
-        sd = common.full_state_dict(wrapped)
+        sd = lifecycle.full_state_dict(wrapped)
         if d.is_main:
             save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "final.safetensors"))
 

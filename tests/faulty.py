@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import lifecycle
 
 LOSSES = {"dive_k": "grpo_loss", "speciarl": "speciarl_loss", "fine_r1": "tapo_loss"}
 
@@ -30,7 +31,7 @@ def main():
     spec = " ".join(sys.argv[1:split])
     done = {"steps": 0}  # optimizer steps finished: each method clips its gradients once per optimizer step
 
-    resume_at, clip_gradients = common.MetricsLog.resume_at, common.clip_gradients
+    resume_at, clip_gradients = lifecycle.MetricsLog.resume_at, common.clip_gradients
 
     def resume_and_count(self, step):
         done["steps"] = step
@@ -39,7 +40,7 @@ def main():
     def clip_and_count(*a, **k):
         done["steps"] += 1
         return clip_gradients(*a, **k)
-    common.MetricsLog.resume_at, common.clip_gradients = resume_and_count, clip_and_count
+    lifecycle.MetricsLog.resume_at, common.clip_gradients = resume_and_count, clip_and_count
 
     def faulty(loss_fn):
         def wrapped(*a, **k):
@@ -59,7 +60,7 @@ def main():
     method = importlib.import_module(name)
     setattr(method, LOSSES[name], faulty(getattr(method, LOSSES[name])))
     sys.argv = [script, *args]
-    common.run_script(method.main)
+    lifecycle.run_script(method.main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import lifecycle
 
 torch.set_num_threads(1)
 mode, out = sys.argv[1:3]
@@ -31,7 +32,7 @@ if mode == "save-kill":
         optimizer.step()
 
     train_step()
-    common.save_checkpoint(out, 1, model, optimizer, {"note": "step one"})
+    lifecycle.save_checkpoint(out, 1, model, optimizer, {"note": "step one"})
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, "params_step1.pt"))
     train_step()
     publish = os.replace
@@ -41,12 +42,12 @@ if mode == "save-kill":
             os.kill(os.getpid(), signal.SIGKILL)
         return publish(src, dst)
 
-    os.replace = replace_or_die  # common.save_checkpoint calls os.replace to publish the folder
-    common.save_checkpoint(out, 2, model, optimizer, {"note": "step two"})
+    os.replace = replace_or_die  # lifecycle.save_checkpoint calls os.replace to publish the folder
+    lifecycle.save_checkpoint(out, 2, model, optimizer, {"note": "step two"})
     print("not reached: the process was to be killed while writing the checkpoint")
 elif mode == "guard":
     d = common.init_distributed()
-    guard = common.NonFiniteGuard(limit=3, device=d.device)
+    guard = lifecycle.NonFiniteGuard(limit=3, device=d.device)
     nan, inf = float("nan"), float("inf")
     losses = {1: 1.0, 2: nan if d.rank == 1 else 1.0, 3: 1.0, 4: inf if d.rank == 0 else 1.0, 5: 1.0}
     decisions = [guard.check(step, loss=loss, grad_norm=torch.tensor(0.5)) for step, loss in losses.items()]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, torchrun
 
 import common
+import lifecycle
 import memory
 
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -58,7 +59,7 @@ def test_resume_reaches_same_parameters(parallel, tmp_path, tiny):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     torchrun([WORKER, "train", parallel, full, "6", "0"])
     torchrun([WORKER, "train", parallel, resumed, "6", "3"])  # stops after step 3 (last checkpoint: step 2)
-    assert common.latest_checkpoint(resumed).endswith("ckpt_0000002")
+    assert lifecycle.latest_checkpoint(resumed).endswith("ckpt_0000002")
     torchrun([WORKER, "train", parallel, resumed, "6", "0"])  # same command again: resumes from step 2
     a = load_file(os.path.join(full, "final.safetensors"))
     b = load_file(os.path.join(resumed, "final.safetensors"))

@@ -7,6 +7,7 @@ import os
 import torch
 
 import common
+import lifecycle
 import judges
 import speciarl
 import tiny
@@ -20,7 +21,7 @@ def _inputs(proc, images, text="Classify the image."):
 def test_save_reload_identical(tiny, toy_test, tmp_path):
     model, proc = tiny
     path = str(tmp_path / "export")
-    common.export_hf(model, proc, path, dtype="fp32")  # an exact copy
+    lifecycle.export_hf(model, proc, path, dtype="fp32")  # an exact copy
     assert os.path.exists(os.path.join(path, "model.safetensors"))
     model2, proc2 = common.load_model(path, device=torch.device("cpu"))
     model2.eval()
@@ -84,7 +85,7 @@ def test_export_is_a_hub_checkpoint_that_plain_transformers_reads(tiny, toy_test
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     model, proc = tiny
     path = str(tmp_path / "final")
-    common.export_hf(model, proc, path)
+    lifecycle.export_hf(model, proc, path)
     assert set(os.listdir(path)) == HUB_FILES
     umask = os.umask(0)
     os.umask(umask)
@@ -133,7 +134,7 @@ def test_tied_embeddings_are_exported_once(tiny, toy_test, tmp_path):
     tied = Qwen2_5_VLForConditionalGeneration(config).eval()
     assert tied.lm_head.weight is tied.model.language_model.embed_tokens.weight
     path = str(tmp_path / "tied")
-    common.export_hf(tied, proc, path, dtype="fp32")
+    lifecycle.export_hf(tied, proc, path, dtype="fp32")
     names = set(load_file(os.path.join(path, "model.safetensors")))
     assert "lm_head.weight" not in names and len(names) == len(tied.state_dict()) - 1
     again, _ = common.load_model(path, device=torch.device("cpu"))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import torchrun
 
 import common
+import lifecycle
 
 # 13 training images mined 3 at a time: 7 on rank 0, 6 on rank 1 (3 and 2 sampling calls: uneven on purpose)
 ARGS = ["dive_k.py", "--data", "toy", "--export-dtype", "fp32",
@@ -88,7 +89,7 @@ def test_ddp_and_fsdp_agree_on_the_first_step(runs):
 def test_resume_reaches_the_same_parameters(runs, tmp_path):
     out = str(tmp_path / "resumed")
     torchrun(ARGS + ["--parallel", "fsdp", "--max-steps", "1", "--out", out])  # "killed" after step 1
-    assert common.latest_checkpoint(out).endswith("ckpt_0000001")
+    assert lifecycle.latest_checkpoint(out).endswith("ckpt_0000001")
     torchrun(ARGS + ["--parallel", "fsdp", "--max-steps", "2", "--out", out])  # same run, continued
     resumed, full = metrics(out), metrics(runs["fsdp"])
     assert [r["step"] for r in resumed if "reward" in r] == [1, 2]

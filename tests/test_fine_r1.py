@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import lifecycle
 import data
 import fine_r1
 import judges
@@ -282,7 +283,7 @@ def test_dynamic_sampling_keeps_a_round_in_which_no_group_passes_whole():
 
 def test_sft_warm_up_starts_at_zero_like_the_hf_schedule():
     """Fine-R1's SFT (LLaMA-Factory / HF Trainer): cosine with 6 warm-up steps; the first step's rate is 0."""
-    lrs = [common.lr_at(s, base_lr=5e-6, total_steps=70, schedule="cosine", warmup_steps=6) for s in range(8)]
+    lrs = [lifecycle.lr_at(s, base_lr=5e-6, total_steps=70, schedule="cosine", warmup_steps=6) for s in range(8)]
     assert lrs[0] == 0.0 and lrs[3] == pytest.approx(2.5e-6) and lrs[6] == pytest.approx(5e-6)
     assert lrs[7] == pytest.approx(5e-6 * 0.5 * (1 + math.cos(math.pi / 64)))
 
@@ -571,7 +572,7 @@ def test_tapo_checkpoint_resume_continues_the_data_and_the_steps(tmp_path):
     fine_r1.main(flags + ["--max-steps", "1"])
 
     def state():
-        return json.load(open(os.path.join(common.latest_checkpoint(os.path.join(out, "tapo")), "state.json")))
+        return json.load(open(os.path.join(lifecycle.latest_checkpoint(os.path.join(out, "tapo")), "state.json")))
     assert (state()["step"], state()["batch"], state()["cursor"]) == (1, 1, 1)
     shutil.rmtree(os.path.join(out, "final"))
     fine_r1.main(flags + ["--max-steps", "2"])

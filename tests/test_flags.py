@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 import common
+import lifecycle
 import dive_k
 import eval as ev
 import fine_r1
@@ -84,10 +85,10 @@ def test_eval_every_zero_means_never_and_freeze_vision_takes_a_value():
 
 
 def test_output_paths_follow_one_rule():
-    assert common.default_run_dir("dive_k", "toy") == "runs/dive_k_toy"
-    assert common.default_run_dir("speciarl", "cub") == "runs/speciarl_cub"
-    assert common.default_run_dir("fine_r1", "/data/birds/{split}.jsonl") == "runs/fine_r1_all"
-    assert common.default_run_dir("eval", "my_set.jsonl") == "runs/eval_my_set"
+    assert lifecycle.default_run_dir("dive_k", "toy") == "runs/dive_k_toy"
+    assert lifecycle.default_run_dir("speciarl", "cub") == "runs/speciarl_cub"
+    assert lifecycle.default_run_dir("fine_r1", "/data/birds/{split}.jsonl") == "runs/fine_r1_all"
+    assert lifecycle.default_run_dir("eval", "my_set.jsonl") == "runs/eval_my_set"
     assert common.eval_dir("runs/x", 30, "base") == "runs/x/eval/step_0000030/base"
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import lifecycle
 import data
 import memory
 import tiny
@@ -50,7 +51,7 @@ def read_jsonl(path):
 
 def tree_bytes(root, skip=("config.json", "config_history.jsonl", ".lock")):
     """Every file under root -> its bytes (to show that a failed start damaged nothing). The two config files and the
-    lock are left out: common.setup_run locks the directory and records every start's command there, before the
+    lock are left out: lifecycle.setup_run locks the directory and records every start's command there, before the
     inputs are read."""
     out = {}
     for folder, _, files in os.walk(root):
@@ -76,7 +77,7 @@ def previous_run(out):
 # ----- units: the fault hook, the guard, the memory arithmetic, divisibility, JSONL repair -----
 
 def test_nonfinite_guard_skips_counts_resets_and_stops(tmp_path, capsys):
-    guard = common.NonFiniteGuard(limit=2)
+    guard = lifecycle.NonFiniteGuard(limit=2)
     assert guard.check(1, loss=0.5, grad_norm=torch.tensor(1.0))
     assert not guard.check(2, loss=float("nan"), grad_norm=1.0)
     assert guard.stats() == {"nonfinite/skipped": 1, "nonfinite/in_a_row": 1} and not guard.exhausted
@@ -92,7 +93,7 @@ def test_nonfinite_guard_skips_counts_resets_and_stops(tmp_path, capsys):
     (tmp_path / "latest").write_text("ckpt_0000005\n")
     with pytest.raises(SystemExit, match=f"2 optimizer steps in a row .* saved in {tmp_path}/ckpt_0000005"):
         guard.stop(str(tmp_path))
-    never = common.NonFiniteGuard(limit=0)
+    never = lifecycle.NonFiniteGuard(limit=0)
     for step in range(10):
         never.check(step, loss=float("nan"))
     assert never.skipped == 10 and not never.exhausted
@@ -178,16 +179,16 @@ def test_memory_budget_against_a_hand_count(tiny, capsys):
 
 
 def test_require_divisible_refuses_with_the_numbers_and_a_suggestion():
-    common.require_divisible("--prompts-per-step", 8, 2, "the number of ranks")
+    lifecycle.require_divisible("--prompts-per-step", 8, 2, "the number of ranks")
     with pytest.raises(SystemExit, match=r"--prompts-per-step = 7 is not divisible by the number of ranks = 2\. "
                                          r"Use a multiple of 2, e.g\. 6 or 8\."):
-        common.require_divisible("--prompts-per-step", 7, 2, "the number of ranks")
+        lifecycle.require_divisible("--prompts-per-step", 7, 2, "the number of ranks")
     with pytest.raises(SystemExit, match=r"= 1 is not divisible by .* = 4\. Use a multiple of 4, e\.g\. 4\."):
-        common.require_divisible("--rollout-prompts", 1, 4, "the number of ranks")
+        lifecycle.require_divisible("--rollout-prompts", 1, 4, "the number of ranks")
     with pytest.raises(SystemExit, match=r"--prompts-per-step = 0: must be a positive multiple"):
-        common.require_divisible("--prompts-per-step", 0, 2, "the number of ranks")
+        lifecycle.require_divisible("--prompts-per-step", 0, 2, "the number of ranks")
     with pytest.raises(SystemExit, match=r"--minibatches = 0: must be at least 1"):
-        common.require_divisible("images per rank", 4, 0, "--minibatches")
+        lifecycle.require_divisible("images per rank", 4, 0, "--minibatches")
 
 
 def test_repair_jsonl_tail(tmp_path):
@@ -206,12 +207,12 @@ def test_repair_jsonl_tail(tmp_path):
 
 def test_a_restart_with_other_settings_is_recorded_and_named(tmp_path, capsys):
     out = str(tmp_path)
-    common.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})
-    common.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})  # the same command again: silent
+    lifecycle.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})
+    lifecycle.write_run_config(out, {"lr": 1e-6, "steps": 10, "tags": ("a", "b")})  # the same command again: silent
     assert "changed" not in capsys.readouterr().out
     with open(os.path.join(out, "config_history.jsonl"), "a") as f:
         f.write('{"started": "cut')  # a kill while the history was written
-    common.write_run_config(out, {"lr": 2e-6, "steps": 10, "tags": ("a", "b"), "eval_every": 5})
+    lifecycle.write_run_config(out, {"lr": 2e-6, "steps": 10, "tags": ("a", "b"), "eval_every": 5})
     said = capsys.readouterr().out
     assert "changed: eval_every None -> 5, lr 1e-06 -> 2e-06" in said and "steps" not in said
     assert json.load(open(os.path.join(out, "config.json"))) == {"lr": 2e-6, "steps": 10, "tags": ["a", "b"],
@@ -229,18 +230,18 @@ def test_kill_while_writing_a_checkpoint_leaves_latest_usable_and_the_tmp_is_cle
     half = out / "ckpt_0000002.tmp"
     assert half.is_dir() and any(half.iterdir())  # the step-2 shards were being written
     assert (out / "latest").read_text().strip() == "ckpt_0000001"
-    assert common.latest_checkpoint(str(out)) == str(out / "ckpt_0000001")  # the .tmp is never read
+    assert lifecycle.latest_checkpoint(str(out)) == str(out / "ckpt_0000001")  # the .tmp is never read
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    state = common.load_checkpoint(common.latest_checkpoint(str(out)), model, optimizer)
+    state = lifecycle.load_checkpoint(lifecycle.latest_checkpoint(str(out)), model, optimizer)
     assert state == {"step": 1, "note": "step one"}
     step1 = torch.load(out / "params_step1.pt", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, step1[k]), k
     (out / "ckpt_0000009.tmp").mkdir()  # a stale half-written folder of another step
-    common.save_checkpoint(str(out), 2, model, optimizer, {"note": "again"})  # the next save cleans both
+    lifecycle.save_checkpoint(str(out), 2, model, optimizer, {"note": "again"})  # the next save cleans both
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt_")) == ["ckpt_0000001", "ckpt_0000002"]
-    assert common.latest_checkpoint(str(out)) == str(out / "ckpt_0000002")
+    assert lifecycle.latest_checkpoint(str(out)) == str(out / "ckpt_0000002")
 
 
 def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny, tmp_path):
@@ -258,7 +259,7 @@ def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny
         f.write(json.dumps(cached[2])[:60])
     model, processor = tiny
     kept = dive_k.mine_offline(model, processor, train, train.split_class_names, args, common.Dist(), str(tmp_path),
-                               common.MetricsLog(str(tmp_path)))
+                               lifecycle.MetricsLog(str(tmp_path)))
     records = read_jsonl(tmp_path / "mcq.jsonl")  # every line parses (the new records did not glue onto the cut one)
     assert [r["id"] for r in records] == [ex.id for ex in train.examples]  # all four, in dataset order
     assert records[:2] == cached[:2]  # the cached questions were reused, not mined again
@@ -465,7 +466,7 @@ def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):
     output = proc.stdout + proc.stderr
     assert "RuntimeError: injected fault (raise 1 rank=1) at step 1 on rank 1" in output
     assert re.search(r"Root Cause \(first observed failure\):.*?rank\s*: 1 \(local_rank: 1\)", output, re.S), output
-    assert not os.path.exists(os.path.join(out, "final")) and common.latest_checkpoint(out) is None
+    assert not os.path.exists(os.path.join(out, "final")) and lifecycle.latest_checkpoint(out) is None
     print(f"the 2-rank job went down {elapsed:.1f}s after its start")
 
 
@@ -546,7 +547,7 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     proc = run_entry([FAULTY, "kill", "3", "--", *FINE_R1_TAPO, "--out", killed])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "faulty.py: injecting kill at step 3 on rank 0" in proc.stderr
-    assert common.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
+    assert lifecycle.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
     assert not os.path.exists(os.path.join(killed, "final"))
     with open(os.path.join(killed, "tapo", "metrics.jsonl"), "a") as f:
         f.write('{"step": 3, "stage": "tapo", "stale": true}\n')  # a step logged after the last checkpoint ...
@@ -572,21 +573,21 @@ def test_run_directory_is_locked_and_the_log_keeps_each_step_once(tmp_path):
     """A second run on the same --out stops at once naming the first one's pid; resuming drops the records of the
     steps it redoes (those after the checkpoint's step; all of them when it starts over)."""
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; common.make_run_dir(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; lifecycle.make_run_dir(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(60)", out],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=rf"--out {re.escape(out)} is in use by another run \(pid {holder.pid}\)"):
-            common.make_run_dir(out)
+            lifecycle.make_run_dir(out)
     finally:
         holder.kill()
         holder.wait()
-    common.make_run_dir(out)  # the kernel released the dead holder's lock
-    common.make_run_dir(out)  # and this process may enter its own directory again
+    lifecycle.make_run_dir(out)  # the kernel released the dead holder's lock
+    lifecycle.make_run_dir(out)  # and this process may enter its own directory again
     with pytest.raises(SystemExit, match="is a file; expected a run directory"):
-        common.make_run_dir(str(tmp_path / "run" / ".lock"))
-    log = common.MetricsLog(out)
+        lifecycle.make_run_dir(str(tmp_path / "run" / ".lock"))
+    log = lifecycle.MetricsLog(out)
     for step in (0, 1, 2, 3, 4):
         log.log({"step": step, "loss": float(step)})
     log.resume_at(2)  # checkpoint at step 2: steps 3 and 4 are redone
@@ -595,12 +596,12 @@ def test_run_directory_is_locked_and_the_log_keeps_each_step_once(tmp_path):
     assert read_jsonl(log.path) == []
 
 
-@pytest.mark.parametrize("signame,note", [("SIGINT", "common.RESUME_NOTE"), ("SIGTERM", "common.RESUME_NOTE"),
+@pytest.mark.parametrize("signame,note", [("SIGINT", "lifecycle.RESUME_NOTE"), ("SIGTERM", "lifecycle.RESUME_NOTE"),
                                           ("SIGINT", "eval.INTERRUPTED")])  # eval.py keeps no checkpoint: says so
 def test_ctrl_c_and_sigterm_end_with_one_line(signame, note):
     code = ("import common, eval, sys, time\n"
             "def main():\n    print('running', flush=True)\n    time.sleep(60)\n"
-            f"common.run_script(main, {note})\n")
+            f"lifecycle.run_script(main, {note})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "running"
@@ -621,12 +622,12 @@ def test_a_full_disk_at_any_write_ends_with_one_line(error, capsys):
             raise exc
         return main
     with pytest.raises(SystemExit) as e:
-        common.run_script(fills(error))
+        lifecycle.run_script(fills(error))
     assert e.value.code == 1
-    assert capsys.readouterr().err.strip() == f"stopped (rank 0): the disk is full ({error}); {common.RESUME_NOTE} " \
+    assert capsys.readouterr().err.strip() == f"stopped (rank 0): the disk is full ({error}); {lifecycle.RESUME_NOTE} " \
                                               f"once there is space"
     with pytest.raises(RuntimeError, match="something else"):
-        common.run_script(fills(RuntimeError("something else")))
+        lifecycle.run_script(fills(RuntimeError("something else")))
 
 
 def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path,
@@ -637,18 +638,18 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_
     out = str(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        common.save_checkpoint(out, 1, model, optimizer, {})
-        common.load_checkpoint(common.latest_checkpoint(out), model, optimizer)
+        lifecycle.save_checkpoint(out, 1, model, optimizer, {})
+        lifecycle.load_checkpoint(lifecycle.latest_checkpoint(out), model, optimizer)
     assert not [w for w in caught if "torch.distributed" in str(w.message)]  # one process: no dcp warning
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(dcp, "save", full)
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(out, 2, model, optimizer, {})
+        lifecycle.save_checkpoint(out, 2, model, optimizer, {})
     assert "writing the checkpoint of step 2" in str(e.value.code) and "No space left on device" in str(e.value.code)
     assert f"previous checkpoint ({os.path.join(out, 'ckpt_0000001')}) is intact" in str(e.value.code)
-    assert common.latest_checkpoint(out).endswith("ckpt_0000001") and not os.path.exists(out + "/ckpt_0000002.tmp")
+    assert lifecycle.latest_checkpoint(out).endswith("ckpt_0000001") and not os.path.exists(out + "/ckpt_0000002.tmp")
 
 
 def test_a_run_prints_its_steps_in_order_and_ends_with_its_evaluations(tmp_path, capsys, one_thread):

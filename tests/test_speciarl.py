@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import lifecycle
 import data
 import judges
 import speciarl
@@ -230,7 +231,7 @@ def test_lora_merge_matches_adapters_and_export(lora_model, tiny, tmp_path):
     assert not any("lora" in k or ".base." in k for k in merged_sd)
     assert set(merged_sd) == set(base_model.state_dict())
     # the export is a plain Qwen2.5-VL directory whose logits equal the adapted model's
-    common.export_hf(model, proc, str(tmp_path / "final"), dtype="fp32")
+    lifecycle.export_hf(model, proc, str(tmp_path / "final"), dtype="fp32")
     reloaded, _ = common.load_model(str(tmp_path / "final"), device=torch.device("cpu"))
     with torch.no_grad():
         merged = reloaded(**inputs).logits

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import lifecycle
 import data
 import judges
 import speciarl  # noqa: E402
@@ -83,11 +84,11 @@ def worker(mode, case_path, out):
         wrapped = common.wrap_model(model, d, parallel)
         mine = list(range(N_PROMPTS))[d.rank::d.world_size]  # as speciarl.main shards a rollout batch
         run_update(wrapped, proc, case, mine)
-        sd = common.full_state_dict(wrapped)
+        sd = lifecycle.full_state_dict(wrapped)
         if d.is_main:
             results[parallel] = adapters(sd)
         # export from the wrapped (under FSDP2: sharded) LoRA model: merged plain weights
-        common.export_hf(wrapped, proc, os.path.join(out, f"export_{parallel}"), dtype="fp32")
+        lifecycle.export_hf(wrapped, proc, os.path.join(out, f"export_{parallel}"), dtype="fp32")
     if d.is_main:
         torch.save(results, os.path.join(out, "adapters.pt"))
     common.cleanup_distributed()
@@ -149,7 +150,7 @@ def test_ddp_run_and_resume(tmp_path):
     out = str(tmp_path / "ddp")
     torchrun(["speciarl.py", *RUN_FLAGS, "--parallel", "ddp", "--max-steps", "2", "--out", out])
     _check_run(out, 2)
-    assert common.latest_checkpoint(out).endswith("ckpt_0000002")
+    assert lifecycle.latest_checkpoint(out).endswith("ckpt_0000002")
     proc = torchrun(["speciarl.py", *RUN_FLAGS, "--parallel", "ddp", "--max-steps", "3", "--out", out])
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     _check_run(out, 3)

@@ -1,0 +1,952 @@
+"""
+lifecycle.py: the life of a training run, written once for the three methods (and each Fine-R1 stage).
+
+  Run          process group, the locked run directory, config.json, seeds; the policy loaded after the memory
+               estimate on its shapes; resume; the step loop's progress, logging, evaluation and save cadence, the
+               non-finite guard; export of <out>/final and the before -> after summary
+  rewards      one signature in every method, fn(completions, example) -> list[float], picked by --rewards
+  update       one optimizer step accumulated over micro-batches (the method's loss stays in the method file)
+  flags        the flags every script shares, declared once; the toy preset applied over the paper's defaults
+  checkpoints  atomic, sharded (torch.distributed.checkpoint), with every rank's RNG, and the hub export
+  robustness   NonFiniteGuard (NaN / inf steps skipped on every rank together), the run lock, Ctrl-C and a full
+               disk end a run with one line
+
+    run = lifecycle.Run(args, "dive_k")
+    model, processor, reference = run.load_policy(args.model, trainable=..., estimate=..., reference=args.beta > 0)
+    optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
+    start = run.resume(model, optimizer, evaluate)["step"]
+    for step in run.steps(start, total_steps):
+        ...                                                       # the method's step
+        run.end_step(step + 1, record, model, optimizer, {"data_position": ...}, evaluate)
+    run.finish(model, processor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+import memory
+from common import (DTYPES, Dist, _fsdp_modules, all_reduce_sum, barrier, cleanup_distributed, init_distributed,
+                    print0, progress_bar, read_jsonl, repair_jsonl_tail, seed_everything, unwrap)
+
+
+# =====================================================================================================================
+# 1. Rewards: one signature in every method
+# =====================================================================================================================
+
+def parse_rewards(spec: str, registry: dict[str, Callable]) -> dict[str, float]:
+    """--rewards "format,mcq=2" -> {"format": 1.0, "mcq": 2.0}: names from the method's REWARDS, weights default 1."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, weight = (s.strip() for s in item.partition("="))
+        if name not in registry:
+            raise SystemExit(f"--rewards {spec}: unknown reward {name!r}; known: {', '.join(sorted(registry))}")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise SystemExit(f"--rewards {spec}: the weight of {name} is {weight!r}, not a number") from None
+    if not weights:
+        raise SystemExit(f"--rewards {spec!r}: name at least one of {', '.join(sorted(registry))}")
+    return weights
+
+
+def group_rewards(registry: dict[str, Callable], weights: dict[str, float], completions: list[str],
+                  example: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One group's rewards: the weighted sum [G] and each named reward [G] (each function called once per group)."""
+    parts = {}
+    for name in weights:
+        values = registry[name](completions, example)
+        if len(values) != len(completions):
+            raise ValueError(f"reward {name!r} gave {len(values)} values for {len(completions)} completions")
+        parts[name] = torch.tensor(values, dtype=torch.float32)  # [G]
+    return sum(weight * parts[name] for name, weight in weights.items()), parts
+
+
+# =====================================================================================================================
+# 2. The update: one optimizer step over micro-batches
+# =====================================================================================================================
+
+def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Sequence, loss_of: Callable,
+           *, grad_clip: float, precision) -> tuple[float, Counter]:
+    """Gradient accumulation: `loss_of(rows)` -> (loss, stats) per micro-batch under the run's precision, DDP's
+    all-reduce on the last one only; the global norm clipped; the step taken unless the guard finds NaN / inf on any
+    rank. Returns (gradient norm, the summed stats and "loss" as 0-d tensors: no host read per micro-batch)."""
+    optimizer.zero_grad(set_to_none=True)
+    sums = Counter()
+    for k, rows in enumerate(micro_batches):
+        common.grad_sync(model, k == len(micro_batches) - 1)
+        with precision.context():
+            loss, stats = loss_of(rows)
+        loss.backward()
+        sums.update({**{name: value.detach() for name, value in stats.items()}, "loss": loss.detach()})
+    common.grad_sync(model, True)
+    grad_norm = common.clip_gradients([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if guard.check(step, loss=sums["loss"], grad_norm=grad_norm):
+        optimizer.step()
+    else:  # skipped: weights and optimizer state stay those of the last good step
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm, sums
+
+
+def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters, no weight decay on 1-D ones (norms, biases), as Hugging Face's Trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+# =====================================================================================================================
+# 3. The run
+# =====================================================================================================================
+
+class Run:
+    """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
+
+    def __init__(self, args, script: str, out: str | None = None, d: Dist | None = None):
+        self.args = args
+        if d is None:  # the process group, the locked run directory with config.json, seeds, threads
+            d, out = setup_run(args, default_run_dir(script, args.data))
+        self.d, self.out, self.script = d, out, script
+        os.makedirs(out, exist_ok=True)
+        self.log = MetricsLog(out, args.wandb, vars(args))
+        self.timer = PhaseTimer()
+        self.guard = NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+        self.last_step, self.total, self.bar, self.t_step = 0, 0, None, 0.0
+
+    def stage(self, name: str) -> Run:
+        """A stage with its own folder <out>/<name> (checkpoints, metrics.jsonl), in the same process group."""
+        return Run(self.args, f"{self.script} {name}", os.path.join(self.out, name), self.d)
+
+    def load_policy(self, path: str, *, trainable: Callable, estimate: Callable, reference: bool = False,
+                    trained_weights: bool = True, min_pixels: int | None = None, max_pixels: int | None = None):
+        """(policy, processor, frozen reference or None). First the memory estimate on the model's shapes alone
+        (`estimate(processor)` -> the method's memory.report_memory_budget arguments), which resolves --parallel auto
+        and stops a run that would not fit; `trainable(model)` freezes what does not train (or adds LoRA)."""
+        args, d = self.args, self.d
+        pixels = dict(min_pixels=args.min_pixels if min_pixels is None else min_pixels,
+                      max_pixels=args.max_pixels if max_pixels is None else max_pixels)
+        args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights)
+        shapes, processor = common.load_model(path, device=torch.device("meta"), dtype=args.precision.weights, **pixels)
+        trainable(shapes)
+        args.parallel = memory.report_memory_budget(
+            shapes, d, parallel=args.parallel, reference=reference, compute_dtype=args.precision.compute,
+            activation_checkpointing=bool(args.activation_checkpointing), check=bool(args.memory_check),
+            image_tokens=memory.image_tokens(processor), **estimate(processor))
+        args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights)
+        print0(f"precision: {args.precision}")
+        model, processor = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+        what = trainable(model)
+        n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
+                            for only in (True, False))
+        print0(f"trainable parameters: {n_trained:,} of {n_all:,} ({100 * n_trained / n_all:.2f}%)"
+               + (f"; {what}" if what else ""))
+        model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
+                           param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
+        ref = None
+        if reference:  # the policy's twin: same weights dtype, wrapping and compute, so the KL starts at 0 exactly
+            ref, _ = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+            ref.requires_grad_(False).eval()
+            if args.parallel == "fsdp":
+                ref = common.wrap_model(ref, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
+        return model, processor, ref
+
+    def resume(self, model, optimizer, evaluate: Callable | None = None) -> dict:
+        """The state of <out>/latest (model, optimizer and RNG restored) or {"step": 0}; a new run (or one whose
+        evaluation a stop cut short) evaluates first: the baseline of the run."""
+        state = resume(self.out, model, optimizer, self.log)
+        self.last_step = state["step"]
+        first = state["step"] == 0 and getattr(self.args, "initial_eval", True)
+        if evaluate is not None and self.args.eval_every and (first or state.get("eval_pending")):
+            with self.timer("eval"):
+                record = {"step": state["step"], **evaluate(state["step"])}
+            self.log.log({**record, **self.timer.pop()})
+        return state
+
+    def steps(self, start: int, total: int):
+        """The steps start .. total-1, with a progress bar on a terminal (rank 0)."""
+        self.total, self.last_step = total, start
+        self.bar = progress_bar(self.d.is_main, total=total, initial=start, desc=self.script)
+        for step in range(start, total):
+            self.t_step = time.perf_counter()
+            yield step
+        if self.bar is not None:
+            self.bar.close()
+
+    def due(self, every: int, step: int) -> bool:
+        """Whether a cadence of `every` steps falls in (last step, step], or the run ends at `step`."""
+        return step >= self.total or bool(every) and step // every > self.last_step // every
+
+    def end_step(self, step: int, record: dict, model, optimizer, state: dict, evaluate: Callable | None = None,
+                 shown: Sequence[str] = ()):
+        """Log the step (with the guard's counts and the phase times), evaluate and save on their cadence, show
+        progress; a streak of non-finite steps saves the last good weights and stops the run with a message."""
+        args = self.args
+        record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.timer.pop()),
+                  "time/step": time.perf_counter() - self.t_step}
+        if evaluate is not None and args.eval_every and self.due(args.eval_every, step):
+            with self.timer("eval"):
+                record.update(evaluate(step))
+            record.update(self.timer.pop())
+        self.log.log(record)
+        summary = "  ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in shown if k in record)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(summary)
+            self.bar.update(step - self.last_step)
+        elif step - self.last_step >= 1 and (self.last_step == 0 or step >= self.total
+                                               or self.due(max(1, self.total // 10), step)):
+            print0(f"{self.script} step {step}/{self.total}  {summary}  {record['time/step']:.1f}s")
+        if self.due(args.save_every, step) or self.guard.exhausted:
+            with self.timer("checkpoint"):
+                save_checkpoint(self.out, step, model, optimizer, state)
+        if self.guard.exhausted:  # --max-nonfinite steps in a row: stop with a message (checkpoint saved above)
+            self.guard.stop(self.out)
+        self.last_step = step
+
+    def finish(self, model, processor, path: str | None = None, keys: list[str] | None = None) -> str:
+        """Export the model to `path` (default <out>/final) and print the evaluations' first -> last."""
+        path = path or os.path.join(self.out, "final")
+        export_hf(model, processor, path, dtype=self.args.export_dtype)
+        print_eval_summary([os.path.join(self.out, "metrics.jsonl")], keys)
+        print0(f"{self.script}: done; model exported to {path}")
+        return path
+
+
+# =====================================================================================================================
+# 4. Flags every training script shares: declared once, each script's paper values passed at its call
+# =====================================================================================================================
+
+def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str, beta: float,
+                      max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int, weight_decay: float = 0.0,
+                      grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, warmup_steps: int = 0,
+                      eval_max_new_tokens: int | None = None, eval_batch: int = 8, eval_limit: int | None = None,
+                      log_completions: int = 2, max_steps: int | None = None):
+    """The model, data, system flags (add_common_args) and the training knobs, with the method's paper values as
+    defaults; `parse_flags` lays the toy preset over them for `--data toy`."""
+    add_common_args(parser, model=model, group_size=group_size, max_steps=max_steps)
+    g = parser.add_argument_group("training (shared by the three methods)")
+    g.add_argument("--train-limit", type=int, default=None, help="use at most this many training images (a seeded "
+                   "subset)")
+    g.add_argument("--rewards", default=rewards, help="NAME[=WEIGHT],... from the script's REWARDS registry, weights "
+                   "default 1 (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=temperature, help="rollout temperature (%(default)s)")
+    g.add_argument("--top-p", type=float, default=top_p, help="rollout nucleus sampling (%(default)s; 1 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="rollout length cap (%(default)s)")
+    g.add_argument("--micro-batch", type=int, default=micro_batch, help="completions per forward / backward "
+                   "(gradient accumulation; %(default)s)")
+    g.add_argument("--beta", type=float, default=beta, help="weight of the KL to the frozen initial model; 0 builds "
+                   "no reference (%(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (%(default)s)")
+    g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "linear", "cosine"],
+                   help="decay to 0 over the run after the warm-up (%(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear learning-rate warm-up steps "
+                   "(%(default)s)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay (%(default)s)")
+    g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global gradient norm (%(default)s; 0 = off)")
+    g = parser.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps, at the start and at "
+                   "the end (%(default)s; 0 = never)")
+    g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
+    g.add_argument("--eval-limit", type=int, default=eval_limit, help="evaluate at most this many images per group")
+    g.add_argument("--eval-max-new-tokens", type=int, default=eval_max_new_tokens or max_new_tokens,
+                   help="evaluation answer length cap (%(default)s)")
+    g.add_argument("--eval-batch", type=int, default=eval_batch, help="images per evaluation sampling call (memory "
+                   "knob; %(default)s)")
+    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (%(default)s; 0 = only "
+                   "at the end)")
+    g.add_argument("--log-completions", type=int, default=log_completions, help="sampled completions written to "
+                   "metrics.jsonl per step, with their rewards (%(default)s)")
+    return parser
+
+
+UNSET = object()
+
+
+def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable] | None = None):
+    """Parse the command line; `--data toy` lays the `toy` preset over the paper's defaults (a flag given on the
+    command line wins). `args.explicit` names the flags the user gave; `args.reward_weights` is --rewards parsed."""
+    args = parser.parse_args(argv)
+    if args.data == "toy":
+        parser.set_defaults(**toy)
+        args = parser.parse_args(argv)
+    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: UNSET for a in parser._actions}))
+    args.explicit = sorted(k for k, v in vars(given).items() if v is not UNSET)
+    if registry is not None:
+        args.reward_weights = parse_rewards(args.rewards, registry)
+    check_system_flags(args)
+    return args
+
+
+# =====================================================================================================================
+# 5. Checkpoints and export
+# =====================================================================================================================
+
+def _atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep: int = 2):
+    """A training checkpoint of everything needed to continue exactly: sharded model + optimizer state (torch
+    distributed checkpoint, one file per rank, works for DDP and FSDP2), the step, every rank's RNG states and the
+    method's own state in `extra` (data position, counters). Written to a temporary folder, renamed into place, and
+    only then is `latest` pointed at it: a kill at any moment leaves the previous checkpoint usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    d_rank = dist.get_rank() if dist.is_initialized() else 0
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    if d_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        with single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
+        if d_rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, **extra}, f)
+    except (OSError, RuntimeError) as e:  # a full disk shows as OSError or as a RuntimeError from the writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"writing the checkpoint of step {step} to {tmp} failed ({reason}); is the disk full? The "
+                         f"previous checkpoint ({latest_checkpoint(out_dir) or 'none yet'}) is intact: free some "
+                         f"space and rerun the same command to resume from it") from None
+    barrier()
+    if d_rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(out_dir, "latest"), os.path.basename(final) + "\n")
+        for stale in glob.glob(os.path.join(out_dir, "ckpt_*.tmp")):  # half-written by a killed run: never read
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep]:
+            if not old.endswith(".tmp") and old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+@contextlib.contextmanager
+def single_process_dcp():
+    """torch.distributed.checkpoint warns "torch.distributed is disabled ... assuming the intent is to load in a
+    single process" at every save and load of a one-process run: that intent is right, the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_to_tensors(rng: dict) -> dict:
+    """RNG states as plain tensors and lists, so they load with weights_only=True."""
+    py = rng["python"]
+    np_state = rng["numpy"]
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+            "torch": rng["torch"], "cuda": rng["cuda"]}
+
+
+def _restore_rng(t: dict):
+    py = t["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = t["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(t["torch"])
+    if t["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    ckpt = os.path.join(out_dir, name)
+    return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
+
+
+def load_checkpoint(ckpt: str, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with single_process_dcp():
+        dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    d_rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
+    if os.path.exists(rng_file):
+        _restore_rng(torch.load(rng_file, weights_only=True)["rng"])
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state on CPU: rank 0 gets every tensor, other ranks get {} under FSDP2."""
+    if _fsdp_modules(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtype
+STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
+
+
+def tied_weight_names(hf) -> list[str]:
+    """Parameters that are the same tensor as another one (Qwen2.5-VL-3B's lm_head is its input embedding): a
+    checkpoint stores them once."""
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    if not (getattr(config, "tie_word_embeddings", False) or getattr(hf.config, "tie_word_embeddings", False)):
+        return []
+    return list(getattr(hf, "_tied_weights_keys", None) or [])
+
+
+def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype: str = "bf16"):
+    """Write the file set of a hub Qwen2.5-VL checkpoint, which `from_pretrained` with plain transformers classes
+    (AutoProcessor, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration), vLLM, eval.py and
+    `load_model` read:
+
+      config.json, generation_config.json   the model's, with the weights' dtype
+      model*.safetensors                    weights in `dtype` (bf16 by default, as on the hub; fp32 for exact
+                                            copies), tied weights stored once
+      tokenizer.json, tokenizer_config.json the tokenizer (with the chat template), naming the stock processor
+      chat_template.json                    the chat template
+      preprocessor_config.json              the image processor (the run's pixel budget as size and as
+                                            min_pixels / max_pixels), naming the stock processor class
+
+    Collective under FSDP2: call it on every rank. Written to a temporary folder, then renamed into place."""
+    if dtype not in EXPORT_DTYPES:
+        raise SystemExit(f"--export-dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
+    sd = state_dict if state_dict is not None else full_state_dict(model)
+    if int(os.environ.get("RANK", 0)) == 0:
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf = unwrap(model)
+        torch_dtype = EXPORT_DTYPES[dtype]
+        tied = set(tied_weight_names(hf))
+        sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items() if k not in tied}
+        hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        _set_json(os.path.join(tmp, "config.json"), lambda c: c.update(
+            {"dtype" if "dtype" in c else "torch_dtype": str(torch_dtype).replace("torch.", "")}))
+        processor.save_pretrained(tmp)
+        _stock_processor_files(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # safetensors writes 0600; every file readable as the others (0644 usually)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier()
+
+
+def _write_json(path: str, doc: dict):
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _set_json(path: str, edit: Callable[[dict], Any]):
+    with open(path) as f:
+        doc = json.load(f)
+    edit(doc)
+    _write_json(path, doc)
+
+
+def _stock_processor_files(folder: str):
+    """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
+    chat_template.jinja) into a hub checkpoint's files (preprocessor_config.json naming Qwen2_5_VLProcessor,
+    chat_template.json)."""
+    with open(os.path.join(folder, "processor_config.json")) as f:
+        image = json.load(f)["image_processor"]
+    os.remove(os.path.join(folder, "processor_config.json"))
+    size = image.get("size") or {}
+    image.update(min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
+                 processor_class=STOCK_PROCESSOR)
+    _write_json(os.path.join(folder, "preprocessor_config.json"), image)
+    jinja = os.path.join(folder, "chat_template.jinja")
+    with open(jinja) as f:
+        template = f.read()
+    os.remove(jinja)
+    _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
+    # the tokenizer carries the template too (as on the hub), for tools that read the tokenizer alone
+    _set_json(os.path.join(folder, "tokenizer_config.json"),
+              lambda c: c.update(processor_class=STOCK_PROCESSOR, chat_template=template))
+
+
+# =====================================================================================================================
+# 6. Logging, the run directory, flags
+# =====================================================================================================================
+
+class MetricsLog:
+    """Appends one JSON object per step to <out>/metrics.jsonl (rank 0), mirrors to wandb when asked and installed."""
+
+    def __init__(self, out_dir: str, wandb_project: str | None = None, config: dict | None = None):
+        self.is_main = int(os.environ.get("RANK", 0)) == 0
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if self.is_main:  # a record cut by a crash would glue onto the first record of the resumed run
+            repair_jsonl_tail(self.path)
+        self.wandb = None
+        if self.is_main and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb given but the wandb package is not installed (pip install wandb)")
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
+
+    def resume_at(self, step: int):
+        """Drop the records of the steps a resumed run redoes: those after `step` (the checkpoint's), or every step's
+        record when the run starts over (step 0), so that metrics.jsonl holds each step once."""
+        if not self.is_main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        redone = lambda s: isinstance(s, (int, float)) and (s > step or step == 0)  # noqa: E731
+        keep = [line for line in lines if not redone(json.loads(line).get("step"))]
+        if len(keep) < len(lines):
+            _atomic_write_text(self.path, "".join(keep))
+            print0(f"{self.path}: {len(lines) - len(keep)} records of steps after {step} dropped (they are redone)")
+
+    def log(self, record: dict):
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
+
+
+def print_eval_summary(logs: list[str], keys: list[str] | None = None):
+    """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
+    number), the first value -> the last, with their steps: the before -> after the run was for."""
+    first, last = {}, {}
+    for path in logs:
+        for r in (read_jsonl(path) if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path) else []):
+            for k, v in r.items():
+                if (k in keys if keys else k.startswith("eval/") and not k.endswith("_n")) and isinstance(v, float):
+                    at = f"{r['stage']} step {r['step']}" if "stage" in r else f"step {r['step']}"
+                    first.setdefault(k, (at, v))
+                    last[k] = (at, v)
+    if first:
+        print0("evaluations, first -> last:\n" + "\n".join(
+            f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
+
+
+class PhaseTimer:
+    """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
+    >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        self.times = {}
+        return out
+
+
+def resume(out: str, model, optimizer, log: MetricsLog | None = None) -> dict:
+    """Auto-resume: the state of <out>/latest (model and optimizer loaded in place, RNG restored) or {"step": 0}
+    when there is none; the log drops the steps about to be redone, so each step is logged once."""
+    ckpt = latest_checkpoint(out)
+    state = load_checkpoint(ckpt, model, optimizer) if ckpt else {"step": 0}
+    if ckpt:
+        position = f" (data position {state['data_position']})" if "data_position" in state else ""
+        print0(f"resumed from {ckpt} at step {state['step']}{position}")
+    if log is not None:
+        log.resume_at(state["step"])
+    return state
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """Learning rate for optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from
+    0 (step 0 gets 0, step w gets the full rate), then constant, linear decay to 0, or cosine decay to 0 over the
+    remaining steps.
+    >>> [round(lr_at(s, base_lr=1.0, total_steps=8, schedule="cosine", warmup_steps=2), 3) for s in range(4)]
+    [0.0, 0.5, 1.0, 0.933]
+    """
+    if warmup_steps and step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r} (constant, linear, cosine)")
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def write_run_config(out: str, config: dict):
+    """<out>/config.json = this start's settings; every start is also appended to <out>/config_history.jsonl. A
+    resumed run started with other settings says which ones changed (it resumes all the same: changing the learning
+    rate or the evaluation cadence mid-run is legitimate)."""
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict):
+        changed = [k for k in sorted(set(before) | set(config)) if before.get(k) != config.get(k)]
+        if changed:
+            print0(f"{out} was started before with other settings (all starts: config_history.jsonl); changed: "
+                   + ", ".join(f"{k} {before.get(k)!r} -> {config.get(k)!r}" for k in changed))
+    _atomic_write_text(path, json.dumps(config, indent=1))
+    repair_jsonl_tail(os.path.join(out, "config_history.jsonl"))
+    with open(os.path.join(out, "config_history.jsonl"), "a") as f:
+        f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
+
+
+_RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
+
+
+def lock_run_dir(out: str):
+    """Hold <out>/.lock for as long as this process lives (flock: released by the kernel even on kill -9), so that a
+    second run on the same --out stops at once with one line naming the first one's pid."""
+    import fcntl
+    key = os.path.realpath(out)
+    if key in _RUN_LOCKS:  # this process already holds it (a script's main called twice)
+        return
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"--out {out} is in use by another run (pid {holder}): wait for it to end, stop it, or pass "
+                         f"another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _RUN_LOCKS[key] = f
+    import atexit
+    atexit.register(f.close)  # held to the end; the kernel releases the lock with the process anyway
+
+
+def make_run_dir(out: str):
+    """Create --out (one clear line if it is a file or cannot be created) and lock it; rank 0 only."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file; expected a run directory (new, or one to resume)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None
+    lock_run_dir(out)
+
+
+RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume from it"
+
+
+def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
+    """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
+    ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
+    is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
+    refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
+    group still referenced at interpreter exit can abort the process ("terminate called without an active
+    exception", pytorch/pytorch#190489). A disk that fills at any write (checkpoint, export, log, cache) ends the run
+    with one line too. `interrupted`: what the one line says is kept."""
+    import gc
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        main()
+        gc.collect()
+        cleanup_distributed()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (rank {os.environ.get('RANK', '0')}): {interrupted}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as "unexpected pos"
+        if getattr(e, "errno", None) != 28 and not any(t in str(e) for t in ("No space left", "unexpected pos")):
+            raise
+        reason = str(e).strip().splitlines()[0][:200]
+        print(f"\nstopped (rank {os.environ.get('RANK', '0')}): the disk is full ({reason}); {interrupted} once "
+              f"there is space", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def configure_threads(threads: int | None, d: Dist) -> int:
+    """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
+    cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
+    a 4-step toy run 5x slower on a busy 2-core machine. No effect on GPU work."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if threads is None:
+        cores = os.cpu_count() or 1
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores // d.world_size, cores - int(busy)))  # a whole core's worth of load per core
+        if d.device.type == "cpu" and threads < cores // d.world_size:
+            print0(f"CPU threads per process: {threads} ({cores} cores, load {busy:.1f}; --threads to choose)")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def default_run_dir(script: str, data: str) -> str:
+    """Where a run writes when --out is not given, the same rule for every script: runs/<script>_<data>, a data file
+    named by its stem (runs/dive_k_cub, runs/eval_cub_two_step, runs/fine_r1_birds for birds.jsonl)."""
+    stem = os.path.splitext(os.path.basename(data.replace("{split}", "all")))[0] or "data"
+    return os.path.join("runs", f"{script}_{stem}")
+
+
+def setup_run(args, default_out: str) -> tuple[Dist, str]:
+    """Start the process group, make and lock the run directory (rank 0 writes config.json), seed every rank
+    differently."""
+    d = init_distributed()
+    out = args.out or default_out
+    if d.is_main:
+        make_run_dir(out)
+        write_run_config(out, {**vars(args), "world_size": d.world_size})
+    barrier()
+    configure_threads(getattr(args, "threads", None), d)
+    seed_everything(args.seed + d.rank)
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = int(d.device.type == "cuda")
+    return d, out
+
+
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
+    checked with it before any rank waits on another."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def require_divisible(what: str, total: int, by: int, by_what: str):
+    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
+    stops; rank 0 alone says why (one line, not one per rank)."""
+    said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
+    if by <= 0:
+        raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
+    if total <= 0:
+        raise SystemExit(said(f"{what} = {total}: must be a positive multiple of {by_what} = {by}, e.g. {by}."))
+    if total % by:
+        lower, upper = (total // by) * by, (total // by + 1) * by
+        raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
+                              f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
+
+
+# flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")
+POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
+                  "train_size", "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
+                  "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
+                  "rollout_batch", "sample_prompts", "sft_batch", "minibatches", "max_new_tokens",
+                  "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
+                  "sft_epochs", "tapo_epochs", "temperature", "mine_temperature", "threads")
+WHY_POSITIVE = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
+                "mine_temperature": "at 0 the K mining samples are one answer repeated",
+                "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
+                "eval_limit": "leave it out to evaluate every image"}
+
+
+NONNEGATIVE_FLAGS = ("eval_every", "save_every", "warmup_steps", "sft_warmup", "max_nonfinite", "log_completions",
+                     "log_rollouts", "beta", "weight_decay", "sft_weight_decay")
+
+
+def check_system_flags(args):
+    """Flag values and combinations every script refuses at start, before anything is loaded (one line each)."""
+    for name in NONNEGATIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be 0 or more"
+                             + (" (0 = never)" if name in ("eval_every", "save_every") else ""))
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            why = WHY_POSITIVE.get(name, "")
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be above 0{f' ({why})' if why else ''}")
+    low, high = getattr(args, "min_pixels", None), getattr(args, "max_pixels", None)
+    if low is not None and high is not None and low > high:
+        raise SystemExit(f"--min-pixels {low} is above --max-pixels {high}: the image budget needs min <= max")
+    if getattr(args, "compile_decode", 0):
+        if args.attn == "flash_attention_2":
+            raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "
+                             "whole static KV cache, unwritten slots included, under a mask that flash-attention 2 "
+                             "ignores. Use --attn sdpa with --compile-decode 1, or --compile-decode 0")
+        if getattr(args, "parallel", "ddp") == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
+                             "unsharded model. Use --parallel ddp, or --compile-decode 0")
+
+
+def global_token_count(mask: torch.Tensor) -> float:
+    """Number of loss tokens in this optimizer step summed over all ranks (for a global token-mean)."""
+    return float(all_reduce_sum(mask.sum().double().reshape(1).clone())[0])
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of scalars over ranks (for logging)."""
+    if not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps=None, min_pixels=3136,
+                    max_pixels=401408):
+    """The command-line contract every script shares (the method files add their own groups)."""
+    g = parser.add_argument_group("model, data and run")
+    g.add_argument("--model", default=model, help="hub id, local Qwen2.5-VL directory, 'tiny' (built locally), or a "
+                   "random preset: qwen2.5-vl-3b-random / qwen2.5-vl-7b-random (default %(default)s)")
+    g.add_argument("--data", default=data, help="dataset name (toy, cub, flowers, pets, cars, aircraft, dogs, food) "
+                   "or a JSON/JSONL file of {image, class_name} records (default %(default)s)")
+    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
+    g.add_argument("--out", default=None, help="run directory; rerunning the same command resumes from it")
+    g.add_argument("--max-steps", type=int, default=max_steps, help="stop after this many optimizer steps")
+    g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
+    g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
+    g = parser.add_argument_group("system")
+    g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
+                   "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
+    g.add_argument("--memory-check", type=int, default=1, choices=[0, 1], help="1: a run whose memory estimate "
+                   "exceeds the device's memory stops before loading; 0: warn and go on")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU fp32 weights with bf16 compute, "
+                   "on CPU fp32; bf16-mixed: the same on any device; bf16 / fp32: weights and compute")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
+    g.add_argument("--shared-prefix", type=int, default=1, choices=[0, 1], help="score and update each group's "
+                   "prompt once for its G completions (common.score_completions; exact); 0 = once per completion")
+    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="rollouts decode with a static KV "
+                   "cache and a torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")
+    g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")
+    g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
+    g.add_argument("--activation-checkpointing", type=int, default=None,
+                   help="recompute activations in the backward (default: on for GPU, off for CPU)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
+                   "with other work, shared by the ranks); ignored on GPU")
+    g.add_argument("--export-dtype", default="bf16", choices=list(EXPORT_DTYPES), help="weights of the exported "
+                   "final/ model: bf16 (as hub checkpoints) or fp32 (an exact copy of fp32 master weights)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    g.add_argument("--max-nonfinite", type=int, default=5, help="optimizer steps in a row with a NaN / inf loss or "
+                   "gradient (each one skipped) that stop the run with a checkpoint (0 = never stop)")
+    return parser
+
+
+# =====================================================================================================================
+# 7. Robustness
+# =====================================================================================================================
+# What a run of several days needs beyond the happy path. The three method files use all of it:
+#   * NonFiniteGuard: a NaN / inf loss or gradient norm skips the optimizer step on every rank together (counted,
+#     logged); too many in a row stop the run with a message, after the caller has saved a checkpoint;
+#   * read_jsonl / repair_jsonl_tail: JSONL inputs read with one clear message per bad line; an append-only cache
+#     whose last line was cut by a kill is made appendable again; RankParts: a resumable per-rank JSONL cache.
+# The memory estimate printed at start lives in memory.py.
+# Checkpoints (section 6) are atomic already: written to ckpt_N.tmp, renamed, and only then is `latest` rewritten; a
+# .tmp left behind by a kill is never read and is removed by the next save. Faults are injected by the tests
+# (tests/faulty.py patches a method's loss), never by a hook in this code.
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss or gradient norm is NaN or inf, on every rank together, and stop after
+    `limit` of them in a row. Use, once per optimizer step, after the backward and the gradient clipping:
+
+        guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)
+        ...
+        if guard.check(step, loss=loss_value, grad_norm=grad_norm):
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)   # skipped: weights and optimizer state stay those of the last good step
+        ...
+        if guard.exhausted:
+            common.save_checkpoint(out, ...)        # then the run stops with a message naming that checkpoint
+            guard.stop(out)
+
+    The decision is all-reduced (one scalar), so DDP / FSDP2 replicas never diverge: a NaN on any rank skips the step
+    everywhere. The data of a skipped step is consumed (the step counter moves on). `limit` 0 never stops."""
+
+    def __init__(self, limit: int = 5, device: torch.device | str = "cpu"):
+        self.limit = limit  # non-finite steps in a row that stop the run
+        self.device = torch.device(device)  # where the all-reduced flag lives (a CUDA device under nccl)
+        self.skipped = 0  # steps skipped by this process
+        self.in_a_row = 0  # current streak of skipped steps
+        self.last: dict = {}  # the offending values of the last skipped step, on this rank
+
+    def check(self, step: int, **values) -> bool:
+        """True if every value (floats or 0-d tensors) is finite on every rank; else count and log the skip."""
+        local = {k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+        bad_here = not all(math.isfinite(v) for v in local.values())
+        flag = torch.tensor([float(bad_here)], device=self.device)
+        bad = bool(all_reduce_sum(flag).item() > 0)
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        self.last = local
+        rank = int(os.environ.get("RANK", 0))
+        if bad_here or rank == 0:
+            shown = ", ".join(f"{k}={v:g}" for k, v in local.items())
+            print(f"warning: step {step}: non-finite loss or gradient ({'here' if bad_here else 'on another rank'}: "
+                  f"rank {rank} {shown}); optimizer step skipped ({self.in_a_row} in a row, {self.skipped} in all"
+                  f"{f', the run stops at {self.limit} in a row' if self.limit else ''})", file=sys.stderr, flush=True)
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.limit) and self.in_a_row >= self.limit
+
+    def stats(self) -> dict[str, int]:
+        """For the metrics record: steps skipped so far by this process, and the current streak."""
+        return {"nonfinite/skipped": self.skipped, "nonfinite/in_a_row": self.in_a_row}
+
+    def stop(self, out_dir: str):
+        """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
+        ckpt = latest_checkpoint(out_dir)
+        raise SystemExit(
+            f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
+            f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "
+            f"weights and optimizer state of the last good step are saved in {ckpt}. Rerunning the same command "
+            f"resumes after the bad steps. If it happens again: lower the learning rate, look at the data of those "
+            f"steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
+
+
