@@ -130,7 +130,7 @@ class Run:
         self.log = MetricsLog(out, args.wandb, vars(args))
         self.timer = PhaseTimer()
         self.guard = NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-        self.last_step, self.total, self.bar, self.t_step = 0, 0, None, 0.0
+        self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
     def stage(self, name: str) -> Run:
         """A stage with its own folder <out>/<name> (checkpoints, metrics.jsonl), in the same process group."""
@@ -183,7 +183,7 @@ class Run:
 
     def steps(self, start: int, total: int):
         """The steps start .. total-1, with a progress bar on a terminal (rank 0)."""
-        self.total, self.last_step = total, start
+        self.total, self.last_step, self.first = total, start, start
         self.bar = progress_bar(self.d.is_main, total=total, initial=start, desc=self.script)
         for step in range(start, total):
             self.t_step = time.perf_counter()
@@ -211,8 +211,7 @@ class Run:
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(summary)
             self.bar.update(step - self.last_step)
-        elif step - self.last_step >= 1 and (self.last_step == 0 or step >= self.total
-                                               or self.due(max(1, self.total // 10), step)):
+        elif self.last_step == self.first or step >= self.total or self.due(max(1, self.total // 10), step):
             print0(f"{self.script} step {step}/{self.total}  {summary}  {record['time/step']:.1f}s")
         if self.due(args.save_every, step) or self.guard.exhausted:
             with self.timer("checkpoint"):
