@@ -237,13 +237,13 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                       max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int, weight_decay: float = 0.0,
                       grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, warmup_steps: int = 0,
                       eval_max_new_tokens: int | None = None, eval_batch: int = 8, eval_limit: int | None = None,
-                      log_completions: int = 2, max_steps: int | None = None):
+                      log_completions: int = 2, max_steps: int | None = None, train_limit: int | None = None):
     """The model, data, system flags (add_common_args) and the training knobs, with the method's paper values as
     defaults; `parse_flags` lays the toy preset over them for `--data toy`."""
     add_common_args(parser, model=model, group_size=group_size, max_steps=max_steps)
     g = parser.add_argument_group("training (shared by the three methods)")
-    g.add_argument("--train-limit", type=int, default=None, help="use at most this many training images (a seeded "
-                   "subset)")
+    g.add_argument("--train-limit", type=int, default=train_limit, help="use at most this many training images (a "
+                   "seeded subset; %(default)s = all)")
     g.add_argument("--rewards", default=rewards, help="NAME[=WEIGHT],... from the script's REWARDS registry, weights "
                    "default 1 (default %(default)s)")
     g.add_argument("--temperature", type=float, default=temperature, help="rollout temperature (%(default)s)")
