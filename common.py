@@ -1438,3 +1438,21 @@ class RankParts:
     def remove(self):
         for path in self.paths():
             os.remove(path)
+
+
+def resumable_map(folder: str, stem: str, keys: Sequence[str], work, d: Dist, desc: str) -> dict[str, Any]:
+    """{key: result} for every key, on every rank: each rank runs `work(its keys)` over its share of the keys no
+    earlier run finished, `work` yielding (key, result) as each is done, appended to <folder>/<stem>.part<rank>.jsonl
+    at once, so a killed run (on any number of ranks) redoes only the unfinished. The caller removes the parts."""
+    parts = RankParts(folder, stem)
+    done = {rec["key"]: rec["value"] for rec in parts.records()}
+    barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends to them
+    todo = [key for key in keys if key not in done]
+    print0(f"{desc}: {len(todo)} to do, {len(done)} done by an earlier run, over {d.world_size} rank(s)")
+    with parts.append(d.rank) as f:
+        for key, value in work(todo[d.rank::d.world_size]):  # every rank enters work, even with nothing to do
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+    barrier()
+    done.update({rec["key"]: rec["value"] for rec in parts.records()})
+    return done

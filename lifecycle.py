@@ -158,7 +158,7 @@ class Run:
         n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
                             for only in (True, False))
         print0(f"trainable parameters: {n_trained:,} of {n_all:,} ({100 * n_trained / n_all:.2f}%)"
-               + (f"; {what}" if what else ""))
+               + (f"; {what}" if isinstance(what, str) else ""))
         model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
                            param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
         ref = None

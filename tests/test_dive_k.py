@@ -9,6 +9,7 @@ import torch
 import common
 import dive_k
 import judges
+import lifecycle
 
 BASE = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross", "Chuck will Widow", "Brewer Blackbird",
         "Red winged Blackbird", "Rusty Blackbird", "Bobolink"]
@@ -168,15 +169,17 @@ TRUTH_TABLE = [  # completion, format, mcq
 
 @pytest.mark.parametrize("completion,fmt,mcq", TRUTH_TABLE)
 def test_reward_functions_on_a_truth_table(completion, fmt, mcq):
-    assert dive_k.REWARDS["format"](completion, MCQ) == fmt
-    assert dive_k.REWARDS["mcq"](completion, MCQ) == mcq
-    total, parts = dive_k.score([completion], [MCQ], ["format", "mcq"])
-    assert total.tolist() == [fmt + mcq] and parts["format"].tolist() == [fmt] and parts["mcq"].tolist() == [mcq]
+    assert dive_k.REWARDS["format"]([completion], MCQ) == [fmt]
+    assert dive_k.REWARDS["mcq"]([completion], MCQ) == [mcq]
+    weights = lifecycle.parse_rewards("format,mcq=2", dive_k.REWARDS)
+    total, parts = lifecycle.group_rewards(dive_k.REWARDS, weights, [completion, ""], MCQ)
+    assert total.tolist() == [fmt + 2 * mcq, 0.0] and parts["format"].tolist() == [fmt, 0.0]
+    assert parts["mcq"].tolist() == [mcq, 0.0]
 
 
 def test_random_reward_ignores_the_completion():
     random.seed(0)
-    good = [dive_k.REWARDS["random"](TRUTH_TABLE[0][0], MCQ) for _ in range(400)]
+    good = dive_k.REWARDS["random"]([TRUTH_TABLE[0][0]] * 400, MCQ)
     assert set(good) == {0.0, 1.0} and 0.4 < sum(good) / 400 < 0.6
 
 
