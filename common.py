@@ -1,21 +1,16 @@
 """
-common.py: what every method uses.
-
-The three method files (dive_k.py, speciarl.py, fine_r1.py) each hold their own prompt, rollout, reward, advantage,
-loss and update loop. What they share lives here, in execution order:
+common.py: the model side every method shares, in execution order:
 
   1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
-  2. model + processor loading: any Qwen2.5-VL checkpoint, the `tiny` stand-in (tiny.py), random presets of the
-     real shapes; reading images
+  2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets of the real
+     shapes; reading images
   3. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
   4. per-token log-probs of completions: each group's prompt run once (shared prefix), vocabulary scores only at
      completion positions, in chunks of a bounded size; the SFT loss
   5. precision, DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
-  6. checkpoints (atomic, auto-resume) and export of a standard Hugging Face directory
-  7. metrics logging (metrics.jsonl, optional wandb), phase timers, learning-rate schedules, shared flags
-  8. robustness: non-finite guard, JSONL inputs and caches (one resumable per-rank cache)
-The rest has its own file: data.py (datasets), judges.py (answer parsing and the judges), memory.py (the memory
-estimate at start), tiny.py (the CPU stand-in); each method's prompts and LoRA (speciarl.py) live with the method.
+  6. JSONL inputs and the resumable per-rank map
+A run's life (flags, checkpoints, logging, resume, export, the guard) is lifecycle.py; data.py, judges.py and
+memory.py have one job each. Nothing here imports a method, eval, bench or tiny.
 
 Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
   * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
@@ -603,11 +598,8 @@ def expand_cache(cache, repeats: int, capacity: int):
 
 
 def static_cache(model, cache, repeats: int, capacity: int):
-    """transformers' StaticCache of `capacity` positions for P*G rows, filled with each prompt's prefill KV (a
-    DynamicCache of P rows) G times. Fixed shapes and fixed buffer addresses: what a compiled / CUDA-graph decode step
-    needs. Attention then runs over all `capacity` positions, the unwritten ones masked by causality. Under autocast
-    (fp32 weights, bf16 compute) the buffers hold the autocast dtype and every write is cast to it, as the
-    preallocated layer does: RoPE hands over fp32 keys there while attention reads bf16."""
+    """A StaticCache of `capacity` positions for P*G rows holding each prompt's prefill KV G times (fixed shapes and
+    addresses, as a compiled decode needs); under autocast it stores and receives the autocast dtype."""
     from transformers import StaticCache
     static = StaticCache(config=unwrap(model).config, max_cache_len=capacity)
     kind = cache.layers[0].keys.device.type
@@ -647,10 +639,8 @@ def returned_cache(out):
 
 
 def compiled_decode(model):
-    """Trick "compiled decode step" (opt-in: sample(..., compile_decode=True)): the one-token forward compiled with
-    torch.compile, in "reduce-overhead" mode on GPU, i.e. replayed as a CUDA graph, so the Python and kernel-launch
-    cost of the ~10 kernels per layer is paid once per graph instead of once per step. Compiled once per model; a new
-    rows x capacity shape compiles again (capacity is rounded up to a multiple of 256 to make that rare)."""
+    """Trick "compiled decode step" (opt-in): the one-token forward under torch.compile ("reduce-overhead" = CUDA graph
+    on GPU), once per model; capacity is rounded up to 256 so new shapes (recompilations) are rare."""
     fn = model.__dict__.get("_fgrl_compiled_decode")
     if fn is None:
         kw = cache_keyword()
@@ -696,33 +686,15 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None,
            compile_decode: bool = False, row_seeds: Sequence[int] | None = None) -> Rollout:
-    """Draw `group_size` completions for every prompt. temperature 0 = greedy.
-
-    Speed tricks, each exact (the tokens are those of HF `generate` under the same settings):
-      * prefill once per prompt: the image is encoded and the prompt's KV cache built once, then each prompt's cache
-        rows are copied G times into the decode cache, instead of prefilling G copies of a long image prompt;
-      * preallocated buffers: the KV cache (see `preallocated_kv_layer`), the attention mask (one [B, Lp+T] tensor,
-        sliced per step), the output tokens and log-probs; nothing grows by concatenation inside the loop;
-      * one batched decode over all prompts x samples, with explicit M-RoPE positions (next position = the prompt's
-        largest position + 1 + step), so no per-step position bookkeeping inside the model;
-      * light per-step sampling math: one log-sum-exp per row for the recorded log-probs (no [B, V] log-softmax
-        kept), no vocabulary sort (`sampling_filter`), no processor or tokenizer call inside the loop, and no look
-        from the host but the one below;
-      * stop once every row has produced an EOS, looked at every FINISHED_CHECK_EVERY steps (each look waits for the
-        GPU; the extra steps only write padding, cut off at the end).
-    Sampling knobs are explicit (no hidden top_k=50 or repetition penalty from a generation_config); image and video
-    pad tokens are suppressed. The recorded log-probs are those of the unfiltered, temperature-scaled distribution,
-    i.e. what the policy-gradient loss uses. `prompt_batch` splits the prompts into chunks to bound memory.
-    `compile_decode` (off by default; for GPU) decodes with a static KV cache and a compiled step (`compiled_decode`):
-    the first call per shape pays the compilation; refused for FSDP2-sharded models and with flash-attention 2
-    (`compile_decode_problem`).
-    `row_seeds` (one per output row, prompt-major: row p*G+g): each row samples from its own random stream (inverse
-    CDF with its own uniforms) instead of `generator`, so what a row draws does not depend on which other prompts
-    share the call: the same samples on 1 or 8 ranks and with any prompt batch (evaluation uses it).
-    `Rollout.stats` holds the prefill and decode wall times and the number of decode steps.
-    Non-finite logits (NaN / inf weights or inputs) raise NonFiniteLogits naming the step, instead of a device-side
-    assert inside torch.multinomial.
-    """
+    """Draw `group_size` completions for every prompt (temperature 0 = greedy). Exact speed tricks: each prompt is
+    prefilled once and its KV rows copied G times; preallocated KV cache, mask and outputs; one batched decode with
+    explicit M-RoPE positions; light per-step math (no vocabulary sort, no tokenizer call, no host read but an "all
+    rows ended?" look every FINISHED_CHECK_EVERY steps). Knobs are explicit (no hidden generation_config); image and
+    video pads are never sampled; the recorded log-probs are those of the unfiltered, temperature-scaled policy.
+    `prompt_batch` bounds memory; `compile_decode` (GPU) decodes with a static cache and a compiled step;
+    `row_seeds` (one per row, prompt-major) gives each row its own random stream, so its draws do not depend on the
+    other prompts of the call (evaluation: the same samples on 1 or 8 ranks). NaN / inf logits raise
+    NonFiniteLogits naming the step. `Rollout.stats`: prefill and decode seconds, decode steps."""
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
@@ -930,10 +902,8 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
                     chunk: int | None = None) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] in chunks of `chunk` positions (default: as many as fit LOGITS_BUDGET
-    scores), the vocabulary projection done inside each chunk and recomputed in the backward: no logits of the whole
-    micro-batch exist, neither in the model's dtype nor in fp32, and the backward keeps only [B, T, hidden] instead
-    of [B, T, V]."""
+    """log softmax(head(hidden) / T)[target] in chunks of positions, the projection inside each chunk and recomputed in
+    the backward: no full logits exist, and the backward keeps [B, T, hidden] instead of [B, T, V]."""
     chunk = chunk or logits_chunk(hidden.shape[0], head.weight.shape[0])
     outs = []
     for s in range(0, hidden.shape[1], chunk):
@@ -947,12 +917,10 @@ def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.
 
 @contextlib.contextmanager
 def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, predictors: torch.Tensor | None = None):
-    """Trick "no full logits": for one forward of the (wrapped) model, its `lm_head` returns the log-probs of
-    `targets` [B, T] from the hidden states that predict them instead of logits over the vocabulary (see
-    `hidden_logprobs`): the first T of the last T+1 positions of each row, or, given `predictors` [B, T], those
-    positions of the kept hidden states flattened over the batch (the shared-prefix layout). The swap is of
-    `lm_head.forward` only, inside the model's own forward: parameters, DDP hooks and FSDP2's unshard / reshard of
-    the root module (which owns lm_head) see the projection exactly where they expect it."""
+    """Trick "no full logits": for one forward of the (wrapped) model, `lm_head` returns the log-probs of `targets`
+    [B, T] (hidden_logprobs) from the hidden states predicting them: the first T of the last T+1 positions, or the
+    `predictors` [B, T] of the flattened kept states (shared prefix). Only lm_head.forward is swapped, inside the
+    model's own forward, so DDP hooks and FSDP2's unshard / reshard see the projection where they expect it."""
     head = unwrap(model).lm_head
 
     def scores(hidden):  # [rows, kept, hidden] -> [B, T]
@@ -968,11 +936,9 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
 
 @contextlib.contextmanager
 def images_encoded_once(model):
-    """Trick "encode each image once": the G rows of a group carry G copies of the same image, and scoring them
-    would run the vision tower G times. For one forward of the (wrapped) model, the vision tower encodes each run of
-    consecutive identical images (same grid, equal patch rows) once and repeats its output rows; the gradient of a
-    repeated output is the sum over the rows that use it, as with G separate encodings. Like
-    `lm_head_returns_logprobs` it swaps `visual.forward` only, inside the model's own forward (hooks unaffected)."""
+    """Trick "encode each image once": for one forward, the vision tower encodes each run of identical consecutive
+    images (a group's G copies) once and repeats its output rows; the gradient of a repeat sums over its users, as
+    with G encodings. Swaps `visual.forward` only, inside the model's forward (hooks unaffected)."""
     visual = unwrap(model).model.visual
     encode = visual.forward  # the bound original
 
@@ -1003,11 +969,8 @@ def images_encoded_once(model):
 
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
-    """[B, T] log-probs of the completion tokens for one micro-batch (with grad if enabled). Runs the wrapped model
-    (so DDP / FSDP2 hooks fire). Only the last T+1 positions reach the vocabulary projection (`logits_to_keep`): the
-    prompt positions, mostly image tokens, never do; the completion positions are projected and scored in chunks
-    without materialising their logits (`lm_head_returns_logprobs`); rows that repeat an image share one encoding
-    (`images_encoded_once`)."""
+    """[B, T] log-probs of the completion tokens of one micro-batch (with grad if enabled), through the wrapped model:
+    only the last T+1 positions reach the vocabulary, in chunks without full logits; repeated images encoded once."""
     T = completion_ids.shape[1]
     targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
     with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
@@ -1041,11 +1004,9 @@ class PrefixLayout:
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      base: str = "sdpa", **kwargs):
-    """The text model's attention (installed by `shared_prefix_supported`). Given a PrefixLayout it attends the packed
-    rows without any [S, S] mask: per packed row, the real prompt tokens causally among themselves, and each completion
-    over the whole prompt and its own earlier tokens (a lower-right causal bias, which the flash and memory-efficient
-    kernels apply without a mask tensor). The prompt's keys are shared by its completions; no completion sees another.
-    Any other call goes to the `base` attention unchanged. Shapes: query [R, H, S, D], key / value [R, H_kv, S, D]."""
+    """The text model's attention (installed by shared_prefix_supported). Given a PrefixLayout, per packed row: the real
+    prompt tokens causally, then each completion over the prompt and its own earlier tokens (a lower-right causal
+    bias, no mask tensor on the fused kernels). Other calls go to `base`. query [R, H, S, D], key / value [R, Hkv, S, D]."""
     if not isinstance(attention_mask, PrefixLayout):
         return _base_attention(base)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
@@ -1097,22 +1058,15 @@ def shared_prefix_supported(model) -> bool:
 
 def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
                          device) -> tuple[dict, torch.Tensor, int]:
-    """Trick "shared prefix": model inputs that hold each prompt once with all of its rows' completions after it, one
-    packed sequence per run of rows sharing a prompt (prompt_runs):
+    """Trick "shared prefix": each run of rows sharing a prompt becomes one packed sequence
 
         [ left-padded prompt | completion 1 | completion 2 | ... | completion g ]   (each completion T slots)
 
-    and, in place of an attention mask, their PrefixLayout, under which `prefix_attention` lets every completion see
-    the whole prompt and its own earlier tokens, never another completion; each completion's M-RoPE positions
-    continue the prompt's, as if it were alone. A row's log-probs are then exactly those of [prompt | completion]
-    scored on its own (up to float summation order), but the prompt (mostly image tokens) and the image are computed
-    once per group instead of G times, in the forward and in the backward: its gradient is the sum over the group's
-    completions. Completions are right-padded, so causality alone keeps their padding out of sight.
-
-    Returns (inputs, predictors, keep): the model keeps the hidden states of the last `keep` = 1 + g_max * T
-    positions of each packed sequence (`logits_to_keep`), and predictors [B, T] is, for completion token (b, t), the
-    index into those (flattened over the packed sequences) of the one that predicts it: the prompt's last position
-    for t = 0, else the completion's own previous token."""
+    with its PrefixLayout in place of a mask, under which `prefix_attention` lets every completion see the whole
+    prompt and its own earlier tokens, never another completion, at the positions it would have alone. The prompt
+    and its image are computed once per group, forward and backward; each row's log-probs are those of [prompt |
+    completion] on its own. Returns (inputs, predictors [B, T]: for token (b, t) the index, among the kept last
+    `keep` = 1 + g_max * T positions flattened over the packed sequences, of the hidden state predicting it, keep)."""
     runs = prompt_runs(prompts)
     B, T = completion_ids.shape
     g_max = max(end - start for start, end in runs)
@@ -1144,11 +1098,9 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
 def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       shared_prefix: bool = True) -> torch.Tensor:
-    """[B, T] log-probs of the completion tokens of one micro-batch, with grad if enabled: the one scoring path of
-    every method's old / reference log-probs and of every update. Rows that share a prompt (a group) go through one
-    packed sequence per group (`shared_prefix_inputs`): the prompt and its image are computed once for the group, in
-    the forward and the backward. `shared_prefix=False`, flash-attention 2, or no prompt shared by two rows: one
-    sequence per row (`scoring_inputs`). Positions past a row's completion mask hold garbage: mask them."""
+    """[B, T] log-probs of one micro-batch's completions (with grad if enabled): the one scoring path of every
+    method's old / reference log-probs and update. Rows sharing a prompt go through one packed sequence per group
+    (shared_prefix_inputs); otherwise one row each (scoring_inputs). Past a row's mask: garbage, mask it."""
     device = next(unwrap(model).parameters()).device
     if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
         inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, pad_id, device)
@@ -1202,10 +1154,8 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-    """What a run stores its weights in, what its forward computes in, and how the second is reached from the first:
-    'weights' (the same dtype), 'fsdp' (FSDP2's MixedPrecisionPolicy casts the gathered parameters) or 'autocast'
-    (torch.autocast around every forward: DDP, or one process whatever --parallel says, since FSDP2 only wraps a
-    model under torchrun)."""
+    """Weights dtype, compute dtype, and how compute is reached: 'weights' (the same), 'fsdp' (FSDP2 mixed precision)
+    or 'autocast' (DDP, or one process)."""
     weights: torch.dtype
     compute: torch.dtype
     via: str
@@ -1229,15 +1179,10 @@ class Precision:
 
 
 def precision_for(dtype: str, d: Dist, parallel: str, trained_weights: bool = True) -> Precision:
-    """The run's Precision from --dtype:
-
-      auto        GPU: bf16 compute; weights that AdamW updates stay fp32 (lr 1e-6 steps round away in bf16),
-                  frozen weights (`trained_weights=False`: LoRA's base, evaluation) are stored bf16. CPU: fp32.
-      bf16-mixed  fp32 weights, bf16 compute, on any device (on CPU through CPU autocast)
-      bf16, fp32  weights and compute in that dtype
-
-    bf16 compute over fp32 weights is FSDP2's mixed precision when the model is sharded (--parallel fsdp on several
-    ranks) and autocast otherwise. On GPU, fp32 matmuls use TF32 (torch.set_float32_matmul_precision('high'))."""
+    """The run's Precision from --dtype. auto: on GPU bf16 compute over fp32 master weights for what AdamW updates
+    (lr 1e-6 steps round away in bf16) and bf16 storage for frozen weights (`trained_weights=False`), fp32 on CPU;
+    bf16-mixed: fp32 weights, bf16 compute on any device; bf16 / fp32: both. Mixed compute is FSDP2's policy when
+    sharded, else autocast; fp32 matmuls on GPU use TF32."""
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     on_gpu = d.device.type == "cuda"
@@ -1262,11 +1207,9 @@ def enable_activation_checkpointing(model):
 
 def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
-    """DDP, or FSDP2 (`fully_shard` per vision block and per decoder layer, then the root). With a `param_dtype`
-    other than fp32 (Precision.fsdp_param_dtype) the FSDP2 policy gathers the parameters in that dtype for compute
-    and reduces gradients in fp32. One process: the model is returned as it is (its precision comes from
-    Precision.context). Activation checkpointing recomputes each layer in the backward instead of storing its
-    activations."""
+    """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root; a non-fp32 `param_dtype`
+    gathers in it and reduces in fp32). One process: returned as it is. Activation checkpointing recomputes each layer
+    in the backward."""
     if activation_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -1314,11 +1257,8 @@ def _fsdp_modules(model):
 
 @contextlib.contextmanager
 def gathered_params(model, warmup_inputs: dict | None = None):
-    """For sampling on an FSDP2 model: all-gather the full parameters once for the whole rollout phase (instead of
-    once per decode step), then reshard. A no-op for DDP and single-process models.
-
-    FSDP2 needs one forward through the root before sub-modules run on their own (the sampler calls the model
-    directly), so `warmup_inputs`, if given, are pushed through once first."""
+    """For sampling on an FSDP2 model: all-gather the parameters once for the whole phase (not per decode step), then
+    reshard; a no-op otherwise. FSDP2 needs one forward through the root first: `warmup_inputs`, when given."""
     mods = _fsdp_modules(model)
     if not mods:
         yield
@@ -1360,7 +1300,9 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
     return os.path.join(out, "eval", f"step_{step:07d}", *parts)
 
 
-# ----- append-only JSONL caches -----
+# =====================================================================================================================
+# 6. JSONL inputs and the resumable per-rank map
+# =====================================================================================================================
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
     """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
@@ -1405,16 +1347,8 @@ def repair_jsonl_tail(path: str) -> int:
 
 
 class RankParts:
-    """A resumable per-rank JSONL cache: each rank appends the items it finishes to <folder>/<stem>.part<rank>.jsonl,
-    so a killed run (on any number of ranks) redoes only what no rank had finished; rank 0 merges the parts at the
-    end and removes them. Used by DiVE-k's mining and Fine-R1's teacher rationales.
-
-        parts = common.RankParts(out, "mcq")
-        done = {r["id"]: r for r in parts.records()}      # every rank reads what earlier runs finished
-        common.barrier()                                  # ... before any rank appends
-        with parts.append(d.rank) as f:
-            f.write(json.dumps(record) + "\\n")            # as each item finishes
-    """
+    """A resumable per-rank JSONL cache: each rank appends what it finishes to <folder>/<stem>.part<rank>.jsonl
+    (`append`), every rank reads all parts (`records`, a cut last line skipped); see resumable_map."""
 
     def __init__(self, folder: str, stem: str):
         self.folder, self.stem = folder, stem

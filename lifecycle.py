@@ -309,10 +309,9 @@ def _atomic_write_text(path: str, text: str):
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep: int = 2):
-    """A training checkpoint of everything needed to continue exactly: sharded model + optimizer state (torch
-    distributed checkpoint, one file per rank, works for DDP and FSDP2), the step, every rank's RNG states and the
-    method's own state in `extra` (data position, counters). Written to a temporary folder, renamed into place, and
-    only then is `latest` pointed at it: a kill at any moment leaves the previous checkpoint usable."""
+    """Everything to continue exactly: sharded model + optimizer (torch.distributed.checkpoint, DDP and FSDP2), every
+    rank's RNG, the step and the method's `extra` state; written to a .tmp folder, renamed, and only then is `latest`
+    pointed at it, so a kill at any moment leaves the previous checkpoint usable."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     d_rank = dist.get_rank() if dist.is_initialized() else 0
@@ -428,19 +427,10 @@ def tied_weight_names(hf) -> list[str]:
 
 
 def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype: str = "bf16"):
-    """Write the file set of a hub Qwen2.5-VL checkpoint, which `from_pretrained` with plain transformers classes
-    (AutoProcessor, AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration), vLLM, eval.py and
-    `load_model` read:
-
-      config.json, generation_config.json   the model's, with the weights' dtype
-      model*.safetensors                    weights in `dtype` (bf16 by default, as on the hub; fp32 for exact
-                                            copies), tied weights stored once
-      tokenizer.json, tokenizer_config.json the tokenizer (with the chat template), naming the stock processor
-      chat_template.json                    the chat template
-      preprocessor_config.json              the image processor (the run's pixel budget as size and as
-                                            min_pixels / max_pixels), naming the stock processor class
-
-    Collective under FSDP2: call it on every rank. Written to a temporary folder, then renamed into place."""
+    """Write a hub Qwen2.5-VL checkpoint that plain transformers classes, vLLM, eval.py and load_model read:
+    config.json and generation_config.json, model*.safetensors in `dtype` (tied weights once), tokenizer files with
+    the chat template, chat_template.json, preprocessor_config.json with the run's pixel budget and the stock
+    processor class. Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
     if dtype not in EXPORT_DTYPES:
         raise SystemExit(f"--export-dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
     sd = state_dict if state_dict is not None else full_state_dict(model)
@@ -686,13 +676,9 @@ RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume fro
 
 
 def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
-    """What every script's `if __name__ == "__main__":` calls: Ctrl-C (and SIGTERM, which torchrun sends to the other
-    ranks when one fails) ends the run with one line instead of a traceback; checkpoints are atomic, so the last one
-    is intact and the same command resumes from it. When main returns, what it built (the wrapped model, which
-    refers to the process group) is collected and the group destroyed while the interpreter is fully alive: a gloo
-    group still referenced at interpreter exit can abort the process ("terminate called without an active
-    exception", pytorch/pytorch#190489). A disk that fills at any write (checkpoint, export, log, cache) ends the run
-    with one line too. `interrupted`: what the one line says is kept."""
+    """What every script's `__main__` calls: Ctrl-C, SIGTERM (torchrun stopping the other ranks) and a full disk end
+    the run with one line, `interrupted` saying what is kept; after main the process group is destroyed while the
+    interpreter is whole (a gloo group alive at exit can abort it)."""
     import gc
     import signal
 
@@ -886,22 +872,9 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
 # (tests/faulty.py patches a method's loss), never by a hook in this code.
 
 class NonFiniteGuard:
-    """Skip optimizer steps whose loss or gradient norm is NaN or inf, on every rank together, and stop after
-    `limit` of them in a row. Use, once per optimizer step, after the backward and the gradient clipping:
-
-        guard = common.NonFiniteGuard(args.max_nonfinite, device=d.device)
-        ...
-        if guard.check(step, loss=loss_value, grad_norm=grad_norm):
-            optimizer.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)   # skipped: weights and optimizer state stay those of the last good step
-        ...
-        if guard.exhausted:
-            common.save_checkpoint(out, ...)        # then the run stops with a message naming that checkpoint
-            guard.stop(out)
-
-    The decision is all-reduced (one scalar), so DDP / FSDP2 replicas never diverge: a NaN on any rank skips the step
-    everywhere. The data of a skipped step is consumed (the step counter moves on). `limit` 0 never stops."""
+    """Skip optimizer steps whose loss or gradient norm is NaN / inf on any rank, on every rank together (one
+    all-reduced flag, so replicas never diverge); `limit` in a row (0 = never) make `exhausted` true, and the caller
+    saves the last good weights and calls `stop`. A skipped step's data is consumed. Used by lifecycle.update."""
 
     def __init__(self, limit: int = 5, device: torch.device | str = "cpu"):
         self.limit = limit  # non-finite steps in a row that stop the run

@@ -4,7 +4,7 @@ accuracy on held-out toy images of the trained (base) classes, while the same ru
 The run is the README quickstart (`python dive_k.py --data toy`: 240 base-class training images mined with K=8,
 90 GRPO steps of 16 questions x 8 completions, lr 2e-4, beta 0.2) evaluated on the 180 held-out base-class test
 images only (the quickstart also evaluates the novel classes), step 2 scored strictly (the stand-in answers an
-option's text). The control reuses the same mined questions and starting model with `--rewards random` (a coin
+option's text). The control starts from the same model and questions with `--rewards random` (a coin
 flip that ignores the completion). Fixed seeds throughout. Both evaluations answer the same images with the same
 per-image sample streams, so the noise of a gain is the paired standard error over the images (the s.d. of the
 per-image differences / sqrt(n)); the earlier test used the independent-samples formula, which ignores the pairing.
@@ -15,9 +15,8 @@ with paired s.e. 0.030 (3.1 s.e.; 24 images gained, 7 lost). Other settings on t
 s.e.) and the paper's beta 0.04 with 60 steps 0.739 -> 0.750. Recipe v2 (the old prompts): start 0.644, after 60
 steps 0.811, random-reward control 0.528.
 
-The test runs on two torch threads, a fixed count, so its numbers do not depend on the machine's cores or load; there
-seed 42 gave 0.717 -> 0.811, +0.094 / 0.029 = 3.2 s.e., control -0.056 (after the sampler's nucleus change).
-Seeds tried (one torch thread, this test's runs; base-class two-step accuracy start -> after 90 steps, gain / paired
+The two runs go side by side, each on one torch thread, a fixed count, so the numbers do not depend on the machine's
+cores or load; the control mines its own questions, the same as the real run's (asserted). Seeds tried (one torch thread, this test's runs; base-class two-step accuracy start -> after 90 steps, gain / paired
 s.e.; the random-reward control's gain):
   seed 42 (the test's)  0.717 -> 0.806, +0.089 / 0.029 = 3.1 s.e.; control -0.056
   seed 0                0.728 -> 0.800, +0.072 / 0.033 = 2.2 s.e.; control -0.022
@@ -28,14 +27,15 @@ s.e. (3 s.e. was a knife edge the seed decided).
 import json
 import math
 import os
-import shutil
+import subprocess
+import sys
 
-import dive_k
+from conftest import ROOT
 
 STEPS = 90
 SEED = 42  # the quickstart's default
 FLAGS = ["--data", "toy", "--max-steps", str(STEPS), "--eval-every", str(STEPS), "--eval-classes", "base",
-         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "2"]
+         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "1"]
 
 
 def evals(out):
@@ -59,12 +59,17 @@ def paired(before: dict, after: dict) -> tuple[float, float, int]:
     return mean, math.sqrt(var / len(ids)), len(ids)
 
 
-def test_grpo_on_mined_questions_beats_a_random_reward(tmp_path, tiny, one_thread):
+def test_grpo_on_mined_questions_beats_a_random_reward(tmp_path, tiny):
     real, control = str(tmp_path / "real"), str(tmp_path / "control")
-    dive_k.main(FLAGS + ["--seed", str(SEED), "--out", real])
-    os.makedirs(control)
-    shutil.copy(os.path.join(real, "mcq.jsonl"), os.path.join(control, "mcq.jsonl"))  # the same questions
-    dive_k.main(FLAGS + ["--seed", str(SEED), "--out", control, "--rewards", "random", "--no-initial-eval"])
+    # the two runs side by side, one torch thread each (fixed: the numbers depend on the seed only)
+    runs = [subprocess.Popen([sys.executable, "dive_k.py", *FLAGS, "--seed", str(SEED), "--out", out, *extra],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for out, extra in ((real, []), (control, ["--rewards", "random", "--no-initial-eval"]))]
+    for run in runs:
+        output = run.communicate(timeout=1200)[0]
+        assert run.returncode == 0, output[-4000:]
+    with open(os.path.join(real, "mcq.jsonl")) as f, open(os.path.join(control, "mcq.jsonl")) as g:
+        assert f.read() == g.read()  # the control mined the same questions from the same starting model
     before, after, after_control = evals(real)[0], evals(real)[STEPS], evals(control)[STEPS]
     gain, se, n = paired(before, after)
     control_gain, control_se, _ = paired(before, after_control)
