@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import sys
+import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -25,12 +26,51 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-import judges
 
 
 # =====================================================================================================================
-# 1. Records, and the toy dataset
+# 1. Names, records, and the toy dataset
 # =====================================================================================================================
+
+APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
+
+
+def normalize(text: str) -> str:
+    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
+    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
+    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
+    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
+    ('chuck will widow', 'crème brûlée', 'f 16a b')
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+class NameMap(dict):
+    """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
+    albatross"]` are the same entry. Values stay as given (display forms)."""
+
+    def __init__(self, items=()):
+        super().__init__()
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(normalize(key), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(normalize(key))
+
+    def __contains__(self, key):
+        return isinstance(key, str) and super().__contains__(normalize(key))
+
+    def get(self, key, default=None):
+        return super().get(normalize(key), default) if isinstance(key, str) else default
+
+    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
+        return (NameMap, (dict(self),))
+
 
 @dataclasses.dataclass
 class Example:
@@ -92,7 +132,6 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     s = TOY_IMAGE_SIZE
     bg = tuple(rng.randint(215, 250) for _ in range(3))
     img = Image.new("RGB", (s, s), bg)
-    draw = ImageDraw.Draw(img)
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
@@ -160,8 +199,8 @@ def load_toy(split: str) -> Dataset:
         with open(os.path.join(root, f"{part}.jsonl")) as f:
             recs += [json.loads(line) for line in f]
     examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
-    synonyms = judges.NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
-    return Dataset("toy", examples, names, "shape", hierarchy=judges.NameMap(toy_hierarchy()), synonyms=synonyms,
+    synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
+    return Dataset("toy", examples, names, "shape", hierarchy=NameMap(toy_hierarchy()), synonyms=synonyms,
                    generic=["shape", "object"], split=split, root=root)
 
 
@@ -402,13 +441,13 @@ def _examples(root: str, items: list[tuple[str, int]], class_names: list[str]) -
     return [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in items]
 
 
-def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> judges.NameMap:
+def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> NameMap:
     """class -> [group noun = last word (CUB: warbler, sparrow, gull ...), kind]; single-word names and the
     `skip` words (compound names such as Chuck-will's-widow) get only [kind]."""
     skip = set(skip)
-    out = judges.NameMap()
+    out = NameMap()
     for n in names:
-        words = judges.normalize(n).split()
+        words = normalize(n).split()
         group = words[-1] if len(words) > 1 and words[-1] not in skip else None
         out[n] = [group, kind] if group else [kind]
     return out
@@ -438,7 +477,7 @@ def read_cub(root: str | None, split: str) -> Dataset:
     items = _pick_split("cub", split, train, test)
     # Chuck-will's-widow and Whip-poor-will are nightjars: their last word is not a group noun
     hierarchy = _last_word_groups(class_names, "bird", skip=["widow", "will"])
-    synonyms = judges.NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
+    synonyms = NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
                         if "Gray" in n or "Grey" in n})
     return Dataset("cub", _examples(root, items, class_names), class_names, "bird", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["cub"], split=split, root=root)
@@ -470,9 +509,9 @@ def read_flowers(root: str | None, split: str) -> Dataset:
             return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
                     for i in _mat_field("flowers", setid_mat, setid, key)]
         items = _pick_split("flowers", split, ids("trnid"), ids("tstid"), ids("valid"))
-    hierarchy = judges.NameMap({n: ["flower"] for n in class_names})
+    hierarchy = NameMap({n: ["flower"] for n in class_names})
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
-    synonyms = judges.NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
+    synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
     return Dataset("flowers", _examples(root, items, class_names), class_names, "flower", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["flowers"], split=split, root=root)
 
@@ -512,7 +551,7 @@ def read_pets(root: str | None, split: str) -> Dataset:
         train, test = read(trainval_txt), read(test_txt)
         class_names = [names_by_id[i] for i in range(1, max(names_by_id) + 1)]
         items = _pick_split("pets", split, train, test)
-    hierarchy = judges.NameMap({n: [species.get(n, "pet")] for n in class_names})
+    hierarchy = NameMap({n: [species.get(n, "pet")] for n in class_names})
     return Dataset("pets", _examples(root, items, class_names), class_names, "pet", hierarchy=hierarchy,
                    generic=GENERIC_TERMS["pets"], split=split, root=root)
 
@@ -546,8 +585,8 @@ def car_hierarchy(name: str) -> list[str]:
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     out = []
     for a in (line, no_type, make, "car"):
-        if judges.normalize(a) != judges.normalize(name) and (
-                not out or judges.normalize(out[-1]) != judges.normalize(a)):
+        if normalize(a) != normalize(name) and (
+                not out or normalize(out[-1]) != normalize(a)):
             out.append(a)
     return out
 
@@ -580,8 +619,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
         items = _pick_split("cars", split, read(train_path, "cars_train"), read(test_path, "cars_test"))
-    hierarchy = judges.NameMap({n: car_hierarchy(n) for n in class_names})
-    synonyms = judges.NameMap()
+    hierarchy = NameMap({n: car_hierarchy(n) for n in class_names})
+    synonyms = NameMap()
     for n in class_names:  # the devkit's own word order "Audi TTS Coupe 2012"
         w = n.split()
         if w and re.fullmatch(r"(19|20)\d\d", w[0]):
@@ -615,16 +654,16 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
             for iid, v in variant.items():
                 if iid in family and iid in maker:
                     parents.setdefault(v, [family[iid], maker[iid]])
-    hierarchy, synonyms = judges.NameMap(), judges.NameMap()
+    hierarchy, synonyms = NameMap(), NameMap()
     for v in class_names:
-        chain = [a for a in parents.get(v, []) if judges.normalize(a) != judges.normalize(v)] + ["aircraft"]
+        chain = [a for a in parents.get(v, []) if normalize(a) != normalize(v)] + ["aircraft"]
         hierarchy[v] = [a for i, a in enumerate(chain)
-                        if judges.normalize(a) not in {judges.normalize(b) for b in chain[:i]}]
+                        if normalize(a) not in {normalize(b) for b in chain[:i]}]
         maker = parents.get(v, [None, None])[1]
-        if maker and not judges.normalize(v).startswith(judges.normalize(maker)):  # "Boeing 707-320" for "707-320"
+        if maker and not normalize(v).startswith(normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
             family = parents[v][0]
-            if not judges.normalize(family).startswith(judges.normalize(maker)):  # "Airbus A340" for the family "A340"
+            if not normalize(family).startswith(normalize(maker)):  # "Airbus A340" for the family "A340"
                 synonyms[family] = [f"{maker} {family}"]
     return Dataset("aircraft", _examples(root, items, class_names), class_names, "aircraft", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["aircraft"], split=split, root=root)
@@ -652,7 +691,7 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
     items = _pick_split("dogs", split, train, test)
     return Dataset("dogs", _examples(root, items, class_names), class_names, "dog",
-                   hierarchy=judges.NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
+                   hierarchy=NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
                    split=split,
                    root=root)
 
@@ -689,7 +728,7 @@ def read_food(root: str | None, split: str) -> Dataset:
             return out
         items = _pick_split("food", split, read(train_txt), read(test_txt))
     return Dataset("food", _examples(root, items, class_names), class_names, "food",
-                   hierarchy=judges.NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
+                   hierarchy=NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
                    split=split,
                    root=root)
 
@@ -736,14 +775,14 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
             class_names = [line.strip() for line in f if line.strip()]
     else:
         class_names = sorted({r["class_name"] for r in records})
-    index = {judges.normalize(n): i for i, n in enumerate(class_names)}
+    index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
     examples, first_seen, repeats = [], {}, 0
     for i, r in enumerate(records):
         if r.get("split") is not None and r["split"] not in wanted:
             continue  # (a split spelled differently, "Test", is named when the split comes out empty)
-        label = index.get(judges.normalize(r["class_name"]))
+        label = index.get(normalize(r["class_name"]))
         if label is None:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
                              f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
@@ -765,12 +804,12 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
                          f"are lowercase: {', '.join(s for s in SPLITS if s != 'trainval')})")
     kind = meta.get("kind", "object")
-    hierarchy = judges.NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
+    hierarchy = NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
         chain = hierarchy.get(n, [])
-        hierarchy[n] = chain if chain and judges.normalize(chain[-1]) == judges.normalize(kind) else chain + [kind]
+        hierarchy[n] = chain if chain and normalize(chain[-1]) == normalize(kind) else chain + [kind]
     return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
-                   synonyms=judges.NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
+                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
                    split=split,
                    root=base)
 

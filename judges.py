@@ -18,39 +18,12 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 import common
-
-if TYPE_CHECKING:
-    from data import Dataset
-
-
-class NameMap(dict):
-    """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
-    albatross"]` are the same entry. Values stay as given (display forms)."""
-
-    def __init__(self, items=()):
-        super().__init__()
-        for key, value in dict(items).items():
-            self[key] = value
-
-    def __setitem__(self, key, value):
-        super().__setitem__(normalize(key), value)
-
-    def __getitem__(self, key):
-        return super().__getitem__(normalize(key))
-
-    def __contains__(self, key):
-        return isinstance(key, str) and super().__contains__(normalize(key))
-
-    def get(self, key, default=None):
-        return super().get(normalize(key), default) if isinstance(key, str) else default
-
-    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
-        return (NameMap, (dict(self),))
+from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
 
 # =====================================================================================================================
@@ -59,19 +32,6 @@ class NameMap(dict):
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
-APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
-
-
-def normalize(text: str) -> str:
-    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
-    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
-    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
-    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
-    ('chuck will widow', 'crème brûlée', 'f 16a b')
-    """
-    text = unicodedata.normalize("NFC", text).lower()
-    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
 def verifier_text(text: str) -> str:
