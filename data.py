@@ -190,8 +190,6 @@ def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val). Hierarchy: class -> shape family (the last
     word, like a CUB group noun) -> 'shape'. Each class has one synonym, colour and pattern swapped ('striped red
     circle' for 'red striped circle'), so the judges' synonym rule is exercised on toy too."""
-    if split not in (*TOY_SPLITS, "trainval"):
-        raise SystemExit(f"--data toy: unknown split {split!r} (train, val, test, trainval)")
     root = toy_root()
     names = toy_class_names()
     recs = []
@@ -299,25 +297,18 @@ GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer fo
 }
 
 
-def _missing(name: str, root: str, what: str):
-    raise SystemExit(f"--data {name}: {what} not found under --data-root {root}.\nExpected layout:\n{LAYOUTS[name]}")
+def _fail(name: str, what: str):
+    raise SystemExit(f"--data {name}: {what}.\nExpected layout:\n{LAYOUTS[name]}")
 
 
-def _need_root(name: str, root: str | None) -> str:
+def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] = ()) -> str:
+    """--data-root checked; the dataset folder or a parent of it (the first of root, root/sub... that holds `marker`)."""
     if not root:
-        raise SystemExit(f"--data {name} needs --data-root pointing at the dataset folder.\nExpected layout:\n"
-                         f"{LAYOUTS[name]}")
+        _fail(name, "needs --data-root pointing at the dataset folder")
     if not os.path.isdir(root):
-        raise SystemExit(f"--data {name}: --data-root {root} is not a directory.\nExpected layout:\n{LAYOUTS[name]}")
-    return root
-
-
-def _descend(root: str, marker: str, subdirs: Sequence[str]) -> str:
-    """Accept the dataset folder or a parent of it: return the first of root, root/sub... that holds `marker`."""
-    for sub in ("", *subdirs):
-        if os.path.exists(os.path.join(root, sub, marker)):
-            return os.path.join(root, sub) if sub else root
-    return root
+        _fail(name, f"--data-root {root} is not a directory")
+    candidates = [root, *(os.path.join(root, sub) for sub in subdirs)]
+    return next((path for path in candidates if os.path.exists(os.path.join(path, marker))), root)
 
 
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
@@ -326,7 +317,7 @@ def _require(name: str, root: str, *relpaths: str) -> list[str]:
     for rel in relpaths:
         path = os.path.join(root, rel)
         if not os.path.exists(path):
-            _missing(name, root, rel)
+            _fail(name, f"{rel} not found under --data-root {root}")
         out.append(path)
     return out
 
@@ -342,8 +333,7 @@ def _rows(name: str, path: str, columns: int) -> list[list[str]]:
                 continue
             parts = line.split(None, columns - 1)
             if len(parts) < columns:
-                raise SystemExit(f"--data {name}: {path} line {i}: expected {columns} columns, got {line!r}.\n"
-                                 f"Expected layout:\n{LAYOUTS[name]}")
+                _fail(name, f"{path} line {i}: expected {columns} columns, got {line!r}")
             rows.append(parts)
     return rows
 
@@ -352,8 +342,7 @@ def _int(name: str, path: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"--data {name}: {path}: expected an integer, got {value!r}.\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"{path}: expected an integer, got {value!r}")
 
 
 def load_mat(name: str, path: str) -> dict:
@@ -366,15 +355,13 @@ def load_mat(name: str, path: str) -> dict:
     try:
         return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
     except Exception as e:  # a truncated or non-MATLAB file
-        raise SystemExit(f"--data {name}: cannot read {path} as a MATLAB file ({e}).\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"cannot read {path} as a MATLAB file ({e})")
 
 
 def _mat_field(name: str, path: str, mat: dict, key: str) -> np.ndarray:
     if key not in mat:
         present = sorted(k for k in mat if not k.startswith("__"))
-        raise SystemExit(f"--data {name}: {path} has no variable {key!r} (it has {present}).\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"{path} has no variable {key!r} (it has {present})")
     return np.atleast_1d(mat[key])
 
 
@@ -406,8 +393,6 @@ def carve_val(items: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) ->
 
 def _pick_split(name: str, split: str, train: list, test: list, val: list | None = None) -> list:
     """train / val / test / trainval from the official train (+ val) and test lists; val carved when absent."""
-    if split not in SPLITS:
-        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if split == "test":
         return test
     if val is None:
@@ -430,8 +415,6 @@ def _read_coop_json(name: str, path: str, prefix: str, split: str) -> tuple[list
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--data {name}: {path} is not a CoOp split file ({e!r}); expected "
                          f'{{"train": [[path, label0, classname], ...], "val": [...], "test": [...]}}')
-    if split not in SPLITS:
-        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     parts = ["train", "val"] if split == "trainval" else [split]
     items = [(os.path.join(prefix, rel), int(label)) for part in parts for rel, label, _ in data[part]]
     return items, names
@@ -456,7 +439,7 @@ def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> 
 def read_cub(root: str | None, split: str) -> Dataset:
     """CUB-200-2011. Class name = folder without 'NNN.', '_' -> ' ' ("Black footed Albatross"). test = the official
     test (5,794); train / val = the official train (5,994) split 80/20 per class (DiVE-k); trainval = official train."""
-    root = _descend(_need_root("cub", root), "images.txt", ["CUB_200_2011"])
+    root = _root("cub", root, "images.txt", ["CUB_200_2011"])
     images_txt, classes_txt, labels_txt, split_txt, images_dir = _require(
         "cub", root, "images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "images")
     classes = sorted((_int("cub", classes_txt, cid), folder) for cid, folder in _rows("cub", classes_txt, 2))
@@ -486,7 +469,7 @@ def read_cub(root: str | None, split: str) -> Dataset:
 def read_flowers(root: str | None, split: str) -> Dataset:
     """Oxford Flowers102: the CoOp split file when present (train 4,093 / val 1,633 / test 2,463), else the official
     setid.mat (trnid / valid / tstid) with names from cat_to_name.json."""
-    root = _need_root("flowers", root)
+    root = _root("flowers", root)
     jpg = os.path.join(root, "jpg")
     coop = os.path.join(root, "split_zhou_OxfordFlowers.json")
     if os.path.exists(coop):
@@ -525,7 +508,7 @@ def _pet_name(stem: str) -> str:
 def read_pets(root: str | None, split: str) -> Dataset:
     """Oxford-IIIT Pets, 37 breeds. The CoOp split file when present (2,944 / 736 / 3,669), else trainval.txt split
     80/20 per class and test.txt. Hierarchy: breed -> cat / dog (species column, else the file-name case)."""
-    root = _need_root("pets", root)
+    root = _root("pets", root)
     images = os.path.join(root, "images")
     coop = os.path.join(root, "split_zhou_OxfordPets.json")
     species: dict[str, str] = {}
@@ -594,7 +577,7 @@ def car_hierarchy(name: str) -> list[str]:
 def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
     files (official train 8,144 split 80/20 per class; test 8,041). Names 'YEAR Make Model Type' (CoOp)."""
-    root = _need_root("cars", root)
+    root = _root("cars", root)
     coop = os.path.join(root, "split_zhou_StanfordCars.json")
     if os.path.exists(coop):
         items, names = _read_coop_json("cars", coop, root, split)
@@ -607,15 +590,14 @@ def read_cars(root: str | None, split: str) -> Dataset:
                                       os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"))
                           if os.path.exists(p)), None)
         if test_path is None:
-            _missing("cars", root, "cars_test_annos_withlabels.mat")
+            _fail("cars", f"cars_test_annos_withlabels.mat not found under --data-root {root}")
         meta = load_mat("cars", meta_path)
         class_names = [car_name(n) for n in _mat_strings(_mat_field("cars", meta_path, meta, "class_names"))]
 
         def read(path, folder):
             annos = _mat_field("cars", path, load_mat("cars", path), "annotations")
             if annos.dtype.names is None or not {"fname", "class"} <= set(annos.dtype.names):
-                raise SystemExit(f"--data cars: {path}: 'annotations' must be a struct array with fields fname and "
-                                 f"class.\nExpected layout:\n{LAYOUTS['cars']}")
+                _fail("cars", f"{path}: 'annotations' must be a struct array with fields fname and class")
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
         items = _pick_split("cars", split, read(train_path, "cars_train"), read(test_path, "cars_test"))
@@ -633,10 +615,8 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     """FGVC-Aircraft 2013b at the variant level (100 classes, variants.txt order), official train / val / test
     (3,334 / 3,333 / 3,333), trainval = the official trainval file. Hierarchy variant -> family -> manufacturer ->
     'aircraft' from the family / manufacturer files when present."""
-    root = _descend(_need_root("aircraft", root), "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
+    root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
-    if split not in SPLITS:
-        raise SystemExit(f"--data aircraft: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     with open(variants_txt) as f:
         class_names = [line.strip() for line in f if line.strip()]
     index = {n: i for i, n in enumerate(class_names)}
@@ -672,7 +652,7 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
 def read_dogs(root: str | None, split: str) -> Dataset:
     """Stanford Dogs, 120 breeds: official train 12,000 (val carved 20% per class) / test 8,580 from
     train_list.mat / test_list.mat. Class name = folder without the WordNet id, '_' -> ' '."""
-    root = _need_root("dogs", root)
+    root = _root("dogs", root)
     train_mat, test_mat, images = _require("dogs", root, "train_list.mat", "test_list.mat", "Images")
     folders: dict[int, str] = {}
 
@@ -692,14 +672,13 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     items = _pick_split("dogs", split, train, test)
     return Dataset("dogs", _examples(root, items, class_names), class_names, "dog",
                    hierarchy=NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
-                   split=split,
-                   root=root)
+                   split=split, root=root)
 
 
 def read_food(root: str | None, split: str) -> Dataset:
     """Food-101: the CoOp split file when present, else meta/train.txt (val carved 20% per class) / meta/test.txt.
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
-    root = _descend(_need_root("food", root), os.path.join("meta", "classes.txt"), ["food-101"])
+    root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
     classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
     with open(classes_txt) as f:
         folders = [line.strip() for line in f if line.strip()]
@@ -729,8 +708,7 @@ def read_food(root: str | None, split: str) -> Dataset:
         items = _pick_split("food", split, read(train_txt), read(test_txt))
     return Dataset("food", _examples(root, items, class_names), class_names, "food",
                    hierarchy=NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
-                   split=split,
-                   root=root)
+                   split=split, root=root)
 
 
 def read_json(path: str, split: str, root: str | None = None) -> Dataset:
@@ -810,8 +788,7 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
         hierarchy[n] = chain if chain and normalize(chain[-1]) == normalize(kind) else chain + [kind]
     return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
                    synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
-                   split=split,
-                   root=base)
+                   split=split, root=base)
 
 
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
@@ -865,7 +842,7 @@ def drop_unreadable(ds: Dataset) -> Dataset:
     common.IMAGE_PROBLEMS.update(skipped)
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
     common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
-           f"({dict(skipped)}): {shown}", file=sys.stderr)
+                  f"({dict(skipped)}): {shown}", file=sys.stderr)
     return dataclasses.replace(ds, examples=keep, skipped={**ds.skipped, **skipped})
 
 
@@ -875,6 +852,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     `name` is toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file (LAYOUTS['json']).
     Images that are missing or unreadable are dropped here (warned, counted in `.skipped`), before the few-shot
     draw, so an epoch never meets a broken file."""
+    if split not in SPLITS:
+        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if name == "toy":
         if root is not None:
             raise SystemExit(f"--data-root {root}: --data toy is generated by this project and reads no folder; "
