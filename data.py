@@ -236,12 +236,8 @@ def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
 
 
 # ----- the real datasets, read from their official on-disk layouts -----
-# Every reader returns one split with examples in a stable order (index-file order), the full class list in class-id
-# order (the CoOp base / novel rule slices it), the object kind used in prompts, and a hierarchy for the rules judge.
-# Splits, as the papers use them: `test` = the official test split (CoOp test for Flowers); `val` = the official val
-# where one exists (Aircraft, Flowers without CoOp file), else the CoOp split file's val when present, else 20% per
-# class carved from the official train with a fixed seed (the CoOp / DiVE-k recipe); `train` = the rest of the
-# official train; `trainval` = train + val (SpeciaRL samples its 3000 CUB images from the official train = trainval).
+# Each reader returns one split in index-file order, every class in class-id order, the object kind and a hierarchy;
+# the splits are as the papers use them (README: Data).
 
 SPLITS = ("train", "val", "test", "trainval")
 
