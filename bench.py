@@ -22,34 +22,8 @@ Launch lines:
   python bench.py --model qwen2.5-vl-7b-random --prompts 4 --new-tokens 256
   torchrun --nproc-per-node 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures are per GPU (rank 0)
 
-How the figures are defined
-  * tokens: real tokens only (no padding). Rollout tokens = generated completion tokens up to and including the
-    first EOS. Log-prob and update tokens = prompt tokens + completion tokens of every scored row.
-  * decode fraction of the bandwidth limit: a decode step must read every weight of the language model once (decoder
-    layers, final norm, lm_head; the vision tower and the embedding table are not read) plus the KV cache of every
-    row: bytes = weight bytes + sum over layers of 2 (K and V) x rows x kv_heads x head_dim x context x element size,
-    with the context averaged over the decode steps. limit time = bytes / copy bandwidth, where the copy bandwidth
-    is measured in this run: a large device-to-device copy moves 2 x size bytes (read + write) in the measured time.
-    fraction = limit time / measured decode step time (decode time of our sampler / decode steps; its prefill is
-    timed separately). On CPU the same numbers are printed but a tiny model is bound by Python overhead, not memory.
-  * FLOPs (the formula behind MFU), per row of L = prompt + completion tokens, C completion tokens, N image patches
-    encoded for that row (0 when it repeats the previous row's image in its micro-batch: encoded once, see
-    common.images_encoded_once); pairs = the query-key pairs causal attention computes, P^2 / 2 + C x P + C^2 / 2
-    for a prompt of P tokens (a packed shared-prefix row: P^2 / 2 once, plus C_i x P + C_i^2 / 2 per completion):
-        text    2 x P_layers x L  +  4 x n_layers x d_attn x pairs     (matmuls; causal attention QK^T and AV)
-        head    2 x d_model x vocab x C                                   (only completion positions are projected)
-        vision  2 x P_blocks x N  +  4 x d_vis x N x (N for full-attention blocks, min(N, window) for window blocks)
-                + 2 x P_patch_embed x N  +  2 x P_merger x N / 4
-    P_* are the parameter counts of those modules, counted from the model; d_attn = heads x head_dim; window =
-    patches per attention window (64). Forward = 1x, training = 3x (backward = 2x forward); recomputation under
-    activation checkpointing is not counted (model FLOPs, not hardware FLOPs). MFU = FLOPs / time / peak, with the
-    dense bf16 peak of the device (989 TFLOP/s for H100 SXM and H200, 312 for A100; see PEAK_BF16_TFLOPS;
-    --peak-tflops overrides; on CPU it is only reported when --peak-tflops is given).
-  * peak memory: torch.cuda.max_memory_allocated per phase on GPU; on CPU the largest resident set of the process
-    seen during the phase (polled every 2 ms), so it includes the weights and everything else alive.
-  * the shared scoring path counts each run of rows sharing a prompt (within a micro-batch) as one row of the
-    prompt's tokens plus all of the run's completion tokens, in the token counts and the FLOP formula below.
-  * the update pass trains the model in its loading dtype (bf16 parameters and AdamW states on GPU, fp32 on CPU).
+How each figure is defined (tokens, the decode step's bandwidth limit, the FLOPs behind MFU, peak memory):
+README, section "Speed".
 """
 
 from __future__ import annotations
@@ -66,6 +40,7 @@ import torch
 
 import common
 import data
+import memory
 import speciarl
 
 # ----- 1. setup ---------------------------------------------------------------------------------------------------
@@ -136,17 +111,6 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def repeat(fn, device, warmup, repeats):
-    """Run fn warmup times untimed, then repeats times timed; (last result, list of seconds)."""
-    for _ in range(warmup):
-        fn()
-    times, out = [], None
-    for _ in range(repeats):
-        out, dt = timed(fn, device)
-        times.append(dt)
-    return out, times
-
-
 def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -158,16 +122,11 @@ class ResidentPeak(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak, self.running = 0, True
-
-    def resident(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+        self.peak, self.running = memory.resident_bytes(), True
 
     def run(self):
         while self.running:
-            self.peak = max(self.peak, self.resident())
+            self.peak = max(self.peak, memory.resident_bytes())
             time.sleep(0.002)
 
 
@@ -182,7 +141,6 @@ def reset_peak(device):
         if _RESIDENT is not None:
             _RESIDENT.running = False
         _RESIDENT = ResidentPeak()
-        _RESIDENT.peak = _RESIDENT.resident()
         _RESIDENT.start()
 
 
@@ -190,7 +148,7 @@ def peak_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     if _RESIDENT is not None:
-        return max(_RESIDENT.peak, _RESIDENT.resident()) / 2 ** 30
+        return max(_RESIDENT.peak, memory.resident_bytes()) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kiB -> GiB, process-wide maximum
 
 

@@ -162,7 +162,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def _processor_class():
+@functools.cache
+def processor_class():
+    """The image-only processor class (built once; imports transformers)."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -175,17 +177,6 @@ def _processor_class():
                              chat_template=chat_template, **kwargs)
 
     return ImageOnlyQwen2_5_VLProcessor
-
-
-_PROCESSOR_CLS = None
-
-
-def processor_class():
-    """The image-only processor class (built once; needs transformers imported)."""
-    global _PROCESSOR_CLS
-    if _PROCESSOR_CLS is None:
-        _PROCESSOR_CLS = _processor_class()
-    return _PROCESSOR_CLS
 
 
 def make_image_processor(min_pixels: int, max_pixels: int):
@@ -318,6 +309,35 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
     return model, proc
 
 
+def tiny_pointer() -> str:
+    """The file that names this checkout's built stand-in (tiny.py writes it; one per checkout, so checkouts with
+    other prompts that share the cache never swap stand-ins)."""
+    import hashlib
+    checkout = hashlib.sha1(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:10]
+    return os.path.join(CACHE_DIR, f"tiny-{checkout}.txt")
+
+
+def tiny_dir() -> str:
+    """The `tiny` stand-in's folder, named in tiny_pointer(). Shared code never imports tiny.py (it sits on top of the
+    methods, whose prompts it learns): when nothing is built yet, `python tiny.py` runs once."""
+    def built() -> str | None:
+        try:
+            with open(tiny_pointer()) as f:
+                path = os.path.join(CACHE_DIR, f.read().strip())
+        except OSError:
+            return None
+        return path if os.path.exists(os.path.join(path, "config.json")) else None
+    if built() is None:
+        import subprocess
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
+        print0(f"--model tiny: no stand-in built for this checkout yet; running `python {script}` once")
+        subprocess.run([sys.executable, script])
+    if built() is None:
+        raise SystemExit(f"--model tiny: `python tiny.py` left no built stand-in named in {tiny_pointer()}; run it "
+                         f"by hand to see why")
+    return built()
+
+
 def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
                min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
     """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
@@ -340,10 +360,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         model, proc = build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype)
         model.set_attn_implementation(attn)
         return model, proc
-    if name == "tiny":
-        import tiny  # the CPU stand-in, built once and cached
-    path = tiny.tiny_model_dir() if name == "tiny" else name
-    if name != "tiny" and not os.path.exists(path) and (path.startswith((".", "/")) or os.sep in path.strip("/").replace("/", "", 1)):
+    path = tiny_dir() if name == "tiny" else name
+    if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
         raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
                          f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
                          f"{sorted(RANDOM_PRESETS)}")

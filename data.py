@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import sys
+import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -25,12 +26,51 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-import judges
 
 
 # =====================================================================================================================
-# 1. Records, and the toy dataset
+# 1. Names, records, and the toy dataset
 # =====================================================================================================================
+
+APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
+
+
+def normalize(text: str) -> str:
+    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
+    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
+    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
+    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
+    ('chuck will widow', 'crème brûlée', 'f 16a b')
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+class NameMap(dict):
+    """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
+    albatross"]` are the same entry. Values stay as given (display forms)."""
+
+    def __init__(self, items=()):
+        super().__init__()
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(normalize(key), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(normalize(key))
+
+    def __contains__(self, key):
+        return isinstance(key, str) and super().__contains__(normalize(key))
+
+    def get(self, key, default=None):
+        return super().get(normalize(key), default) if isinstance(key, str) else default
+
+    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
+        return (NameMap, (dict(self),))
+
 
 @dataclasses.dataclass
 class Example:
@@ -92,7 +132,6 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     s = TOY_IMAGE_SIZE
     bg = tuple(rng.randint(215, 250) for _ in range(3))
     img = Image.new("RGB", (s, s), bg)
-    draw = ImageDraw.Draw(img)
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
@@ -151,8 +190,6 @@ def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val). Hierarchy: class -> shape family (the last
     word, like a CUB group noun) -> 'shape'. Each class has one synonym, colour and pattern swapped ('striped red
     circle' for 'red striped circle'), so the judges' synonym rule is exercised on toy too."""
-    if split not in (*TOY_SPLITS, "trainval"):
-        raise SystemExit(f"--data toy: unknown split {split!r} (train, val, test, trainval)")
     root = toy_root()
     names = toy_class_names()
     recs = []
@@ -160,8 +197,8 @@ def load_toy(split: str) -> Dataset:
         with open(os.path.join(root, f"{part}.jsonl")) as f:
             recs += [json.loads(line) for line in f]
     examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
-    synonyms = judges.NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
-    return Dataset("toy", examples, names, "shape", hierarchy=judges.NameMap(toy_hierarchy()), synonyms=synonyms,
+    synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
+    return Dataset("toy", examples, names, "shape", hierarchy=NameMap(toy_hierarchy()), synonyms=synonyms,
                    generic=["shape", "object"], split=split, root=root)
 
 
@@ -199,12 +236,8 @@ def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
 
 
 # ----- the real datasets, read from their official on-disk layouts -----
-# Every reader returns one split with examples in a stable order (index-file order), the full class list in class-id
-# order (the CoOp base / novel rule slices it), the object kind used in prompts, and a hierarchy for the rules judge.
-# Splits, as the papers use them: `test` = the official test split (CoOp test for Flowers); `val` = the official val
-# where one exists (Aircraft, Flowers without CoOp file), else the CoOp split file's val when present, else 20% per
-# class carved from the official train with a fixed seed (the CoOp / DiVE-k recipe); `train` = the rest of the
-# official train; `trainval` = train + val (SpeciaRL samples its 3000 CUB images from the official train = trainval).
+# Each reader returns one split in index-file order, every class in class-id order, the object kind and a hierarchy;
+# the splits are as the papers use them (README: Data).
 
 SPLITS = ("train", "val", "test", "trainval")
 
@@ -260,25 +293,18 @@ GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer fo
 }
 
 
-def _missing(name: str, root: str, what: str):
-    raise SystemExit(f"--data {name}: {what} not found under --data-root {root}.\nExpected layout:\n{LAYOUTS[name]}")
+def _fail(name: str, what: str):
+    raise SystemExit(f"--data {name}: {what}.\nExpected layout:\n{LAYOUTS[name]}")
 
 
-def _need_root(name: str, root: str | None) -> str:
+def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] = ()) -> str:
+    """--data-root checked; the dataset folder or a parent of it (the first of root, root/sub... that holds `marker`)."""
     if not root:
-        raise SystemExit(f"--data {name} needs --data-root pointing at the dataset folder.\nExpected layout:\n"
-                         f"{LAYOUTS[name]}")
+        _fail(name, "needs --data-root pointing at the dataset folder")
     if not os.path.isdir(root):
-        raise SystemExit(f"--data {name}: --data-root {root} is not a directory.\nExpected layout:\n{LAYOUTS[name]}")
-    return root
-
-
-def _descend(root: str, marker: str, subdirs: Sequence[str]) -> str:
-    """Accept the dataset folder or a parent of it: return the first of root, root/sub... that holds `marker`."""
-    for sub in ("", *subdirs):
-        if os.path.exists(os.path.join(root, sub, marker)):
-            return os.path.join(root, sub) if sub else root
-    return root
+        _fail(name, f"--data-root {root} is not a directory")
+    candidates = [root, *(os.path.join(root, sub) for sub in subdirs)]
+    return next((path for path in candidates if os.path.exists(os.path.join(path, marker))), root)
 
 
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
@@ -287,7 +313,7 @@ def _require(name: str, root: str, *relpaths: str) -> list[str]:
     for rel in relpaths:
         path = os.path.join(root, rel)
         if not os.path.exists(path):
-            _missing(name, root, rel)
+            _fail(name, f"{rel} not found under --data-root {root}")
         out.append(path)
     return out
 
@@ -303,8 +329,7 @@ def _rows(name: str, path: str, columns: int) -> list[list[str]]:
                 continue
             parts = line.split(None, columns - 1)
             if len(parts) < columns:
-                raise SystemExit(f"--data {name}: {path} line {i}: expected {columns} columns, got {line!r}.\n"
-                                 f"Expected layout:\n{LAYOUTS[name]}")
+                _fail(name, f"{path} line {i}: expected {columns} columns, got {line!r}")
             rows.append(parts)
     return rows
 
@@ -313,8 +338,7 @@ def _int(name: str, path: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"--data {name}: {path}: expected an integer, got {value!r}.\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"{path}: expected an integer, got {value!r}")
 
 
 def load_mat(name: str, path: str) -> dict:
@@ -327,15 +351,13 @@ def load_mat(name: str, path: str) -> dict:
     try:
         return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
     except Exception as e:  # a truncated or non-MATLAB file
-        raise SystemExit(f"--data {name}: cannot read {path} as a MATLAB file ({e}).\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"cannot read {path} as a MATLAB file ({e})")
 
 
 def _mat_field(name: str, path: str, mat: dict, key: str) -> np.ndarray:
     if key not in mat:
         present = sorted(k for k in mat if not k.startswith("__"))
-        raise SystemExit(f"--data {name}: {path} has no variable {key!r} (it has {present}).\n"
-                         f"Expected layout:\n{LAYOUTS[name]}")
+        _fail(name, f"{path} has no variable {key!r} (it has {present})")
     return np.atleast_1d(mat[key])
 
 
@@ -367,8 +389,6 @@ def carve_val(items: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) ->
 
 def _pick_split(name: str, split: str, train: list, test: list, val: list | None = None) -> list:
     """train / val / test / trainval from the official train (+ val) and test lists; val carved when absent."""
-    if split not in SPLITS:
-        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if split == "test":
         return test
     if val is None:
@@ -391,8 +411,6 @@ def _read_coop_json(name: str, path: str, prefix: str, split: str) -> tuple[list
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--data {name}: {path} is not a CoOp split file ({e!r}); expected "
                          f'{{"train": [[path, label0, classname], ...], "val": [...], "test": [...]}}')
-    if split not in SPLITS:
-        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     parts = ["train", "val"] if split == "trainval" else [split]
     items = [(os.path.join(prefix, rel), int(label)) for part in parts for rel, label, _ in data[part]]
     return items, names
@@ -402,13 +420,13 @@ def _examples(root: str, items: list[tuple[str, int]], class_names: list[str]) -
     return [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in items]
 
 
-def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> judges.NameMap:
+def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> NameMap:
     """class -> [group noun = last word (CUB: warbler, sparrow, gull ...), kind]; single-word names and the
     `skip` words (compound names such as Chuck-will's-widow) get only [kind]."""
     skip = set(skip)
-    out = judges.NameMap()
+    out = NameMap()
     for n in names:
-        words = judges.normalize(n).split()
+        words = normalize(n).split()
         group = words[-1] if len(words) > 1 and words[-1] not in skip else None
         out[n] = [group, kind] if group else [kind]
     return out
@@ -417,7 +435,7 @@ def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> 
 def read_cub(root: str | None, split: str) -> Dataset:
     """CUB-200-2011. Class name = folder without 'NNN.', '_' -> ' ' ("Black footed Albatross"). test = the official
     test (5,794); train / val = the official train (5,994) split 80/20 per class (DiVE-k); trainval = official train."""
-    root = _descend(_need_root("cub", root), "images.txt", ["CUB_200_2011"])
+    root = _root("cub", root, "images.txt", ["CUB_200_2011"])
     images_txt, classes_txt, labels_txt, split_txt, images_dir = _require(
         "cub", root, "images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "images")
     classes = sorted((_int("cub", classes_txt, cid), folder) for cid, folder in _rows("cub", classes_txt, 2))
@@ -438,7 +456,7 @@ def read_cub(root: str | None, split: str) -> Dataset:
     items = _pick_split("cub", split, train, test)
     # Chuck-will's-widow and Whip-poor-will are nightjars: their last word is not a group noun
     hierarchy = _last_word_groups(class_names, "bird", skip=["widow", "will"])
-    synonyms = judges.NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
+    synonyms = NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
                         if "Gray" in n or "Grey" in n})
     return Dataset("cub", _examples(root, items, class_names), class_names, "bird", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["cub"], split=split, root=root)
@@ -447,7 +465,7 @@ def read_cub(root: str | None, split: str) -> Dataset:
 def read_flowers(root: str | None, split: str) -> Dataset:
     """Oxford Flowers102: the CoOp split file when present (train 4,093 / val 1,633 / test 2,463), else the official
     setid.mat (trnid / valid / tstid) with names from cat_to_name.json."""
-    root = _need_root("flowers", root)
+    root = _root("flowers", root)
     jpg = os.path.join(root, "jpg")
     coop = os.path.join(root, "split_zhou_OxfordFlowers.json")
     if os.path.exists(coop):
@@ -470,9 +488,9 @@ def read_flowers(root: str | None, split: str) -> Dataset:
             return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
                     for i in _mat_field("flowers", setid_mat, setid, key)]
         items = _pick_split("flowers", split, ids("trnid"), ids("tstid"), ids("valid"))
-    hierarchy = judges.NameMap({n: ["flower"] for n in class_names})
+    hierarchy = NameMap({n: ["flower"] for n in class_names})
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
-    synonyms = judges.NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
+    synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
     return Dataset("flowers", _examples(root, items, class_names), class_names, "flower", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["flowers"], split=split, root=root)
 
@@ -486,7 +504,7 @@ def _pet_name(stem: str) -> str:
 def read_pets(root: str | None, split: str) -> Dataset:
     """Oxford-IIIT Pets, 37 breeds. The CoOp split file when present (2,944 / 736 / 3,669), else trainval.txt split
     80/20 per class and test.txt. Hierarchy: breed -> cat / dog (species column, else the file-name case)."""
-    root = _need_root("pets", root)
+    root = _root("pets", root)
     images = os.path.join(root, "images")
     coop = os.path.join(root, "split_zhou_OxfordPets.json")
     species: dict[str, str] = {}
@@ -512,7 +530,7 @@ def read_pets(root: str | None, split: str) -> Dataset:
         train, test = read(trainval_txt), read(test_txt)
         class_names = [names_by_id[i] for i in range(1, max(names_by_id) + 1)]
         items = _pick_split("pets", split, train, test)
-    hierarchy = judges.NameMap({n: [species.get(n, "pet")] for n in class_names})
+    hierarchy = NameMap({n: [species.get(n, "pet")] for n in class_names})
     return Dataset("pets", _examples(root, items, class_names), class_names, "pet", hierarchy=hierarchy,
                    generic=GENERIC_TERMS["pets"], split=split, root=root)
 
@@ -546,8 +564,8 @@ def car_hierarchy(name: str) -> list[str]:
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     out = []
     for a in (line, no_type, make, "car"):
-        if judges.normalize(a) != judges.normalize(name) and (
-                not out or judges.normalize(out[-1]) != judges.normalize(a)):
+        if normalize(a) != normalize(name) and (
+                not out or normalize(out[-1]) != normalize(a)):
             out.append(a)
     return out
 
@@ -555,7 +573,7 @@ def car_hierarchy(name: str) -> list[str]:
 def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
     files (official train 8,144 split 80/20 per class; test 8,041). Names 'YEAR Make Model Type' (CoOp)."""
-    root = _need_root("cars", root)
+    root = _root("cars", root)
     coop = os.path.join(root, "split_zhou_StanfordCars.json")
     if os.path.exists(coop):
         items, names = _read_coop_json("cars", coop, root, split)
@@ -568,20 +586,19 @@ def read_cars(root: str | None, split: str) -> Dataset:
                                       os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"))
                           if os.path.exists(p)), None)
         if test_path is None:
-            _missing("cars", root, "cars_test_annos_withlabels.mat")
+            _fail("cars", f"cars_test_annos_withlabels.mat not found under --data-root {root}")
         meta = load_mat("cars", meta_path)
         class_names = [car_name(n) for n in _mat_strings(_mat_field("cars", meta_path, meta, "class_names"))]
 
         def read(path, folder):
             annos = _mat_field("cars", path, load_mat("cars", path), "annotations")
             if annos.dtype.names is None or not {"fname", "class"} <= set(annos.dtype.names):
-                raise SystemExit(f"--data cars: {path}: 'annotations' must be a struct array with fields fname and "
-                                 f"class.\nExpected layout:\n{LAYOUTS['cars']}")
+                _fail("cars", f"{path}: 'annotations' must be a struct array with fields fname and class")
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
         items = _pick_split("cars", split, read(train_path, "cars_train"), read(test_path, "cars_test"))
-    hierarchy = judges.NameMap({n: car_hierarchy(n) for n in class_names})
-    synonyms = judges.NameMap()
+    hierarchy = NameMap({n: car_hierarchy(n) for n in class_names})
+    synonyms = NameMap()
     for n in class_names:  # the devkit's own word order "Audi TTS Coupe 2012"
         w = n.split()
         if w and re.fullmatch(r"(19|20)\d\d", w[0]):
@@ -594,10 +611,8 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     """FGVC-Aircraft 2013b at the variant level (100 classes, variants.txt order), official train / val / test
     (3,334 / 3,333 / 3,333), trainval = the official trainval file. Hierarchy variant -> family -> manufacturer ->
     'aircraft' from the family / manufacturer files when present."""
-    root = _descend(_need_root("aircraft", root), "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
+    root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
-    if split not in SPLITS:
-        raise SystemExit(f"--data aircraft: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     with open(variants_txt) as f:
         class_names = [line.strip() for line in f if line.strip()]
     index = {n: i for i, n in enumerate(class_names)}
@@ -615,16 +630,16 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
             for iid, v in variant.items():
                 if iid in family and iid in maker:
                     parents.setdefault(v, [family[iid], maker[iid]])
-    hierarchy, synonyms = judges.NameMap(), judges.NameMap()
+    hierarchy, synonyms = NameMap(), NameMap()
     for v in class_names:
-        chain = [a for a in parents.get(v, []) if judges.normalize(a) != judges.normalize(v)] + ["aircraft"]
+        chain = [a for a in parents.get(v, []) if normalize(a) != normalize(v)] + ["aircraft"]
         hierarchy[v] = [a for i, a in enumerate(chain)
-                        if judges.normalize(a) not in {judges.normalize(b) for b in chain[:i]}]
+                        if normalize(a) not in {normalize(b) for b in chain[:i]}]
         maker = parents.get(v, [None, None])[1]
-        if maker and not judges.normalize(v).startswith(judges.normalize(maker)):  # "Boeing 707-320" for "707-320"
+        if maker and not normalize(v).startswith(normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
             family = parents[v][0]
-            if not judges.normalize(family).startswith(judges.normalize(maker)):  # "Airbus A340" for the family "A340"
+            if not normalize(family).startswith(normalize(maker)):  # "Airbus A340" for the family "A340"
                 synonyms[family] = [f"{maker} {family}"]
     return Dataset("aircraft", _examples(root, items, class_names), class_names, "aircraft", hierarchy=hierarchy,
                    synonyms=synonyms, generic=GENERIC_TERMS["aircraft"], split=split, root=root)
@@ -633,7 +648,7 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
 def read_dogs(root: str | None, split: str) -> Dataset:
     """Stanford Dogs, 120 breeds: official train 12,000 (val carved 20% per class) / test 8,580 from
     train_list.mat / test_list.mat. Class name = folder without the WordNet id, '_' -> ' '."""
-    root = _need_root("dogs", root)
+    root = _root("dogs", root)
     train_mat, test_mat, images = _require("dogs", root, "train_list.mat", "test_list.mat", "Images")
     folders: dict[int, str] = {}
 
@@ -652,15 +667,14 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
     items = _pick_split("dogs", split, train, test)
     return Dataset("dogs", _examples(root, items, class_names), class_names, "dog",
-                   hierarchy=judges.NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
-                   split=split,
-                   root=root)
+                   hierarchy=NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
+                   split=split, root=root)
 
 
 def read_food(root: str | None, split: str) -> Dataset:
     """Food-101: the CoOp split file when present, else meta/train.txt (val carved 20% per class) / meta/test.txt.
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
-    root = _descend(_need_root("food", root), os.path.join("meta", "classes.txt"), ["food-101"])
+    root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
     classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
     with open(classes_txt) as f:
         folders = [line.strip() for line in f if line.strip()]
@@ -689,9 +703,8 @@ def read_food(root: str | None, split: str) -> Dataset:
             return out
         items = _pick_split("food", split, read(train_txt), read(test_txt))
     return Dataset("food", _examples(root, items, class_names), class_names, "food",
-                   hierarchy=judges.NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
-                   split=split,
-                   root=root)
+                   hierarchy=NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
+                   split=split, root=root)
 
 
 def read_json(path: str, split: str, root: str | None = None) -> Dataset:
@@ -736,14 +749,14 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
             class_names = [line.strip() for line in f if line.strip()]
     else:
         class_names = sorted({r["class_name"] for r in records})
-    index = {judges.normalize(n): i for i, n in enumerate(class_names)}
+    index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
     examples, first_seen, repeats = [], {}, 0
     for i, r in enumerate(records):
         if r.get("split") is not None and r["split"] not in wanted:
             continue  # (a split spelled differently, "Test", is named when the split comes out empty)
-        label = index.get(judges.normalize(r["class_name"]))
+        label = index.get(normalize(r["class_name"]))
         if label is None:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
                              f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
@@ -765,14 +778,13 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
                          f"are lowercase: {', '.join(s for s in SPLITS if s != 'trainval')})")
     kind = meta.get("kind", "object")
-    hierarchy = judges.NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
+    hierarchy = NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
         chain = hierarchy.get(n, [])
-        hierarchy[n] = chain if chain and judges.normalize(chain[-1]) == judges.normalize(kind) else chain + [kind]
+        hierarchy[n] = chain if chain and normalize(chain[-1]) == normalize(kind) else chain + [kind]
     return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
-                   synonyms=judges.NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
-                   split=split,
-                   root=base)
+                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
+                   split=split, root=base)
 
 
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
@@ -826,7 +838,7 @@ def drop_unreadable(ds: Dataset) -> Dataset:
     common.IMAGE_PROBLEMS.update(skipped)
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
     common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
-           f"({dict(skipped)}): {shown}", file=sys.stderr)
+                  f"({dict(skipped)}): {shown}", file=sys.stderr)
     return dataclasses.replace(ds, examples=keep, skipped={**ds.skipped, **skipped})
 
 
@@ -836,6 +848,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     `name` is toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file (LAYOUTS['json']).
     Images that are missing or unreadable are dropped here (warned, counted in `.skipped`), before the few-shot
     draw, so an epoch never meets a broken file."""
+    if split not in SPLITS:
+        raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if name == "toy":
         if root is not None:
             raise SystemExit(f"--data-root {root}: --data toy is generated by this project and reads no folder; "

@@ -18,39 +18,12 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 import common
-
-if TYPE_CHECKING:
-    from data import Dataset
-
-
-class NameMap(dict):
-    """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
-    albatross"]` are the same entry. Values stay as given (display forms)."""
-
-    def __init__(self, items=()):
-        super().__init__()
-        for key, value in dict(items).items():
-            self[key] = value
-
-    def __setitem__(self, key, value):
-        super().__setitem__(normalize(key), value)
-
-    def __getitem__(self, key):
-        return super().__getitem__(normalize(key))
-
-    def __contains__(self, key):
-        return isinstance(key, str) and super().__contains__(normalize(key))
-
-    def get(self, key, default=None):
-        return super().get(normalize(key), default) if isinstance(key, str) else default
-
-    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
-        return (NameMap, (dict(self),))
+from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
 
 # =====================================================================================================================
@@ -59,19 +32,6 @@ class NameMap(dict):
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
-APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
-
-
-def normalize(text: str) -> str:
-    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
-    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
-    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
-    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
-    ('chuck will widow', 'crème brûlée', 'f 16a b')
-    """
-    text = unicodedata.normalize("NFC", text).lower()
-    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
 def verifier_text(text: str) -> str:
@@ -155,13 +115,9 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
 # =====================================================================================================================
 # 2. Answer judges
 # =====================================================================================================================
-# A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, ordered worst to best
-# (SpeciaRL's verifier): wrong < abstain < generic < less_specific < specific < more_specific.
-#   rules          offline and deterministic, from the dataset's names, synonyms and hierarchy;
-#   hf:<model>     an LLM judge run with transformers: the six-label prompt, and the label chosen by scoring each
-#                  label's likelihood after the prompt (greedy and constrained: it can never answer off-list).
-# Both see only normalised strings, as SpeciaRL's judge does, and cache per normalised pair, persisted append-only
-# to a JSONL file so that a long run (or a restarted one) judges each distinct pair once.
+# A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
+# verifier). Every judge sees only normalised strings, as SpeciaRL's does, and caches per pair, persisted append-only
+# to a JSONL file so that a long (or restarted) run judges each distinct pair once.
 
 JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
@@ -533,12 +489,9 @@ def retry_after(headers) -> float | None:
 
 
 class OpenAIServer:
-    """A chat-completions endpoint: `base_url` (e.g. http://host:8000/v1) and a model name. Requests run in a bounded
-    pool (`concurrency`), each with a timeout, retried as the official openai client retries: refused or dropped
-    connections, timeouts, 408, 409, 429 and 5xx (a reply's x-should-retry header decides when present), after the
-    wait the reply asks for (Retry-After, retry-after-ms) when it is at most 60 s, else after 0.5, 1, 2, 4, 8, 8 ... s
-    less up to a quarter of jitter; also a reply that is not JSON. A 401 or an unknown model stops with one message;
-    another 4xx raises BadRequest."""
+    """A chat-completions endpoint (`base_url` such as http://host:8000/v1, a model name), requests in a bounded pool,
+    retried as the official openai client retries (README: servers); a 401 or an unknown model stops with one
+    message, another 4xx raises BadRequest."""
 
     BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
     MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
@@ -700,15 +653,10 @@ PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply 
 
 
 class OpenAIJudge(Judge):
-    """The six-label verifier behind an OpenAI-compatible server: the same prompt as HFJudge, temperature 0, the
-    answer constrained to the six labels and mapped to a label; an answer that names no label is a judge error.
-    Which field constrains the answer is found by a probe (one request per field allowing only PROBE; the field whose
-    answer is PROBE is read): `structured_outputs: {"choice": [...]}` (vLLM 0.10.2 and later; 0.12 dropped
-    `guided_choice` and ignores it), else `guided_choice` (earlier vLLM, which ignores the new field), else none (a
-    server that refuses or ignores both: its free-text answer is read). `max_tokens` is sent only when set (the
-    paper's client sends none) and `chat_template_kwargs: {"enable_thinking": ...}` sets a hybrid model's thinking
-    (the paper's judge: off); a server that refuses that field is asked without it. Every answer goes to the cache
-    file as it arrives, so a killed run loses nothing judged."""
+    """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer
+    constrained to the labels by whichever field a probe finds the server reads (`structured_outputs`, else
+    `guided_choice`, else none: free text is read); an answer naming no label is a judge error. Each label goes to the
+    cache file as it arrives. README: "A judge or a teacher behind a server"."""
     writes_as_it_goes = True
 
     def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,

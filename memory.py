@@ -1,11 +1,7 @@
 """
-memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU).
-
-From the model's shapes and the run's settings: parameters, gradients and optimizer states (sharded by FSDP2 or
-not), FSDP2's gathered bf16 copy while sampling, a frozen reference, the rollout KV cache, activations, the logits
-transients of scoring and sampling, and the peak while loading; each part printed with the flags that reduce it,
-largest first. An estimate, checked against a hand count in tests/test_robustness.py, not a measurement (bench.py
-measures).
+memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU), each part largest first
+with the flags that reduce it. An estimate from the model's shapes and the run's settings (checked against a hand
+count in tests/test_robustness.py), not a measurement: bench.py measures.
 """
 
 from __future__ import annotations
@@ -37,15 +33,13 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
                   vision_patches: int = 0, train_prompt_tokens: int | None = None) -> dict[str, float]:
-    """Estimated bytes per GPU, by component (the arithmetic only; report_memory_budget counts and prints):
+    """Estimated bytes per GPU, by component (report_memory_budget counts and prints):
 
       parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
       gradients            n_trainable x master bytes                   / shards
       optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
-      frozen reference     n_params x master bytes                      / shards       (a second model for a KL,
-                                                                                        the policy's twin)
-      gathered parameters  n_params x compute bytes, when sharded       (FSDP2 gathers a whole copy in the compute
-                                                                         dtype for sampling, beside the shards)
+      frozen reference     n_params x master bytes                      / shards (the KL's twin of the policy)
+      gathered parameters  n_params x compute bytes, when sharded (FSDP2's whole copy for sampling)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
       activations (rough)  (train_rows x new + prompts x train prompt tokens) x compute bytes x (layers x (6 hidden + 4
                            intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
@@ -72,10 +66,9 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
-    # the shared prefix (common.prefix_attention): each completion attends over its own copy of the prompt's keys and
-    # values (all heads), kept for the backward in every layer (in one at a time with checkpointing)
-    shared_kv = 2 * hidden * train_rows * train_prompt * (1 if activation_checkpointing else layers) * (
-        rows_per_prompt > 1)
+    # the shared prefix: each completion's copy of the prompt's keys and values, kept in every layer (or one)
+    kept_in = 1 if activation_checkpointing else layers
+    shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
     vision = 0
     if vision_patches:
         vc = vision_config
@@ -100,7 +93,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
 
 
 def image_tokens(processor) -> int:
-    """Visual tokens of one image at the pixel budget, upper bound: one per 28 x 28 pixels (after the 2 x 2 merge)."""
+    """Visual tokens of one image at the pixel budget, at most: one per 28 x 28 pixels (after the 2 x 2 merge)."""
     return int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
 
 
@@ -118,7 +111,7 @@ def resident_bytes() -> int:
         return 0
 
 
-def _gib(n: float) -> str:
+def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -132,34 +125,29 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: bool, rollout_rows: int,
+def report_memory_budget(model, dist: common.Dist, *, parallel: str, reference: bool, rollout_rows: int,
                          prompt_tokens: int, new_tokens: int, train_rows: int, activation_checkpointing: bool,
                          rows_per_prompt: int = 1, compute_dtype: torch.dtype | None = None,
                          logit_rows: int | None = None, knobs: dict[str, str] | None = None,
                          title: str = "memory budget", check: bool = True, image_tokens: int = 0,
                          train_prompt_tokens: int | None = None) -> str:
-    """Count the model's parameters (total and trainable, after freezing / LoRA; a model on the meta device, before
-    anything is loaded, does), estimate the memory per GPU (memory_budget) and print it on rank 0, largest component
-    first, each with the knobs that reduce it, then the load peak. The estimate is the larger of the training total
-    and the load peak. `parallel` "auto" becomes fsdp when several ranks train and a whole replica per GPU would not
-    fit, else ddp (said). A run whose estimate exceeds the device's memory stops here with one line naming the knobs
-    (`check` False: it goes on with a warning). A trained vision tower adds the activations of the images of one
-    micro-batch (`image_tokens` each); on CPU the process's resident memory so far is counted too. Returns the
-    parallel mode to use."""
+    """Estimate the memory per GPU (memory_budget of the parameters counted after freezing / LoRA, also on the meta
+    device), print it on rank 0 with the knobs that reduce each part, and stop (`check`; else warn) when it exceeds
+    the device. `parallel` "auto" picks fsdp when several ranks train and a replica would not fit. Returns the mode."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
     n_params = sum(p.numel() for p in params)
     n_trainable = sum(p.numel() for p in params if p.requires_grad)
     master = params[0].dtype
     compute = compute_dtype or master
-    have = device_memory(d.device)
+    have = device_memory(dist.device)
     vision_trained = any(p.requires_grad for p in hf.model.visual.parameters())
     patches = 4 * image_tokens * -(-train_rows // max(1, rows_per_prompt)) if vision_trained else 0  # 2 x 2 merge
-    so_far = resident_bytes() if d.device.type == "cpu" else 0
+    so_far = resident_bytes() if dist.device.type == "cpu" else 0
 
     def estimate(mode: str) -> tuple[dict[str, float], float]:
         budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
-                               world_size=d.world_size, parallel=mode, master_bytes=master.itemsize,
+                               world_size=dist.world_size, parallel=mode, master_bytes=master.itemsize,
                                compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
                                rows_per_prompt=rows_per_prompt, logit_rows=logit_rows,
@@ -170,10 +158,10 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
         return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"] + so_far)
     if parallel == "auto":
         replica = estimate("ddp")[1]
-        parallel = "fsdp" if d.world_size > 1 and replica > 0.9 * have else "ddp"
-        if d.world_size > 1:  # one process has nothing to choose (no wrapper)
-            common.print0(f"parallel: auto -> {parallel} ({d.world_size} ranks; a whole replica per "
-                          f"{'GPU' if d.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
+        parallel = "fsdp" if dist.world_size > 1 and replica > 0.9 * have else "ddp"
+        if dist.world_size > 1:  # one process has nothing to choose (no wrapper)
+            common.print0(f"parallel: auto -> {parallel} ({dist.world_size} ranks; a whole replica per "
+                          f"{'GPU' if dist.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
                           f"{_gib(have)})")
     budget, total = estimate(parallel)
     steady = {k: v for k, v in budget.items() if k != "load peak"}
@@ -181,9 +169,9 @@ def report_memory_budget(model, d: common.Dist, *, parallel: str, reference: boo
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
                f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
-    where = "GPU" if d.device.type == "cuda" else "process (CPU)"
-    lines = [f"{title} per {where}, estimated (rank 0 of {d.world_size}, {parallel}, weights {name(master)}, compute "
-             f"{name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
+    where = "GPU" if dist.device.type == "cuda" else "process (CPU)"
+    lines = [f"{title} per {where}, estimated (rank 0 of {dist.world_size}, {parallel}, weights {name(master)}, "
+             f"compute {name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
              f"rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
     largest = sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])
     for i, (part, size) in enumerate(largest):

@@ -2,9 +2,18 @@
 tiny.py: the CPU stand-in for Qwen2.5-VL, so that every test and quickstart runs on a laptop.
 
 A Qwen2.5-VL of the real architecture (2 text layers, 2 vision blocks, a 600-token BPE vocabulary trained here) is
-"pretrained" for a minute on the toy set with the methods' own prompts (dive_k, speciarl, fine_r1), answering in the
-papers' <think> / <answer> format. It is built once and cached under a hash of its recipe and prompts;
-common.load_model("tiny") returns it. Nothing in the methods depends on it.
+"pretrained" briefly on the toy set with the methods' own prompts (dive_k, speciarl, fine_r1), answering in the
+papers' <think> / <answer> format. `python tiny.py` builds it (deterministic: fixed seeds, one thread), caches it
+under a hash of its recipe and prompts, and names it in common.tiny_pointer(), where common.load_model("tiny") finds
+it (and runs this file once when nothing is built). Shared code never imports this file; nothing in the methods
+depends on it.
+
+The pretraining is deliberately short: the model learns the answer format fully but recognises the toy classes only
+partly (colour and pattern before shape), which leaves room for RL. Recipe version 3 on the toy test split (360
+images, eval.py, greedy): Fine-R1's open question 0.544, SpeciaRL's prompt 0.578, format 1.00 (version 2: open 0.56,
+multiple choice 0.62). Multiple choice is answered with the option's text, not its letter: a two-layer model did not
+learn the letter lookup (find the matching option line, emit the letter before it) within the build budget; letter
+accuracy stayed at chance after 400 steps with 2 and with 4 layers.
 """
 
 from __future__ import annotations
@@ -42,25 +51,23 @@ TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, d
 
 
 def tiny_model_dir() -> str:
-    """The cached stand-in; its folder is named by a hash of the recipe and of the prompts it is pretrained on, so a
-    change to either builds a new one."""
-    key = hashlib.sha1(json.dumps([TINY_RECIPE, TINY_PROMPTS], sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(common.CACHE_DIR, f"tiny-{key}")
+    """The stand-in of this recipe and these prompts (built when missing; a change to either builds a new one),
+    named in common.tiny_pointer() for load_model("tiny")."""
+    folder = "tiny-" + hashlib.sha1(json.dumps([TINY_RECIPE, TINY_PROMPTS], sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(common.CACHE_DIR, folder)
     if not os.path.exists(os.path.join(path, "config.json")):
         build_tiny(path)
+    pointer = common.tiny_pointer()
+    with open(f"{pointer}.tmp{os.getpid()}", "w") as f:
+        f.write(folder + "\n")
+    os.replace(f"{pointer}.tmp{os.getpid()}", pointer)
     return path
 
 
 def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tuple[str, str]:
-    """(prompt, target) for one pretraining example of the stand-in: the methods' own prompts
-    (each in its method file), each answered the way a real checkpoint would, except for the letter.
-
-    Multiple choice (DiVE-k's lettered options, Fine-R1's option list): the stand-in names the class in its rationale
-    and answers with that option's text, not its letter. A two-layer model did not learn the letter lookup (find the
-    option line that matches, emit the letter before it) within the build budget: letter accuracy stayed at chance
-    after 400 steps with 2 and with 4 layers. Open questions: SpeciaRL's prompts are answered sometimes less
-    specifically (family), generically or with 'None', so that SpeciaRL has specificity to gain; DiVE-k's list prompt
-    and Fine-R1's questions with the class name. The 'be specific' prompt is answered specifically more often."""
+    """(prompt, target) of one pretraining example: one of the methods' prompts, answered as a real checkpoint would
+    (multiple choice with the option's text). SpeciaRL's prompts are answered sometimes less specifically (family),
+    generically or 'None', so it has specificity to gain; its 'be specific' prompt more often specifically."""
     think = rng.choice(TINY_THINK)
     names = ds.class_names
     u = rng.random()
@@ -88,13 +95,7 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
 
 
 def build_tiny(path: str):
-    """Build and 'pretrain' the tiny stand-in, then save it as a standard HF directory at `path`.
-
-    Deterministic (fixed seeds, one thread), about a minute on an idle 2-core CPU. The pretraining is deliberately
-    short: the model learns the answer format fully but recognises the toy classes only partly (colour and pattern
-    before shape), which leaves room for RL. Measured on the toy test split (360 images) for recipe version 3
-    (eval.py, greedy): Fine-R1's open question 0.544, SpeciaRL's prompt 0.578, format 1.00; recipe version 2 had
-    greedy open accuracy 0.56 and multiple-choice 0.62."""
+    """Build and 'pretrain' the stand-in, then save it as a standard Hugging Face directory at `path`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same model on every machine (and no spinning threads on a busy one)
     try:
@@ -105,51 +106,49 @@ def build_tiny(path: str):
 
 def _build_tiny(path: str):
     from transformers import Qwen2_5_VLForConditionalGeneration
-    r = TINY_RECIPE
+    recipe = TINY_RECIPE
     t0 = time.time()
     common.print0(f"building the tiny stand-in model at {path} (once; cached) ...")
     train = data.load_toy("train")
-    rng = random.Random(r["seed"])
+    rng = random.Random(recipe["seed"])
     corpus = [tiny_example(ex, train, rng)[0] + tiny_example(ex, train, rng)[1] for ex in train.examples[:200]]
     corpus += [" ".join(train.class_names), "<think> </think> <answer> </answer> None shape"] * 20
-    tok, special = common.train_tokenizer(corpus, r["vocab"])
-    cfg = common.qwen_vl_config(hidden_size=r["hidden"], intermediate_size=r["intermediate"],
-                                num_hidden_layers=r["layers"], num_attention_heads=r["heads"],
-                                num_key_value_heads=r["kv_heads"], vocab_size=len(tok), tie=False, special_ids=special,
-                                vision=r["vision"], rope_theta=1e4, max_positions=4096)
-    torch.manual_seed(r["seed"])
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    tokenizer, special = common.train_tokenizer(corpus, recipe["vocab"])
+    config = common.qwen_vl_config(
+        hidden_size=recipe["hidden"], intermediate_size=recipe["intermediate"], num_hidden_layers=recipe["layers"],
+        num_attention_heads=recipe["heads"], num_key_value_heads=recipe["kv_heads"], vocab_size=len(tokenizer),
+        tie=False, special_ids=special, vision=recipe["vision"], rope_theta=1e4, max_positions=4096)
+    torch.manual_seed(recipe["seed"])
+    model = Qwen2_5_VLForConditionalGeneration(config)
     pixels = data.TOY_IMAGE_SIZE ** 2
-    proc = common.processor_class()(image_processor=common.make_image_processor(pixels, pixels), tokenizer=tok,
-                                    chat_template=common.CHAT_TEMPLATE)
+    processor = common.processor_class()(image_processor=common.make_image_processor(pixels, pixels),
+                                         tokenizer=tokenizer, chat_template=common.CHAT_TEMPLATE)
     # supervised "pretraining": cross-entropy on the assistant tokens (target + <|im_end|>) only
     images = {ex.image: common.open_image(ex.image) for ex in train.examples}
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     im_end = special["<|im_end|>"]
-    g = torch.Generator().manual_seed(r["seed"])
-    for step in range(r["steps"]):
-        idx = torch.randint(len(train.examples), (r["batch"],), generator=g).tolist()
+    draws = torch.Generator().manual_seed(recipe["seed"])
+    for step in range(recipe["steps"]):
         rows = []
-        for i in idx:
+        for i in torch.randint(len(train.examples), (recipe["batch"],), generator=draws).tolist():
             ex = train.examples[i]
             prompt, target = tiny_example(ex, train, rng)
-            p = common.encode_prompt(proc, images[ex.image], prompt)
-            tgt = torch.tensor(tok(target)["input_ids"] + [im_end])
-            rows.append((p, tgt))
-        loss = common.sft_loss(model, proc, [p for p, _ in rows], [t for _, t in rows])
-        lr = r["lr"] * min(1.0, (step + 1) / 20)
-        for group in opt.param_groups:
+            rows.append((common.encode_prompt(processor, images[ex.image], prompt),
+                         torch.tensor(tokenizer(target)["input_ids"] + [im_end])))
+        loss = common.sft_loss(model, processor, [prompt for prompt, _ in rows], [target for _, target in rows])
+        lr = recipe["lr"] * min(1.0, (step + 1) / 20)
+        for group in optimizer.param_groups:
             group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == r["steps"] - 1:
+        optimizer.step()
+        if step % 50 == 0 or step == recipe["steps"] - 1:
             common.print0(f"  tiny pretraining step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    proc.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "tiny_recipe.json"), "w") as f:
         json.dump(TINY_RECIPE, f, indent=1)
     try:
@@ -157,3 +156,7 @@ def _build_tiny(path: str):
     except OSError:  # another process finished first; use theirs
         shutil.rmtree(tmp, ignore_errors=True)
     common.print0(f"tiny stand-in ready in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    print(f"tiny stand-in: {tiny_model_dir()}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny stand-in (built once per machine and cached), a torchrun launcher."""
+"""Shared fixtures: the tiny stand-in (built once per machine and cached, refreshed at session start), a torchrun
+launcher."""
 import os
 import socket
 import subprocess
@@ -17,6 +18,14 @@ import data  # noqa: E402
 
 torch.set_num_threads(2)
 os.environ["OMP_NUM_THREADS"] = "2"  # what the scripts' mains then keep (lifecycle.configure_threads), for stable numbers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_built():
+    """Build the stand-in of this checkout's prompts when missing and point load_model("tiny") at it (scripts that
+    tests launch read the same pointer)."""
+    import tiny as stand_in
+    return stand_in.tiny_model_dir()
 
 
 @pytest.fixture(scope="session")
