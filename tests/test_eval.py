@@ -138,6 +138,54 @@ def test_top_answers_and_options(toy24):
     assert "| accuracy | 0.5000 | 0.2500 | 0.3333 |" in table and "| n | 4 | 4 |  |" in table
 
 
+def test_evaluation_imports_no_method_and_in_run_keys_stay(tmp_path, monkeypatch, capsys):
+    """evaluation.py is shared code: it imports no method, eval, bench or tiny. Each method's in-run evaluation goes
+    through evaluate_groups and logs the keys it always logged (evaluate stubbed: the keys, not the numbers)."""
+    import ast
+    import contextlib
+    import types
+    with open(evaluation.__file__) as f:
+        imported = {a.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for a in node.names}
+    assert not imported & {"dive_k", "speciarl", "fine_r1", "eval", "bench", "tiny"}
+    seen = []
+
+    def fake_evaluate(model, processor, dataset, protocol, *, judge, out_dir, **settings):
+        seen.append((protocol.name, os.path.relpath(out_dir, str(tmp_path))))
+        return {"accuracy": 0.5 if dataset[0] in ("base", "seen") else 0.25, "truth_in_options": 1.0, "format_ok": 1.0,
+                "n": 4, "judge_errors": 0, "correctness": 0.5, "specificity": 0.25, "hm": 1 / 3, "label": "x"}
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(judges, "get_judge", lambda *a, **k: "rules")
+    model = types.SimpleNamespace(eval=lambda: None)
+    args = types.SimpleNamespace(precision=types.SimpleNamespace(context=contextlib.nullcontext), seed=0,
+                                 eval_max_new_tokens=8, eval_samples=2, eval_batch=2, eval_scoring="paper",
+                                 compile_decode=0, protocols=["mcq", "open"], eval_protocols="mcq,open",
+                                 mcq_distractors="all", prompt="specific", max_judge_errors=1)
+    out = str(tmp_path)
+    res = dive_k.evaluate_two_step(model, None, {"base": ["base"], "novel": ["novel"]}, args, None, out, 3)
+    assert res == {"eval/base/accuracy": 0.5, "eval/base/truth_in_options": 1.0, "eval/base/format_ok": 1.0,
+                   "eval/novel/accuracy": 0.25, "eval/novel/truth_in_options": 1.0, "eval/novel/format_ok": 1.0,
+                   "eval/hm": pytest.approx(1 / 3)}
+    assert seen == [("two_step", "eval/step_0000003/base"), ("two_step", "eval/step_0000003/novel")]
+    assert capsys.readouterr().out.startswith("eval at step 3: base/accuracy 0.5, base/truth_in_options 1,")
+    seen.clear()
+    res = fine_r1.evaluate_all(model, None, {"seen": ["seen"] * 3, "unseen": ["unseen"] * 2}, args, out, 0)
+    assert res == {"eval/mcq/seen": 0.5, "eval/mcq/unseen": 0.25, "eval/open/seen": 0.5, "eval/open/unseen": 0.25,
+                   "eval/mcq/seen_n": 3, "eval/mcq/unseen_n": 2, "eval/mcq/avg": 0.375, "eval/open/seen_n": 3,
+                   "eval/open/unseen_n": 2, "eval/open/avg": 0.375}
+    assert [where for _, where in seen] == [f"eval/step_0000000/{p}_{g}" for p in ("mcq", "open")
+                                            for g in ("seen", "unseen")]
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("eval at step 0:")]) == 1
+    seen.clear()
+    logged = []
+    speciarl.run_eval(args, model, None, ["test"], None, out, 2, types.SimpleNamespace(log=logged.append), None)
+    assert seen == [("speciarl", "eval/step_0000002")]
+    assert {k for k in logged[0]} == {"step", "eval/accuracy", "eval/truth_in_options", "eval/format_ok", "eval/n",
+                                      "eval/judge_errors", "eval/correctness", "eval/specificity", "eval/hm",
+                                      "time/eval"}
+    assert "judge_errors 0, correctness 0.5, specificity 0.25, hm 0.3333 (" in capsys.readouterr().out
+
+
 # ----- end to end, every protocol -----
 
 def test_open(tiny, toy24, tmp_path):
