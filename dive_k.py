@@ -39,6 +39,7 @@ import torch
 
 import common
 import data
+import evaluation
 import judges
 import lifecycle
 import memory
@@ -75,6 +76,15 @@ def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
 def mcq_prompt(kind: str, options: list[str]) -> str:
     """Stage 2: the options as 'A. name' lines, the answer a letter."""
     return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
+
+
+# Two-step inference as an evaluation protocol (eval.py --protocol two_step, and evaluate_two_step below): step 1
+# samples answers with the split's class list at the mining sampling (T=1.0, top_p 0.95, repetition penalty 1.1),
+# step 2 asks the lettered question over the 5 most frequent, greedily.
+TWO_STEP_EVAL = evaluation.Protocol(
+    "two_step", evaluation.two_step_batch, evaluation.two_step_metrics, template=[MINE_PROMPT, MCQ_PROMPT],
+    prompt=lambda dataset, options: mine_prompt(dataset.kind, dataset.name, dataset.split_class_names),
+    step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
 
 
 # =====================================================================================================================
@@ -440,26 +450,13 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
 # =====================================================================================================================
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, out: str, step: int) -> dict:
-    """Two-step DiVE-k inference (eval.py, protocol two_step) on every held-out group; accuracy per group and the
-    harmonic mean of base and novel when both are there."""
-    import eval as eval_lib  # the project's evaluation harness (imported late: it is a sibling script)
-    model.eval()
-    result = {}
-    for group, ds in eval_sets.items():
-        with args.precision.context():
-            res = eval_lib.evaluate(model, processor, ds, "two_step", judge=judges.get_judge("rules", ds),
-                                    seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                    samples=args.eval_samples, micro_batch=args.eval_batch, progress=True,
-                                    scoring=args.eval_scoring, compile_decode=bool(args.compile_decode),
-                                    out_dir=common.eval_dir(out, step, group))
-        result[f"eval/{group}/accuracy"] = res["accuracy"]
-        result[f"eval/{group}/truth_in_options"] = res["truth_in_options"]  # step 1's ceiling for step 2
-        result[f"eval/{group}/format_ok"] = res["format_ok"]
-    if "eval/base/accuracy" in result and "eval/novel/accuracy" in result:
-        b, n = result["eval/base/accuracy"], result["eval/novel/accuracy"]
-        result["eval/hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
-    common.print0(f"eval at step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.items()))
-    return result
+    """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
+    group, and the harmonic mean of base and novel accuracy when both are there."""
+    return evaluation.evaluate_groups(
+        model, processor, eval_sets, [TWO_STEP_EVAL], out=out, step=step, precision=args.precision,
+        keys=("accuracy", "truth_in_options", "format_ok"), seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
+        samples=args.eval_samples, micro_batch=args.eval_batch, scoring=args.eval_scoring,
+        compile_decode=bool(args.compile_decode))
 
 
 # =====================================================================================================================

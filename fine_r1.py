@@ -52,6 +52,7 @@ import torch
 import common
 import lifecycle
 import data
+import evaluation
 import judges
 import memory
 
@@ -85,6 +86,15 @@ OPEN_PROMPT = "{question} This is a fine-grained question." + RL_SUFFIX
 
 def open_prompt(kind: str) -> str:
     return OPEN_PROMPT.format(question=QUESTION.format(kind=kind))
+
+
+# The evaluation protocols (eval.py --protocol open / mcq, and evaluate_all): one greedy answer per image. open: judged,
+# accuracy by Fine-R1's text-include rule; mcq: the truth and 3 distractors, right when the truth's name is answered.
+OPEN_EVAL = evaluation.Protocol("open", evaluation.answer_batch, evaluation.answer_metrics, template=OPEN_PROMPT,
+                                prompt=lambda dataset, options: open_prompt(dataset.kind), text_include=True)
+MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice_metrics, template=CLOSED_PROMPT,
+                               prompt=lambda dataset, options: closed_prompt(dataset.kind, options), judged=False)
+EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 
 # SFT asks as the paper's released SFT samples do (--sft-prompt paper): an R1-style system prompt that asks for the
@@ -962,25 +972,20 @@ def release_memory():
 
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """eval.py on seen (base) and unseen (novel) classes under each protocol; the paper's Avg = mean of the two."""
-    import eval as eval_lib  # the project's evaluation harness (a sibling script, imported when needed)
-    model.eval()
-    result = {}
-    for protocol in args.protocols:
-        for group, ds in eval_sets.items():
-            with args.precision.context():
-                res = eval_lib.evaluate(model, processor, ds, protocol, judge=judges.get_judge("rules", ds),
-                                        seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
-                                        out_dir=common.eval_dir(out, step, f"{protocol}_{group}"),
-                                        progress=True, micro_batch=args.eval_batch,
-                                        mcq_distractors=args.mcq_distractors,
-                                        compile_decode=bool(args.compile_decode))
-            result[f"eval/{protocol}/{group}"] = res["accuracy"]
-            result[f"eval/{protocol}/{group}_n"] = len(ds)
-        if all(f"eval/{protocol}/{g}" in result for g in ("seen", "unseen")):
-            result[f"eval/{protocol}/avg"] = (result[f"eval/{protocol}/seen"] + result[f"eval/{protocol}/unseen"]) / 2
-    shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items() if not k.endswith("_n"))
-    common.print0(f"eval at step {step}: {shown}")
+    """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy and image count,
+    and the paper's Avg, the mean of the two."""
+    unknown = [name for name in args.protocols if name not in EVALS]
+    if unknown:
+        raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
+    result = evaluation.evaluate_groups(
+        model, processor, eval_sets, [EVALS[name] for name in args.protocols], out=out, step=step,
+        precision=args.precision, name="eval/{protocol}/{group}", folder="{protocol}_{group}", seed=args.seed,
+        max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch, mcq_distractors=args.mcq_distractors,
+        compile_decode=bool(args.compile_decode))
+    for name in args.protocols:
+        result.update({f"eval/{name}/{group}_n": len(ds) for group, ds in eval_sets.items()})
+        if f"eval/{name}/seen" in result and f"eval/{name}/unseen" in result:
+            result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
     return result
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import common
 import lifecycle
 import data
+import evaluation
 import judges
 import memory
 
@@ -58,6 +59,11 @@ import memory
 PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
 SPECIFIC_PROMPT = PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
 PROMPTS = {"general": PROMPT, "specific": SPECIFIC_PROMPT}
+# The speciarl evaluation protocol, one record per prompt (eval.py --protocol speciarl [--be-specific], run_eval):
+# one greedy answer per image, judged into the six labels
+EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluation.answer_metrics, template=text,
+                                   paper_scoring=False, be_specific=name == "specific",
+                                   hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
 
 
 # =====================================================================================================================
@@ -484,28 +490,23 @@ def build_models(args, d, prompts_per_rank: int):
 # =====================================================================================================================
 
 def run_eval(args, model, proc, test, judge, out, step, log, optimizer):
-    """Greedy evaluation with eval.py's speciarl protocol (correctness, specificity, their harmonic mean, the share
-    of every label); collective: every rank takes part. A judge server that stays away, or judge errors above
-    --max-judge-errors, stop the run with a checkpoint whose evaluation the resumed run does first."""
+    """Greedy evaluation with the speciarl protocol (every number as eval/<name>); collective: every rank takes
+    part. A judge server that stays away, or judge errors above --max-judge-errors, stop the run with a checkpoint
+    whose evaluation the resumed run does first."""
     t0 = time.perf_counter()
-    model.eval()
-    import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
     try:
-        with args.precision.context():
-            res = evaluation.evaluate(model, proc, test, "speciarl", judge=judge, seed=args.seed,
-                                      max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                                      be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                                      out_dir=common.eval_dir(out, step), progress=True)
+        res = evaluation.evaluate_groups(
+            model, proc, {"test": test}, [EVALS[args.prompt]], out=out, step=step, precision=args.precision,
+            keys=None, name="eval/{key}", folder="", shown=("correctness", "specificity", "hm", "judge_errors"),
+            judge=judge, seed=args.seed, max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
+            compile_decode=bool(args.compile_decode))
     except judges.ServerError as e:
         save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
-    scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
-    log.log({"step": step, **scalars, "time/eval": time.perf_counter() - t0})
-    common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
-                  f"hm {res['hm']:.3f} judge errors {res['judge_errors']} ({time.perf_counter() - t0:.1f}s)")
-    stop = judges.judge_error_stop(res["judge_errors"], res["n"] + res["judge_errors"], args.max_judge_errors)
+    log.log({"step": step, **res, "time/eval": time.perf_counter() - t0})
+    errors = res["eval/judge_errors"]
+    stop = judges.judge_error_stop(errors, res["eval/n"] + errors, args.max_judge_errors)
     if stop:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
-    return res
 
 
 # Flags the toy preset fills in when the user did not set them. The parser's default for these is None, and the

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import data
 import dive_k  # noqa: E402
+import evaluation  # noqa: E402
 import fine_r1  # noqa: E402
 import judges
 import speciarl  # noqa: E402
@@ -87,8 +88,9 @@ def test_prompts_carry_every_instruction_of_the_papers():
     for phrase in ["Which bird is shown", "This is a fine-grained question.", "<think> </think>", "<answer> </answer>"]:
         assert phrase in fine_r1.open_prompt("bird"), phrase
     # one wording everywhere: eval.py, the methods and the stand-in's pretraining
-    assert ev.OPEN_PROMPT == speciarl.PROMPTS["general"] == speciarl.PROMPT
-    assert ev.SPECIFIC_PROMPT == speciarl.PROMPTS["specific"] == speciarl.SPECIFIC_PROMPT
+    assert ev.protocol_for("speciarl").template == speciarl.PROMPTS["general"] == speciarl.PROMPT
+    assert ev.protocol_for("speciarl", be_specific=True).template == speciarl.SPECIFIC_PROMPT
+    assert ev.protocol_for("mcq", "strict").template == dive_k.MCQ_PROMPT
     assert fine_r1.pose_question("bird", 1)[0].endswith(fine_r1.RL_SUFFIX)
     for text in [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT,
                  dive_k.MCQ_PROMPT, fine_r1.CLOSED_PROMPT, *fine_r1.QUESTIONS,
@@ -102,38 +104,86 @@ def test_parse_choice_table():
              ("blue striped square", 1), ("Blue-striped square", 1), ("D", None), ("b", None), ("", None),
              (None, None), ("A red circle", None), ("I think B", None)]
     for answer, want in table:
-        assert ev.parse_choice(answer, opts) == want, answer
+        assert evaluation.parse_choice(answer, opts) == want, answer
 
 
 def test_top_answers_and_options(toy24):
     texts = [f"<think>x</think><answer>{a}</answer>" for a in
              ["Red circle", "blue", "red circle", "green", "blue", "Red-Circle", "pink", "grey", "green"]]
     texts += ["no answer", "<think>x</think><answer> </answer>"]
-    options, counts, failures = ev.top_answers(texts)
+    options, counts, failures = evaluation.top_answers(texts)
     assert options == ["red circle", "blue", "green", "pink", "grey"] and counts == [3, 2, 2, 1, 1]
     assert failures == 2  # no tag, and a blank answer
     # as DiVE-k's evaluation reads step 1: the first answer, format prefixes removed, 100+ characters skipped
     texts = [f"<answer>{a}</answer><answer>x</answer>" for a in
              ["Species name: Laysan Albatross", "species: laysan albatross", "Make and model: Sooty Albatross",
               "shape name: red circle", "Laysan " * 15]]
-    options, counts, _ = ev.top_answers(texts, answer_fmt="shape name")
+    options, counts, _ = evaluation.top_answers(texts, answer_fmt="shape name")
     assert options == ["laysan albatross", "sooty albatross", "red circle"] and counts == [2, 1, 1]
     ds = data.load_dataset("toy", "test", classes="novel")
     ex = ds.examples[0]
-    opts = ev.mcq_options(ex, ds, seed=3)
+    opts = evaluation.mcq_options(ex, ds, seed=3)
     assert len(set(opts)) == 4 and ex.class_name in opts and set(opts) <= set(ds.split_class_names)
-    assert opts == ev.mcq_options(ex, ds, seed=3) and any(ev.mcq_options(ex, ds, seed=s) != opts for s in range(4, 9))
+    assert opts == evaluation.mcq_options(ex, ds, seed=3) and any(evaluation.mcq_options(ex, ds, seed=s) != opts for s in range(4, 9))
     # Fine-R1's files draw the wrong options from every class: a novel image gets seen-class distractors too
-    wide = [ev.mcq_options(e, ds, seed=3, distractors="all") for e in ds.examples]
+    wide = [evaluation.mcq_options(e, ds, seed=3, distractors="all") for e in ds.examples]
     assert all(len(set(o)) == 4 and e.class_name in o for o, e in zip(wide, ds.examples))
     seen_names = set(ds.class_names) - set(ds.split_class_names)
     assert 0.3 < sum(bool(set(o) & seen_names) for o in wide) / len(wide) < 1  # 1 - (11/23 10/22 9/21) = 0.91
     with pytest.raises(SystemExit, match="--mcq-distractors some"):
         ev.evaluate(None, None, ds, "mcq", mcq_distractors="some")
-    assert ev.harmonic(0.5, 0.25) == pytest.approx(1 / 3) and ev.harmonic(0, 0) == 0.0
+    assert evaluation.harmonic(0.5, 0.25) == pytest.approx(1 / 3) and evaluation.harmonic(0, 0) == 0.0
     table = ev.markdown_table({"base": {"accuracy": 0.5, "n": 4}, "novel": {"accuracy": 0.25, "n": 4}},
                               {"accuracy": 1 / 3})
     assert "| accuracy | 0.5000 | 0.2500 | 0.3333 |" in table and "| n | 4 | 4 |  |" in table
+
+
+def test_evaluation_imports_no_method_and_in_run_keys_stay(tmp_path, monkeypatch, capsys):
+    """evaluation.py is shared code: it imports no method, eval, bench or tiny. Each method's in-run evaluation goes
+    through evaluate_groups and logs the keys it always logged (evaluate stubbed: the keys, not the numbers)."""
+    import ast
+    import contextlib
+    import types
+    with open(evaluation.__file__) as f:
+        imported = {a.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for a in node.names}
+    assert not imported & {"dive_k", "speciarl", "fine_r1", "eval", "bench", "tiny"}
+    seen = []
+
+    def fake_evaluate(model, processor, dataset, protocol, *, judge, out_dir, **settings):
+        seen.append((protocol.name, os.path.relpath(out_dir, str(tmp_path))))
+        return {"accuracy": 0.5 if dataset[0] in ("base", "seen") else 0.25, "truth_in_options": 1.0, "format_ok": 1.0,
+                "n": 4, "judge_errors": 0, "correctness": 0.5, "specificity": 0.25, "hm": 1 / 3, "label": "x"}
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(judges, "get_judge", lambda *a, **k: "rules")
+    model = types.SimpleNamespace(eval=lambda: None)
+    args = types.SimpleNamespace(precision=types.SimpleNamespace(context=contextlib.nullcontext), seed=0,
+                                 eval_max_new_tokens=8, eval_samples=2, eval_batch=2, eval_scoring="paper",
+                                 compile_decode=0, protocols=["mcq", "open"], eval_protocols="mcq,open",
+                                 mcq_distractors="all", prompt="specific", max_judge_errors=1)
+    out = str(tmp_path)
+    res = dive_k.evaluate_two_step(model, None, {"base": ["base"], "novel": ["novel"]}, args, None, out, 3)
+    assert res == {"eval/base/accuracy": 0.5, "eval/base/truth_in_options": 1.0, "eval/base/format_ok": 1.0,
+                   "eval/novel/accuracy": 0.25, "eval/novel/truth_in_options": 1.0, "eval/novel/format_ok": 1.0,
+                   "eval/hm": pytest.approx(1 / 3)}
+    assert seen == [("two_step", "eval/step_0000003/base"), ("two_step", "eval/step_0000003/novel")]
+    assert capsys.readouterr().out.startswith("eval at step 3: base/accuracy 0.5, base/truth_in_options 1,")
+    seen.clear()
+    res = fine_r1.evaluate_all(model, None, {"seen": ["seen"] * 3, "unseen": ["unseen"] * 2}, args, out, 0)
+    assert res == {"eval/mcq/seen": 0.5, "eval/mcq/unseen": 0.25, "eval/open/seen": 0.5, "eval/open/unseen": 0.25,
+                   "eval/mcq/seen_n": 3, "eval/mcq/unseen_n": 2, "eval/mcq/avg": 0.375, "eval/open/seen_n": 3,
+                   "eval/open/unseen_n": 2, "eval/open/avg": 0.375}
+    assert [where for _, where in seen] == [f"eval/step_0000000/{p}_{g}" for p in ("mcq", "open")
+                                            for g in ("seen", "unseen")]
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("eval at step 0:")]) == 1
+    seen.clear()
+    logged = []
+    speciarl.run_eval(args, model, None, ["test"], None, out, 2, types.SimpleNamespace(log=logged.append), None)
+    assert seen == [("speciarl", "eval/step_0000002")]
+    assert {k for k in logged[0]} == {"step", "eval/accuracy", "eval/truth_in_options", "eval/format_ok", "eval/n",
+                                      "eval/judge_errors", "eval/correctness", "eval/specificity", "eval/hm",
+                                      "time/eval"}
+    assert "judge_errors 0, correctness 0.5, specificity 0.25, hm 0.3333 (" in capsys.readouterr().out
 
 
 # ----- end to end, every protocol -----
@@ -151,7 +201,7 @@ def test_open(tiny, toy24, tmp_path):
         assert p["label"] == ("wrong" if p["parse_failure"] else judge.judge([(p["truth"], p["answer"])])[0])
     assert_label_metrics({**metrics, "accuracy": metrics["specificity_of_all"]}, [p["label"] for p in preds])
     # paper scoring: accuracy is Fine-R1's text-include rule on each raw output
-    assert [p["text_include"] for p in preds] == [ev.open_world_correct(p["raw"], p["truth"], "shape") for p in preds]
+    assert [p["text_include"] for p in preds] == [evaluation.open_world_correct(p["raw"], p["truth"], "shape") for p in preds]
     assert metrics["accuracy"] == metrics["text_include"] == pytest.approx(sum(p["text_include"] for p in preds) / 24)
     norm = judges.normalize
     assert metrics["exact"] == pytest.approx(sum(norm(p["answer"] or "") == norm(p["truth"]) for p in preds) / 24)
@@ -167,7 +217,7 @@ def test_best_of_ranks_as_speciarl_released():
     (a judge error here)."""
     released = {"more_specific": 1, "specific": 2, "less_specific": 3, "generic": 4, "abstain": 5, "wrong": 6,
                 "parse_failure": 100, judges.JUDGE_ERROR: 104}
-    assert ev.BEST_OF_ORDER == sorted(released, key=released.get, reverse=True)
+    assert evaluation.BEST_OF_ORDER == sorted(released, key=released.get, reverse=True)
 
 
 def test_speciarl_best_of(tiny, toy24, tmp_path):
@@ -189,7 +239,7 @@ def test_speciarl_best_of(tiny, toy24, tmp_path):
         for s in samples:
             failed = s["answer"] is None
             assert s["label"] == ("wrong" if failed else fresh.judge([(p["truth"], s["answer"])])[0])
-            ranks.append(ev.BEST_OF_ORDER.index("parse_failure" if failed else s["label"]))
+            ranks.append(evaluation.BEST_OF_ORDER.index("parse_failure" if failed else s["label"]))
         best = max(range(3), key=lambda j: (ranks[j], -j))  # best label, first on ties
         assert p["best_index"] == best and p["label"] == samples[best]["label"]
         assert p["raw"] == samples[best]["raw"]
@@ -214,7 +264,7 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
         for p in preds:
             opts = p["options"]
             assert len(set(opts)) == 4 and p["truth"] in opts and set(opts) <= set(ds.split_class_names)
-            assert p["label"] == ("specific" if ev.closed_world_correct(p["raw"], p["truth"]) else "wrong")
+            assert p["label"] == ("specific" if evaluation.closed_world_correct(p["raw"], p["truth"]) else "wrong")
         correct = sum(p["label"] == "specific" for p in preds)
         assert doc["metrics"]["accuracy"] == pytest.approx(correct / 8) and doc["metrics"]["correct"] == correct
         accs[half] = correct / 8
@@ -232,7 +282,7 @@ def test_mcq_cli_base_novel(tmp_path, capsys):
     doc, preds = read_out(out + "_strict")
     assert doc["settings"]["prompt"] == dive_k.MCQ_PROMPT
     for p in preds:
-        choice = ev.parse_choice(p["answer"], p["options"])
+        choice = evaluation.parse_choice(p["answer"], p["options"])
         assert p["letter"] == (None if choice is None else judges.LETTERS[choice])
         assert p["label"] == ("specific" if p["letter"] == p["truth_letter"] else "wrong")
     assert doc["metrics"]["invalid_choices"] == sum(p["invalid_choice"] for p in preds)
@@ -248,14 +298,14 @@ def test_paper_scoring_truth_tables():
              ("<answer>A or B.</answer>", 1),  # one candidate: only B is followed by punctuation
              ("<answer>A, I think the answer is B.</answer>", 1)]  # keywords and the end favour B
     for raw, want in table:
-        assert ev.step2_choice(raw, opts, "paper") == want, raw
-    assert ev.step2_choice("<answer>bobolink</answer>", opts, "strict") == 2  # strict reads the option's text
-    assert ev.step2_choice("I pick C.", opts, "strict") is None  # and only the tag
-    assert ev.closed_world_correct("<think>x</think><answer>Black_footed albatross</answer>", "Black footed Albatross")
-    assert ev.closed_world_correct("<answer>it is a Laysan Albatross, not a sooty</answer>", "laysan albatross")
-    assert ev.closed_world_correct("<answer>A</answer> <answer>Bobolink</answer>", "Bobolink")  # first to last tag
-    assert not ev.closed_world_correct("Bobolink", "Bobolink")  # no tag: wrong
-    assert not ev.closed_world_correct("<answer>B</answer>", "Bobolink")
+        assert evaluation.step2_choice(raw, opts, "paper") == want, raw
+    assert evaluation.step2_choice("<answer>bobolink</answer>", opts, "strict") == 2  # strict reads the option's text
+    assert evaluation.step2_choice("I pick C.", opts, "strict") is None  # and only the tag
+    assert evaluation.closed_world_correct("<think>x</think><answer>Black_footed albatross</answer>", "Black footed Albatross")
+    assert evaluation.closed_world_correct("<answer>it is a Laysan Albatross, not a sooty</answer>", "laysan albatross")
+    assert evaluation.closed_world_correct("<answer>A</answer> <answer>Bobolink</answer>", "Bobolink")  # first to last tag
+    assert not evaluation.closed_world_correct("Bobolink", "Bobolink")  # no tag: wrong
+    assert not evaluation.closed_world_correct("<answer>B</answer>", "Bobolink")
 
 
 OPEN_WORLD_TABLE = [  # raw output, truth, kind, right under Fine-R1's released open-world text-include rule
@@ -275,7 +325,7 @@ OPEN_WORLD_TABLE = [  # raw output, truth, kind, right under Fine-R1's released 
 
 @pytest.mark.parametrize("raw,truth,kind,right", OPEN_WORLD_TABLE)
 def test_open_world_scoring_is_fine_r1s_text_include(raw, truth, kind, right):
-    assert ev.open_world_correct(raw, truth, kind) == right
+    assert evaluation.open_world_correct(raw, truth, kind) == right
 
 
 def test_two_step(tiny, toy24, tmp_path):
@@ -289,7 +339,7 @@ def test_two_step(tiny, toy24, tmp_path):
     judge = judges.get_judge("rules", ds)
     for p in preds:
         assert len(p["step1_answers"]) == 6
-        options, counts, failures = ev.top_answers(
+        options, counts, failures = evaluation.top_answers(
             [f"<answer>{a}</answer>" if a is not None else "" for a in p["step1_answers"]])
         assert sorted(p["options"]) == sorted(options) and len(p["options"]) <= 5  # the top 5, shuffled
         assert p["step1_parse_failures"] == failures
@@ -297,7 +347,7 @@ def test_two_step(tiny, toy24, tmp_path):
             assert p["no_candidates"] and p["label"] == "wrong"
             continue
         assert_parsed([p])
-        choice = ev.step2_choice(p["raw"], p["options"], "paper")  # DiVE-k's released letter reader
+        choice = evaluation.step2_choice(p["raw"], p["options"], "paper")  # DiVE-k's released letter reader
         assert p["prediction"] == (None if choice is None else p["options"][choice])
         want = "wrong" if p["prediction"] is None else judge.judge([(p["truth"], p["prediction"])])[0]
         assert p["label"] == want
@@ -312,7 +362,7 @@ def test_two_step(tiny, toy24, tmp_path):
     for p, q in zip(preds, preds_strict):  # the same samples, read by the tag-only parser
         assert q["options"] == p["options"]
         if q["options"]:
-            choice = ev.parse_choice(q["answer"], q["options"])
+            choice = evaluation.parse_choice(q["answer"], q["options"])
             assert q["prediction"] == (None if choice is None else q["options"][choice])
     assert strict["n"] == 8
     assert any(len(p["options"]) > 1 for p in preds)  # step 1 really sampled several answers
@@ -401,7 +451,7 @@ if __name__ == "__main__":
 
 def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
     """A trained export keeps the training pixel budget in its processor files and a hub checkpoint has Qwen's: eval.py
-    reads every model's images at the protocol's EVAL_PIXELS, so the same weights give the same predictions from a
+    reads every model's images at the papers' EVAL_PIXELS, so the same weights give the same predictions from a
     directory saved with a coarser budget, and metrics.json says which budget was used."""
     import shutil
     coarse = str(tmp_path / "coarse")
@@ -415,7 +465,7 @@ def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
                  str(TOKENS), "--out", str(tmp_path / name), "--no-progress"])
         runs[name] = read_out(str(tmp_path / name))
     for doc, _ in runs.values():
-        assert (doc["settings"]["min_pixels"], doc["settings"]["max_pixels"]) == ev.EVAL_PIXELS["open"]
+        assert (doc["settings"]["min_pixels"], doc["settings"]["max_pixels"]) == ev.EVAL_PIXELS
     assert [p["raw"] for p in runs["tiny"][1]] == [p["raw"] for p in runs["coarse"][1]]
 
 
