@@ -1,33 +1,25 @@
 """
 fine_r1.py: Fine-R1 (arXiv 2602.07605) in one file: chain-of-thought data, CoT SFT, then TAPO.
 
-Fine-R1 teaches a vision-language model to name fine-grained categories from a few examples, training on the seen
-(base) classes and judged on seen and unseen (novel) ones, in three stages:
-  cot   a teacher sees a training image, its class and 3-4 confusable classes, and writes a four-part rationale
-        (numbered features, "The analysis of candidate subcategories:", a comparison, "The prediction is: ...");
-        the ones that pass a filter are kept, at most one per seen class -> <out>/cot.jsonl
+Fine-R1 teaches a vision-language model to name fine-grained categories, trained on the seen (base) classes and
+judged on seen and unseen (novel) ones, in three stages:
+  cot   a teacher sees a training image, its class and 3-4 confusable classes and writes a four-part rationale; those
+        that pass a filter are kept, at most one per seen class -> <out>/cot.jsonl
   sft   cross-entropy on the assistant tokens of those rationales, vision tower frozen -> <out>/sft/final
-  tapo  Triplet-Augmented Policy Optimization, a DAPO-style GRPO on open questions. Each sample is a triplet
-        (anchor, positive = another image of its class, negative = an image of another class): G rollouts from the
-        anchor and G from the positive form ONE group of 2G whose advantages are z-scored together; every response
-        is also scored under the negative image, and the k3 KL between the two is MAXIMISED, so that the reasoning
-        depends on the picture -> <out>/tapo, <out>/final
-
-Launch
+  tapo  Triplet-Augmented Policy Optimization, a DAPO-style GRPO on open questions: per triplet (anchor, positive =
+        another image of its class, negative = an image of another class) G rollouts from the anchor and G from the
+        positive form ONE group of 2G; every response is also scored under the negative image and the k3 KL between
+        the two is MAXIMISED, so that the reasoning depends on the picture -> <out>/tapo, <out>/final
+Launch (--stage cot | sft | tapo runs one stage; the same command resumes, a finished stage is skipped)
   1 GPU     python fine_r1.py --data cub --data-root /data/CUB_200_2011
   8 GPUs    torchrun --nproc-per-node 8 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python fine_r1.py --data toy         (all three stages on the tiny stand-in: 126 s, idle 2-core CPU)
---stage cot | sft | tapo runs one stage (each reads the previous one's output from --out); --cot-data FILE trains
-on given rationales. The same command resumes: a finished stage is skipped, an interrupted one continues.
-
-Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
-  * the teacher and its instruction are not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy
-    the rationale is written from the image's known attributes
+  CPU       python fine_r1.py --data toy         (the three stages on the tiny stand-in)
+Simplifications (each with the released code's way: README, "Every deviation")
+  * the teacher is not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy the rationale is
+    written from the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
-  * SFT asks as the paper's SFT data (R1-style system prompt, bare question); the toy preset asks with TAPO's
-    prompt instead (--sft-prompt rl), which the tiny stand-in learned from
   * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
   * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
 """
@@ -44,16 +36,15 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import torch
 
 import common
-import lifecycle
 import data
 import evaluation
 import judges
+import lifecycle
 import memory
 
 
@@ -97,6 +88,357 @@ MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
+                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
+    phrasing with the RL format request and None, or with probability closed_frac (the paper: 0) the closed-world
+    evaluation's prompt whose options are the truth and 3 of `others` (shuffled), and those 3 distractors."""
+    rng = random.Random(f"question/{key}")
+    if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
+        distractors = rng.sample(list(others), 3)
+        options = distractors + [truth]
+        rng.shuffle(options)
+        return closed_prompt(kind, options), distractors
+    return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
+
+
+# =====================================================================================================================
+# 2. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
+# =====================================================================================================================
+
+@dataclasses.dataclass
+class Triplet:
+    anchor: data.Example
+    positive: data.Example
+    negative: data.Example
+
+
+def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
+    """For each class, the classes its negative image may come from: every other class (random) or the k with the
+    most similar names (confusable)."""
+    if how == "random":
+        return {a: [b for b in names if b != a] for a in names}
+    return confusable_classes(names, k)
+
+
+def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
+                 negatives: dict[str, list[str]], rng: random.Random) -> Triplet:
+    """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
+    same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
+    if not same:
+        raise SystemExit(f"class {anchor.class_name!r} has a single training image ({anchor.image}); TAPO's positive "
+                         f"needs another image of the same class (use --shots >= 2)")
+    negative_class = rng.choice(negatives[anchor.class_name])
+    return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
+
+
+def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
+                ranks: common.Dist) -> list[Triplet]:
+    """This rank's triplets of the sampling round at data position `cursor` (positions cursor + rank, + world, ...
+    of an endless stream of seeded epochs over the anchors); each position's draws are seeded by it, so they are the
+    same on resume and on any number of ranks."""
+    return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
+                         random.Random(args.seed * 1_000_003 + pos))
+            for pos in range(cursor + ranks.rank, cursor + args.sample_prompts, ranks.world_size)]
+
+
+@dataclasses.dataclass
+class Group:
+    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
+    triplet: Triplet
+    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
+    neg_prompt: common.EncodedPrompt  # the same question with the negative image
+    completion_ids: torch.Tensor  # [2G, T]
+    completion_mask: torch.Tensor  # [2G, T]
+    truncated: torch.Tensor  # [2G]
+    texts: list[str]
+    reward: torch.Tensor  # [2G]
+    parts: dict  # reward name -> [2G]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean of the group's first named reward (--rewards: the accuracy), what dynamic sampling filters on."""
+        return float(next(iter(self.parts.values())).mean())
+
+
+def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
+                  generator) -> list[Group]:
+    """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
+    group_size = args.group_size
+    questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
+                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
+                 for t in triplets]  # one question per triplet, asked with the anchor and with the positive
+    prompts = []
+    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
+        prompts += [common.encode_prompt(processor, t.anchor.image, q),
+                    common.encode_prompt(processor, t.positive.image, q)]
+    with args.precision.context():
+        rollout = common.sample(model, processor, prompts, group_size=group_size, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
+                                generator=generator, prompt_batch=args.rollout_prompt_batch,
+                                compile_decode=bool(args.compile_decode))
+    groups = []
+    for i, t in enumerate(triplets):
+        rows = slice(2 * group_size * i, 2 * group_size * (i + 1))
+        texts = rollout.texts[rows]
+        reward, parts = score(texts, {"truth": t.anchor.class_name}, args.reward_weights)  # [2G]
+        groups.append(Group(t, [prompts[2 * i]] * group_size + [prompts[2 * i + 1]] * group_size,
+                            common.encode_prompt(processor, t.negative.image, questions[i]),
+                            rollout.completion_ids[rows], rollout.completion_mask[rows], rollout.truncated[rows],
+                            texts, reward, parts))
+    return groups
+
+
+def stack_groups(groups: list[Group], pad_id: int):
+    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
+    width = max(g.completion_ids.shape[1] for g in groups)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
+    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
+    own = [p for g in groups for p in g.prompts]
+    neg = [g.neg_prompt for g in groups for _ in g.prompts]
+    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
+
+
+# =====================================================================================================================
+# 3. Rewards: REWARDS[name](completions, example) -> one value per completion, picked and weighted by --rewards
+# =====================================================================================================================
+
+def accuracy_reward(completions: list[str], example: dict) -> list[float]:
+    """1 if the lowercased truth is a substring of the <answer> text (the paper's rule).
+    >>> accuracy_reward(["<think>x</think><answer>a RED CIRCLE, I think</answer>"], {"truth": "red circle"})
+    [1.0]
+    """
+    answers = [judges.parse_answer(c) for c in completions]
+    return [float(a is not None and example["truth"].lower() in a.lower()) for a in answers]
+
+
+def exact_reward(completions: list[str], example: dict) -> list[float]:
+    """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
+    substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
+    repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule.
+    >>> exact_reward(["<think>x</think><answer>Red-Circle.</answer>", "<answer>red circle, red square</answer>"],
+    ...              {"truth": "red circle"})
+    [1.0, 0.0]
+    """
+    answers = [judges.parse_answer(c) for c in completions]
+    return [float(a is not None and judges.normalize(a) == judges.normalize(example["truth"])) for a in answers]
+
+
+def format_reward(completions: list[str], example: dict) -> list[float]:
+    """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
+    return [float(judges.format_ok(c)) for c in completions]
+
+
+REWARDS = {"accuracy": accuracy_reward, "exact": exact_reward, "format": format_reward}
+
+
+def score(completions: list[str], example: dict, weights: dict[str, float]):
+    """(reward [G] = sum of weight * reward, {name: [G]}) of one group. The rewards read each completion with the
+    whitespace around every <, > and / removed, as the released reward does ("< answer >" is "<answer>").
+    >>> score(["<think>x</think> < answer >red circle< / answer >"], {"truth": "red circle"},
+    ...       {"accuracy": 0.9, "format": 0.1})[0]
+    tensor([1.])
+    """
+    spaced = [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions]
+    return lifecycle.group_rewards(REWARDS, weights, spaced, example)
+
+
+# =====================================================================================================================
+# 4. Advantage, and the dynamic-sampling filter
+# =====================================================================================================================
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.1, 0.1]), 2)
+    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    """
+    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: with eps = 1e-6 the float32 rounding of a mean of
+    # equal rewards (0.1 * 10 / 10 != 0.1) would turn into advantages of -0.0075 instead of 0
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).float().reshape(-1)  # [P*2G]
+
+
+def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
+    """Dynamic sampling: keep a group when its mean accuracy is strictly inside (low, high), i.e. it has both right
+    and wrong answers and so a learning signal. [P] -> [P] bool."""
+    return (group_accuracy > low) & (group_accuracy < high)
+
+
+def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
+    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
+    first `quota` are used, extras are dropped like verl's truncation). A round in which no group on any rank passes
+    the filter is kept whole, as the released trainer does (its groups have zero advantage; TAPO's KL and entropy
+    terms still act on them). Every rank runs the same number of rounds (a rank already full keeps sampling while
+    another is short: collectives inside sampling need all ranks). After `max_rounds` the batch is filled with the
+    last rejected groups instead of failing. Returns (groups, stats)."""
+    kept, rejected, rounds, sampled, whole_rounds = [], [], 0, 0, 0
+    while True:
+        short = common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))  # ranks still short
+        if float(short[0]) == 0 or rounds >= max_rounds:
+            break
+        groups = sample_round(rounds)
+        keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
+        if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
+            keep = torch.ones_like(keep)
+            whole_rounds += 1
+        for g, ok in zip(groups, keep.tolist()):
+            (kept if ok else rejected).append(g)
+        rounds += 1
+        sampled += len(groups)
+    filled = max(0, quota - len(kept))
+    if filled > len(rejected):
+        raise RuntimeError(f"dynamic sampling: {len(kept) + len(rejected)} groups sampled, {quota} needed")
+    batch = kept[:quota] + (rejected[-filled:] if filled else [])
+    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
+             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
+             "dynamic/whole_rounds": whole_rounds,
+             "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
+    return batch, stats
+
+
+# =====================================================================================================================
+# 5. The TAPO loss, written by hand
+# =====================================================================================================================
+
+def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, normalizer: float, clip_low: float = 0.2, clip_high: float = 0.28,
+              dual_clip: float = 3.0, kl_coef: float = 0.01, entropy_coef: float = 0.03,
+              neg_entropy_coef: float = 0.03) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The TAPO loss of one micro-batch, summed over its tokens and divided by `normalizer`.
+
+    Per token t of response i (logp: policy, own image, with grad; old_logp: the sampling policy, own image;
+    neg_logp: the sampling policy with the NEGATIVE image, no grad):
+        rho   = exp(clamp(logp - old_logp, -20, 20))
+        pg    = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),  then for A < 0: min(pg, -dual_clip A)
+        delta = clamp(neg_logp - logp, -20, 20),   k3 = clamp(exp(delta) - delta - 1, -10, 10)
+        L     = mean_tok(pg) - kl_coef mean_tok(k3) + entropy_coef mean_tok(-logp)
+                + neg_entropy_coef mean_tok(-neg_logp)
+    mean_tok(x) = sum over the tokens of the whole optimizer step (all ranks) / their number; DDP and FSDP average
+    gradients over ranks, so the caller passes normalizer = global token count / world size.
+    The k3 term is subtracted: maximised, it pushes the response's likelihood under the true image away from the one
+    under a different class's image. Tokens with k3 clamped at 10 get no gradient from it.
+
+    Worked example (one response, two tokens, A = -1, normalizer 2, coefficients as default):
+        logp = [-1, -2], old = [-1, -1], neg = [-3, -2]
+        rho = [1, e^-1 = .368]; pg = max(rho, clip(rho, .8, 1.28)) = [1, .8], dual clip min(., 3) -> [1, .8]
+        delta = [-2, 0], k3 = [e^-2 + 1 = 1.135, 0];   -logp = [1, 2];   -neg = [3, 2]
+        L = 1.8/2 - .01 * 1.135/2 + .03 * 3/2 + .03 * 5/2 = .9 - .00568 + .045 + .075 = 1.01432
+    """
+    mask = mask.to(logp.dtype)  # [B, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))  # [B, T]
+    surrogate = -adv * ratio  # [B, T]
+    surrogate_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)  # [B, T]
+    pg_ppo = torch.maximum(surrogate, surrogate_clipped)  # [B, T] the PPO pessimistic bound
+    pg = torch.where(adv < 0, torch.minimum(pg_ppo, -dual_clip * adv), pg_ppo)  # [B, T] dual clip: A < 0 costs <= c|A|
+    delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
+    k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
+    pg_term = (pg * mask).sum() / normalizer  # []
+    kl_term = (k3 * mask).sum() / normalizer  # []
+    entropy_term = (-logp * mask).sum() / normalizer  # []
+    neg_entropy_term = (-neg_logp * mask).sum() / normalizer  # [] (no gradient: neg_logp is a constant)
+    loss = pg_term - kl_coef * kl_term + entropy_coef * entropy_term + neg_entropy_coef * neg_entropy_term  # []
+    clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
+    terms = {"loss": loss, "pg": pg_term, "kl_neg": kl_term, "entropy": entropy_term, "entropy_neg": neg_entropy_term,
+             "clip_frac": (clipped.to(mask.dtype) * mask).sum() / normalizer,
+             "ratio": (ratio * mask).sum() / normalizer}  # each a share of the step's token mean, for the log
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+# =====================================================================================================================
+# 6. The train steps. TAPO: one rollout batch -> advantages, old and negative-image log-probs -> optimizer steps;
+#    SFT: cross-entropy on the assistant tokens of the rationales (common.sft_loss)
+# =====================================================================================================================
+
+def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.Dataset, by_class: dict, negatives: dict,
+                  args, ranks: common.Dist, timer: lifecycle.PhaseTimer):
+    """Rounds of triplets sampled until every rank holds its --rollout-batch / ranks groups (dynamic sampling), their
+    advantages, and every response's log-probs under the sampling policy, with its own image and with the negative
+    one. Returns (the batch's rows, its groups, its rollout metrics on this rank, the data position after it)."""
+    seen_classes = sorted(by_class)
+
+    def sample_round(round_index: int) -> list[Group]:
+        triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args,
+                               ranks)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
+                                                  + ranks.rank)
+        started = time.perf_counter()
+        groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, generator)
+        if time.perf_counter() - started > 30:  # a long stage says where it is
+            common.print0(f"tapo rollout batch {batch_index + 1}, sampling round {round_index + 1}: done")
+        return groups
+
+    model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
+    with timer("sampling"):
+        first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
+        with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
+            groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size,
+                                               args.max_sample_rounds, args.acc_low, args.acc_high)
+    cursor += metrics["dynamic/rounds"] * args.sample_prompts
+
+    # the advantage over each group of 2G (G from the anchor + G from the positive); the log-probs once, no grad
+    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
+    own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
+    logprobs = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
+        model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+        shared_prefix=bool(args.shared_prefix))
+    with timer("logprobs"), args.precision.context():
+        batch = dict(own=own, ids=ids, mask=mask, pad_id=pad_id,
+                     advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
+                     old_logp=logprobs(own),  # [R, T] each response under its own image
+                     neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
+    parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
+    metrics.update({"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
+                    "completion_len": float(mask.sum()) / mask.shape[0],
+                    "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())})
+    return batch, groups, metrics, cursor
+
+
+def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, rows: range, args):
+    """Optimizer step `step` on the responses `rows` of the rollout batch: their token mean over all ranks, so the
+    normalizer is the global token count / world size (DDP and FSDP average gradients over ranks)."""
+    normalizer = lifecycle.global_token_count(batch["mask"][rows.start:rows.stop]) / run.d.world_size
+
+    def loss_of(micro: slice):
+        width = max(1, int(batch["mask"][micro].sum(1).max()))  # trim the padding shared by these rows
+        ids, mask = batch["ids"][micro, :width], batch["mask"][micro, :width]  # [b, t]
+        logp = common.score_completions(model, batch["own"][micro], ids, mask, batch["pad_id"], args.temperature,
+                                        bool(args.shared_prefix)).float()  # [b, t] each image's prompt once
+        return tapo_loss(logp, batch["old_logp"][micro, :width].to(logp), batch["neg_logp"][micro, :width].to(logp),
+                         batch["advantages"][micro].to(logp), mask.to(logp.device), normalizer=normalizer,
+                         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
+                         kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
+                         neg_entropy_coef=args.neg_entropy_coef)
+    micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in range(rows.start, rows.stop,
+                                                                                    args.micro_batch)]
+    return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
+                            precision=args.precision)
+
+def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
+    """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
+    context only; the labels are the response and the closing <|im_end|>."""
+    im_end = common.special_token_ids(processor)["<|im_end|>"]
+    prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
+    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
+    return prompt, target
+
+
+def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict], processor, args):
+    """Optimizer step `step` on this rank's rationales: the mean of the micro-batches' token means, each weighted by
+    its rows (the step's loss is the mean over its samples)."""
+    def loss_of(records: list[dict]):
+        rows = [sft_example(processor, r) for r in records]
+        loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])  # []
+        return loss * len(rows) / len(batch), {"target_tokens": torch.tensor(sum(len(t) for _, t in rows))}
+    micro_batches = [batch[s:s + args.sft_micro_batch] for s in range(0, len(batch), args.sft_micro_batch)]
+    return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=1.0,
+                            precision=args.precision)  # the paper's SFT clips at 1.0
+
+
+# =====================================================================================================================
+# 7. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
+# =====================================================================================================================
+
 # SFT asks as the paper's released SFT samples do (--sft-prompt paper): an R1-style system prompt that asks for the
 # reasoning in <think> and the answer in <answer>, and the bare question. The toy preset (--sft-prompt rl) asks with
 # the TAPO prompt's format request and no system prompt instead: the two-layer stand-in, pretrained on the RL and
@@ -113,23 +455,6 @@ def sft_question(sft_prompt: str, kind: str, key, truth: str, others: list[str],
     if sft_prompt == "paper":
         return {"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM}, distractors
     return {"question": text, "system": None}, distractors
-
-
-# The closed-world form (--closed-frac; the paper trains on open questions only): the closed-world evaluation prompt
-# (closed_prompt: the options as a list, the chosen name in <answer>), scored as that evaluation scores (the truth's
-# name inside the answer).
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
-                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
-    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
-    phrasing with the paper's RL format request and None, or with probability closed_frac the closed-world form
-    whose options are the truth and 3 of `others` (shuffled) and those 3 distractors."""
-    rng = random.Random(f"question/{key}")
-    if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
-        distractors = rng.sample(list(others), 3)
-        options = distractors + [truth]
-        rng.shuffle(options)
-        return closed_prompt(kind, options), distractors
-    return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -151,10 +476,6 @@ TEACHER_PROMPT = (
     "4. a final line \"" + PREDICTION_MARK + " {truth}\".\n"
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
-
-# =====================================================================================================================
-# 2. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
-# =====================================================================================================================
 
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
@@ -278,7 +599,7 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
     return {a: sorted((b for b in names if b != a), key=lambda b: (-name_similarity(a, b), b))[:k] for a in names}
 
 
-def run_cot(args, d: common.Dist, out: str) -> str:
+def run_cot(args, ranks: common.Dist, out: str) -> str:
     """Write <out>/cot.jsonl (or check and return --cot-data). Skipped when the file exists (resume)."""
     if args.cot_data:
         records = common.read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
@@ -290,7 +611,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     if common.all_gather_objects(os.path.exists(path))[0]:
         common.print0(f"stage cot: {path} exists, skipped")
         return path
-    train = load_split(args, "train", "base")
+    train = load_split(args, "train", "base", limit=args.train_limit)
     seen = train.split_class_names
     confusable = confusable_classes(seen, args.cot_candidates)
     by_class: dict[str, list[data.Example]] = {}
@@ -310,11 +631,11 @@ def run_cot(args, d: common.Dist, out: str) -> str:
                                 **asked, "response": response_text(attribute_rationale(name, candidates), name)})
         stats["cot/tried"] = len(records)
     else:
-        records, stats = teacher_rationales(args, d, out, train, seen, offers, confusable, stats)
+        records, stats = teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats)
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
-    if d.is_main:
+    if ranks.is_main:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
@@ -326,7 +647,7 @@ def run_cot(args, d: common.Dist, out: str) -> str:
     return path
 
 
-def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
+def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats):
     """The teacher writes rationales for the seen classes (sharded over ranks), class by class: images are offered
     until --cot-per-class rationales pass check_rationale. Each finished class is appended to
     <out>/cot.part<rank>.jsonl (its rationales, then a line {"class_done": name, ...}), so a killed run resumes with
@@ -337,7 +658,7 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
     todo = [name for name in seen if name not in done]
     if len(todo) < len(seen):
         common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
-    my_classes = todo[d.rank::d.world_size]
+    my_classes = todo[ranks.rank::ranks.world_size]
     if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
         if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
             teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
@@ -345,13 +666,13 @@ def teacher_rationales(args, d, out, train, seen, offers, confusable, stats):
             teacher.check()
         else:
             # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
-            frozen = common.precision_for(args.dtype, d, "ddp", trained_weights=False).compute
-            teacher, processor = common.load_model(args.teacher or args.model, device=d.device, dtype=frozen,
+            frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
+            teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
                                                    max_pixels=args.sft_max_pixels,
                                                    flag="--teacher" if args.teacher else "--model")
             teacher.eval()
-        with parts.append(d.rank) as part:
+        with parts.append(ranks.rank) as part:
             for ci, name in enumerate(my_classes):
                 try:
                     kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers,
@@ -404,564 +725,135 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
 
 
 # =====================================================================================================================
-# 3. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
+# 8. The stages sft and tapo on the shared run lifecycle
 # =====================================================================================================================
 
-@dataclasses.dataclass
-class Triplet:
-    anchor: data.Example
-    positive: data.Example
-    negative: data.Example
-
-
-def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
-    """For each class, the classes its negative image may come from: every other class (random) or the k with the
-    most similar names (confusable)."""
-    if how == "random":
-        return {a: [b for b in names if b != a] for a in names}
-    return confusable_classes(names, k)
-
-
-def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
-                 negatives: dict[str, list[str]], rng: random.Random) -> Triplet:
-    """The anchor, a positive drawn from the other images of its class, and a negative drawn from an image of one of
-    the anchor's negative classes."""
-    same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
-    if not same:
-        raise SystemExit(f"class {anchor.class_name!r} has a single training image ({anchor.image}); TAPO's positive "
-                         f"needs another image of the same class (use --shots >= 2)")
-    negative_class = rng.choice(negatives[anchor.class_name])
-    return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
-
-
-@dataclasses.dataclass
-class Group:
-    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
-    triplet: Triplet
-    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
-    neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    completion_ids: torch.Tensor  # [2G, T]
-    completion_mask: torch.Tensor  # [2G, T]
-    truncated: torch.Tensor  # [2G]
-    texts: list[str]
-    reward: torch.Tensor  # [2G]
-    parts: dict  # component -> [2G]
-
-    @property
-    def accuracy(self) -> float:
-        """Mean of the group's first reward component (the accuracy, see parse_reward_weights)."""
-        return float(next(iter(self.parts.values())).mean())
-
-
-def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
-                  generator) -> list[Group]:
-    """5 rollouts from each anchor and 5 from each positive (one sampling call for all of them), scored."""
-    G = args.group_size
-    questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
-                               [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
-                 for t in triplets]  # one question per triplet, asked with the anchor and with the positive
-    prompts = []
-    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
-        prompts += [common.encode_prompt(processor, t.anchor.image, q),
-                    common.encode_prompt(processor, t.positive.image, q)]
-    with args.precision.context():
-        ro = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                           generator=generator, prompt_batch=args.rollout_prompt_batch,
-                           compile_decode=bool(args.compile_decode))
-    groups = []
-    for i, t in enumerate(triplets):
-        rows = slice(2 * G * i, 2 * G * (i + 1))
-        texts = ro.texts[rows]
-        reward, parts = score(texts, [t.anchor.class_name] * 2 * G, args.reward_weights)  # [2G]
-        groups.append(Group(t, [prompts[2 * i]] * G + [prompts[2 * i + 1]] * G,
-                            common.encode_prompt(processor, t.negative.image, questions[i]),
-                            ro.completion_ids[rows], ro.completion_mask[rows], ro.truncated[rows], texts, reward,
-                            parts))
-    return groups
-
-
-def stack_groups(groups: list[Group], pad_id: int):
-    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
-    width = max(g.completion_ids.shape[1] for g in groups)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
-    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
-    own = [p for g in groups for p in g.prompts]
-    neg = [g.neg_prompt for g in groups for _ in g.prompts]
-    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
-
-
-# =====================================================================================================================
-# 4. Reward: a registry of plain functions fn(completion, truth) -> float
-# =====================================================================================================================
-
-def accuracy_reward(completion: str, truth: str) -> float:
-    """1 if the lowercased truth is a substring of the <answer> text (the paper's rule)."""
-    answer = judges.parse_answer(completion)
-    return float(answer is not None and truth.lower() in answer.lower())
-
-
-def exact_reward(completion: str, truth: str) -> float:
-    """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
-    substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
-    repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule."""
-    answer = judges.parse_answer(completion)
-    return float(answer is not None and judges.normalize(answer) == judges.normalize(truth))
-
-
-def format_reward(completion: str, truth: str) -> float:
-    """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
-    return float(judges.format_ok(completion))
-
-
-REWARDS = {"accuracy": accuracy_reward, "exact": exact_reward, "format": format_reward}
-
-
-def parse_reward_weights(spec: str) -> dict[str, float]:
-    """'accuracy=0.9,format=0.1' -> {'accuracy': 0.9, 'format': 0.1}, in the order given: the FIRST reward is the
-    accuracy that dynamic sampling filters on."""
-    weights = {}
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        name, _, w = item.partition("=")
-        if name not in REWARDS or not w:
-            raise SystemExit(f"--rewards {spec!r}: expected name=weight items with names from {sorted(REWARDS)}")
-        weights[name] = float(w)
-    if not weights:
-        raise SystemExit(f"--rewards {spec!r}: no reward given")
-    return weights
-
-
-def score(texts: list[str], truths: list[str], weights: dict[str, float]):
-    """(reward [B] = sum of weight * component, {component: [B]}). Each component reads the response with the
-    whitespace around every <, > and / removed, as the released reward does ("< answer >" is "<answer>")."""
-    texts = [re.sub(r"\s*([<>/])\s*", r"\1", t) for t in texts]
-    parts = {n: torch.tensor([REWARDS[n](t, y) for t, y in zip(texts, truths)]) for n in weights}  # [B] each
-    return sum(weights[n] * v for n, v in parts.items()), parts
-
-
-# =====================================================================================================================
-# 5. Advantage, and the dynamic-sampling filter
-# =====================================================================================================================
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
-    >>> group_advantages(torch.tensor([1.0, 0.0, 0.1, 0.1]), 2)
-    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
-    """
-    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: with eps = 1e-6 the float32 rounding of a mean of
-    # equal rewards (0.1 * 10 / 10 != 0.1) would turn into advantages of -0.0075 instead of 0
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).float().reshape(-1)  # [P*2G]
-
-
-def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
-    """Dynamic sampling: keep a group when its mean accuracy is strictly inside (low, high), i.e. it has both right
-    and wrong answers and so a learning signal. [P] -> [P] bool."""
-    return (group_accuracy > low) & (group_accuracy < high)
-
-
-def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
-    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
-    first `quota` are used, extras are dropped like verl's truncation). A round in which no group on any rank passes
-    the filter is kept whole, as the released trainer does (its groups have zero advantage; TAPO's KL and entropy
-    terms still act on them). Every rank runs the same number of rounds (a rank already full keeps sampling while
-    another is short: collectives inside sampling need all ranks). After `max_rounds` the batch is filled with the
-    last rejected groups instead of failing. Returns (groups, stats)."""
-    kept, rejected, rounds, sampled, whole_rounds = [], [], 0, 0, 0
-    while True:
-        short = common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))  # ranks still short
-        if float(short[0]) == 0 or rounds >= max_rounds:
-            break
-        groups = sample_round(rounds)
-        keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
-        if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
-            keep = torch.ones_like(keep)
-            whole_rounds += 1
-        for g, ok in zip(groups, keep.tolist()):
-            (kept if ok else rejected).append(g)
-        rounds += 1
-        sampled += len(groups)
-    filled = max(0, quota - len(kept))
-    if filled > len(rejected):
-        raise RuntimeError(f"dynamic sampling: {len(kept) + len(rejected)} groups sampled, {quota} needed")
-    batch = kept[:quota] + (rejected[-filled:] if filled else [])
-    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
-             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
-             "dynamic/whole_rounds": whole_rounds,
-             "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
-    return batch, stats
-
-
-# =====================================================================================================================
-# 6. The TAPO loss, written by hand
-# =====================================================================================================================
-
-def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, *, normalizer: float, clip_low: float = 0.2, clip_high: float = 0.28,
-              dual_clip: float = 3.0, kl_coef: float = 0.01, entropy_coef: float = 0.03,
-              neg_entropy_coef: float = 0.03) -> tuple[torch.Tensor, dict[str, float]]:
-    """The TAPO loss of one micro-batch, summed over its tokens and divided by `normalizer`.
-
-    Per token t of response i (logp: policy, own image, with grad; old_logp: the sampling policy, own image;
-    neg_logp: the sampling policy with the NEGATIVE image, no grad):
-        rho   = exp(clamp(logp - old_logp, -20, 20))
-        pg    = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),  then for A < 0: min(pg, -dual_clip A)
-        delta = clamp(neg_logp - logp, -20, 20),   k3 = clamp(exp(delta) - delta - 1, -10, 10)
-        L     = mean_tok(pg) - kl_coef mean_tok(k3) + entropy_coef mean_tok(-logp)
-                + neg_entropy_coef mean_tok(-neg_logp)
-    mean_tok(x) = sum over the tokens of the whole optimizer step (all ranks) / their number; DDP and FSDP average
-    gradients over ranks, so the caller passes normalizer = global token count / world size.
-    The k3 term is subtracted: maximised, it pushes the response's likelihood under the true image away from the one
-    under a different class's image. Tokens with k3 clamped at 10 get no gradient from it.
-
-    Worked example (one response, two tokens, A = -1, normalizer 2, coefficients as default):
-        logp = [-1, -2], old = [-1, -1], neg = [-3, -2]
-        rho = [1, e^-1 = .368]; pg = max(rho, clip(rho, .8, 1.28)) = [1, .8], dual clip min(., 3) -> [1, .8]
-        delta = [-2, 0], k3 = [e^-2 + 1 = 1.135, 0];   -logp = [1, 2];   -neg = [3, 2]
-        L = 1.8/2 - .01 * 1.135/2 + .03 * 3/2 + .03 * 5/2 = .9 - .00568 + .045 + .075 = 1.01432
-    """
-    mask = mask.to(logp.dtype)  # [B, T]
-    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))  # [B, T]
-    surrogate = -adv * ratio  # [B, T]
-    surrogate_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)  # [B, T]
-    pg_ppo = torch.maximum(surrogate, surrogate_clipped)  # [B, T] the PPO pessimistic bound
-    pg = torch.where(adv < 0, torch.minimum(pg_ppo, -dual_clip * adv), pg_ppo)  # [B, T] dual clip: A < 0 costs <= c|A|
-    delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
-    k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
-    pg_term = (pg * mask).sum() / normalizer  # []
-    kl_term = (k3 * mask).sum() / normalizer  # []
-    entropy_term = (-logp * mask).sum() / normalizer  # []
-    neg_entropy_term = (-neg_logp * mask).sum() / normalizer  # [] (no gradient: neg_logp is a constant)
-    loss = pg_term - kl_coef * kl_term + entropy_coef * entropy_term + neg_entropy_coef * neg_entropy_term  # []
-    clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    terms = {"loss": loss, "pg": pg_term, "kl_neg": kl_term, "entropy": entropy_term, "entropy_neg": neg_entropy_term,
-             "clip_frac": (clipped.to(mask.dtype) * mask).sum() / normalizer,
-             "ratio": (ratio * mask).sum() / normalizer}  # each a share of the step's token mean, for the log
-    return loss, {k: float(v.detach()) for k, v in terms.items()}
-
-
-# =====================================================================================================================
-# 7. The TAPO step: one rollout batch -> advantages -> old and negative-image log-probs -> several updates
-# =====================================================================================================================
-
-def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
-                d: common.Dist) -> list[Triplet]:
-    """This rank's triplets of the sampling round at data position `cursor` (positions cursor + rank, + world, ...
-    of an endless stream of seeded epochs over the anchors). A position's positive and negative are drawn with a
-    seed of that position: the same on resume, on any number of ranks."""
-    return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
-                         random.Random(args.seed * 1_000_003 + pos))
-            for pos in range(cursor + d.rank, cursor + args.sample_prompts, d.world_size)]
-
-
-def tapo_step(batch_idx: int, cursor: int, step: int, total_steps: int, model, optimizer, processor, train, by_class,
-              negatives, args, d: common.Dist, guard: lifecycle.NonFiniteGuard, timer: lifecycle.PhaseTimer):
-    """One rollout batch of TAPO: sample rounds of triplets until every rank holds its groups (dynamic sampling),
-    then --rollout-batch / --prompts-per-step optimizer steps on them. Returns (a record per optimizer step, the
-    batch's rollout metrics on this rank, its groups, the data position after it, the step count after it)."""
-    G2 = 2 * args.group_size  # one advantage group: G from the anchor + G from the positive
-    seen_classes = sorted(by_class)
-
-    # rollout with dynamic sampling: rounds of sampling until every rank has its groups
-    def sample_round(round_index: int) -> list[Group]:
-        triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args, d)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_idx * 1009 + round_index * 13 + d.rank)
-        t_round = time.perf_counter()
-        round_groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, gen)
-        if time.perf_counter() - t_round > 30:  # a long stage says where it is
-            common.print0(f"tapo batch {batch_idx + 1}: sampling round {round_index + 1} took "
-                          f"{time.perf_counter() - t_round:.0f} s")
-        return round_groups
-
-    model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
-    with timer("sampling"):
-        warm = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
-        with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, warm)):
-            groups, dyn_stats = dynamic_sampling(sample_round, args.rollout_batch // d.world_size,
-                                                 args.max_sample_rounds, args.acc_low, args.acc_high)
-    cursor += dyn_stats["dynamic/rounds"] * args.sample_prompts
-
-    # advantage over each group of 2G; old log-probs (own image) and negative-image log-probs, once, no grad
-    pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
-    advantages = group_advantages(rewards, G2, args.adv_eps)  # [R]
-    scored = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
-        model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-        shared_prefix=bool(args.shared_prefix))
-    with timer("logprobs"), args.precision.context():
-        old_logp = scored(own)  # [R, T] the sampling policy, each response under its own image
-        neg_logp = scored(neg)  # [R, T] the same responses under the triplet's negative image
-
-    # several optimizer steps on the rollout batch, each a token mean over its responses on all ranks
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows_per_step = args.prompts_per_step // d.world_size * G2  # responses of one optimizer step on this rank
-    records = []
-    for k in range(args.rollout_batch // args.prompts_per_step):
-        if step >= total_steps or guard.exhausted:
-            break
-        lifecycle.set_lr(optimizer, args.lr)  # constant (paper)
-        rows_all = range(k * rows_per_step, (k + 1) * rows_per_step)
-        normalizer = lifecycle.global_token_count(mask[rows_all.start:rows_all.stop]) / d.world_size
-        optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        starts = list(range(rows_all.start, rows_all.stop, args.micro_batch))
-        with timer("update"):
-            for j, start in enumerate(starts):
-                rows = slice(start, min(start + args.micro_batch, rows_all.stop))
-                width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
-                mb_ids, mb_mask = ids[rows, :width], mask[rows, :width]  # [b, t]
-                common.grad_sync(model, j == len(starts) - 1)
-                with args.precision.context():  # each image's prompt once for its G completions
-                    logp = common.score_completions(model, own[rows], mb_ids, mb_mask, pad_id, args.temperature,
-                                                    bool(args.shared_prefix)).float()  # [b, t]
-                loss, terms = tapo_loss(
-                    logp, old_logp[rows, :width].to(logp), neg_logp[rows, :width].to(logp),
-                    advantages[rows].to(logp), mb_mask.to(logp.device), normalizer=normalizer,
-                    clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                    kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef, neg_entropy_coef=args.neg_entropy_coef)
-                loss.backward()
-                for key, v in terms.items():
-                    sums[key] = sums.get(key, 0.0) + v
-            grad_norm = common.clip_gradients(params, args.grad_clip)
-            if guard.check(step + 1, loss=sums.get("loss", 0.0), grad_norm=grad_norm):
-                optimizer.step()
-            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-                optimizer.zero_grad(set_to_none=True)
-        common.grad_sync(model, True)
-        step += 1
-        # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-        records.append({"step": step, "stage": "tapo", "lr": args.lr, "grad_norm": grad_norm, **guard.stats(),
-                        **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
-
-    parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
-    metrics = {"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
-               **dyn_stats, "completion_len": float(mask.sum()) / mask.shape[0],
-               "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())}
-    return records, metrics, groups, cursor, step
-
-
-# =====================================================================================================================
-# 8. Stage sft: cross-entropy on the assistant tokens of the rationales (common.sft_loss)
-# =====================================================================================================================
-
-def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
-    """(prompt, target ids) of one rationale. The prompt (system, image, question, "assistant\\n") is context only;
-    the labels are the assistant's tokens: the response and the closing <|im_end|>. A record's "system" (absent or
-    null: Qwen's default) is its system prompt."""
-    im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
-    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
-    return prompt, target
-
-
-def run_sft(args, d: common.Dist, out: str, cot_path: str, eval_sets: dict) -> str:
+def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
-    sft_out = os.path.join(out, "sft")
-    final = os.path.join(sft_out, "final")
+    args, ranks = run.args, run.d
+    final = os.path.join(run.out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage sft: {final} exists, skipped")
         return final
-    os.makedirs(sft_out, exist_ok=True)
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
-    log = lifecycle.MetricsLog(sft_out, args.wandb, vars(args))
-    lifecycle.require_divisible("--sft-batch", args.sft_batch, d.world_size, "the number of ranks")
-    per_rank = args.sft_batch // d.world_size
+    lifecycle.require_divisible("--sft-batch", args.sft_batch, ranks.world_size, "the number of ranks")
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
     # the paper's SFT trains the language model only (vision tower + merger frozen)
-    model, processor = load_policy(args, d, args.model, args.sft_min_pixels, args.sft_max_pixels,
-                                   not args.sft_train_vision, lambda m, p: report_memory_sft(m, p, records, args, d))
-    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=args.precision.fsdp_param_dtype)
-    optimizer, params = make_optimizer(model, args.sft_lr, args.sft_weight_decay)
-    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start = lifecycle.resume(sft_out, model, optimizer, log)["step"]  # the same command continues from sft/latest
+    model, processor, _ = run.load_policy(args.model, trainable=vision_trained(args.sft_train_vision),
+                                          estimate=lambda processor: sft_estimate(processor, records, args),
+                                          min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
+    optimizer = lifecycle.adamw(model, args.sft_lr, args.sft_weight_decay)
+    evaluate = lambda step: {"stage": "sft", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
+    start = run.resume(model, optimizer, evaluate)["step"]  # the starting model evaluated first: the baseline
     common.print0(f"stage sft: {len(records)} rationales, {total_steps} steps of {args.sft_batch} "
-                  f"({per_rank} per rank), lr {args.sft_lr} cosine, warm-up {args.sft_warmup}, "
-                  f"vision {'trained' if args.sft_train_vision else 'frozen'}")
-    timer = lifecycle.PhaseTimer()
-    if eval_sets and start == 0:  # the starting model: the baseline of the whole pipeline
-        with timer("eval"):
-            log.log({"step": 0, "stage": "sft", **evaluate_all(model, processor, eval_sets, args, sft_out, 0)})
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
+                  f"({args.sft_batch // ranks.world_size} per rank), lr {args.sft_lr} cosine, warm-up "
+                  f"{args.sft_warmup}, vision {'trained' if args.sft_train_vision else 'frozen'}")
+    for step in run.steps(start, total_steps):
         lr = lifecycle.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
-                          warmup_steps=args.sft_warmup)
+                             warmup_steps=args.sft_warmup)
         lifecycle.set_lr(optimizer, lr)
         # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
-        positions = range(step * args.sft_batch + d.rank, (step + 1) * args.sft_batch, d.world_size)
+        positions = range(step * args.sft_batch + ranks.rank, (step + 1) * args.sft_batch, ranks.world_size)
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
         model.train()
-        optimizer.zero_grad(set_to_none=True)
-        micro_starts = list(range(0, per_rank, args.sft_micro_batch))
-        loss_sum, tokens = 0.0, 0
-        with timer("update"):
-            for k, s in enumerate(micro_starts):
-                rows = [sft_example(processor, r) for r in batch[s:s + args.sft_micro_batch]]
-                common.grad_sync(model, k == len(micro_starts) - 1)
-                with args.precision.context():
-                    loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])
-                (loss * len(rows) / per_rank).backward()  # micro-batch token means, weighted by their rows
-                loss_sum += float(loss.detach()) * len(rows) / per_rank
-                tokens += sum(len(t) for _, t in rows)
-            grad_norm = common.clip_gradients(params, 1.0)
-            if guard.check(step + 1, loss=loss_sum, grad_norm=grad_norm):
-                optimizer.step()
-            else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-                optimizer.zero_grad(set_to_none=True)
-        common.grad_sync(model, True)
-        record = {"step": step + 1, "stage": "sft", "lr": lr, "grad_norm": grad_norm, **guard.stats(),
-                  **lifecycle.mean_over_ranks({"loss": loss_sum, "target_tokens": tokens}),
-                  **lifecycle.mean_over_ranks(timer.pop()), "time/step": time.perf_counter() - t0}
-        done = step + 1 == total_steps
-        if step == start or done or (step + 1) % max(1, total_steps // 10) == 0:  # every step is in metrics.jsonl
-            common.print0(f"sft step {step + 1}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                          f"grad {grad_norm:.2f}  {record['time/step']:.1f}s")
-        if eval_sets and (done or (args.eval_every > 0 and (step + 1) % args.eval_every == 0)):
-            with timer("eval"):
-                record.update(evaluate_all(model, processor, eval_sets, args, sft_out, step + 1))
-            record.update(timer.pop())
-        log.log(record)
-        if done or guard.exhausted or (args.save_every and (step + 1) % args.save_every == 0):
-            lifecycle.save_checkpoint(sft_out, step + 1, model, optimizer,
-                                   {"stage": "sft", "data_position": (step + 1) * args.sft_batch})
-        if guard.exhausted:  # --max-nonfinite skipped steps in a row: stop with a message (checkpoint saved above)
-            guard.stop(sft_out)
+        with run.timer("update"):
+            grad_norm, sums = sft_update(model, optimizer, run, step + 1, batch, processor, args)
+        run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(sums)},
+                     model, optimizer, {"stage": "sft", "data_position": (step + 1) * args.sft_batch}, evaluate,
+                     shown=("loss", "grad_norm"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
-    del model, optimizer
-    release_memory()
     return final
 
 
-# =====================================================================================================================
-# 9. Stage tapo: the loop over rollout batches
-# =====================================================================================================================
-
-def run_tapo(args, d: common.Dist, out: str, eval_sets: dict, first_stage: bool) -> str:
+def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     """TAPO from the SFT export (or --tapo-init / --model); checkpoints and metrics in <out>/tapo, the model exported
     to <out>/final. Skipped when that exists (resume)."""
-    tapo_out, final = os.path.join(out, "tapo"), os.path.join(out, "final")
+    args, ranks = run.args, run.d
+    out = os.path.dirname(run.out)
+    final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage tapo: {final} exists, skipped")
         return final
-    os.makedirs(tapo_out, exist_ok=True)
-    log = lifecycle.MetricsLog(tapo_out, args.wandb, vars(args))
-    sft_final = os.path.join(out, "sft", "final")
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
-    check_tapo_batches(args, d.world_size)
+    check_tapo_batches(args, ranks.world_size)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
     # data: k images per seen class (the anchors), and the classes each one's negative may come from
-    train = load_split(args, "train", "base", shots=args.shots)
+    train = load_split(args, "train", "base", shots=args.shots, limit=args.train_limit)
     by_class: dict[str, list[data.Example]] = {}
     for ex in train.examples:
         by_class.setdefault(ex.class_name, []).append(ex)
     negatives = negative_classes(sorted(by_class), args.negatives, args.confusable_k)
-    total_batches = max(1, math.floor(args.tapo_epochs * len(train.examples) / args.rollout_batch))
-    total_steps = total_batches * steps_per_batch
-    if args.max_steps:  # overrides --tapo-epochs
-        total_steps, total_batches = args.max_steps, math.ceil(args.max_steps / steps_per_batch)
+    total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
+                                                                        / args.rollout_batch))
 
-    # the policy, its optimizer, resume
-    model, processor = load_policy(args, d, init, args.min_pixels, args.max_pixels, args.tapo_freeze_vision,
-                                   lambda m, p: report_memory_tapo(m, p, train.kind, args, d))
-    model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
-                              param_dtype=args.precision.fsdp_param_dtype)
-    optimizer, _ = make_optimizer(model, args.lr, args.weight_decay)
-    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    start_batch, cursor, step = 0, 0, 0
-    ckpt = lifecycle.latest_checkpoint(tapo_out)
-    if ckpt:
-        state = lifecycle.load_checkpoint(ckpt, model, optimizer)
-        start_batch, cursor, step = state["batch"], state["cursor"], state["step"]
-        common.print0(f"stage tapo: resumed from {ckpt} at rollout batch {start_batch} (step {step}, data "
-                      f"position {cursor})")
-    log.resume_at(step)  # metrics.jsonl: the steps about to be redone are dropped, each step logged once
+    model, processor, _ = run.load_policy(init, trainable=vision_trained(not args.tapo_freeze_vision),
+                                          estimate=lambda processor: tapo_estimate(processor, train.kind, args,
+                                                                                   ranks.world_size))
+    optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
+    evaluate = lambda step: {"stage": "tapo", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
+    state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
+    done, batch_index, cursor = state["step"], state.get("batch", 0), state.get("data_position", 0)
     common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
-                  f"{total_batches} rollout batches x {args.rollout_batch} triplets x {2 * args.group_size} "
-                  f"responses, {steps_per_batch} optimizer steps each ({total_steps} steps), {args.negatives} "
-                  f"negatives")
-
-    timer = lifecycle.PhaseTimer()
-    if eval_sets and first_stage and start_batch == 0:  # run alone: the starting model is the baseline
-        with timer("eval"):
-            log.log({"step": 0, "stage": "tapo", **evaluate_all(model, processor, eval_sets, args, tapo_out, 0)})
-    for batch_idx in range(start_batch, total_batches):
-        t_batch = time.perf_counter()
-        records, metrics, groups, cursor, step = tapo_step(batch_idx, cursor, step, total_steps, model, optimizer,
-                                                           processor, train, by_class, negatives, args, d, guard,
-                                                           timer)
-        # the rollout batch's metrics go with its last optimizer step
-        record = {**records[-1], "rollout_batch": batch_idx + 1, **lifecycle.mean_over_ranks(metrics),
-                  **lifecycle.mean_over_ranks(timer.pop()), "time/rollout_batch": time.perf_counter() - t_batch}
-        for r in records[:-1]:
-            log.log(r)
-        if args.log_completions and d.is_main:
+                  f"{math.ceil(total_steps / steps_per_batch)} rollout batches x {args.rollout_batch} triplets x "
+                  f"{2 * args.group_size} responses, {steps_per_batch} optimizer steps each ({total_steps} steps), "
+                  f"{args.negatives} negatives")
+    rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
+    for step in run.steps(done, total_steps):
+        if step < done:
+            continue  # taken inside the rollout batch before
+        batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
+                                                       negatives, args, ranks, run.timer)
+        model.train()
+        records = []
+        for k in range(steps_per_batch):  # several optimizer steps on the rollout batch
+            if done >= total_steps or run.guard.exhausted:
+                break
+            lr = lifecycle.lr_at(done, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
+                                 warmup_steps=args.warmup_steps)
+            lifecycle.set_lr(optimizer, lr)
+            with run.timer("update"):
+                grad_norm, sums = tapo_update(model, optimizer, run, done + 1, batch,
+                                              range(k * rows_per_step, (k + 1) * rows_per_step), args)
+            done += 1
+            # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
+            records.append({"step": done, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
+                            **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
+        batch_index += 1
+        for record in records[:-1]:
+            run.log.log(record)
+        record = {**records[-1], "rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)}  # the batch's
+        if args.log_completions and ranks.is_main:  # metrics go with its last optimizer step
             record["completions"] = [
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
                  "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
-        done = batch_idx + 1 == total_batches or step >= total_steps
-        common.print0(f"tapo batch {batch_idx + 1}/{total_batches} step {step}  reward {record['reward']:.3f}  "
-                      f"acc {record['sampled_accuracy']:.3f}  kept {record['dynamic/kept_frac']:.2f}  "
-                      f"pg {record.get('loss/pg', 0):.4f}  kl_neg {record.get('loss/kl_neg', 0):.3f}  "
-                      f"len {record['completion_len']:.0f}  {record['time/rollout_batch']:.1f}s")
-        if eval_sets and (done or (args.eval_every > 0 and step // args.eval_every
-                                   > (step - len(records)) // args.eval_every)):
-            with timer("eval"):
-                record.update(evaluate_all(model, processor, eval_sets, args, tapo_out, step))
-            record.update(timer.pop())
-        log.log(record)
-        if done or guard.exhausted or (args.save_every and step // args.save_every
-                                       > (step - len(records)) // args.save_every):
-            lifecycle.save_checkpoint(tapo_out, step, model, optimizer,
-                                   {"stage": "tapo", "batch": batch_idx + 1, "cursor": cursor})
-        if guard.exhausted:  # --max-nonfinite skipped steps in a row (the rest of this rollout batch is dropped)
-            guard.stop(tapo_out)
-        if done:
-            break
+        run.end_step(done, record, model, optimizer, {"stage": "tapo", "batch": batch_index, "data_position": cursor},
+                     evaluate, shown=("reward", "sampled_accuracy", "dynamic/kept_frac", "loss/pg", "loss/kl_neg",
+                                      "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
-    del model, optimizer
-    release_memory()
     return final
 
 
 # =====================================================================================================================
-# 10. Shared by the stages: data, policy, optimizer, evaluation
+# 9. Shared by the stages: data, what trains, evaluation
 # =====================================================================================================================
 
 def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
     return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
 
 
-def load_policy(args, d: common.Dist, path: str, min_pixels: int, max_pixels: int, freeze_vision: bool, report):
-    """The policy with fp32 master weights (bf16 compute on GPU: args.precision), its vision tower frozen or not, and
-    its processor; first `report(shapes, processor)`, the memory estimate on the model's shapes alone (it resolves
-    --parallel auto and stops a run that would not fit)."""
-    args.precision = common.precision_for(args.dtype, d, args.parallel)
-    for device in (torch.device("meta"), d.device):
-        model, processor = common.load_model(path, device=device, dtype=args.precision.weights, attn=args.attn,
-                                             min_pixels=min_pixels, max_pixels=max_pixels)
-        model.model.visual.requires_grad_(not freeze_vision)
-        if device.type == "meta":
-            args.parallel = report(model, processor)
-            args.precision = common.precision_for(args.dtype, d, args.parallel)
-            common.print0(f"precision: {args.precision}")
-    return model, processor
-
-
-def make_optimizer(model, lr: float, weight_decay: float):
-    """AdamW on the trainable parameters; no weight decay on 1-D ones (norm weights, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8), params
+def vision_trained(trained: bool):
+    """load_policy's `trainable`: every parameter trains, the vision tower (and merger) only when `trained`."""
+    def trainable(model):
+        model.model.visual.requires_grad_(trained)
+        return None if trained else "vision tower frozen"
+    return trainable
 
 
 def release_memory():
@@ -997,151 +889,99 @@ def eval_sets_for(args) -> dict:
 
 
 # =====================================================================================================================
-# 11. Flags: the paper's values, and a toy preset for the CPU
+# 10. Flags: the paper's values as defaults, and a toy preset for the CPU
 # =====================================================================================================================
 
-# The paper's settings (SPEC section 6, research note section 1) and the toy preset. Flags listed here default to
-# None on the command line: whatever the user sets wins, the preset fills the rest.
-PAPER = dict(
-    model="Qwen/Qwen2.5-VL-7B-Instruct", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28,
-    cot_per_class=1, cot_candidates=3, cot_max_new_tokens=2048, closed_frac=0.0, sft_prompt="paper",
-    sft_lr=5e-6, sft_batch=64, sft_epochs=10.0, sft_micro_batch=4, sft_min_pixels=32 * 32, sft_max_pixels=768 * 768,
-    shots=4, group_size=5, rollout_batch=192, sample_prompts=64, prompts_per_step=64, lr=1e-6, tapo_epochs=5.0,
-    rewards="accuracy=0.9,format=0.1", temperature=1.0,
-    max_new_tokens=2048, micro_batch=4, logprob_micro_batch=16,
-    eval_every=50, eval_limit=None, eval_max_new_tokens=2048, eval_batch=8, save_every=15,
-)
-
-
-# Toy preset: the toy data has 12 seen classes of 20 training images each, so the one-rationale-per-class rule would
-# give 12 SFT samples; 20 per class (every training image) gives the tiny stand-in enough to learn the format and
-# the attributes. The learning rates are those a 0.7M-parameter model needs (research/toy_learning.md).
+# Toy preset (flags not given on the command line): the toy data has 12 seen classes of 20 training images each, so
+# the one-rationale-per-class rule would give 12 SFT samples; 20 per class (every training image) gives the tiny
+# stand-in enough to learn the format and the attributes. The learning rates are those a 0.7M-parameter model needs
+# (research/toy_learning.md).
 TOY = dict(
     model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
     cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl",
     sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
-    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    shots=4, group_size=5, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4, tapo_epochs=4.0,
-    rewards="exact=0.9,format=0.1", temperature=0.7,
-    max_new_tokens=96, micro_batch=40, logprob_micro_batch=80,
-    eval_every=90, eval_limit=None, eval_max_new_tokens=96, eval_batch=180, save_every=8,
+    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4,
+    tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96, micro_batch=40,
+    logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8,
 )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
                                             "recognition with Qwen2.5-VL")
-    lifecycle.add_common_args(p)  # --model --data --data-root --out --max-steps --seed --group-size, system flags
-    p.set_defaults(model=None, group_size=None, min_pixels=None, max_pixels=None)  # filled by PAPER / TOY
+    # the shared flags with the paper's values (SPEC section 6); TAPO's rate is constant, it has no reference KL
+    lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=5, rewards="accuracy=0.9,format=0.1",
+                                lr=1e-6, lr_schedule="constant", beta=0.0, max_new_tokens=2048, micro_batch=4,
+                                eval_every=50, save_every=15, weight_decay=0.01, grad_clip=1.0, temperature=1.0,
+                                top_p=0.99, eval_max_new_tokens=2048, eval_batch=8)
+    p.set_defaults(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
     p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
                    help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
     g = p.add_argument_group("stage cot: the rationale data")
-    g.add_argument("--cot-data", default=None, help="a JSONL file of rationales to use instead of writing them "
-                   "(records: image, class_name, question, response; optional system)")
-    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"],
-                   help="who writes the rationales: a teacher model, or (toy only) the image's known attributes; "
-                        "auto = the teacher when --teacher is given or the data is not toy, else attributes")
-    g.add_argument("--teacher", default=None, help="teacher: a Qwen2.5-VL checkpoint loaded here (default: --model), "
-                   "or openai:<model> served at --teacher-url (any vision chat model, e.g. by vLLM)")
-    g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server of an openai: teacher, e.g. "
-                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
-    g.add_argument("--teacher-concurrency", type=int, default=16, help="requests in flight per rank (openai:)")
-    g.add_argument("--cot-per-class", type=int, default=None, help="rationales kept per seen class (paper 1)")
-    g.add_argument("--cot-images-per-class", type=int, default=4,
-                   help="training images per class given to the teacher until one rationale passes the filter")
-    g.add_argument("--cot-samples", type=int, default=2, help="rationales sampled per image from the teacher")
-    g.add_argument("--cot-candidates", type=int, default=None,
-                   help="confusable classes in a rationale's candidate line (paper 3-4; toy 2)")
-    g.add_argument("--cot-temperature", type=float, default=0.7, help="teacher sampling temperature")
-    g.add_argument("--cot-top-p", type=float, default=0.95, help="teacher nucleus sampling")
-    g.add_argument("--cot-max-new-tokens", type=int, default=None, help="rationale length cap (paper-sized 2048)")
-    g.add_argument("--cot-batch", type=int, default=8, help="images per teacher sampling call (memory knob)")
-    g.add_argument("--closed-frac", type=float, default=None,
-                   help="share of CoT/SFT and TAPO questions asked in closed-world form: the truth and 3 other seen "
-                        "classes as lettered options, the class name as the answer (paper 0: open questions only)")
+    add = lambda flag, default, help, **kw: g.add_argument(flag, default=default, help=help,  # noqa: E731
+                                                           type=kw.pop("type", type(default)), **kw)
+    g.add_argument("--cot-data", help="a JSONL file of rationales to train on instead (image, class_name, question, "
+                   "response; optional system)")
+    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"], help="who writes the "
+                   "rationales: a teacher model, or (toy only) the image's known attributes; auto = the teacher when "
+                   "--teacher is given or the data is not toy")
+    g.add_argument("--teacher", help="a Qwen2.5-VL checkpoint loaded here (default: --model), or openai:<model> "
+                   "served at --teacher-url (any vision chat model, e.g. by vLLM)")
+    g.add_argument("--teacher-url", help="OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 "
+                   "(default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
+    add("--teacher-concurrency", 16, "requests in flight per rank (openai:)")
+    add("--cot-per-class", 1, "rationales kept per seen class (paper 1)")
+    add("--cot-images-per-class", 4, "training images per class offered to the teacher until one rationale passes")
+    add("--cot-samples", 2, "rationales sampled per image from the teacher")
+    add("--cot-candidates", 3, "confusable classes in a rationale's candidate line (paper 3-4)")
+    add("--cot-temperature", 0.7, "teacher sampling temperature")
+    add("--cot-top-p", 0.95, "teacher nucleus sampling")
+    add("--cot-max-new-tokens", 2048, "rationale length cap")
+    add("--cot-batch", 8, "images per teacher sampling call (memory knob)")
+    add("--closed-frac", 0.0, "share of CoT/SFT and TAPO questions asked in the closed-world form: the truth and 3 "
+        "other seen classes as options (paper 0: open questions only)")
     g = p.add_argument_group("stage sft")
-    g.add_argument("--sft-prompt", default=None, choices=["paper", "rl"], help="how SFT asks (written into the "
-                   "rationales): paper = an R1-style system prompt and the bare question, as the paper's SFT data; "
-                   "rl = the TAPO prompt's format request (toy preset)")
-    g.add_argument("--sft-lr", type=float, default=None, help="peak learning rate (paper 5e-6; toy 2e-3)")
-    g.add_argument("--sft-warmup", type=int, default=6, help="linear warm-up steps, then cosine decay (paper 6)")
-    g.add_argument("--sft-weight-decay", type=float, default=0.1, help="AdamW weight decay (paper 0.1)")
-    g.add_argument("--sft-batch", type=int, default=None, help="samples per optimizer step, all ranks (paper 64)")
-    g.add_argument("--sft-epochs", type=float, default=None, help="passes over the rationales (paper 10)")
-    g.add_argument("--sft-micro-batch", type=int, default=None, help="samples per forward/backward on a rank")
-    g.add_argument("--sft-train-vision", action="store_true",
-                   help="also train the vision tower and merger (the paper freezes both in SFT)")
-    g.add_argument("--sft-min-pixels", type=int, default=None, help="SFT image pixel budget, lower (paper 32*32)")
-    g.add_argument("--sft-max-pixels", type=int, default=None, help="SFT image pixel budget, upper (paper 768*768)")
-    g = p.add_argument_group("stage tapo")
-    g.add_argument("--tapo-init", default=None, help="checkpoint TAPO starts from (default: <out>/sft/final if it "
-                   "exists, else --model)")
-    g.add_argument("--shots", type=int, default=None, help="training images per seen class (paper 4)")
-    g.add_argument("--negatives", default="confusable", choices=["random", "confusable"],
-                   help="negative image from a random other class, or from one of the --confusable-k classes "
-                        "whose names are most similar to the anchor's")
-    g.add_argument("--confusable-k", type=int, default=3, help="candidate classes for a confusable negative")
-    # --group-size (common) = rollouts per image: the anchor and the positive each get that many -> a group of 2x
-    g.add_argument("--rollout-batch", type=int, default=None,
-                   help="triplets (groups) per rollout batch after filtering, all ranks (paper 192)")
-    g.add_argument("--sample-prompts", type=int, default=None,
-                   help="triplets sampled per dynamic-sampling round, all ranks (paper 64)")
-    g.add_argument("--max-sample-rounds", type=int, default=8,
-                   help="dynamic-sampling rounds per rollout batch before filling it with rejected groups")
-    g.add_argument("--acc-low", type=float, default=0.01, help="keep a group if its mean accuracy is > this")
-    g.add_argument("--acc-high", type=float, default=0.99, help="... and < this (paper 0.01 / 0.99)")
-    g.add_argument("--prompts-per-step", type=int, default=None,
-                   help="triplets per optimizer step, all ranks (paper 64: 640 responses; 3 steps per batch)")
-    g.add_argument("--tapo-epochs", type=float, default=None,
-                   help="passes over the k-shot seen images, in rollout batches (paper 5 for 7B)")
-    g.add_argument("--rewards", default=None,
-                   help="name=weight list of reward functions (registry REWARDS: accuracy, exact, format) summed "
-                        "into the reward; dynamic sampling filters on the first (paper accuracy=0.9,format=0.1; "
-                        "toy exact=0.9,format=0.1)")
-    g.add_argument("--adv-eps", type=float, default=1e-6, help="eps in (r - mean) / (std + eps) (paper 1e-6)")
-    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip, lower side (paper 0.2)")
-    g.add_argument("--clip-high", type=float, default=0.28, help="PPO clip, upper side: clip-higher (paper 0.28)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="cap of the loss at c*|A| for A < 0 (paper 3)")
-    g.add_argument("--kl-neg-coef", type=float, default=0.01,
-                   help="weight of the k3 KL against the negative image, MAXIMISED (paper 0.01)")
-    g.add_argument("--entropy-coef", type=float, default=0.03, help="weight of mean(-logp) (paper 0.03)")
-    g.add_argument("--neg-entropy-coef", type=float, default=0.03, help="weight of mean(-logp_neg) (paper 0.03)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (paper 1e-6; toy 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (paper 1.0; 0 = off)")
+    g.add_argument("--sft-prompt", default="paper", choices=["paper", "rl"], help="how SFT asks: paper = an R1-style "
+                   "system prompt and the bare question (the paper's SFT data); rl = TAPO's prompt (toy preset)")
+    add("--sft-lr", 5e-6, "peak learning rate (paper 5e-6)")
+    add("--sft-warmup", 6, "linear warm-up steps, then cosine decay (paper 6)")
+    add("--sft-weight-decay", 0.1, "AdamW weight decay (paper 0.1)")
+    add("--sft-batch", 64, "samples per optimizer step, all ranks (paper 64)")
+    add("--sft-epochs", 10.0, "passes over the rationales (paper 10)")
+    add("--sft-micro-batch", 4, "samples per forward/backward on a rank")
+    g.add_argument("--sft-train-vision", action="store_true", help="also train the vision tower and merger (the "
+                   "paper freezes both in SFT)")
+    add("--sft-min-pixels", 32 * 32, "SFT image pixel budget, lower (paper 32*32)")
+    add("--sft-max-pixels", 768 * 768, "SFT image pixel budget, upper (paper 768*768)")
+    g = p.add_argument_group("stage tapo (--group-size: rollouts per image; anchor's + positive's = one group of 2x)")
+    g.add_argument("--tapo-init", help="checkpoint TAPO starts from (default: <out>/sft/final, else --model)")
+    add("--shots", 4, "training images per seen class (paper 4)")
+    add("--negatives", "confusable", "negative image from a random other class, or from one of the --confusable-k "
+        "classes whose names are most similar to the anchor's", choices=["random", "confusable"])
+    add("--confusable-k", 3, "candidate classes for a confusable negative")
+    add("--rollout-batch", 192, "triplets (groups) per rollout batch after filtering, all ranks (paper 192)")
+    add("--sample-prompts", 64, "triplets sampled per dynamic-sampling round, all ranks (paper 64)")
+    add("--max-sample-rounds", 8, "sampling rounds per rollout batch, then it is filled with rejected groups")
+    add("--acc-low", 0.01, "keep a group if its mean accuracy is > this (paper 0.01) ...")
+    add("--acc-high", 0.99, "... and < this (paper 0.99)")
+    add("--prompts-per-step", 64, "triplets per optimizer step, all ranks (paper 64: 3 steps per rollout batch)")
+    add("--tapo-epochs", 5.0, "passes over the k-shot seen images (paper 5 for 7B; --max-steps wins)")
+    add("--adv-eps", 1e-6, "eps in (r - mean) / (std + eps) (paper 1e-6)")
+    add("--clip-low", 0.2, "PPO clip, lower side (paper 0.2)")
+    add("--clip-high", 0.28, "PPO clip, upper side: clip-higher (paper 0.28)")
+    add("--dual-clip", 3.0, "cap of the loss at c*|A| for A < 0 (paper 3)")
+    add("--kl-neg-coef", 0.01, "weight of the k3 KL against the negative image, MAXIMISED (paper 0.01)")
+    add("--entropy-coef", 0.03, "weight of mean(-logp) (paper 0.03)")
+    add("--neg-entropy-coef", 0.03, "weight of mean(-logp_neg) (paper 0.03)")
     g.add_argument("--tapo-freeze-vision", action="store_true", help="freeze the vision tower (the paper trains it)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="rollout temperature (paper 1.0; toy 0.7: the stand-in's samples at 1.0 are far worse than "
-                        "its greedy answers)")
-    g.add_argument("--top-p", type=float, default=0.99, help="rollout nucleus sampling (paper 0.99)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="rollout length cap (paper 2048)")
-    g.add_argument("--micro-batch", type=int, default=None, help="responses per forward/backward (memory knob)")
-    g.add_argument("--logprob-micro-batch", type=int, default=None, help="responses per no-grad log-prob forward")
-    g.add_argument("--rollout-prompt-batch", type=int, default=None,
-                   help="images per sampling call (memory knob; default: all of a round at once)")
-    g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate every N optimizer steps of each stage, plus at the start and the end (0 = never; "
-                        "paper 50; toy 90: the start and end of each toy stage)")
-    g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
-    g.add_argument("--eval-protocols", default="mcq,open", help="eval.py protocols (closed and open world)")
-    g.add_argument("--mcq-distractors", default="all", choices=["all", "split"],
-                   help="mcq wrong options from every class, seen and unseen (all: the paper's evaluation files), or "
-                        "only from the evaluated group (split)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per class group")
-    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval answer length cap")
-    g.add_argument("--eval-batch", type=int, default=None, help="images per evaluation sampling call (memory knob)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N optimizer steps and at the end (0 = at the end only)")
-    g.add_argument("--log-completions", type=int, default=2, help="sampled completions per rollout batch written "
-                   "to metrics.jsonl with their rewards")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    preset = TOY if args.data == "toy" else PAPER
-    filled = {k: v for k, v in preset.items() if getattr(args, k) is None}
-    for key, value in filled.items():
-        setattr(args, key, value)
-    args.preset_filled = sorted(filled)
+    add("--logprob-micro-batch", 16, "responses per no-grad log-prob forward")
+    add("--rollout-prompt-batch", None, "images per sampling call (memory knob; default: a whole round)", type=int)
+    g = p.add_argument_group("evaluation")
+    add("--eval-split", "test", "held-out split evaluated (default %(default)s)")
+    add("--eval-protocols", "mcq,open", "eval.py protocols (closed and open world)")
+    add("--mcq-distractors", "all", "mcq wrong options from every class, seen and unseen (all: the paper's files), or "
+        "from the evaluated group only (split)", choices=["all", "split"])
+    args = lifecycle.parse_flags(p, argv, TOY, REWARDS)
     if args.cot_source == "auto":
         args.cot_source = "attributes" if args.data == "toy" and not args.teacher else "teacher"
     if args.cot_source == "attributes" and args.data != "toy":
@@ -1150,11 +990,10 @@ def parse_args(argv=None):
     if args.cot_source == "attributes" and args.teacher:
         raise SystemExit(f"--teacher {args.teacher} with --cot-source attributes: the attributes write the "
                          f"rationales and the teacher would be ignored; drop one of the two")
-    if args.group_size < 1:
-        raise SystemExit(f"--group-size {args.group_size}: need at least 1 rollout per image (group = 2 x that)")
-    args.reward_weights = parse_reward_weights(args.rewards)
+    if args.beta:
+        raise SystemExit(f"--beta {args.beta}: TAPO has no KL to a reference model (its KL, to the negative image's "
+                         f"log-probs, is --kl-neg-coef)")
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    lifecycle.check_system_flags(args)
     return args
 
 
@@ -1171,7 +1010,7 @@ def check_tapo_batches(args, world_size: int):
 
 
 # =====================================================================================================================
-# 12. main
+# 11. main
 # =====================================================================================================================
 
 def main(argv=None):
@@ -1179,28 +1018,29 @@ def main(argv=None):
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
     # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
     if "sft" in stages:
-        lifecycle.require_divisible("--sft-batch", args.sft_batch, lifecycle.launched_world_size(), "the number of ranks")
+        lifecycle.require_divisible("--sft-batch", args.sft_batch, lifecycle.launched_world_size(),
+                                    "the number of ranks")
     if "tapo" in stages:
         check_tapo_batches(args, lifecycle.launched_world_size())
-    d, out = lifecycle.setup_run(args, default_out=lifecycle.default_run_dir("fine_r1", args.data))
-    if args.preset_filled:
-        common.print0(f"{'toy' if args.data == 'toy' else 'paper'} preset for the {len(args.preset_filled)} flags left "
-                      f"unset (their values: {os.path.join(out, 'config.json')})")
+    run = lifecycle.Run(args, "fine_r1")
+    common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
+                  f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = args.cot_data or os.path.join(out, "cot.jsonl")
+    cot_path = args.cot_data or os.path.join(run.out, "cot.jsonl")
     if "cot" in stages:
-        cot_path = run_cot(args, d, out)
+        cot_path = run_cot(args, run.d, run.out)
     if "sft" in stages:
-        run_sft(args, d, out, cot_path, eval_sets)
+        run_sft(run.stage("sft"), cot_path, eval_sets)
+        release_memory()
     if "tapo" in stages:
-        run_tapo(args, d, out, eval_sets, first_stage=stages[0] == "tapo")
-    lifecycle.print_eval_summary([os.path.join(out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
+        run_tapo(run.stage("tapo"), eval_sets, first_stage=stages[0] == "tapo")
+    lifecycle.print_eval_summary([os.path.join(run.out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
-    return out
+    return run.out
 
 
 # =====================================================================================================================
-# 13. Plumbing: the teacher's input and output, the memory estimates
+# 12. Plumbing: the teacher's input and output, the memory estimates
 # =====================================================================================================================
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
@@ -1223,10 +1063,10 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
             return out
         return [t for texts_of_one in teacher.map(ask, list(zip(images, texts))) for t in texts_of_one]
     prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
-    ro = common.sample(teacher, processor, prompts, group_size=args.cot_samples, max_new_tokens=args.cot_max_new_tokens,
-                       temperature=args.cot_temperature, top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0,
-                       generator=generator, compile_decode=bool(args.compile_decode))
-    return ro.texts
+    return common.sample(teacher, processor, prompts, group_size=args.cot_samples,
+                         max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
+                         top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=generator,
+                         compile_decode=bool(args.compile_decode)).texts
 
 
 def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
@@ -1247,41 +1087,33 @@ def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
     return done
 
 
-def report_memory_sft(model, processor, records: list[dict], args, d: common.Dist) -> str:
-    """The memory estimate per GPU at the start of stage sft (memory.report_memory_budget), with its knobs."""
-    return memory.report_memory_budget(
-        model, d, parallel=args.parallel, reference=False, rollout_rows=0,
-        prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
-        new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage sft)",
-        check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),
-        knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
-               "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no --sft-train-vision)",
-               "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+def sft_estimate(processor, records: list[dict], args) -> dict:
+    """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
+    return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
+                prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
+                title="memory budget (stage sft)",
+                knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
+                       "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no "
+                                    "--sft-train-vision)",
+                       "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
 
 
-def report_memory_tapo(model, processor, kind: str, args, d: common.Dist) -> str:
-    """The memory estimate per GPU at the start of stage tapo (memory.report_memory_budget), with its knobs."""
-    return memory.report_memory_budget(
-        model, d, parallel=args.parallel, reference=False,
-        rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // d.world_size)) * args.group_size,
-        prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
-        new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        activation_checkpointing=bool(args.activation_checkpointing),
-        compute_dtype=args.precision.compute, title="memory budget (stage tapo)",
-        check=bool(args.memory_check), image_tokens=memory.image_tokens(processor),
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
-               "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
-                                   "--max-new-tokens, --max-pixels",
-               "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
-               "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
+    """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
+    return dict(rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // world_size)) * args.group_size,
+                prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
+                new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+                logit_rows=max(args.micro_batch, args.logprob_micro_batch), title="memory budget (stage tapo)",
+                knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
+                       "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
+                                           "--max-new-tokens, --max-pixels",
+                       "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
+                       "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
 
 
 # =====================================================================================================================
-# 14. For the CPU stand-in
+# 13. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the

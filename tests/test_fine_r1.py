@@ -133,11 +133,11 @@ def test_rewards_truth_table():
         ("<think>red striped circle</think>", 0, 0, 0),
         ("red striped circle", 0, 0, 0),
     ]
-    for text, acc, exact, fmt in cases:
-        assert fine_r1.accuracy_reward(text, truth) == acc, text
-        assert fine_r1.exact_reward(text, truth) == exact, text
-        assert fine_r1.format_reward(text, truth) == fmt, text
-    reward, parts = fine_r1.score([c[0] for c in cases], [truth] * len(cases), {"accuracy": 0.9, "format": 0.1})
+    texts, example = [c[0] for c in cases], {"truth": truth}
+    assert fine_r1.accuracy_reward(texts, example) == [float(c[1]) for c in cases]
+    assert fine_r1.exact_reward(texts, example) == [float(c[2]) for c in cases]
+    assert fine_r1.format_reward(texts, example) == [float(c[3]) for c in cases]
+    reward, parts = fine_r1.score(texts, example, {"accuracy": 0.9, "format": 0.1})
     assert torch.allclose(reward, torch.tensor([0.9 * a + 0.1 * f for _, a, _, f in cases]))
     assert parts["accuracy"].tolist() == [float(a) for _, a, _, _ in cases]
     # the released reward first removes the whitespace around every <, > and /: (completion, truth, accuracy, format)
@@ -145,12 +145,14 @@ def test_rewards_truth_table():
               (" < think >x< / think > < answer >red striped circle< / answer >", truth, 1, 1),
               ("<think>x</think><answer>F-16A / B</answer>", "F-16A/B", 1, 1),
               ("<think>x</think><answer>red striped circle</answer> trailing", truth, 1, 0)]
-    _, parts = fine_r1.score([c[0] for c in spaced], [c[1] for c in spaced], {"accuracy": 0.9, "format": 0.1})
-    assert parts["accuracy"].tolist() == [c[2] for c in spaced] and parts["format"].tolist() == [c[3] for c in spaced]
-    assert fine_r1.accuracy_reward(spaced[1][0], truth) == 0  # the functions alone read the text as given
-    assert list(fine_r1.parse_reward_weights("exact=0.9,format=0.1")) == ["exact", "format"]  # order kept
-    with pytest.raises(SystemExit):
-        fine_r1.parse_reward_weights("accuracy=0.9,lenght=0.1")
+    for text, name, acc, fmt in spaced:
+        _, parts = fine_r1.score([text], {"truth": name}, {"accuracy": 0.9, "format": 0.1})
+        assert parts["accuracy"].tolist() == [acc] and parts["format"].tolist() == [fmt], text
+    assert fine_r1.accuracy_reward([spaced[1][0]], example) == [0]  # the functions alone read the text as given
+    weights = lifecycle.parse_rewards("exact=0.9,format", fine_r1.REWARDS)
+    assert weights == {"exact": 0.9, "format": 1.0} and list(weights) == ["exact", "format"]  # order kept: the first
+    with pytest.raises(SystemExit):  # is what dynamic sampling filters on
+        lifecycle.parse_rewards("accuracy=0.9,lenght=0.1", fine_r1.REWARDS)
 
 
 def test_group_advantages_z_score_over_the_group_of_ten():
@@ -206,7 +208,7 @@ def test_tapo_loss_matches_a_hand_computation_including_the_clamps():
     loss, terms = fine_r1.tapo_loss(lp, t(old), t(neg), t(adv), t(mask), normalizer=normalizer)
     hand = _hand_tapo(logp, old, neg, adv, mask, normalizer)
     for key in ("loss", "pg", "kl_neg", "entropy", "entropy_neg"):
-        assert terms[key] == pytest.approx(hand[key], rel=1e-9, abs=1e-12), key
+        assert float(terms[key]) == pytest.approx(hand[key], rel=1e-9, abs=1e-12), key
     assert float(loss.detach()) == pytest.approx(hand["loss"], rel=1e-9)
     # the gradient with respect to logp equals finite differences of the hand computation
     loss.backward()
@@ -229,8 +231,8 @@ def test_tapo_dual_clip_and_worked_example():
     # A = -1, ratio e^2 = 7.39: PPO gives -A*rho = 7.39; the dual clip caps it at 3|A| = 3
     _, terms = fine_r1.tapo_loss(one([0.0]), one([-2.0]), one([0.0]), torch.tensor([-1.0], dtype=torch.float64),
                                  one([1.0]), normalizer=1.0)
-    assert terms["pg"] == pytest.approx(3.0)
-    assert terms["clip_frac"] == pytest.approx(1.0)
+    assert float(terms["pg"]) == pytest.approx(3.0)
+    assert float(terms["clip_frac"]) == pytest.approx(1.0)
     # the docstring's worked example
     loss, terms = fine_r1.tapo_loss(one([-1.0, -2.0]), one([-1.0, -1.0]), one([-3.0, -2.0]),
                                     torch.tensor([-1.0], dtype=torch.float64), one([1.0, 1.0]), normalizer=2.0)
@@ -298,7 +300,7 @@ def test_toy_rationale_has_the_four_parts_and_the_filter_checks_each():
     good = fine_r1.response_text(think, "red striped circle")
     kept, checks = fine_r1.check_rationale(good, "red striped circle", toy)
     assert kept == think and all(checks.values())
-    assert judges.format_ok(good) and fine_r1.accuracy_reward(good, "red striped circle") == 1
+    assert judges.format_ok(good) and fine_r1.accuracy_reward([good], {"truth": "red striped circle"}) == [1]
     # the paper's wording of the same rationale passes the default (paper) filter
     paper_think = think.replace(toy[0], fine_r1.CANDIDATES_MARK).replace(toy[1], fine_r1.PREDICTION_MARK)
     paper = fine_r1.response_text(paper_think, "red striped circle")
@@ -421,7 +423,7 @@ def test_sft_asks_as_the_paper_and_the_toy_preset_as_tapo(tiny):
 def test_toy_preset_fills_only_unset_flags():
     args = fine_r1.parse_args(["--data", "toy", "--lr", "0.5", "--out", "/tmp/x"])
     assert args.model == "tiny" and args.lr == 0.5 and args.rollout_batch == fine_r1.TOY["rollout_batch"]
-    assert "lr" not in args.preset_filled and "model" in args.preset_filled
+    assert args.explicit == ["data", "lr", "out"]
     assert args.cot_source == "attributes"
     paper = fine_r1.parse_args(["--data", "cub", "--data-root", "/nowhere"])
     assert (paper.model, paper.lr, paper.sft_lr, paper.rollout_batch, paper.prompts_per_step, paper.group_size) == \
@@ -556,7 +558,7 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
         assert len(image_of) == 2  # rows share their prompt objects
         question = tok.decode(g.prompts[0].input_ids)
         assert tok.decode(g.prompts[2].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
-        expected, _ = fine_r1.score(g.texts, [t.anchor.class_name] * 4, args.reward_weights)
+        expected, _ = fine_r1.score(g.texts, {"truth": t.anchor.class_name}, args.reward_weights)
         assert torch.equal(g.reward, expected)
 
 
@@ -573,11 +575,11 @@ def test_tapo_checkpoint_resume_continues_the_data_and_the_steps(tmp_path):
 
     def state():
         return json.load(open(os.path.join(lifecycle.latest_checkpoint(os.path.join(out, "tapo")), "state.json")))
-    assert (state()["step"], state()["batch"], state()["cursor"]) == (1, 1, 1)
+    assert (state()["step"], state()["batch"], state()["data_position"]) == (1, 1, 1)
     shutil.rmtree(os.path.join(out, "final"))
     fine_r1.main(flags + ["--max-steps", "2"])
     records = common.read_jsonl(os.path.join(out, "tapo", "metrics.jsonl"))
     assert [(r["step"], r["rollout_batch"]) for r in records] == [(1, 1), (2, 2)]  # resumed, not restarted
     assert records[-1]["completions"][0]["anchor"] != records[0]["completions"][0]["anchor"]  # the next triplet
-    assert (state()["step"], state()["batch"], state()["cursor"]) == (2, 2, 2)
+    assert (state()["step"], state()["batch"], state()["data_position"]) == (2, 2, 2)
     assert os.path.exists(os.path.join(out, "final", "config.json"))

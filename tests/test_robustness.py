@@ -555,7 +555,7 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
         f.write('{"step": 4, "stage": "ta')  # ... and a kill in the middle of writing the next record
     proc = run_entry([*FINE_R1_TAPO, "--out", killed])  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage tapo: resumed from" in proc.stdout and "at rollout batch 1 (step 2, data position 2)" in proc.stdout
+    assert f"resumed from {os.path.join(killed, 'tapo', 'ckpt_0000002')} at step 2 (data position 2)" in proc.stdout
     a, b = (read_jsonl(os.path.join(run, "tapo", "metrics.jsonl")) for run in (full, killed))
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # steps 1-2 from the killed run, 3-4 from the resumed one (the
     # cut record dropped: every line parses; the stale step 3, redone, dropped: each step once)
@@ -655,8 +655,8 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_last_
 
 def test_a_run_prints_its_steps_in_order_and_ends_with_its_evaluations(tmp_path, capsys, one_thread):
     """fine_r1's toy SFT, 60 steps: the preset is one short line; a tenth of the step lines are printed (every step is
-    in metrics.jsonl); 'eval at step N' follows the line of step N; the run ends with the first -> last value of each
-    evaluation; a progress bar draws nothing into output that is not a terminal (here pytest's capture)."""
+    in metrics.jsonl); 'eval at step N' comes right before the line of step N; the run ends with the first -> last
+    value of each evaluation; a progress bar draws nothing into output that is not a terminal (pytest's capture)."""
     import fine_r1
     out = str(tmp_path / "run")
     flags = ["--data", "toy", "--out", out, "--sft-epochs", "1", "--sft-batch", "4", "--sft-micro-batch", "4",
@@ -669,12 +669,12 @@ def test_a_run_prints_its_steps_in_order_and_ends_with_its_evaluations(tmp_path,
     preset = [line for line in lines if "preset for the" in line]
     where = os.path.join(out, "config.json")
     assert len(preset) == 1 and where in preset[0] and len(preset[0]) - len(where) < 80
-    steps = [line.split()[2] for line in lines if line.startswith("sft step ")]
+    steps = [line.split()[3] for line in lines if line.startswith("fine_r1 sft step ")]
     assert steps == ["1/60"] + [f"{s}/60" for s in range(6, 61, 6)]
     assert len(read_jsonl(os.path.join(out, "sft", "metrics.jsonl"))) == 61  # step 0's evaluation and 60 steps
     evals = [i for i, line in enumerate(lines) if line.startswith("eval at step ")]
     assert [lines[i].split()[3] for i in evals] == ["0:", "60:"]
-    assert lines.index("sft step 60/60" + lines[evals[1] - 1][len("sft step 60/60"):]) == evals[1] - 1
+    assert lines[evals[1] + 1].startswith("fine_r1 sft step 60/60 ")  # the step's line right after its evaluation
     summary = lines.index("evaluations, first -> last:")
     first, last = (read_jsonl(os.path.join(out, "sft", "metrics.jsonl"))[i] for i in (0, -1))
     assert lines[summary + 1].split() == ["mcq/seen", f"{first['eval/mcq/seen']:.3f}", "(sft", "step", "0)", "->",
