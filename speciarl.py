@@ -267,11 +267,9 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
 
 def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_prompts, ids, mask, advantages,
                   old_logp, ref_logp, pad_id: int, *, step: int, total_steps: int) -> Counter:
-    """This rank's rollout batch in --minibatches contiguous mini-batches (each whole groups of G), one optimizer step
-    each (lifecycle.update, micro-batched for memory). A mini-batch's loss is a token mean over ALL its completion
-    tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
-    backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns the sums of
-    the loss statistics and the mean gradient norm, for logging."""
+    """This rank's rollouts in --minibatches mini-batches (whole groups), one optimizer step each. Its loss is a token
+    mean over ALL its completion tokens on ALL ranks (the token sum / the global count, x world size as DDP / FSDP2
+    average gradients over ranks). Returns the summed loss statistics and the mean gradient norm."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     device = next(common.unwrap(model).parameters()).device
     rows_per_minibatch = ids.shape[0] // args.minibatches
@@ -435,18 +433,20 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
     import eval as evaluation  # the project's evaluation harness (a sibling script, imported when needed)
     try:
         with args.precision.context():
-            res = evaluation.evaluate(model, processor, test, "speciarl", judge=judge, seed=args.seed,
-                                      max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
-                                      be_specific=args.prompt == "specific", compile_decode=bool(args.compile_decode),
-                                      out_dir=common.eval_dir(out, step), progress=True)
+            results = evaluation.evaluate(
+                model, processor, test, "speciarl", judge=judge, seed=args.seed, micro_batch=args.eval_batch,
+                max_new_tokens=args.eval_max_new_tokens, be_specific=args.prompt == "specific",
+                compile_decode=bool(args.compile_decode), out_dir=common.eval_dir(out, step), progress=True)
     except judges.ServerError as e:
         save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
-    common.print0(f"eval @ step {step}: correctness {res['correctness']:.3f} specificity {res['specificity']:.3f} "
-                  f"hm {res['hm']:.3f} judge errors {res['judge_errors']} ({time.perf_counter() - t0:.1f}s)")
-    stop = judges.judge_error_stop(res["judge_errors"], res["n"] + res["judge_errors"], args.max_judge_errors)
+    errors = results["judge_errors"]
+    common.print0(f"eval @ step {step}: correctness {results['correctness']:.3f} specificity "
+                  f"{results['specificity']:.3f} hm {results['hm']:.3f} judge errors {errors} "
+                  f"({time.perf_counter() - t0:.1f}s)")
+    stop = judges.judge_error_stop(errors, results["n"] + errors, args.max_judge_errors)
     if stop:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
-    return {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+    return {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
 
 
 # `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
@@ -526,7 +526,6 @@ def main(argv=None):
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
     prompts_per_rank, _ = check_batches(args, lifecycle.launched_world_size())  # before the process group
     run = lifecycle.Run(args, "speciarl")
-    rank, world_size = run.d.rank, run.d.world_size
 
     # data: a fixed random subset of the training split; evaluation on a test split
     train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
@@ -575,8 +574,8 @@ def main(argv=None):
         common.repair_jsonl_tail(os.path.join(run.out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     for step in run.steps(start, total_steps):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
-        record, judged = train_step(run, step, images[rank::world_size], model, reference, optimizer, processor,
-                                    judge, total_steps)
+        record, judged = train_step(run, step, images[run.d.rank::run.d.world_size], model, reference, optimizer,
+                                    processor, judge, total_steps)
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
         log_rollouts(run.out, step + 1, judged, args.log_completions)
         run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
