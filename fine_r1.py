@@ -866,9 +866,6 @@ def release_memory():
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy and image count,
     and the paper's Avg, the mean of the two."""
-    unknown = [name for name in args.protocols if name not in EVALS]
-    if unknown:
-        raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
     result = evaluation.evaluate_groups(
         model, processor, eval_sets, [EVALS[name] for name in args.protocols], out=out, step=step,
         precision=args.precision, name="eval/{protocol}/{group}", folder="{protocol}_{group}", seed=args.seed,
@@ -911,7 +908,7 @@ def parse_args(argv=None):
                                             "recognition with Qwen2.5-VL")
     # the shared flags with the paper's values (SPEC section 6); TAPO's rate is constant, it has no reference KL
     lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=5, rewards="accuracy=0.9,format=0.1",
-                                lr=1e-6, lr_schedule="constant", beta=0.0, max_new_tokens=2048, micro_batch=4,
+                                lr=1e-6, lr_schedule="constant", beta=None, max_new_tokens=2048, micro_batch=4,
                                 eval_every=50, save_every=15, weight_decay=0.01, grad_clip=1.0, temperature=1.0,
                                 top_p=0.99, eval_max_new_tokens=2048, eval_batch=8)
     p.set_defaults(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
@@ -990,10 +987,10 @@ def parse_args(argv=None):
     if args.cot_source == "attributes" and args.teacher:
         raise SystemExit(f"--teacher {args.teacher} with --cot-source attributes: the attributes write the "
                          f"rationales and the teacher would be ignored; drop one of the two")
-    if args.beta:
-        raise SystemExit(f"--beta {args.beta}: TAPO has no KL to a reference model (its KL, to the negative image's "
-                         f"log-probs, is --kl-neg-coef)")
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
+    unknown = [name for name in args.protocols if name not in EVALS]
+    if unknown:
+        raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
     return args
 
 

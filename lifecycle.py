@@ -121,20 +121,22 @@ def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
-    def __init__(self, args, script: str, out: str | None = None, d: Dist | None = None):
+    def __init__(self, args, script: str, out: str | None = None, d: Dist | None = None, parent: Run | None = None):
         self.args = args
         if d is None:  # the process group, the locked run directory with config.json, seeds, threads
             d, out = setup_run(args, default_run_dir(script, args.data))
         self.d, self.out, self.script = d, out, script
         os.makedirs(out, exist_ok=True)
-        self.log = MetricsLog(out, args.wandb, vars(args))
+        self.log = MetricsLog(out, None if parent else args.wandb, vars(args))
+        if parent is not None:  # a stage logs to its own metrics.jsonl and to the run's wandb run
+            self.log.wandb = parent.log.wandb
         self.timer = PhaseTimer()
         self.guard = NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
         self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
     def stage(self, name: str) -> Run:
         """A stage with its own folder <out>/<name> (checkpoints, metrics.jsonl), in the same process group."""
-        return Run(self.args, f"{self.script} {name}", os.path.join(self.out, name), self.d)
+        return Run(self.args, f"{self.script} {name}", os.path.join(self.out, name), self.d, parent=self)
 
     def load_policy(self, path: str, *, trainable: Callable, estimate: Callable, reference: bool = False,
                     trained_weights: bool = True, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -203,8 +205,12 @@ class Run:
         record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.timer.pop()),
                   "time/step": time.perf_counter() - self.t_step}
         if evaluate is not None and args.eval_every and self.due(args.eval_every, step):
-            with self.timer("eval"):
-                record.update(evaluate(step))
+            try:
+                with self.timer("eval"):
+                    record.update(evaluate(step))
+            except SystemExit:  # an evaluation that stops the run (a judge server gone) keeps the step's record
+                self.log.log(record)
+                raise
             record.update(self.timer.pop())
         self.log.log(record)
         summary = "  ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in shown if k in record)
@@ -233,7 +239,8 @@ class Run:
 # 4. Flags every training script shares: declared once, each script's paper values passed at its call
 # =====================================================================================================================
 
-def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str, beta: float,
+def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str,
+                      beta: float | None,
                       max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int, weight_decay: float = 0.0,
                       grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, warmup_steps: int = 0,
                       eval_max_new_tokens: int | None = None, eval_batch: int = 8, eval_limit: int | None = None,
@@ -251,8 +258,9 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="rollout length cap (%(default)s)")
     g.add_argument("--micro-batch", type=int, default=micro_batch, help="completions per forward / backward "
                    "(gradient accumulation; %(default)s)")
-    g.add_argument("--beta", type=float, default=beta, help="weight of the KL to the frozen initial model; 0 builds "
-                   "no reference (%(default)s)")
+    if beta is not None:  # (Fine-R1's TAPO has no KL to a reference)
+        g.add_argument("--beta", type=float, default=beta, help="weight of the KL to the frozen initial model; 0 "
+                       "builds no reference (%(default)s)")
     g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (%(default)s)")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "linear", "cosine"],
                    help="decay to 0 over the run after the warm-up (%(default)s)")
@@ -272,8 +280,8 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                    "knob; %(default)s)")
     g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (%(default)s; 0 = only "
                    "at the end)")
-    g.add_argument("--log-completions", type=int, default=log_completions, help="sampled completions written to "
-                   "metrics.jsonl per step, with their rewards (%(default)s)")
+    g.add_argument("--log-completions", type=int, default=log_completions, help="sampled completions logged per "
+                   "step with their rewards (metrics.jsonl; SpeciaRL: rollouts.jsonl; %(default)s)")
     return parser
 
 
@@ -762,7 +770,7 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
 
 # flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")
 POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
-                  "train_size", "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
+                  "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
                   "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
                   "rollout_batch", "sample_prompts", "sft_batch", "minibatches", "max_new_tokens",
                   "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
@@ -774,7 +782,7 @@ WHY_POSITIVE = {"temperature": "at 0 every completion of a group is the same, so
 
 
 NONNEGATIVE_FLAGS = ("eval_every", "save_every", "warmup_steps", "sft_warmup", "max_nonfinite", "log_completions",
-                     "log_rollouts", "beta", "weight_decay", "sft_weight_decay")
+                     "beta", "weight_decay", "sft_weight_decay")
 
 
 def check_system_flags(args):
@@ -829,7 +837,8 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
                    "or a JSON/JSONL file of {image, class_name} records (default %(default)s)")
     g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
     g.add_argument("--out", default=None, help="run directory; rerunning the same command resumes from it")
-    g.add_argument("--max-steps", type=int, default=max_steps, help="stop after this many optimizer steps")
+    g.add_argument("--max-steps", type=int, default=max_steps, help="stop after this many steps (optimizer steps; "
+                   "SpeciaRL: rollout batches)")
     g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
     g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
     g = parser.add_argument_group("system")

@@ -11,14 +11,13 @@ in the group's best tier gets 1, the others 0, a missing answer -1, and a group 
 model is pushed to be as specific as it CAN be on that image, never past it. Training is GRPO with the PPO ratio,
 clip 0.2, dual clip 3, a global token mean and a k3 KL to the frozen model, with LoRA on the language model.
 
-Launch (the defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64 / alpha 32, vision frozen, 3000 CUB images,
-G = 10, 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 165 steps)
+Launch (defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64 / alpha 32, vision frozen, 3000 CUB images, G = 10,
+256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 165 steps; the same command resumes)
   1 GPU     python speciarl.py --data cub --data-root /data/CUB_200_2011
   8 GPUs    torchrun --nproc-per-node 8 speciarl.py --data cub --data-root /data/CUB_200_2011
   2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 speciarl.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
-  CPU       python speciarl.py --data toy        (tiny stand-in model, toy shapes: 67 s on an idle 2-core CPU)
-The same command resumes from the last checkpoint in --out; judged rollouts go to <out>/rollouts.jsonl.
+  CPU       python speciarl.py --data toy        (the tiny stand-in model, the TOY preset below)
 
 Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
   * the verifier is `--judge rules` (offline) by default; the paper's LLM judges run behind a server (openai:)
@@ -39,13 +38,14 @@ import time
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-import lifecycle
 import data
 import evaluation
 import judges
+import lifecycle
 import memory
 
 
@@ -101,59 +101,27 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     return labels
 
 
-def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
-    """judge_rollouts; a stop through save_and_stop when the judge's server stays away after its retries (on any
-    rank) or when more than `max_errors` of the judged answers (all ranks together) got no label."""
-    try:
-        labels, failure = judge_rollouts(judge, truths, answers), ""
-    except judges.ServerError as e:
-        labels, failure = [], str(e)
-    local = [float(bool(failure)), float(labels.count(JUDGE_ERROR)), float(sum(a is not None for a in answers))]
-    failed, errors, judged = common.all_reduce_sum(torch.tensor(local)).tolist()
-    failure = failure or ("another rank lost the judge server" if failed else
-                          judges.judge_error_stop(errors, judged, max_errors))
-    if failure:
-        save_and_stop(failure, out, step, model, optimizer)
-    return labels
-
-
-def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
-    """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
-    judge cache intact, and a stop with one message; the same command resumes."""
-    lifecycle.save_checkpoint(out, step, model, optimizer, {"data_step": step, "eval_pending": eval_pending})
-    raise SystemExit(f"{reason}. Checkpoint saved after step {step}, judged pairs kept in {out}/judge_cache.jsonl: "
-                     f"rerun the same command to resume")
-
-
 # =====================================================================================================================
-# 3. Reward: a registry of plain functions, one group of labels -> one reward per rollout
+# 3. Reward: fn(completions, example) -> one reward per rollout; example = {"truth", "labels": the group's labels}
 # =====================================================================================================================
 
-# To try a new reward, add a function `labels -> rewards` to REWARDS; --reward picks it by name.
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
 
 
-def dynamic_reward(labels: list[str]) -> list[float]:
-    """SpeciaRL's best-in-group reward for the G rollouts of one image.
+def dynamic_reward(completions: list[str], example: dict) -> list[float]:
+    """SpeciaRL's best-in-group reward for the G rollouts of one image, from their verifier labels.
 
     Missing answers get -1 and judge errors 0, and neither takes part in finding the group's best tier. If the best
     tier is `wrong`, every valid rollout gets 0; otherwise valid rollouts in the best tier get 1 and the rest 0.
-    >>> dynamic_reward(["less_specific", "specific", "no_answer", "more_specific", "generic"])
+    >>> dynamic_reward([""] * 5, {"labels": ["less_specific", "specific", "no_answer", "more_specific", "generic"]})
     [0.0, 1.0, -1.0, 1.0, 0.0]
-    >>> dynamic_reward(["wrong", "abstain", "judge_error"])    # nothing right: abstaining is the best it could do
+    >>> dynamic_reward([""] * 3, {"labels": ["wrong", "abstain", "judge_error"]})  # abstaining is the best it could do
     [0.0, 1.0, 0.0]
     """
-    tiers = [TIER[label] for label in labels if label in TIER]
-    best = max(tiers, default=None)
-    rewards = []
-    for label in labels:
-        if label == NO_ANSWER:
-            rewards.append(-1.0)
-        elif label not in TIER or best == TIER["wrong"]:
-            rewards.append(0.0)
-        else:
-            rewards.append(1.0 if TIER[label] == best else 0.0)
-    return rewards
+    labels = example["labels"]
+    best = max((TIER[label] for label in labels if label in TIER), default=None)
+    return [-1.0 if label == NO_ANSWER else
+            0.0 if label not in TIER or best == TIER["wrong"] else float(TIER[label] == best) for label in labels]
 
 
 # The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
@@ -167,20 +135,23 @@ STATIC_TABLES = {
 
 
 def static_reward(table: dict[str, float]):
-    """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code)."""
-    def reward(labels: list[str]) -> list[float]:
-        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in labels]
+    """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code).
+    >>> static_reward(STATIC_TABLES["scala1"])([""] * 3, {"labels": ["generic", "no_answer", "judge_error"]})
+    [0.5, -1.0, 0.0]
+    """
+    def reward(completions: list[str], example: dict) -> list[float]:
+        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in example["labels"]]
     return reward
 
 
+# --rewards NAME[=WEIGHT],... picks from here; a new reward is one more entry with the same signature
 REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
 
 
 def best_label(labels: list[str]) -> str:
     """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
-    ladder = list(judges.JUDGE_LABELS)
-    valid = [label for label in labels if label in ladder]
-    return max(valid, key=ladder.index) if valid else "none"
+    valid = [label for label in labels if label in judges.JUDGE_LABELS]
+    return max(valid, key=judges.JUDGE_LABELS.index) if valid else "none"
 
 
 # =====================================================================================================================
@@ -252,108 +223,123 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
 # 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batched updates
 # =====================================================================================================================
 
-def train_step(step: int, images: list[data.Example], model, ref, optimizer, proc, judge, args, d: common.Dist,
-               guard: lifecycle.NonFiniteGuard, timer: lifecycle.PhaseTimer, total_steps: int, out: str) -> tuple[dict, dict]:
+def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model, reference, optimizer, processor,
+               judge, total_steps: int) -> tuple[dict, dict]:
     """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank). Returns (the step's metrics
     over all ranks, the judged rollouts for <out>/rollouts.jsonl)."""
-    t_step, G = time.perf_counter(), args.group_size
+    args, timer, G = run.args, run.timer, run.args.group_size
+    t_step = time.perf_counter()
     # rollout
     with timer("encode"):
-        prompts = [common.encode_prompt(proc, ex.image, PROMPTS[args.prompt]) for ex in images]
-    generator = torch.Generator(device=d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+        prompts = [common.encode_prompt(processor, ex.image, PROMPTS[args.prompt]) for ex in images]
+    generator = torch.Generator(device=run.d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + run.d.rank)
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sample"), args.precision.context(), \
-            common.gathered_params(model, common.fsdp_warmup_inputs(model, proc, prompts[0])):
-        rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+            common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
+        rollout = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
                                 generator=generator, prompt_batch=args.sample_batch,
                                 compile_decode=bool(args.compile_decode))
     ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
 
-    # verifier labels, then the reward of each group of G and its advantages
+    # verifier labels (one batched call), then each group's rewards and advantages
     with timer("judge"):
         answers = answers_of(rollout.texts)  # [B]
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
-        labels = judge_or_stop(judge, truths, answers, out, step, model, optimizer, args.max_judge_errors)  # [B]
-    groups = [labels[i * G:(i + 1) * G] for i in range(len(images))]
-    rewards = torch.tensor([r for group in groups for r in REWARDS[args.reward](group)]).view(-1, G)  # [P, G]
+        labels = judge_or_stop(judge, truths, answers, run.out, step, model, optimizer, args.max_judge_errors)  # [B]
+    groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G],
+                                      {"truth": ex.class_name, "labels": labels[i * G:(i + 1) * G]})
+              for i, ex in enumerate(images)]
+    rewards = torch.stack([total for total, _ in groups])  # [P, G]
+    parts = {name: torch.stack([group_parts[name] for _, group_parts in groups]) for name in args.reward_weights}
     advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
 
     # old log-probs, once, before any update (mini-batches 2.. are off-policy); the reference's
     with timer("logprobs"), args.precision.context():
-        old_logp = common.completion_logprobs(model, proc, row_prompts, ids, mask, temperature=args.temperature,
+        old_logp = common.completion_logprobs(model, processor, row_prompts, ids, mask, temperature=args.temperature,
                                               micro_batch=args.logprob_micro_batch,
                                               shared_prefix=bool(args.shared_prefix))  # [B, T]
-        ref_logp = reference_logprobs(args, model, ref, proc, row_prompts, ids, mask)  # [B, T] or None
+        ref_logp = reference_logprobs(args, model, reference, processor, row_prompts, ids, mask)  # [B, T] or None
 
     # update: --minibatches optimizer steps, each a global token mean over all ranks
     model.train()
     with timer("update"):
-        sums = update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp,
-                             common.special_token_ids(proc)["<|endoftext|>"], first_opt_step=step * args.minibatches,
-                             total_opt_steps=total_steps * args.minibatches, guard=guard)
-    metrics = step_metrics(labels, rewards, rollout, mask, sums, d.world_size, time.perf_counter() - t_step)
-    return metrics, {"images": images, "answers": answers, "labels": labels, "groups": groups, "rewards": rewards}
+        loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
+                                   ref_logp, common.special_token_ids(processor)["<|endoftext|>"], step=step,
+                                   total_steps=total_steps)
+    metrics = step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - t_step, run.d.world_size)
+    return metrics, {"images": images, "answers": answers, "labels": labels, "rewards": rewards}
 
 
-def update_policy(args, model, optimizer, row_prompts, ids, mask, advantages, old_logp, ref_logp, pad_id, *,
-                  first_opt_step: int, total_opt_steps: int, guard: lifecycle.NonFiniteGuard | None = None) -> Counter:
-    """Split this rank's rollout batch into --minibatches contiguous mini-batches (each whole groups of G), one
-    optimizer step each, micro-batched for memory. The loss of a mini-batch is a token mean over ALL its completion
-    tokens on ALL ranks: each micro-batch's token sum is divided by that global count (one all-reduce before any
-    backward) and multiplied by the world size, because DDP / FSDP2 average gradients over ranks. Returns sums of
-    the loss statistics (and the mean gradient norm) for logging. With a `guard`, a mini-batch whose loss or gradient
-    norm is not finite skips its optimizer step (lifecycle.NonFiniteGuard)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    step = first_opt_step // args.minibatches + 1  # the rollout step, as logged
+def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_prompts, ids, mask, advantages,
+                  old_logp, ref_logp, pad_id: int, *, step: int, total_steps: int) -> Counter:
+    """This rank's rollouts in --minibatches mini-batches (whole groups), one optimizer step each. Its loss is a token
+    mean over ALL its completion tokens on ALL ranks (the token sum / the global count, x world size as DDP / FSDP2
+    average gradients over ranks). Returns the summed loss statistics and the mean gradient norm."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     device = next(common.unwrap(model).parameters()).device
     rows_per_minibatch = ids.shape[0] // args.minibatches
-    sums = Counter()
-    for mb in range(args.minibatches):
-        rows = list(range(mb * rows_per_minibatch, (mb + 1) * rows_per_minibatch))
+    totals = Counter()
+    for minibatch in range(args.minibatches):
+        rows = list(range(minibatch * rows_per_minibatch, (minibatch + 1) * rows_per_minibatch))
         tokens = lifecycle.global_token_count(mask[rows])  # all ranks, before any backward
-        lifecycle.set_lr(optimizer, lifecycle.lr_at(first_opt_step + mb, base_lr=args.lr, schedule=args.lr_schedule,
-                                              total_steps=total_opt_steps, warmup_steps=args.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        minibatch_loss = 0.0
-        chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
-        for c, chunk in enumerate(chunks):
-            common.grad_sync(model, c == len(chunks) - 1)
-            with args.precision.context():  # each image's prompt once for its G completions
-                logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk],
-                                                pad_id, args.temperature, bool(args.shared_prefix)).float()  # [b, t]
+        lifecycle.set_lr(optimizer, lifecycle.lr_at(step * args.minibatches + minibatch, base_lr=args.lr,
+                                                    total_steps=total_steps * args.minibatches,
+                                                    schedule=args.lr_schedule, warmup_steps=args.warmup_steps))
+
+        def loss_of(chunk: list[int]):  # each image's prompt once for its G completions
+            logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk], pad_id,
+                                            args.temperature, bool(args.shared_prefix)).float()  # [b, t]
             loss_sum, stats = speciarl_loss(
                 logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
                 advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
                 dual_clip=args.dual_clip, beta=args.beta)
-            loss = loss_sum * world / max(tokens, 1.0)  # global token mean (x world: ranks are averaged)
-            loss.backward()
-            minibatch_loss += loss.detach()  # tensors: read once per step, not per micro-batch
-            for k, v in stats.items():
-                sums[k] += v.detach()
-        grad_norm = common.clip_gradients([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        if guard is None or guard.check(step, loss=minibatch_loss, grad_norm=grad_norm):
-            optimizer.step()
-        else:  # NaN / inf: this optimizer step is skipped (counted and logged by the guard)
-            optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] += grad_norm / args.minibatches
-    common.grad_sync(model, True)
-    return sums
+            return loss_sum * world_size / max(tokens, 1.0), stats  # global token mean (x world: ranks are averaged)
+        chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
+        grad_norm, minibatch_stats = lifecycle.update(model, optimizer, guard, step + 1, chunks, loss_of,
+                                                      grad_clip=args.grad_clip, precision=args.precision)
+        totals.update(minibatch_stats)
+        totals["grad_norm"] += grad_norm / args.minibatches
+    return totals
 
 
-def reference_logprobs(args, model, ref, proc, row_prompts, ids, mask):
-    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0)."""
+def reference_logprobs(args, model, reference, processor, row_prompts, ids, mask):
+    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0): with LoRA the policy
+    with its adapters off, else the reference copy."""
     if args.beta <= 0:
         return None
-    ctx = lora_disabled(model) if ref is None else contextlib.nullcontext()
-    with ctx, args.precision.context():
-        return common.completion_logprobs(ref if ref is not None else model, proc, row_prompts, ids, mask,
-                                          temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+    with lora_disabled(model) if reference is None else contextlib.nullcontext(), args.precision.context():
+        return common.completion_logprobs(reference if reference is not None else model, processor, row_prompts, ids,
+                                          mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
                                           shared_prefix=bool(args.shared_prefix))
 
 
+def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
+    """judge_rollouts; a stop through save_and_stop when the judge's server stays away after its retries (on any
+    rank) or when more than `max_errors` of the judged answers (all ranks together) got no label."""
+    try:
+        labels, failure = judge_rollouts(judge, truths, answers), ""
+    except judges.ServerError as e:
+        labels, failure = [], str(e)
+    local = [float(bool(failure)), float(labels.count(JUDGE_ERROR)), float(sum(a is not None for a in answers))]
+    failed, errors, judged = common.all_reduce_sum(torch.tensor(local)).tolist()
+    failure = failure or ("another rank lost the judge server" if failed else
+                          judges.judge_error_stop(errors, judged, max_errors))
+    if failure:
+        save_and_stop(failure, out, step, model, optimizer)
+    return labels
+
+
+def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
+    """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
+    judge cache intact, and a stop with one message; the same command resumes."""
+    lifecycle.save_checkpoint(out, step, model, optimizer, {"eval_pending": eval_pending})
+    raise SystemExit(f"{reason}. Checkpoint saved after step {step}, judged pairs kept in {out}/judge_cache.jsonl: "
+                     f"rerun the same command to resume")
+
+
 # =====================================================================================================================
-# 7. The policy: LoRA adapters written by hand (no peft), and the models
+# 7. The policy: LoRA adapters written by hand (no peft)
 # =====================================================================================================================
 
 class LoRALinear(torch.nn.Module):
@@ -382,15 +368,14 @@ class LoRALinear(torch.nn.Module):
 
 
 def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
-    """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place) and freeze all
-    other parameters. Returns the names of the adapted layers. Call before wrap_model. The adapters are drawn from
-    their own seeded generator, so every rank starts from the same adapters (FSDP2 does not broadcast them)."""
+    """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place), freeze all else
+    and return the adapted layers' names; before wrap_model. The adapters come from their own seeded generator, so
+    every rank starts from the same adapters (FSDP2 does not broadcast them)."""
     hf = common.unwrap(model)
     hf.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     names = []
-    layers = hf.model.language_model.layers
-    for layer_idx, layer in enumerate(layers):
+    for layer_idx, layer in enumerate(hf.model.language_model.layers):
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear) and not isinstance(module, LoRALinear):
                 parent_name, _, child = name.rpartition(".")
@@ -399,8 +384,7 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
                 names.append(f"model.language_model.layers.{layer_idx}.{name}")
     if not names:
         raise ValueError("inject_lora: no nn.Linear found in model.model.language_model.layers")
-    # saving in Hugging Face format (export_hf calls save_pretrained) writes merged, plain weights
-    plain_save = hf.save_pretrained
+    plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf) writes merged, plain weights
 
     def save_merged(save_directory, *args, state_dict=None, **kwargs):
         sd = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in hf.state_dict().items()}
@@ -411,11 +395,11 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LoRA model's state dict -> the plain model's: for every adapted layer X, X.weight = X.base.weight +
-    scale * B @ A (computed in fp32, stored in the base dtype), X.bias = X.base.bias; adapter keys dropped.
-    Keys of non-adapted modules pass through. An empty dict (non-zero ranks under FSDP2) stays empty."""
+    scale * B @ A (computed in fp32, stored in the base dtype), X.bias = X.base.bias; adapter keys dropped. Other
+    keys pass through; an empty dict (non-zero ranks under FSDP2) stays empty."""
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(".lora_A") or key.endswith(".lora_B") or key.endswith(".lora_scale"):
+        if key.endswith((".lora_A", ".lora_B", ".lora_scale")):
             continue
         prefix, sep, rest = key.rpartition(".base.")
         if sep and prefix + ".lora_A" in state_dict:
@@ -432,108 +416,59 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 @contextlib.contextmanager
 def lora_disabled(model):
     """Run the base model: adapters off inside the block (the frozen reference of the KL term)."""
-    mods = [m for m in common.unwrap(model).modules() if isinstance(m, LoRALinear)]
-    for m in mods:
+    adapters = [m for m in common.unwrap(model).modules() if isinstance(m, LoRALinear)]
+    for m in adapters:
         m.adapter_enabled = False
     try:
         yield
     finally:
-        for m in mods:
+        for m in adapters:
             m.adapter_enabled = True
-
-
-def build_models(args, d, prompts_per_rank: int):
-    """The policy (LoRA adapters injected before wrapping, or full fine-tuning of the language model), its optimizer,
-    and the frozen reference for the KL: the adapter-free policy with LoRA, a second wrapped copy without. The
-    memory estimate comes first, on the model's shapes alone (it resolves --parallel auto and stops a run that would
-    not fit)."""
-    if args.lora_rank > 0 and not args.freeze_vision:
-        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-
-    def trained(model):  # LoRA adapters, or the language model (and the vision tower unless frozen)
-        if args.lora_rank > 0:
-            return inject_lora(model, args.lora_rank, args.lora_alpha)
-        model.model.visual.requires_grad_(not args.freeze_vision)
-    # LoRA: frozen base weights in the compute dtype (bf16 on GPU), fp32 adapters. Full fine-tuning: fp32 master
-    # weights (AdamW steps of lr 3e-5 would round away in bf16), bf16 compute (FSDP2 mixed precision when sharded,
-    # else autocast)
-    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
-    shapes, proc = common.load_model(args.model, device=torch.device("meta"), dtype=args.precision.weights,
-                                     min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    trained(shapes)
-    args.parallel = report_memory(shapes, proc, args, d, prompts_per_rank)
-    args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights=args.lora_rank == 0)
-    common.print0(f"precision: {args.precision}")
-    weights_dtype = args.precision.weights
-    model, proc = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
-                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if adapted := trained(model):
-        common.print0(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    common.print0(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    param_dtype = args.precision.fsdp_param_dtype
-    wrapped = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing), param_dtype)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ref = None
-    if args.beta > 0 and args.lora_rank == 0:
-        ref, _ = common.load_model(args.model, device=d.device, dtype=weights_dtype, attn=args.attn,
-                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        ref.requires_grad_(False)  # the policy's twin: same weights dtype, same wrapping, same compute
-        ref = common.wrap_model(ref, d, "fsdp", param_dtype=param_dtype) if args.parallel == "fsdp" else ref
-    return wrapped, proc, optimizer, ref
 
 
 # =====================================================================================================================
 # 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU
 # =====================================================================================================================
 
-def run_eval(args, model, proc, test, judge, out, step, log, optimizer):
-    """Greedy evaluation with the speciarl protocol (every number as eval/<name>); collective: every rank takes
-    part. A judge server that stays away, or judge errors above --max-judge-errors, stop the run with a checkpoint
-    whose evaluation the resumed run does first."""
-    t0 = time.perf_counter()
+def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
+    """Greedy evaluation with the speciarl protocol -> {"eval/<number>": value}; collective. A judge server that
+    stays away, or judge errors above --max-judge-errors, stop the run with a checkpoint whose evaluation the
+    resumed run does first."""
     try:
-        res = evaluation.evaluate_groups(
-            model, proc, {"test": test}, [EVALS[args.prompt]], out=out, step=step, precision=args.precision,
+        results = evaluation.evaluate_groups(
+            model, processor, {"test": test}, [EVALS[args.prompt]], out=out, step=step, precision=args.precision,
             keys=None, name="eval/{key}", folder="", shown=("correctness", "specificity", "hm", "judge_errors"),
             judge=judge, seed=args.seed, max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
             compile_decode=bool(args.compile_decode))
     except judges.ServerError as e:
         save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
-    log.log({"step": step, **res, "time/eval": time.perf_counter() - t0})
-    errors = res["eval/judge_errors"]
-    stop = judges.judge_error_stop(errors, res["eval/n"] + errors, args.max_judge_errors)
+    errors = results["eval/judge_errors"]
+    stop = judges.judge_error_stop(errors, results["eval/n"] + errors, args.max_judge_errors)
     if stop:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
+    return results
 
-
-# Flags the toy preset fills in when the user did not set them. The parser's default for these is None, and the
-# paper's value (PAPER) is used on real data. Everything else has one default for both.
-PAPER = dict(model="Qwen/Qwen2.5-VL-7B-Instruct", rollout_prompts=256, group_size=10, max_new_tokens=2048,
-             lr=3e-5, lr_schedule="constant", lora_rank=64, lora_alpha=32.0, epochs=15, eval_every=5,
-             eval_limit=None, eval_max_new_tokens=2048, eval_batch=32, save_every=5, sample_batch=8, micro_batch=32,
-             logprob_micro_batch=20)
 
 # `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
-# are ~30 tokens), a higher learning rate decaying linearly and a smaller adapter for a 0.7M-parameter model, one
-# epoch (30 steps), evaluation on all 360 held-out images. Measured in tests/test_speciarl_learning.py.
-TOY = dict(model="tiny", rollout_prompts=16, group_size=10, max_new_tokens=48, lr=2e-3, lr_schedule="linear",
-           lora_rank=16, lora_alpha=32.0, epochs=1, eval_every=10, eval_limit=None, eval_max_new_tokens=48,
-           eval_batch=120, save_every=10, sample_batch=16, micro_batch=80, logprob_micro_batch=160)
+# are ~30 tokens), a higher learning rate decaying linearly (at a constant 2e-3 the stand-in peaks mid-run, then
+# falls back) and a smaller adapter for a 0.7M-parameter model, one epoch (30 steps), evaluation on all 360 held-out
+# images. Measured in tests/test_speciarl_learning.py.
+TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_schedule="linear", lora_rank=16,
+           epochs=1, eval_every=10, eval_max_new_tokens=48, eval_batch=120, save_every=10, sample_batch=16,
+           micro_batch=80, logprob_micro_batch=160)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    lifecycle.add_common_args(parser, model=None, group_size=None)
-    g = parser.add_argument_group("SpeciaRL: data, prompt, verifier, reward")
-    g.add_argument("--train-size", type=int, default=3000,
-                   help="random training images drawn once with --seed (paper: 3000 of CUB train, seed 42)")
+    lifecycle.add_training_args(  # the paper's values
+        parser, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=10, rewards="dynamic", lr=3e-5, lr_schedule="constant",
+        beta=0.01, max_new_tokens=2048, micro_batch=32, eval_every=5, save_every=5, weight_decay=0.01, eval_batch=32,
+        log_completions=16, train_limit=3000)
+    g = parser.add_argument_group("SpeciaRL: data, prompt, verifier")
     g.add_argument("--classes", default="all", choices=["all", "base", "novel"],
                    help="classes trained on (paper: all; base = the CoOp base half)")
-    g.add_argument("--shots", type=int, default=None, help="k training images per class, drawn before --train-size")
+    g.add_argument("--shots", type=int, default=None, help="k training images per class, drawn before --train-limit")
     g.add_argument("--prompt", choices=["general", "specific"], default="general",
                    help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
     g.add_argument("--judge", default="rules",
@@ -544,66 +479,31 @@ def parse_args(argv=None):
                         "$OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP, no extra package")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
     judges.add_judge_flags(g)
-    g.add_argument("--reward", default="dynamic", choices=sorted(REWARDS),
-                   help="dynamic (paper) or a static table: binary (the RFT baseline), scala1, scala2, scala3")
-    g.add_argument("--log-rollouts", type=int, default=16,
-                   help="judged rollouts per step written to <out>/rollouts.jsonl (label, group best, reward)")
-    g = parser.add_argument_group("GRPO")
-    g.add_argument("--rollout-prompts", type=int, default=None,
-                   help="images per rollout batch over all ranks (paper 256; toy 16)")
+    g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
+    g.add_argument("--eval-data-root", default=None, help="its folder (default: --data-root when it is --data)")
+    g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
+    g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
+    g = parser.add_argument_group("SpeciaRL: GRPO, LoRA, batching")
+    g.add_argument("--rollout-prompts", type=int, default=256, help="images per rollout batch over all ranks (paper "
+                   "%(default)s)")
     g.add_argument("--minibatches", type=int, default=2,
                    help="optimizer steps per rollout batch (paper 2: mini-batch 128 of 256 prompts)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (paper 2048; toy 48)")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper 1.0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus (paper 1.0)")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training images (paper 15 = 165 steps); "
+                   "--max-steps (rollout batches) stops earlier")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip, low and high (paper 0.2)")
     g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap c for negative advantages (paper 3; "
                    "0 turns it off)")
-    g.add_argument("--beta", type=float, default=0.01, help="k3 KL weight to the frozen model (paper 0.01; 0 = no "
-                   "reference forward)")
     g.add_argument("--adv-norm", choices=["group", "none"], default="group",
                    help="group: (r - mean) / (std + eps) (paper); none: r - mean (Dr.GRPO)")
     g.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the group std (verl: 1e-6)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper 3e-5; toy 2e-3)")
-    g.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"],
-                   help="paper: constant; toy: linear (at a constant 2e-3 the stand-in peaks mid-run, then falls back)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up (paper 0)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (paper 1.0; 0 = off)")
-    g.add_argument("--epochs", type=int, default=None,
-                   help="passes over the training images (paper 15 = 165 steps); --max-steps stops earlier")
-    g.add_argument("--lora-rank", type=int, default=None,
-                   help="LoRA rank on every linear layer of the language model (paper 64; toy 16); 0 = full "
-                        "fine-tuning of the language model")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (paper 32)")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on every linear layer of the language model "
+                   "(paper %(default)s); 0 = full fine-tuning of the language model")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha, scale = alpha / rank (paper 32)")
     g.add_argument("--freeze-vision", type=int, default=1, help="keep the vision tower frozen (paper 1)")
-    g = parser.add_argument_group("batching (memory, not maths)")
-    g.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (real 8; toy 16)")
-    g.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward in the update "
-                   "(paper 32; toy 80)")
-    g.add_argument("--logprob-micro-batch", type=int, default=None, help="rows per no-grad log-prob forward "
-                   "(paper 20; toy 160)")
-    g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=None, help="greedy speciarl-protocol evaluation every N steps "
-                   "and at the start and end (paper 5; 0 = never)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test images (default: all; "
-                   "toy 120)")
-    g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
-    g.add_argument("--eval-data-root", default=None, help="its folder (default: --data-root when it is --data)")
-    g.add_argument("--eval-batch", type=int, default=None, help="images per greedy evaluation batch (real 32; toy 120)")
-    g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
-    g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=None, help="greedy budget (paper 2048; toy 48)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N steps and at the end (0 = at the end only; paper 5; toy 10)")
-    args = parser.parse_args(argv)
-    preset = TOY if args.data == "toy" else PAPER
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    lifecycle.check_system_flags(args)
-    return args
+    g.add_argument("--sample-batch", type=int, default=8, help="images per sampling call (memory, not maths)")
+    g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory, "
+                   "not maths)")
+    return lifecycle.parse_flags(parser, argv, TOY, REWARDS)
 
 
 def check_batches(args, world: int) -> tuple[int, int]:
@@ -612,28 +512,29 @@ def check_batches(args, world: int) -> tuple[int, int]:
     lifecycle.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
     prompts_per_rank = args.rollout_prompts // world
     lifecycle.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
-                             "--minibatches")
+                                "--minibatches")
     return prompts_per_rank, prompts_per_rank // args.minibatches
 
 
 # =====================================================================================================================
-# 9. main: set-up, data, models, verifier, resume, the loop, export
+# 9. main: set-up, data, models, verifiers, resume, the loop, export
 # =====================================================================================================================
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.lora_rank > 0 and not args.freeze_vision:
+        raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
     prompts_per_rank, _ = check_batches(args, lifecycle.launched_world_size())  # before the process group
-    d, out = lifecycle.setup_run(args, lifecycle.default_run_dir("speciarl", args.data))
+    run = lifecycle.Run(args, "speciarl")
 
     # data: a fixed random subset of the training split; evaluation on a test split
     train = data.load_dataset(args.data, "train", root=args.data_root, classes=args.classes, shots=args.shots,
-                              limit=args.train_size, seed=args.seed)
+                              limit=args.train_limit, seed=args.seed)
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
         raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
     total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     eval_data = args.eval_data or args.data
     eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
     test = data.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
@@ -642,133 +543,107 @@ def main(argv=None):
                   f"{args.rollout_prompts} images x {args.group_size} rollouts ({prompts_per_rank} images per rank, "
                   f"{args.minibatches} optimizer steps each)")
 
-    # models, verifier, log
-    model, proc, optimizer, ref = build_models(args, d, prompts_per_rank)  # after the memory estimate per GPU
-    guard = lifecycle.NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
-    cache = os.path.join(out, "judge_cache.jsonl")  # one append-only file per run, shared by the ranks
+    # the policy (LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights) and
+    # the KL reference: the adapter-free policy with LoRA, a second copy without
+    def trainable(model):  # -> what the trainable-parameters line adds
+        if args.lora_rank == 0:  # the language model, and the vision tower unless frozen
+            model.model.visual.requires_grad_(not args.freeze_vision)
+            return None
+        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
+        return f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers"
+    model, processor, reference = run.load_policy(
+        args.model, trainable=trainable, estimate=lambda processor: memory_estimate(args, processor, prompts_per_rank),
+        reference=args.beta > 0 and args.lora_rank == 0, trained_weights=args.lora_rank == 0)
+    optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
+
+    # the verifiers: their judgements cached in one append-only file per run, shared by the ranks
+    cache = os.path.join(run.out, "judge_cache.jsonl")
     server = dict(concurrency=args.judge_concurrency, max_tokens=args.judge_max_tokens,
                   thinking=bool(args.judge_thinking))
     judge = judges.get_judge(args.judge, train, cache, url=args.judge_url, **server)
-    eval_judge = None
-    if test is not None:
-        eval_judge = judge if (args.eval_judge or args.judge) == args.judge and eval_data == args.data else \
-            judges.get_judge(args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url,
-                             **server)
-    log = lifecycle.MetricsLog(out, args.wandb, vars(args))
-    timer = lifecycle.PhaseTimer()
-    state = lifecycle.resume(out, model, optimizer, log)
-    start = state["step"]  # the data order is a function of the step
-    if d.rank == 0:
-        common.repair_jsonl_tail(os.path.join(out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
-    if args.eval_every and (start == 0 or state.get("eval_pending")):  # at the start, or the one a stop cut short
-        run_eval(args, model, proc, test, eval_judge, out, step=start, log=log, optimizer=optimizer)
+    same_judge = (args.eval_judge or args.judge) == args.judge and eval_data == args.data
+    eval_judge = judge if test is None or same_judge else judges.get_judge(
+        args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url, **server)
 
-    for step in range(start, total_steps):
-        t_step = time.perf_counter()
+    def evaluate(step: int) -> dict:
+        return run_eval(args, model, processor, test, eval_judge, run.out, step=step, optimizer=optimizer)
+
+    # resume (the data order is a function of the step), the loop, export (adapters merged into plain weights)
+    start = run.resume(model, optimizer, evaluate)["step"]
+    if run.d.is_main:
+        common.repair_jsonl_tail(os.path.join(run.out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
+    for step in run.steps(start, total_steps):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
-        record, judged = train_step(step, images[d.rank::d.world_size], model, ref, optimizer, proc, judge, args, d,
-                                    guard, timer, total_steps, out)
-        step_time = time.perf_counter() - t_step
-        record.update({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **guard.stats(), **timer.pop(),
-                       **lifecycle.mean_over_ranks(judge.stats())})
-        log.log(record)
-        log_rollouts(out, step + 1, judged, args.log_rollouts)
-        common.print0(f"step {step + 1}/{total_steps} reward {record['reward']:+.3f} correct "
-                      f"{record['correctness']:.3f} specific {record['specificity']:.3f} abstain "
-                      f"{record['abstain_rate']:.3f} no-answer {record['no_answer_rate']:.3f} judge-errors "
-                      f"{record['judge_error_rate']:.3f} kl {record['kl']:.4f} "
-                      f"clip {record['clip_frac']:.3f} ({step_time:.1f}s)")
-        if guard.exhausted:  # --max-nonfinite skipped steps in a row: save the last good weights, stop with a message
-            lifecycle.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
-            guard.stop(out)
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            run_eval(args, model, proc, test, eval_judge, out, step=step + 1, log=log, optimizer=optimizer)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
-            with timer("checkpoint"):
-                lifecycle.save_checkpoint(out, step + 1, model, optimizer, {"data_step": step + 1})
-
-    # export: adapters merged into plain weights, a standard Hugging Face directory
-    lifecycle.export_hf(model, proc, os.path.join(out, "final"), dtype=args.export_dtype)
-    lifecycle.print_eval_summary([os.path.join(out, "metrics.jsonl")],
-                              ["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
-    common.print0(f"final model: {os.path.join(out, 'final')}")
-    common.cleanup_distributed()
+        record, judged = train_step(run, step, images[run.d.rank::run.d.world_size], model, reference, optimizer,
+                                    processor, judge, total_steps)
+        record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
+        log_rollouts(run.out, step + 1, judged, args.log_completions)
+        run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
+    run.finish(model, processor, keys=["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
 
 
 # =====================================================================================================================
-# 10. Logging
+# 10. Logging and the memory estimate
 # =====================================================================================================================
 
-def step_metrics(labels, rewards, rollout, mask, sums, world, step_time) -> dict:
-    """Per-step scalars over all ranks: reward, share of each label, correctness (share of rollouts correct at any
-    level), specificity (specific or more specific among the correct ones), abstention, missing answers, judge
-    errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
-    counts = Counter(labels)
+SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
+         "clip_frac")  # on the progress line
+LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
+
+
+def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
+    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
+    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
+    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
     names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
-    zero_std = float((rewards.std(1) == 0).sum()) if rewards.shape[1] > 1 else float(rewards.shape[0])
-    prompt_tokens = sum(len(p) for p in rollout.row_prompts)
-    local = [float(counts[n]) for n in names] + [
-        float(rewards.sum()), float(rewards.numel()), float(rewards.shape[0]), zero_std,
-        float(mask.sum()), float(rollout.truncated.sum()), float(prompt_tokens)]
-    local += [float(sums[k]) for k in ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")]
-    tot = common.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-    n_labels = len(names)
-    c = dict(zip(names, tot[:n_labels]))
-    (reward_sum, n_rollouts, n_groups, zero_std_groups, comp_tokens, truncated,
-     prompt_tok) = tot[n_labels:n_labels + 7]
-    pg, kl, clip, dual, ratio = tot[n_labels + 7:]
-    # the update visits every completion token once, so the loss sums divide by the tokens of the batch
-    correct = sum(c[n] for n in judges.CORRECT_LABELS)
-    rec = {f"share/{n}": c[n] / n_rollouts for n in names}
-    rec.update({
-        "reward": reward_sum / n_rollouts,
-        "correctness": correct / n_rollouts,
-        "specificity": (c["specific"] + c["more_specific"]) / correct if correct else 0.0,
-        "abstain_rate": c["abstain"] / n_rollouts,
-        "no_answer_rate": c[NO_ANSWER] / n_rollouts,
-        "judge_error_rate": c[JUDGE_ERROR] / n_rollouts,
-        "zero_std_groups": zero_std_groups / n_groups,
-        "pg_loss": pg / comp_tokens, "kl": kl / comp_tokens, "clip_frac": clip / comp_tokens,
-        "dual_clip_frac": dual / comp_tokens, "ratio_mean": ratio / comp_tokens,
-        "grad_norm": sums["grad_norm"],
-        "completion_tokens": comp_tokens / n_rollouts, "truncated": truncated / n_rollouts,
-        "tokens_per_s": (comp_tokens + prompt_tok) / step_time / world,
-    })
-    return rec
+    counts = Counter(labels)
+    zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
+    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
+             **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
+             "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
+             "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
+    summed = common.all_reduce_sum(torch.tensor([float(v) for v in local.values()], dtype=torch.float64))
+    total = dict(zip(local, summed.tolist()))
+    n, tokens = total["rollouts"], total["tokens"]  # the update visits every completion token once
+    correct = sum(total[name] for name in judges.CORRECT_LABELS)
+    return {**{f"share/{name}": total[name] / n for name in names}, "reward": total["reward"] / n,
+            **{k: total[k] / n for k in total if k.startswith("reward/")}, "correctness": correct / n,
+            "specificity": (total["specific"] + total["more_specific"]) / correct if correct else 0.0,
+            "abstain_rate": total["abstain"] / n, "no_answer_rate": total[NO_ANSWER] / n,
+            "judge_error_rate": total[JUDGE_ERROR] / n, "zero_std_groups": total["zero_std_groups"] / total["groups"],
+            "pg_loss": total["pg_loss"] / tokens, "kl": total["kl"] / tokens, "clip_frac": total["clip_frac"] / tokens,
+            "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
+            "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
+            "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
 
 
-def report_memory(model, proc, args, d: common.Dist, prompts_per_rank: int) -> str:
-    """The memory estimate per GPU at start (memory.report_memory_budget), with this script's knobs. Returns the
-    parallel mode (--parallel auto resolved)."""
-    return memory.report_memory_budget(
-        model, d, parallel=args.parallel, reference=args.beta > 0 and args.lora_rank == 0,
+def log_rollouts(out: str, step: int, judged: dict, k: int):
+    """Write k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
+    if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
+        return
+    images, labels, rewards = judged["images"], judged["labels"], judged["rewards"]  # rewards [P, G]
+    G = rewards.shape[1]
+    with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
+        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
+            i = r // G
+            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
+                                "answer": judged["answers"][r], "label": labels[r],
+                                "group_best": best_label(labels[i * G:(i + 1) * G]),
+                                "reward": float(rewards.view(-1)[r])}) + "\n")
+
+
+def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
+    """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
+    return dict(
         rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
-        prompt_tokens=memory.prompt_tokens_estimate(proc, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
-        train_rows=args.micro_batch,
+        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
+        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
         rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        activation_checkpointing=bool(args.activation_checkpointing), compute_dtype=args.precision.compute,
-        check=bool(args.memory_check), image_tokens=memory.image_tokens(proc),
         knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
                "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
                "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
                "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
-
-
-def log_rollouts(out: str, step: int, judged: dict, k: int):
-    """Write k judged rollouts (spread over the groups of rank 0) with their group's best label and reward."""
-    if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
-        return
-    images, answers, labels, groups = judged["images"], judged["answers"], judged["labels"], judged["groups"]
-    G = len(groups[0])
-    picks = [(i * G + j) for j in range(G) for i in range(len(groups))][:k]
-    with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
-        for r in picks:
-            i = r // G
-            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
-                                "answer": answers[r], "label": labels[r], "group_best": best_label(groups[i]),
-                                "reward": float(judged["rewards"].view(-1)[r])}) + "\n")
 
 
 if __name__ == "__main__":

@@ -401,8 +401,8 @@ def test_judge_errors_are_shown_and_too_many_stop_the_run(tmp_path, toy, capsys)
                 "--out", run, "--judge", "openai:judge-model", "--judge-url", server.url]
         speciarl.main(argv + ["--max-judge-errors", "1"])
         lines = capsys.readouterr().out.splitlines()
-        step_line = next(line for line in lines if line.startswith("step 1/1"))
-        assert float(step_line.split("judge-errors ")[1].split()[0]) > 0
+        step_line = next(line for line in lines if line.startswith("speciarl step 1/1"))
+        assert float(step_line.split("judge_error_rate ")[1].split()[0]) > 0
         eval_lines = [line for line in lines if line.startswith("eval at step")]
         assert eval_lines and all("judge_errors" in line for line in eval_lines)
         with pytest.raises(SystemExit, match="judged answers got no label .*Checkpoint saved after step 0") as e:

@@ -450,8 +450,8 @@ def test_every_method_starts_with_its_paper_defaults_on_1_to_16_ranks(world, cap
 # ----- a failing rank, a NaN streak, a kill -9 mid-step: end to end on toy -----
 
 SPECIARL = ["speciarl.py", "--data", "toy", "--export-dtype", "fp32",
-            "--train-size", "8", "--rollout-prompts", "2", "--group-size", "2",
-            "--minibatches", "1", "--eval-every", "0", "--log-rollouts", "0", "--save-every", "1"]
+            "--train-limit", "8", "--rollout-prompts", "2", "--group-size", "2",
+            "--minibatches", "1", "--eval-every", "0", "--log-completions", "0", "--save-every", "1"]
 
 
 def test_one_rank_failing_brings_the_whole_job_down_with_its_error(tmp_path):

@@ -17,6 +17,11 @@ W, A, G, L, S, M = "wrong", "abstain", "generic", "less_specific", "specific", "
 
 # ----- rewards -----
 
+def reward(name, labels):
+    """REWARDS[name] on one group whose verifier labels are `labels` (the completions' text is not read)."""
+    return speciarl.REWARDS[name]([""] * len(labels), {"truth": "red striped circle", "labels": labels})
+
+
 DYNAMIC_CASES = {
     # name: (labels of one group, expected rewards)
     "all wrong": ([W, W, W, W], [0, 0, 0, 0]),
@@ -40,13 +45,13 @@ DYNAMIC_CASES = {
 @pytest.mark.parametrize("case", list(DYNAMIC_CASES))
 def test_dynamic_reward_truth_table(case):
     labels, expected = DYNAMIC_CASES[case]
-    assert speciarl.REWARDS["dynamic"](labels) == [float(x) for x in expected]
+    assert reward("dynamic", labels) == [float(x) for x in expected]
 
 
 def test_dynamic_reward_is_per_group():
     """The best tier comes from the image's own group only: the same label earns different rewards in two groups."""
-    assert speciarl.dynamic_reward([L, G]) == [1.0, 0.0]
-    assert speciarl.dynamic_reward([L, S]) == [0.0, 1.0]
+    assert reward("dynamic", [L, G]) == [1.0, 0.0]
+    assert reward("dynamic", [L, S]) == [0.0, 1.0]
 
 
 # columns of the paper's table: more specific, specific, less specific, generic, abstain, wrong
@@ -62,9 +67,9 @@ STATIC_EXPECTED = {
 def test_static_reward_tables(name):
     labels = [M, S, L, G, A, W, NO_ANSWER, JUDGE_ERROR]
     expected = [float(x) for x in STATIC_EXPECTED[name]] + [-1.0, 0.0]
-    assert speciarl.REWARDS[name](labels) == expected
+    assert reward(name, labels) == expected
     # static rewards do not look at the group: a label's reward is the same whatever else was answered
-    assert speciarl.REWARDS[name]([L]) == speciarl.REWARDS[name]([L, S, S])[:1]
+    assert reward(name, [L]) == reward(name, [L, S, S])[:1]
 
 
 def test_reward_registry_names():
@@ -103,7 +108,8 @@ def test_judge_rollouts_skips_missing_answers_and_flags_judge_errors():
     assert labels == [S, NO_ANSWER, NO_ANSWER, L, "wrong", JUDGE_ERROR]
     assert judge.calls == [[("red striped circle", "red striped circle"), ("red striped circle", "circle"),
                             ("red striped circle", "!!!"), ("red striped circle", "banana")]]  # one call, valid only
-    assert speciarl.dynamic_reward(labels) == [1.0, -1.0, -1.0, 0.0, 0.0, 0.0]
+    assert speciarl.dynamic_reward(texts, {"truth": "red striped circle", "labels": labels}) == [
+        1.0, -1.0, -1.0, 0.0, 0.0, 0.0]
 
 
 def test_rules_judge_on_toy_labels_the_ladder():
@@ -249,18 +255,18 @@ def test_lora_only_adapters_train(lora_model):
     args.precision = common.precision_for(args.dtype, common.Dist(), args.parallel)  # what main sets
     _, prompts = _inputs(model, proc, n=2)
     G = 3
-    ro = common.sample(model, proc, prompts, group_size=G, max_new_tokens=12, temperature=1.0,
-                       generator=torch.Generator().manual_seed(0))
-    rows = ro.row_prompts
-    old = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
+    rollout = common.sample(model, proc, prompts, group_size=G, max_new_tokens=12, temperature=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    rows = rollout.row_prompts
+    old = common.completion_logprobs(model, proc, rows, rollout.completion_ids, rollout.completion_mask)
     with speciarl.lora_disabled(model):
-        ref = common.completion_logprobs(model, proc, rows, ro.completion_ids, ro.completion_mask)
+        ref = common.completion_logprobs(model, proc, rows, rollout.completion_ids, rollout.completion_mask)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     pad = common.special_token_ids(proc)["<|endoftext|>"]
-    sums = speciarl.update_policy(args, model, opt, rows, ro.completion_ids, ro.completion_mask, adv, old, ref, pad,
-                                  first_opt_step=0, total_opt_steps=2)
-    assert sums["grad_norm"] > 0
+    stats = speciarl.update_policy(args, model, opt, lifecycle.NonFiniteGuard(), rows, rollout.completion_ids,
+                                   rollout.completion_mask, adv, old, ref, pad, step=0, total_steps=1)
+    assert stats["grad_norm"] > 0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.endswith(("lora_A", "lora_B"))}

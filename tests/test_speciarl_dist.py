@@ -49,9 +49,9 @@ def run_update(model, proc, case, prompt_ids):
     rows = [p * G + j for p in prompt_ids for j in range(G)]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     pad = common.special_token_ids(proc)["<|endoftext|>"]
-    return speciarl.update_policy(args, model, opt, [prompts[r // G] for r in rows], case["ids"][rows],
-                                  case["mask"][rows], case["adv"][rows], case["old"][rows], case["ref"][rows], pad,
-                                  first_opt_step=0, total_opt_steps=2)
+    return speciarl.update_policy(args, model, opt, lifecycle.NonFiniteGuard(), [prompts[r // G] for r in rows],
+                                  case["ids"][rows], case["mask"][rows], case["adv"][rows], case["old"][rows],
+                                  case["ref"][rows], pad, step=0, total_steps=1)
 
 
 def adapters(state_dict):
@@ -124,7 +124,7 @@ def _records(out):
 
 RUN_FLAGS = ["--data", "toy", "--rollout-prompts", "4", "--group-size", "4", "--max-new-tokens", "24",
              "--eval-every", "2", "--eval-limit", "8", "--eval-max-new-tokens", "24", "--save-every", "1",
-             "--log-rollouts", "4"]
+             "--log-completions", "4"]
 
 
 def _check_run(out, steps):
