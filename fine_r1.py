@@ -181,7 +181,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     for i, t in enumerate(triplets):
         rows = slice(2 * group_size * i, 2 * group_size * (i + 1))
         texts = rollout.texts[rows]
-        reward, parts = score(texts, {"truth": t.anchor.class_name}, args.reward_weights)  # [2G]
+        example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
+        reward, parts = score(texts, example, args.reward_weights)  # [2G]: G on the anchor, G on the positive
         groups.append(Group(t, [prompts[2 * i]] * group_size + [prompts[2 * i + 1]] * group_size,
                             common.encode_prompt(processor, t.negative.image, questions[i]),
                             rollout.completion_ids[rows], rollout.completion_mask[rows], rollout.truncated[rows],

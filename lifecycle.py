@@ -870,15 +870,7 @@ def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps
 # =====================================================================================================================
 # 7. Robustness
 # =====================================================================================================================
-# What a run of several days needs beyond the happy path. The three method files use all of it:
-#   * NonFiniteGuard: a NaN / inf loss or gradient norm skips the optimizer step on every rank together (counted,
-#     logged); too many in a row stop the run with a message, after the caller has saved a checkpoint;
-#   * read_jsonl / repair_jsonl_tail: JSONL inputs read with one clear message per bad line; an append-only cache
-#     whose last line was cut by a kill is made appendable again; RankParts: a resumable per-rank JSONL cache.
-# The memory estimate printed at start lives in memory.py.
-# Checkpoints (section 6) are atomic already: written to ckpt_N.tmp, renamed, and only then is `latest` rewritten; a
-# .tmp left behind by a kill is never read and is removed by the next save. Faults are injected by the tests
-# (tests/faulty.py patches a method's loss), never by a hook in this code.
+# Faults are injected by the tests (tests/faulty.py patches a method's loss), never by a hook in this code.
 
 class NonFiniteGuard:
     """Skip optimizer steps whose loss or gradient norm is NaN / inf on any rank, on every rank together (one

@@ -41,3 +41,24 @@ def test_a_reward_from_outside_runs_in_dive_k(tmp_path, monkeypatch, tiny):
                  "--prompts-per-step", "2", "--eval-every", "0", "--threads", "1", "--out", out,
                  "--rewards", "format,mcq,length=0.5"])
     check(step_records(out)[0], {"format": 1, "mcq": 1, "length": 0.5})
+
+
+def test_a_reward_from_outside_runs_in_speciarl(tmp_path, monkeypatch, tiny):
+    import speciarl
+    monkeypatch.setitem(speciarl.REWARDS, "length", length_penalty)
+    out = str(tmp_path / "speciarl")
+    speciarl.main(["--data", "toy", "--max-steps", "1", "--rollout-prompts", "4", "--group-size", "4",
+                   "--max-new-tokens", "32", "--eval-every", "0", "--threads", "1", "--out", out,
+                   "--rewards", "dynamic,length=0.5"])
+    check(step_records(out)[0], {"dynamic": 1, "length": 0.5})
+
+
+def test_a_reward_from_outside_runs_in_fine_r1(tmp_path, monkeypatch, tiny):
+    import fine_r1
+    monkeypatch.setitem(fine_r1.REWARDS, "length", length_penalty)
+    out = str(tmp_path / "fine_r1")
+    fine_r1.main(["--data", "toy", "--stage", "tapo", "--max-steps", "1", "--rollout-batch", "1",
+                  "--sample-prompts", "1", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "32",
+                  "--max-sample-rounds", "1", "--eval-every", "0", "--threads", "1", "--out", out,
+                  "--rewards", "exact=0.9,format=0.1,length=0.5"])
+    check(step_records(os.path.join(out, "tapo"))[0], {"exact": 0.9, "format": 0.1, "length": 0.5})
