@@ -449,7 +449,7 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
 # 8. Evaluation: two-step inference (eval.py)
 # =====================================================================================================================
 
-def evaluate_two_step(model, processor, eval_sets: dict, args, d: common.Dist, out: str, step: int) -> dict:
+def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
     group, and the harmonic mean of base and novel accuracy when both are there."""
     return evaluation.evaluate_groups(
@@ -588,8 +588,7 @@ def main(argv=None):
         args.model, trainable=trainable, reference=args.beta > 0,
         estimate=lambda processor: memory_estimate(processor, train.kind, base_classes, args, run.d.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
-    evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.d, run.out, step)) \
-        if eval_sets else None
+    evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.out, step)) if eval_sets else None
     start = run.resume(model, optimizer, evaluate)["step"]  # the same command continues from <out>/latest
 
     # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining)

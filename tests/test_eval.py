@@ -162,7 +162,7 @@ def test_evaluation_imports_no_method_and_in_run_keys_stay(tmp_path, monkeypatch
                                  compile_decode=0, protocols=["mcq", "open"], eval_protocols="mcq,open",
                                  mcq_distractors="all", prompt="specific", max_judge_errors=1)
     out = str(tmp_path)
-    res = dive_k.evaluate_two_step(model, None, {"base": ["base"], "novel": ["novel"]}, args, None, out, 3)
+    res = dive_k.evaluate_two_step(model, None, {"base": ["base"], "novel": ["novel"]}, args, out, 3)
     assert res == {"eval/base/accuracy": 0.5, "eval/base/truth_in_options": 1.0, "eval/base/format_ok": 1.0,
                    "eval/novel/accuracy": 0.25, "eval/novel/truth_in_options": 1.0, "eval/novel/format_ok": 1.0,
                    "eval/hm": pytest.approx(1 / 3)}
