@@ -1024,7 +1024,8 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
                      base: str = "sdpa", **kwargs):
     """The text model's attention (installed by shared_prefix_supported). Given a PrefixLayout, per packed row: the real
     prompt tokens causally, then each completion over the prompt and its own earlier tokens (a lower-right causal
-    bias, no mask tensor on the fused kernels). Other calls go to `base`. query [R, H, S, D], key / value [R, Hkv, S, D]."""
+    bias, no mask tensor on the fused kernels). Other calls go to `base`. query [R, H, S, D], key / value
+    [R, Hkv, S, D]."""
     if not isinstance(attention_mask, PrefixLayout):
         return _base_attention(base)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)

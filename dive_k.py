@@ -306,9 +306,10 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
     with timer("sampling"), args.precision.context(), \
             common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
-        rollout = common.sample(model, processor, prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                                generator=generator, compile_decode=bool(args.compile_decode))
+        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=0, repetition_penalty=1.0, generator=generator,
+                                compile_decode=bool(args.compile_decode))
 
     # reward and advantage, group by group
     G = args.group_size
@@ -423,7 +424,8 @@ def mining_summary(questions: list[dict]) -> dict:
             "mining/padded": sum(q["padded"] for q in kept),
             "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
                                          / max(1, sum(q["n_samples"] for q in questions))),
-            "mining/truth_in_top_rate": sum(1 for q in questions if q["counts"].get(q["truth"])) / max(1, len(questions)),
+            "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
+                                         / max(1, len(questions))),
             "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
 
 

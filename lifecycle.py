@@ -155,7 +155,8 @@ class Run:
             image_tokens=memory.image_tokens(processor), **estimate(processor))
         args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights)
         print0(f"precision: {args.precision}")
-        model, processor = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+        model, processor = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn,
+                                             **pixels)
         what = trainable(model)
         n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
                             for only in (True, False))
@@ -241,7 +242,8 @@ class Run:
 
 def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str,
                       beta: float | None,
-                      max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int, weight_decay: float = 0.0,
+                      max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int,
+                      weight_decay: float = 0.0,
                       grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, warmup_steps: int = 0,
                       eval_max_new_tokens: int | None = None, eval_batch: int = 8, eval_limit: int | None = None,
                       log_completions: int = 2, max_steps: int | None = None, train_limit: int | None = None):
