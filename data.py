@@ -116,11 +116,6 @@ def toy_class_names() -> list[str]:
     return names
 
 
-def toy_hierarchy() -> dict[str, list[str]]:
-    """'red striped circle' -> ['circle', 'shape']: family (the last word, like a CUB group noun), then the kind."""
-    return {name: [name.split()[-1], "shape"] for name in toy_class_names()}
-
-
 def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     """One toy image: a large, roughly centred shape of the class colour, plain or white-striped, on a light tinted
     background with pixel noise; large and centred so that a two-block vision tower tells shapes by the patches."""
@@ -193,7 +188,8 @@ def load_toy(split: str) -> Dataset:
             recs += [json.loads(line) for line in f]
     examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
     synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
-    return Dataset("toy", examples, names, "shape", hierarchy=NameMap(toy_hierarchy()), synonyms=synonyms,
+    hierarchy = NameMap({n: [n.split()[-1], "shape"] for n in names})  # the family: the last word, as CUB's groups
+    return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,
                    generic=["shape", "object"], split=split, root=root)
 
 
@@ -238,45 +234,32 @@ COOP_FILES = {  # CoOp's split file of a dataset and the folder its paths are un
     "flowers": ("split_zhou_OxfordFlowers.json", "jpg"), "pets": ("split_zhou_OxfordPets.json", "images"),
     "cars": ("split_zhou_StanfordCars.json", ""), "food": ("split_zhou_Food101.json", "images")}
 LAYOUTS = {  # what each reader expects under --data-root, shown with every message about a missing or bad file
-    "cub": """CUB_200_2011/
-  images/NNN.Class_Name/*.jpg
-  images.txt              <image_id> <path under images/>
-  classes.txt             <class_id> <NNN.Class_Name>
-  image_class_labels.txt  <image_id> <class_id>
-  train_test_split.txt    <image_id> <1 = train, 0 = test>""",
-    "flowers": """oxford_flowers/
-  jpg/image_00001.jpg ...
-  imagelabels.mat (labels 1..102), setid.mat (trnid / valid / tstid), cat_to_name.json ("1".."102")""",
-    "pets": """oxford-iiit-pet/
-  images/<Breed>_<n>.jpg          (cat breeds capitalised, dog breeds lower case)
-  annotations/trainval.txt        <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed id>
-  annotations/test.txt""",
-    "cars": """stanford_cars/
-  cars_train/00001.jpg ...   cars_test/00001.jpg ...
-  devkit/cars_meta.mat            class_names (1 x 196)
-  devkit/cars_train_annos.mat     annotations: fname, class (1-based)
-  cars_test_annos_withlabels.mat  (at the root or in devkit/) annotations: fname, class""",
-    "aircraft": """fgvc-aircraft-2013b/data/   (or its parent folder)
-  images/<7-digit id>.jpg
-  variants.txt                                   one variant per line; the order defines the labels
-  images_variant_{train,val,trainval,test}.txt   <id> <variant>
-  images_family_*.txt, images_manufacturer_*.txt optional: variant -> family -> manufacturer hierarchy""",
-    "dogs": """stanford_dogs/
-  Images/<wnid>-<Breed>/<wnid>_<n>.jpg
-  train_list.mat, test_list.mat   file_list (paths under Images/), labels (1..120)""",
-    "food": """food-101/
-  images/<class>/<id>.jpg
-  meta/classes.txt               one class folder name per line; the order defines the labels
-  meta/labels.txt                optional readable names, same order
-  meta/train.txt, meta/test.txt  <class>/<id> (no extension)""",
-    "json": """a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):
-  records {"image": path, "class_name": name, "split": "train"}   ("split" optional; paths relative to
-  --data-root if given, else to the file's folder)
-  .json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, grandparent, ...]},
-  "synonyms": {name: [...]}, "train": [records], "val": [...], "test": [...]}
-  class list: the "classes" key, else classes.txt next to the file (one name per line), else the sorted names""",
+    "cub": "CUB_200_2011/\n  images/NNN.Class_Name/*.jpg\n  images.txt: <image_id> <path under images/>\n  classes.txt: "
+           "<class_id> <NNN.Class_Name>\n  image_class_labels.txt: <image_id> <class_id>\n  train_test_split.txt: "
+           "<image_id> <1 = train, 0 = test>",
+    "flowers": "oxford_flowers/\n  jpg/image_00001.jpg ...\n  imagelabels.mat (labels 1..102), setid.mat (trnid / valid / "
+               "tstid), cat_to_name.json (\"1\"..\"102\")",
+    "pets": "oxford-iiit-pet/\n  images/<Breed>_<n>.jpg (cat breeds capitalised, dog breeds lower case)\n  annotations/"
+            "trainval.txt, annotations/test.txt: <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed id>",
+    "cars": "stanford_cars/\n  cars_train/00001.jpg ..., cars_test/00001.jpg ...\n  devkit/cars_meta.mat: class_names (1 x "
+            "196)\n  devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat (at the root or in devkit/): "
+            "annotations with fname, class (1-based)",
+    "aircraft": "fgvc-aircraft-2013b/data/ (or its parent folder)\n  images/<7-digit id>.jpg\n  variants.txt: one variant "
+                "per line; the order defines the labels\n  images_variant_{train,val,trainval,test}.txt: <id> <variant>\n"
+                "  optional images_family_*.txt, images_manufacturer_*.txt: variant -> family -> manufacturer hierarchy",
+    "dogs": "stanford_dogs/\n  Images/<wnid>-<Breed>/<wnid>_<n>.jpg\n  train_list.mat, test_list.mat: file_list (paths "
+            "under Images/), labels (1..120)",
+    "food": "food-101/\n  images/<class>/<id>.jpg\n  meta/classes.txt: one class folder name per line; the order defines "
+            "the labels\n  optional meta/labels.txt: readable names, same order\n  meta/train.txt, meta/test.txt: "
+            "<class>/<id> (no extension)",
+    "json": "a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):\n  records "
+            "{\"image\": path, \"class_name\": name, \"split\": \"train\"} (\"split\" optional; paths relative to "
+            "--data-root if given, else to the file's folder)\n  .json may also be an object {\"classes\": [...], \"kind\": "
+            "\"bird\", \"hierarchy\": {name: [parent, grandparent, ...]}, \"synonyms\": {name: [...]}, \"train\": "
+            "[records], \"val\": [...], \"test\": [...]}\n  class list: the \"classes\" key, else classes.txt next to "
+            "the file (one name per line), else the sorted names",
 }
-LAYOUTS.update({name: f'{LAYOUTS[name]}\n  {file}  optional CoOp split {{"train": [[path under {folder or "the root"}/, '
+LAYOUTS.update({name: f'{LAYOUTS[name]}\n  optional {file}: the CoOp split {{"train": [[path in {folder or "."}/, '
                       f'label0, name], ...], "val": .., "test": ..}}, preferred when present'
                 for name, (file, folder) in COOP_FILES.items()})
 GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer for every class of the dataset
@@ -329,23 +312,21 @@ def _int(name: str, path: str, value: str) -> int:
         _fail(name, f"{path}: expected an integer, got {value!r}")
 
 
-def load_mat(name: str, path: str) -> dict:
-    """A MATLAB .mat file via scipy (imported only here, only for the datasets that ship .mat files)."""
+def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
+    """The variables `keys` of a MATLAB .mat file, via scipy (imported only here: only the .mat-based datasets need it)."""
     try:
         import scipy.io
     except ImportError:
         raise SystemExit(f"--data {name}: reading {path} needs scipy (pip install scipy); only the .mat-based "
                          f"datasets (flowers without its CoOp split file, cars without it, dogs) need it")
     try:
-        return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
+        mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
     except Exception as e:  # a truncated or non-MATLAB file
         _fail(name, f"cannot read {path} as a MATLAB file ({e})")
-
-
-def _mat_field(name: str, path: str, mat: dict, key: str) -> np.ndarray:
-    if key not in mat:
-        _fail(name, f"{path} has no variable {key!r} (it has {sorted(k for k in mat if not k.startswith('__'))})")
-    return np.atleast_1d(mat[key])
+    for key in keys:
+        if key not in mat:
+            _fail(name, f"{path} has no variable {key!r} (it has {sorted(k for k in mat if not k.startswith('__'))})")
+    return [np.atleast_1d(mat[key]) for key in keys]
 
 
 def _mat_strings(values) -> list[str]:
@@ -435,11 +416,11 @@ def read_cub(root: str | None, split: str) -> Dataset:
     train, test = [], []
     for iid, rel in paths.items():
         if iid not in labels or iid not in is_train:
-            raise SystemExit(f"--data cub: image id {iid} ({rel}) is missing from image_class_labels.txt or "
-                             f"train_test_split.txt under {root}")
+            _fail("cub", f"image id {iid} ({rel}) is missing from image_class_labels.txt or train_test_split.txt "
+                         f"under {root}")
         cid = _int("cub", labels_txt, labels[iid])
         if cid not in class_index:
-            raise SystemExit(f"--data cub: {labels_txt}: class id {cid} is not in classes.txt")
+            _fail("cub", f"{labels_txt}: class id {cid} is not in classes.txt")
         (train if is_train[iid] == "1" else test).append((os.path.join(images_dir, rel), class_index[cid]))
     # Chuck-will's-widow and Whip-poor-will are nightjars: their last word is not a group noun
     synonyms = NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
@@ -456,18 +437,18 @@ def read_flowers(root: str | None, split: str) -> Dataset:
     if labelled is None:
         labels_mat, setid_mat, cat_json, jpg = _require("flowers", root, "imagelabels.mat", "setid.mat",
                                                         "cat_to_name.json", "jpg")
-        labels = _mat_field("flowers", labels_mat, load_mat("flowers", labels_mat), "labels").astype(int)
-        setid = load_mat("flowers", setid_mat)
+        labels = load_mat("flowers", labels_mat, "labels")[0].astype(int)
+        setid = dict(zip(("trnid", "valid", "tstid"), load_mat("flowers", setid_mat, "trnid", "valid", "tstid")))
         with open(cat_json) as f:
             cat = json.load(f)
         try:
             class_names = [cat[str(i)] for i in range(1, int(labels.max()) + 1)]
         except KeyError as e:
-            raise SystemExit(f"--data flowers: {cat_json} has no name for class {e}; expected keys '1'..'102'")
+            _fail("flowers", f"{cat_json} has no name for class {e}; expected keys '1'..'102'")
 
         def ids(key):
             return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
-                    for i in _mat_field("flowers", setid_mat, setid, key)]
+                    for i in setid[key]]
         labelled = _pick_split(split, ids("trnid"), ids("tstid"), ids("valid"))
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
     synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
@@ -547,16 +528,12 @@ def read_cars(root: str | None, split: str) -> Dataset:
         meta_path, train_path, _, _ = _require("cars", root, os.path.join("devkit", "cars_meta.mat"),
                                                os.path.join("devkit", "cars_train_annos.mat"), "cars_train",
                                                "cars_test")
-        test_path = next((p for p in (os.path.join(root, "cars_test_annos_withlabels.mat"),
-                                      os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"))
-                          if os.path.exists(p)), None)
-        if test_path is None:
-            _fail("cars", f"cars_test_annos_withlabels.mat not found under --data-root {root}")
-        meta = load_mat("cars", meta_path)
-        class_names = [car_name(n) for n in _mat_strings(_mat_field("cars", meta_path, meta, "class_names"))]
+        (test_path,) = _require("cars", _root("cars", root, "cars_test_annos_withlabels.mat", ["devkit"]),
+                                "cars_test_annos_withlabels.mat")
+        class_names = [car_name(n) for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
 
         def read(path, folder):
-            annos = _mat_field("cars", path, load_mat("cars", path), "annotations")
+            (annos,) = load_mat("cars", path, "annotations")
             if annos.dtype.names is None or not {"fname", "class"} <= set(annos.dtype.names):
                 _fail("cars", f"{path}: 'annotations' must be a struct array with fields fname and class")
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
@@ -575,14 +552,13 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     'aircraft' from the family / manufacturer files when present."""
     root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
-    with open(variants_txt) as f:
-        class_names = [line.strip() for line in f if line.strip()]
+    class_names = [variant for (variant,) in _rows("aircraft", variants_txt, 1)]
     index = {n: i for i, n in enumerate(class_names)}
     (split_txt,) = _require("aircraft", root, f"images_variant_{split}.txt")
     labelled = []
     for iid, variant in _rows("aircraft", split_txt, 2):
         if variant not in index:
-            raise SystemExit(f"--data aircraft: {split_txt}: variant {variant!r} is not in variants.txt")
+            _fail("aircraft", f"{split_txt}: variant {variant!r} is not in variants.txt")
         labelled.append((os.path.join(images, iid + ".jpg"), index[variant]))
     parents: dict[str, list[str]] = {}  # variant -> [family, manufacturer] from any split's files
     for part in SPLITS:
@@ -613,17 +589,16 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     folders: dict[int, str] = {}
 
     def read(path):
-        mat = load_mat("dogs", path)
-        files = _mat_strings(_mat_field("dogs", path, mat, "file_list"))
-        labels = _mat_field("dogs", path, mat, "labels").astype(int).ravel()
+        files, labels = load_mat("dogs", path, "file_list", "labels")
+        files, labels = _mat_strings(files), labels.astype(int).ravel()
         if len(files) != len(labels):
-            raise SystemExit(f"--data dogs: {path}: file_list and labels differ in length")
+            _fail("dogs", f"{path}: file_list and labels differ in length")
         for f, lab in zip(files, labels):
             folders.setdefault(int(lab), f.split("/")[0])
         return [(os.path.join(images, f), int(lab) - 1) for f, lab in zip(files, labels)]
     train, test = read(train_mat), read(test_mat)
     if sorted(folders) != list(range(1, len(folders) + 1)):
-        raise SystemExit(f"--data dogs: labels in {train_mat} / {test_mat} must run 1..N without gaps")
+        _fail("dogs", f"labels in {train_mat} / {test_mat} must run 1..N without gaps")
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
     return _dataset("dogs", "dog", root, split, _pick_split(split, train, test), class_names)
 
@@ -633,13 +608,10 @@ def read_food(root: str | None, split: str) -> Dataset:
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
     root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
     classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
-    with open(classes_txt) as f:
-        folders = [line.strip() for line in f if line.strip()]
-    class_names = [n.replace("_", " ") for n in folders]
-    if os.path.exists(os.path.join(root, "meta", "labels.txt")):
-        with open(os.path.join(root, "meta", "labels.txt")) as f:
-            readable = [line.strip() for line in f if line.strip()]
-        class_names = readable if len(readable) == len(folders) else class_names
+    folders = [folder for (folder,) in _rows("food", classes_txt, 1)]
+    labels_txt = os.path.join(root, "meta", "labels.txt")
+    readable = [name for (name,) in _rows("food", labels_txt, 1)] if os.path.exists(labels_txt) else []
+    class_names = readable if len(readable) == len(folders) else [n.replace("_", " ") for n in folders]
     labelled, _ = _coop_split("food", root, split)
     if labelled is None:
         index = {n: i for i, n in enumerate(folders)}
@@ -650,7 +622,7 @@ def read_food(root: str | None, split: str) -> Dataset:
             for (rel,) in _rows("food", path, 1):
                 folder = rel.split("/")[0]
                 if folder not in index:
-                    raise SystemExit(f"--data food: {path}: class folder {folder!r} is not in meta/classes.txt")
+                    _fail("food", f"{path}: class folder {folder!r} is not in meta/classes.txt")
                 out.append((os.path.join(images, rel + ".jpg"), index[folder]))
             return out
         labelled = _pick_split(split, read(train_txt), read(test_txt))
@@ -814,6 +786,5 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     if shots:
         ds = few_shot(ds, shots, seed)
     if limit:
-        rng = random.Random(seed)
-        ds = dataclasses.replace(ds, examples=rng.sample(ds.examples, min(limit, len(ds.examples))))
+        ds = dataclasses.replace(ds, examples=random.Random(seed).sample(ds.examples, min(limit, len(ds.examples))))
     return ds
