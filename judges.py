@@ -26,9 +26,7 @@ import common
 from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
 
-# =====================================================================================================================
-# 1. Answer parsing, normalisation, format check
-# =====================================================================================================================
+# ----- 1. answer parsing, normalisation, format check -----
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
@@ -46,16 +44,14 @@ def verifier_text(text: str) -> str:
 
 
 def parse_answer(completion: str) -> str | None:
-    """The text inside the FIRST <answer>...</answer>, stripped, as all three papers' released code reads it
-    (`<answer>x</answer><answer>y</answer>` -> 'x'). None when there is no closed answer tag or the text is blank
-    (SpeciaRL's code treats a blank answer as a missing one)."""
+    """The text inside the FIRST <answer>...</answer>, stripped, as the three papers' code reads it (`<answer>x</answer>
+    <answer>y</answer>` -> 'x'); None without a closed tag or for a blank answer (SpeciaRL's code: a missing one)."""
     found = ANSWER_RE.search(completion)
     return found.group(1).strip() or None if found else None
 
 
-# Answer-format prefixes DiVE-k's released code strips before matching ("species name: Laysan Albatross"): mining
-# strips the dataset's own format (one of the first two), two-step evaluation all four; case-insensitive, a colon
-# and one space, every occurrence.
+# Answer-format prefixes DiVE-k's code strips, every occurrence, case-insensitive ("species name: Laysan Albatross"):
+# mining strips the dataset's own format (one of the first two), two-step evaluation all four.
 DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
 
 
@@ -112,9 +108,7 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
 
 
-# =====================================================================================================================
-# 2. Answer judges
-# =====================================================================================================================
+# ----- 2. answer judges -----
 # A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
 # verifier). Every judge sees only normalised strings, as SpeciaRL's does, and caches per pair, persisted append-only
 # to a JSONL file so that a long (or restarted) run judges each distinct pair once.
@@ -126,27 +120,21 @@ JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the la
 
 
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
-    """Shares and counts of the six labels, and SpeciaRL's metrics: correctness = share correct at any level;
-    specificity = share of specific or more-specific among the correct ones (the paper's definition is not public,
-    so `specificity_of_all`, the unconditional share, is reported too); hm = their harmonic mean; accuracy = share
-    specific or more specific. Judge errors are left out of every share and counted in `judge_errors`."""
-    errors = sum(lab == JUDGE_ERROR for lab in labels)
-    labels = [lab for lab in labels if lab != JUDGE_ERROR]
-    n = len(labels)
-    counts = Counter(labels)
-    unknown = set(counts) - set(JUDGE_LABELS)
-    if unknown:
-        raise ValueError(f"labels outside JUDGE_LABELS: {sorted(unknown)}")
+    """Counts and shares of the six labels and SpeciaRL's metrics: correctness = share correct at any level;
+    specificity = share (more) specific among the correct ones (and `specificity_of_all`, of all: the paper's
+    definition is not public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors are only counted."""
+    counts = Counter(lab for lab in labels if lab != JUDGE_ERROR)
+    n = sum(counts.values())
+    if set(counts) - set(JUDGE_LABELS):
+        raise ValueError(f"labels outside JUDGE_LABELS: {sorted(set(counts) - set(JUDGE_LABELS))}")
     correct = sum(counts[lab] for lab in CORRECT_LABELS)
     specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
-    correctness = correct / n if n else 0.0
-    specificity = specific / correct if correct else 0.0
-    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness,
+    correctness, specificity = correct / n if n else 0.0, specific / correct if correct else 0.0
+    out = {"n": n, "judge_errors": len(labels) - n, "accuracy": specific / n if n else 0.0, "correctness": correctness,
            "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
            "hm": 2 * specificity * correctness / (specificity + correctness) if specificity + correctness else 0.0}
     for lab in JUDGE_LABELS:
-        out[f"count/{lab}"] = counts[lab]
-        out[f"share/{lab}"] = counts[lab] / n if n else 0.0
+        out[f"count/{lab}"], out[f"share/{lab}"] = counts[lab], counts[lab] / n if n else 0.0
     return out
 
 
@@ -224,15 +212,10 @@ class Judge:
                        for (t, p), lab in zip(keys, labels))
         # one O_APPEND write per batch: ranks sharing the file never interleave inside a line; a file whose last line
         # was cut short gets a newline first so the new records stay parseable
-        fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.cache_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
-            if size:
-                with open(self.cache_path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        text = "\n" + text
-            os.write(fd, text.encode("utf-8"))
+            os.write(fd, (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + text).encode("utf-8"))
         finally:
             os.close(fd)
 
@@ -251,20 +234,14 @@ def _canon(text: str) -> str:
 
 
 class RulesJudge(Judge):
-    """Offline, deterministic labels from the dataset's names (in this order):
-      empty, 'none', 'unknown', "I don't know" ...                      -> abstain
-      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word such as 'dog' ignored)
-                                                                        -> specific
-      'X or Y', 'either ...', 'X vs Y'                                  -> wrong (hedge)
-      an ancestor in dataset.hierarchy: the last one (the kind: 'bird', 'shape') or a dataset.generic word
-      ('animal', 'vehicle')                                             -> generic; a nearer one -> less_specific
-      a known descendant (a name whose ancestors include the truth)     -> more_specific
-      the truth named inside a longer answer that names no other class ('adult male yellow warbler')
-                                                                        -> more_specific
-      two or more different class names ('laysan albatross black footed albatross')
-                                                                        -> wrong (a list)
-      anything else                                                     -> wrong
-    Plurals of the answer ('warblers') match too."""
+    """Offline, deterministic labels from the dataset's names, the first rule that applies (plurals match too):
+      only punctuation -> wrong; a refusal ('none', "I don't know") -> abstain;
+      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word such as 'dog' ignored) -> specific;
+      a hedge ('X or Y', 'either ...', 'X vs Y') -> wrong;
+      an ancestor in dataset.hierarchy: the last one (the kind) or a dataset.generic word ('animal') -> generic,
+      a nearer one -> less_specific; a known descendant (its ancestors include the truth) -> more_specific;
+      the truth inside a longer answer naming no other class ('adult male yellow warbler') -> more_specific;
+      anything else (two class names listed too) -> wrong."""
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
         self.name = f"rules-v2:{dataset.name}"
@@ -394,10 +371,8 @@ class HFJudge(Judge):
         self.pairs_per_batch = pairs_per_batch
         self.model = self.tokenizer = None
         if device is None:
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)
-        self.dtype = dtype
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device, self.dtype = torch.device(device), dtype
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -463,7 +438,12 @@ class HFJudge(Judge):
 # for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
 
 class ServerError(RuntimeError):
-    """The server did not answer after the retries (connection refused or dropped, timeouts, 408, 409, 429, 5xx)."""
+    """The server did not answer after the retries (connection refused or dropped, timeouts, 408, 409, 429, 5xx); inside
+    OpenAIServer.request also one failed try, with the seconds the server asked to wait, if it did."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
 
 
 class BadRequest(RuntimeError):
@@ -524,7 +504,7 @@ class OpenAIServer:
             detail = e.read().decode("utf-8", "replace")[:300].strip()
             should = e.headers.get("x-should-retry")
             if should == "true" or (should != "false" and (e.code in (408, 409, 429) or e.code >= 500)):
-                raise _Retry(f"HTTP {e.code} {detail}", retry_after(e.headers))
+                raise ServerError(f"HTTP {e.code} {detail}", retry_after(e.headers))
             if e.code == 401:
                 raise SystemExit(f"{self.what} {self.url}: 401 unauthorized; set OPENAI_API_KEY to the server's key")
             if e.code == 404 and "model" in detail.lower():
@@ -532,11 +512,11 @@ class OpenAIServer:
                                  f"({detail})")
             raise BadRequest(f"{self.what} {self.url}: {method} {path} answered HTTP {e.code} {detail}", e.code, detail)
         except (OSError, TimeoutError, http.client.HTTPException) as e:  # refused, reset, dropped, cut, timed out
-            raise _Retry(f"{type(e).__name__}: {e}")
+            raise ServerError(f"{type(e).__name__}: {e}")
         try:
             return json.loads(raw)
         except ValueError:
-            raise _Retry(f"a reply that is not JSON: {raw[:80]!r}")
+            raise ServerError(f"a reply that is not JSON: {raw[:80]!r}")
 
     def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
                 timeout: float | None = None) -> dict:
@@ -550,7 +530,7 @@ class OpenAIServer:
                     self.counts["requests"] += 1
                     self.counts["seconds"] += time.perf_counter() - t0
                 return out
-            except _Retry as e:
+            except ServerError as e:
                 if attempt == retries:
                     raise ServerError(f"{self.what} {self.url}: no answer after {retries + 1} tries (last: {e})")
                 with self._lock:
@@ -595,33 +575,21 @@ class OpenAIServer:
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
-    def map(self, fn: Callable, items: Sequence) -> list:
-        """[fn(item) for item in items], `concurrency` at a time; the first error cancels what has not started."""
+    def map(self, fn: Callable, inputs: Sequence) -> list:
+        """[fn(x) for x in inputs], `concurrency` at a time; the first error cancels what has not started."""
         from concurrent.futures import ThreadPoolExecutor
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(items)))) as pool:
-            futures = [pool.submit(fn, item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(inputs)))) as pool:
             try:
-                results = [fut.result() for fut in futures]
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
+                return list(pool.map(fn, inputs))  # an error cancels the calls not yet started
             finally:
                 self.counts["wall"] += time.perf_counter() - t0
-        return results
 
     def stats(self, prefix: str) -> dict[str, float]:
         c = self.counts
         return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
                 f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
                 f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
-
-
-class _Retry(Exception):
-    def __init__(self, message: str, wait: float | None = None):
-        super().__init__(message)
-        self.wait = wait  # seconds the server asked for, if it did
 
 
 def strip_think(text: str) -> str:
