@@ -233,32 +233,33 @@ SPLITS = ("train", "val", "test", "trainval")
 COOP_FILES = {  # CoOp's split file of a dataset and the folder its paths are under; preferred when present
     "flowers": ("split_zhou_OxfordFlowers.json", "jpg"), "pets": ("split_zhou_OxfordPets.json", "images"),
     "cars": ("split_zhou_StanfordCars.json", ""), "food": ("split_zhou_Food101.json", "images")}
-LAYOUTS = {  # what each reader expects under --data-root, shown with every message about a missing or bad file
-    "cub": "CUB_200_2011/\n  images/NNN.Class_Name/*.jpg\n  images.txt: <image_id> <path under images/>\n  classes.txt: "
-           "<class_id> <NNN.Class_Name>\n  image_class_labels.txt: <image_id> <class_id>\n  train_test_split.txt: "
-           "<image_id> <1 = train, 0 = test>",
-    "flowers": "oxford_flowers/\n  jpg/image_00001.jpg ...\n  imagelabels.mat (labels 1..102), setid.mat (trnid / valid / "
-               "tstid), cat_to_name.json (\"1\"..\"102\")",
-    "pets": "oxford-iiit-pet/\n  images/<Breed>_<n>.jpg (cat breeds capitalised, dog breeds lower case)\n  annotations/"
-            "trainval.txt, annotations/test.txt: <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed id>",
-    "cars": "stanford_cars/\n  cars_train/00001.jpg ..., cars_test/00001.jpg ...\n  devkit/cars_meta.mat: class_names (1 x "
-            "196)\n  devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat (at the root or in devkit/): "
-            "annotations with fname, class (1-based)",
-    "aircraft": "fgvc-aircraft-2013b/data/ (or its parent folder)\n  images/<7-digit id>.jpg\n  variants.txt: one variant "
-                "per line; the order defines the labels\n  images_variant_{train,val,trainval,test}.txt: <id> <variant>\n"
-                "  optional images_family_*.txt, images_manufacturer_*.txt: variant -> family -> manufacturer hierarchy",
-    "dogs": "stanford_dogs/\n  Images/<wnid>-<Breed>/<wnid>_<n>.jpg\n  train_list.mat, test_list.mat: file_list (paths "
-            "under Images/), labels (1..120)",
-    "food": "food-101/\n  images/<class>/<id>.jpg\n  meta/classes.txt: one class folder name per line; the order defines "
-            "the labels\n  optional meta/labels.txt: readable names, same order\n  meta/train.txt, meta/test.txt: "
-            "<class>/<id> (no extension)",
-    "json": "a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):\n  records "
-            "{\"image\": path, \"class_name\": name, \"split\": \"train\"} (\"split\" optional; paths relative to "
-            "--data-root if given, else to the file's folder)\n  .json may also be an object {\"classes\": [...], \"kind\": "
-            "\"bird\", \"hierarchy\": {name: [parent, grandparent, ...]}, \"synonyms\": {name: [...]}, \"train\": "
-            "[records], \"val\": [...], \"test\": [...]}\n  class list: the \"classes\" key, else classes.txt next to "
-            "the file (one name per line), else the sorted names",
-}
+LAYOUTS = {name: "\n  ".join(lines) for name, lines in {  # what each reader expects, shown with its messages
+    "cub": ["CUB_200_2011/", "images/NNN.Class_Name/*.jpg", "images.txt: <image_id> <path under images/>",
+            "classes.txt: <class_id> <NNN.Class_Name>", "image_class_labels.txt: <image_id> <class_id>",
+            "train_test_split.txt: <image_id> <1 = train, 0 = test>"],
+    "flowers": ["oxford_flowers/", "jpg/image_00001.jpg ...",
+                'imagelabels.mat (labels 1..102), setid.mat (trnid / valid / tstid), cat_to_name.json ("1".."102")'],
+    "pets": ["oxford-iiit-pet/", "images/<Breed>_<n>.jpg (cat breeds capitalised, dog breeds lower case)",
+             "annotations/trainval.txt, annotations/test.txt: <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed>"],
+    "cars": ["stanford_cars/", "cars_train/00001.jpg ..., cars_test/00001.jpg ...",
+             "devkit/cars_meta.mat: class_names (1 x 196)", "devkit/cars_train_annos.mat, "
+             "cars_test_annos_withlabels.mat (at the root or in devkit/): annotations with fname, class (1-based)"],
+    "aircraft": ["fgvc-aircraft-2013b/data/ (or its parent folder)", "images/<7-digit id>.jpg",
+                 "variants.txt: one variant per line; the order defines the labels",
+                 "images_variant_{train,val,trainval,test}.txt: <id> <variant>",
+                 "optional images_family_*.txt, images_manufacturer_*.txt: variant -> family -> manufacturer"],
+    "dogs": ["stanford_dogs/", "Images/<wnid>-<Breed>/<wnid>_<n>.jpg",
+             "train_list.mat, test_list.mat: file_list (paths under Images/), labels (1..120)"],
+    "food": ["food-101/", "images/<class>/<id>.jpg", "meta/classes.txt: one class folder per line, in label order",
+             "optional meta/labels.txt: readable names, same order",
+             "meta/train.txt, meta/test.txt: <class>/<id> (no extension)"],
+    "json": ["a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):",
+             'records {"image": path, "class_name": name, "split": "train"} ("split" optional; paths relative to '
+             "--data-root if given, else to the file's folder)",
+             '.json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, grandparent, '
+             '...]}, "synonyms": {name: [...]}, "train": [records], "val": [...], "test": [...]}',
+             'class list: the "classes" key, else classes.txt beside the file (one per line), else the sorted names'],
+}.items()}
 LAYOUTS.update({name: f'{LAYOUTS[name]}\n  optional {file}: the CoOp split {{"train": [[path in {folder or "."}/, '
                       f'label0, name], ...], "val": .., "test": ..}}, preferred when present'
                 for name, (file, folder) in COOP_FILES.items()})
@@ -274,7 +275,7 @@ def _fail(name: str, what: str):
 
 
 def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] = ()) -> str:
-    """--data-root checked; the dataset folder or a parent of it (the first of root, root/sub... that holds `marker`)."""
+    """--data-root checked; the first of root, root/sub... that holds `marker` (the dataset folder or a parent)."""
     if not root:
         _fail(name, "needs --data-root pointing at the dataset folder")
     if not os.path.isdir(root):
@@ -313,7 +314,7 @@ def _int(name: str, path: str, value: str) -> int:
 
 
 def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
-    """The variables `keys` of a MATLAB .mat file, via scipy (imported only here: only the .mat-based datasets need it)."""
+    """The variables `keys` of a MATLAB .mat file, via scipy (imported here: only .mat-based datasets need it)."""
     try:
         import scipy.io
     except ImportError:
@@ -615,7 +616,7 @@ def read_food(root: str | None, split: str) -> Dataset:
     labelled, _ = _coop_split("food", root, split)
     if labelled is None:
         index = {n: i for i, n in enumerate(folders)}
-        train_txt, test_txt = _require("food", root, os.path.join("meta", "train.txt"), os.path.join("meta", "test.txt"))
+        train_txt, test_txt = _require("food", root, *(os.path.join("meta", f) for f in ("train.txt", "test.txt")))
 
         def read(path):
             out = []

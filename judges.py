@@ -122,7 +122,7 @@ JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the la
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     """Counts and shares of the six labels and SpeciaRL's metrics: correctness = share correct at any level;
     specificity = share (more) specific among the correct ones (and `specificity_of_all`, of all: the paper's
-    definition is not public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors are only counted."""
+    definition is not public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors: counted."""
     counts = Counter(lab for lab in labels if lab != JUDGE_ERROR)
     n = sum(counts.values())
     if set(counts) - set(JUDGE_LABELS):
@@ -236,7 +236,7 @@ def _canon(text: str) -> str:
 class RulesJudge(Judge):
     """Offline, deterministic labels from the dataset's names, the first rule that applies (plurals match too):
       only punctuation -> wrong; a refusal ('none', "I don't know") -> abstain;
-      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word such as 'dog' ignored) -> specific;
+      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word like 'dog' ignored) -> specific;
       a hedge ('X or Y', 'either ...', 'X vs Y') -> wrong;
       an ancestor in dataset.hierarchy: the last one (the kind) or a dataset.generic word ('animal') -> generic,
       a nearer one -> less_specific; a known descendant (its ancestors include the truth) -> more_specific;
