@@ -57,18 +57,15 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
-    # the shared prefix: each completion's copy of the prompt's keys and values, kept in every layer (or one)
-    kept_in = 1 if activation_checkpointing else layers
+    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's prompt K, V
     shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
-    vision = 0
+    vision, vc = 0, vision_config
     if vision_patches:
-        vc = vision_config
         block = 6 * vc.hidden_size + 4 * vc.intermediate_size  # stored activations of one patch in one block
         vision = vision_patches * (vc.depth * vc.hidden_size + block if activation_checkpointing else vc.depth * block)
     logit_rows = train_rows if logit_rows is None else logit_rows
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
         compute_bytes + 8)
-    sampling = rollout_rows * tc.vocab_size * 24
     return {
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
@@ -78,7 +75,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
         "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * train_prompt)
                               * stored + shared_kv + vision) * compute_bytes),
-        "logits": float(max(scoring, sampling)),
+        "logits": float(max(scoring, rollout_rows * tc.vocab_size * 24)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
 
@@ -103,10 +100,8 @@ def resident_bytes() -> int:
 
 
 def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
+    unit, scale = next(((u, s) for u, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)) if n >= s), ("B", 1))
+    return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 
 def device_memory(device: torch.device) -> int:
