@@ -164,13 +164,10 @@ class Judge:
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.dataset = dataset
-        self.cache_path = cache_path
-        self.cache: dict[tuple[str, str], str] = {}
-        self.judged = 0  # pairs sent to _judge in this process
-        self.hits = 0  # lookups answered from the cache (not a pair repeated within one call)
-        self.bad_cache_lines = 0
-        self.errors = 0  # pairs the judge gave no usable label for
+        self.dataset, self.cache_path, self.cache = dataset, cache_path, {}  # cache: (truth, prediction) -> label
+        # pairs sent to _judge in this process, lookups answered from the cache (not a pair repeated within one call),
+        # unreadable cache lines, pairs the judge gave no usable label for
+        self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -262,25 +259,20 @@ class RulesJudge(Judge):
                 self.groups[member] = group
         # descendants: canon ancestor -> canon names below it
         self.below: dict[str, set[str]] = {}
-        for name, chain in self.hierarchy.items():
-            for a in chain:
-                self.below.setdefault(_canon(a), set()).add(_canon(name))
+        for name, a in ((name, a) for name, chain in self.hierarchy.items() for a in chain):
+            self.below.setdefault(_canon(a), set()).add(_canon(name))
         # every class (and synonym) form -> canon class name, for finding class names inside longer answers
         self.mentionable: dict[str, str] = {}
         for cname in ds.class_names:
-            for n in self._names(cname):
-                for form in self._forms(n, compact=False):
-                    self.mentionable.setdefault(form, _canon(cname))
+            for form in (f for n in self._names(cname) for f in self._forms(n, compact=False)):
+                self.mentionable.setdefault(form, _canon(cname))
 
     def _names(self, name: str) -> set[str]:
         c = _canon(name)
         return self.groups.get(c, {c})
 
     def _strip_kind(self, text: str) -> str:
-        for g in self.kind_words:
-            if text.endswith(" " + g):
-                return text[: -len(g) - 1]
-        return text
+        return next((text[: -len(g) - 1] for g in self.kind_words if text.endswith(" " + g)), text)
 
     def _forms(self, text: str, compact: bool = True) -> set[str]:
         c = _canon(text)
@@ -289,8 +281,7 @@ class RulesJudge(Judge):
 
     def _answer_forms(self, text: str) -> set[str]:
         c = _canon(text)
-        words = c.split()
-        out = self._forms(c)
+        words, out = c.split(), self._forms(c)
         if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
             out |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
         return out
@@ -354,8 +345,7 @@ specific: the correct class itself, exactly or by a synonym or its scientific na
 more specific: a correct subtype or a finer description of the correct class (e.g. "adult male yellow warbler" for "yellow warbler").
 
 Reply with the category only."""
-JUDGE_LABEL_TEXT = {"wrong": "wrong", "abstain": "abstain", "generic": "generic", "less_specific": "less specific",
-                    "specific": "specific", "more_specific": "more specific"}
+JUDGE_LABEL_TEXT = {lab: lab.replace("_", " ") for lab in JUDGE_LABELS}  # 'less_specific' -> 'less specific'...
 
 
 class HFJudge(Judge):
@@ -565,13 +555,11 @@ class OpenAIServer:
         text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
         <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
+        def text(message: dict) -> str:
+            thought = message.get("reasoning_content") or message.get("reasoning")
+            return (f"<think>{thought}</think>" if thought else "") + (message["content"] or "")
         try:
-            texts = []
-            for choice in reply["choices"]:
-                message = choice["message"]
-                thought = message.get("reasoning_content") or message.get("reasoning")
-                texts.append((f"<think>{thought}</think>" if thought else "") + (message["content"] or ""))
-            return texts
+            return [text(choice["message"]) for choice in reply["choices"]]
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
@@ -663,24 +651,21 @@ class OpenAIJudge(Judge):
                 pass
         self.constraint = ""
 
-    def _ask(self, pair: tuple[str, str]) -> str | None:
+    def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
         try:
-            return label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
-                                              [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
+            label = label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
+                                               [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
         except BadRequest as e:
             raise SystemExit(f"{e} (the judge's request refused)")
+        if label is not None:
+            with self._cache_lock:
+                self._persist([pair], [label])
+        return label
 
     def _judge(self, pairs):
         if self.constraint is None:
             self._probe()
-
-        def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
-            label = self._ask(pair)
-            if label is not None:
-                with self._cache_lock:
-                    self._persist([pair], [label])
-            return label
-        return self.server.map(ask_and_keep, pairs)
+        return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), **self.server.stats("judge")}
