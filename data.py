@@ -20,7 +20,7 @@ import shutil
 import sys
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -394,16 +394,6 @@ def _dataset(name: str, kind: str, root: str, split: str, labelled: list, class_
     return Dataset(name, examples, class_names, kind, generic=GENERIC_TERMS[name], split=split, root=root, **fields)
 
 
-def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> NameMap:
-    """class -> [group noun = last word (CUB: warbler, sparrow, gull ...), kind]; single-word names and the `skip`
-    words (compound names such as Chuck-will's-widow) get only [kind]."""
-    out = NameMap()
-    for n in names:
-        words = normalize(n).split()
-        out[n] = [words[-1], kind] if len(words) > 1 and words[-1] not in set(skip) else [kind]
-    return out
-
-
 def read_cub(root: str | None, split: str) -> Dataset:
     """CUB-200-2011. Class name = folder without 'NNN.', '_' -> ' ' ("Black footed Albatross"). test = the official
     test (5,794); train / val = the official train (5,994) split 80/20 per class (DiVE-k); trainval = official train."""
@@ -423,11 +413,14 @@ def read_cub(root: str | None, split: str) -> Dataset:
         if cid not in class_index:
             _fail("cub", f"{labels_txt}: class id {cid} is not in classes.txt")
         (train if is_train[iid] == "1" else test).append((os.path.join(images_dir, rel), class_index[cid]))
-    # Chuck-will's-widow and Whip-poor-will are nightjars: their last word is not a group noun
+    # hierarchy: class -> [group noun = the last word (warbler, sparrow, gull ...), 'bird']; one-word names and the
+    # nightjars Chuck-will's-widow and Whip-poor-will (their last word is no group noun) -> ['bird']
+    hierarchy = NameMap({n: [w[-1], "bird"] if len(w) > 1 and w[-1] not in ("widow", "will") else ["bird"]
+                         for n, w in ((n, normalize(n).split()) for n in class_names)})
     synonyms = NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
                         if "Gray" in n or "Grey" in n})
     return _dataset("cub", "bird", root, split, _pick_split(split, train, test), class_names, synonyms=synonyms,
-                    hierarchy=_last_word_groups(class_names, "bird", skip=["widow", "will"]))
+                    hierarchy=hierarchy)
 
 
 def read_flowers(root: str | None, split: str) -> Dataset:
@@ -456,11 +449,6 @@ def read_flowers(root: str | None, split: str) -> Dataset:
     return _dataset("flowers", "flower", root, split, labelled, class_names, synonyms=synonyms)
 
 
-def _pet_name(stem: str) -> str:
-    """'american_pit_bull_terrier_12' / 'Abyssinian_100' -> CoOp's 'american pit bull terrier' / 'abyssinian'."""
-    return stem.rsplit("_", 1)[0].replace("_", " ").lower()
-
-
 def read_pets(root: str | None, split: str) -> Dataset:
     """Oxford-IIIT Pets, 37 breeds. The CoOp split file when present (2,944 / 736 / 3,669), else trainval.txt split
     80/20 per class and test.txt. Hierarchy: breed -> cat / dog (species column, else the file-name case)."""
@@ -480,8 +468,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
             out = []
             for row in _rows("pets", path, 4):
                 stem, cid, sp = row[0], _int("pets", path, row[1]), row[2].split()[0]
-                names_by_id[cid] = _pet_name(stem)
-                species[_pet_name(stem)] = "cat" if sp == "1" else "dog"
+                name = stem.rsplit("_", 1)[0].replace("_", " ").lower()  # 'Abyssinian_100' -> CoOp's 'abyssinian'
+                names_by_id[cid], species[name] = name, "cat" if sp == "1" else "dog"
                 out.append((os.path.join(images, stem + ".jpg"), cid - 1))
             return out
         train, test = read(trainval_txt), read(test_txt)
@@ -496,12 +484,6 @@ CAR_BODY_TYPES = ("Crew Cab", "Extended Cab", "Regular Cab", "Club Cab", "Quad C
                   "Coupe", "Convertible", "SUV", "Hatchback", "Wagon", "Minivan", "Cargo Van", "Van", "Type-S",
                   "Roadster")  # longest first where it matters ("Crew Cab" before "Cab")
 YEAR = re.compile(r"(19|20)\d\d")
-
-
-def car_name(meta_name: str) -> str:
-    """cars_meta.mat 'Audi TTS Coupe 2012' -> CoOp's '2012 Audi TTS Coupe' (the trailing year moved to the front)."""
-    words = meta_name.split()
-    return " ".join([words[-1]] + words[:-1] if words and YEAR.fullmatch(words[-1]) else words)
 
 
 def car_hierarchy(name: str) -> list[str]:
@@ -531,7 +513,9 @@ def read_cars(root: str | None, split: str) -> Dataset:
                                                "cars_test")
         (test_path,) = _require("cars", _root("cars", root, "cars_test_annos_withlabels.mat", ["devkit"]),
                                 "cars_test_annos_withlabels.mat")
-        class_names = [car_name(n) for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
+        names = [n.split() for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
+        # 'Audi TTS Coupe 2012' -> CoOp's '2012 Audi TTS Coupe' (the trailing year moved to the front)
+        class_names = [" ".join(w[-1:] + w[:-1] if w and YEAR.fullmatch(w[-1]) else w) for w in names]
 
         def read(path, folder):
             (annos,) = load_mat("cars", path, "annotations")
