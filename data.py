@@ -121,8 +121,7 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     background with pixel noise; large and centred so that a two-block vision tower tells shapes by the patches."""
     colour, pattern, shape = name.split()
     s = TOY_IMAGE_SIZE
-    bg = tuple(rng.randint(215, 250) for _ in range(3))
-    img = Image.new("RGB", (s, s), bg)
+    img = Image.new("RGB", (s, s), tuple(rng.randint(215, 250) for _ in range(3)))  # a light tinted background
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
@@ -532,9 +531,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
 
 
 def read_aircraft(root: str | None, split: str) -> Dataset:
-    """FGVC-Aircraft 2013b at the variant level (100 classes, variants.txt order), official train / val / test
-    (3,334 / 3,333 / 3,333), trainval = the official trainval file. Hierarchy variant -> family -> manufacturer ->
-    'aircraft' from the family / manufacturer files when present."""
+    """FGVC-Aircraft 2013b, 100 variants (variants.txt order), the official train / val / test / trainval files;
+    hierarchy variant -> family -> manufacturer -> 'aircraft' from the family / manufacturer files when present."""
     root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
     class_names = [variant for (variant,) in _rows("aircraft", variants_txt, 1)]
@@ -646,13 +644,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
             raise SystemExit(f"--data {path}: record {i + 1} is {r!r}; expected {{\"image\": path, \"class_name\": "
                              f"name}} with text values (and an optional \"split\" name).{expected}")
     classes_txt = os.path.join(os.path.dirname(path), "classes.txt")
-    if "classes" in meta:
-        class_names = list(meta["classes"])
-    elif os.path.exists(classes_txt):
-        with open(classes_txt) as f:
-            class_names = [line.strip() for line in f if line.strip()]
-    else:
-        class_names = sorted({r["class_name"] for r in records})
+    class_names = (list(meta["classes"]) if "classes" in meta else
+                   [name for (name,) in _rows("json", classes_txt, 1)] if os.path.exists(classes_txt) else
+                   sorted({r["class_name"] for r in records}))
     index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
