@@ -35,10 +35,8 @@ APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
 
 def normalize(text: str) -> str:
     """The one key for comparing names (mining, rewards, splits, the rules judge): NFC, lowercase, a possessive "'s"
-    dropped, every run of characters other than letters and digits (any script) -> one space (DiVE-k's hyphen rule).
-    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
-    ('chuck will widow', 'crème brûlée', 'f 16a b')
-    """
+    dropped, every run of non-letters and non-digits (any script) -> one space, so a hyphen is a space (DiVE-k):
+    "Chuck-will's-Widow" -> 'chuck will widow', 'Crème Brûlée' -> 'crème brûlée', 'F-16A/B' -> 'f 16a b'."""
     text = unicodedata.normalize("NFC", text).lower()
     text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
     return " ".join(re.sub(r"[\W_]+", " ", text).split())
@@ -106,6 +104,7 @@ TOY_PATTERNS = ["plain", "striped"]
 TOY_SHAPES = ["circle", "square", "triangle"]
 TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2 merge
 TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
+TOY_FILE = "{split}/{name}_{i:03d}.png"  # under toy_root(); the name with '_' for ' '
 
 
 def toy_class_names() -> list[str]:
@@ -153,20 +152,13 @@ def toy_root() -> str:
         return root
     tmp = f"{root}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    names = toy_class_names()
     for split, (per_class, seed) in TOY_SPLITS.items():
         rng = random.Random(seed)
-        records = []
-        for label, name in enumerate(names):
+        os.makedirs(os.path.join(tmp, split))
+        for name in toy_class_names():
             for i in range(per_class):
-                rel = f"{split}/{name.replace(' ', '_')}_{i:03d}.png"
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                draw_toy_image(name, rng).save(os.path.join(tmp, rel))
-                records.append({"image": rel, "label": label, "class_name": name})
-        with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.join(tmp, "classes.txt"), "w") as f:
-        f.writelines(n + "\n" for n in names)
+                path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
+                draw_toy_image(name, rng).save(path)
     open(os.path.join(tmp, "DONE"), "w").close()
     try:
         os.makedirs(os.path.dirname(root), exist_ok=True)
@@ -179,13 +171,11 @@ def toy_root() -> str:
 def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val), hierarchy class -> shape family -> 'shape',
     one synonym per class with colour and pattern swapped ('striped red circle'), for the judges' synonym rule."""
-    root = toy_root()
-    names = toy_class_names()
-    recs = []
-    for part in (["train", "val"] if split == "trainval" else [split]):
-        with open(os.path.join(root, f"{part}.jsonl")) as f:
-            recs += [json.loads(line) for line in f]
-    examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
+    root, names = toy_root(), toy_class_names()
+    files = [(TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i), label, name)
+             for part in (["train", "val"] if split == "trainval" else [split])
+             for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
+    examples = [Example(os.path.join(root, rel), label, name, rel) for rel, label, name in files]
     synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
     hierarchy = NameMap({n: [n.split()[-1], "shape"] for n in names})  # the family: the last word, as CUB's groups
     return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,

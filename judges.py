@@ -33,11 +33,9 @@ ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first openin
 
 
 def verifier_text(text: str) -> str:
-    """What a verifier reads of a name or an answer, as SpeciaRL's verifier prepares both: lowercase, letters (any
-    script), digits and dashes kept, every other character a space, spaces collapsed. It keys the judge cache.
-    >>> verifier_text("Anna's Black-chinned Hummingbird?"), verifier_text("???"), verifier_text("Crème brûlée")
-    ('anna s black-chinned hummingbird', '', 'crème brûlée')
-    """
+    """What a verifier reads of a name or an answer (SpeciaRL's preparation, the judge cache's key): lowercase,
+    letters (any script), digits and dashes kept, anything else a space, spaces collapsed: "Anna's Black-chinned
+    Hummingbird?" -> 'anna s black-chinned hummingbird', "???" -> '', 'Crème brûlée' -> 'crème brûlée'."""
     text = unicodedata.normalize("NFC", text)
     text = "".join(ch if ch.isalnum() or ch.isspace() or unicodedata.category(ch) == "Pd" else " " for ch in text)
     return " ".join(text.lower().split())
@@ -56,10 +54,8 @@ DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model
 
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do.
-    >>> strip_prefixes("Species name: Laysan Albatross", DIVEK_PREFIXES[:2])
-    'laysan albatross'
-    """
+    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do
+    ('Species name: Laysan Albatross' -> 'laysan albatross')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -84,20 +80,15 @@ HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
 
 
 def is_abstain(answer: str | None) -> bool:
-    """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which" ...
-    >>> is_abstain("I don't know"), is_abstain("Unable to identify the species"), is_abstain("unknown warbler")
-    (True, True, False)
-    """
+    """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which",
+    'Unable to identify the species' ...; not 'unknown warbler'."""
     text = normalize(answer or "")
     return text in ABSTAIN_ANSWERS or ABSTAIN_RE.match(text) is not None
 
 
 def is_hedge(answer: str | None) -> bool:
     """Several options offered instead of one ('robin or cardinal', 'either a gull or a tern', 'A vs B', 'A and/or
-    B'). Lists of names without a connective are caught by the rules judge, which knows the class names.
-    >>> is_hedge("Laysan Albatross or Black-footed Albatross"), is_hedge("Orange crowned Warbler")
-    (True, False)
-    """
+    B'); lists of names without a connective are caught by the rules judge, which knows the class names."""
     return HEDGE_RE.search(normalize(answer or "")) is not None
 
 
