@@ -112,8 +112,8 @@ JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the la
 
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     """Counts and shares of the six labels and SpeciaRL's metrics: correctness = share correct at any level;
-    specificity = share (more) specific among the correct ones (and `specificity_of_all`, of all: the paper's
-    definition is not public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors: counted."""
+    specificity = share (more) specific among the correct (`specificity_of_all`: of all; the paper's definition is not
+    public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors: in judge_errors, in no share."""
     counts = Counter(lab for lab in labels if lab != JUDGE_ERROR)
     n = sum(counts.values())
     if set(counts) - set(JUDGE_LABELS):
@@ -250,8 +250,9 @@ class RulesJudge(Judge):
                 self.groups[member] = group
         # descendants: canon ancestor -> canon names below it
         self.below: dict[str, set[str]] = {}
-        for name, a in ((name, a) for name, chain in self.hierarchy.items() for a in chain):
-            self.below.setdefault(_canon(a), set()).add(_canon(name))
+        for name, chain in self.hierarchy.items():
+            for a in chain:
+                self.below.setdefault(_canon(a), set()).add(_canon(name))
         # every class (and synonym) form -> canon class name, for finding class names inside longer answers
         self.mentionable: dict[str, str] = {}
         for cname in ds.class_names:
@@ -546,6 +547,7 @@ class OpenAIServer:
         text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
         <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
+
         def text(message: dict) -> str:
             thought = message.get("reasoning_content") or message.get("reasoning")
             return (f"<think>{thought}</think>" if thought else "") + (message["content"] or "")
