@@ -366,13 +366,13 @@ def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tu
     prefix = _require(name, root, folder)[0] if folder else root
     try:
         with open(path) as f:
-            parts = json.load(f)
-        names = {int(label): cname for part in ("train", "val", "test") for _, label, cname in parts[part]}
+            lists = json.load(f)
+        names = {int(label): cname for part in ("train", "val", "test") for _, label, cname in lists[part]}
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--data {name}: {path} is not a CoOp split file ({e!r}); expected "
                          f'{{"train": [[path, label0, classname], ...], "val": [...], "test": [...]}}')
-    labelled = [(os.path.join(prefix, rel), int(label)) for part in (["train", "val"] if split == "trainval" else
-                                                                      [split]) for rel, label, _ in parts[part]]
+    wanted = ["train", "val"] if split == "trainval" else [split]
+    labelled = [(os.path.join(prefix, rel), int(label)) for part in wanted for rel, label, _ in lists[part]]
     return labelled, [names[i] for i in range(max(names) + 1)] if names else []
 
 
