@@ -309,7 +309,7 @@ class RulesJudge(Judge):
         if forms & set(self.generic_words):
             return "generic"
         for n in self._names(truth):
-            if any(self._matches(forms, d) for d in self.below.get(n, ())):
+            if any(self._matches(forms, below) for below in self.below.get(n, ())):
                 return "more_specific"
         mentioned = self._mentions(answer)
         truth_names = self._names(truth)
