@@ -8,7 +8,9 @@ bench.py: speed and memory of the three phases of a GRPO step on Qwen2.5-VL, in 
   3. update    forward + backward + AdamW on the same rows (common.score_completions): tokens/s, MFU, peak memory;
                2 and 3 on both scoring paths in turn: the shared prefix (no suffix) and one row per completion (_rows).
 Figures: median (min, max) of --repeats timed runs after --warmup; a markdown table, then ONE last line of JSON with
-every figure and setting. Definitions and launch lines: README, section "Speed". E.g. `python bench.py --model tiny`.
+every figure and setting. Definitions and more launch lines: README, section "Speed".
+  python bench.py --model tiny                                                              # CPU
+  torchrun --nproc-per-node 8 bench.py --model Qwen/Qwen2.5-VL-7B-Instruct --parallel fsdp  # figures per GPU (rank 0)
 """
 
 from __future__ import annotations
@@ -216,8 +218,7 @@ def main(argv=None) -> dict:
     wrapped = common.wrap_model(model, dist, args.parallel, activation_checkpointing=bool(ac), param_dtype=param_dtype)
     ids = common.special_token_ids(processor)
     pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    G, T = args.group_size, args.new_tokens
-    micro = args.micro_batch or G
+    G, T, micro = args.group_size, args.new_tokens, args.micro_batch or args.group_size
     shape = model_shape(model)
 
     # prompts: toy test images resized to image-size x image-size, the tiny model's classification prompt
@@ -249,8 +250,7 @@ def main(argv=None) -> dict:
     hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
                     suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
 
-    def hf_generate(greedy=False):
-        """[rows, T'] completion ids (prompt cut off) and their completion mask."""
+    def hf_generate(greedy=False):  # [rows, T'] completion ids (the prompt cut off) and their completion mask
         with gather():
             if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
                 seqs = hf.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
