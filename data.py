@@ -20,7 +20,7 @@ import shutil
 import sys
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,20 +28,15 @@ from PIL import Image, ImageDraw
 import common
 
 
-# =====================================================================================================================
-# 1. Names, records, and the toy dataset
-# =====================================================================================================================
+# ----- names, records, and the toy dataset -----
 
 APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
 
 
 def normalize(text: str) -> str:
-    """The one key for comparing names (mining, rewards, splits, the rules judge): Unicode NFC, lowercase, a
-    possessive "'s" dropped, every run of characters that is not a letter or a digit (any script) -> one space.
-    So a hyphen equals a space (DiVE-k's rule) and accented letters stay.
-    >>> normalize("Chuck-will's-Widow"), normalize("Crème Brûlée"), normalize("F-16A/B")
-    ('chuck will widow', 'crème brûlée', 'f 16a b')
-    """
+    """The one key for comparing names (mining, rewards, splits, the rules judge): NFC, lowercase, a possessive "'s"
+    dropped, every run of non-letters and non-digits (any script) -> one space, so a hyphen is a space (DiVE-k):
+    "Chuck-will's-Widow" -> 'chuck will widow', 'Crème Brûlée' -> 'crème brûlée', 'F-16A/B' -> 'f 16a b'."""
     text = unicodedata.normalize("NFC", text).lower()
     text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
     return " ".join(re.sub(r"[\W_]+", " ", text).split())
@@ -51,9 +46,9 @@ class NameMap(dict):
     """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
     albatross"]` are the same entry. Values stay as given (display forms)."""
 
-    def __init__(self, items=()):
+    def __init__(self, mapping=()):
         super().__init__()
-        for key, value in dict(items).items():
+        for key, value in dict(mapping).items():
             self[key] = value
 
     def __setitem__(self, key, value):
@@ -109,6 +104,7 @@ TOY_PATTERNS = ["plain", "striped"]
 TOY_SHAPES = ["circle", "square", "triangle"]
 TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2 merge
 TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
+TOY_FILE = "{split}/{name}_{i:03d}.png"  # under toy_root(); the name with '_' for ' '
 
 
 def toy_class_names() -> list[str]:
@@ -119,19 +115,12 @@ def toy_class_names() -> list[str]:
     return names
 
 
-def toy_hierarchy() -> dict[str, list[str]]:
-    """'red striped circle' -> ['circle', 'shape']: family (the last word, like a CUB group noun), then the kind."""
-    return {name: [name.split()[-1], "shape"] for name in toy_class_names()}
-
-
 def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
-    """One toy image: a large, roughly centred shape of the class colour, plain or with white stripes, on a light
-    tinted background with pixel noise. Large and centred so that a two-block vision tower can tell the shapes apart
-    from which patches are covered (corners for a square, a flat base for a triangle)."""
+    """One toy image: a large, roughly centred shape of the class colour, plain or white-striped, on a light tinted
+    background with pixel noise; large and centred so that a two-block vision tower tells shapes by the patches."""
     colour, pattern, shape = name.split()
     s = TOY_IMAGE_SIZE
-    bg = tuple(rng.randint(215, 250) for _ in range(3))
-    img = Image.new("RGB", (s, s), bg)
+    img = Image.new("RGB", (s, s), tuple(rng.randint(215, 250) for _ in range(3)))  # a light tinted background
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
@@ -163,20 +152,13 @@ def toy_root() -> str:
         return root
     tmp = f"{root}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    names = toy_class_names()
     for split, (per_class, seed) in TOY_SPLITS.items():
         rng = random.Random(seed)
-        records = []
-        for label, name in enumerate(names):
+        os.makedirs(os.path.join(tmp, split))
+        for name in toy_class_names():
             for i in range(per_class):
-                rel = f"{split}/{name.replace(' ', '_')}_{i:03d}.png"
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                draw_toy_image(name, rng).save(os.path.join(tmp, rel))
-                records.append({"image": rel, "label": label, "class_name": name})
-        with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.join(tmp, "classes.txt"), "w") as f:
-        f.writelines(n + "\n" for n in names)
+                path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
+                draw_toy_image(name, rng).save(path)
     open(os.path.join(tmp, "DONE"), "w").close()
     try:
         os.makedirs(os.path.dirname(root), exist_ok=True)
@@ -187,18 +169,16 @@ def toy_root() -> str:
 
 
 def load_toy(split: str) -> Dataset:
-    """The synthetic toy set: train / val / test (trainval = train + val). Hierarchy: class -> shape family (the last
-    word, like a CUB group noun) -> 'shape'. Each class has one synonym, colour and pattern swapped ('striped red
-    circle' for 'red striped circle'), so the judges' synonym rule is exercised on toy too."""
-    root = toy_root()
-    names = toy_class_names()
-    recs = []
-    for part in (["train", "val"] if split == "trainval" else [split]):
-        with open(os.path.join(root, f"{part}.jsonl")) as f:
-            recs += [json.loads(line) for line in f]
-    examples = [Example(os.path.join(root, r["image"]), r["label"], r["class_name"], r["image"]) for r in recs]
+    """The synthetic toy set: train / val / test (trainval = train + val), hierarchy class -> shape family -> 'shape',
+    one synonym per class with colour and pattern swapped ('striped red circle'), for the judges' synonym rule."""
+    root, names = toy_root(), toy_class_names()
+    files = [(TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i), label, name)
+             for part in (["train", "val"] if split == "trainval" else [split])
+             for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
+    examples = [Example(os.path.join(root, rel), label, name, rel) for rel, label, name in files]
     synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
-    return Dataset("toy", examples, names, "shape", hierarchy=NameMap(toy_hierarchy()), synonyms=synonyms,
+    hierarchy = NameMap({n: [n.split()[-1], "shape"] for n in names})  # the family: the last word, as CUB's groups
+    return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,
                    generic=["shape", "object"], split=split, root=root)
 
 
@@ -226,66 +206,52 @@ def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
         by_class.setdefault(e.label, []).append(e)
     picked = []
     for label in sorted(by_class):
-        items = by_class[label]
-        picked.extend(rng.sample(items, min(shots, len(items))))
-    short = sorted(len(items) for items in by_class.values() if len(items) < shots)
+        picked.extend(rng.sample(by_class[label], min(shots, len(by_class[label]))))
+    short = sorted(len(group) for group in by_class.values() if len(group) < shots)
     if short:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
                       f"fewer images (fewest {short[0]}); all of theirs are used")
     return dataclasses.replace(ds, examples=picked)
 
 
-# ----- the real datasets, read from their official on-disk layouts -----
+# ----- the real datasets, read from their official layouts -----
 # Each reader returns one split in index-file order, every class in class-id order, the object kind and a hierarchy;
 # the splits are as the papers use them (README: Data).
 
 SPLITS = ("train", "val", "test", "trainval")
-
-LAYOUTS = {
-    "cub": """CUB_200_2011/
-  images/NNN.Class_Name/*.jpg
-  images.txt              <image_id> <path under images/>
-  classes.txt             <class_id> <NNN.Class_Name>
-  image_class_labels.txt  <image_id> <class_id>
-  train_test_split.txt    <image_id> <1 = train, 0 = test>""",
-    "flowers": """oxford_flowers/
-  jpg/image_00001.jpg ...
-  split_zhou_OxfordFlowers.json   CoOp split {"train": [[path under jpg/, label0, name], ...], "val": .., "test": ..}
-                                  (used when present; then nothing else is needed)
-  otherwise: imagelabels.mat (labels 1..102), setid.mat (trnid / valid / tstid), cat_to_name.json ("1".."102")""",
-    "pets": """oxford-iiit-pet/
-  images/<Breed>_<n>.jpg          (cat breeds capitalised, dog breeds lower case)
-  annotations/trainval.txt        <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed id>
-  annotations/test.txt
-  split_zhou_OxfordPets.json      optional CoOp split (paths under images/), preferred when present""",
-    "cars": """stanford_cars/
-  cars_train/00001.jpg ...   cars_test/00001.jpg ...
-  devkit/cars_meta.mat            class_names (1 x 196)
-  devkit/cars_train_annos.mat     annotations: fname, class (1-based)
-  cars_test_annos_withlabels.mat  (at the root or in devkit/) annotations: fname, class
-  split_zhou_StanfordCars.json    optional CoOp split (paths under the root), preferred when present""",
-    "aircraft": """fgvc-aircraft-2013b/data/   (or its parent folder)
-  images/<7-digit id>.jpg
-  variants.txt                                   one variant per line; the order defines the labels
-  images_variant_{train,val,trainval,test}.txt   <id> <variant>
-  images_family_*.txt, images_manufacturer_*.txt optional: variant -> family -> manufacturer hierarchy""",
-    "dogs": """stanford_dogs/
-  Images/<wnid>-<Breed>/<wnid>_<n>.jpg
-  train_list.mat   file_list (paths under Images/), labels (1..120)
-  test_list.mat""",
-    "food": """food-101/
-  images/<class>/<id>.jpg
-  meta/classes.txt               one class folder name per line; the order defines the labels
-  meta/labels.txt                optional readable names, same order
-  meta/train.txt, meta/test.txt  <class>/<id> (no extension)
-  split_zhou_Food101.json        optional CoOp split (paths under images/), preferred when present""",
-    "json": """a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):
-  records {"image": path, "class_name": name, "split": "train"}   ("split" optional; paths relative to
-  --data-root if given, else to the file's folder)
-  .json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, grandparent, ...]},
-  "synonyms": {name: [...]}, "train": [records], "val": [...], "test": [...]}
-  class list: the "classes" key, else classes.txt next to the file (one name per line), else the sorted names""",
-}
+COOP_FILES = {  # CoOp's split file of a dataset and the folder its paths are under; preferred when present
+    "flowers": ("split_zhou_OxfordFlowers.json", "jpg"), "pets": ("split_zhou_OxfordPets.json", "images"),
+    "cars": ("split_zhou_StanfordCars.json", ""), "food": ("split_zhou_Food101.json", "images")}
+LAYOUTS = {name: "\n  ".join(lines) for name, lines in {  # what each reader expects, shown with its messages
+    "cub": ["CUB_200_2011/", "images/NNN.Class_Name/*.jpg", "images.txt: <image_id> <path under images/>",
+            "classes.txt: <class_id> <NNN.Class_Name>", "image_class_labels.txt: <image_id> <class_id>",
+            "train_test_split.txt: <image_id> <1 = train, 0 = test>"],
+    "flowers": ["oxford_flowers/", "jpg/image_00001.jpg ...",
+                'imagelabels.mat (labels 1..102), setid.mat (trnid / valid / tstid), cat_to_name.json ("1".."102")'],
+    "pets": ["oxford-iiit-pet/", "images/<Breed>_<n>.jpg (cat breeds capitalised, dog breeds lower case)",
+             "annotations/trainval.txt, annotations/test.txt: <stem> <class 1..37> <species 1 = cat, 2 = dog> <breed>"],
+    "cars": ["stanford_cars/", "cars_train/00001.jpg ..., cars_test/00001.jpg ...",
+             "devkit/cars_meta.mat: class_names (1 x 196)", "devkit/cars_train_annos.mat, "
+             "cars_test_annos_withlabels.mat (at the root or in devkit/): annotations with fname, class (1-based)"],
+    "aircraft": ["fgvc-aircraft-2013b/data/ (or its parent folder)", "images/<7-digit id>.jpg",
+                 "variants.txt: one variant per line; the order defines the labels",
+                 "images_variant_{train,val,trainval,test}.txt: <id> <variant>",
+                 "optional images_family_*.txt, images_manufacturer_*.txt: variant -> family -> manufacturer"],
+    "dogs": ["stanford_dogs/", "Images/<wnid>-<Breed>/<wnid>_<n>.jpg",
+             "train_list.mat, test_list.mat: file_list (paths under Images/), labels (1..120)"],
+    "food": ["food-101/", "images/<class>/<id>.jpg", "meta/classes.txt: one class folder per line, in label order",
+             "optional meta/labels.txt: readable names, same order",
+             "meta/train.txt, meta/test.txt: <class>/<id> (no extension)"],
+    "json": ["a .json or .jsonl file (use {split} in the path for one file per split, e.g. data/{split}.jsonl):",
+             'records {"image": path, "class_name": name, "split": "train"} ("split" optional; paths relative to '
+             "--data-root if given, else to the file's folder)",
+             '.json may also be an object {"classes": [...], "kind": "bird", "hierarchy": {name: [parent, grandparent, '
+             '...]}, "synonyms": {name: [...]}, "train": [records], "val": [...], "test": [...]}',
+             'class list: the "classes" key, else classes.txt beside the file (one per line), else the sorted names'],
+}.items()}
+LAYOUTS.update({name: f'{LAYOUTS[name]}\n  optional {file}: the CoOp split {{"train": [[path in {folder or "."}/, '
+                      f'label0, name], ...], "val": .., "test": ..}}, preferred when present'
+                for name, (file, folder) in COOP_FILES.items()})
 GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer for every class of the dataset
     "cub": ["bird", "animal"], "flowers": ["flower", "plant", "flowering plant"], "pets": ["pet", "animal"],
     "cars": ["car", "vehicle", "automobile"], "dogs": ["dog", "animal", "canine"], "food": ["food", "dish", "meal"],
@@ -298,7 +264,7 @@ def _fail(name: str, what: str):
 
 
 def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] = ()) -> str:
-    """--data-root checked; the dataset folder or a parent of it (the first of root, root/sub... that holds `marker`)."""
+    """--data-root checked; the first of root, root/sub... that holds `marker` (the dataset folder or a parent)."""
     if not root:
         _fail(name, "needs --data-root pointing at the dataset folder")
     if not os.path.isdir(root):
@@ -309,28 +275,23 @@ def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] 
 
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
     """Absolute paths of required files / folders; a clear SystemExit naming the first missing one."""
-    out = []
     for rel in relpaths:
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
+        if not os.path.exists(os.path.join(root, rel)):
             _fail(name, f"{rel} not found under --data-root {root}")
-        out.append(path)
-    return out
+    return [os.path.join(root, rel) for rel in relpaths]
 
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
-    """Whitespace-separated rows of an index file (the last column may contain spaces), '#' lines skipped; a
-    malformed line stops with the file, the line number and what was expected."""
+    """Whitespace-separated rows of an index file (the last column may hold spaces), '#' lines skipped; a malformed
+    line stops with the file, the line number and what was expected."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, columns - 1)
-            if len(parts) < columns:
-                _fail(name, f"{path} line {i}: expected {columns} columns, got {line!r}")
-            rows.append(parts)
+            if line and not line.startswith("#"):
+                rows.append(line.split(None, columns - 1))
+                if len(rows[-1]) < columns:
+                    _fail(name, f"{path} line {i}: expected {columns} columns, got {line!r}")
     return rows
 
 
@@ -341,24 +302,21 @@ def _int(name: str, path: str, value: str) -> int:
         _fail(name, f"{path}: expected an integer, got {value!r}")
 
 
-def load_mat(name: str, path: str) -> dict:
-    """A MATLAB .mat file via scipy (imported only here, only for the datasets that ship .mat files)."""
+def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
+    """The variables `keys` of a MATLAB .mat file, via scipy (imported here: only .mat-based datasets need it)."""
     try:
         import scipy.io
     except ImportError:
         raise SystemExit(f"--data {name}: reading {path} needs scipy (pip install scipy); only the .mat-based "
                          f"datasets (flowers without its CoOp split file, cars without it, dogs) need it")
     try:
-        return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
+        mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
     except Exception as e:  # a truncated or non-MATLAB file
         _fail(name, f"cannot read {path} as a MATLAB file ({e})")
-
-
-def _mat_field(name: str, path: str, mat: dict, key: str) -> np.ndarray:
-    if key not in mat:
-        present = sorted(k for k in mat if not k.startswith("__"))
-        _fail(name, f"{path} has no variable {key!r} (it has {present})")
-    return np.atleast_1d(mat[key])
+    for key in keys:
+        if key not in mat:
+            _fail(name, f"{path} has no variable {key!r} (it has {sorted(k for k in mat if not k.startswith('__'))})")
+    return [np.atleast_1d(mat[key]) for key in keys]
 
 
 def _mat_strings(values) -> list[str]:
@@ -371,12 +329,12 @@ def _mat_strings(values) -> list[str]:
     return out
 
 
-def carve_val(items: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) -> tuple[list, list]:
-    """Split (path, label) items into train / val per class, `frac` of each class (rounded, at least one when the
-    class has two or more) to val, with a fixed seed: the CoOp `split_trainval` recipe, deterministic here."""
+def carve_val(labelled: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) -> tuple[list, list]:
+    """(path, label) pairs split into train / val per class: `frac` of each class (rounded, at least one of two or
+    more) to val, with a fixed seed: CoOp's `split_trainval` recipe, deterministic here."""
     by_class: dict[int, list] = {}
-    for item in items:
-        by_class.setdefault(item[1], []).append(item)
+    for pair in labelled:
+        by_class.setdefault(pair[1], []).append(pair)
     rng = random.Random(seed)
     val_set = set()
     for label in sorted(by_class):
@@ -384,10 +342,10 @@ def carve_val(items: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) ->
         rng.shuffle(group)
         n_val = max(1, round(frac * len(group))) if len(group) >= 2 else 0
         val_set.update(path for path, _ in group[:n_val])
-    return [it for it in items if it[0] not in val_set], [it for it in items if it[0] in val_set]
+    return [p for p in labelled if p[0] not in val_set], [p for p in labelled if p[0] in val_set]
 
 
-def _pick_split(name: str, split: str, train: list, test: list, val: list | None = None) -> list:
+def _pick_split(split: str, train: list, test: list, val: list | None = None) -> list:
     """train / val / test / trainval from the official train (+ val) and test lists; val carved when absent."""
     if split == "test":
         return test
@@ -398,38 +356,31 @@ def _pick_split(name: str, split: str, train: list, test: list, val: list | None
     return {"train": train, "val": val, "trainval": train + val}[split]
 
 
-def _read_coop_json(name: str, path: str, prefix: str, split: str) -> tuple[list, dict[int, str]]:
-    """CoOp `split_zhou_*.json`: {"train": [[rel_path, label0, classname], ...], "val": ..., "test": ...}.
-    Returns the split's (abs path, label) items and label -> class name over every split."""
+def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
+    """From CoOp's split file when present: the split's (path, label) pairs and the class names of every split;
+    else (None, None)."""
+    file, folder = COOP_FILES[name]
+    path = os.path.join(root, file)
+    if not os.path.exists(path):
+        return None, None
+    prefix = _require(name, root, folder)[0] if folder else root
     try:
         with open(path) as f:
-            data = json.load(f)
-        names: dict[int, str] = {}
-        for part in ("train", "val", "test"):
-            for rel, label, cname in data[part]:
-                names[int(label)] = cname
+            lists = json.load(f)
+        names = {int(label): cname for part in ("train", "val", "test") for _, label, cname in lists[part]}
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--data {name}: {path} is not a CoOp split file ({e!r}); expected "
                          f'{{"train": [[path, label0, classname], ...], "val": [...], "test": [...]}}')
-    parts = ["train", "val"] if split == "trainval" else [split]
-    items = [(os.path.join(prefix, rel), int(label)) for part in parts for rel, label, _ in data[part]]
-    return items, names
+    wanted = ["train", "val"] if split == "trainval" else [split]
+    labelled = [(os.path.join(prefix, rel), int(label)) for part in wanted for rel, label, _ in lists[part]]
+    return labelled, [names[i] for i in range(max(names) + 1)] if names else []
 
 
-def _examples(root: str, items: list[tuple[str, int]], class_names: list[str]) -> list[Example]:
-    return [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in items]
-
-
-def _last_word_groups(names: list[str], kind: str, skip: Iterable[str] = ()) -> NameMap:
-    """class -> [group noun = last word (CUB: warbler, sparrow, gull ...), kind]; single-word names and the
-    `skip` words (compound names such as Chuck-will's-widow) get only [kind]."""
-    skip = set(skip)
-    out = NameMap()
-    for n in names:
-        words = normalize(n).split()
-        group = words[-1] if len(words) > 1 and words[-1] not in skip else None
-        out[n] = [group, kind] if group else [kind]
-    return out
+def _dataset(name: str, kind: str, root: str, split: str, labelled: list, class_names: list[str], **fields) -> Dataset:
+    """A reader's split as a Dataset; the hierarchy defaults to every class -> [kind]."""
+    fields.setdefault("hierarchy", NameMap({n: [kind] for n in class_names}))
+    examples = [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in labelled]
+    return Dataset(name, examples, class_names, kind, generic=GENERIC_TERMS[name], split=split, root=root, **fields)
 
 
 def read_cub(root: str | None, split: str) -> Dataset:
@@ -441,131 +392,101 @@ def read_cub(root: str | None, split: str) -> Dataset:
     classes = sorted((_int("cub", classes_txt, cid), folder) for cid, folder in _rows("cub", classes_txt, 2))
     class_names = [re.sub(r"^\d+\.", "", folder).replace("_", " ").strip() for _, folder in classes]
     class_index = {cid: i for i, (cid, _) in enumerate(classes)}
-    paths = {iid: rel for iid, rel in _rows("cub", images_txt, 2)}
-    labels = {iid: cid for iid, cid in _rows("cub", labels_txt, 2)}
-    is_train = {iid: flag for iid, flag in _rows("cub", split_txt, 2)}
+    paths, labels, is_train = (dict(_rows("cub", path, 2)) for path in (images_txt, labels_txt, split_txt))
     train, test = [], []
     for iid, rel in paths.items():
         if iid not in labels or iid not in is_train:
-            raise SystemExit(f"--data cub: image id {iid} ({rel}) is missing from image_class_labels.txt or "
-                             f"train_test_split.txt under {root}")
+            _fail("cub", f"image id {iid} ({rel}) is missing from image_class_labels.txt or train_test_split.txt "
+                         f"under {root}")
         cid = _int("cub", labels_txt, labels[iid])
         if cid not in class_index:
-            raise SystemExit(f"--data cub: {labels_txt}: class id {cid} is not in classes.txt")
+            _fail("cub", f"{labels_txt}: class id {cid} is not in classes.txt")
         (train if is_train[iid] == "1" else test).append((os.path.join(images_dir, rel), class_index[cid]))
-    items = _pick_split("cub", split, train, test)
-    # Chuck-will's-widow and Whip-poor-will are nightjars: their last word is not a group noun
-    hierarchy = _last_word_groups(class_names, "bird", skip=["widow", "will"])
+    # hierarchy: class -> [group noun = the last word (warbler, sparrow, gull ...), 'bird']; one-word names and the
+    # nightjars Chuck-will's-widow and Whip-poor-will (their last word is no group noun) -> ['bird']
+    hierarchy = NameMap({n: [w[-1], "bird"] if len(w) > 1 and w[-1] not in ("widow", "will") else ["bird"]
+                         for n, w in ((n, normalize(n).split()) for n in class_names)})
     synonyms = NameMap({n: [n.replace("Grey", "Gray"), n.replace("Gray", "Grey")] for n in class_names
                         if "Gray" in n or "Grey" in n})
-    return Dataset("cub", _examples(root, items, class_names), class_names, "bird", hierarchy=hierarchy,
-                   synonyms=synonyms, generic=GENERIC_TERMS["cub"], split=split, root=root)
+    return _dataset("cub", "bird", root, split, _pick_split(split, train, test), class_names, synonyms=synonyms,
+                    hierarchy=hierarchy)
 
 
 def read_flowers(root: str | None, split: str) -> Dataset:
     """Oxford Flowers102: the CoOp split file when present (train 4,093 / val 1,633 / test 2,463), else the official
     setid.mat (trnid / valid / tstid) with names from cat_to_name.json."""
     root = _root("flowers", root)
-    jpg = os.path.join(root, "jpg")
-    coop = os.path.join(root, "split_zhou_OxfordFlowers.json")
-    if os.path.exists(coop):
-        _require("flowers", root, "jpg")
-        items, names = _read_coop_json("flowers", coop, jpg, split)
-        class_names = [names[i] for i in range(max(names) + 1)] if names else []
-    else:
-        labels_mat, setid_mat, cat_json, _ = _require("flowers", root, "imagelabels.mat", "setid.mat",
-                                                      "cat_to_name.json", "jpg")
-        labels = _mat_field("flowers", labels_mat, load_mat("flowers", labels_mat), "labels").astype(int)
-        setid = load_mat("flowers", setid_mat)
+    labelled, class_names = _coop_split("flowers", root, split)
+    if labelled is None:
+        labels_mat, setid_mat, cat_json, jpg = _require("flowers", root, "imagelabels.mat", "setid.mat",
+                                                        "cat_to_name.json", "jpg")
+        labels = load_mat("flowers", labels_mat, "labels")[0].astype(int)
+        setid = dict(zip(("trnid", "valid", "tstid"), load_mat("flowers", setid_mat, "trnid", "valid", "tstid")))
         with open(cat_json) as f:
             cat = json.load(f)
         try:
             class_names = [cat[str(i)] for i in range(1, int(labels.max()) + 1)]
         except KeyError as e:
-            raise SystemExit(f"--data flowers: {cat_json} has no name for class {e}; expected keys '1'..'102'")
+            _fail("flowers", f"{cat_json} has no name for class {e}; expected keys '1'..'102'")
 
         def ids(key):
             return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
-                    for i in _mat_field("flowers", setid_mat, setid, key)]
-        items = _pick_split("flowers", split, ids("trnid"), ids("tstid"), ids("valid"))
-    hierarchy = NameMap({n: ["flower"] for n in class_names})
+                    for i in setid[key]]
+        labelled = _pick_split(split, ids("trnid"), ids("tstid"), ids("valid"))
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
     synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
-    return Dataset("flowers", _examples(root, items, class_names), class_names, "flower", hierarchy=hierarchy,
-                   synonyms=synonyms, generic=GENERIC_TERMS["flowers"], split=split, root=root)
-
-
-def _pet_name(stem: str) -> str:
-    """'american_pit_bull_terrier_12' / 'Abyssinian_100' -> 'american pit bull terrier' / 'abyssinian' (CoOp's
-    lower-case breed names, '_' -> ' ')."""
-    return stem.rsplit("_", 1)[0].replace("_", " ").lower()
+    return _dataset("flowers", "flower", root, split, labelled, class_names, synonyms=synonyms)
 
 
 def read_pets(root: str | None, split: str) -> Dataset:
     """Oxford-IIIT Pets, 37 breeds. The CoOp split file when present (2,944 / 736 / 3,669), else trainval.txt split
     80/20 per class and test.txt. Hierarchy: breed -> cat / dog (species column, else the file-name case)."""
     root = _root("pets", root)
-    images = os.path.join(root, "images")
-    coop = os.path.join(root, "split_zhou_OxfordPets.json")
+    labelled, class_names = _coop_split("pets", root, split)
     species: dict[str, str] = {}
-    if os.path.exists(coop):
-        _require("pets", root, "images")
-        items, names = _read_coop_json("pets", coop, images, split)
-        class_names = [names[i].replace("_", " ").lower() for i in range(max(names) + 1)] if names else []
-        for path, label in items:
+    if labelled is not None:
+        class_names = [n.replace("_", " ").lower() for n in class_names]
+        for path, label in labelled:
             species.setdefault(class_names[label], "cat" if os.path.basename(path)[:1].isupper() else "dog")
     else:
-        trainval_txt, test_txt, _ = _require("pets", root, os.path.join("annotations", "trainval.txt"),
-                                             os.path.join("annotations", "test.txt"), "images")
+        trainval_txt, test_txt, images = _require("pets", root, os.path.join("annotations", "trainval.txt"),
+                                                  os.path.join("annotations", "test.txt"), "images")
         names_by_id: dict[int, str] = {}
 
         def read(path):
             out = []
             for row in _rows("pets", path, 4):
                 stem, cid, sp = row[0], _int("pets", path, row[1]), row[2].split()[0]
-                names_by_id[cid] = _pet_name(stem)
-                species[_pet_name(stem)] = "cat" if sp == "1" else "dog"
+                name = stem.rsplit("_", 1)[0].replace("_", " ").lower()  # 'Abyssinian_100' -> CoOp's 'abyssinian'
+                names_by_id[cid], species[name] = name, "cat" if sp == "1" else "dog"
                 out.append((os.path.join(images, stem + ".jpg"), cid - 1))
             return out
         train, test = read(trainval_txt), read(test_txt)
         class_names = [names_by_id[i] for i in range(1, max(names_by_id) + 1)]
-        items = _pick_split("pets", split, train, test)
-    hierarchy = NameMap({n: [species.get(n, "pet")] for n in class_names})
-    return Dataset("pets", _examples(root, items, class_names), class_names, "pet", hierarchy=hierarchy,
-                   generic=GENERIC_TERMS["pets"], split=split, root=root)
+        labelled = _pick_split(split, train, test)
+    return _dataset("pets", "pet", root, split, labelled, class_names,
+                    hierarchy=NameMap({n: [species.get(n, "pet")] for n in class_names}))
 
 
 CAR_MAKES_TWO_WORDS = ("AM General", "Aston Martin", "Land Rover")
 CAR_BODY_TYPES = ("Crew Cab", "Extended Cab", "Regular Cab", "Club Cab", "Quad Cab", "SuperCab", "Cab", "Sedan",
                   "Coupe", "Convertible", "SUV", "Hatchback", "Wagon", "Minivan", "Cargo Van", "Van", "Type-S",
-                  "Roadster")
-
-
-def car_name(meta_name: str) -> str:
-    """cars_meta.mat 'Audi TTS Coupe 2012' -> CoOp's '2012 Audi TTS Coupe' (the trailing year moved to the front)."""
-    words = meta_name.split()
-    if words and re.fullmatch(r"(19|20)\d\d", words[-1]):
-        words = [words[-1]] + words[:-1]
-    return " ".join(words)
+                  "Roadster")  # longest first where it matters ("Crew Cab" before "Cab")
+YEAR = re.compile(r"(19|20)\d\d")
 
 
 def car_hierarchy(name: str) -> list[str]:
     """'2012 Audi TTS Coupe' -> ['Audi TTS Coupe', 'Audi TTS', 'Audi', 'car']: model line without the year, without
     the body type, the make, then 'car' (entries equal to the previous one dropped)."""
     words = name.split()
-    if words and re.fullmatch(r"(19|20)\d\d", words[0]):
+    if words and YEAR.fullmatch(words[0]):
         words = words[1:]
     line = " ".join(words)
-    no_type = line
-    for body in CAR_BODY_TYPES:  # longest first where it matters ("Crew Cab" before "Cab")
-        if no_type.endswith(" " + body):
-            no_type = no_type[: -len(body) - 1]
-            break
+    body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     out = []
-    for a in (line, no_type, make, "car"):
-        if normalize(a) != normalize(name) and (
-                not out or normalize(out[-1]) != normalize(a)):
+    for a in (line, line[: -len(body) - 1] if body else line, make, "car"):
+        if normalize(a) != normalize(name) and (not out or normalize(out[-1]) != normalize(a)):
             out.append(a)
     return out
 
@@ -574,54 +495,44 @@ def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
     files (official train 8,144 split 80/20 per class; test 8,041). Names 'YEAR Make Model Type' (CoOp)."""
     root = _root("cars", root)
-    coop = os.path.join(root, "split_zhou_StanfordCars.json")
-    if os.path.exists(coop):
-        items, names = _read_coop_json("cars", coop, root, split)
-        class_names = [names[i] for i in range(max(names) + 1)] if names else []
-    else:
+    labelled, class_names = _coop_split("cars", root, split)
+    if labelled is None:
         meta_path, train_path, _, _ = _require("cars", root, os.path.join("devkit", "cars_meta.mat"),
                                                os.path.join("devkit", "cars_train_annos.mat"), "cars_train",
                                                "cars_test")
-        test_path = next((p for p in (os.path.join(root, "cars_test_annos_withlabels.mat"),
-                                      os.path.join(root, "devkit", "cars_test_annos_withlabels.mat"))
-                          if os.path.exists(p)), None)
-        if test_path is None:
-            _fail("cars", f"cars_test_annos_withlabels.mat not found under --data-root {root}")
-        meta = load_mat("cars", meta_path)
-        class_names = [car_name(n) for n in _mat_strings(_mat_field("cars", meta_path, meta, "class_names"))]
+        (test_path,) = _require("cars", _root("cars", root, "cars_test_annos_withlabels.mat", ["devkit"]),
+                                "cars_test_annos_withlabels.mat")
+        names = [n.split() for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
+        # 'Audi TTS Coupe 2012' -> CoOp's '2012 Audi TTS Coupe' (the trailing year moved to the front)
+        class_names = [" ".join(w[-1:] + w[:-1] if w and YEAR.fullmatch(w[-1]) else w) for w in names]
 
         def read(path, folder):
-            annos = _mat_field("cars", path, load_mat("cars", path), "annotations")
+            (annos,) = load_mat("cars", path, "annotations")
             if annos.dtype.names is None or not {"fname", "class"} <= set(annos.dtype.names):
                 _fail("cars", f"{path}: 'annotations' must be a struct array with fields fname and class")
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
-        items = _pick_split("cars", split, read(train_path, "cars_train"), read(test_path, "cars_test"))
-    hierarchy = NameMap({n: car_hierarchy(n) for n in class_names})
-    synonyms = NameMap()
-    for n in class_names:  # the devkit's own word order "Audi TTS Coupe 2012"
-        w = n.split()
-        if w and re.fullmatch(r"(19|20)\d\d", w[0]):
-            synonyms[n] = [" ".join(w[1:] + w[:1])]
-    return Dataset("cars", _examples(root, items, class_names), class_names, "car", hierarchy=hierarchy,
-                   synonyms=synonyms, generic=GENERIC_TERMS["cars"], split=split, root=root)
+        labelled = _pick_split(split, read(train_path, "cars_train"), read(test_path, "cars_test"))
+    # synonyms: the devkit's own word order "Audi TTS Coupe 2012"
+    synonyms = NameMap({n: [" ".join(n.split()[1:] + n.split()[:1])] for n in class_names
+                        if n.split() and YEAR.fullmatch(n.split()[0])})
+    return _dataset("cars", "car", root, split, labelled, class_names, synonyms=synonyms,
+                    hierarchy=NameMap({n: car_hierarchy(n) for n in class_names}))
 
 
 def read_aircraft(root: str | None, split: str) -> Dataset:
-    """FGVC-Aircraft 2013b at the variant level (100 classes, variants.txt order), official train / val / test
-    (3,334 / 3,333 / 3,333), trainval = the official trainval file. Hierarchy variant -> family -> manufacturer ->
-    'aircraft' from the family / manufacturer files when present."""
+    """FGVC-Aircraft 2013b, 100 variants (variants.txt order), the official train / val / test / trainval files;
+    hierarchy variant -> family -> manufacturer -> 'aircraft' from the family / manufacturer files when present."""
     root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
-    with open(variants_txt) as f:
-        class_names = [line.strip() for line in f if line.strip()]
+    class_names = [variant for (variant,) in _rows("aircraft", variants_txt, 1)]
     index = {n: i for i, n in enumerate(class_names)}
     (split_txt,) = _require("aircraft", root, f"images_variant_{split}.txt")
-    items = []
+    labelled = []
     for iid, variant in _rows("aircraft", split_txt, 2):
         if variant not in index:
-            raise SystemExit(f"--data aircraft: {split_txt}: variant {variant!r} is not in variants.txt")
-        items.append((os.path.join(images, iid + ".jpg"), index[variant]))
+            _fail("aircraft", f"{split_txt}: variant {variant!r} is not in variants.txt")
+        labelled.append((os.path.join(images, iid + ".jpg"), index[variant]))
     parents: dict[str, list[str]] = {}  # variant -> [family, manufacturer] from any split's files
     for part in SPLITS:
         paths = [os.path.join(root, f"images_{level}_{part}.txt") for level in ("variant", "family", "manufacturer")]
@@ -633,16 +544,14 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     hierarchy, synonyms = NameMap(), NameMap()
     for v in class_names:
         chain = [a for a in parents.get(v, []) if normalize(a) != normalize(v)] + ["aircraft"]
-        hierarchy[v] = [a for i, a in enumerate(chain)
-                        if normalize(a) not in {normalize(b) for b in chain[:i]}]
+        hierarchy[v] = [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
         maker = parents.get(v, [None, None])[1]
         if maker and not normalize(v).startswith(normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
             family = parents[v][0]
             if not normalize(family).startswith(normalize(maker)):  # "Airbus A340" for the family "A340"
                 synonyms[family] = [f"{maker} {family}"]
-    return Dataset("aircraft", _examples(root, items, class_names), class_names, "aircraft", hierarchy=hierarchy,
-                   synonyms=synonyms, generic=GENERIC_TERMS["aircraft"], split=split, root=root)
+    return _dataset("aircraft", "aircraft", root, split, labelled, class_names, hierarchy=hierarchy, synonyms=synonyms)
 
 
 def read_dogs(root: str | None, split: str) -> Dataset:
@@ -653,22 +562,18 @@ def read_dogs(root: str | None, split: str) -> Dataset:
     folders: dict[int, str] = {}
 
     def read(path):
-        mat = load_mat("dogs", path)
-        files = _mat_strings(_mat_field("dogs", path, mat, "file_list"))
-        labels = _mat_field("dogs", path, mat, "labels").astype(int).ravel()
+        files, labels = load_mat("dogs", path, "file_list", "labels")
+        files, labels = _mat_strings(files), labels.astype(int).ravel()
         if len(files) != len(labels):
-            raise SystemExit(f"--data dogs: {path}: file_list and labels differ in length")
+            _fail("dogs", f"{path}: file_list and labels differ in length")
         for f, lab in zip(files, labels):
             folders.setdefault(int(lab), f.split("/")[0])
         return [(os.path.join(images, f), int(lab) - 1) for f, lab in zip(files, labels)]
     train, test = read(train_mat), read(test_mat)
     if sorted(folders) != list(range(1, len(folders) + 1)):
-        raise SystemExit(f"--data dogs: labels in {train_mat} / {test_mat} must run 1..N without gaps")
+        _fail("dogs", f"labels in {train_mat} / {test_mat} must run 1..N without gaps")
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
-    items = _pick_split("dogs", split, train, test)
-    return Dataset("dogs", _examples(root, items, class_names), class_names, "dog",
-                   hierarchy=NameMap({n: ["dog"] for n in class_names}), generic=GENERIC_TERMS["dogs"],
-                   split=split, root=root)
+    return _dataset("dogs", "dog", root, split, _pick_split(split, train, test), class_names)
 
 
 def read_food(root: str | None, split: str) -> Dataset:
@@ -676,79 +581,62 @@ def read_food(root: str | None, split: str) -> Dataset:
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
     root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
     classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
-    with open(classes_txt) as f:
-        folders = [line.strip() for line in f if line.strip()]
+    folders = [folder for (folder,) in _rows("food", classes_txt, 1)]
     labels_txt = os.path.join(root, "meta", "labels.txt")
-    class_names = [n.replace("_", " ") for n in folders]
-    if os.path.exists(labels_txt):
-        with open(labels_txt) as f:
-            readable = [line.strip() for line in f if line.strip()]
-        if len(readable) == len(folders):
-            class_names = readable
-    coop = os.path.join(root, "split_zhou_Food101.json")
-    if os.path.exists(coop):
-        items, _ = _read_coop_json("food", coop, images, split)
-    else:
+    readable = [name for (name,) in _rows("food", labels_txt, 1)] if os.path.exists(labels_txt) else []
+    class_names = readable if len(readable) == len(folders) else [n.replace("_", " ") for n in folders]
+    labelled, _ = _coop_split("food", root, split)
+    if labelled is None:
         index = {n: i for i, n in enumerate(folders)}
-        train_txt, test_txt = _require("food", root, os.path.join("meta", "train.txt"),
-                                       os.path.join("meta", "test.txt"))
+        train_txt, test_txt = _require("food", root, *(os.path.join("meta", f) for f in ("train.txt", "test.txt")))
 
         def read(path):
             out = []
             for (rel,) in _rows("food", path, 1):
                 folder = rel.split("/")[0]
                 if folder not in index:
-                    raise SystemExit(f"--data food: {path}: class folder {folder!r} is not in meta/classes.txt")
+                    _fail("food", f"{path}: class folder {folder!r} is not in meta/classes.txt")
                 out.append((os.path.join(images, rel + ".jpg"), index[folder]))
             return out
-        items = _pick_split("food", split, read(train_txt), read(test_txt))
-    return Dataset("food", _examples(root, items, class_names), class_names, "food",
-                   hierarchy=NameMap({n: ["food"] for n in class_names}), generic=GENERIC_TERMS["food"],
-                   split=split, root=root)
+        labelled = _pick_split(split, read(train_txt), read(test_txt))
+    return _dataset("food", "food", root, split, labelled, class_names)
 
 
 def read_json(path: str, split: str, root: str | None = None) -> Dataset:
-    """A user's own data: a .json / .jsonl file of {image, class_name[, split]} records and a class list (see
-    LAYOUTS['json']). `{split}` in the path selects one file per split. Records without a split field belong to
-    whichever split is asked for (so use one file per split, or the split field)."""
+    """A user's own data: a .json / .jsonl file of {image, class_name[, split]} records and a class list
+    (LAYOUTS['json']). `{split}` in the path selects one file per split; a record without a split is in every split."""
     path = path.replace("{split}", split)
+    expected = f"\nExpected:\n{LAYOUTS['json']}"
     if not os.path.exists(path):
-        raise SystemExit(f"--data {path}: file not found.\nExpected:\n{LAYOUTS['json']}")
+        raise SystemExit(f"--data {path}: file not found.{expected}")
     meta: dict = {}
     try:
         with open(path) as f:
             if path.endswith(".jsonl"):
                 records = []
                 for number, line in enumerate(f, 1):  # line numbers as an editor shows them, blank lines counted
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except ValueError as e:
-                            raise SystemExit(f"--data {path}: line {number} is not valid JSON ({e.msg}); expected "
-                                             f"one {{\"image\": path, \"class_name\": name}} record per line") from None
+                    try:
+                        records += [json.loads(line)] if line.strip() else []
+                    except ValueError as e:
+                        raise SystemExit(f"--data {path}: line {number} is not valid JSON ({e.msg}); expected one "
+                                         f"{{\"image\": path, \"class_name\": name}} record per line") from None
             else:
-                data = json.load(f)
-                if isinstance(data, dict):
-                    meta = data
-                    records = [dict(r, split=part) for part in SPLITS if part != "trainval" for r in data.get(part, [])]
-                    records += data.get("records", [])
-                else:
-                    records = data
+                records = json.load(f)
+                if isinstance(records, dict):
+                    meta = records
+                    records = [dict(r, split=part) for part in SPLITS[:3] for r in meta.get(part, [])]
+                    records += meta.get("records", [])
     except ValueError as e:
-        raise SystemExit(f"--data {path}: not valid JSON ({e}).\nExpected:\n{LAYOUTS['json']}")
+        raise SystemExit(f"--data {path}: not valid JSON ({e}).{expected}")
     for i, r in enumerate(records):
         if (not isinstance(r, dict) or not isinstance(r.get("image"), str) or not isinstance(r.get("class_name"), str)
                 or not isinstance(r.get("split", ""), (str, type(None)))):
             raise SystemExit(f"--data {path}: record {i + 1} is {r!r}; expected {{\"image\": path, \"class_name\": "
-                             f"name}} with text values (and an optional \"split\" name).\nExpected:\n{LAYOUTS['json']}")
+                             f"name}} with text values (and an optional \"split\" name).{expected}")
     classes_txt = os.path.join(os.path.dirname(path), "classes.txt")
-    if "classes" in meta:
-        class_names = list(meta["classes"])
-    elif os.path.exists(classes_txt):
-        with open(classes_txt) as f:
-            class_names = [line.strip() for line in f if line.strip()]
-    else:
-        class_names = sorted({r["class_name"] for r in records})
+    class_names = (list(meta["classes"]) if "classes" in meta else
+                   [name for (name,) in _rows("json", classes_txt, 1)] if os.path.exists(classes_txt) else
+                   sorted({r["class_name"] for r in records}))
     index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
@@ -776,7 +664,7 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     if not examples and any(str(r.get("split")).lower() in wanted for r in records):  # "Test" for "test"
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
-                         f"are lowercase: {', '.join(s for s in SPLITS if s != 'trainval')})")
+                         f"are lowercase: {', '.join(SPLITS[:3])})")
     kind = meta.get("kind", "object")
     hierarchy = NameMap({n: list(chain) for n, chain in meta.get("hierarchy", {}).items()})  # name -> ancestors
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
@@ -789,16 +677,13 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
 
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
            "dogs": read_dogs, "food": read_food}
-
-
 MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images whose long side is over 200 times the short one
 
 
 def probe_image(path: str) -> str | None:
     """None if the file looks like a whole image, else why not: 'missing', 'empty', 'not an image', 'truncated',
-    'aspect ratio over 200' (Qwen2.5-VL's processor refuses those).
-    Cheap (header + last KB): JPEGs must end with the end-of-image marker, PNGs with IEND; when the marker is not in
-    the last KB (trailing bytes after it happen), the image is fully decoded to decide."""
+    'aspect ratio over 200'. Cheap: a JPEG must end with its end marker, a PNG with IEND, in the last KB (else, as
+    trailing bytes happen, the image is decoded to decide)."""
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -823,15 +708,9 @@ def probe_image(path: str) -> str | None:
 
 
 def drop_unreadable(ds: Dataset) -> Dataset:
-    """Probe every image of the split; drop the bad ones with one warning naming a few, and count them by reason in
-    `ds.skipped` (and the process-wide IMAGE_PROBLEMS)."""
-    keep, bad = [], []
-    for ex in ds.examples:
-        reason = probe_image(ex.image)
-        if reason is None:
-            keep.append(ex)
-        else:
-            bad.append((ex.image, reason))
+    """Probe every image of the split; drop the bad ones with one warning naming a few, counted by reason in
+    `ds.skipped` (and the process-wide common.IMAGE_PROBLEMS)."""
+    bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
     if not bad:
         return ds
     skipped = Counter(reason for _, reason in bad)
@@ -839,15 +718,16 @@ def drop_unreadable(ds: Dataset) -> Dataset:
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
     common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
                   f"({dict(skipped)}): {shown}", file=sys.stderr)
-    return dataclasses.replace(ds, examples=keep, skipped={**ds.skipped, **skipped})
+    dropped = {p for p, _ in bad}
+    return dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
+                               skipped={**ds.skipped, **skipped})
 
 
 def load_dataset(name: str, split: str, *, root: str | None = None, classes: str = "all", shots: int | None = None,
                  limit: int | None = None, seed: int = 0) -> Dataset:
-    """One split of a dataset, optionally restricted to base / novel classes, k shots per class and a limit.
-    `name` is toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file (LAYOUTS['json']).
-    Images that are missing or unreadable are dropped here (warned, counted in `.skipped`), before the few-shot
-    draw, so an epoch never meets a broken file."""
+    """One split of `name` (toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file), maybe
+    restricted to base / novel classes, k shots per class and a limit. Unreadable images are dropped here (warned,
+    counted in `.skipped`), before the few-shot draw, so an epoch never meets a broken file."""
     if split not in SPLITS:
         raise SystemExit(f"--data {name}: unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if name == "toy":
@@ -875,6 +755,5 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     if shots:
         ds = few_shot(ds, shots, seed)
     if limit:
-        rng = random.Random(seed)
-        ds = dataclasses.replace(ds, examples=rng.sample(ds.examples, min(limit, len(ds.examples))))
+        ds = dataclasses.replace(ds, examples=random.Random(seed).sample(ds.examples, min(limit, len(ds.examples))))
     return ds

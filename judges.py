@@ -26,44 +26,36 @@ import common
 from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
 
-# =====================================================================================================================
-# 1. Answer parsing, normalisation, format check
-# =====================================================================================================================
+# ----- 1. answer parsing, normalisation, format check -----
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
 
 
 def verifier_text(text: str) -> str:
-    """What a verifier reads of a name or an answer, as SpeciaRL's verifier prepares both: lowercase, letters (any
-    script), digits and dashes kept, every other character a space, spaces collapsed. It keys the judge cache.
-    >>> verifier_text("Anna's Black-chinned Hummingbird?"), verifier_text("???"), verifier_text("Crème brûlée")
-    ('anna s black-chinned hummingbird', '', 'crème brûlée')
-    """
+    """What a verifier reads of a name or an answer (SpeciaRL's preparation, the judge cache's key): lowercase,
+    letters (any script), digits and dashes kept, anything else a space, spaces collapsed: "Anna's Black-chinned
+    Hummingbird?" -> 'anna s black-chinned hummingbird', "???" -> '', 'Crème brûlée' -> 'crème brûlée'."""
     text = unicodedata.normalize("NFC", text)
     text = "".join(ch if ch.isalnum() or ch.isspace() or unicodedata.category(ch) == "Pd" else " " for ch in text)
     return " ".join(text.lower().split())
 
 
 def parse_answer(completion: str) -> str | None:
-    """The text inside the FIRST <answer>...</answer>, stripped, as all three papers' released code reads it
-    (`<answer>x</answer><answer>y</answer>` -> 'x'). None when there is no closed answer tag or the text is blank
-    (SpeciaRL's code treats a blank answer as a missing one)."""
+    """The text inside the FIRST <answer>...</answer>, stripped, as the three papers' code reads it (`<answer>x</answer>
+    <answer>y</answer>` -> 'x'); None without a closed tag or for a blank answer (SpeciaRL's code: a missing one)."""
     found = ANSWER_RE.search(completion)
     return found.group(1).strip() or None if found else None
 
 
-# Answer-format prefixes DiVE-k's released code strips before matching ("species name: Laysan Albatross"): mining
-# strips the dataset's own format (one of the first two), two-step evaluation all four; case-insensitive, a colon
-# and one space, every occurrence.
+# Answer-format prefixes DiVE-k's code strips, every occurrence, case-insensitive ("species name: Laysan Albatross"):
+# mining strips the dataset's own format (one of the first two), two-step evaluation all four.
 DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
 
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do.
-    >>> strip_prefixes("Species name: Laysan Albatross", DIVEK_PREFIXES[:2])
-    'laysan albatross'
-    """
+    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do
+    ('Species name: Laysan Albatross' -> 'laysan albatross')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -88,20 +80,15 @@ HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
 
 
 def is_abstain(answer: str | None) -> bool:
-    """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which" ...
-    >>> is_abstain("I don't know"), is_abstain("Unable to identify the species"), is_abstain("unknown warbler")
-    (True, True, False)
-    """
+    """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which",
+    'Unable to identify the species' ...; not 'unknown warbler'."""
     text = normalize(answer or "")
     return text in ABSTAIN_ANSWERS or ABSTAIN_RE.match(text) is not None
 
 
 def is_hedge(answer: str | None) -> bool:
     """Several options offered instead of one ('robin or cardinal', 'either a gull or a tern', 'A vs B', 'A and/or
-    B'). Lists of names without a connective are caught by the rules judge, which knows the class names.
-    >>> is_hedge("Laysan Albatross or Black-footed Albatross"), is_hedge("Orange crowned Warbler")
-    (True, False)
-    """
+    B'); lists of names without a connective are caught by the rules judge, which knows the class names."""
     return HEDGE_RE.search(normalize(answer or "")) is not None
 
 
@@ -112,9 +99,7 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
 
 
-# =====================================================================================================================
-# 2. Answer judges
-# =====================================================================================================================
+# ----- 2. answer judges -----
 # A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
 # verifier). Every judge sees only normalised strings, as SpeciaRL's does, and caches per pair, persisted append-only
 # to a JSONL file so that a long (or restarted) run judges each distinct pair once.
@@ -126,27 +111,21 @@ JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the la
 
 
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
-    """Shares and counts of the six labels, and SpeciaRL's metrics: correctness = share correct at any level;
-    specificity = share of specific or more-specific among the correct ones (the paper's definition is not public,
-    so `specificity_of_all`, the unconditional share, is reported too); hm = their harmonic mean; accuracy = share
-    specific or more specific. Judge errors are left out of every share and counted in `judge_errors`."""
-    errors = sum(lab == JUDGE_ERROR for lab in labels)
-    labels = [lab for lab in labels if lab != JUDGE_ERROR]
-    n = len(labels)
-    counts = Counter(labels)
-    unknown = set(counts) - set(JUDGE_LABELS)
-    if unknown:
-        raise ValueError(f"labels outside JUDGE_LABELS: {sorted(unknown)}")
+    """Counts and shares of the six labels and SpeciaRL's metrics: correctness = share correct at any level;
+    specificity = share (more) specific among the correct (`specificity_of_all`: of all; the paper's definition is not
+    public); hm = their harmonic mean; accuracy = share (more) specific. Judge errors: in judge_errors, in no share."""
+    counts = Counter(lab for lab in labels if lab != JUDGE_ERROR)
+    n = sum(counts.values())
+    if set(counts) - set(JUDGE_LABELS):
+        raise ValueError(f"labels outside JUDGE_LABELS: {sorted(set(counts) - set(JUDGE_LABELS))}")
     correct = sum(counts[lab] for lab in CORRECT_LABELS)
     specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
-    correctness = correct / n if n else 0.0
-    specificity = specific / correct if correct else 0.0
-    out = {"n": n, "judge_errors": errors, "accuracy": specific / n if n else 0.0, "correctness": correctness,
+    correctness, specificity = correct / n if n else 0.0, specific / correct if correct else 0.0
+    out = {"n": n, "judge_errors": len(labels) - n, "accuracy": specific / n if n else 0.0, "correctness": correctness,
            "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
            "hm": 2 * specificity * correctness / (specificity + correctness) if specificity + correctness else 0.0}
     for lab in JUDGE_LABELS:
-        out[f"count/{lab}"] = counts[lab]
-        out[f"share/{lab}"] = counts[lab] / n if n else 0.0
+        out[f"count/{lab}"], out[f"share/{lab}"] = counts[lab], counts[lab] / n if n else 0.0
     return out
 
 
@@ -176,13 +155,10 @@ class Judge:
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.dataset = dataset
-        self.cache_path = cache_path
-        self.cache: dict[tuple[str, str], str] = {}
-        self.judged = 0  # pairs sent to _judge in this process
-        self.hits = 0  # lookups answered from the cache (not a pair repeated within one call)
-        self.bad_cache_lines = 0
-        self.errors = 0  # pairs the judge gave no usable label for
+        self.dataset, self.cache_path, self.cache = dataset, cache_path, {}  # cache: (truth, prediction) -> label
+        # pairs sent to _judge in this process, lookups answered from the cache (not a pair repeated within one call),
+        # unreadable cache lines, pairs the judge gave no usable label for
+        self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -224,15 +200,10 @@ class Judge:
                        for (t, p), lab in zip(keys, labels))
         # one O_APPEND write per batch: ranks sharing the file never interleave inside a line; a file whose last line
         # was cut short gets a newline first so the new records stay parseable
-        fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.cache_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
-            if size:
-                with open(self.cache_path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        text = "\n" + text
-            os.write(fd, text.encode("utf-8"))
+            os.write(fd, (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + text).encode("utf-8"))
         finally:
             os.close(fd)
 
@@ -251,20 +222,14 @@ def _canon(text: str) -> str:
 
 
 class RulesJudge(Judge):
-    """Offline, deterministic labels from the dataset's names (in this order):
-      empty, 'none', 'unknown', "I don't know" ...                      -> abstain
-      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word such as 'dog' ignored)
-                                                                        -> specific
-      'X or Y', 'either ...', 'X vs Y'                                  -> wrong (hedge)
-      an ancestor in dataset.hierarchy: the last one (the kind: 'bird', 'shape') or a dataset.generic word
-      ('animal', 'vehicle')                                             -> generic; a nearer one -> less_specific
-      a known descendant (a name whose ancestors include the truth)     -> more_specific
-      the truth named inside a longer answer that names no other class ('adult male yellow warbler')
-                                                                        -> more_specific
-      two or more different class names ('laysan albatross black footed albatross')
-                                                                        -> wrong (a list)
-      anything else                                                     -> wrong
-    Plurals of the answer ('warblers') match too."""
+    """Offline, deterministic labels from the dataset's names, the first rule that applies (plurals match too):
+      only punctuation -> wrong; a refusal ('none', "I don't know") -> abstain;
+      the class name or a synonym (articles, hyphens, grey/gray, a trailing kind word like 'dog' ignored) -> specific;
+      a hedge ('X or Y', 'either ...', 'X vs Y') -> wrong;
+      an ancestor in dataset.hierarchy: the last one (the kind) or a dataset.generic word ('animal') -> generic,
+      a nearer one -> less_specific; a known descendant (its ancestors include the truth) -> more_specific;
+      the truth inside a longer answer naming no other class ('adult male yellow warbler') -> more_specific;
+      anything else (two class names listed too) -> wrong."""
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
         self.name = f"rules-v2:{dataset.name}"
@@ -291,19 +256,15 @@ class RulesJudge(Judge):
         # every class (and synonym) form -> canon class name, for finding class names inside longer answers
         self.mentionable: dict[str, str] = {}
         for cname in ds.class_names:
-            for n in self._names(cname):
-                for form in self._forms(n, compact=False):
-                    self.mentionable.setdefault(form, _canon(cname))
+            for form in (f for n in self._names(cname) for f in self._forms(n, compact=False)):
+                self.mentionable.setdefault(form, _canon(cname))
 
     def _names(self, name: str) -> set[str]:
         c = _canon(name)
         return self.groups.get(c, {c})
 
     def _strip_kind(self, text: str) -> str:
-        for g in self.kind_words:
-            if text.endswith(" " + g):
-                return text[: -len(g) - 1]
-        return text
+        return next((text[: -len(g) - 1] for g in self.kind_words if text.endswith(" " + g)), text)
 
     def _forms(self, text: str, compact: bool = True) -> set[str]:
         c = _canon(text)
@@ -312,8 +273,7 @@ class RulesJudge(Judge):
 
     def _answer_forms(self, text: str) -> set[str]:
         c = _canon(text)
-        words = c.split()
-        out = self._forms(c)
+        words, out = c.split(), self._forms(c)
         if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
             out |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
         return out
@@ -349,7 +309,7 @@ class RulesJudge(Judge):
         if forms & set(self.generic_words):
             return "generic"
         for n in self._names(truth):
-            if any(self._matches(forms, d) for d in self.below.get(n, ())):
+            if any(self._matches(forms, below) for below in self.below.get(n, ())):
                 return "more_specific"
         mentioned = self._mentions(answer)
         truth_names = self._names(truth)
@@ -377,8 +337,7 @@ specific: the correct class itself, exactly or by a synonym or its scientific na
 more specific: a correct subtype or a finer description of the correct class (e.g. "adult male yellow warbler" for "yellow warbler").
 
 Reply with the category only."""
-JUDGE_LABEL_TEXT = {"wrong": "wrong", "abstain": "abstain", "generic": "generic", "less_specific": "less specific",
-                    "specific": "specific", "more_specific": "more specific"}
+JUDGE_LABEL_TEXT = {lab: lab.replace("_", " ") for lab in JUDGE_LABELS}  # 'less_specific' -> 'less specific'...
 
 
 class HFJudge(Judge):
@@ -394,10 +353,8 @@ class HFJudge(Judge):
         self.pairs_per_batch = pairs_per_batch
         self.model = self.tokenizer = None
         if device is None:
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)
-        self.dtype = dtype
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        self.device, self.dtype = torch.device(device), dtype
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -463,7 +420,12 @@ class HFJudge(Judge):
 # for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
 
 class ServerError(RuntimeError):
-    """The server did not answer after the retries (connection refused or dropped, timeouts, 408, 409, 429, 5xx)."""
+    """The server did not answer after the retries (connection refused or dropped, timeouts, 408, 409, 429, 5xx); inside
+    OpenAIServer.request also one failed try, with the seconds the server asked to wait, if it did."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
 
 
 class BadRequest(RuntimeError):
@@ -524,7 +486,7 @@ class OpenAIServer:
             detail = e.read().decode("utf-8", "replace")[:300].strip()
             should = e.headers.get("x-should-retry")
             if should == "true" or (should != "false" and (e.code in (408, 409, 429) or e.code >= 500)):
-                raise _Retry(f"HTTP {e.code} {detail}", retry_after(e.headers))
+                raise ServerError(f"HTTP {e.code} {detail}", retry_after(e.headers))
             if e.code == 401:
                 raise SystemExit(f"{self.what} {self.url}: 401 unauthorized; set OPENAI_API_KEY to the server's key")
             if e.code == 404 and "model" in detail.lower():
@@ -532,11 +494,11 @@ class OpenAIServer:
                                  f"({detail})")
             raise BadRequest(f"{self.what} {self.url}: {method} {path} answered HTTP {e.code} {detail}", e.code, detail)
         except (OSError, TimeoutError, http.client.HTTPException) as e:  # refused, reset, dropped, cut, timed out
-            raise _Retry(f"{type(e).__name__}: {e}")
+            raise ServerError(f"{type(e).__name__}: {e}")
         try:
             return json.loads(raw)
         except ValueError:
-            raise _Retry(f"a reply that is not JSON: {raw[:80]!r}")
+            raise ServerError(f"a reply that is not JSON: {raw[:80]!r}")
 
     def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
                 timeout: float | None = None) -> dict:
@@ -550,7 +512,7 @@ class OpenAIServer:
                     self.counts["requests"] += 1
                     self.counts["seconds"] += time.perf_counter() - t0
                 return out
-            except _Retry as e:
+            except ServerError as e:
                 if attempt == retries:
                     raise ServerError(f"{self.what} {self.url}: no answer after {retries + 1} tries (last: {e})")
                 with self._lock:
@@ -585,43 +547,30 @@ class OpenAIServer:
         text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
         <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
+
+        def text(message: dict) -> str:
+            thought = message.get("reasoning_content") or message.get("reasoning")
+            return (f"<think>{thought}</think>" if thought else "") + (message["content"] or "")
         try:
-            texts = []
-            for choice in reply["choices"]:
-                message = choice["message"]
-                thought = message.get("reasoning_content") or message.get("reasoning")
-                texts.append((f"<think>{thought}</think>" if thought else "") + (message["content"] or ""))
-            return texts
+            return [text(choice["message"]) for choice in reply["choices"]]
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
-    def map(self, fn: Callable, items: Sequence) -> list:
-        """[fn(item) for item in items], `concurrency` at a time; the first error cancels what has not started."""
+    def map(self, fn: Callable, inputs: Sequence) -> list:
+        """[fn(x) for x in inputs], `concurrency` at a time; the first error cancels what has not started."""
         from concurrent.futures import ThreadPoolExecutor
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(items)))) as pool:
-            futures = [pool.submit(fn, item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(inputs)))) as pool:
             try:
-                results = [fut.result() for fut in futures]
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
+                return list(pool.map(fn, inputs))  # an error cancels the calls not yet started
             finally:
                 self.counts["wall"] += time.perf_counter() - t0
-        return results
 
     def stats(self, prefix: str) -> dict[str, float]:
         c = self.counts
         return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
                 f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
                 f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
-
-
-class _Retry(Exception):
-    def __init__(self, message: str, wait: float | None = None):
-        super().__init__(message)
-        self.wait = wait  # seconds the server asked for, if it did
 
 
 def strip_think(text: str) -> str:
@@ -695,24 +644,21 @@ class OpenAIJudge(Judge):
                 pass
         self.constraint = ""
 
-    def _ask(self, pair: tuple[str, str]) -> str | None:
+    def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
         try:
-            return label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
-                                              [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
+            label = label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
+                                               [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
         except BadRequest as e:
             raise SystemExit(f"{e} (the judge's request refused)")
+        if label is not None:
+            with self._cache_lock:
+                self._persist([pair], [label])
+        return label
 
     def _judge(self, pairs):
         if self.constraint is None:
             self._probe()
-
-        def ask_and_keep(pair):  # each label goes to the cache file the moment it arrives
-            label = self._ask(pair)
-            if label is not None:
-                with self._cache_lock:
-                    self._persist([pair], [label])
-            return label
-        return self.server.map(ask_and_keep, pairs)
+        return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), **self.server.stats("judge")}

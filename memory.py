@@ -1,7 +1,7 @@
 """
-memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU), each part largest first
-with the flags that reduce it. An estimate from the model's shapes and the run's settings (checked against a hand
-count in tests/test_robustness.py), not a measurement: bench.py measures.
+memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU), largest part first with
+the flags that reduce it: from the model's shapes and the run's settings (a hand count in tests/test_robustness.py
+checks it), not measured (bench.py measures).
 """
 
 from __future__ import annotations
@@ -33,30 +33,21 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
                   vision_patches: int = 0, train_prompt_tokens: int | None = None) -> dict[str, float]:
-    """Estimated bytes per GPU, by component (report_memory_budget counts and prints):
-
-      parameters           n_params x master bytes                      / shards (FSDP2: world size; DDP: 1)
-      gradients            n_trainable x master bytes                   / shards
-      optimizer states     2 x n_trainable x master bytes (AdamW)       / shards
-      frozen reference     n_params x master bytes                      / shards (the KL's twin of the policy)
+    """Estimated bytes per GPU by part (report_memory_budget counts and prints); shards: FSDP2 the world size, DDP 1.
+      parameters, frozen reference  n_params x master bytes / shards (the reference: the KL's twin of the policy)
+      gradients, optimizer states   n_trainable x master bytes x (1, AdamW 2) / shards
       gathered parameters  n_params x compute bytes, when sharded (FSDP2's whole copy for sampling)
       rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
-      activations (rough)  (train_rows x new + prompts x train prompt tokens) x compute bytes x (layers x (6 hidden + 4
-                           intermediate)), with checkpointing layers x hidden + one layer's (6 hidden + 4
-                           intermediate); prompts = train_rows / rows_per_prompt (the shared prefix runs a prompt once
-                           for the rows of its group in a micro-batch; 1 = once per row); with the shared prefix
-                           also train_rows x prompt tokens x 2 hidden x compute bytes per layer kept (each
-                           completion's copy of the prompt's keys and values); with a trained vision tower
-                           (vision_patches > 0: the patches of the images one micro-batch encodes) also patches x
-                           compute bytes x (blocks x (6 hidden + 4 intermediate)) of the tower, with checkpointing
-                           blocks x hidden + one block's
-      logits (transient)   the larger of scoring, one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET /
-                           vocab, logit_rows)) positions x vocab x (compute bytes + 8: the projection, its fp32 copy
-                           and the log-sum-exp's), and sampling, rollout rows x vocab x 24 (fp32 logits, scores,
-                           probabilities and a float64 CDF)
-    and, not added to the others since it is over before they exist:
-      load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy on the GPU
-                           until wrap_model shards it (the policy is sharded before the reference loads)
+      activations (rough)  compute bytes x [(train_rows x new + prompts x train prompt tokens) x layers x (6 hidden + 4
+                           intermediate) (checkpointing: layers x hidden + one layer's), prompts = train_rows /
+                           rows_per_prompt (shared prefix: a prompt once for its group); + the shared prefix's
+                           train_rows x prompt tokens x 2 hidden per kept layer (each completion's copy of the prompt's
+                           K, V); + a trained tower's vision_patches x blocks x (6 hidden + 4 intermediate), likewise]
+      logits (transient)   max(scoring: one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET / vocab,
+                           logit_rows)) positions x vocab x (compute bytes + 8: projection, fp32 copy, log-sum-exp);
+                           sampling: rollout rows x vocab x 24 (fp32 logits, scores, probabilities, a float64 CDF))
+      load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy until wrap_model
+                           shards it; apart from the others, over before they exist
     Not counted: the CUDA context and allocator slack (add 10-20%)."""
     shards = world_size if parallel == "fsdp" else 1
     tc = text_config
@@ -66,18 +57,15 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
     per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
     stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
-    # the shared prefix: each completion's copy of the prompt's keys and values, kept in every layer (or one)
-    kept_in = 1 if activation_checkpointing else layers
+    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's prompt K, V
     shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
-    vision = 0
+    vision, vc = 0, vision_config
     if vision_patches:
-        vc = vision_config
         block = 6 * vc.hidden_size + 4 * vc.intermediate_size  # stored activations of one patch in one block
         vision = vision_patches * (vc.depth * vc.hidden_size + block if activation_checkpointing else vc.depth * block)
     logit_rows = train_rows if logit_rows is None else logit_rows
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
         compute_bytes + 8)
-    sampling = rollout_rows * tc.vocab_size * 24
     return {
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
@@ -87,7 +75,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
         "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * train_prompt)
                               * stored + shared_kv + vision) * compute_bytes),
-        "logits": float(max(scoring, sampling)),
+        "logits": float(max(scoring, rollout_rows * tc.vocab_size * 24)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
 
@@ -112,10 +100,8 @@ def resident_bytes() -> int:
 
 
 def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
+    unit, scale = next(((u, s) for u, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)) if n >= s), ("B", 1))
+    return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 
 def device_memory(device: torch.device) -> int:
@@ -136,10 +122,8 @@ def report_memory_budget(model, dist: common.Dist, *, parallel: str, reference: 
     the device. `parallel` "auto" picks fsdp when several ranks train and a replica would not fit. Returns the mode."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
-    n_params = sum(p.numel() for p in params)
-    n_trainable = sum(p.numel() for p in params if p.requires_grad)
-    master = params[0].dtype
-    compute = compute_dtype or master
+    n_params, n_trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    master, compute = params[0].dtype, compute_dtype or params[0].dtype
     have = device_memory(dist.device)
     vision_trained = any(p.requires_grad for p in hf.model.visual.parameters())
     patches = 4 * image_tokens * -(-train_rows // max(1, rows_per_prompt)) if vision_trained else 0  # 2 x 2 merge
@@ -164,7 +148,6 @@ def report_memory_budget(model, dist: common.Dist, *, parallel: str, reference: 
                           f"{'GPU' if dist.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
                           f"{_gib(have)})")
     budget, total = estimate(parallel)
-    steady = {k: v for k, v in budget.items() if k != "load peak"}
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
@@ -173,9 +156,8 @@ def report_memory_budget(model, dist: common.Dist, *, parallel: str, reference: 
     lines = [f"{title} per {where}, estimated (rank 0 of {dist.world_size}, {parallel}, weights {name(master)}, "
              f"compute {name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
              f"rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
-    largest = sorted(((k, v) for k, v in steady.items() if v > 0), key=lambda kv: -kv[1])
-    for i, (part, size) in enumerate(largest):
-        lines.append(f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}")
+    largest = sorted(((k, v) for k, v in budget.items() if v > 0 and k != "load peak"), key=lambda kv: -kv[1])
+    lines += [f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}" for i, (part, size) in enumerate(largest)]
     lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
     common.print0("\n".join(lines))
     if total > have:

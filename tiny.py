@@ -1,19 +1,15 @@
 """
 tiny.py: the CPU stand-in for Qwen2.5-VL, so that every test and quickstart runs on a laptop.
 
-A Qwen2.5-VL of the real architecture (2 text layers, 2 vision blocks, a 600-token BPE vocabulary trained here) is
-"pretrained" briefly on the toy set with the methods' own prompts (dive_k, speciarl, fine_r1), answering in the
-papers' <think> / <answer> format. `python tiny.py` builds it (deterministic: fixed seeds, one thread), caches it
-under a hash of its recipe and prompts, and names it in common.tiny_pointer(), where common.load_model("tiny") finds
-it (and runs this file once when nothing is built). Shared code never imports this file; nothing in the methods
-depends on it.
+A Qwen2.5-VL of the real architecture (2 text layers, 2 vision blocks, a 600-token BPE vocabulary trained here),
+"pretrained" briefly on the toy set with the methods' own prompts in the papers' <think> / <answer> format.
+`python tiny.py` builds it (deterministic: fixed seeds, one thread), caches it under a hash of its recipe and prompts
+and names it in common.tiny_pointer() for common.load_model("tiny"), which runs this file when nothing is built.
 
-The pretraining is deliberately short: the model learns the answer format fully but recognises the toy classes only
-partly (colour and pattern before shape), which leaves room for RL. Recipe version 3 on the toy test split (360
-images, eval.py, greedy): Fine-R1's open question 0.544, SpeciaRL's prompt 0.578, format 1.00 (version 2: open 0.56,
-multiple choice 0.62). Multiple choice is answered with the option's text, not its letter: a two-layer model did not
-learn the letter lookup (find the matching option line, emit the letter before it) within the build budget; letter
-accuracy stayed at chance after 400 steps with 2 and with 4 layers.
+The pretraining is deliberately short: the format is learnt fully, the toy classes partly (colour and pattern before
+shape), which leaves room for RL. Recipe 3, toy test split (360 images, eval.py, greedy): Fine-R1's open question
+0.544, SpeciaRL's prompt 0.578, format 1.00. Multiple choice is answered with the option's text: a two-layer model
+did not learn the letter lookup (letter accuracy at chance after 400 steps, with 2 and with 4 layers).
 """
 
 from __future__ import annotations
@@ -32,11 +28,6 @@ import data
 import dive_k
 import fine_r1
 import speciarl
-
-
-# =====================================================================================================================
-# The tiny stand-in model
-# =====================================================================================================================
 
 TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash names the cache folder
     version=3, vocab=600, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
@@ -126,7 +117,6 @@ def _build_tiny(path: str):
     # supervised "pretraining": cross-entropy on the assistant tokens (target + <|im_end|>) only
     images = {ex.image: common.open_image(ex.image) for ex in train.examples}
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=0.0)
-    im_end = special["<|im_end|>"]
     draws = torch.Generator().manual_seed(recipe["seed"])
     for step in range(recipe["steps"]):
         rows = []
@@ -134,11 +124,9 @@ def _build_tiny(path: str):
             ex = train.examples[i]
             prompt, target = tiny_example(ex, train, rng)
             rows.append((common.encode_prompt(processor, images[ex.image], prompt),
-                         torch.tensor(tokenizer(target)["input_ids"] + [im_end])))
+                         torch.tensor(tokenizer(target)["input_ids"] + [special["<|im_end|>"]])))
         loss = common.sft_loss(model, processor, [prompt for prompt, _ in rows], [target for _, target in rows])
-        lr = recipe["lr"] * min(1.0, (step + 1) / 20)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = recipe["lr"] * min(1.0, (step + 1) / 20)  # one group: every parameter
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
