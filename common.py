@@ -74,7 +74,7 @@ class Dist:
 def init_distributed(device: str | None = None) -> Dist:
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
     nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, default)) for k, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -1197,22 +1197,22 @@ class Precision:
         return f"weights {name(self.weights)}, compute {name(self.compute)}{how}"
 
 
-def precision_for(dtype: str, d: Dist, parallel: str, trained_weights: bool = True) -> Precision:
+def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool = True) -> Precision:
     """The run's Precision from --dtype. auto: on GPU bf16 compute over fp32 master weights for what AdamW updates
     (lr 1e-6 steps round away in bf16) and bf16 storage for frozen weights (`trained_weights=False`), fp32 on CPU;
     bf16-mixed: fp32 weights, bf16 compute on any device; bf16 / fp32: both. Mixed compute is FSDP2's policy when
     sharded, else autocast; fp32 matmuls on GPU use TF32."""
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    on_gpu = d.device.type == "cuda"
+    on_gpu = ranks.device.type == "cuda"
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
     if dtype == "bf16-mixed" or (dtype == "auto" and on_gpu and trained_weights):
         weights, compute = torch.float32, torch.bfloat16
     else:
-        weights = compute = resolve_dtype(dtype, d.device)
-    via = "weights" if weights == compute else ("fsdp" if parallel == "fsdp" and d.distributed else "autocast")
-    return Precision(weights, compute, via, d.device.type)
+        weights = compute = resolve_dtype(dtype, ranks.device)
+    via = "weights" if weights == compute else ("fsdp" if parallel == "fsdp" and ranks.distributed else "autocast")
+    return Precision(weights, compute, via, ranks.device.type)
 
 
 def enable_activation_checkpointing(model):
@@ -1224,7 +1224,7 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
+def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
     """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root; a non-fp32 `param_dtype`
     gathers in it and reduces in fp32). One process: returned as it is. Activation checkpointing recomputes each layer
@@ -1232,11 +1232,11 @@ def wrap_model(model, d: Dist, parallel: str = "ddp", activation_checkpointing: 
     if activation_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
-    if not d.distributed:
+    if not ranks.distributed:
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        return DDP(model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = None
@@ -1305,7 +1305,7 @@ def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
 
 
 def progress_bar(show: bool, **kw):
-    """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(d.is_main, total=steps, desc="grpo")`.
+    """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(ranks.is_main, total=steps, desc="grpo")`.
     Drawn on a terminal only: in a redirected log its redraws (and a nested bar's cursor moves) would bury the printed
     lines."""
     if not show:
@@ -1393,7 +1393,7 @@ class RankParts:
             os.remove(path)
 
 
-def resumable_map(folder: str, stem: str, keys: Sequence[str], work, d: Dist, desc: str) -> dict[str, Any]:
+def resumable_map(folder: str, stem: str, keys: Sequence[str], work, ranks: Dist, desc: str) -> dict[str, Any]:
     """{key: result} for every key, on every rank: each rank runs `work(its keys)` over its share of the keys no
     earlier run finished, `work` yielding (key, result) as each is done, appended to <folder>/<stem>.part<rank>.jsonl
     at once, so a killed run (on any number of ranks) redoes only the unfinished. The caller removes the parts."""
@@ -1401,9 +1401,9 @@ def resumable_map(folder: str, stem: str, keys: Sequence[str], work, d: Dist, de
     done = {rec["key"]: rec["value"] for rec in parts.records()}
     barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends to them
     todo = [key for key in keys if key not in done]
-    print0(f"{desc}: {len(todo)} to do, {len(done)} done by an earlier run, over {d.world_size} rank(s)")
-    with parts.append(d.rank) as f:
-        for key, value in work(todo[d.rank::d.world_size]):  # every rank enters work, even with nothing to do
+    print0(f"{desc}: {len(todo)} to do, {len(done)} done by an earlier run, over {ranks.world_size} rank(s)")
+    with parts.append(ranks.rank) as f:
+        for key, value in work(todo[ranks.rank::ranks.world_size]):  # every rank enters work, even with nothing to do
             f.write(json.dumps({"key": key, "value": value}) + "\n")
             f.flush()
     barrier()

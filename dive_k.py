@@ -299,7 +299,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
 def train_step(step: int, questions: list[dict], model, reference, optimizer, processor, kind: str, args,
                run: lifecycle.Run, mining_stats: dict) -> dict:
     """One GRPO step on this rank's questions (each question's G completions on this rank): the step's record."""
-    rank, world_size, timer = run.d.rank, run.d.world_size, run.timer
+    rank, world_size, timer = run.ranks.rank, run.ranks.world_size, run.timer
     # rollout: G completions per question
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(kind, q["options"])) for q in questions]
@@ -365,7 +365,7 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     step_tokens = float(common.all_reduce_sum(torch.tensor([tokens]))[0])  # over all ranks
     record = {**lifecycle.mean_over_ranks(metrics), "grad_norm": grad_norm,
               "tokens_per_s": step_tokens / (time.perf_counter() - run.t_step)}
-    if args.log_completions and run.d.is_main:
+    if args.log_completions and run.ranks.is_main:
         record["completions"] = [{"id": q["id"], "options": q["options"], "answer": q["answer"],
                                   "completion": rollout.texts[i * G], "reward": float(rewards[i * G]),
                                   **{n: float(v[i * G]) for n, v in components.items()}}
@@ -389,7 +389,7 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
         model.eval()
 
         def work(ids: list[str]):
-            bar = common.progress_bar(run.d.is_main, total=len(ids), desc="mining")
+            bar = common.progress_bar(run.ranks.is_main, total=len(ids), desc="mining")
             with common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, fsdp_prompt)):
                 for start in range(0, len(ids), args.mine_batch):
                     chunk = [by_id[i][1] for i in ids[start:start + args.mine_batch]]
@@ -400,9 +400,9 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
                         bar.update(len(chunk))
             if bar is not None:
                 bar.close()
-        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.d,
+        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.ranks,
                                     f"stage 1: mining with K={args.mine_samples} samples")
-        if run.d.is_main:
+        if run.ranks.is_main:
             with open(final + ".tmp", "w") as f:
                 f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
             os.replace(final + ".tmp", final)
@@ -433,7 +433,7 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
                        run: lifecycle.Run) -> tuple[list[dict], dict]:
     """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
     pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
-    rank, world_size = run.d.rank, run.d.world_size
+    rank, world_size = run.ranks.rank, run.ranks.world_size
     positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
     batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
     if not args.online_mining:
@@ -588,7 +588,7 @@ def main(argv=None):
         model.model.visual.requires_grad_(not args.freeze_vision)
     model, processor, reference = run.load_policy(
         args.model, trainable=trainable, reference=args.beta > 0,
-        estimate=lambda processor: memory_estimate(processor, train.kind, base_classes, args, run.d.world_size))
+        estimate=lambda processor: memory_estimate(processor, train.kind, base_classes, args, run.ranks.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.out, step)) if eval_sets else None
     start = run.resume(model, optimizer, evaluate)["step"]  # the same command continues from <out>/latest
@@ -600,7 +600,7 @@ def main(argv=None):
         raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
     total_steps = args.max_steps or math.ceil(args.epochs * len(pool) / args.prompts_per_step)
     common.print0(f"stage 2: {len(pool)} {'images' if args.online_mining else 'questions'}, {total_steps} steps of "
-                  f"{args.prompts_per_step} prompts x G={args.group_size} ({args.prompts_per_step // run.d.world_size} "
+                  f"{args.prompts_per_step} prompts x G={args.group_size} ({args.prompts_per_step // run.ranks.world_size} "
                   f"prompts per rank)")
 
     # stage 2: GRPO

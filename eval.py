@@ -145,13 +145,13 @@ INTERRUPTED = ("an evaluation keeps no checkpoint; rerun the same command to eva
 def main(argv=None) -> dict:
     args = parse_args(argv)
     protocol = protocol_for(args.protocol, args.scoring, args.be_specific)
-    d = common.init_distributed()
+    ranks = common.init_distributed()
     args.out = args.out or f"{lifecycle.default_run_dir('eval', args.data)}_{args.protocol}"
-    if d.is_main:
+    if ranks.is_main:
         lifecycle.make_run_dir(args.out)  # before loading: a bad --out is one line, not a lost evaluation
-    lifecycle.configure_threads(args.threads, d)
-    precision = common.precision_for(args.dtype, d, "ddp", trained_weights=False)  # nothing is updated here
-    model, processor = common.load_model(args.model, device=d.device, dtype=precision.weights, attn=args.attn,
+    lifecycle.configure_threads(args.threads, ranks)
+    precision = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False)  # nothing is updated here
+    model, processor = common.load_model(args.model, device=ranks.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     hm = None
     if len(halves) > 1:
         hm = {k: evaluation.harmonic(results["base"][k], results["novel"][k]) for k in protocol.hm_keys}
-        if d.is_main:
+        if ranks.is_main:
             with open(os.path.join(args.out, "metrics.json"), "w") as f:
                 json.dump({"protocol": args.protocol, "classes": "base+novel", "base": results["base"],
                            "novel": results["novel"], "hm": hm, "settings": vars(args)}, f, indent=1)

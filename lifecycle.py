@@ -121,55 +121,55 @@ def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
-    def __init__(self, args, script: str, out: str | None = None, d: Dist | None = None, parent: Run | None = None):
+    def __init__(self, args, script: str, out: str | None = None, ranks: Dist | None = None, parent: Run | None = None):
         self.args = args
-        if d is None:  # the process group, the locked run directory with config.json, seeds, threads
-            d, out = setup_run(args, default_run_dir(script, args.data))
-        self.d, self.out, self.script = d, out, script
+        if ranks is None:  # the process group, the locked run directory with config.json, seeds, threads
+            ranks, out = setup_run(args, default_run_dir(script, args.data))
+        self.ranks, self.out, self.script = ranks, out, script
         os.makedirs(out, exist_ok=True)
         self.log = MetricsLog(out, None if parent else args.wandb, vars(args))
         if parent is not None:  # a stage logs to its own metrics.jsonl and to the run's wandb run
             self.log.wandb = parent.log.wandb
         self.timer = PhaseTimer()
-        self.guard = NonFiniteGuard(args.max_nonfinite, device=d.device)  # NaN / inf steps: skipped, counted, capped
+        self.guard = NonFiniteGuard(args.max_nonfinite, device=ranks.device)  # NaN / inf steps: skipped, counted, capped
         self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
     def stage(self, name: str) -> Run:
         """A stage with its own folder <out>/<name> (checkpoints, metrics.jsonl), in the same process group."""
-        return Run(self.args, f"{self.script} {name}", os.path.join(self.out, name), self.d, parent=self)
+        return Run(self.args, f"{self.script} {name}", os.path.join(self.out, name), self.ranks, parent=self)
 
     def load_policy(self, path: str, *, trainable: Callable, estimate: Callable, reference: bool = False,
                     trained_weights: bool = True, min_pixels: int | None = None, max_pixels: int | None = None):
         """(policy, processor, frozen reference or None). First the memory estimate on the model's shapes alone
         (`estimate(processor)` -> the method's memory.report_memory_budget arguments), which resolves --parallel auto
         and stops a run that would not fit; `trainable(model)` freezes what does not train (or adds LoRA)."""
-        args, d = self.args, self.d
+        args, ranks = self.args, self.ranks
         pixels = dict(min_pixels=args.min_pixels if min_pixels is None else min_pixels,
                       max_pixels=args.max_pixels if max_pixels is None else max_pixels)
-        args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights)
+        args.precision = common.precision_for(args.dtype, ranks, args.parallel, trained_weights)
         shapes, processor = common.load_model(path, device=torch.device("meta"), dtype=args.precision.weights, **pixels)
         trainable(shapes)
         args.parallel = memory.report_memory_budget(
-            shapes, d, parallel=args.parallel, reference=reference, compute_dtype=args.precision.compute,
+            shapes, ranks, parallel=args.parallel, reference=reference, compute_dtype=args.precision.compute,
             activation_checkpointing=bool(args.activation_checkpointing), check=bool(args.memory_check),
             image_tokens=memory.image_tokens(processor), **estimate(processor))
-        args.precision = common.precision_for(args.dtype, d, args.parallel, trained_weights)
+        args.precision = common.precision_for(args.dtype, ranks, args.parallel, trained_weights)
         print0(f"precision: {args.precision}")
-        model, processor = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn,
+        model, processor = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
                                              **pixels)
         what = trainable(model)
         n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
                             for only in (True, False))
         print0(f"trainable parameters: {n_trained:,} of {n_all:,} ({100 * n_trained / n_all:.2f}%)"
                + (f"; {what}" if isinstance(what, str) else ""))
-        model = common.wrap_model(model, d, args.parallel, bool(args.activation_checkpointing),
+        model = common.wrap_model(model, ranks, args.parallel, bool(args.activation_checkpointing),
                            param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
         ref = None
         if reference:  # the policy's twin: same weights dtype, wrapping and compute, so the KL starts at 0 exactly
-            ref, _ = common.load_model(path, device=d.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+            ref, _ = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn, **pixels)
             ref.requires_grad_(False).eval()
             if args.parallel == "fsdp":
-                ref = common.wrap_model(ref, d, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
+                ref = common.wrap_model(ref, ranks, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
         return model, processor, ref
 
     def resume(self, model, optimizer, evaluate: Callable | None = None) -> dict:
@@ -187,7 +187,7 @@ class Run:
     def steps(self, start: int, total: int):
         """The steps start .. total-1, with a progress bar on a terminal (rank 0)."""
         self.total, self.last_step, self.first = total, start, start
-        self.bar = progress_bar(self.d.is_main, total=total, initial=start, desc=self.script)
+        self.bar = progress_bar(self.ranks.is_main, total=total, initial=start, desc=self.script)
         for step in range(start, total):
             self.t_step = time.perf_counter()
             yield step
@@ -711,7 +711,7 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
         sys.exit(1)
 
 
-def configure_threads(threads: int | None, d: Dist) -> int:
+def configure_threads(threads: int | None, ranks: Dist) -> int:
     """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
     cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
     a 4-step toy run 5x slower on a busy 2-core machine. No effect on GPU work."""
@@ -720,8 +720,8 @@ def configure_threads(threads: int | None, d: Dist) -> int:
     if threads is None:
         cores = os.cpu_count() or 1
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(cores // d.world_size, cores - int(busy)))  # a whole core's worth of load per core
-        if d.device.type == "cpu" and threads < cores // d.world_size:
+        threads = max(1, min(cores // ranks.world_size, cores - int(busy)))  # a whole core's worth of load per core
+        if ranks.device.type == "cpu" and threads < cores // ranks.world_size:
             print0(f"CPU threads per process: {threads} ({cores} cores, load {busy:.1f}; --threads to choose)")
     torch.set_num_threads(threads)
     return threads
@@ -737,17 +737,17 @@ def default_run_dir(script: str, data: str) -> str:
 def setup_run(args, default_out: str) -> tuple[Dist, str]:
     """Start the process group, make and lock the run directory (rank 0 writes config.json), seed every rank
     differently."""
-    d = init_distributed()
+    ranks = init_distributed()
     out = args.out or default_out
-    if d.is_main:
+    if ranks.is_main:
         make_run_dir(out)
-        write_run_config(out, {**vars(args), "world_size": d.world_size})
+        write_run_config(out, {**vars(args), "world_size": ranks.world_size})
     barrier()
-    configure_threads(getattr(args, "threads", None), d)
-    seed_everything(args.seed + d.rank)
+    configure_threads(getattr(args, "threads", None), ranks)
+    seed_everything(args.seed + ranks.rank)
     if args.activation_checkpointing is None:
-        args.activation_checkpointing = int(d.device.type == "cuda")
-    return d, out
+        args.activation_checkpointing = int(ranks.device.type == "cuda")
+    return ranks, out
 
 
 def launched_world_size() -> int:

@@ -232,7 +232,7 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     # rollout
     with timer("encode"):
         prompts = [common.encode_prompt(processor, ex.image, PROMPTS[args.prompt]) for ex in images]
-    generator = torch.Generator(device=run.d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + run.d.rank)
+    generator = torch.Generator(device=run.ranks.device).manual_seed(args.seed * 1_000_003 + step * 1009 + run.ranks.rank)
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sample"), args.precision.context(), \
             common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
@@ -267,7 +267,7 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
         loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
                                    ref_logp, common.special_token_ids(processor)["<|endoftext|>"], step=step,
                                    total_steps=total_steps)
-    metrics = step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - t_step, run.d.world_size)
+    metrics = step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - t_step, run.ranks.world_size)
     return metrics, {"images": images, "answers": answers, "labels": labels, "rewards": rewards}
 
 
@@ -570,11 +570,11 @@ def main(argv=None):
 
     # resume (the data order is a function of the step), the loop, export (adapters merged into plain weights)
     start = run.resume(model, optimizer, evaluate)["step"]
-    if run.d.is_main:
+    if run.ranks.is_main:
         common.repair_jsonl_tail(os.path.join(run.out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     for step in run.steps(start, total_steps):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
-        record, judged = train_step(run, step, images[run.d.rank::run.d.world_size], model, reference, optimizer,
+        record, judged = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
                                     processor, judge, total_steps)
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
         log_rollouts(run.out, step + 1, judged, args.log_completions)
