@@ -398,7 +398,7 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
 def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, rows: range, args):
     """Optimizer step `step` on the responses `rows` of the rollout batch: their token mean over all ranks, so the
     normalizer is the global token count / world size (DDP and FSDP average gradients over ranks)."""
-    normalizer = lifecycle.global_token_count(batch["mask"][rows.start:rows.stop]) / run.d.world_size
+    normalizer = lifecycle.global_token_count(batch["mask"][rows.start:rows.stop]) / run.ranks.world_size
 
     def loss_of(micro: slice):
         width = max(1, int(batch["mask"][micro].sum(1).max()))  # trim the padding shared by these rows
@@ -731,7 +731,7 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
-    args, ranks = run.args, run.d
+    args, ranks = run.args, run.ranks
     final = os.path.join(run.out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage sft: {final} exists, skipped")
@@ -773,7 +773,7 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
 def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     """TAPO from the SFT export (or --tapo-init / --model); checkpoints and metrics in <out>/tapo, the model exported
     to <out>/final. Skipped when that exists (resume)."""
-    args, ranks = run.args, run.d
+    args, ranks = run.args, run.ranks
     out = os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
     if os.path.exists(os.path.join(final, "config.json")):
@@ -1026,7 +1026,7 @@ def main(argv=None):
     eval_sets = eval_sets_for(args)
     cot_path = args.cot_data or os.path.join(run.out, "cot.jsonl")
     if "cot" in stages:
-        cot_path = run_cot(args, run.d, run.out)
+        cot_path = run_cot(args, run.ranks, run.out)
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         release_memory()
