@@ -649,47 +649,34 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
 
 
 def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats):
-    """The teacher writes rationales for the seen classes (sharded over ranks), class by class: images are offered
-    until --cot-per-class rationales pass check_rationale. Each finished class is appended to
-    <out>/cot.part<rank>.jsonl (its rationales, then a line {"class_done": name, ...}), so a killed run resumes with
-    the classes not done yet, whatever the number of ranks."""
-    parts = common.RankParts(out, "cot")
-    done = read_cot_parts(parts)
-    common.barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends
-    todo = [name for name in seen if name not in done]
-    if len(todo) < len(seen):
-        common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
-    my_classes = todo[ranks.rank::ranks.world_size]
-    if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
+    """The teacher's rationales for the seen classes, class by class over the ranks (class_rationales); each finished
+    class is kept in <out>/cot.part<rank>.jsonl (common.resumable_map), so a killed run redoes only the rest."""
+    def work(names: list[str]):
+        if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
+            return
         if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
             teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
                                                      concurrency=args.teacher_concurrency), None
             teacher.check()
-        else:
-            # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
+        else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
             frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
             teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
                                                    attn=args.attn, min_pixels=args.sft_min_pixels,
                                                    max_pixels=args.sft_max_pixels,
                                                    flag="--teacher" if args.teacher else "--model")
             teacher.eval()
-        with parts.append(ranks.rank) as part:
-            for ci, name in enumerate(my_classes):
-                try:
-                    kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers,
-                                                          confusable)
-                except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
-                    raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl:"
-                                     f" rerun the same command to resume") from None
-                part.write("".join(json.dumps(r) + "\n" for r in kept)
-                           + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
-                part.flush()
-                common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {len(kept)} kept")
+        for i, name in enumerate(names):
+            try:
+                done = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
+            except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
+                raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
+                                 f"rerun the same command to resume") from None
+            yield name, done
+            common.print0(f"  cot class {i + 1}/{len(names)} (rank 0 shard) {name}: {len(done['records'])} kept")
         del teacher
         release_memory()
-    common.barrier()
-    done = read_cot_parts(parts)
-    records = [r for name in seen if name in done for r in done[name]["records"]]  # class order, any rank count
+    done = common.resumable_map(out, "cot", seen, work, ranks, "stage cot: seen classes")
+    records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
     stats["cot/tried"] = sum(c["tried"] for c in done.values())
     for c in done.values():
         for k, v in c["fails"].items():
@@ -698,8 +685,8 @@ def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats)
 
 
 def class_rationales(teacher, processor, args, train, name, seen, offers, confusable):
-    """(kept rationales, completions tried, failed checks by part) for one seen class: its images are offered to the
-    teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+    """{"records": kept rationales, "tried": completions, "fails": failed checks by part} of one seen class: its
+    images are offered to the teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
     kept, tried, fails = [], 0, {}
     for start in range(0, args.cot_images_per_class, args.cot_batch):
         exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
@@ -722,7 +709,7 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
                 kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
                              **posed[i][0], "response": response_text(rationale, name)})
         tried += len(completions)
-    return kept, tried, fails
+    return {"records": kept, "tried": tried, "fails": fails}
 
 
 # =====================================================================================================================
@@ -1065,24 +1052,6 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
                          max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                          top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=generator,
                          compile_decode=bool(args.compile_decode)).texts
-
-
-def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
-    """class -> {"records", "tried", "fails"} for every class a teacher finished, from <out>/cot.part*.jsonl.
-    Rationales count only when their class's done line follows them in the same part (a class cut short by a kill
-    is redone)."""
-    done = {}
-    for path in parts.paths():
-        pending = []
-        for rec in common.read_jsonl(path, skip_cut_tail=True):
-            if "class_done" in rec:
-                name = rec["class_done"]
-                done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
-                              "fails": rec["fails"]}
-                pending = []
-            else:
-                pending.append(rec)
-    return done
 
 
 def sft_estimate(processor, records: list[dict], args) -> dict:

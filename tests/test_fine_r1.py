@@ -518,7 +518,7 @@ def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out)
     with open(os.path.join(out, "cot.part0.jsonl"), "a") as f:
-        f.write('{"image": "cut mid-wri')  # the kill landed while the 6th class was written
+        f.write(f'{{"key": "{names[5]}", "value": {{"records": [{{"image": "cut mid-wri')  # killed writing the 6th
     asked.clear()
     kill_after = None
     resumed = common.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out))
