@@ -31,6 +31,7 @@ import base64
 import dataclasses
 import difflib
 import gc
+import itertools
 import json
 import math
 import os
@@ -785,33 +786,31 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = lambda step: {"stage": "tapo", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
     state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
-    done, batch_index, cursor = state["step"], state.get("batch", 0), state.get("data_position", 0)
+    batch_index, cursor = state.get("batch", 0), state.get("data_position", 0)
     common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
                   f"{math.ceil(total_steps / steps_per_batch)} rollout batches x {args.rollout_batch} triplets x "
                   f"{2 * args.group_size} responses, {steps_per_batch} optimizer steps each ({total_steps} steps), "
                   f"{args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
-    for step in run.steps(done, total_steps):
-        if step < done:
-            continue  # taken inside the rollout batch before
+    # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
+    for batch_start in itertools.islice(run.steps(state["step"], total_steps), 0, None, steps_per_batch):
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
+        batch_index += 1
         model.train()
         records = []
-        for k in range(steps_per_batch):  # several optimizer steps on the rollout batch
-            if done >= total_steps or run.guard.exhausted:
+        for k, step in enumerate(range(batch_start, min(batch_start + steps_per_batch, total_steps))):
+            if run.guard.exhausted:
                 break
-            lr = lifecycle.lr_at(done, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
+            lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                                  warmup_steps=args.warmup_steps)
             lifecycle.set_lr(optimizer, lr)
             with run.timer("update"):
-                grad_norm, sums = tapo_update(model, optimizer, run, done + 1, batch,
+                grad_norm, sums = tapo_update(model, optimizer, run, step + 1, batch,
                                               range(k * rows_per_step, (k + 1) * rows_per_step), args)
-            done += 1
             # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-            records.append({"step": done, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
+            records.append({"step": step + 1, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
                             **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
-        batch_index += 1
         for record in records[:-1]:
             run.log.log(record)
         record = {**records[-1], "rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)}  # the batch's
@@ -820,9 +819,10 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
                  "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
-        run.end_step(done, record, model, optimizer, {"stage": "tapo", "batch": batch_index, "data_position": cursor},
-                     evaluate, shown=("reward", "sampled_accuracy", "dynamic/kept_frac", "loss/pg", "loss/kl_neg",
-                                      "completion_len"))
+        run.end_step(record["step"], record, model, optimizer,
+                     {"stage": "tapo", "batch": batch_index, "data_position": cursor}, evaluate,
+                     shown=("reward", "sampled_accuracy", "dynamic/kept_frac", "loss/pg", "loss/kl_neg",
+                            "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     return final
