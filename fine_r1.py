@@ -216,9 +216,8 @@ def accuracy_reward(completions: list[str], example: dict) -> list[float]:
 
 
 def exact_reward(completions: list[str], example: dict) -> list[float]:
-    """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
-    substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
-    repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule.
+    """1 if the <answer> text is the truth (both normalised), as eval.py's judges count; unlike the substring rule,
+    nothing for several names in one answer or answer tags inside the rationale (the stand-in learned both).
     >>> exact_reward(["<think>x</think><answer>Red-Circle.</answer>", "<answer>red circle, red square</answer>"],
     ...              {"truth": "red circle"})
     [1.0, 0.0]
@@ -261,23 +260,18 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
 
 def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
-    """Dynamic sampling: keep a group when its mean accuracy is strictly inside (low, high), i.e. it has both right
-    and wrong answers and so a learning signal. [P] -> [P] bool."""
+    """Dynamic sampling: keep a group whose mean accuracy is strictly inside (low, high), i.e. it has right and wrong
+    answers and so a learning signal. [P] -> [P] bool."""
     return (group_accuracy > low) & (group_accuracy < high)
 
 
 def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
-    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
-    first `quota` are used, extras are dropped like verl's truncation). A round in which no group on any rank passes
-    the filter is kept whole, as the released trainer does (its groups have zero advantage; TAPO's KL and entropy
-    terms still act on them). Every rank runs the same number of rounds (a rank already full keeps sampling while
-    another is short: collectives inside sampling need all ranks). After `max_rounds` the batch is filled with the
-    last rejected groups instead of failing. Returns (groups, stats)."""
-    kept, rejected, rounds, sampled, whole_rounds = [], [], 0, 0, 0
-    while True:
-        short = common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))  # ranks still short
-        if float(short[0]) == 0 or rounds >= max_rounds:
-            break
+    """(groups, stats): sample_round(round_index) until every rank holds `quota` groups keep_groups accepts (extras
+    dropped, as verl), on every rank alike; a round where no group passes on any rank is kept whole (the released
+    trainer: zero advantage, the KL and entropy terms still act); after `max_rounds`, filled with the last rejected."""
+    kept, rejected, rounds, whole_rounds = [], [], 0, 0
+    # every rank samples as long as one is short: the collectives inside sampling need all ranks
+    while rounds < max_rounds and float(common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))[0]) > 0:
         groups = sample_round(rounds)
         keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
         if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
@@ -286,10 +280,9 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
-        sampled += len(groups)
-    filled = max(0, quota - len(kept))
+    sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))
     if filled > len(rejected):
-        raise RuntimeError(f"dynamic sampling: {len(kept) + len(rejected)} groups sampled, {quota} needed")
+        raise RuntimeError(f"dynamic sampling: {sampled} groups sampled, {quota} needed")
     batch = kept[:quota] + (rejected[-filled:] if filled else [])
     stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
              "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
@@ -416,6 +409,7 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
 
+
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
     """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
     context only; the labels are the response and the closing <|im_end|>."""
@@ -450,13 +444,15 @@ SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you f
               "as in <think> your reasoning </think><answer> your answer </answer>.")
 
 
-def sft_question(sft_prompt: str, kind: str, key, truth: str, others: list[str],
-                 closed_frac: float) -> tuple[dict, list[str] | None]:
-    """({question, system} of one SFT sample, closed-world distractors or None): see SFT_SYSTEM."""
-    text, distractors = pose_question(kind, key, truth, others, closed_frac)
-    if sft_prompt == "paper":
-        return {"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM}, distractors
-    return {"question": text, "system": None}, distractors
+def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
+    """An image's SFT record but its response: the question (and system prompt, see SFT_SYSTEM) it is trained with,
+    and the rationale's candidates: a closed question's options, else the classes confusable with its own."""
+    name = example.class_name
+    text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
+    asked = ({"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM} if args.sft_prompt == "paper" else
+             {"question": text, "system": None})
+    return {"image": example.image, "id": example.id, "class_name": name,
+            "candidates": distractors or confusable[name], **asked}
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -622,18 +618,14 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     rng = random.Random(args.seed)
     # the images each class offers the teacher, in a seeded order
     offers = {name: rng.sample(by_class.get(name, []), len(by_class.get(name, []))) for name in seen}
-    records, stats = [], {"cot/classes": len(seen), "cot/tried": 0}
     if args.cot_source == "attributes":
-        for name in seen:
-            for ex in offers[name][:args.cot_per_class]:
-                asked, distractors = sft_question(args.sft_prompt, train.kind, ex.id, name,
-                                                  [c for c in seen if c != name], args.closed_frac)
-                candidates = distractors or confusable[name]  # a closed question's candidates are its options
-                records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
-                                **asked, "response": response_text(attribute_rationale(name, candidates), name)})
-        stats["cot/tried"] = len(records)
+        records = [sft_question(args, train.kind, ex, seen, confusable) for name in seen
+                   for ex in offers[name][:args.cot_per_class]]
+        records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
+                                                   r["class_name"])} for r in records]
+        stats = {"cot/classes": len(seen), "cot/tried": len(records)}
     else:
-        records, stats = teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats)
+        records, stats = teacher_rationales(args, ranks, out, train, seen, offers, confusable)
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -649,7 +641,7 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     return path
 
 
-def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats):
+def teacher_rationales(args, ranks, out, train, seen, offers, confusable):
     """The teacher's rationales for the seen classes, class by class over the ranks (class_rationales); each finished
     class is kept in <out>/cot.part<rank>.jsonl (common.resumable_map), so a killed run redoes only the rest."""
     def work(names: list[str]):
@@ -678,7 +670,7 @@ def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats)
         release_memory()
     done = common.resumable_map(out, "cot", seen, work, ranks, "stage cot: seen classes")
     records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
-    stats["cot/tried"] = sum(c["tried"] for c in done.values())
+    stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
     for c in done.values():
         for k, v in c["fails"].items():
             stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
@@ -693,12 +685,9 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
         exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
         if not exs or len(kept) >= args.cot_per_class:
             break
-        # the question each image will be trained with; a closed one's distractors are the rationale's candidates
-        posed = [sft_question(args.sft_prompt, train.kind, ex.id, name, [c for c in seen if c != name],
-                              args.closed_frac) for ex in exs]
-        candidates = [distractors or confusable[name] for _, distractors in posed]
-        texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(cands))
-                 for cands in candidates]
+        posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in exs]
+        texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
+                 for q in posed]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
         completions = teacher_completions(teacher, processor, [ex.image for ex in exs], texts, args, gen)
         for row, completion in enumerate(completions):
@@ -707,8 +696,7 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
             for k, ok in checks.items():
                 fails[k] = fails.get(k, 0) + (not ok)
             if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
-                kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
-                             **posed[i][0], "response": response_text(rationale, name)})
+                kept.append({**posed[i], "response": response_text(rationale, name)})
         tried += len(completions)
     return {"records": kept, "tried": tried, "fails": fails}
 

@@ -403,18 +403,20 @@ def test_sft_asks_as_the_paper_and_the_toy_preset_as_tapo(tiny):
     """--sft-prompt paper: an R1-style system prompt and the bare question (the paper's SFT samples); rl (toy preset):
     TAPO's prompt under the default system prompt. A record's system prompt is what sft_example encodes."""
     _, proc = tiny
-    paper, _ = fine_r1.sft_question("paper", "bird", "img1", "Bobolink", [], 0.0)
-    rl, _ = fine_r1.sft_question("rl", "bird", "img1", "Bobolink", [], 0.0)
-    assert rl == {"question": fine_r1.pose_question("bird", "img1")[0], "system": None}
-    assert paper == {"question": rl["question"].removesuffix(fine_r1.RL_SUFFIX), "system": fine_r1.SFT_SYSTEM}
+    example = data.Example(image="img1.jpg", label=0, class_name="Bobolink", id="img1")
+    paper, rl = (fine_r1.sft_question(SimpleNamespace(sft_prompt=how, closed_frac=0.0), "bird", example, [],
+                                      {"Bobolink": ["Dickcissel"]}) for how in ("paper", "rl"))
+    assert rl == {"image": "img1.jpg", "id": "img1", "class_name": "Bobolink", "candidates": ["Dickcissel"],
+                  "question": fine_r1.pose_question("bird", "img1")[0], "system": None}
+    assert paper == {**rl, "question": rl["question"].removesuffix(fine_r1.RL_SUFFIX), "system": fine_r1.SFT_SYSTEM}
     assert "<think>" not in paper["question"] and rl["question"].endswith(fine_r1.RL_SUFFIX)
     assert fine_r1.parse_args(["--data", "cub", "--data-root", "/x"]).sft_prompt == "paper"
     assert fine_r1.parse_args(["--data", "toy"]).sft_prompt == "rl"
     image = data.load_dataset("toy", "test").examples[0].image
-    record = {"image": image, "class_name": "Bobolink", **paper, "response": "<think>x</think>\n\n<answer>B</answer>"}
+    record = {**paper, "image": image, "response": "<think>x</think>\n\n<answer>B</answer>"}
     text = proc.tokenizer.decode(fine_r1.sft_example(proc, record)[0].input_ids)
     assert fine_r1.SFT_SYSTEM in text and "You are a helpful assistant." not in text
-    default = proc.tokenizer.decode(fine_r1.sft_example(proc, {**record, **rl})[0].input_ids)
+    default = proc.tokenizer.decode(fine_r1.sft_example(proc, {**record, **rl, "image": image})[0].input_ids)
     assert "You are a helpful assistant." in default and fine_r1.SFT_SYSTEM not in default
 
 
