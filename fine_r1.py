@@ -485,55 +485,31 @@ def _marker(text: str, mark: str) -> list[tuple[int, int]]:
 
 
 def candidate_block(body: str) -> tuple[str, str]:
-    """Split the text after the candidate line's opening words into (the candidate list, what follows). The list is
-    the rest of that line, or the next non-blank line; an introduction ending in ':' is followed by its list; list
-    items ("1.", "-", nested "  - ") continue it, across blank lines only while a numbered list goes on (3. after
-    2.). The layouts of the paper's released samples: "1. A" lines right below, an intro then "1." lines, "- A"
-    lines, or "A, B, C" on the next line."""
+    """Split the text after the candidate line's opening words into (the candidate list, what follows): that line's
+    rest or the next filled line (an intro ending in ':' and its first item), then list items ("1.", "-", "  - "),
+    across blank lines only into the next number (3. after 2.). As in the paper's samples: "A, B" or 1./- lines."""
     lines = body.split("\n")
-    i, block = 0, []
-    if lines[0].strip():  # the list on the marker's own line ("...: A, B, C")
-        block, i = [lines[0]], 1
-    else:
-        i = 1
-        while i < len(lines) and not lines[i].strip():
-            i += 1
-        if i < len(lines):
-            block, i = [lines[i]], i + 1
-            if not LIST_ITEM.match(block[0]) and block[0].rstrip().endswith(":"):  # an intro: its list follows
-                while i < len(lines) and not lines[i].strip():
-                    i += 1
-                if i < len(lines):
-                    block, i = block + [lines[i]], i + 1
-    number = None
-    for line in block:
-        m = LIST_ITEM.match(line)
-        number = int(m.group(1)) if m and m.group(1) else number
-    while i < len(lines):
-        m = LIST_ITEM.match(lines[i])
-        if m:
-            block.append(lines[i])
-            number = int(m.group(1)) if m.group(1) else number
-            i += 1
-            continue
-        if lines[i].strip() or number is None:
-            break
-        j = i  # blank lines: go on only if the numbered list continues after them
-        while j < len(lines) and not lines[j].strip():
-            j += 1
+    filled = lambda i: next((j for j in range(i, len(lines)) if lines[j].strip()), len(lines))  # noqa: E731
+    take = [0] if lines[0].strip() else [filled(1)]  # the list on the marker's own line, or on the next filled one
+    if 0 < take[0] < len(lines) and not LIST_ITEM.match(lines[take[0]]) and lines[take[0]].rstrip().endswith(":"):
+        take.append(filled(take[0] + 1))  # an introduction: its list follows
+    i, take = min(take[-1] + 1, len(lines)), [j for j in take if j < len(lines)]
+    numbers = [int(m.group(1)) for m in map(LIST_ITEM.match, (lines[j] for j in take)) if m and m.group(1)]
+    number = numbers[-1] if numbers else None
+    while i < len(lines):  # list items go on; blank lines only into the next number of a numbered list
+        j = filled(i)
         m = LIST_ITEM.match(lines[j]) if j < len(lines) else None
-        if not (m and m.group(1) and int(m.group(1)) == number + 1):
+        if not m or j > i and not (m.group(1) and number is not None and int(m.group(1)) == number + 1):
             break
-        i = j
-    return "\n".join(block), "\n".join(lines[i:])
+        take.append(j)
+        number, i = int(m.group(1)) if m.group(1) else number, j + 1
+    return "\n".join(lines[j] for j in take), "\n".join(lines[i:])
 
 
 def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
-    """The truth's name (normalised, whole words) inside `text`, and no other class of `classes` whose name contains
-    the truth's ("Border Collie" does not name "Collie"). A model year opening or closing the truth may be
-    left out, as the paper's teacher often does ("the car is a Cadillac CTS-V Sedan" names "Cadillac CTS-V Sedan
-    2012"), but not replaced by another number ("Falcon 900" does not name "Falcon 2000", nor "Audi TT Coupe 2011"
-    "Audi TT Coupe 2012")."""
+    """The truth's name (normalised, whole words) in `text` and no longer class name holding it ("Border Collie" does
+    not name "Collie"); a model year opening or closing it may be left out, as the paper's teacher often does, but
+    not replaced by another number ("Falcon 900" does not name "Falcon 2000", nor "TT 2011" "TT 2012")."""
     said, name = f" {judges.normalize(text)} ", judges.normalize(truth)
     short = re.sub(r"^(19|20)\d\d |( (19|20)\d\d)$", "", name)
     year = name.replace(short, "").strip()
@@ -545,14 +521,10 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
 
 def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
                     classes: list[str] = ()) -> dict[str, bool]:
-    """The four parts the filter asks for, each True when present in the <think> text (marks = the candidate line's
-    and the prediction's opening words, found in any case, with or without markdown bold or a heading mark):
-      analysis    a list of features ("1." / "1)" / "- " items) before the candidate line
-      candidates  "The analysis of candidate subcategories:" followed by a list, on that line or the next ones
-      comparison  some text (3 words or more) after the candidate list and before the prediction
-      prediction  the last "The prediction is: ..." naming the truth and no longer class name (names_truth),
-                  on its line or the lines after, with or without a period
-    A rationale that lacks a part, or whose prediction names another class, fails."""
+    """Which of the four parts the <think> text has (marks: the candidate and prediction lines' opening words, in any
+    case, markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
+    that line and its list (candidate_block); comparison, 3+ words after the list and before the prediction;
+    prediction, the last prediction line naming the truth (names_truth)."""
     text = re.sub(r"\*\*|__", "", think)  # markdown bold
     text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
     cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
