@@ -674,7 +674,7 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
 
 
 # =====================================================================================================================
-# 8. The stages sft and tapo on the shared run lifecycle
+# 8. The stages sft and tapo on the shared run lifecycle, and what they share
 # =====================================================================================================================
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
@@ -687,7 +687,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
-    lifecycle.require_divisible("--sft-batch", args.sft_batch, ranks.world_size, "the number of ranks")
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
     # the paper's SFT trains the language model only (vision tower + merger frozen)
@@ -728,7 +727,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
         common.print0(f"stage tapo: {final} exists, skipped")
         return final
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
-    check_tapo_batches(args, ranks.world_size)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
     # data: k images per seen class (the anchors), and the classes each one's negative may come from
@@ -788,10 +786,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     return final
 
 
-# =====================================================================================================================
-# 9. Shared by the stages: data, what trains, evaluation
-# =====================================================================================================================
-
 def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
     return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
 
@@ -812,8 +806,8 @@ def release_memory():
 
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy and image count,
-    and the paper's Avg, the mean of the two."""
+    """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy, <group>_n its
+    images, and avg, the paper's mean of the two."""
     result = evaluation.evaluate_groups(
         model, processor, eval_sets, [EVALS[name] for name in args.protocols], out=out, step=step,
         precision=args.precision, name="eval/{protocol}/{group}", folder="{protocol}_{group}", seed=args.seed,
@@ -821,20 +815,17 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -
         compile_decode=bool(args.compile_decode))
     for name in args.protocols:
         result.update({f"eval/{name}/{group}_n": len(ds) for group, ds in eval_sets.items()})
-        if f"eval/{name}/seen" in result and f"eval/{name}/unseen" in result:
-            result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
+        result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
     return result
 
 
 def eval_sets_for(args) -> dict:
-    if not args.eval_every:
-        return {}
-    return {"seen": load_split(args, args.eval_split, "base", limit=args.eval_limit),
-            "unseen": load_split(args, args.eval_split, "novel", limit=args.eval_limit)}
+    return {group: load_split(args, args.eval_split, classes, limit=args.eval_limit)
+            for group, classes in (("seen", "base"), ("unseen", "novel")) if args.eval_every}
 
 
 # =====================================================================================================================
-# 10. Flags: the paper's values as defaults, and a toy preset for the CPU
+# 9. Flags (the paper's values as defaults, a toy preset for the CPU), and main
 # =====================================================================================================================
 
 # Toy preset (flags not given on the command line): the toy data has 12 seen classes of 20 training images each, so
@@ -943,8 +934,7 @@ def parse_args(argv=None):
 
 
 def check_tapo_batches(args, world_size: int):
-    """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
-    `--stage all` run never trains CoT SFT for hours and then stops here)."""
+    """TAPO's batch arithmetic, refused with the numbers (main checks it at the start: never after hours of SFT)."""
     for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
                     ("--prompts-per-step", args.prompts_per_step)):
         lifecycle.require_divisible(what, n, world_size, "the number of ranks")
@@ -953,10 +943,6 @@ def check_tapo_batches(args, world_size: int):
         raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
                          f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
 
-
-# =====================================================================================================================
-# 11. main
-# =====================================================================================================================
 
 def main(argv=None):
     args = parse_args(argv)
@@ -985,7 +971,7 @@ def main(argv=None):
 
 
 # =====================================================================================================================
-# 12. Plumbing: the teacher's input and output, the memory estimates
+# 10. Plumbing: the teacher's input and output, the memory estimates
 # =====================================================================================================================
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
@@ -995,10 +981,9 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
         def ask(item):
             image, text = item
             with open(image, "rb") as f:
-                data = base64.b64encode(f.read()).decode()
-            mime = "image/png" if image.lower().endswith(".png") else "image/jpeg"
-            content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
-                       {"type": "text", "text": text}]
+                inline = f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64," \
+                         f"{base64.b64encode(f.read()).decode()}"
+            content = [{"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": text}]
             out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
                                 "temperature": args.cot_temperature, "top_p": args.cot_top_p,
                                 "max_tokens": args.cot_max_new_tokens})
@@ -1020,9 +1005,8 @@ def sft_estimate(processor, records: list[dict], args) -> dict:
                 prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
                 title="memory budget (stage sft)",
                 knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
-                       "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no "
-                                    "--sft-train-vision)",
-                       "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+                       **dict.fromkeys(("gradients", "optimizer states"), "--parallel fsdp over more GPUs; keep the "
+                                       "vision tower frozen (no --sft-train-vision)")})
 
 
 def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
@@ -1035,12 +1019,12 @@ def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
                 knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
                        "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
                                            "--max-new-tokens, --max-pixels",
-                       "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
-                       "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+                       **dict.fromkeys(("gradients", "optimizer states"),
+                                       "--parallel fsdp over more GPUs; --tapo-freeze-vision")})
 
 
 # =====================================================================================================================
-# 13. For the CPU stand-in
+# 11. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
