@@ -169,10 +169,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
                                [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
-    prompts = []
-    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
-        prompts += [common.encode_prompt(processor, t.anchor.image, q),
-                    common.encode_prompt(processor, t.positive.image, q)]
+    prompts = [common.encode_prompt(processor, image, q) for t, q in zip(triplets, questions)
+               for image in (t.anchor.image, t.positive.image)]  # [a1, p1, a2, ...]: prompt j owns rows j*G..j*G+G-1
     with args.precision.context():
         rollout = common.sample(model, processor, prompts, group_size=group_size, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
@@ -755,11 +753,9 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
         batch_index += 1
+        batch_end = min(batch_start + steps_per_batch, total_steps)
         model.train()
-        records = []
-        for k, step in enumerate(range(batch_start, min(batch_start + steps_per_batch, total_steps))):
-            if run.guard.exhausted:
-                break
+        for k, step in enumerate(range(batch_start, batch_end)):
             lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                                  warmup_steps=args.warmup_steps)
             lifecycle.set_lr(optimizer, lr)
@@ -767,12 +763,13 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                 grad_norm, sums = tapo_update(model, optimizer, run, step + 1, batch,
                                               range(k * rows_per_step, (k + 1) * rows_per_step), args)
             # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-            records.append({"step": step + 1, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
-                            **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
-        for record in records[:-1]:
+            record = {"step": step + 1, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
+                      **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}}
+            if step + 1 == batch_end or run.guard.exhausted:  # the batch's last step (a non-finite streak ends it)
+                break
             run.log.log(record)
-        record = {**records[-1], "rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)}  # the batch's
-        if args.log_completions and ranks.is_main:  # metrics go with its last optimizer step
+        record.update({"rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)})  # the batch's metrics
+        if args.log_completions and ranks.is_main:  # go with its last optimizer step
             record["completions"] = [
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
                  "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
@@ -843,28 +840,25 @@ TOY = dict(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
-                                            "recognition with Qwen2.5-VL")
+    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) with Qwen2.5-VL")
     # the shared flags with the paper's values (SPEC section 6); TAPO's rate is constant, it has no reference KL
     lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=5, rewards="accuracy=0.9,format=0.1",
                                 lr=1e-6, lr_schedule="constant", beta=None, max_new_tokens=2048, micro_batch=4,
                                 eval_every=50, save_every=15, weight_decay=0.01, grad_clip=1.0, temperature=1.0,
                                 top_p=0.99, eval_max_new_tokens=2048, eval_batch=8)
     p.set_defaults(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
-    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
-                   help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
+    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"], help="all: cot, sft then tapo")
     g = p.add_argument_group("stage cot: the rationale data")
     add = lambda flag, default, help, **kw: g.add_argument(flag, default=default, help=help,  # noqa: E731
                                                            type=kw.pop("type", type(default)), **kw)
-    g.add_argument("--cot-data", help="a JSONL file of rationales to train on instead (image, class_name, question, "
-                   "response; optional system)")
-    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"], help="who writes the "
-                   "rationales: a teacher model, or (toy only) the image's known attributes; auto = the teacher when "
-                   "--teacher is given or the data is not toy")
-    g.add_argument("--teacher", help="a Qwen2.5-VL checkpoint loaded here (default: --model), or openai:<model> "
-                   "served at --teacher-url (any vision chat model, e.g. by vLLM)")
-    g.add_argument("--teacher-url", help="OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 "
-                   "(default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
+    add("--cot-data", None, "JSONL of rationales to train on instead (image, class_name, question, response[, system])",
+        type=str)
+    add("--cot-source", "auto", "who writes the rationales: a teacher, or (toy only) the image's attributes; auto: "
+        "the teacher when --teacher is given or the data is not toy", choices=["auto", "teacher", "attributes"])
+    add("--teacher", None, "a Qwen2.5-VL checkpoint (default --model), or openai:<model> served at --teacher-url",
+        type=str)
+    add("--teacher-url", None, "OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 (default "
+        "$OPENAI_BASE_URL, key $OPENAI_API_KEY); images sent inline", type=str)
     add("--teacher-concurrency", 16, "requests in flight per rank (openai:)")
     add("--cot-per-class", 1, "rationales kept per seen class (paper 1)")
     add("--cot-images-per-class", 4, "training images per class offered to the teacher until one rationale passes")
@@ -874,23 +868,22 @@ def parse_args(argv=None):
     add("--cot-top-p", 0.95, "teacher nucleus sampling")
     add("--cot-max-new-tokens", 2048, "rationale length cap")
     add("--cot-batch", 8, "images per teacher sampling call (memory knob)")
-    add("--closed-frac", 0.0, "share of CoT/SFT and TAPO questions asked in the closed-world form: the truth and 3 "
-        "other seen classes as options (paper 0: open questions only)")
+    add("--closed-frac", 0.0, "share of CoT/SFT and TAPO questions asked closed-world: the truth and 3 other seen "
+        "classes as options (paper 0: open questions only)")
     g = p.add_argument_group("stage sft")
-    g.add_argument("--sft-prompt", default="paper", choices=["paper", "rl"], help="how SFT asks: paper = an R1-style "
-                   "system prompt and the bare question (the paper's SFT data); rl = TAPO's prompt (toy preset)")
+    add("--sft-prompt", "paper", "paper: an R1-style system prompt and the bare question (the paper's SFT data); rl: "
+        "TAPO's prompt (toy preset)", choices=["paper", "rl"])
     add("--sft-lr", 5e-6, "peak learning rate (paper 5e-6)")
     add("--sft-warmup", 6, "linear warm-up steps, then cosine decay (paper 6)")
     add("--sft-weight-decay", 0.1, "AdamW weight decay (paper 0.1)")
     add("--sft-batch", 64, "samples per optimizer step, all ranks (paper 64)")
     add("--sft-epochs", 10.0, "passes over the rationales (paper 10)")
     add("--sft-micro-batch", 4, "samples per forward/backward on a rank")
-    g.add_argument("--sft-train-vision", action="store_true", help="also train the vision tower and merger (the "
-                   "paper freezes both in SFT)")
+    g.add_argument("--sft-train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
     add("--sft-min-pixels", 32 * 32, "SFT image pixel budget, lower (paper 32*32)")
     add("--sft-max-pixels", 768 * 768, "SFT image pixel budget, upper (paper 768*768)")
     g = p.add_argument_group("stage tapo (--group-size: rollouts per image; anchor's + positive's = one group of 2x)")
-    g.add_argument("--tapo-init", help="checkpoint TAPO starts from (default: <out>/sft/final, else --model)")
+    add("--tapo-init", None, "checkpoint TAPO starts from (default: <out>/sft/final, else --model)", type=str)
     add("--shots", 4, "training images per seen class (paper 4)")
     add("--negatives", "confusable", "negative image from a random other class, or from one of the --confusable-k "
         "classes whose names are most similar to the anchor's", choices=["random", "confusable"])
