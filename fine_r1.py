@@ -65,10 +65,9 @@ def closed_prompt(kind: str, options: list[str]) -> str:
     return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
 
 
-# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt is the
-# question, a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>;
-# the open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
-# the RL prompt's wording of that request, so that a model trained on it is asked the way it was trained).
+# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt: the
+# question, a blank line, the request to think it through in <think> and answer in <answer>; the open-world evaluation
+# says it is a fine-grained question and asks for the two tags in the RL prompt's words (asked as it was trained).
 QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
              "What is the specific name of this {kind}?", "Name the {kind} in the image."]
 RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
@@ -115,15 +114,13 @@ class Triplet:
 
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
-    """For each class, the classes its negative image may come from: every other class (random) or the k with the
-    most similar names (confusable)."""
+    """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
     if how == "random":
         return {a: [b for b in names if b != a] for a in names}
     return confusable_classes(names, k)
 
 
-def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
-                 negatives: dict[str, list[str]], rng: random.Random) -> Triplet:
+def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
     """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
     same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
     if not same:
@@ -133,11 +130,9 @@ def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
 
-def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
-                ranks: common.Dist) -> list[Triplet]:
-    """This rank's triplets of the sampling round at data position `cursor` (positions cursor + rank, + world, ...
-    of an endless stream of seeded epochs over the anchors); each position's draws are seeded by it, so they are the
-    same on resume and on any number of ranks."""
+def triplets_at(cursor: int, anchors: list, by_class: dict, negatives: dict, args, ranks: common.Dist) -> list[Triplet]:
+    """This rank's triplets of the round at data position `cursor` (cursor + rank, + world, ... of seeded epochs over
+    the anchors), each position's draws seeded by it: the same on resume and on any number of ranks."""
     return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
                          random.Random(args.seed * 1_000_003 + pos))
             for pos in range(cursor + ranks.rank, cursor + args.sample_prompts, ranks.world_size)]
@@ -162,8 +157,7 @@ class Group:
         return float(next(iter(self.parts.values())).mean())
 
 
-def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
-                  generator) -> list[Group]:
+def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
     """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
     group_size = args.group_size
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
@@ -348,15 +342,13 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
     """Rounds of triplets sampled until every rank holds its --rollout-batch / ranks groups (dynamic sampling), their
     advantages, and every response's log-probs under the sampling policy, with its own image and with the negative
     one. Returns (the batch's rows, its groups, its rollout metrics on this rank, the data position after it)."""
-    seen_classes = sorted(by_class)
-
     def sample_round(round_index: int) -> list[Group]:
         triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args,
                                ranks)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
                                                   + ranks.rank)
         started = time.perf_counter()
-        groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, generator)
+        groups = sample_groups(model, processor, triplets, train.kind, sorted(by_class), args, generator)
         if time.perf_counter() - started > 30:  # a long stage says where it is
             common.print0(f"tapo rollout batch {batch_index + 1}, sampling round {round_index + 1}: done")
         return groups
@@ -364,7 +356,8 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sampling"):
         first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
-        with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
+        with args.precision.context(), \
+                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
             groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size,
                                                args.max_sample_rounds, args.acc_low, args.acc_high)
     cursor += metrics["dynamic/rounds"] * args.sample_prompts
@@ -433,10 +426,9 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
 # 7. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
 # =====================================================================================================================
 
-# SFT asks as the paper's released SFT samples do (--sft-prompt paper): an R1-style system prompt that asks for the
-# reasoning in <think> and the answer in <answer>, and the bare question. The toy preset (--sft-prompt rl) asks with
-# the TAPO prompt's format request and no system prompt instead: the two-layer stand-in, pretrained on the RL and
-# evaluation prompts, lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
+# SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
+# preset (rl) asks with TAPO's prompt and no system prompt: the stand-in, pretrained on the RL and evaluation prompts,
+# lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
 SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you first reason it through, then give "
               "the answer. Put the reasoning inside <think> </think> and the answer inside <answer> </answer>, "
               "as in <think> your reasoning </think><answer> your answer </answer>.")
@@ -582,12 +574,9 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     train = load_split(args, "train", "base", limit=args.train_limit)
     seen = train.split_class_names
     confusable = confusable_classes(seen, args.cot_candidates)
-    by_class: dict[str, list[data.Example]] = {}
-    for ex in train.examples:
-        by_class.setdefault(ex.class_name, []).append(ex)
-    rng = random.Random(args.seed)
-    # the images each class offers the teacher, in a seeded order
-    offers = {name: rng.sample(by_class.get(name, []), len(by_class.get(name, []))) for name in seen}
+    rng = random.Random(args.seed)  # the images each class offers the teacher, in a seeded order
+    offers = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
+    offers = {name: rng.sample(images, len(images)) for name, images in offers.items()}
     if args.cot_source == "attributes":
         records = [sft_question(args, train.kind, ex, seen, confusable) for name in seen
                    for ex in offers[name][:args.cot_per_class]]
@@ -637,7 +626,8 @@ def teacher_rationales(args, ranks, out, train, seen, offers, confusable):
             yield name, done
             common.print0(f"  cot class {i + 1}/{len(names)} (rank 0 shard) {name}: {len(done['records'])} kept")
         del teacher
-        release_memory()
+        gc.collect()  # the memory back before the next stage loads
+        torch.cuda.empty_cache()
     done = common.resumable_map(out, "cot", seen, work, ranks, "stage cot: seen classes")
     records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
     stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
@@ -652,20 +642,21 @@ def class_rationales(teacher, processor, args, train, name, seen, offers, confus
     images are offered to the teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
     kept, tried, fails = [], 0, {}
     for start in range(0, args.cot_images_per_class, args.cot_batch):
-        exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-        if not exs or len(kept) >= args.cot_per_class:
+        offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+        if not offered or len(kept) >= args.cot_per_class:
             break
-        posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in exs]
+        posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
         texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
                  for q in posed]
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-        completions = teacher_completions(teacher, processor, [ex.image for ex in exs], texts, args, gen)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
+        completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args, generator)
         for row, completion in enumerate(completions):
             i = row // args.cot_samples
             rationale, checks = check_rationale(completion, name, classes=train.class_names)
             for k, ok in checks.items():
                 fails[k] = fails.get(k, 0) + (not ok)
-            if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
+            if (rationale is not None and len(kept) < args.cot_per_class
+                    and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
                 kept.append({**posed[i], "response": response_text(rationale, name)})
         tried += len(completions)
     return {"records": kept, "tried": tried, "fails": fails}
@@ -793,13 +784,6 @@ def vision_trained(trained: bool):
         model.model.visual.requires_grad_(trained)
         return None if trained else "vision tower frozen"
     return trainable
-
-
-def release_memory():
-    """After a stage has dropped its model and optimizer: give the memory back before the next stage loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
@@ -955,7 +939,8 @@ def main(argv=None):
         cot_path = run_cot(args, run.d, run.out)
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
-        release_memory()
+        gc.collect()  # the SFT model and optimizer freed before TAPO loads
+        torch.cuda.empty_cache()
     if "tapo" in stages:
         run_tapo(run.stage("tapo"), eval_sets, first_stage=stages[0] == "tapo")
     lifecycle.print_eval_summary([os.path.join(run.out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
@@ -1027,18 +1012,15 @@ TOY_PREDICTION_MARK = "the final answer is"
 
 
 def attribute_rationale(class_name: str, candidates: list[str]) -> str:
-    """The four-part rationale of a toy image, written from its known attributes (a toy class name is colour, pattern
-    and shape): the features in the order of the class name (so that the prediction copies them), the candidate
-    classes, how each differs, the prediction. About 40 tokens: the tiny stand-in samples it on a CPU.
-    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
-    '1. colour: red 2. pattern: striped 3. shape: circle\nthe options: red plain circle, blue striped square\n
-     not plain, not blue\nthe final answer is red striped circle'
-    """
+    """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
+    "1. colour: red 2. pattern: striped 3. shape: circle | the options: red plain circle, blue striped square | not
+    plain, not blue | the final answer is red striped circle" (| a line break)."""
+    attributes = class_name.split()
     differs = []
     for c in candidates:  # the first attribute in which each candidate differs from the image
-        differs += [w for w, mine in zip(c.split(), class_name.split()) if w != mine][:1]
-    features = " ".join(f"{i}. {a}: {w}" for i, (a, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                        class_name.split()), 1))
+        differs += [w for w, mine in zip(c.split(), attributes) if w != mine][:1]
+    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
+                                                                              attributes), 1))
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
