@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import difflib
 import gc
@@ -106,11 +107,7 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
 # 2. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
 # =====================================================================================================================
 
-@dataclasses.dataclass
-class Triplet:
-    anchor: data.Example
-    positive: data.Example
-    negative: data.Example
+Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
 
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
@@ -203,8 +200,8 @@ def accuracy_reward(completions: list[str], example: dict) -> list[float]:
     >>> accuracy_reward(["<think>x</think><answer>a RED CIRCLE, I think</answer>"], {"truth": "red circle"})
     [1.0]
     """
-    answers = [judges.parse_answer(c) for c in completions]
-    return [float(a is not None and example["truth"].lower() in a.lower()) for a in answers]
+    truth = example["truth"].lower()
+    return [float(a is not None and truth in a.lower()) for a in map(judges.parse_answer, completions)]
 
 
 def exact_reward(completions: list[str], example: dict) -> list[float]:
@@ -214,8 +211,8 @@ def exact_reward(completions: list[str], example: dict) -> list[float]:
     ...              {"truth": "red circle"})
     [1.0, 0.0]
     """
-    answers = [judges.parse_answer(c) for c in completions]
-    return [float(a is not None and judges.normalize(a) == judges.normalize(example["truth"])) for a in answers]
+    truth = judges.normalize(example["truth"])
+    return [float(a is not None and judges.normalize(a) == truth) for a in map(judges.parse_answer, completions)]
 
 
 def format_reward(completions: list[str], example: dict) -> list[float]:
@@ -395,8 +392,7 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                          clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                          kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
                          neg_entropy_coef=args.neg_entropy_coef)
-    micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in range(rows.start, rows.stop,
-                                                                                    args.micro_batch)]
+    micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in rows[::args.micro_batch]]
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
 
@@ -509,37 +505,29 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     return found and not any(f" {c} " in said for c in longer)
 
 
-def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
-                    classes: list[str] = ()) -> dict[str, bool]:
-    """Which of the four parts the <think> text has (marks: the candidate and prediction lines' opening words, in any
-    case, markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
-    that line and its list (candidate_block); comparison, 3+ words after the list and before the prediction;
-    prediction, the last prediction line naming the truth (names_truth)."""
-    text = re.sub(r"\*\*|__", "", think)  # markdown bold
-    text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
-    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
-    c_start, c_end = cands[0] if cands else (-1, -1)
-    p_start, p_end = preds[-1] if preds else (-1, -1)
-    predicted = p_start >= 0 and names_truth(text[p_end:], truth, classes)
-    features = text[:c_start] if c_start >= 0 else text
-    analysis = any(LIST_ITEM.match(line) for line in features.split("\n")) or \
-        re.search(r"(^|\s)1[.)]\s", features) is not None
-    if c_start < 0 or p_start < c_end:
-        return {"analysis": analysis, "candidates": c_start >= 0, "comparison": False, "prediction": predicted}
-    block, rest = candidate_block(text[c_end:p_start])
-    return {"analysis": analysis, "candidates": len(block.split()) > 0, "comparison": len(rest.split()) >= 3,
-            "prediction": predicted}
-
-
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
                     classes: list[str] = ()) -> tuple[str | None, dict[str, bool]]:
-    """(the rationale text, or None when rejected; the checks). Kept when the completion has the think / answer
-    format, its answer is the truth (normalised) and the rationale has all four parts."""
+    """(the <think> text, or None unless all checks pass; the checks): the think / answer format, the answer is the
+    truth (normalised), and the rationale's four parts (marks: the candidate and prediction lines' opening words, any
+    case; markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
+    that line and its list (candidate_block); comparison, 3+ words after the list and before the prediction;
+    prediction, the last prediction line naming the truth (names_truth)."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
+    text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
+    text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
+    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
+    (c_start, c_end), (p_start, p_end) = (cands or [(-1, -1)])[0], (preds or [(-1, -1)])[-1]
+    listed = c_start >= 0 and p_start >= c_end  # the candidate line, and the prediction after it
+    block, rest = candidate_block(text[c_end:p_start]) if listed else ("", "")
+    features = text[:c_start] if c_start >= 0 else text
     checks = {"format": judges.format_ok(completion),
               "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
-              **rationale_parts(think.group(1) if think else "", truth, marks, classes)}
+              "analysis": any(LIST_ITEM.match(line) for line in features.split("\n"))
+              or re.search(r"(^|\s)1[.)]\s", features) is not None,
+              "candidates": len(block.split()) > 0 if listed else c_start >= 0,
+              "comparison": len(rest.split()) >= 3,
+              "prediction": p_start >= 0 and names_truth(text[p_end:], truth, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
@@ -583,8 +571,14 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
         records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
                                                    r["class_name"])} for r in records]
         stats = {"cot/classes": len(seen), "cot/tried": len(records)}
-    else:
-        records, stats = teacher_rationales(args, ranks, out, train, seen, offers, confusable)
+    else:  # the teacher, class by class over the ranks; a killed run redoes only the classes it did not finish
+        done = common.resumable_map(out, "cot", seen, lambda names: teacher_rationales(
+            names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
+        records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
+        stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
+        for c in done.values():
+            for k, v in c["fails"].items():
+                stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -600,66 +594,52 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     return path
 
 
-def teacher_rationales(args, ranks, out, train, seen, offers, confusable):
-    """The teacher's rationales for the seen classes, class by class over the ranks (class_rationales); each finished
-    class is kept in <out>/cot.part<rank>.jsonl (common.resumable_map), so a killed run redoes only the rest."""
-    def work(names: list[str]):
-        if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
-            return
-        if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
-            teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
-                                                     concurrency=args.teacher_concurrency), None
-            teacher.check()
-        else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
-            frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
-            teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
-                                                   attn=args.attn, min_pixels=args.sft_min_pixels,
-                                                   max_pixels=args.sft_max_pixels,
-                                                   flag="--teacher" if args.teacher else "--model")
-            teacher.eval()
-        for i, name in enumerate(names):
+def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, confusable):
+    """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
+    whose images are offered --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+    if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
+        return
+    if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
+        teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
+                                                 concurrency=args.teacher_concurrency), None
+        teacher.check()
+    else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
+        frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
+        teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
+                                               attn=args.attn, min_pixels=args.sft_min_pixels,
+                                               max_pixels=args.sft_max_pixels,
+                                               flag="--teacher" if args.teacher else "--model")
+        teacher.eval()
+    for n, name in enumerate(names):
+        kept, tried, fails = [], 0, {}
+        for start in range(0, args.cot_images_per_class, args.cot_batch):
+            offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+            if not offered or len(kept) >= args.cot_per_class:
+                break
+            posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
+            texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
+                     for q in posed]
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
             try:
-                done = class_rationales(teacher, processor, args, train, name, seen, offers, confusable)
+                completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args,
+                                                  generator)
             except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
                 raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
                                  f"rerun the same command to resume") from None
-            yield name, done
-            common.print0(f"  cot class {i + 1}/{len(names)} (rank 0 shard) {name}: {len(done['records'])} kept")
-        del teacher
-        gc.collect()  # the memory back before the next stage loads
-        torch.cuda.empty_cache()
-    done = common.resumable_map(out, "cot", seen, work, ranks, "stage cot: seen classes")
-    records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
-    stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
-    for c in done.values():
-        for k, v in c["fails"].items():
-            stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
-    return records, stats
-
-
-def class_rationales(teacher, processor, args, train, name, seen, offers, confusable):
-    """{"records": kept rationales, "tried": completions, "fails": failed checks by part} of one seen class: its
-    images are offered to the teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
-    kept, tried, fails = [], 0, {}
-    for start in range(0, args.cot_images_per_class, args.cot_batch):
-        offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-        if not offered or len(kept) >= args.cot_per_class:
-            break
-        posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
-        texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
-                 for q in posed]
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-        completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args, generator)
-        for row, completion in enumerate(completions):
-            i = row // args.cot_samples
-            rationale, checks = check_rationale(completion, name, classes=train.class_names)
-            for k, ok in checks.items():
-                fails[k] = fails.get(k, 0) + (not ok)
-            if (rationale is not None and len(kept) < args.cot_per_class
-                    and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
-                kept.append({**posed[i], "response": response_text(rationale, name)})
-        tried += len(completions)
-    return {"records": kept, "tried": tried, "fails": fails}
+            for row, completion in enumerate(completions):
+                i = row // args.cot_samples
+                rationale, checks = check_rationale(completion, name, classes=train.class_names)
+                for k, ok in checks.items():
+                    fails[k] = fails.get(k, 0) + (not ok)
+                if (rationale is not None and len(kept) < args.cot_per_class
+                        and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
+                    kept.append({**posed[i], "response": response_text(rationale, name)})
+            tried += len(completions)
+        yield name, {"records": kept, "tried": tried, "fails": fails}
+        common.print0(f"  cot class {n + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
+    del teacher
+    gc.collect()  # the memory back before the next stage loads
+    torch.cuda.empty_cache()
 
 
 # =====================================================================================================================

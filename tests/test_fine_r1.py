@@ -371,10 +371,9 @@ def test_rationale_parts_find_the_candidate_list_and_what_follows():
     block, rest = fine_r1.candidate_block("\nIt could be:\n1. A\n\n2. B\nA is larger than B.")
     assert block.split("\n") == ["It could be:", "1. A", "2. B"] and rest == "A is larger than B."
     # a candidate line straight into the prediction has no comparison; no list at all has no candidates
-    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories: A, B\nThe prediction is: A",
-                                       "A")["comparison"]
-    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A",
-                                       "A")["candidates"]
+    checks = lambda think: fine_r1.check_rationale(fine_r1.response_text(think, "A"), "A")[1]  # noqa: E731
+    assert not checks("1. red\nThe analysis of candidate subcategories: A, B\nThe prediction is: A")["comparison"]
+    assert not checks("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A")["candidates"]
 
 
 
