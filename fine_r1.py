@@ -139,12 +139,8 @@ def triplets_at(cursor: int, anchors: list, by_class: dict, negatives: dict, arg
 class Group:
     """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
     triplet: Triplet
-    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
+    rollout: common.Rollout  # prompts [anchor's, positive's] x G rows each: [2G, T]
     neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    completion_ids: torch.Tensor  # [2G, T]
-    completion_mask: torch.Tensor  # [2G, T]
-    truncated: torch.Tensor  # [2G]
-    texts: list[str]
     reward: torch.Tensor  # [2G]
     parts: dict  # reward name -> [2G]
 
@@ -170,25 +166,13 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * group_size * i, 2 * group_size * (i + 1))
-        texts = rollout.texts[rows]
         example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
-        reward, parts = score(texts, example, args.reward_weights)  # [2G]: G on the anchor, G on the positive
-        groups.append(Group(t, [prompts[2 * i]] * group_size + [prompts[2 * i + 1]] * group_size,
-                            common.encode_prompt(processor, t.negative.image, questions[i]),
-                            rollout.completion_ids[rows], rollout.completion_mask[rows], rollout.truncated[rows],
-                            texts, reward, parts))
+        reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
+        own = common.Rollout(prompts[2 * i:2 * i + 2], group_size, rollout.completion_ids[rows],
+                             rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
+                             rollout.texts[rows])
+        groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts))
     return groups
-
-
-def stack_groups(groups: list[Group], pad_id: int):
-    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
-    width = max(g.completion_ids.shape[1] for g in groups)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
-    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
-    own = [p for g in groups for p in g.prompts]
-    neg = [g.neg_prompt for g in groups for _ in g.prompts]
-    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
 
 
 # =====================================================================================================================
@@ -361,7 +345,10 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
 
     # the advantage over each group of 2G (G from the anchor + G from the positive); the log-probs once, no grad
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
+    rollout = common.concat_rollouts([g.rollout for g in groups], pad_id)  # R rows, padded to the longest
+    own, ids, mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask  # [R], [R, T], [R, T]
+    neg = [g.neg_prompt for g in groups for _ in g.rollout.texts]  # [R] each row's negative image
+    rewards = torch.cat([g.reward for g in groups])  # [R]
     logprobs = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
         model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
         shared_prefix=bool(args.shared_prefix))
@@ -373,7 +360,7 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
     parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
     metrics.update({"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
                     "completion_len": float(mask.sum()) / mask.shape[0],
-                    "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())})
+                    "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
 
@@ -743,7 +730,7 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
         if args.log_completions and ranks.is_main:  # go with its last optimizer step
             record["completions"] = [
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
-                 "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
+                 "truth": g.triplet.anchor.class_name, "completion": g.rollout.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
         run.end_step(record["step"], record, model, optimizer,
                      {"stage": "tapo", "batch": batch_index, "data_position": cursor}, evaluate,

@@ -548,18 +548,18 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
                                    torch.Generator().manual_seed(0))
     tok = proc.tokenizer
     for t, g in zip(triplets, groups):
-        assert g.completion_ids.shape[0] == 4 and len(g.texts) == 4 and g.reward.shape == (4,)
-        image_of = {id(p): p for p in g.prompts}
+        assert g.rollout.completion_ids.shape[0] == 4 and len(g.rollout.texts) == 4 and g.reward.shape == (4,)
+        image_of = {id(p): p for p in g.rollout.row_prompts}
         anchor = common.encode_prompt(proc, t.anchor.image, "x")
         positive = common.encode_prompt(proc, t.positive.image, "x")
         negative = common.encode_prompt(proc, t.negative.image, "x")
-        assert all(torch.equal(p.pixel_values, anchor.pixel_values) for p in g.prompts[:2])
-        assert all(torch.equal(p.pixel_values, positive.pixel_values) for p in g.prompts[2:])
+        assert all(torch.equal(p.pixel_values, anchor.pixel_values) for p in g.rollout.row_prompts[:2])
+        assert all(torch.equal(p.pixel_values, positive.pixel_values) for p in g.rollout.row_prompts[2:])
         assert torch.equal(g.neg_prompt.pixel_values, negative.pixel_values)
         assert len(image_of) == 2  # rows share their prompt objects
-        question = tok.decode(g.prompts[0].input_ids)
-        assert tok.decode(g.prompts[2].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
-        expected, _ = fine_r1.score(g.texts, {"truth": t.anchor.class_name}, args.reward_weights)
+        question = tok.decode(g.rollout.prompts[0].input_ids)
+        assert tok.decode(g.rollout.prompts[1].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
+        expected, _ = fine_r1.score(g.rollout.texts, {"truth": t.anchor.class_name}, args.reward_weights)
         assert torch.equal(g.reward, expected)
 
 
