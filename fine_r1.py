@@ -51,7 +51,7 @@ import memory
 
 
 # =====================================================================================================================
-# 1. Prompts
+# 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group
 # =====================================================================================================================
 
 # Closed world (released eval_closedworld): the question, the options as a Python list (no letters), the reasoning
@@ -102,10 +102,6 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
         return closed_prompt(kind, options), distractors
     return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
 
-
-# =====================================================================================================================
-# 2. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
-# =====================================================================================================================
 
 Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
 
@@ -176,7 +172,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
 
 
 # =====================================================================================================================
-# 3. Rewards: REWARDS[name](completions, example) -> one value per completion, picked and weighted by --rewards
+# 2. Rewards (REWARDS[name](completions, example), picked and weighted by --rewards), advantage, dynamic sampling
 # =====================================================================================================================
 
 def accuracy_reward(completions: list[str], example: dict) -> list[float]:
@@ -217,10 +213,6 @@ def score(completions: list[str], example: dict, weights: dict[str, float]):
     spaced = [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions]
     return lifecycle.group_rewards(REWARDS, weights, spaced, example)
 
-
-# =====================================================================================================================
-# 4. Advantage, and the dynamic-sampling filter
-# =====================================================================================================================
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
@@ -265,7 +257,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
 
 
 # =====================================================================================================================
-# 5. The TAPO loss, written by hand
+# 3. The TAPO loss, written by hand
 # =====================================================================================================================
 
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
@@ -314,8 +306,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 
 
 # =====================================================================================================================
-# 6. The train steps. TAPO: one rollout batch -> advantages, old and negative-image log-probs -> optimizer steps;
-#    SFT: cross-entropy on the assistant tokens of the rationales (common.sft_loss)
+# 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs) and update; SFT's update
 # =====================================================================================================================
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.Dataset, by_class: dict, negatives: dict,
@@ -406,7 +397,7 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
 
 
 # =====================================================================================================================
-# 7. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
+# 5. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
 # =====================================================================================================================
 
 # SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
@@ -630,7 +621,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
 
 
 # =====================================================================================================================
-# 8. The stages sft and tapo on the shared run lifecycle, and what they share
+# 6. The stages sft and tapo on the shared run lifecycle, and what they share
 # =====================================================================================================================
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
@@ -773,7 +764,7 @@ def eval_sets_for(args) -> dict:
 
 
 # =====================================================================================================================
-# 9. Flags (the paper's values as defaults, a toy preset for the CPU), and main
+# 7. Flags (the paper's values as defaults, a toy preset for the CPU), and main
 # =====================================================================================================================
 
 # Toy preset (flags not given on the command line): the toy data has 12 seen classes of 20 training images each, so
@@ -802,12 +793,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("stage cot: the rationale data")
     add = lambda flag, default, help, **kw: g.add_argument(flag, default=default, help=help,  # noqa: E731
                                                            type=kw.pop("type", type(default)), **kw)
-    add("--cot-data", None, "JSONL of rationales to train on instead (image, class_name, question, response[, system])",
-        type=str)
+    add("--cot-data", None, "rationales to train on instead: JSONL of image, class_name, question, response", type=str)
     add("--cot-source", "auto", "who writes the rationales: a teacher, or (toy only) the image's attributes; auto: "
         "the teacher when --teacher is given or the data is not toy", choices=["auto", "teacher", "attributes"])
-    add("--teacher", None, "a Qwen2.5-VL checkpoint (default --model), or openai:<model> served at --teacher-url",
-        type=str)
+    add("--teacher", None, "a Qwen2.5-VL checkpoint (default --model) or openai:<model> at --teacher-url", type=str)
     add("--teacher-url", None, "OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 (default "
         "$OPENAI_BASE_URL, key $OPENAI_API_KEY); images sent inline", type=str)
     add("--teacher-concurrency", 16, "requests in flight per rank (openai:)")
@@ -819,8 +808,7 @@ def parse_args(argv=None):
     add("--cot-top-p", 0.95, "teacher nucleus sampling")
     add("--cot-max-new-tokens", 2048, "rationale length cap")
     add("--cot-batch", 8, "images per teacher sampling call (memory knob)")
-    add("--closed-frac", 0.0, "share of CoT/SFT and TAPO questions asked closed-world: the truth and 3 other seen "
-        "classes as options (paper 0: open questions only)")
+    add("--closed-frac", 0.0, "share of SFT / TAPO questions asked closed-world, among 3 other seen classes (paper 0)")
     g = p.add_argument_group("stage sft")
     add("--sft-prompt", "paper", "paper: an R1-style system prompt and the bare question (the paper's SFT data); rl: "
         "TAPO's prompt (toy preset)", choices=["paper", "rl"])
@@ -877,8 +865,12 @@ def parse_args(argv=None):
     return args
 
 
-def check_tapo_batches(args, world_size: int):
-    """TAPO's batch arithmetic, refused with the numbers (main checks it at the start: never after hours of SFT)."""
+def check_batches(args, stages: list[str], world_size: int):
+    """The batch arithmetic of the stages to run, refused with the numbers at the start (never after hours of SFT)."""
+    if "sft" in stages:
+        lifecycle.require_divisible("--sft-batch", args.sft_batch, world_size, "the number of ranks")
+    if "tapo" not in stages:
+        return
     for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
                     ("--prompts-per-step", args.prompts_per_step)):
         lifecycle.require_divisible(what, n, world_size, "the number of ranks")
@@ -891,12 +883,7 @@ def check_tapo_batches(args, world_size: int):
 def main(argv=None):
     args = parse_args(argv)
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
-    # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
-    if "sft" in stages:
-        lifecycle.require_divisible("--sft-batch", args.sft_batch, lifecycle.launched_world_size(),
-                                    "the number of ranks")
-    if "tapo" in stages:
-        check_tapo_batches(args, lifecycle.launched_world_size())
+    check_batches(args, stages, lifecycle.launched_world_size())  # before the process group
     run = lifecycle.Run(args, "fine_r1")
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
@@ -916,7 +903,7 @@ def main(argv=None):
 
 
 # =====================================================================================================================
-# 10. Plumbing: the teacher's input and output, the memory estimates
+# 8. Plumbing: the teacher's input and output, the memory estimates
 # =====================================================================================================================
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
@@ -969,7 +956,7 @@ def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
 
 
 # =====================================================================================================================
-# 11. For the CPU stand-in
+# 9. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
