@@ -17,8 +17,7 @@ Launch (--stage cot | sft | tapo runs one stage; the same command resumes, a fin
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python fine_r1.py --data toy         (the three stages on the tiny stand-in)
 Simplifications (each with the released code's way: README, "Every deviation")
-  * the teacher is not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy the rationale is
-    written from the image's known attributes
+  * the teacher is not published: ours is any Qwen2.5-VL or openai: server; on toy, the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
   * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
   * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
@@ -54,8 +53,7 @@ import memory
 # 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group
 # =====================================================================================================================
 
-# Closed world (released eval_closedworld): the question, the options as a Python list (no letters), the reasoning
-# in <think> and the chosen option in <answer>, the expected form.
+# Closed world (the released eval_closedworld): the options as a Python list, the reasoning and the choice in tags.
 QUESTION = "Which {kind} is shown in this picture?"
 CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
                  "<think> </think> and your final choice inside <answer> </answer>, in the form "
@@ -139,11 +137,7 @@ class Group:
     neg_prompt: common.EncodedPrompt  # the same question with the negative image
     reward: torch.Tensor  # [2G]
     parts: dict  # reward name -> [2G]
-
-    @property
-    def accuracy(self) -> float:
-        """Mean of the group's first named reward (--rewards: the accuracy), what dynamic sampling filters on."""
-        return float(next(iter(self.parts.values())).mean())
+    accuracy: float  # the mean of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
 
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
@@ -167,7 +161,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
         own = common.Rollout(prompts[2 * i:2 * i + 2], group_size, rollout.completion_ids[rows],
                              rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
                              rollout.texts[rows])
-        groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts))
+        groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
+                            float(next(iter(parts.values())).mean())))
     return groups
 
 
@@ -219,14 +214,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.1, 0.1]), 2)
     tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
-    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: with eps = 1e-6 the float32 rounding of a mean of
-    # equal rewards (0.1 * 10 / 10 != 0.1) would turn into advantages of -0.0075 instead of 0
+    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: in float32 equal rewards of 0.1 get -0.0075, not 0
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).float().reshape(-1)  # [P*2G]
 
 
 def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
-    """Dynamic sampling: keep a group whose mean accuracy is strictly inside (low, high), i.e. it has right and wrong
-    answers and so a learning signal. [P] -> [P] bool."""
+    """Dynamic sampling's filter: mean accuracy strictly inside (low, high), so right and wrong answers. [P] -> [P]."""
     return (group_accuracy > low) & (group_accuracy < high)
 
 
@@ -397,7 +390,7 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
 
 
 # =====================================================================================================================
-# 5. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
+# 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle
 # =====================================================================================================================
 
 # SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
@@ -532,8 +525,7 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
         common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
         return args.cot_data
     path = os.path.join(out, "cot.jsonl")
-    # rank 0's view, shared: rank 0 may write the file before a slower rank would look for it, and a rank that
-    # skipped the stage alone would then wait in the next stage's collectives for ever
+    # rank 0's view for all (it may write the file first): a rank skipping alone would wait in the next collectives
     if common.all_gather_objects(os.path.exists(path))[0]:
         common.print0(f"stage cot: {path} exists, skipped")
         return path
@@ -619,10 +611,6 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
 
-
-# =====================================================================================================================
-# 6. The stages sft and tapo on the shared run lifecycle, and what they share
-# =====================================================================================================================
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
@@ -764,13 +752,11 @@ def eval_sets_for(args) -> dict:
 
 
 # =====================================================================================================================
-# 7. Flags (the paper's values as defaults, a toy preset for the CPU), and main
+# 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main
 # =====================================================================================================================
 
-# Toy preset (flags not given on the command line): the toy data has 12 seen classes of 20 training images each, so
-# the one-rationale-per-class rule would give 12 SFT samples; 20 per class (every training image) gives the tiny
-# stand-in enough to learn the format and the attributes. The learning rates are those a 0.7M-parameter model needs
-# (research/toy_learning.md).
+# Toy preset (flags not given): 20 rationales per seen class (each training image, not 1 of 20: 12 SFT samples would
+# not teach the tiny stand-in the format and the attributes); learning rates for a 0.7M-parameter model.
 TOY = dict(
     model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
     cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl",
@@ -783,7 +769,7 @@ TOY = dict(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) with Qwen2.5-VL")
-    # the shared flags with the paper's values (SPEC section 6); TAPO's rate is constant, it has no reference KL
+    # the shared flags with the paper's values; TAPO's rate is constant, it has no reference KL
     lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=5, rewards="accuracy=0.9,format=0.1",
                                 lr=1e-6, lr_schedule="constant", beta=None, max_new_tokens=2048, micro_batch=4,
                                 eval_every=50, save_every=15, weight_decay=0.01, grad_clip=1.0, temperature=1.0,
@@ -859,8 +845,7 @@ def parse_args(argv=None):
         raise SystemExit(f"--teacher {args.teacher} with --cot-source attributes: the attributes write the "
                          f"rationales and the teacher would be ignored; drop one of the two")
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    unknown = [name for name in args.protocols if name not in EVALS]
-    if unknown:
+    if unknown := [name for name in args.protocols if name not in EVALS]:
         raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
     return args
 
@@ -888,9 +873,7 @@ def main(argv=None):
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = args.cot_data or os.path.join(run.out, "cot.jsonl")
-    if "cot" in stages:
-        cot_path = run_cot(args, run.d, run.out)
+    cot_path = run_cot(args, run.d, run.out) if "cot" in stages else args.cot_data or os.path.join(run.out, "cot.jsonl")
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         gc.collect()  # the SFT model and optimizer freed before TAPO loads
@@ -903,7 +886,7 @@ def main(argv=None):
 
 
 # =====================================================================================================================
-# 8. Plumbing: the teacher's input and output, the memory estimates
+# 7. Plumbing: the teacher's input and output, the memory estimates
 # =====================================================================================================================
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
@@ -956,7 +939,7 @@ def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
 
 
 # =====================================================================================================================
-# 9. For the CPU stand-in
+# 8. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
