@@ -87,8 +87,7 @@ MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
-                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0):
     """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
     phrasing with the RL format request and None, or with probability closed_frac (the paper: 0) the closed-world
     evaluation's prompt whose options are the truth and 3 of `others` (shuffled), and those 3 distractors."""
@@ -242,9 +241,8 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
     if filled > len(rejected):
         raise RuntimeError(f"dynamic sampling: {sampled} groups sampled, {quota} needed")
     batch = kept[:quota] + (rejected[-filled:] if filled else [])
-    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
-             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
-             "dynamic/whole_rounds": whole_rounds,
+    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
+             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
              "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
     return batch, stats
 
@@ -302,8 +300,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 # 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs) and update; SFT's update
 # =====================================================================================================================
 
-def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.Dataset, by_class: dict, negatives: dict,
-                  args, ranks: common.Dist, timer: lifecycle.PhaseTimer):
+def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
     """Rounds of triplets sampled until every rank holds its --rollout-batch / ranks groups (dynamic sampling), their
     advantages, and every response's log-probs under the sampling policy, with its own image and with the negative
     one. Returns (the batch's rows, its groups, its rollout metrics on this rank, the data position after it)."""
@@ -476,8 +473,7 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     return found and not any(f" {c} " in said for c in longer)
 
 
-def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
-                    classes: list[str] = ()) -> tuple[str | None, dict[str, bool]]:
+def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
     """(the <think> text, or None unless all checks pass; the checks): the think / answer format, the answer is the
     truth (normalised), and the rationale's four parts (marks: the candidate and prediction lines' opening words, any
     case; markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
@@ -681,9 +677,8 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
     batch_index, cursor = state.get("batch", 0), state.get("data_position", 0)
     common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
-                  f"{math.ceil(total_steps / steps_per_batch)} rollout batches x {args.rollout_batch} triplets x "
-                  f"{2 * args.group_size} responses, {steps_per_batch} optimizer steps each ({total_steps} steps), "
-                  f"{args.negatives} negatives")
+                  f"{math.ceil(total_steps / steps_per_batch)} rollout batches of {args.rollout_batch} triplets x "
+                  f"{2 * args.group_size} responses, {steps_per_batch} updates each, {args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
     # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
     for batch_start in itertools.islice(run.steps(state["step"], total_steps), 0, None, steps_per_batch):
@@ -711,10 +706,9 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
                  "truth": g.triplet.anchor.class_name, "completion": g.rollout.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
-        run.end_step(record["step"], record, model, optimizer,
-                     {"stage": "tapo", "batch": batch_index, "data_position": cursor}, evaluate,
-                     shown=("reward", "sampled_accuracy", "dynamic/kept_frac", "loss/pg", "loss/kl_neg",
-                            "completion_len"))
+        run.end_step(record["step"], record, model, optimizer, {"stage": "tapo", "batch": batch_index,
+                     "data_position": cursor}, evaluate, shown=("reward", "sampled_accuracy", "dynamic/kept_frac",
+                                                                "loss/pg", "loss/kl_neg", "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     return final
@@ -757,14 +751,12 @@ def eval_sets_for(args) -> dict:
 
 # Toy preset (flags not given): 20 rationales per seen class (each training image, not 1 of 20: 12 SFT samples would
 # not teach the tiny stand-in the format and the attributes); learning rates for a 0.7M-parameter model.
-TOY = dict(
-    model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl",
-    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
-    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4,
-    tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96, micro_batch=40,
-    logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8,
-)
+TOY = dict(model="tiny", **dict.fromkeys(("min_pixels", "max_pixels", "sft_min_pixels", "sft_max_pixels"),
+                                          data.TOY_IMAGE_SIZE ** 2),
+           cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl", sft_lr=2e-3,
+           sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, rollout_batch=16, sample_prompts=16, prompts_per_step=8,
+           lr=1e-4, tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96,
+           micro_batch=40, logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8)
 
 
 def parse_args(argv=None):
