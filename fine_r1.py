@@ -105,9 +105,7 @@ Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of da
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
     """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
-    if how == "random":
-        return {a: [b for b in names if b != a] for a in names}
-    return confusable_classes(names, k)
+    return {a: [b for b in names if b != a] for a in names} if how == "random" else confusable_classes(names, k)
 
 
 def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
@@ -141,23 +139,22 @@ class Group:
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
     """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
-    group_size = args.group_size
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
                                [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = [common.encode_prompt(processor, image, q) for t, q in zip(triplets, questions)
                for image in (t.anchor.image, t.positive.image)]  # [a1, p1, a2, ...]: prompt j owns rows j*G..j*G+G-1
     with args.precision.context():
-        rollout = common.sample(model, processor, prompts, group_size=group_size, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                                generator=generator, prompt_batch=args.rollout_prompt_batch,
-                                compile_decode=bool(args.compile_decode))
+        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=0, repetition_penalty=1.0, generator=generator,
+                                prompt_batch=args.rollout_prompt_batch, compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
-        rows = slice(2 * group_size * i, 2 * group_size * (i + 1))
+        rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
         example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
         reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
-        own = common.Rollout(prompts[2 * i:2 * i + 2], group_size, rollout.completion_ids[rows],
+        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, rollout.completion_ids[rows],
                              rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
                              rollout.texts[rows])
         groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
@@ -301,9 +298,8 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 # =====================================================================================================================
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
-    """Rounds of triplets sampled until every rank holds its --rollout-batch / ranks groups (dynamic sampling), their
-    advantages, and every response's log-probs under the sampling policy, with its own image and with the negative
-    one. Returns (the batch's rows, its groups, its rollout metrics on this rank, the data position after it)."""
+    """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
+    (dynamic_sampling), their advantages and log-probs under the sampling policy with their own and negative image."""
     def sample_round(round_index: int) -> list[Group]:
         triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args,
                                ranks)
@@ -620,7 +616,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
-    # the paper's SFT trains the language model only (vision tower + merger frozen)
     model, processor, _ = run.load_policy(args.model, trainable=vision_trained(args.sft_train_vision),
                                           estimate=lambda processor: sft_estimate(processor, records, args),
                                           min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
@@ -649,8 +644,7 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
 
 
 def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
-    """TAPO from the SFT export (or --tapo-init / --model); checkpoints and metrics in <out>/tapo, the model exported
-    to <out>/final. Skipped when that exists (resume)."""
+    """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
     args, ranks = run.args, run.d
     out = os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
@@ -662,10 +656,9 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
 
     # data: k images per seen class (the anchors), and the classes each one's negative may come from
     train = load_split(args, "train", "base", shots=args.shots, limit=args.train_limit)
-    by_class: dict[str, list[data.Example]] = {}
-    for ex in train.examples:
-        by_class.setdefault(ex.class_name, []).append(ex)
-    negatives = negative_classes(sorted(by_class), args.negatives, args.confusable_k)
+    seen = sorted({ex.class_name for ex in train.examples})
+    by_class = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
+    negatives = negative_classes(seen, args.negatives, args.confusable_k)
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
 
@@ -727,8 +720,7 @@ def vision_trained(trained: bool):
 
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy, <group>_n its
-    images, and avg, the paper's mean of the two."""
+    """Each protocol on the seen (base) and unseen (novel) classes: eval/<protocol>/<group>, <group>_n, avg of both."""
     result = evaluation.evaluate_groups(
         model, processor, eval_sets, [EVALS[name] for name in args.protocols], out=out, step=step,
         precision=args.precision, name="eval/{protocol}/{group}", folder="{protocol}_{group}", seed=args.seed,

@@ -365,7 +365,7 @@ def test_rationale_filter_accepts_a_teachers_layouts(layout):
         assert kept is None and not checks[part], (layout, part, checks)
 
 
-def test_rationale_parts_find_the_candidate_list_and_what_follows():
+def test_the_filter_finds_the_candidate_list_and_what_follows():
     block, rest = fine_r1.candidate_block(" \n1. A\n2. B\n\n\n- A vs B: A is larger.\n")
     assert block.split("\n") == ["1. A", "2. B"] and rest.split() == ["-", "A", "vs", "B:", "A", "is", "larger."]
     block, rest = fine_r1.candidate_block("\nIt could be:\n1. A\n\n2. B\nA is larger than B.")
