@@ -334,9 +334,9 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
                      advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
                      old_logp=logprobs(own),  # [R, T] each response under its own image
                      neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
-    parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
-    metrics.update({"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
-                    "completion_len": float(mask.sum()) / mask.shape[0],
+    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0],
+                    **{f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean())
+                       for name in args.reward_weights},
                     "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
@@ -499,10 +499,9 @@ def name_similarity(a: str, b: str) -> float:
     >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
     0.8529411764705883
     """
-    na, nb = judges.normalize(a), judges.normalize(b)
-    wa, wb = set(na.split()), set(nb.split())
-    jaccard = len(wa & wb) / max(1, len(wa | wb))
-    return jaccard + 0.5 * difflib.SequenceMatcher(None, na, nb).ratio()
+    a, b = judges.normalize(a), judges.normalize(b)
+    words_a, words_b = set(a.split()), set(b.split())
+    return len(words_a & words_b) / max(1, len(words_a | words_b)) + 0.5 * difflib.SequenceMatcher(None, a, b).ratio()
 
 
 def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
