@@ -537,9 +537,9 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
             names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
         records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
         stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
-        for c in done.values():
-            for k, v in c["fails"].items():
-                stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
+        for result in done.values():
+            for check, failed in result["fails"].items():
+                stats[f"cot/failed_{check}"] = stats.get(f"cot/failed_{check}", 0) + failed
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -571,7 +571,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
                                                max_pixels=args.sft_max_pixels,
                                                flag="--teacher" if args.teacher else "--model")
         teacher.eval()
-    for n, name in enumerate(names):
+    for position, name in enumerate(names):
         kept, tried, fails = [], 0, {}
         for start in range(0, args.cot_images_per_class, args.cot_batch):
             offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
@@ -590,14 +590,14 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
             for row, completion in enumerate(completions):
                 i = row // args.cot_samples
                 rationale, checks = check_rationale(completion, name, classes=train.class_names)
-                for k, ok in checks.items():
-                    fails[k] = fails.get(k, 0) + (not ok)
+                for check, ok in checks.items():
+                    fails[check] = fails.get(check, 0) + (not ok)
                 if (rationale is not None and len(kept) < args.cot_per_class
                         and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
                     kept.append({**posed[i], "response": response_text(rationale, name)})
             tried += len(completions)
         yield name, {"records": kept, "tried": tried, "fails": fails}
-        common.print0(f"  cot class {n + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
+        common.print0(f"  cot class {position + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
     del teacher
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
@@ -633,8 +633,8 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
         model.train()
         with run.timer("update"):
-            grad_norm, sums = sft_update(model, optimizer, run, step + 1, batch, processor, args)
-        run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(sums)},
+            grad_norm, stats = sft_update(model, optimizer, run, step + 1, batch, processor, args)
+        run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(stats)},
                      model, optimizer, {"stage": "sft", "data_position": (step + 1) * args.sft_batch}, evaluate,
                      shown=("loss", "grad_norm"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
@@ -679,16 +679,16 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
         batch_index += 1
         batch_end = min(batch_start + steps_per_batch, total_steps)
         model.train()
-        for k, step in enumerate(range(batch_start, batch_end)):
+        for update, step in enumerate(range(batch_start, batch_end)):
             lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                                  warmup_steps=args.warmup_steps)
             lifecycle.set_lr(optimizer, lr)
             with run.timer("update"):
-                grad_norm, sums = tapo_update(model, optimizer, run, step + 1, batch,
-                                              range(k * rows_per_step, (k + 1) * rows_per_step), args)
-            # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
+                grad_norm, terms = tapo_update(model, optimizer, run, step + 1, batch,
+                                               range(update * rows_per_step, (update + 1) * rows_per_step), args)
+            # a rank's terms are (its token sums) / (global tokens / world): their mean over ranks is the global mean
             record = {"step": step + 1, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
-                      **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}}
+                      **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(terms).items()}}
             if step + 1 == batch_end or run.guard.exhausted:  # the batch's last step (a non-finite streak ends it)
                 break
             run.log.log(record)
