@@ -17,8 +17,7 @@ Launch (--stage cot | sft | tapo runs one stage; the same command resumes, a fin
                 fine_r1.py --data cub --data-root /data/CUB_200_2011 --parallel fsdp
   CPU       python fine_r1.py --data toy         (the three stages on the tiny stand-in)
 Simplifications (each with the released code's way: README, "Every deviation")
-  * the teacher is not published: ours is any Qwen2.5-VL (or openai: behind a server); on toy the rationale is
-    written from the image's known attributes
+  * the teacher is not published: ours is any Qwen2.5-VL or openai: server; on toy, the image's known attributes
   * confusable classes come from class-name similarity; each row is tokenised with its own image
   * the loss is the released code's (H_neg without gradient), a token mean over the whole optimizer step
   * fp32 master weights with bf16 compute; each prompt is encoded once per group, in sampling and in scoring
@@ -28,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import difflib
 import gc
+import itertools
 import json
 import math
 import os
@@ -49,11 +50,10 @@ import memory
 
 
 # =====================================================================================================================
-# 1. Prompts
+# 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group
 # =====================================================================================================================
 
-# Closed world (released eval_closedworld): the question, the options as a Python list (no letters), the reasoning
-# in <think> and the chosen option in <answer>, the expected form.
+# Closed world (the released eval_closedworld): the options as a Python list, the reasoning and the choice in tags.
 QUESTION = "Which {kind} is shown in this picture?"
 CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
                  "<think> </think> and your final choice inside <answer> </answer>, in the form "
@@ -64,10 +64,9 @@ def closed_prompt(kind: str, options: list[str]) -> str:
     return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
 
 
-# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt is the
-# question, a blank line, and the request to think it through as an inner monologue in <think> and answer in <answer>;
-# the open-world evaluation asks the question, says it is a fine-grained question and asks for the two tags (here with
-# the RL prompt's wording of that request, so that a model trained on it is asked the way it was trained).
+# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt: the
+# question, a blank line, the request to think it through in <think> and answer in <answer>; the open-world evaluation
+# says it is a fine-grained question and asks for the two tags in the RL prompt's words (asked as it was trained).
 QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
              "What is the specific name of this {kind}?", "Name the {kind} in the image."]
 RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
@@ -88,8 +87,7 @@ MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 
-def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
-                  closed_frac: float = 0.0) -> tuple[str, list[str] | None]:
+def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0):
     """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
     phrasing with the RL format request and None, or with probability closed_frac (the paper: 0) the closed-world
     evaluation's prompt whose options are the truth and 3 of `others` (shuffled), and those 3 distractors."""
@@ -102,27 +100,15 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (),
     return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
 
 
-# =====================================================================================================================
-# 2. TAPO data: triplets (anchor, positive, negative), and their rollouts, 2G per group
-# =====================================================================================================================
-
-@dataclasses.dataclass
-class Triplet:
-    anchor: data.Example
-    positive: data.Example
-    negative: data.Example
+Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
 
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
-    """For each class, the classes its negative image may come from: every other class (random) or the k with the
-    most similar names (confusable)."""
-    if how == "random":
-        return {a: [b for b in names if b != a] for a in names}
-    return confusable_classes(names, k)
+    """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
+    return {a: [b for b in names if b != a] for a in names} if how == "random" else confusable_classes(names, k)
 
 
-def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
-                 negatives: dict[str, list[str]], rng: random.Random) -> Triplet:
+def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
     """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
     same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
     if not same:
@@ -132,11 +118,9 @@ def make_triplet(anchor: data.Example, by_class: dict[str, list[data.Example]],
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
 
-def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negatives: dict, args,
-                ranks: common.Dist) -> list[Triplet]:
-    """This rank's triplets of the sampling round at data position `cursor` (positions cursor + rank, + world, ...
-    of an endless stream of seeded epochs over the anchors); each position's draws are seeded by it, so they are the
-    same on resume and on any number of ranks."""
+def triplets_at(cursor: int, anchors: list, by_class: dict, negatives: dict, args, ranks: common.Dist) -> list[Triplet]:
+    """This rank's triplets of the round at data position `cursor` (cursor + rank, + world, ... of seeded epochs over
+    the anchors), each position's draws seeded by it: the same on resume and on any number of ranks."""
     return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
                          random.Random(args.seed * 1_000_003 + pos))
             for pos in range(cursor + ranks.rank, cursor + args.sample_prompts, ranks.world_size)]
@@ -146,63 +130,40 @@ def triplets_at(cursor: int, anchors: list[data.Example], by_class: dict, negati
 class Group:
     """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
     triplet: Triplet
-    prompts: list  # [2G] EncodedPrompt each row was sampled from (and is scored with)
+    rollout: common.Rollout  # prompts [anchor's, positive's] x G rows each: [2G, T]
     neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    completion_ids: torch.Tensor  # [2G, T]
-    completion_mask: torch.Tensor  # [2G, T]
-    truncated: torch.Tensor  # [2G]
-    texts: list[str]
     reward: torch.Tensor  # [2G]
     parts: dict  # reward name -> [2G]
-
-    @property
-    def accuracy(self) -> float:
-        """Mean of the group's first named reward (--rewards: the accuracy), what dynamic sampling filters on."""
-        return float(next(iter(self.parts.values())).mean())
+    accuracy: float  # the mean of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
 
 
-def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args,
-                  generator) -> list[Group]:
+def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
     """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
-    group_size = args.group_size
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
                                [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
-    prompts = []
-    for t, q in zip(triplets, questions):  # [a1, p1, a2, ...]: prompt j owns rows j*G .. j*G+G-1, triplet i 2G rows
-        prompts += [common.encode_prompt(processor, t.anchor.image, q),
-                    common.encode_prompt(processor, t.positive.image, q)]
+    prompts = [common.encode_prompt(processor, image, q) for t, q in zip(triplets, questions)
+               for image in (t.anchor.image, t.positive.image)]  # [a1, p1, a2, ...]: prompt j owns rows j*G..j*G+G-1
     with args.precision.context():
-        rollout = common.sample(model, processor, prompts, group_size=group_size, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                                generator=generator, prompt_batch=args.rollout_prompt_batch,
-                                compile_decode=bool(args.compile_decode))
+        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=0, repetition_penalty=1.0, generator=generator,
+                                prompt_batch=args.rollout_prompt_batch, compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
-        rows = slice(2 * group_size * i, 2 * group_size * (i + 1))
-        texts = rollout.texts[rows]
+        rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
         example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
-        reward, parts = score(texts, example, args.reward_weights)  # [2G]: G on the anchor, G on the positive
-        groups.append(Group(t, [prompts[2 * i]] * group_size + [prompts[2 * i + 1]] * group_size,
-                            common.encode_prompt(processor, t.negative.image, questions[i]),
-                            rollout.completion_ids[rows], rollout.completion_mask[rows], rollout.truncated[rows],
-                            texts, reward, parts))
+        reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
+        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, rollout.completion_ids[rows],
+                             rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
+                             rollout.texts[rows])
+        groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
+                            float(next(iter(parts.values())).mean())))
     return groups
 
 
-def stack_groups(groups: list[Group], pad_id: int):
-    """Rows of all groups: (own prompts [R], negative prompts [R], ids [R, T], mask [R, T], rewards [R])."""
-    width = max(g.completion_ids.shape[1] for g in groups)
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([pad(g.completion_ids, pad_id) for g in groups])  # [R, T]
-    mask = torch.cat([pad(g.completion_mask, 0) for g in groups])  # [R, T]
-    own = [p for g in groups for p in g.prompts]
-    neg = [g.neg_prompt for g in groups for _ in g.prompts]
-    return own, neg, ids, mask, torch.cat([g.reward for g in groups])
-
-
 # =====================================================================================================================
-# 3. Rewards: REWARDS[name](completions, example) -> one value per completion, picked and weighted by --rewards
+# 2. Rewards (REWARDS[name](completions, example), picked and weighted by --rewards), advantage, dynamic sampling
 # =====================================================================================================================
 
 def accuracy_reward(completions: list[str], example: dict) -> list[float]:
@@ -210,20 +171,19 @@ def accuracy_reward(completions: list[str], example: dict) -> list[float]:
     >>> accuracy_reward(["<think>x</think><answer>a RED CIRCLE, I think</answer>"], {"truth": "red circle"})
     [1.0]
     """
-    answers = [judges.parse_answer(c) for c in completions]
-    return [float(a is not None and example["truth"].lower() in a.lower()) for a in answers]
+    truth = example["truth"].lower()
+    return [float(a is not None and truth in a.lower()) for a in map(judges.parse_answer, completions)]
 
 
 def exact_reward(completions: list[str], example: dict) -> list[float]:
-    """1 if the <answer> text is the truth (both normalised): what eval.py's judges count as right. Unlike the
-    substring rule it gives nothing for several names in one answer ("red circle, red square") or for answer tags
-    repeated inside the rationale, which the two-layer stand-in learned to write under the substring rule.
+    """1 if the <answer> text is the truth (both normalised), as eval.py's judges count; unlike the substring rule,
+    nothing for several names in one answer or answer tags inside the rationale (the stand-in learned both).
     >>> exact_reward(["<think>x</think><answer>Red-Circle.</answer>", "<answer>red circle, red square</answer>"],
     ...              {"truth": "red circle"})
     [1.0, 0.0]
     """
-    answers = [judges.parse_answer(c) for c in completions]
-    return [float(a is not None and judges.normalize(a) == judges.normalize(example["truth"])) for a in answers]
+    truth = judges.normalize(example["truth"])
+    return [float(a is not None and judges.normalize(a) == truth) for a in map(judges.parse_answer, completions)]
 
 
 def format_reward(completions: list[str], example: dict) -> list[float]:
@@ -245,38 +205,27 @@ def score(completions: list[str], example: dict, weights: dict[str, float]):
     return lifecycle.group_rewards(REWARDS, weights, spaced, example)
 
 
-# =====================================================================================================================
-# 4. Advantage, and the dynamic-sampling filter
-# =====================================================================================================================
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.1, 0.1]), 2)
     tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
-    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: with eps = 1e-6 the float32 rounding of a mean of
-    # equal rewards (0.1 * 10 / 10 != 0.1) would turn into advantages of -0.0075 instead of 0
+    r = rewards.double().view(-1, group_size)  # [P, 2G] float64: in float32 equal rewards of 0.1 get -0.0075, not 0
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).float().reshape(-1)  # [P*2G]
 
 
 def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
-    """Dynamic sampling: keep a group when its mean accuracy is strictly inside (low, high), i.e. it has both right
-    and wrong answers and so a learning signal. [P] -> [P] bool."""
+    """Dynamic sampling's filter: mean accuracy strictly inside (low, high), so right and wrong answers. [P] -> [P]."""
     return (group_accuracy > low) & (group_accuracy < high)
 
 
 def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
-    """Call sample_round(round_index) -> [groups] until this rank holds `quota` groups that keep_groups accepts (the
-    first `quota` are used, extras are dropped like verl's truncation). A round in which no group on any rank passes
-    the filter is kept whole, as the released trainer does (its groups have zero advantage; TAPO's KL and entropy
-    terms still act on them). Every rank runs the same number of rounds (a rank already full keeps sampling while
-    another is short: collectives inside sampling need all ranks). After `max_rounds` the batch is filled with the
-    last rejected groups instead of failing. Returns (groups, stats)."""
-    kept, rejected, rounds, sampled, whole_rounds = [], [], 0, 0, 0
-    while True:
-        short = common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))  # ranks still short
-        if float(short[0]) == 0 or rounds >= max_rounds:
-            break
+    """(groups, stats): sample_round(round_index) until every rank holds `quota` groups keep_groups accepts (extras
+    dropped, as verl), on every rank alike; a round where no group passes on any rank is kept whole (the released
+    trainer: zero advantage, the KL and entropy terms still act); after `max_rounds`, filled with the last rejected."""
+    kept, rejected, rounds, whole_rounds = [], [], 0, 0
+    # every rank samples as long as one is short: the collectives inside sampling need all ranks
+    while rounds < max_rounds and float(common.all_reduce_sum(torch.tensor([float(len(kept) < quota)]))[0]) > 0:
         groups = sample_round(rounds)
         keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
         if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
@@ -285,20 +234,18 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
-        sampled += len(groups)
-    filled = max(0, quota - len(kept))
+    sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))
     if filled > len(rejected):
-        raise RuntimeError(f"dynamic sampling: {len(kept) + len(rejected)} groups sampled, {quota} needed")
+        raise RuntimeError(f"dynamic sampling: {sampled} groups sampled, {quota} needed")
     batch = kept[:quota] + (rejected[-filled:] if filled else [])
-    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept),
-             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/filled": filled,
-             "dynamic/whole_rounds": whole_rounds,
+    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
+             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
              "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
     return batch, stats
 
 
 # =====================================================================================================================
-# 5. The TAPO loss, written by hand
+# 3. The TAPO loss, written by hand
 # =====================================================================================================================
 
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
@@ -347,24 +294,19 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 
 
 # =====================================================================================================================
-# 6. The train steps. TAPO: one rollout batch -> advantages, old and negative-image log-probs -> optimizer steps;
-#    SFT: cross-entropy on the assistant tokens of the rationales (common.sft_loss)
+# 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs) and update; SFT's update
 # =====================================================================================================================
 
-def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.Dataset, by_class: dict, negatives: dict,
-                  args, ranks: common.Dist, timer: lifecycle.PhaseTimer):
-    """Rounds of triplets sampled until every rank holds its --rollout-batch / ranks groups (dynamic sampling), their
-    advantages, and every response's log-probs under the sampling policy, with its own image and with the negative
-    one. Returns (the batch's rows, its groups, its rollout metrics on this rank, the data position after it)."""
-    seen_classes = sorted(by_class)
-
+def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
+    """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
+    (dynamic_sampling), their advantages and log-probs under the sampling policy with their own and negative image."""
     def sample_round(round_index: int) -> list[Group]:
         triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args,
                                ranks)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
                                                   + ranks.rank)
         started = time.perf_counter()
-        groups = sample_groups(model, processor, triplets, train.kind, seen_classes, args, generator)
+        groups = sample_groups(model, processor, triplets, train.kind, sorted(by_class), args, generator)
         if time.perf_counter() - started > 30:  # a long stage says where it is
             common.print0(f"tapo rollout batch {batch_index + 1}, sampling round {round_index + 1}: done")
         return groups
@@ -372,14 +314,18 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sampling"):
         first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
-        with args.precision.context(), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
+        with args.precision.context(), \
+                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
             groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size,
                                                args.max_sample_rounds, args.acc_low, args.acc_high)
     cursor += metrics["dynamic/rounds"] * args.sample_prompts
 
     # the advantage over each group of 2G (G from the anchor + G from the positive); the log-probs once, no grad
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    own, neg, ids, mask, rewards = stack_groups(groups, pad_id)  # [R], [R], [R, T], [R, T], [R]
+    rollout = common.concat_rollouts([g.rollout for g in groups], pad_id)  # R rows, padded to the longest
+    own, ids, mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask  # [R], [R, T], [R, T]
+    neg = [g.neg_prompt for g in groups for _ in g.rollout.texts]  # [R] each row's negative image
+    rewards = torch.cat([g.reward for g in groups])  # [R]
     logprobs = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
         model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
         shared_prefix=bool(args.shared_prefix))
@@ -388,10 +334,10 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train: data.D
                      advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
                      old_logp=logprobs(own),  # [R, T] each response under its own image
                      neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
-    parts = {n: torch.cat([g.parts[n] for g in groups]) for n in args.reward_weights}  # [R] each
-    metrics.update({"reward": float(rewards.mean()), **{f"reward/{n}": float(v.mean()) for n, v in parts.items()},
-                    "completion_len": float(mask.sum()) / mask.shape[0],
-                    "truncation_rate": float(torch.cat([g.truncated for g in groups]).float().mean())})
+    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0],
+                    **{f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean())
+                       for name in args.reward_weights},
+                    "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
 
@@ -410,10 +356,10 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                          clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                          kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
                          neg_entropy_coef=args.neg_entropy_coef)
-    micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in range(rows.start, rows.stop,
-                                                                                    args.micro_batch)]
+    micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in rows[::args.micro_batch]]
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
+
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
     """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
@@ -437,25 +383,26 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
 
 
 # =====================================================================================================================
-# 7. Stage cot: teacher rationales, a four-part filter, at most --cot-per-class per seen class
+# 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle
 # =====================================================================================================================
 
-# SFT asks as the paper's released SFT samples do (--sft-prompt paper): an R1-style system prompt that asks for the
-# reasoning in <think> and the answer in <answer>, and the bare question. The toy preset (--sft-prompt rl) asks with
-# the TAPO prompt's format request and no system prompt instead: the two-layer stand-in, pretrained on the RL and
-# evaluation prompts, lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
+# SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
+# preset (rl) asks with TAPO's prompt and no system prompt: the stand-in, pretrained on the RL and evaluation prompts,
+# lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
 SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you first reason it through, then give "
               "the answer. Put the reasoning inside <think> </think> and the answer inside <answer> </answer>, "
               "as in <think> your reasoning </think><answer> your answer </answer>.")
 
 
-def sft_question(sft_prompt: str, kind: str, key, truth: str, others: list[str],
-                 closed_frac: float) -> tuple[dict, list[str] | None]:
-    """({question, system} of one SFT sample, closed-world distractors or None): see SFT_SYSTEM."""
-    text, distractors = pose_question(kind, key, truth, others, closed_frac)
-    if sft_prompt == "paper":
-        return {"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM}, distractors
-    return {"question": text, "system": None}, distractors
+def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
+    """An image's SFT record but its response: the question (and system prompt, see SFT_SYSTEM) it is trained with,
+    and the rationale's candidates: a closed question's options, else the classes confusable with its own."""
+    name = example.class_name
+    text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
+    asked = ({"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM} if args.sft_prompt == "paper" else
+             {"question": text, "system": None})
+    return {"image": example.image, "id": example.id, "class_name": name,
+            "candidates": distractors or confusable[name], **asked}
 
 
 def response_text(rationale: str, class_name: str) -> str:
@@ -488,55 +435,31 @@ def _marker(text: str, mark: str) -> list[tuple[int, int]]:
 
 
 def candidate_block(body: str) -> tuple[str, str]:
-    """Split the text after the candidate line's opening words into (the candidate list, what follows). The list is
-    the rest of that line, or the next non-blank line; an introduction ending in ':' is followed by its list; list
-    items ("1.", "-", nested "  - ") continue it, across blank lines only while a numbered list goes on (3. after
-    2.). The layouts of the paper's released samples: "1. A" lines right below, an intro then "1." lines, "- A"
-    lines, or "A, B, C" on the next line."""
+    """Split the text after the candidate line's opening words into (the candidate list, what follows): that line's
+    rest or the next filled line (an intro ending in ':' and its first item), then list items ("1.", "-", "  - "),
+    across blank lines only into the next number (3. after 2.). As in the paper's samples: "A, B" or 1./- lines."""
     lines = body.split("\n")
-    i, block = 0, []
-    if lines[0].strip():  # the list on the marker's own line ("...: A, B, C")
-        block, i = [lines[0]], 1
-    else:
-        i = 1
-        while i < len(lines) and not lines[i].strip():
-            i += 1
-        if i < len(lines):
-            block, i = [lines[i]], i + 1
-            if not LIST_ITEM.match(block[0]) and block[0].rstrip().endswith(":"):  # an intro: its list follows
-                while i < len(lines) and not lines[i].strip():
-                    i += 1
-                if i < len(lines):
-                    block, i = block + [lines[i]], i + 1
-    number = None
-    for line in block:
-        m = LIST_ITEM.match(line)
-        number = int(m.group(1)) if m and m.group(1) else number
-    while i < len(lines):
-        m = LIST_ITEM.match(lines[i])
-        if m:
-            block.append(lines[i])
-            number = int(m.group(1)) if m.group(1) else number
-            i += 1
-            continue
-        if lines[i].strip() or number is None:
-            break
-        j = i  # blank lines: go on only if the numbered list continues after them
-        while j < len(lines) and not lines[j].strip():
-            j += 1
+    filled = lambda i: next((j for j in range(i, len(lines)) if lines[j].strip()), len(lines))  # noqa: E731
+    take = [0] if lines[0].strip() else [filled(1)]  # the list on the marker's own line, or on the next filled one
+    if 0 < take[0] < len(lines) and not LIST_ITEM.match(lines[take[0]]) and lines[take[0]].rstrip().endswith(":"):
+        take.append(filled(take[0] + 1))  # an introduction: its list follows
+    i, take = min(take[-1] + 1, len(lines)), [j for j in take if j < len(lines)]
+    numbers = [int(m.group(1)) for m in map(LIST_ITEM.match, (lines[j] for j in take)) if m and m.group(1)]
+    number = numbers[-1] if numbers else None
+    while i < len(lines):  # list items go on; blank lines only into the next number of a numbered list
+        j = filled(i)
         m = LIST_ITEM.match(lines[j]) if j < len(lines) else None
-        if not (m and m.group(1) and int(m.group(1)) == number + 1):
+        if not m or j > i and not (m.group(1) and number is not None and int(m.group(1)) == number + 1):
             break
-        i = j
-    return "\n".join(block), "\n".join(lines[i:])
+        take.append(j)
+        number, i = int(m.group(1)) if m.group(1) else number, j + 1
+    return "\n".join(lines[j] for j in take), "\n".join(lines[i:])
 
 
 def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
-    """The truth's name (normalised, whole words) inside `text`, and no other class of `classes` whose name contains
-    the truth's ("Border Collie" does not name "Collie"). A model year opening or closing the truth may be
-    left out, as the paper's teacher often does ("the car is a Cadillac CTS-V Sedan" names "Cadillac CTS-V Sedan
-    2012"), but not replaced by another number ("Falcon 900" does not name "Falcon 2000", nor "Audi TT Coupe 2011"
-    "Audi TT Coupe 2012")."""
+    """The truth's name (normalised, whole words) in `text` and no longer class name holding it ("Border Collie" does
+    not name "Collie"); a model year opening or closing it may be left out, as the paper's teacher often does, but
+    not replaced by another number ("Falcon 900" does not name "Falcon 2000", nor "TT 2011" "TT 2012")."""
     said, name = f" {judges.normalize(text)} ", judges.normalize(truth)
     short = re.sub(r"^(19|20)\d\d |( (19|20)\d\d)$", "", name)
     year = name.replace(short, "").strip()
@@ -546,41 +469,28 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     return found and not any(f" {c} " in said for c in longer)
 
 
-def rationale_parts(think: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
-                    classes: list[str] = ()) -> dict[str, bool]:
-    """The four parts the filter asks for, each True when present in the <think> text (marks = the candidate line's
-    and the prediction's opening words, found in any case, with or without markdown bold or a heading mark):
-      analysis    a list of features ("1." / "1)" / "- " items) before the candidate line
-      candidates  "The analysis of candidate subcategories:" followed by a list, on that line or the next ones
-      comparison  some text (3 words or more) after the candidate list and before the prediction
-      prediction  the last "The prediction is: ..." naming the truth and no longer class name (names_truth),
-                  on its line or the lines after, with or without a period
-    A rationale that lacks a part, or whose prediction names another class, fails."""
-    text = re.sub(r"\*\*|__", "", think)  # markdown bold
-    text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
-    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
-    c_start, c_end = cands[0] if cands else (-1, -1)
-    p_start, p_end = preds[-1] if preds else (-1, -1)
-    predicted = p_start >= 0 and names_truth(text[p_end:], truth, classes)
-    features = text[:c_start] if c_start >= 0 else text
-    analysis = any(LIST_ITEM.match(line) for line in features.split("\n")) or \
-        re.search(r"(^|\s)1[.)]\s", features) is not None
-    if c_start < 0 or p_start < c_end:
-        return {"analysis": analysis, "candidates": c_start >= 0, "comparison": False, "prediction": predicted}
-    block, rest = candidate_block(text[c_end:p_start])
-    return {"analysis": analysis, "candidates": len(block.split()) > 0, "comparison": len(rest.split()) >= 3,
-            "prediction": predicted}
-
-
-def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK),
-                    classes: list[str] = ()) -> tuple[str | None, dict[str, bool]]:
-    """(the rationale text, or None when rejected; the checks). Kept when the completion has the think / answer
-    format, its answer is the truth (normalised) and the rationale has all four parts."""
+def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
+    """(the <think> text, or None unless all checks pass; the checks): the think / answer format, the answer is the
+    truth (normalised), and the rationale's four parts (marks: the candidate and prediction lines' opening words, any
+    case; markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
+    that line and its list (candidate_block); comparison, 3+ words after the list and before the prediction;
+    prediction, the last prediction line naming the truth (names_truth)."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
+    text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
+    text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
+    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
+    (c_start, c_end), (p_start, p_end) = (cands or [(-1, -1)])[0], (preds or [(-1, -1)])[-1]
+    listed = c_start >= 0 and p_start >= c_end  # the candidate line, and the prediction after it
+    block, rest = candidate_block(text[c_end:p_start]) if listed else ("", "")
+    features = text[:c_start] if c_start >= 0 else text
     checks = {"format": judges.format_ok(completion),
               "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
-              **rationale_parts(think.group(1) if think else "", truth, marks, classes)}
+              "analysis": any(LIST_ITEM.match(line) for line in features.split("\n"))
+              or re.search(r"(^|\s)1[.)]\s", features) is not None,
+              "candidates": len(block.split()) > 0 if listed else c_start >= 0,
+              "comparison": len(rest.split()) >= 3,
+              "prediction": p_start >= 0 and names_truth(text[p_end:], truth, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
@@ -589,10 +499,9 @@ def name_similarity(a: str, b: str) -> float:
     >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
     0.8529411764705883
     """
-    na, nb = judges.normalize(a), judges.normalize(b)
-    wa, wb = set(na.split()), set(nb.split())
-    jaccard = len(wa & wb) / max(1, len(wa | wb))
-    return jaccard + 0.5 * difflib.SequenceMatcher(None, na, nb).ratio()
+    a, b = judges.normalize(a), judges.normalize(b)
+    words_a, words_b = set(a.split()), set(b.split())
+    return len(words_a & words_b) / max(1, len(words_a | words_b)) + 0.5 * difflib.SequenceMatcher(None, a, b).ratio()
 
 
 def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
@@ -607,32 +516,30 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
         common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
         return args.cot_data
     path = os.path.join(out, "cot.jsonl")
-    # rank 0's view, shared: rank 0 may write the file before a slower rank would look for it, and a rank that
-    # skipped the stage alone would then wait in the next stage's collectives for ever
+    # rank 0's view for all (it may write the file first): a rank skipping alone would wait in the next collectives
     if common.all_gather_objects(os.path.exists(path))[0]:
         common.print0(f"stage cot: {path} exists, skipped")
         return path
     train = load_split(args, "train", "base", limit=args.train_limit)
     seen = train.split_class_names
     confusable = confusable_classes(seen, args.cot_candidates)
-    by_class: dict[str, list[data.Example]] = {}
-    for ex in train.examples:
-        by_class.setdefault(ex.class_name, []).append(ex)
-    rng = random.Random(args.seed)
-    # the images each class offers the teacher, in a seeded order
-    offers = {name: rng.sample(by_class.get(name, []), len(by_class.get(name, []))) for name in seen}
-    records, stats = [], {"cot/classes": len(seen), "cot/tried": 0}
+    rng = random.Random(args.seed)  # the images each class offers the teacher, in a seeded order
+    offers = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
+    offers = {name: rng.sample(images, len(images)) for name, images in offers.items()}
     if args.cot_source == "attributes":
-        for name in seen:
-            for ex in offers[name][:args.cot_per_class]:
-                asked, distractors = sft_question(args.sft_prompt, train.kind, ex.id, name,
-                                                  [c for c in seen if c != name], args.closed_frac)
-                candidates = distractors or confusable[name]  # a closed question's candidates are its options
-                records.append({"image": ex.image, "id": ex.id, "class_name": name, "candidates": candidates,
-                                **asked, "response": response_text(attribute_rationale(name, candidates), name)})
-        stats["cot/tried"] = len(records)
-    else:
-        records, stats = teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats)
+        records = [sft_question(args, train.kind, ex, seen, confusable) for name in seen
+                   for ex in offers[name][:args.cot_per_class]]
+        records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
+                                                   r["class_name"])} for r in records]
+        stats = {"cot/classes": len(seen), "cot/tried": len(records)}
+    else:  # the teacher, class by class over the ranks; a killed run redoes only the classes it did not finish
+        done = common.resumable_map(out, "cot", seen, lambda names: teacher_rationales(
+            names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
+        records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
+        stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
+        for result in done.values():
+            for check, failed in result["fails"].items():
+                stats[f"cot/failed_{check}"] = stats.get(f"cot/failed_{check}", 0) + failed
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -648,86 +555,53 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     return path
 
 
-def teacher_rationales(args, ranks, out, train, seen, offers, confusable, stats):
-    """The teacher writes rationales for the seen classes (sharded over ranks), class by class: images are offered
-    until --cot-per-class rationales pass check_rationale. Each finished class is appended to
-    <out>/cot.part<rank>.jsonl (its rationales, then a line {"class_done": name, ...}), so a killed run resumes with
-    the classes not done yet, whatever the number of ranks."""
-    parts = common.RankParts(out, "cot")
-    done = read_cot_parts(parts)
-    common.barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends
-    todo = [name for name in seen if name not in done]
-    if len(todo) < len(seen):
-        common.print0(f"stage cot: {len(seen) - len(todo)} of {len(seen)} classes done by an earlier run, resuming")
-    my_classes = todo[ranks.rank::ranks.world_size]
-    if my_classes:  # a rank with nothing left to write (every class done before a kill) loads no teacher
-        if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
-            teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
-                                                     concurrency=args.teacher_concurrency), None
-            teacher.check()
-        else:
-            # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
-            frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
-            teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
-                                                   attn=args.attn, min_pixels=args.sft_min_pixels,
-                                                   max_pixels=args.sft_max_pixels,
-                                                   flag="--teacher" if args.teacher else "--model")
-            teacher.eval()
-        with parts.append(ranks.rank) as part:
-            for ci, name in enumerate(my_classes):
-                try:
-                    kept, tried, fails = class_rationales(teacher, processor, args, train, name, seen, offers,
-                                                          confusable)
-                except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
-                    raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl:"
-                                     f" rerun the same command to resume") from None
-                part.write("".join(json.dumps(r) + "\n" for r in kept)
-                           + json.dumps({"class_done": name, "tried": tried, "fails": fails}) + "\n")
-                part.flush()
-                common.print0(f"  cot class {ci + 1}/{len(my_classes)} (rank 0 shard) {name}: {len(kept)} kept")
-        del teacher
-        release_memory()
-    common.barrier()
-    done = read_cot_parts(parts)
-    records = [r for name in seen if name in done for r in done[name]["records"]]  # class order, any rank count
-    stats["cot/tried"] = sum(c["tried"] for c in done.values())
-    for c in done.values():
-        for k, v in c["fails"].items():
-            stats[f"cot/failed_{k}"] = stats.get(f"cot/failed_{k}", 0) + v
-    return records, stats
+def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, confusable):
+    """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
+    whose images are offered --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+    if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
+        return
+    if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
+        teacher, processor = judges.OpenAIServer(args.teacher_url, args.teacher[7:], what="--teacher-url",
+                                                 concurrency=args.teacher_concurrency), None
+        teacher.check()
+    else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
+        frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
+        teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
+                                               attn=args.attn, min_pixels=args.sft_min_pixels,
+                                               max_pixels=args.sft_max_pixels,
+                                               flag="--teacher" if args.teacher else "--model")
+        teacher.eval()
+    for position, name in enumerate(names):
+        kept, tried, fails = [], 0, {}
+        for start in range(0, args.cot_images_per_class, args.cot_batch):
+            offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+            if not offered or len(kept) >= args.cot_per_class:
+                break
+            posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
+            texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
+                     for q in posed]
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
+            try:
+                completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args,
+                                                  generator)
+            except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
+                raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
+                                 f"rerun the same command to resume") from None
+            for row, completion in enumerate(completions):
+                i = row // args.cot_samples
+                rationale, checks = check_rationale(completion, name, classes=train.class_names)
+                for check, ok in checks.items():
+                    fails[check] = fails.get(check, 0) + (not ok)
+                if (rationale is not None and len(kept) < args.cot_per_class
+                        and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
+                    kept.append({**posed[i], "response": response_text(rationale, name)})
+            tried += len(completions)
+        yield name, {"records": kept, "tried": tried, "fails": fails}
+        common.print0(f"  cot class {position + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
+    del teacher
+    gc.collect()  # the memory back before the next stage loads
+    torch.cuda.empty_cache()
 
-
-def class_rationales(teacher, processor, args, train, name, seen, offers, confusable):
-    """(kept rationales, completions tried, failed checks by part) for one seen class: its images are offered to the
-    teacher --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
-    kept, tried, fails = [], 0, {}
-    for start in range(0, args.cot_images_per_class, args.cot_batch):
-        exs = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-        if not exs or len(kept) >= args.cot_per_class:
-            break
-        # the question each image will be trained with; a closed one's distractors are the rationale's candidates
-        posed = [sft_question(args.sft_prompt, train.kind, ex.id, name, [c for c in seen if c != name],
-                              args.closed_frac) for ex in exs]
-        candidates = [distractors or confusable[name] for _, distractors in posed]
-        texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(cands))
-                 for cands in candidates]
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
-        completions = teacher_completions(teacher, processor, [ex.image for ex in exs], texts, args, gen)
-        for row, completion in enumerate(completions):
-            i = row // args.cot_samples
-            rationale, checks = check_rationale(completion, name, classes=train.class_names)
-            for k, ok in checks.items():
-                fails[k] = fails.get(k, 0) + (not ok)
-            if rationale is not None and len(kept) < args.cot_per_class and exs[i].id not in {r["id"] for r in kept}:
-                kept.append({"image": exs[i].image, "id": exs[i].id, "class_name": name, "candidates": candidates[i],
-                             **posed[i][0], "response": response_text(rationale, name)})
-        tried += len(completions)
-    return kept, tried, fails
-
-
-# =====================================================================================================================
-# 8. The stages sft and tapo on the shared run lifecycle
-# =====================================================================================================================
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
@@ -739,10 +613,8 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
-    lifecycle.require_divisible("--sft-batch", args.sft_batch, ranks.world_size, "the number of ranks")
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
 
-    # the paper's SFT trains the language model only (vision tower + merger frozen)
     model, processor, _ = run.load_policy(args.model, trainable=vision_trained(args.sft_train_vision),
                                           estimate=lambda processor: sft_estimate(processor, records, args),
                                           min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
@@ -761,8 +633,8 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
         model.train()
         with run.timer("update"):
-            grad_norm, sums = sft_update(model, optimizer, run, step + 1, batch, processor, args)
-        run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(sums)},
+            grad_norm, stats = sft_update(model, optimizer, run, step + 1, batch, processor, args)
+        run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(stats)},
                      model, optimizer, {"stage": "sft", "data_position": (step + 1) * args.sft_batch}, evaluate,
                      shown=("loss", "grad_norm"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
@@ -771,8 +643,7 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
 
 
 def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
-    """TAPO from the SFT export (or --tapo-init / --model); checkpoints and metrics in <out>/tapo, the model exported
-    to <out>/final. Skipped when that exists (resume)."""
+    """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
     args, ranks = run.args, run.ranks
     out = os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
@@ -780,15 +651,13 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
         common.print0(f"stage tapo: {final} exists, skipped")
         return final
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
-    check_tapo_batches(args, ranks.world_size)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
     # data: k images per seen class (the anchors), and the classes each one's negative may come from
     train = load_split(args, "train", "base", shots=args.shots, limit=args.train_limit)
-    by_class: dict[str, list[data.Example]] = {}
-    for ex in train.examples:
-        by_class.setdefault(ex.class_name, []).append(ex)
-    negatives = negative_classes(sorted(by_class), args.negatives, args.confusable_k)
+    seen = sorted({ex.class_name for ex in train.examples})
+    by_class = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
+    negatives = negative_classes(seen, args.negatives, args.confusable_k)
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
 
@@ -798,52 +667,44 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = lambda step: {"stage": "tapo", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
     state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
-    done, batch_index, cursor = state["step"], state.get("batch", 0), state.get("data_position", 0)
+    batch_index, cursor = state.get("batch", 0), state.get("data_position", 0)
     common.print0(f"stage tapo from {init}: {len(train.examples)} anchors of {len(by_class)} seen classes, "
-                  f"{math.ceil(total_steps / steps_per_batch)} rollout batches x {args.rollout_batch} triplets x "
-                  f"{2 * args.group_size} responses, {steps_per_batch} optimizer steps each ({total_steps} steps), "
-                  f"{args.negatives} negatives")
+                  f"{math.ceil(total_steps / steps_per_batch)} rollout batches of {args.rollout_batch} triplets x "
+                  f"{2 * args.group_size} responses, {steps_per_batch} updates each, {args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
-    for step in run.steps(done, total_steps):
-        if step < done:
-            continue  # taken inside the rollout batch before
+    # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
+    for batch_start in itertools.islice(run.steps(state["step"], total_steps), 0, None, steps_per_batch):
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
+        batch_index += 1
+        batch_end = min(batch_start + steps_per_batch, total_steps)
         model.train()
-        records = []
-        for k in range(steps_per_batch):  # several optimizer steps on the rollout batch
-            if done >= total_steps or run.guard.exhausted:
-                break
-            lr = lifecycle.lr_at(done, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
+        for update, step in enumerate(range(batch_start, batch_end)):
+            lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                                  warmup_steps=args.warmup_steps)
             lifecycle.set_lr(optimizer, lr)
             with run.timer("update"):
-                grad_norm, sums = tapo_update(model, optimizer, run, done + 1, batch,
-                                              range(k * rows_per_step, (k + 1) * rows_per_step), args)
-            done += 1
-            # a rank's sums are (its token sums) / (global tokens / world): their mean over ranks is the global mean
-            records.append({"step": done, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
-                            **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(sums).items()}})
-        batch_index += 1
-        for record in records[:-1]:
+                grad_norm, terms = tapo_update(model, optimizer, run, step + 1, batch,
+                                               range(update * rows_per_step, (update + 1) * rows_per_step), args)
+            # a rank's terms are (its token sums) / (global tokens / world): their mean over ranks is the global mean
+            record = {"step": step + 1, "stage": "tapo", "lr": lr, "grad_norm": grad_norm, **run.guard.stats(),
+                      **{f"loss/{n}": v for n, v in lifecycle.mean_over_ranks(terms).items()}}
+            if step + 1 == batch_end or run.guard.exhausted:  # the batch's last step (a non-finite streak ends it)
+                break
             run.log.log(record)
-        record = {**records[-1], "rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)}  # the batch's
-        if args.log_completions and ranks.is_main:  # metrics go with its last optimizer step
+        record.update({"rollout_batch": batch_index, **lifecycle.mean_over_ranks(metrics)})  # the batch's metrics
+        if args.log_completions and ranks.is_main:  # go with its last optimizer step
             record["completions"] = [
                 {"anchor": g.triplet.anchor.id, "positive": g.triplet.positive.id, "negative": g.triplet.negative.id,
-                 "truth": g.triplet.anchor.class_name, "completion": g.texts[0], "reward": float(g.reward[0]),
+                 "truth": g.triplet.anchor.class_name, "completion": g.rollout.texts[0], "reward": float(g.reward[0]),
                  **{n: float(v[0]) for n, v in g.parts.items()}} for g in groups[:args.log_completions]]
-        run.end_step(done, record, model, optimizer, {"stage": "tapo", "batch": batch_index, "data_position": cursor},
-                     evaluate, shown=("reward", "sampled_accuracy", "dynamic/kept_frac", "loss/pg", "loss/kl_neg",
-                                      "completion_len"))
+        run.end_step(record["step"], record, model, optimizer, {"stage": "tapo", "batch": batch_index,
+                     "data_position": cursor}, evaluate, shown=("reward", "sampled_accuracy", "dynamic/kept_frac",
+                                                                "loss/pg", "loss/kl_neg", "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     return final
 
-
-# =====================================================================================================================
-# 9. Shared by the stages: data, what trains, evaluation
-# =====================================================================================================================
 
 def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
     return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
@@ -857,16 +718,8 @@ def vision_trained(trained: bool):
     return trainable
 
 
-def release_memory():
-    """After a stage has dropped its model and optimizer: give the memory back before the next stage loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """Each protocol on seen (base) and unseen (novel) classes: eval/<protocol>/<group> accuracy and image count,
-    and the paper's Avg, the mean of the two."""
+    """Each protocol on the seen (base) and unseen (novel) classes: eval/<protocol>/<group>, <group>_n, avg of both."""
     result = evaluation.evaluate_groups(
         model, processor, eval_sets, [EVALS[name] for name in args.protocols], out=out, step=step,
         precision=args.precision, name="eval/{protocol}/{group}", folder="{protocol}_{group}", seed=args.seed,
@@ -874,59 +727,47 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -
         compile_decode=bool(args.compile_decode))
     for name in args.protocols:
         result.update({f"eval/{name}/{group}_n": len(ds) for group, ds in eval_sets.items()})
-        if f"eval/{name}/seen" in result and f"eval/{name}/unseen" in result:
-            result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
+        result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
     return result
 
 
 def eval_sets_for(args) -> dict:
-    if not args.eval_every:
-        return {}
-    return {"seen": load_split(args, args.eval_split, "base", limit=args.eval_limit),
-            "unseen": load_split(args, args.eval_split, "novel", limit=args.eval_limit)}
+    return {group: load_split(args, args.eval_split, classes, limit=args.eval_limit)
+            for group, classes in (("seen", "base"), ("unseen", "novel")) if args.eval_every}
 
 
 # =====================================================================================================================
-# 10. Flags: the paper's values as defaults, and a toy preset for the CPU
+# 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main
 # =====================================================================================================================
 
-# Toy preset (flags not given on the command line): the toy data has 12 seen classes of 20 training images each, so
-# the one-rationale-per-class rule would give 12 SFT samples; 20 per class (every training image) gives the tiny
-# stand-in enough to learn the format and the attributes. The learning rates are those a 0.7M-parameter model needs
-# (research/toy_learning.md).
-TOY = dict(
-    model="tiny", min_pixels=data.TOY_IMAGE_SIZE ** 2, max_pixels=data.TOY_IMAGE_SIZE ** 2,
-    cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl",
-    sft_lr=2e-3, sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, sft_min_pixels=data.TOY_IMAGE_SIZE ** 2,
-    sft_max_pixels=data.TOY_IMAGE_SIZE ** 2, rollout_batch=16, sample_prompts=16, prompts_per_step=8, lr=1e-4,
-    tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96, micro_batch=40,
-    logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8,
-)
+# Toy preset (flags not given): 20 rationales per seen class (each training image, not 1 of 20: 12 SFT samples would
+# not teach the tiny stand-in the format and the attributes); learning rates for a 0.7M-parameter model.
+TOY = dict(model="tiny", **dict.fromkeys(("min_pixels", "max_pixels", "sft_min_pixels", "sft_max_pixels"),
+                                          data.TOY_IMAGE_SIZE ** 2),
+           cot_per_class=20, cot_candidates=2, cot_max_new_tokens=96, closed_frac=0.5, sft_prompt="rl", sft_lr=2e-3,
+           sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, rollout_batch=16, sample_prompts=16, prompts_per_step=8,
+           lr=1e-4, tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96,
+           micro_batch=40, logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) for fine-grained "
-                                            "recognition with Qwen2.5-VL")
-    # the shared flags with the paper's values (SPEC section 6); TAPO's rate is constant, it has no reference KL
+    p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) with Qwen2.5-VL")
+    # the shared flags with the paper's values; TAPO's rate is constant, it has no reference KL
     lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=5, rewards="accuracy=0.9,format=0.1",
                                 lr=1e-6, lr_schedule="constant", beta=None, max_new_tokens=2048, micro_batch=4,
                                 eval_every=50, save_every=15, weight_decay=0.01, grad_clip=1.0, temperature=1.0,
                                 top_p=0.99, eval_max_new_tokens=2048, eval_batch=8)
     p.set_defaults(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
-    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"],
-                   help="which stage to run; `all` runs cot -> sft -> tapo (default %(default)s)")
+    p.add_argument("--stage", default="all", choices=["cot", "sft", "tapo", "all"], help="all: cot, sft then tapo")
     g = p.add_argument_group("stage cot: the rationale data")
     add = lambda flag, default, help, **kw: g.add_argument(flag, default=default, help=help,  # noqa: E731
                                                            type=kw.pop("type", type(default)), **kw)
-    g.add_argument("--cot-data", help="a JSONL file of rationales to train on instead (image, class_name, question, "
-                   "response; optional system)")
-    g.add_argument("--cot-source", default="auto", choices=["auto", "teacher", "attributes"], help="who writes the "
-                   "rationales: a teacher model, or (toy only) the image's known attributes; auto = the teacher when "
-                   "--teacher is given or the data is not toy")
-    g.add_argument("--teacher", help="a Qwen2.5-VL checkpoint loaded here (default: --model), or openai:<model> "
-                   "served at --teacher-url (any vision chat model, e.g. by vLLM)")
-    g.add_argument("--teacher-url", help="OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 "
-                   "(default $OPENAI_BASE_URL; key from $OPENAI_API_KEY); images sent inline")
+    add("--cot-data", None, "rationales to train on instead: JSONL of image, class_name, question, response", type=str)
+    add("--cot-source", "auto", "who writes the rationales: a teacher, or (toy only) the image's attributes; auto: "
+        "the teacher when --teacher is given or the data is not toy", choices=["auto", "teacher", "attributes"])
+    add("--teacher", None, "a Qwen2.5-VL checkpoint (default --model) or openai:<model> at --teacher-url", type=str)
+    add("--teacher-url", None, "OpenAI-compatible server of an openai: teacher, e.g. http://HOST:8000/v1 (default "
+        "$OPENAI_BASE_URL, key $OPENAI_API_KEY); images sent inline", type=str)
     add("--teacher-concurrency", 16, "requests in flight per rank (openai:)")
     add("--cot-per-class", 1, "rationales kept per seen class (paper 1)")
     add("--cot-images-per-class", 4, "training images per class offered to the teacher until one rationale passes")
@@ -936,23 +777,21 @@ def parse_args(argv=None):
     add("--cot-top-p", 0.95, "teacher nucleus sampling")
     add("--cot-max-new-tokens", 2048, "rationale length cap")
     add("--cot-batch", 8, "images per teacher sampling call (memory knob)")
-    add("--closed-frac", 0.0, "share of CoT/SFT and TAPO questions asked in the closed-world form: the truth and 3 "
-        "other seen classes as options (paper 0: open questions only)")
+    add("--closed-frac", 0.0, "share of SFT / TAPO questions asked closed-world, among 3 other seen classes (paper 0)")
     g = p.add_argument_group("stage sft")
-    g.add_argument("--sft-prompt", default="paper", choices=["paper", "rl"], help="how SFT asks: paper = an R1-style "
-                   "system prompt and the bare question (the paper's SFT data); rl = TAPO's prompt (toy preset)")
+    add("--sft-prompt", "paper", "paper: an R1-style system prompt and the bare question (the paper's SFT data); rl: "
+        "TAPO's prompt (toy preset)", choices=["paper", "rl"])
     add("--sft-lr", 5e-6, "peak learning rate (paper 5e-6)")
     add("--sft-warmup", 6, "linear warm-up steps, then cosine decay (paper 6)")
     add("--sft-weight-decay", 0.1, "AdamW weight decay (paper 0.1)")
     add("--sft-batch", 64, "samples per optimizer step, all ranks (paper 64)")
     add("--sft-epochs", 10.0, "passes over the rationales (paper 10)")
     add("--sft-micro-batch", 4, "samples per forward/backward on a rank")
-    g.add_argument("--sft-train-vision", action="store_true", help="also train the vision tower and merger (the "
-                   "paper freezes both in SFT)")
+    g.add_argument("--sft-train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
     add("--sft-min-pixels", 32 * 32, "SFT image pixel budget, lower (paper 32*32)")
     add("--sft-max-pixels", 768 * 768, "SFT image pixel budget, upper (paper 768*768)")
     g = p.add_argument_group("stage tapo (--group-size: rollouts per image; anchor's + positive's = one group of 2x)")
-    g.add_argument("--tapo-init", help="checkpoint TAPO starts from (default: <out>/sft/final, else --model)")
+    add("--tapo-init", None, "checkpoint TAPO starts from (default: <out>/sft/final, else --model)", type=str)
     add("--shots", 4, "training images per seen class (paper 4)")
     add("--negatives", "confusable", "negative image from a random other class, or from one of the --confusable-k "
         "classes whose names are most similar to the anchor's", choices=["random", "confusable"])
@@ -989,15 +828,17 @@ def parse_args(argv=None):
         raise SystemExit(f"--teacher {args.teacher} with --cot-source attributes: the attributes write the "
                          f"rationales and the teacher would be ignored; drop one of the two")
     args.protocols = [s.strip() for s in args.eval_protocols.split(",") if s.strip()]
-    unknown = [name for name in args.protocols if name not in EVALS]
-    if unknown:
+    if unknown := [name for name in args.protocols if name not in EVALS]:
         raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
     return args
 
 
-def check_tapo_batches(args, world_size: int):
-    """TAPO's batch arithmetic, refused with the numbers before anything runs (main checks it at the start, so a
-    `--stage all` run never trains CoT SFT for hours and then stops here)."""
+def check_batches(args, stages: list[str], world_size: int):
+    """The batch arithmetic of the stages to run, refused with the numbers at the start (never after hours of SFT)."""
+    if "sft" in stages:
+        lifecycle.require_divisible("--sft-batch", args.sft_batch, world_size, "the number of ranks")
+    if "tapo" not in stages:
+        return
     for what, n in (("--rollout-batch", args.rollout_batch), ("--sample-prompts", args.sample_prompts),
                     ("--prompts-per-step", args.prompts_per_step)):
         lifecycle.require_divisible(what, n, world_size, "the number of ranks")
@@ -1007,29 +848,20 @@ def check_tapo_batches(args, world_size: int):
                          f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
 
 
-# =====================================================================================================================
-# 11. main
-# =====================================================================================================================
-
 def main(argv=None):
     args = parse_args(argv)
     stages = ["cot", "sft", "tapo"] if args.stage == "all" else [args.stage]
-    # batch arithmetic refused at the start (before the process group), never after hours of rationales / SFT
-    if "sft" in stages:
-        lifecycle.require_divisible("--sft-batch", args.sft_batch, lifecycle.launched_world_size(),
-                                    "the number of ranks")
-    if "tapo" in stages:
-        check_tapo_batches(args, lifecycle.launched_world_size())
+    check_batches(args, stages, lifecycle.launched_world_size())  # before the process group
     run = lifecycle.Run(args, "fine_r1")
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = args.cot_data or os.path.join(run.out, "cot.jsonl")
-    if "cot" in stages:
-        cot_path = run_cot(args, run.ranks, run.out)
+    cot_path = run_cot(args, run.ranks, run.out) if "cot" in stages else \
+        args.cot_data or os.path.join(run.out, "cot.jsonl")
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
-        release_memory()
+        gc.collect()  # the SFT model and optimizer freed before TAPO loads
+        torch.cuda.empty_cache()
     if "tapo" in stages:
         run_tapo(run.stage("tapo"), eval_sets, first_stage=stages[0] == "tapo")
     lifecycle.print_eval_summary([os.path.join(run.out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
@@ -1038,7 +870,7 @@ def main(argv=None):
 
 
 # =====================================================================================================================
-# 12. Plumbing: the teacher's input and output, the memory estimates
+# 7. Plumbing: the teacher's input and output, the memory estimates
 # =====================================================================================================================
 
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
@@ -1048,10 +880,9 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
         def ask(item):
             image, text = item
             with open(image, "rb") as f:
-                data = base64.b64encode(f.read()).decode()
-            mime = "image/png" if image.lower().endswith(".png") else "image/jpeg"
-            content = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}},
-                       {"type": "text", "text": text}]
+                inline = f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64," \
+                         f"{base64.b64encode(f.read()).decode()}"
+            content = [{"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": text}]
             out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
                                 "temperature": args.cot_temperature, "top_p": args.cot_top_p,
                                 "max_tokens": args.cot_max_new_tokens})
@@ -1067,33 +898,14 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
                          compile_decode=bool(args.compile_decode)).texts
 
 
-def read_cot_parts(parts: common.RankParts) -> dict[str, dict]:
-    """class -> {"records", "tried", "fails"} for every class a teacher finished, from <out>/cot.part*.jsonl.
-    Rationales count only when their class's done line follows them in the same part (a class cut short by a kill
-    is redone)."""
-    done = {}
-    for path in parts.paths():
-        pending = []
-        for rec in common.read_jsonl(path, skip_cut_tail=True):
-            if "class_done" in rec:
-                name = rec["class_done"]
-                done[name] = {"records": [r for r in pending if r["class_name"] == name], "tried": rec["tried"],
-                              "fails": rec["fails"]}
-                pending = []
-            else:
-                pending.append(rec)
-    return done
-
-
 def sft_estimate(processor, records: list[dict], args) -> dict:
     """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
                 prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
                 title="memory budget (stage sft)",
                 knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
-                       "gradients": "--parallel fsdp over more GPUs; keep the vision tower frozen (no "
-                                    "--sft-train-vision)",
-                       "optimizer states": "--parallel fsdp over more GPUs; keep the vision tower frozen"})
+                       **dict.fromkeys(("gradients", "optimizer states"), "--parallel fsdp over more GPUs; keep the "
+                                       "vision tower frozen (no --sft-train-vision)")})
 
 
 def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
@@ -1106,12 +918,12 @@ def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
                 knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
                        "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
                                            "--max-new-tokens, --max-pixels",
-                       "gradients": "--parallel fsdp over more GPUs; --tapo-freeze-vision",
-                       "optimizer states": "--parallel fsdp over more GPUs; --tapo-freeze-vision"})
+                       **dict.fromkeys(("gradients", "optimizer states"),
+                                       "--parallel fsdp over more GPUs; --tapo-freeze-vision")})
 
 
 # =====================================================================================================================
-# 13. For the CPU stand-in
+# 8. For the CPU stand-in
 # =====================================================================================================================
 
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
@@ -1121,18 +933,15 @@ TOY_PREDICTION_MARK = "the final answer is"
 
 
 def attribute_rationale(class_name: str, candidates: list[str]) -> str:
-    """The four-part rationale of a toy image, written from its known attributes (a toy class name is colour, pattern
-    and shape): the features in the order of the class name (so that the prediction copies them), the candidate
-    classes, how each differs, the prediction. About 40 tokens: the tiny stand-in samples it on a CPU.
-    >>> attribute_rationale("red striped circle", ["red plain circle", "blue striped square"])
-    '1. colour: red 2. pattern: striped 3. shape: circle\nthe options: red plain circle, blue striped square\n
-     not plain, not blue\nthe final answer is red striped circle'
-    """
+    """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
+    "1. colour: red 2. pattern: striped 3. shape: circle | the options: red plain circle, blue striped square | not
+    plain, not blue | the final answer is red striped circle" (| a line break)."""
+    attributes = class_name.split()
     differs = []
     for c in candidates:  # the first attribute in which each candidate differs from the image
-        differs += [w for w, mine in zip(c.split(), class_name.split()) if w != mine][:1]
-    features = " ".join(f"{i}. {a}: {w}" for i, (a, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                        class_name.split()), 1))
+        differs += [w for w, mine in zip(c.split(), attributes) if w != mine][:1]
+    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
+                                                                              attributes), 1))
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 

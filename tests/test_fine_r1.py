@@ -365,16 +365,15 @@ def test_rationale_filter_accepts_a_teachers_layouts(layout):
         assert kept is None and not checks[part], (layout, part, checks)
 
 
-def test_rationale_parts_find_the_candidate_list_and_what_follows():
+def test_the_filter_finds_the_candidate_list_and_what_follows():
     block, rest = fine_r1.candidate_block(" \n1. A\n2. B\n\n\n- A vs B: A is larger.\n")
     assert block.split("\n") == ["1. A", "2. B"] and rest.split() == ["-", "A", "vs", "B:", "A", "is", "larger."]
     block, rest = fine_r1.candidate_block("\nIt could be:\n1. A\n\n2. B\nA is larger than B.")
     assert block.split("\n") == ["It could be:", "1. A", "2. B"] and rest == "A is larger than B."
     # a candidate line straight into the prediction has no comparison; no list at all has no candidates
-    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories: A, B\nThe prediction is: A",
-                                       "A")["comparison"]
-    assert not fine_r1.rationale_parts("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A",
-                                       "A")["candidates"]
+    checks = lambda think: fine_r1.check_rationale(fine_r1.response_text(think, "A"), "A")[1]  # noqa: E731
+    assert not checks("1. red\nThe analysis of candidate subcategories: A, B\nThe prediction is: A")["comparison"]
+    assert not checks("1. red\nThe analysis of candidate subcategories:\nThe prediction is: A")["candidates"]
 
 
 
@@ -403,18 +402,20 @@ def test_sft_asks_as_the_paper_and_the_toy_preset_as_tapo(tiny):
     """--sft-prompt paper: an R1-style system prompt and the bare question (the paper's SFT samples); rl (toy preset):
     TAPO's prompt under the default system prompt. A record's system prompt is what sft_example encodes."""
     _, proc = tiny
-    paper, _ = fine_r1.sft_question("paper", "bird", "img1", "Bobolink", [], 0.0)
-    rl, _ = fine_r1.sft_question("rl", "bird", "img1", "Bobolink", [], 0.0)
-    assert rl == {"question": fine_r1.pose_question("bird", "img1")[0], "system": None}
-    assert paper == {"question": rl["question"].removesuffix(fine_r1.RL_SUFFIX), "system": fine_r1.SFT_SYSTEM}
+    example = data.Example(image="img1.jpg", label=0, class_name="Bobolink", id="img1")
+    paper, rl = (fine_r1.sft_question(SimpleNamespace(sft_prompt=how, closed_frac=0.0), "bird", example, [],
+                                      {"Bobolink": ["Dickcissel"]}) for how in ("paper", "rl"))
+    assert rl == {"image": "img1.jpg", "id": "img1", "class_name": "Bobolink", "candidates": ["Dickcissel"],
+                  "question": fine_r1.pose_question("bird", "img1")[0], "system": None}
+    assert paper == {**rl, "question": rl["question"].removesuffix(fine_r1.RL_SUFFIX), "system": fine_r1.SFT_SYSTEM}
     assert "<think>" not in paper["question"] and rl["question"].endswith(fine_r1.RL_SUFFIX)
     assert fine_r1.parse_args(["--data", "cub", "--data-root", "/x"]).sft_prompt == "paper"
     assert fine_r1.parse_args(["--data", "toy"]).sft_prompt == "rl"
     image = data.load_dataset("toy", "test").examples[0].image
-    record = {"image": image, "class_name": "Bobolink", **paper, "response": "<think>x</think>\n\n<answer>B</answer>"}
+    record = {**paper, "image": image, "response": "<think>x</think>\n\n<answer>B</answer>"}
     text = proc.tokenizer.decode(fine_r1.sft_example(proc, record)[0].input_ids)
     assert fine_r1.SFT_SYSTEM in text and "You are a helpful assistant." not in text
-    default = proc.tokenizer.decode(fine_r1.sft_example(proc, {**record, **rl})[0].input_ids)
+    default = proc.tokenizer.decode(fine_r1.sft_example(proc, {**record, **rl, "image": image})[0].input_ids)
     assert "You are a helpful assistant." in default and fine_r1.SFT_SYSTEM not in default
 
 
@@ -518,7 +519,7 @@ def test_teacher_cot_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out)
     with open(os.path.join(out, "cot.part0.jsonl"), "a") as f:
-        f.write('{"image": "cut mid-wri')  # the kill landed while the 6th class was written
+        f.write(f'{{"key": "{names[5]}", "value": {{"records": [{{"image": "cut mid-wri')  # killed writing the 6th
     asked.clear()
     kill_after = None
     resumed = common.read_jsonl(fine_r1.run_cot(fine_r1.parse_args(flags + ["--out", out]), common.Dist(), out))
@@ -547,18 +548,18 @@ def test_rollout_groups_rows_images_and_negative_prompt(tiny):
                                    torch.Generator().manual_seed(0))
     tok = proc.tokenizer
     for t, g in zip(triplets, groups):
-        assert g.completion_ids.shape[0] == 4 and len(g.texts) == 4 and g.reward.shape == (4,)
-        image_of = {id(p): p for p in g.prompts}
+        assert g.rollout.completion_ids.shape[0] == 4 and len(g.rollout.texts) == 4 and g.reward.shape == (4,)
+        image_of = {id(p): p for p in g.rollout.row_prompts}
         anchor = common.encode_prompt(proc, t.anchor.image, "x")
         positive = common.encode_prompt(proc, t.positive.image, "x")
         negative = common.encode_prompt(proc, t.negative.image, "x")
-        assert all(torch.equal(p.pixel_values, anchor.pixel_values) for p in g.prompts[:2])
-        assert all(torch.equal(p.pixel_values, positive.pixel_values) for p in g.prompts[2:])
+        assert all(torch.equal(p.pixel_values, anchor.pixel_values) for p in g.rollout.row_prompts[:2])
+        assert all(torch.equal(p.pixel_values, positive.pixel_values) for p in g.rollout.row_prompts[2:])
         assert torch.equal(g.neg_prompt.pixel_values, negative.pixel_values)
         assert len(image_of) == 2  # rows share their prompt objects
-        question = tok.decode(g.prompts[0].input_ids)
-        assert tok.decode(g.prompts[2].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
-        expected, _ = fine_r1.score(g.texts, {"truth": t.anchor.class_name}, args.reward_weights)
+        question = tok.decode(g.rollout.prompts[0].input_ids)
+        assert tok.decode(g.rollout.prompts[1].input_ids) == question == tok.decode(g.neg_prompt.input_ids)
+        expected, _ = fine_r1.score(g.rollout.texts, {"truth": t.anchor.class_name}, args.reward_weights)
         assert torch.equal(g.reward, expected)
 
 

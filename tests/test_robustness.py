@@ -443,8 +443,7 @@ def test_every_method_starts_with_its_paper_defaults_on_1_to_16_ranks(world, cap
             dive_k.prompts_per_step_for(user, world)
     per_rank, per_minibatch = speciarl.check_batches(speciarl.parse_args(["--data", "cub"]), world)
     assert per_rank * world == 256 and per_minibatch * 2 * world == 256
-    fine_r1.check_tapo_batches(fine_r1.parse_args(["--data", "cub"]), world)  # raises SystemExit if it does not fit
-    assert fine_r1.parse_args(["--data", "cub"]).sft_batch % world == 0
+    fine_r1.check_batches(fine_r1.parse_args(["--data", "cub"]), ["sft", "tapo"], world)  # SystemExit if not
 
 
 # ----- a failing rank, a NaN streak, a kill -9 mid-step: end to end on toy -----
