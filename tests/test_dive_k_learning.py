@@ -17,8 +17,9 @@ steps 0.811, random-reward control 0.528.
 
 The two runs go side by side, each on one torch thread, a fixed count, so the numbers do not depend on the machine's
 cores or load; the control mines its own questions, the same as the real run's (asserted). Seed 42 so: 0.717 ->
-0.800, +0.083 / 0.027 = 3.1 s.e.; control -0.056 (after the sampler's nucleus change). Earlier seeds tried (one torch thread, this test's runs; base-class two-step accuracy start -> after 90 steps, gain / paired
-s.e.; the random-reward control's gain):
+0.800, +0.083 / 0.027 = 3.1 s.e.; control -0.056 (after the sampler's nucleus change). Earlier seeds tried (one
+torch thread, in one process; base-class two-step accuracy start -> after 90 steps, gain / paired s.e.; the
+random-reward control's gain):
   seed 42 (the test's)  0.717 -> 0.806, +0.089 / 0.029 = 3.1 s.e.; control -0.056
   seed 0                0.728 -> 0.800, +0.072 / 0.033 = 2.2 s.e.; control -0.022
   seed 1                0.722 -> 0.772, +0.050 / 0.025 = 2.0 s.e.; control -0.022

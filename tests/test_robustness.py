@@ -573,8 +573,8 @@ def test_run_directory_is_locked_and_the_log_keeps_each_step_once(tmp_path):
     """A second run on the same --out stops at once naming the first one's pid; resuming drops the records of the
     steps it redoes (those after the checkpoint's step; all of them when it starts over)."""
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; lifecycle.make_run_dir(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(60)", out],
+    holder = subprocess.Popen([sys.executable, "-c", "import lifecycle, sys, time; "
+                               "lifecycle.make_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", out],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -599,7 +599,7 @@ def test_run_directory_is_locked_and_the_log_keeps_each_step_once(tmp_path):
 @pytest.mark.parametrize("signame,note", [("SIGINT", "lifecycle.RESUME_NOTE"), ("SIGTERM", "lifecycle.RESUME_NOTE"),
                                           ("SIGINT", "eval.INTERRUPTED")])  # eval.py keeps no checkpoint: says so
 def test_ctrl_c_and_sigterm_end_with_one_line(signame, note):
-    code = ("import common, eval, sys, time\n"
+    code = ("import eval, lifecycle, sys, time\n"
             "def main():\n    print('running', flush=True)\n    time.sleep(60)\n"
             f"lifecycle.run_script(main, {note})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
