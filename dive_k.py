@@ -430,7 +430,7 @@ def mining_summary(questions: list[dict]) -> dict:
 
 
 def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
-                       run: lifecycle.Run) -> tuple[list[dict], dict]:
+                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
     """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
     pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
     rank, world_size = run.ranks.rank, run.ranks.world_size
@@ -439,8 +439,7 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
     if not args.online_mining:
         return batch, {}
     model.eval()
-    fsdp_prompt = common.encode_prompt(processor, pool[0].image, mine_prompt(kind, args.data, base_classes))
-    with run.timer("mining"), common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, fsdp_prompt)):
+    with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
         mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
                      seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
     return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
@@ -600,15 +599,18 @@ def main(argv=None):
         raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
     total_steps = args.max_steps or math.ceil(args.epochs * len(pool) / args.prompts_per_step)
     common.print0(f"stage 2: {len(pool)} {'images' if args.online_mining else 'questions'}, {total_steps} steps of "
-                  f"{args.prompts_per_step} prompts x G={args.group_size} ({args.prompts_per_step // run.ranks.world_size} "
-                  f"prompts per rank)")
+                  f"{args.prompts_per_step} prompts x G={args.group_size} "
+                  f"({args.prompts_per_step // run.ranks.world_size} prompts per rank)")
 
-    # stage 2: GRPO
+    # stage 2: GRPO (online mining: FSDP2's warm-up forward before each gather, built once)
+    fsdp_inputs = common.fsdp_warmup_inputs(model, processor, common.encode_prompt(
+        processor, pool[0].image, mine_prompt(train.kind, args.data, base_classes))) if args.online_mining else None
     for step in run.steps(start, total_steps):
         lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                              warmup_steps=args.warmup_steps)
         lifecycle.set_lr(optimizer, lr)
-        questions, mining_stats = questions_for_step(step, pool, model, processor, base_classes, train.kind, args, run)
+        questions, mining_stats = questions_for_step(step, pool, model, processor, base_classes, train.kind, args, run,
+                                                     fsdp_inputs)
         record = train_step(step, questions, model, reference, optimizer, processor, train.kind, args, run,
                             mining_stats)
         run.end_step(step + 1, {**record, "lr": lr}, model, optimizer, evaluate=evaluate,
