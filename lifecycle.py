@@ -107,7 +107,7 @@ def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Se
 
 
 def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on the trainable parameters, no weight decay on 1-D ones (norms, biases), as Hugging Face's Trainer."""
+    """AdamW on the trainable parameters; 1-D ones (norm weights, biases) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
