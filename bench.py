@@ -16,18 +16,16 @@ every figure and setting. Definitions and more launch lines: README, section "Sp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import resource
 import statistics
-import threading
 import time
 
 import torch
 
 import common
 import data
-import memory
 import speciarl
 
 # dense bf16 peaks (TFLOP/s) by a substring of torch.cuda.get_device_name, most specific first
@@ -91,36 +89,22 @@ def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-class ResidentPeak(threading.Thread):
-    """The largest resident set of this process until stopped (/proc/self/statm every 2 ms): a peak per phase on CPU,
-    where ru_maxrss knows only the lifetime maximum (torch releases the GIL in its kernels: the thread looks then)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self.running = memory.resident_bytes(), True
-        self.start()
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, memory.resident_bytes())
-            time.sleep(0.002)
-
-
 def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
     """{name: [(result, seconds, peak GiB) of each timed run]}: the fns in turn (a, b, a, b ...) after `warmup` untimed
-    rounds, so that a change of machine load mid-run hits each alike. Peak: torch's on GPU, else the resident set's."""
+    rounds, so that a change of machine load mid-run hits each alike. Peak: torch's on GPU, else the resident set's
+    (the kernel's high-water mark, reset before each run on Linux; elsewhere the process's lifetime maximum)."""
     runs = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            watch = ResidentPeak() if device.type != "cuda" and os.path.exists("/proc/self/statm") else None
+            else:  # Linux: 5 makes the peak resident set (ru_maxrss) the current one
+                with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
             out, dt = timed(fn, device)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
-            elif watch:
-                watch.running, peak = False, max(watch.peak, memory.resident_bytes())
-            else:  # the process-wide maximum, in kiB
+            else:  # ru_maxrss is in kiB
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10
             if i >= warmup:
                 runs[name].append((out, dt, peak / 2 ** 30))
@@ -136,26 +120,10 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 4 * reps / dt
 
 
-def device_peak_flops(device, override):
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    tflops = next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
-    if tflops is None:
-        common.print0(f"unknown GPU {name!r}: no MFU (pass --peak-tflops)")
-    return tflops * 1e12 if tflops else None
+def completions(ids, mask) -> list[list[int]]:
+    """Each row's completion tokens up to and including the first EOS (the padding cut off)."""
+    return [ids[row, :int(mask[row].sum())].tolist() for row in range(ids.shape[0])]
 
-
-def same_completions(ids_a, mask_a, ids_b, mask_b) -> bool:
-    """Row for row the same completion tokens up to and including the first EOS (padding ignored)."""
-    def tokens(ids, mask):
-        return [ids[row, :int(mask[row].sum())].tolist() for row in range(ids.shape[0])]
-    return tokens(ids_a, mask_a) == tokens(ids_b, mask_b)
-
-
-# ----- FLOP and byte counts -----
 
 def model_shape(model) -> dict:
     """Parameter counts and sizes for the FLOP and byte formulas (README: Speed)."""
@@ -191,15 +159,6 @@ def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
     return total
 
 
-def decode_bytes_per_step(shape: dict, rows: int, mean_context: float, elsize: int) -> float:
-    """Bytes one decode step must read: the language model's weights once, and every row's K and V cache."""
-    weights = (shape["layers_params"] + shape["norm_params"] + shape["head_params"]) * elsize
-    kv = shape["n_layers"] * 2 * rows * shape["kv_dim"] * mean_context * elsize
-    return weights + kv
-
-
-# ----- the bench -----
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist = common.init_distributed()
@@ -212,7 +171,6 @@ def main(argv=None) -> dict:
     max_pixels = args.max_pixels or args.image_size ** 2
     model, processor = common.load_model(args.model, device=device, dtype=args.dtype, attn=args.attn,
                                          min_pixels=min(3136, max_pixels), max_pixels=max_pixels)
-    common.set_pixel_budget(processor, min(3136, max_pixels), max_pixels)
     model.eval()
     param_dtype = next(model.parameters()).dtype
     wrapped = common.wrap_model(model, dist, args.parallel, activation_checkpointing=bool(ac), param_dtype=param_dtype)
@@ -228,22 +186,26 @@ def main(argv=None) -> dict:
     patches = [int(p.image_grid_thw.prod()) for p in prompts]
 
     bandwidth = copy_bandwidth(device)
-    peak = device_peak_flops(device, args.peak_tflops)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tflops = args.peak_tflops or next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in dev_name), None)
+    if tflops is None and device.type == "cuda":
+        common.print0(f"unknown GPU {dev_name!r}: no MFU (pass --peak-tflops)")
+    peak = tflops * 1e12 if tflops else None
     fig: dict = {"copy_bandwidth_GBps": bandwidth / 1e9, "image_tokens": int((prompts[0].mm_token_type_ids == 1).sum()),
                  "prompt_tokens": len(prompts[0]), "params": shape["total_params"]}
 
     def gather():  # sampling on a sharded model: the parameters gathered once per rollout (no-op otherwise)
         return common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, processor, prompts[0]))
-    knobs = dict(temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0)
 
     # --- rollout: our sampler and Hugging Face generate on the same inputs and knobs, timed in alternation
     gen = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)  # generate draws from the global RNG
 
-    def ours(**kw):
+    def ours(temperature=args.temperature):
         with gather():
-            return common.sample(wrapped, processor, prompts, group_size=G, max_new_tokens=T, generator=gen,
-                                 compile_decode=bool(args.compile_decode), **{**knobs, **kw})
+            return common.sample(wrapped, processor, prompts, group_size=G, max_new_tokens=T, temperature=temperature,
+                                 top_p=args.top_p, top_k=0, repetition_penalty=1.0, generator=gen,
+                                 compile_decode=bool(args.compile_decode))
     hf = common.unwrap(wrapped)
     inputs = common.collate_prompts(hf, prompts, pad_id, device)
     inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
@@ -279,17 +241,20 @@ def main(argv=None) -> dict:
         fig["prefill_s"] = stats([s["prefill_s"] for s in sampler_stats])
         fig["decode_step_ms"] = stats([1e3 * x for x in step_s])
         mean_context = max(len(p) for p in prompts) + statistics.median([s["decode_steps"] for s in sampler_stats]) / 2
-        step_bytes = decode_bytes_per_step(shape, len(prompts) * G, mean_context, torch.finfo(param_dtype).bits // 8)
+        # bytes a decode step must read: the language model's weights once, every row's K and V cache
+        elsize = torch.finfo(param_dtype).bits // 8
+        weights = (shape["layers_params"] + shape["norm_params"] + shape["head_params"]) * elsize
+        step_bytes = weights + shape["n_layers"] * 2 * len(prompts) * G * shape["kv_dim"] * mean_context * elsize
         fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
         fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
     if len(runs) == 2:
         # seeded alike, one multinomial a step: exact sampling draws the same tokens if the RNG streams match too
-        fig["sampled_identical"] = all(same_completions(s[0].completion_ids, s[0].completion_mask, *g[0])
+        fig["sampled_identical"] = all(completions(s[0].completion_ids, s[0].completion_mask) == completions(*g[0])
                                        for s, g in zip(runs["sample"], runs["generate"]))
         ours_greedy = ours(temperature=0)  # each of our G rows of prompt i = generate's greedy completion of i
         comp, mask = hf_generate(greedy=True)
-        fig["greedy_identical"] = same_completions(ours_greedy.completion_ids, ours_greedy.completion_mask,
-                                                   comp.repeat_interleave(G, 0), mask.repeat_interleave(G, 0))
+        fig["greedy_identical"] = completions(ours_greedy.completion_ids, ours_greedy.completion_mask) == completions(
+            comp.repeat_interleave(G, 0), mask.repeat_interleave(G, 0))
         fig["greedy_tokens"] = int(ours_greedy.completion_mask.sum())
 
     # the scoring phases on our last timed rollout, both paths in turn: "rows" = one sequence per completion, "shared" =
@@ -353,7 +318,6 @@ def main(argv=None) -> dict:
     settings.update(micro_batch=micro, activation_checkpointing=ac, dtype=str(param_dtype).replace("torch.", ""),
                     world_size=dist.world_size, torch=torch.__version__,
                     transformers=__import__("transformers").__version__)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     settings["device"] = f"{dev_name} x{dist.world_size}" if dist.world_size > 1 else dev_name
     result = {"settings": settings, "figures": fig}
     common.print0(markdown(fig, settings))

@@ -33,48 +33,38 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
                   vision_patches: int = 0, train_prompt_tokens: int | None = None) -> dict[str, float]:
-    """Estimated bytes per GPU by part (report_memory_budget counts and prints); shards: FSDP2 the world size, DDP 1.
-      parameters, frozen reference  n_params x master bytes / shards (the reference: the KL's twin of the policy)
-      gradients, optimizer states   n_trainable x master bytes x (1, AdamW 2) / shards
-      gathered parameters  n_params x compute bytes, when sharded (FSDP2's whole copy for sampling)
-      rollout KV cache     layers x kv_heads x head_dim x 2 (K and V) x compute bytes x (prompt + new tokens) x rows
-      activations (rough)  compute bytes x [(train_rows x new + prompts x train prompt tokens) x layers x (6 hidden + 4
-                           intermediate) (checkpointing: layers x hidden + one layer's), prompts = train_rows /
-                           rows_per_prompt (shared prefix: a prompt once for its group); + the shared prefix's
-                           train_rows x prompt tokens x 2 hidden per kept layer (each completion's copy of the prompt's
-                           K, V); + a trained tower's vision_patches x blocks x (6 hidden + 4 intermediate), likewise]
-      logits (transient)   max(scoring: one chunk of min(logit_rows x new tokens, max(common.LOGITS_BUDGET / vocab,
-                           logit_rows)) positions x vocab x (compute bytes + 8: projection, fp32 copy, log-sum-exp);
-                           sampling: rollout rows x vocab x 24 (fp32 logits, scores, probabilities, a float64 CDF))
-      load peak            n_params x master bytes x (1 + 1/shards with a reference): one whole copy until wrap_model
-                           shards it; apart from the others, over before they exist
-    Not counted: the CUDA context and allocator slack (add 10-20%)."""
+    """Estimated bytes per GPU by part; shards: FSDP2 the world size, DDP 1. Rough where it must be: activations count
+    6 hidden + 4 intermediate values per token and layer (checkpointing: each layer's input and one layer's), a trained
+    vision tower's per patch likewise; logits the larger of scoring's chunk (projection, fp32 copy, log-sum-exp:
+    compute bytes + 8 per score) and sampling's rows (fp32 logits, scores, probabilities, a float64 CDF: 24 bytes); the
+    load peak (one whole copy until wrap_model shards it) is over before the others exist. Not counted: the CUDA
+    context and allocator slack (add 10-20%)."""
     shards = world_size if parallel == "fsdp" else 1
-    tc = text_config
+    tc, vc = text_config, vision_config
     layers, hidden = tc.num_hidden_layers, tc.hidden_size
     head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
-    tokens = prompt_tokens + new_tokens
     train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
-    per_layer = 6 * hidden + 4 * tc.intermediate_size  # stored activations of one token in one decoder layer
-    stored = layers * hidden + per_layer if activation_checkpointing else layers * per_layer
-    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's prompt K, V
-    shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
-    vision, vc = 0, vision_config
-    if vision_patches:
-        block = 6 * vc.hidden_size + 4 * vc.intermediate_size  # stored activations of one patch in one block
-        vision = vision_patches * (vc.depth * vc.hidden_size + block if activation_checkpointing else vc.depth * block)
     logit_rows = train_rows if logit_rows is None else logit_rows
+
+    def stored(depth: int, width: int, intermediate: int) -> int:  # activations kept per token (or patch)
+        per_layer = 6 * width + 4 * intermediate
+        return depth * width + per_layer if activation_checkpointing else depth * per_layer
+    prompts = -(-train_rows // max(1, rows_per_prompt))  # the shared prefix: a prompt once for its group
+    text = (train_rows * new_tokens + prompts * train_prompt) * stored(layers, hidden, tc.intermediate_size)
+    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's copy of the prompt's K, V
+    shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
+    vision = vision_patches * stored(vc.depth, vc.hidden_size, vc.intermediate_size) if vision_patches else 0
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
         compute_bytes + 8)
     return {
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
-        "optimizer states": 2 * n_trainable * master_bytes / shards,
-        "frozen reference": n_params * master_bytes / shards if reference else 0.0,
-        "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,
-        "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes * tokens * rollout_rows),
-        "activations": float(((train_rows * new_tokens + -(-train_rows // max(1, rows_per_prompt)) * train_prompt)
-                              * stored + shared_kv + vision) * compute_bytes),
+        "optimizer states": 2 * n_trainable * master_bytes / shards,  # AdamW's two moments
+        "frozen reference": n_params * master_bytes / shards if reference else 0.0,  # the KL's twin of the policy
+        "gathered parameters": float(n_params * compute_bytes) if shards > 1 else 0.0,  # FSDP2's copy for sampling
+        "rollout KV cache": float(layers * tc.num_key_value_heads * head_dim * 2 * compute_bytes
+                                  * (prompt_tokens + new_tokens) * rollout_rows),
+        "activations": float((text + shared_kv + vision) * compute_bytes),
         "logits": float(max(scoring, rollout_rows * tc.vocab_size * 24)),
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
@@ -90,15 +80,6 @@ def prompt_tokens_estimate(processor, text: str) -> int:
     return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens(processor)
 
 
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
     unit, scale = next(((u, s) for u, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)) if n >= s), ("B", 1))
     return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
@@ -111,33 +92,31 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def report_memory_budget(model, dist: common.Dist, *, parallel: str, reference: bool, rollout_rows: int,
-                         prompt_tokens: int, new_tokens: int, train_rows: int, activation_checkpointing: bool,
-                         rows_per_prompt: int = 1, compute_dtype: torch.dtype | None = None,
-                         logit_rows: int | None = None, knobs: dict[str, str] | None = None,
-                         title: str = "memory budget", check: bool = True, image_tokens: int = 0,
-                         train_prompt_tokens: int | None = None) -> str:
-    """Estimate the memory per GPU (memory_budget of the parameters counted after freezing / LoRA, also on the meta
-    device), print it on rank 0 with the knobs that reduce each part, and stop (`check`; else warn) when it exceeds
-    the device. `parallel` "auto" picks fsdp when several ranks train and a replica would not fit. Returns the mode."""
+def report_memory_budget(model, dist: common.Dist, *, parallel: str, compute_dtype: torch.dtype | None = None,
+                         knobs: dict[str, str] | None = None, title: str = "memory budget", check: bool = True,
+                         image_tokens: int = 0, **work) -> str:
+    """Estimate the memory per GPU (memory_budget of the run's `work` settings, with the parameters counted after
+    freezing / LoRA, also on the meta device), print it on rank 0 with the knobs that reduce each part, and stop
+    (`check`; else warn) when it exceeds the device. `parallel` "auto" picks fsdp when several ranks train and a
+    replica would not fit. Returns the mode."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
     n_params, n_trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
     master, compute = params[0].dtype, compute_dtype or params[0].dtype
     have = device_memory(dist.device)
-    vision_trained = any(p.requires_grad for p in hf.model.visual.parameters())
-    patches = 4 * image_tokens * -(-train_rows // max(1, rows_per_prompt)) if vision_trained else 0  # 2 x 2 merge
-    so_far = resident_bytes() if dist.device.type == "cpu" else 0
+    rollout_rows, prompt_tokens, new_tokens, train_rows = (
+        work["rollout_rows"], work["prompt_tokens"], work["new_tokens"], work["train_rows"])
+    if any(p.requires_grad for p in hf.model.visual.parameters()):  # a trained tower: 4 patches per image token
+        work["vision_patches"] = 4 * image_tokens * -(-train_rows // max(1, work.get("rows_per_prompt", 1)))
+    so_far = 0
+    if dist.device.type == "cpu" and os.path.exists("/proc/self/statm"):  # the process's resident memory now (Linux)
+        with open("/proc/self/statm") as f:
+            so_far = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def estimate(mode: str) -> tuple[dict[str, float], float]:
         budget = memory_budget(n_params=n_params, n_trainable=n_trainable, text_config=hf.config.text_config,
-                               world_size=dist.world_size, parallel=mode, master_bytes=master.itemsize,
-                               compute_bytes=compute.itemsize, reference=reference, rollout_rows=rollout_rows,
-                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=train_rows,
-                               rows_per_prompt=rows_per_prompt, logit_rows=logit_rows,
-                               activation_checkpointing=activation_checkpointing,
-                               vision_config=hf.config.vision_config, vision_patches=patches,
-                               train_prompt_tokens=train_prompt_tokens)
+                               vision_config=hf.config.vision_config, world_size=dist.world_size, parallel=mode,
+                               master_bytes=master.itemsize, compute_bytes=compute.itemsize, **work)
         budget["process so far"] = float(so_far)
         return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"] + so_far)
     if parallel == "auto":

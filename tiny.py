@@ -32,8 +32,7 @@ import speciarl
 TINY_RECIPE = dict(  # everything that defines the cached tiny model; its hash names the cache folder
     version=3, vocab=600, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
     vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1]),
-    steps=200, batch=32, lr=1e-3, seed=0,
-)
+    steps=200, batch=32, lr=1e-3, seed=0)
 TINY_THINK = ["let me look at the colour, the pattern and the shape.", "i check the colour first, then the shape.",
               "the picture shows one object on a plain background."]
 TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, dive_k.MCQ_PROMPT, fine_r1.CLOSED_PROMPT,
@@ -47,7 +46,12 @@ def tiny_model_dir() -> str:
     folder = "tiny-" + hashlib.sha1(json.dumps([TINY_RECIPE, TINY_PROMPTS], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(common.CACHE_DIR, folder)
     if not os.path.exists(os.path.join(path, "config.json")):
-        build_tiny(path)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: the same model on every machine (and no spinning threads on a busy one)
+        try:
+            build_tiny(path)
+        finally:
+            torch.set_num_threads(threads)
     pointer = common.tiny_pointer()
     with open(f"{pointer}.tmp{os.getpid()}", "w") as f:
         f.write(folder + "\n")
@@ -87,15 +91,6 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
 
 def build_tiny(path: str):
     """Build and 'pretrain' the stand-in, then save it as a standard Hugging Face directory at `path`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same model on every machine (and no spinning threads on a busy one)
-    try:
-        _build_tiny(path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build_tiny(path: str):
     from transformers import Qwen2_5_VLForConditionalGeneration
     recipe = TINY_RECIPE
     t0 = time.time()
@@ -119,13 +114,13 @@ def _build_tiny(path: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     draws = torch.Generator().manual_seed(recipe["seed"])
     for step in range(recipe["steps"]):
-        rows = []
+        prompts, targets = [], []
         for i in torch.randint(len(train.examples), (recipe["batch"],), generator=draws).tolist():
             ex = train.examples[i]
             prompt, target = tiny_example(ex, train, rng)
-            rows.append((common.encode_prompt(processor, images[ex.image], prompt),
-                         torch.tensor(tokenizer(target)["input_ids"] + [special["<|im_end|>"]])))
-        loss = common.sft_loss(model, processor, [prompt for prompt, _ in rows], [target for _, target in rows])
+            prompts.append(common.encode_prompt(processor, images[ex.image], prompt))
+            targets.append(torch.tensor(tokenizer(target)["input_ids"] + [special["<|im_end|>"]]))
+        loss = common.sft_loss(model, processor, prompts, targets)
         optimizer.param_groups[0]["lr"] = recipe["lr"] * min(1.0, (step + 1) / 20)  # one group: every parameter
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,7 +129,6 @@ def _build_tiny(path: str):
         if step % 50 == 0 or step == recipe["steps"] - 1:
             common.print0(f"  tiny pretraining step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
     tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "tiny_recipe.json"), "w") as f:
