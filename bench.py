@@ -126,21 +126,20 @@ def completions(ids, mask) -> list[list[int]]:
 
 
 def model_shape(model) -> dict:
-    """Parameter counts and sizes for the FLOP and byte formulas (README: Speed)."""
+    """Parameter counts and sizes of the Hugging Face model for the FLOP and byte formulas (README: Speed)."""
     def numel(module) -> int:
         return sum(p.numel() for p in module.parameters())
-    hf = common.unwrap(model)
-    tc, vc = hf.config.text_config, hf.config.vision_config
-    lm, vis = hf.model.language_model, hf.model.visual
+    tc, vc = model.config.text_config, model.config.vision_config
+    lm, vis = model.model.language_model, model.model.visual
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     window = (vc.window_size // vc.patch_size) ** 2  # patches per attention window (112 px / 14 px = 8 x 8)
     return dict(
-        layers_params=numel(lm.layers), norm_params=numel(lm.norm), head_params=hf.lm_head.weight.numel(),
+        layers_params=numel(lm.layers), norm_params=numel(lm.norm), head_params=model.lm_head.weight.numel(),
         n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, d_attn=tc.num_attention_heads * head_dim,
         kv_dim=tc.num_key_value_heads * head_dim, vocab=tc.vocab_size,
         blocks_params=numel(vis.blocks), patch_params=numel(vis.patch_embed), merger_params=numel(vis.merger),
         d_vis=vc.hidden_size, n_blocks=vc.depth, n_full=len(vc.fullatt_block_indexes), window=window,
-        total_params=numel(hf))
+        total_params=numel(model))
 
 
 def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
@@ -206,8 +205,7 @@ def main(argv=None) -> dict:
             return common.sample(wrapped, processor, prompts, group_size=G, max_new_tokens=T, temperature=temperature,
                                  top_p=args.top_p, top_k=0, repetition_penalty=1.0, generator=gen,
                                  compile_decode=bool(args.compile_decode))
-    hf = common.unwrap(wrapped)
-    inputs = common.collate_prompts(hf, prompts, pad_id, device)
+    inputs = common.collate_prompts(model, prompts, pad_id, device)
     inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
     hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
                     suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
@@ -215,10 +213,10 @@ def main(argv=None) -> dict:
     def hf_generate(greedy=False):  # [rows, T'] completion ids (the prompt cut off) and their completion mask
         with gather():
             if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
-                seqs = hf.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
+                seqs = model.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
             else:
-                seqs = hf.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                   top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
+                seqs = model.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                      top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
         comp = seqs[:, inputs["input_ids"].shape[1]:]
         return comp, common.completion_mask_from(comp, eos_ids)
 
@@ -297,7 +295,7 @@ def main(argv=None) -> dict:
             # fused AdamW kernel on GPU for plain tensors; the default (foreach) one for FSDP2's sharded DTensors
             fused = device.type == "cuda" and not (dist.distributed and args.parallel == "fsdp")
             opt = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, fused=fused)
-            advantages = torch.randn(len(row_prompts), generator=torch.Generator().manual_seed(args.seed))  # [B]
+            advantages = torch.randn(len(row_prompts), generator=torch.Generator().manual_seed(args.seed)).to(device)
 
             def update(shared: bool):
                 opt.zero_grad(set_to_none=True)
@@ -306,19 +304,17 @@ def main(argv=None) -> dict:
                     common.grad_sync(wrapped, s + micro >= len(row_prompts))  # as the methods: one all-reduce a step
                     logp = common.score_completions(wrapped, row_prompts[sl], comp_ids[sl], comp_mask[sl], pad_id,
                                                     temperature, shared_prefix=shared)  # [b, T]
-                    mask = comp_mask[sl].to(logp.device).float()  # [b, T]
-                    adv = advantages[sl].to(logp.device)  # [b]
-                    loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * adv).sum() / len(row_prompts)
+                    mask = comp_mask[sl].to(device).float()  # [b, T] (the rollout's masks are on the CPU)
+                    loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1) * advantages[sl]).sum() / len(row_prompts)
                     loss.backward()
                 opt.step()
             report("update", update, 3)
             model.eval()
 
-    settings = dict(vars(args))
-    settings.update(micro_batch=micro, activation_checkpointing=ac, dtype=str(param_dtype).replace("torch.", ""),
-                    world_size=dist.world_size, torch=torch.__version__,
-                    transformers=__import__("transformers").__version__)
-    settings["device"] = f"{dev_name} x{dist.world_size}" if dist.world_size > 1 else dev_name
+    settings = dict(vars(args), micro_batch=micro, activation_checkpointing=ac, world_size=dist.world_size,
+                    dtype=str(param_dtype).replace("torch.", ""), torch=torch.__version__,
+                    transformers=__import__("transformers").__version__,
+                    device=f"{dev_name} x{dist.world_size}" if dist.world_size > 1 else dev_name)
     result = {"settings": settings, "figures": fig}
     common.print0(markdown(fig, settings))
     common.print0(json.dumps(result))

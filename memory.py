@@ -51,7 +51,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         return depth * width + per_layer if activation_checkpointing else depth * per_layer
     prompts = -(-train_rows // max(1, rows_per_prompt))  # the shared prefix: a prompt once for its group
     text = (train_rows * new_tokens + prompts * train_prompt) * stored(layers, hidden, tc.intermediate_size)
-    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's copy of the prompt's K, V
+    kept_in = 1 if activation_checkpointing else layers  # the shared prefix: each completion's prompt K, V
     shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
     vision = vision_patches * stored(vc.depth, vc.hidden_size, vc.intermediate_size) if vision_patches else 0
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
@@ -133,8 +133,8 @@ def report_memory_budget(model, dist: common.Dist, *, parallel: str, compute_dty
                f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
     where = "GPU" if dist.device.type == "cuda" else "process (CPU)"
     lines = [f"{title} per {where}, estimated (rank 0 of {dist.world_size}, {parallel}, weights {name(master)}, "
-             f"compute {name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of {train_rows} "
-             f"rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
+             f"compute {name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of "
+             f"{train_rows} rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
     largest = sorted(((k, v) for k, v in budget.items() if v > 0 and k != "load peak"), key=lambda kv: -kv[1])
     lines += [f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}" for i, (part, size) in enumerate(largest)]
     lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
