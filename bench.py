@@ -102,10 +102,8 @@ def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
                 with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
             out, dt = timed(fn, device)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device)
-            else:  # ru_maxrss is in kiB
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10
+            resident_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10  # from kiB
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_peak
             if i >= warmup:
                 runs[name].append((out, dt, peak / 2 ** 30))
     return runs
