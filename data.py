@@ -30,15 +30,12 @@ import common
 
 # ----- names, records, and the toy dataset -----
 
-APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
-
-
 def normalize(text: str) -> str:
     """The one key for comparing names (mining, rewards, splits, the rules judge): NFC, lowercase, a possessive "'s"
     dropped, every run of non-letters and non-digits (any script) -> one space, so a hyphen is a space (DiVE-k):
     "Chuck-will's-Widow" -> 'chuck will widow', 'Crème Brûlée' -> 'crème brûlée', 'F-16A/B' -> 'f 16a b'."""
     text = unicodedata.normalize("NFC", text).lower()
-    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    text = re.sub("['\u2019\u02bc]s\\b", "", text)  # ' and the typographic ones a model may write
     return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
@@ -47,9 +44,7 @@ class NameMap(dict):
     albatross"]` are the same entry. Values stay as given (display forms)."""
 
     def __init__(self, mapping=()):
-        super().__init__()
-        for key, value in dict(mapping).items():
-            self[key] = value
+        super().__init__((normalize(key), value) for key, value in dict(mapping).items())
 
     def __setitem__(self, key, value):
         super().__setitem__(normalize(key), value)
@@ -188,25 +183,13 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     return list(range(n_base)), list(range(n_base, num_classes))
 
 
-def select_classes(ds: Dataset, classes: str) -> Dataset:
-    """Restrict a split to `base`, `novel` or `all` classes (labels keep their global ids)."""
-    if classes == "all":
-        return ds
-    base, novel = coop_base_novel(len(ds.class_names))
-    keep = {"base": base, "novel": novel}[classes]
-    keep_set = set(keep)
-    return dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep_set], classes=keep)
-
-
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
     """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
     rng = random.Random(seed)
     by_class: dict[int, list[Example]] = {}
     for e in ds.examples:
         by_class.setdefault(e.label, []).append(e)
-    picked = []
-    for label in sorted(by_class):
-        picked.extend(rng.sample(by_class[label], min(shots, len(by_class[label]))))
+    picked = [e for label in sorted(by_class) for e in rng.sample(by_class[label], min(shots, len(by_class[label])))]
     short = sorted(len(group) for group in by_class.values() if len(group) < shots)
     if short:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
@@ -329,31 +312,22 @@ def _mat_strings(values) -> list[str]:
     return out
 
 
-def carve_val(labelled: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) -> tuple[list, list]:
-    """(path, label) pairs split into train / val per class: `frac` of each class (rounded, at least one of two or
-    more) to val, with a fixed seed: CoOp's `split_trainval` recipe, deterministic here."""
-    by_class: dict[int, list] = {}
-    for pair in labelled:
-        by_class.setdefault(pair[1], []).append(pair)
-    rng = random.Random(seed)
-    val_set = set()
-    for label in sorted(by_class):
-        group = sorted(by_class[label])
-        rng.shuffle(group)
-        n_val = max(1, round(frac * len(group))) if len(group) >= 2 else 0
-        val_set.update(path for path, _ in group[:n_val])
-    return [p for p in labelled if p[0] not in val_set], [p for p in labelled if p[0] in val_set]
-
-
 def _pick_split(split: str, train: list, test: list, val: list | None = None) -> list:
-    """train / val / test / trainval from the official train (+ val) and test lists; val carved when absent."""
+    """train / val / test / trainval from the official (path, label) lists. Without an official val, 20% of each
+    class of train (rounded, at least one of two or more) is val, fixed seed: CoOp's `split_trainval`, deterministic."""
     if split == "test":
         return test
-    if val is None:
-        if split == "trainval":
-            return train
-        train, val = carve_val(train)
-    return {"train": train, "val": val, "trainval": train + val}[split]
+    if val is None and split != "trainval":
+        by_class: dict[int, list] = {}
+        for pair in train:
+            by_class.setdefault(pair[1], []).append(pair)
+        rng, val_paths = random.Random(1), set()
+        for label in sorted(by_class):
+            group = sorted(by_class[label])
+            rng.shuffle(group)
+            val_paths.update(path for path, _ in group[:max(1, round(0.2 * len(group))) if len(group) >= 2 else 0])
+        train, val = [p for p in train if p[0] not in val_paths], [p for p in train if p[0] in val_paths]
+    return {"train": train, "val": val, "trainval": train + (val or [])}[split]
 
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
@@ -421,18 +395,15 @@ def read_flowers(root: str | None, split: str) -> Dataset:
         labels_mat, setid_mat, cat_json, jpg = _require("flowers", root, "imagelabels.mat", "setid.mat",
                                                         "cat_to_name.json", "jpg")
         labels = load_mat("flowers", labels_mat, "labels")[0].astype(int)
-        setid = dict(zip(("trnid", "valid", "tstid"), load_mat("flowers", setid_mat, "trnid", "valid", "tstid")))
+        train, val, test = ([(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
+                            for ids in load_mat("flowers", setid_mat, "trnid", "valid", "tstid"))
         with open(cat_json) as f:
             cat = json.load(f)
         try:
             class_names = [cat[str(i)] for i in range(1, int(labels.max()) + 1)]
         except KeyError as e:
             _fail("flowers", f"{cat_json} has no name for class {e}; expected keys '1'..'102'")
-
-        def ids(key):
-            return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
-                    for i in setid[key]]
-        labelled = _pick_split(split, ids("trnid"), ids("tstid"), ids("valid"))
+        labelled = _pick_split(split, train, test, val)
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
     synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
     return _dataset("flowers", "flower", root, split, labelled, class_names, synonyms=synonyms)
@@ -744,7 +715,10 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
                          f"file of {{image, class_name}} records)")
     if classes not in ("all", "base", "novel"):
         raise SystemExit(f"--classes {classes}: expected all, base or novel")
-    ds = select_classes(ds, classes)
+    if classes != "all":  # labels keep their global ids
+        base, novel = coop_base_novel(len(ds.class_names))
+        keep = base if classes == "base" else novel
+        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep], classes=keep)
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable

@@ -155,9 +155,8 @@ class Judge:
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.dataset, self.cache_path, self.cache = dataset, cache_path, {}  # cache: (truth, prediction) -> label
-        # pairs sent to _judge in this process, lookups answered from the cache (not a pair repeated within one call),
-        # unreadable cache lines, pairs the judge gave no usable label for
+        self.cache_path, self.cache = cache_path, {}  # cache: (truth, prediction) -> label
+        # pairs sent to _judge here, lookups answered from the cache, unreadable cache lines, pairs given no label
         self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8", errors="replace") as f:
@@ -206,9 +205,6 @@ class Judge:
             os.write(fd, (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + text).encode("utf-8"))
         finally:
             os.close(fd)
-
-    def _judge(self, pairs: list[tuple[str, str]]) -> list[str]:
-        raise NotImplementedError
 
 
 def _canon(text: str) -> str:
@@ -345,16 +341,12 @@ class HFJudge(Judge):
     appended; the label with the highest total log-probability wins (temperature 0, constrained to the six labels).
     Rows are left-padded so the label tokens sit at the end, and only those positions reach the vocabulary layer."""
 
-    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None, *, device=None,
-                 dtype: str = "auto", pairs_per_batch: int = 8):
+    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None):
         self.name = f"hf:{model_path}"
         super().__init__(dataset, cache_path)
-        self.model_path = model_path
-        self.pairs_per_batch = pairs_per_batch
-        self.model = self.tokenizer = None
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device, self.dtype = torch.device(device), dtype
+        self.model_path, self.model, self.tokenizer = model_path, None, None
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -363,10 +355,9 @@ class HFJudge(Judge):
         if local and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"--judge hf:{path}: no config.json there; expected a Hugging Face causal-LM directory "
                              f"(config.json, *.safetensors, tokenizer files) or a hub id")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype(self.dtype, self.device))
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype("auto", self.device))
         self.model.to(self.device).eval()
-        tok = self.tokenizer
         self.label_ids = [tok(JUDGE_LABEL_TEXT[lab], add_special_tokens=False)["input_ids"] for lab in JUDGE_LABELS]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -407,12 +398,9 @@ class HFJudge(Judge):
         label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
         return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
 
-    def _judge(self, pairs):
-        out = []
-        for s in range(0, len(pairs), self.pairs_per_batch):
-            scores = self.label_scores(pairs[s:s + self.pairs_per_batch])
-            out += [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
-        return out
+    def _judge(self, pairs):  # 8 pairs (48 rows) per forward
+        scores = torch.cat([self.label_scores(pairs[s:s + 8]) for s in range(0, len(pairs), 8)])
+        return [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
 
 
 # ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, transformers serve, a hosted API) -----
@@ -609,11 +597,10 @@ class OpenAIJudge(Judge):
     writes_as_it_goes = True
 
     def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-                 concurrency: int = 16, timeout: float = 60.0, check: bool = True, max_tokens: int = 0,
-                 thinking: bool = False):
+                 concurrency: int = 16, check: bool = True, max_tokens: int = 0, thinking: bool = False):
         self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
         super().__init__(dataset, cache_path)
-        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
+        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency)
         self.options = {"chat_template_kwargs": {"enable_thinking": thinking},
                         **({"max_tokens": max_tokens} if max_tokens else {})}
         self.constraint = None  # the field the server reads a choice from ("" none); None until probed
