@@ -420,8 +420,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
         for path, label in labelled:
             species.setdefault(class_names[label], "cat" if os.path.basename(path)[:1].isupper() else "dog")
     else:
-        trainval_txt, test_txt, images = _require("pets", root, os.path.join("annotations", "trainval.txt"),
-                                                  os.path.join("annotations", "test.txt"), "images")
+        trainval_txt, test_txt, images = _require("pets", root, "annotations/trainval.txt", "annotations/test.txt",
+                                                  "images")
         names_by_id: dict[int, str] = {}
 
         def read(path):
@@ -432,9 +432,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
                 names_by_id[cid], species[name] = name, "cat" if sp == "1" else "dog"
                 out.append((os.path.join(images, stem + ".jpg"), cid - 1))
             return out
-        train, test = read(trainval_txt), read(test_txt)
+        labelled = _pick_split(split, read(trainval_txt), read(test_txt))
         class_names = [names_by_id[i] for i in range(1, max(names_by_id) + 1)]
-        labelled = _pick_split(split, train, test)
     return _dataset("pets", "pet", root, split, labelled, class_names,
                     hierarchy=NameMap({n: [species.get(n, "pet")] for n in class_names}))
 
@@ -468,9 +467,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
     root = _root("cars", root)
     labelled, class_names = _coop_split("cars", root, split)
     if labelled is None:
-        meta_path, train_path, _, _ = _require("cars", root, os.path.join("devkit", "cars_meta.mat"),
-                                               os.path.join("devkit", "cars_train_annos.mat"), "cars_train",
-                                               "cars_test")
+        meta_path, train_path, _, _ = _require("cars", root, "devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
+                                               "cars_train", "cars_test")
         (test_path,) = _require("cars", _root("cars", root, "cars_test_annos_withlabels.mat", ["devkit"]),
                                 "cars_test_annos_withlabels.mat")
         names = [n.split() for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
@@ -494,7 +492,7 @@ def read_cars(root: str | None, split: str) -> Dataset:
 def read_aircraft(root: str | None, split: str) -> Dataset:
     """FGVC-Aircraft 2013b, 100 variants (variants.txt order), the official train / val / test / trainval files;
     hierarchy variant -> family -> manufacturer -> 'aircraft' from the family / manufacturer files when present."""
-    root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
+    root = _root("aircraft", root, "variants.txt", ["data", "fgvc-aircraft-2013b/data"])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
     class_names = [variant for (variant,) in _rows("aircraft", variants_txt, 1)]
     index = {n: i for i, n in enumerate(class_names)}
@@ -550,8 +548,8 @@ def read_dogs(root: str | None, split: str) -> Dataset:
 def read_food(root: str | None, split: str) -> Dataset:
     """Food-101: the CoOp split file when present, else meta/train.txt (val carved 20% per class) / meta/test.txt.
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
-    root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
-    classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
+    root = _root("food", root, "meta/classes.txt", ["food-101"])
+    classes_txt, images = _require("food", root, "meta/classes.txt", "images")
     folders = [folder for (folder,) in _rows("food", classes_txt, 1)]
     labels_txt = os.path.join(root, "meta", "labels.txt")
     readable = [name for (name,) in _rows("food", labels_txt, 1)] if os.path.exists(labels_txt) else []
@@ -559,7 +557,7 @@ def read_food(root: str | None, split: str) -> Dataset:
     labelled, _ = _coop_split("food", root, split)
     if labelled is None:
         index = {n: i for i, n in enumerate(folders)}
-        train_txt, test_txt = _require("food", root, *(os.path.join("meta", f) for f in ("train.txt", "test.txt")))
+        train_txt, test_txt = _require("food", root, "meta/train.txt", "meta/test.txt")
 
         def read(path):
             out = []
@@ -662,17 +660,13 @@ def probe_image(path: str) -> str | None:
     if size == 0:
         return "empty"
     try:
-        with Image.open(path) as im:
-            fmt, (width, height) = im.format, im.size
-        if max(width, height) > MAX_ASPECT * min(width, height):
-            return f"aspect ratio over {MAX_ASPECT}"
-        marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
-        if marker is not None:
-            with open(path, "rb") as f:
-                f.seek(max(0, size - 1024))
-                if marker not in f.read():
-                    with Image.open(path) as im:
-                        im.load()
+        with Image.open(path) as im, open(path, "rb") as f:
+            if max(im.size) > MAX_ASPECT * min(im.size):
+                return f"aspect ratio over {MAX_ASPECT}"
+            marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(im.format)
+            f.seek(max(0, size - 1024))
+            if marker is not None and marker not in f.read():
+                im.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return "truncated" if "truncated" in str(e).lower() else "not an image"
     return None
