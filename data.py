@@ -265,8 +265,7 @@ def _require(name: str, root: str, *relpaths: str) -> list[str]:
 
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
-    """Whitespace-separated rows of an index file (the last column may hold spaces), '#' lines skipped; a malformed
-    line stops with the file, the line number and what was expected."""
+    """Whitespace-separated rows (the last column may hold spaces), '#' lines skipped; a short row stops naming it."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -331,8 +330,7 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
 
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
-    """From CoOp's split file when present: the split's (path, label) pairs and the class names of every split;
-    else (None, None)."""
+    """The split's (path, label) pairs and every class name from CoOp's split file; (None, None) without one."""
     file, folder = COOP_FILES[name]
     path = os.path.join(root, file)
     if not os.path.exists(path):
@@ -618,15 +616,14 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
                              f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
-        if image in first_seen:  # an exact repeat is dropped; one image under two classes cannot be scored
-            j, other = first_seen[image]
-            if other != label:
-                raise SystemExit(f"--data {path}: records {j} and {i + 1} give the image {r['image']!r} two classes "
-                                 f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
+        j, other = first_seen.setdefault(image, (i + 1, label))
+        if other != label:  # an exact repeat is dropped; one image under two classes cannot be scored
+            raise SystemExit(f"--data {path}: records {j} and {i + 1} give the image {r['image']!r} two classes "
+                             f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
+        if j == i + 1:
+            examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
+        else:
             repeats += 1
-            continue
-        first_seen[image] = (i + 1, label)
-        examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
     if repeats:
         common.print0(f"note: --data {path}: {repeats} records repeat an earlier record's image and class; each "
                       f"image is used once")
@@ -673,8 +670,7 @@ def probe_image(path: str) -> str | None:
 
 
 def drop_unreadable(ds: Dataset) -> Dataset:
-    """Probe every image of the split; drop the bad ones with one warning naming a few, counted by reason in
-    `ds.skipped` (and the process-wide common.IMAGE_PROBLEMS)."""
+    """Unreadable images (probe_image) dropped with one warning, counted in `.skipped` and common.IMAGE_PROBLEMS."""
     bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
     if not bad:
         return ds

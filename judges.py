@@ -54,8 +54,7 @@ DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model
 
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do
-    ('Species name: Laysan Albatross' -> 'laysan albatross')."""
+    """`answer` lowercased without any occurrence of the prefixes, as DiVE-k does ('Species name: X' -> 'x')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -118,8 +117,7 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     n = sum(counts.values())
     if set(counts) - set(JUDGE_LABELS):
         raise ValueError(f"labels outside JUDGE_LABELS: {sorted(set(counts) - set(JUDGE_LABELS))}")
-    correct = sum(counts[lab] for lab in CORRECT_LABELS)
-    specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
+    correct, specific = (sum(counts[lab] for lab in group) for group in (CORRECT_LABELS, SPECIFIC_LABELS))
     correctness, specificity = correct / n if n else 0.0, specific / correct if correct else 0.0
     out = {"n": n, "judge_errors": len(labels) - n, "accuracy": specific / n if n else 0.0, "correctness": correctness,
            "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
@@ -304,9 +302,8 @@ class RulesJudge(Judge):
                 return "generic" if i == len(chain) - 1 or _canon(a) in self.generic_words else "less_specific"
         if forms & set(self.generic_words):
             return "generic"
-        for n in self._names(truth):
-            if any(self._matches(forms, below) for below in self.below.get(n, ())):
-                return "more_specific"
+        if any(self._matches(forms, below) for n in self._names(truth) for below in self.below.get(n, ())):
+            return "more_specific"
         mentioned = self._mentions(answer)
         truth_names = self._names(truth)
         if not mentioned:  # the truth may not be a class of the dataset: look for it directly
@@ -562,8 +559,7 @@ class OpenAIServer:
 
 
 def strip_think(text: str) -> str:
-    """The answer after the reasoning: the text after the last </think>, cut at an unclosed <think> (reasoning the
-    token budget stopped)."""
+    """The text after the last </think>, cut at an unclosed <think> (reasoning the token budget stopped)."""
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
