@@ -452,11 +452,8 @@ def car_hierarchy(name: str) -> list[str]:
     line = " ".join(words)
     body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
-    out = []
-    for a in (line, line[: -len(body) - 1] if body else line, make, "car"):
-        if normalize(a) != normalize(name) and (not out or normalize(out[-1]) != normalize(a)):
-            out.append(a)
-    return out
+    chain = [a for a in (line, line[: -len(body) - 1] if body else line, make, "car") if normalize(a) != normalize(name)]
+    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
 
 
 def read_cars(root: str | None, split: str) -> Dataset:

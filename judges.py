@@ -375,11 +375,8 @@ class HFJudge(Judge):
         rows = [self.prompt_ids(t, a) + ids for t, a in pairs for ids in self.label_ids]
         lens = [len(ids) for _ in pairs for ids in self.label_ids]
         width, keep = max(len(r) for r in rows), max(lens) + 1
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row ends at the last column
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])  # left-padded: rows end together
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         vocab = self.model.get_input_embeddings().num_embeddings
         if int(input_ids.max()) >= vocab:  # a tokenizer that does not match the model (its eos / pad id, a token)
             raise SystemExit(f"--judge {self.name}: token id {int(input_ids.max())} (the tokenizer's pad / eos id or a "
