@@ -533,11 +533,11 @@ def read_dogs(root: str | None, split: str) -> Dataset:
         for f, lab in zip(files, labels):
             folders.setdefault(int(lab), f.split("/")[0])
         return [(os.path.join(images, f), int(lab) - 1) for f, lab in zip(files, labels)]
-    train, test = read(train_mat), read(test_mat)
+    labelled = _pick_split(split, read(train_mat), read(test_mat))
     if sorted(folders) != list(range(1, len(folders) + 1)):
         _fail("dogs", f"labels in {train_mat} / {test_mat} must run 1..N without gaps")
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
-    return _dataset("dogs", "dog", root, split, _pick_split(split, train, test), class_names)
+    return _dataset("dogs", "dog", root, split, labelled, class_names)
 
 
 def read_food(root: str | None, split: str) -> Dataset:

@@ -91,8 +91,7 @@ def is_hedge(answer: str | None) -> bool:
     return HEDGE_RE.search(normalize(answer or "")) is not None
 
 
-# The letters of multiple-choice options, and the format request every prompt ends with (what format_ok checks);
-# each method's own prompt is at the top of its file.
+# Multiple-choice letters, and the format request every method's prompt ends with (what format_ok checks).
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>, in this "
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
