@@ -30,15 +30,12 @@ import common
 
 # ----- names, records, and the toy dataset -----
 
-APOSTROPHES = "'\u2019\u02bc"  # ' and the typographic ones a model may write
-
-
 def normalize(text: str) -> str:
     """The one key for comparing names (mining, rewards, splits, the rules judge): NFC, lowercase, a possessive "'s"
     dropped, every run of non-letters and non-digits (any script) -> one space, so a hyphen is a space (DiVE-k):
     "Chuck-will's-Widow" -> 'chuck will widow', 'Crème Brûlée' -> 'crème brûlée', 'F-16A/B' -> 'f 16a b'."""
     text = unicodedata.normalize("NFC", text).lower()
-    text = re.sub(f"[{APOSTROPHES}]s\\b", "", text)
+    text = re.sub("['\u2019\u02bc]s\\b", "", text)  # ' and the typographic ones a model may write
     return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
@@ -47,9 +44,7 @@ class NameMap(dict):
     albatross"]` are the same entry. Values stay as given (display forms)."""
 
     def __init__(self, mapping=()):
-        super().__init__()
-        for key, value in dict(mapping).items():
-            self[key] = value
+        super().__init__((normalize(key), value) for key, value in dict(mapping).items())
 
     def __setitem__(self, key, value):
         super().__setitem__(normalize(key), value)
@@ -188,25 +183,13 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     return list(range(n_base)), list(range(n_base, num_classes))
 
 
-def select_classes(ds: Dataset, classes: str) -> Dataset:
-    """Restrict a split to `base`, `novel` or `all` classes (labels keep their global ids)."""
-    if classes == "all":
-        return ds
-    base, novel = coop_base_novel(len(ds.class_names))
-    keep = {"base": base, "novel": novel}[classes]
-    keep_set = set(keep)
-    return dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep_set], classes=keep)
-
-
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
     """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
     rng = random.Random(seed)
     by_class: dict[int, list[Example]] = {}
     for e in ds.examples:
         by_class.setdefault(e.label, []).append(e)
-    picked = []
-    for label in sorted(by_class):
-        picked.extend(rng.sample(by_class[label], min(shots, len(by_class[label]))))
+    picked = [e for label in sorted(by_class) for e in rng.sample(by_class[label], min(shots, len(by_class[label])))]
     short = sorted(len(group) for group in by_class.values() if len(group) < shots)
     if short:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
@@ -282,8 +265,7 @@ def _require(name: str, root: str, *relpaths: str) -> list[str]:
 
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
-    """Whitespace-separated rows of an index file (the last column may hold spaces), '#' lines skipped; a malformed
-    line stops with the file, the line number and what was expected."""
+    """Whitespace-separated rows (the last column may hold spaces), '#' lines skipped; a short row stops naming it."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -329,36 +311,26 @@ def _mat_strings(values) -> list[str]:
     return out
 
 
-def carve_val(labelled: list[tuple[str, int]], frac: float = 0.2, seed: int = 1) -> tuple[list, list]:
-    """(path, label) pairs split into train / val per class: `frac` of each class (rounded, at least one of two or
-    more) to val, with a fixed seed: CoOp's `split_trainval` recipe, deterministic here."""
-    by_class: dict[int, list] = {}
-    for pair in labelled:
-        by_class.setdefault(pair[1], []).append(pair)
-    rng = random.Random(seed)
-    val_set = set()
-    for label in sorted(by_class):
-        group = sorted(by_class[label])
-        rng.shuffle(group)
-        n_val = max(1, round(frac * len(group))) if len(group) >= 2 else 0
-        val_set.update(path for path, _ in group[:n_val])
-    return [p for p in labelled if p[0] not in val_set], [p for p in labelled if p[0] in val_set]
-
-
 def _pick_split(split: str, train: list, test: list, val: list | None = None) -> list:
-    """train / val / test / trainval from the official train (+ val) and test lists; val carved when absent."""
+    """train / val / test / trainval from the official (path, label) lists. Without an official val, 20% of each
+    class of train (rounded, at least one of two or more) is val, fixed seed: CoOp's `split_trainval`, deterministic."""
     if split == "test":
         return test
-    if val is None:
-        if split == "trainval":
-            return train
-        train, val = carve_val(train)
-    return {"train": train, "val": val, "trainval": train + val}[split]
+    if val is None and split != "trainval":
+        by_class: dict[int, list] = {}
+        for pair in train:
+            by_class.setdefault(pair[1], []).append(pair)
+        rng, val_paths = random.Random(1), set()
+        for label in sorted(by_class):
+            group = sorted(by_class[label])
+            rng.shuffle(group)
+            val_paths.update(path for path, _ in group[:max(1, round(0.2 * len(group))) if len(group) >= 2 else 0])
+        train, val = [p for p in train if p[0] not in val_paths], [p for p in train if p[0] in val_paths]
+    return {"train": train, "val": val, "trainval": train + (val or [])}[split]
 
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
-    """From CoOp's split file when present: the split's (path, label) pairs and the class names of every split;
-    else (None, None)."""
+    """The split's (path, label) pairs and every class name from CoOp's split file; (None, None) without one."""
     file, folder = COOP_FILES[name]
     path = os.path.join(root, file)
     if not os.path.exists(path):
@@ -421,18 +393,15 @@ def read_flowers(root: str | None, split: str) -> Dataset:
         labels_mat, setid_mat, cat_json, jpg = _require("flowers", root, "imagelabels.mat", "setid.mat",
                                                         "cat_to_name.json", "jpg")
         labels = load_mat("flowers", labels_mat, "labels")[0].astype(int)
-        setid = dict(zip(("trnid", "valid", "tstid"), load_mat("flowers", setid_mat, "trnid", "valid", "tstid")))
+        train, val, test = ([(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
+                            for ids in load_mat("flowers", setid_mat, "trnid", "valid", "tstid"))
         with open(cat_json) as f:
             cat = json.load(f)
         try:
             class_names = [cat[str(i)] for i in range(1, int(labels.max()) + 1)]
         except KeyError as e:
             _fail("flowers", f"{cat_json} has no name for class {e}; expected keys '1'..'102'")
-
-        def ids(key):
-            return [(os.path.join(jpg, f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
-                    for i in setid[key]]
-        labelled = _pick_split(split, ids("trnid"), ids("tstid"), ids("valid"))
+        labelled = _pick_split(split, train, test, val)
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
     synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
     return _dataset("flowers", "flower", root, split, labelled, class_names, synonyms=synonyms)
@@ -449,8 +418,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
         for path, label in labelled:
             species.setdefault(class_names[label], "cat" if os.path.basename(path)[:1].isupper() else "dog")
     else:
-        trainval_txt, test_txt, images = _require("pets", root, os.path.join("annotations", "trainval.txt"),
-                                                  os.path.join("annotations", "test.txt"), "images")
+        trainval_txt, test_txt, images = _require("pets", root, "annotations/trainval.txt", "annotations/test.txt",
+                                                  "images")
         names_by_id: dict[int, str] = {}
 
         def read(path):
@@ -461,9 +430,8 @@ def read_pets(root: str | None, split: str) -> Dataset:
                 names_by_id[cid], species[name] = name, "cat" if sp == "1" else "dog"
                 out.append((os.path.join(images, stem + ".jpg"), cid - 1))
             return out
-        train, test = read(trainval_txt), read(test_txt)
+        labelled = _pick_split(split, read(trainval_txt), read(test_txt))
         class_names = [names_by_id[i] for i in range(1, max(names_by_id) + 1)]
-        labelled = _pick_split(split, train, test)
     return _dataset("pets", "pet", root, split, labelled, class_names,
                     hierarchy=NameMap({n: [species.get(n, "pet")] for n in class_names}))
 
@@ -484,11 +452,8 @@ def car_hierarchy(name: str) -> list[str]:
     line = " ".join(words)
     body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
-    out = []
-    for a in (line, line[: -len(body) - 1] if body else line, make, "car"):
-        if normalize(a) != normalize(name) and (not out or normalize(out[-1]) != normalize(a)):
-            out.append(a)
-    return out
+    chain = [a for a in (line, line[: -len(body) - 1] if body else line, make, "car") if normalize(a) != normalize(name)]
+    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
 
 
 def read_cars(root: str | None, split: str) -> Dataset:
@@ -497,9 +462,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
     root = _root("cars", root)
     labelled, class_names = _coop_split("cars", root, split)
     if labelled is None:
-        meta_path, train_path, _, _ = _require("cars", root, os.path.join("devkit", "cars_meta.mat"),
-                                               os.path.join("devkit", "cars_train_annos.mat"), "cars_train",
-                                               "cars_test")
+        meta_path, train_path, _, _ = _require("cars", root, "devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
+                                               "cars_train", "cars_test")
         (test_path,) = _require("cars", _root("cars", root, "cars_test_annos_withlabels.mat", ["devkit"]),
                                 "cars_test_annos_withlabels.mat")
         names = [n.split() for n in _mat_strings(load_mat("cars", meta_path, "class_names")[0])]
@@ -523,7 +487,7 @@ def read_cars(root: str | None, split: str) -> Dataset:
 def read_aircraft(root: str | None, split: str) -> Dataset:
     """FGVC-Aircraft 2013b, 100 variants (variants.txt order), the official train / val / test / trainval files;
     hierarchy variant -> family -> manufacturer -> 'aircraft' from the family / manufacturer files when present."""
-    root = _root("aircraft", root, "variants.txt", ["data", os.path.join("fgvc-aircraft-2013b", "data")])
+    root = _root("aircraft", root, "variants.txt", ["data", "fgvc-aircraft-2013b/data"])
     variants_txt, images = _require("aircraft", root, "variants.txt", "images")
     class_names = [variant for (variant,) in _rows("aircraft", variants_txt, 1)]
     index = {n: i for i, n in enumerate(class_names)}
@@ -569,18 +533,18 @@ def read_dogs(root: str | None, split: str) -> Dataset:
         for f, lab in zip(files, labels):
             folders.setdefault(int(lab), f.split("/")[0])
         return [(os.path.join(images, f), int(lab) - 1) for f, lab in zip(files, labels)]
-    train, test = read(train_mat), read(test_mat)
+    labelled = _pick_split(split, read(train_mat), read(test_mat))
     if sorted(folders) != list(range(1, len(folders) + 1)):
         _fail("dogs", f"labels in {train_mat} / {test_mat} must run 1..N without gaps")
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
-    return _dataset("dogs", "dog", root, split, _pick_split(split, train, test), class_names)
+    return _dataset("dogs", "dog", root, split, labelled, class_names)
 
 
 def read_food(root: str | None, split: str) -> Dataset:
     """Food-101: the CoOp split file when present, else meta/train.txt (val carved 20% per class) / meta/test.txt.
     Class names from meta/labels.txt, else the folder names with '_' -> ' '."""
-    root = _root("food", root, os.path.join("meta", "classes.txt"), ["food-101"])
-    classes_txt, images = _require("food", root, os.path.join("meta", "classes.txt"), "images")
+    root = _root("food", root, "meta/classes.txt", ["food-101"])
+    classes_txt, images = _require("food", root, "meta/classes.txt", "images")
     folders = [folder for (folder,) in _rows("food", classes_txt, 1)]
     labels_txt = os.path.join(root, "meta", "labels.txt")
     readable = [name for (name,) in _rows("food", labels_txt, 1)] if os.path.exists(labels_txt) else []
@@ -588,7 +552,7 @@ def read_food(root: str | None, split: str) -> Dataset:
     labelled, _ = _coop_split("food", root, split)
     if labelled is None:
         index = {n: i for i, n in enumerate(folders)}
-        train_txt, test_txt = _require("food", root, *(os.path.join("meta", f) for f in ("train.txt", "test.txt")))
+        train_txt, test_txt = _require("food", root, "meta/train.txt", "meta/test.txt")
 
         def read(path):
             out = []
@@ -649,15 +613,14 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
                              f"class list ({'the classes key' if 'classes' in meta else classes_txt})")
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
-        if image in first_seen:  # an exact repeat is dropped; one image under two classes cannot be scored
-            j, other = first_seen[image]
-            if other != label:
-                raise SystemExit(f"--data {path}: records {j} and {i + 1} give the image {r['image']!r} two classes "
-                                 f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
+        j, other = first_seen.setdefault(image, (i + 1, label))
+        if other != label:  # an exact repeat is dropped; one image under two classes cannot be scored
+            raise SystemExit(f"--data {path}: records {j} and {i + 1} give the image {r['image']!r} two classes "
+                             f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
+        if j == i + 1:
+            examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
+        else:
             repeats += 1
-            continue
-        first_seen[image] = (i + 1, label)
-        examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
     if repeats:
         common.print0(f"note: --data {path}: {repeats} records repeat an earlier record's image and class; each "
                       f"image is used once")
@@ -691,25 +654,20 @@ def probe_image(path: str) -> str | None:
     if size == 0:
         return "empty"
     try:
-        with Image.open(path) as im:
-            fmt, (width, height) = im.format, im.size
-        if max(width, height) > MAX_ASPECT * min(width, height):
-            return f"aspect ratio over {MAX_ASPECT}"
-        marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
-        if marker is not None:
-            with open(path, "rb") as f:
-                f.seek(max(0, size - 1024))
-                if marker not in f.read():
-                    with Image.open(path) as im:
-                        im.load()
+        with Image.open(path) as im, open(path, "rb") as f:
+            if max(im.size) > MAX_ASPECT * min(im.size):
+                return f"aspect ratio over {MAX_ASPECT}"
+            marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(im.format)
+            f.seek(max(0, size - 1024))
+            if marker is not None and marker not in f.read():
+                im.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return "truncated" if "truncated" in str(e).lower() else "not an image"
     return None
 
 
 def drop_unreadable(ds: Dataset) -> Dataset:
-    """Probe every image of the split; drop the bad ones with one warning naming a few, counted by reason in
-    `ds.skipped` (and the process-wide common.IMAGE_PROBLEMS)."""
+    """Unreadable images (probe_image) dropped with one warning, counted in `.skipped` and common.IMAGE_PROBLEMS."""
     bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
     if not bad:
         return ds
@@ -744,7 +702,10 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
                          f"file of {{image, class_name}} records)")
     if classes not in ("all", "base", "novel"):
         raise SystemExit(f"--classes {classes}: expected all, base or novel")
-    ds = select_classes(ds, classes)
+    if classes != "all":  # labels keep their global ids
+        base, novel = coop_base_novel(len(ds.class_names))
+        keep = base if classes == "base" else novel
+        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep], classes=keep)
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable

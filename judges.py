@@ -54,8 +54,7 @@ DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model
 
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased with every occurrence of each prefix removed, as DiVE-k's mining and evaluation do
-    ('Species name: Laysan Albatross' -> 'laysan albatross')."""
+    """`answer` lowercased without any occurrence of the prefixes, as DiVE-k does ('Species name: X' -> 'x')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -92,8 +91,7 @@ def is_hedge(answer: str | None) -> bool:
     return HEDGE_RE.search(normalize(answer or "")) is not None
 
 
-# The letters of multiple-choice options, and the format request every prompt ends with (what format_ok checks);
-# each method's own prompt is at the top of its file.
+# Multiple-choice letters, and the format request every method's prompt ends with (what format_ok checks).
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>, in this "
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
@@ -118,8 +116,7 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     n = sum(counts.values())
     if set(counts) - set(JUDGE_LABELS):
         raise ValueError(f"labels outside JUDGE_LABELS: {sorted(set(counts) - set(JUDGE_LABELS))}")
-    correct = sum(counts[lab] for lab in CORRECT_LABELS)
-    specific = sum(counts[lab] for lab in SPECIFIC_LABELS)
+    correct, specific = (sum(counts[lab] for lab in group) for group in (CORRECT_LABELS, SPECIFIC_LABELS))
     correctness, specificity = correct / n if n else 0.0, specific / correct if correct else 0.0
     out = {"n": n, "judge_errors": len(labels) - n, "accuracy": specific / n if n else 0.0, "correctness": correctness,
            "specificity": specificity, "specificity_of_all": specific / n if n else 0.0,
@@ -155,9 +152,8 @@ class Judge:
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.dataset, self.cache_path, self.cache = dataset, cache_path, {}  # cache: (truth, prediction) -> label
-        # pairs sent to _judge in this process, lookups answered from the cache (not a pair repeated within one call),
-        # unreadable cache lines, pairs the judge gave no usable label for
+        self.cache_path, self.cache = cache_path, {}  # cache: (truth, prediction) -> label
+        # pairs sent to _judge here, lookups answered from the cache, unreadable cache lines, pairs given no label
         self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8", errors="replace") as f:
@@ -206,9 +202,6 @@ class Judge:
             os.write(fd, (("\n" if size and os.pread(fd, 1, size - 1) != b"\n" else "") + text).encode("utf-8"))
         finally:
             os.close(fd)
-
-    def _judge(self, pairs: list[tuple[str, str]]) -> list[str]:
-        raise NotImplementedError
 
 
 def _canon(text: str) -> str:
@@ -308,9 +301,8 @@ class RulesJudge(Judge):
                 return "generic" if i == len(chain) - 1 or _canon(a) in self.generic_words else "less_specific"
         if forms & set(self.generic_words):
             return "generic"
-        for n in self._names(truth):
-            if any(self._matches(forms, below) for below in self.below.get(n, ())):
-                return "more_specific"
+        if any(self._matches(forms, below) for n in self._names(truth) for below in self.below.get(n, ())):
+            return "more_specific"
         mentioned = self._mentions(answer)
         truth_names = self._names(truth)
         if not mentioned:  # the truth may not be a class of the dataset: look for it directly
@@ -345,16 +337,12 @@ class HFJudge(Judge):
     appended; the label with the highest total log-probability wins (temperature 0, constrained to the six labels).
     Rows are left-padded so the label tokens sit at the end, and only those positions reach the vocabulary layer."""
 
-    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None, *, device=None,
-                 dtype: str = "auto", pairs_per_batch: int = 8):
+    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None):
         self.name = f"hf:{model_path}"
         super().__init__(dataset, cache_path)
-        self.model_path = model_path
-        self.pairs_per_batch = pairs_per_batch
-        self.model = self.tokenizer = None
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device, self.dtype = torch.device(device), dtype
+        self.model_path, self.model, self.tokenizer = model_path, None, None
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -363,10 +351,9 @@ class HFJudge(Judge):
         if local and not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"--judge hf:{path}: no config.json there; expected a Hugging Face causal-LM directory "
                              f"(config.json, *.safetensors, tokenizer files) or a hub id")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype(self.dtype, self.device))
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=common.resolve_dtype("auto", self.device))
         self.model.to(self.device).eval()
-        tok = self.tokenizer
         self.label_ids = [tok(JUDGE_LABEL_TEXT[lab], add_special_tokens=False)["input_ids"] for lab in JUDGE_LABELS]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -387,11 +374,8 @@ class HFJudge(Judge):
         rows = [self.prompt_ids(t, a) + ids for t, a in pairs for ids in self.label_ids]
         lens = [len(ids) for _ in pairs for ids in self.label_ids]
         width, keep = max(len(r) for r in rows), max(lens) + 1
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row ends at the last column
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])  # left-padded: rows end together
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         vocab = self.model.get_input_embeddings().num_embeddings
         if int(input_ids.max()) >= vocab:  # a tokenizer that does not match the model (its eos / pad id, a token)
             raise SystemExit(f"--judge {self.name}: token id {int(input_ids.max())} (the tokenizer's pad / eos id or a "
@@ -407,12 +391,9 @@ class HFJudge(Judge):
         label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
         return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
 
-    def _judge(self, pairs):
-        out = []
-        for s in range(0, len(pairs), self.pairs_per_batch):
-            scores = self.label_scores(pairs[s:s + self.pairs_per_batch])
-            out += [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
-        return out
+    def _judge(self, pairs):  # 8 pairs (48 rows) per forward
+        scores = torch.cat([self.label_scores(pairs[s:s + 8]) for s in range(0, len(pairs), 8)])
+        return [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
 
 
 # ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, transformers serve, a hosted API) -----
@@ -574,8 +555,7 @@ class OpenAIServer:
 
 
 def strip_think(text: str) -> str:
-    """The answer after the reasoning: the text after the last </think>, cut at an unclosed <think> (reasoning the
-    token budget stopped)."""
+    """The text after the last </think>, cut at an unclosed <think> (reasoning the token budget stopped)."""
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
@@ -609,11 +589,10 @@ class OpenAIJudge(Judge):
     writes_as_it_goes = True
 
     def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-                 concurrency: int = 16, timeout: float = 60.0, check: bool = True, max_tokens: int = 0,
-                 thinking: bool = False):
+                 concurrency: int = 16, check: bool = True, max_tokens: int = 0, thinking: bool = False):
         self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
         super().__init__(dataset, cache_path)
-        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency, timeout=timeout)
+        self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency)
         self.options = {"chat_template_kwargs": {"enable_thinking": thinking},
                         **({"max_tokens": max_tokens} if max_tokens else {})}
         self.constraint = None  # the field the server reads a choice from ("" none); None until probed
