@@ -69,12 +69,12 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> Dist:
+def init_distributed() -> Dist:
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
     nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    use_cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -171,7 +171,6 @@ def processor_class():
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                              chat_template=chat_template, **kwargs)
-
     return ImageOnlyQwen2_5_VLProcessor
 
 
@@ -621,15 +620,14 @@ FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row end
 
 
 class NonFiniteLogits(RuntimeError):
-    """The policy produced NaN / inf logits while sampling."""
+    """The policy produced NaN / inf logits while sampling (`rows` [B] bool: where, by decode step `step`)."""
 
-
-def nonfinite_message(rows: torch.Tensor, step: int) -> str:
-    bad = rows.nonzero().flatten().tolist()
-    return (f"sampling stopped: the model's logits are NaN or inf (rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
-            f"of {rows.numel()}, by decode step {step}). The weights or the inputs hold NaN / inf: a diverged update "
-            f"(lower the learning rate, resume from the last checkpoint), a corrupt checkpoint, or fp16 overflow "
-            f"(use bf16 or fp32, --dtype)")
+    def __init__(self, rows: torch.Tensor, step: int):
+        bad = rows.nonzero().flatten().tolist()
+        super().__init__(f"sampling stopped: the model's logits are NaN or inf (rows {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''} of {rows.numel()}, by decode step {step}). The weights or "
+                         f"the inputs hold NaN / inf: a diverged update (lower the learning rate, resume from the last "
+                         f"checkpoint), a corrupt checkpoint, or fp16 overflow (use bf16 or fp32, --dtype)")
 
 
 def compile_decode_problem(model) -> str | None:
@@ -745,7 +743,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         steps, last = step + 1, step == max_new_tokens - 1
         if last or step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1:  # one host sync every few steps
             if bool(nonfinite.any()):
-                raise NonFiniteLogits(nonfinite_message(nonfinite, step))
+                raise NonFiniteLogits(nonfinite, step)
             if last or bool(finished.all()):
                 break
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
@@ -1003,6 +1001,7 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
                             completion_ids, temperature)
 
 
+@torch.no_grad()
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
                         shared_prefix: bool = True) -> torch.Tensor:
@@ -1010,16 +1009,12 @@ def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], comp
     (score_completions: rows sharing a prompt share its forward), each micro-batch cut to its longest completion as
     the updates cut it. Positions past the completion mask are 0. One copy to the host, at the end."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
-    out = None
-    with torch.no_grad():
-        for s in range(0, len(prompts), micro_batch):
-            rows = slice(s, s + micro_batch)
-            width = max(1, int(completion_mask[rows].sum(1).max()))  # the mask is on the host: no sync
-            logp = score_completions(model, prompts[rows], completion_ids[rows, :width], completion_mask[rows, :width],
-                                     pad_id, temperature, shared_prefix).float()  # [b, width]
-            if out is None:
-                out = logp.new_zeros(completion_mask.shape)  # [B, T] on the model's device
-            out[rows, :width] = logp
+    out = torch.zeros(completion_mask.shape, device=next(unwrap(model).parameters()).device)  # [B, T]
+    for s in range(0, len(prompts), micro_batch):
+        rows = slice(s, s + micro_batch)
+        width = max(1, int(completion_mask[rows].sum(1).max()))  # the mask is on the host: no sync
+        out[rows, :width] = score_completions(model, prompts[rows], completion_ids[rows, :width],
+                                              completion_mask[rows, :width], pad_id, temperature, shared_prefix)
     return out.cpu() * completion_mask
 
 
