@@ -2,8 +2,7 @@
 common.py: the model side every method shares, in execution order:
 
   1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
-  2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets of the real
-     shapes; reading images
+  2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets; images
   3. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
   4. per-token log-probs of completions: each group's prompt run once (shared prefix), vocabulary scores only at
      completion positions, in chunks of a bounded size; the SFT loss
@@ -27,6 +26,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import importlib.util
 import json
 import os
 import random
@@ -51,9 +51,7 @@ QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
 CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
 
 
-# =====================================================================================================================
-# 1. Distributed setup
-# =====================================================================================================================
+# ===== 1. Distributed setup =====
 
 @dataclasses.dataclass
 class Dist:
@@ -71,18 +69,18 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> Dist:
+def init_distributed() -> Dist:
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
     nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
-    rank, local_rank, world = (int(os.environ.get(k, default)) for k, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # a generous timeout: mining or evaluation on one rank can take long while others wait at a barrier
-        # on GPU two backends: nccl for CUDA tensors, gloo for the small CPU tensors (token counts, metrics) that
-        # are all-reduced too; nccl alone cannot reduce CPU tensors
+        # on GPU nccl for CUDA tensors and gloo for the small CPU ones (token counts, metrics); a generous timeout,
+        # as mining or evaluation on one rank can take long while the others wait at a barrier
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     if not use_cuda and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -139,22 +137,20 @@ def stream_position(position: int, n: int, seed: int) -> int:
     return order[offset]
 
 
-# =====================================================================================================================
-# 2. Model and processor loading
-# =====================================================================================================================
+# ===== 2. Model and processor loading =====
 
 # The Qwen2-VL / Qwen2.5-VL chat format: system, then user turns whose content is a list of image and text items,
 # `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as the generation prompt.
 # Written for the locally built tokenizers; real checkpoints bring their own template.
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}"
@@ -175,21 +171,12 @@ def processor_class():
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                              chat_template=chat_template, **kwargs)
-
     return ImageOnlyQwen2_5_VLProcessor
 
 
 def make_image_processor(min_pixels: int, max_pixels: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-
-
-def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """Load the image-only processor from a checkpoint directory or hub id; optionally override the pixel budget.
-    (AutoProcessor would silently return a bare tokenizer for this class, so we name the class.)"""
-    proc = processor_class().from_pretrained(path)
-    set_pixel_budget(proc, min_pixels, max_pixels)
-    return proc
 
 
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
@@ -212,8 +199,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
         return name
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-            "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[name]
+    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
@@ -239,9 +225,8 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
     """A Qwen2_5_VLConfig with every size given at construction (changing sizes afterwards breaks the build)."""
     from transformers import Qwen2_5_VLConfig
     head_dim = hidden_size // num_attention_heads
-    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections: [16,24,24] for 128
-    quarter = head_dim // 2 // 8
-    mrope_section = [2 * quarter, 3 * quarter, 3 * quarter]
+    eighth = head_dim // 2 // 8  # M-RoPE splits head_dim/2 rotary frequencies as (temporal, height, width) 2:3:3
+    mrope_section = [2 * eighth, 3 * eighth, 3 * eighth]  # [16, 24, 24] for head_dim 128
     assert sum(mrope_section) == head_dim // 2, "head_dim must be a multiple of 16 for the M-RoPE split"
     vision = vision or dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                             fullatt_block_indexes=[7, 15, 23, 31])
@@ -287,8 +272,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
     return tok, special_ids
 
 
-def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32):
+def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device, dtype: torch.dtype,
+                        attn: str):
     """A random-initialised Qwen2.5-VL of a preset's shape and a small tokenizer whose special tokens sit at the real
     ids (or, for a preset with vocab_size None, right after its few hundred tokens), built directly on `device` in
     `dtype` (no host copy, no fp32 copy first). For speed and memory measurements only: its outputs are noise."""
@@ -300,10 +285,9 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
     if not real_ids:
         spec["vocab_size"] = len(tok)
     cfg = qwen_vl_config(special_ids=special, **spec)
-    device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)  # the same weights at every load: a KL reference loaded the same way is the policy's twin
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
     proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
                              chat_template=CHAT_TEMPLATE)
     return model, proc
@@ -340,26 +324,16 @@ def tiny_dir() -> str:
 
 def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
                min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
-    """(model, processor) for `name`: a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` (the locally
-    built stand-in, built once and cached), or a random preset (`qwen2.5-vl-3b-random`, `qwen2.5-vl-7b-random`).
-    bf16 on GPU and fp32 on CPU by default; attention `sdpa` or `flash_attention_2` (only if installed).
-
-    The weights go straight to `device` in `dtype`: a checkpoint is read tensor by tensor from its (memory-mapped)
-    safetensors onto the device, a random preset is initialised there. No rank holds a host copy of the model, nor a
-    copy in another dtype; under FSDP2 each rank holds one full copy on its GPU until wrap_model shards it. On the
-    meta device: the model's shapes only (no weights read), for the memory estimate at start."""
+    """(model, processor) for a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` or a random preset,
+    read or built straight onto `device` in `dtype` (no host copy, no copy in another dtype; under FSDP2 one whole copy
+    per GPU until wrap_model shards it). On the meta device: the shapes only, for the memory estimate at start."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
-    if attn == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
-                             "(pip install flash-attn); use --attn sdpa")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
+                         "(pip install flash-attn); use --attn sdpa")
     if name in RANDOM_PRESETS:
-        model, proc = build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype)
-        model.set_attn_implementation(attn)
-        return model, proc
+        return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
     path = tiny_dir() if name == "tiny" else name
     if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
         raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
@@ -368,8 +342,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint "
-                             f"directory (config.json, model*.safetensors, tokenizer.json, preprocessor/processor config)")
+            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint"
+                             f" directory (config.json, model*.safetensors, tokenizer.json, preprocessor config)")
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
@@ -378,21 +352,17 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
                 os.path.join(final, "config.json")) else ""
             raise SystemExit(f"{flag} {path}: config.json says model_type={model_type!r}; this project trains "
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
-    import importlib.util
-    straight = importlib.util.find_spec("accelerate") is not None  # transformers needs it for any device_map
-    if not straight and device.type not in ("cpu", "meta"):
-        print0("note: the accelerate package is not installed, so the weights pass through host memory on their way "
-               "to the GPU (pip install accelerate reads them straight onto it)")
     try:
-        if device.type == "meta":  # the shapes alone, for the memory estimate before anything is loaded
+        if device.type == "meta":
             from transformers import AutoConfig
             with device:
                 model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path),
                                                                         dtype=torch_dtype)
-        else:
+        else:  # the weights read tensor by tensor from the (memory-mapped) safetensors onto the device (accelerate)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype, attn_implementation=attn, **({"device_map": {"": device}} if straight else {}))
-        proc = load_processor(path, min_pixels, max_pixels)
+                path, dtype=torch_dtype, attn_implementation=attn, device_map={"": device})
+        proc = processor_class().from_pretrained(path)  # (AutoProcessor would give a bare tokenizer for this class)
+        set_pixel_budget(proc, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
@@ -434,9 +404,7 @@ def try_open_image(path: str) -> Image.Image | None:
         return None
 
 
-# =====================================================================================================================
-# 3. Prompt encoding and the rollout sampler
-# =====================================================================================================================
+# ===== 3. Prompt encoding and the rollout sampler =====
 
 @dataclasses.dataclass
 class EncodedPrompt:
@@ -487,24 +455,16 @@ def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
 def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a list of prompts into one batch, with 3-row positions and each image's patch rows concatenated
     in row order (a prompt listed twice contributes its block twice: that is how rows share an image)."""
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    n = len(prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    mm_types = torch.zeros((n, width), dtype=torch.long)
-    position_ids = torch.zeros((3, n, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        start = width - len(p)
-        input_ids[row, start:] = p.input_ids
-        attention_mask[row, start:] = 1
-        mm_types[row, start:] = p.mm_token_type_ids
-        position_ids[:, row, start:] = prompt_positions(model, p)
-    pixel_values = torch.cat([p.pixel_values for p in prompts])
-    grid = torch.cat([p.image_grid_thw for p in prompts])
-    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                mm_token_type_ids=mm_types.to(device), position_ids=position_ids.to(device),
-                pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device))
+    def left_pad(rows: list[torch.Tensor], value: int = 0) -> torch.Tensor:  # [n, width]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
+    positions = [prompt_positions(model, p) for p in prompts]  # [3, L] each
+    batch = dict(input_ids=left_pad([p.input_ids for p in prompts], pad_id),
+                 attention_mask=left_pad([torch.ones(len(p), dtype=torch.long) for p in prompts]),
+                 mm_token_type_ids=left_pad([p.mm_token_type_ids for p in prompts]),
+                 position_ids=torch.stack([left_pad([pos[axis] for pos in positions]) for axis in range(3)]),
+                 pixel_values=torch.cat([p.pixel_values for p in prompts]),
+                 image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 @dataclasses.dataclass
@@ -554,64 +514,55 @@ def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-_PREALLOCATED_LAYER = None
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type; None where autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int):
+    """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]."""
+    P, H, L, D = prefill.shape
+    buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
+
+
+@functools.cache
 def preallocated_kv_layer():
     """The cache-layer class used by the sampler's decode (built once; needs transformers imported)."""
-    global _PREALLOCATED_LAYER
-    if _PREALLOCATED_LAYER is None:
-        from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer
 
-        class PreallocatedLayer(DynamicLayer):
-            """Trick "preallocated KV cache": a DynamicLayer whose keys and values live in buffers with room for the
-            whole rollout. The stock layer appends with torch.cat, which copies the whole cache on every decode
-            step (a second full read + write of the KV on top of attention's read); this one writes the new position
-            in place and hands attention a view of the filled part, i.e. exactly the tensors the stock layer gives.
-            It is built from the prefill's cache of P prompts and holds each prompt's rows G times."""
+    class PreallocatedLayer(DynamicLayer):
+        """Trick "preallocated KV cache": the stock layer appends with torch.cat, a copy of the whole cache every
+        decode step; this one writes each new position in place into buffers with room for the whole rollout and
+        hands attention a view of the filled part (the same tensors). Each prompt's prefill rows are held G times."""
 
-            def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
-                super().__init__()
-                P, H, L, _ = keys.shape  # [P, kv_heads, prompt width, head_dim]
-                # under autocast RoPE hands over fp32 keys (and the stock layer then keeps fp32 values too), while
-                # attention casts both to the autocast dtype anyway: store them in that dtype, half the memory
-                kind = keys.device.type
-                dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-                self.buffers = []
-                for t in (keys, values):
-                    buf = t.new_empty((P * repeats, H, capacity, t.shape[-1]), dtype=dtype or t.dtype)  # [P*G,H,cap,D]
-                    buf.view(P, repeats, H, capacity, -1)[:, :, :, :L] = t[:, None]  # row p*G+g <- prompt p
-                    self.buffers.append(buf)
-                self.length = L
-                self.dtype, self.device, self.is_initialized = self.buffers[0].dtype, keys.device, True
-                self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
+            super().__init__()
+            P, H, L, D = keys.shape  # [P, kv_heads, prompt width, head_dim]
+            # under autocast RoPE hands over fp32 keys (and the stock layer then keeps fp32 values too), while
+            # attention casts both to the autocast dtype anyway: store them in that dtype, half the memory
+            dtype = autocast_dtype(keys.device.type)
+            self.buffers = [t.new_empty((P * repeats, H, capacity, D), dtype=dtype or t.dtype) for t in (keys, values)]
+            for buffer, prefill in zip(self.buffers, (keys, values)):
+                repeat_rows(buffer, prefill, repeats)
+            self.length = L
+            self.dtype, self.device, self.is_initialized = self.buffers[0].dtype, keys.device, True
+            self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
 
-            def update(self, key_states, value_states, *args, **kwargs):
-                n = key_states.shape[-2]
-                self.buffers[0][:, :, self.length:self.length + n] = key_states
-                self.buffers[1][:, :, self.length:self.length + n] = value_states
-                self.length += n
-                self.keys, self.values = (buf[:, :, :self.length] for buf in self.buffers)
-                return self.keys, self.values
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            self.buffers[0][:, :, self.length:end] = key_states
+            self.buffers[1][:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = (buf[:, :, :end] for buf in self.buffers)
+            return self.keys, self.values
 
-        _PREALLOCATED_LAYER = PreallocatedLayer
-    return _PREALLOCATED_LAYER
+    return PreallocatedLayer
 
 
 def expand_cache(cache, repeats: int, capacity: int):
     """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
-    in preallocated buffers of `capacity` positions (plain DynamicLayers). Other layer kinds (e.g. sliding-window)
-    fall back to transformers' own `batch_repeat_interleave`."""
-    from transformers.cache_utils import DynamicLayer
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        cache.batch_repeat_interleave(repeats)
-        return cache
-    for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.keys is not None and layer.keys.numel():
-            layers[i] = preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity)
-        elif repeats > 1:
-            layer.batch_repeat_interleave(repeats)
+    in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
+    cache.layers = [preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
     return cache
 
 
@@ -620,15 +571,13 @@ def static_cache(model, cache, repeats: int, capacity: int):
     addresses, as a compiled decode needs); under autocast it stores and receives the autocast dtype."""
     from transformers import StaticCache
     static = StaticCache(config=unwrap(model).config, max_cache_len=capacity)
-    kind = cache.layers[0].keys.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    dtype = autocast_dtype(cache.layers[0].keys.device.type)
     for layer, prefill in zip(static.layers, cache.layers):
         P, H, L, D = prefill.keys.shape
-        layer.lazy_initialization(prefill.keys.new_empty((P * repeats, H, 0, D), dtype=dtype or prefill.keys.dtype),
-                                  prefill.values.new_empty((P * repeats, H, 0, prefill.values.shape[-1]),
-                                                           dtype=dtype or prefill.values.dtype))
-        layer.keys.view(P, repeats, H, capacity, D)[:, :, :, :L] = prefill.keys[:, None]  # row p*G+g <- prompt p
-        layer.values.view(P, repeats, H, capacity, -1)[:, :, :, :L] = prefill.values[:, None]
+        layer.lazy_initialization(*(t.new_empty((P * repeats, H, 0, D), dtype=dtype or t.dtype)
+                                    for t in (prefill.keys, prefill.values)))
+        repeat_rows(layer.keys, prefill.keys, repeats)
+        repeat_rows(layer.values, prefill.values, repeats)
         layer.cumulative_length.fill_(L)
         if dtype is not None:
             stock_update = layer.update
@@ -636,19 +585,14 @@ def static_cache(model, cache, repeats: int, capacity: int):
     return static
 
 
-_CACHE_KEYWORD = None
-
-
+@functools.cache
 def cache_keyword() -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.2x (where `past_key_values` warns on every
     call and goes away in 5.40), `past_key_values` before (5.17 on the GPU machine)."""
-    global _CACHE_KEYWORD
-    if _CACHE_KEYWORD is None:
-        import inspect
-        from transformers import Qwen2_5_VLForConditionalGeneration
-        params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
-        _CACHE_KEYWORD = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KEYWORD
+    import inspect
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def returned_cache(out):
@@ -676,15 +620,14 @@ FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row end
 
 
 class NonFiniteLogits(RuntimeError):
-    """The policy produced NaN / inf logits while sampling."""
+    """The policy produced NaN / inf logits while sampling (`rows` [B] bool: where, by decode step `step`)."""
 
-
-def nonfinite_message(rows: torch.Tensor, step: int) -> str:
-    bad = rows.nonzero().flatten().tolist()
-    return (f"sampling stopped: the model's logits are NaN or inf (rows {bad[:8]}{' ...' if len(bad) > 8 else ''} "
-            f"of {rows.numel()}, by decode step {step}). The weights or the inputs hold NaN / inf: a diverged update "
-            f"(lower the learning rate, resume from the last checkpoint), a corrupt checkpoint, or fp16 overflow "
-            f"(use bf16 or fp32, --dtype)")
+    def __init__(self, rows: torch.Tensor, step: int):
+        bad = rows.nonzero().flatten().tolist()
+        super().__init__(f"sampling stopped: the model's logits are NaN or inf (rows {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''} of {rows.numel()}, by decode step {step}). The weights or "
+                         f"the inputs hold NaN / inf: a diverged update (lower the learning rate, resume from the last "
+                         f"checkpoint), a corrupt checkpoint, or fp16 overflow (use bf16 or fp32, --dtype)")
 
 
 def compile_decode_problem(model) -> str | None:
@@ -704,15 +647,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None,
            compile_decode: bool = False, row_seeds: Sequence[int] | None = None) -> Rollout:
-    """Draw `group_size` completions for every prompt (temperature 0 = greedy). Exact speed tricks: each prompt is
-    prefilled once and its KV rows copied G times; preallocated KV cache, mask and outputs; one batched decode with
-    explicit M-RoPE positions; light per-step math (no vocabulary sort, no tokenizer call, no host read but an "all
-    rows ended?" look every FINISHED_CHECK_EVERY steps). Knobs are explicit (no hidden generation_config); image and
-    video pads are never sampled; the recorded log-probs are those of the unfiltered, temperature-scaled policy.
-    `prompt_batch` bounds memory; `compile_decode` (GPU) decodes with a static cache and a compiled step;
-    `row_seeds` (one per row, prompt-major) gives each row its own random stream, so its draws do not depend on the
-    other prompts of the call (evaluation: the same samples on 1 or 8 ranks). NaN / inf logits raise
-    NonFiniteLogits naming the step. `Rollout.stats`: prefill and decode seconds, decode steps."""
+    """Draw `group_size` completions per prompt (temperature 0 = greedy) with the unfiltered, temperature-scaled
+    log-prob of each draw; each prompt prefilled once for its G rows, `prompt_batch` prompts at a time. `row_seeds` (one
+    per row): each row its own random stream, the same draws on 1 or 8 ranks. NaN / inf logits raise NonFiniteLogits."""
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
@@ -725,9 +662,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     pad_id, eos_ids = ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]]
     device = next(model.parameters()).device
     suppress = torch.tensor([ids["<|image_pad|>"], ids["<|video_pad|>"]], device=device)  # never sampled
-    if generator is not None and generator.device.type != device.type:
-        # torch.multinomial needs a generator on the tensors' device: a CPU generator given for a GPU model seeds a
-        # device one, so the draws stay a function of the caller's seed
+    if generator is not None and generator.device.type != device.type:  # multinomial wants one on the device
         generator = torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -735,10 +670,8 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     G = group_size
     Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
-    if compile_decode:
-        problem = compile_decode_problem(model)
-        if problem:
-            raise ValueError(f"sample(compile_decode=True): {problem}")
+    if compile_decode and compile_decode_problem(model):
+        raise ValueError(f"sample(compile_decode=True): {compile_decode_problem(model)}")
     out = model(**batch, use_cache=True, logits_to_keep=1)
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
@@ -807,13 +740,11 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         finished |= torch.isin(nxt, eos)
-        steps = step + 1
-        if step == max_new_tokens - 1:
-            break
-        if step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1:  # one host sync every few steps
+        steps, last = step + 1, step == max_new_tokens - 1
+        if last or step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1:  # one host sync every few steps
             if bool(nonfinite.any()):
-                raise NonFiniteLogits(nonfinite_message(nonfinite, step))
-            if bool(finished.all()):
+                raise NonFiniteLogits(nonfinite, step)
+            if last or bool(finished.all()):
                 break
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
         if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
@@ -822,8 +753,6 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
             logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :Lp + step + 1], position_ids=pos,
                            use_cache=True, **{cache_kw: cache}).logits[:, -1].float()  # [B, V]
-    if bool(nonfinite.any()):
-        raise NonFiniteLogits(nonfinite_message(nonfinite, steps - 1))
     sync()
     stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
     mask = completion_mask_from(tokens[:, :steps], eos_ids)
@@ -858,9 +787,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    {k: sum(r.stats.get(k, 0) for r in parts) for k in parts[0].stats})  # times and steps add up
 
 
-# =====================================================================================================================
-# 4. Per-token log-probs of completions
-# =====================================================================================================================
+# ===== 4. Per-token log-probs of completions =====
 
 def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -879,72 +806,40 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
 
-LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
-
-
-def logits_chunk(rows: int, vocab: int) -> int:
-    """Positions per chunk so that one chunk's scores stay within LOGITS_BUDGET (at least one position): at Qwen's
-    151,936-token vocabulary and 16 rows, 27 positions; at the stand-in's, every position at once."""
-    return max(1, LOGITS_BUDGET // max(1, rows * vocab))
-
-
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                     owned: bool = False) -> torch.Tensor:
-    """log softmax(logits / T)[target]. One fp32 copy of the chunk at most: the temperature divides it in place when
-    it is a copy already or the caller's own (`owned`: a projection made for this call)."""
-    scaled = logits.float()  # [b, t, V] a copy unless fp32 already
-    if temperature != 1.0:
-        scaled = scaled.div_(temperature) if owned or scaled is not logits else scaled / temperature
-    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)  # [b, t]
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int | None = None) -> torch.Tensor:
-    """log softmax(logits / T)[target] in chunks of `chunk` positions (default: within LOGITS_BUDGET). Each chunk is
-    recomputed in the backward (activation checkpointing), so fp32 scores never exist for more than one chunk."""
-    chunk = chunk or logits_chunk(logits.shape[0], logits.shape[-1])
-    outs = []
-    for s in range(0, logits.shape[1], chunk):
-        part = (logits[:, s:s + chunk], targets[:, s:s + chunk])
-        if torch.is_grad_enabled() and logits.requires_grad:
-            outs.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, *part, temperature, use_reentrant=False))
-        else:
-            outs.append(_gather_logprobs(*part, temperature))
-    return torch.cat(outs, 1)  # [B, T]
+# vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32; at Qwen's 151,936-token
+# vocabulary and 16 rows, chunks of 27 positions; at the stand-in's, every position at once
+LOGITS_BUDGET = 2 ** 26
 
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
-    return _gather_logprobs(F.linear(hidden, weight, bias), targets, temperature, owned=True)  # [b, t]
-
-
-def hidden_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk: int | None = None) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] in chunks of positions, the projection inside each chunk and recomputed in
-    the backward: no full logits exist, and the backward keeps [B, T, hidden] instead of [B, T, V]."""
-    chunk = chunk or logits_chunk(hidden.shape[0], head.weight.shape[0])
-    outs = []
-    for s in range(0, hidden.shape[1], chunk):
-        part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk])
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            outs.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *part, temperature, use_reentrant=False))
-        else:
-            outs.append(_head_logprobs(*part, temperature))
-    return torch.cat(outs, 1)  # [B, T]
+    """log softmax(linear(hidden) / T)[target] for one chunk of positions; the projection is made here, so the
+    temperature divides its fp32 copy in place."""
+    scores = F.linear(hidden, weight, bias).float()  # [b, t, V]
+    if temperature != 1.0:
+        scores.div_(temperature)
+    return scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scores.logsumexp(-1)  # [b, t]
 
 
 @contextlib.contextmanager
 def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, predictors: torch.Tensor | None = None):
-    """Trick "no full logits": for one forward of the (wrapped) model, `lm_head` returns the log-probs of `targets`
-    [B, T] (hidden_logprobs) from the hidden states predicting them: the first T of the last T+1 positions, or the
-    `predictors` [B, T] of the flattened kept states (shared prefix). Only lm_head.forward is swapped, inside the
-    model's own forward, so DDP hooks and FSDP2's unshard / reshard see the projection where they expect it."""
+    """Trick "no full logits": for one forward, `lm_head` returns the log-probs of `targets` [B, T] from the states
+    predicting them (the first T of the last T+1, or `predictors` [B, T] among the flattened kept states), in chunks
+    within LOGITS_BUDGET recomputed in the backward. Swapped inside the model's forward, where DDP / FSDP2 expect it."""
     head = unwrap(model).lm_head
 
     def scores(hidden):  # [rows, kept, hidden] -> [B, T]
-        if predictors is None:  # the last position predicts past the completion
-            return hidden_logprobs(hidden[:, :-1], head, targets, temperature)
-        return hidden_logprobs(hidden.reshape(-1, hidden.shape[-1])[predictors], head, targets, temperature)
+        # the last kept position predicts past the completion
+        hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
+        chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
+        outs = []
+        for s in range(0, hidden.shape[1], chunk):
+            part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+            if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+                outs.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *part, use_reentrant=False))
+            else:
+                outs.append(_head_logprobs(*part))
+        return torch.cat(outs, 1)  # [B, T]
     head.forward = scores
     try:
         yield
@@ -989,10 +884,9 @@ def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: tor
                      temperature: float = 1.0) -> torch.Tensor:
     """[B, T] log-probs of the completion tokens of one micro-batch (with grad if enabled), through the wrapped model:
     only the last T+1 positions reach the vocabulary, in chunks without full logits; repeated images encoded once."""
-    T = completion_ids.shape[1]
     targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
     with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
-        return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # [B, T] log-probs, not logits
+        return model(**inputs, use_cache=False, logits_to_keep=targets.shape[1] + 1).logits  # log-probs, not logits
 
 
 def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
@@ -1000,13 +894,8 @@ def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     of a group, as the sampler lays them out).
     >>> p, q = object(), object(); prompt_runs([p, p, p, q, q])
     [(0, 3), (3, 5)]"""
-    runs = []
-    for i, p in enumerate(prompts):
-        if runs and prompts[runs[-1][0]] is p:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
+    return list(zip(starts, starts[1:] + [len(prompts)]))
 
 
 @dataclasses.dataclass
@@ -1022,17 +911,18 @@ class PrefixLayout:
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      base: str = "sdpa", **kwargs):
-    """The text model's attention (installed by shared_prefix_supported). Given a PrefixLayout, per packed row: the real
-    prompt tokens causally, then each completion over the prompt and its own earlier tokens (a lower-right causal
-    bias, no mask tensor on the fused kernels). Other calls go to `base`. query [R, H, S, D], key / value
-    [R, Hkv, S, D]."""
+    """The text model's attention (installed by shared_prefix_supported); other calls go to `base`. Given a
+    PrefixLayout, per packed row: the prompt's real tokens causally, then each completion over the prompt and its
+    own earlier tokens (a lower-right causal bias, no mask tensor). query [R, H, S, D], key / value [R, Hkv, S, D]."""
     if not isinstance(attention_mask, PrefixLayout):
-        return _base_attention(base)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+        attend = eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     from torch.nn.attention.bias import causal_lower_right
-    layout, kind = attention_mask, query.device.type
-    if torch.is_autocast_enabled(kind):  # what autocast does to a plain SDPA call
-        query, key, value = (x.to(torch.get_autocast_dtype(kind)) for x in (query, key, value))
+    layout, dtype = attention_mask, autocast_dtype(query.device.type)
+    if dtype is not None:  # what autocast does to a plain SDPA call
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     key, value = (x.repeat_interleave(query.shape[1] // key.shape[1], 1) for x in (key, value))  # [R, H, S, D]
     L, g, T = layout.prompt_width, layout.groups, layout.width
     packed = []
@@ -1048,14 +938,6 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
         packed.append(torch.cat([q.new_zeros((1, q.shape[1], L - n, q.shape[3])), prompt,
                                  done.transpose(0, 1).flatten(1, 2)[None]], 2))  # [1, H, S, D]; padding slots 0
     return torch.cat(packed).transpose(1, 2), None  # [R, S, H, D], as transformers' attention functions return
-
-
-def _base_attention(name: str):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if name == "eager":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
-        return eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def shared_prefix_supported(model) -> bool:
@@ -1077,39 +959,29 @@ def shared_prefix_supported(model) -> bool:
 
 def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
                          device) -> tuple[dict, torch.Tensor, int]:
-    """Trick "shared prefix": each run of rows sharing a prompt becomes one packed sequence
-
-        [ left-padded prompt | completion 1 | completion 2 | ... | completion g ]   (each completion T slots)
-
-    with its PrefixLayout in place of a mask, under which `prefix_attention` lets every completion see the whole
-    prompt and its own earlier tokens, never another completion, at the positions it would have alone. The prompt
-    and its image are computed once per group, forward and backward; each row's log-probs are those of [prompt |
-    completion] on its own. Returns (inputs, predictors [B, T]: for token (b, t) the index, among the kept last
-    `keep` = 1 + g_max * T positions flattened over the packed sequences, of the hidden state predicting it, keep)."""
+    """Trick "shared prefix": each run of rows sharing a prompt becomes one packed sequence [left-padded prompt |
+    completion 1 | ... | completion g] (T slots each) whose PrefixLayout lets each completion see the prompt and its
+    own earlier tokens only, at its positions alone: the prompt and image computed once per group. Returns (inputs,
+    predictors [B, T]: where each token's predicting state is among the kept last 1 + g*T of all sequences, keep)."""
     runs = prompt_runs(prompts)
-    B, T = completion_ids.shape
+    T = completion_ids.shape[1]
     g_max = max(end - start for start, end in runs)
-    batch = collate_prompts(model, [prompts[start] for start, _ in runs], pad_id, device)
-    R, L = batch["input_ids"].shape
-    comp = torch.full((R, g_max, T), pad_id, dtype=torch.long, device=device)  # [R, g, T]
+    comp = completion_ids.new_full((len(runs), g_max, T), pad_id)  # [R, g, T]
     row_run, row_slot = [], []
     for r, (start, end) in enumerate(runs):
-        comp[r, :end - start] = completion_ids[start:end].to(device)
+        comp[r, :end - start] = completion_ids[start:end]
         row_run += [r] * (end - start)
         row_slot += list(range(end - start))
-    start_pos = batch["position_ids"].amax(dim=(0, 2)) + 1  # [R] first completion position
-    comp_pos = (start_pos[:, None] + torch.arange(T, device=device)).repeat(1, g_max)  # [R, g*T]
-    layout = PrefixLayout(L, g_max, T, [len(prompts[start]) for start, _ in runs])
-    inputs = dict(input_ids=torch.cat([batch["input_ids"], comp.view(R, -1)], 1),  # [R, S], S = L + g*T
-                  attention_mask={"full_attention": layout},  # handed to each decoder layer as it is
-                  mm_token_type_ids=torch.cat([batch["mm_token_type_ids"],
-                                               batch["mm_token_type_ids"].new_zeros((R, g_max * T))], 1),
-                  position_ids=torch.cat([batch["position_ids"], comp_pos[None].expand(3, -1, -1)], 2),  # [3, R, S]
-                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    inputs = scoring_inputs(model, [prompts[start] for start, _ in runs], comp.flatten(1),
+                            torch.ones_like(comp.flatten(1)), pad_id, device)  # [R, S], S = L + g*T
+    L = inputs["input_ids"].shape[1] - g_max * T
+    # each completion at the positions it would have alone; the layout is handed to each decoder layer as it is
+    inputs["position_ids"][:, :, L:] = inputs["position_ids"][:, :, L:L + T].repeat(1, 1, g_max)  # [3, R, S]
+    inputs["attention_mask"] = {"full_attention": PrefixLayout(L, g_max, T, [len(prompts[s]) for s, _ in runs])}
     # kept positions are L-1 .. S-1; completion k's token t is predicted at L-1 (t = 0) or L + k*T + t - 1
     slot = torch.tensor(row_slot, device=device)[:, None]  # [B, 1]
     t = torch.arange(T, device=device)[None]  # [1, T]
-    within = torch.where(t == 0, torch.zeros_like(t * slot), 1 + slot * T + t - 1)  # [B, T] index into kept
+    within = torch.where(t == 0, 0, slot * T + t)  # [B, T] index into kept
     predictors = torch.tensor(row_run, device=device)[:, None] * (g_max * T + 1) + within  # [B, T] flat over runs
     return inputs, predictors, g_max * T + 1
 
@@ -1123,13 +995,13 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
     device = next(unwrap(model).parameters()).device
     if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
         inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, pad_id, device)
-        targets = completion_ids.to(device)  # [B, T]
-        with lm_head_returns_logprobs(model, targets, temperature, predictors):
+        with lm_head_returns_logprobs(model, completion_ids.to(device), temperature, predictors):
             return model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, T] log-probs, not logits
-    inputs = scoring_inputs(model, prompts, completion_ids, completion_mask, pad_id, device)
-    return forward_logprobs(model, inputs, completion_ids, temperature)
+    return forward_logprobs(model, scoring_inputs(model, prompts, completion_ids, completion_mask, pad_id, device),
+                            completion_ids, temperature)
 
 
+@torch.no_grad()
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
                         shared_prefix: bool = True) -> torch.Tensor:
@@ -1137,16 +1009,12 @@ def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], comp
     (score_completions: rows sharing a prompt share its forward), each micro-batch cut to its longest completion as
     the updates cut it. Positions past the completion mask are 0. One copy to the host, at the end."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
-    out = None
-    with torch.no_grad():
-        for s in range(0, len(prompts), micro_batch):
-            rows = slice(s, s + micro_batch)
-            width = max(1, int(completion_mask[rows].sum(1).max()))  # the mask is on the host: no sync
-            logp = score_completions(model, prompts[rows], completion_ids[rows, :width], completion_mask[rows, :width],
-                                     pad_id, temperature, shared_prefix).float()  # [b, width]
-            if out is None:
-                out = logp.new_zeros(completion_mask.shape)  # [B, T] on the model's device
-            out[rows, :width] = logp
+    out = torch.zeros(completion_mask.shape, device=next(unwrap(model).parameters()).device)  # [B, T]
+    for s in range(0, len(prompts), micro_batch):
+        rows = slice(s, s + micro_batch)
+        width = max(1, int(completion_mask[rows].sum(1).max()))  # the mask is on the host: no sync
+        out[rows, :width] = score_completions(model, prompts[rows], completion_ids[rows, :width],
+                                              completion_mask[rows, :width], pad_id, temperature, shared_prefix)
     return out.cpu() * completion_mask
 
 
@@ -1154,22 +1022,15 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     """Mean cross-entropy over target tokens only (the prompt is context, never a label). Targets are right-padded
     and scored like completions: position for position the same inputs the RL losses see."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
-    width = max(len(t) for t in targets)
-    ids = torch.full((len(targets), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(targets), width), dtype=torch.long)
-    for row, t in enumerate(targets):
-        ids[row, :len(t)] = t
-        mask[row, :len(t)] = 1
+    ids = torch.nn.utils.rnn.pad_sequence(list(targets), batch_first=True, padding_value=pad_id)  # [B, T]
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)  # [B, T]
     device = next(unwrap(model).parameters()).device
-    inputs = scoring_inputs(model, prompts, ids, mask, pad_id, device)
-    logp = forward_logprobs(model, inputs, ids)  # [B, T]
+    logp = forward_logprobs(model, scoring_inputs(model, prompts, ids, mask, pad_id, device), ids)  # [B, T]
     mask = mask.to(logp.device)
     return -(logp * mask).sum() / mask.sum()
 
 
-# =====================================================================================================================
-# 5. Precision, DDP / FSDP2
-# =====================================================================================================================
+# ===== 5. Precision, DDP / FSDP2 =====
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
@@ -1192,16 +1053,14 @@ class Precision:
         return self.compute if self.via == "fsdp" else None
 
     def __str__(self):
-        name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
         how = {"weights": "", "fsdp": " through FSDP2 mixed precision", "autocast": " through autocast"}[self.via]
-        return f"weights {name(self.weights)}, compute {name(self.compute)}{how}"
+        return f"weights {self.weights}, compute {self.compute}{how}".replace("torch.", "")
 
 
 def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool = True) -> Precision:
-    """The run's Precision from --dtype. auto: on GPU bf16 compute over fp32 master weights for what AdamW updates
-    (lr 1e-6 steps round away in bf16) and bf16 storage for frozen weights (`trained_weights=False`), fp32 on CPU;
-    bf16-mixed: fp32 weights, bf16 compute on any device; bf16 / fp32: both. Mixed compute is FSDP2's policy when
-    sharded, else autocast; fp32 matmuls on GPU use TF32."""
+    """The run's Precision from --dtype. auto: fp32 on CPU; on GPU bf16 compute over fp32 master weights where AdamW
+    updates (lr 1e-6 steps round away in bf16), else bf16 weights. bf16-mixed: fp32 weights, bf16 compute; bf16 / fp32:
+    both. Mixed compute is FSDP2's policy when sharded, else autocast; fp32 matmuls on GPU use TF32."""
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     on_gpu = ranks.device.type == "cuda"
@@ -1227,8 +1086,7 @@ def enable_activation_checkpointing(model):
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
     """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root; a non-fp32 `param_dtype`
-    gathers in it and reduces in fp32). One process: returned as it is. Activation checkpointing recomputes each layer
-    in the backward."""
+    gathers in it and reduces in fp32); one process: the model as it is. Optionally with activation checkpointing."""
     if activation_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -1237,19 +1095,13 @@ def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointi
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = None
-        if param_dtype is not None and param_dtype != torch.float32:
-            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        kw = {"mp_policy": mp} if mp is not None else {}
-        for block in model.model.visual.blocks:
-            fully_shard(block, **kw)
-        for layer in model.model.language_model.layers:
-            fully_shard(layer, **kw)
-        fully_shard(model, **kw)
-        return model
-    raise ValueError(f"--parallel must be ddp or fsdp, got {parallel!r}")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if param_dtype not in (None, torch.float32):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in [*model.model.visual.blocks, *model.model.language_model.layers, model]:
+        fully_shard(module, **kw)
+    return model
 
 
 def grad_sync(model, on: bool):
@@ -1267,10 +1119,7 @@ def clip_gradients(params, max_norm: float) -> float:
 
 
 def _fsdp_modules(model):
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
+    from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -1306,8 +1155,7 @@ def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
 
 def progress_bar(show: bool, **kw):
     """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(ranks.is_main, total=steps, desc="grpo")`.
-    Drawn on a terminal only: in a redirected log its redraws (and a nested bar's cursor moves) would bury the printed
-    lines."""
+    Drawn on a terminal only: in a redirected log, redraws (and a nested bar's cursor moves) would bury the lines."""
     if not show:
         return None
     from tqdm import tqdm
@@ -1319,9 +1167,7 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
     return os.path.join(out, "eval", f"step_{step:07d}", *parts)
 
 
-# =====================================================================================================================
-# 6. JSONL inputs and the resumable per-rank map
-# =====================================================================================================================
+# ===== 6. JSONL inputs and the resumable per-rank map =====
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
     """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
@@ -1365,47 +1211,29 @@ def repair_jsonl_tail(path: str) -> int:
             return len(data) - start
 
 
-class RankParts:
-    """A resumable per-rank JSONL cache: each rank appends what it finishes to <folder>/<stem>.part<rank>.jsonl
-    (`append`), every rank reads all parts (`records`, a cut last line skipped); see resumable_map."""
-
-    def __init__(self, folder: str, stem: str):
-        self.folder, self.stem = folder, stem
-
-    def paths(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.folder, f"{self.stem}.part*.jsonl")))
-
-    def records(self) -> list[dict]:
-        """Every record of every part, part by part in file order; a last line cut by a kill is skipped."""
-        return [rec for path in self.paths() for rec in read_jsonl(path, skip_cut_tail=True)]
-
-    @contextlib.contextmanager
-    def append(self, rank: int):
-        """This rank's part, opened for appending (a line cut by a kill is dropped first), flushed on exit."""
-        path = os.path.join(self.folder, f"{self.stem}.part{rank}.jsonl")
-        repair_jsonl_tail(path)
-        with open(path, "a") as f:
-            yield f
-            f.flush()
-
-    def remove(self):
-        for path in self.paths():
-            os.remove(path)
+def remove_rank_parts(folder: str, stem: str):
+    """Delete resumable_map's per-rank files <folder>/<stem>.part<rank>.jsonl (once their records are merged)."""
+    for path in glob.glob(os.path.join(folder, f"{stem}.part*.jsonl")):
+        os.remove(path)
 
 
 def resumable_map(folder: str, stem: str, keys: Sequence[str], work, ranks: Dist, desc: str) -> dict[str, Any]:
     """{key: result} for every key, on every rank: each rank runs `work(its keys)` over its share of the keys no
     earlier run finished, `work` yielding (key, result) as each is done, appended to <folder>/<stem>.part<rank>.jsonl
     at once, so a killed run (on any number of ranks) redoes only the unfinished. The caller removes the parts."""
-    parts = RankParts(folder, stem)
-    done = {rec["key"]: rec["value"] for rec in parts.records()}
+    def finished() -> dict[str, Any]:  # every rank's part, a last line cut by a kill skipped
+        return {rec["key"]: rec["value"] for path in sorted(glob.glob(os.path.join(folder, f"{stem}.part*.jsonl")))
+                for rec in read_jsonl(path, skip_cut_tail=True)}
+    done = finished()
     barrier()  # every rank has read the parts (and agrees on what is left) before any rank appends to them
     todo = [key for key in keys if key not in done]
     print0(f"{desc}: {len(todo)} to do, {len(done)} done by an earlier run, over {ranks.world_size} rank(s)")
-    with parts.append(ranks.rank) as f:
+    mine = os.path.join(folder, f"{stem}.part{ranks.rank}.jsonl")
+    repair_jsonl_tail(mine)  # a line cut by a kill is dropped before appending
+    with open(mine, "a") as f:
         for key, value in work(todo[ranks.rank::ranks.world_size]):  # every rank enters work, even with nothing to do
             f.write(json.dumps({"key": key, "value": value}) + "\n")
             f.flush()
     barrier()
-    done.update({rec["key"]: rec["value"] for rec in parts.records()})
+    done.update(finished())
     return done

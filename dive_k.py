@@ -406,7 +406,7 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
             with open(final + ".tmp", "w") as f:
                 f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
             os.replace(final + ".tmp", final)
-            common.RankParts(run.out, "mcq").remove()
+            common.remove_rank_parts(run.out, "mcq")
         common.barrier()
     questions = common.read_jsonl(final)
     summary = mining_summary(questions)

@@ -547,7 +547,7 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
-        common.RankParts(out, "cot").remove()  # the teacher's per-rank progress, now merged
+        common.remove_rank_parts(out, "cot")  # the teacher's per-rank progress, now merged
         lifecycle.MetricsLog(out).log({"step": 0, "stage": "cot", "cot/kept": len(records), **stats})
     common.barrier()
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "

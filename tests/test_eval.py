@@ -454,9 +454,10 @@ def test_eval_resolution_is_the_papers_whatever_the_checkpoint(tmp_path):
     import shutil
     coarse = str(tmp_path / "coarse")
     shutil.copytree(tiny.tiny_model_dir(), coarse)
-    proc = common.load_processor(coarse, 56 * 56, 56 * 56)  # 4 image tokens instead of the stand-in's 16
+    proc = common.processor_class().from_pretrained(coarse)
+    common.set_pixel_budget(proc, 56 * 56, 56 * 56)  # 4 image tokens instead of the stand-in's 16
     proc.save_pretrained(coarse)
-    assert common.load_processor(coarse).image_processor.size["longest_edge"] == 56 * 56
+    assert common.processor_class().from_pretrained(coarse).image_processor.size["longest_edge"] == 56 * 56
     runs = {}
     for name, model in (("tiny", "tiny"), ("coarse", coarse)):
         ev.main(["--model", model, "--data", "toy", "--protocol", "open", "--limit", "6", "--max-new-tokens",
