@@ -84,19 +84,13 @@ NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the
 JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 
-def answers_of(texts: list[str]) -> list[str | None]:
-    """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
-    punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
-    return [judges.parse_answer(text) for text in texts]
-
-
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
-    """One verifier label per rollout: the judge's label for every valid answer (one batched call; the judge caches
-    per pair), NO_ANSWER for missing answers, JUDGE_ERROR where the judge returned something not on the ladder."""
+    """One verifier label per rollout: the judge's label for every answer (one batched call; the judge caches per
+    pair), NO_ANSWER for a missing one (None: judges.parse_answer found no answer, or a blank one; an answer of
+    punctuation only, '???', is judged, as in the paper's code), JUDGE_ERROR for a label not on the ladder."""
     valid = [i for i, a in enumerate(answers) if a is not None]
-    judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
     labels = [NO_ANSWER] * len(answers)
-    for i, label in zip(valid, judged):
+    for i, label in zip(valid, judge.judge([(truths[i], answers[i]) for i in valid])):
         labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
     return labels
 
@@ -224,27 +218,26 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
 # =====================================================================================================================
 
 def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model, reference, optimizer, processor,
-               judge, total_steps: int) -> tuple[dict, dict]:
-    """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank). Returns (the step's metrics
-    over all ranks, the judged rollouts for <out>/rollouts.jsonl)."""
+               judge, total_steps: int) -> dict:
+    """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank): the step's metrics over all
+    ranks; --log-completions judged rollouts appended to <out>/rollouts.jsonl."""
     args, timer, G = run.args, run.timer, run.args.group_size
-    t_step = time.perf_counter()
     # rollout
     with timer("encode"):
         prompts = [common.encode_prompt(processor, ex.image, PROMPTS[args.prompt]) for ex in images]
-    generator = torch.Generator(device=run.ranks.device).manual_seed(args.seed * 1_000_003 + step * 1009 + run.ranks.rank)
+    seed = args.seed * 1_000_003 + step * 1009 + run.ranks.rank
+    generator = torch.Generator(device=run.ranks.device).manual_seed(seed)
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sample"), args.precision.context(), \
             common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
         rollout = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                                generator=generator, prompt_batch=args.sample_batch,
-                                compile_decode=bool(args.compile_decode))
+                                temperature=args.temperature, top_p=args.top_p, generator=generator,
+                                prompt_batch=args.sample_batch, compile_decode=bool(args.compile_decode))
     ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
 
     # verifier labels (one batched call), then each group's rewards and advantages
     with timer("judge"):
-        answers = answers_of(rollout.texts)  # [B]
+        answers = [judges.parse_answer(text) for text in rollout.texts]  # [B] the first <answer>, None if missing
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
         labels = judge_or_stop(judge, truths, answers, run.out, step, model, optimizer, args.max_judge_errors)  # [B]
     groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G],
@@ -254,12 +247,16 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     parts = {name: torch.stack([group_parts[name] for _, group_parts in groups]) for name in args.reward_weights}
     advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
 
-    # old log-probs, once, before any update (mini-batches 2.. are off-policy); the reference's
+    # old log-probs, once, before any update (mini-batches 2.. are off-policy); with beta > 0 the frozen initial
+    # model's: with LoRA the policy with its adapters off, else the reference copy
+    logprobs = lambda m: common.completion_logprobs(  # noqa: E731  [B, T]
+        m, processor, row_prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+        shared_prefix=bool(args.shared_prefix))
     with timer("logprobs"), args.precision.context():
-        old_logp = common.completion_logprobs(model, processor, row_prompts, ids, mask, temperature=args.temperature,
-                                              micro_batch=args.logprob_micro_batch,
-                                              shared_prefix=bool(args.shared_prefix))  # [B, T]
-        ref_logp = reference_logprobs(args, model, reference, processor, row_prompts, ids, mask)  # [B, T] or None
+        old_logp, ref_logp = logprobs(model), None  # [B, T]
+        if args.beta > 0:
+            with lora_disabled(model) if reference is None else contextlib.nullcontext():
+                ref_logp = logprobs(model if reference is None else reference)  # [B, T]
 
     # update: --minibatches optimizer steps, each a global token mean over all ranks
     model.train()
@@ -267,8 +264,11 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
         loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
                                    ref_logp, common.special_token_ids(processor)["<|endoftext|>"], step=step,
                                    total_steps=total_steps)
-    metrics = step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - t_step, run.ranks.world_size)
-    return metrics, {"images": images, "answers": answers, "labels": labels, "rewards": rewards}
+    if args.log_completions and run.ranks.is_main:
+        log_rollouts(os.path.join(run.out, "rollouts.jsonl"), step + 1, images, answers, labels, rewards,
+                     args.log_completions)
+    return step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - run.t_step,
+                        run.ranks.world_size)
 
 
 def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_prompts, ids, mask, advantages,
@@ -303,15 +303,47 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
     return totals
 
 
-def reference_logprobs(args, model, reference, processor, row_prompts, ids, mask):
-    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0): with LoRA the policy
-    with its adapters off, else the reference copy."""
-    if args.beta <= 0:
-        return None
-    with lora_disabled(model) if reference is None else contextlib.nullcontext(), args.precision.context():
-        return common.completion_logprobs(reference if reference is not None else model, processor, row_prompts, ids,
-                                          mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-                                          shared_prefix=bool(args.shared_prefix))
+SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
+         "clip_frac")  # on the progress line
+LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
+
+
+def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
+    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
+    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
+    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
+    names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
+    counts = Counter(labels)
+    zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
+    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
+             **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
+             "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
+             "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
+    summed = common.all_reduce_sum(torch.tensor([float(v) for v in local.values()], dtype=torch.float64))
+    total = dict(zip(local, summed.tolist()))
+    n, tokens = total["rollouts"], total["tokens"]  # the update visits every completion token once
+    correct = sum(total[name] for name in judges.CORRECT_LABELS)
+    return {**{f"share/{name}": total[name] / n for name in names}, "reward": total["reward"] / n,
+            **{k: total[k] / n for k in total if k.startswith("reward/")}, "correctness": correct / n,
+            "specificity": (total["specific"] + total["more_specific"]) / correct if correct else 0.0,
+            "abstain_rate": total["abstain"] / n, "no_answer_rate": total[NO_ANSWER] / n,
+            "judge_error_rate": total[JUDGE_ERROR] / n, "zero_std_groups": total["zero_std_groups"] / total["groups"],
+            "pg_loss": total["pg_loss"] / tokens, "kl": total["kl"] / tokens, "clip_frac": total["clip_frac"] / tokens,
+            "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
+            "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
+            "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
+
+
+def log_rollouts(path: str, step: int, images, answers, labels, rewards: torch.Tensor, k: int):
+    """Append k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
+    G = rewards.shape[1]  # rewards [P, G]
+    with open(path, "a") as f:
+        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
+            i = r // G
+            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
+                                "answer": answers[r], "label": labels[r],
+                                "group_best": best_label(labels[i * G:(i + 1) * G]),
+                                "reward": float(rewards.view(-1)[r])}) + "\n")
 
 
 def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
@@ -377,13 +409,11 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     names = []
     for layer_idx, layer in enumerate(hf.model.language_model.layers):
         for name, module in list(layer.named_modules()):
-            if isinstance(module, torch.nn.Linear) and not isinstance(module, LoRALinear):
+            if isinstance(module, torch.nn.Linear):
                 parent_name, _, child = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
                 setattr(parent, child, LoRALinear(module, rank, alpha, generator))
                 names.append(f"model.language_model.layers.{layer_idx}.{name}")
-    if not names:
-        raise ValueError("inject_lora: no nn.Linear found in model.model.language_model.layers")
     plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf) writes merged, plain weights
 
     def save_merged(save_directory, *args, state_dict=None, **kwargs):
@@ -399,17 +429,14 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     keys pass through; an empty dict (non-zero ranks under FSDP2) stays empty."""
     out = {}
     for key, value in state_dict.items():
+        prefix, _, rest = key.rpartition(".base.")  # X.base.weight -> X, weight
+        adapted = prefix + ".lora_A" in state_dict
         if key.endswith((".lora_A", ".lora_B", ".lora_scale")):
             continue
-        prefix, sep, rest = key.rpartition(".base.")
-        if sep and prefix + ".lora_A" in state_dict:
-            if rest == "weight":
-                A, B = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
-                scale = float(state_dict[prefix + ".lora_scale"])
-                value = (value.float() + scale * (B @ A)).to(value.dtype)  # [out, in]
-            out[f"{prefix}.{rest}"] = value
-        else:
-            out[key] = value
+        if adapted and rest == "weight":
+            A, B = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
+            value = (value.float() + float(state_dict[prefix + ".lora_scale"]) * (B @ A)).to(value.dtype)  # [out, in]
+        out[f"{prefix}.{rest}" if adapted else key] = value
     return out
 
 
@@ -440,10 +467,10 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
             keys=None, name="eval/{key}", folder="", shown=("correctness", "specificity", "hm", "judge_errors"),
             judge=judge, seed=args.seed, max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
             compile_decode=bool(args.compile_decode))
+        errors = results["eval/judge_errors"]
+        stop = judges.judge_error_stop(errors, results["eval/n"] + errors, args.max_judge_errors)
     except judges.ServerError as e:
-        save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
-    errors = results["eval/judge_errors"]
-    stop = judges.judge_error_stop(errors, results["eval/n"] + errors, args.max_judge_errors)
+        stop = str(e)
     if stop:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
     return results
@@ -506,14 +533,28 @@ def parse_args(argv=None):
     return lifecycle.parse_flags(parser, argv, TOY, REWARDS)
 
 
-def check_batches(args, world: int) -> tuple[int, int]:
-    """(images per rank, images per rank and mini-batch), refused at start when the batch arithmetic does not divide
-    (the paper's 256 images in 2 mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
+def check_batches(args, world: int) -> int:
+    """Images per rank, refused at start when the batch arithmetic does not divide (the paper's 256 images in 2
+    mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
     lifecycle.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
     prompts_per_rank = args.rollout_prompts // world
     lifecycle.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
                                 "--minibatches")
-    return prompts_per_rank, prompts_per_rank // args.minibatches
+    return prompts_per_rank
+
+
+def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
+    """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
+    return dict(
+        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
+        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
+        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
+               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
 
 
 # =====================================================================================================================
@@ -524,7 +565,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.lora_rank > 0 and not args.freeze_vision:
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-    prompts_per_rank, _ = check_batches(args, lifecycle.launched_world_size())  # before the process group
+    prompts_per_rank = check_batches(args, lifecycle.launched_world_size())  # before the process group
     run = lifecycle.Run(args, "speciarl")
 
     # data: a fixed random subset of the training split; evaluation on a test split
@@ -533,8 +574,7 @@ def main(argv=None):
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
         raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     eval_data = args.eval_data or args.data
     eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
     test = data.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
@@ -574,76 +614,11 @@ def main(argv=None):
         common.repair_jsonl_tail(os.path.join(run.out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     for step in run.steps(start, total_steps):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
-        record, judged = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
-                                    processor, judge, total_steps)
+        record = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
+                            processor, judge, total_steps)
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
-        log_rollouts(run.out, step + 1, judged, args.log_completions)
         run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
     run.finish(model, processor, keys=["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
-
-
-# =====================================================================================================================
-# 10. Logging and the memory estimate
-# =====================================================================================================================
-
-SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
-         "clip_frac")  # on the progress line
-LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
-
-
-def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
-    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
-    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
-    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
-    names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
-    counts = Counter(labels)
-    zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
-    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
-             **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
-             "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
-             "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
-    summed = common.all_reduce_sum(torch.tensor([float(v) for v in local.values()], dtype=torch.float64))
-    total = dict(zip(local, summed.tolist()))
-    n, tokens = total["rollouts"], total["tokens"]  # the update visits every completion token once
-    correct = sum(total[name] for name in judges.CORRECT_LABELS)
-    return {**{f"share/{name}": total[name] / n for name in names}, "reward": total["reward"] / n,
-            **{k: total[k] / n for k in total if k.startswith("reward/")}, "correctness": correct / n,
-            "specificity": (total["specific"] + total["more_specific"]) / correct if correct else 0.0,
-            "abstain_rate": total["abstain"] / n, "no_answer_rate": total[NO_ANSWER] / n,
-            "judge_error_rate": total[JUDGE_ERROR] / n, "zero_std_groups": total["zero_std_groups"] / total["groups"],
-            "pg_loss": total["pg_loss"] / tokens, "kl": total["kl"] / tokens, "clip_frac": total["clip_frac"] / tokens,
-            "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
-            "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
-            "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
-
-
-def log_rollouts(out: str, step: int, judged: dict, k: int):
-    """Write k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
-    if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
-        return
-    images, labels, rewards = judged["images"], judged["labels"], judged["rewards"]  # rewards [P, G]
-    G = rewards.shape[1]
-    with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
-        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
-            i = r // G
-            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
-                                "answer": judged["answers"][r], "label": labels[r],
-                                "group_best": best_label(labels[i * G:(i + 1) * G]),
-                                "reward": float(rewards.view(-1)[r])}) + "\n")
-
-
-def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
-    """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
-    return dict(
-        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
-        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
-        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
-               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
-                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
 
 
 if __name__ == "__main__":
