@@ -231,10 +231,8 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
     ('B', None)
     """
-    text = judges.parse_answer(completion)
-    if text is None:
-        return None
-    upper = text.strip().upper()
+    text = judges.parse_answer(completion) or ""  # stripped; no answer tag: no letter
+    upper = text.upper()
     found = set(LETTER_RE.findall(upper))
     standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
     if len(found) != 1 or (len(standalone) > 1 and judges.is_hedge(text)):
@@ -246,12 +244,9 @@ def answer_letter(completion: str, n_options: int) -> str | None:
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
-    letter = answer_letter(completion, len(options))
-    if letter is None:
-        text = judges.normalize(judges.parse_answer(completion) or "")
-        matches = [i for i, option in enumerate(options) if text and text == judges.normalize(option)]
-        letter = judges.LETTERS[matches[0]] if len(matches) == 1 else None
-    return letter
+    text = judges.normalize(judges.parse_answer(completion) or "")
+    matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
+    return answer_letter(completion, len(options)) or (matches[0] if len(matches) == 1 else None)
 
 
 def format_reward(completions: list[str], question: dict) -> list[float]:
@@ -403,15 +398,14 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
             totals.update(stats)
     totals = {k: float(v) for k, v in totals.items()}  # the step's one read of the loss statistics
 
-    tokens = float(mask.sum())
     rate = lambda reward: sum(sum(reward(rollout.texts[i * G:(i + 1) * G], q)) for i, q in enumerate(questions)) \
         / len(rollout.texts)  # noqa: E731
     metrics = {"reward": float(rewards.mean()), "accuracy": rate(mcq_reward), "format_rate": rate(format_reward),
-               "zero_std_frac": float(zero_std.float().mean()), "completion_len": tokens / len(rollout.texts),
+               "zero_std_frac": float(zero_std.float().mean()), "loss": totals["loss"] / args.updates_per_batch,
+               "completion_len": float(mask.sum()) / len(rollout.texts),
                "truncation_rate": float(rollout.truncated.float().mean()),
                "kl": totals["kl_sum"] / max(1.0, totals["tokens"]),
                "clip_frac": totals["clipped_sum"] / max(1.0, totals["tokens"]),
-               "loss": totals["loss"] / args.updates_per_batch,
                "mean_options": sum(len(q["options"]) for q in questions) / len(questions),
                **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **mining_stats}
     record = {**lifecycle.mean_over_ranks(metrics), "grad_norm": grad_norm,  # tokens: all ranks' completions
@@ -467,13 +461,10 @@ def parse_args(argv=None):
     g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (%(default)s)")
     g.add_argument("--random-options", type=int, default=2, help="random base classes that join the truth when at "
                    "most one distinct valid answer was mined (the released code: %(default)s)")
-    g.add_argument("--online-mining", action="store_true",
-                   help="rebuild the options from the current policy at every step instead of once before RL")
+    g.add_argument("--online-mining", action="store_true", help="mine the options anew with the policy at every step")
     g = p.add_argument_group("stage 2: GRPO")
-    g.add_argument("--prompts-per-step", type=int, default=6,
-                   help="questions per optimizer step over all ranks (%(default)s = 3 GPUs x 1 x grad-acc 2)")
-    g.add_argument("--epochs", type=float, default=1.5, help="passes over the questions when --max-steps is unset "
-                   "(the paper: 1-1.5)")
+    g.add_argument("--prompts-per-step", type=int, default=6, help="questions per step, all ranks (paper 6)")
+    g.add_argument("--epochs", type=float, default=1.5, help="passes over the questions (paper 1-1.5)")
     g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (%(default)s)")
     g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
@@ -481,8 +472,7 @@ def parse_args(argv=None):
     g.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps per rollout batch (1: on-policy)")
     g.add_argument("--loss-agg", default="seq", choices=["seq", "token"], help="seq: token mean per completion, then "
                    "over completions (GRPO, the paper); token: one mean over the step's tokens (DAPO)")
-    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1],
-                   help="1: train the language model only (a paper ablation); 0: the vision tower too (its default)")
+    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1], help="1: train the LM only (an ablation)")
     g = p.add_argument_group("evaluation: two-step inference")
     g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
     g.add_argument("--eval-classes", default="base,novel", help="comma list of class groups evaluated: base, novel, "

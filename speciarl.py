@@ -486,24 +486,20 @@ TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_sche
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     lifecycle.add_training_args(  # the paper's values
         parser, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=10, rewards="dynamic", lr=3e-5, lr_schedule="constant",
         beta=0.01, max_new_tokens=2048, micro_batch=32, eval_every=5, save_every=5, weight_decay=0.01, eval_batch=32,
         log_completions=16, train_limit=3000)
     g = parser.add_argument_group("SpeciaRL: data, prompt, verifier")
-    g.add_argument("--classes", default="all", choices=["all", "base", "novel"],
-                   help="classes trained on (paper: all; base = the CoOp base half)")
+    g.add_argument("--classes", default="all", choices=["all", "base", "novel"], help="classes trained on (paper: all)")
     g.add_argument("--shots", type=int, default=None, help="k training images per class, drawn before --train-limit")
     g.add_argument("--prompt", choices=["general", "specific"], default="general",
                    help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
-    g.add_argument("--judge", default="rules",
-                   help="training verifier: 'rules' (offline, default), 'hf:<model>' (an LLM judge loaded here) or "
-                        "'openai:<model>' (served at --judge-url, e.g. by vLLM; paper: Qwen3-30B-A3B-Instruct)")
-    g.add_argument("--judge-url", default=None,
-                   help="OpenAI-compatible server of an openai: judge, e.g. http://HOST:8000/v1 (default "
-                        "$OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP, no extra package")
+    g.add_argument("--judge", default="rules", help="training verifier: 'rules' (offline), 'hf:<model>' (loaded here) "
+                   "or 'openai:<model>' (served at --judge-url, e.g. by vLLM; paper: Qwen3-30B-A3B-Instruct)")
+    g.add_argument("--judge-url", default=None, help="an openai: judge's OpenAI-compatible server, e.g. "
+                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key: $OPENAI_API_KEY); plain HTTP, no package")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
     judges.add_judge_flags(g)
     g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
@@ -511,25 +507,19 @@ def parse_args(argv=None):
     g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
     g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
     g = parser.add_argument_group("SpeciaRL: GRPO, LoRA, batching")
-    g.add_argument("--rollout-prompts", type=int, default=256, help="images per rollout batch over all ranks (paper "
-                   "%(default)s)")
-    g.add_argument("--minibatches", type=int, default=2,
-                   help="optimizer steps per rollout batch (paper 2: mini-batch 128 of 256 prompts)")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training images (paper 15 = 165 steps); "
-                   "--max-steps (rollout batches) stops earlier")
+    g.add_argument("--rollout-prompts", type=int, default=256, help="images per rollout batch, all ranks (paper 256)")
+    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch (paper 2: 128 images)")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training images (paper 15 = 165 steps)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip, low and high (paper 0.2)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap c for negative advantages (paper 3; "
-                   "0 turns it off)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap, negative advantages (paper 3; 0: off)")
     g.add_argument("--adv-norm", choices=["group", "none"], default="group",
                    help="group: (r - mean) / (std + eps) (paper); none: r - mean (Dr.GRPO)")
     g.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the group std (verl: 1e-6)")
-    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on every linear layer of the language model "
-                   "(paper %(default)s); 0 = full fine-tuning of the language model")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (paper 64); 0: full fine-tuning of the LM")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha, scale = alpha / rank (paper 32)")
     g.add_argument("--freeze-vision", type=int, default=1, help="keep the vision tower frozen (paper 1)")
     g.add_argument("--sample-batch", type=int, default=8, help="images per sampling call (memory, not maths)")
-    g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory, "
-                   "not maths)")
+    g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory)")
     return lifecycle.parse_flags(parser, argv, TOY, REWARDS)
 
 
