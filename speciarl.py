@@ -380,8 +380,7 @@ class LoRALinear(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
+        self.base = base.requires_grad_(False)
         device = base.weight.device
         A = torch.empty(rank, base.in_features, dtype=torch.float32)
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # the nn.Linear / peft initialisation
@@ -406,19 +405,17 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     hf = common.unwrap(model)
     hf.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
+    layers = hf.model.language_model.layers
     names = []
-    for layer_idx, layer in enumerate(hf.model.language_model.layers):
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, torch.nn.Linear):
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
-                names.append(f"model.language_model.layers.{layer_idx}.{name}")
-    plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf) writes merged, plain weights
+    for name, module in list(layers.named_modules()):  # "0.self_attn.q_proj", ... layer by layer
+        if isinstance(module, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(layers.get_submodule(parent), child, LoRALinear(module, rank, alpha, generator))
+            names.append(f"model.language_model.layers.{name}")
+    plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf, which passes the full state dict)
 
-    def save_merged(save_directory, *args, state_dict=None, **kwargs):
-        sd = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in hf.state_dict().items()}
-        return plain_save(save_directory, *args, state_dict=merge_lora_state_dict(sd), **kwargs)
+    def save_merged(save_directory, *, state_dict, **kwargs):  # writes merged, plain weights
+        return plain_save(save_directory, state_dict=merge_lora_state_dict(state_dict), **kwargs)
     hf.save_pretrained = save_merged
     return names
 
