@@ -45,9 +45,7 @@ import lifecycle
 import memory
 
 
-# =====================================================================================================================
-# 1. Prompts: every instruction of the released prompts, in this project's words
-# =====================================================================================================================
+# ----- 1. Prompts: every instruction of the released prompts, in this project's words -----
 
 # Mining and two-step step 1 (released create_prompt): the object kind; the most likely name in the dataset's answer
 # format; one of the listed categories (a Python list, as released); reasoning and answer tags; the format strictly.
@@ -87,9 +85,7 @@ TWO_STEP_EVAL = evaluation.Protocol(
     step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
 
 
-# =====================================================================================================================
-# 2. Stage 1: each image's question from the model's K answers (the method's own data), and each step's questions
-# =====================================================================================================================
+# ----- 2. Stage 1: each image's question from the model's K answers (the method's data); each step's questions -----
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
@@ -215,9 +211,7 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
                    "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
 
 
-# =====================================================================================================================
-# 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion
-# =====================================================================================================================
+# ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
 
 # a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
 # opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
@@ -267,9 +261,7 @@ def random_reward(completions: list[str], question: dict) -> list[float]:
 REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
 
 
-# =====================================================================================================================
-# 4. Advantage
-# =====================================================================================================================
+# ----- 4. Advantage -----
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
                      scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,9 +279,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     return adv.reshape(-1), std.squeeze(1) == 0
 
 
-# =====================================================================================================================
-# 5. The loss, written by hand
-# =====================================================================================================================
+# ----- 5. The loss, written by hand -----
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, beta: float, clip_low: float, clip_high: float, loss_agg: str,
@@ -341,9 +331,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     return lifecycle.global_token_count(mask) / world_size
 
 
-# =====================================================================================================================
-# 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update
-# =====================================================================================================================
+# ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
 
 def train_step(step: int, questions: list[dict], model, reference, optimizer, processor, kind: str, args,
                run: lifecycle.Run, mining_stats: dict) -> dict:
@@ -418,9 +406,7 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     return record
 
 
-# =====================================================================================================================
-# 7. Evaluation (two-step inference, eval.py) and flags: the paper's values where each flag is defined, a toy preset
-# =====================================================================================================================
+# ----- 7. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
@@ -522,9 +508,7 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                        "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
 
 
-# =====================================================================================================================
-# 8. main: set-up, data, models, resume, stage 1, the GRPO loop, export
-# =====================================================================================================================
+# ----- 8. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
 
 def main(argv=None):
     args = parse_args(argv)

@@ -49,9 +49,7 @@ import lifecycle
 import memory
 
 
-# =====================================================================================================================
-# 1. Prompts
-# =====================================================================================================================
+# ----- 1. Prompts -----
 
 # The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
 # 'None' to abstain in <answer>; the format strictly. No system prompt is added to the chat template's (the paper's
@@ -66,9 +64,7 @@ EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluati
                                    hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
 
 
-# =====================================================================================================================
-# 2. Data: the images of a step, and the verifier's labels
-# =====================================================================================================================
+# ----- 2. Data: the images of a step, and the verifier's labels -----
 
 def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
     """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
@@ -95,9 +91,7 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     return labels
 
 
-# =====================================================================================================================
-# 3. Reward: fn(completions, example) -> one reward per rollout; example = {"truth", "labels": the group's labels}
-# =====================================================================================================================
+# ----- 3. Reward: fn(completions, example) -> one reward per rollout; example: {"truth", "labels" of the group} -----
 
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
 
@@ -148,9 +142,7 @@ def best_label(labels: list[str]) -> str:
     return max(valid, key=judges.JUDGE_LABELS.index) if valid else "none"
 
 
-# =====================================================================================================================
-# 4. Advantage
-# =====================================================================================================================
+# ----- 4. Advantage -----
 
 def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
@@ -166,9 +158,7 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
 
 
-# =====================================================================================================================
-# 5. The loss, written by hand
-# =====================================================================================================================
+# ----- 5. The loss, written by hand -----
 
 def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
@@ -213,9 +203,7 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     return loss_sum, stats
 
 
-# =====================================================================================================================
-# 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batched updates
-# =====================================================================================================================
+# ----- 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batch updates -----
 
 def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model, reference, optimizer, processor,
                judge, total_steps: int) -> dict:
@@ -370,9 +358,7 @@ def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pendi
                      f"rerun the same command to resume")
 
 
-# =====================================================================================================================
-# 7. The policy: LoRA adapters written by hand (no peft)
-# =====================================================================================================================
+# ----- 7. The policy: LoRA adapters written by hand (no peft) -----
 
 class LoRALinear(torch.nn.Module):
     """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
@@ -450,9 +436,7 @@ def lora_disabled(model):
             m.adapter_enabled = True
 
 
-# =====================================================================================================================
-# 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU
-# =====================================================================================================================
+# ----- 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU -----
 
 def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
     """Greedy evaluation with the speciarl protocol -> {"eval/<number>": value}; collective. A judge server that
@@ -544,9 +528,7 @@ def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
                "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
 
 
-# =====================================================================================================================
-# 9. main: set-up, data, models, verifiers, resume, the loop, export
-# =====================================================================================================================
+# ----- 9. main: set-up, data, models, verifiers, resume, the loop, export -----
 
 def main(argv=None):
     args = parse_args(argv)
