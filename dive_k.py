@@ -45,9 +45,7 @@ import lifecycle
 import memory
 
 
-# =====================================================================================================================
-# 1. Prompts: every instruction of the released prompts, in this project's words
-# =====================================================================================================================
+# ----- 1. Prompts: every instruction of the released prompts, in this project's words -----
 
 # Mining and two-step step 1 (released create_prompt): the object kind; the most likely name in the dataset's answer
 # format; one of the listed categories (a Python list, as released); reasoning and answer tags; the format strictly.
@@ -87,9 +85,7 @@ TWO_STEP_EVAL = evaluation.Protocol(
     step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
 
 
-# =====================================================================================================================
-# 2. Stage 1: the question of an image from the model's K answers (the method's own data)
-# =====================================================================================================================
+# ----- 2. Stage 1: each image's question from the model's K answers (the method's data); each step's questions -----
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
@@ -110,33 +106,27 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
     "blue square": 1}, options those two in a shuffled order, answer the letter of "blue square".
     """
     canonical = {judges.normalize(c): c for c in base_classes}
-    counts = Counter()
-    for a in answers:
-        key = judges.normalize(judges.strip_prefixes(a, prefixes)) if a is not None else ""
-        key = key.replace("barberton", "barbeton")  # the released mining's one spelling fix: Flowers' "barbeton daisy"
-        name = canonical.get(key) if len(key) <= max_chars else None
-        if name is not None:
-            counts[name] += 1
+    # the released mining's one spelling fix: Flowers' class is "barbeton daisy"
+    keys = [judges.normalize(judges.strip_prefixes(a, prefixes)).replace("barberton", "barbeton")
+            for a in answers if a is not None]
+    counts = Counter(canonical[key] for key in keys if key in canonical and len(key) <= max_chars)
     ranked = [name for name, _ in counts.most_common()]  # most frequent first; Counter keeps first-seen order on ties
-    record = dict(truth=truth, counts=dict(counts), n_samples=len(answers), n_valid=sum(counts.values()),
-                  truth_inserted=False, padded=False)
+    record = dict(truth=truth, counts=dict(counts), n_samples=len(answers), n_valid=sum(counts.values()))
     easy = ranked == [truth]
     if easy and drop_easy:
-        return {**record, "status": "easy", "options": None, "answer": None}
+        return {**record, "truth_inserted": False, "padded": False, "status": "easy", "options": None, "answer": None}
     options = ranked[:max_options]
-    if len(ranked) <= 1:  # nothing to choose between: the mined answer (if any), the truth, random base classes
-        record["truth_inserted"] = truth not in options
-        if truth not in options:
+    truth_inserted, padded = truth not in options, len(ranked) <= 1
+    if padded:  # nothing to choose between: the mined answer (if any), the truth, random base classes
+        if truth_inserted:
             options.append(truth)
         pool = [c for c in base_classes if c not in options]
         options += rng.sample(pool, min(len(pool), random_options))
-        record["padded"] = True
-    elif truth not in options:
+    elif truth_inserted:
         options[-1] = truth  # replaces the least frequent option
-        record["truth_inserted"] = True
     rng.shuffle(options)
-    return {**record, "status": "easy" if easy else "kept", "options": options,
-            "answer": judges.LETTERS[options.index(truth)]}
+    return {**record, "truth_inserted": truth_inserted, "padded": padded, "status": "easy" if easy else "kept",
+            "options": options, "answer": judges.LETTERS[options.index(truth)]}
 
 
 def mine(model, processor, examples: list[data.Example], base_classes: list[str], kind: str, args, *, seed: int,
@@ -148,10 +138,9 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
                                 max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
                                 top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
                                 generator=torch.Generator().manual_seed(seed), compile_decode=bool(args.compile_decode))
-    samples = args.mine_samples
     questions = []
     for i, ex in enumerate(examples):
-        answers = [judges.parse_answer(t) for t in rollout.texts[i * samples:(i + 1) * samples]]
+        answers = [judges.parse_answer(t) for t in rollout.texts[i * args.mine_samples:(i + 1) * args.mine_samples]]
         question = build_question(answers, ex.class_name, base_classes, random.Random(f"{args.seed}/{ex.id}"),
                                   max_options=args.max_options, random_options=args.random_options,
                                   drop_easy=drop_easy, prefixes=(f"{answer_format(args.data)}: ",))
@@ -159,9 +148,70 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
     return questions
 
 
-# =====================================================================================================================
-# 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion
-# =====================================================================================================================
+def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
+                      fsdp_inputs: dict | None, log_summary: bool) -> list[dict]:
+    """Stage 1 for every training image, cached in <out>/mcq.jsonl (resumable per rank while it runs, merged in
+    dataset order): the kept questions."""
+    final = os.path.join(run.out, "mcq.jsonl")
+    if not os.path.exists(final):
+        by_id = {ex.id: (i, ex) for i, ex in enumerate(train.examples)}
+        model.eval()
+
+        def work(ids: list[str]):
+            bar = common.progress_bar(run.ranks.is_main, total=len(ids), desc="mining")
+            with common.gathered_params(model, fsdp_inputs):
+                for start in range(0, len(ids), args.mine_batch):
+                    chunk = [by_id[i][1] for i in ids[start:start + args.mine_batch]]
+                    seed = args.seed * 1_000_003 + by_id[chunk[0].id][0]  # a resumed run samples the same answers
+                    yield from ((q["id"], q) for q in mine(model, processor, chunk, base_classes, train.kind, args,
+                                                           seed=seed))
+                    if bar is not None:
+                        bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.ranks,
+                                    f"stage 1: mining with K={args.mine_samples} samples")
+        if run.ranks.is_main:
+            with open(final + ".tmp", "w") as f:
+                f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
+            os.replace(final + ".tmp", final)
+            common.remove_rank_parts(run.out, "mcq")
+        common.barrier()
+    questions = common.read_jsonl(final)
+    kept = [q for q in questions if q["status"] == "kept"]
+    summary = {"mining/images": len(questions), "mining/kept": len(kept),
+               "mining/dropped_easy": sum(q["status"] == "easy" for q in questions),
+               "mining/truth_inserted": sum(q["truth_inserted"] for q in kept),
+               "mining/padded": sum(q["padded"] for q in kept),
+               "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
+                                            / max(1, sum(q["n_samples"] for q in questions))),
+               "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
+                                            / max(1, len(questions))),
+               "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
+    common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
+    if log_summary:  # a resumed run has it in metrics.jsonl already
+        run.log.log({"step": 0, "event": "mining", **summary})
+    return kept
+
+
+def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
+                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
+    """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
+    pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
+    rank, world_size = run.ranks.rank, run.ranks.world_size
+    positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
+    batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
+    if not args.online_mining:
+        return batch, {}
+    model.eval()
+    with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
+        mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
+                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
+    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
+                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
+
+
+# ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
 
 # a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
 # opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
@@ -175,10 +225,8 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     >>> answer_letter("<answer>The answer is B.</answer>", 4), answer_letter("<answer>A or B.</answer>", 4)
     ('B', None)
     """
-    text = judges.parse_answer(completion)
-    if text is None:
-        return None
-    upper = text.strip().upper()
+    text = judges.parse_answer(completion) or ""  # stripped; no answer tag: no letter
+    upper = text.upper()
     found = set(LETTER_RE.findall(upper))
     standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
     if len(found) != 1 or (len(standalone) > 1 and judges.is_hedge(text)):
@@ -190,12 +238,9 @@ def answer_letter(completion: str, n_options: int) -> str | None:
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
-    letter = answer_letter(completion, len(options))
-    if letter is None:
-        text = judges.normalize(judges.parse_answer(completion) or "")
-        matches = [i for i, option in enumerate(options) if text and text == judges.normalize(option)]
-        letter = judges.LETTERS[matches[0]] if len(matches) == 1 else None
-    return letter
+    text = judges.normalize(judges.parse_answer(completion) or "")
+    matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
+    return answer_letter(completion, len(options)) or (matches[0] if len(matches) == 1 else None)
 
 
 def format_reward(completions: list[str], question: dict) -> list[float]:
@@ -216,9 +261,7 @@ def random_reward(completions: list[str], question: dict) -> list[float]:
 REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
 
 
-# =====================================================================================================================
-# 4. Advantage
-# =====================================================================================================================
+# ----- 4. Advantage -----
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
                      scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +279,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     return adv.reshape(-1), std.squeeze(1) == 0
 
 
-# =====================================================================================================================
-# 5. The loss, written by hand
-# =====================================================================================================================
+# ----- 5. The loss, written by hand -----
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, beta: float, clip_low: float, clip_high: float, loss_agg: str,
@@ -274,10 +315,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if loss_agg == "seq":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
         loss = per_seq.sum() / normalizer  # []
-    elif loss_agg == "token":
+    else:  # token
         loss = (per_token * mask).sum() / normalizer  # []
-    else:
-        raise ValueError(f"loss_agg must be seq or token, got {loss_agg!r}")
     with torch.no_grad():
         clipped_taken = (clipped < unclipped).to(mask.dtype)  # [B, T] tokens where the clip changed the objective
         stats = {"kl_sum": (kl * mask).sum(), "clipped_sum": (clipped_taken * mask).sum(), "tokens": mask.sum()}
@@ -292,27 +331,23 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     return lifecycle.global_token_count(mask) / world_size
 
 
-# =====================================================================================================================
-# 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update
-# =====================================================================================================================
+# ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
 
 def train_step(step: int, questions: list[dict], model, reference, optimizer, processor, kind: str, args,
                run: lifecycle.Run, mining_stats: dict) -> dict:
     """One GRPO step on this rank's questions (each question's G completions on this rank): the step's record."""
-    rank, world_size, timer = run.ranks.rank, run.ranks.world_size, run.timer
+    timer, G = run.timer, args.group_size
     # rollout: G completions per question
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(kind, q["options"])) for q in questions]
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + run.ranks.rank)
     with timer("sampling"), args.precision.context(), \
             common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
-        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=0, repetition_penalty=1.0, generator=generator,
+        rollout = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, generator=generator,
                                 compile_decode=bool(args.compile_decode))
 
     # reward and advantage, group by group
-    G = args.group_size
     groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G], q)
               for i, q in enumerate(questions)]
     rewards = torch.cat([total for total, _ in groups])  # [B]
@@ -330,7 +365,7 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
 
     # update: gradient accumulation over micro-batches, each question's prompt run once for its G completions
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
-    normalizer = loss_normalizer(args.loss_agg, mask, world_size)  # see grpo_loss
+    normalizer = loss_normalizer(args.loss_agg, mask, run.ranks.world_size)  # see grpo_loss
 
     def loss_of(rows: slice):
         width = max(1, int(mask[rows].sum(1).max()))  # trim the padding shared by these rows
@@ -351,20 +386,18 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
             totals.update(stats)
     totals = {k: float(v) for k, v in totals.items()}  # the step's one read of the loss statistics
 
-    tokens = float(mask.sum())
     rate = lambda reward: sum(sum(reward(rollout.texts[i * G:(i + 1) * G], q)) for i, q in enumerate(questions)) \
         / len(rollout.texts)  # noqa: E731
     metrics = {"reward": float(rewards.mean()), "accuracy": rate(mcq_reward), "format_rate": rate(format_reward),
-               "zero_std_frac": float(zero_std.float().mean()), "completion_len": tokens / len(rollout.texts),
+               "zero_std_frac": float(zero_std.float().mean()), "loss": totals["loss"] / args.updates_per_batch,
+               "completion_len": float(mask.sum()) / len(rollout.texts),
                "truncation_rate": float(rollout.truncated.float().mean()),
                "kl": totals["kl_sum"] / max(1.0, totals["tokens"]),
                "clip_frac": totals["clipped_sum"] / max(1.0, totals["tokens"]),
-               "loss": totals["loss"] / args.updates_per_batch,
                "mean_options": sum(len(q["options"]) for q in questions) / len(questions),
                **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **mining_stats}
-    step_tokens = float(common.all_reduce_sum(torch.tensor([tokens]))[0])  # over all ranks
-    record = {**lifecycle.mean_over_ranks(metrics), "grad_norm": grad_norm,
-              "tokens_per_s": step_tokens / (time.perf_counter() - run.t_step)}
+    record = {**lifecycle.mean_over_ranks(metrics), "grad_norm": grad_norm,  # tokens: all ranks' completions
+              "tokens_per_s": lifecycle.global_token_count(mask) / (time.perf_counter() - run.t_step)}
     if args.log_completions and run.ranks.is_main:
         record["completions"] = [{"id": q["id"], "options": q["options"], "answer": q["answer"],
                                   "completion": rollout.texts[i * G], "reward": float(rewards[i * G]),
@@ -373,82 +406,7 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     return record
 
 
-# =====================================================================================================================
-# 7. Stage 1 over the training set, and each step's questions
-# =====================================================================================================================
-
-def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
-                      log_summary: bool) -> list[dict]:
-    """Stage 1 for every training image, cached in <out>/mcq.jsonl (resumable per rank while it runs, merged in
-    dataset order): the kept questions."""
-    final = os.path.join(run.out, "mcq.jsonl")
-    if not os.path.exists(final):
-        by_id = {ex.id: (i, ex) for i, ex in enumerate(train.examples)}
-        fsdp_prompt = common.encode_prompt(processor, train.examples[0].image,
-                                           mine_prompt(train.kind, args.data, base_classes))
-        model.eval()
-
-        def work(ids: list[str]):
-            bar = common.progress_bar(run.ranks.is_main, total=len(ids), desc="mining")
-            with common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, fsdp_prompt)):
-                for start in range(0, len(ids), args.mine_batch):
-                    chunk = [by_id[i][1] for i in ids[start:start + args.mine_batch]]
-                    seed = args.seed * 1_000_003 + by_id[chunk[0].id][0]  # a resumed run samples the same answers
-                    yield from ((q["id"], q) for q in mine(model, processor, chunk, base_classes, train.kind, args,
-                                                           seed=seed))
-                    if bar is not None:
-                        bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.ranks,
-                                    f"stage 1: mining with K={args.mine_samples} samples")
-        if run.ranks.is_main:
-            with open(final + ".tmp", "w") as f:
-                f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
-            os.replace(final + ".tmp", final)
-            common.remove_rank_parts(run.out, "mcq")
-        common.barrier()
-    questions = common.read_jsonl(final)
-    summary = mining_summary(questions)
-    common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
-    if log_summary:  # a resumed run has it in metrics.jsonl already
-        run.log.log({"step": 0, "event": "mining", **summary})
-    return [q for q in questions if q["status"] == "kept"]
-
-
-def mining_summary(questions: list[dict]) -> dict:
-    kept = [q for q in questions if q["status"] == "kept"]
-    return {"mining/images": len(questions), "mining/kept": len(kept),
-            "mining/dropped_easy": sum(q["status"] == "easy" for q in questions),
-            "mining/truth_inserted": sum(q["truth_inserted"] for q in kept),
-            "mining/padded": sum(q["padded"] for q in kept),
-            "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
-                                         / max(1, sum(q["n_samples"] for q in questions))),
-            "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
-                                         / max(1, len(questions))),
-            "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
-
-
-def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
-                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
-    """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
-    pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
-    rank, world_size = run.ranks.rank, run.ranks.world_size
-    positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
-    batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
-    if not args.online_mining:
-        return batch, {}
-    model.eval()
-    with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
-        mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
-                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
-    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
-                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
-
-
-# =====================================================================================================================
-# 8. Evaluation: two-step inference (eval.py)
-# =====================================================================================================================
+# ----- 7. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
@@ -460,10 +418,6 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: i
         compile_decode=bool(args.compile_decode))
 
 
-# =====================================================================================================================
-# 9. Flags: the paper's values where each flag is defined, and the toy preset for the CPU
-# =====================================================================================================================
-
 # `--data toy` on a 2-core CPU: the tiny stand-in, short completions, a higher learning rate and KL weight for a
 # 0.7M-parameter model, 90 steps; two-step scored strictly (the stand-in answers an option's text, which the paper's
 # letter reader misses). Measured in tests/test_dive_k_learning.py.
@@ -473,8 +427,7 @@ TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DiVE-k: top-k option mining + GRPO on the model's own multiple-choice "
-                                            "questions (Qwen2.5-VL)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # the paper's settings (SPEC section 4; trl-0.16 defaults where its scripts set nothing)
     lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, rewards="format,mcq", lr=1e-6,
                                 lr_schedule="linear", beta=0.04, max_new_tokens=1024, micro_batch=4, eval_every=100,
@@ -492,35 +445,27 @@ def parse_args(argv=None):
     g.add_argument("--mine-max-new-tokens", type=int, default=1024, help="answer length cap (%(default)s)")
     g.add_argument("--mine-batch", type=int, default=8, help="images per sampling call (memory knob; %(default)s)")
     g.add_argument("--max-options", type=int, default=5, help="options kept: the k most frequent answers (%(default)s)")
-    g.add_argument("--random-options", type=int, default=2,
-                   help="with at most one distinct valid answer, the truth and this many random base classes join "
-                        "it (the released code: 2, so 4 options after one wrong answer, 3 after none)")
-    g.add_argument("--online-mining", action="store_true",
-                   help="rebuild the options from the current policy at every step instead of once before RL")
+    g.add_argument("--random-options", type=int, default=2, help="random base classes that join the truth when at "
+                   "most one distinct valid answer was mined (the released code: %(default)s)")
+    g.add_argument("--online-mining", action="store_true", help="mine the options anew with the policy at every step")
     g = p.add_argument_group("stage 2: GRPO")
-    g.add_argument("--prompts-per-step", type=int, default=6,
-                   help="questions per optimizer step over all ranks (%(default)s = 3 GPUs x 1 x grad-acc 2)")
-    g.add_argument("--epochs", type=float, default=1.5, help="passes over the questions when --max-steps is unset "
-                   "(the paper: 1-1.5)")
+    g.add_argument("--prompts-per-step", type=int, default=6, help="questions per step, all ranks (paper 6)")
+    g.add_argument("--epochs", type=float, default=1.5, help="passes over the questions (paper 1-1.5)")
     g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps) (%(default)s)")
     g.add_argument("--no-std", action="store_true", help="advantage r - mean without the std (Dr. GRPO)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip, lower side (acts when updates > 1)")
     g.add_argument("--clip-eps-high", type=float, default=None, help="PPO clip, upper side (default = --clip-eps)")
-    g.add_argument("--updates-per-batch", type=int, default=1,
-                   help="optimizer steps on each rollout batch (%(default)s: on-policy, ratio == 1)")
-    g.add_argument("--loss-agg", default="seq", choices=["seq", "token"],
-                   help="seq: token mean per completion, then mean over completions (GRPO, the paper); "
-                        "token: one mean over every completion token of the optimizer step (DAPO)")
-    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1],
-                   help="1: train the language model only (a paper ablation); 0: the vision tower too (its default)")
+    g.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps per rollout batch (1: on-policy)")
+    g.add_argument("--loss-agg", default="seq", choices=["seq", "token"], help="seq: token mean per completion, then "
+                   "over completions (GRPO, the paper); token: one mean over the step's tokens (DAPO)")
+    g.add_argument("--freeze-vision", type=int, default=0, choices=[0, 1], help="1: train the LM only (an ablation)")
     g = p.add_argument_group("evaluation: two-step inference")
     g.add_argument("--eval-split", default="test", help="held-out split evaluated (default %(default)s)")
     g.add_argument("--eval-classes", default="base,novel", help="comma list of class groups evaluated: base, novel, "
                    "all (default %(default)s: the paper's base-to-novel table, with their harmonic mean)")
     g.add_argument("--eval-samples", type=int, default=20, help="step-1 samples of two-step inference (%(default)s)")
-    g.add_argument("--eval-scoring", default="paper", choices=["paper", "strict"],
-                   help="step-2 scoring (eval.py --scoring): paper = DiVE-k's released letter reader; strict = a "
-                        "letter or an option's exact text in <answer> (toy: strict)")
+    g.add_argument("--eval-scoring", default="paper", choices=["paper", "strict"], help="step 2 (eval.py --scoring): "
+                   "paper = the released letter reader; strict = a letter or an option's exact text (toy)")
     args = lifecycle.parse_flags(p, argv, TOY, REWARDS)
     args.clip_eps_high = args.clip_eps if args.clip_eps_high is None else args.clip_eps_high
     if args.group_size < 2:
@@ -563,9 +508,7 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                        "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
 
 
-# =====================================================================================================================
-# 10. main: set-up, data, models, resume, stage 1, the GRPO loop, export
-# =====================================================================================================================
+# ----- 8. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
 
 def main(argv=None):
     args = parse_args(argv)
@@ -592,9 +535,12 @@ def main(argv=None):
     evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.out, step)) if eval_sets else None
     start = run.resume(model, optimizer, evaluate)["step"]  # the same command continues from <out>/latest
 
-    # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining)
+    # stage 1: the questions, mined once before RL (cached), or the images to mine at every step (--online-mining);
+    # mining samples outside the update, so FSDP2 gathers the weights for it after a warm-up forward (built once)
+    fsdp_inputs = common.fsdp_warmup_inputs(model, processor, common.encode_prompt(
+        processor, train.examples[0].image, mine_prompt(train.kind, args.data, base_classes)))
     pool = train.examples if args.online_mining else \
-        mine_training_set(model, processor, train, base_classes, args, run, log_summary=start == 0)
+        mine_training_set(model, processor, train, base_classes, args, run, fsdp_inputs, log_summary=start == 0)
     if not pool:
         raise SystemExit("stage 1 kept no question (every image was easy); nothing to train on")
     total_steps = args.max_steps or math.ceil(args.epochs * len(pool) / args.prompts_per_step)
@@ -602,9 +548,7 @@ def main(argv=None):
                   f"{args.prompts_per_step} prompts x G={args.group_size} "
                   f"({args.prompts_per_step // run.ranks.world_size} prompts per rank)")
 
-    # stage 2: GRPO (online mining: FSDP2's warm-up forward before each gather, built once)
-    fsdp_inputs = common.fsdp_warmup_inputs(model, processor, common.encode_prompt(
-        processor, pool[0].image, mine_prompt(train.kind, args.data, base_classes))) if args.online_mining else None
+    # stage 2: GRPO
     for step in run.steps(start, total_steps):
         lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                              warmup_steps=args.warmup_steps)

@@ -49,9 +49,7 @@ import lifecycle
 import memory
 
 
-# =====================================================================================================================
-# 1. Prompts
-# =====================================================================================================================
+# ----- 1. Prompts -----
 
 # The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
 # 'None' to abstain in <answer>; the format strictly. No system prompt is added to the chat template's (the paper's
@@ -66,9 +64,7 @@ EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluati
                                    hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
 
 
-# =====================================================================================================================
-# 2. Data: the images of a step, and the verifier's labels
-# =====================================================================================================================
+# ----- 2. Data: the images of a step, and the verifier's labels -----
 
 def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
     """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
@@ -84,26 +80,18 @@ NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the
 JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 
-def answers_of(texts: list[str]) -> list[str | None]:
-    """The first <answer> text of each completion; None when missing or blank (the paper's -1). An answer of
-    punctuation only ('???') is an answer: the verifier judges it, as in the paper's code."""
-    return [judges.parse_answer(text) for text in texts]
-
-
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
-    """One verifier label per rollout: the judge's label for every valid answer (one batched call; the judge caches
-    per pair), NO_ANSWER for missing answers, JUDGE_ERROR where the judge returned something not on the ladder."""
+    """One verifier label per rollout: the judge's label for every answer (one batched call; the judge caches per
+    pair), NO_ANSWER for a missing one (None: judges.parse_answer found no answer, or a blank one; an answer of
+    punctuation only, '???', is judged, as in the paper's code), JUDGE_ERROR for a label not on the ladder."""
     valid = [i for i, a in enumerate(answers) if a is not None]
-    judged = judge.judge([(truths[i], answers[i]) for i in valid]) if valid else []
     labels = [NO_ANSWER] * len(answers)
-    for i, label in zip(valid, judged):
+    for i, label in zip(valid, judge.judge([(truths[i], answers[i]) for i in valid])):
         labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
     return labels
 
 
-# =====================================================================================================================
-# 3. Reward: fn(completions, example) -> one reward per rollout; example = {"truth", "labels": the group's labels}
-# =====================================================================================================================
+# ----- 3. Reward: fn(completions, example) -> one reward per rollout; example: {"truth", "labels" of the group} -----
 
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
 
@@ -154,9 +142,7 @@ def best_label(labels: list[str]) -> str:
     return max(valid, key=judges.JUDGE_LABELS.index) if valid else "none"
 
 
-# =====================================================================================================================
-# 4. Advantage
-# =====================================================================================================================
+# ----- 4. Advantage -----
 
 def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
@@ -172,9 +158,7 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
 
 
-# =====================================================================================================================
-# 5. The loss, written by hand
-# =====================================================================================================================
+# ----- 5. The loss, written by hand -----
 
 def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
@@ -219,32 +203,29 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     return loss_sum, stats
 
 
-# =====================================================================================================================
-# 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batched updates
-# =====================================================================================================================
+# ----- 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batch updates -----
 
 def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model, reference, optimizer, processor,
-               judge, total_steps: int) -> tuple[dict, dict]:
-    """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank). Returns (the step's metrics
-    over all ranks, the judged rollouts for <out>/rollouts.jsonl)."""
+               judge, total_steps: int) -> dict:
+    """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank): the step's metrics over all
+    ranks; --log-completions judged rollouts appended to <out>/rollouts.jsonl."""
     args, timer, G = run.args, run.timer, run.args.group_size
-    t_step = time.perf_counter()
     # rollout
     with timer("encode"):
         prompts = [common.encode_prompt(processor, ex.image, PROMPTS[args.prompt]) for ex in images]
-    generator = torch.Generator(device=run.ranks.device).manual_seed(args.seed * 1_000_003 + step * 1009 + run.ranks.rank)
+    seed = args.seed * 1_000_003 + step * 1009 + run.ranks.rank
+    generator = torch.Generator(device=run.ranks.device).manual_seed(seed)
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     with timer("sample"), args.precision.context(), \
             common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, prompts[0])):
         rollout = common.sample(model, processor, prompts, group_size=G, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0,
-                                generator=generator, prompt_batch=args.sample_batch,
-                                compile_decode=bool(args.compile_decode))
+                                temperature=args.temperature, top_p=args.top_p, generator=generator,
+                                prompt_batch=args.sample_batch, compile_decode=bool(args.compile_decode))
     ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
 
     # verifier labels (one batched call), then each group's rewards and advantages
     with timer("judge"):
-        answers = answers_of(rollout.texts)  # [B]
+        answers = [judges.parse_answer(text) for text in rollout.texts]  # [B] the first <answer>, None if missing
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
         labels = judge_or_stop(judge, truths, answers, run.out, step, model, optimizer, args.max_judge_errors)  # [B]
     groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G],
@@ -254,12 +235,16 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     parts = {name: torch.stack([group_parts[name] for _, group_parts in groups]) for name in args.reward_weights}
     advantages = group_advantages(rewards, args.adv_norm, args.adv_eps).view(-1)  # [B]
 
-    # old log-probs, once, before any update (mini-batches 2.. are off-policy); the reference's
+    # old log-probs, once, before any update (mini-batches 2.. are off-policy); with beta > 0 the frozen initial
+    # model's: with LoRA the policy with its adapters off, else the reference copy
+    logprobs = lambda m: common.completion_logprobs(  # noqa: E731  [B, T]
+        m, processor, row_prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+        shared_prefix=bool(args.shared_prefix))
     with timer("logprobs"), args.precision.context():
-        old_logp = common.completion_logprobs(model, processor, row_prompts, ids, mask, temperature=args.temperature,
-                                              micro_batch=args.logprob_micro_batch,
-                                              shared_prefix=bool(args.shared_prefix))  # [B, T]
-        ref_logp = reference_logprobs(args, model, reference, processor, row_prompts, ids, mask)  # [B, T] or None
+        old_logp, ref_logp = logprobs(model), None  # [B, T]
+        if args.beta > 0:
+            with lora_disabled(model) if reference is None else contextlib.nullcontext():
+                ref_logp = logprobs(model if reference is None else reference)  # [B, T]
 
     # update: --minibatches optimizer steps, each a global token mean over all ranks
     model.train()
@@ -267,8 +252,11 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
         loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
                                    ref_logp, common.special_token_ids(processor)["<|endoftext|>"], step=step,
                                    total_steps=total_steps)
-    metrics = step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - t_step, run.ranks.world_size)
-    return metrics, {"images": images, "answers": answers, "labels": labels, "rewards": rewards}
+    if args.log_completions and run.ranks.is_main:
+        log_rollouts(os.path.join(run.out, "rollouts.jsonl"), step + 1, images, answers, labels, rewards,
+                     args.log_completions)
+    return step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - run.t_step,
+                        run.ranks.world_size)
 
 
 def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_prompts, ids, mask, advantages,
@@ -303,15 +291,47 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
     return totals
 
 
-def reference_logprobs(args, model, reference, processor, row_prompts, ids, mask):
-    """[B, T] log-probs of the completions under the frozen initial model (None when beta = 0): with LoRA the policy
-    with its adapters off, else the reference copy."""
-    if args.beta <= 0:
-        return None
-    with lora_disabled(model) if reference is None else contextlib.nullcontext(), args.precision.context():
-        return common.completion_logprobs(reference if reference is not None else model, processor, row_prompts, ids,
-                                          mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-                                          shared_prefix=bool(args.shared_prefix))
+SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
+         "clip_frac")  # on the progress line
+LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
+
+
+def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
+    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
+    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
+    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
+    names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
+    counts = Counter(labels)
+    zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
+    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
+             **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
+             "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
+             "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
+    summed = common.all_reduce_sum(torch.tensor([float(v) for v in local.values()], dtype=torch.float64))
+    total = dict(zip(local, summed.tolist()))
+    n, tokens = total["rollouts"], total["tokens"]  # the update visits every completion token once
+    correct = sum(total[name] for name in judges.CORRECT_LABELS)
+    return {**{f"share/{name}": total[name] / n for name in names}, "reward": total["reward"] / n,
+            **{k: total[k] / n for k in total if k.startswith("reward/")}, "correctness": correct / n,
+            "specificity": (total["specific"] + total["more_specific"]) / correct if correct else 0.0,
+            "abstain_rate": total["abstain"] / n, "no_answer_rate": total[NO_ANSWER] / n,
+            "judge_error_rate": total[JUDGE_ERROR] / n, "zero_std_groups": total["zero_std_groups"] / total["groups"],
+            "pg_loss": total["pg_loss"] / tokens, "kl": total["kl"] / tokens, "clip_frac": total["clip_frac"] / tokens,
+            "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
+            "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
+            "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
+
+
+def log_rollouts(path: str, step: int, images, answers, labels, rewards: torch.Tensor, k: int):
+    """Append k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
+    G = rewards.shape[1]  # rewards [P, G]
+    with open(path, "a") as f:
+        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
+            i = r // G
+            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
+                                "answer": answers[r], "label": labels[r],
+                                "group_best": best_label(labels[i * G:(i + 1) * G]),
+                                "reward": float(rewards.view(-1)[r])}) + "\n")
 
 
 def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
@@ -338,9 +358,7 @@ def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pendi
                      f"rerun the same command to resume")
 
 
-# =====================================================================================================================
-# 7. The policy: LoRA adapters written by hand (no peft)
-# =====================================================================================================================
+# ----- 7. The policy: LoRA adapters written by hand (no peft) -----
 
 class LoRALinear(torch.nn.Module):
     """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
@@ -348,8 +366,7 @@ class LoRALinear(torch.nn.Module):
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
+        self.base = base.requires_grad_(False)
         device = base.weight.device
         A = torch.empty(rank, base.in_features, dtype=torch.float32)
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # the nn.Linear / peft initialisation
@@ -374,21 +391,17 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     hf = common.unwrap(model)
     hf.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
+    layers = hf.model.language_model.layers
     names = []
-    for layer_idx, layer in enumerate(hf.model.language_model.layers):
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, torch.nn.Linear) and not isinstance(module, LoRALinear):
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, LoRALinear(module, rank, alpha, generator))
-                names.append(f"model.language_model.layers.{layer_idx}.{name}")
-    if not names:
-        raise ValueError("inject_lora: no nn.Linear found in model.model.language_model.layers")
-    plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf) writes merged, plain weights
+    for name, module in list(layers.named_modules()):  # "0.self_attn.q_proj", ... layer by layer
+        if isinstance(module, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(layers.get_submodule(parent), child, LoRALinear(module, rank, alpha, generator))
+            names.append(f"model.language_model.layers.{name}")
+    plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf, which passes the full state dict)
 
-    def save_merged(save_directory, *args, state_dict=None, **kwargs):
-        sd = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in hf.state_dict().items()}
-        return plain_save(save_directory, *args, state_dict=merge_lora_state_dict(sd), **kwargs)
+    def save_merged(save_directory, *, state_dict, **kwargs):  # writes merged, plain weights
+        return plain_save(save_directory, state_dict=merge_lora_state_dict(state_dict), **kwargs)
     hf.save_pretrained = save_merged
     return names
 
@@ -399,17 +412,14 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     keys pass through; an empty dict (non-zero ranks under FSDP2) stays empty."""
     out = {}
     for key, value in state_dict.items():
+        prefix, _, rest = key.rpartition(".base.")  # X.base.weight -> X, weight
+        adapted = prefix + ".lora_A" in state_dict
         if key.endswith((".lora_A", ".lora_B", ".lora_scale")):
             continue
-        prefix, sep, rest = key.rpartition(".base.")
-        if sep and prefix + ".lora_A" in state_dict:
-            if rest == "weight":
-                A, B = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
-                scale = float(state_dict[prefix + ".lora_scale"])
-                value = (value.float() + scale * (B @ A)).to(value.dtype)  # [out, in]
-            out[f"{prefix}.{rest}"] = value
-        else:
-            out[key] = value
+        if adapted and rest == "weight":
+            A, B = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
+            value = (value.float() + float(state_dict[prefix + ".lora_scale"]) * (B @ A)).to(value.dtype)  # [out, in]
+        out[f"{prefix}.{rest}" if adapted else key] = value
     return out
 
 
@@ -426,9 +436,7 @@ def lora_disabled(model):
             m.adapter_enabled = True
 
 
-# =====================================================================================================================
-# 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU
-# =====================================================================================================================
+# ----- 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU -----
 
 def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
     """Greedy evaluation with the speciarl protocol -> {"eval/<number>": value}; collective. A judge server that
@@ -440,10 +448,10 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
             keys=None, name="eval/{key}", folder="", shown=("correctness", "specificity", "hm", "judge_errors"),
             judge=judge, seed=args.seed, max_new_tokens=args.eval_max_new_tokens, micro_batch=args.eval_batch,
             compile_decode=bool(args.compile_decode))
+        errors = results["eval/judge_errors"]
+        stop = judges.judge_error_stop(errors, results["eval/n"] + errors, args.max_judge_errors)
     except judges.ServerError as e:
-        save_and_stop(f"evaluation at step {step}: {e}", out, step, model, optimizer, eval_pending=True)
-    errors = results["eval/judge_errors"]
-    stop = judges.judge_error_stop(errors, results["eval/n"] + errors, args.max_judge_errors)
+        stop = str(e)
     if stop:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
     return results
@@ -459,24 +467,20 @@ TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_sche
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     lifecycle.add_training_args(  # the paper's values
         parser, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=10, rewards="dynamic", lr=3e-5, lr_schedule="constant",
         beta=0.01, max_new_tokens=2048, micro_batch=32, eval_every=5, save_every=5, weight_decay=0.01, eval_batch=32,
         log_completions=16, train_limit=3000)
     g = parser.add_argument_group("SpeciaRL: data, prompt, verifier")
-    g.add_argument("--classes", default="all", choices=["all", "base", "novel"],
-                   help="classes trained on (paper: all; base = the CoOp base half)")
+    g.add_argument("--classes", default="all", choices=["all", "base", "novel"], help="classes trained on (paper: all)")
     g.add_argument("--shots", type=int, default=None, help="k training images per class, drawn before --train-limit")
     g.add_argument("--prompt", choices=["general", "specific"], default="general",
                    help="'general' = 'Classify the image.' (paper); 'specific' adds ', be specific' (a baseline)")
-    g.add_argument("--judge", default="rules",
-                   help="training verifier: 'rules' (offline, default), 'hf:<model>' (an LLM judge loaded here) or "
-                        "'openai:<model>' (served at --judge-url, e.g. by vLLM; paper: Qwen3-30B-A3B-Instruct)")
-    g.add_argument("--judge-url", default=None,
-                   help="OpenAI-compatible server of an openai: judge, e.g. http://HOST:8000/v1 (default "
-                        "$OPENAI_BASE_URL; key from $OPENAI_API_KEY); plain HTTP, no extra package")
+    g.add_argument("--judge", default="rules", help="training verifier: 'rules' (offline), 'hf:<model>' (loaded here) "
+                   "or 'openai:<model>' (served at --judge-url, e.g. by vLLM; paper: Qwen3-30B-A3B-Instruct)")
+    g.add_argument("--judge-url", default=None, help="an openai: judge's OpenAI-compatible server, e.g. "
+                   "http://HOST:8000/v1 (default $OPENAI_BASE_URL; key: $OPENAI_API_KEY); plain HTTP, no package")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight per rank (openai: judge)")
     judges.add_judge_flags(g)
     g.add_argument("--eval-data", default=None, help="evaluation dataset (default: --data), its test split")
@@ -484,47 +488,53 @@ def parse_args(argv=None):
     g.add_argument("--eval-judge", default=None, help="evaluation verifier (default: --judge; paper: Llama-3-70B)")
     g.add_argument("--eval-judge-url", default=None, help="its server (default: --judge-url)")
     g = parser.add_argument_group("SpeciaRL: GRPO, LoRA, batching")
-    g.add_argument("--rollout-prompts", type=int, default=256, help="images per rollout batch over all ranks (paper "
-                   "%(default)s)")
-    g.add_argument("--minibatches", type=int, default=2,
-                   help="optimizer steps per rollout batch (paper 2: mini-batch 128 of 256 prompts)")
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training images (paper 15 = 165 steps); "
-                   "--max-steps (rollout batches) stops earlier")
+    g.add_argument("--rollout-prompts", type=int, default=256, help="images per rollout batch, all ranks (paper 256)")
+    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch (paper 2: 128 images)")
+    g.add_argument("--epochs", type=int, default=15, help="passes over the training images (paper 15 = 165 steps)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip, low and high (paper 0.2)")
-    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap c for negative advantages (paper 3; "
-                   "0 turns it off)")
+    g.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip cap, negative advantages (paper 3; 0: off)")
     g.add_argument("--adv-norm", choices=["group", "none"], default="group",
                    help="group: (r - mean) / (std + eps) (paper); none: r - mean (Dr.GRPO)")
     g.add_argument("--adv-eps", type=float, default=1e-6, help="eps of the group std (verl: 1e-6)")
-    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on every linear layer of the language model "
-                   "(paper %(default)s); 0 = full fine-tuning of the language model")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (paper 64); 0: full fine-tuning of the LM")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha, scale = alpha / rank (paper 32)")
     g.add_argument("--freeze-vision", type=int, default=1, help="keep the vision tower frozen (paper 1)")
     g.add_argument("--sample-batch", type=int, default=8, help="images per sampling call (memory, not maths)")
-    g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory, "
-                   "not maths)")
+    g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory)")
     return lifecycle.parse_flags(parser, argv, TOY, REWARDS)
 
 
-def check_batches(args, world: int) -> tuple[int, int]:
-    """(images per rank, images per rank and mini-batch), refused at start when the batch arithmetic does not divide
-    (the paper's 256 images in 2 mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
+def check_batches(args, world: int) -> int:
+    """Images per rank, refused at start when the batch arithmetic does not divide (the paper's 256 images in 2
+    mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
     lifecycle.require_divisible("--rollout-prompts", args.rollout_prompts, world, "the number of ranks")
     prompts_per_rank = args.rollout_prompts // world
     lifecycle.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
                                 "--minibatches")
-    return prompts_per_rank, prompts_per_rank // args.minibatches
+    return prompts_per_rank
 
 
-# =====================================================================================================================
-# 9. main: set-up, data, models, verifiers, resume, the loop, export
-# =====================================================================================================================
+def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
+    """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
+    return dict(
+        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
+        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
+        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
+        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
+               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
+               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
+
+
+# ----- 9. main: set-up, data, models, verifiers, resume, the loop, export -----
 
 def main(argv=None):
     args = parse_args(argv)
     if args.lora_rank > 0 and not args.freeze_vision:
         raise SystemExit("--freeze-vision 0 needs --lora-rank 0 (LoRA adapts the language model only)")
-    prompts_per_rank, _ = check_batches(args, lifecycle.launched_world_size())  # before the process group
+    prompts_per_rank = check_batches(args, lifecycle.launched_world_size())  # before the process group
     run = lifecycle.Run(args, "speciarl")
 
     # data: a fixed random subset of the training split; evaluation on a test split
@@ -533,8 +543,7 @@ def main(argv=None):
     steps_per_epoch = len(train) // args.rollout_prompts
     if steps_per_epoch == 0:
         raise SystemExit(f"--rollout-prompts {args.rollout_prompts} is larger than the {len(train)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    total_steps = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     eval_data = args.eval_data or args.data
     eval_root = args.eval_data_root or (args.data_root if eval_data == args.data else None)
     test = data.load_dataset(eval_data, "test", root=eval_root, limit=args.eval_limit,
@@ -574,76 +583,11 @@ def main(argv=None):
         common.repair_jsonl_tail(os.path.join(run.out, "rollouts.jsonl"))  # a kill mid-write leaves a cut last line
     for step in run.steps(start, total_steps):
         images = [train.examples[i] for i in batch_for_step(len(train), step, args.rollout_prompts, args.seed)]
-        record, judged = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
-                                    processor, judge, total_steps)
+        record = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
+                            processor, judge, total_steps)
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
-        log_rollouts(run.out, step + 1, judged, args.log_completions)
         run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
     run.finish(model, processor, keys=["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
-
-
-# =====================================================================================================================
-# 10. Logging and the memory estimate
-# =====================================================================================================================
-
-SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
-         "clip_frac")  # on the progress line
-LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
-
-
-def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
-    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
-    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
-    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
-    names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
-    counts = Counter(labels)
-    zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
-    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
-             **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
-             "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
-             "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
-    summed = common.all_reduce_sum(torch.tensor([float(v) for v in local.values()], dtype=torch.float64))
-    total = dict(zip(local, summed.tolist()))
-    n, tokens = total["rollouts"], total["tokens"]  # the update visits every completion token once
-    correct = sum(total[name] for name in judges.CORRECT_LABELS)
-    return {**{f"share/{name}": total[name] / n for name in names}, "reward": total["reward"] / n,
-            **{k: total[k] / n for k in total if k.startswith("reward/")}, "correctness": correct / n,
-            "specificity": (total["specific"] + total["more_specific"]) / correct if correct else 0.0,
-            "abstain_rate": total["abstain"] / n, "no_answer_rate": total[NO_ANSWER] / n,
-            "judge_error_rate": total[JUDGE_ERROR] / n, "zero_std_groups": total["zero_std_groups"] / total["groups"],
-            "pg_loss": total["pg_loss"] / tokens, "kl": total["kl"] / tokens, "clip_frac": total["clip_frac"] / tokens,
-            "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
-            "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
-            "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
-
-
-def log_rollouts(out: str, step: int, judged: dict, k: int):
-    """Write k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
-    if k <= 0 or int(os.environ.get("RANK", 0)) != 0:
-        return
-    images, labels, rewards = judged["images"], judged["labels"], judged["rewards"]  # rewards [P, G]
-    G = rewards.shape[1]
-    with open(os.path.join(out, "rollouts.jsonl"), "a") as f:
-        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
-            i = r // G
-            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
-                                "answer": judged["answers"][r], "label": labels[r],
-                                "group_best": best_label(labels[i * G:(i + 1) * G]),
-                                "reward": float(rewards.view(-1)[r])}) + "\n")
-
-
-def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
-    """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
-    return dict(
-        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
-        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
-        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
-               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
-                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
 
 
 if __name__ == "__main__":

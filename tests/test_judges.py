@@ -55,10 +55,9 @@ def test_names_keep_their_letters():
 def test_punctuation_answers_are_judged_not_missing():
     """'???' and a dash are answers (the verifier judges them, as SpeciaRL's code does); only a blank or missing
     <answer> is no answer."""
-    import speciarl
     texts = ["<think>a</think><answer>???</answer>", "<think>a</think><answer>\u2014</answer>",
              "<think>a</think><answer>  </answer>", "<think>a</think>"]
-    assert speciarl.answers_of(texts) == ["???", "\u2014", None, None]
+    assert [judges.parse_answer(text) for text in texts] == ["???", "\u2014", None, None]
 
 
 def test_normalize_abstain_hedge():

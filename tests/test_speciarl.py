@@ -101,7 +101,7 @@ def test_judge_rollouts_skips_missing_answers_and_flags_judge_errors():
              "<answer>circle</answer>",
              "<answer>!!!</answer>",  # punctuation only: an answer the verifier judges (the paper's code)
              "<answer>banana</answer>"]  # the judge has no label for it
-    answers = speciarl.answers_of(texts)
+    answers = [judges.parse_answer(text) for text in texts]
     assert answers == ["red striped circle", None, None, "circle", "!!!", "banana"]
     judge = FakeJudge({"red striped circle": S, "circle": L, "!!!": "wrong"})
     labels = speciarl.judge_rollouts(judge, ["red striped circle"] * 6, answers)
@@ -118,7 +118,8 @@ def test_rules_judge_on_toy_labels_the_ladder():
     judge = judges.get_judge("rules", train)
     answers = ["red striped circle", "circle", "shape", "None", "blue plain square", "red circle or blue square"]
     texts = [f"<think>t</think><answer>{a}</answer>" for a in answers]
-    labels = speciarl.judge_rollouts(judge, ["red striped circle"] * len(texts), speciarl.answers_of(texts))
+    answers = [judges.parse_answer(text) for text in texts]
+    labels = speciarl.judge_rollouts(judge, ["red striped circle"] * len(texts), answers)
     assert labels == [S, L, G, A, W, W]
 
 
