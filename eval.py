@@ -70,9 +70,7 @@ def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None)
     for key in TABLE_KEYS:
         if not any(key in m for m in results.values()):
             continue
-        cells = [_fmt(results[g].get(key)) for g in groups]
-        if hm:
-            cells.append(_fmt(hm.get(key)) if key in hm else "")
+        cells = [_fmt(results[g].get(key)) for g in groups] + ([_fmt(hm.get(key))] if hm else [])
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -414,8 +414,7 @@ def latest_checkpoint(out_dir: str) -> str | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        name = f.read().strip()
-    ckpt = os.path.join(out_dir, name)
+        ckpt = os.path.join(out_dir, f.read().strip())
     return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
 
 
@@ -455,17 +454,17 @@ STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL 
 
 
 def export_hf(model, processor, path: str, dtype: str = "bf16"):
-    """Write a hub Qwen2.5-VL checkpoint that plain transformers classes, vLLM, eval.py and load_model read:
-    config.json and generation_config.json, model*.safetensors in `dtype` (tied weights once), tokenizer files with
-    the chat template, chat_template.json, preprocessor_config.json with the run's pixel budget and the stock
-    processor class. Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
+    """Write a hub Qwen2.5-VL checkpoint for plain transformers classes, vLLM, eval.py and load_model: the configs,
+    model*.safetensors in `dtype`, tokenizer and chat template, preprocessor_config.json with the run's pixel budget.
+    Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
     sd = full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         hf = unwrap(model)
+        # tied weights are stored once (Qwen2.5-VL-3B's lm_head is its input embedding)
         ties = [getattr(config, "tie_word_embeddings", False) for config in (hf.config, hf.config.get_text_config())]
-        skipped = set(getattr(hf, "_tied_weights_keys", None) or []) if any(ties) else set()  # stored once (3B's lm_head)
+        skipped = set(getattr(hf, "_tied_weights_keys", None) or []) if any(ties) else set()
         torch_dtype = EXPORT_DTYPES[dtype]
         sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items() if k not in skipped}
         hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
@@ -571,7 +570,7 @@ class PhaseTimer:
     >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
 
     def __init__(self):
-        self.times: dict[str, float] = {}
+        self.times: Counter = Counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -581,21 +580,18 @@ class PhaseTimer:
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        self.times[f"time/{name}"] += time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.times.items()}
-        self.times = {}
+        out, self.times = dict(self.times), Counter()
         return out
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
-    """Learning rate for optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from
-    0 (step 0 gets 0, step w gets the full rate), then constant, linear decay to 0, or cosine decay to 0 over the
-    remaining steps.
+    """Learning rate of optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from 0,
+    then constant, or a linear / cosine decay to 0 over the remaining steps.
     >>> [round(lr_at(s, base_lr=1.0, total_steps=8, schedule="cosine", warmup_steps=2), 3) for s in range(4)]
-    [0.0, 0.5, 1.0, 0.933]
-    """
+    [0.0, 0.5, 1.0, 0.933]"""
     if warmup_steps and step < warmup_steps:
         return base_lr * step / warmup_steps
     if schedule == "constant":
@@ -738,35 +734,30 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
                               f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
 
-# flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")
+# flags that must be above zero / at least zero wherever a script has them (None = unset, filled by a preset or
+# meaning "all"), and the reason a message gives
 POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
                   "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
                   "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
                   "rollout_batch", "sample_prompts", "sft_batch", "minibatches", "max_new_tokens",
                   "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
                   "sft_epochs", "tapo_epochs", "temperature", "mine_temperature", "threads")
-WHY_POSITIVE = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
-                "mine_temperature": "at 0 the K mining samples are one answer repeated",
-                "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
-                "eval_limit": "leave it out to evaluate every image"}
-
-
 NONNEGATIVE_FLAGS = ("eval_every", "save_every", "warmup_steps", "sft_warmup", "max_nonfinite", "log_completions",
                      "beta", "weight_decay", "sft_weight_decay")
+WHY = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
+       "mine_temperature": "at 0 the K mining samples are one answer repeated",
+       "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
+       "eval_limit": "leave it out to evaluate every image", "eval_every": "0 = never", "save_every": "0 = never"}
 
 
 def check_system_flags(args):
     """Flag values and combinations every script refuses at start, before anything is loaded (one line each)."""
-    for name in NONNEGATIVE_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be 0 or more"
-                             + (" (0 = never)" if name in ("eval_every", "save_every") else ""))
-    for name in POSITIVE_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            why = WHY_POSITIVE.get(name, "")
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be above 0{f' ({why})' if why else ''}")
+    for name in (*NONNEGATIVE_FLAGS, *POSITIVE_FLAGS):
+        value, positive = getattr(args, name, None), name in POSITIVE_FLAGS
+        if value is not None and ((not value > 0) if positive else value < 0):
+            why = f" ({WHY[name]})" if name in WHY else ""
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {'above 0' if positive else '0 or more'}"
+                             f"{why}")
     if args.min_pixels > args.max_pixels:
         raise SystemExit(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}: the image budget "
                          f"needs min <= max")
@@ -803,18 +794,15 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int = 5, device: torch.device | str = "cpu"):
         self.limit = limit  # non-finite steps in a row that stop the run
-        self.device = torch.device(device)  # where the all-reduced flag lives (a CUDA device under nccl)
-        self.skipped = 0  # steps skipped by this process
-        self.in_a_row = 0  # current streak of skipped steps
+        self.device = device  # where the all-reduced flag lives (a CUDA device under nccl)
+        self.skipped, self.in_a_row = 0, 0  # steps skipped by this process: in all, in the current streak
         self.last: dict = {}  # the offending values of the last skipped step, on this rank
 
     def check(self, step: int, **values) -> bool:
         """True if every value (floats or 0-d tensors) is finite on every rank; else count and log the skip."""
         local = {k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
         bad_here = not all(math.isfinite(v) for v in local.values())
-        flag = torch.tensor([float(bad_here)], device=self.device)
-        bad = bool(all_reduce_sum(flag).item() > 0)
-        if not bad:
+        if all_reduce_sum(torch.tensor([float(bad_here)], device=self.device)).item() == 0:
             self.in_a_row = 0
             return True
         self.skipped += 1
@@ -838,12 +826,11 @@ class NonFiniteGuard:
 
     def stop(self, out_dir: str):
         """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
-        ckpt = latest_checkpoint(out_dir)
         raise SystemExit(
             f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
             f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "
-            f"weights and optimizer state of the last good step are saved in {ckpt}. Rerunning the same command "
-            f"resumes after the bad steps. If it happens again: lower the learning rate, look at the data of those "
-            f"steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
+            f"weights and optimizer state of the last good step are saved in {latest_checkpoint(out_dir)}. Rerunning "
+            f"the same command resumes after the bad steps. If it happens again: lower the learning rate, look at the "
+            f"data of those steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
 
 
