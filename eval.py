@@ -134,7 +134,6 @@ def main(argv=None) -> dict:
     precision = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False)  # nothing is updated here
     model, processor = common.load_model(args.model, device=ranks.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if not 0 < args.max_new_tokens <= (context or args.max_new_tokens):  # the sampler preallocates this many
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: expected 1 to {context}, the model's context "

@@ -329,9 +329,6 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                    "step with their rewards (metrics.jsonl; SpeciaRL: rollouts.jsonl; %(default)s)")
 
 
-UNSET = object()
-
-
 def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     """Parse the command line; `--data toy` lays the `toy` preset over the paper's defaults (a flag given on the
     command line wins). `args.explicit` names the flags the user gave; `args.reward_weights` is --rewards parsed."""
@@ -339,8 +336,9 @@ def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     if args.data == "toy":
         parser.set_defaults(**toy)
         args = parser.parse_args(argv)
-    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: UNSET for a in parser._actions}))
-    args.explicit = sorted(k for k, v in vars(given).items() if v is not UNSET)
+    unset = object()
+    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    args.explicit = sorted(k for k, v in vars(given).items() if v is not unset)
     args.reward_weights = parse_rewards(args.rewards, registry)
     check_system_flags(args)
     return args
@@ -672,10 +670,7 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     interpreter is whole (a gloo group alive at exit can abort it)."""
     import gc
     import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         main()
         gc.collect()
