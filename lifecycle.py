@@ -6,7 +6,7 @@ lifecycle.py: the life of a training run, written once for the three methods (an
                non-finite guard; export of <out>/final and the before -> after summary
   rewards      one signature in every method, fn(completions, example) -> list[float], picked by --rewards
   update       one optimizer step accumulated over micro-batches (the method's loss stays in the method file)
-  flags        the flags every script shares, declared once; the toy preset applied over the paper's defaults
+  flags        the flags the scripts share, declared once; the toy preset applied over the paper's defaults
   checkpoints  atomic, sharded (torch.distributed.checkpoint), with every rank's RNG, and the hub export
   robustness   NonFiniteGuard (NaN / inf steps skipped on every rank together), the run lock, Ctrl-C and a full
                disk end a run with one line
@@ -243,7 +243,7 @@ class Run:
         print0(f"{self.script}: done; model exported to {path}")
 
 
-# ----- 4. Flags every training script shares: declared once, each script's paper values passed at its call -----
+# ----- 4. Flags declared once (eval.py shares the model and system ones), each script's paper values passed in -----
 
 def add_model_args(parser, *, model: str = "tiny", min_pixels: int = 3136, max_pixels: int = 401408):
     """The model, data and system flags of every script, eval.py's included; returns the "system" group."""
