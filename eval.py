@@ -70,9 +70,7 @@ def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None)
     for key in TABLE_KEYS:
         if not any(key in m for m in results.values()):
             continue
-        cells = [_fmt(results[g].get(key)) for g in groups]
-        if hm:
-            cells.append(_fmt(hm.get(key)) if key in hm else "")
+        cells = [_fmt(results[g].get(key)) for g in groups] + ([_fmt(hm.get(key))] if hm else [])
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,13 +82,15 @@ def _fmt(v) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint with the papers' protocols.",
+    p = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint with the papers' protocols, at their "
+                                "pixel budget (EVAL_PIXELS) whatever the checkpoint's processor says.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = lifecycle.add_model_args(p, min_pixels=EVAL_PIXELS[0], max_pixels=EVAL_PIXELS[1])
+    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl (default "
+                   "runs/eval_<data>_<protocol>)")
+    g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--model", default="tiny", help="hub id, local Qwen2.5-VL directory (e.g. an export), or 'tiny'")
-    g.add_argument("--data", default="toy", help="toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / "
-                   ".jsonl file of {image, class_name} records")
-    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
     g.add_argument("--split", default="test", help="train, val, test or trainval")
     g.add_argument("--classes", default="all", choices=["all", "base", "novel", "base+novel"],
                    help="CoOp class halves; base+novel reports both and their harmonic mean")
@@ -114,26 +114,7 @@ def parse_args(argv=None):
                    "scores as the released evaluations do, 'strict' reads only <answer> (README 'Evaluation')")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length cap (DiVE-k 1024, SpeciaRL 2048)")
     g.add_argument("--seed", type=int, default=0, help="subset, options and sampling seed")
-    g = p.add_argument_group("system")
-    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl (default "
-                   "runs/eval_<data>_<protocol>)")
-    g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
-    g.add_argument("--dtype", default="auto", choices=common.DTYPES, help="auto (bf16 on GPU, fp32 on CPU), "
-                   "bf16-mixed (fp32 weights, bf16 compute), bf16, fp32")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="decode with a static KV cache and "
-                   "a torch.compile'd step (CUDA graphs on GPU; not with --attn flash_attention_2) (default 0)")
-    g.add_argument("--min-pixels", type=int, default=None, help="image pixel budget, lower bound (default 3136: "
-                   "the papers' evaluations, EVAL_PIXELS)")
-    g.add_argument("--max-pixels", type=int, default=None, help="image pixel budget, upper bound (default 12845056 "
-                   "= 16384*28*28: the papers' evaluations)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
-                   "with other work, shared by the ranks); ignored on GPU")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    paper_min, paper_max = EVAL_PIXELS  # the same resolution for a hub model and a trained export
-    args.min_pixels = paper_min if args.min_pixels is None else args.min_pixels
-    args.max_pixels = paper_max if args.max_pixels is None else args.max_pixels
     lifecycle.check_system_flags(args)
     return args
 
@@ -153,7 +134,6 @@ def main(argv=None) -> dict:
     precision = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False)  # nothing is updated here
     model, processor = common.load_model(args.model, device=ranks.device, dtype=precision.weights, attn=args.attn,
                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model.eval()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if not 0 < args.max_new_tokens <= (context or args.max_new_tokens):  # the sampler preallocates this many
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: expected 1 to {context}, the model's context "

@@ -46,7 +46,7 @@ FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R
 class Protocol:
     """One evaluation protocol, as a record."""
     name: str
-    batch: Callable  # answer_batch, choice_batch or two_step_batch: (Run, [(index, example)]) -> records
+    batch: Callable  # answer_batch, choice_batch or two_step_batch: (EvalJob, [(index, example)]) -> records
     metrics: Callable  # answer_metrics, choice_metrics or two_step_metrics: (records, protocol, scoring) -> dict
     template: str | list  # the prompt template(s), as metrics.json records them
     prompt: Callable | None = None  # (dataset, options or None) -> the question; None: the template itself
@@ -64,8 +64,8 @@ class Protocol:
 
 
 @dataclasses.dataclass
-class Run:
-    """What a batch function needs: the model, the dataset, the protocol and the evaluation's settings."""
+class EvalJob:
+    """One evaluation in progress, what a batch function needs: the model, the dataset, the protocol, the settings."""
     model: object
     processor: object
     dataset: data.Dataset
@@ -212,7 +212,7 @@ def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
 
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
 
-def encode(run: Run, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
+def encode(job: EvalJob, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
     """A record per image, and (record, example, prompt, image) for each readable one (the others: skipped)."""
     records, live = [], []
     for (index, example), text in zip(batch, questions):
@@ -221,7 +221,7 @@ def encode(run: Run, batch: list, questions: list[str]) -> tuple[list[dict], lis
         if image is None:
             record["skipped"] = True
         else:
-            live.append((record, example, common.encode_prompt(run.processor, image, text), image))
+            live.append((record, example, common.encode_prompt(job.processor, image, text), image))
         records.append(record)
     return records, live
 
@@ -233,45 +233,45 @@ def parsed(record: dict, raw: str) -> dict:
     return record
 
 
-def answer_batch(run: Run, batch: list) -> list[dict]:
+def answer_batch(job: EvalJob, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
     parse is wrong without asking the judge."""
-    records, live = encode(run, batch, [run.protocol.question(run.dataset)] * len(batch))
-    n = run.best_of or 1
-    texts = run.sample([prompt for _, _, prompt, _ in live], n, row_seeds(live, run.seed, "best_of", n),
-                       **(BEST_OF_SAMPLING if run.best_of else {}))
+    records, live = encode(job, batch, [job.protocol.question(job.dataset)] * len(batch))
+    n = job.best_of or 1
+    texts = job.sample([prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
+                       **(BEST_OF_SAMPLING if job.best_of else {}))
     for i, (record, example, _, _) in enumerate(live):
         candidates = [parsed({}, raw) for raw in texts[i * n:(i + 1) * n]]
         answered = [c for c in candidates if not c["parse_failure"]]
-        for candidate, label in zip(answered, run.judge.judge([(example.class_name, c["answer"]) for c in answered])):
+        for candidate, label in zip(answered, job.judge.judge([(example.class_name, c["answer"]) for c in answered])):
             candidate["label"] = label
         for candidate in candidates:
             candidate.setdefault("label", "wrong")
         ranks = [BEST_OF_ORDER.index("parse_failure" if c["parse_failure"] else c["label"]) for c in candidates]
         best = max(range(n), key=lambda j: (ranks[j], -j))  # ties: the lowest index
         record.update(candidates[best])
-        if run.best_of:
+        if job.best_of:
             record["best_index"] = best
             record["samples"] = [{"raw": c["raw"], "answer": c["answer"], "label": c["label"]} for c in candidates]
         answer, truth = judges.normalize(record["answer"] or ""), judges.normalize(record["truth"])
         record["exact"] = bool(answer) and answer == truth  # reported beside the label, for transparency
         record["substring"] = bool(answer) and truth in answer
-        if run.protocol.text_include:
-            record["text_include"] = open_world_correct(record["raw"], example.class_name, run.dataset.kind)
+        if job.protocol.text_include:
+            record["text_include"] = open_world_correct(record["raw"], example.class_name, job.dataset.kind)
     return records
 
 
-def choice_batch(run: Run, batch: list) -> list[dict]:
+def choice_batch(job: EvalJob, batch: list) -> list[dict]:
     """mcq: the truth and 3 distractors per image, one greedy answer. paper: right when the truth's name is inside
     the answer (closed_world_correct); strict: the truth's letter, or its exact text, in <answer> (parse_choice)."""
-    options = {index: mcq_options(example, run.dataset, run.seed, run.mcq_distractors) for index, example in batch}
-    records, live = encode(run, batch, [run.protocol.question(run.dataset, options[index]) for index, _ in batch])
-    texts = run.sample([prompt for _, _, prompt, _ in live])
+    options = {index: mcq_options(example, job.dataset, job.seed, job.mcq_distractors) for index, example in batch}
+    records, live = encode(job, batch, [job.protocol.question(job.dataset, options[index]) for index, _ in batch])
+    texts = job.sample([prompt for _, _, prompt, _ in live])
     for (record, example, _, _), raw in zip(live, texts):
         choices = options[record["index"]]
         record.update(options=choices, truth_letter=judges.LETTERS[choices.index(example.class_name)])
         parsed(record, raw)
-        if run.scoring == "paper":
+        if job.scoring == "paper":
             correct = closed_world_correct(raw, example.class_name)
             record["invalid_choice"] = False
         else:
@@ -284,38 +284,38 @@ def choice_batch(run: Run, batch: list) -> list[dict]:
     return records
 
 
-def two_step_batch(run: Run, batch: list) -> list[dict]:
+def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
     """two_step: step 1 samples `samples` answers with the class list; step 2 asks greedily the lettered question
     over the 5 most frequent, shuffled; the chosen option is judged (no valid letter: wrong)."""
-    protocol, samples = run.protocol, run.samples
-    records, live = encode(run, batch, [protocol.question(run.dataset)] * len(batch))
-    texts = run.sample([prompt for _, _, prompt, _ in live], samples, row_seeds(live, run.seed, "two_step", samples),
+    protocol, samples = job.protocol, job.samples
+    records, live = encode(job, batch, [protocol.question(job.dataset)] * len(batch))
+    texts = job.sample([prompt for _, _, prompt, _ in live], samples, row_seeds(live, job.seed, "two_step", samples),
                        **protocol.sampling)
     step2 = []
     for i, (record, example, _, image) in enumerate(live):
         step1 = texts[i * samples:(i + 1) * samples]
-        options, counts, failures = top_answers(step1, answer_fmt=protocol.answer_format(run.dataset.name))
+        options, counts, failures = top_answers(step1, answer_fmt=protocol.answer_format(job.dataset.name))
         order = list(range(len(options)))
-        rng_for(run.seed, example, "two_step").shuffle(order)
+        rng_for(job.seed, example, "two_step").shuffle(order)
         record.update(step1_answers=[judges.parse_answer(t) for t in step1], options=[options[j] for j in order],
                       option_counts=[counts[j] for j in order], step1_parse_failures=failures,
                       truth_in_options=any(judges.normalize(o) == judges.normalize(example.class_name)
                                            for o in options))
         if options:
-            question = protocol.step2(run.dataset.kind, record["options"])
-            step2.append((record, common.encode_prompt(run.processor, image, question)))
+            question = protocol.step2(job.dataset.kind, record["options"])
+            step2.append((record, common.encode_prompt(job.processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             record.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
                           invalid_choice=False, label="wrong", no_candidates=True)
-    for (record, _), raw in zip(step2, run.sample([prompt for _, prompt in step2])):
+    for (record, _), raw in zip(step2, job.sample([prompt for _, prompt in step2])):
         parsed(record, raw)
-        choice = step2_choice(raw, record["options"], run.scoring)
+        choice = step2_choice(raw, record["options"], job.scoring)
         record["letter"] = None if choice is None else judges.LETTERS[choice]
         record["prediction"] = None if choice is None else record["options"][choice]
-        record["invalid_choice"] = choice is None and (record["answer"] is not None or run.scoring == "paper")
+        record["invalid_choice"] = choice is None and (record["answer"] is not None or job.scoring == "paper")
         record["no_candidates"] = False
     chosen = [record for record, _ in step2 if record["prediction"] is not None]
-    for record, label in zip(chosen, run.judge.judge([(r["truth"], r["prediction"]) for r in chosen])):
+    for record, label in zip(chosen, job.judge.judge([(r["truth"], r["prediction"]) for r in chosen])):
         record["label"] = label
     for record, _ in step2:
         record.setdefault("label", "wrong")
@@ -392,7 +392,7 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indexed = list(enumerate(dataset.examples))[rank::world]
     device = next(common.unwrap(model).parameters()).device
-    run = Run(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
+    job = EvalJob(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
               scoring, compile_decode, torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank))
     t0 = time.time()
     was_training = model.training
@@ -409,7 +409,7 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
                                       desc=f"eval {protocol.name} {dataset.name}")
             try:
                 for start in range(0, len(indexed), micro_batch):
-                    records += protocol.batch(run, indexed[start:start + micro_batch])
+                    records += protocol.batch(job, indexed[start:start + micro_batch])
                     if bar is not None:
                         bar.update(len(indexed[start:start + micro_batch]))
             finally:  # also on a stop: the bar's line is cleared, so a stop message starts a line of its own

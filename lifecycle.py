@@ -6,7 +6,7 @@ lifecycle.py: the life of a training run, written once for the three methods (an
                non-finite guard; export of <out>/final and the before -> after summary
   rewards      one signature in every method, fn(completions, example) -> list[float], picked by --rewards
   update       one optimizer step accumulated over micro-batches (the method's loss stays in the method file)
-  flags        the flags every script shares, declared once; the toy preset applied over the paper's defaults
+  flags        the flags the scripts share, declared once; the toy preset applied over the paper's defaults
   checkpoints  atomic, sharded (torch.distributed.checkpoint), with every rank's RNG, and the hub export
   robustness   NonFiniteGuard (NaN / inf steps skipped on every rank together), the run lock, Ctrl-C and a full
                disk end a run with one line
@@ -48,9 +48,7 @@ from common import (DTYPES, Dist, _fsdp_modules, all_reduce_sum, barrier, cleanu
                     print0, progress_bar, read_jsonl, repair_jsonl_tail, seed_everything, unwrap)
 
 
-# =====================================================================================================================
-# 1. Rewards: one signature in every method
-# =====================================================================================================================
+# ----- 1. Rewards: one signature in every method -----
 
 def parse_rewards(spec: str, registry: dict[str, Callable]) -> dict[str, float]:
     """--rewards "format,mcq=2" -> {"format": 1.0, "mcq": 2.0}: names from the method's REWARDS, weights default 1."""
@@ -80,9 +78,7 @@ def group_rewards(registry: dict[str, Callable], weights: dict[str, float], comp
     return sum(weight * parts[name] for name, weight in weights.items()), parts
 
 
-# =====================================================================================================================
-# 2. The update: one optimizer step over micro-batches
-# =====================================================================================================================
+# ----- 2. The update: one optimizer step over micro-batches -----
 
 def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Sequence, loss_of: Callable,
            *, grad_clip: float, precision) -> tuple[float, Counter]:
@@ -114,24 +110,30 @@ def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-# =====================================================================================================================
-# 3. The run
-# =====================================================================================================================
+# ----- 3. The run -----
 
 class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
     def __init__(self, args, script: str, out: str | None = None, ranks: Dist | None = None, parent: Run | None = None):
         self.args = args
-        if ranks is None:  # the process group, the locked run directory with config.json, seeds, threads
-            ranks, out = setup_run(args, default_run_dir(script, args.data))
+        if ranks is None:  # the process group, the locked run directory with config.json, threads, seeds
+            ranks, out = init_distributed(), args.out or default_run_dir(script, args.data)
+            if ranks.is_main:
+                make_run_dir(out)
+                write_run_config(out, {**vars(args), "world_size": ranks.world_size})
+            barrier()
+            configure_threads(args.threads, ranks)
+            seed_everything(args.seed + ranks.rank)  # every rank differently
+            if args.activation_checkpointing is None:
+                args.activation_checkpointing = int(ranks.device.type == "cuda")
         self.ranks, self.out, self.script = ranks, out, script
         os.makedirs(out, exist_ok=True)
         self.log = MetricsLog(out, None if parent else args.wandb, vars(args))
         if parent is not None:  # a stage logs to its own metrics.jsonl and to the run's wandb run
             self.log.wandb = parent.log.wandb
         self.timer = PhaseTimer()
-        self.guard = NonFiniteGuard(args.max_nonfinite, device=ranks.device)  # NaN / inf steps: skipped, counted, capped
+        self.guard = NonFiniteGuard(args.max_nonfinite, device=ranks.device)  # NaN / inf steps skipped, counted, capped
         self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
     def stage(self, name: str) -> Run:
@@ -166,7 +168,8 @@ class Run:
                            param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
         ref = None
         if reference:  # the policy's twin: same weights dtype, wrapping and compute, so the KL starts at 0 exactly
-            ref, _ = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+            ref, _ = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
+                                       **pixels)
             ref.requires_grad_(False).eval()
             if args.parallel == "fsdp":
                 ref = common.wrap_model(ref, ranks, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
@@ -175,9 +178,14 @@ class Run:
     def resume(self, model, optimizer, evaluate: Callable | None = None) -> dict:
         """The state of <out>/latest (model, optimizer and RNG restored) or {"step": 0}; a new run (or one whose
         evaluation a stop cut short) evaluates first: the baseline of the run."""
-        state = resume(self.out, model, optimizer, self.log)
+        ckpt = latest_checkpoint(self.out)
+        state = load_checkpoint(ckpt, model, optimizer) if ckpt else {"step": 0}
+        if ckpt:
+            position = f" (data position {state['data_position']})" if "data_position" in state else ""
+            print0(f"resumed from {ckpt} at step {state['step']}{position}")
+        self.log.resume_at(state["step"])  # the steps about to be redone are logged once
         self.last_step = state["step"]
-        first = state["step"] == 0 and getattr(self.args, "initial_eval", True)
+        first = state["step"] == 0 and self.args.initial_eval
         if evaluate is not None and self.args.eval_every and (first or state.get("eval_pending")):
             with self.timer("eval"):
                 record = {"step": state["step"], **evaluate(state["step"])}
@@ -227,29 +235,65 @@ class Run:
             self.guard.stop(self.out)
         self.last_step = step
 
-    def finish(self, model, processor, path: str | None = None, keys: list[str] | None = None) -> str:
-        """Export the model to `path` (default <out>/final) and print the evaluations' first -> last."""
-        path = path or os.path.join(self.out, "final")
+    def finish(self, model, processor, keys: list[str] | None = None):
+        """Export the model to <out>/final and print the evaluations' first -> last."""
+        path = os.path.join(self.out, "final")
         export_hf(model, processor, path, dtype=self.args.export_dtype)
         print_eval_summary([os.path.join(self.out, "metrics.jsonl")], keys)
         print0(f"{self.script}: done; model exported to {path}")
-        return path
 
 
-# =====================================================================================================================
-# 4. Flags every training script shares: declared once, each script's paper values passed at its call
-# =====================================================================================================================
+# ----- 4. Flags declared once (eval.py shares the model and system ones), each script's paper values passed in -----
+
+def add_model_args(parser, *, model: str = "tiny", min_pixels: int = 3136, max_pixels: int = 401408):
+    """The model, data and system flags of every script, eval.py's included; returns the "system" group."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default=model, help="hub id, local Qwen2.5-VL directory (e.g. an export), 'tiny' (built "
+                   "locally), or a random preset: qwen2.5-vl-3b-random / qwen2.5-vl-7b-random (default %(default)s)")
+    g.add_argument("--data", default="toy", help="dataset name (toy, cub, flowers, pets, cars, aircraft, dogs, food) "
+                   "or a JSON/JSONL file of {image, class_name} records (default %(default)s)")
+    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
+    g = parser.add_argument_group("system")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU bf16 compute over fp32 weights that "
+                   "train and bf16 frozen ones (eval.py), on CPU fp32; bf16-mixed: fp32 weights, bf16 compute on any "
+                   "device; bf16 / fp32: weights and compute")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
+    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="decode with a static KV cache and a "
+                   "torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")
+    g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")
+    g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
+                   "with other work, shared by the ranks); ignored on GPU")
+    return g
+
 
 def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str,
-                      beta: float | None,
-                      max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int,
-                      weight_decay: float = 0.0,
-                      grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, warmup_steps: int = 0,
-                      eval_max_new_tokens: int | None = None, eval_batch: int = 8, eval_limit: int | None = None,
-                      log_completions: int = 2, max_steps: int | None = None, train_limit: int | None = None):
-    """The model, data, system flags (add_common_args) and the training knobs, with the method's paper values as
-    defaults; `parse_flags` lays the toy preset over them for `--data toy`."""
-    add_common_args(parser, model=model, group_size=group_size, max_steps=max_steps)
+                      beta: float | None, max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int,
+                      weight_decay: float = 0.0, grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0,
+                      eval_max_new_tokens: int | None = None, eval_batch: int = 8, log_completions: int = 2,
+                      train_limit: int | None = None):
+    """Every flag of the three training scripts, with the method's paper values as defaults; `parse_flags` lays the
+    toy preset over them for `--data toy`."""
+    g = add_model_args(parser, model=model)
+    g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
+                   "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
+    g.add_argument("--memory-check", type=int, default=1, choices=[0, 1], help="1: a run whose memory estimate "
+                   "exceeds the device's memory stops before loading; 0: warn and go on")
+    g.add_argument("--shared-prefix", type=int, default=1, choices=[0, 1], help="score and update each group's "
+                   "prompt once for its G completions (common.score_completions; exact); 0 = once per completion")
+    g.add_argument("--activation-checkpointing", type=int, default=None,
+                   help="recompute activations in the backward (default: on for GPU, off for CPU)")
+    g.add_argument("--export-dtype", default="bf16", choices=list(EXPORT_DTYPES), help="weights of the exported "
+                   "final/ model: bf16 (as hub checkpoints) or fp32 (an exact copy of fp32 master weights)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    g.add_argument("--max-nonfinite", type=int, default=5, help="optimizer steps in a row with a NaN / inf loss or "
+                   "gradient (each one skipped) that stop the run with a checkpoint (0 = never stop)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run directory; rerunning the same command resumes from it")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (optimizer steps; "
+                   "SpeciaRL: rollout batches)")
+    g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
+    g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
     g = parser.add_argument_group("training (shared by the three methods)")
     g.add_argument("--train-limit", type=int, default=train_limit, help="use at most this many training images (a "
                    "seeded subset; %(default)s = all)")
@@ -266,8 +310,7 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
     g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (%(default)s)")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "linear", "cosine"],
                    help="decay to 0 over the run after the warm-up (%(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear learning-rate warm-up steps "
-                   "(%(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (%(default)s)")
     g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay (%(default)s)")
     g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global gradient norm (%(default)s; 0 = off)")
     g = parser.add_argument_group("evaluation, logging, checkpoints")
@@ -275,7 +318,7 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                    "the end (%(default)s; 0 = never)")
     g.add_argument("--initial-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the starting model before step 1 (--no-initial-eval skips that baseline)")
-    g.add_argument("--eval-limit", type=int, default=eval_limit, help="evaluate at most this many images per group")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many images per group")
     g.add_argument("--eval-max-new-tokens", type=int, default=eval_max_new_tokens or max_new_tokens,
                    help="evaluation answer length cap (%(default)s)")
     g.add_argument("--eval-batch", type=int, default=eval_batch, help="images per evaluation sampling call (memory "
@@ -284,30 +327,24 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                    "at the end)")
     g.add_argument("--log-completions", type=int, default=log_completions, help="sampled completions logged per "
                    "step with their rewards (metrics.jsonl; SpeciaRL: rollouts.jsonl; %(default)s)")
-    return parser
 
 
-UNSET = object()
-
-
-def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable] | None = None):
+def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     """Parse the command line; `--data toy` lays the `toy` preset over the paper's defaults (a flag given on the
     command line wins). `args.explicit` names the flags the user gave; `args.reward_weights` is --rewards parsed."""
     args = parser.parse_args(argv)
     if args.data == "toy":
         parser.set_defaults(**toy)
         args = parser.parse_args(argv)
-    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: UNSET for a in parser._actions}))
-    args.explicit = sorted(k for k, v in vars(given).items() if v is not UNSET)
-    if registry is not None:
-        args.reward_weights = parse_rewards(args.rewards, registry)
+    unset = object()
+    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    args.explicit = sorted(k for k, v in vars(given).items() if v is not unset)
+    args.reward_weights = parse_rewards(args.rewards, registry)
     check_system_flags(args)
     return args
 
 
-# =====================================================================================================================
-# 5. Checkpoints and export
-# =====================================================================================================================
+# ----- 5. Checkpoints and export -----
 
 def _atomic_write_text(path: str, text: str):
     tmp = f"{path}.tmp{os.getpid()}"
@@ -318,10 +355,10 @@ def _atomic_write_text(path: str, text: str):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep: int = 2):
+def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
     """Everything to continue exactly: sharded model + optimizer (torch.distributed.checkpoint, DDP and FSDP2), every
     rank's RNG, the step and the method's `extra` state; written to a .tmp folder, renamed, and only then is `latest`
-    pointed at it, so a kill at any moment leaves the previous checkpoint usable."""
+    pointed at it, so a kill at any moment leaves the previous checkpoint usable. The last two are kept."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     d_rank = dist.get_rank() if dist.is_initialized() else 0
@@ -335,9 +372,10 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
     try:
         with single_process_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        name, key, *rest = np.random.get_state()  # plain values and tensors: they load with weights_only=True
+        rng = {"python": random.getstate(), "numpy": [name, key.tolist(), *rest], "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        torch.save({"rng": _rng_to_tensors(rng)}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
+        torch.save({"rng": rng}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
         if d_rank == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump({"step": step, **extra}, f)
@@ -354,7 +392,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict, keep
         _atomic_write_text(os.path.join(out_dir, "latest"), os.path.basename(final) + "\n")
         for stale in glob.glob(os.path.join(out_dir, "ckpt_*.tmp")):  # half-written by a killed run: never read
             shutil.rmtree(stale, ignore_errors=True)
-        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-keep]:
+        for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*")))[:-2]:
             if not old.endswith(".tmp") and old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -369,32 +407,12 @@ def single_process_dcp():
         yield
 
 
-def _rng_to_tensors(rng: dict) -> dict:
-    """RNG states as plain tensors and lists, so they load with weights_only=True."""
-    py = rng["python"]
-    np_state = rng["numpy"]
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
-            "torch": rng["torch"], "cuda": rng["cuda"]}
-
-
-def _restore_rng(t: dict):
-    py = t["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = t["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(t["torch"])
-    if t["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(t["cuda"])
-
-
 def latest_checkpoint(out_dir: str) -> str | None:
     path = os.path.join(out_dir, "latest")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        name = f.read().strip()
-    ckpt = os.path.join(out_dir, name)
+        ckpt = os.path.join(out_dir, f.read().strip())
     return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
 
 
@@ -410,7 +428,13 @@ def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     d_rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
     if os.path.exists(rng_file):
-        _restore_rng(torch.load(rng_file, weights_only=True)["rng"])
+        rng = torch.load(rng_file, weights_only=True)["rng"]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))  # (a list in older checkpoints)
+        np.random.set_state(tuple(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(ckpt, "state.json")) as f:
         return json.load(f)
 
@@ -427,33 +451,22 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtyp
 STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
 
 
-def tied_weight_names(hf) -> list[str]:
-    """Parameters that are the same tensor as another one (Qwen2.5-VL-3B's lm_head is its input embedding): a
-    checkpoint stores them once."""
-    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
-    if not (getattr(config, "tie_word_embeddings", False) or getattr(hf.config, "tie_word_embeddings", False)):
-        return []
-    return list(getattr(hf, "_tied_weights_keys", None) or [])
-
-
-def export_hf(model, processor, path: str, state_dict: dict | None = None, dtype: str = "bf16"):
-    """Write a hub Qwen2.5-VL checkpoint that plain transformers classes, vLLM, eval.py and load_model read:
-    config.json and generation_config.json, model*.safetensors in `dtype` (tied weights once), tokenizer files with
-    the chat template, chat_template.json, preprocessor_config.json with the run's pixel budget and the stock
-    processor class. Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
-    if dtype not in EXPORT_DTYPES:
-        raise SystemExit(f"--export-dtype {dtype}: expected one of {', '.join(EXPORT_DTYPES)}")
-    sd = state_dict if state_dict is not None else full_state_dict(model)
+def export_hf(model, processor, path: str, dtype: str = "bf16"):
+    """Write a hub Qwen2.5-VL checkpoint for plain transformers classes, vLLM, eval.py and load_model: the configs,
+    model*.safetensors in `dtype`, tokenizer and chat template, preprocessor_config.json with the run's pixel budget.
+    Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
+    sd = full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         hf = unwrap(model)
+        # tied weights are stored once (Qwen2.5-VL-3B's lm_head is its input embedding)
+        ties = [getattr(config, "tie_word_embeddings", False) for config in (hf.config, hf.config.get_text_config())]
+        skipped = set(getattr(hf, "_tied_weights_keys", None) or []) if any(ties) else set()
         torch_dtype = EXPORT_DTYPES[dtype]
-        tied = set(tied_weight_names(hf))
-        sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items() if k not in tied}
+        sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items() if k not in skipped}
         hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        _set_json(os.path.join(tmp, "config.json"), lambda c: c.update(
-            {"dtype" if "dtype" in c else "torch_dtype": str(torch_dtype).replace("torch.", "")}))
+        _set_json(os.path.join(tmp, "config.json"), dtype=str(torch_dtype).replace("torch.", ""))
         processor.save_pretrained(tmp)
         _stock_processor_files(tmp)
         umask = os.umask(0)
@@ -471,37 +484,29 @@ def _write_json(path: str, doc: dict):
         f.write("\n")
 
 
-def _set_json(path: str, edit: Callable[[dict], Any]):
+def _set_json(path: str, **values):
     with open(path) as f:
         doc = json.load(f)
-    edit(doc)
-    _write_json(path, doc)
+    _write_json(path, {**doc, **values})
 
 
 def _stock_processor_files(folder: str):
     """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
     chat_template.jinja) into a hub checkpoint's files (preprocessor_config.json naming Qwen2_5_VLProcessor,
-    chat_template.json)."""
-    with open(os.path.join(folder, "processor_config.json")) as f:
-        image = json.load(f)["image_processor"]
-    os.remove(os.path.join(folder, "processor_config.json"))
-    size = image.get("size") or {}
-    image.update(min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"),
-                 processor_class=STOCK_PROCESSOR)
-    _write_json(os.path.join(folder, "preprocessor_config.json"), image)
-    jinja = os.path.join(folder, "chat_template.jinja")
-    with open(jinja) as f:
-        template = f.read()
+    chat_template.json; the tokenizer carries the template too, as on the hub)."""
+    written, jinja = os.path.join(folder, "processor_config.json"), os.path.join(folder, "chat_template.jinja")
+    with open(written) as f, open(jinja) as t:
+        image, template = json.load(f)["image_processor"], t.read()
+    os.remove(written)
     os.remove(jinja)
+    _write_json(os.path.join(folder, "preprocessor_config.json"), {
+        **image, "min_pixels": image["size"]["shortest_edge"], "max_pixels": image["size"]["longest_edge"],
+        "processor_class": STOCK_PROCESSOR})
     _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
-    # the tokenizer carries the template too (as on the hub), for tools that read the tokenizer alone
-    _set_json(os.path.join(folder, "tokenizer_config.json"),
-              lambda c: c.update(processor_class=STOCK_PROCESSOR, chat_template=template))
+    _set_json(os.path.join(folder, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
 
 
-# =====================================================================================================================
-# 6. Logging, the run directory, flags
-# =====================================================================================================================
+# ----- 6. Logging, the run directory, flags -----
 
 class MetricsLog:
     """Appends one JSON object per step to <out>/metrics.jsonl (rank 0), mirrors to wandb when asked and installed."""
@@ -563,7 +568,7 @@ class PhaseTimer:
     >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
 
     def __init__(self):
-        self.times: dict[str, float] = {}
+        self.times: Counter = Counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -573,34 +578,18 @@ class PhaseTimer:
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        self.times[f"time/{name}"] += time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.times.items()}
-        self.times = {}
+        out, self.times = dict(self.times), Counter()
         return out
 
 
-def resume(out: str, model, optimizer, log: MetricsLog | None = None) -> dict:
-    """Auto-resume: the state of <out>/latest (model and optimizer loaded in place, RNG restored) or {"step": 0}
-    when there is none; the log drops the steps about to be redone, so each step is logged once."""
-    ckpt = latest_checkpoint(out)
-    state = load_checkpoint(ckpt, model, optimizer) if ckpt else {"step": 0}
-    if ckpt:
-        position = f" (data position {state['data_position']})" if "data_position" in state else ""
-        print0(f"resumed from {ckpt} at step {state['step']}{position}")
-    if log is not None:
-        log.resume_at(state["step"])
-    return state
-
-
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
-    """Learning rate for optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from
-    0 (step 0 gets 0, step w gets the full rate), then constant, linear decay to 0, or cosine decay to 0 over the
-    remaining steps.
+    """Learning rate of optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from 0,
+    then constant, or a linear / cosine decay to 0 over the remaining steps.
     >>> [round(lr_at(s, base_lr=1.0, total_steps=8, schedule="cosine", warmup_steps=2), 3) for s in range(4)]
-    [0.0, 0.5, 1.0, 0.933]
-    """
+    [0.0, 0.5, 1.0, 0.933]"""
     if warmup_steps and step < warmup_steps:
         return base_lr * step / warmup_steps
     if schedule == "constant":
@@ -608,9 +597,7 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "const
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
         return base_lr * (1.0 - progress)
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r} (constant, linear, cosine)")
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def set_lr(optimizer, lr: float):
@@ -643,14 +630,21 @@ def write_run_config(out: str, config: dict):
 _RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
 
 
-def lock_run_dir(out: str):
-    """Hold <out>/.lock for as long as this process lives (flock: released by the kernel even on kill -9), so that a
-    second run on the same --out stops at once with one line naming the first one's pid."""
+def make_run_dir(out: str):
+    """Create --out and hold <out>/.lock for as long as this process lives (flock: released by the kernel even on
+    kill -9): a second run on the same --out, or an --out that is a file or cannot be written, stops at once with one
+    line (naming the first run's pid). Rank 0 only."""
+    import atexit
     import fcntl
-    key = os.path.realpath(out)
-    if key in _RUN_LOCKS:  # this process already holds it (a script's main called twice)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file; expected a run directory (new, or one to resume)")
+    if os.path.realpath(out) in _RUN_LOCKS:  # this process already holds it (a script's main called twice)
         return
-    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -663,23 +657,8 @@ def lock_run_dir(out: str):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _RUN_LOCKS[key] = f
-    import atexit
+    _RUN_LOCKS[os.path.realpath(out)] = f
     atexit.register(f.close)  # held to the end; the kernel releases the lock with the process anyway
-
-
-def make_run_dir(out: str):
-    """Create --out (one clear line if it is a file or cannot be created) and lock it; rank 0 only."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out} is a file; expected a run directory (new, or one to resume)")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None
-    lock_run_dir(out)
 
 
 RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume from it"
@@ -691,10 +670,7 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     interpreter is whole (a gloo group alive at exit can abort it)."""
     import gc
     import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         main()
         gc.collect()
@@ -711,12 +687,12 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
         sys.exit(1)
 
 
-def configure_threads(threads: int | None, ranks: Dist) -> int:
+def configure_threads(threads: int | None, ranks: Dist):
     """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
     cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
     a 4-step toy run 5x slower on a busy 2-core machine. No effect on GPU work."""
     if threads is None and os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+        return
     if threads is None:
         cores = os.cpu_count() or 1
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -724,7 +700,6 @@ def configure_threads(threads: int | None, ranks: Dist) -> int:
         if ranks.device.type == "cpu" and threads < cores // ranks.world_size:
             print0(f"CPU threads per process: {threads} ({cores} cores, load {busy:.1f}; --threads to choose)")
     torch.set_num_threads(threads)
-    return threads
 
 
 def default_run_dir(script: str, data: str) -> str:
@@ -732,22 +707,6 @@ def default_run_dir(script: str, data: str) -> str:
     named by its stem (runs/dive_k_cub, runs/eval_cub_two_step, runs/fine_r1_birds for birds.jsonl)."""
     stem = os.path.splitext(os.path.basename(data.replace("{split}", "all")))[0] or "data"
     return os.path.join("runs", f"{script}_{stem}")
-
-
-def setup_run(args, default_out: str) -> tuple[Dist, str]:
-    """Start the process group, make and lock the run directory (rank 0 writes config.json), seed every rank
-    differently."""
-    ranks = init_distributed()
-    out = args.out or default_out
-    if ranks.is_main:
-        make_run_dir(out)
-        write_run_config(out, {**vars(args), "world_size": ranks.world_size})
-    barrier()
-    configure_threads(getattr(args, "threads", None), ranks)
-    seed_everything(args.seed + ranks.rank)
-    if args.activation_checkpointing is None:
-        args.activation_checkpointing = int(ranks.device.type == "cuda")
-    return ranks, out
 
 
 def launched_world_size() -> int:
@@ -770,39 +729,34 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
                               f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
 
-# flags that must be above zero wherever a script has them (None = unset, filled by a preset or meaning "all")
+# flags that must be above zero / at least zero wherever a script has them (None = unset, filled by a preset or
+# meaning "all"), and the reason a message gives
 POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
                   "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
                   "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
                   "rollout_batch", "sample_prompts", "sft_batch", "minibatches", "max_new_tokens",
                   "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
                   "sft_epochs", "tapo_epochs", "temperature", "mine_temperature", "threads")
-WHY_POSITIVE = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
-                "mine_temperature": "at 0 the K mining samples are one answer repeated",
-                "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
-                "eval_limit": "leave it out to evaluate every image"}
-
-
 NONNEGATIVE_FLAGS = ("eval_every", "save_every", "warmup_steps", "sft_warmup", "max_nonfinite", "log_completions",
                      "beta", "weight_decay", "sft_weight_decay")
+WHY = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
+       "mine_temperature": "at 0 the K mining samples are one answer repeated",
+       "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
+       "eval_limit": "leave it out to evaluate every image", "eval_every": "0 = never", "save_every": "0 = never"}
 
 
 def check_system_flags(args):
     """Flag values and combinations every script refuses at start, before anything is loaded (one line each)."""
-    for name in NONNEGATIVE_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be 0 or more"
-                             + (" (0 = never)" if name in ("eval_every", "save_every") else ""))
-    for name in POSITIVE_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            why = WHY_POSITIVE.get(name, "")
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be above 0{f' ({why})' if why else ''}")
-    low, high = getattr(args, "min_pixels", None), getattr(args, "max_pixels", None)
-    if low is not None and high is not None and low > high:
-        raise SystemExit(f"--min-pixels {low} is above --max-pixels {high}: the image budget needs min <= max")
-    if getattr(args, "compile_decode", 0):
+    for name in (*NONNEGATIVE_FLAGS, *POSITIVE_FLAGS):
+        value, positive = getattr(args, name, None), name in POSITIVE_FLAGS
+        if value is not None and ((not value > 0) if positive else value < 0):
+            why = f" ({WHY[name]})" if name in WHY else ""
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {'above 0' if positive else '0 or more'}"
+                             f"{why}")
+    if args.min_pixels > args.max_pixels:
+        raise SystemExit(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}: the image budget "
+                         f"needs min <= max")
+    if args.compile_decode:
         if args.attn == "flash_attention_2":
             raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "
                              "whole static KV cache, unwritten slots included, under a mask that flash-attention 2 "
@@ -822,57 +776,11 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    total = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, (total / (dist.get_world_size() if dist.is_initialized() else 1)).tolist()))
 
 
-def add_common_args(parser, *, model="tiny", data="toy", group_size=4, max_steps=None, min_pixels=3136,
-                    max_pixels=401408):
-    """The command-line contract every script shares (the method files add their own groups)."""
-    g = parser.add_argument_group("model, data and run")
-    g.add_argument("--model", default=model, help="hub id, local Qwen2.5-VL directory, 'tiny' (built locally), or a "
-                   "random preset: qwen2.5-vl-3b-random / qwen2.5-vl-7b-random (default %(default)s)")
-    g.add_argument("--data", default=data, help="dataset name (toy, cub, flowers, pets, cars, aircraft, dogs, food) "
-                   "or a JSON/JSONL file of {image, class_name} records (default %(default)s)")
-    g.add_argument("--data-root", default=None, help="the dataset folder in its official layout")
-    g.add_argument("--out", default=None, help="run directory; rerunning the same command resumes from it")
-    g.add_argument("--max-steps", type=int, default=max_steps, help="stop after this many steps (optimizer steps; "
-                   "SpeciaRL: rollout batches)")
-    g.add_argument("--seed", type=int, default=42, help="global seed (data order, sampling)")
-    g.add_argument("--group-size", type=int, default=group_size, help="completions per prompt (G)")
-    g = parser.add_argument_group("system")
-    g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
-                   "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
-    g.add_argument("--memory-check", type=int, default=1, choices=[0, 1], help="1: a run whose memory estimate "
-                   "exceeds the device's memory stops before loading; 0: warn and go on")
-    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: on GPU fp32 weights with bf16 compute, "
-                   "on CPU fp32; bf16-mixed: the same on any device; bf16 / fp32: weights and compute")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel")
-    g.add_argument("--shared-prefix", type=int, default=1, choices=[0, 1], help="score and update each group's "
-                   "prompt once for its G completions (common.score_completions; exact); 0 = once per completion")
-    g.add_argument("--compile-decode", type=int, default=0, choices=[0, 1], help="rollouts decode with a static KV "
-                   "cache and a torch.compile'd step (CUDA graphs on GPU); one GPU or DDP, not with flash_attention_2")
-    g.add_argument("--min-pixels", type=int, default=min_pixels, help="image pixel budget, lower bound")
-    g.add_argument("--max-pixels", type=int, default=max_pixels, help="image pixel budget, upper bound")
-    g.add_argument("--activation-checkpointing", type=int, default=None,
-                   help="recompute activations in the backward (default: on for GPU, off for CPU)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
-                   "with other work, shared by the ranks); ignored on GPU")
-    g.add_argument("--export-dtype", default="bf16", choices=list(EXPORT_DTYPES), help="weights of the exported "
-                   "final/ model: bf16 (as hub checkpoints) or fp32 (an exact copy of fp32 master weights)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    g.add_argument("--max-nonfinite", type=int, default=5, help="optimizer steps in a row with a NaN / inf loss or "
-                   "gradient (each one skipped) that stop the run with a checkpoint (0 = never stop)")
-    return parser
-
-
-# =====================================================================================================================
-# 7. Robustness
-# =====================================================================================================================
-# Faults are injected by the tests (tests/faulty.py patches a method's loss), never by a hook in this code.
+# ----- 7. Robustness (faults are injected by the tests: tests/faulty.py patches a method's loss) -----
 
 class NonFiniteGuard:
     """Skip optimizer steps whose loss or gradient norm is NaN / inf on any rank, on every rank together (one
@@ -881,18 +789,15 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int = 5, device: torch.device | str = "cpu"):
         self.limit = limit  # non-finite steps in a row that stop the run
-        self.device = torch.device(device)  # where the all-reduced flag lives (a CUDA device under nccl)
-        self.skipped = 0  # steps skipped by this process
-        self.in_a_row = 0  # current streak of skipped steps
+        self.device = device  # where the all-reduced flag lives (a CUDA device under nccl)
+        self.skipped, self.in_a_row = 0, 0  # steps skipped by this process: in all, in the current streak
         self.last: dict = {}  # the offending values of the last skipped step, on this rank
 
     def check(self, step: int, **values) -> bool:
         """True if every value (floats or 0-d tensors) is finite on every rank; else count and log the skip."""
         local = {k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
         bad_here = not all(math.isfinite(v) for v in local.values())
-        flag = torch.tensor([float(bad_here)], device=self.device)
-        bad = bool(all_reduce_sum(flag).item() > 0)
-        if not bad:
+        if all_reduce_sum(torch.tensor([float(bad_here)], device=self.device)).item() == 0:
             self.in_a_row = 0
             return True
         self.skipped += 1
@@ -916,12 +821,11 @@ class NonFiniteGuard:
 
     def stop(self, out_dir: str):
         """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
-        ckpt = latest_checkpoint(out_dir)
         raise SystemExit(
             f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
             f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "
-            f"weights and optimizer state of the last good step are saved in {ckpt}. Rerunning the same command "
-            f"resumes after the bad steps. If it happens again: lower the learning rate, look at the data of those "
-            f"steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
+            f"weights and optimizer state of the last good step are saved in {latest_checkpoint(out_dir)}. Rerunning "
+            f"the same command resumes after the bad steps. If it happens again: lower the learning rate, look at the "
+            f"data of those steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
 
 

@@ -52,7 +52,7 @@ def read_jsonl(path):
 
 def tree_bytes(root, skip=("config.json", "config_history.jsonl", ".lock")):
     """Every file under root -> its bytes (to show that a failed start damaged nothing). The two config files and the
-    lock are left out: lifecycle.setup_run locks the directory and records every start's command there, before the
+    lock are left out: lifecycle.Run locks the directory and records every start's command there, before the
     inputs are read."""
     out = {}
     for folder, _, files in os.walk(root):
