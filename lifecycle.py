@@ -642,6 +642,8 @@ def make_run_dir(out: str):
         return
     try:
         os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK):  # (a writable .lock left in a read-only folder would not show it)
+            raise PermissionError(13, "Permission denied")
         f = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None
