@@ -51,7 +51,7 @@ QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
 CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
 
 
-# ===== 1. Distributed setup =====
+# ----- 1. Distributed setup -----
 
 @dataclasses.dataclass
 class Dist:
@@ -137,7 +137,7 @@ def stream_position(position: int, n: int, seed: int) -> int:
     return order[offset]
 
 
-# ===== 2. Model and processor loading =====
+# ----- 2. Model and processor loading -----
 
 # The Qwen2-VL / Qwen2.5-VL chat format: system, then user turns whose content is a list of image and text items,
 # `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as the generation prompt.
@@ -404,7 +404,7 @@ def try_open_image(path: str) -> Image.Image | None:
         return None
 
 
-# ===== 3. Prompt encoding and the rollout sampler =====
+# ----- 3. Prompt encoding and the rollout sampler -----
 
 @dataclasses.dataclass
 class EncodedPrompt:
@@ -787,7 +787,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    {k: sum(r.stats.get(k, 0) for r in parts) for k in parts[0].stats})  # times and steps add up
 
 
-# ===== 4. Per-token log-probs of completions =====
+# ----- 4. Per-token log-probs of completions -----
 
 def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -1030,7 +1030,7 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     return -(logp * mask).sum() / mask.sum()
 
 
-# ===== 5. Precision, DDP / FSDP2 =====
+# ----- 5. Precision, DDP / FSDP2 -----
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
@@ -1167,7 +1167,7 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
     return os.path.join(out, "eval", f"step_{step:07d}", *parts)
 
 
-# ===== 6. JSONL inputs and the resumable per-rank map =====
+# ----- 6. JSONL inputs and the resumable per-rank map -----
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
     """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
