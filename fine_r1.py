@@ -491,10 +491,8 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
     "1. colour: red 2. pattern: striped 3. shape: circle | the options: red plain circle, blue striped square | not
     plain, not blue | the final answer is red striped circle" (| a line break)."""
-    attributes = class_name.split()
-    differs = []
-    for c in candidates:  # the first attribute in which each candidate differs from the image
-        differs += [w for w, mine in zip(c.split(), attributes) if w != mine][:1]
+    attributes = class_name.split()  # each candidate, another class, differs in an attribute: its first is named
+    differs = [next(w for w, mine in zip(c.split(), attributes) if w != mine) for c in candidates]
     features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
                                                                               attributes), 1))
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
@@ -514,11 +512,7 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 
 
 def run_cot(args, ranks: common.Dist, out: str) -> str:
-    """Write <out>/cot.jsonl (or check and return --cot-data). Skipped when the file exists (resume)."""
-    if args.cot_data:
-        records = common.read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
-        common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
-        return args.cot_data
+    """Write <out>/cot.jsonl and return its path. Skipped when the file exists (resume)."""
     path = os.path.join(out, "cot.jsonl")
     # rank 0's view for all (it may write the file first): a rank skipping alone would wait in the next collectives
     if common.all_gather_objects(os.path.exists(path))[0]:
@@ -635,7 +629,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
-
     model, processor, _ = run.load_policy(args.model, trainable=vision_trained(args.sft_train_vision),
                                           estimate=lambda processor: sft_estimate(processor, records, args),
                                           min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
@@ -681,7 +674,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     negatives = negative_classes(seen, args.negatives, args.confusable_k)
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
-
     model, processor, _ = run.load_policy(init, trainable=vision_trained(not args.tapo_freeze_vision),
                                           estimate=lambda processor: tapo_estimate(processor, train.kind, args,
                                                                                    ranks.world_size))
@@ -901,8 +893,8 @@ def main(argv=None):
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = run_cot(args, run.ranks, run.out) if "cot" in stages else \
-        args.cot_data or os.path.join(run.out, "cot.jsonl")
+    cot_path = args.cot_data or (run_cot(args, run.ranks, run.out) if "cot" in stages else  # --cot-data: no cot
+                                 os.path.join(run.out, "cot.jsonl"))
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         gc.collect()  # the SFT model and optimizer freed before TAPO loads
