@@ -893,8 +893,8 @@ def main(argv=None):
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = args.cot_data or (run_cot(args, run.ranks, run.out) if "cot" in stages else  # --cot-data: no cot
-                                 os.path.join(run.out, "cot.jsonl"))
+    cot_path = args.cot_data or (run_cot(args, run.ranks, run.out) if "cot" in stages  # --cot-data skips stage cot
+                                 else os.path.join(run.out, "cot.jsonl"))
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         gc.collect()  # the SFT model and optimizer freed before TAPO loads
