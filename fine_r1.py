@@ -413,7 +413,6 @@ TEACHER_PROMPT = (
     "4. a final line \"" + PREDICTION_MARK + " {truth}\".\n"
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
-
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
 
