@@ -26,12 +26,10 @@ Simplifications (each with the released code's way: README, "Every deviation")
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import dataclasses
 import difflib
 import gc
-import itertools
 import json
 import math
 import os
@@ -118,14 +116,6 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
 
-def triplets_at(cursor: int, anchors: list, by_class: dict, negatives: dict, args, ranks: common.Dist) -> list[Triplet]:
-    """This rank's triplets of the round at data position `cursor` (cursor + rank, + world, ... of seeded epochs over
-    the anchors), each position's draws seeded by it: the same on resume and on any number of ranks."""
-    return [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
-                         random.Random(args.seed * 1_000_003 + pos))
-            for pos in range(cursor + ranks.rank, cursor + args.sample_prompts, ranks.world_size)]
-
-
 @dataclasses.dataclass
 class Group:
     """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
@@ -147,8 +137,8 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     with args.precision.context():
         rollout = common.sample(model, processor, prompts, group_size=args.group_size,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=0, repetition_penalty=1.0, generator=generator,
-                                prompt_batch=args.rollout_prompt_batch, compile_decode=bool(args.compile_decode))
+                                generator=generator, prompt_batch=args.rollout_prompt_batch,
+                                compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
@@ -234,9 +224,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
-    sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))
-    if filled > len(rejected):
-        raise RuntimeError(f"dynamic sampling: {sampled} groups sampled, {quota} needed")
+    sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))  # check_batches: enough are sampled
     batch = kept[:quota] + (rejected[-filled:] if filled else [])
     stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
              "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
@@ -281,16 +269,13 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     pg = torch.where(adv < 0, torch.minimum(pg_ppo, -dual_clip * adv), pg_ppo)  # [B, T] dual clip: A < 0 costs <= c|A|
     delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
     k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
-    pg_term = (pg * mask).sum() / normalizer  # []
-    kl_term = (k3 * mask).sum() / normalizer  # []
-    entropy_term = (-logp * mask).sum() / normalizer  # []
-    neg_entropy_term = (-neg_logp * mask).sum() / normalizer  # [] (no gradient: neg_logp is a constant)
-    loss = pg_term - kl_coef * kl_term + entropy_coef * entropy_term + neg_entropy_coef * neg_entropy_term  # []
     clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    terms = {"loss": loss, "pg": pg_term, "kl_neg": kl_term, "entropy": entropy_term, "entropy_neg": neg_entropy_term,
-             "clip_frac": (clipped.to(mask.dtype) * mask).sum() / normalizer,
-             "ratio": (ratio * mask).sum() / normalizer}  # each a share of the step's token mean, for the log
-    return loss, {k: v.detach() for k, v in terms.items()}
+    terms = {name: (value * mask).sum() / normalizer  # [] each: this micro-batch's share of the step's token mean
+             for name, value in (("pg", pg), ("kl_neg", k3), ("entropy", -logp), ("entropy_neg", -neg_logp),
+                                 ("clip_frac", clipped.to(mask.dtype)), ("ratio", ratio))}  # neg_logp: no gradient
+    loss = (terms["pg"] - kl_coef * terms["kl_neg"] + entropy_coef * terms["entropy"]
+            + neg_entropy_coef * terms["entropy_neg"])  # []
+    return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
 
 
 # =====================================================================================================================
@@ -301,8 +286,12 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
     """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
     (dynamic_sampling), their advantages and log-probs under the sampling policy with their own and negative image."""
     def sample_round(round_index: int) -> list[Group]:
-        triplets = triplets_at(cursor + round_index * args.sample_prompts, train.examples, by_class, negatives, args,
-                               ranks)
+        # this rank's triplets: data positions start + rank, + world, ... of seeded epochs over the anchors, each
+        # position's draws seeded by it (the same on resume and on any number of ranks)
+        start, anchors = cursor + round_index * args.sample_prompts, train.examples
+        triplets = [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
+                                 random.Random(args.seed * 1_000_003 + pos))
+                    for pos in range(start + ranks.rank, start + args.sample_prompts, ranks.world_size)]
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
                                                   + ranks.rank)
         started = time.perf_counter()
@@ -424,14 +413,14 @@ TEACHER_PROMPT = (
     "4. a final line \"" + PREDICTION_MARK + " {truth}\".\n"
     "Put the whole explanation in <think> </think> and then only the category name in <answer> </answer>.")
 
-
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
 
-def _marker(text: str, mark: str) -> list[tuple[int, int]]:
-    """(start, end) of every occurrence of a fixed line's words, any case, spaces allowed before its colon."""
+def _marker(text: str, mark: str, last: bool = False) -> tuple[int, int]:
+    """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon."""
     pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
-    return [(m.start(), m.end()) for m in re.finditer(pattern, text, re.IGNORECASE)]
+    spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
+    return spans[-1 if last else 0] if spans else (-1, -1)
 
 
 def candidate_block(body: str) -> tuple[str, str]:
@@ -440,7 +429,7 @@ def candidate_block(body: str) -> tuple[str, str]:
     across blank lines only into the next number (3. after 2.). As in the paper's samples: "A, B" or 1./- lines."""
     lines = body.split("\n")
     filled = lambda i: next((j for j in range(i, len(lines)) if lines[j].strip()), len(lines))  # noqa: E731
-    take = [0] if lines[0].strip() else [filled(1)]  # the list on the marker's own line, or on the next filled one
+    take = [filled(0)]  # the list on the marker's own line, or on the next filled one
     if 0 < take[0] < len(lines) and not LIST_ITEM.match(lines[take[0]]) and lines[take[0]].rstrip().endswith(":"):
         take.append(filled(take[0] + 1))  # an introduction: its list follows
     i, take = min(take[-1] + 1, len(lines)), [j for j in take if j < len(lines)]
@@ -470,17 +459,14 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
 
 
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
-    """(the <think> text, or None unless all checks pass; the checks): the think / answer format, the answer is the
-    truth (normalised), and the rationale's four parts (marks: the candidate and prediction lines' opening words, any
-    case; markdown bold and headings ignored): analysis, a list of features before the candidate line; candidates,
-    that line and its list (candidate_block); comparison, 3+ words after the list and before the prediction;
-    prediction, the last prediction line naming the truth (names_truth)."""
+    """(the <think> text or None, the checks): format, the answer is the truth, and four parts (markdown ignored):
+    analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list (candidate_block);
+    comparison, 3+ words before the prediction line (marks[1], the last one), which names the truth (names_truth)."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
     text = re.sub(r"(?m)^[ \t]*#+[ \t]*", "", text)  # markdown headings
-    cands, preds = _marker(text, marks[0]), _marker(text, marks[1])
-    (c_start, c_end), (p_start, p_end) = (cands or [(-1, -1)])[0], (preds or [(-1, -1)])[-1]
+    (c_start, c_end), (p_start, p_end) = _marker(text, marks[0]), _marker(text, marks[1], last=True)
     listed = c_start >= 0 and p_start >= c_end  # the candidate line, and the prediction after it
     block, rest = candidate_block(text[c_end:p_start]) if listed else ("", "")
     features = text[:c_start] if c_start >= 0 else text
@@ -494,11 +480,26 @@ def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICT
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
 
+# The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
+# toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
+TOY_CANDIDATES_MARK = "the options:"
+TOY_PREDICTION_MARK = "the final answer is"
+
+
+def attribute_rationale(class_name: str, candidates: list[str]) -> str:
+    """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
+    "1. colour: red 2. pattern: striped 3. shape: circle | the options: red plain circle, blue striped square | not
+    plain, not blue | the final answer is red striped circle" (| a line break)."""
+    attributes = class_name.split()  # each candidate, another class, differs in an attribute: its first is named
+    differs = [next(w for w, mine in zip(c.split(), attributes) if w != mine) for c in candidates]
+    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
+                                                                              attributes), 1))
+    return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
+            f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
+
+
 def name_similarity(a: str, b: str) -> float:
-    """How confusable two class names look: shared words (Jaccard) plus half the character similarity.
-    >>> name_similarity("red striped circle", "red plain circle")   # 2 of 4 words shared: 0.5 + 0.5 * 24/34
-    0.8529411764705883
-    """
+    """How confusable two class names look: shared words (Jaccard) plus half the character similarity (difflib)."""
     a, b = judges.normalize(a), judges.normalize(b)
     words_a, words_b = set(a.split()), set(b.split())
     return len(words_a & words_b) / max(1, len(words_a | words_b)) + 0.5 * difflib.SequenceMatcher(None, a, b).ratio()
@@ -510,11 +511,7 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 
 
 def run_cot(args, ranks: common.Dist, out: str) -> str:
-    """Write <out>/cot.jsonl (or check and return --cot-data). Skipped when the file exists (resume)."""
-    if args.cot_data:
-        records = common.read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
-        common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
-        return args.cot_data
+    """Write <out>/cot.jsonl and return its path. Skipped when the file exists (resume)."""
     path = os.path.join(out, "cot.jsonl")
     # rank 0's view for all (it may write the file first): a rank skipping alone would wait in the next collectives
     if common.all_gather_objects(os.path.exists(path))[0]:
@@ -531,15 +528,15 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
                    for ex in offers[name][:args.cot_per_class]]
         records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
                                                    r["class_name"])} for r in records]
-        stats = {"cot/classes": len(seen), "cot/tried": len(records)}
+        stats = {"cot/tried": len(records)}
     else:  # the teacher, class by class over the ranks; a killed run redoes only the classes it did not finish
         done = common.resumable_map(out, "cot", seen, lambda names: teacher_rationales(
             names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
         records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
-        stats = {"cot/classes": len(seen), "cot/tried": sum(c["tried"] for c in done.values())}
+        stats = collections.Counter()
         for result in done.values():
-            for check, failed in result["fails"].items():
-                stats[f"cot/failed_{check}"] = stats.get(f"cot/failed_{check}", 0) + failed
+            stats.update({"cot/tried": result["tried"], **{f"cot/failed_{k}": n for k, n in result["fails"].items()}})
+    stats = {"cot/classes": len(seen), **stats}
     if not records:
         raise SystemExit(f"stage cot: no rationale passed the filter ({stats}); try another --teacher, more "
                          f"--cot-samples / --cot-images-per-class, or --cot-data FILE")
@@ -572,7 +569,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
                                                flag="--teacher" if args.teacher else "--model")
         teacher.eval()
     for position, name in enumerate(names):
-        kept, tried, fails = [], 0, {}
+        kept, tried, fails = [], 0, collections.Counter()
         for start in range(0, args.cot_images_per_class, args.cot_batch):
             offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
             if not offered or len(kept) >= args.cot_per_class:
@@ -590,8 +587,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
             for row, completion in enumerate(completions):
                 i = row // args.cot_samples
                 rationale, checks = check_rationale(completion, name, classes=train.class_names)
-                for check, ok in checks.items():
-                    fails[check] = fails.get(check, 0) + (not ok)
+                fails.update({check: not ok for check, ok in checks.items()})  # every check counted, 0 too
                 if (rationale is not None and len(kept) < args.cot_per_class
                         and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
                     kept.append({**posed[i], "response": response_text(rationale, name)})
@@ -601,6 +597,24 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     del teacher
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
+
+
+def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
+    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
+    model behind an OpenAI-compatible server (judges.OpenAIServer, the requests in flight together)."""
+    if processor is None:  # a server
+        def ask(image_and_text: tuple[str, str]) -> list[str]:
+            replies = teacher.chat_image(*image_and_text, n=args.cot_samples, temperature=args.cot_temperature,
+                                         top_p=args.cot_top_p, max_tokens=args.cot_max_new_tokens)
+            if len(replies) != args.cot_samples:
+                raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
+                                 f"{len(replies)}; pass --cot-samples 1 for a server that ignores n")
+            return replies
+        return [text for replies in teacher.map(ask, list(zip(images, texts))) for text in replies]
+    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
+    return common.sample(teacher, processor, prompts, group_size=args.cot_samples, generator=generator,
+                         max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
+                         top_p=args.cot_top_p, compile_decode=bool(args.compile_decode)).texts
 
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
@@ -614,7 +628,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
     total_steps = max(1, math.ceil(args.sft_epochs * len(records) / args.sft_batch))
-
     model, processor, _ = run.load_policy(args.model, trainable=vision_trained(args.sft_train_vision),
                                           estimate=lambda processor: sft_estimate(processor, records, args),
                                           min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
@@ -660,7 +673,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     negatives = negative_classes(seen, args.negatives, args.confusable_k)
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
-
     model, processor, _ = run.load_policy(init, trainable=vision_trained(not args.tapo_freeze_vision),
                                           estimate=lambda processor: tapo_estimate(processor, train.kind, args,
                                                                                    ranks.world_size))
@@ -673,7 +685,7 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                   f"{2 * args.group_size} responses, {steps_per_batch} updates each, {args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
     # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
-    for batch_start in itertools.islice(run.steps(state["step"], total_steps), 0, None, steps_per_batch):
+    for batch_start in run.steps(state["step"], total_steps, steps_per_batch):
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
         batch_index += 1
@@ -704,6 +716,30 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
     return final
+
+
+def sft_estimate(processor, records: list[dict], args) -> dict:
+    """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
+    return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
+                prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
+                title="memory budget (stage sft)",
+                knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
+                       **dict.fromkeys(("gradients", "optimizer states"), "--parallel fsdp over more GPUs; keep the "
+                                       "vision tower frozen (no --sft-train-vision)")})
+
+
+def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
+    """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
+    return dict(rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // world_size)) * args.group_size,
+                prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
+                new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
+                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
+                logit_rows=max(args.micro_batch, args.logprob_micro_batch), title="memory budget (stage tapo)",
+                knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
+                       "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
+                                           "--max-new-tokens, --max-pixels",
+                       **dict.fromkeys(("gradients", "optimizer states"),
+                                       "--parallel fsdp over more GPUs; --tapo-freeze-vision")})
 
 
 def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
@@ -856,8 +892,8 @@ def main(argv=None):
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = run_cot(args, run.ranks, run.out) if "cot" in stages else \
-        args.cot_data or os.path.join(run.out, "cot.jsonl")
+    cot_path = args.cot_data or (run_cot(args, run.ranks, run.out) if "cot" in stages  # --cot-data skips stage cot
+                                 else os.path.join(run.out, "cot.jsonl"))
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         gc.collect()  # the SFT model and optimizer freed before TAPO loads
@@ -867,83 +903,6 @@ def main(argv=None):
     lifecycle.print_eval_summary([os.path.join(run.out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
     return run.out
-
-
-# =====================================================================================================================
-# 7. Plumbing: the teacher's input and output, the memory estimates
-# =====================================================================================================================
-
-def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
-    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
-    model behind an OpenAI-compatible server (judges.OpenAIServer; the image sent inline as a data URL)."""
-    if isinstance(teacher, judges.OpenAIServer):
-        def ask(item):
-            image, text = item
-            with open(image, "rb") as f:
-                inline = f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64," \
-                         f"{base64.b64encode(f.read()).decode()}"
-            content = [{"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": text}]
-            out = teacher.chat({"messages": [{"role": "user", "content": content}], "n": args.cot_samples,
-                                "temperature": args.cot_temperature, "top_p": args.cot_top_p,
-                                "max_tokens": args.cot_max_new_tokens})
-            if len(out) != args.cot_samples:
-                raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
-                                 f"{len(out)}; pass --cot-samples 1 for a server that ignores n")
-            return out
-        return [t for texts_of_one in teacher.map(ask, list(zip(images, texts))) for t in texts_of_one]
-    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
-    return common.sample(teacher, processor, prompts, group_size=args.cot_samples,
-                         max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
-                         top_p=args.cot_top_p, top_k=0, repetition_penalty=1.0, generator=generator,
-                         compile_decode=bool(args.compile_decode)).texts
-
-
-def sft_estimate(processor, records: list[dict], args) -> dict:
-    """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
-    return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
-                prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
-                title="memory budget (stage sft)",
-                knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
-                       **dict.fromkeys(("gradients", "optimizer states"), "--parallel fsdp over more GPUs; keep the "
-                                       "vision tower frozen (no --sft-train-vision)")})
-
-
-def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
-    """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
-    return dict(rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // world_size)) * args.group_size,
-                prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
-                new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
-                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-                logit_rows=max(args.micro_batch, args.logprob_micro_batch), title="memory budget (stage tapo)",
-                knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --rollout-prompt-batch",
-                       "rollout KV cache": "--rollout-prompt-batch (images per sampling call), --group-size, "
-                                           "--max-new-tokens, --max-pixels",
-                       **dict.fromkeys(("gradients", "optimizer states"),
-                                       "--parallel fsdp over more GPUs; --tapo-freeze-vision")})
-
-
-# =====================================================================================================================
-# 8. For the CPU stand-in
-# =====================================================================================================================
-
-# The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
-# toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
-TOY_CANDIDATES_MARK = "the options:"
-TOY_PREDICTION_MARK = "the final answer is"
-
-
-def attribute_rationale(class_name: str, candidates: list[str]) -> str:
-    """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
-    "1. colour: red 2. pattern: striped 3. shape: circle | the options: red plain circle, blue striped square | not
-    plain, not blue | the final answer is red striped circle" (| a line break)."""
-    attributes = class_name.split()
-    differs = []
-    for c in candidates:  # the first attribute in which each candidate differs from the image
-        differs += [w for w, mine in zip(c.split(), attributes) if w != mine][:1]
-    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                              attributes), 1))
-    return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
-            f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
 
 if __name__ == "__main__":

@@ -553,6 +553,16 @@ class OpenAIServer:
                 f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
                 f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
 
+    def chat_image(self, image: str, text: str, **body) -> list[str]:
+        """chat() on one user turn of an image file, sent inline as a data URL, and a text; `body` adds the request's
+        other fields (n, temperature, max_tokens, ...)."""
+        import base64
+        with open(image, "rb") as f:
+            inline = (f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64,"
+                      f"{base64.b64encode(f.read()).decode()}")
+        content = [{"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": text}]
+        return self.chat({"messages": [{"role": "user", "content": content}], **body})
+
 
 def strip_think(text: str) -> str:
     """The text after the last </think>, cut at an unclosed <think> (reasoning the token budget stopped)."""

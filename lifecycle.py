@@ -192,11 +192,11 @@ class Run:
             self.log.log({**record, **self.timer.pop()})
         return state
 
-    def steps(self, start: int, total: int):
-        """The steps start .. total-1, with a progress bar on a terminal (rank 0)."""
+    def steps(self, start: int, total: int, stride: int = 1):
+        """The steps start, start + stride, ... below total, with a progress bar on a terminal (rank 0)."""
         self.total, self.last_step, self.first = total, start, start
         self.bar = progress_bar(self.ranks.is_main, total=total, initial=start, desc=self.script)
-        for step in range(start, total):
+        for step in range(start, total, stride):
             self.t_step = time.perf_counter()
             yield step
         if self.bar is not None:
