@@ -76,7 +76,7 @@ class Dataset:
     examples: list[Example]
     class_names: list[str]  # every class of the dataset, in class-id order
     kind: str  # what the objects are ("bird", "aircraft", "shape"), used in prompts
-    hierarchy: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> ancestors, near first
+    hierarchy: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> ancestors
     synonyms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> other names
     classes: list[int] | None = None  # the class ids this split was restricted to (None = all)
     generic: list[str] = dataclasses.field(default_factory=list)  # broad words that are 'generic' for any class
@@ -452,7 +452,8 @@ def car_hierarchy(name: str) -> list[str]:
     line = " ".join(words)
     body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
-    chain = [a for a in (line, line[: -len(body) - 1] if body else line, make, "car") if normalize(a) != normalize(name)]
+    chain = [line, line[: -len(body) - 1] if body else line, make, "car"]
+    chain = [a for a in chain if normalize(a) != normalize(name)]
     return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
 
 
@@ -709,7 +710,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
-        dropped = f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}" if ds.skipped else ""
+        dropped = (f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}"
+                   if ds.skipped else "")
         raise SystemExit(f"--data {name}: split {split!r} ({classes} classes) has no usable image (read from "
                          f"{ds.root}{dropped}). Expected at least one readable image.\nExpected layout:\n"
                          f"{LAYOUTS.get(name, LAYOUTS['json'])}")

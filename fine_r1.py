@@ -47,9 +47,7 @@ import lifecycle
 import memory
 
 
-# =====================================================================================================================
-# 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group
-# =====================================================================================================================
+# ----- 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group -----
 
 # Closed world (the released eval_closedworld): the options as a Python list, the reasoning and the choice in tags.
 QUESTION = "Which {kind} is shown in this picture?"
@@ -152,9 +150,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     return groups
 
 
-# =====================================================================================================================
-# 2. Rewards (REWARDS[name](completions, example), picked and weighted by --rewards), advantage, dynamic sampling
-# =====================================================================================================================
+# ----- 2. Rewards (REWARDS, picked and weighted by --rewards), advantage, dynamic sampling -----
 
 def accuracy_reward(completions: list[str], example: dict) -> list[float]:
     """1 if the lowercased truth is a substring of the <answer> text (the paper's rule).
@@ -232,9 +228,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
     return batch, stats
 
 
-# =====================================================================================================================
-# 3. The TAPO loss, written by hand
-# =====================================================================================================================
+# ----- 3. The TAPO loss, written by hand -----
 
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, normalizer: float, clip_low: float = 0.2, clip_high: float = 0.28,
@@ -278,9 +272,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
 
 
-# =====================================================================================================================
-# 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs) and update; SFT's update
-# =====================================================================================================================
+# ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
     """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
@@ -371,9 +363,7 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
                             precision=args.precision)  # the paper's SFT clips at 1.0
 
 
-# =====================================================================================================================
-# 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle
-# =====================================================================================================================
+# ----- 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle -----
 
 # SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
 # preset (rl) asks with TAPO's prompt and no system prompt: the stand-in, pretrained on the RL and evaluation prompts,
@@ -772,9 +762,7 @@ def eval_sets_for(args) -> dict:
             for group, classes in (("seen", "base"), ("unseen", "novel")) if args.eval_every}
 
 
-# =====================================================================================================================
-# 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main
-# =====================================================================================================================
+# ----- 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main -----
 
 # Toy preset (flags not given): 20 rationales per seen class (each training image, not 1 of 20: 12 SFT samples would
 # not teach the tiny stand-in the format and the attributes); learning rates for a 0.7M-parameter model.

@@ -139,8 +139,8 @@ def add_judge_flags(group):
 def judge_error_stop(errors: float, judged: float, limit: float) -> str:
     """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
     if judged and errors / judged > limit:
-        return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, above "
-                f"--max-judge-errors {limit}): check the judge's server and flags (README: servers)")
+        return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, "
+                f"above --max-judge-errors {limit}): check the judge's server and flags (README: servers)")
     return ""
 
 
