@@ -441,8 +441,9 @@ def test_every_method_starts_with_its_paper_defaults_on_1_to_16_ranks(world, cap
     if world in (4, 8, 16):
         with pytest.raises(SystemExit, match="--prompts-per-step = 6 is not divisible by the number of ranks"):
             dive_k.prompts_per_step_for(user, world)
-    per_rank, per_minibatch = speciarl.check_batches(speciarl.parse_args(["--data", "cub"]), world)
-    assert per_rank * world == 256 and per_minibatch * 2 * world == 256
+    speciarl_args = speciarl.parse_args(["--data", "cub"])
+    per_rank = speciarl.check_batches(speciarl_args, world)  # SystemExit if it does not divide
+    assert per_rank * world == 256 and speciarl_args.minibatches == 2 and per_rank % 2 == 0
     fine_r1.check_batches(fine_r1.parse_args(["--data", "cub"]), ["sft", "tapo"], world)  # SystemExit if not
 
 
