@@ -85,7 +85,7 @@ TWO_STEP_EVAL = evaluation.Protocol(
     step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
 
 
-# ----- 2. Stage 1: each image's question from the model's K answers (the method's data); each step's questions -----
+# ----- 2. Stage 1: each image's question from the model's K answers (the method's data) -----
 
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
@@ -146,69 +146,6 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
                                   drop_easy=drop_easy, prefixes=(f"{answer_format(args.data)}: ",))
         questions.append({"id": ex.id, "image": ex.image, **question})  # option order depends on the image only
     return questions
-
-
-def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
-                      fsdp_inputs: dict | None, log_summary: bool) -> list[dict]:
-    """Stage 1 for every training image, cached in <out>/mcq.jsonl (resumable per rank while it runs, merged in
-    dataset order): the kept questions."""
-    final = os.path.join(run.out, "mcq.jsonl")
-    if not os.path.exists(final):
-        by_id = {ex.id: (i, ex) for i, ex in enumerate(train.examples)}
-        model.eval()
-
-        def work(ids: list[str]):
-            bar = common.progress_bar(run.ranks.is_main, total=len(ids), desc="mining")
-            with common.gathered_params(model, fsdp_inputs):
-                for start in range(0, len(ids), args.mine_batch):
-                    chunk = [by_id[i][1] for i in ids[start:start + args.mine_batch]]
-                    seed = args.seed * 1_000_003 + by_id[chunk[0].id][0]  # a resumed run samples the same answers
-                    yield from ((q["id"], q) for q in mine(model, processor, chunk, base_classes, train.kind, args,
-                                                           seed=seed))
-                    if bar is not None:
-                        bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.ranks,
-                                    f"stage 1: mining with K={args.mine_samples} samples")
-        if run.ranks.is_main:
-            with open(final + ".tmp", "w") as f:
-                f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
-            os.replace(final + ".tmp", final)
-            common.remove_rank_parts(run.out, "mcq")
-        common.barrier()
-    questions = common.read_jsonl(final)
-    kept = [q for q in questions if q["status"] == "kept"]
-    summary = {"mining/images": len(questions), "mining/kept": len(kept),
-               "mining/dropped_easy": sum(q["status"] == "easy" for q in questions),
-               "mining/truth_inserted": sum(q["truth_inserted"] for q in kept),
-               "mining/padded": sum(q["padded"] for q in kept),
-               "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
-                                            / max(1, sum(q["n_samples"] for q in questions))),
-               "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
-                                            / max(1, len(questions))),
-               "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
-    common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
-    if log_summary:  # a resumed run has it in metrics.jsonl already
-        run.log.log({"step": 0, "event": "mining", **summary})
-    return kept
-
-
-def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
-                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
-    """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
-    pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
-    rank, world_size = run.ranks.rank, run.ranks.world_size
-    positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
-    batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
-    if not args.online_mining:
-        return batch, {}
-    model.eval()
-    with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
-        mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
-                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
-    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
-                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
 
 
 # ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
@@ -406,7 +343,72 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     return record
 
 
-# ----- 7. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
+# ----- 7. Stage 1 over the training set (cached, resumable per rank), and each step's questions -----
+
+def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
+                      fsdp_inputs: dict | None, log_summary: bool) -> list[dict]:
+    """Stage 1 for every training image, cached in <out>/mcq.jsonl (resumable per rank while it runs, merged in
+    dataset order): the kept questions."""
+    final = os.path.join(run.out, "mcq.jsonl")
+    if not os.path.exists(final):
+        by_id = {ex.id: (i, ex) for i, ex in enumerate(train.examples)}
+        model.eval()
+
+        def work(ids: list[str]):
+            bar = common.progress_bar(run.ranks.is_main, total=len(ids), desc="mining")
+            with common.gathered_params(model, fsdp_inputs):
+                for start in range(0, len(ids), args.mine_batch):
+                    chunk = [by_id[i][1] for i in ids[start:start + args.mine_batch]]
+                    seed = args.seed * 1_000_003 + by_id[chunk[0].id][0]  # a resumed run samples the same answers
+                    yield from ((q["id"], q) for q in mine(model, processor, chunk, base_classes, train.kind, args,
+                                                           seed=seed))
+                    if bar is not None:
+                        bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        done = common.resumable_map(run.out, "mcq", list(by_id), work, run.ranks,
+                                    f"stage 1: mining with K={args.mine_samples} samples")
+        if run.ranks.is_main:
+            with open(final + ".tmp", "w") as f:
+                f.writelines(json.dumps(done[ex.id]) + "\n" for ex in train.examples)
+            os.replace(final + ".tmp", final)
+            common.remove_rank_parts(run.out, "mcq")
+        common.barrier()
+    questions = common.read_jsonl(final)
+    kept = [q for q in questions if q["status"] == "kept"]
+    summary = {"mining/images": len(questions), "mining/kept": len(kept),
+               "mining/dropped_easy": sum(q["status"] == "easy" for q in questions),
+               "mining/truth_inserted": sum(q["truth_inserted"] for q in kept),
+               "mining/padded": sum(q["padded"] for q in kept),
+               "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
+                                            / max(1, sum(q["n_samples"] for q in questions))),
+               "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
+                                            / max(1, len(questions))),
+               "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
+    common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
+    if log_summary:  # a resumed run has it in metrics.jsonl already
+        run.log.log({"step": 0, "event": "mining", **summary})
+    return kept
+
+
+def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
+                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
+    """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
+    pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
+    rank, world_size = run.ranks.rank, run.ranks.world_size
+    positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
+    batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
+    if not args.online_mining:
+        return batch, {}
+    model.eval()
+    with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
+        mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
+                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
+    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
+                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
+
+
+# ----- 8. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
@@ -508,7 +510,7 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                        "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
 
 
-# ----- 8. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
+# ----- 9. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
 
 def main(argv=None):
     args = parse_args(argv)
