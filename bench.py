@@ -35,8 +35,7 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     g = p.add_argument_group("model and workload")
     g.add_argument("--model", default="tiny", help="hub id, local directory, 'tiny', or a random preset: qwen2.5-vl-"
                    "30m-random, -35m-random (CPU; the real vocabulary), -3b-random, -7b-random (default %(default)s)")
@@ -176,7 +175,6 @@ def main(argv=None) -> dict:
     images = [common.open_image(e.image).resize((args.image_size, args.image_size))
               for e in data.load_dataset("toy", "test").examples]
     prompts = [common.encode_prompt(processor, images[i % len(images)], speciarl.PROMPT) for i in range(args.prompts)]
-    patches = [int(p.image_grid_thw.prod()) for p in prompts]
 
     bandwidth = copy_bandwidth(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -215,7 +213,7 @@ def main(argv=None) -> dict:
 
     scoring = {"logprob", "update"} & set(args.phases)  # they score our rollout: "sample" runs too
     runs = alternate({name: fn for name, fn in (("sample", ours), ("generate", hf_generate))
-                      if name in args.phases or name == "sample" and scoring}, args.warmup, args.repeats, device)
+                      if name in args.phases or (name == "sample" and scoring)}, args.warmup, args.repeats, device)
     tok_s = {}
     for name, done in runs.items():
         times, tokens = [dt for _, dt, _ in done], [int(out.completion_mask.sum()) for out, _, _ in done]
@@ -249,13 +247,13 @@ def main(argv=None) -> dict:
     if scoring:
         rollout = runs["sample"][-1][0]
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
-        # the sequences each path runs (prompt tokens, [completion tokens], image patches), per micro-batch and run of
-        # rows sharing a prompt: one on the shared path; one per row, the run's later rows encoding no image
-        # (common.images_encoded_once)
+        # the sequences a path runs (prompt tokens, [completion tokens], image patches) per micro-batch and run of rows
+        # sharing a prompt: one on the shared path; one a row, the later ones encoding no image (images_encoded_once)
         seqs = {"rows": [], "shared": []}
         for s in range(0, len(row_prompts), micro):
             for a, b in common.prompt_runs(row_prompts[s:s + micro]):
-                run = (len(row_prompts[s + a]), comp_mask[s + a:s + b].sum(1).tolist(), patches[(s + a) // G])
+                prompt = row_prompts[s + a]
+                run = (len(prompt), comp_mask[s + a:s + b].sum(1).tolist(), int(prompt.image_grid_thw.prod()))
                 seqs["shared"].append(run)
                 seqs["rows"] += [(run[0], [c], 0 if i else run[2]) for i, c in enumerate(run[1])]
         fig["score_tokens"] = sum(a + sum(b) for a, b, _ in seqs["rows"])  # prompt + completion tokens of every row
