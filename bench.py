@@ -252,10 +252,10 @@ def main(argv=None) -> dict:
         seqs = {"rows": [], "shared": []}
         for s in range(0, len(row_prompts), micro):
             for a, b in common.prompt_runs(row_prompts[s:s + micro]):
-                prompt = row_prompts[s + a]
-                run = (len(prompt), comp_mask[s + a:s + b].sum(1).tolist(), int(prompt.image_grid_thw.prod()))
-                seqs["shared"].append(run)
-                seqs["rows"] += [(run[0], [c], 0 if i else run[2]) for i, c in enumerate(run[1])]
+                prompt, comp_lens = row_prompts[s + a], comp_mask[s + a:s + b].sum(1).tolist()
+                patches = int(prompt.image_grid_thw.prod())
+                seqs["shared"].append((len(prompt), comp_lens, patches))
+                seqs["rows"] += [(len(prompt), [c], patches if i == 0 else 0) for i, c in enumerate(comp_lens)]
         fig["score_tokens"] = sum(a + sum(b) for a, b, _ in seqs["rows"])  # prompt + completion tokens of every row
         fig["score_tokens_run_shared"] = sum(a + sum(b) for a, b, _ in seqs["shared"])  # what the shared path runs
         temperature = args.temperature or 1.0
