@@ -21,6 +21,7 @@ import json
 import resource
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -34,8 +35,7 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     g = p.add_argument_group("model and workload")
     g.add_argument("--model", default="tiny", help="hub id, local directory, 'tiny', or a random preset: qwen2.5-vl-"
                    "30m-random, -35m-random (CPU; the real vocabulary), -3b-random, -7b-random (default %(default)s)")
@@ -75,16 +75,6 @@ def parse_args(argv=None):
     return args
 
 
-def timed(fn, device):
-    """(result, seconds) of fn(), synchronised on GPU."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
 def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -93,6 +83,7 @@ def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
     """{name: [(result, seconds, peak GiB) of each timed run]}: the fns in turn (a, b, a, b ...) after `warmup` untimed
     rounds, so that a change of machine load mid-run hits each alike. Peak: torch's on GPU, else the resident set's
     (the kernel's high-water mark, reset before each run on Linux; elsewhere the process's lifetime maximum)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     runs = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
@@ -101,7 +92,11 @@ def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
             else:  # Linux: 5 makes the peak resident set (ru_maxrss) the current one
                 with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-            out, dt = timed(fn, device)
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            dt = time.perf_counter() - t0
             resident_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10  # from kiB
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_peak
             if i >= warmup:
@@ -114,13 +109,13 @@ def copy_bandwidth(device) -> float:
     n, reps = (2 ** 28, 10) if device.type == "cuda" else (2 ** 26, 3)  # 1 GiB of fp32 on GPU, 256 MiB on CPU
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = src.clone()  # allocated and touched before the timing
-    _, dt = timed(lambda: [dst.copy_(src) for _ in range(reps)], device)
-    return 2 * n * 4 * reps / dt
+    runs = alternate({"copy": lambda: [dst.copy_(src) for _ in range(reps)]}, 0, 1, device)
+    return 2 * n * 4 * reps / runs["copy"][0][1]  # one run's seconds
 
 
-def completions(ids, mask) -> list[list[int]]:
+def completions(out) -> list[list[int]]:
     """Each row's completion tokens up to and including the first EOS (the padding cut off)."""
-    return [ids[row, :int(mask[row].sum())].tolist() for row in range(ids.shape[0])]
+    return [row[:int(length)].tolist() for row, length in zip(out.completion_ids, out.completion_mask.sum(1))]
 
 
 def model_shape(model) -> dict:
@@ -180,14 +175,12 @@ def main(argv=None) -> dict:
     images = [common.open_image(e.image).resize((args.image_size, args.image_size))
               for e in data.load_dataset("toy", "test").examples]
     prompts = [common.encode_prompt(processor, images[i % len(images)], speciarl.PROMPT) for i in range(args.prompts)]
-    patches = [int(p.image_grid_thw.prod()) for p in prompts]
 
     bandwidth = copy_bandwidth(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tflops = args.peak_tflops or next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in dev_name), None)
     if tflops is None and device.type == "cuda":
         common.print0(f"unknown GPU {dev_name!r}: no MFU (pass --peak-tflops)")
-    peak = tflops * 1e12 if tflops else None
     fig: dict = {"copy_bandwidth_GBps": bandwidth / 1e9, "image_tokens": int((prompts[0].mm_token_type_ids == 1).sum()),
                  "prompt_tokens": len(prompts[0]), "params": shape["total_params"]}
 
@@ -208,7 +201,7 @@ def main(argv=None) -> dict:
     hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
                     suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
 
-    def hf_generate(greedy=False):  # [rows, T'] completion ids (the prompt cut off) and their completion mask
+    def hf_generate(greedy=False):  # the completions (the prompt cut off) and their mask, named as in a Rollout
         with gather():
             if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
                 seqs = model.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
@@ -216,15 +209,14 @@ def main(argv=None) -> dict:
                 seqs = model.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
                                       top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
         comp = seqs[:, inputs["input_ids"].shape[1]:]
-        return comp, common.completion_mask_from(comp, eos_ids)
+        return SimpleNamespace(completion_ids=comp, completion_mask=common.completion_mask_from(comp, eos_ids))
 
-    methods = {name: fn for name, fn in (("sample", ours), ("generate", hf_generate))
-               if name in args.phases or (name == "sample" and {"logprob", "update"} & set(args.phases))}
-    runs = alternate(methods, args.warmup, args.repeats, device)
+    scoring = {"logprob", "update"} & set(args.phases)  # they score our rollout: "sample" runs too
+    runs = alternate({name: fn for name, fn in (("sample", ours), ("generate", hf_generate))
+                      if name in args.phases or (name == "sample" and scoring)}, args.warmup, args.repeats, device)
     tok_s = {}
     for name, done in runs.items():
-        times = [dt for _, dt, _ in done]
-        tokens = [int((out.completion_mask if name == "sample" else out[1]).sum()) for out, _, _ in done]
+        times, tokens = [dt for _, dt, _ in done], [int(out.completion_mask.sum()) for out, _, _ in done]
         tok_s[name] = [n / t for n, t in zip(tokens, times)]
         fig.update({f"{name}_s": stats(times), f"{name}_tok_s": stats(tok_s[name]), f"{name}_tokens": stats(tokens),
                     f"{name}_peak_GiB": max(p for _, _, p in done)})
@@ -234,54 +226,49 @@ def main(argv=None) -> dict:
     if "sample" in runs:
         sampler_stats = [out.stats for out, _, _ in runs["sample"]]
         step_s = [s["decode_s"] / max(1, s["decode_steps"] - 1) for s in sampler_stats]  # steps - 1 after the prefill
-        fig["prefill_s"] = stats([s["prefill_s"] for s in sampler_stats])
-        fig["decode_step_ms"] = stats([1e3 * x for x in step_s])
         mean_context = max(len(p) for p in prompts) + statistics.median([s["decode_steps"] for s in sampler_stats]) / 2
         # bytes a decode step must read: the language model's weights once, every row's K and V cache
-        elsize = torch.finfo(param_dtype).bits // 8
-        weights = (shape["layers_params"] + shape["norm_params"] + shape["head_params"]) * elsize
-        step_bytes = weights + shape["n_layers"] * 2 * len(prompts) * G * shape["kv_dim"] * mean_context * elsize
-        fig["decode_bytes_per_step_MB"] = step_bytes / 1e6
-        fig["decode_bandwidth_fraction"] = step_bytes / bandwidth / statistics.median(step_s)
+        weights = shape["layers_params"] + shape["norm_params"] + shape["head_params"]
+        kv_cache = shape["n_layers"] * 2 * len(prompts) * G * shape["kv_dim"] * mean_context
+        step_bytes = (weights + kv_cache) * param_dtype.itemsize
+        fig.update(prefill_s=stats([s["prefill_s"] for s in sampler_stats]),
+                   decode_step_ms=stats([1e3 * x for x in step_s]), decode_bytes_per_step_MB=step_bytes / 1e6,
+                   decode_bandwidth_fraction=step_bytes / bandwidth / statistics.median(step_s))
     if len(runs) == 2:
         # seeded alike, one multinomial a step: exact sampling draws the same tokens if the RNG streams match too
-        fig["sampled_identical"] = all(completions(s[0].completion_ids, s[0].completion_mask) == completions(*g[0])
+        fig["sampled_identical"] = all(completions(s[0]) == completions(g[0])
                                        for s, g in zip(runs["sample"], runs["generate"]))
-        ours_greedy = ours(temperature=0)  # each of our G rows of prompt i = generate's greedy completion of i
-        comp, mask = hf_generate(greedy=True)
-        fig["greedy_identical"] = completions(ours_greedy.completion_ids, ours_greedy.completion_mask) == completions(
-            comp.repeat_interleave(G, 0), mask.repeat_interleave(G, 0))
-        fig["greedy_tokens"] = int(ours_greedy.completion_mask.sum())
+        greedy = completions(ours(temperature=0))  # each of our G rows of prompt i = generate's greedy completion of i
+        fig["greedy_identical"] = greedy == [row for row in completions(hf_generate(greedy=True)) for _ in range(G)]
+        fig["greedy_tokens"] = sum(len(row) for row in greedy)
 
     # the scoring phases on our last timed rollout, both paths in turn: "rows" = one sequence per completion, "shared" =
     # each prompt once for its group's completions (the default; the figures without a suffix)
-    if {"logprob", "update"} & set(args.phases):  # "sample" then ran too
+    if scoring:
         rollout = runs["sample"][-1][0]
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
-        # per row: one repeating the previous row's image in its micro-batch encodes none (common.images_encoded_once)
-        rows = [(len(p), [int(comp_mask[r].sum())],
-                 0 if r % micro and row_prompts[r - 1] is p else patches[r // G]) for r, p in enumerate(row_prompts)]
-        # the shared path: per micro-batch, one sequence per run of rows sharing a prompt (its completions after it)
-        packed = []
+        # the sequences a path runs (prompt tokens, [completion tokens], image patches) per micro-batch and run of rows
+        # sharing a prompt: one on the shared path; one a row, the later ones encoding no image (images_encoded_once)
+        seqs = {"rows": [], "shared": []}
         for s in range(0, len(row_prompts), micro):
             for a, b in common.prompt_runs(row_prompts[s:s + micro]):
-                packed.append((len(row_prompts[s + a]), comp_mask[s + a:s + b].sum(1).tolist(), patches[(s + a) // G]))
-        work = {path: (sum(a + sum(b) for a, b, _ in seqs), forward_flops(shape, seqs))  # (tokens, FLOPs) run
-                for path, seqs in (("rows", rows), ("shared", packed))}
-        fig["score_tokens"] = work["rows"][0]  # prompt + completion tokens of every scored row
-        fig["score_tokens_run_shared"] = work["shared"][0]  # the tokens the shared path actually runs
+                prompt, comp_lens = row_prompts[s + a], comp_mask[s + a:s + b].sum(1).tolist()
+                patches = int(prompt.image_grid_thw.prod())
+                seqs["shared"].append((len(prompt), comp_lens, patches))
+                seqs["rows"] += [(len(prompt), [c], patches if i == 0 else 0) for i, c in enumerate(comp_lens)]
+        fig["score_tokens"] = sum(a + sum(b) for a, b, _ in seqs["rows"])  # prompt + completion tokens of every row
+        fig["score_tokens_run_shared"] = sum(a + sum(b) for a, b, _ in seqs["shared"])  # what the shared path runs
         temperature = args.temperature or 1.0
 
         def report(phase: str, fn, flops_factor: int):  # fn(shared) timed on both paths, in turn
             done = alternate({"rows": lambda: fn(False), "shared": lambda: fn(True)}, args.warmup, args.repeats, device)
-            for path, suffix in (("shared", ""), ("rows", "_rows")):
+            for path, name in (("shared", phase), ("rows", f"{phase}_rows")):
                 times = [t for _, t, _ in done[path]]
-                tokens, flops = work["rows"][0], flops_factor * work[path][1]  # tokens scored (per row); FLOPs run
-                fig.update({f"{phase}{suffix}_s": stats(times),
-                            f"{phase}{suffix}_tok_s": stats([tokens / t for t in times]),
-                            f"{phase}{suffix}_TFLOPs": flops / 1e12,
-                            f"{phase}{suffix}_mfu": flops / statistics.median(times) / peak if peak else None,
-                            f"{phase}{suffix}_peak_GiB": max(p for _, _, p in done[path])})
+                flops = flops_factor * forward_flops(shape, seqs[path])  # FLOPs run; tokens/s: the tokens scored
+                fig.update({f"{name}_s": stats(times), f"{name}_tok_s": stats([fig["score_tokens"] / t for t in times]),
+                            f"{name}_TFLOPs": flops / 1e12,
+                            f"{name}_mfu": flops / statistics.median(times) / (tflops * 1e12) if tflops else None,
+                            f"{name}_peak_GiB": max(p for _, _, p in done[path])})
             fig[f"{phase}_speedup"] = stats([r[1] / s[1] for r, s in zip(done["rows"], done["shared"])])
 
         if "logprob" in args.phases:  # the no-grad pass
@@ -307,7 +294,6 @@ def main(argv=None) -> dict:
                     loss.backward()
                 opt.step()
             report("update", update, 3)
-            model.eval()
 
     settings = dict(vars(args), micro_batch=micro, activation_checkpointing=ac, world_size=dist.world_size,
                     dtype=str(param_dtype).replace("torch.", ""), torch=torch.__version__,
