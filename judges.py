@@ -66,10 +66,8 @@ def format_ok(completion: str) -> bool:
     return FORMAT_RE.match(completion) is not None
 
 
-ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too)
-    "", "none", "unknown", "i don t know", "i do not know", "don t know", "do not know", "no idea", "i have no idea",
-    "not sure", "i m not sure", "i am not sure", "unsure", "uncertain", "unclear", "cannot tell", "can t tell",
-    "cannot determine", "can t determine", "cannot be determined", "undetermined", "n a", "na", "nothing",
+ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too), besides those ABSTAIN_RE finds
+    "", "none", "unknown", "no idea", "unsure", "uncertain", "unclear", "undetermined", "n a", "na", "nothing",
     "no answer", "none of the above", "none of these", "unidentified", "unidentifiable", "not identifiable",
     "impossible to tell", "not possible to tell", "abstain", "pass",
 }
@@ -145,14 +143,13 @@ def judge_error_stop(errors: float, judged: float, limit: float) -> str:
 
 
 class Judge:
-    """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
-    another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
-    (None for a pair it could not label)."""
-    name = "judge"
+    """The shared part: the normalised-pair cache and its append-only JSONL file, keyed by the judge's `name` (records
+    of another judge in the same file are ignored). Subclasses implement `_judge(pairs of normalised strings) ->
+    labels` (None for a pair it could not label)."""
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
-    def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.cache_path, self.cache = cache_path, {}  # cache: (truth, prediction) -> label
+    def __init__(self, name: str, cache_path: str | None):
+        self.name, self.cache_path, self.cache = name, cache_path, {}  # cache: (truth, prediction) -> label
         # pairs sent to _judge here, lookups answered from the cache, unreadable cache lines, pairs given no label
         self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
@@ -173,7 +170,6 @@ class Judge:
         self.hits += sum(k in self.cache for k in keys)  # a pair repeated within this call is no hit
         if todo:
             labels = self._judge(todo)
-            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
             if not self.writes_as_it_goes:
@@ -225,8 +221,7 @@ class RulesJudge(Judge):
       anything else (two class names listed too) -> wrong."""
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.name = f"rules-v2:{dataset.name}"
-        super().__init__(dataset, cache_path)
+        super().__init__(f"rules-v2:{dataset.name}", cache_path)
         ds = dataset
         self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
         self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
@@ -277,12 +272,8 @@ class RulesJudge(Judge):
     def _mentions(self, text: str) -> set[str]:
         """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
         padded = f" {_canon(text)} "
-        spans = []
-        for form, cname in self.mentionable.items():
-            start = padded.find(f" {form} ")
-            while start >= 0:
-                spans.append((start, start + len(form) + 1, cname))
-                start = padded.find(f" {form} ", start + 1)
+        spans = [(m.start(), m.start() + len(form) + 1, cname) for form, cname in self.mentionable.items()
+                 for m in re.finditer(f"(?= {re.escape(form)} )", padded)]  # every occurrence, overlapping ones too
         return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
 
     def label(self, truth: str, answer: str) -> str:
@@ -337,12 +328,10 @@ class HFJudge(Judge):
     appended; the label with the highest total log-probability wins (temperature 0, constrained to the six labels).
     Rows are left-padded so the label tokens sit at the end, and only those positions reach the vocabulary layer."""
 
-    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None):
-        self.name = f"hf:{model_path}"
-        super().__init__(dataset, cache_path)
-        self.model_path, self.model, self.tokenizer = model_path, None, None
-        cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    def __init__(self, model_path: str, cache_path: str | None = None):
+        super().__init__(f"hf:{model_path}", cache_path)
+        self.model_path, self.model = model_path, None  # loaded at the first pair the cache does not answer
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -439,15 +428,13 @@ class OpenAIServer:
     BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
     MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
 
-    def __init__(self, base_url: str | None, model: str, *, api_key: str | None = None, what: str = "--judge-url",
-                 concurrency: int = 16, timeout: float = 60.0, retries: int = 5, backoff: float | None = None):
+    def __init__(self, base_url: str | None, model: str, *, what: str, concurrency: int = 16):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise SystemExit(f"{what}: no server address; pass {what} http://HOST:PORT/v1 or set OPENAI_BASE_URL")
-        self.url, self.model, self.what = base_url.rstrip("/"), model, what
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
-        self.backoff = self.BACKOFF if backoff is None else backoff
+        self.url, self.model, self.what, self.concurrency = base_url.rstrip("/"), model, what, concurrency
+        key = os.environ.get("OPENAI_API_KEY")
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         self.counts = Counter()  # requests, retries, seconds (summed latency), wall (seconds with requests running)
         self._lock = threading.Lock()
 
@@ -456,10 +443,7 @@ class OpenAIServer:
         import urllib.error
         import urllib.request
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
@@ -481,14 +465,13 @@ class OpenAIServer:
         except ValueError:
             raise ServerError(f"a reply that is not JSON: {raw[:80]!r}")
 
-    def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
-                timeout: float | None = None) -> dict:
-        """One request with retries; ServerError after the last one."""
-        retries = self.retries if retries is None else retries
+    def request(self, method: str, path: str, body: dict | None = None, retries: int = 5,
+                timeout: float = 60.0) -> dict:
+        """One request, retried up to `retries` times; ServerError after the last try."""
         for attempt in range(retries + 1):
             t0 = time.perf_counter()
             try:
-                out = self._once(method, path, body, timeout or self.timeout)
+                out = self._once(method, path, body, timeout)
                 with self._lock:
                     self.counts["requests"] += 1
                     self.counts["seconds"] += time.perf_counter() - t0
@@ -499,7 +482,7 @@ class OpenAIServer:
                 with self._lock:
                     self.counts["retries"] += 1
                 asked = e.wait is not None and 0 < e.wait <= self.MAX_RETRY_AFTER
-                time.sleep(e.wait if asked else min(self.backoff * 2 ** attempt, 16 * self.backoff)
+                time.sleep(e.wait if asked else min(self.BACKOFF * 2 ** attempt, 16 * self.BACKOFF)
                            * (1 - 0.25 * random.random()))
 
     def check(self):
@@ -541,17 +524,11 @@ class OpenAIServer:
         """[fn(x) for x in inputs], `concurrency` at a time; the first error cancels what has not started."""
         from concurrent.futures import ThreadPoolExecutor
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(inputs)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(inputs)))) as pool:
             try:
-                return list(pool.map(fn, inputs))  # an error cancels the calls not yet started
+                return list(pool.map(fn, inputs))
             finally:
                 self.counts["wall"] += time.perf_counter() - t0
-
-    def stats(self, prefix: str) -> dict[str, float]:
-        c = self.counts
-        return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
-                f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
-                f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
 
     def chat_image(self, image: str, text: str, **body) -> list[str]:
         """chat() on one user turn of an image file, sent inline as a data URL, and a text; `body` adds the request's
@@ -598,14 +575,13 @@ class OpenAIJudge(Judge):
     cache file as it arrives. README: "A judge or a teacher behind a server"."""
     writes_as_it_goes = True
 
-    def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-                 concurrency: int = 16, check: bool = True, max_tokens: int = 0, thinking: bool = False):
-        self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
-        super().__init__(dataset, cache_path)
+    def __init__(self, model: str, cache_path: str | None = None, *, url: str | None = None, concurrency: int = 16,
+                 check: bool = True, max_tokens: int = 0, thinking: bool = False):
+        super().__init__(f"openai:{model}", cache_path)  # the cache is keyed by the model, whatever server serves it
         self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency)
         self.options = {"chat_template_kwargs": {"enable_thinking": thinking},
                         **({"max_tokens": max_tokens} if max_tokens else {})}
-        self.constraint = None  # the field the server reads a choice from ("" none); None until probed
+        self.constraint = ""  # the field the server reads a choice from ("" none), found by the probe
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
@@ -645,12 +621,14 @@ class OpenAIJudge(Judge):
         return label
 
     def _judge(self, pairs):
-        if self.constraint is None:
-            self._probe()
         return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
-        return {**super().stats(), **self.server.stats("judge")}
+        """The cache's counters and the server's: requests, retries, requests per second, mean latency."""
+        c = self.server.counts
+        return {**super().stats(), "judge/requests": c["requests"], "judge/retries": c["retries"],
+                "judge/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
+                "judge/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
 
 
 def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
@@ -660,9 +638,9 @@ def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url
     if spec == "rules":
         return RulesJudge(dataset, cache_path)
     if spec.startswith("hf:") and len(spec) > 3:
-        return HFJudge(spec[3:], dataset, cache_path)
+        return HFJudge(spec[3:], cache_path)
     if spec.startswith("openai:") and len(spec) > 7:
-        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency, max_tokens=max_tokens,
+        return OpenAIJudge(spec[7:], cache_path, url=url, concurrency=concurrency, max_tokens=max_tokens,
                            thinking=thinking)
     raise SystemExit(f"--judge {spec}: expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:<model "
                      f"served at --judge-url>'")
