@@ -552,16 +552,11 @@ def label_from_text(text: str) -> str | None:
     is read by its last line ('... Category: less specific')."""
     text = strip_think(text)
     lines = [line for line in text.splitlines() if line.strip()]
+    label_texts = "|".join(sorted(JUDGE_LABEL_TEXT.values(), key=len, reverse=True))  # 'more specific' first
     for part in (text, lines[-1] if lines else ""):
-        words = f" {' '.join(re.sub(r'[^a-z]+', ' ', part.lower()).split())} "
-        found = set()
-        for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
-            phrase = f" {JUDGE_LABEL_TEXT[label]} "
-            if phrase in words:
-                found.add(label)
-                words = words.replace(phrase, " ")
+        found = set(re.findall(rf"\b({label_texts})\b", re.sub(r"[^a-z]+", " ", part.lower())))
         if len(found) == 1:
-            return found.pop()
+            return found.pop().replace(" ", "_")
     return None
 
 
