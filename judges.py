@@ -173,7 +173,7 @@ class Judge:
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
             if not self.writes_as_it_goes:
-                self._persist([k for k, _ in good], [lab for _, lab in good])
+                self._persist(good)
             self.errors += len(todo) - len(good)
         self.judged += len(todo)
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
@@ -184,12 +184,12 @@ class Judge:
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
                 "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
 
-    def _persist(self, keys, labels):
+    def _persist(self, records: list[tuple[tuple[str, str], str]]):
         if not self.cache_path:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
         text = "".join(json.dumps({"judge": self.name, "truth": t, "prediction": p, "label": lab}) + "\n"
-                       for (t, p), lab in zip(keys, labels))
+                       for (t, p), lab in records)
         # one O_APPEND write per batch: ranks sharing the file never interleave inside a line; a file whose last line
         # was cut short gets a newline first so the new records stay parseable
         fd = os.open(self.cache_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -222,20 +222,17 @@ class RulesJudge(Judge):
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
         super().__init__(f"rules-v2:{dataset.name}", cache_path)
-        ds = dataset
-        self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
-        self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
+        self.hierarchy = NameMap(dataset.hierarchy)  # normalised lookups even for a plain dict keyed by display names
+        self.generic_words = {_canon(w) for w in [dataset.kind, *dataset.generic] if w}  # 'generic' for any class
         # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
         self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in self.hierarchy.values() if c},
                                  key=len, reverse=True)
         # synonym groups (symmetric): canon name -> every canon name of the same thing
         self.groups: dict[str, set[str]] = {}
-        for name, others in ds.synonyms.items():
+        for name, others in dataset.synonyms.items():
             group = {_canon(name), *(_canon(o) for o in others)}
-            for member in list(group):
-                group |= self.groups.get(member, set())
-            for member in group:
-                self.groups[member] = group
+            group = group.union(*(self.groups.get(member, set()) for member in group))  # joins groups met before
+            self.groups.update({member: group for member in group})
         # descendants: canon ancestor -> canon names below it
         self.below: dict[str, set[str]] = {}
         for name, chain in self.hierarchy.items():
@@ -243,7 +240,7 @@ class RulesJudge(Judge):
                 self.below.setdefault(_canon(a), set()).add(_canon(name))
         # every class (and synonym) form -> canon class name, for finding class names inside longer answers
         self.mentionable: dict[str, str] = {}
-        for cname in ds.class_names:
+        for cname in dataset.class_names:
             for form in (f for n in self._names(cname) for f in self._forms(n, compact=False)):
                 self.mentionable.setdefault(form, _canon(cname))
 
@@ -251,12 +248,9 @@ class RulesJudge(Judge):
         c = _canon(name)
         return self.groups.get(c, {c})
 
-    def _strip_kind(self, text: str) -> str:
-        return next((text[: -len(g) - 1] for g in self.kind_words if text.endswith(" " + g)), text)
-
     def _forms(self, text: str, compact: bool = True) -> set[str]:
         c = _canon(text)
-        forms = {c, self._strip_kind(c)}
+        forms = {c, next((c[: -len(g) - 1] for g in self.kind_words if c.endswith(" " + g)), c)}  # kind word cut
         return forms | {f.replace(" ", "") for f in forms} if compact else forms
 
     def _answer_forms(self, text: str) -> set[str]:
@@ -511,12 +505,10 @@ class OpenAIServer:
         text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
         <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
-
-        def text(message: dict) -> str:
-            thought = message.get("reasoning_content") or message.get("reasoning")
-            return (f"<think>{thought}</think>" if thought else "") + (message["content"] or "")
         try:
-            return [text(choice["message"]) for choice in reply["choices"]]
+            messages = [choice["message"] for choice in reply["choices"]]
+            thoughts = [message.get("reasoning_content") or message.get("reasoning") for message in messages]
+            return [(f"<think>{t}</think>" if t else "") + (m["content"] or "") for m, t in zip(messages, thoughts)]
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
@@ -612,7 +604,7 @@ class OpenAIJudge(Judge):
             raise SystemExit(f"{e} (the judge's request refused)")
         if label is not None:
             with self._cache_lock:
-                self._persist([pair], [label])
+                self._persist([(pair, label)])
         return label
 
     def _judge(self, pairs):
