@@ -227,19 +227,16 @@ class RulesJudge(Judge):
         # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
         self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in self.hierarchy.values() if c},
                                  key=len, reverse=True)
-        # synonym groups (symmetric): canon name -> every canon name of the same thing
-        self.groups: dict[str, set[str]] = {}
+        self.groups: dict[str, set[str]] = {}  # synonyms: canon name -> every canon name of the same thing
         for name, others in dataset.synonyms.items():
             group = {_canon(name), *(_canon(o) for o in others)}
             group = group.union(*(self.groups.get(member, set()) for member in group))  # joins groups met before
             self.groups.update({member: group for member in group})
-        # descendants: canon ancestor -> canon names below it
-        self.below: dict[str, set[str]] = {}
+        self.below: dict[str, set[str]] = {}  # descendants: canon ancestor -> canon names below it
         for name, chain in self.hierarchy.items():
             for a in chain:
                 self.below.setdefault(_canon(a), set()).add(_canon(name))
-        # every class (and synonym) form -> canon class name, for finding class names inside longer answers
-        self.mentionable: dict[str, str] = {}
+        self.mentionable: dict[str, str] = {}  # every class (and synonym) form -> its canon class name
         for cname in dataset.class_names:
             for form in (f for n in self._names(cname) for f in self._forms(n, compact=False)):
                 self.mentionable.setdefault(form, _canon(cname))
@@ -288,11 +285,9 @@ class RulesJudge(Judge):
             return "generic"
         if any(self._matches(forms, below) for n in self._names(truth) for below in self.below.get(n, ())):
             return "more_specific"
-        mentioned = self._mentions(answer)
-        truth_names = self._names(truth)
-        if not mentioned:  # the truth may not be a class of the dataset: look for it directly
-            padded = f" {_canon(answer)} "
-            mentioned = {_canon(truth)} if any(f" {n} " in padded for n in truth_names) else set()
+        truth_names, padded = self._names(truth), f" {_canon(answer)} "
+        # the class names in the answer, else the truth's (the truth may not be a class of the dataset)
+        mentioned = self._mentions(answer) or {n for n in truth_names if f" {n} " in padded}
         if mentioned and all(m in truth_names or self._names(m) & truth_names for m in mentioned):
             return "more_specific"
         return "wrong"
@@ -552,15 +547,12 @@ def label_from_text(text: str) -> str | None:
     return None
 
 
-PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply with one word." unconstrained
-
-
 class OpenAIJudge(Judge):
-    """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer
-    constrained to the labels by whichever field a probe finds the server reads (`structured_outputs`, else
-    `guided_choice`, else none: free text is read); an answer naming no label is a judge error. Each label goes to the
-    cache file as it arrives. README: "A judge or a teacher behind a server"."""
+    """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer kept to
+    the labels by the field a probe finds the server reads (`structured_outputs`, else `guided_choice`, else none: free
+    text is read); naming no label is a judge error. README: "A judge or a teacher behind a server"."""
     writes_as_it_goes = True
+    PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply with one word." unconstrained
 
     def __init__(self, model: str, cache_path: str | None = None, *, url: str | None = None, concurrency: int = 16,
                  check: bool = True, max_tokens: int = 0, thinking: bool = False):
@@ -590,7 +582,7 @@ class OpenAIJudge(Judge):
     def _probe(self):
         for self.constraint in ("structured_outputs", "guided_choice"):
             try:
-                if strip_think(self._send("Reply with one word.", [PROBE])).strip() == PROBE:
+                if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
                     return
             except BadRequest:  # the field refused
                 pass
