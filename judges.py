@@ -66,10 +66,8 @@ def format_ok(completion: str) -> bool:
     return FORMAT_RE.match(completion) is not None
 
 
-ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too)
-    "", "none", "unknown", "i don t know", "i do not know", "don t know", "do not know", "no idea", "i have no idea",
-    "not sure", "i m not sure", "i am not sure", "unsure", "uncertain", "unclear", "cannot tell", "can t tell",
-    "cannot determine", "can t determine", "cannot be determined", "undetermined", "n a", "na", "nothing",
+ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too), besides those ABSTAIN_RE finds
+    "", "none", "unknown", "no idea", "unsure", "uncertain", "unclear", "undetermined", "n a", "na", "nothing",
     "no answer", "none of the above", "none of these", "unidentified", "unidentifiable", "not identifiable",
     "impossible to tell", "not possible to tell", "abstain", "pass",
 }
@@ -145,14 +143,13 @@ def judge_error_stop(errors: float, judged: float, limit: float) -> str:
 
 
 class Judge:
-    """The shared part: the normalised-pair cache and its append-only JSONL file. Subclasses set `name` (records of
-    another judge in the same file are ignored) and implement `_judge(pairs of normalised strings) -> labels`
-    (None for a pair it could not label)."""
-    name = "judge"
+    """The shared part: the normalised-pair cache and its append-only JSONL file, keyed by the judge's `name` (records
+    of another judge in the same file are ignored). Subclasses implement `_judge(pairs of normalised strings) ->
+    labels` (None for a pair it could not label)."""
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
-    def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.cache_path, self.cache = cache_path, {}  # cache: (truth, prediction) -> label
+    def __init__(self, name: str, cache_path: str | None):
+        self.name, self.cache_path, self.cache = name, cache_path, {}  # cache: (truth, prediction) -> label
         # pairs sent to _judge here, lookups answered from the cache, unreadable cache lines, pairs given no label
         self.judged = self.hits = self.bad_cache_lines = self.errors = 0
         if cache_path and os.path.exists(cache_path):
@@ -173,11 +170,10 @@ class Judge:
         self.hits += sum(k in self.cache for k in keys)  # a pair repeated within this call is no hit
         if todo:
             labels = self._judge(todo)
-            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
             if not self.writes_as_it_goes:
-                self._persist([k for k, _ in good], [lab for _, lab in good])
+                self._persist(good)
             self.errors += len(todo) - len(good)
         self.judged += len(todo)
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
@@ -188,12 +184,12 @@ class Judge:
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
                 "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
 
-    def _persist(self, keys, labels):
+    def _persist(self, records: list[tuple[tuple[str, str], str]]):
         if not self.cache_path:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
         text = "".join(json.dumps({"judge": self.name, "truth": t, "prediction": p, "label": lab}) + "\n"
-                       for (t, p), lab in zip(keys, labels))
+                       for (t, p), lab in records)
         # one O_APPEND write per batch: ranks sharing the file never interleave inside a line; a file whose last line
         # was cut short gets a newline first so the new records stay parseable
         fd = os.open(self.cache_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -225,30 +221,23 @@ class RulesJudge(Judge):
       anything else (two class names listed too) -> wrong."""
 
     def __init__(self, dataset: Dataset, cache_path: str | None = None):
-        self.name = f"rules-v2:{dataset.name}"
-        super().__init__(dataset, cache_path)
-        ds = dataset
-        self.hierarchy = NameMap(ds.hierarchy)  # normalised lookups even for a plain dict keyed by display names
-        self.generic_words = {_canon(w) for w in [ds.kind, *ds.generic] if w}  # 'generic' for any class
+        super().__init__(f"rules-v2:{dataset.name}", cache_path)
+        self.hierarchy = NameMap(dataset.hierarchy)  # normalised lookups even for a plain dict keyed by display names
+        self.generic_words = {_canon(w) for w in [dataset.kind, *dataset.generic] if w}  # 'generic' for any class
         # words a trailing mention of which adds nothing ('golden retriever dog'): those and every chain's top
         self.kind_words = sorted(self.generic_words | {_canon(c[-1]) for c in self.hierarchy.values() if c},
                                  key=len, reverse=True)
-        # synonym groups (symmetric): canon name -> every canon name of the same thing
-        self.groups: dict[str, set[str]] = {}
-        for name, others in ds.synonyms.items():
+        self.groups: dict[str, set[str]] = {}  # synonyms: canon name -> every canon name of the same thing
+        for name, others in dataset.synonyms.items():
             group = {_canon(name), *(_canon(o) for o in others)}
-            for member in list(group):
-                group |= self.groups.get(member, set())
-            for member in group:
-                self.groups[member] = group
-        # descendants: canon ancestor -> canon names below it
-        self.below: dict[str, set[str]] = {}
+            group = group.union(*(self.groups.get(member, set()) for member in group))  # joins groups met before
+            self.groups.update({member: group for member in group})
+        self.below: dict[str, set[str]] = {}  # descendants: canon ancestor -> canon names below it
         for name, chain in self.hierarchy.items():
             for a in chain:
                 self.below.setdefault(_canon(a), set()).add(_canon(name))
-        # every class (and synonym) form -> canon class name, for finding class names inside longer answers
-        self.mentionable: dict[str, str] = {}
-        for cname in ds.class_names:
+        self.mentionable: dict[str, str] = {}  # every class (and synonym) form -> its canon class name
+        for cname in dataset.class_names:
             for form in (f for n in self._names(cname) for f in self._forms(n, compact=False)):
                 self.mentionable.setdefault(form, _canon(cname))
 
@@ -256,12 +245,9 @@ class RulesJudge(Judge):
         c = _canon(name)
         return self.groups.get(c, {c})
 
-    def _strip_kind(self, text: str) -> str:
-        return next((text[: -len(g) - 1] for g in self.kind_words if text.endswith(" " + g)), text)
-
     def _forms(self, text: str, compact: bool = True) -> set[str]:
         c = _canon(text)
-        forms = {c, self._strip_kind(c)}
+        forms = {c, next((c[: -len(g) - 1] for g in self.kind_words if c.endswith(" " + g)), c)}  # kind word cut
         return forms | {f.replace(" ", "") for f in forms} if compact else forms
 
     def _answer_forms(self, text: str) -> set[str]:
@@ -277,12 +263,8 @@ class RulesJudge(Judge):
     def _mentions(self, text: str) -> set[str]:
         """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
         padded = f" {_canon(text)} "
-        spans = []
-        for form, cname in self.mentionable.items():
-            start = padded.find(f" {form} ")
-            while start >= 0:
-                spans.append((start, start + len(form) + 1, cname))
-                start = padded.find(f" {form} ", start + 1)
+        spans = [(m.start(), m.start() + len(form) + 1, cname) for form, cname in self.mentionable.items()
+                 for m in re.finditer(f"(?= {re.escape(form)} )", padded)]  # every occurrence, overlapping ones too
         return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
 
     def label(self, truth: str, answer: str) -> str:
@@ -303,11 +285,9 @@ class RulesJudge(Judge):
             return "generic"
         if any(self._matches(forms, below) for n in self._names(truth) for below in self.below.get(n, ())):
             return "more_specific"
-        mentioned = self._mentions(answer)
-        truth_names = self._names(truth)
-        if not mentioned:  # the truth may not be a class of the dataset: look for it directly
-            padded = f" {_canon(answer)} "
-            mentioned = {_canon(truth)} if any(f" {n} " in padded for n in truth_names) else set()
+        truth_names, padded = self._names(truth), f" {_canon(answer)} "
+        # the class names in the answer, else the truth's (the truth may not be a class of the dataset)
+        mentioned = self._mentions(answer) or {n for n in truth_names if f" {n} " in padded}
         if mentioned and all(m in truth_names or self._names(m) & truth_names for m in mentioned):
             return "more_specific"
         return "wrong"
@@ -337,12 +317,10 @@ class HFJudge(Judge):
     appended; the label with the highest total log-probability wins (temperature 0, constrained to the six labels).
     Rows are left-padded so the label tokens sit at the end, and only those positions reach the vocabulary layer."""
 
-    def __init__(self, model_path: str, dataset: Dataset, cache_path: str | None = None):
-        self.name = f"hf:{model_path}"
-        super().__init__(dataset, cache_path)
-        self.model_path, self.model, self.tokenizer = model_path, None, None
-        cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    def __init__(self, model_path: str, cache_path: str | None = None):
+        super().__init__(f"hf:{model_path}", cache_path)
+        self.model_path, self.model = model_path, None  # loaded at the first pair the cache does not answer
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -439,15 +417,13 @@ class OpenAIServer:
     BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
     MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
 
-    def __init__(self, base_url: str | None, model: str, *, api_key: str | None = None, what: str = "--judge-url",
-                 concurrency: int = 16, timeout: float = 60.0, retries: int = 5, backoff: float | None = None):
+    def __init__(self, base_url: str | None, model: str, *, what: str, concurrency: int = 16):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise SystemExit(f"{what}: no server address; pass {what} http://HOST:PORT/v1 or set OPENAI_BASE_URL")
-        self.url, self.model, self.what = base_url.rstrip("/"), model, what
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
-        self.backoff = self.BACKOFF if backoff is None else backoff
+        self.url, self.model, self.what, self.concurrency = base_url.rstrip("/"), model, what, concurrency
+        key = os.environ.get("OPENAI_API_KEY")
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         self.counts = Counter()  # requests, retries, seconds (summed latency), wall (seconds with requests running)
         self._lock = threading.Lock()
 
@@ -456,10 +432,7 @@ class OpenAIServer:
         import urllib.error
         import urllib.request
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
@@ -481,14 +454,13 @@ class OpenAIServer:
         except ValueError:
             raise ServerError(f"a reply that is not JSON: {raw[:80]!r}")
 
-    def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None,
-                timeout: float | None = None) -> dict:
-        """One request with retries; ServerError after the last one."""
-        retries = self.retries if retries is None else retries
+    def request(self, method: str, path: str, body: dict | None = None, retries: int = 5,
+                timeout: float = 60.0) -> dict:
+        """One request, retried up to `retries` times; ServerError after the last try."""
         for attempt in range(retries + 1):
             t0 = time.perf_counter()
             try:
-                out = self._once(method, path, body, timeout or self.timeout)
+                out = self._once(method, path, body, timeout)
                 with self._lock:
                     self.counts["requests"] += 1
                     self.counts["seconds"] += time.perf_counter() - t0
@@ -499,7 +471,7 @@ class OpenAIServer:
                 with self._lock:
                     self.counts["retries"] += 1
                 asked = e.wait is not None and 0 < e.wait <= self.MAX_RETRY_AFTER
-                time.sleep(e.wait if asked else min(self.backoff * 2 ** attempt, 16 * self.backoff)
+                time.sleep(e.wait if asked else min(self.BACKOFF * 2 ** attempt, 16 * self.BACKOFF)
                            * (1 - 0.25 * random.random()))
 
     def check(self):
@@ -528,12 +500,10 @@ class OpenAIServer:
         text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
         <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
-
-        def text(message: dict) -> str:
-            thought = message.get("reasoning_content") or message.get("reasoning")
-            return (f"<think>{thought}</think>" if thought else "") + (message["content"] or "")
         try:
-            return [text(choice["message"]) for choice in reply["choices"]]
+            messages = [choice["message"] for choice in reply["choices"]]
+            thoughts = [message.get("reasoning_content") or message.get("reasoning") for message in messages]
+            return [(f"<think>{t}</think>" if t else "") + (m["content"] or "") for m, t in zip(messages, thoughts)]
         except (KeyError, TypeError, IndexError, AttributeError):
             raise ServerError(f"{self.what} {self.url}: a reply without choices/message/content: {str(reply)[:200]}")
 
@@ -541,17 +511,11 @@ class OpenAIServer:
         """[fn(x) for x in inputs], `concurrency` at a time; the first error cancels what has not started."""
         from concurrent.futures import ThreadPoolExecutor
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(inputs)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(inputs)))) as pool:
             try:
-                return list(pool.map(fn, inputs))  # an error cancels the calls not yet started
+                return list(pool.map(fn, inputs))
             finally:
                 self.counts["wall"] += time.perf_counter() - t0
-
-    def stats(self, prefix: str) -> dict[str, float]:
-        c = self.counts
-        return {f"{prefix}/requests": c["requests"], f"{prefix}/retries": c["retries"],
-                f"{prefix}/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
-                f"{prefix}/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
 
     def chat_image(self, image: str, text: str, **body) -> list[str]:
         """chat() on one user turn of an image file, sent inline as a data URL, and a text; `body` adds the request's
@@ -575,37 +539,28 @@ def label_from_text(text: str) -> str | None:
     is read by its last line ('... Category: less specific')."""
     text = strip_think(text)
     lines = [line for line in text.splitlines() if line.strip()]
+    label_texts = "|".join(sorted(JUDGE_LABEL_TEXT.values(), key=len, reverse=True))  # 'more specific' first
     for part in (text, lines[-1] if lines else ""):
-        words = f" {' '.join(re.sub(r'[^a-z]+', ' ', part.lower()).split())} "
-        found = set()
-        for label in sorted(JUDGE_LABELS, key=len, reverse=True):  # 'more specific' before 'specific'
-            phrase = f" {JUDGE_LABEL_TEXT[label]} "
-            if phrase in words:
-                found.add(label)
-                words = words.replace(phrase, " ")
+        found = set(re.findall(rf"\b({label_texts})\b", re.sub(r"[^a-z]+", " ", part.lower())))
         if len(found) == 1:
-            return found.pop()
+            return found.pop().replace(" ", "_")
     return None
 
 
-PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply with one word." unconstrained
-
-
 class OpenAIJudge(Judge):
-    """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer
-    constrained to the labels by whichever field a probe finds the server reads (`structured_outputs`, else
-    `guided_choice`, else none: free text is read); an answer naming no label is a judge error. Each label goes to the
-    cache file as it arrives. README: "A judge or a teacher behind a server"."""
+    """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer kept to
+    the labels by the field a probe finds the server reads (`structured_outputs`, else `guided_choice`, else none: free
+    text is read); naming no label is a judge error. README: "A judge or a teacher behind a server"."""
     writes_as_it_goes = True
+    PROBE = "zq"  # the probe's one allowed answer, a word no model gives to "Reply with one word." unconstrained
 
-    def __init__(self, model: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
-                 concurrency: int = 16, check: bool = True, max_tokens: int = 0, thinking: bool = False):
-        self.name = f"openai:{model}"  # the cache is keyed by the model, whatever server serves it
-        super().__init__(dataset, cache_path)
+    def __init__(self, model: str, cache_path: str | None = None, *, url: str | None = None, concurrency: int = 16,
+                 check: bool = True, max_tokens: int = 0, thinking: bool = False):
+        super().__init__(f"openai:{model}", cache_path)  # the cache is keyed by the model, whatever server serves it
         self.server = OpenAIServer(url, model, what="--judge-url", concurrency=concurrency)
         self.options = {"chat_template_kwargs": {"enable_thinking": thinking},
                         **({"max_tokens": max_tokens} if max_tokens else {})}
-        self.constraint = None  # the field the server reads a choice from ("" none); None until probed
+        self.constraint = ""  # the field the server reads a choice from ("" none), found by the probe
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
@@ -627,7 +582,7 @@ class OpenAIJudge(Judge):
     def _probe(self):
         for self.constraint in ("structured_outputs", "guided_choice"):
             try:
-                if strip_think(self._send("Reply with one word.", [PROBE])).strip() == PROBE:
+                if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
                     return
             except BadRequest:  # the field refused
                 pass
@@ -641,16 +596,18 @@ class OpenAIJudge(Judge):
             raise SystemExit(f"{e} (the judge's request refused)")
         if label is not None:
             with self._cache_lock:
-                self._persist([pair], [label])
+                self._persist([(pair, label)])
         return label
 
     def _judge(self, pairs):
-        if self.constraint is None:
-            self._probe()
         return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
-        return {**super().stats(), **self.server.stats("judge")}
+        """The cache's counters and the server's: requests, retries, requests per second, mean latency."""
+        c = self.server.counts
+        return {**super().stats(), "judge/requests": c["requests"], "judge/retries": c["retries"],
+                "judge/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
+                "judge/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
 
 
 def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
@@ -660,9 +617,9 @@ def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url
     if spec == "rules":
         return RulesJudge(dataset, cache_path)
     if spec.startswith("hf:") and len(spec) > 3:
-        return HFJudge(spec[3:], dataset, cache_path)
+        return HFJudge(spec[3:], cache_path)
     if spec.startswith("openai:") and len(spec) > 7:
-        return OpenAIJudge(spec[7:], dataset, cache_path, url=url, concurrency=concurrency, max_tokens=max_tokens,
+        return OpenAIJudge(spec[7:], cache_path, url=url, concurrency=concurrency, max_tokens=max_tokens,
                            thinking=thinking)
     raise SystemExit(f"--judge {spec}: expected 'rules', 'hf:<causal LM directory or hub id>' or 'openai:<model "
                      f"served at --judge-url>'")

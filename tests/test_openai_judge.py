@@ -31,7 +31,7 @@ def rules_labels(toy):
 
 
 def quick(judge):
-    judge.server.backoff = 0.01  # retries without the real backoff
+    judge.server.BACKOFF = 0.01  # retries without the real backoff
     return judge
 
 
@@ -110,7 +110,7 @@ def test_failures_are_one_clear_message(toy):
         finally:
             del os.environ["OPENAI_API_KEY"], os.environ["OPENAI_BASE_URL"]
         behaviour.key, behaviour.fail_always = None, True
-        judge = quick(judges.OpenAIJudge("judge-model", toy, url=server.url, check=False))
+        judge = quick(judges.OpenAIJudge("judge-model", url=server.url, check=False))
         with pytest.raises(judges.ServerError, match="no answer after 6 tries"):
             judge.judge(PAIRS[:1])
     with pytest.raises(SystemExit, match="no server address"):
