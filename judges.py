@@ -263,8 +263,12 @@ class RulesJudge(Judge):
     def _mentions(self, text: str) -> set[str]:
         """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
         padded = f" {_canon(text)} "
-        spans = [(m.start(), m.start() + len(form) + 1, cname) for form, cname in self.mentionable.items()
-                 for m in re.finditer(f"(?= {re.escape(form)} )", padded)]  # every occurrence, overlapping ones too
+        spans = []
+        for form, cname in self.mentionable.items():  # str.find, not a regex per name: hundreds of names per answer
+            start = padded.find(f" {form} ")
+            while start >= 0:
+                spans.append((start, start + len(form) + 1, cname))
+                start = padded.find(f" {form} ", start + 1)
         return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
 
     def label(self, truth: str, answer: str) -> str:
