@@ -487,31 +487,26 @@ class Rollout:
 SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
 
 
-def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p (no host
-    sync: neither filter looks at the values from the host)."""
-    if top_k and top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
-        # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
-        # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
-        # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
-        # The same tokens as a sort, except that tokens tied at the threshold are all kept.
-        probs = logits.float().softmax(-1)  # [B, V]
-        if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
-            ranked, order = probs.sort(-1, descending=True)  # [B, V]
-            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < top_p)
-            return logits.masked_fill(~keep, float("-inf"))
-        lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
-        hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
-        for _ in range(31):
-            mid = (lo + hi) // 2  # [B]
-            above = torch.where(probs > mid.int().view(torch.float32)[:, None], probs, 0.0).sum(-1)  # [B]
-            lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
-        logits = logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
-    return logits
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (nucleus sampling),
+    without a host sync."""
+    # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
+    # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
+    # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
+    # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
+    # The same tokens as a sort, except that tokens tied at the threshold are all kept.
+    probs = logits.float().softmax(-1)  # [B, V]
+    if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
+        ranked, order = probs.sort(-1, descending=True)  # [B, V]
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < top_p)
+        return logits.masked_fill(~keep, float("-inf"))
+    lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
+    hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
+    for _ in range(31):
+        mid = (lo + hi) // 2  # [B]
+        above = torch.where(probs > mid.int().view(torch.float32)[:, None], probs, 0.0).sum(-1)  # [B]
+        lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
+    return logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -644,7 +639,7 @@ def compile_decode_problem(model) -> str | None:
 
 @torch.no_grad()
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+           temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None,
            compile_decode: bool = False, row_seeds: Sequence[int] | None = None) -> Rollout:
     """Draw `group_size` completions per prompt (temperature 0 = greedy) with the unfiltered, temperature-scaled
@@ -653,7 +648,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator, compile_decode=compile_decode,
                         row_seeds=row_seeds[i * group_size:(i + prompt_batch) * group_size] if row_seeds else None)
                  for i in range(0, len(prompts), prompt_batch)]
@@ -724,16 +719,16 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         if seen is not None:
             scores = torch.where(seen, torch.where(scores > 0, scores / repetition_penalty,
                                                    scores * repetition_penalty), scores)
-        if temperature > 0:
-            scores = sampling_filter(scores, top_k, top_p)
-            if uniforms is None:
-                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
-            else:  # inverse CDF: the first token whose cumulative probability exceeds the row's uniform
-                cdf = scores.double().softmax(-1).cumsum(-1)  # [B, V]
-                target = (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous()  # [B, 1]
-                nxt = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [B]
-        else:
+        if temperature > 0 and top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        if temperature <= 0:
             nxt = scores.argmax(-1)  # [B]
+        elif uniforms is None:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+        else:  # inverse CDF: the first token whose cumulative probability exceeds the row's uniform
+            cdf = scores.double().softmax(-1).cumsum(-1)  # [B, V]
+            target = (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous()  # [B, 1]
+            nxt = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [B]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens[:, step] = nxt
         token_logps[:, step] = logits.gather(1, nxt[:, None]).squeeze(1) * inv_t - lse  # log softmax(logits/T)[nxt]
