@@ -126,11 +126,8 @@ def seed_everything(seed: int):
 
 
 def stream_position(position: int, n: int, seed: int) -> int:
-    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation. The data
-    order depends only on the position, so a resumed run continues exactly where it stopped.
-    >>> [stream_position(p, 3, seed=0) for p in range(6)]  # two epochs, each a permutation of 0, 1, 2
-    [0, 2, 1, 1, 2, 0]
-    """
+    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation, so a resumed
+    run continues exactly where it stopped: positions 0..5 of 3 items with seed 0 give [0, 2, 1, 1, 2, 0]."""
     epoch, offset = divmod(position, n)
     order = list(range(n))
     random.Random(seed * 7919 + epoch).shuffle(order)
@@ -182,11 +179,9 @@ def make_image_processor(min_pixels: int, max_pixels: int):
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
     """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
     are deprecated in transformers 5.x)."""
-    ip = processor.image_processor
-    if min_pixels is not None:
-        ip.size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        ip.size["longest_edge"] = max_pixels
+    for edge, pixels in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
+        if pixels is not None:
+            processor.image_processor.size[edge] = pixels
 
 
 DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
@@ -698,7 +693,6 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
     eos = torch.tensor(eos_ids, device=device)
-    cache_kw = cache_keyword()
     uniforms = None
     if row_seeds is not None and temperature > 0:
         if len(row_seeds) != B:
@@ -747,23 +741,19 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
             logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
             logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :Lp + step + 1], position_ids=pos,
-                           use_cache=True, **{cache_kw: cache}).logits[:, -1].float()  # [B, V]
+                           use_cache=True, **{cache_keyword(): cache}).logits[:, -1].float()
     sync()
     stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
     mask = completion_mask_from(tokens[:, :steps], eos_ids)
     width = int(mask.sum(1).max()) if steps else 0  # the longest completion: steps past the last EOS wrote padding
-    tokens, token_logps, mask = tokens[:, :width], token_logps[:, :width], mask[:, :width]
-    truncated = ~torch.isin(tokens, eos).any(1)
-    token_logps = token_logps * mask
-    texts = processor.tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad_id).tolist(), skip_special_tokens=True)
-    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), truncated.cpu(), texts, stats)
+    tokens, mask = tokens[:, :width], mask[:, :width]  # past a row's first EOS its tokens are padding already
+    token_logps = token_logps[:, :width] * mask
+    texts = processor.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), (~finished).cpu(), texts, stats)
 
 
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it.
-    >>> completion_mask_from(torch.tensor([[5, 7, 2, 0, 0]]), [2])
-    tensor([[1, 1, 1, 0, 0]])
-    """
+    """1 for every token up to and including the first EOS, 0 after it: [5, 7, EOS, 0, 0] -> [1, 1, 1, 0, 0]."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
     eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
     return (eos_before == 0).long()
@@ -790,12 +780,10 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
     positions continue the prompt's M-RoPE positions; `mm_token_type_ids` gets zeros for completion tokens."""
     batch = collate_prompts(model, prompts, pad_id, device)
     comp = completion_ids.to(device)  # [B, T]
-    cmask = completion_mask.to(device)  # [B, T]
-    T = comp.shape[1]
     start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
-    comp_pos = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
+    comp_pos = (start[:, None] + torch.arange(comp.shape[1], device=device)).expand(3, -1, -1)  # [3, B, T]
     return dict(input_ids=torch.cat([batch["input_ids"], comp], 1),
-                attention_mask=torch.cat([batch["attention_mask"], cmask.long()], 1),
+                attention_mask=torch.cat([batch["attention_mask"], completion_mask.to(device).long()], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
                 position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
@@ -827,14 +815,11 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
         # the last kept position predicts past the completion
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
-        outs = []
-        for s in range(0, hidden.shape[1], chunk):
-            part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
-            if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-                outs.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *part, use_reentrant=False))
-            else:
-                outs.append(_head_logprobs(*part))
-        return torch.cat(outs, 1)  # [B, T]
+        logprobs = _head_logprobs
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            logprobs = functools.partial(torch.utils.checkpoint.checkpoint, _head_logprobs, use_reentrant=False)
+        return torch.cat([logprobs(hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+                          for s in range(0, hidden.shape[1], chunk)], 1)  # [B, T]
     head.forward = scores
     try:
         yield
@@ -886,9 +871,7 @@ def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: tor
 
 def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     """[start, end) of each run of consecutive rows that share one prompt (the same EncodedPrompt object: the G rows
-    of a group, as the sampler lays them out).
-    >>> p, q = object(), object(); prompt_runs([p, p, p, q, q])
-    [(0, 3), (3, 5)]"""
+    of a group, as the sampler lays them out): [p, p, p, q, q] -> [(0, 3), (3, 5)]."""
     starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
     return list(zip(starts, starts[1:] + [len(prompts)]))
 
@@ -1019,8 +1002,7 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     pad_id = special_token_ids(processor)["<|endoftext|>"]
     ids = torch.nn.utils.rnn.pad_sequence(list(targets), batch_first=True, padding_value=pad_id)  # [B, T]
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)  # [B, T]
-    device = next(unwrap(model).parameters()).device
-    logp = forward_logprobs(model, scoring_inputs(model, prompts, ids, mask, pad_id, device), ids)  # [B, T]
+    logp = score_completions(model, prompts, ids, mask, pad_id, shared_prefix=False)  # [B, T]
     mask = mask.to(logp.device)
     return -(logp * mask).sum() / mask.sum()
 
