@@ -593,17 +593,15 @@ def returned_cache(out):
 def compiled_decode(model):
     """Trick "compiled decode step" (opt-in): the one-token forward under torch.compile ("reduce-overhead" = CUDA graph
     on GPU), once per model; capacity is rounded up to 256 so new shapes (recompilations) are rare."""
-    fn = model.__dict__.get("_fgrl_compiled_decode")
-    if fn is None:
+    if "_fgrl_compiled_decode" not in model.__dict__:
         kw = cache_keyword()
 
         def decode_step(input_ids, attention_mask, position_ids, cache):  # [B, 1] ids -> [B, V] logits
             return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{kw: cache}).logits[:, -1]
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        fn = torch.compile(decode_step, mode="reduce-overhead" if on_gpu else None, dynamic=False)
-        model.__dict__["_fgrl_compiled_decode"] = fn
-    return fn
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model.__dict__["_fgrl_compiled_decode"] = torch.compile(decode_step, mode=mode, dynamic=False)
+    return model.__dict__["_fgrl_compiled_decode"]
 
 
 FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row ended?" (each look is a host sync)
@@ -942,14 +940,9 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     own earlier tokens only, at its positions alone: the prompt and image computed once per group. Returns (inputs,
     predictors [B, T]: where each token's predicting state is among the kept last 1 + g*T of all sequences, keep)."""
     runs = prompt_runs(prompts)
-    T = completion_ids.shape[1]
-    g_max = max(end - start for start, end in runs)
-    comp = completion_ids.new_full((len(runs), g_max, T), pad_id)  # [R, g, T]
-    row_run, row_slot = [], []
-    for r, (start, end) in enumerate(runs):
-        comp[r, :end - start] = completion_ids[start:end]
-        row_run += [r] * (end - start)
-        row_slot += list(range(end - start))
+    comp = torch.nn.utils.rnn.pad_sequence([completion_ids[start:end] for start, end in runs], batch_first=True,
+                                           padding_value=pad_id)  # [R, g, T]
+    g_max, T = comp.shape[1:]
     inputs = scoring_inputs(model, [prompts[start] for start, _ in runs], comp.flatten(1),
                             torch.ones_like(comp.flatten(1)), pad_id, device)  # [R, S], S = L + g*T
     L = inputs["input_ids"].shape[1] - g_max * T
@@ -957,11 +950,11 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     inputs["position_ids"][:, :, L:] = inputs["position_ids"][:, :, L:L + T].repeat(1, 1, g_max)  # [3, R, S]
     inputs["attention_mask"] = {"full_attention": PrefixLayout(L, g_max, T, [len(prompts[s]) for s, _ in runs])}
     # kept positions are L-1 .. S-1; completion k's token t is predicted at L-1 (t = 0) or L + k*T + t - 1
-    slot = torch.tensor(row_slot, device=device)[:, None]  # [B, 1]
-    t = torch.arange(T, device=device)[None]  # [1, T]
-    within = torch.where(t == 0, 0, slot * T + t)  # [B, T] index into kept
-    predictors = torch.tensor(row_run, device=device)[:, None] * (g_max * T + 1) + within  # [B, T] flat over runs
-    return inputs, predictors, g_max * T + 1
+    keep = g_max * T + 1
+    within = torch.arange(g_max * T, device=device).view(g_max, T)  # [g, T] index into kept
+    within[:, 0] = 0
+    predictors = torch.cat([r * keep + within[:end - start] for r, (start, end) in enumerate(runs)])  # [B, T]
+    return inputs, predictors, keep
 
 
 def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
@@ -1019,10 +1012,8 @@ class Precision:
     device_type: str
 
     def context(self):
-        """Enter around every forward (sampling, log-probs, the loss, evaluation)."""
-        if self.via == "autocast":
-            return torch.autocast(self.device_type, dtype=self.compute)
-        return contextlib.nullcontext()
+        """Enter around every forward (sampling, log-probs, the loss, evaluation): autocast where it is the way."""
+        return torch.autocast(self.device_type, dtype=self.compute, enabled=self.via == "autocast")
 
     @property
     def fsdp_param_dtype(self) -> torch.dtype | None:
