@@ -192,9 +192,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     compute, see precision_for). A torch.dtype is returned as it is."""
     if isinstance(name, torch.dtype):
         return name
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
@@ -330,15 +329,14 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     if name in RANDOM_PRESETS:
         return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
     path = tiny_dir() if name == "tiny" else name
+    expected = "a local Qwen2.5-VL checkpoint directory (config.json, model*.safetensors, tokenizer, processor files)"
     if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
-        raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
-                         f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
+        raise SystemExit(f"{flag} {name}: no such directory. Expected {expected}, a hub id, 'tiny', or one of "
                          f"{sorted(RANDOM_PRESETS)}")
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint"
-                             f" directory (config.json, model*.safetensors, tokenizer.json, preprocessor config)")
+            raise SystemExit(f"{flag} {path}: config.json is missing; expected {expected}")
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
@@ -360,9 +358,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         set_pixel_budget(proc, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
-                         f"directory with config.json, model*.safetensors, tokenizer and processor files, or a hub id "
-                         f"that is downloaded already or reachable") from None
+        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected {expected}, "
+                         f"or a hub id that is downloaded already or reachable") from None
     return model.to(device), proc
 
 
@@ -509,10 +506,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int):
-    """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]."""
+def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]; the buffer."""
     P, H, L, D = prefill.shape
     buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
+    return buffer
 
 
 @functools.cache
@@ -531,18 +529,16 @@ def preallocated_kv_layer():
             # under autocast RoPE hands over fp32 keys (and the stock layer then keeps fp32 values too), while
             # attention casts both to the autocast dtype anyway: store them in that dtype, half the memory
             dtype = autocast_dtype(keys.device.type)
-            self.buffers = [t.new_empty((P * repeats, H, capacity, D), dtype=dtype or t.dtype) for t in (keys, values)]
-            for buffer, prefill in zip(self.buffers, (keys, values)):
-                repeat_rows(buffer, prefill, repeats)
-            self.length = L
+            self.buffers = [repeat_rows(t.new_empty((P * repeats, H, capacity, D), dtype=dtype or t.dtype), t, repeats)
+                            for t in (keys, values)]
             self.dtype, self.device, self.is_initialized = self.buffers[0].dtype, keys.device, True
             self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
 
         def update(self, key_states, value_states, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
-            self.buffers[0][:, :, self.length:end] = key_states
-            self.buffers[1][:, :, self.length:end] = value_states
-            self.length = end
+            start = self.keys.shape[-2]  # the filled part so far
+            end = start + key_states.shape[-2]
+            self.buffers[0][:, :, start:end] = key_states
+            self.buffers[1][:, :, start:end] = value_states
             self.keys, self.values = (buf[:, :, :end] for buf in self.buffers)
             return self.keys, self.values
 
@@ -664,7 +660,6 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
         cache = static_cache(model, returned_cache(out), G, capacity)
-        decode = compiled_decode(model)
     else:
         capacity = Lp + max_new_tokens
         cache = expand_cache(returned_cache(out), G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
@@ -679,8 +674,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     if impl.endswith(("sdpa", "eager")):  # (flash-attention 2 takes the 2-D mask)
         step_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]
         if impl.endswith("eager"):  # eager adds the mask to its scores
-            step_mask = torch.zeros(step_mask.shape, dtype=model.dtype, device=device).masked_fill_(
-                ~step_mask, torch.finfo(model.dtype).min)
+            step_mask = torch.where(step_mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
     next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
     if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
@@ -736,7 +730,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
         if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
-            logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
+            logits = compiled_decode(model)(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
             logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :Lp + step + 1], position_ids=pos,
                            use_cache=True, **{cache_keyword(): cache}).logits[:, -1].float()
@@ -935,10 +929,9 @@ def shared_prefix_supported(model) -> bool:
 
 def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
                          device) -> tuple[dict, torch.Tensor, int]:
-    """Trick "shared prefix": each run of rows sharing a prompt becomes one packed sequence [left-padded prompt |
-    completion 1 | ... | completion g] (T slots each) whose PrefixLayout lets each completion see the prompt and its
-    own earlier tokens only, at its positions alone: the prompt and image computed once per group. Returns (inputs,
-    predictors [B, T]: where each token's predicting state is among the kept last 1 + g*T of all sequences, keep)."""
+    """Trick "shared prefix": rows sharing a prompt become one sequence [left-padded prompt | completion 1 | ... |
+    completion g] (T slots each; PrefixLayout: each sees the prompt and itself only, at its own positions), so prompt
+    and image run once. Returns (inputs, predictors [B, T] among the kept last 1 + g*T of each sequence, keep)."""
     runs = prompt_runs(prompts)
     comp = torch.nn.utils.rnn.pad_sequence([completion_ids[start:end] for start, end in runs], batch_first=True,
                                            padding_value=pad_id)  # [R, g, T]
