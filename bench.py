@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     def ours(temperature=args.temperature):
         with gather():
             return common.sample(wrapped, processor, prompts, group_size=G, max_new_tokens=T, temperature=temperature,
-                                 top_p=args.top_p, top_k=0, repetition_penalty=1.0, generator=gen,
+                                 top_p=args.top_p, repetition_penalty=1.0, generator=gen,
                                  compile_decode=bool(args.compile_decode))
     inputs = common.collate_prompts(model, prompts, pad_id, device)
     inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid

@@ -126,11 +126,8 @@ def seed_everything(seed: int):
 
 
 def stream_position(position: int, n: int, seed: int) -> int:
-    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation. The data
-    order depends only on the position, so a resumed run continues exactly where it stopped.
-    >>> [stream_position(p, 3, seed=0) for p in range(6)]  # two epochs, each a permutation of 0, 1, 2
-    [0, 2, 1, 1, 2, 0]
-    """
+    """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation, so a resumed
+    run continues exactly where it stopped: positions 0..5 of 3 items with seed 0 give [0, 2, 1, 1, 2, 0]."""
     epoch, offset = divmod(position, n)
     order = list(range(n))
     random.Random(seed * 7919 + epoch).shuffle(order)
@@ -182,11 +179,9 @@ def make_image_processor(min_pixels: int, max_pixels: int):
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
     """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
     are deprecated in transformers 5.x)."""
-    ip = processor.image_processor
-    if min_pixels is not None:
-        ip.size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        ip.size["longest_edge"] = max_pixels
+    for edge, pixels in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
+        if pixels is not None:
+            processor.image_processor.size[edge] = pixels
 
 
 DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
@@ -197,9 +192,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     compute, see precision_for). A torch.dtype is returned as it is."""
     if isinstance(name, torch.dtype):
         return name
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
@@ -335,15 +329,14 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     if name in RANDOM_PRESETS:
         return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
     path = tiny_dir() if name == "tiny" else name
+    expected = "a local Qwen2.5-VL checkpoint directory (config.json, model*.safetensors, tokenizer, processor files)"
     if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
-        raise SystemExit(f"{flag} {name}: no such directory. Expected a local Qwen2.5-VL checkpoint directory "
-                         f"(config.json, *.safetensors, tokenizer and processor files), a hub id, 'tiny', or one of "
+        raise SystemExit(f"{flag} {name}: no such directory. Expected {expected}, a hub id, 'tiny', or one of "
                          f"{sorted(RANDOM_PRESETS)}")
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise SystemExit(f"{flag} {path}: config.json is missing; expected a Hugging Face Qwen2.5-VL checkpoint"
-                             f" directory (config.json, model*.safetensors, tokenizer.json, preprocessor config)")
+            raise SystemExit(f"{flag} {path}: config.json is missing; expected {expected}")
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
@@ -365,9 +358,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         set_pixel_budget(proc, min_pixels, max_pixels)
     except OSError as e:  # no weights in the folder, an unknown hub id, no network for a hub id, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected a local "
-                         f"directory with config.json, model*.safetensors, tokenizer and processor files, or a hub id "
-                         f"that is downloaded already or reachable") from None
+        raise SystemExit(f"{flag} {name}: cannot load a Qwen2.5-VL checkpoint from it ({first}). Expected {expected}, "
+                         f"or a hub id that is downloaded already or reachable") from None
     return model.to(device), proc
 
 
@@ -487,31 +479,26 @@ class Rollout:
 SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
 
 
-def sampling_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p (no host
-    sync: neither filter looks at the values from the host)."""
-    if top_k and top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
-        # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
-        # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
-        # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
-        # The same tokens as a sort, except that tokens tied at the threshold are all kept.
-        probs = logits.float().softmax(-1)  # [B, V]
-        if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
-            ranked, order = probs.sort(-1, descending=True)  # [B, V]
-            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < top_p)
-            return logits.masked_fill(~keep, float("-inf"))
-        lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
-        hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
-        for _ in range(31):
-            mid = (lo + hi) // 2  # [B]
-            above = torch.where(probs > mid.int().view(torch.float32)[:, None], probs, 0.0).sum(-1)  # [B]
-            lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
-        logits = logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
-    return logits
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (nucleus sampling),
+    without a host sync."""
+    # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
+    # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
+    # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
+    # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
+    # The same tokens as a sort, except that tokens tied at the threshold are all kept.
+    probs = logits.float().softmax(-1)  # [B, V]
+    if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
+        ranked, order = probs.sort(-1, descending=True)  # [B, V]
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < top_p)
+        return logits.masked_fill(~keep, float("-inf"))
+    lo = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [B] mass above it >= top_p
+    hi = probs.amax(-1).view(torch.int32).long()  # [B] mass above it < top_p (none above the largest)
+    for _ in range(31):
+        mid = (lo + hi) // 2  # [B]
+        above = torch.where(probs > mid.int().view(torch.float32)[:, None], probs, 0.0).sum(-1)  # [B]
+        lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
+    return logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -519,10 +506,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int):
-    """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]."""
+def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]; the buffer."""
     P, H, L, D = prefill.shape
     buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
+    return buffer
 
 
 @functools.cache
@@ -541,18 +529,16 @@ def preallocated_kv_layer():
             # under autocast RoPE hands over fp32 keys (and the stock layer then keeps fp32 values too), while
             # attention casts both to the autocast dtype anyway: store them in that dtype, half the memory
             dtype = autocast_dtype(keys.device.type)
-            self.buffers = [t.new_empty((P * repeats, H, capacity, D), dtype=dtype or t.dtype) for t in (keys, values)]
-            for buffer, prefill in zip(self.buffers, (keys, values)):
-                repeat_rows(buffer, prefill, repeats)
-            self.length = L
+            self.buffers = [repeat_rows(t.new_empty((P * repeats, H, capacity, D), dtype=dtype or t.dtype), t, repeats)
+                            for t in (keys, values)]
             self.dtype, self.device, self.is_initialized = self.buffers[0].dtype, keys.device, True
             self.keys, self.values = (buf[:, :, :L] for buf in self.buffers)
 
         def update(self, key_states, value_states, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
-            self.buffers[0][:, :, self.length:end] = key_states
-            self.buffers[1][:, :, self.length:end] = value_states
-            self.length = end
+            start = self.keys.shape[-2]  # the filled part so far
+            end = start + key_states.shape[-2]
+            self.buffers[0][:, :, start:end] = key_states
+            self.buffers[1][:, :, start:end] = value_states
             self.keys, self.values = (buf[:, :, :end] for buf in self.buffers)
             return self.keys, self.values
 
@@ -603,17 +589,15 @@ def returned_cache(out):
 def compiled_decode(model):
     """Trick "compiled decode step" (opt-in): the one-token forward under torch.compile ("reduce-overhead" = CUDA graph
     on GPU), once per model; capacity is rounded up to 256 so new shapes (recompilations) are rare."""
-    fn = model.__dict__.get("_fgrl_compiled_decode")
-    if fn is None:
+    if "_fgrl_compiled_decode" not in model.__dict__:
         kw = cache_keyword()
 
         def decode_step(input_ids, attention_mask, position_ids, cache):  # [B, 1] ids -> [B, V] logits
             return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{kw: cache}).logits[:, -1]
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        fn = torch.compile(decode_step, mode="reduce-overhead" if on_gpu else None, dynamic=False)
-        model.__dict__["_fgrl_compiled_decode"] = fn
-    return fn
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model.__dict__["_fgrl_compiled_decode"] = torch.compile(decode_step, mode=mode, dynamic=False)
+    return model.__dict__["_fgrl_compiled_decode"]
 
 
 FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row ended?" (each look is a host sync)
@@ -644,7 +628,7 @@ def compile_decode_problem(model) -> str | None:
 
 @torch.no_grad()
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+           temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, prompt_batch: int | None = None,
            compile_decode: bool = False, row_seeds: Sequence[int] | None = None) -> Rollout:
     """Draw `group_size` completions per prompt (temperature 0 = greedy) with the unfiltered, temperature-scaled
@@ -653,7 +637,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     model = unwrap(model)
     if prompt_batch and len(prompts) > prompt_batch:
         parts = [sample(model, processor, prompts[i:i + prompt_batch], group_size=group_size,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator, compile_decode=compile_decode,
                         row_seeds=row_seeds[i * group_size:(i + prompt_batch) * group_size] if row_seeds else None)
                  for i in range(0, len(prompts), prompt_batch)]
@@ -676,7 +660,6 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
         cache = static_cache(model, returned_cache(out), G, capacity)
-        decode = compiled_decode(model)
     else:
         capacity = Lp + max_new_tokens
         cache = expand_cache(returned_cache(out), G, capacity)  # [P, ...] -> [P*G, ...] KV shared, not recomputed
@@ -691,8 +674,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     if impl.endswith(("sdpa", "eager")):  # (flash-attention 2 takes the 2-D mask)
         step_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, capacity]
         if impl.endswith("eager"):  # eager adds the mask to its scores
-            step_mask = torch.zeros(step_mask.shape, dtype=model.dtype, device=device).masked_fill_(
-                ~step_mask, torch.finfo(model.dtype).min)
+            step_mask = torch.where(step_mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
     next_pos = batch["position_ids"].amax(dim=(0, 2)).repeat_interleave(G, 0) + 1  # [B]
     seen = None
     if repetition_penalty != 1.0:  # HF semantics: every token of prompt and completion so far is penalised
@@ -703,7 +685,6 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
     eos = torch.tensor(eos_ids, device=device)
-    cache_kw = cache_keyword()
     uniforms = None
     if row_seeds is not None and temperature > 0:
         if len(row_seeds) != B:
@@ -724,16 +705,16 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         if seen is not None:
             scores = torch.where(seen, torch.where(scores > 0, scores / repetition_penalty,
                                                    scores * repetition_penalty), scores)
-        if temperature > 0:
-            scores = sampling_filter(scores, top_k, top_p)
-            if uniforms is None:
-                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
-            else:  # inverse CDF: the first token whose cumulative probability exceeds the row's uniform
-                cdf = scores.double().softmax(-1).cumsum(-1)  # [B, V]
-                target = (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous()  # [B, 1]
-                nxt = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [B]
-        else:
+        if temperature > 0 and top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        if temperature <= 0:
             nxt = scores.argmax(-1)  # [B]
+        elif uniforms is None:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # [B]
+        else:  # inverse CDF: the first token whose cumulative probability exceeds the row's uniform
+            cdf = scores.double().softmax(-1).cumsum(-1)  # [B, V]
+            target = (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous()  # [B, 1]
+            nxt = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [B]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens[:, step] = nxt
         token_logps[:, step] = logits.gather(1, nxt[:, None]).squeeze(1) * inv_t - lse  # log softmax(logits/T)[nxt]
@@ -749,26 +730,22 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         pos = (next_pos + step).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
         if compile_decode:  # fixed shapes: the whole mask every step, causality hides the unwritten positions
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer used
-            logits = decode(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()  # [B, V]
+            logits = compiled_decode(model)(nxt[:, None], attention_mask, pos.contiguous(), cache).float().clone()
         else:  # the mask is a view of the preallocated one (tokens after an EOS are masked later, when scored)
             logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :Lp + step + 1], position_ids=pos,
-                           use_cache=True, **{cache_kw: cache}).logits[:, -1].float()  # [B, V]
+                           use_cache=True, **{cache_keyword(): cache}).logits[:, -1].float()
     sync()
     stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "decode_steps": steps}
     mask = completion_mask_from(tokens[:, :steps], eos_ids)
     width = int(mask.sum(1).max()) if steps else 0  # the longest completion: steps past the last EOS wrote padding
-    tokens, token_logps, mask = tokens[:, :width], token_logps[:, :width], mask[:, :width]
-    truncated = ~torch.isin(tokens, eos).any(1)
-    token_logps = token_logps * mask
-    texts = processor.tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad_id).tolist(), skip_special_tokens=True)
-    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), truncated.cpu(), texts, stats)
+    tokens, mask = tokens[:, :width], mask[:, :width]  # past a row's first EOS its tokens are padding already
+    token_logps = token_logps[:, :width] * mask
+    texts = processor.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+    return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), (~finished).cpu(), texts, stats)
 
 
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it.
-    >>> completion_mask_from(torch.tensor([[5, 7, 2, 0, 0]]), [2])
-    tensor([[1, 1, 1, 0, 0]])
-    """
+    """1 for every token up to and including the first EOS, 0 after it: [5, 7, EOS, 0, 0] -> [1, 1, 1, 0, 0]."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
     eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
     return (eos_before == 0).long()
@@ -795,12 +772,10 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
     positions continue the prompt's M-RoPE positions; `mm_token_type_ids` gets zeros for completion tokens."""
     batch = collate_prompts(model, prompts, pad_id, device)
     comp = completion_ids.to(device)  # [B, T]
-    cmask = completion_mask.to(device)  # [B, T]
-    T = comp.shape[1]
     start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
-    comp_pos = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
+    comp_pos = (start[:, None] + torch.arange(comp.shape[1], device=device)).expand(3, -1, -1)  # [3, B, T]
     return dict(input_ids=torch.cat([batch["input_ids"], comp], 1),
-                attention_mask=torch.cat([batch["attention_mask"], cmask.long()], 1),
+                attention_mask=torch.cat([batch["attention_mask"], completion_mask.to(device).long()], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
                 position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
@@ -832,14 +807,11 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
         # the last kept position predicts past the completion
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
-        outs = []
-        for s in range(0, hidden.shape[1], chunk):
-            part = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
-            if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-                outs.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *part, use_reentrant=False))
-            else:
-                outs.append(_head_logprobs(*part))
-        return torch.cat(outs, 1)  # [B, T]
+        logprobs = _head_logprobs
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            logprobs = functools.partial(torch.utils.checkpoint.checkpoint, _head_logprobs, use_reentrant=False)
+        return torch.cat([logprobs(hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+                          for s in range(0, hidden.shape[1], chunk)], 1)  # [B, T]
     head.forward = scores
     try:
         yield
@@ -891,9 +863,7 @@ def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: tor
 
 def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     """[start, end) of each run of consecutive rows that share one prompt (the same EncodedPrompt object: the G rows
-    of a group, as the sampler lays them out).
-    >>> p, q = object(), object(); prompt_runs([p, p, p, q, q])
-    [(0, 3), (3, 5)]"""
+    of a group, as the sampler lays them out): [p, p, p, q, q] -> [(0, 3), (3, 5)]."""
     starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
     return list(zip(starts, starts[1:] + [len(prompts)]))
 
@@ -959,19 +929,13 @@ def shared_prefix_supported(model) -> bool:
 
 def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
                          device) -> tuple[dict, torch.Tensor, int]:
-    """Trick "shared prefix": each run of rows sharing a prompt becomes one packed sequence [left-padded prompt |
-    completion 1 | ... | completion g] (T slots each) whose PrefixLayout lets each completion see the prompt and its
-    own earlier tokens only, at its positions alone: the prompt and image computed once per group. Returns (inputs,
-    predictors [B, T]: where each token's predicting state is among the kept last 1 + g*T of all sequences, keep)."""
+    """Trick "shared prefix": rows sharing a prompt become one sequence [left-padded prompt | completion 1 | ... |
+    completion g] (T slots each; PrefixLayout: each sees the prompt and itself only, at its own positions), so prompt
+    and image run once. Returns (inputs, predictors [B, T] among the kept last 1 + g*T of each sequence, keep)."""
     runs = prompt_runs(prompts)
-    T = completion_ids.shape[1]
-    g_max = max(end - start for start, end in runs)
-    comp = completion_ids.new_full((len(runs), g_max, T), pad_id)  # [R, g, T]
-    row_run, row_slot = [], []
-    for r, (start, end) in enumerate(runs):
-        comp[r, :end - start] = completion_ids[start:end]
-        row_run += [r] * (end - start)
-        row_slot += list(range(end - start))
+    comp = torch.nn.utils.rnn.pad_sequence([completion_ids[start:end] for start, end in runs], batch_first=True,
+                                           padding_value=pad_id)  # [R, g, T]
+    g_max, T = comp.shape[1:]
     inputs = scoring_inputs(model, [prompts[start] for start, _ in runs], comp.flatten(1),
                             torch.ones_like(comp.flatten(1)), pad_id, device)  # [R, S], S = L + g*T
     L = inputs["input_ids"].shape[1] - g_max * T
@@ -979,11 +943,11 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     inputs["position_ids"][:, :, L:] = inputs["position_ids"][:, :, L:L + T].repeat(1, 1, g_max)  # [3, R, S]
     inputs["attention_mask"] = {"full_attention": PrefixLayout(L, g_max, T, [len(prompts[s]) for s, _ in runs])}
     # kept positions are L-1 .. S-1; completion k's token t is predicted at L-1 (t = 0) or L + k*T + t - 1
-    slot = torch.tensor(row_slot, device=device)[:, None]  # [B, 1]
-    t = torch.arange(T, device=device)[None]  # [1, T]
-    within = torch.where(t == 0, 0, slot * T + t)  # [B, T] index into kept
-    predictors = torch.tensor(row_run, device=device)[:, None] * (g_max * T + 1) + within  # [B, T] flat over runs
-    return inputs, predictors, g_max * T + 1
+    keep = g_max * T + 1
+    within = torch.arange(g_max * T, device=device).view(g_max, T)  # [g, T] index into kept
+    within[:, 0] = 0
+    predictors = torch.cat([r * keep + within[:end - start] for r, (start, end) in enumerate(runs)])  # [B, T]
+    return inputs, predictors, keep
 
 
 def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
@@ -1024,8 +988,7 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     pad_id = special_token_ids(processor)["<|endoftext|>"]
     ids = torch.nn.utils.rnn.pad_sequence(list(targets), batch_first=True, padding_value=pad_id)  # [B, T]
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)  # [B, T]
-    device = next(unwrap(model).parameters()).device
-    logp = forward_logprobs(model, scoring_inputs(model, prompts, ids, mask, pad_id, device), ids)  # [B, T]
+    logp = score_completions(model, prompts, ids, mask, pad_id, shared_prefix=False)  # [B, T]
     mask = mask.to(logp.device)
     return -(logp * mask).sum() / mask.sum()
 
@@ -1042,10 +1005,8 @@ class Precision:
     device_type: str
 
     def context(self):
-        """Enter around every forward (sampling, log-probs, the loss, evaluation)."""
-        if self.via == "autocast":
-            return torch.autocast(self.device_type, dtype=self.compute)
-        return contextlib.nullcontext()
+        """Enter around every forward (sampling, log-probs, the loss, evaluation): autocast where it is the way."""
+        return torch.autocast(self.device_type, dtype=self.compute, enabled=self.via == "autocast")
 
     @property
     def fsdp_param_dtype(self) -> torch.dtype | None:

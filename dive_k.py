@@ -136,7 +136,7 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
     with args.precision.context():
         rollout = common.sample(model, processor, prompts, group_size=args.mine_samples,
                                 max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
-                                top_p=args.mine_top_p, top_k=0, repetition_penalty=args.mine_repetition_penalty,
+                                top_p=args.mine_top_p, repetition_penalty=args.mine_repetition_penalty,
                                 generator=torch.Generator().manual_seed(seed), compile_decode=bool(args.compile_decode))
     questions = []
     for i, ex in enumerate(examples):

@@ -62,8 +62,8 @@ def test_autocast_keeps_the_rollout_cache_in_the_compute_dtype(tiny, toy_test):
 
 def test_row_seeds_give_each_row_its_own_stream(tiny, toy_test):
     """With row_seeds a row's sample depends on its seed only: the same whether its prompt is sampled alone or with
-    others, in another prompt batch; a different seed draws differently; top_k=1 is still greedy (the inverse-CDF
-    draw never picks a filtered-out token)."""
+    others, in another prompt batch; a different seed draws differently; a one-token nucleus is still greedy (the
+    inverse-CDF draw never picks a filtered-out token)."""
     model, proc = tiny
     prompts = _prompts(proc, toy_test.examples[:3])
     seeds = [11, 12, 21, 22, 31, 32]  # prompt-major: rows p*G+g
@@ -81,7 +81,7 @@ def test_row_seeds_give_each_row_its_own_stream(tiny, toy_test):
                           row_seeds=[s + 100 for s in seeds])
     assert other.texts != together.texts
     greedy = common.sample(model, proc, prompts, group_size=1, max_new_tokens=24, temperature=0)
-    top1 = common.sample(model, proc, prompts, group_size=1, max_new_tokens=24, temperature=1.0, top_k=1,
+    top1 = common.sample(model, proc, prompts, group_size=1, max_new_tokens=24, temperature=1.0, top_p=1e-6,
                          row_seeds=[1, 2, 3])
     assert top1.texts == greedy.texts
     # the draws follow the distribution: 4000 first tokens of one prompt at T=1.5 against their probabilities
@@ -144,13 +144,13 @@ def test_left_padding_matches_alone(tiny, toy_test):
         common.set_pixel_budget(proc, 112 * 112, 112 * 112)
 
 
-def test_repetition_penalty_and_top_k_change_sampling(tiny, toy_test):
+def test_repetition_penalty_and_top_p_change_sampling(tiny, toy_test):
     model, proc = tiny
     prompts = _prompts(proc, toy_test.examples[:2])
-    base = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0, top_k=1,
+    base = common.sample(model, proc, prompts, group_size=4, max_new_tokens=20, temperature=1.0, top_p=1e-6,
                          generator=torch.Generator().manual_seed(0))
     greedy = common.sample(model, proc, prompts, group_size=1, max_new_tokens=20, temperature=0)
-    # top_k=1 sampling is greedy decoding
+    # sampling from a one-token nucleus is greedy decoding
     for i in range(2):
         n = int(greedy.completion_mask[i].sum())
         for j in range(4):
@@ -161,10 +161,8 @@ def test_repetition_penalty_and_top_k_change_sampling(tiny, toy_test):
 
 def test_top_p_filter():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = common.sampling_filter(logits, 0, 0.7).isfinite()
+    kept = common.top_p_filter(logits, 0.7).isfinite()
     assert kept.tolist() == [[True, True, False, False]]
-    kept = common.sampling_filter(logits, 3, 1.0).isfinite()
-    assert kept.tolist() == [[True, True, True, False]]
 
 
 def test_sampler_passes_the_cache_under_its_current_name(tiny, toy_test, monkeypatch):
@@ -220,9 +218,9 @@ def test_top_p_filter_keeps_what_a_full_sort_keeps(monkeypatch):
         probs, order = logits.softmax(-1).sort(-1, descending=True)
         before = probs.cumsum(-1) - probs  # [B, V] the mass sorted before each token
         expected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before < top_p)
-        kept = common.sampling_filter(logits, 0, top_p).isfinite()  # 5,000 tokens: the sort
+        kept = common.top_p_filter(logits, top_p).isfinite()  # 5,000 tokens: the sort
         assert torch.equal(kept, expected), top_p
         monkeypatch.setattr(common, "SORTED_NUCLEUS_VOCAB", 100)  # the bisection
-        kept = common.sampling_filter(logits, 0, top_p).isfinite()
+        kept = common.top_p_filter(logits, top_p).isfinite()
         monkeypatch.undo()
         assert (kept != expected).sum().item() <= 2, top_p  # float summation order may move the boundary token
