@@ -119,8 +119,7 @@ def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
         return parse_choice(judges.parse_answer(raw), options)
     found = judges.ANSWER_RE.search(raw)
     letter = released_letter(found.group(1).strip() if found else raw.strip())
-    index = judges.LETTERS.index(letter) if letter else None
-    return index if index is not None and index < len(options) else None
+    return judges.LETTERS.index(letter) if letter and letter in judges.LETTERS[:len(options)] else None
 
 
 def closed_world_correct(raw: str, truth: str) -> bool:
