@@ -64,14 +64,10 @@ TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "h
 
 def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None) -> str:
     """| metric | <group> ... | HM | for the keys any group has."""
-    groups = list(results)
-    header = "| metric | " + " | ".join(groups) + (" | HM |" if hm else " |")
-    lines = [header, "|" + "---|" * (len(groups) + 1 + bool(hm))]
-    for key in TABLE_KEYS:
-        if not any(key in m for m in results.values()):
-            continue
-        cells = [_fmt(results[g].get(key)) for g in groups] + ([_fmt(hm.get(key))] if hm else [])
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    columns = list(results.values()) + ([hm] if hm else [])
+    lines = ["| metric | " + " | ".join(results) + (" | HM |" if hm else " |"), "|" + "---|" * (len(columns) + 1)]
+    for key in [key for key in TABLE_KEYS if any(key in m for m in results.values())]:
+        lines.append(f"| {key} | " + " | ".join(_fmt(column.get(key)) for column in columns) + " |")
     return "\n".join(lines)
 
 
@@ -86,8 +82,7 @@ def parse_args(argv=None):
                                 "pixel budget (EVAL_PIXELS) whatever the checkpoint's processor says.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = lifecycle.add_model_args(p, min_pixels=EVAL_PIXELS[0], max_pixels=EVAL_PIXELS[1])
-    g.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl (default "
-                   "runs/eval_<data>_<protocol>)")
+    g.add_argument("--out", help="folder for metrics.json and predictions.jsonl (default runs/eval_<data>_<protocol>)")
     g.add_argument("--micro-batch", type=int, default=8, help="images per sampling call")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("what to evaluate")

@@ -78,14 +78,13 @@ class EvalJob:
     mcq_distractors: str
     scoring: str
     compile_decode: bool
-    generator: torch.Generator
 
     def sample(self, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
         """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
         if not prompts:
             return []
         return common.sample(self.model, self.processor, prompts, group_size=group_size,
-                             max_new_tokens=self.max_new_tokens, generator=self.generator, row_seeds=row_seeds,
+                             max_new_tokens=self.max_new_tokens, row_seeds=row_seeds,
                              compile_decode=self.compile_decode, **(sampling or dict(temperature=0.0))).texts
 
 
@@ -120,8 +119,7 @@ def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
         return parse_choice(judges.parse_answer(raw), options)
     found = judges.ANSWER_RE.search(raw)
     letter = released_letter(found.group(1).strip() if found else raw.strip())
-    index = judges.LETTERS.index(letter) if letter else None
-    return index if index is not None and index < len(options) else None
+    return judges.LETTERS.index(letter) if letter and letter in judges.LETTERS[:len(options)] else None
 
 
 def closed_world_correct(raw: str, truth: str) -> bool:
@@ -186,10 +184,9 @@ def mcq_options(example: data.Example, dataset: data.Dataset, seed: int, distrac
     return options
 
 
-def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
-                answer_fmt: str = "species name") -> tuple[list[str], list[int], int]:
+def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[list[str], list[int], int]:
     """Step 1 of two-step inference as DiVE-k's released evaluation reads it: the first <answer> texts, lowercased,
-    answer-format prefixes ('species name: ', this dataset's) removed, 100+ characters skipped; the k most frequent
+    answer-format prefixes ('species name: ', this dataset's) removed, 100+ characters skipped; the 5 most frequent
     (normalised, shown as first written, ties by first appearance), their counts, and the samples without a tag."""
     counts: Counter = Counter()
     shown: dict[str, str] = {}
@@ -206,7 +203,7 @@ def top_answers(texts: list[str], k: int = TWO_STEP_OPTIONS,
             continue
         counts[key] += 1
         shown.setdefault(key, answer)
-    top = counts.most_common(k)  # stable: equal counts keep first-appearance order
+    top = counts.most_common(TWO_STEP_OPTIONS)  # stable: equal counts keep first-appearance order
     return [shown[key] for key, _ in top], [c for _, c in top], failures
 
 
@@ -233,6 +230,15 @@ def parsed(record: dict, raw: str) -> dict:
     return record
 
 
+def judge_records(judge, records: list[dict], field: str) -> None:
+    """Label each record's `field` (an answer, a chosen option) against its truth; None is wrong without asking."""
+    asked = [record for record in records if record[field] is not None]
+    for record, label in zip(asked, judge.judge([(record["truth"], record[field]) for record in asked])):
+        record["label"] = label
+    for record in records:
+        record.setdefault("label", "wrong")
+
+
 def answer_batch(job: EvalJob, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
     parse is wrong without asking the judge."""
@@ -241,12 +247,8 @@ def answer_batch(job: EvalJob, batch: list) -> list[dict]:
     texts = job.sample([prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
                        **(BEST_OF_SAMPLING if job.best_of else {}))
     for i, (record, example, _, _) in enumerate(live):
-        candidates = [parsed({}, raw) for raw in texts[i * n:(i + 1) * n]]
-        answered = [c for c in candidates if not c["parse_failure"]]
-        for candidate, label in zip(answered, job.judge.judge([(example.class_name, c["answer"]) for c in answered])):
-            candidate["label"] = label
-        for candidate in candidates:
-            candidate.setdefault("label", "wrong")
+        candidates = [parsed({"truth": example.class_name}, raw) for raw in texts[i * n:(i + 1) * n]]
+        judge_records(job.judge, candidates, "answer")
         ranks = [BEST_OF_ORDER.index("parse_failure" if c["parse_failure"] else c["label"]) for c in candidates]
         best = max(range(n), key=lambda j: (ranks[j], -j))  # ties: the lowest index
         record.update(candidates[best])
@@ -314,11 +316,7 @@ def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
         record["prediction"] = None if choice is None else record["options"][choice]
         record["invalid_choice"] = choice is None and (record["answer"] is not None or job.scoring == "paper")
         record["no_candidates"] = False
-    chosen = [record for record, _ in step2 if record["prediction"] is not None]
-    for record, label in zip(chosen, job.judge.judge([(r["truth"], r["prediction"]) for r in chosen])):
-        record["label"] = label
-    for record, _ in step2:
-        record.setdefault("label", "wrong")
+    judge_records(job.judge, [record for record, _ in step2], "prediction")
     return records
 
 
@@ -391,9 +389,8 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indexed = list(enumerate(dataset.examples))[rank::world]
-    device = next(common.unwrap(model).parameters()).device
     job = EvalJob(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
-              scoring, compile_decode, torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank))
+                  scoring, compile_decode)
     t0 = time.time()
     was_training = model.training
     model.eval()
@@ -401,21 +398,19 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     # FSDP2: gather the full parameters once for the whole evaluation (every rank enters once, whatever its shard
     # size); the warm-up forward uses the same first readable image on every rank. A no-op for plain and DDP models.
     first = next((im for im in map(common.try_open_image, (e.image for e in dataset.examples)) if im is not None), None)
-    warmup = None if first is None else common.encode_prompt(processor, first, protocol.name)
+    warmup = None if first is None else common.fsdp_warmup_inputs(model, processor,
+                                                                  common.encode_prompt(processor, first, protocol.name))
+    bar = common.progress_bar(progress and rank == 0, total=len(indexed), unit="img", leave=False,
+                              desc=f"eval {protocol.name} {dataset.name}")
     try:
-        with torch.no_grad(), common.gathered_params(
-                model, common.fsdp_warmup_inputs(model, processor, warmup) if warmup is not None else None):
-            bar = common.progress_bar(progress and rank == 0, total=len(indexed), unit="img", leave=False,
-                                      desc=f"eval {protocol.name} {dataset.name}")
-            try:
-                for start in range(0, len(indexed), micro_batch):
-                    records += protocol.batch(job, indexed[start:start + micro_batch])
-                    if bar is not None:
-                        bar.update(len(indexed[start:start + micro_batch]))
-            finally:  # also on a stop: the bar's line is cleared, so a stop message starts a line of its own
+        with torch.no_grad(), common.gathered_params(model, warmup):
+            for start in range(0, len(indexed), micro_batch):
+                records += protocol.batch(job, indexed[start:start + micro_batch])
                 if bar is not None:
-                    bar.close()
-    finally:
+                    bar.update(len(indexed[start:start + micro_batch]))
+    finally:  # also on a stop: the bar's line is cleared, so a stop message starts a line of its own
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     records = sorted((r for part in common.all_gather_objects(records) for r in part), key=lambda r: r["index"])
     metrics = protocol.metrics(records, protocol, scoring)
@@ -461,7 +456,7 @@ def evaluate_groups(model, processor, eval_sets: dict[str, data.Dataset], protoc
             with precision.context():
                 metrics = evaluate(model, processor, dataset, protocol,
                                    judge=judges.get_judge("rules", dataset) if judge is None else judge,
-                                   out_dir=common.eval_dir(out, step, *filter(None, [where])), **settings)
+                                   out_dir=common.eval_dir(out, step, where), **settings)
             for key in keys or [k for k, v in metrics.items() if isinstance(v, (int, float))]:
                 logged = name.format(protocol=protocol.name, group=group, key=key)
                 result[logged] = metrics[key]
