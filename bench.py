@@ -44,7 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=448, help="square image side, a multiple of 28: (S/28)^2 image "
                    "tokens (default %(default)s)")
     g.add_argument("--new-tokens", type=int, default=32, help="max new tokens per completion (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=1.0, help="of the timed rollouts (0 = greedy: our sampler only; default 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="of the timed rollouts (0 = greedy: our sampler "
+                   "only; default 1)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     g.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default: the group size)")
     g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the update pass")
