@@ -44,8 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=448, help="square image side, a multiple of 28: (S/28)^2 image "
                    "tokens (default %(default)s)")
     g.add_argument("--new-tokens", type=int, default=32, help="max new tokens per completion (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=1.0, help="of the timed rollouts (0 = greedy: our sampler "
-                   "only; default 1)")
+    g.add_argument("--temperature", type=float, default=1.0, help="of the timed rollouts (0 = greedy; with G > 1 "
+                   "our sampler only; default 1)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     g.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default: the group size)")
     g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the update pass")
@@ -73,8 +73,9 @@ def parse_args(argv=None):
     args.phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     if not set(args.phases) <= {"sample", "generate", "logprob", "update"}:
         p.error(f"--phases {','.join(args.phases)}: choose from sample, generate, logprob, update")
-    if args.temperature == 0 and "generate" in args.phases:  # HF greedy decoding returns one row per prompt, not G
-        p.error("--temperature 0 times our sampler alone: leave generate out of --phases (e.g. sample,logprob,update)")
+    if args.temperature == 0 and args.group_size > 1 and "generate" in args.phases:  # HF greedy: 1 row per prompt
+        p.error("--temperature 0 with --group-size above 1 times our sampler alone: leave generate out of --phases "
+                "(e.g. sample,logprob,update)")
     return args
 
 
@@ -209,7 +210,7 @@ def main(argv=None) -> dict:
             if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
                 seqs = model.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
             else:
-                seqs = model.generate(**inputs, do_sample=True, temperature=args.temperature,
+                seqs = model.generate(**inputs, do_sample=args.temperature > 0, temperature=args.temperature or None,
                                       top_k=0, top_p=args.top_p, num_return_sequences=G, **hf_knobs)
         comp = seqs[:, inputs["input_ids"].shape[1]:]
         return SimpleNamespace(completion_ids=comp, completion_mask=common.completion_mask_from(comp, eos_ids))

@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import functools
 import glob
-import importlib.util
 import json
 import os
 import random
@@ -323,9 +322,12 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     per GPU until wrap_model shards it). On the meta device: the shapes only, for the memory estimate at start."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
-                         "(pip install flash-attn); use --attn sdpa")
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401  (imported, not only found: a broken build stops here)
+        except ImportError:
+            raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
+                             "or does not import (pip install flash-attn); use --attn sdpa") from None
     if name in RANDOM_PRESETS:
         return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
     path = tiny_dir() if name == "tiny" else name
@@ -654,8 +656,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     G = group_size
     Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
-    if compile_decode and compile_decode_problem(model):
-        raise ValueError(f"sample(compile_decode=True): {compile_decode_problem(model)}")
+    problem = compile_decode_problem(model) if compile_decode else None
+    if problem:
+        raise ValueError(f"sample(compile_decode=True): {problem}")
     out = model(**batch, use_cache=True, logits_to_keep=1)
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
@@ -807,11 +810,15 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
         # the last kept position predicts past the completion
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
-        logprobs = _head_logprobs
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            logprobs = functools.partial(torch.utils.checkpoint.checkpoint, _head_logprobs, use_reentrant=False)
-        return torch.cat([logprobs(hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
-                          for s in range(0, hidden.shape[1], chunk)], 1)  # [B, T]
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        parts = []
+        for s in range(0, hidden.shape[1], chunk):
+            inputs = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+            if grad:  # the chunk's vocabulary scores are recomputed in the backward, never kept
+                parts.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *inputs, use_reentrant=False))
+            else:
+                parts.append(_head_logprobs(*inputs))
+        return torch.cat(parts, 1)  # [B, T]
     head.forward = scores
     try:
         yield

@@ -76,7 +76,7 @@ class Dataset:
     examples: list[Example]
     class_names: list[str]  # every class of the dataset, in class-id order
     kind: str  # what the objects are ("bird", "aircraft", "shape"), used in prompts
-    hierarchy: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> ancestors
+    hierarchy: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # name -> ancestors, nearest first
     synonyms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # normalised name -> other names
     classes: list[int] | None = None  # the class ids this split was restricted to (None = all)
     generic: list[str] = dataclasses.field(default_factory=list)  # broad words that are 'generic' for any class
@@ -706,7 +706,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
     if classes != "all":  # labels keep their global ids
         base, novel = coop_base_novel(len(ds.class_names))
         keep = base if classes == "base" else novel
-        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in keep], classes=keep)
+        kept = set(keep)
+        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=keep)
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable

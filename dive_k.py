@@ -175,9 +175,12 @@ def answer_letter(completion: str, n_options: int) -> str | None:
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
+    letter = answer_letter(completion, len(options))
+    if letter is not None:
+        return letter
     text = judges.normalize(judges.parse_answer(completion) or "")
     matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
-    return answer_letter(completion, len(options)) or (matches[0] if len(matches) == 1 else None)
+    return matches[0] if len(matches) == 1 else None
 
 
 def format_reward(completions: list[str], question: dict) -> list[float]:

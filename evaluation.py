@@ -392,8 +392,6 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     job = EvalJob(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
                   scoring, compile_decode)
     t0 = time.time()
-    was_training = model.training
-    model.eval()
     records = []
     # FSDP2: gather the full parameters once for the whole evaluation (every rank enters once, whatever its shard
     # size); the warm-up forward uses the same first readable image on every rank. A no-op for plain and DDP models.
@@ -402,6 +400,8 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
                                                                   common.encode_prompt(processor, first, protocol.name))
     bar = common.progress_bar(progress and rank == 0, total=len(indexed), unit="img", leave=False,
                               desc=f"eval {protocol.name} {dataset.name}")
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad(), common.gathered_params(model, warmup):
             for start in range(0, len(indexed), micro_batch):

@@ -264,12 +264,14 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
     k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
     clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    terms = {name: (value * mask).sum() / normalizer  # [] each: this micro-batch's share of the step's token mean
-             for name, value in (("pg", pg), ("kl_neg", k3), ("entropy", -logp), ("entropy_neg", -neg_logp),
-                                 ("clip_frac", clipped.to(mask.dtype)), ("ratio", ratio))}  # neg_logp: no gradient
-    loss = (terms["pg"] - kl_coef * terms["kl_neg"] + entropy_coef * terms["entropy"]
-            + neg_entropy_coef * terms["entropy_neg"])  # []
-    return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+    def token_mean(values):  # [B, T] -> []: this micro-batch's share of the step's token mean
+        return (values * mask).sum() / normalizer
+    pg_term, kl_term = token_mean(pg), token_mean(k3)  # []
+    entropy, entropy_neg = token_mean(-logp), token_mean(-neg_logp)  # [] (neg_logp carries no gradient)
+    loss = pg_term - kl_coef * kl_term + entropy_coef * entropy + neg_entropy_coef * entropy_neg  # []
+    stats = {"pg": pg_term, "kl_neg": kl_term, "entropy": entropy, "entropy_neg": entropy_neg,
+             "clip_frac": token_mean(clipped.to(mask.dtype)), "ratio": token_mean(ratio)}
+    return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
 
 
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
@@ -407,7 +409,8 @@ LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", 
 
 
 def _marker(text: str, mark: str, last: bool = False) -> tuple[int, int]:
-    """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon."""
+    """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon;
+    (-1, -1) when it is absent."""
     pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
     spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
     return spans[-1 if last else 0] if spans else (-1, -1)
@@ -451,7 +454,8 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
     """(the <think> text or None, the checks): format, the answer is the truth, and four parts (markdown ignored):
     analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list (candidate_block);
-    comparison, 3+ words before the prediction line (marks[1], the last one), which names the truth (names_truth)."""
+    comparison, 3+ words after the list and before the prediction line (marks[1], the last one), which names the
+    truth (names_truth); the answer compared normalised."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
@@ -501,7 +505,11 @@ def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
 
 
 def run_cot(args, ranks: common.Dist, out: str) -> str:
-    """Write <out>/cot.jsonl and return its path. Skipped when the file exists (resume)."""
+    """Write <out>/cot.jsonl and return its path (or check and return --cot-data). Skipped when the file exists."""
+    if args.cot_data:
+        records = common.read_jsonl(args.cot_data, required=("image", "class_name", "question", "response"))
+        common.print0(f"stage cot: using {len(records)} rationales from {args.cot_data}")
+        return args.cot_data
     path = os.path.join(out, "cot.jsonl")
     # rank 0's view for all (it may write the file first): a rank skipping alone would wait in the next collectives
     if common.all_gather_objects(os.path.exists(path))[0]:
@@ -577,7 +585,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
             for row, completion in enumerate(completions):
                 i = row // args.cot_samples
                 rationale, checks = check_rationale(completion, name, classes=train.class_names)
-                fails.update({check: not ok for check, ok in checks.items()})  # every check counted, 0 too
+                fails.update({check: int(not ok) for check, ok in checks.items()})  # every check counted, 0 too
                 if (rationale is not None and len(kept) < args.cot_per_class
                         and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
                     kept.append({**posed[i], "response": response_text(rationale, name)})
@@ -880,8 +888,8 @@ def main(argv=None):
     common.print0(f"{'toy preset' if args.data == 'toy' else 'paper defaults'} for the flags not given (all values: "
                   f"{os.path.join(run.out, 'config.json')})")
     eval_sets = eval_sets_for(args)
-    cot_path = args.cot_data or (run_cot(args, run.ranks, run.out) if "cot" in stages  # --cot-data skips stage cot
-                                 else os.path.join(run.out, "cot.jsonl"))
+    cot_path = run_cot(args, run.ranks, run.out) if "cot" in stages else \
+        args.cot_data or os.path.join(run.out, "cot.jsonl")
     if "sft" in stages:
         run_sft(run.stage("sft"), cot_path, eval_sets)
         gc.collect()  # the SFT model and optimizer freed before TAPO loads

@@ -170,6 +170,7 @@ class Judge:
         self.hits += sum(k in self.cache for k in keys)  # a pair repeated within this call is no hit
         if todo:
             labels = self._judge(todo)
+            assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
             if not self.writes_as_it_goes:
@@ -314,6 +315,8 @@ more specific: a correct subtype or a finer description of the correct class (e.
 
 Reply with the category only."""
 JUDGE_LABEL_TEXT = {lab: lab.replace("_", " ") for lab in JUDGE_LABELS}  # 'less_specific' -> 'less specific'...
+LABEL_TEXT_RE = re.compile(  # the label texts, longest first ('more specific' before 'specific')
+    rf"\b({'|'.join(sorted(JUDGE_LABEL_TEXT.values(), key=len, reverse=True))})\b")
 
 
 class HFJudge(Judge):
@@ -543,9 +546,8 @@ def label_from_text(text: str) -> str | None:
     is read by its last line ('... Category: less specific')."""
     text = strip_think(text)
     lines = [line for line in text.splitlines() if line.strip()]
-    label_texts = "|".join(sorted(JUDGE_LABEL_TEXT.values(), key=len, reverse=True))  # 'more specific' first
     for part in (text, lines[-1] if lines else ""):
-        found = set(re.findall(rf"\b({label_texts})\b", re.sub(r"[^a-z]+", " ", part.lower())))
+        found = set(LABEL_TEXT_RE.findall(re.sub(r"[^a-z]+", " ", part.lower())))
         if len(found) == 1:
             return found.pop().replace(" ", "_")
     return None

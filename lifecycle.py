@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -642,8 +643,7 @@ def make_run_dir(out: str):
         return
     try:
         os.makedirs(out, exist_ok=True)
-        if not os.access(out, os.W_OK):  # (a writable .lock left in a read-only folder would not show it)
-            raise PermissionError(13, "Permission denied")
+        tempfile.TemporaryFile(dir=out).close()  # can it be written? (a writable .lock alone would not show it)
         f = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create or write the run directory ({e.strerror})") from None

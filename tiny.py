@@ -129,6 +129,7 @@ def build_tiny(path: str):
         if step % 50 == 0 or step == recipe["steps"] - 1:
             common.print0(f"  tiny pretraining step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
     tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build whose pid this process now has
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "tiny_recipe.json"), "w") as f:

@@ -334,7 +334,8 @@ def test_fine_r1_teacher_server_failures_are_one_line_and_resume(tmp_path, monke
                 fine_r1.run_cot(args, common.Dist(), str(tmp_path))
             assert f"stage cot: --teacher-url {server.url}" in str(e.value) and message in str(e.value)
             assert "\n" not in str(e.value) and "rerun the same command to resume" in str(e.value)
-        assert len([r for p in tmp_path.glob("cot.part*.jsonl") for r in common.read_jsonl(str(p))]) == 2  # the first class of each run
+        parts = [r for p in tmp_path.glob("cot.part*.jsonl") for r in common.read_jsonl(str(p))]
+        assert len(parts) == 2  # the first class of each run
         behaviour.fail_after = None
         asked_before = len(behaviour.asked)
         path = fine_r1.run_cot(args, common.Dist(), str(tmp_path))

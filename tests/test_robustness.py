@@ -260,7 +260,8 @@ def test_mining_cache_cut_mid_write_is_reused_and_the_cut_image_mined_again(tiny
         f.write(json.dumps({"key": cached[2]["id"], "value": cached[2]})[:60])
     model, processor = tiny
     run = types.SimpleNamespace(out=str(tmp_path), ranks=common.Dist(), log=lifecycle.MetricsLog(str(tmp_path)))
-    kept = dive_k.mine_training_set(model, processor, train, train.split_class_names, args, run, None, log_summary=True)
+    kept = dive_k.mine_training_set(model, processor, train, train.split_class_names, args, run, fsdp_inputs=None,
+                                    log_summary=True)
     records = read_jsonl(tmp_path / "mcq.jsonl")  # every line parses (the new records did not glue onto the cut one)
     assert [r["id"] for r in records] == [ex.id for ex in train.examples]  # all four, in dataset order
     assert records[:2] == cached[:2]  # the cached questions were reused, not mined again
