@@ -33,7 +33,6 @@ import speciarl
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
                     "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     g = p.add_argument_group("model and workload")
@@ -78,10 +77,8 @@ def parse_args(argv=None):
                 "(e.g. sample,logprob,update)")
     return args
 
-
 def stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
 
 def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
     """{name: [(result, seconds, peak GiB) of each timed run]}: the fns in turn (a, b, a, b ...) after `warmup` untimed
@@ -107,7 +104,6 @@ def alternate(fns: dict, warmup: int, repeats: int, device) -> dict:
                 runs[name].append((out, dt, peak / 2 ** 30))
     return runs
 
-
 def copy_bandwidth(device) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted), the practical memory limit."""
     n, reps = (2 ** 28, 10) if device.type == "cuda" else (2 ** 26, 3)  # 1 GiB of fp32 on GPU, 256 MiB on CPU
@@ -116,11 +112,9 @@ def copy_bandwidth(device) -> float:
     runs = alternate({"copy": lambda: [dst.copy_(src) for _ in range(reps)]}, 0, 1, device)
     return 2 * n * 4 * reps / runs["copy"][0][1]  # one run's seconds
 
-
 def completions(out) -> list[list[int]]:
     """Each row's completion tokens up to and including the first EOS (the padding cut off)."""
     return [row[:int(length)].tolist() for row, length in zip(out.completion_ids, out.completion_mask.sum(1))]
-
 
 def model_shape(model) -> dict:
     """Parameter counts and sizes of the Hugging Face model for the FLOP and byte formulas (README: Speed)."""
@@ -138,7 +132,6 @@ def model_shape(model) -> dict:
         d_vis=vc.hidden_size, n_blocks=vc.depth, n_full=len(vc.fullatt_block_indexes), window=window,
         total_params=numel(model))
 
-
 def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
     """Model FLOPs of one forward over sequences of (prompt tokens, [completion tokens of each completion that
     follows it], image patches): one completion per sequence on the per-row path, a group's on the shared one."""
@@ -153,7 +146,6 @@ def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
         total += 2 * s["blocks_params"] * N + 4 * s["d_vis"] * N * attn
         total += 2 * s["patch_params"] * N + 2 * s["merger_params"] * N / 4
     return total
-
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -309,7 +301,6 @@ def main(argv=None) -> dict:
     common.cleanup_distributed()
     return result
 
-
 def markdown(fig: dict, settings: dict) -> str:
     """The table: one row per figure, median / min / max where repeated."""
     head = (f"bench.py on {settings['device']}: model {settings['model']}, {settings['prompts']} prompts x G="
@@ -322,7 +313,6 @@ def markdown(fig: dict, settings: dict) -> str:
                  else f"{v:.4g} | |" if isinstance(v, float) else f"{v} | |")
         lines.append(f"| {k} | {cells} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

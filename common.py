@@ -49,7 +49,6 @@ QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
 }
 CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
 
-
 # ----- 1. Distributed setup -----
 
 @dataclasses.dataclass
@@ -66,7 +65,6 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
 
 def init_distributed() -> Dist:
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
@@ -85,19 +83,16 @@ def init_distributed() -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     return Dist(rank, local_rank, world, dev)
 
-
 def print0(*args, **kwargs):
     """print on rank 0 only (flushes, so logs interleave sensibly under torchrun)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
-
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (in place, returned for chaining). A no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
-
 
 def all_gather_objects(obj: Any) -> list:
     """Gather one picklable object from every rank into a list (rank order). [obj] without a process group."""
@@ -107,22 +102,18 @@ def all_gather_objects(obj: Any) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
 
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
 
 def stream_position(position: int, n: int, seed: int) -> int:
     """Index at `position` of an endless stream of epochs over n items, each epoch a seeded permutation, so a resumed
@@ -131,7 +122,6 @@ def stream_position(position: int, n: int, seed: int) -> int:
     order = list(range(n))
     random.Random(seed * 7919 + epoch).shuffle(order)
     return order[offset]
-
 
 # ----- 2. Model and processor loading -----
 
@@ -153,7 +143,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-
 @functools.cache
 def processor_class():
     """The image-only processor class (built once; imports transformers)."""
@@ -169,11 +158,9 @@ def processor_class():
                              chat_template=chat_template, **kwargs)
     return ImageOnlyQwen2_5_VLProcessor
 
-
 def make_image_processor(min_pixels: int, max_pixels: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-
 
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
     """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
@@ -182,9 +169,7 @@ def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
         if pixels is not None:
             processor.image_processor.size[edge] = pixels
 
-
 DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
-
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype weights are loaded in: 'auto' = bf16 on GPU, fp32 on CPU; 'bf16-mixed' loads fp32 (bf16 is the
@@ -193,7 +178,6 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
         return name
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
 
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
     # for bench.py on CPU: 30m has a small vocabulary, so its time goes to the decoder layers as a big model's does;
@@ -211,7 +195,6 @@ RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2
     "qwen2.5-vl-7b-random": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie=False),
 }
-
 
 def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
                    vocab_size, tie, special_ids, vision: dict | None = None, rope_theta=1e6, max_positions=32768):
@@ -238,7 +221,6 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
         vision_start_token_id=special_ids["<|vision_start|>"], vision_end_token_id=special_ids["<|vision_end|>"],
         tie_word_embeddings=tie)
 
-
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[str, int] | None = None):
     """A byte-level BPE with Qwen's pre-tokenizer regex, trained in-process (a fraction of a second), wrapped as a
     Qwen2Tokenizer with the Qwen special tokens and the Qwen2.5-VL chat template. `special_ids` places the special
@@ -264,7 +246,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
     assert tok.convert_tokens_to_ids(list(special_ids)) == list(special_ids.values())
     return tok, special_ids
 
-
 def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device, dtype: torch.dtype,
                         attn: str):
     """A random-initialised Qwen2.5-VL of a preset's shape and a small tokenizer whose special tokens sit at the real
@@ -285,14 +266,12 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
                              chat_template=CHAT_TEMPLATE)
     return model, proc
 
-
 def tiny_pointer() -> str:
     """The file that names this checkout's built stand-in (tiny.py writes it; one per checkout, so checkouts with
     other prompts that share the cache never swap stand-ins)."""
     import hashlib
     checkout = hashlib.sha1(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:10]
     return os.path.join(CACHE_DIR, f"tiny-{checkout}.txt")
-
 
 def tiny_dir() -> str:
     """The `tiny` stand-in's folder, named in tiny_pointer(). Shared code never imports tiny.py (it sits on top of the
@@ -313,7 +292,6 @@ def tiny_dir() -> str:
         raise SystemExit(f"--model tiny: `python tiny.py` left no built stand-in named in {tiny_pointer()}; run it "
                          f"by hand to see why")
     return built()
-
 
 def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "auto", attn: str = "sdpa",
                min_pixels: int | None = None, max_pixels: int | None = None, flag: str = "--model"):
@@ -364,20 +342,16 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
                          f"or a hub id that is downloaded already or reachable") from None
     return model.to(device), proc
 
-
 def special_token_ids(processor) -> dict[str, int]:
     tok = processor.tokenizer
     return {name: tok.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
-
 
 # ----- robust image access: a missing, empty, truncated or non-image file never crashes a run -----
 
 IMAGE_PROBLEMS: Counter = Counter()  # reason -> count, for this process (load-time checks and failed opens)
 
-
 class UnreadableImage(OSError):
     """An image file that cannot be decoded (raised by open_image; try_open_image returns None instead)."""
-
 
 def open_image(path: str) -> Image.Image:
     """The image as RGB; an undecodable file raises UnreadableImage naming it (and is counted in IMAGE_PROBLEMS)."""
@@ -388,7 +362,6 @@ def open_image(path: str) -> Image.Image:
         IMAGE_PROBLEMS["unreadable at open"] += 1
         raise UnreadableImage(f"cannot read image {path}: {e}") from e
 
-
 def try_open_image(path: str) -> Image.Image | None:
     """open_image, or None with a warning when the file cannot be decoded (callers skip the example)."""
     try:
@@ -396,7 +369,6 @@ def try_open_image(path: str) -> Image.Image | None:
     except UnreadableImage as e:
         print(f"warning: skipping an image: {e}", file=sys.stderr, flush=True)
         return None
-
 
 # ----- 3. Prompt encoding and the rollout sampler -----
 
@@ -412,12 +384,10 @@ class EncodedPrompt:
     def __len__(self):
         return self.input_ids.shape[0]
 
-
 def chat_messages(text: str, system: str | None = None) -> list[dict]:
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
     return msgs
-
 
 def encode_prompt(processor, image: Image.Image | str, text: str, system: str | None = None) -> EncodedPrompt:
     """Render the chat template for [image, text], run the processor (expands the image pad to the image's token
@@ -429,11 +399,9 @@ def encode_prompt(processor, image: Image.Image | str, text: str, system: str | 
     return EncodedPrompt(out["input_ids"][0], out["mm_token_type_ids"][0].long(), out["pixel_values"],
                          out["image_grid_thw"])
 
-
 def unwrap(model):
     """The Hugging Face model inside a DDP wrapper (FSDP2 modules are the model itself)."""
     return model.module if hasattr(model, "module") else model
-
 
 def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
     """[3, L] M-RoPE positions of an unpadded prompt (temporal / height / width rows; text tokens share one value),
@@ -444,7 +412,6 @@ def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
             image_grid_thw=prompt.image_grid_thw)
         prompt.position_ids = pos[:, 0]
     return prompt.position_ids
-
 
 def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a list of prompts into one batch, with 3-row positions and each image's patch rows concatenated
@@ -459,7 +426,6 @@ def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device
                  pixel_values=torch.cat([p.pixel_values for p in prompts]),
                  image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))
     return {name: tensor.to(device) for name, tensor in batch.items()}
-
 
 @dataclasses.dataclass
 class Rollout:
@@ -477,9 +443,7 @@ class Rollout:
     def row_prompts(self) -> list[EncodedPrompt]:
         return [p for p in self.prompts for _ in range(self.group_size)]
 
-
 SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
-
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (nucleus sampling),
@@ -502,18 +466,15 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
         lo, hi = torch.where(above < top_p, lo, mid), torch.where(above < top_p, mid, hi)
     return logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
 
-
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on this device type; None where autocast is off."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
 
 def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> torch.Tensor:
     """Write prompt p's prefill [P, H, L, D] into rows p*G .. p*G+G-1 of `buffer` [P*G, H, capacity, D]; the buffer."""
     P, H, L, D = prefill.shape
     buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
     return buffer
-
 
 @functools.cache
 def preallocated_kv_layer():
@@ -546,13 +507,11 @@ def preallocated_kv_layer():
 
     return PreallocatedLayer
 
-
 def expand_cache(cache, repeats: int, capacity: int):
     """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
     in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
     cache.layers = [preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
     return cache
-
 
 def static_cache(model, cache, repeats: int, capacity: int):
     """A StaticCache of `capacity` positions for P*G rows holding each prompt's prefill KV G times (fixed shapes and
@@ -572,7 +531,6 @@ def static_cache(model, cache, repeats: int, capacity: int):
             layer.update = lambda k, v, *a, _up=stock_update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
     return static
 
-
 @functools.cache
 def cache_keyword() -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.2x (where `past_key_values` warns on every
@@ -582,11 +540,9 @@ def cache_keyword() -> str:
     params = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
-
 def returned_cache(out):
     """The KV cache a forward returned (`out.cache`, or `out.past_key_values` before transformers 5.2x)."""
     return out["cache"] if "cache" in out.keys() else out.past_key_values
-
 
 def compiled_decode(model):
     """Trick "compiled decode step" (opt-in): the one-token forward under torch.compile ("reduce-overhead" = CUDA graph
@@ -601,9 +557,7 @@ def compiled_decode(model):
         model.__dict__["_fgrl_compiled_decode"] = torch.compile(decode_step, mode=mode, dynamic=False)
     return model.__dict__["_fgrl_compiled_decode"]
 
-
 FINISHED_CHECK_EVERY = 8  # decode steps between two looks at "has every row ended?" (each look is a host sync)
-
 
 class NonFiniteLogits(RuntimeError):
     """The policy produced NaN / inf logits while sampling (`rows` [B] bool: where, by decode step `step`)."""
@@ -615,7 +569,6 @@ class NonFiniteLogits(RuntimeError):
                          f"the inputs hold NaN / inf: a diverged update (lower the learning rate, resume from the last "
                          f"checkpoint), a corrupt checkpoint, or fp16 overflow (use bf16 or fp32, --dtype)")
 
-
 def compile_decode_problem(model) -> str | None:
     """Why the compiled decode cannot run on this model (None if it can)."""
     hf = unwrap(model)
@@ -626,7 +579,6 @@ def compile_decode_problem(model) -> str | None:
         return ("the compiled decode attends over the whole static cache, unwritten slots included, with a mask that "
                 "flash-attention 2 ignores: use --attn sdpa with --compile-decode 1, or --compile-decode 0")
     return None
-
 
 @torch.no_grad()
 def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: int, max_new_tokens: int,
@@ -746,13 +698,11 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     texts = processor.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
     return Rollout(list(prompts), G, tokens.cpu(), mask.cpu(), token_logps.cpu(), (~finished).cpu(), texts, stats)
 
-
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """1 for every token up to and including the first EOS, 0 after it: [5, 7, EOS, 0, 0] -> [1, 1, 1, 0, 0]."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
     eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
     return (eos_before == 0).long()
-
 
 def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
     width = max(r.completion_ids.shape[1] for r in parts)
@@ -765,7 +715,6 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    torch.cat([pad(r.logprobs, 0.0) for r in parts]),
                    torch.cat([r.truncated for r in parts]), [t for r in parts for t in r.texts],
                    {k: sum(r.stats.get(k, 0) for r in parts) for k in parts[0].stats})  # times and steps add up
-
 
 # ----- 4. Per-token log-probs of completions -----
 
@@ -783,11 +732,9 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
-
 # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32; at Qwen's 151,936-token
 # vocabulary and 16 rows, chunks of 27 positions; at the stand-in's, every position at once
 LOGITS_BUDGET = 2 ** 26
-
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
@@ -797,7 +744,6 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if temperature != 1.0:
         scores.div_(temperature)
     return scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scores.logsumexp(-1)  # [b, t]
-
 
 @contextlib.contextmanager
 def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, predictors: torch.Tensor | None = None):
@@ -824,7 +770,6 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
         yield
     finally:
         del head.forward
-
 
 @contextlib.contextmanager
 def images_encoded_once(model):
@@ -858,7 +803,6 @@ def images_encoded_once(model):
     finally:
         del visual.forward
 
-
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
     """[B, T] log-probs of the completion tokens of one micro-batch (with grad if enabled), through the wrapped model:
@@ -867,13 +811,11 @@ def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: tor
     with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
         return model(**inputs, use_cache=False, logits_to_keep=targets.shape[1] + 1).logits  # log-probs, not logits
 
-
 def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     """[start, end) of each run of consecutive rows that share one prompt (the same EncodedPrompt object: the G rows
     of a group, as the sampler lays them out): [p, p, p, q, q] -> [(0, 3), (3, 5)]."""
     starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
     return list(zip(starts, starts[1:] + [len(prompts)]))
-
 
 @dataclasses.dataclass
 class PrefixLayout:
@@ -884,7 +826,6 @@ class PrefixLayout:
     groups: int
     width: int
     prompt_lengths: list[int]
-
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      base: str = "sdpa", **kwargs):
@@ -916,7 +857,6 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
                                  done.transpose(0, 1).flatten(1, 2)[None]], 2))  # [1, H, S, D]; padding slots 0
     return torch.cat(packed).transpose(1, 2), None  # [R, S, H, D], as transformers' attention functions return
 
-
 def shared_prefix_supported(model) -> bool:
     """Whether the shared-prefix forward can run (text attention sdpa or eager, not flash-attention 2), installing
     `prefix_attention` as the text model's attention on the way (once; other calls still reach sdpa / eager)."""
@@ -932,7 +872,6 @@ def shared_prefix_supported(model) -> bool:
         AttentionMaskInterface.register("prefix+" + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
         config._attn_implementation = "prefix+" + base
     return True
-
 
 def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor, pad_id: int,
                          device) -> tuple[dict, torch.Tensor, int]:
@@ -956,7 +895,6 @@ def shared_prefix_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids
     predictors = torch.cat([r * keep + within[:end - start] for r, (start, end) in enumerate(runs)])  # [B, T]
     return inputs, predictors, keep
 
-
 def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       shared_prefix: bool = True) -> torch.Tensor:
@@ -970,7 +908,6 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
             return model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, T] log-probs, not logits
     return forward_logprobs(model, scoring_inputs(model, prompts, completion_ids, completion_mask, pad_id, device),
                             completion_ids, temperature)
-
 
 @torch.no_grad()
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
@@ -988,7 +925,6 @@ def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], comp
                                               completion_mask[rows, :width], pad_id, temperature, shared_prefix)
     return out.cpu() * completion_mask
 
-
 def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over target tokens only (the prompt is context, never a label). Targets are right-padded
     and scored like completions: position for position the same inputs the RL losses see."""
@@ -998,7 +934,6 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     logp = score_completions(model, prompts, ids, mask, pad_id, shared_prefix=False)  # [B, T]
     mask = mask.to(logp.device)
     return -(logp * mask).sum() / mask.sum()
-
 
 # ----- 5. Precision, DDP / FSDP2 -----
 
@@ -1024,7 +959,6 @@ class Precision:
         how = {"weights": "", "fsdp": " through FSDP2 mixed precision", "autocast": " through autocast"}[self.via]
         return f"weights {self.weights}, compute {self.compute}{how}".replace("torch.", "")
 
-
 def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool = True) -> Precision:
     """The run's Precision from --dtype. auto: fp32 on CPU; on GPU bf16 compute over fp32 master weights where AdamW
     updates (lr 1e-6 steps round away in bf16), else bf16 weights. bf16-mixed: fp32 weights, bf16 compute; bf16 / fp32:
@@ -1041,7 +975,6 @@ def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool 
     via = "weights" if weights == compute else ("fsdp" if parallel == "fsdp" and ranks.distributed else "autocast")
     return Precision(weights, compute, via, ranks.device.type)
 
-
 def enable_activation_checkpointing(model):
     """Recompute each layer in the backward (non-reentrant): `activation_checkpointing_enable` from transformers 5.2x,
     `gradient_checkpointing_enable` before it (now a deprecated alias that warns)."""
@@ -1049,7 +982,6 @@ def enable_activation_checkpointing(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
 
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
@@ -1071,13 +1003,11 @@ def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointi
         fully_shard(module, **kw)
     return model
 
-
 def grad_sync(model, on: bool):
     """Gradient accumulation: skip DDP's all-reduce on all but the last micro-batch of an optimizer step. Under
     FSDP2 every micro-batch reduce-scatters (the gradients stay sharded; skipping would hold them whole)."""
     if hasattr(model, "require_backward_grad_sync"):
         model.require_backward_grad_sync = on
-
 
 def clip_gradients(params, max_norm: float) -> float:
     """Global grad-norm clipping (0 = off, the norm still measured); DDP tensors and FSDP2 DTensors alike (the norm
@@ -1085,11 +1015,9 @@ def clip_gradients(params, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-
 def _fsdp_modules(model):
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
 
 @contextlib.contextmanager
 def gathered_params(model, warmup_inputs: dict | None = None):
@@ -1112,14 +1040,12 @@ def gathered_params(model, warmup_inputs: dict | None = None):
             m.reshard()
             m.set_reshard_after_forward(True)
 
-
 def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
     """A one-prompt batch for gathered_params' warm-up forward (only needed under FSDP2)."""
     if not _fsdp_modules(model):
         return None
     device = next(unwrap(model).parameters()).device
     return collate_prompts(model, [prompt], special_token_ids(processor)["<|endoftext|>"], device)
-
 
 def progress_bar(show: bool, **kw):
     """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(ranks.is_main, total=steps, desc="grpo")`.
@@ -1129,11 +1055,9 @@ def progress_bar(show: bool, **kw):
     from tqdm import tqdm
     return tqdm(dynamic_ncols=True, disable=not sys.stderr.isatty(), **kw)
 
-
 def eval_dir(out: str, step: int, *parts: str) -> str:
     """Where an in-run evaluation at `step` writes: <out>/eval/step_0000030[/group]; the same in every method."""
     return os.path.join(out, "eval", f"step_{step:07d}", *parts)
-
 
 # ----- 6. JSONL inputs and the resumable per-rank map -----
 
@@ -1159,7 +1083,6 @@ def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = Fa
         out.append(rec)
     return out
 
-
 def repair_jsonl_tail(path: str) -> int:
     """Make an append-only JSONL file safe to append to after a crash: a last line without its newline (a kill
     mid-write) is cut off, or given its newline if it is a whole record. Returns the bytes dropped (0 if none)."""
@@ -1178,12 +1101,10 @@ def repair_jsonl_tail(path: str) -> int:
             f.truncate(start)
             return len(data) - start
 
-
 def remove_rank_parts(folder: str, stem: str):
     """Delete resumable_map's per-rank files <folder>/<stem>.part<rank>.jsonl (once their records are merged)."""
     for path in glob.glob(os.path.join(folder, f"{stem}.part*.jsonl")):
         os.remove(path)
-
 
 def resumable_map(folder: str, stem: str, keys: Sequence[str], work, ranks: Dist, desc: str) -> dict[str, Any]:
     """{key: result} for every key, on every rank: each rank runs `work(its keys)` over its share of the keys no

@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw
 
 import common
 
-
 # ----- names, records, and the toy dataset -----
 
 def normalize(text: str) -> str:
@@ -37,7 +36,6 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFC", text).lower()
     text = re.sub("['\u2019\u02bc]s\\b", "", text)  # ' and the typographic ones a model may write
     return " ".join(re.sub(r"[\W_]+", " ", text).split())
-
 
 class NameMap(dict):
     """A dict keyed by normalised names: `hierarchy["Black-footed Albatross"]` and `hierarchy["black footed
@@ -61,14 +59,12 @@ class NameMap(dict):
     def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
         return (NameMap, (dict(self),))
 
-
 @dataclasses.dataclass
 class Example:
     image: str  # path to the image file
     label: int  # class index into Dataset.class_names
     class_name: str  # the clean class name ("Black footed Albatross")
     id: str = ""  # a stable identifier (relative path), used for caching and logs
-
 
 @dataclasses.dataclass
 class Dataset:
@@ -93,7 +89,6 @@ class Dataset:
         ids = self.classes if self.classes is not None else range(len(self.class_names))
         return [self.class_names[i] for i in ids]
 
-
 TOY_COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 210), "yellow": (225, 200, 40)}
 TOY_PATTERNS = ["plain", "striped"]
 TOY_SHAPES = ["circle", "square", "triangle"]
@@ -101,14 +96,12 @@ TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2
 TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
 TOY_FILE = "{split}/{name}_{i:03d}.png"  # under toy_root(); the name with '_' for ' '
 
-
 def toy_class_names() -> list[str]:
     """24 classes = colour x pattern x shape, in a fixed shuffled order so that the CoOp base / novel halves
     (first 12 / last 12 ids) each mix every colour, pattern and shape."""
     names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in TOY_PATTERNS for s in TOY_SHAPES]
     random.Random(0).shuffle(names)
     return names
-
 
 def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     """One toy image: a large, roughly centred shape of the class colour, plain or white-striped, on a light tinted
@@ -139,7 +132,6 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, arr.shape).astype(np.int16)
     return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
 
-
 def toy_root() -> str:
     """Write the toy images once (deterministic) under the cache directory and return the folder."""
     root = os.path.join(common.CACHE_DIR, "toy-v1")
@@ -162,7 +154,6 @@ def toy_root() -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
-
 def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val), hierarchy class -> shape family -> 'shape',
     one synonym per class with colour and pattern swapped ('striped red circle'), for the judges' synonym rule."""
@@ -176,12 +167,10 @@ def load_toy(split: str) -> Dataset:
     return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,
                    generic=["shape", "object"], split=split, root=root)
 
-
 def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     """CoOp base-to-novel rule: sorted class ids, base = the first ceil(n/2), novel = the rest."""
     n_base = math.ceil(num_classes / 2)
     return list(range(n_base)), list(range(n_base, num_classes))
-
 
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
     """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
@@ -195,7 +184,6 @@ def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
                       f"fewer images (fewest {short[0]}); all of theirs are used")
     return dataclasses.replace(ds, examples=picked)
-
 
 # ----- the real datasets, read from their official layouts -----
 # Each reader returns one split in index-file order, every class in class-id order, the object kind and a hierarchy;
@@ -241,10 +229,8 @@ GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer fo
     "aircraft": ["aircraft", "airplane", "aeroplane", "plane", "airliner", "jet"], "json": ["object"],
 }
 
-
 def _fail(name: str, what: str):
     raise SystemExit(f"--data {name}: {what}.\nExpected layout:\n{LAYOUTS[name]}")
-
 
 def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] = ()) -> str:
     """--data-root checked; the first of root, root/sub... that holds `marker` (the dataset folder or a parent)."""
@@ -255,14 +241,12 @@ def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] 
     candidates = [root, *(os.path.join(root, sub) for sub in subdirs)]
     return next((path for path in candidates if os.path.exists(os.path.join(path, marker))), root)
 
-
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
     """Absolute paths of required files / folders; a clear SystemExit naming the first missing one."""
     for rel in relpaths:
         if not os.path.exists(os.path.join(root, rel)):
             _fail(name, f"{rel} not found under --data-root {root}")
     return [os.path.join(root, rel) for rel in relpaths]
-
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
     """Whitespace-separated rows (the last column may hold spaces), '#' lines skipped; a short row stops naming it."""
@@ -276,13 +260,11 @@ def _rows(name: str, path: str, columns: int) -> list[list[str]]:
                     _fail(name, f"{path} line {i}: expected {columns} columns, got {line!r}")
     return rows
 
-
 def _int(name: str, path: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
         _fail(name, f"{path}: expected an integer, got {value!r}")
-
 
 def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
     """The variables `keys` of a MATLAB .mat file, via scipy (imported here: only .mat-based datasets need it)."""
@@ -300,7 +282,6 @@ def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
             _fail(name, f"{path} has no variable {key!r} (it has {sorted(k for k in mat if not k.startswith('__'))})")
     return [np.atleast_1d(mat[key]) for key in keys]
 
-
 def _mat_strings(values) -> list[str]:
     """A MATLAB cell array of strings, however scipy squeezed it, as a list of str."""
     out = []
@@ -309,7 +290,6 @@ def _mat_strings(values) -> list[str]:
             v = v.ravel()[0] if v.size else ""
         out.append(str(v))
     return out
-
 
 def _pick_split(split: str, train: list, test: list, val: list | None = None) -> list:
     """train / val / test / trainval from the official (path, label) lists. Without an official val, 20% of each
@@ -327,7 +307,6 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
             val_paths.update(path for path, _ in group[:max(1, round(0.2 * len(group))) if len(group) >= 2 else 0])
         train, val = [p for p in train if p[0] not in val_paths], [p for p in train if p[0] in val_paths]
     return {"train": train, "val": val, "trainval": train + (val or [])}[split]
-
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
     """The split's (path, label) pairs and every class name from CoOp's split file; (None, None) without one."""
@@ -347,13 +326,11 @@ def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tu
     labelled = [(os.path.join(prefix, rel), int(label)) for part in wanted for rel, label, _ in lists[part]]
     return labelled, [names[i] for i in range(max(names) + 1)] if names else []
 
-
 def _dataset(name: str, kind: str, root: str, split: str, labelled: list, class_names: list[str], **fields) -> Dataset:
     """A reader's split as a Dataset; the hierarchy defaults to every class -> [kind]."""
     fields.setdefault("hierarchy", NameMap({n: [kind] for n in class_names}))
     examples = [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in labelled]
     return Dataset(name, examples, class_names, kind, generic=GENERIC_TERMS[name], split=split, root=root, **fields)
-
 
 def read_cub(root: str | None, split: str) -> Dataset:
     """CUB-200-2011. Class name = folder without 'NNN.', '_' -> ' ' ("Black footed Albatross"). test = the official
@@ -383,7 +360,6 @@ def read_cub(root: str | None, split: str) -> Dataset:
     return _dataset("cub", "bird", root, split, _pick_split(split, train, test), class_names, synonyms=synonyms,
                     hierarchy=hierarchy)
 
-
 def read_flowers(root: str | None, split: str) -> Dataset:
     """Oxford Flowers102: the CoOp split file when present (train 4,093 / val 1,633 / test 2,463), else the official
     setid.mat (trnid / valid / tstid) with names from cat_to_name.json."""
@@ -405,7 +381,6 @@ def read_flowers(root: str | None, split: str) -> Dataset:
     # the dataset's own spelling "barbeton daisy"; DiVE-k maps the correct "barberton" to it
     synonyms = NameMap({n: [n.replace("barbeton", "barberton")] for n in class_names if "barbeton" in n})
     return _dataset("flowers", "flower", root, split, labelled, class_names, synonyms=synonyms)
-
 
 def read_pets(root: str | None, split: str) -> Dataset:
     """Oxford-IIIT Pets, 37 breeds. The CoOp split file when present (2,944 / 736 / 3,669), else trainval.txt split
@@ -435,13 +410,11 @@ def read_pets(root: str | None, split: str) -> Dataset:
     return _dataset("pets", "pet", root, split, labelled, class_names,
                     hierarchy=NameMap({n: [species.get(n, "pet")] for n in class_names}))
 
-
 CAR_MAKES_TWO_WORDS = ("AM General", "Aston Martin", "Land Rover")
 CAR_BODY_TYPES = ("Crew Cab", "Extended Cab", "Regular Cab", "Club Cab", "Quad Cab", "SuperCab", "Cab", "Sedan",
                   "Coupe", "Convertible", "SUV", "Hatchback", "Wagon", "Minivan", "Cargo Van", "Van", "Type-S",
                   "Roadster")  # longest first where it matters ("Crew Cab" before "Cab")
 YEAR = re.compile(r"(19|20)\d\d")
-
 
 def car_hierarchy(name: str) -> list[str]:
     """'2012 Audi TTS Coupe' -> ['Audi TTS Coupe', 'Audi TTS', 'Audi', 'car']: model line without the year, without
@@ -455,7 +428,6 @@ def car_hierarchy(name: str) -> list[str]:
     chain = [line, line[: -len(body) - 1] if body else line, make, "car"]
     chain = [a for a in chain if normalize(a) != normalize(name)]
     return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
-
 
 def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
@@ -483,7 +455,6 @@ def read_cars(root: str | None, split: str) -> Dataset:
                         if n.split() and YEAR.fullmatch(n.split()[0])})
     return _dataset("cars", "car", root, split, labelled, class_names, synonyms=synonyms,
                     hierarchy=NameMap({n: car_hierarchy(n) for n in class_names}))
-
 
 def read_aircraft(root: str | None, split: str) -> Dataset:
     """FGVC-Aircraft 2013b, 100 variants (variants.txt order), the official train / val / test / trainval files;
@@ -518,7 +489,6 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
                 synonyms[family] = [f"{maker} {family}"]
     return _dataset("aircraft", "aircraft", root, split, labelled, class_names, hierarchy=hierarchy, synonyms=synonyms)
 
-
 def read_dogs(root: str | None, split: str) -> Dataset:
     """Stanford Dogs, 120 breeds: official train 12,000 (val carved 20% per class) / test 8,580 from
     train_list.mat / test_list.mat. Class name = folder without the WordNet id, '_' -> ' '."""
@@ -539,7 +509,6 @@ def read_dogs(root: str | None, split: str) -> Dataset:
         _fail("dogs", f"labels in {train_mat} / {test_mat} must run 1..N without gaps")
     class_names = [folders[i].split("-", 1)[-1].replace("_", " ") for i in range(1, len(folders) + 1)]
     return _dataset("dogs", "dog", root, split, labelled, class_names)
-
 
 def read_food(root: str | None, split: str) -> Dataset:
     """Food-101: the CoOp split file when present, else meta/train.txt (val carved 20% per class) / meta/test.txt.
@@ -565,7 +534,6 @@ def read_food(root: str | None, split: str) -> Dataset:
             return out
         labelled = _pick_split(split, read(train_txt), read(test_txt))
     return _dataset("food", "food", root, split, labelled, class_names)
-
 
 def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     """A user's own data: a .json / .jsonl file of {image, class_name[, split]} records and a class list
@@ -638,11 +606,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
                    synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
                    split=split, root=base)
 
-
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
            "dogs": read_dogs, "food": read_food}
 MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images whose long side is over 200 times the short one
-
 
 def probe_image(path: str) -> str | None:
     """None if the file looks like a whole image, else why not: 'missing', 'empty', 'not an image', 'truncated',
@@ -666,7 +632,6 @@ def probe_image(path: str) -> str | None:
         return "truncated" if "truncated" in str(e).lower() else "not an image"
     return None
 
-
 def drop_unreadable(ds: Dataset) -> Dataset:
     """Unreadable images (probe_image) dropped with one warning, counted in `.skipped` and common.IMAGE_PROBLEMS."""
     bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
@@ -680,7 +645,6 @@ def drop_unreadable(ds: Dataset) -> Dataset:
     dropped = {p for p, _ in bad}
     return dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
                                skipped={**ds.skipped, **skipped})
-
 
 def load_dataset(name: str, split: str, *, root: str | None = None, classes: str = "all", shots: int | None = None,
                  limit: int | None = None, seed: int = 0) -> Dataset:

@@ -44,7 +44,6 @@ import judges
 import lifecycle
 import memory
 
-
 # ----- 1. Prompts: every instruction of the released prompts, in this project's words -----
 
 # Mining and two-step step 1 (released create_prompt): the object kind; the most likely name in the dataset's answer
@@ -60,21 +59,17 @@ MCQ_PROMPT = ("This is an image containing a {kind}. Which of the options below 
 # The answer format the released prompts name per dataset (a model often echoes it: "species name: X").
 ANSWER_FORMATS = {"cars": "make model", "aircraft": "make model", "toy": "shape name"}  # others: "species name"
 
-
 def answer_format(dataset_name: str) -> str:
     return ANSWER_FORMATS.get(dataset_name, "species name")
-
 
 def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
     """Stage 1: e.g. mine_prompt("bird", "cub", ["Bobolink", "Gull"]) asks for the most likely 'species name' of the
     bird, one of ['Bobolink', 'Gull']."""
     return MINE_PROMPT.format(kind=kind, answer_format=answer_format(dataset_name), categories=str(list(class_names)))
 
-
 def mcq_prompt(kind: str, options: list[str]) -> str:
     """Stage 2: the options as 'A. name' lines, the answer a letter."""
     return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
-
 
 # Two-step inference as an evaluation protocol (eval.py --protocol two_step, and evaluate_two_step below): step 1
 # samples answers with the split's class list at the mining sampling (T=1.0, top_p 0.95, repetition penalty 1.1),
@@ -83,7 +78,6 @@ TWO_STEP_EVAL = evaluation.Protocol(
     "two_step", evaluation.two_step_batch, evaluation.two_step_metrics, template=[MINE_PROMPT, MCQ_PROMPT],
     prompt=lambda dataset, options: mine_prompt(dataset.kind, dataset.name, dataset.split_class_names),
     step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
-
 
 # ----- 2. Stage 1: each image's question from the model's K answers (the method's data) -----
 
@@ -128,7 +122,6 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
     return {**record, "truth_inserted": truth_inserted, "padded": padded, "status": "easy" if easy else "kept",
             "options": options, "answer": judges.LETTERS[options.index(truth)]}
 
-
 def mine(model, processor, examples: list[data.Example], base_classes: list[str], kind: str, args, *, seed: int,
          drop_easy: bool = True) -> list[dict]:
     """K sampled answers per image (the base-class list in the prompt) -> each image's question, in order."""
@@ -147,13 +140,11 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
         questions.append({"id": ex.id, "image": ex.image, **question})  # option order depends on the image only
     return questions
 
-
 # ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
 
 # a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
 # opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
 LETTER_RE = re.compile(r"(?<![A-Z0-9])([A-Z])(?=[.,:;!?]|$|(?<=\(.)\)|(?<=\A.)\))")
-
 
 def answer_letter(completion: str, n_options: int) -> str | None:
     """The option letter in the completion's first <answer> tag (LETTER_RE: "B", "b", "B.", "(B)", "B) ...",
@@ -171,7 +162,6 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     letter = found.pop()
     return letter if letter in judges.LETTERS[:n_options] else None
 
-
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
@@ -182,24 +172,19 @@ def chosen_letter(completion: str, options: list[str]) -> str | None:
     matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
     return matches[0] if len(matches) == 1 else None
 
-
 def format_reward(completions: list[str], question: dict) -> list[float]:
     """1 for a completion that is `<think>...</think> <answer>...</answer>` and nothing else."""
     return [float(judges.format_ok(c)) for c in completions]
-
 
 def mcq_reward(completions: list[str], question: dict) -> list[float]:
     """1 for a completion whose chosen option (by letter, or by its exact text) is the question's answer."""
     return [float(chosen_letter(c, question["options"]) == question["answer"]) for c in completions]
 
-
 def random_reward(completions: list[str], question: dict) -> list[float]:
     """The control: a fair coin per completion that ignores it (global RNG: seeded per rank, saved in checkpoints)."""
     return [float(random.random() < 0.5) for _ in completions]
 
-
 REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
-
 
 # ----- 4. Advantage -----
 
@@ -217,7 +202,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     std = r.std(1, keepdim=True)  # [P, 1]
     adv = (r - mean) / (std + eps) if scale else r - mean  # [P, G]
     return adv.reshape(-1), std.squeeze(1) == 0
-
 
 # ----- 5. The loss, written by hand -----
 
@@ -262,14 +246,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         stats = {"kl_sum": (kl * mask).sum(), "clipped_sum": (clipped_taken * mask).sum(), "tokens": mask.sum()}
     return loss, stats
 
-
 def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float:
     """What this rank divides its summed loss by, so that the gradient DDP / FSDP average over ranks is the mean over
     the step: its completions (seq), or the step's tokens over all ranks / ranks (token). mask: [B, T], this rank's."""
     if loss_agg == "seq":
         return float(mask.shape[0])
     return lifecycle.global_token_count(mask) / world_size
-
 
 # ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
 
@@ -345,7 +327,6 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
                                  for i, q in enumerate(questions)][:args.log_completions]
     return record
 
-
 # ----- 7. Stage 1 over the training set (cached, resumable per rank), and each step's questions -----
 
 def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
@@ -393,7 +374,6 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
         run.log.log({"step": 0, "event": "mining", **summary})
     return kept
 
-
 def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
                        run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
     """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
@@ -410,7 +390,6 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
     return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
                    "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
 
-
 # ----- 8. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
@@ -422,14 +401,12 @@ def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: i
         samples=args.eval_samples, micro_batch=args.eval_batch, scoring=args.eval_scoring,
         compile_decode=bool(args.compile_decode))
 
-
 # `--data toy` on a 2-core CPU: the tiny stand-in, short completions, a higher learning rate and KL weight for a
 # 0.7M-parameter model, 90 steps; two-step scored strictly (the stand-in answers an option's text, which the paper's
 # letter reader misses). Measured in tests/test_dive_k_learning.py.
 TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule="constant", beta=0.2,
            max_new_tokens=48, mine_samples=8, mine_max_new_tokens=48, max_steps=90, micro_batch=64, eval_samples=8,
            eval_max_new_tokens=48, eval_every=30, save_every=30, eval_scoring="strict")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -481,7 +458,6 @@ def parse_args(argv=None):
                          f"list of all, base and novel")
     return args
 
-
 def prompts_per_step_for(args, world_size: int) -> int:
     """Questions per optimizer step over all ranks. The paper's 6 does not divide over 4, 8 or 16 ranks: left unset it
     becomes the nearest multiple of the ranks (ties upward), said at start; a value the user set must divide."""
@@ -493,7 +469,6 @@ def prompts_per_step_for(args, world_size: int) -> int:
         return fitted
     lifecycle.require_divisible("--prompts-per-step", n, world_size, "the number of ranks")
     return n
-
 
 def memory_estimate(processor, kind: str, base_classes: list[str], args, world_size: int) -> dict:
     """memory.report_memory_budget's settings: the larger sampling phase (mining or rollouts), the update's rows."""
@@ -511,7 +486,6 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                                            "--max-pixels",
                        "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
                        "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
-
 
 # ----- 9. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
 
@@ -567,7 +541,6 @@ def main(argv=None):
                      shown=("reward", "accuracy", "format_rate"))
     run.finish(model, processor)
     return run.out
-
 
 if __name__ == "__main__":
     lifecycle.run_script(main)

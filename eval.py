@@ -37,7 +37,6 @@ STRICT_MCQ = dataclasses.replace(fine_r1.MCQ_EVAL, template=dive_k.MCQ_PROMPT,
 # The pixel budget of the papers' released evaluations, whatever the checkpoint's processor says (README)
 EVAL_PIXELS = (3136, 12845056)
 
-
 def protocol_for(name: str, scoring: str = "paper", be_specific: bool = False) -> evaluation.Protocol:
     """The record of --protocol NAME under --scoring and --be-specific."""
     if name not in PROTOCOLS:
@@ -49,18 +48,15 @@ def protocol_for(name: str, scoring: str = "paper", be_specific: bool = False) -
         return STRICT_MCQ
     return speciarl.EVALS["specific"] if be_specific else PROTOCOLS[name]
 
-
 def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, scoring: str = "paper",
              be_specific: bool = False, **settings) -> dict:
     """evaluation.evaluate with the protocol given by name (call it on every rank)."""
     return evaluation.evaluate(model, processor, dataset, protocol_for(protocol, scoring, be_specific),
                                scoring=scoring, **settings)
 
-
 TABLE_KEYS = ["accuracy", "exact", "substring", "correctness", "specificity", "hm", *[f"share/{lab}" for lab in
               judges.JUDGE_LABELS], "truth_in_options", "format_ok", "n", "judge_errors", "parse_failures",
               "invalid_choices", "no_candidates", "skipped_images", "skipped_at_load"]
-
 
 def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None) -> str:
     """| metric | <group> ... | HM | for the keys any group has."""
@@ -70,12 +66,10 @@ def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None)
         lines.append(f"| {key} | " + " | ".join(_fmt(column.get(key)) for column in columns) + " |")
     return "\n".join(lines)
 
-
 def _fmt(v) -> str:
     if v is None:
         return ""
     return f"{v:.4f}" if isinstance(v, float) else str(v)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint with the papers' protocols, at their "
@@ -113,10 +107,8 @@ def parse_args(argv=None):
     lifecycle.check_system_flags(args)
     return args
 
-
 INTERRUPTED = ("an evaluation keeps no checkpoint; rerun the same command to evaluate from the start (pairs in the "
                "judge's cache are not judged again)")
-
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -173,7 +165,6 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"{stop}; {half} results written to {args.out}")
     common.cleanup_distributed()
     return {"results": results, "hm": hm}
-
 
 if __name__ == "__main__":
     lifecycle.run_script(main, interrupted=INTERRUPTED)

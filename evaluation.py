@@ -41,7 +41,6 @@ CHOICE_WORDS = ("answer", "correct", "choose", "select", "right", "think", "beli
                 "\u89c9\u5f97")
 FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R1's evaluation reads this span
 
-
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """One evaluation protocol, as a record."""
@@ -61,7 +60,6 @@ class Protocol:
 
     def question(self, dataset: data.Dataset, options: list[str] | None = None) -> str:
         return self.template if self.prompt is None else self.prompt(dataset, options)
-
 
 @dataclasses.dataclass
 class EvalJob:
@@ -87,7 +85,6 @@ class EvalJob:
                              max_new_tokens=self.max_new_tokens, row_seeds=row_seeds,
                              compile_decode=self.compile_decode, **(sampling or dict(temperature=0.0))).texts
 
-
 # ----- 1. scoring -----
 
 def released_letter(text: str) -> str | None:
@@ -111,7 +108,6 @@ def released_letter(text: str) -> str | None:
         score[letter] += pos < len(text) - 1 and text[pos + 1] in "\u3002.!\uff01,\uff0c"  # punctuation follows
     return max(score, key=score.get)
 
-
 def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
     """Index of the option a step-2 answer chose. paper (DiVE-k's released evaluation): the first <answer> text, or
     the whole response when there is no tag, read by released_letter. strict: the <answer> tag only (parse_choice)."""
@@ -121,13 +117,11 @@ def step2_choice(raw: str, options: list[str], scoring: str) -> int | None:
     letter = released_letter(found.group(1).strip() if found else raw.strip())
     return judges.LETTERS.index(letter) if letter and letter in judges.LETTERS[:len(options)] else None
 
-
 def closed_world_correct(raw: str, truth: str) -> bool:
     """Fine-R1's released closed-world scoring: the text from the first <answer> to the last </answer>, and right
     when the ground truth (lowercased, '_' -> ' ') is inside it (lowercased). No tag: wrong."""
     found = FIRST_TO_LAST_ANSWER.search(raw)
     return found is not None and truth.lower().replace("_", " ") in found.group(1).strip().lower().replace("_", " ")
-
 
 def open_world_correct(raw: str, truth: str, kind: str) -> bool:
     """Fine-R1's released open-world text-include (TI) accuracy: the text from the first <answer> to the last
@@ -137,7 +131,6 @@ def open_world_correct(raw: str, truth: str, kind: str) -> bool:
     text = (found.group(1).strip() if found else "") or raw
     name = " ".join(truth.lower().split()[:-2]) if kind == "car" else truth.lower().replace("_", " ")
     return name in text.lower()
-
 
 def parse_choice(answer: str | None, options: list[str]) -> int | None:
     """Index of the chosen option (strict scoring): a bare letter ('B', '(B)', 'B.'), the option's text itself, or a
@@ -160,17 +153,14 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
     i = judges.LETTERS.index(letter.group(1))
     return i if i < len(options) else None
 
-
 def rng_for(seed: int, example: data.Example, what: str) -> random.Random:
     """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
     return random.Random(f"{seed}:{what}:{example.id or example.image}")
-
 
 def row_seeds(live: list, seed: int, what: str, n: int) -> list[int]:
     """A random stream per sample of each image (common.sample's row_seeds): what an image draws depends on the seed
     and the image only, not on the ranks or the micro-batch it was evaluated in."""
     return [rng_for(seed, example, f"{what}:{j}").getrandbits(62) for _, example, _, _ in live for j in range(n)]
-
 
 def mcq_options(example: data.Example, dataset: data.Dataset, seed: int, distractors: str = "split") -> list[str]:
     """The truth and 3 other classes, shuffled: distractors from the evaluated classes ('split'; all classes if the
@@ -182,7 +172,6 @@ def mcq_options(example: data.Example, dataset: data.Dataset, seed: int, distrac
     options = rng.sample(pool, min(MCQ_OPTIONS - 1, len(pool))) + [example.class_name]
     rng.shuffle(options)
     return options
-
 
 def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[list[str], list[int], int]:
     """Step 1 of two-step inference as DiVE-k's released evaluation reads it: the first <answer> texts, lowercased,
@@ -206,7 +195,6 @@ def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[lis
     top = counts.most_common(TWO_STEP_OPTIONS)  # stable: equal counts keep first-appearance order
     return [shown[key] for key, _ in top], [c for _, c in top], failures
 
-
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
 
 def encode(job: EvalJob, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
@@ -222,13 +210,11 @@ def encode(job: EvalJob, batch: list, questions: list[str]) -> tuple[list[dict],
         records.append(record)
     return records, live
 
-
 def parsed(record: dict, raw: str) -> dict:
     """Fill the parse fields of a record from a raw output (the label is added by the caller's judge call)."""
     answer = judges.parse_answer(raw)
     record.update(raw=raw, answer=answer, format_ok=judges.format_ok(raw), parse_failure=answer is None)
     return record
-
 
 def judge_records(judge, records: list[dict], field: str) -> None:
     """Label each record's `field` (an answer, a chosen option) against its truth; None is wrong without asking."""
@@ -237,7 +223,6 @@ def judge_records(judge, records: list[dict], field: str) -> None:
         record["label"] = label
     for record in records:
         record.setdefault("label", "wrong")
-
 
 def answer_batch(job: EvalJob, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
@@ -262,7 +247,6 @@ def answer_batch(job: EvalJob, batch: list) -> list[dict]:
             record["text_include"] = open_world_correct(record["raw"], example.class_name, job.dataset.kind)
     return records
 
-
 def choice_batch(job: EvalJob, batch: list) -> list[dict]:
     """mcq: the truth and 3 distractors per image, one greedy answer. paper: right when the truth's name is inside
     the answer (closed_world_correct); strict: the truth's letter, or its exact text, in <answer> (parse_choice)."""
@@ -284,7 +268,6 @@ def choice_batch(job: EvalJob, batch: list) -> list[dict]:
             correct = record["letter"] == record["truth_letter"]
         record["label"] = "specific" if correct else "wrong"
     return records
-
 
 def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
     """two_step: step 1 samples `samples` answers with the class list; step 2 asks greedily the lettered question
@@ -319,19 +302,16 @@ def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
     judge_records(job.judge, [record for record, _ in step2], "prediction")
     return records
 
-
 # ----- 3. metrics from the gathered records (the test recomputes them from predictions.jsonl) -----
 
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
 
-
 def counted(records: list[dict], kept: list[dict]) -> dict:
     """The numbers of every protocol: images counted, skipped (unreadable), failed parses, format share."""
     return {"n": len(kept), "skipped_images": sum(bool(r.get("skipped")) for r in records),
             "parse_failures": sum(r["parse_failure"] for r in kept), "format_ok": mean(r["format_ok"] for r in kept)}
-
 
 def answer_metrics(records: list[dict], protocol: Protocol, scoring: str) -> dict:
     """The judge's labels (judges.label_metrics), exact and substring match; open: text_include, which is the
@@ -345,13 +325,11 @@ def answer_metrics(records: list[dict], protocol: Protocol, scoring: str) -> dic
             out["accuracy"] = out["text_include"]
     return out
 
-
 def choice_metrics(records: list[dict], protocol: Protocol, scoring: str) -> dict:
     kept = [r for r in records if not r.get("skipped")]
     correct = sum(r["label"] == "specific" for r in kept)
     return {**counted(records, kept), "accuracy": correct / len(kept) if kept else 0.0, "correct": correct,
             "invalid_choices": sum(r["invalid_choice"] for r in kept)}
-
 
 def two_step_metrics(records: list[dict], protocol: Protocol, scoring: str) -> dict:
     """Paper scoring leaves images whose step 1 gave no answer out of the count, as DiVE-k's released evaluation
@@ -365,10 +343,8 @@ def two_step_metrics(records: list[dict], protocol: Protocol, scoring: str) -> d
             "truth_in_options": mean(r["truth_in_options"] for r in kept),
             "step1_parse_failures": sum(r["step1_parse_failures"] for r in kept)}
 
-
 def harmonic(b: float, n: float) -> float:
     return 2 * b * n / (b + n) if b + n > 0 else 0.0
-
 
 # ----- 4. the harness -----
 
@@ -439,7 +415,6 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
             f.writelines(json.dumps(r) + "\n" for r in records)
     common.barrier()
     return metrics
-
 
 def evaluate_groups(model, processor, eval_sets: dict[str, data.Dataset], protocols: list[Protocol], *, out: str,
                     step: int, precision, keys: tuple | None = ("accuracy",), name: str = "eval/{group}/{key}",

@@ -46,7 +46,6 @@ import judges
 import lifecycle
 import memory
 
-
 # ----- 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group -----
 
 # Closed world (the released eval_closedworld): the options as a Python list, the reasoning and the choice in tags.
@@ -55,10 +54,8 @@ CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Writ
                  "<think> </think> and your final choice inside <answer> </answer>, in the form "
                  "<think>...</think> <answer>choice</answer>.")
 
-
 def closed_prompt(kind: str, options: list[str]) -> str:
     return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
-
 
 # Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt: the
 # question, a blank line, the request to think it through in <think> and answer in <answer>; the open-world evaluation
@@ -69,10 +66,8 @@ RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside 
              "the final answer inside <answer> </answer>.")
 OPEN_PROMPT = "{question} This is a fine-grained question." + RL_SUFFIX
 
-
 def open_prompt(kind: str) -> str:
     return OPEN_PROMPT.format(question=QUESTION.format(kind=kind))
-
 
 # The evaluation protocols (eval.py --protocol open / mcq, and evaluate_all): one greedy answer per image. open: judged,
 # accuracy by Fine-R1's text-include rule; mcq: the truth and 3 distractors, right when the truth's name is answered.
@@ -81,7 +76,6 @@ OPEN_EVAL = evaluation.Protocol("open", evaluation.answer_batch, evaluation.answ
 MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice_metrics, template=CLOSED_PROMPT,
                                prompt=lambda dataset, options: closed_prompt(dataset.kind, options), judged=False)
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
-
 
 def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0):
     """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
@@ -95,14 +89,11 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (), close
         return closed_prompt(kind, options), distractors
     return rng.choice(QUESTIONS).format(kind=kind) + RL_SUFFIX, None
 
-
 Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
-
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
     """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
     return {a: [b for b in names if b != a] for a in names} if how == "random" else confusable_classes(names, k)
-
 
 def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
     """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
@@ -113,7 +104,6 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-
 @dataclasses.dataclass
 class Group:
     """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
@@ -123,7 +113,6 @@ class Group:
     reward: torch.Tensor  # [2G]
     parts: dict  # reward name -> [2G]
     accuracy: float  # the mean of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
-
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
     """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
@@ -149,7 +138,6 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
                             float(next(iter(parts.values())).mean())))
     return groups
 
-
 # ----- 2. Rewards (REWARDS, picked and weighted by --rewards), advantage, dynamic sampling -----
 
 def accuracy_reward(completions: list[str], example: dict) -> list[float]:
@@ -159,7 +147,6 @@ def accuracy_reward(completions: list[str], example: dict) -> list[float]:
     """
     truth = example["truth"].lower()
     return [float(a is not None and truth in a.lower()) for a in map(judges.parse_answer, completions)]
-
 
 def exact_reward(completions: list[str], example: dict) -> list[float]:
     """1 if the <answer> text is the truth (both normalised), as eval.py's judges count; unlike the substring rule,
@@ -171,14 +158,11 @@ def exact_reward(completions: list[str], example: dict) -> list[float]:
     truth = judges.normalize(example["truth"])
     return [float(a is not None and judges.normalize(a) == truth) for a in map(judges.parse_answer, completions)]
 
-
 def format_reward(completions: list[str], example: dict) -> list[float]:
     """1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else."""
     return [float(judges.format_ok(c)) for c in completions]
 
-
 REWARDS = {"accuracy": accuracy_reward, "exact": exact_reward, "format": format_reward}
-
 
 def score(completions: list[str], example: dict, weights: dict[str, float]):
     """(reward [G] = sum of weight * reward, {name: [G]}) of one group. The rewards read each completion with the
@@ -190,7 +174,6 @@ def score(completions: list[str], example: dict, weights: dict[str, float]):
     spaced = [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions]
     return lifecycle.group_rewards(REWARDS, weights, spaced, example)
 
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.1, 0.1]), 2)
@@ -199,11 +182,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     r = rewards.double().view(-1, group_size)  # [P, 2G] float64: in float32 equal rewards of 0.1 get -0.0075, not 0
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).float().reshape(-1)  # [P*2G]
 
-
 def keep_groups(group_accuracy: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
     """Dynamic sampling's filter: mean accuracy strictly inside (low, high), so right and wrong answers. [P] -> [P]."""
     return (group_accuracy > low) & (group_accuracy < high)
-
 
 def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.01, high: float = 0.99):
     """(groups, stats): sample_round(round_index) until every rank holds `quota` groups keep_groups accepts (extras
@@ -226,7 +207,6 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
              "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
              "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
     return batch, stats
-
 
 # ----- 3. The TAPO loss, written by hand -----
 
@@ -272,7 +252,6 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     stats = {"pg": pg_term, "kl_neg": kl_term, "entropy": entropy, "entropy_neg": entropy_neg,
              "clip_frac": token_mean(clipped.to(mask.dtype)), "ratio": token_mean(ratio)}
     return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
-
 
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
 
@@ -323,7 +302,6 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
                     "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
-
 def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, rows: range, args):
     """Optimizer step `step` on the responses `rows` of the rollout batch: their token mean over all ranks, so the
     normalizer is the global token count / world size (DDP and FSDP average gradients over ranks)."""
@@ -343,7 +321,6 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
 
-
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
     """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
     context only; the labels are the response and the closing <|im_end|>."""
@@ -351,7 +328,6 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
     prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
     target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
     return prompt, target
-
 
 def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict], processor, args):
     """Optimizer step `step` on this rank's rationales: the mean of the micro-batches' token means, each weighted by
@@ -364,7 +340,6 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=1.0,
                             precision=args.precision)  # the paper's SFT clips at 1.0
 
-
 # ----- 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle -----
 
 # SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
@@ -373,7 +348,6 @@ def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict
 SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you first reason it through, then give "
               "the answer. Put the reasoning inside <think> </think> and the answer inside <answer> </answer>, "
               "as in <think> your reasoning </think><answer> your answer </answer>.")
-
 
 def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
     """An image's SFT record but its response: the question (and system prompt, see SFT_SYSTEM) it is trained with,
@@ -385,11 +359,9 @@ def sft_question(args, kind: str, example: data.Example, seen: list[str], confus
     return {"image": example.image, "id": example.id, "class_name": name,
             "candidates": distractors or confusable[name], **asked}
 
-
 def response_text(rationale: str, class_name: str) -> str:
     """The SFT target format of the paper: <think>...</think>, a blank line, <answer>CLASS</answer>."""
     return f"<think>{rationale.strip()}</think>\n\n<answer>{class_name}</answer>"
-
 
 # The fixed lines of the paper's rationales (present in 400 and 404 of its 404 SFT samples).
 CANDIDATES_MARK = "The analysis of candidate subcategories:"
@@ -407,14 +379,12 @@ TEACHER_PROMPT = (
 
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
-
 def _marker(text: str, mark: str, last: bool = False) -> tuple[int, int]:
     """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon;
     (-1, -1) when it is absent."""
     pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
     spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
     return spans[-1 if last else 0] if spans else (-1, -1)
-
 
 def candidate_block(body: str) -> tuple[str, str]:
     """Split the text after the candidate line's opening words into (the candidate list, what follows): that line's
@@ -437,7 +407,6 @@ def candidate_block(body: str) -> tuple[str, str]:
         number, i = int(m.group(1)) if m.group(1) else number, j + 1
     return "\n".join(lines[j] for j in take), "\n".join(lines[i:])
 
-
 def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     """The truth's name (normalised, whole words) in `text` and no longer class name holding it ("Border Collie" does
     not name "Collie"); a model year opening or closing it may be left out, as the paper's teacher often does, but
@@ -449,7 +418,6 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
                                                   re.search(rf"(?<!\d) {re.escape(short)} (?!\d)", said) is not None)
     longer = {c for c in map(judges.normalize, classes) if c != name and f" {name} " in f" {c} "}
     return found and not any(f" {c} " in said for c in longer)
-
 
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
     """(the <think> text or None, the checks): format, the answer is the truth, and four parts (markdown ignored):
@@ -473,12 +441,10 @@ def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICT
               "prediction": p_start >= 0 and names_truth(text[p_end:], truth, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
-
 # The same two lines in the toy rationale, worded in the tiny stand-in's vocabulary: its tokenizer was trained on the
 # toy prompts, so the paper's lines cost it 38 single-character tokens, which a two-layer model copies badly.
 TOY_CANDIDATES_MARK = "the options:"
 TOY_PREDICTION_MARK = "the final answer is"
-
 
 def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     """A toy image's four-part rationale from its attributes (a toy class name is colour, pattern, shape), ~40 tokens:
@@ -491,18 +457,15 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
-
 def name_similarity(a: str, b: str) -> float:
     """How confusable two class names look: shared words (Jaccard) plus half the character similarity (difflib)."""
     a, b = judges.normalize(a), judges.normalize(b)
     words_a, words_b = set(a.split()), set(b.split())
     return len(words_a & words_b) / max(1, len(words_a | words_b)) + 0.5 * difflib.SequenceMatcher(None, a, b).ratio()
 
-
 def confusable_classes(names: list[str], k: int) -> dict[str, list[str]]:
     """name -> the k other names most similar to it (ties broken by name, so the result is deterministic)."""
     return {a: sorted((b for b in names if b != a), key=lambda b: (-name_similarity(a, b), b))[:k] for a in names}
-
 
 def run_cot(args, ranks: common.Dist, out: str) -> str:
     """Write <out>/cot.jsonl and return its path (or check and return --cot-data). Skipped when the file exists."""
@@ -548,7 +511,6 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     common.print0(f"stage cot: {len(records)} rationales for {len({r['class_name'] for r in records})} of "
                   f"{len(seen)} seen classes -> {path}")
     return path
-
 
 def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, confusable):
     """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
@@ -596,7 +558,6 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
 
-
 def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
     """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
     model behind an OpenAI-compatible server (judges.OpenAIServer, the requests in flight together)."""
@@ -613,7 +574,6 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
     return common.sample(teacher, processor, prompts, group_size=args.cot_samples, generator=generator,
                          max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                          top_p=args.cot_top_p, compile_decode=bool(args.compile_decode)).texts
-
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
@@ -651,7 +611,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
     return final
-
 
 def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
@@ -715,7 +674,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     common.print0(f"stage tapo: done, exported to {final}")
     return final
 
-
 def sft_estimate(processor, records: list[dict], args) -> dict:
     """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
@@ -724,7 +682,6 @@ def sft_estimate(processor, records: list[dict], args) -> dict:
                 knobs={"activations": "a smaller --sft-micro-batch; --activation-checkpointing 1; --sft-max-pixels",
                        **dict.fromkeys(("gradients", "optimizer states"), "--parallel fsdp over more GPUs; keep the "
                                        "vision tower frozen (no --sft-train-vision)")})
-
 
 def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
     """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
@@ -739,10 +696,8 @@ def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
                        **dict.fromkeys(("gradients", "optimizer states"),
                                        "--parallel fsdp over more GPUs; --tapo-freeze-vision")})
 
-
 def load_split(args, split: str, classes: str, **kw) -> data.Dataset:
     return data.load_dataset(args.data, split, root=args.data_root, classes=classes, seed=args.seed, **kw)
-
 
 def vision_trained(trained: bool):
     """load_policy's `trainable`: every parameter trains, the vision tower (and merger) only when `trained`."""
@@ -750,7 +705,6 @@ def vision_trained(trained: bool):
         model.model.visual.requires_grad_(trained)
         return None if trained else "vision tower frozen"
     return trainable
-
 
 def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Each protocol on the seen (base) and unseen (novel) classes: eval/<protocol>/<group>, <group>_n, avg of both."""
@@ -764,11 +718,9 @@ def evaluate_all(model, processor, eval_sets: dict, args, out: str, step: int) -
         result[f"eval/{name}/avg"] = (result[f"eval/{name}/seen"] + result[f"eval/{name}/unseen"]) / 2
     return result
 
-
 def eval_sets_for(args) -> dict:
     return {group: load_split(args, args.eval_split, classes, limit=args.eval_limit)
             for group, classes in (("seen", "base"), ("unseen", "novel")) if args.eval_every}
-
 
 # ----- 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main -----
 
@@ -780,7 +732,6 @@ TOY = dict(model="tiny", **dict.fromkeys(("min_pixels", "max_pixels", "sft_min_p
            sft_batch=16, sft_epochs=6.0, sft_micro_batch=16, rollout_batch=16, sample_prompts=16, prompts_per_step=8,
            lr=1e-4, tapo_epochs=4.0, rewards="exact=0.9,format=0.1", temperature=0.7, max_new_tokens=96,
            micro_batch=40, logprob_micro_batch=80, eval_every=90, eval_max_new_tokens=96, eval_batch=180, save_every=8)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-R1: CoT SFT + TAPO (triplet-augmented GRPO) with Qwen2.5-VL")
@@ -864,7 +815,6 @@ def parse_args(argv=None):
         raise SystemExit(f"--eval-protocols {args.eval_protocols}: {unknown[0]!r} is not one of {', '.join(EVALS)}")
     return args
 
-
 def check_batches(args, stages: list[str], world_size: int):
     """The batch arithmetic of the stages to run, refused with the numbers at the start (never after hours of SFT)."""
     if "sft" in stages:
@@ -878,7 +828,6 @@ def check_batches(args, stages: list[str], world_size: int):
     if args.max_sample_rounds * args.sample_prompts < args.rollout_batch:
         raise SystemExit(f"--max-sample-rounds {args.max_sample_rounds} x --sample-prompts {args.sample_prompts} "
                          f"< --rollout-batch {args.rollout_batch}: the batch could never be filled")
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -899,7 +848,6 @@ def main(argv=None):
     lifecycle.print_eval_summary([os.path.join(run.out, stage, "metrics.jsonl") for stage in ("sft", "tapo")])
     common.cleanup_distributed()
     return run.out
-
 
 if __name__ == "__main__":
     lifecycle.run_script(main)

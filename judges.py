@@ -25,12 +25,10 @@ import torch
 import common
 from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
-
 # ----- 1. answer parsing, normalisation, format check -----
 
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
-
 
 def verifier_text(text: str) -> str:
     """What a verifier reads of a name or an answer (SpeciaRL's preparation, the judge cache's key): lowercase,
@@ -40,18 +38,15 @@ def verifier_text(text: str) -> str:
     text = "".join(ch if ch.isalnum() or ch.isspace() or unicodedata.category(ch) == "Pd" else " " for ch in text)
     return " ".join(text.lower().split())
 
-
 def parse_answer(completion: str) -> str | None:
     """The text inside the FIRST <answer>...</answer>, stripped, as the three papers' code reads it (`<answer>x</answer>
     <answer>y</answer>` -> 'x'); None without a closed tag or for a blank answer (SpeciaRL's code: a missing one)."""
     found = ANSWER_RE.search(completion)
     return found.group(1).strip() or None if found else None
 
-
 # Answer-format prefixes DiVE-k's code strips, every occurrence, case-insensitive ("species name: Laysan Albatross"):
 # mining strips the dataset's own format (one of the first two), two-step evaluation all four.
 DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
-
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
     """`answer` lowercased without any occurrence of the prefixes, as DiVE-k does ('Species name: X' -> 'x')."""
@@ -60,11 +55,9 @@ def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
         text = text.replace(prefix, "")
     return text
 
-
 def format_ok(completion: str) -> bool:
     """The whole completion is `<think>...</think> <answer>...</answer>` (whitespace allowed between and around)."""
     return FORMAT_RE.match(completion) is not None
-
 
 ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too), besides those ABSTAIN_RE finds
     "", "none", "unknown", "no idea", "unsure", "uncertain", "unclear", "undetermined", "n a", "na", "nothing",
@@ -75,25 +68,21 @@ ABSTAIN_RE = re.compile(r"^(i m |i am |i )?(cannot|can t|can not|could not|could
                         r"do not know|don t know|have no idea|m not sure|not sure)\b")
 HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
 
-
 def is_abstain(answer: str | None) -> bool:
     """An explicit refusal: empty, 'None', 'unknown', "I don't know", 'cannot tell', "I'm not sure which",
     'Unable to identify the species' ...; not 'unknown warbler'."""
     text = normalize(answer or "")
     return text in ABSTAIN_ANSWERS or ABSTAIN_RE.match(text) is not None
 
-
 def is_hedge(answer: str | None) -> bool:
     """Several options offered instead of one ('robin or cardinal', 'either a gull or a tern', 'A vs B', 'A and/or
     B'); lists of names without a connective are caught by the rules judge, which knows the class names."""
     return HEDGE_RE.search(normalize(answer or "")) is not None
 
-
 # Multiple-choice letters, and the format request every method's prompt ends with (what format_ok checks).
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>, in this "
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
-
 
 # ----- 2. answer judges -----
 # A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
@@ -104,7 +93,6 @@ JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "mor
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
 SPECIFIC_LABELS = ("specific", "more_specific")  # what 'accuracy' counts
 JUDGE_ERROR = "judge_error"  # no usable label (an LLM judge's answer off the ladder): counted, never a silent 'wrong'
-
 
 def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     """Counts and shares of the six labels and SpeciaRL's metrics: correctness = share correct at any level;
@@ -123,7 +111,6 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
         out[f"count/{lab}"], out[f"share/{lab}"] = counts[lab], counts[lab] / n if n else 0.0
     return out
 
-
 def add_judge_flags(group):
     """The flags of an openai: judge's requests and of the stop on judge errors (speciarl.py, eval.py)."""
     group.add_argument("--judge-max-tokens", type=int, default=0, help="max_tokens of an openai: judge's answer (0 = "
@@ -133,14 +120,12 @@ def add_judge_flags(group):
     group.add_argument("--max-judge-errors", type=float, default=0.05, help="stop when more than this share of judged "
                        "answers gets no label from the judge (a constrained judge, as the paper's, gives none)")
 
-
 def judge_error_stop(errors: float, judged: float, limit: float) -> str:
     """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
     if judged and errors / judged > limit:
         return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, "
                 f"above --max-judge-errors {limit}): check the judge's server and flags (README: servers)")
     return ""
-
 
 class Judge:
     """The shared part: the normalised-pair cache and its append-only JSONL file, keyed by the judge's `name` (records
@@ -200,7 +185,6 @@ class Judge:
         finally:
             os.close(fd)
 
-
 def _canon(text: str) -> str:
     """normalise, drop a lone 's' after a word (what is left of a possessive in the verifier's text: "anna s
     hummingbird"), drop a leading article, 'grey' -> 'gray'."""
@@ -209,7 +193,6 @@ def _canon(text: str) -> str:
     if len(words) > 1 and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join("gray" if w == "grey" else w for w in words)
-
 
 class RulesJudge(Judge):
     """Offline, deterministic labels from the dataset's names, the first rule that applies (plurals match too):
@@ -300,7 +283,6 @@ class RulesJudge(Judge):
     def _judge(self, pairs):
         return [self.label(truth, answer) for truth, answer in pairs]
 
-
 JUDGE_PROMPT = """You check the answer of an image classifier against the correct class.
 Correct class: "{truth}"
 Answer: "{answer}"
@@ -317,7 +299,6 @@ Reply with the category only."""
 JUDGE_LABEL_TEXT = {lab: lab.replace("_", " ") for lab in JUDGE_LABELS}  # 'less_specific' -> 'less specific'...
 LABEL_TEXT_RE = re.compile(  # the label texts, longest first ('more specific' before 'specific')
     rf"\b({'|'.join(sorted(JUDGE_LABEL_TEXT.values(), key=len, reverse=True))})\b")
-
 
 class HFJudge(Judge):
     """An LLM judge with transformers. For every pair the prompt is scored once with each of the six label texts
@@ -380,7 +361,6 @@ class HFJudge(Judge):
         scores = torch.cat([self.label_scores(pairs[s:s + 8]) for s in range(0, len(pairs), 8)])
         return [JUDGE_LABELS[i] for i in scores.argmax(1).tolist()]
 
-
 # ----- a judge or a teacher behind an OpenAI-compatible server (vLLM, SGLang, transformers serve, a hosted API) -----
 # Plain HTTP with the standard library (no extra dependency). The papers run their verifier (SpeciaRL: Qwen3-30B-A3B
 # for training, Llama-3-70B for evaluation) behind a vLLM server; at that size it cannot sit next to the policy.
@@ -393,14 +373,12 @@ class ServerError(RuntimeError):
         super().__init__(message)
         self.wait = wait
 
-
 class BadRequest(RuntimeError):
     """The server refused the request with a 4xx that is not retried; the message names the URL."""
 
     def __init__(self, message: str, code: int, detail: str):
         super().__init__(message)
         self.code, self.detail = code, detail
-
 
 def retry_after(headers) -> float | None:
     """The seconds a reply asks the client to wait: retry-after-ms, else Retry-After in seconds or as an HTTP date
@@ -414,7 +392,6 @@ def retry_after(headers) -> float | None:
         return email.utils.parsedate_to_datetime(headers.get("retry-after") or "").timestamp() - time.time()
     except (TypeError, ValueError):
         return None
-
 
 class OpenAIServer:
     """A chat-completions endpoint (`base_url` such as http://host:8000/v1, a model name), requests in a bounded pool,
@@ -534,11 +511,9 @@ class OpenAIServer:
         content = [{"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": text}]
         return self.chat({"messages": [{"role": "user", "content": content}], **body})
 
-
 def strip_think(text: str) -> str:
     """The text after the last </think>, cut at an unclosed <think> (reasoning the token budget stopped)."""
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
-
 
 def label_from_text(text: str) -> str | None:
     """The ladder label an LLM's answer names ('Less specific.', 'less_specific', 'Category: generic'), or None
@@ -551,7 +526,6 @@ def label_from_text(text: str) -> str | None:
         if len(found) == 1:
             return found.pop().replace(" ", "_")
     return None
-
 
 class OpenAIJudge(Judge):
     """The six-label verifier behind an OpenAI-compatible server: HFJudge's prompt, temperature 0, the answer kept to
@@ -614,7 +588,6 @@ class OpenAIJudge(Judge):
         return {**super().stats(), "judge/requests": c["requests"], "judge/retries": c["retries"],
                 "judge/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
                 "judge/mean_latency_s": c["seconds"] / c["requests"] if c["requests"] else 0.0}
-
 
 def get_judge(spec: str, dataset: Dataset, cache_path: str | None = None, *, url: str | None = None,
               concurrency: int = 16, max_tokens: int = 0, thinking: bool = False):

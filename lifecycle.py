@@ -48,7 +48,6 @@ import memory
 from common import (DTYPES, Dist, _fsdp_modules, all_reduce_sum, barrier, cleanup_distributed, init_distributed,
                     print0, progress_bar, read_jsonl, repair_jsonl_tail, seed_everything, unwrap)
 
-
 # ----- 1. Rewards: one signature in every method -----
 
 def parse_rewards(spec: str, registry: dict[str, Callable]) -> dict[str, float]:
@@ -66,7 +65,6 @@ def parse_rewards(spec: str, registry: dict[str, Callable]) -> dict[str, float]:
         raise SystemExit(f"--rewards {spec!r}: name at least one of {', '.join(sorted(registry))}")
     return weights
 
-
 def group_rewards(registry: dict[str, Callable], weights: dict[str, float], completions: list[str],
                   example: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One group's rewards: the weighted sum [G] and each named reward [G] (each function called once per group)."""
@@ -77,7 +75,6 @@ def group_rewards(registry: dict[str, Callable], weights: dict[str, float], comp
             raise ValueError(f"reward {name!r} gave {len(values)} values for {len(completions)} completions")
         parts[name] = torch.tensor(values, dtype=torch.float32)  # [G]
     return sum(weight * parts[name] for name, weight in weights.items()), parts
-
 
 # ----- 2. The update: one optimizer step over micro-batches -----
 
@@ -102,14 +99,12 @@ def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Se
         optimizer.zero_grad(set_to_none=True)
     return grad_norm, sums
 
-
 def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW on the trainable parameters; 1-D ones (norm weights, biases) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
 
 # ----- 3. The run -----
 
@@ -243,7 +238,6 @@ class Run:
         print_eval_summary([os.path.join(self.out, "metrics.jsonl")], keys)
         print0(f"{self.script}: done; model exported to {path}")
 
-
 # ----- 4. Flags declared once (eval.py shares the model and system ones), each script's paper values passed in -----
 
 def add_model_args(parser, *, model: str = "tiny", min_pixels: int = 3136, max_pixels: int = 401408):
@@ -266,7 +260,6 @@ def add_model_args(parser, *, model: str = "tiny", min_pixels: int = 3136, max_p
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the cores not busy "
                    "with other work, shared by the ranks); ignored on GPU")
     return g
-
 
 def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: float, lr_schedule: str,
                       beta: float | None, max_new_tokens: int, micro_batch: int, eval_every: int, save_every: int,
@@ -329,7 +322,6 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
     g.add_argument("--log-completions", type=int, default=log_completions, help="sampled completions logged per "
                    "step with their rewards (metrics.jsonl; SpeciaRL: rollouts.jsonl; %(default)s)")
 
-
 def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     """Parse the command line; `--data toy` lays the `toy` preset over the paper's defaults (a flag given on the
     command line wins). `args.explicit` names the flags the user gave; `args.reward_weights` is --rewards parsed."""
@@ -344,7 +336,6 @@ def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     check_system_flags(args)
     return args
 
-
 # ----- 5. Checkpoints and export -----
 
 def _atomic_write_text(path: str, text: str):
@@ -354,7 +345,6 @@ def _atomic_write_text(path: str, text: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
     """Everything to continue exactly: sharded model + optimizer (torch.distributed.checkpoint, DDP and FSDP2), every
@@ -398,7 +388,6 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
-
 @contextlib.contextmanager
 def single_process_dcp():
     """torch.distributed.checkpoint warns "torch.distributed is disabled ... assuming the intent is to load in a
@@ -407,7 +396,6 @@ def single_process_dcp():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
-
 def latest_checkpoint(out_dir: str) -> str | None:
     path = os.path.join(out_dir, "latest")
     if not os.path.exists(path):
@@ -415,7 +403,6 @@ def latest_checkpoint(out_dir: str) -> str | None:
     with open(path) as f:
         ckpt = os.path.join(out_dir, f.read().strip())
     return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
-
 
 def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
@@ -439,7 +426,6 @@ def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     with open(os.path.join(ckpt, "state.json")) as f:
         return json.load(f)
 
-
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state on CPU: rank 0 gets every tensor, other ranks get {} under FSDP2."""
     if _fsdp_modules(model):
@@ -447,10 +433,8 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
-
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtype
 STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
-
 
 def export_hf(model, processor, path: str, dtype: str = "bf16"):
     """Write a hub Qwen2.5-VL checkpoint for plain transformers classes, vLLM, eval.py and load_model: the configs,
@@ -478,18 +462,15 @@ def export_hf(model, processor, path: str, dtype: str = "bf16"):
         os.replace(tmp, path)
     barrier()
 
-
 def _write_json(path: str, doc: dict):
     with open(path, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
         f.write("\n")
 
-
 def _set_json(path: str, **values):
     with open(path) as f:
         doc = json.load(f)
     _write_json(path, {**doc, **values})
-
 
 def _stock_processor_files(folder: str):
     """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
@@ -505,7 +486,6 @@ def _stock_processor_files(folder: str):
         "processor_class": STOCK_PROCESSOR})
     _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
     _set_json(os.path.join(folder, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
-
 
 # ----- 6. Logging, the run directory, flags -----
 
@@ -547,7 +527,6 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
 
-
 def print_eval_summary(logs: list[str], keys: list[str] | None = None):
     """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
     number), the first value -> the last, with their steps: the before -> after the run was for."""
@@ -562,7 +541,6 @@ def print_eval_summary(logs: list[str], keys: list[str] | None = None):
     if first:
         print0("evaluations, first -> last:\n" + "\n".join(
             f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
-
 
 class PhaseTimer:
     """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
@@ -585,7 +563,6 @@ class PhaseTimer:
         out, self.times = dict(self.times), Counter()
         return out
 
-
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
     """Learning rate of optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from 0,
     then constant, or a linear / cosine decay to 0 over the remaining steps.
@@ -600,11 +577,9 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "const
         return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
-
 def set_lr(optimizer, lr: float):
     for group in optimizer.param_groups:
         group["lr"] = lr
-
 
 def write_run_config(out: str, config: dict):
     """<out>/config.json = this start's settings; every start is also appended to <out>/config_history.jsonl. A
@@ -627,9 +602,7 @@ def write_run_config(out: str, config: dict):
     with open(os.path.join(out, "config_history.jsonl"), "a") as f:
         f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
 
-
 _RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
-
 
 def make_run_dir(out: str):
     """Create --out and hold <out>/.lock for as long as this process lives (flock: released by the kernel even on
@@ -662,9 +635,7 @@ def make_run_dir(out: str):
     _RUN_LOCKS[os.path.realpath(out)] = f
     atexit.register(f.close)  # held to the end; the kernel releases the lock with the process anyway
 
-
 RESUME_NOTE = "the last checkpoint is kept; rerun the same command to resume from it"
-
 
 def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
     """What every script's `__main__` calls: Ctrl-C, SIGTERM (torchrun stopping the other ranks) and a full disk end
@@ -688,7 +659,6 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
               f"there is space", file=sys.stderr, flush=True)
         sys.exit(1)
 
-
 def configure_threads(threads: int | None, ranks: Dist):
     """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
     cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
@@ -703,19 +673,16 @@ def configure_threads(threads: int | None, ranks: Dist):
             print0(f"CPU threads per process: {threads} ({cores} cores, load {busy:.1f}; --threads to choose)")
     torch.set_num_threads(threads)
 
-
 def default_run_dir(script: str, data: str) -> str:
     """Where a run writes when --out is not given, the same rule for every script: runs/<script>_<data>, a data file
     named by its stem (runs/dive_k_cub, runs/eval_cub_two_step, runs/fine_r1_birds for birds.jsonl)."""
     stem = os.path.splitext(os.path.basename(data.replace("{split}", "all")))[0] or "data"
     return os.path.join("runs", f"{script}_{stem}")
 
-
 def launched_world_size() -> int:
     """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
     checked with it before any rank waits on another."""
     return int(os.environ.get("WORLD_SIZE", 1))
-
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
     """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
@@ -729,7 +696,6 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
         lower, upper = (total // by) * by, (total // by + 1) * by
         raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
                               f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
-
 
 # flags that must be above zero / at least zero wherever a script has them (None = unset, filled by a preset or
 # meaning "all"), and the reason a message gives
@@ -745,7 +711,6 @@ WHY = {"temperature": "at 0 every completion of a group is the same, so GRPO has
        "mine_temperature": "at 0 the K mining samples are one answer repeated",
        "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",
        "eval_limit": "leave it out to evaluate every image", "eval_every": "0 = never", "save_every": "0 = never"}
-
 
 def check_system_flags(args):
     """Flag values and combinations every script refuses at start, before anything is loaded (one line each)."""
@@ -767,11 +732,9 @@ def check_system_flags(args):
             raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
                              "unsharded model. Use --parallel ddp, or --compile-decode 0")
 
-
 def global_token_count(mask: torch.Tensor) -> float:
     """Number of loss tokens in this optimizer step summed over all ranks (for a global token-mean)."""
     return float(all_reduce_sum(mask.sum().double().reshape(1).clone())[0])
-
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of scalars over ranks (for logging)."""
@@ -780,7 +743,6 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     total = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return dict(zip(keys, (total / (dist.get_world_size() if dist.is_initialized() else 1)).tolist()))
-
 
 # ----- 7. Robustness (faults are injected by the tests: tests/faulty.py patches a method's loss) -----
 
@@ -829,5 +791,4 @@ class NonFiniteGuard:
             f"weights and optimizer state of the last good step are saved in {latest_checkpoint(out_dir)}. Rerunning "
             f"the same command resumes after the bad steps. If it happens again: lower the learning rate, look at the "
             f"data of those steps (metrics.jsonl), train in fp32 (--dtype fp32), or allow more with --max-nonfinite.")
-
 

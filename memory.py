@@ -12,7 +12,6 @@ import torch
 
 import common
 
-
 MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag names where they differ)
     "parameters": "--parallel fsdp over more GPUs (shards weights, gradients and optimizer states); --dtype bf16 "
                   "halves the weights (small updates then round away)",
@@ -26,7 +25,6 @@ MEMORY_KNOBS = {  # component -> what reduces it (a method passes its own flag n
     "load peak": "--dtype bf16 (weights in bf16); under FSDP2 each GPU holds one whole copy until it is sharded",
     "process so far": "nothing: the interpreter, torch and the data read so far (CPU only; a GPU starts empty)",
 }
-
 
 def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: int = 1, parallel: str = "ddp",
                   master_bytes: int = 4, compute_bytes: int = 4, reference: bool = False, rollout_rows: int = 0,
@@ -69,28 +67,23 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
         "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
     }
 
-
 def image_tokens(processor) -> int:
     """Visual tokens of one image at the pixel budget, at most: one per 28 x 28 pixels (after the 2 x 2 merge)."""
     return int(processor.image_processor.size.get("longest_edge") or 0) // (28 * 28)
-
 
 def prompt_tokens_estimate(processor, text: str) -> int:
     """Prompt length, upper bound: the text's tokens, the chat template (~20) and one image at the pixel budget."""
     return len(processor.tokenizer(text)["input_ids"]) + 20 + image_tokens(processor)
 
-
 def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
     unit, scale = next(((u, s) for u, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)) if n >= s), ("B", 1))
     return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
-
 
 def device_memory(device: torch.device) -> int:
     """Bytes a process may fill: the GPU's memory, or on CPU the machine's physical memory."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
 
 def report_memory_budget(model, dist: common.Dist, *, parallel: str, compute_dtype: torch.dtype | None = None,
                          knobs: dict[str, str] | None = None, title: str = "memory budget", check: bool = True,

@@ -48,7 +48,6 @@ import judges
 import lifecycle
 import memory
 
-
 # ----- 1. Prompts -----
 
 # The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
@@ -63,7 +62,6 @@ EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluati
                                    paper_scoring=False, be_specific=name == "specific",
                                    hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
 
-
 # ----- 2. Data: the images of a step, and the verifier's labels -----
 
 def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
@@ -75,10 +73,8 @@ def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> 
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[within * rollout_prompts:(within + 1) * rollout_prompts]
 
-
 NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the group's best
 JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
-
 
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
     """One verifier label per rollout: the judge's label for every answer (one batched call; the judge caches per
@@ -90,11 +86,9 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
         labels[i] = label if label in judges.JUDGE_LABELS else JUDGE_ERROR
     return labels
 
-
 # ----- 3. Reward: fn(completions, example) -> one reward per rollout; example: {"truth", "labels" of the group} -----
 
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
-
 
 def dynamic_reward(completions: list[str], example: dict) -> list[float]:
     """SpeciaRL's best-in-group reward for the G rollouts of one image, from their verifier labels.
@@ -111,7 +105,6 @@ def dynamic_reward(completions: list[str], example: dict) -> list[float]:
     return [-1.0 if label == NO_ANSWER else
             0.0 if label not in TIER or best == TIER["wrong"] else float(TIER[label] == best) for label in labels]
 
-
 # The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
 # abstain, wrong). `binary` is the standard RFT baseline.
 STATIC_TABLES = {
@@ -120,7 +113,6 @@ STATIC_TABLES = {
     "scala2": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.0, wrong=0.0),
     "scala3": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.0, abstain=0.0, wrong=0.0),
 }
-
 
 def static_reward(table: dict[str, float]):
     """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code).
@@ -131,16 +123,13 @@ def static_reward(table: dict[str, float]):
         return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in example["labels"]]
     return reward
 
-
 # --rewards NAME[=WEIGHT],... picks from here; a new reward is one more entry with the same signature
 REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
-
 
 def best_label(labels: list[str]) -> str:
     """The group's best label for logging (more_specific above specific here), or 'none' if nothing was valid."""
     valid = [label for label in labels if label in judges.JUDGE_LABELS]
     return max(valid, key=judges.JUDGE_LABELS.index) if valid else "none"
-
 
 # ----- 4. Advantage -----
 
@@ -156,7 +145,6 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
         return centred
     std = rewards.std(1, keepdim=True).nan_to_num(0.0)  # [P, 1] (nan for G = 1)
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
-
 
 # ----- 5. The loss, written by hand -----
 
@@ -201,7 +189,6 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
              "clip_frac": (clipped * mask).sum(), "dual_clip_frac": (dual * mask).sum(),
              "ratio": (ratio * mask).sum().detach()}
     return loss_sum, stats
-
 
 # ----- 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batch updates -----
 
@@ -258,7 +245,6 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     return step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - run.t_step,
                         run.ranks.world_size)
 
-
 def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_prompts, ids, mask, advantages,
                   old_logp, ref_logp, pad_id: int, *, step: int, total_steps: int) -> Counter:
     """This rank's rollouts in --minibatches mini-batches (whole groups), one optimizer step each. Its loss is a token
@@ -290,11 +276,9 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
         totals["grad_norm"] += grad_norm / args.minibatches
     return totals
 
-
 SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
          "clip_frac")  # on the progress line
 LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
-
 
 def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
     """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
@@ -321,7 +305,6 @@ def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_s
             "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
             "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
 
-
 def log_rollouts(path: str, step: int, images, answers, labels, rewards: torch.Tensor, k: int):
     """Append k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
     G = rewards.shape[1]  # rewards [P, G]
@@ -332,7 +315,6 @@ def log_rollouts(path: str, step: int, images, answers, labels, rewards: torch.T
                                 "answer": answers[r], "label": labels[r],
                                 "group_best": best_label(labels[i * G:(i + 1) * G]),
                                 "reward": float(rewards.view(-1)[r])}) + "\n")
-
 
 def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
     """judge_rollouts; a stop through save_and_stop when the judge's server stays away after its retries (on any
@@ -349,14 +331,12 @@ def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_error
         save_and_stop(failure, out, step, model, optimizer)
     return labels
 
-
 def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
     """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
     judge cache intact, and a stop with one message; the same command resumes."""
     lifecycle.save_checkpoint(out, step, model, optimizer, {"eval_pending": eval_pending})
     raise SystemExit(f"{reason}. Checkpoint saved after step {step}, judged pairs kept in {out}/judge_cache.jsonl: "
                      f"rerun the same command to resume")
-
 
 # ----- 7. The policy: LoRA adapters written by hand (no peft) -----
 
@@ -383,7 +363,6 @@ class LoRALinear(torch.nn.Module):
         low = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., r]
         return out + (F.linear(low, self.lora_B) * self.lora_scale).to(out.dtype)  # [..., out]
 
-
 def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place), freeze all else
     and return the adapted layers' names; before wrap_model. The adapters come from their own seeded generator, so
@@ -405,7 +384,6 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     hf.save_pretrained = save_merged
     return names
 
-
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LoRA model's state dict -> the plain model's: for every adapted layer X, X.weight = X.base.weight +
     scale * B @ A (computed in fp32, stored in the base dtype), X.bias = X.base.bias; adapter keys dropped. Other
@@ -422,7 +400,6 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
         out[f"{prefix}.{rest}" if adapted else key] = value
     return out
 
-
 @contextlib.contextmanager
 def lora_disabled(model):
     """Run the base model: adapters off inside the block (the frozen reference of the KL term)."""
@@ -434,7 +411,6 @@ def lora_disabled(model):
     finally:
         for m in adapters:
             m.adapter_enabled = True
-
 
 # ----- 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU -----
 
@@ -456,7 +432,6 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
     return results
 
-
 # `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
 # are ~30 tokens), a higher learning rate decaying linearly (at a constant 2e-3 the stand-in peaks mid-run, then
 # falls back) and a smaller adapter for a 0.7M-parameter model, one epoch (30 steps), evaluation on all 360 held-out
@@ -464,7 +439,6 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
 TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_schedule="linear", lora_rank=16,
            epochs=1, eval_every=10, eval_max_new_tokens=48, eval_batch=120, save_every=10, sample_batch=16,
            micro_batch=80, logprob_micro_batch=160)
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -503,7 +477,6 @@ def parse_args(argv=None):
     g.add_argument("--logprob-micro-batch", type=int, default=20, help="rows per no-grad log-prob forward (memory)")
     return lifecycle.parse_flags(parser, argv, TOY, REWARDS)
 
-
 def check_batches(args, world: int) -> int:
     """Images per rank, refused at start when the batch arithmetic does not divide (the paper's 256 images in 2
     mini-batches divide over 1, 2, 4, 8 and 16 ranks)."""
@@ -512,7 +485,6 @@ def check_batches(args, world: int) -> int:
     lifecycle.require_divisible("images per rank (--rollout-prompts / ranks)", prompts_per_rank, args.minibatches,
                                 "--minibatches")
     return prompts_per_rank
-
 
 def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
     """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
@@ -526,7 +498,6 @@ def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
                                    "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
                "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
                "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
-
 
 # ----- 9. main: set-up, data, models, verifiers, resume, the loop, export -----
 
@@ -588,7 +559,6 @@ def main(argv=None):
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
         run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
     run.finish(model, processor, keys=["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
-
 
 if __name__ == "__main__":
     lifecycle.run_script(main)

@@ -39,7 +39,6 @@ TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, d
                 fine_r1.QUESTION, *fine_r1.QUESTIONS, fine_r1.RL_SUFFIX, fine_r1.OPEN_PROMPT,
                 str(dive_k.ANSWER_FORMATS), "speciarl answers v3"]
 
-
 def tiny_model_dir() -> str:
     """The stand-in of this recipe and these prompts (built when missing; a change to either builds a new one),
     named in common.tiny_pointer() for load_model("tiny")."""
@@ -57,7 +56,6 @@ def tiny_model_dir() -> str:
         f.write(folder + "\n")
     os.replace(f"{pointer}.tmp{os.getpid()}", pointer)
     return path
-
 
 def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tuple[str, str]:
     """(prompt, target) of one pretraining example: one of the methods' prompts, answered as a real checkpoint would
@@ -87,7 +85,6 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
         prompt = question + fine_r1.RL_SUFFIX if rng.random() < 0.5 else fine_r1.open_prompt(ds.kind)
         answer = ex.class_name
     return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
-
 
 def build_tiny(path: str):
     """Build and 'pretrain' the stand-in, then save it as a standard Hugging Face directory at `path`."""
@@ -139,7 +136,6 @@ def build_tiny(path: str):
     except OSError:  # another process finished first; use theirs
         shutil.rmtree(tmp, ignore_errors=True)
     common.print0(f"tiny stand-in ready in {time.time() - t0:.0f}s")
-
 
 if __name__ == "__main__":
     print(f"tiny stand-in: {tiny_model_dir()}")
