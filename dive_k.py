@@ -63,17 +63,13 @@ def answer_format(dataset_name: str) -> str:
     return ANSWER_FORMATS.get(dataset_name, "species name")
 
 def mine_prompt(kind: str, dataset_name: str, class_names: list[str]) -> str:
-    """Stage 1: e.g. mine_prompt("bird", "cub", ["Bobolink", "Gull"]) asks for the most likely 'species name' of the
-    bird, one of ['Bobolink', 'Gull']."""
     return MINE_PROMPT.format(kind=kind, answer_format=answer_format(dataset_name), categories=str(list(class_names)))
 
 def mcq_prompt(kind: str, options: list[str]) -> str:
-    """Stage 2: the options as 'A. name' lines, the answer a letter."""
     return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
 
 # Two-step inference as an evaluation protocol (eval.py --protocol two_step, and evaluate_two_step below): step 1
-# samples answers with the split's class list at the mining sampling (T=1.0, top_p 0.95, repetition penalty 1.1),
-# step 2 asks the lettered question over the 5 most frequent, greedily.
+# samples answers with the split's class list as mining does, step 2 asks greedily over the 5 most frequent.
 TWO_STEP_EVAL = evaluation.Protocol(
     "two_step", evaluation.two_step_batch, evaluation.two_step_metrics, template=[MINE_PROMPT, MCQ_PROMPT],
     prompt=lambda dataset, options: mine_prompt(dataset.kind, dataset.name, dataset.split_class_names),
@@ -84,16 +80,8 @@ TWO_STEP_EVAL = evaluation.Protocol(
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
                    prefixes: tuple[str, ...] = judges.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
-    """The multiple-choice question of one image from its K sampled answers (the paper's rules, and the released
-    code's where the paper is silent). answers: the parsed <answer> texts (None when a sample had none).
-
-      1. strip the answer-format prefix ("species name: ..."), drop answers over `max_chars` characters, normalise
-         (hyphen == space, "'s" dropped, ...) and keep those naming a base class; count them
-      2. only the truth was answered -> "easy" (dropped from training; kept with random options if drop_easy=False)
-      3. options = the min(max_options, distinct) most frequent names (ties: the name answered first)
-      4. at most one distinct valid answer -> the truth and `random_options` random base classes join it (so 4
-         options after one wrong answer, 3 after none); otherwise a missing truth replaces the least frequent option
-      5. shuffle; the answer is the truth's letter
+    """The multiple-choice question of one image from its K parsed answers (None: a sample without <answer>), by the
+    paper's rules and the released code's where the paper is silent. "easy": only the truth was answered.
 
     Example: answers ["Species name: Red-striped circle", "red striped circle", "blue square", None], truth "blue
     square", base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
@@ -259,7 +247,6 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
                run: lifecycle.Run, mining_stats: dict) -> dict:
     """One GRPO step on this rank's questions (each question's G completions on this rank): the step's record."""
     timer, G = run.timer, args.group_size
-    # rollout: G completions per question
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
     prompts = [common.encode_prompt(processor, q["image"], mcq_prompt(kind, q["options"])) for q in questions]
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + run.ranks.rank)
@@ -269,7 +256,6 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
                                 temperature=args.temperature, top_p=args.top_p, generator=generator,
                                 compile_decode=bool(args.compile_decode))
 
-    # reward and advantage, group by group
     groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G], q)
               for i, q in enumerate(questions)]
     rewards = torch.cat([total for total, _ in groups])  # [B]
