@@ -119,14 +119,13 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
                                 max_new_tokens=args.mine_max_new_tokens, temperature=args.mine_temperature,
                                 top_p=args.mine_top_p, repetition_penalty=args.mine_repetition_penalty,
                                 generator=torch.Generator().manual_seed(seed), compile_decode=bool(args.compile_decode))
-    questions = []
-    for i, ex in enumerate(examples):
-        answers = [judges.parse_answer(t) for t in rollout.texts[i * args.mine_samples:(i + 1) * args.mine_samples]]
-        question = build_question(answers, ex.class_name, base_classes, random.Random(f"{args.seed}/{ex.id}"),
-                                  max_options=args.max_options, random_options=args.random_options,
-                                  drop_easy=drop_easy, prefixes=(f"{answer_format(args.data)}: ",))
-        questions.append({"id": ex.id, "image": ex.image, **question})  # option order depends on the image only
-    return questions
+    answers = [judges.parse_answer(text) for text in rollout.texts]  # image by image, K each
+    return [{"id": ex.id, "image": ex.image,  # option order depends on the image only
+             **build_question(answers[i * args.mine_samples:(i + 1) * args.mine_samples], ex.class_name, base_classes,
+                              random.Random(f"{args.seed}/{ex.id}"), max_options=args.max_options,
+                              random_options=args.random_options, drop_easy=drop_easy,
+                              prefixes=(f"{answer_format(args.data)}: ",))}
+            for i, ex in enumerate(examples)]
 
 # ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
 
@@ -153,12 +152,9 @@ def answer_letter(completion: str, n_options: int) -> str | None:
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
-    letter = answer_letter(completion, len(options))
-    if letter is not None:
-        return letter
     text = judges.normalize(judges.parse_answer(completion) or "")
     matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
-    return matches[0] if len(matches) == 1 else None
+    return answer_letter(completion, len(options)) or (matches[0] if len(matches) == 1 else None)
 
 def format_reward(completions: list[str], question: dict) -> list[float]:
     """1 for a completion that is `<think>...</think> <answer>...</answer>` and nothing else."""
@@ -237,9 +233,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float:
     """What this rank divides its summed loss by, so that the gradient DDP / FSDP average over ranks is the mean over
     the step: its completions (seq), or the step's tokens over all ranks / ranks (token). mask: [B, T], this rank's."""
-    if loss_agg == "seq":
-        return float(mask.shape[0])
-    return lifecycle.global_token_count(mask) / world_size
+    return float(mask.shape[0]) if loss_agg == "seq" else lifecycle.global_token_count(mask) / world_size
 
 # ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
 
@@ -352,8 +346,7 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
                "mining/padded": sum(q["padded"] for q in kept),
                "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
                                             / max(1, sum(q["n_samples"] for q in questions))),
-               "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
-                                            / max(1, len(questions))),
+               "mining/truth_in_top_rate": sum(bool(q["counts"].get(q["truth"])) for q in questions) / len(questions),
                "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
     common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
     if log_summary:  # a resumed run has it in metrics.jsonl already
@@ -464,14 +457,12 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                mcq_prompt(kind, base_classes[:args.max_options]), args.max_new_tokens)]
     phases = [(rows, memory.prompt_tokens_estimate(processor, text), new) for rows, text, new in phases]
     kv_rows, prompt_tokens, new_tokens = max(phases, key=lambda phase: phase[0] * (phase[1] + phase[2]))
+    knobs = {"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), --mine-samples / "
+                                 "--group-size, --mine-max-new-tokens / --max-new-tokens, --max-pixels",
+             **dict.fromkeys(["gradients", "optimizer states"], "--parallel fsdp over more GPUs; --freeze-vision")}
     return dict(rollout_rows=kv_rows, prompt_tokens=prompt_tokens, new_tokens=new_tokens, train_rows=args.micro_batch,
                 train_prompt_tokens=phases[1][1],  # the updates score multiple-choice prompts
-                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-                knobs={"rollout KV cache": "--mine-batch / --prompts-per-step (prompts per sampling call), "
-                                           "--mine-samples / --group-size, --mine-max-new-tokens / --max-new-tokens, "
-                                           "--max-pixels",
-                       "gradients": "--parallel fsdp over more GPUs; --freeze-vision",
-                       "optimizer states": "--parallel fsdp over more GPUs; --freeze-vision"})
+                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1, knobs=knobs)
 
 # ----- 9. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
 
@@ -491,10 +482,9 @@ def main(argv=None):
                   f"eval {', '.join(f'{g} {len(s)}' for g, s in eval_sets.items()) or 'off'}")
 
     # models: the policy and, when beta > 0, its frozen initial copy (after the memory estimate on their shapes)
-    def trainable(model):  # the paper trains the vision tower too (--freeze-vision 1: its ablation)
-        model.model.visual.requires_grad_(not args.freeze_vision)
     model, processor, reference = run.load_policy(
-        args.model, trainable=trainable, reference=args.beta > 0,
+        args.model, reference=args.beta > 0,  # the paper trains the vision tower too (--freeze-vision 1: its ablation)
+        trainable=lambda model: model.model.visual.requires_grad_(not args.freeze_vision),
         estimate=lambda processor: memory_estimate(processor, train.kind, base_classes, args, run.ranks.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.out, step)) if eval_sets else None
