@@ -77,9 +77,8 @@ NO_ANSWER = "no_answer"  # missing or empty <answer>: reward -1, left out of the
 JUDGE_ERROR = judges.JUDGE_ERROR  # the verifier gave no valid label: reward 0, left out of the group's best
 
 def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[str]:
-    """One verifier label per rollout: the judge's label for every answer (one batched call; the judge caches per
-    pair), NO_ANSWER for a missing one (None: judges.parse_answer found no answer, or a blank one; an answer of
-    punctuation only, '???', is judged, as in the paper's code), JUDGE_ERROR for a label not on the ladder."""
+    """One verifier label per rollout (one batched call; the judge caches per pair): NO_ANSWER for a missing or blank
+    answer (punctuation only, '???', is judged, as in the paper's code), JUDGE_ERROR for a label off the ladder."""
     valid = [i for i, a in enumerate(answers) if a is not None]
     labels = [NO_ANSWER] * len(answers)
     for i, label in zip(valid, judge.judge([(truths[i], answers[i]) for i in valid])):
@@ -197,7 +196,6 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank): the step's metrics over all
     ranks; --log-completions judged rollouts appended to <out>/rollouts.jsonl."""
     args, timer, G = run.args, run.timer, run.args.group_size
-    # rollout
     with timer("encode"):
         prompts = [common.encode_prompt(processor, ex.image, PROMPTS[args.prompt]) for ex in images]
     seed = args.seed * 1_000_003 + step * 1009 + run.ranks.rank
@@ -281,9 +279,8 @@ SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate
 LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
 
 def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
-    """Per-step scalars over all ranks: reward (and each named one), share of each label, correctness (share of
-    rollouts correct at any level), specificity (specific or more specific among the correct ones), abstention,
-    missing answers, judge errors, groups without signal, KL, clip fractions, lengths, tokens per second."""
+    """Per-step scalars over all ranks; correctness: the share of rollouts correct at any level, specificity: the
+    share specific or more specific among the correct ones."""
     names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
     counts = Counter(labels)
     zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
@@ -432,10 +429,9 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
         save_and_stop(f"evaluation at step {step}: {stop}", out, step, model, optimizer, eval_pending=True)
     return results
 
-# `--data toy` on a 2-core CPU: the tiny stand-in, 16 images x 10 rollouts per batch, short completions (its answers
-# are ~30 tokens), a higher learning rate decaying linearly (at a constant 2e-3 the stand-in peaks mid-run, then
-# falls back) and a smaller adapter for a 0.7M-parameter model, one epoch (30 steps), evaluation on all 360 held-out
-# images. Measured in tests/test_speciarl_learning.py.
+# `--data toy` on a 2-core CPU: the tiny stand-in, short completions (its answers are ~30 tokens), a higher learning
+# rate decaying linearly (at a constant 2e-3 the stand-in peaks mid-run, then falls back) and a smaller adapter for a
+# 0.7M-parameter model, one epoch (30 steps), all 360 held-out images. Measured in tests/test_speciarl_learning.py.
 TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_schedule="linear", lora_rank=16,
            epochs=1, eval_every=10, eval_max_new_tokens=48, eval_batch=120, save_every=10, sample_batch=16,
            micro_batch=80, logprob_micro_batch=160)
