@@ -67,8 +67,7 @@ EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluati
 def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
     """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
     the last partial batch dropped (as verl does). A pure function of `step`, so resuming needs only the step."""
-    steps_per_epoch = n_train // rollout_prompts
-    epoch, within = divmod(step, steps_per_epoch)
+    epoch, within = divmod(step, n_train // rollout_prompts)  # steps per epoch
     order = list(range(n_train))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[within * rollout_prompts:(within + 1) * rollout_prompts]
@@ -118,9 +117,8 @@ def static_reward(table: dict[str, float]):
     >>> static_reward(STATIC_TABLES["scala1"])([""] * 3, {"labels": ["generic", "no_answer", "judge_error"]})
     [0.5, -1.0, 0.0]
     """
-    def reward(completions: list[str], example: dict) -> list[float]:
-        return [-1.0 if label == NO_ANSWER else table.get(label, 0.0) for label in example["labels"]]
-    return reward
+    return lambda completions, example: [-1.0 if label == NO_ANSWER else table.get(label, 0.0)
+                                         for label in example["labels"]]
 
 # --rewards NAME[=WEIGHT],... picks from here; a new reward is one more entry with the same signature
 REWARDS = {"dynamic": dynamic_reward, **{name: static_reward(table) for name, table in STATIC_TABLES.items()}}
@@ -249,7 +247,6 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
     mean over ALL its completion tokens on ALL ranks (the token sum / the global count, x world size as DDP / FSDP2
     average gradients over ranks). Returns the summed loss statistics and the mean gradient norm."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    device = next(common.unwrap(model).parameters()).device
     rows_per_minibatch = ids.shape[0] // args.minibatches
     totals = Counter()
     for minibatch in range(args.minibatches):
@@ -263,8 +260,8 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
             logp = common.score_completions(model, [row_prompts[i] for i in chunk], ids[chunk], mask[chunk], pad_id,
                                             args.temperature, bool(args.shared_prefix)).float()  # [b, t]
             loss_sum, stats = speciarl_loss(
-                logp, old_logp[chunk].to(device), None if ref_logp is None else ref_logp[chunk].to(device),
-                advantages[chunk].to(device), mask[chunk].to(device), clip_eps=args.clip_eps,
+                logp, old_logp[chunk].to(logp.device), None if ref_logp is None else ref_logp[chunk].to(logp.device),
+                advantages[chunk].to(logp.device), mask[chunk].to(logp.device), clip_eps=args.clip_eps,
                 dual_clip=args.dual_clip, beta=args.beta)
             return loss_sum * world_size / max(tokens, 1.0), stats  # global token mean (x world: ranks are averaged)
         chunks = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
@@ -274,17 +271,14 @@ def update_policy(args, model, optimizer, guard: lifecycle.NonFiniteGuard, row_p
         totals["grad_norm"] += grad_norm / args.minibatches
     return totals
 
-SHOWN = ("reward", "correctness", "specificity", "abstain_rate", "no_answer_rate", "judge_error_rate", "kl",
-         "clip_frac")  # on the progress line
 LOSS_STATS = ("pg_loss", "kl", "clip_frac", "dual_clip_frac", "ratio")
 
 def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_size) -> dict:
     """Per-step scalars over all ranks; correctness: the share of rollouts correct at any level, specificity: the
     share specific or more specific among the correct ones."""
     names = list(judges.JUDGE_LABELS) + [NO_ANSWER, JUDGE_ERROR]
-    counts = Counter(labels)
     zero_std = (rewards.std(1) == 0).sum() if rewards.shape[1] > 1 else rewards.shape[0]  # groups without signal
-    local = {**{name: counts[name] for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
+    local = {**{name: labels.count(name) for name in names}, **{f"reward/{k}": v.sum() for k, v in parts.items()},
              **{k: loss_stats[k] for k in LOSS_STATS}, "reward": rewards.sum(), "rollouts": rewards.numel(),
              "groups": rewards.shape[0], "zero_std_groups": zero_std, "tokens": rollout.completion_mask.sum(),
              "truncated": rollout.truncated.sum(), "prompt_tokens": sum(len(p) for p in rollout.row_prompts)}
@@ -364,22 +358,17 @@ def inject_lora(model, rank: int, alpha: float, seed: int = 0) -> list[str]:
     """Replace every nn.Linear inside the language model's decoder layers by a LoRALinear (in place), freeze all else
     and return the adapted layers' names; before wrap_model. The adapters come from their own seeded generator, so
     every rank starts from the same adapters (FSDP2 does not broadcast them)."""
-    hf = common.unwrap(model)
-    hf.requires_grad_(False)
+    hf = common.unwrap(model).requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     layers = hf.model.language_model.layers
-    names = []
-    for name, module in list(layers.named_modules()):  # "0.self_attn.q_proj", ... layer by layer
-        if isinstance(module, torch.nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(layers.get_submodule(parent), child, LoRALinear(module, rank, alpha, generator))
-            names.append(f"model.language_model.layers.{name}")
+    names = [name for name, module in layers.named_modules() if isinstance(module, torch.nn.Linear)]
+    for name in names:  # "0.self_attn.q_proj", ... layer by layer
+        parent, _, child = name.rpartition(".")
+        setattr(layers.get_submodule(parent), child, LoRALinear(layers.get_submodule(name), rank, alpha, generator))
     plain_save = hf.save_pretrained  # the Hugging Face export (lifecycle.export_hf, which passes the full state dict)
-
-    def save_merged(save_directory, *, state_dict, **kwargs):  # writes merged, plain weights
-        return plain_save(save_directory, state_dict=merge_lora_state_dict(state_dict), **kwargs)
-    hf.save_pretrained = save_merged
-    return names
+    hf.save_pretrained = lambda save_directory, *, state_dict, **kwargs: plain_save(  # writes merged, plain weights
+        save_directory, state_dict=merge_lora_state_dict(state_dict), **kwargs)
+    return [f"model.language_model.layers.{name}" for name in names]
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LoRA model's state dict -> the plain model's: for every adapted layer X, X.weight = X.base.weight +
@@ -484,16 +473,15 @@ def check_batches(args, world: int) -> int:
 
 def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
     """This script's shapes and knobs for the memory estimate at start (memory.report_memory_budget)."""
-    return dict(
-        rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size,
-        prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), new_tokens=args.max_new_tokens,
-        train_rows=args.micro_batch, logit_rows=max(args.micro_batch, args.logprob_micro_batch),
-        rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1,
-        knobs={"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
-               "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
-                                   "--max-pixels", "gradients": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "optimizer states": "--lora-rank (a smaller adapter); --parallel fsdp",
-               "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"})
+    knobs = {"logits": "a smaller --logprob-micro-batch / --micro-batch; a smaller --sample-batch",
+             "rollout KV cache": "--sample-batch (images per sampling call), --group-size, --max-new-tokens, "
+                                 "--max-pixels",
+             **dict.fromkeys(["gradients", "optimizer states"], "--lora-rank (a smaller adapter); --parallel fsdp"),
+             "frozen reference": "--lora-rank > 0 (the reference is the adapter-free policy) or --beta 0"}
+    return dict(rollout_rows=min(args.sample_batch, prompts_per_rank) * args.group_size, train_rows=args.micro_batch,
+                prompt_tokens=memory.prompt_tokens_estimate(processor, PROMPTS[args.prompt]), knobs=knobs,
+                logit_rows=max(args.micro_batch, args.logprob_micro_batch), new_tokens=args.max_new_tokens,
+                rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1)
 
 # ----- 9. main: set-up, data, models, verifiers, resume, the loop, export -----
 
@@ -522,11 +510,10 @@ def main(argv=None):
     # the policy (LoRA: frozen base in the compute dtype, fp32 adapters; full fine-tuning: fp32 master weights) and
     # the KL reference: the adapter-free policy with LoRA, a second copy without
     def trainable(model):  # -> what the trainable-parameters line adds
-        if args.lora_rank == 0:  # the language model, and the vision tower unless frozen
-            model.model.visual.requires_grad_(not args.freeze_vision)
-            return None
-        adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
-        return f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers"
+        if args.lora_rank > 0:
+            adapted = inject_lora(model, args.lora_rank, args.lora_alpha)
+            return f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(adapted)} linear layers"
+        model.model.visual.requires_grad_(not args.freeze_vision)  # the LM, and the vision tower unless frozen
     model, processor, reference = run.load_policy(
         args.model, trainable=trainable, estimate=lambda processor: memory_estimate(args, processor, prompts_per_rank),
         reference=args.beta > 0 and args.lora_rank == 0, trained_weights=args.lora_rank == 0)
@@ -540,9 +527,8 @@ def main(argv=None):
     same_judge = (args.eval_judge or args.judge) == args.judge and eval_data == args.data
     eval_judge = judge if test is None or same_judge else judges.get_judge(
         args.eval_judge or args.judge, test, cache, url=args.eval_judge_url or args.judge_url, **server)
-
-    def evaluate(step: int) -> dict:
-        return run_eval(args, model, processor, test, eval_judge, run.out, step=step, optimizer=optimizer)
+    evaluate = lambda step: run_eval(  # noqa: E731
+        args, model, processor, test, eval_judge, run.out, step=step, optimizer=optimizer)
 
     # resume (the data order is a function of the step), the loop, export (adapters merged into plain weights)
     start = run.resume(model, optimizer, evaluate)["step"]
@@ -553,7 +539,8 @@ def main(argv=None):
         record = train_step(run, step, images[run.ranks.rank::run.ranks.world_size], model, reference, optimizer,
                             processor, judge, total_steps)
         record.update({"lr": optimizer.param_groups[0]["lr"], **lifecycle.mean_over_ranks(judge.stats())})
-        run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=SHOWN)
+        run.end_step(step + 1, record, model, optimizer, {}, evaluate, shown=("reward", "correctness", "specificity",
+                     "abstain_rate", "no_answer_rate", "judge_error_rate", "kl", "clip_frac"))
     run.finish(model, processor, keys=["eval/correctness", "eval/specificity", "eval/hm", "eval/specificity_of_all"])
 
 if __name__ == "__main__":
