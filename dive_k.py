@@ -238,7 +238,7 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
 # ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
 
 def train_step(step: int, questions: list[dict], model, reference, optimizer, processor, kind: str, args,
-               run: lifecycle.Run, mining_stats: dict) -> dict:
+               run: lifecycle.Run) -> dict:
     """One GRPO step on this rank's questions (each question's G completions on this rank): the step's record."""
     timer, G = run.timer, args.group_size
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
@@ -297,7 +297,10 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
                "kl": totals["kl_sum"] / max(1.0, totals["tokens"]),
                "clip_frac": totals["clipped_sum"] / max(1.0, totals["tokens"]),
                "mean_options": sum(len(q["options"]) for q in questions) / len(questions),
-               **{f"reward/{n}": float(v.mean()) for n, v in components.items()}, **mining_stats}
+               **{f"reward/{n}": float(v.mean()) for n, v in components.items()}}
+    if args.online_mining:  # the questions were mined for this step, by the policy
+        metrics.update({"mining/easy_frac": sum(q["status"] == "easy" for q in questions) / len(questions),
+                        "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in questions) / len(questions)})
     record = {**lifecycle.mean_over_ranks(metrics), "grad_norm": grad_norm,  # tokens: all ranks' completions
               "tokens_per_s": lifecycle.global_token_count(mask) / (time.perf_counter() - run.t_step)}
     if args.log_completions and run.ranks.is_main:
@@ -354,20 +357,18 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
     return kept
 
 def questions_for_step(step: int, pool: list, model, processor, base_classes: list[str], kind: str, args,
-                       run: lifecycle.Run, fsdp_inputs: dict | None) -> tuple[list[dict], dict]:
+                       run: lifecycle.Run, fsdp_inputs: dict | None) -> list[dict]:
     """This rank's questions: positions step*P + rank, + world, ... of an endless stream of seeded epochs over the
     pool (a resume restores the order exactly). --online-mining: the pool is images, mined now by the policy."""
     rank, world_size = run.ranks.rank, run.ranks.world_size
     positions = range(step * args.prompts_per_step + rank, (step + 1) * args.prompts_per_step, world_size)
     batch = [pool[common.stream_position(pos, len(pool), args.seed)] for pos in positions]
     if not args.online_mining:
-        return batch, {}
+        return batch
     model.eval()
     with run.timer("mining"), common.gathered_params(model, fsdp_inputs):
-        mined = mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
-                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
-    return mined, {"mining/easy_frac": sum(q["status"] == "easy" for q in mined) / len(mined),
-                   "mining/truth_inserted_frac": sum(q["truth_inserted"] for q in mined) / len(mined)}
+        return mine(model, processor, batch, base_classes, kind, args, drop_easy=False,
+                    seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
 
 # ----- 8. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
@@ -389,10 +390,9 @@ TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # the paper's settings (SPEC section 4; trl-0.16 defaults where its scripts set nothing)
-    lifecycle.add_training_args(p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, rewards="format,mcq", lr=1e-6,
-                                lr_schedule="linear", beta=0.04, max_new_tokens=1024, micro_batch=4, eval_every=100,
-                                save_every=100)
+    lifecycle.add_training_args(  # the paper's values (SPEC section 4; trl-0.16 defaults where its scripts set nothing)
+        p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, rewards="format,mcq", lr=1e-6, lr_schedule="linear",
+        beta=0.04, max_new_tokens=1024, micro_batch=4, eval_every=100, save_every=100)
     g = p.add_argument_group("data")
     g.add_argument("--train-split", default="train", help="split the questions are mined from (default %(default)s)")
     g.add_argument("--classes", default="base", choices=["base", "novel", "all"],
@@ -503,15 +503,12 @@ def main(argv=None):
                   f"{args.prompts_per_step} prompts x G={args.group_size} "
                   f"({args.prompts_per_step // run.ranks.world_size} prompts per rank)")
 
-    # stage 2: GRPO
     for step in run.steps(start, total_steps):
         lr = lifecycle.lr_at(step, base_lr=args.lr, total_steps=total_steps, schedule=args.lr_schedule,
                              warmup_steps=args.warmup_steps)
         lifecycle.set_lr(optimizer, lr)
-        questions, mining_stats = questions_for_step(step, pool, model, processor, base_classes, train.kind, args, run,
-                                                     fsdp_inputs)
-        record = train_step(step, questions, model, reference, optimizer, processor, train.kind, args, run,
-                            mining_stats)
+        questions = questions_for_step(step, pool, model, processor, base_classes, train.kind, args, run, fsdp_inputs)
+        record = train_step(step, questions, model, reference, optimizer, processor, train.kind, args, run)
         run.end_step(step + 1, {**record, "lr": lr}, model, optimizer, evaluate=evaluate,
                      state={"data_position": (step + 1) * args.prompts_per_step, "total_steps": total_steps},
                      shown=("reward", "accuracy", "format_rate"))
