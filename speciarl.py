@@ -6,10 +6,9 @@ abstain). A text-only verifier grades every answer against the true class on an 
 
     wrong < abstain < generic < less_specific < specific = more_specific      (specific and more specific tie)
 
-and the reward is anchored to the best answer of the image's own group of rollouts ("dynamic"): every valid rollout
-in the group's best tier gets 1, the others 0, a missing answer -1, and a group whose best is wrong all 0. So the
-model is pushed to be as specific as it CAN be on that image, never past it. Training is GRPO with the PPO ratio,
-clip 0.2, dual clip 3, a global token mean and a k3 KL to the frozen model, with LoRA on the language model.
+and the reward is anchored to the best answer of the image's own group of rollouts ("dynamic", dynamic_reward), so
+the model is pushed to be as specific as it CAN be on that image, never past it. Training is GRPO with the PPO
+ratio, clip 0.2, dual clip 3, a global token mean and a k3 KL to the frozen model, with LoRA on the language model.
 
 Launch (defaults are the paper's: Qwen2.5-VL-7B-Instruct, LoRA r64 / alpha 32, vision frozen, 3000 CUB images, G = 10,
 256 images per rollout batch in 2 optimizer steps, lr 3e-5, 15 epochs = 165 steps; the same command resumes)
@@ -51,13 +50,11 @@ import memory
 # ----- 1. Prompts -----
 
 # The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
-# 'None' to abstain in <answer>; the format strictly. No system prompt is added to the chat template's (the paper's
-# prompt configs set an empty one). The "be specific" baseline differs only by ", be specific".
+# 'None' to abstain in <answer>; the format strictly. No system prompt but the chat template's (the paper's is empty).
 PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
 SPECIFIC_PROMPT = PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
 PROMPTS = {"general": PROMPT, "specific": SPECIFIC_PROMPT}
-# The speciarl evaluation protocol, one record per prompt (eval.py --protocol speciarl [--be-specific], run_eval):
-# one greedy answer per image, judged into the six labels
+# eval.py --protocol speciarl [--be-specific] and run_eval: one greedy answer per image, judged into the six labels
 EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluation.answer_metrics, template=text,
                                    paper_scoring=False, be_specific=name == "specific",
                                    hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
@@ -229,7 +226,6 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
             with lora_disabled(model) if reference is None else contextlib.nullcontext():
                 ref_logp = logprobs(model if reference is None else reference)  # [B, T]
 
-    # update: --minibatches optimizer steps, each a global token mean over all ranks
     model.train()
     with timer("update"):
         loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
