@@ -100,14 +100,12 @@ def dynamic_reward(completions: list[str], example: dict) -> list[float]:
     return [-1.0 if label == NO_ANSWER else
             0.0 if label not in TIER or best == TIER["wrong"] else float(TIER[label] == best) for label in labels]
 
-# The paper's static ablations: a fixed reward per label (columns: more_specific, specific, less_specific, generic,
-# abstain, wrong). `binary` is the standard RFT baseline.
-STATIC_TABLES = {
-    "binary": dict(more_specific=1.0, specific=1.0, less_specific=0.0, generic=0.0, abstain=0.0, wrong=0.0),
-    "scala1": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.25, wrong=0.0),
-    "scala2": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.5, abstain=0.0, wrong=0.0),
-    "scala3": dict(more_specific=1.0, specific=1.0, less_specific=0.75, generic=0.0, abstain=0.0, wrong=0.0),
-}
+# The paper's static ablations: a fixed reward per label. `binary` is the standard RFT baseline.
+STATIC_TABLES = {name: dict(zip(["more_specific", "specific", "less_specific", "generic", "abstain", "wrong"], row))
+                 for name, row in [("binary", [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]),
+                                   ("scala1", [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]),
+                                   ("scala2", [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]),
+                                   ("scala3", [1.0, 1.0, 0.75, 0.0, 0.0, 0.0])]}
 
 def static_reward(table: dict[str, float]):
     """A per-rollout table lookup; a missing answer is -1, a judge error 0 (as in the paper's code).
@@ -203,11 +201,21 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
                                 prompt_batch=args.sample_batch, compile_decode=bool(args.compile_decode))
     ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
 
-    # verifier labels (one batched call), then each group's rewards and advantages
+    # verifier labels (one batched call), then each group's rewards and advantages; a stop (save_and_stop) when the
+    # judge's server stays away after its retries on any rank, or too many judged answers (all ranks) got no label
     with timer("judge"):
         answers = [judges.parse_answer(text) for text in rollout.texts]  # [B] the first <answer>, None if missing
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
-        labels = judge_or_stop(judge, truths, answers, run.out, step, model, optimizer, args.max_judge_errors)  # [B]
+        try:
+            labels, failure = judge_rollouts(judge, truths, answers), ""  # [B]
+        except judges.ServerError as e:
+            labels, failure = [], str(e)
+        local = [float(bool(failure)), float(labels.count(JUDGE_ERROR)), float(sum(a is not None for a in answers))]
+        failed, errors, judged = common.all_reduce_sum(torch.tensor(local)).tolist()
+        failure = failure or ("another rank lost the judge server" if failed else
+                              judges.judge_error_stop(errors, judged, args.max_judge_errors))
+        if failure:
+            save_and_stop(failure, run.out, step, model, optimizer)
     groups = [lifecycle.group_rewards(REWARDS, args.reward_weights, rollout.texts[i * G:(i + 1) * G],
                                       {"truth": ex.class_name, "labels": labels[i * G:(i + 1) * G]})
               for i, ex in enumerate(images)]
@@ -231,9 +239,14 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
         loss_stats = update_policy(args, model, optimizer, run.guard, row_prompts, ids, mask, advantages, old_logp,
                                    ref_logp, common.special_token_ids(processor)["<|endoftext|>"], step=step,
                                    total_steps=total_steps)
-    if args.log_completions and run.ranks.is_main:
-        log_rollouts(os.path.join(run.out, "rollouts.jsonl"), step + 1, images, answers, labels, rewards,
-                     args.log_completions)
+    if args.log_completions and run.ranks.is_main:  # judged rollouts, the first of every group, then the second, ...
+        with open(os.path.join(run.out, "rollouts.jsonl"), "a") as f:
+            for r in [i * G + j for j in range(G) for i in range(len(images))][:args.log_completions]:
+                i = r // G
+                f.write(json.dumps({"step": step + 1, "image": images[i].id, "truth": images[i].class_name,
+                                    "answer": answers[r], "label": labels[r],
+                                    "group_best": best_label(labels[i * G:(i + 1) * G]),
+                                    "reward": float(rewards.view(-1)[r])}) + "\n")
     return step_metrics(labels, rewards, parts, rollout, loss_stats, time.perf_counter() - run.t_step,
                         run.ranks.world_size)
 
@@ -291,32 +304,6 @@ def step_metrics(labels, rewards, parts, rollout, loss_stats, step_time, world_s
             "dual_clip_frac": total["dual_clip_frac"] / tokens, "ratio_mean": total["ratio"] / tokens,
             "grad_norm": loss_stats["grad_norm"], "completion_tokens": tokens / n, "truncated": total["truncated"] / n,
             "tokens_per_s": (tokens + total["prompt_tokens"]) / step_time / world_size}
-
-def log_rollouts(path: str, step: int, images, answers, labels, rewards: torch.Tensor, k: int):
-    """Append k judged rollouts (spread over rank 0's groups) with their group's best label and reward."""
-    G = rewards.shape[1]  # rewards [P, G]
-    with open(path, "a") as f:
-        for r in [i * G + j for j in range(G) for i in range(len(images))][:k]:  # the first of every group, then ...
-            i = r // G
-            f.write(json.dumps({"step": step, "image": images[i].id, "truth": images[i].class_name,
-                                "answer": answers[r], "label": labels[r],
-                                "group_best": best_label(labels[i * G:(i + 1) * G]),
-                                "reward": float(rewards.view(-1)[r])}) + "\n")
-
-def judge_or_stop(judge, truths, answers, out, step, model, optimizer, max_errors: float) -> list[str]:
-    """judge_rollouts; a stop through save_and_stop when the judge's server stays away after its retries (on any
-    rank) or when more than `max_errors` of the judged answers (all ranks together) got no label."""
-    try:
-        labels, failure = judge_rollouts(judge, truths, answers), ""
-    except judges.ServerError as e:
-        labels, failure = [], str(e)
-    local = [float(bool(failure)), float(labels.count(JUDGE_ERROR)), float(sum(a is not None for a in answers))]
-    failed, errors, judged = common.all_reduce_sum(torch.tensor(local)).tolist()
-    failure = failure or ("another rank lost the judge server" if failed else
-                          judges.judge_error_stop(errors, judged, max_errors))
-    if failure:
-        save_and_stop(failure, out, step, model, optimizer)
-    return labels
 
 def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pending: bool = False):
     """A checkpoint of the steps done so far (marking its evaluation as still to do when that is what stopped), the
