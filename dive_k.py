@@ -14,7 +14,6 @@ Launch (the same command resumes from the last checkpoint in --out, mining from 
   2 nodes   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
                 dive_k.py --data cub --data-root /data/CUB_200_2011      (--out on a filesystem every node sees)
   CPU       python dive_k.py --data toy          (the tiny stand-in, the toy preset below)
-The paper's 6 questions per step become 8 on 4 or 8 ranks, 16 on 16.
 
 Simplifications and changes (the full list, with what the released code does: README, "Every deviation")
   * GRPO with one update per rollout batch (ratio 1, as the paper), the k3 KL inside the per-token loss (beta
@@ -144,10 +143,8 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     upper = text.upper()
     found = set(LETTER_RE.findall(upper))
     standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
-    if len(found) != 1 or (len(standalone) > 1 and judges.is_hedge(text)):
-        return None
-    letter = found.pop()
-    return letter if letter in judges.LETTERS[:n_options] else None
+    hedged = len(standalone) > 1 and judges.is_hedge(text)
+    return found.pop() if len(found) == 1 and not hedged and found <= set(judges.LETTERS[:n_options]) else None
 
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
@@ -373,8 +370,7 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
 # ----- 8. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
 
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
-    """Two-step inference on every held-out group: accuracy, step 1's ceiling truth_in_options and format_ok per
-    group, and the harmonic mean of base and novel accuracy when both are there."""
+    """Two-step inference on every held-out group, and the harmonic mean of base and novel accuracy when both ran."""
     return evaluation.evaluate_groups(
         model, processor, eval_sets, [TWO_STEP_EVAL], out=out, step=step, precision=args.precision,
         keys=("accuracy", "truth_in_options", "format_ok"), seed=args.seed, max_new_tokens=args.eval_max_new_tokens,
