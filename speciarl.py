@@ -202,7 +202,7 @@ def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model,
     ids, mask, row_prompts = rollout.completion_ids, rollout.completion_mask, rollout.row_prompts  # [B, T], [B, T], [B]
 
     # verifier labels (one batched call), then each group's rewards and advantages; a stop (save_and_stop) when the
-    # judge's server stays away after its retries on any rank, or too many judged answers (all ranks) got no label
+    # judge's server is gone after its retries (any rank) or above --max-judge-errors of all judged answers lack a label
     with timer("judge"):
         answers = [judges.parse_answer(text) for text in rollout.texts]  # [B] the first <answer>, None if missing
         truths = [ex.class_name for ex in images for _ in range(G)]  # [B]
