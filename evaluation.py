@@ -102,8 +102,7 @@ def released_letter(text: str) -> str | None:
     score = dict.fromkeys(found, 0)
     for letter in found:  # every occurrence counts, as released
         pos = text.find(letter)
-        context = text[max(0, pos - 20):pos + 20]
-        score[letter] += sum(word.upper() in context for word in CHOICE_WORDS)
+        score[letter] += sum(word.upper() in text[max(0, pos - 20):pos + 20] for word in CHOICE_WORDS)
         score[letter] += 2 * (pos > 0.7 * len(text))  # near the end: usually the final answer
         score[letter] += pos < len(text) - 1 and text[pos + 1] in "\u3002.!\uff01,\uff0c"  # punctuation follows
     return max(score, key=score.get)
@@ -138,9 +137,7 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
     >>> parse_choice("B", ["x", "y"]), parse_choice("y", ["x", "y"]), parse_choice("C", ["x", "y"])
     (1, 1, None)
     """
-    if answer is None:
-        return None
-    text = answer.strip()
+    text = (answer or "").strip()
     letter = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
     if letter is None:
         norm = judges.normalize(text)
@@ -148,10 +145,9 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
             if norm and norm == judges.normalize(option):
                 return i
         letter = re.match(r"\(?([A-Z])(?:\)|\.|:)", text)
-    if letter is None:
+    if letter is None or letter.group(1) not in judges.LETTERS[:len(options)]:
         return None
-    i = judges.LETTERS.index(letter.group(1))
-    return i if i < len(options) else None
+    return judges.LETTERS.index(letter.group(1))
 
 def rng_for(seed: int, example: data.Example, what: str) -> random.Random:
     """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
@@ -177,23 +173,17 @@ def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[lis
     """Step 1 of two-step inference as DiVE-k's released evaluation reads it: the first <answer> texts, lowercased,
     answer-format prefixes ('species name: ', this dataset's) removed, 100+ characters skipped; the 5 most frequent
     (normalised, shown as first written, ties by first appearance), their counts, and the samples without a tag."""
+    tagged = [judges.parse_answer(text) for text in texts]
+    prefixes = (*judges.DIVEK_PREFIXES, f"{answer_fmt}: ")
     counts: Counter = Counter()
     shown: dict[str, str] = {}
-    failures = 0
-    prefixes = (*judges.DIVEK_PREFIXES, f"{answer_fmt}: ")
-    for text in texts:
-        answer = judges.parse_answer(text)
-        if answer is None:
-            failures += 1
-            continue
-        answer = judges.strip_prefixes(answer, prefixes)
+    for answer in (judges.strip_prefixes(found, prefixes) for found in tagged if found is not None):
         key = judges.normalize(answer)
-        if not key or len(answer) >= STEP1_MAX_CHARS:
-            continue
-        counts[key] += 1
-        shown.setdefault(key, answer)
+        if key and len(answer) < STEP1_MAX_CHARS:
+            counts[key] += 1
+            shown.setdefault(key, answer)
     top = counts.most_common(TWO_STEP_OPTIONS)  # stable: equal counts keep first-appearance order
-    return [shown[key] for key, _ in top], [c for _, c in top], failures
+    return [shown[key] for key, _ in top], [c for _, c in top], tagged.count(None)
 
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
 
@@ -218,11 +208,9 @@ def parsed(record: dict, raw: str) -> dict:
 
 def judge_records(judge, records: list[dict], field: str) -> None:
     """Label each record's `field` (an answer, a chosen option) against its truth; None is wrong without asking."""
-    asked = [record for record in records if record[field] is not None]
-    for record, label in zip(asked, judge.judge([(record["truth"], record[field]) for record in asked])):
-        record["label"] = label
+    labels = iter(judge.judge([(record["truth"], record[field]) for record in records if record[field] is not None]))
     for record in records:
-        record.setdefault("label", "wrong")
+        record["label"] = "wrong" if record[field] is None else next(labels)
 
 def answer_batch(job: EvalJob, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
@@ -284,8 +272,7 @@ def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
         rng_for(job.seed, example, "two_step").shuffle(order)
         record.update(step1_answers=[judges.parse_answer(t) for t in step1], options=[options[j] for j in order],
                       option_counts=[counts[j] for j in order], step1_parse_failures=failures,
-                      truth_in_options=any(judges.normalize(o) == judges.normalize(example.class_name)
-                                           for o in options))
+                      truth_in_options=judges.normalize(example.class_name) in [judges.normalize(o) for o in options])
         if options:
             question = protocol.step2(job.dataset.kind, record["options"])
             step2.append((record, common.encode_prompt(job.processor, image, question)))
