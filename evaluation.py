@@ -19,6 +19,7 @@ import random
 import re
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -43,9 +44,8 @@ FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """One evaluation protocol, as a record."""
     name: str
-    batch: Callable  # answer_batch, choice_batch or two_step_batch: (EvalJob, [(index, example)]) -> records
+    batch: Callable  # answer_batch, choice_batch or two_step_batch: (job, [(index, example)]) -> records
     metrics: Callable  # answer_metrics, choice_metrics or two_step_metrics: (records, protocol, scoring) -> dict
     template: str | list  # the prompt template(s), as metrics.json records them
     prompt: Callable | None = None  # (dataset, options or None) -> the question; None: the template itself
@@ -60,30 +60,6 @@ class Protocol:
 
     def question(self, dataset: data.Dataset, options: list[str] | None = None) -> str:
         return self.template if self.prompt is None else self.prompt(dataset, options)
-
-@dataclasses.dataclass
-class EvalJob:
-    """One evaluation in progress, what a batch function needs: the model, the dataset, the protocol, the settings."""
-    model: object
-    processor: object
-    dataset: data.Dataset
-    protocol: Protocol
-    judge: object
-    seed: int
-    max_new_tokens: int
-    samples: int
-    best_of: int | None
-    mcq_distractors: str
-    scoring: str
-    compile_decode: bool
-
-    def sample(self, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
-        """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
-        if not prompts:
-            return []
-        return common.sample(self.model, self.processor, prompts, group_size=group_size,
-                             max_new_tokens=self.max_new_tokens, row_seeds=row_seeds,
-                             compile_decode=self.compile_decode, **(sampling or dict(temperature=0.0))).texts
 
 # ----- 1. scoring -----
 
@@ -187,7 +163,15 @@ def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[lis
 
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
 
-def encode(job: EvalJob, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
+def sample_texts(job, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
+    """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
+    if not prompts:
+        return []
+    return common.sample(job.model, job.processor, prompts, group_size=group_size, max_new_tokens=job.max_new_tokens,
+                         row_seeds=row_seeds, compile_decode=job.compile_decode,
+                         **(sampling or dict(temperature=0.0))).texts
+
+def encode(job, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
     """A record per image, and (record, example, prompt, image) for each readable one (the others: skipped)."""
     records, live = [], []
     for (index, example), text in zip(batch, questions):
@@ -212,13 +196,13 @@ def judge_records(judge, records: list[dict], field: str) -> None:
     for record in records:
         record["label"] = "wrong" if record[field] is None else next(labels)
 
-def answer_batch(job: EvalJob, batch: list) -> list[dict]:
+def answer_batch(job, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
     parse is wrong without asking the judge."""
     records, live = encode(job, batch, [job.protocol.question(job.dataset)] * len(batch))
     n = job.best_of or 1
-    texts = job.sample([prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
-                       **(BEST_OF_SAMPLING if job.best_of else {}))
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
+                         **(BEST_OF_SAMPLING if job.best_of else {}))
     for i, (record, example, _, _) in enumerate(live):
         candidates = [parsed({"truth": example.class_name}, raw) for raw in texts[i * n:(i + 1) * n]]
         judge_records(job.judge, candidates, "answer")
@@ -235,12 +219,12 @@ def answer_batch(job: EvalJob, batch: list) -> list[dict]:
             record["text_include"] = open_world_correct(record["raw"], example.class_name, job.dataset.kind)
     return records
 
-def choice_batch(job: EvalJob, batch: list) -> list[dict]:
+def choice_batch(job, batch: list) -> list[dict]:
     """mcq: the truth and 3 distractors per image, one greedy answer. paper: right when the truth's name is inside
     the answer (closed_world_correct); strict: the truth's letter, or its exact text, in <answer> (parse_choice)."""
     options = {index: mcq_options(example, job.dataset, job.seed, job.mcq_distractors) for index, example in batch}
     records, live = encode(job, batch, [job.protocol.question(job.dataset, options[index]) for index, _ in batch])
-    texts = job.sample([prompt for _, _, prompt, _ in live])
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live])
     for (record, example, _, _), raw in zip(live, texts):
         choices = options[record["index"]]
         record.update(options=choices, truth_letter=judges.LETTERS[choices.index(example.class_name)])
@@ -257,13 +241,13 @@ def choice_batch(job: EvalJob, batch: list) -> list[dict]:
         record["label"] = "specific" if correct else "wrong"
     return records
 
-def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
+def two_step_batch(job, batch: list) -> list[dict]:
     """two_step: step 1 samples `samples` answers with the class list; step 2 asks greedily the lettered question
     over the 5 most frequent, shuffled; the chosen option is judged (no valid letter: wrong)."""
     protocol, samples = job.protocol, job.samples
     records, live = encode(job, batch, [protocol.question(job.dataset)] * len(batch))
-    texts = job.sample([prompt for _, _, prompt, _ in live], samples, row_seeds(live, job.seed, "two_step", samples),
-                       **protocol.sampling)
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live], samples,
+                         row_seeds(live, job.seed, "two_step", samples), **protocol.sampling)
     step2 = []
     for i, (record, example, _, image) in enumerate(live):
         step1 = texts[i * samples:(i + 1) * samples]
@@ -279,7 +263,7 @@ def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             record.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
                           invalid_choice=False, label="wrong", no_candidates=True)
-    for (record, _), raw in zip(step2, job.sample([prompt for _, prompt in step2])):
+    for (record, _), raw in zip(step2, sample_texts(job, [prompt for _, prompt in step2])):
         parsed(record, raw)
         choice = step2_choice(raw, record["options"], job.scoring)
         record["letter"] = None if choice is None else judges.LETTERS[choice]
@@ -352,10 +336,10 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indexed = list(enumerate(dataset.examples))[rank::world]
-    job = EvalJob(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
-                  scoring, compile_decode)
-    t0 = time.time()
-    records = []
+    job = SimpleNamespace(model=model, processor=processor, dataset=dataset, protocol=protocol, judge=judge, seed=seed,
+                          max_new_tokens=max_new_tokens, samples=samples, best_of=best_of, scoring=scoring,
+                          mcq_distractors=mcq_distractors, compile_decode=compile_decode)
+    t0, records = time.time(), []
     # FSDP2: gather the full parameters once for the whole evaluation (every rank enters once, whatever its shard
     # size); the warm-up forward uses the same first readable image on every rank. A no-op for plain and DDP models.
     first = next((im for im in map(common.try_open_image, (e.image for e in dataset.examples)) if im is not None), None)
