@@ -288,8 +288,7 @@ def main(argv=None) -> dict:
                     transformers=__import__("transformers").__version__,
                     device=f"{dev_name} x{dist.world_size}" if dist.world_size > 1 else dev_name)
     result = {"settings": settings, "figures": fig}
-    common.print0(markdown(fig, settings))
-    common.print0(json.dumps(result))
+    common.print0(markdown(fig, settings), json.dumps(result), sep="\n")  # the table, then ONE last line of JSON
     common.cleanup_distributed()
     return result
 
