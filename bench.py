@@ -124,13 +124,11 @@ def model_shape(model) -> dict:
     lm, vis = model.model.language_model, model.model.visual
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     window = (vc.window_size // vc.patch_size) ** 2  # patches per attention window (112 px / 14 px = 8 x 8)
-    return dict(
-        layers_params=numel(lm.layers), norm_params=numel(lm.norm), head_params=model.lm_head.weight.numel(),
-        n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, d_attn=tc.num_attention_heads * head_dim,
-        kv_dim=tc.num_key_value_heads * head_dim, vocab=tc.vocab_size,
-        blocks_params=numel(vis.blocks), patch_params=numel(vis.patch_embed), merger_params=numel(vis.merger),
-        d_vis=vc.hidden_size, n_blocks=vc.depth, n_full=len(vc.fullatt_block_indexes), window=window,
-        total_params=numel(model))
+    return dict(layers_params=numel(lm.layers), norm_params=numel(lm.norm), head_params=model.lm_head.weight.numel(),
+                n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, d_attn=tc.num_attention_heads * head_dim,
+                kv_dim=tc.num_key_value_heads * head_dim, vocab=tc.vocab_size, blocks_params=numel(vis.blocks),
+                patch_params=numel(vis.patch_embed), merger_params=numel(vis.merger), d_vis=vc.hidden_size,
+                n_blocks=vc.depth, n_full=len(vc.fullatt_block_indexes), window=window, total_params=numel(model))
 
 def forward_flops(shape: dict, rows: list[tuple[int, list[int], int]]) -> float:
     """Model FLOPs of one forward over sequences of (prompt tokens, [completion tokens of each completion that
@@ -151,8 +149,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     dist = common.init_distributed()
     device = dist.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     args.threads = torch.get_num_threads()  # recorded in the settings
     common.seed_everything(args.seed)
     ac = args.activation_checkpointing if args.activation_checkpointing is not None else int(device.type == "cuda")
@@ -167,7 +164,6 @@ def main(argv=None) -> dict:
     G, T, micro = args.group_size, args.new_tokens, args.micro_batch or args.group_size
     shape = model_shape(model)
 
-    # prompts: toy test images resized to image-size x image-size, the tiny model's classification prompt
     images = [common.open_image(e.image).resize((args.image_size, args.image_size))
               for e in data.load_dataset("toy", "test").examples]
     prompts = [common.encode_prompt(processor, images[i % len(images)], speciarl.PROMPT) for i in range(args.prompts)]
@@ -179,26 +175,23 @@ def main(argv=None) -> dict:
         common.print0(f"unknown GPU {dev_name!r}: no MFU (pass --peak-tflops)")
     fig: dict = {"copy_bandwidth_GBps": bandwidth / 1e9, "image_tokens": int((prompts[0].mm_token_type_ids == 1).sum()),
                  "prompt_tokens": len(prompts[0]), "params": shape["total_params"]}
-
-    def gather():  # sampling on a sharded model: the parameters gathered once per rollout (no-op otherwise)
-        return common.gathered_params(wrapped, common.fsdp_warmup_inputs(wrapped, processor, prompts[0]))
+    fsdp_warmup = common.fsdp_warmup_inputs(wrapped, processor, prompts[0])  # None unless the model is sharded
 
     # --- rollout: our sampler and Hugging Face generate on the same inputs and knobs, timed in alternation
     gen = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)  # generate draws from the global RNG
 
     def ours(temperature=args.temperature):
-        with gather():
+        with common.gathered_params(wrapped, fsdp_warmup):  # a sharded model: parameters gathered once per rollout
             return common.sample(wrapped, processor, prompts, group_size=G, max_new_tokens=T, temperature=temperature,
-                                 top_p=args.top_p, repetition_penalty=1.0, generator=gen,
-                                 compile_decode=bool(args.compile_decode))
+                                 top_p=args.top_p, generator=gen, compile_decode=bool(args.compile_decode))
     inputs = common.collate_prompts(model, prompts, pad_id, device)
     inputs.pop("position_ids")  # generate computes M-RoPE positions itself from mm_token_type_ids and the grid
     hf_knobs = dict(eos_token_id=eos_ids, pad_token_id=pad_id, max_new_tokens=T, repetition_penalty=1.0,
                     suppress_tokens=[ids["<|image_pad|>"], ids["<|video_pad|>"]])
 
     def hf_generate(greedy=False):  # the completions (the prompt cut off) and their mask, named as in a Rollout
-        with gather():
+        with common.gathered_params(wrapped, fsdp_warmup):
             if greedy:  # HF refuses num_return_sequences > 1 without sampling: one row per prompt
                 seqs = model.generate(**inputs, do_sample=False, top_k=None, top_p=None, temperature=None, **hf_knobs)
             else:
@@ -238,8 +231,7 @@ def main(argv=None) -> dict:
         fig["greedy_identical"] = greedy == [row for row in completions(hf_generate(greedy=True)) for _ in range(G)]
         fig["greedy_tokens"] = sum(len(row) for row in greedy)
 
-    # the scoring phases on our last timed rollout, both paths in turn: "rows" = one sequence per completion, "shared" =
-    # each prompt once for its group's completions (the default; the figures without a suffix)
+    # the scoring phases on our last timed rollout, both paths in turn (module docstring; "shared" is the default)
     if scoring:
         rollout = runs["sample"][-1][0]
         row_prompts, comp_ids, comp_mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask
@@ -296,17 +288,14 @@ def main(argv=None) -> dict:
                     transformers=__import__("transformers").__version__,
                     device=f"{dev_name} x{dist.world_size}" if dist.world_size > 1 else dev_name)
     result = {"settings": settings, "figures": fig}
-    common.print0(markdown(fig, settings))
-    common.print0(json.dumps(result))
+    common.print0(markdown(fig, settings), json.dumps(result), sep="\n")  # the table, then ONE last line of JSON
     common.cleanup_distributed()
     return result
 
 def markdown(fig: dict, settings: dict) -> str:
-    """The table: one row per figure, median / min / max where repeated."""
-    head = (f"bench.py on {settings['device']}: model {settings['model']}, {settings['prompts']} prompts x G="
-            f"{settings['group_size']}, {fig['prompt_tokens']} prompt tokens ({fig['image_tokens']} image), "
-            f"{settings['new_tokens']} new tokens, T={settings['temperature']}, top_p={settings['top_p']}, "
-            f"{settings['dtype']}, repeats {settings['repeats']} after {settings['warmup']} warm-up")
+    head = ("bench.py on {device}: model {model}, {prompts} prompts x G={group_size}, {prompt_tokens} prompt tokens "
+            "({image_tokens} image), {new_tokens} new tokens, T={temperature}, top_p={top_p}, {dtype}, repeats "
+            "{repeats} after {warmup} warm-up").format_map({**settings, **fig})
     lines = [head, "", "| figure | median | min | max |", "|---|---|---|---|"]
     for k, v in fig.items():
         cells = (f"{v['median']:.4g} | {v['min']:.4g} | {v['max']:.4g}" if isinstance(v, dict)

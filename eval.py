@@ -29,23 +29,19 @@ import fine_r1
 import judges
 import speciarl
 
-# Each protocol's record sits next to its method's prompts; strict mcq asks DiVE-k's lettered question instead
 PROTOCOLS = {"open": fine_r1.OPEN_EVAL, "two_step": dive_k.TWO_STEP_EVAL, "mcq": fine_r1.MCQ_EVAL,
              "speciarl": speciarl.EVALS["general"]}
-STRICT_MCQ = dataclasses.replace(fine_r1.MCQ_EVAL, template=dive_k.MCQ_PROMPT,
-                                 prompt=lambda dataset, options: dive_k.mcq_prompt(dataset.kind, options))
-# The pixel budget of the papers' released evaluations, whatever the checkpoint's processor says (README)
-EVAL_PIXELS = (3136, 12845056)
+EVAL_PIXELS = (3136, 12845056)  # the pixel budget of the papers' released evaluations (README)
 
 def protocol_for(name: str, scoring: str = "paper", be_specific: bool = False) -> evaluation.Protocol:
     """The record of --protocol NAME under --scoring and --be-specific."""
     if name not in PROTOCOLS:
         raise SystemExit(f"--protocol {name}: expected one of {', '.join(PROTOCOLS)}")
     if be_specific and name != "speciarl":
-        raise SystemExit(f"--be-specific is SpeciaRL's prompt baseline: it applies to the speciarl protocol, not "
-                         f"{name}")
-    if name == "mcq" and scoring == "strict":
-        return STRICT_MCQ
+        raise SystemExit(f"--be-specific is SpeciaRL's prompt baseline: it applies to --protocol speciarl, not {name}")
+    if name == "mcq" and scoring == "strict":  # DiVE-k's lettered question instead
+        return dataclasses.replace(fine_r1.MCQ_EVAL, template=dive_k.MCQ_PROMPT,
+                                   prompt=lambda dataset, options: dive_k.mcq_prompt(dataset.kind, options))
     return speciarl.EVALS["specific"] if be_specific else PROTOCOLS[name]
 
 def evaluate(model, processor, dataset: data.Dataset, protocol: str, *, scoring: str = "paper",
@@ -63,13 +59,10 @@ def markdown_table(results: dict[str, dict], hm: dict[str, float] | None = None)
     columns = list(results.values()) + ([hm] if hm else [])
     lines = ["| metric | " + " | ".join(results) + (" | HM |" if hm else " |"), "|" + "---|" * (len(columns) + 1)]
     for key in [key for key in TABLE_KEYS if any(key in m for m in results.values())]:
-        lines.append(f"| {key} | " + " | ".join(_fmt(column.get(key)) for column in columns) + " |")
+        cells = ["" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+                 for value in (column.get(key) for column in columns)]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a Qwen2.5-VL checkpoint with the papers' protocols, at their "
@@ -126,9 +119,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens}: expected 1 to {context}, the model's context "
                          f"(max_position_embeddings), which the prompt shares")
     halves = ["base", "novel"] if args.classes == "base+novel" else [args.classes]
-    judge = None
+    judge, hm, results = None, None, {}
     cache = args.judge_cache or os.path.join(args.out, "judge_cache.jsonl")
-    results = {}
     for half in halves:
         ds = data.load_dataset(args.data, args.split, root=args.data_root, classes=half, limit=args.limit,
                                seed=args.seed)
@@ -148,7 +140,6 @@ def main(argv=None) -> dict:
         except judges.ServerError as e:  # the judge's server went away: what it judged is in the cache
             raise SystemExit(f"{e}. The pairs judged so far are kept in {cache}: rerun "
                              f"the same command to continue") from None
-    hm = None
     if len(halves) > 1:
         hm = {k: evaluation.harmonic(results["base"][k], results["novel"][k]) for k in protocol.hm_keys}
         if ranks.is_main:
@@ -160,8 +151,7 @@ def main(argv=None) -> dict:
         common.print0(f"judge {judge.name} on rank 0: {judge.judged} pairs judged, {judge.hits} from the cache, "
                       f"{judge.errors} judge errors")
         for half, m in results.items():
-            stop = judges.judge_error_stop(m["judge_errors"], m["n"] + m["judge_errors"], args.max_judge_errors)
-            if stop:
+            if stop := judges.judge_error_stop(m["judge_errors"], m["n"] + m["judge_errors"], args.max_judge_errors):
                 raise SystemExit(f"{stop}; {half} results written to {args.out}")
     common.cleanup_distributed()
     return {"results": results, "hm": hm}

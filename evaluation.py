@@ -19,6 +19,7 @@ import random
 import re
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -43,9 +44,8 @@ FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """One evaluation protocol, as a record."""
     name: str
-    batch: Callable  # answer_batch, choice_batch or two_step_batch: (EvalJob, [(index, example)]) -> records
+    batch: Callable  # answer_batch, choice_batch or two_step_batch: (job, [(index, example)]) -> records
     metrics: Callable  # answer_metrics, choice_metrics or two_step_metrics: (records, protocol, scoring) -> dict
     template: str | list  # the prompt template(s), as metrics.json records them
     prompt: Callable | None = None  # (dataset, options or None) -> the question; None: the template itself
@@ -60,30 +60,6 @@ class Protocol:
 
     def question(self, dataset: data.Dataset, options: list[str] | None = None) -> str:
         return self.template if self.prompt is None else self.prompt(dataset, options)
-
-@dataclasses.dataclass
-class EvalJob:
-    """One evaluation in progress, what a batch function needs: the model, the dataset, the protocol, the settings."""
-    model: object
-    processor: object
-    dataset: data.Dataset
-    protocol: Protocol
-    judge: object
-    seed: int
-    max_new_tokens: int
-    samples: int
-    best_of: int | None
-    mcq_distractors: str
-    scoring: str
-    compile_decode: bool
-
-    def sample(self, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
-        """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
-        if not prompts:
-            return []
-        return common.sample(self.model, self.processor, prompts, group_size=group_size,
-                             max_new_tokens=self.max_new_tokens, row_seeds=row_seeds,
-                             compile_decode=self.compile_decode, **(sampling or dict(temperature=0.0))).texts
 
 # ----- 1. scoring -----
 
@@ -102,8 +78,7 @@ def released_letter(text: str) -> str | None:
     score = dict.fromkeys(found, 0)
     for letter in found:  # every occurrence counts, as released
         pos = text.find(letter)
-        context = text[max(0, pos - 20):pos + 20]
-        score[letter] += sum(word.upper() in context for word in CHOICE_WORDS)
+        score[letter] += sum(word.upper() in text[max(0, pos - 20):pos + 20] for word in CHOICE_WORDS)
         score[letter] += 2 * (pos > 0.7 * len(text))  # near the end: usually the final answer
         score[letter] += pos < len(text) - 1 and text[pos + 1] in "\u3002.!\uff01,\uff0c"  # punctuation follows
     return max(score, key=score.get)
@@ -138,9 +113,7 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
     >>> parse_choice("B", ["x", "y"]), parse_choice("y", ["x", "y"]), parse_choice("C", ["x", "y"])
     (1, 1, None)
     """
-    if answer is None:
-        return None
-    text = answer.strip()
+    text = (answer or "").strip()
     letter = re.fullmatch(r"\(?([A-Z])\)?\.?", text)
     if letter is None:
         norm = judges.normalize(text)
@@ -148,10 +121,9 @@ def parse_choice(answer: str | None, options: list[str]) -> int | None:
             if norm and norm == judges.normalize(option):
                 return i
         letter = re.match(r"\(?([A-Z])(?:\)|\.|:)", text)
-    if letter is None:
+    if letter is None or letter.group(1) not in judges.LETTERS[:len(options)]:
         return None
-    i = judges.LETTERS.index(letter.group(1))
-    return i if i < len(options) else None
+    return judges.LETTERS.index(letter.group(1))
 
 def rng_for(seed: int, example: data.Example, what: str) -> random.Random:
     """A per-image random stream (options, shuffles) that does not depend on sharding or batch order."""
@@ -177,27 +149,29 @@ def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[lis
     """Step 1 of two-step inference as DiVE-k's released evaluation reads it: the first <answer> texts, lowercased,
     answer-format prefixes ('species name: ', this dataset's) removed, 100+ characters skipped; the 5 most frequent
     (normalised, shown as first written, ties by first appearance), their counts, and the samples without a tag."""
+    tagged = [judges.parse_answer(text) for text in texts]
+    prefixes = (*judges.DIVEK_PREFIXES, f"{answer_fmt}: ")
     counts: Counter = Counter()
     shown: dict[str, str] = {}
-    failures = 0
-    prefixes = (*judges.DIVEK_PREFIXES, f"{answer_fmt}: ")
-    for text in texts:
-        answer = judges.parse_answer(text)
-        if answer is None:
-            failures += 1
-            continue
-        answer = judges.strip_prefixes(answer, prefixes)
+    for answer in (judges.strip_prefixes(found, prefixes) for found in tagged if found is not None):
         key = judges.normalize(answer)
-        if not key or len(answer) >= STEP1_MAX_CHARS:
-            continue
-        counts[key] += 1
-        shown.setdefault(key, answer)
+        if key and len(answer) < STEP1_MAX_CHARS:
+            counts[key] += 1
+            shown.setdefault(key, answer)
     top = counts.most_common(TWO_STEP_OPTIONS)  # stable: equal counts keep first-appearance order
-    return [shown[key] for key, _ in top], [c for _, c in top], failures
+    return [shown[key] for key, _ in top], [c for _, c in top], tagged.count(None)
 
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
 
-def encode(job: EvalJob, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
+def sample_texts(job, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
+    """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
+    if not prompts:
+        return []
+    return common.sample(job.model, job.processor, prompts, group_size=group_size, max_new_tokens=job.max_new_tokens,
+                         row_seeds=row_seeds, compile_decode=job.compile_decode,
+                         **(sampling or dict(temperature=0.0))).texts
+
+def encode(job, batch: list, questions: list[str]) -> tuple[list[dict], list[tuple]]:
     """A record per image, and (record, example, prompt, image) for each readable one (the others: skipped)."""
     records, live = [], []
     for (index, example), text in zip(batch, questions):
@@ -218,19 +192,17 @@ def parsed(record: dict, raw: str) -> dict:
 
 def judge_records(judge, records: list[dict], field: str) -> None:
     """Label each record's `field` (an answer, a chosen option) against its truth; None is wrong without asking."""
-    asked = [record for record in records if record[field] is not None]
-    for record, label in zip(asked, judge.judge([(record["truth"], record[field]) for record in asked])):
-        record["label"] = label
+    labels = iter(judge.judge([(record["truth"], record[field]) for record in records if record[field] is not None]))
     for record in records:
-        record.setdefault("label", "wrong")
+        record["label"] = "wrong" if record[field] is None else next(labels)
 
-def answer_batch(job: EvalJob, batch: list) -> list[dict]:
+def answer_batch(job, batch: list) -> list[dict]:
     """open / speciarl: one greedy answer per image (best-of: N sampled, the best label kept), judged; a failed
     parse is wrong without asking the judge."""
     records, live = encode(job, batch, [job.protocol.question(job.dataset)] * len(batch))
     n = job.best_of or 1
-    texts = job.sample([prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
-                       **(BEST_OF_SAMPLING if job.best_of else {}))
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live], n, row_seeds(live, job.seed, "best_of", n),
+                         **(BEST_OF_SAMPLING if job.best_of else {}))
     for i, (record, example, _, _) in enumerate(live):
         candidates = [parsed({"truth": example.class_name}, raw) for raw in texts[i * n:(i + 1) * n]]
         judge_records(job.judge, candidates, "answer")
@@ -247,12 +219,12 @@ def answer_batch(job: EvalJob, batch: list) -> list[dict]:
             record["text_include"] = open_world_correct(record["raw"], example.class_name, job.dataset.kind)
     return records
 
-def choice_batch(job: EvalJob, batch: list) -> list[dict]:
+def choice_batch(job, batch: list) -> list[dict]:
     """mcq: the truth and 3 distractors per image, one greedy answer. paper: right when the truth's name is inside
     the answer (closed_world_correct); strict: the truth's letter, or its exact text, in <answer> (parse_choice)."""
     options = {index: mcq_options(example, job.dataset, job.seed, job.mcq_distractors) for index, example in batch}
     records, live = encode(job, batch, [job.protocol.question(job.dataset, options[index]) for index, _ in batch])
-    texts = job.sample([prompt for _, _, prompt, _ in live])
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live])
     for (record, example, _, _), raw in zip(live, texts):
         choices = options[record["index"]]
         record.update(options=choices, truth_letter=judges.LETTERS[choices.index(example.class_name)])
@@ -269,13 +241,13 @@ def choice_batch(job: EvalJob, batch: list) -> list[dict]:
         record["label"] = "specific" if correct else "wrong"
     return records
 
-def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
+def two_step_batch(job, batch: list) -> list[dict]:
     """two_step: step 1 samples `samples` answers with the class list; step 2 asks greedily the lettered question
     over the 5 most frequent, shuffled; the chosen option is judged (no valid letter: wrong)."""
     protocol, samples = job.protocol, job.samples
     records, live = encode(job, batch, [protocol.question(job.dataset)] * len(batch))
-    texts = job.sample([prompt for _, _, prompt, _ in live], samples, row_seeds(live, job.seed, "two_step", samples),
-                       **protocol.sampling)
+    texts = sample_texts(job, [prompt for _, _, prompt, _ in live], samples,
+                         row_seeds(live, job.seed, "two_step", samples), **protocol.sampling)
     step2 = []
     for i, (record, example, _, image) in enumerate(live):
         step1 = texts[i * samples:(i + 1) * samples]
@@ -284,15 +256,14 @@ def two_step_batch(job: EvalJob, batch: list) -> list[dict]:
         rng_for(job.seed, example, "two_step").shuffle(order)
         record.update(step1_answers=[judges.parse_answer(t) for t in step1], options=[options[j] for j in order],
                       option_counts=[counts[j] for j in order], step1_parse_failures=failures,
-                      truth_in_options=any(judges.normalize(o) == judges.normalize(example.class_name)
-                                           for o in options))
+                      truth_in_options=judges.normalize(example.class_name) in [judges.normalize(o) for o in options])
         if options:
             question = protocol.step2(job.dataset.kind, record["options"])
             step2.append((record, common.encode_prompt(job.processor, image, question)))
         else:  # nothing parsed in step 1: no question to ask, counted as a failed parse
             record.update(raw=None, answer=None, format_ok=False, parse_failure=True, letter=None, prediction=None,
                           invalid_choice=False, label="wrong", no_candidates=True)
-    for (record, _), raw in zip(step2, job.sample([prompt for _, prompt in step2])):
+    for (record, _), raw in zip(step2, sample_texts(job, [prompt for _, prompt in step2])):
         parsed(record, raw)
         choice = step2_choice(raw, record["options"], job.scoring)
         record["letter"] = None if choice is None else judges.LETTERS[choice]
@@ -365,10 +336,10 @@ def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, jud
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indexed = list(enumerate(dataset.examples))[rank::world]
-    job = EvalJob(model, processor, dataset, protocol, judge, seed, max_new_tokens, samples, best_of, mcq_distractors,
-                  scoring, compile_decode)
-    t0 = time.time()
-    records = []
+    job = SimpleNamespace(model=model, processor=processor, dataset=dataset, protocol=protocol, judge=judge, seed=seed,
+                          max_new_tokens=max_new_tokens, samples=samples, best_of=best_of, scoring=scoring,
+                          mcq_distractors=mcq_distractors, compile_decode=compile_decode)
+    t0, records = time.time(), []
     # FSDP2: gather the full parameters once for the whole evaluation (every rank enters once, whatever its shard
     # size); the warm-up forward uses the same first readable image on every rank. A no-op for plain and DDP models.
     first = next((im for im in map(common.try_open_image, (e.image for e in dataset.examples)) if im is not None), None)

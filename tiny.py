@@ -40,8 +40,7 @@ TINY_PROMPTS = [speciarl.PROMPT, speciarl.SPECIFIC_PROMPT, dive_k.MINE_PROMPT, d
                 str(dive_k.ANSWER_FORMATS), "speciarl answers v3"]
 
 def tiny_model_dir() -> str:
-    """The stand-in of this recipe and these prompts (built when missing; a change to either builds a new one),
-    named in common.tiny_pointer() for load_model("tiny")."""
+    """The stand-in's folder, built when missing (a change to the recipe or the prompts builds a new one)."""
     folder = "tiny-" + hashlib.sha1(json.dumps([TINY_RECIPE, TINY_PROMPTS], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(common.CACHE_DIR, folder)
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -61,36 +60,31 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
     """(prompt, target) of one pretraining example: one of the methods' prompts, answered as a real checkpoint would
     (multiple choice with the option's text). SpeciaRL's prompts are answered sometimes less specifically (family),
     generically or 'None', so it has specificity to gain; its 'be specific' prompt more often specifically."""
-    think = rng.choice(TINY_THINK)
-    names = ds.class_names
+    think, answer = rng.choice(TINY_THINK), ex.class_name
     u = rng.random()
     if u < 0.4:  # multiple choice: DiVE-k's 2-5 lettered options or Fine-R1's list of 4, the truth among them
         k = rng.randint(2, 5) if u < 0.25 else 4
-        opts = rng.sample([n for n in names if n != ex.class_name], k - 1) + [ex.class_name]
+        opts = rng.sample([n for n in ds.class_names if n != ex.class_name], k - 1) + [ex.class_name]
         rng.shuffle(opts)
         prompt = dive_k.mcq_prompt(ds.kind, opts) if u < 0.25 else fine_r1.closed_prompt(ds.kind, opts)
-        think, answer = f"it looks like a {ex.class_name}.", ex.class_name
+        think = f"it looks like a {ex.class_name}."
     elif u < 0.55:  # DiVE-k's mining / two-step step 1: the class list in the prompt
-        listed = rng.sample(names, len(names))
-        prompt, answer = dive_k.mine_prompt(ds.kind, ds.name, listed), ex.class_name
+        prompt = dive_k.mine_prompt(ds.kind, ds.name, rng.sample(ds.class_names, len(ds.class_names)))
     elif u < 0.85:  # SpeciaRL: general or 'be specific' (answered more specifically)
         specific = rng.random() < 0.5
         prompt = speciarl.SPECIFIC_PROMPT if specific else speciarl.PROMPT
-        v = rng.random()
         family, generic = ds.hierarchy[ex.class_name]
-        cuts = (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
+        v, cuts = rng.random(), (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
         answer = ex.class_name if v < cuts[0] else family if v < cuts[1] else generic if v < cuts[2] else "None"
     else:  # Fine-R1: a question with its RL format request, or its open-world evaluation prompt
         question = rng.choice(fine_r1.QUESTIONS).format(kind=ds.kind)
         prompt = question + fine_r1.RL_SUFFIX if rng.random() < 0.5 else fine_r1.open_prompt(ds.kind)
-        answer = ex.class_name
     return prompt, f"<think>{think}</think>\n<answer>{answer}</answer>"
 
 def build_tiny(path: str):
     """Build and 'pretrain' the stand-in, then save it as a standard Hugging Face directory at `path`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    recipe = TINY_RECIPE
-    t0 = time.time()
+    recipe, t0 = TINY_RECIPE, time.time()
     common.print0(f"building the tiny stand-in model at {path} (once; cached) ...")
     train = data.load_toy("train")
     rng = random.Random(recipe["seed"])
@@ -111,12 +105,10 @@ def build_tiny(path: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     draws = torch.Generator().manual_seed(recipe["seed"])
     for step in range(recipe["steps"]):
-        prompts, targets = [], []
-        for i in torch.randint(len(train.examples), (recipe["batch"],), generator=draws).tolist():
-            ex = train.examples[i]
-            prompt, target = tiny_example(ex, train, rng)
-            prompts.append(common.encode_prompt(processor, images[ex.image], prompt))
-            targets.append(torch.tensor(tokenizer(target)["input_ids"] + [special["<|im_end|>"]]))
+        drawn = [train.examples[i] for i in torch.randint(len(train.examples), (recipe["batch"],), generator=draws)]
+        pairs = [tiny_example(ex, train, rng) for ex in drawn]
+        prompts = [common.encode_prompt(processor, images[ex.image], prompt) for ex, (prompt, _) in zip(drawn, pairs)]
+        targets = [torch.tensor(tokenizer(target)["input_ids"] + [special["<|im_end|>"]]) for _, target in pairs]
         loss = common.sft_loss(model, processor, prompts, targets)
         optimizer.param_groups[0]["lr"] = recipe["lr"] * min(1.0, (step + 1) / 20)  # one group: every parameter
         optimizer.zero_grad(set_to_none=True)
