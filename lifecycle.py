@@ -112,7 +112,6 @@ class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
     def __init__(self, args, script: str, out: str | None = None, ranks: Dist | None = None, parent: Run | None = None):
-        self.args = args
         if ranks is None:  # the process group, the locked run directory with config.json, threads, seeds
             ranks, out = init_distributed(), args.out or default_run_dir(script, args.data)
             if ranks.is_main:
@@ -123,12 +122,12 @@ class Run:
             seed_everything(args.seed + ranks.rank)  # every rank differently
             if args.activation_checkpointing is None:
                 args.activation_checkpointing = int(ranks.device.type == "cuda")
-        self.ranks, self.out, self.script = ranks, out, script
+        self.args, self.ranks, self.out, self.script = args, ranks, out, script
         os.makedirs(out, exist_ok=True)
         self.log = MetricsLog(out, None if parent else args.wandb, vars(args))
         if parent is not None:  # a stage logs to its own metrics.jsonl and to the run's wandb run
             self.log.wandb = parent.log.wandb
-        self.timer = PhaseTimer()
+        self.times: Counter = Counter()  # seconds per phase since the last record (self.timer)
         self.guard = NonFiniteGuard(args.max_nonfinite, device=ranks.device)  # NaN / inf steps skipped, counted, capped
         self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
@@ -180,16 +179,14 @@ class Run:
             position = f" (data position {state['data_position']})" if "data_position" in state else ""
             print0(f"resumed from {ckpt} at step {state['step']}{position}")
         self.log.resume_at(state["step"])  # the steps about to be redone are logged once
-        self.last_step = state["step"]
         first = state["step"] == 0 and self.args.initial_eval
         if evaluate is not None and self.args.eval_every and (first or state.get("eval_pending")):
             with self.timer("eval"):
                 record = {"step": state["step"], **evaluate(state["step"])}
-            self.log.log({**record, **self.timer.pop()})
+            self.log.log({**record, **self.pop_times()})
         return state
 
     def steps(self, start: int, total: int, stride: int = 1):
-        """The steps start, start + stride, ... below total, with a progress bar on a terminal (rank 0)."""
         self.total, self.last_step, self.first = total, start, start
         self.bar = progress_bar(self.ranks.is_main, total=total, initial=start, desc=self.script)
         for step in range(start, total, stride):
@@ -202,21 +199,35 @@ class Run:
         """Whether a cadence of `every` steps falls in (last step, step], or the run ends at `step`."""
         return step >= self.total or bool(every) and step // every > self.last_step // every
 
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        """`with run.timer("sampling"):` adds the wall time to the step's "time/sampling", synchronised on GPU so the
+        numbers are honest."""
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.times[f"time/{phase}"] += time.perf_counter() - start
+
+    def pop_times(self) -> dict[str, float]:
+        times, self.times = dict(self.times), Counter()
+        return times
+
     def end_step(self, step: int, record: dict, model, optimizer, state: dict, evaluate: Callable | None = None,
                  shown: Sequence[str] = ()):
         """Log the step (with the guard's counts and the phase times), evaluate and save on their cadence, show
         progress; a streak of non-finite steps saves the last good weights and stops the run with a message."""
-        args = self.args
-        record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.timer.pop()),
+        record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.pop_times()),
                   "time/step": time.perf_counter() - self.t_step}
-        if evaluate is not None and args.eval_every and self.due(args.eval_every, step):
+        if evaluate is not None and self.args.eval_every and self.due(self.args.eval_every, step):
             try:
                 with self.timer("eval"):
                     record.update(evaluate(step))
             except SystemExit:  # an evaluation that stops the run (a judge server gone) keeps the step's record
                 self.log.log(record)
                 raise
-            record.update(self.timer.pop())
+            record.update(self.pop_times())
         self.log.log(record)
         summary = "  ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in shown if k in record)
         if self.bar is not None and not self.bar.disable:
@@ -224,7 +235,7 @@ class Run:
             self.bar.update(step - self.last_step)
         elif self.last_step == self.first or step >= self.total or self.due(max(1, self.total // 10), step):
             print0(f"{self.script} step {step}/{self.total}  {summary}  {record['time/step']:.1f}s")
-        if self.due(args.save_every, step) or self.guard.exhausted:
+        if self.due(self.args.save_every, step) or self.guard.exhausted:
             with self.timer("checkpoint"):
                 save_checkpoint(self.out, step, model, optimizer, state)
         if self.guard.exhausted:  # --max-nonfinite steps in a row: stop with a message (checkpoint saved above)
@@ -541,27 +552,6 @@ def print_eval_summary(logs: list[str], keys: list[str] | None = None):
     if first:
         print0("evaluations, first -> last:\n" + "\n".join(
             f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
-
-class PhaseTimer:
-    """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
-    >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
-
-    def __init__(self):
-        self.times: Counter = Counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times[f"time/{name}"] += time.perf_counter() - t0
-
-    def pop(self) -> dict[str, float]:
-        out, self.times = dict(self.times), Counter()
-        return out
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
     """Learning rate of optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from 0,
