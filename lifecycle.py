@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import glob
 import json
 import math
 import os
+import pathlib
 import random
 import shutil
 import sys
@@ -372,15 +372,13 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
-        with single_process_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        _quiet_dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
         name, key, *rest = np.random.get_state()  # plain values and tensors: they load with weights_only=True
         rng = {"python": random.getstate(), "numpy": [name, key.tolist(), *rest], "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save({"rng": rng}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
         if d_rank == 0:
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, **extra}, f)
+            pathlib.Path(tmp, "state.json").write_text(json.dumps({"step": step, **extra}))
     except (OSError, RuntimeError) as e:  # a full disk shows as OSError or as a RuntimeError from the writer
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -399,31 +397,25 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
-@contextlib.contextmanager
-def single_process_dcp():
-    """torch.distributed.checkpoint warns "torch.distributed is disabled ... assuming the intent is to load in a
-    single process" at every save and load of a one-process run: that intent is right, the warning is noise."""
+def _quiet_dcp(save_or_load: Callable, state: dict, path: str):
+    """dcp.save / dcp.load without the warning "torch.distributed is disabled ... assuming the intent is to load in a
+    single process" of every one-process run: that intent is right, the warning is noise."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        save_or_load(state, checkpoint_id=path)
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    path = os.path.join(out_dir, "latest")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        ckpt = os.path.join(out_dir, f.read().strip())
-    return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
+    latest = pathlib.Path(out_dir, "latest")
+    ckpt = os.path.join(out_dir, latest.read_text().strip()) if latest.exists() else None
+    return ckpt if ckpt and os.path.exists(os.path.join(ckpt, "state.json")) else None
 
 def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with single_process_dcp():
-        dcp.load(state, checkpoint_id=ckpt)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _quiet_dcp(dcp.load, {"model": model_sd, "optim": optim_sd}, ckpt)  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     d_rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
     if os.path.exists(rng_file):
@@ -434,8 +426,7 @@ def load_checkpoint(ckpt: str, model, optimizer) -> dict:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(ckpt, "state.json")) as f:
-        return json.load(f)
+    return json.loads(pathlib.Path(ckpt, "state.json").read_text())
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state on CPU: rank 0 gets every tensor, other ranks get {} under FSDP2."""
@@ -464,7 +455,17 @@ def export_hf(model, processor, path: str, dtype: str = "bf16"):
         hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         _set_json(os.path.join(tmp, "config.json"), dtype=str(torch_dtype).replace("torch.", ""))
         processor.save_pretrained(tmp)
-        _stock_processor_files(tmp)
+        # the image-only subclass's files (processor_config.json naming it, chat_template.jinja) become a hub
+        # checkpoint's: preprocessor_config.json naming Qwen2_5_VLProcessor, chat_template.json, the tokenizer's copy
+        written, jinja = pathlib.Path(tmp, "processor_config.json"), pathlib.Path(tmp, "chat_template.jinja")
+        image, template = json.loads(written.read_text())["image_processor"], jinja.read_text()
+        written.unlink()
+        jinja.unlink()
+        _write_json(os.path.join(tmp, "preprocessor_config.json"), {
+            **image, "min_pixels": image["size"]["shortest_edge"], "max_pixels": image["size"]["longest_edge"],
+            "processor_class": STOCK_PROCESSOR})
+        _write_json(os.path.join(tmp, "chat_template.json"), {"chat_template": template})
+        _set_json(os.path.join(tmp, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # safetensors writes 0600; every file readable as the others (0644 usually)
@@ -474,29 +475,10 @@ def export_hf(model, processor, path: str, dtype: str = "bf16"):
     barrier()
 
 def _write_json(path: str, doc: dict):
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.write("\n")
+    pathlib.Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 def _set_json(path: str, **values):
-    with open(path) as f:
-        doc = json.load(f)
-    _write_json(path, {**doc, **values})
-
-def _stock_processor_files(folder: str):
-    """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
-    chat_template.jinja) into a hub checkpoint's files (preprocessor_config.json naming Qwen2_5_VLProcessor,
-    chat_template.json; the tokenizer carries the template too, as on the hub)."""
-    written, jinja = os.path.join(folder, "processor_config.json"), os.path.join(folder, "chat_template.jinja")
-    with open(written) as f, open(jinja) as t:
-        image, template = json.load(f)["image_processor"], t.read()
-    os.remove(written)
-    os.remove(jinja)
-    _write_json(os.path.join(folder, "preprocessor_config.json"), {
-        **image, "min_pixels": image["size"]["shortest_edge"], "max_pixels": image["size"]["longest_edge"],
-        "processor_class": STOCK_PROCESSOR})
-    _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
-    _set_json(os.path.join(folder, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
+    _write_json(path, {**json.loads(pathlib.Path(path).read_text()), **values})
 
 # ----- 6. Logging, the run directory, flags -----
 
@@ -521,8 +503,7 @@ class MetricsLog:
         record when the run starts over (step 0), so that metrics.jsonl holds each step once."""
         if not self.is_main or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = f.readlines()
+        lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
         redone = lambda s: isinstance(s, (int, float)) and (s > step or step == 0)  # noqa: E731
         keep = [line for line in lines if not redone(json.loads(line).get("step"))]
         if len(keep) < len(lines):
@@ -578,8 +559,7 @@ def write_run_config(out: str, config: dict):
     config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
     path = os.path.join(out, "config.json")
     try:
-        with open(path) as f:
-            before = json.load(f)
+        before = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
         before = None
     if isinstance(before, dict):
@@ -590,7 +570,7 @@ def write_run_config(out: str, config: dict):
     _atomic_write_text(path, json.dumps(config, indent=1))
     repair_jsonl_tail(os.path.join(out, "config_history.jsonl"))
     with open(os.path.join(out, "config_history.jsonl"), "a") as f:
-        f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
+        f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **config}) + "\n")
 
 _RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
 
@@ -618,8 +598,7 @@ def make_run_dir(out: str):
         f.close()
         raise SystemExit(f"--out {out} is in use by another run (pid {holder}): wait for it to end, stop it, or pass "
                          f"another --out") from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
     _RUN_LOCKS[os.path.realpath(out)] = f
