@@ -80,9 +80,8 @@ def group_rewards(registry: dict[str, Callable], weights: dict[str, float], comp
 
 def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Sequence, loss_of: Callable,
            *, grad_clip: float, precision) -> tuple[float, Counter]:
-    """Gradient accumulation: `loss_of(rows)` -> (loss, stats) per micro-batch under the run's precision, DDP's
-    all-reduce on the last one only; the global norm clipped; the step taken unless the guard finds NaN / inf on any
-    rank. Returns (gradient norm, the summed stats and "loss" as 0-d tensors: no host read per micro-batch)."""
+    """`loss_of(rows)` -> (loss, stats) accumulated over the micro-batches; the step is taken unless the guard finds NaN
+    / inf on any rank. Returns (gradient norm, the summed stats and "loss" as 0-d tensors: no host read per batch)."""
     optimizer.zero_grad(set_to_none=True)
     sums = Counter()
     for k, rows in enumerate(micro_batches):
@@ -201,8 +200,7 @@ class Run:
 
     @contextlib.contextmanager
     def timer(self, phase: str):
-        """`with run.timer("sampling"):` adds the wall time to the step's "time/sampling", synchronised on GPU so the
-        numbers are honest."""
+        """`with run.timer("x"):` adds its wall time to the step's "time/x" (synchronised on GPU: honest numbers)."""
         sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
         sync()
         start = time.perf_counter()
@@ -216,8 +214,7 @@ class Run:
 
     def end_step(self, step: int, record: dict, model, optimizer, state: dict, evaluate: Callable | None = None,
                  shown: Sequence[str] = ()):
-        """Log the step (with the guard's counts and the phase times), evaluate and save on their cadence, show
-        progress; a streak of non-finite steps saves the last good weights and stops the run with a message."""
+        """Log the step, evaluate and save on their cadence, show progress; a non-finite streak saves and stops."""
         record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.pop_times()),
                   "time/step": time.perf_counter() - self.t_step}
         if evaluate is not None and self.args.eval_every and self.due(self.args.eval_every, step):
@@ -243,7 +240,6 @@ class Run:
         self.last_step = step
 
     def finish(self, model, processor, keys: list[str] | None = None):
-        """Export the model to <out>/final and print the evaluations' first -> last."""
         path = os.path.join(self.out, "final")
         export_hf(model, processor, path, dtype=self.args.export_dtype)
         print_eval_summary([os.path.join(self.out, "metrics.jsonl")], keys)
@@ -277,8 +273,7 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                       weight_decay: float = 0.0, grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0,
                       eval_max_new_tokens: int | None = None, eval_batch: int = 8, log_completions: int = 2,
                       train_limit: int | None = None):
-    """Every flag of the three training scripts, with the method's paper values as defaults; `parse_flags` lays the
-    toy preset over them for `--data toy`."""
+    """Every flag of the three training scripts, the method's paper values as defaults (parse_flags adds the toy's)."""
     g = add_model_args(parser, model=model)
     g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
                    "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
@@ -398,8 +393,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
     barrier()
 
 def _quiet_dcp(save_or_load: Callable, state: dict, path: str):
-    """dcp.save / dcp.load without the warning "torch.distributed is disabled ... assuming the intent is to load in a
-    single process" of every one-process run: that intent is right, the warning is noise."""
+    """dcp.save / dcp.load without the noise of a one-process run ("torch.distributed is disabled ... assuming ...")."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         save_or_load(state, checkpoint_id=path)
@@ -410,7 +404,6 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return ckpt if ckpt and os.path.exists(os.path.join(ckpt, "state.json")) else None
 
 def load_checkpoint(ckpt: str, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -439,9 +432,8 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtyp
 STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
 
 def export_hf(model, processor, path: str, dtype: str = "bf16"):
-    """Write a hub Qwen2.5-VL checkpoint for plain transformers classes, vLLM, eval.py and load_model: the configs,
-    model*.safetensors in `dtype`, tokenizer and chat template, preprocessor_config.json with the run's pixel budget.
-    Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
+    """A hub Qwen2.5-VL checkpoint (for transformers, vLLM, eval.py, load_model) in `dtype`, with the run's pixel
+    budget. Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
     sd = full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = path.rstrip("/") + ".tmp"
@@ -553,9 +545,8 @@ def set_lr(optimizer, lr: float):
         group["lr"] = lr
 
 def write_run_config(out: str, config: dict):
-    """<out>/config.json = this start's settings; every start is also appended to <out>/config_history.jsonl. A
-    resumed run started with other settings says which ones changed (it resumes all the same: changing the learning
-    rate or the evaluation cadence mid-run is legitimate)."""
+    """<out>/config.json = this start's settings, also appended to config_history.jsonl. A resumed run says which
+    settings changed (and resumes all the same: a new learning rate or evaluation cadence mid-run is legitimate)."""
     config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
     path = os.path.join(out, "config.json")
     try:
@@ -575,9 +566,8 @@ def write_run_config(out: str, config: dict):
 _RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
 
 def make_run_dir(out: str):
-    """Create --out and hold <out>/.lock for as long as this process lives (flock: released by the kernel even on
-    kill -9): a second run on the same --out, or an --out that is a file or cannot be written, stops at once with one
-    line (naming the first run's pid). Rank 0 only."""
+    """Create --out and hold <out>/.lock while this process lives (flock: the kernel releases it even on kill -9): a
+    second run on the same --out, or an --out that is a file or unwritable, stops at once with one line. Rank 0 only."""
     import atexit
     import fcntl
     if os.path.exists(out) and not os.path.isdir(out):
@@ -629,9 +619,8 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
         sys.exit(1)
 
 def configure_threads(threads: int | None, ranks: Dist):
-    """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
-    cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
-    a 4-step toy run 5x slower on a busy 2-core machine. No effect on GPU work."""
+    """Torch's CPU threads: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the cores not busy (the
+    1-minute load average) shared by the ranks; torch's default, every core, crawls on a busy machine. Not for GPU."""
     if threads is None and os.environ.get("OMP_NUM_THREADS"):
         return
     if threads is None:
@@ -649,8 +638,7 @@ def default_run_dir(script: str, data: str) -> str:
     return os.path.join("runs", f"{script}_{stem}")
 
 def launched_world_size() -> int:
-    """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
-    checked with it before any rank waits on another."""
+    """The ranks torchrun started (1 without it), before the process group: batch sizes are checked before any wait."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
@@ -706,7 +694,6 @@ def global_token_count(mask: torch.Tensor) -> float:
     return float(all_reduce_sum(mask.sum().double().reshape(1).clone())[0])
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of scalars over ranks (for logging)."""
     if not values:
         return values
     keys = sorted(values)
@@ -749,11 +736,9 @@ class NonFiniteGuard:
         return bool(self.limit) and self.in_a_row >= self.limit
 
     def stats(self) -> dict[str, int]:
-        """For the metrics record: steps skipped so far by this process, and the current streak."""
         return {"nonfinite/skipped": self.skipped, "nonfinite/in_a_row": self.in_a_row}
 
     def stop(self, out_dir: str):
-        """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
         raise SystemExit(
             f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
             f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "
