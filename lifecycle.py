@@ -1,15 +1,9 @@
 """
-lifecycle.py: the life of a training run, written once for the three methods (and each Fine-R1 stage).
-
-  Run          process group, the locked run directory, config.json, seeds; the policy loaded after the memory
-               estimate on its shapes; resume; the step loop's progress, logging, evaluation and save cadence, the
-               non-finite guard; export of <out>/final and the before -> after summary
-  rewards      one signature in every method, fn(completions, example) -> list[float], picked by --rewards
-  update       one optimizer step accumulated over micro-batches (the method's loss stays in the method file)
-  flags        the flags the scripts share, declared once; the toy preset applied over the paper's defaults
-  checkpoints  atomic, sharded (torch.distributed.checkpoint), with every rank's RNG, and the hub export
-  robustness   NonFiniteGuard (NaN / inf steps skipped on every rank together), the run lock, Ctrl-C and a full
-               disk end a run with one line
+lifecycle.py: the life of a training run, written once for the three methods (and each Fine-R1 stage): the process
+group, locked run directory, config.json and seeds; the policy loaded after the memory estimate on its shapes; resume;
+the step loop's logging, evaluation and save cadence; one optimizer step over micro-batches (the loss stays in the
+method); atomic sharded checkpoints with every rank's RNG; the <out>/final export; the rewards' one signature; the
+shared flags; NaN / inf steps skipped on every rank together; Ctrl-C and a full disk ending a run with one line.
 
     run = lifecycle.Run(args, "dive_k")
     model, processor, reference = run.load_policy(args.model, trainable=..., estimate=..., reference=args.beta > 0)
@@ -151,8 +145,8 @@ class Run:
             image_tokens=memory.image_tokens(processor), **estimate(processor))
         args.precision = common.precision_for(args.dtype, ranks, args.parallel, trained_weights)
         print0(f"precision: {args.precision}")
-        model, processor = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
-                                             **pixels)
+        loading = dict(device=ranks.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+        model, processor = common.load_model(path, **loading)
         what = trainable(model)
         n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
                             for only in (True, False))
@@ -162,8 +156,7 @@ class Run:
                            param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
         ref = None
         if reference:  # the policy's twin: same weights dtype, wrapping and compute, so the KL starts at 0 exactly
-            ref, _ = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
-                                       **pixels)
+            ref, _ = common.load_model(path, **loading)
             ref.requires_grad_(False).eval()
             if args.parallel == "fsdp":
                 ref = common.wrap_model(ref, ranks, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
@@ -491,8 +484,7 @@ class MetricsLog:
             self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
 
     def resume_at(self, step: int):
-        """Drop the records of the steps a resumed run redoes: those after `step` (the checkpoint's), or every step's
-        record when the run starts over (step 0), so that metrics.jsonl holds each step once."""
+        """Drop the records of the steps a resumed run redoes (after `step`; all at step 0): each step logged once."""
         if not self.is_main or not os.path.exists(self.path):
             return
         lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
@@ -512,8 +504,7 @@ class MetricsLog:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
 
 def print_eval_summary(logs: list[str], keys: list[str] | None = None):
-    """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
-    number), the first value -> the last, with their steps: the before -> after the run was for."""
+    """Each evaluation number in `logs` (`keys`, default every eval/ one), first -> last: the run's before -> after."""
     first, last = {}, {}
     for path in logs:
         for r in (read_jsonl(path) if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path) else []):
@@ -642,8 +633,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
-    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
-    stops; rank 0 alone says why (one line, not one per rank)."""
+    """Refuse at start (never hang later) batch arithmetic that does not divide: every rank stops, rank 0 says why."""
     said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
     if by <= 0:
         raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
@@ -654,8 +644,7 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
         raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
                               f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
-# flags that must be above zero / at least zero wherever a script has them (None = unset, filled by a preset or
-# meaning "all"), and the reason a message gives
+# flags that must be above 0 / at least 0 wherever a script has them (None: unset, or "all"), and the why of some
 POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
                   "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
                   "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
@@ -674,20 +663,18 @@ def check_system_flags(args):
     for name in (*NONNEGATIVE_FLAGS, *POSITIVE_FLAGS):
         value, positive = getattr(args, name, None), name in POSITIVE_FLAGS
         if value is not None and ((not value > 0) if positive else value < 0):
-            why = f" ({WHY[name]})" if name in WHY else ""
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {'above 0' if positive else '0 or more'}"
-                             f"{why}")
+                             + (f" ({WHY[name]})" if name in WHY else ""))
     if args.min_pixels > args.max_pixels:
         raise SystemExit(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}: the image budget "
                          f"needs min <= max")
-    if args.compile_decode:
-        if args.attn == "flash_attention_2":
-            raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "
-                             "whole static KV cache, unwritten slots included, under a mask that flash-attention 2 "
-                             "ignores. Use --attn sdpa with --compile-decode 1, or --compile-decode 0")
-        if getattr(args, "parallel", "ddp") == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
-                             "unsharded model. Use --parallel ddp, or --compile-decode 0")
+    if args.compile_decode and args.attn == "flash_attention_2":
+        raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the whole "
+                         "static KV cache, unwritten slots included, under a mask that flash-attention 2 ignores. Use "
+                         "--attn sdpa with --compile-decode 1, or --compile-decode 0")
+    if args.compile_decode and getattr(args, "parallel", "ddp") == "fsdp" and launched_world_size() > 1:
+        raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
+                         "unsharded model. Use --parallel ddp, or --compile-decode 0")
 
 def global_token_count(mask: torch.Tensor) -> float:
     """Number of loss tokens in this optimizer step summed over all ranks (for a global token-mean)."""
