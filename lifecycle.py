@@ -1,15 +1,9 @@
 """
-lifecycle.py: the life of a training run, written once for the three methods (and each Fine-R1 stage).
-
-  Run          process group, the locked run directory, config.json, seeds; the policy loaded after the memory
-               estimate on its shapes; resume; the step loop's progress, logging, evaluation and save cadence, the
-               non-finite guard; export of <out>/final and the before -> after summary
-  rewards      one signature in every method, fn(completions, example) -> list[float], picked by --rewards
-  update       one optimizer step accumulated over micro-batches (the method's loss stays in the method file)
-  flags        the flags the scripts share, declared once; the toy preset applied over the paper's defaults
-  checkpoints  atomic, sharded (torch.distributed.checkpoint), with every rank's RNG, and the hub export
-  robustness   NonFiniteGuard (NaN / inf steps skipped on every rank together), the run lock, Ctrl-C and a full
-               disk end a run with one line
+lifecycle.py: the life of a training run, written once for the three methods (and each Fine-R1 stage): the process
+group, locked run directory, config.json and seeds; the policy loaded after the memory estimate on its shapes; resume;
+the step loop's logging, evaluation and save cadence; one optimizer step over micro-batches (the loss stays in the
+method); atomic sharded checkpoints with every rank's RNG; the <out>/final export; the rewards' one signature; the
+shared flags; NaN / inf steps skipped on every rank together; Ctrl-C and a full disk ending a run with one line.
 
     run = lifecycle.Run(args, "dive_k")
     model, processor, reference = run.load_policy(args.model, trainable=..., estimate=..., reference=args.beta > 0)
@@ -25,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import glob
 import json
 import math
 import os
+import pathlib
 import random
 import shutil
 import sys
@@ -80,9 +74,8 @@ def group_rewards(registry: dict[str, Callable], weights: dict[str, float], comp
 
 def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Sequence, loss_of: Callable,
            *, grad_clip: float, precision) -> tuple[float, Counter]:
-    """Gradient accumulation: `loss_of(rows)` -> (loss, stats) per micro-batch under the run's precision, DDP's
-    all-reduce on the last one only; the global norm clipped; the step taken unless the guard finds NaN / inf on any
-    rank. Returns (gradient norm, the summed stats and "loss" as 0-d tensors: no host read per micro-batch)."""
+    """`loss_of(rows)` -> (loss, stats) accumulated over the micro-batches; the step is taken unless the guard finds NaN
+    / inf on any rank. Returns (gradient norm, the summed stats and "loss" as 0-d tensors: no host read per batch)."""
     optimizer.zero_grad(set_to_none=True)
     sums = Counter()
     for k, rows in enumerate(micro_batches):
@@ -112,7 +105,6 @@ class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
     def __init__(self, args, script: str, out: str | None = None, ranks: Dist | None = None, parent: Run | None = None):
-        self.args = args
         if ranks is None:  # the process group, the locked run directory with config.json, threads, seeds
             ranks, out = init_distributed(), args.out or default_run_dir(script, args.data)
             if ranks.is_main:
@@ -123,12 +115,12 @@ class Run:
             seed_everything(args.seed + ranks.rank)  # every rank differently
             if args.activation_checkpointing is None:
                 args.activation_checkpointing = int(ranks.device.type == "cuda")
-        self.ranks, self.out, self.script = ranks, out, script
+        self.args, self.ranks, self.out, self.script = args, ranks, out, script
         os.makedirs(out, exist_ok=True)
         self.log = MetricsLog(out, None if parent else args.wandb, vars(args))
         if parent is not None:  # a stage logs to its own metrics.jsonl and to the run's wandb run
             self.log.wandb = parent.log.wandb
-        self.timer = PhaseTimer()
+        self.times: Counter = Counter()  # seconds per phase since the last record (self.timer)
         self.guard = NonFiniteGuard(args.max_nonfinite, device=ranks.device)  # NaN / inf steps skipped, counted, capped
         self.last_step, self.first, self.total, self.bar, self.t_step = 0, 0, 0, None, 0.0
 
@@ -153,8 +145,8 @@ class Run:
             image_tokens=memory.image_tokens(processor), **estimate(processor))
         args.precision = common.precision_for(args.dtype, ranks, args.parallel, trained_weights)
         print0(f"precision: {args.precision}")
-        model, processor = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
-                                             **pixels)
+        loading = dict(device=ranks.device, dtype=args.precision.weights, attn=args.attn, **pixels)
+        model, processor = common.load_model(path, **loading)
         what = trainable(model)
         n_trained, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
                             for only in (True, False))
@@ -164,8 +156,7 @@ class Run:
                            param_dtype=args.precision.fsdp_param_dtype)  # sharded before the reference loads
         ref = None
         if reference:  # the policy's twin: same weights dtype, wrapping and compute, so the KL starts at 0 exactly
-            ref, _ = common.load_model(path, device=ranks.device, dtype=args.precision.weights, attn=args.attn,
-                                       **pixels)
+            ref, _ = common.load_model(path, **loading)
             ref.requires_grad_(False).eval()
             if args.parallel == "fsdp":
                 ref = common.wrap_model(ref, ranks, "fsdp", param_dtype=args.precision.fsdp_param_dtype)
@@ -180,16 +171,14 @@ class Run:
             position = f" (data position {state['data_position']})" if "data_position" in state else ""
             print0(f"resumed from {ckpt} at step {state['step']}{position}")
         self.log.resume_at(state["step"])  # the steps about to be redone are logged once
-        self.last_step = state["step"]
         first = state["step"] == 0 and self.args.initial_eval
         if evaluate is not None and self.args.eval_every and (first or state.get("eval_pending")):
             with self.timer("eval"):
                 record = {"step": state["step"], **evaluate(state["step"])}
-            self.log.log({**record, **self.timer.pop()})
+            self.log.log({**record, **self.pop_times()})
         return state
 
     def steps(self, start: int, total: int, stride: int = 1):
-        """The steps start, start + stride, ... below total, with a progress bar on a terminal (rank 0)."""
         self.total, self.last_step, self.first = total, start, start
         self.bar = progress_bar(self.ranks.is_main, total=total, initial=start, desc=self.script)
         for step in range(start, total, stride):
@@ -202,21 +191,33 @@ class Run:
         """Whether a cadence of `every` steps falls in (last step, step], or the run ends at `step`."""
         return step >= self.total or bool(every) and step // every > self.last_step // every
 
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        """`with run.timer("x"):` adds its wall time to the step's "time/x" (synchronised on GPU: honest numbers)."""
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.times[f"time/{phase}"] += time.perf_counter() - start
+
+    def pop_times(self) -> dict[str, float]:
+        times, self.times = dict(self.times), Counter()
+        return times
+
     def end_step(self, step: int, record: dict, model, optimizer, state: dict, evaluate: Callable | None = None,
                  shown: Sequence[str] = ()):
-        """Log the step (with the guard's counts and the phase times), evaluate and save on their cadence, show
-        progress; a streak of non-finite steps saves the last good weights and stops the run with a message."""
-        args = self.args
-        record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.timer.pop()),
+        """Log the step, evaluate and save on their cadence, show progress; a non-finite streak saves and stops."""
+        record = {"step": step, **record, **self.guard.stats(), **mean_over_ranks(self.pop_times()),
                   "time/step": time.perf_counter() - self.t_step}
-        if evaluate is not None and args.eval_every and self.due(args.eval_every, step):
+        if evaluate is not None and self.args.eval_every and self.due(self.args.eval_every, step):
             try:
                 with self.timer("eval"):
                     record.update(evaluate(step))
             except SystemExit:  # an evaluation that stops the run (a judge server gone) keeps the step's record
                 self.log.log(record)
                 raise
-            record.update(self.timer.pop())
+            record.update(self.pop_times())
         self.log.log(record)
         summary = "  ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in shown if k in record)
         if self.bar is not None and not self.bar.disable:
@@ -224,7 +225,7 @@ class Run:
             self.bar.update(step - self.last_step)
         elif self.last_step == self.first or step >= self.total or self.due(max(1, self.total // 10), step):
             print0(f"{self.script} step {step}/{self.total}  {summary}  {record['time/step']:.1f}s")
-        if self.due(args.save_every, step) or self.guard.exhausted:
+        if self.due(self.args.save_every, step) or self.guard.exhausted:
             with self.timer("checkpoint"):
                 save_checkpoint(self.out, step, model, optimizer, state)
         if self.guard.exhausted:  # --max-nonfinite steps in a row: stop with a message (checkpoint saved above)
@@ -232,7 +233,6 @@ class Run:
         self.last_step = step
 
     def finish(self, model, processor, keys: list[str] | None = None):
-        """Export the model to <out>/final and print the evaluations' first -> last."""
         path = os.path.join(self.out, "final")
         export_hf(model, processor, path, dtype=self.args.export_dtype)
         print_eval_summary([os.path.join(self.out, "metrics.jsonl")], keys)
@@ -266,8 +266,7 @@ def add_training_args(parser, *, model: str, group_size: int, rewards: str, lr: 
                       weight_decay: float = 0.0, grad_clip: float = 1.0, temperature: float = 1.0, top_p: float = 1.0,
                       eval_max_new_tokens: int | None = None, eval_batch: int = 8, log_completions: int = 2,
                       train_limit: int | None = None):
-    """Every flag of the three training scripts, with the method's paper values as defaults; `parse_flags` lays the
-    toy preset over them for `--data toy`."""
+    """Every flag of the three training scripts, the method's paper values as defaults (parse_flags adds the toy's)."""
     g = add_model_args(parser, model=model)
     g.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="DDP or FSDP2 under torchrun; "
                    "auto: FSDP2 when several ranks train and a whole replica per GPU would not fit (said at start)")
@@ -361,15 +360,13 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
-        with single_process_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        _quiet_dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
         name, key, *rest = np.random.get_state()  # plain values and tensors: they load with weights_only=True
         rng = {"python": random.getstate(), "numpy": [name, key.tolist(), *rest], "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save({"rng": rng}, os.path.join(tmp, f"rng_rank{d_rank}.pt"))
         if d_rank == 0:
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, **extra}, f)
+            pathlib.Path(tmp, "state.json").write_text(json.dumps({"step": step, **extra}))
     except (OSError, RuntimeError) as e:  # a full disk shows as OSError or as a RuntimeError from the writer
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -388,31 +385,23 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, extra: dict):
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
-@contextlib.contextmanager
-def single_process_dcp():
-    """torch.distributed.checkpoint warns "torch.distributed is disabled ... assuming the intent is to load in a
-    single process" at every save and load of a one-process run: that intent is right, the warning is noise."""
+def _quiet_dcp(save_or_load: Callable, state: dict, path: str):
+    """dcp.save / dcp.load without the noise of a one-process run ("torch.distributed is disabled ... assuming ...")."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        save_or_load(state, checkpoint_id=path)
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    path = os.path.join(out_dir, "latest")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        ckpt = os.path.join(out_dir, f.read().strip())
-    return ckpt if os.path.exists(os.path.join(ckpt, "state.json")) else None
+    latest = pathlib.Path(out_dir, "latest")
+    ckpt = os.path.join(out_dir, latest.read_text().strip()) if latest.exists() else None
+    return ckpt if ckpt and os.path.exists(os.path.join(ckpt, "state.json")) else None
 
 def load_checkpoint(ckpt: str, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from a checkpoint folder; return its state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with single_process_dcp():
-        dcp.load(state, checkpoint_id=ckpt)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _quiet_dcp(dcp.load, {"model": model_sd, "optim": optim_sd}, ckpt)  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     d_rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt, f"rng_rank{d_rank}.pt")
     if os.path.exists(rng_file):
@@ -423,8 +412,7 @@ def load_checkpoint(ckpt: str, model, optimizer) -> dict:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(ckpt, "state.json")) as f:
-        return json.load(f)
+    return json.loads(pathlib.Path(ckpt, "state.json").read_text())
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state on CPU: rank 0 gets every tensor, other ranks get {} under FSDP2."""
@@ -437,9 +425,8 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --export-dtyp
 STOCK_PROCESSOR = "Qwen2_5_VLProcessor"  # the processor class a hub Qwen2.5-VL checkpoint names
 
 def export_hf(model, processor, path: str, dtype: str = "bf16"):
-    """Write a hub Qwen2.5-VL checkpoint for plain transformers classes, vLLM, eval.py and load_model: the configs,
-    model*.safetensors in `dtype`, tokenizer and chat template, preprocessor_config.json with the run's pixel budget.
-    Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
+    """A hub Qwen2.5-VL checkpoint (for transformers, vLLM, eval.py, load_model) in `dtype`, with the run's pixel
+    budget. Collective under FSDP2 (every rank calls it); written to a .tmp folder, then renamed."""
     sd = full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
         tmp = path.rstrip("/") + ".tmp"
@@ -453,7 +440,17 @@ def export_hf(model, processor, path: str, dtype: str = "bf16"):
         hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         _set_json(os.path.join(tmp, "config.json"), dtype=str(torch_dtype).replace("torch.", ""))
         processor.save_pretrained(tmp)
-        _stock_processor_files(tmp)
+        # the image-only subclass's files (processor_config.json naming it, chat_template.jinja) become a hub
+        # checkpoint's: preprocessor_config.json naming Qwen2_5_VLProcessor, chat_template.json, the tokenizer's copy
+        written, jinja = pathlib.Path(tmp, "processor_config.json"), pathlib.Path(tmp, "chat_template.jinja")
+        image, template = json.loads(written.read_text())["image_processor"], jinja.read_text()
+        written.unlink()
+        jinja.unlink()
+        _write_json(os.path.join(tmp, "preprocessor_config.json"), {
+            **image, "min_pixels": image["size"]["shortest_edge"], "max_pixels": image["size"]["longest_edge"],
+            "processor_class": STOCK_PROCESSOR})
+        _write_json(os.path.join(tmp, "chat_template.json"), {"chat_template": template})
+        _set_json(os.path.join(tmp, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # safetensors writes 0600; every file readable as the others (0644 usually)
@@ -463,29 +460,10 @@ def export_hf(model, processor, path: str, dtype: str = "bf16"):
     barrier()
 
 def _write_json(path: str, doc: dict):
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.write("\n")
+    pathlib.Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 def _set_json(path: str, **values):
-    with open(path) as f:
-        doc = json.load(f)
-    _write_json(path, {**doc, **values})
-
-def _stock_processor_files(folder: str):
-    """Turn what processor.save_pretrained wrote for the image-only subclass (processor_config.json naming it,
-    chat_template.jinja) into a hub checkpoint's files (preprocessor_config.json naming Qwen2_5_VLProcessor,
-    chat_template.json; the tokenizer carries the template too, as on the hub)."""
-    written, jinja = os.path.join(folder, "processor_config.json"), os.path.join(folder, "chat_template.jinja")
-    with open(written) as f, open(jinja) as t:
-        image, template = json.load(f)["image_processor"], t.read()
-    os.remove(written)
-    os.remove(jinja)
-    _write_json(os.path.join(folder, "preprocessor_config.json"), {
-        **image, "min_pixels": image["size"]["shortest_edge"], "max_pixels": image["size"]["longest_edge"],
-        "processor_class": STOCK_PROCESSOR})
-    _write_json(os.path.join(folder, "chat_template.json"), {"chat_template": template})
-    _set_json(os.path.join(folder, "tokenizer_config.json"), processor_class=STOCK_PROCESSOR, chat_template=template)
+    _write_json(path, {**json.loads(pathlib.Path(path).read_text()), **values})
 
 # ----- 6. Logging, the run directory, flags -----
 
@@ -506,12 +484,10 @@ class MetricsLog:
             self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir)
 
     def resume_at(self, step: int):
-        """Drop the records of the steps a resumed run redoes: those after `step` (the checkpoint's), or every step's
-        record when the run starts over (step 0), so that metrics.jsonl holds each step once."""
+        """Drop the records of the steps a resumed run redoes (after `step`; all at step 0): each step logged once."""
         if not self.is_main or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = f.readlines()
+        lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
         redone = lambda s: isinstance(s, (int, float)) and (s > step or step == 0)  # noqa: E731
         keep = [line for line in lines if not redone(json.loads(line).get("step"))]
         if len(keep) < len(lines):
@@ -528,8 +504,7 @@ class MetricsLog:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean.get("step"))
 
 def print_eval_summary(logs: list[str], keys: list[str] | None = None):
-    """The end of a run (rank 0): each evaluation number its metrics.jsonl files logged (`keys`, default every eval/
-    number), the first value -> the last, with their steps: the before -> after the run was for."""
+    """Each evaluation number in `logs` (`keys`, default every eval/ one), first -> last: the run's before -> after."""
     first, last = {}, {}
     for path in logs:
         for r in (read_jsonl(path) if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(path) else []):
@@ -541,27 +516,6 @@ def print_eval_summary(logs: list[str], keys: list[str] | None = None):
     if first:
         print0("evaluations, first -> last:\n" + "\n".join(
             f"  {k[5:]:24} {first[k][1]:.3f} ({first[k][0]}) -> {last[k][1]:.3f} ({last[k][0]})" for k in first))
-
-class PhaseTimer:
-    """Wall time per phase (sampling, logprobs, update, ...), synchronised on GPU so the numbers are honest.
-    >>> timer = PhaseTimer(); with timer("sampling"): ...; timer.pop() -> {"time/sampling": 1.23}"""
-
-    def __init__(self):
-        self.times: Counter = Counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times[f"time/{name}"] += time.perf_counter() - t0
-
-    def pop(self) -> dict[str, float]:
-        out, self.times = dict(self.times), Counter()
-        return out
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
     """Learning rate of optimizer step `step` (0-based), as the Hugging Face schedulers give it: linear warm-up from 0,
@@ -582,14 +536,12 @@ def set_lr(optimizer, lr: float):
         group["lr"] = lr
 
 def write_run_config(out: str, config: dict):
-    """<out>/config.json = this start's settings; every start is also appended to <out>/config_history.jsonl. A
-    resumed run started with other settings says which ones changed (it resumes all the same: changing the learning
-    rate or the evaluation cadence mid-run is legitimate)."""
+    """<out>/config.json = this start's settings, also appended to config_history.jsonl. A resumed run says which
+    settings changed (and resumes all the same: a new learning rate or evaluation cadence mid-run is legitimate)."""
     config = json.loads(json.dumps(config))  # tuples -> lists, as they read back
     path = os.path.join(out, "config.json")
     try:
-        with open(path) as f:
-            before = json.load(f)
+        before = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
         before = None
     if isinstance(before, dict):
@@ -600,14 +552,13 @@ def write_run_config(out: str, config: dict):
     _atomic_write_text(path, json.dumps(config, indent=1))
     repair_jsonl_tail(os.path.join(out, "config_history.jsonl"))
     with open(os.path.join(out, "config_history.jsonl"), "a") as f:
-        f.write(json.dumps({"started": datetime.datetime.now().isoformat(timespec="seconds"), **config}) + "\n")
+        f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **config}) + "\n")
 
 _RUN_LOCKS: dict[str, Any] = {}  # run directory -> the open lock file this process holds (until it exits)
 
 def make_run_dir(out: str):
-    """Create --out and hold <out>/.lock for as long as this process lives (flock: released by the kernel even on
-    kill -9): a second run on the same --out, or an --out that is a file or cannot be written, stops at once with one
-    line (naming the first run's pid). Rank 0 only."""
+    """Create --out and hold <out>/.lock while this process lives (flock: the kernel releases it even on kill -9): a
+    second run on the same --out, or an --out that is a file or unwritable, stops at once with one line. Rank 0 only."""
     import atexit
     import fcntl
     if os.path.exists(out) and not os.path.isdir(out):
@@ -628,8 +579,7 @@ def make_run_dir(out: str):
         f.close()
         raise SystemExit(f"--out {out} is in use by another run (pid {holder}): wait for it to end, stop it, or pass "
                          f"another --out") from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
     _RUN_LOCKS[os.path.realpath(out)] = f
@@ -660,9 +610,8 @@ def run_script(main: Callable[[], Any], interrupted: str = RESUME_NOTE):
         sys.exit(1)
 
 def configure_threads(threads: int | None, ranks: Dist):
-    """Torch's CPU threads for this process: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the
-    cores not busy with other work (the 1-minute load average) shared by the ranks. Torch's default (every core) made
-    a 4-step toy run 5x slower on a busy 2-core machine. No effect on GPU work."""
+    """Torch's CPU threads: --threads, else OMP_NUM_THREADS when set (torchrun sets it), else the cores not busy (the
+    1-minute load average) shared by the ranks; torch's default, every core, crawls on a busy machine. Not for GPU."""
     if threads is None and os.environ.get("OMP_NUM_THREADS"):
         return
     if threads is None:
@@ -680,13 +629,11 @@ def default_run_dir(script: str, data: str) -> str:
     return os.path.join("runs", f"{script}_{stem}")
 
 def launched_world_size() -> int:
-    """The number of ranks torchrun started (1 without it), known before the process group: batch arithmetic is
-    checked with it before any rank waits on another."""
+    """The ranks torchrun started (1 without it), before the process group: batch sizes are checked before any wait."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
-    """Refuse at start (never hang later) when batch arithmetic does not divide, with the numbers and a fix. Every rank
-    stops; rank 0 alone says why (one line, not one per rank)."""
+    """Refuse at start (never hang later) batch arithmetic that does not divide: every rank stops, rank 0 says why."""
     said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
     if by <= 0:
         raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
@@ -697,8 +644,7 @@ def require_divisible(what: str, total: int, by: int, by_what: str):
         raise SystemExit(said(f"{what} = {total} is not divisible by {by_what} = {by}. "
                               f"Use a multiple of {by}, e.g. {f'{lower} or ' if lower else ''}{upper}."))
 
-# flags that must be above zero / at least zero wherever a script has them (None = unset, filled by a preset or
-# meaning "all"), and the reason a message gives
+# flags that must be above 0 / at least 0 wherever a script has them (None: unset, or "all"), and the why of some
 POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit", "train_limit", "eval_limit",
                   "micro_batch", "logprob_micro_batch", "sft_micro_batch", "eval_batch", "mine_batch",
                   "samples", "mine_samples", "best_of", "prompts_per_step", "rollout_prompts", "sample_batch",
@@ -717,27 +663,24 @@ def check_system_flags(args):
     for name in (*NONNEGATIVE_FLAGS, *POSITIVE_FLAGS):
         value, positive = getattr(args, name, None), name in POSITIVE_FLAGS
         if value is not None and ((not value > 0) if positive else value < 0):
-            why = f" ({WHY[name]})" if name in WHY else ""
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {'above 0' if positive else '0 or more'}"
-                             f"{why}")
+                             + (f" ({WHY[name]})" if name in WHY else ""))
     if args.min_pixels > args.max_pixels:
         raise SystemExit(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}: the image budget "
                          f"needs min <= max")
-    if args.compile_decode:
-        if args.attn == "flash_attention_2":
-            raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the "
-                             "whole static KV cache, unwritten slots included, under a mask that flash-attention 2 "
-                             "ignores. Use --attn sdpa with --compile-decode 1, or --compile-decode 0")
-        if getattr(args, "parallel", "ddp") == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
-                             "unsharded model. Use --parallel ddp, or --compile-decode 0")
+    if args.compile_decode and args.attn == "flash_attention_2":
+        raise SystemExit("--compile-decode 1 with --attn flash_attention_2: the compiled decode attends over the whole "
+                         "static KV cache, unwritten slots included, under a mask that flash-attention 2 ignores. Use "
+                         "--attn sdpa with --compile-decode 1, or --compile-decode 0")
+    if args.compile_decode and getattr(args, "parallel", "ddp") == "fsdp" and launched_world_size() > 1:
+        raise SystemExit("--compile-decode 1 with --parallel fsdp on several ranks: the compiled decode needs the "
+                         "unsharded model. Use --parallel ddp, or --compile-decode 0")
 
 def global_token_count(mask: torch.Tensor) -> float:
     """Number of loss tokens in this optimizer step summed over all ranks (for a global token-mean)."""
     return float(all_reduce_sum(mask.sum().double().reshape(1).clone())[0])
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of scalars over ranks (for logging)."""
     if not values:
         return values
     keys = sorted(values)
@@ -780,11 +723,9 @@ class NonFiniteGuard:
         return bool(self.limit) and self.in_a_row >= self.limit
 
     def stats(self) -> dict[str, int]:
-        """For the metrics record: steps skipped so far by this process, and the current streak."""
         return {"nonfinite/skipped": self.skipped, "nonfinite/in_a_row": self.in_a_row}
 
     def stop(self, out_dir: str):
-        """End the run (SystemExit, exit status 1) with what happened, where the checkpoint is and what to try."""
         raise SystemExit(
             f"stopping: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (last values "
             f"on rank {int(os.environ.get('RANK', 0))}: {self.last}); {self.skipped} steps skipped in all. The "

@@ -1,10 +1,7 @@
 """
-memory.py: the memory estimate each method prints at start, per GPU (or per process on CPU), largest part first with
-the flags that reduce it: from the model's shapes and the run's settings (a hand count in tests/test_robustness.py
-checks it), not measured (bench.py measures).
+memory.py: the memory each method estimates at start, per GPU (or process on CPU), from the model's shapes and the
+run's settings (tests/test_robustness.py checks a hand count; bench.py measures), printed with what reduces each part.
 """
-
-from __future__ import annotations
 
 import os
 
@@ -31,12 +28,9 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                   prompt_tokens: int = 0, new_tokens: int = 0, train_rows: int = 0, logit_rows: int | None = None,
                   rows_per_prompt: int = 1, activation_checkpointing: bool = False, vision_config=None,
                   vision_patches: int = 0, train_prompt_tokens: int | None = None) -> dict[str, float]:
-    """Estimated bytes per GPU by part; shards: FSDP2 the world size, DDP 1. Rough where it must be: activations count
-    6 hidden + 4 intermediate values per token and layer (checkpointing: each layer's input and one layer's), a trained
-    vision tower's per patch likewise; logits the larger of scoring's chunk (projection, fp32 copy, log-sum-exp:
-    compute bytes + 8 per score) and sampling's rows (fp32 logits, scores, probabilities, a float64 CDF: 24 bytes); the
-    load peak (one whole copy until wrap_model shards it) is over before the others exist. Not counted: the CUDA
-    context and allocator slack (add 10-20%)."""
+    """Estimated bytes per GPU by part (FSDP2 shards over the world size), rough where it must be: per sampled logit 24
+    bytes (fp32 logits, scores, probabilities, a float64 CDF); the load peak is over before the other parts exist. Not
+    counted: the CUDA context and allocator slack (add 10-20%)."""
     shards = world_size if parallel == "fsdp" else 1
     tc, vc = text_config, vision_config
     layers, hidden = tc.num_hidden_layers, tc.hidden_size
@@ -44,7 +38,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     train_prompt = prompt_tokens if train_prompt_tokens is None else train_prompt_tokens  # the updates' prompts
     logit_rows = train_rows if logit_rows is None else logit_rows
 
-    def stored(depth: int, width: int, intermediate: int) -> int:  # activations kept per token (or patch)
+    def stored(depth: int, width: int, intermediate: int) -> int:  # activations kept per token (or trained patch)
         per_layer = 6 * width + 4 * intermediate
         return depth * width + per_layer if activation_checkpointing else depth * per_layer
     prompts = -(-train_rows // max(1, rows_per_prompt))  # the shared prefix: a prompt once for its group
@@ -53,7 +47,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
     shared_kv = 2 * hidden * train_rows * train_prompt * kept_in * (rows_per_prompt > 1)
     vision = vision_patches * stored(vc.depth, vc.hidden_size, vc.intermediate_size) if vision_patches else 0
     scoring = min(logit_rows * new_tokens * tc.vocab_size, max(common.LOGITS_BUDGET, logit_rows * tc.vocab_size)) * (
-        compute_bytes + 8)
+        compute_bytes + 8)  # per score (in chunks): the projection, its fp32 copy, the log-sum-exp
     return {
         "parameters": n_params * master_bytes / shards,
         "gradients": n_trainable * master_bytes / shards,
@@ -64,7 +58,7 @@ def memory_budget(*, n_params: int, n_trainable: int, text_config, world_size: i
                                   * (prompt_tokens + new_tokens) * rollout_rows),
         "activations": float((text + shared_kv + vision) * compute_bytes),
         "logits": float(max(scoring, rollout_rows * tc.vocab_size * 24)),
-        "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),
+        "load peak": n_params * master_bytes * (1 + (1 / shards if reference else 0)),  # until wrap_model shards it
     }
 
 def image_tokens(processor) -> int:
@@ -80,27 +74,23 @@ def _gib(n: float) -> str:  # 1.50 GiB, 12.00 MiB ...
     return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 def device_memory(device: torch.device) -> int:
-    """Bytes a process may fill: the GPU's memory, or on CPU the machine's physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 def report_memory_budget(model, dist: common.Dist, *, parallel: str, compute_dtype: torch.dtype | None = None,
                          knobs: dict[str, str] | None = None, title: str = "memory budget", check: bool = True,
                          image_tokens: int = 0, **work) -> str:
-    """Estimate the memory per GPU (memory_budget of the run's `work` settings, with the parameters counted after
-    freezing / LoRA, also on the meta device), print it on rank 0 with the knobs that reduce each part, and stop
-    (`check`; else warn) when it exceeds the device. `parallel` "auto" picks fsdp when several ranks train and a
-    replica would not fit. Returns the mode."""
+    """Print memory_budget of the `work` settings (parameters counted after freezing / LoRA, the meta device's too)
+    with the knobs that reduce each part; stop (`check`; else warn) when it exceeds the device. Returns the mode:
+    `parallel`, or for "auto" fsdp when several ranks train and a replica would not fit."""
     hf = common.unwrap(model)
     params = list(hf.parameters())
     n_params, n_trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
     master, compute = params[0].dtype, compute_dtype or params[0].dtype
     have = device_memory(dist.device)
-    rollout_rows, prompt_tokens, new_tokens, train_rows = (
-        work["rollout_rows"], work["prompt_tokens"], work["new_tokens"], work["train_rows"])
+    rollout_rows, prompt_tokens, new_tokens = work["rollout_rows"], work["prompt_tokens"], work["new_tokens"]
     if any(p.requires_grad for p in hf.model.visual.parameters()):  # a trained tower: 4 patches per image token
-        work["vision_patches"] = 4 * image_tokens * -(-train_rows // max(1, work.get("rows_per_prompt", 1)))
+        work["vision_patches"] = 4 * image_tokens * -(-work["train_rows"] // max(1, work.get("rows_per_prompt", 1)))
     so_far = 0
     if dist.device.type == "cpu" and os.path.exists("/proc/self/statm"):  # the process's resident memory now (Linux)
         with open("/proc/self/statm") as f:
@@ -112,22 +102,21 @@ def report_memory_budget(model, dist: common.Dist, *, parallel: str, compute_dty
                                master_bytes=master.itemsize, compute_bytes=compute.itemsize, **work)
         budget["process so far"] = float(so_far)
         return budget, max(sum(v for k, v in budget.items() if k != "load peak"), budget["load peak"] + so_far)
+    where = "GPU" if dist.device.type == "cuda" else "process (CPU)"
     if parallel == "auto":
         replica = estimate("ddp")[1]
         parallel = "fsdp" if dist.world_size > 1 and replica > 0.9 * have else "ddp"
         if dist.world_size > 1:  # one process has nothing to choose (no wrapper)
             common.print0(f"parallel: auto -> {parallel} ({dist.world_size} ranks; a whole replica per "
-                          f"{'GPU' if dist.device.type == 'cuda' else 'process'} needs about {_gib(replica)} of "
-                          f"{_gib(have)})")
+                          f"{where.removesuffix(' (CPU)')} needs about {_gib(replica)} of {_gib(have)})")
     budget, total = estimate(parallel)
     knobs = {**MEMORY_KNOBS, **(knobs or {})}
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     sampled = (f"sampling {rollout_rows} rows of <= {prompt_tokens} prompt tokens (image at the pixel budget) + "
                f"{new_tokens} new; " if rollout_rows else f"sequences <= {prompt_tokens + new_tokens} tokens; ")
-    where = "GPU" if dist.device.type == "cuda" else "process (CPU)"
     lines = [f"{title} per {where}, estimated (rank 0 of {dist.world_size}, {parallel}, weights {name(master)}, "
              f"compute {name(compute)}; {n_params:,} parameters, {n_trainable:,} trained; {sampled}updates of "
-             f"{train_rows} rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
+             f"{work['train_rows']} rows): {_gib(total)} of {_gib(have)}. Largest first, with what reduces it:"]
     largest = sorted(((k, v) for k, v in budget.items() if v > 0 and k != "load peak"), key=lambda kv: -kv[1])
     lines += [f"  {i + 1}. {part:<20} {_gib(size):>11}  <- {knobs[part]}" for i, (part, size) in enumerate(largest)]
     lines.append(f"  while loading: {_gib(budget['load peak'])} (load peak)  <- {knobs['load peak']}")
