@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import difflib
 import gc
 import json
@@ -104,15 +103,10 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-@dataclasses.dataclass
-class Group:
-    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
-    triplet: Triplet
-    rollout: common.Rollout  # prompts [anchor's, positive's] x G rows each: [2G, T]
-    neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    reward: torch.Tensor  # [2G]
-    parts: dict  # reward name -> [2G]
-    accuracy: float  # the mean of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
+# One triplet's 2G responses: rollout rows 0..G-1 from the anchor image, G..2G-1 from the positive ([2G, T]);
+# neg_prompt, the same question with the negative image; reward [2G]; parts, reward name -> [2G]; accuracy, the mean
+# of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
+Group = collections.namedtuple("Group", "triplet rollout neg_prompt reward parts accuracy")
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
     """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
