@@ -116,18 +116,16 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     prompts = [common.encode_prompt(processor, image, q) for t, q in zip(triplets, questions)
                for image in (t.anchor.image, t.positive.image)]  # [a1, p1, a2, ...]: prompt j owns rows j*G..j*G+G-1
     with args.precision.context():
-        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
+        rollout = common.sample(model, processor, prompts, group_size=args.group_size, generator=generator,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                generator=generator, prompt_batch=args.rollout_prompt_batch,
-                                compile_decode=bool(args.compile_decode))
+                                prompt_batch=args.rollout_prompt_batch, compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
         example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
         reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
-        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, rollout.completion_ids[rows],
-                             rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
-                             rollout.texts[rows])
+        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, *(column[rows] for column in (
+            rollout.completion_ids, rollout.completion_mask, rollout.logprobs, rollout.truncated, rollout.texts)))
         groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
                             float(next(iter(parts.values())).mean())))
     return groups
@@ -276,7 +274,6 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
                                                args.max_sample_rounds, args.acc_low, args.acc_high)
     cursor += metrics["dynamic/rounds"] * args.sample_prompts
 
-    # the advantage over each group of 2G (G from the anchor + G from the positive); the log-probs once, no grad
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
     rollout = common.concat_rollouts([g.rollout for g in groups], pad_id)  # R rows, padded to the longest
     own, ids, mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask  # [R], [R, T], [R, T]
@@ -290,15 +287,13 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
                      advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
                      old_logp=logprobs(own),  # [R, T] each response under its own image
                      neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
-    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0],
-                    **{f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean())
-                       for name in args.reward_weights},
+    parts = {f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean()) for name in args.reward_weights}
+    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0], **parts,
                     "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
 def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, rows: range, args):
-    """Optimizer step `step` on the responses `rows` of the rollout batch: their token mean over all ranks, so the
-    normalizer is the global token count / world size (DDP and FSDP average gradients over ranks)."""
+    """Optimizer step `step` on the responses `rows` of the rollout batch, their token mean over all ranks."""
     normalizer = lifecycle.global_token_count(batch["mask"][rows.start:rows.stop]) / run.ranks.world_size
 
     def loss_of(micro: slice):
@@ -319,9 +314,8 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
     """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
     context only; the labels are the response and the closing <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
-    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
-    return prompt, target
+    return (common.encode_prompt(processor, record["image"], record["question"], record.get("system")),
+            torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]
 
 def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict], processor, args):
     """Optimizer step `step` on this rank's rationales: the mean of the micro-batches' token means, each weighted by
@@ -414,10 +408,9 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     return found and not any(f" {c} " in said for c in longer)
 
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
-    """(the <think> text or None, the checks): format, the answer is the truth, and four parts (markdown ignored):
-    analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list (candidate_block);
-    comparison, 3+ words after the list and before the prediction line (marks[1], the last one), which names the
-    truth (names_truth); the answer compared normalised."""
+    """(the <think> text or None, the checks): format, the answer is the truth (normalised), and four parts (markdown
+    ignored): analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list
+    (candidate_block); comparison, 3+ words before the last prediction line (marks[1]), which names the truth."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
@@ -430,8 +423,7 @@ def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICT
               "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
               "analysis": any(LIST_ITEM.match(line) for line in features.split("\n"))
               or re.search(r"(^|\s)1[.)]\s", features) is not None,
-              "candidates": len(block.split()) > 0 if listed else c_start >= 0,
-              "comparison": len(rest.split()) >= 3,
+              "candidates": len(block.split()) > 0 if listed else c_start >= 0, "comparison": len(rest.split()) >= 3,
               "prediction": p_start >= 0 and names_truth(text[p_end:], truth, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
@@ -446,8 +438,7 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     plain, not blue | the final answer is red striped circle" (| a line break)."""
     attributes = class_name.split()  # each candidate, another class, differs in an attribute: its first is named
     differs = [next(w for w, mine in zip(c.split(), attributes) if w != mine) for c in candidates]
-    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                              attributes), 1))
+    features = " ".join(f"{label}: {word}" for label, word in zip(("1. colour", "2. pattern", "3. shape"), attributes))
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
@@ -518,9 +509,8 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
         frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
         teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
-                                               attn=args.attn, min_pixels=args.sft_min_pixels,
-                                               max_pixels=args.sft_max_pixels,
-                                               flag="--teacher" if args.teacher else "--model")
+                                               attn=args.attn, flag="--teacher" if args.teacher else "--model",
+                                               min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
         teacher.eval()
     for position, name in enumerate(names):
         kept, tried, fails = [], 0, collections.Counter()
@@ -617,7 +607,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
-    # data: k images per seen class (the anchors), and the classes each one's negative may come from
     train = load_split(args, "train", "base", shots=args.shots, limit=args.train_limit)
     seen = sorted({ex.class_name for ex in train.examples})
     by_class = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
