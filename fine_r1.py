@@ -279,14 +279,12 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
     own, ids, mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask  # [R], [R, T], [R, T]
     neg = [g.neg_prompt for g in groups for _ in g.rollout.texts]  # [R] each row's negative image
     rewards = torch.cat([g.reward for g in groups])  # [R]
-    logprobs = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
-        model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-        shared_prefix=bool(args.shared_prefix))
-    with timer("logprobs"), args.precision.context():
-        batch = dict(own=own, ids=ids, mask=mask, pad_id=pad_id,
-                     advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
-                     old_logp=logprobs(own),  # [R, T] each response under its own image
-                     neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
+    with timer("logprobs"), args.precision.context():  # each response under its own image, then the negative one
+        old_logp, neg_logp = [common.completion_logprobs(
+            model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+            shared_prefix=bool(args.shared_prefix)) for prompts in (own, neg)]  # [R, T] each
+        batch = dict(own=own, ids=ids, mask=mask, pad_id=pad_id, old_logp=old_logp, neg_logp=neg_logp,
+                     advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps))  # [R]
     parts = {f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean()) for name in args.reward_weights}
     metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0], **parts,
                     "truncation_rate": float(rollout.truncated.float().mean())})
@@ -559,13 +557,13 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
                          max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                          top_p=args.cot_top_p, compile_decode=bool(args.compile_decode)).texts
 
-def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
+def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
     args, ranks = run.args, run.ranks
     final = os.path.join(run.out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage sft: {final} exists, skipped")
-        return final
+        return
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
@@ -594,16 +592,15 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
                      shown=("loss", "grad_norm"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
-    return final
 
-def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
+def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool):
     """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
     args, ranks = run.args, run.ranks
     out = os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage tapo: {final} exists, skipped")
-        return final
+        return
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
@@ -614,8 +611,7 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
     model, processor, _ = run.load_policy(init, trainable=vision_trained(not args.tapo_freeze_vision),
-                                          estimate=lambda processor: tapo_estimate(processor, train.kind, args,
-                                                                                   ranks.world_size))
+                                          estimate=lambda proc: tapo_estimate(proc, train.kind, args, ranks.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = lambda step: {"stage": "tapo", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
     state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
@@ -655,7 +651,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                                                                 "loss/pg", "loss/kl_neg", "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
-    return final
 
 def sft_estimate(processor, records: list[dict], args) -> dict:
     """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
