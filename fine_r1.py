@@ -466,16 +466,15 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     confusable = confusable_classes(seen, args.cot_candidates)
     rng = random.Random(args.seed)  # the images each class offers the teacher, in a seeded order
     offers = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
-    offers = {name: rng.sample(images, len(images)) for name, images in offers.items()}
+    offers = {name: [sft_question(args, train.kind, ex, seen, confusable) for ex in rng.sample(images, len(images))]
+              for name, images in offers.items()}  # each image's SFT record but its response
     if args.cot_source == "attributes":
-        records = [sft_question(args, train.kind, ex, seen, confusable) for name in seen
-                   for ex in offers[name][:args.cot_per_class]]
-        records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
-                                                   r["class_name"])} for r in records]
+        records = [{**q, "response": response_text(attribute_rationale(name, q["candidates"]), name)}
+                   for name in seen for q in offers[name][:args.cot_per_class]]
         stats = {"cot/tried": len(records)}
     else:  # the teacher, class by class over the ranks; a killed run redoes only the classes it did not finish
         done = common.resumable_map(out, "cot", seen, lambda names: teacher_rationales(
-            names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
+            names, args, ranks, out, train, seen, offers), ranks, "stage cot: seen classes")
         records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
         stats = collections.Counter()
         for result in done.values():
@@ -495,7 +494,7 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
                   f"{len(seen)} seen classes -> {path}")
     return path
 
-def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, confusable):
+def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers):
     """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
     whose images are offered --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
     if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
@@ -513,16 +512,14 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     for position, name in enumerate(names):
         kept, tried, fails = [], 0, collections.Counter()
         for start in range(0, args.cot_images_per_class, args.cot_batch):
-            offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-            if not offered or len(kept) >= args.cot_per_class:
+            posed = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+            if not posed or len(kept) >= args.cot_per_class:
                 break
-            posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
-            texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
-                     for q in posed]
+            requests = [(q["image"], TEACHER_PROMPT.format(kind=train.kind, truth=name,
+                                                           candidates=", ".join(q["candidates"]))) for q in posed]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
             try:
-                completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args,
-                                                  generator)
+                completions = teacher_completions(teacher, processor, requests, args, generator)
             except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
                 raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
                                  f"rerun the same command to resume") from None
@@ -540,7 +537,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
 
-def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
+def teacher_completions(teacher, processor, requests: list[tuple[str, str]], args, generator) -> list[str]:
     """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
     model behind an OpenAI-compatible server (judges.OpenAIServer, the requests in flight together)."""
     if processor is None:  # a server
@@ -551,8 +548,8 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
                 raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
                                  f"{len(replies)}; pass --cot-samples 1 for a server that ignores n")
             return replies
-        return [text for replies in teacher.map(ask, list(zip(images, texts))) for text in replies]
-    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
+        return [text for replies in teacher.map(ask, requests) for text in replies]
+    prompts = [common.encode_prompt(processor, image, text) for image, text in requests]
     return common.sample(teacher, processor, prompts, group_size=args.cot_samples, generator=generator,
                          max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                          top_p=args.cot_top_p, compile_decode=bool(args.compile_decode)).texts
