@@ -266,12 +266,11 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
         return groups
 
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
-    with timer("sampling"):
-        first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
-        with args.precision.context(), \
-                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
-            groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size,
-                                               args.max_sample_rounds, args.acc_low, args.acc_high)
+    first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
+    with timer("sampling"), args.precision.context(), \
+            common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
+        groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size, args.max_sample_rounds,
+                                           args.acc_low, args.acc_high)
     cursor += metrics["dynamic/rounds"] * args.sample_prompts
 
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
@@ -301,9 +300,8 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                                         bool(args.shared_prefix)).float()  # [b, t] each image's prompt once
         return tapo_loss(logp, batch["old_logp"][micro, :width].to(logp), batch["neg_logp"][micro, :width].to(logp),
                          batch["advantages"][micro].to(logp), mask.to(logp.device), normalizer=normalizer,
-                         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                         kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
-                         neg_entropy_coef=args.neg_entropy_coef)
+                         clip_low=args.clip_low, clip_high=args.clip_high, entropy_coef=args.entropy_coef,
+                         dual_clip=args.dual_clip, kl_coef=args.kl_neg_coef, neg_entropy_coef=args.neg_entropy_coef)
     micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in rows[::args.micro_batch]]
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
@@ -524,12 +522,11 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers):
                 raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
                                  f"rerun the same command to resume") from None
             for row, completion in enumerate(completions):
-                i = row // args.cot_samples
+                q = posed[row // args.cot_samples]  # the record of its image: one rationale per image is kept
                 rationale, checks = check_rationale(completion, name, classes=train.class_names)
                 fails.update({check: int(not ok) for check, ok in checks.items()})  # every check counted, 0 too
-                if (rationale is not None and len(kept) < args.cot_per_class
-                        and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
-                    kept.append({**posed[i], "response": response_text(rationale, name)})
+                if rationale is not None and len(kept) < args.cot_per_class and q["id"] not in {r["id"] for r in kept}:
+                    kept.append({**q, "response": response_text(rationale, name)})
             tried += len(completions)
         yield name, {"records": kept, "tried": tried, "fails": fails}
         common.print0(f"  cot class {position + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
