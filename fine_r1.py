@@ -56,9 +56,8 @@ CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Writ
 def closed_prompt(kind: str, options: list[str]) -> str:
     return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
 
-# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt: the
-# question, a blank line, the request to think it through in <think> and answer in <answer>; the open-world evaluation
-# says it is a fine-grained question and asks for the two tags in the RL prompt's words (asked as it was trained).
+# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four) and the RL format
+# request; the open-world evaluation asks for the two tags in the RL prompt's words (asked as it was trained).
 QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
              "What is the specific name of this {kind}?", "Name the {kind} in the image."]
 RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
@@ -77,9 +76,8 @@ MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0):
-    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
-    phrasing with the RL format request and None, or with probability closed_frac (the paper: 0) the closed-world
-    evaluation's prompt whose options are the truth and 3 of `others` (shuffled), and those 3 distractors."""
+    """(question, distractors) of one sample, seeded by a stable key (image ids): an open phrasing with the RL format
+    request and None, or with probability closed_frac (paper: 0) the closed prompt on the truth and 3 of `others`."""
     rng = random.Random(f"question/{key}")
     if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
         distractors = rng.sample(list(others), 3)
@@ -91,11 +89,9 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (), close
 Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
-    """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
     return {a: [b for b in names if b != a] for a in names} if how == "random" else confusable_classes(names, k)
 
 def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
-    """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
     same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
     if not same:
         raise SystemExit(f"class {anchor.class_name!r} has a single training image ({anchor.image}); TAPO's positive "
@@ -103,9 +99,8 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-# One triplet's 2G responses: rollout rows 0..G-1 from the anchor image, G..2G-1 from the positive ([2G, T]);
-# neg_prompt, the same question with the negative image; reward [2G]; parts, reward name -> [2G]; accuracy, the mean
-# of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
+# One triplet's 2G responses: rollout rows 0..G-1 from the anchor image, G..2G-1 from the positive; neg_prompt, the
+# question with the negative image; accuracy, the first named reward's mean (the accuracy), which dynamic sampling reads
 Group = collections.namedtuple("Group", "triplet rollout neg_prompt reward parts accuracy")
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
@@ -364,8 +359,7 @@ TEACHER_PROMPT = (
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
 def _marker(text: str, mark: str, last: bool = False) -> tuple[int, int]:
-    """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon;
-    (-1, -1) when it is absent."""
+    """(start, end) of the first (last) match of `mark`'s words (any case, spaces before a colon) or (-1, -1)."""
     pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
     spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
     return spans[-1 if last else 0] if spans else (-1, -1)
@@ -406,7 +400,7 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
     """(the <think> text or None, the checks): format, the answer is the truth (normalised), and four parts (markdown
     ignored): analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list
-    (candidate_block); comparison, 3+ words before the last prediction line (marks[1]), which names the truth."""
+    (candidate_block); comparison, 3+ words after it, before the last prediction line (marks[1]) naming the truth."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
@@ -647,7 +641,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool):
     common.print0(f"stage tapo: done, exported to {final}")
 
 def sft_estimate(processor, records: list[dict], args) -> dict:
-    """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
                 prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
                 title="memory budget (stage sft)",
@@ -656,7 +649,6 @@ def sft_estimate(processor, records: list[dict], args) -> dict:
                                        "vision tower frozen (no --sft-train-vision)")})
 
 def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
-    """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // world_size)) * args.group_size,
                 prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
                 new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
