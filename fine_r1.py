@@ -117,8 +117,7 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
-        example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
-        reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
+        reward, parts = score(rollout.texts[rows], {"truth": t.anchor.class_name, **t._asdict()}, args.reward_weights)
         own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, *(column[rows] for column in (
             rollout.completion_ids, rollout.completion_mask, rollout.logprobs, rollout.truncated, rollout.texts)))
         groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
@@ -307,17 +306,6 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
     im_end = common.special_token_ids(processor)["<|im_end|>"]
     return (common.encode_prompt(processor, record["image"], record["question"], record.get("system")),
             torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]
-
-def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict], processor, args):
-    """Optimizer step `step` on this rank's rationales: the mean of the micro-batches' token means, each weighted by
-    its rows (the step's loss is the mean over its samples)."""
-    def loss_of(records: list[dict]):
-        rows = [sft_example(processor, r) for r in records]
-        loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])  # []
-        return loss * len(rows) / len(batch), {"target_tokens": torch.tensor(sum(len(t) for _, t in rows))}
-    micro_batches = [batch[s:s + args.sft_micro_batch] for s in range(0, len(batch), args.sft_micro_batch)]
-    return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=1.0,
-                            precision=args.precision)  # the paper's SFT clips at 1.0
 
 # ----- 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle -----
 
@@ -572,9 +560,16 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
         # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
         positions = range(step * args.sft_batch + ranks.rank, (step + 1) * args.sft_batch, ranks.world_size)
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
+
+        def loss_of(micro: list[dict]):  # the step's mean over samples: micro-batch token means weighted by rows
+            rows = [sft_example(processor, r) for r in micro]
+            loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])  # []
+            return loss * len(rows) / len(batch), {"target_tokens": torch.tensor(sum(len(t) for _, t in rows))}
+        micro_batches = [batch[s:s + args.sft_micro_batch] for s in range(0, len(batch), args.sft_micro_batch)]
         model.train()
-        with run.timer("update"):
-            grad_norm, stats = sft_update(model, optimizer, run, step + 1, batch, processor, args)
+        with run.timer("update"):  # the paper's SFT clips at 1.0
+            grad_norm, stats = lifecycle.update(model, optimizer, run.guard, step + 1, micro_batches, loss_of,
+                                                grad_clip=1.0, precision=args.precision)
         run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(stats)},
                      model, optimizer, {"stage": "sft", "data_position": (step + 1) * args.sft_batch}, evaluate,
                      shown=("loss", "grad_norm"))
