@@ -188,11 +188,10 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
             (kept if ok else rejected).append(g)
         rounds += 1
     sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))  # check_batches: enough are sampled
-    batch = kept[:quota] + (rejected[-filled:] if filled else [])
-    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
-             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
-             "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
-    return batch, stats
+    return kept[:quota] + (rejected[-filled:] if filled else []), {
+        "dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
+        "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
+        "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
 
 # ----- 3. The TAPO loss, written by hand -----
 
@@ -247,12 +246,11 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
     def sample_round(round_index: int) -> list[Group]:
         # this rank's triplets: data positions start + rank, + world, ... of seeded epochs over the anchors, each
         # position's draws seeded by it (the same on resume and on any number of ranks)
-        start, anchors = cursor + round_index * args.sample_prompts, train.examples
+        start, anchors, draw_seed = cursor + round_index * args.sample_prompts, train.examples, args.seed * 1_000_003
         triplets = [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
-                                 random.Random(args.seed * 1_000_003 + pos))
+                                 random.Random(draw_seed + pos))
                     for pos in range(start + ranks.rank, start + args.sample_prompts, ranks.world_size)]
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
-                                                  + ranks.rank)
+        generator = torch.Generator().manual_seed(draw_seed + batch_index * 1009 + round_index * 13 + ranks.rank)
         started = time.perf_counter()
         groups = sample_groups(model, processor, triplets, train.kind, sorted(by_class), args, generator)
         if time.perf_counter() - started > 30:  # a long stage says where it is
@@ -321,10 +319,9 @@ def sft_question(args, kind: str, example: data.Example, seen: list[str], confus
     and the rationale's candidates: a closed question's options, else the classes confusable with its own."""
     name = example.class_name
     text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
-    asked = ({"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM} if args.sft_prompt == "paper" else
-             {"question": text, "system": None})
-    return {"image": example.image, "id": example.id, "class_name": name,
-            "candidates": distractors or confusable[name], **asked}
+    paper = args.sft_prompt == "paper"
+    return {"image": example.image, "id": example.id, "class_name": name, "candidates": distractors or confusable[name],
+            "question": text.removesuffix(RL_SUFFIX) if paper else text, "system": SFT_SYSTEM if paper else None}
 
 def response_text(rationale: str, class_name: str) -> str:
     """The SFT target format of the paper: <think>...</think>, a blank line, <answer>CLASS</answer>."""
@@ -517,8 +514,7 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers):
     torch.cuda.empty_cache()
 
 def teacher_completions(teacher, processor, requests: list[tuple[str, str]], args, generator) -> list[str]:
-    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
-    model behind an OpenAI-compatible server (judges.OpenAIServer, the requests in flight together)."""
+    """--cot-samples completions per (image, instruction), image-major: a Qwen2.5-VL loaded here, or a server's."""
     if processor is None:  # a server
         def ask(image_and_text: tuple[str, str]) -> list[str]:
             replies = teacher.chat_image(*image_and_text, n=args.cot_samples, temperature=args.cot_temperature,
