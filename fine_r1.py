@@ -157,8 +157,7 @@ def score(completions: list[str], example: dict, weights: dict[str, float]):
     ...       {"accuracy": 0.9, "format": 0.1})[0]
     tensor([1.])
     """
-    spaced = [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions]
-    return lifecycle.group_rewards(REWARDS, weights, spaced, example)
+    return lifecycle.group_rewards(REWARDS, weights, [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions], example)
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
@@ -182,8 +181,7 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         groups = sample_round(rounds)
         keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
         if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
-            keep = torch.ones_like(keep)
-            whole_rounds += 1
+            keep, whole_rounds = torch.ones_like(keep), whole_rounds + 1
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
@@ -229,8 +227,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
     k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
     clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    def token_mean(values):  # [B, T] -> []: this micro-batch's share of the step's token mean
-        return (values * mask).sum() / normalizer
+    token_mean = lambda values: (values * mask).sum() / normalizer  # noqa: E731  [B, T] -> [], this micro-batch's share
     pg_term, kl_term = token_mean(pg), token_mean(k3)  # []
     entropy, entropy_neg = token_mean(-logp), token_mean(-neg_logp)  # [] (neg_logp carries no gradient)
     loss = pg_term - kl_coef * kl_term + entropy_coef * entropy + neg_entropy_coef * entropy_neg  # []
@@ -531,8 +528,7 @@ def teacher_completions(teacher, processor, requests: list[tuple[str, str]], arg
 
 def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
-    args, ranks = run.args, run.ranks
-    final = os.path.join(run.out, "final")
+    args, ranks, final = run.args, run.ranks, os.path.join(run.out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage sft: {final} exists, skipped")
         return
@@ -574,8 +570,7 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
 
 def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool):
     """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
-    args, ranks = run.args, run.ranks
-    out = os.path.dirname(run.out)
+    args, ranks, out = run.args, run.ranks, os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage tapo: {final} exists, skipped")
