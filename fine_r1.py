@@ -99,12 +99,10 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-# One triplet's 2G responses: rollout rows 0..G-1 from the anchor image, G..2G-1 from the positive; neg_prompt, the
-# question with the negative image; accuracy, the first named reward's mean (the accuracy), which dynamic sampling reads
+# One triplet's 2G responses (rows 0..G-1 the anchor's, G..2G-1 the positive's); accuracy: the first reward's mean
 Group = collections.namedtuple("Group", "triplet rollout neg_prompt reward parts accuracy")
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
-    """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
                                [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
@@ -238,8 +236,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
-    """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
-    (dynamic_sampling), their advantages and log-probs under the sampling policy with their own and negative image."""
+    """(rows, groups, metrics on this rank, data position after) of one rollout batch, sampled by dynamic_sampling."""
     def sample_round(round_index: int) -> list[Group]:
         # this rank's triplets: data positions start + rank, + world, ... of seeded epochs over the anchors, each
         # position's draws seeded by it (the same on resume and on any number of ranks)
@@ -296,8 +293,7 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                             precision=args.precision)
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
-    """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
-    context only; the labels are the response and the closing <|im_end|>."""
+    """(prompt, target ids) of one rationale: the prompt is context only, the labels its response and <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
     return (common.encode_prompt(processor, record["image"], record["question"], record.get("system")),
             torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]
@@ -312,8 +308,7 @@ SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you f
               "as in <think> your reasoning </think><answer> your answer </answer>.")
 
 def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
-    """An image's SFT record but its response: the question (and system prompt, see SFT_SYSTEM) it is trained with,
-    and the rationale's candidates: a closed question's options, else the classes confusable with its own."""
+    """An image's SFT record but its response: the question it is trained with and its rationale's candidates."""
     name = example.class_name
     text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
     paper = args.sft_prompt == "paper"
@@ -469,8 +464,7 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     return path
 
 def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers):
-    """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
-    whose images are offered --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+    """common.resumable_map's work: (class, {"records", "tried", "fails"}) for each class of `names`, by the teacher."""
     if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
         return
     if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
@@ -549,7 +543,6 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
         lr = lifecycle.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
                              warmup_steps=args.sft_warmup)
         lifecycle.set_lr(optimizer, lr)
-        # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
         positions = range(step * args.sft_batch + ranks.rank, (step + 1) * args.sft_batch, ranks.world_size)
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
 
@@ -594,7 +587,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool):
                   f"{math.ceil(total_steps / steps_per_batch)} rollout batches of {args.rollout_batch} triplets x "
                   f"{2 * args.group_size} responses, {steps_per_batch} updates each, {args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
-    # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
     for batch_start in run.steps(state["step"], total_steps, steps_per_batch):
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
