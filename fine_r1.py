@@ -308,7 +308,7 @@ SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you f
               "as in <think> your reasoning </think><answer> your answer </answer>.")
 
 def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
-    """An image's SFT record but its response: the question it is trained with and its rationale's candidates."""
+    """An image's SFT record but its response: the question (and system prompt) it is trained with, its candidates."""
     name = example.class_name
     text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
     paper = args.sft_prompt == "paper"
