@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import difflib
 import gc
 import json
@@ -57,9 +56,8 @@ CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Writ
 def closed_prompt(kind: str, options: list[str]) -> str:
     return CLOSED_PROMPT.format(question=QUESTION.format(kind=kind), options=str(list(options)))
 
-# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four). The RL prompt: the
-# question, a blank line, the request to think it through in <think> and answer in <answer>; the open-world evaluation
-# says it is a fine-grained question and asks for the two tags in the RL prompt's words (asked as it was trained).
+# Open questions (the paper's SFT data has 198 phrasings, its RL data one per domain; here four) and the RL format
+# request; the open-world evaluation asks for the two tags in the RL prompt's words (asked as it was trained).
 QUESTIONS = ["What is the {kind} in this image?", "Which {kind} is shown in this picture?",
              "What is the specific name of this {kind}?", "Name the {kind} in the image."]
 RL_SUFFIX = ("\n\nFirst think the question through as an inner monologue inside <think> </think>, then give "
@@ -78,9 +76,8 @@ MCQ_EVAL = evaluation.Protocol("mcq", evaluation.choice_batch, evaluation.choice
 EVALS = {"open": OPEN_EVAL, "mcq": MCQ_EVAL}
 
 def pose_question(kind: str, key, truth: str = "", others: list[str] = (), closed_frac: float = 0.0):
-    """(question, distractors) of one sample, picked by a stable key (an image id, a pair of images): an open
-    phrasing with the RL format request and None, or with probability closed_frac (the paper: 0) the closed-world
-    evaluation's prompt whose options are the truth and 3 of `others` (shuffled), and those 3 distractors."""
+    """(question, distractors) of one sample, seeded by a stable key (image ids): an open phrasing with the RL format
+    request and None, or with probability closed_frac (paper: 0) the closed prompt on the truth and 3 of `others`."""
     rng = random.Random(f"question/{key}")
     if closed_frac > 0 and rng.random() < closed_frac and len(others) >= 3:
         distractors = rng.sample(list(others), 3)
@@ -92,11 +89,9 @@ def pose_question(kind: str, key, truth: str = "", others: list[str] = (), close
 Triplet = collections.namedtuple("Triplet", "anchor positive negative")  # of data.Example
 
 def negative_classes(names: list[str], how: str, k: int) -> dict[str, list[str]]:
-    """Each class's negative classes: every other class (random) or the k with the most similar names (confusable)."""
     return {a: [b for b in names if b != a] for a in names} if how == "random" else confusable_classes(names, k)
 
 def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: random.Random) -> Triplet:
-    """The anchor, a positive drawn from the other images of its class, a negative from one of its negative classes."""
     same = [e for e in by_class[anchor.class_name] if e.image != anchor.image]
     if not same:
         raise SystemExit(f"class {anchor.class_name!r} has a single training image ({anchor.image}); TAPO's positive "
@@ -104,36 +99,25 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-@dataclasses.dataclass
-class Group:
-    """One triplet's 2G responses: rows 0..G-1 from the anchor image, G..2G-1 from the positive image."""
-    triplet: Triplet
-    rollout: common.Rollout  # prompts [anchor's, positive's] x G rows each: [2G, T]
-    neg_prompt: common.EncodedPrompt  # the same question with the negative image
-    reward: torch.Tensor  # [2G]
-    parts: dict  # reward name -> [2G]
-    accuracy: float  # the mean of the first named reward (--rewards: the accuracy), what dynamic sampling filters on
+# One triplet's 2G responses (rows 0..G-1 the anchor's, G..2G-1 the positive's); accuracy: the first reward's mean
+Group = collections.namedtuple("Group", "triplet rollout neg_prompt reward parts accuracy")
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
-    """G rollouts from each anchor and G from each positive (one sampling call for all of them), rewarded."""
     questions = [pose_question(kind, f"{t.anchor.id}|{t.positive.id}", t.anchor.class_name,
                                [c for c in seen_classes if c != t.anchor.class_name], args.closed_frac)[0]
                  for t in triplets]  # one question per triplet, asked with the anchor and with the positive
     prompts = [common.encode_prompt(processor, image, q) for t, q in zip(triplets, questions)
                for image in (t.anchor.image, t.positive.image)]  # [a1, p1, a2, ...]: prompt j owns rows j*G..j*G+G-1
     with args.precision.context():
-        rollout = common.sample(model, processor, prompts, group_size=args.group_size,
+        rollout = common.sample(model, processor, prompts, group_size=args.group_size, generator=generator,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                generator=generator, prompt_batch=args.rollout_prompt_batch,
-                                compile_decode=bool(args.compile_decode))
+                                prompt_batch=args.rollout_prompt_batch, compile_decode=bool(args.compile_decode))
     groups = []
     for i, t in enumerate(triplets):
         rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
-        example = {"truth": t.anchor.class_name, "anchor": t.anchor, "positive": t.positive, "negative": t.negative}
-        reward, parts = score(rollout.texts[rows], example, args.reward_weights)  # [2G]: anchor's G, positive's G
-        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, rollout.completion_ids[rows],
-                             rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
-                             rollout.texts[rows])
+        reward, parts = score(rollout.texts[rows], {"truth": t.anchor.class_name, **t._asdict()}, args.reward_weights)
+        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, *(column[rows] for column in (
+            rollout.completion_ids, rollout.completion_mask, rollout.logprobs, rollout.truncated, rollout.texts)))
         groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
                             float(next(iter(parts.values())).mean())))
     return groups
@@ -171,8 +155,7 @@ def score(completions: list[str], example: dict, weights: dict[str, float]):
     ...       {"accuracy": 0.9, "format": 0.1})[0]
     tensor([1.])
     """
-    spaced = [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions]
-    return lifecycle.group_rewards(REWARDS, weights, spaced, example)
+    return lifecycle.group_rewards(REWARDS, weights, [re.sub(r"\s*([<>/])\s*", r"\1", c) for c in completions], example)
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), unbiased std (as verl); rows grouped by triplet.
@@ -196,17 +179,15 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         groups = sample_round(rounds)
         keep = keep_groups(torch.tensor([g.accuracy for g in groups]), low, high)  # [P] bool
         if float(common.all_reduce_sum(keep.sum().float().view(1))[0]) == 0:  # nothing passed anywhere
-            keep = torch.ones_like(keep)
-            whole_rounds += 1
+            keep, whole_rounds = torch.ones_like(keep), whole_rounds + 1
         for g, ok in zip(groups, keep.tolist()):
             (kept if ok else rejected).append(g)
         rounds += 1
     sampled, filled = len(kept) + len(rejected), max(0, quota - len(kept))  # check_batches: enough are sampled
-    batch = kept[:quota] + (rejected[-filled:] if filled else [])
-    stats = {"dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
-             "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
-             "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
-    return batch, stats
+    return kept[:quota] + (rejected[-filled:] if filled else []), {
+        "dynamic/rounds": rounds, "dynamic/sampled": sampled, "dynamic/kept": len(kept), "dynamic/filled": filled,
+        "dynamic/kept_frac": len(kept) / max(1, sampled), "dynamic/whole_rounds": whole_rounds,
+        "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
 
 # ----- 3. The TAPO loss, written by hand -----
 
@@ -244,8 +225,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
     k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
     clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    def token_mean(values):  # [B, T] -> []: this micro-batch's share of the step's token mean
-        return (values * mask).sum() / normalizer
+    token_mean = lambda values: (values * mask).sum() / normalizer  # noqa: E731  [B, T] -> [], this micro-batch's share
     pg_term, kl_term = token_mean(pg), token_mean(k3)  # []
     entropy, entropy_neg = token_mean(-logp), token_mean(-neg_logp)  # [] (neg_logp carries no gradient)
     loss = pg_term - kl_coef * kl_term + entropy_coef * entropy + neg_entropy_coef * entropy_neg  # []
@@ -256,17 +236,15 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
-    """(rows, groups, metrics on this rank, data position after): triplets sampled until each rank holds its groups
-    (dynamic_sampling), their advantages and log-probs under the sampling policy with their own and negative image."""
+    """(rows, groups, metrics on this rank, data position after) of one rollout batch, sampled by dynamic_sampling."""
     def sample_round(round_index: int) -> list[Group]:
         # this rank's triplets: data positions start + rank, + world, ... of seeded epochs over the anchors, each
         # position's draws seeded by it (the same on resume and on any number of ranks)
-        start, anchors = cursor + round_index * args.sample_prompts, train.examples
+        start, anchors, draw_seed = cursor + round_index * args.sample_prompts, train.examples, args.seed * 1_000_003
         triplets = [make_triplet(anchors[common.stream_position(pos, len(anchors), args.seed)], by_class, negatives,
-                                 random.Random(args.seed * 1_000_003 + pos))
+                                 random.Random(draw_seed + pos))
                     for pos in range(start + ranks.rank, start + args.sample_prompts, ranks.world_size)]
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_index * 1009 + round_index * 13
-                                                  + ranks.rank)
+        generator = torch.Generator().manual_seed(draw_seed + batch_index * 1009 + round_index * 13 + ranks.rank)
         started = time.perf_counter()
         groups = sample_groups(model, processor, triplets, train.kind, sorted(by_class), args, generator)
         if time.perf_counter() - started > 30:  # a long stage says where it is
@@ -274,37 +252,31 @@ def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_cla
         return groups
 
     model.eval()  # sampling needs the KV cache, which activation checkpointing turns off in train mode
-    with timer("sampling"):
-        first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
-        with args.precision.context(), \
-                common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
-            groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size,
-                                               args.max_sample_rounds, args.acc_low, args.acc_high)
+    first = common.encode_prompt(processor, train.examples[0].image, pose_question(train.kind, 0)[0])
+    with timer("sampling"), args.precision.context(), \
+            common.gathered_params(model, common.fsdp_warmup_inputs(model, processor, first)):
+        groups, metrics = dynamic_sampling(sample_round, args.rollout_batch // ranks.world_size, args.max_sample_rounds,
+                                           args.acc_low, args.acc_high)
     cursor += metrics["dynamic/rounds"] * args.sample_prompts
 
-    # the advantage over each group of 2G (G from the anchor + G from the positive); the log-probs once, no grad
     pad_id = common.special_token_ids(processor)["<|endoftext|>"]
     rollout = common.concat_rollouts([g.rollout for g in groups], pad_id)  # R rows, padded to the longest
     own, ids, mask = rollout.row_prompts, rollout.completion_ids, rollout.completion_mask  # [R], [R, T], [R, T]
     neg = [g.neg_prompt for g in groups for _ in g.rollout.texts]  # [R] each row's negative image
     rewards = torch.cat([g.reward for g in groups])  # [R]
-    logprobs = lambda prompts: common.completion_logprobs(  # noqa: E731  [R, T]
-        model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
-        shared_prefix=bool(args.shared_prefix))
-    with timer("logprobs"), args.precision.context():
-        batch = dict(own=own, ids=ids, mask=mask, pad_id=pad_id,
-                     advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps),  # [R]
-                     old_logp=logprobs(own),  # [R, T] each response under its own image
-                     neg_logp=logprobs(neg))  # [R, T] the same responses under the triplet's negative image
-    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0],
-                    **{f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean())
-                       for name in args.reward_weights},
+    with timer("logprobs"), args.precision.context():  # each response under its own image, then the negative one
+        old_logp, neg_logp = [common.completion_logprobs(
+            model, processor, prompts, ids, mask, temperature=args.temperature, micro_batch=args.logprob_micro_batch,
+            shared_prefix=bool(args.shared_prefix)) for prompts in (own, neg)]  # [R, T] each
+        batch = dict(own=own, ids=ids, mask=mask, pad_id=pad_id, old_logp=old_logp, neg_logp=neg_logp,
+                     advantages=group_advantages(rewards, 2 * args.group_size, args.adv_eps))  # [R]
+    parts = {f"reward/{name}": float(torch.cat([g.parts[name] for g in groups]).mean()) for name in args.reward_weights}
+    metrics.update({"reward": float(rewards.mean()), "completion_len": float(mask.sum()) / mask.shape[0], **parts,
                     "truncation_rate": float(rollout.truncated.float().mean())})
     return batch, groups, metrics, cursor
 
 def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, rows: range, args):
-    """Optimizer step `step` on the responses `rows` of the rollout batch: their token mean over all ranks, so the
-    normalizer is the global token count / world size (DDP and FSDP average gradients over ranks)."""
+    """Optimizer step `step` on the responses `rows` of the rollout batch, their token mean over all ranks."""
     normalizer = lifecycle.global_token_count(batch["mask"][rows.start:rows.stop]) / run.ranks.world_size
 
     def loss_of(micro: slice):
@@ -314,31 +286,17 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                                         bool(args.shared_prefix)).float()  # [b, t] each image's prompt once
         return tapo_loss(logp, batch["old_logp"][micro, :width].to(logp), batch["neg_logp"][micro, :width].to(logp),
                          batch["advantages"][micro].to(logp), mask.to(logp.device), normalizer=normalizer,
-                         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                         kl_coef=args.kl_neg_coef, entropy_coef=args.entropy_coef,
-                         neg_entropy_coef=args.neg_entropy_coef)
+                         clip_low=args.clip_low, clip_high=args.clip_high, entropy_coef=args.entropy_coef,
+                         dual_clip=args.dual_clip, kl_coef=args.kl_neg_coef, neg_entropy_coef=args.neg_entropy_coef)
     micro_batches = [slice(s, min(s + args.micro_batch, rows.stop)) for s in rows[::args.micro_batch]]
     return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=args.grad_clip,
                             precision=args.precision)
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
-    """(prompt, target ids) of one rationale: the prompt (its "system" or Qwen's default, the image, the question) is
-    context only; the labels are the response and the closing <|im_end|>."""
+    """(prompt, target ids) of one rationale: the prompt is context only, the labels its response and <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
-    prompt = common.encode_prompt(processor, record["image"], record["question"], record.get("system"))
-    target = torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end])  # [T]
-    return prompt, target
-
-def sft_update(model, optimizer, run: lifecycle.Run, step: int, batch: list[dict], processor, args):
-    """Optimizer step `step` on this rank's rationales: the mean of the micro-batches' token means, each weighted by
-    its rows (the step's loss is the mean over its samples)."""
-    def loss_of(records: list[dict]):
-        rows = [sft_example(processor, r) for r in records]
-        loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])  # []
-        return loss * len(rows) / len(batch), {"target_tokens": torch.tensor(sum(len(t) for _, t in rows))}
-    micro_batches = [batch[s:s + args.sft_micro_batch] for s in range(0, len(batch), args.sft_micro_batch)]
-    return lifecycle.update(model, optimizer, run.guard, step, micro_batches, loss_of, grad_clip=1.0,
-                            precision=args.precision)  # the paper's SFT clips at 1.0
+    return (common.encode_prompt(processor, record["image"], record["question"], record.get("system")),
+            torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]
 
 # ----- 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle -----
 
@@ -350,14 +308,12 @@ SFT_SYSTEM = ("The user asks a question and you, the assistant, answer it: you f
               "as in <think> your reasoning </think><answer> your answer </answer>.")
 
 def sft_question(args, kind: str, example: data.Example, seen: list[str], confusable: dict) -> dict:
-    """An image's SFT record but its response: the question (and system prompt, see SFT_SYSTEM) it is trained with,
-    and the rationale's candidates: a closed question's options, else the classes confusable with its own."""
+    """An image's SFT record but its response: the question (and system prompt) it is trained with, its candidates."""
     name = example.class_name
     text, distractors = pose_question(kind, example.id, name, [c for c in seen if c != name], args.closed_frac)
-    asked = ({"question": text.removesuffix(RL_SUFFIX), "system": SFT_SYSTEM} if args.sft_prompt == "paper" else
-             {"question": text, "system": None})
-    return {"image": example.image, "id": example.id, "class_name": name,
-            "candidates": distractors or confusable[name], **asked}
+    paper = args.sft_prompt == "paper"
+    return {"image": example.image, "id": example.id, "class_name": name, "candidates": distractors or confusable[name],
+            "question": text.removesuffix(RL_SUFFIX) if paper else text, "system": SFT_SYSTEM if paper else None}
 
 def response_text(rationale: str, class_name: str) -> str:
     """The SFT target format of the paper: <think>...</think>, a blank line, <answer>CLASS</answer>."""
@@ -380,8 +336,7 @@ TEACHER_PROMPT = (
 LIST_ITEM = re.compile(r"^\s*(?:(\d+)[.)]|[-*\u2022])\s+\S")  # "1. x", "2) x", "- x", "* x", "\u2022 x"
 
 def _marker(text: str, mark: str, last: bool = False) -> tuple[int, int]:
-    """(start, end) of the first (last) occurrence of a fixed line's words, any case, spaces allowed before a colon;
-    (-1, -1) when it is absent."""
+    """(start, end) of the first (last) match of `mark`'s words (any case, spaces before a colon) or (-1, -1)."""
     pattern = re.escape(mark.rstrip(":")).replace("\\ ", "\\s+") + (r"\s*:" if mark.endswith(":") else "")
     spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
     return spans[-1 if last else 0] if spans else (-1, -1)
@@ -420,10 +375,9 @@ def names_truth(text: str, truth: str, classes: list[str] = ()) -> bool:
     return found and not any(f" {c} " in said for c in longer)
 
 def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICTION_MARK), classes: list[str] = ()):
-    """(the <think> text or None, the checks): format, the answer is the truth, and four parts (markdown ignored):
-    analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list (candidate_block);
-    comparison, 3+ words after the list and before the prediction line (marks[1], the last one), which names the
-    truth (names_truth); the answer compared normalised."""
+    """(the <think> text or None, the checks): format, the answer is the truth (normalised), and four parts (markdown
+    ignored): analysis, a feature list before the candidate line (marks[0]); candidates, that line and its list
+    (candidate_block); comparison, 3+ words after it, before the last prediction line (marks[1]) naming the truth."""
     think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
     answer = judges.parse_answer(completion)
     text = re.sub(r"\*\*|__", "", think.group(1) if think else "")  # markdown bold
@@ -436,8 +390,7 @@ def check_rationale(completion: str, truth: str, marks=(CANDIDATES_MARK, PREDICT
               "answer": answer is not None and judges.normalize(answer) == judges.normalize(truth),
               "analysis": any(LIST_ITEM.match(line) for line in features.split("\n"))
               or re.search(r"(^|\s)1[.)]\s", features) is not None,
-              "candidates": len(block.split()) > 0 if listed else c_start >= 0,
-              "comparison": len(rest.split()) >= 3,
+              "candidates": len(block.split()) > 0 if listed else c_start >= 0, "comparison": len(rest.split()) >= 3,
               "prediction": p_start >= 0 and names_truth(text[p_end:], truth, classes)}
     return (think.group(1).strip() if all(checks.values()) else None), checks
 
@@ -452,8 +405,7 @@ def attribute_rationale(class_name: str, candidates: list[str]) -> str:
     plain, not blue | the final answer is red striped circle" (| a line break)."""
     attributes = class_name.split()  # each candidate, another class, differs in an attribute: its first is named
     differs = [next(w for w, mine in zip(c.split(), attributes) if w != mine) for c in candidates]
-    features = " ".join(f"{i}. {kind}: {w}" for i, (kind, w) in enumerate(zip(("colour", "pattern", "shape"),
-                                                                              attributes), 1))
+    features = " ".join(f"{label}: {word}" for label, word in zip(("1. colour", "2. pattern", "3. shape"), attributes))
     return (f"{features}\n{TOY_CANDIDATES_MARK} {', '.join(candidates)}\n"
             f"{', '.join('not ' + w for w in differs)}\n{TOY_PREDICTION_MARK} {class_name}")
 
@@ -483,16 +435,15 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
     confusable = confusable_classes(seen, args.cot_candidates)
     rng = random.Random(args.seed)  # the images each class offers the teacher, in a seeded order
     offers = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
-    offers = {name: rng.sample(images, len(images)) for name, images in offers.items()}
+    offers = {name: [sft_question(args, train.kind, ex, seen, confusable) for ex in rng.sample(images, len(images))]
+              for name, images in offers.items()}  # each image's SFT record but its response
     if args.cot_source == "attributes":
-        records = [sft_question(args, train.kind, ex, seen, confusable) for name in seen
-                   for ex in offers[name][:args.cot_per_class]]
-        records = [{**r, "response": response_text(attribute_rationale(r["class_name"], r["candidates"]),
-                                                   r["class_name"])} for r in records]
+        records = [{**q, "response": response_text(attribute_rationale(name, q["candidates"]), name)}
+                   for name in seen for q in offers[name][:args.cot_per_class]]
         stats = {"cot/tried": len(records)}
     else:  # the teacher, class by class over the ranks; a killed run redoes only the classes it did not finish
         done = common.resumable_map(out, "cot", seen, lambda names: teacher_rationales(
-            names, args, ranks, out, train, seen, offers, confusable), ranks, "stage cot: seen classes")
+            names, args, ranks, out, train, seen, offers), ranks, "stage cot: seen classes")
         records = [r for name in seen for r in done[name]["records"]]  # class order, any rank count
         stats = collections.Counter()
         for result in done.values():
@@ -512,9 +463,8 @@ def run_cot(args, ranks: common.Dist, out: str) -> str:
                   f"{len(seen)} seen classes -> {path}")
     return path
 
-def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, confusable):
-    """The teacher's work in common.resumable_map: (class, {"records", "tried", "fails"}) for each class of `names`,
-    whose images are offered --cot-batch at a time until --cot-per-class rationales pass check_rationale."""
+def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers):
+    """common.resumable_map's work: (class, {"records", "tried", "fails"}) for each class of `names`, by the teacher."""
     if not names:  # a rank with nothing left to write (every class done before a kill) loads no teacher
         return
     if (args.teacher or "").startswith("openai:"):  # a teacher behind a server: nothing loaded here
@@ -524,33 +474,29 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     else:  # the teacher is never updated: stored in the compute dtype (bf16 on GPU)
         frozen = common.precision_for(args.dtype, ranks, "ddp", trained_weights=False).compute
         teacher, processor = common.load_model(args.teacher or args.model, device=ranks.device, dtype=frozen,
-                                               attn=args.attn, min_pixels=args.sft_min_pixels,
-                                               max_pixels=args.sft_max_pixels,
-                                               flag="--teacher" if args.teacher else "--model")
+                                               attn=args.attn, flag="--teacher" if args.teacher else "--model",
+                                               min_pixels=args.sft_min_pixels, max_pixels=args.sft_max_pixels)
         teacher.eval()
     for position, name in enumerate(names):
         kept, tried, fails = [], 0, collections.Counter()
         for start in range(0, args.cot_images_per_class, args.cot_batch):
-            offered = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
-            if not offered or len(kept) >= args.cot_per_class:
+            posed = offers[name][start:min(start + args.cot_batch, args.cot_images_per_class)]
+            if not posed or len(kept) >= args.cot_per_class:
                 break
-            posed = [sft_question(args, train.kind, ex, seen, confusable) for ex in offered]
-            texts = [TEACHER_PROMPT.format(kind=train.kind, truth=name, candidates=", ".join(q["candidates"]))
-                     for q in posed]
+            requests = [(q["image"], TEACHER_PROMPT.format(kind=train.kind, truth=name,
+                                                           candidates=", ".join(q["candidates"]))) for q in posed]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + seen.index(name) * 101 + start)
             try:
-                completions = teacher_completions(teacher, processor, [ex.image for ex in offered], texts, args,
-                                                  generator)
+                completions = teacher_completions(teacher, processor, requests, args, generator)
             except (judges.ServerError, judges.BadRequest) as e:  # a server teacher that failed
                 raise SystemExit(f"stage cot: {e}. The classes finished so far are kept in {out}/cot.part*.jsonl: "
                                  f"rerun the same command to resume") from None
             for row, completion in enumerate(completions):
-                i = row // args.cot_samples
+                q = posed[row // args.cot_samples]  # the record of its image: one rationale per image is kept
                 rationale, checks = check_rationale(completion, name, classes=train.class_names)
                 fails.update({check: int(not ok) for check, ok in checks.items()})  # every check counted, 0 too
-                if (rationale is not None and len(kept) < args.cot_per_class
-                        and posed[i]["id"] not in {r["id"] for r in kept}):  # one rationale per image
-                    kept.append({**posed[i], "response": response_text(rationale, name)})
+                if rationale is not None and len(kept) < args.cot_per_class and q["id"] not in {r["id"] for r in kept}:
+                    kept.append({**q, "response": response_text(rationale, name)})
             tried += len(completions)
         yield name, {"records": kept, "tried": tried, "fails": fails}
         common.print0(f"  cot class {position + 1}/{len(names)} (rank 0 shard) {name}: {len(kept)} kept")
@@ -558,9 +504,8 @@ def teacher_rationales(names: list[str], args, ranks, out, train, seen, offers, 
     gc.collect()  # the memory back before the next stage loads
     torch.cuda.empty_cache()
 
-def teacher_completions(teacher, processor, images: list[str], texts: list[str], args, generator) -> list[str]:
-    """--cot-samples completions per (image, instruction), image-major: from a Qwen2.5-VL loaded here, or from a
-    model behind an OpenAI-compatible server (judges.OpenAIServer, the requests in flight together)."""
+def teacher_completions(teacher, processor, requests: list[tuple[str, str]], args, generator) -> list[str]:
+    """--cot-samples completions per (image, instruction), image-major: a Qwen2.5-VL loaded here, or a server's."""
     if processor is None:  # a server
         def ask(image_and_text: tuple[str, str]) -> list[str]:
             replies = teacher.chat_image(*image_and_text, n=args.cot_samples, temperature=args.cot_temperature,
@@ -569,19 +514,18 @@ def teacher_completions(teacher, processor, images: list[str], texts: list[str],
                 raise SystemExit(f"--teacher-url {teacher.url}: asked for n={args.cot_samples} completions, got "
                                  f"{len(replies)}; pass --cot-samples 1 for a server that ignores n")
             return replies
-        return [text for replies in teacher.map(ask, list(zip(images, texts))) for text in replies]
-    prompts = [common.encode_prompt(processor, image, text) for image, text in zip(images, texts)]
+        return [text for replies in teacher.map(ask, requests) for text in replies]
+    prompts = [common.encode_prompt(processor, image, text) for image, text in requests]
     return common.sample(teacher, processor, prompts, group_size=args.cot_samples, generator=generator,
                          max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature,
                          top_p=args.cot_top_p, compile_decode=bool(args.compile_decode)).texts
 
-def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
+def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict):
     """Fine-tune the policy on the rationales; export to <out>/sft/final. Skipped when that exists (resume)."""
-    args, ranks = run.args, run.ranks
-    final = os.path.join(run.out, "final")
+    args, ranks, final = run.args, run.ranks, os.path.join(run.out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage sft: {final} exists, skipped")
-        return final
+        return
     if not os.path.exists(cot_path):
         raise SystemExit(f"stage sft: {cot_path} does not exist; run --stage cot first or pass --cot-data FILE")
     records = common.read_jsonl(cot_path, required=("image", "class_name", "question", "response"))
@@ -599,31 +543,34 @@ def run_sft(run: lifecycle.Run, cot_path: str, eval_sets: dict) -> str:
         lr = lifecycle.lr_at(step, base_lr=args.sft_lr, total_steps=total_steps, schedule="cosine",
                              warmup_steps=args.sft_warmup)
         lifecycle.set_lr(optimizer, lr)
-        # this rank's samples: positions step*B + rank, + world, ... of the endless seeded stream
         positions = range(step * args.sft_batch + ranks.rank, (step + 1) * args.sft_batch, ranks.world_size)
         batch = [records[common.stream_position(pos, len(records), args.seed)] for pos in positions]
+
+        def loss_of(micro: list[dict]):  # the step's mean over samples: micro-batch token means weighted by rows
+            rows = [sft_example(processor, r) for r in micro]
+            loss = common.sft_loss(model, processor, [p for p, _ in rows], [t for _, t in rows])  # []
+            return loss * len(rows) / len(batch), {"target_tokens": torch.tensor(sum(len(t) for _, t in rows))}
+        micro_batches = [batch[s:s + args.sft_micro_batch] for s in range(0, len(batch), args.sft_micro_batch)]
         model.train()
-        with run.timer("update"):
-            grad_norm, stats = sft_update(model, optimizer, run, step + 1, batch, processor, args)
+        with run.timer("update"):  # the paper's SFT clips at 1.0
+            grad_norm, stats = lifecycle.update(model, optimizer, run.guard, step + 1, micro_batches, loss_of,
+                                                grad_clip=1.0, precision=args.precision)
         run.end_step(step + 1, {"stage": "sft", "lr": lr, "grad_norm": grad_norm, **lifecycle.mean_over_ranks(stats)},
                      model, optimizer, {"stage": "sft", "data_position": (step + 1) * args.sft_batch}, evaluate,
                      shown=("loss", "grad_norm"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage sft: done, exported to {final}")
-    return final
 
-def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
+def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool):
     """TAPO from the SFT export (or --tapo-init / --model) in <out>/tapo, exported to <out>/final (skipped if there)."""
-    args, ranks = run.args, run.ranks
-    out = os.path.dirname(run.out)
+    args, ranks, out = run.args, run.ranks, os.path.dirname(run.out)
     final, sft_final = os.path.join(out, "final"), os.path.join(out, "sft", "final")
     if os.path.exists(os.path.join(final, "config.json")):
         common.print0(f"stage tapo: {final} exists, skipped")
-        return final
+        return
     init = args.tapo_init or (sft_final if os.path.exists(os.path.join(sft_final, "config.json")) else args.model)
     steps_per_batch = args.rollout_batch // args.prompts_per_step
 
-    # data: k images per seen class (the anchors), and the classes each one's negative may come from
     train = load_split(args, "train", "base", shots=args.shots, limit=args.train_limit)
     seen = sorted({ex.class_name for ex in train.examples})
     by_class = {name: [ex for ex in train.examples if ex.class_name == name] for name in seen}
@@ -631,8 +578,7 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
     total_steps = args.max_steps or steps_per_batch * max(1, math.floor(args.tapo_epochs * len(train.examples)
                                                                         / args.rollout_batch))
     model, processor, _ = run.load_policy(init, trainable=vision_trained(not args.tapo_freeze_vision),
-                                          estimate=lambda processor: tapo_estimate(processor, train.kind, args,
-                                                                                   ranks.world_size))
+                                          estimate=lambda proc: tapo_estimate(proc, train.kind, args, ranks.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = lambda step: {"stage": "tapo", **evaluate_all(model, processor, eval_sets, args, run.out, step)}  # noqa
     state = run.resume(model, optimizer, evaluate if first_stage else None)  # after SFT its end is the baseline
@@ -641,7 +587,6 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                   f"{math.ceil(total_steps / steps_per_batch)} rollout batches of {args.rollout_batch} triplets x "
                   f"{2 * args.group_size} responses, {steps_per_batch} updates each, {args.negatives} negatives")
     rows_per_step = args.prompts_per_step // ranks.world_size * 2 * args.group_size  # one optimizer step, this rank
-    # a rollout batch every steps_per_batch optimizer steps, then those steps on it (the last may be cut by the total)
     for batch_start in run.steps(state["step"], total_steps, steps_per_batch):
         batch, groups, metrics, cursor = rollout_batch(batch_index, cursor, model, processor, train, by_class,
                                                        negatives, args, ranks, run.timer)
@@ -672,10 +617,8 @@ def run_tapo(run: lifecycle.Run, eval_sets: dict, first_stage: bool) -> str:
                                                                 "loss/pg", "loss/kl_neg", "completion_len"))
     lifecycle.export_hf(model, processor, final, dtype=args.export_dtype)
     common.print0(f"stage tapo: done, exported to {final}")
-    return final
 
 def sft_estimate(processor, records: list[dict], args) -> dict:
-    """Stage sft's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=0, new_tokens=args.cot_max_new_tokens, train_rows=args.sft_micro_batch,
                 prompt_tokens=max(memory.prompt_tokens_estimate(processor, r["question"]) for r in records[:64]),
                 title="memory budget (stage sft)",
@@ -684,7 +627,6 @@ def sft_estimate(processor, records: list[dict], args) -> dict:
                                        "vision tower frozen (no --sft-train-vision)")})
 
 def tapo_estimate(processor, kind: str, args, world_size: int) -> dict:
-    """Stage tapo's memory.report_memory_budget arguments, with the knobs that lower each part."""
     return dict(rollout_rows=(args.rollout_prompt_batch or 2 * (args.sample_prompts // world_size)) * args.group_size,
                 prompt_tokens=memory.prompt_tokens_estimate(processor, pose_question(kind, 0)[0]),
                 new_tokens=args.max_new_tokens, train_rows=args.micro_batch,
