@@ -80,7 +80,13 @@ def build_question(answers: list[str | None], truth: str, base_classes: list[str
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
                    prefixes: tuple[str, ...] = judges.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
     """The multiple-choice question of one image from its K parsed answers (None: a sample without <answer>), by the
-    paper's rules and the released code's where the paper is silent. "easy": only the truth was answered.
+    paper's rules and the released code's where the paper is silent:
+      1. the format prefix ("species name: ") stripped, answers over `max_chars` dropped, the rest normalised and
+         counted where they name a base class
+      2. only the truth answered: "easy" (dropped from training; with drop_easy=False kept, with random options)
+      3. options: the min(max_options, distinct) most frequent (ties: first answered); at most one distinct answer:
+         the truth and `random_options` random base classes join it, else a missing truth replaces the least frequent
+      4. shuffled; the answer is the truth's letter
 
     Example: answers ["Species name: Red-striped circle", "red striped circle", "blue square", None], truth "blue
     square", base classes ["red striped circle", "blue square", "green square"] -> counts {"red striped circle": 2,
@@ -149,9 +155,12 @@ def answer_letter(completion: str, n_options: int) -> str | None:
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
     (normalised; the tiny stand-in answers with the option's text, real checkpoints with letters)."""
+    letter = answer_letter(completion, len(options))
+    if letter is not None:  # most completions: the options' texts are never normalised
+        return letter
     text = judges.normalize(judges.parse_answer(completion) or "")
     matches = [judges.LETTERS[i] for i, option in enumerate(options) if text and text == judges.normalize(option)]
-    return answer_letter(completion, len(options)) or (matches[0] if len(matches) == 1 else None)
+    return matches[0] if len(matches) == 1 else None
 
 def format_reward(completions: list[str], question: dict) -> list[float]:
     """1 for a completion that is `<think>...</think> <answer>...</answer>` and nothing else."""
