@@ -85,12 +85,10 @@ class Dataset:
 
     @property
     def split_class_names(self) -> list[str]:
-        """The class names of this split (base, novel or all), in class-id order."""
         ids = self.classes if self.classes is not None else range(len(self.class_names))
         return [self.class_names[i] for i in ids]
 
 TOY_COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 210), "yellow": (225, 200, 40)}
-TOY_PATTERNS = ["plain", "striped"]
 TOY_SHAPES = ["circle", "square", "triangle"]
 TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2 merge
 TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
@@ -99,7 +97,7 @@ TOY_FILE = "{split}/{name}_{i:03d}.png"  # under toy_root(); the name with '_' f
 def toy_class_names() -> list[str]:
     """24 classes = colour x pattern x shape, in a fixed shuffled order so that the CoOp base / novel halves
     (first 12 / last 12 ids) each mix every colour, pattern and shape."""
-    names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in TOY_PATTERNS for s in TOY_SHAPES]
+    names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in ("plain", "striped") for s in TOY_SHAPES]
     random.Random(0).shuffle(names)
     return names
 
@@ -112,28 +110,23 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
-    box = [cx - half, cy - half, cx + half, cy + half]
     mask = Image.new("L", (s, s), 0)
-    mdraw = ImageDraw.Draw(mask)
-    if shape == "circle":
-        mdraw.ellipse(box, fill=255)
-    elif shape == "square":
-        mdraw.rectangle(box, fill=255)
+    draw = ImageDraw.Draw(mask)
+    if shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=255)
     else:
-        mdraw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=255)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([cx - half, cy - half, cx + half, cy + half], fill=255)
     layer = Image.new("RGB", (s, s), fill)
     if pattern == "striped":
         period = rng.randint(8, 12)
-        ldraw = ImageDraw.Draw(layer)
         for y in range(0, s, period):
-            ldraw.rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
+            ImageDraw.Draw(layer).rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
     img.paste(layer, (0, 0), mask)
     arr = np.asarray(img).astype(np.int16)
     noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, arr.shape).astype(np.int16)
     return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
 
 def toy_root() -> str:
-    """Write the toy images once (deterministic) under the cache directory and return the folder."""
     root = os.path.join(common.CACHE_DIR, "toy-v1")
     if os.path.exists(os.path.join(root, "DONE")):
         return root
