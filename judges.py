@@ -9,6 +9,7 @@ judges.py: what a completion answers and whether it is right.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import os
@@ -49,7 +50,6 @@ def parse_answer(completion: str) -> str | None:
 DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased without any occurrence of the prefixes, as DiVE-k does ('Species name: X' -> 'x')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -62,8 +62,7 @@ def format_ok(completion: str) -> bool:
 ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too), besides those ABSTAIN_RE finds
     "", "none", "unknown", "no idea", "unsure", "uncertain", "unclear", "undetermined", "n a", "na", "nothing",
     "no answer", "none of the above", "none of these", "unidentified", "unidentifiable", "not identifiable",
-    "impossible to tell", "not possible to tell", "abstain", "pass",
-}
+    "impossible to tell", "not possible to tell", "abstain", "pass"}
 ABSTAIN_RE = re.compile(r"^(i m |i am |i )?(cannot|can t|can not|could not|couldn t|am unable to|unable to|"
                         r"do not know|don t know|have no idea|m not sure|not sure)\b")
 HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
@@ -112,7 +111,6 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     return out
 
 def add_judge_flags(group):
-    """The flags of an openai: judge's requests and of the stop on judge errors (speciarl.py, eval.py)."""
     group.add_argument("--judge-max-tokens", type=int, default=0, help="max_tokens of an openai: judge's answer (0 = "
                        "not sent: the server's limit, as the paper's client; a thinking judge needs room)")
     group.add_argument("--judge-thinking", type=int, default=0, choices=[0, 1], help="an openai: judge's "
@@ -121,7 +119,6 @@ def add_judge_flags(group):
                        "answers gets no label from the judge (a constrained judge, as the paper's, gives none)")
 
 def judge_error_stop(errors: float, judged: float, limit: float) -> str:
-    """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
     if judged and errors / judged > limit:
         return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, "
                 f"above --max-judge-errors {limit}): check the judge's server and flags (README: servers)")
@@ -165,7 +162,6 @@ class Judge:
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
 
     def stats(self) -> dict[str, float]:
-        """Counters for the run log: pairs judged and lookups answered from the cache, the hit rate, judge errors."""
         asked = self.judged + self.hits
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
                 "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
@@ -188,8 +184,7 @@ class Judge:
 def _canon(text: str) -> str:
     """normalise, drop a lone 's' after a word (what is left of a possessive in the verifier's text: "anna s
     hummingbird"), drop a leading article, 'grey' -> 'gray'."""
-    words = normalize(text).split()
-    words = [w for i, w in enumerate(words) if not (w == "s" and i > 0)]
+    words = [w for i, w in enumerate(normalize(text).split()) if not (w == "s" and i > 0)]
     if len(words) > 1 and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join("gray" if w == "grey" else w for w in words)
@@ -234,13 +229,6 @@ class RulesJudge(Judge):
         forms = {c, next((c[: -len(g) - 1] for g in self.kind_words if c.endswith(" " + g)), c)}  # kind word cut
         return forms | {f.replace(" ", "") for f in forms} if compact else forms
 
-    def _answer_forms(self, text: str) -> set[str]:
-        c = _canon(text)
-        words, out = c.split(), self._forms(c)
-        if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
-            out |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
-        return out
-
     def _matches(self, answer: set[str], name: str) -> bool:
         return any(answer & self._forms(n) for n in self._names(name))
 
@@ -260,7 +248,9 @@ class RulesJudge(Judge):
             return "wrong"
         if is_abstain(answer):
             return "abstain"
-        forms = self._answer_forms(answer)
+        words, forms = _canon(answer).split(), self._forms(_canon(answer))
+        if len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
+            forms |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
         if self._matches(forms, truth):
             return "specific"
         if is_hedge(answer):
@@ -384,14 +374,11 @@ def retry_after(headers) -> float | None:
     """The seconds a reply asks the client to wait: retry-after-ms, else Retry-After in seconds or as an HTTP date
     (the headers the official openai client reads, in its order)."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             return float(headers.get(name)) * scale
-        except (TypeError, ValueError):
-            pass
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return email.utils.parsedate_to_datetime(headers.get("retry-after") or "").timestamp() - time.time()
-    except (TypeError, ValueError):
-        return None
+    return None
 
 class OpenAIServer:
     """A chat-completions endpoint (`base_url` such as http://host:8000/v1, a model name), requests in a bounded pool,
@@ -440,14 +427,12 @@ class OpenAIServer:
 
     def request(self, method: str, path: str, body: dict | None = None, retries: int = 5,
                 timeout: float = 60.0) -> dict:
-        """One request, retried up to `retries` times; ServerError after the last try."""
         for attempt in range(retries + 1):
             t0 = time.perf_counter()
             try:
                 out = self._once(method, path, body, timeout)
                 with self._lock:
-                    self.counts["requests"] += 1
-                    self.counts["seconds"] += time.perf_counter() - t0
+                    self.counts.update(requests=1, seconds=time.perf_counter() - t0)
                 return out
             except ServerError as e:
                 if attempt == retries:
@@ -480,9 +465,8 @@ class OpenAIServer:
             raise SystemExit(f"{self.what} {self.url}: the server does not serve {self.model!r}; it serves {served}")
 
     def chat(self, body: dict) -> list[str]:
-        """POST /chat/completions with this model; the texts of the choices. Reasoning the server split out of the
-        text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
-        <think>...</think>, as the model wrote it."""
+        """The texts of the choices; reasoning the server split out of the text (`reasoning_content`: vLLM's reasoning
+        parsers; `reasoning`: newer vLLM) is put back in front as <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
         try:
             messages = [choice["message"] for choice in reply["choices"]]
@@ -502,8 +486,7 @@ class OpenAIServer:
                 self.counts["wall"] += time.perf_counter() - t0
 
     def chat_image(self, image: str, text: str, **body) -> list[str]:
-        """chat() on one user turn of an image file, sent inline as a data URL, and a text; `body` adds the request's
-        other fields (n, temperature, max_tokens, ...)."""
+        """chat() on an image file (inline as a data URL) and a text; `body`: n, temperature, max_tokens, ..."""
         import base64
         with open(image, "rb") as f:
             inline = (f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64,"
@@ -561,11 +544,9 @@ class OpenAIJudge(Judge):
 
     def _probe(self):
         for self.constraint in ("structured_outputs", "guided_choice"):
-            try:
+            with contextlib.suppress(BadRequest):  # the field refused
                 if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
                     return
-            except BadRequest:  # the field refused
-                pass
         self.constraint = ""
 
     def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
@@ -583,7 +564,6 @@ class OpenAIJudge(Judge):
         return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
-        """The cache's counters and the server's: requests, retries, requests per second, mean latency."""
         c = self.server.counts
         return {**super().stats(), "judge/requests": c["requests"], "judge/retries": c["retries"],
                 "judge/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
