@@ -11,6 +11,7 @@ data.py: the datasets, one entry point: `load_dataset(name, split, root=..., cla
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -151,14 +152,12 @@ def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val), hierarchy class -> shape family -> 'shape',
     one synonym per class with colour and pattern swapped ('striped red circle'), for the judges' synonym rule."""
     root, names = toy_root(), toy_class_names()
-    files = [(TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i), label, name)
-             for part in (["train", "val"] if split == "trainval" else [split])
-             for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
-    examples = [Example(os.path.join(root, rel), label, name, rel) for rel, label, name in files]
+    labelled = [(os.path.join(root, TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i)), label)
+                for part in (["train", "val"] if split == "trainval" else [split])
+                for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
     synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
     hierarchy = NameMap({n: [n.split()[-1], "shape"] for n in names})  # the family: the last word, as CUB's groups
-    return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,
-                   generic=["shape", "object"], split=split, root=root)
+    return _dataset("toy", "shape", root, split, labelled, names, hierarchy=hierarchy, synonyms=synonyms)
 
 def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     """CoOp base-to-novel rule: sorted class ids, base = the first ceil(n/2), novel = the rest."""
@@ -166,13 +165,11 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     return list(range(n_base)), list(range(n_base, num_classes))
 
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
-    """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
     rng = random.Random(seed)
-    by_class: dict[int, list[Example]] = {}
-    for e in ds.examples:
-        by_class.setdefault(e.label, []).append(e)
-    picked = [e for label in sorted(by_class) for e in rng.sample(by_class[label], min(shots, len(by_class[label])))]
-    short = sorted(len(group) for group in by_class.values() if len(group) < shots)
+    by_class = [list(group) for _, group in itertools.groupby(sorted(ds.examples, key=lambda e: e.label),
+                                                              lambda e: e.label)]
+    picked = [e for group in by_class for e in rng.sample(group, min(shots, len(group)))]
+    short = sorted(len(group) for group in by_class if len(group) < shots)
     if short:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
                       f"fewer images (fewest {short[0]}); all of theirs are used")
@@ -220,7 +217,7 @@ GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer fo
     "cub": ["bird", "animal"], "flowers": ["flower", "plant", "flowering plant"], "pets": ["pet", "animal"],
     "cars": ["car", "vehicle", "automobile"], "dogs": ["dog", "animal", "canine"], "food": ["food", "dish", "meal"],
     "aircraft": ["aircraft", "airplane", "aeroplane", "plane", "airliner", "jet"], "json": ["object"],
-}
+    "toy": ["shape", "object"]}
 
 def _fail(name: str, what: str):
     raise SystemExit(f"--data {name}: {what}.\nExpected layout:\n{LAYOUTS[name]}")
@@ -235,14 +232,12 @@ def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] 
     return next((path for path in candidates if os.path.exists(os.path.join(path, marker))), root)
 
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
-    """Absolute paths of required files / folders; a clear SystemExit naming the first missing one."""
     for rel in relpaths:
         if not os.path.exists(os.path.join(root, rel)):
             _fail(name, f"{rel} not found under --data-root {root}")
     return [os.path.join(root, rel) for rel in relpaths]
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
-    """Whitespace-separated rows (the last column may hold spaces), '#' lines skipped; a short row stops naming it."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -290,12 +285,9 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
     if split == "test":
         return test
     if val is None and split != "trainval":
-        by_class: dict[int, list] = {}
-        for pair in train:
-            by_class.setdefault(pair[1], []).append(pair)
         rng, val_paths = random.Random(1), set()
-        for label in sorted(by_class):
-            group = sorted(by_class[label])
+        for _, group in itertools.groupby(sorted(train, key=lambda pair: (pair[1], pair)), lambda pair: pair[1]):
+            group = list(group)
             rng.shuffle(group)
             val_paths.update(path for path, _ in group[:max(1, round(0.2 * len(group))) if len(group) >= 2 else 0])
         train, val = [p for p in train if p[0] not in val_paths], [p for p in train if p[0] in val_paths]
@@ -320,7 +312,6 @@ def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tu
     return labelled, [names[i] for i in range(max(names) + 1)] if names else []
 
 def _dataset(name: str, kind: str, root: str, split: str, labelled: list, class_names: list[str], **fields) -> Dataset:
-    """A reader's split as a Dataset; the hierarchy defaults to every class -> [kind]."""
     fields.setdefault("hierarchy", NameMap({n: [kind] for n in class_names}))
     examples = [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in labelled]
     return Dataset(name, examples, class_names, kind, generic=GENERIC_TERMS[name], split=split, root=root, **fields)
@@ -474,10 +465,9 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     for v in class_names:
         chain = [a for a in parents.get(v, []) if normalize(a) != normalize(v)] + ["aircraft"]
         hierarchy[v] = [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
-        maker = parents.get(v, [None, None])[1]
+        family, maker = parents.get(v, [None, None])
         if maker and not normalize(v).startswith(normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
-            family = parents[v][0]
             if not normalize(family).startswith(normalize(maker)):  # "Airbus A340" for the family "A340"
                 synonyms[family] = [f"{maker} {family}"]
     return _dataset("aircraft", "aircraft", root, split, labelled, class_names, hierarchy=hierarchy, synonyms=synonyms)
@@ -566,10 +556,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
-    examples, first_seen, repeats = [], {}, 0
-    for i, r in enumerate(records):
-        if r.get("split") is not None and r["split"] not in wanted:
-            continue  # (a split spelled differently, "Test", is named when the split comes out empty)
+    in_split = [(i, r) for i, r in enumerate(records) if r.get("split") is None or r["split"] in wanted]
+    examples, first_seen = [], {}
+    for i, r in in_split:
         label = index.get(normalize(r["class_name"]))
         if label is None:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
@@ -581,11 +570,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
                              f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
         if j == i + 1:
             examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
-        else:
-            repeats += 1
-    if repeats:
-        common.print0(f"note: --data {path}: {repeats} records repeat an earlier record's image and class; each "
-                      f"image is used once")
+    if len(in_split) > len(examples):
+        common.print0(f"note: --data {path}: {len(in_split) - len(examples)} records repeat an earlier record's "
+                      f"image and class; each image is used once")
     if not examples and any(str(r.get("split")).lower() in wanted for r in records):  # "Test" for "test"
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
@@ -595,9 +582,8 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
         chain = hierarchy.get(n, [])
         hierarchy[n] = chain if chain and normalize(chain[-1]) == normalize(kind) else chain + [kind]
-    return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
-                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
-                   split=split, root=base)
+    return Dataset(os.path.basename(path), examples, class_names, kind, split=split, root=base, hierarchy=hierarchy,
+                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]])
 
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
            "dogs": read_dogs, "food": read_food}
@@ -662,9 +648,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
         raise SystemExit(f"--classes {classes}: expected all, base or novel")
     if classes != "all":  # labels keep their global ids
         base, novel = coop_base_novel(len(ds.class_names))
-        keep = base if classes == "base" else novel
-        kept = set(keep)
-        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=keep)
+        kept = set(base if classes == "base" else novel)
+        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=sorted(kept))
     if name != "toy":  # toy images are written by this file and never broken
         ds = drop_unreadable(ds)
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
