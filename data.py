@@ -57,9 +57,6 @@ class NameMap(dict):
     def get(self, key, default=None):
         return super().get(normalize(key), default) if isinstance(key, str) else default
 
-    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
-        return (NameMap, (dict(self),))
-
 @dataclasses.dataclass
 class Example:
     image: str  # path to the image file
@@ -86,8 +83,7 @@ class Dataset:
 
     @property
     def split_class_names(self) -> list[str]:
-        ids = self.classes if self.classes is not None else range(len(self.class_names))
-        return [self.class_names[i] for i in ids]
+        return list(self.class_names) if self.classes is None else [self.class_names[i] for i in self.classes]
 
 TOY_COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 210), "yellow": (225, 200, 40)}
 TOY_SHAPES = ["circle", "square", "triangle"]
@@ -136,10 +132,9 @@ def toy_root() -> str:
     for split, (per_class, seed) in TOY_SPLITS.items():
         rng = random.Random(seed)
         os.makedirs(os.path.join(tmp, split))
-        for name in toy_class_names():
-            for i in range(per_class):
-                path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
-                draw_toy_image(name, rng).save(path)
+        for name, i in itertools.product(toy_class_names(), range(per_class)):
+            path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
+            draw_toy_image(name, rng).save(path)
     open(os.path.join(tmp, "DONE"), "w").close()
     try:
         os.makedirs(os.path.dirname(root), exist_ok=True)
@@ -404,14 +399,12 @@ def car_hierarchy(name: str) -> list[str]:
     """'2012 Audi TTS Coupe' -> ['Audi TTS Coupe', 'Audi TTS', 'Audi', 'car']: model line without the year, without
     the body type, the make, then 'car' (entries equal to the previous one dropped)."""
     words = name.split()
-    if words and YEAR.fullmatch(words[0]):
-        words = words[1:]
+    words = words[1:] if words and YEAR.fullmatch(words[0]) else words
     line = " ".join(words)
     body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     chain = [line, line[: -len(body) - 1] if body else line, make, "car"]
-    chain = [a for a in chain if normalize(a) != normalize(name)]
-    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
+    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in [name, *chain[:i]]}]
 
 def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
@@ -611,20 +604,6 @@ def probe_image(path: str) -> str | None:
         return "truncated" if "truncated" in str(e).lower() else "not an image"
     return None
 
-def drop_unreadable(ds: Dataset) -> Dataset:
-    """Unreadable images (probe_image) dropped with one warning, counted in `.skipped` and common.IMAGE_PROBLEMS."""
-    bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
-    if not bad:
-        return ds
-    skipped = Counter(reason for _, reason in bad)
-    common.IMAGE_PROBLEMS.update(skipped)
-    shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
-    common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
-                  f"({dict(skipped)}): {shown}", file=sys.stderr)
-    dropped = {p for p, _ in bad}
-    return dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
-                               skipped={**ds.skipped, **skipped})
-
 def load_dataset(name: str, split: str, *, root: str | None = None, classes: str = "all", shots: int | None = None,
                  limit: int | None = None, seed: int = 0) -> Dataset:
     """One split of `name` (toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file), maybe
@@ -650,8 +629,16 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
         base, novel = coop_base_novel(len(ds.class_names))
         kept = set(base if classes == "base" else novel)
         ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=sorted(kept))
-    if name != "toy":  # toy images are written by this file and never broken
-        ds = drop_unreadable(ds)
+    bad = [(ex.image, reason) for ex in ds.examples if name != "toy" and (reason := probe_image(ex.image)) is not None]
+    if bad:  # counted in .skipped and common.IMAGE_PROBLEMS (toy images are written by this file and never broken)
+        skipped = Counter(reason for _, reason in bad)
+        common.IMAGE_PROBLEMS.update(skipped)
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
+                      f"({dict(skipped)}): {shown}", file=sys.stderr)
+        dropped = {p for p, _ in bad}
+        ds = dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
+                                 skipped={**ds.skipped, **skipped})
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
         dropped = (f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}"
                    if ds.skipped else "")
