@@ -84,9 +84,6 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
 
 # ----- 2. answer judges -----
-# A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
-# verifier). Every judge sees only normalised strings, as SpeciaRL's does, and caches per pair, persisted append-only
-# to a JSONL file so that a long (or restarted) run judges each distinct pair once.
 
 JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
@@ -125,9 +122,9 @@ def judge_error_stop(errors: float, judged: float, limit: float) -> str:
     return ""
 
 class Judge:
-    """The shared part: the normalised-pair cache and its append-only JSONL file, keyed by the judge's `name` (records
-    of another judge in the same file are ignored). Subclasses implement `_judge(pairs of normalised strings) ->
-    labels` (None for a pair it could not label)."""
+    """A judge sees only normalised strings, as SpeciaRL's verifier, and caches each pair in an append-only JSONL file
+    keyed by its `name`, so that a long (or restarted) run judges each distinct pair once. Subclasses implement
+    `_judge(pairs of normalised strings) -> labels` (None for a pair it could not label)."""
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, name: str, cache_path: str | None):
@@ -155,7 +152,7 @@ class Judge:
             assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
-            if not self.writes_as_it_goes:
+            if self.cache_path and not self.writes_as_it_goes:
                 self._persist(good)
             self.errors += len(todo) - len(good)
         self.judged += len(todo)
@@ -167,8 +164,6 @@ class Judge:
                 "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
 
     def _persist(self, records: list[tuple[tuple[str, str], str]]):
-        if not self.cache_path:
-            return
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
         text = "".join(json.dumps({"judge": self.name, "truth": t, "prediction": p, "label": lab}) + "\n"
                        for (t, p), lab in records)
@@ -234,8 +229,7 @@ class RulesJudge(Judge):
 
     def _mentions(self, text: str) -> set[str]:
         """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
-        padded = f" {_canon(text)} "
-        spans = []
+        padded, spans = f" {_canon(text)} ", []
         for form, cname in self.mentionable.items():  # str.find, not a regex per name: hundreds of names per answer
             start = padded.find(f" {form} ")
             while start >= 0:
@@ -314,8 +308,7 @@ class HFJudge(Judge):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     def prompt_ids(self, truth: str, answer: str) -> list[int]:
-        text = JUDGE_PROMPT.format(truth=truth, answer=answer)
-        tok = self.tokenizer
+        text, tok = JUDGE_PROMPT.format(truth=truth, answer=answer), self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
@@ -324,7 +317,6 @@ class HFJudge(Judge):
 
     @torch.no_grad()
     def label_scores(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
-        """[len(pairs), 6] total log-probability of each label's tokens after the judge prompt."""
         if self.model is None:
             self._load()
         rows = [self.prompt_ids(t, a) + ids for t, a in pairs for ids in self.label_ids]
@@ -527,7 +519,12 @@ class OpenAIJudge(Judge):
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
-            self._probe()
+            for self.constraint in ("structured_outputs", "guided_choice"):  # the first choice field the server obeys
+                with contextlib.suppress(BadRequest):  # the field refused
+                    if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
+                        break
+            else:  # no field obeyed: the free text is read
+                self.constraint = ""
             common.print0(f"--judge-url {self.server.url}: the answer constrained by "
                           f"{self.constraint or 'nothing (the server reads no choice field; free text is read)'}")
 
@@ -542,20 +539,13 @@ class OpenAIJudge(Judge):
                 return self._send(text, choices)
             raise
 
-    def _probe(self):
-        for self.constraint in ("structured_outputs", "guided_choice"):
-            with contextlib.suppress(BadRequest):  # the field refused
-                if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
-                    return
-        self.constraint = ""
-
     def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
         try:
             label = label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
                                                [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
         except BadRequest as e:
             raise SystemExit(f"{e} (the judge's request refused)")
-        if label is not None:
+        if label is not None and self.cache_path:
             with self._cache_lock:
                 self._persist([(pair, label)])
         return label
