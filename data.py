@@ -119,9 +119,8 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
         for y in range(0, s, period):
             ImageDraw.Draw(layer).rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
     img.paste(layer, (0, 0), mask)
-    arr = np.asarray(img).astype(np.int16)
-    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, arr.shape).astype(np.int16)
-    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, (s, s, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(np.asarray(img).astype(np.int16) + noise, 0, 255).astype(np.uint8))
 
 def toy_root() -> str:
     root = os.path.join(common.CACHE_DIR, "toy-v1")
@@ -250,9 +249,8 @@ def _int(name: str, path: str, value: str) -> int:
         _fail(name, f"{path}: expected an integer, got {value!r}")
 
 def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
-    """The variables `keys` of a MATLAB .mat file, via scipy (imported here: only .mat-based datasets need it)."""
     try:
-        import scipy.io
+        import scipy.io  # here: only the .mat-based datasets need it
     except ImportError:
         raise SystemExit(f"--data {name}: reading {path} needs scipy (pip install scipy); only the .mat-based "
                          f"datasets (flowers without its CoOp split file, cars without it, dogs) need it")
@@ -266,10 +264,9 @@ def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
     return [np.atleast_1d(mat[key]) for key in keys]
 
 def _mat_strings(values) -> list[str]:
-    """A MATLAB cell array of strings, however scipy squeezed it, as a list of str."""
     out = []
     for v in np.atleast_1d(values).ravel():
-        while isinstance(v, np.ndarray):
+        while isinstance(v, np.ndarray):  # a MATLAB cell array of strings, however scipy squeezed it
             v = v.ravel()[0] if v.size else ""
         out.append(str(v))
     return out
@@ -427,9 +424,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
         labelled = _pick_split(split, read(train_path, "cars_train"), read(test_path, "cars_test"))
-    # synonyms: the devkit's own word order "Audi TTS Coupe 2012"
     synonyms = NameMap({n: [" ".join(n.split()[1:] + n.split()[:1])] for n in class_names
-                        if n.split() and YEAR.fullmatch(n.split()[0])})
+                        if n.split() and YEAR.fullmatch(n.split()[0])})  # the devkit's order "Audi TTS Coupe 2012"
     return _dataset("cars", "car", root, split, labelled, class_names, synonyms=synonyms,
                     hierarchy=NameMap({n: car_hierarchy(n) for n in class_names}))
 
