@@ -159,9 +159,8 @@ class Judge:
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
 
     def stats(self) -> dict[str, float]:
-        asked = self.judged + self.hits
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
-                "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
+                "judge/cache_hit_rate": self.hits / max(self.judged + self.hits, 1), "judge/errors": self.errors}
 
     def _persist(self, records: list[tuple[tuple[str, str], str]]):
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
@@ -333,8 +332,7 @@ class HFJudge(Judge):
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), logits_to_keep=keep).logits  # [R, keep, V]
         logp = logits[:, :-1].float().log_softmax(-1)  # [R, keep-1, V] predicts the last keep-1 tokens
-        targets = input_ids[:, width - keep + 1:].to(self.device)  # [R, keep-1]
-        tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [R, keep-1]
+        tok_logp = logp.gather(-1, input_ids[:, width - keep + 1:].to(self.device).unsqueeze(-1)).squeeze(-1)
         first = keep - 1 - torch.tensor(lens, device=self.device)  # [R] column of each row's first label token
         label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
         return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
@@ -374,8 +372,7 @@ def retry_after(headers) -> float | None:
 
 class OpenAIServer:
     """A chat-completions endpoint (`base_url` such as http://host:8000/v1, a model name), requests in a bounded pool,
-    retried as the official openai client retries (README: servers); a 401 or an unknown model stops with one
-    message, another 4xx raises BadRequest."""
+    retried as the official openai client retries (README: servers)."""
 
     BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
     MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
