@@ -632,8 +632,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
         shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
         common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
                       f"({dict(skipped)}): {shown}", file=sys.stderr)
-        dropped = {p for p, _ in bad}
-        ds = dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
+        bad_paths = {p for p, _ in bad}
+        ds = dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in bad_paths],
                                  skipped={**ds.skipped, **skipped})
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
         dropped = (f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}"
