@@ -136,7 +136,6 @@ def toy_root() -> str:
             draw_toy_image(name, rng).save(path)
     open(os.path.join(tmp, "DONE"), "w").close()
     try:
-        os.makedirs(os.path.dirname(root), exist_ok=True)
         os.rename(tmp, root)  # atomic: a concurrent builder that lost the race just uses the winner's copy
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,8 +159,7 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
 
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
     rng = random.Random(seed)
-    by_class = [list(group) for _, group in itertools.groupby(sorted(ds.examples, key=lambda e: e.label),
-                                                              lambda e: e.label)]
+    by_class = [[e for e in ds.examples if e.label == label] for label in sorted({e.label for e in ds.examples})]
     picked = [e for group in by_class for e in rng.sample(group, min(shots, len(group)))]
     short = sorted(len(group) for group in by_class if len(group) < shots)
     if short:
