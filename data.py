@@ -284,7 +284,6 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
     return {"train": train, "val": val, "trainval": train + (val or [])}[split]
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
-    """The split's (path, label) pairs and every class name from CoOp's split file; (None, None) without one."""
     file, folder = COOP_FILES[name]
     path = os.path.join(root, file)
     if not os.path.exists(path):
