@@ -11,6 +11,7 @@ data.py: the datasets, one entry point: `load_dataset(name, split, root=..., cla
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -56,9 +57,6 @@ class NameMap(dict):
     def get(self, key, default=None):
         return super().get(normalize(key), default) if isinstance(key, str) else default
 
-    def __reduce__(self):  # pickles (all_gather_objects) as a plain mapping rebuilt through __init__
-        return (NameMap, (dict(self),))
-
 @dataclasses.dataclass
 class Example:
     image: str  # path to the image file
@@ -85,12 +83,9 @@ class Dataset:
 
     @property
     def split_class_names(self) -> list[str]:
-        """The class names of this split (base, novel or all), in class-id order."""
-        ids = self.classes if self.classes is not None else range(len(self.class_names))
-        return [self.class_names[i] for i in ids]
+        return list(self.class_names) if self.classes is None else [self.class_names[i] for i in self.classes]
 
 TOY_COLOURS = {"red": (205, 40, 40), "green": (40, 160, 60), "blue": (45, 70, 210), "yellow": (225, 200, 40)}
-TOY_PATTERNS = ["plain", "striped"]
 TOY_SHAPES = ["circle", "square", "triangle"]
 TOY_IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 16 visual tokens after the 2x2 merge
 TOY_SPLITS = {"train": (20, 1), "val": (5, 2), "test": (15, 3)}  # images per class, seed
@@ -99,7 +94,7 @@ TOY_FILE = "{split}/{name}_{i:03d}.png"  # under toy_root(); the name with '_' f
 def toy_class_names() -> list[str]:
     """24 classes = colour x pattern x shape, in a fixed shuffled order so that the CoOp base / novel halves
     (first 12 / last 12 ids) each mix every colour, pattern and shape."""
-    names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in TOY_PATTERNS for s in TOY_SHAPES]
+    names = [f"{c} {p} {s}" for c in TOY_COLOURS for p in ("plain", "striped") for s in TOY_SHAPES]
     random.Random(0).shuffle(names)
     return names
 
@@ -112,28 +107,22 @@ def draw_toy_image(name: str, rng: random.Random) -> Image.Image:
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in TOY_COLOURS[colour])
     half = rng.randint(36, 46)
     cx, cy = s // 2 + rng.randint(-5, 5), s // 2 + rng.randint(-5, 5)
-    box = [cx - half, cy - half, cx + half, cy + half]
     mask = Image.new("L", (s, s), 0)
-    mdraw = ImageDraw.Draw(mask)
-    if shape == "circle":
-        mdraw.ellipse(box, fill=255)
-    elif shape == "square":
-        mdraw.rectangle(box, fill=255)
+    draw = ImageDraw.Draw(mask)
+    if shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=255)
     else:
-        mdraw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=255)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([cx - half, cy - half, cx + half, cy + half], fill=255)
     layer = Image.new("RGB", (s, s), fill)
     if pattern == "striped":
         period = rng.randint(8, 12)
-        ldraw = ImageDraw.Draw(layer)
         for y in range(0, s, period):
-            ldraw.rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
+            ImageDraw.Draw(layer).rectangle([0, y, s, y + period // 2 - 1], fill=(250, 250, 250))
     img.paste(layer, (0, 0), mask)
-    arr = np.asarray(img).astype(np.int16)
-    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, arr.shape).astype(np.int16)
-    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    noise = np.random.default_rng(rng.randint(0, 2 ** 31)).normal(0, 8, (s, s, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(np.asarray(img).astype(np.int16) + noise, 0, 255).astype(np.uint8))
 
 def toy_root() -> str:
-    """Write the toy images once (deterministic) under the cache directory and return the folder."""
     root = os.path.join(common.CACHE_DIR, "toy-v1")
     if os.path.exists(os.path.join(root, "DONE")):
         return root
@@ -142,13 +131,11 @@ def toy_root() -> str:
     for split, (per_class, seed) in TOY_SPLITS.items():
         rng = random.Random(seed)
         os.makedirs(os.path.join(tmp, split))
-        for name in toy_class_names():
-            for i in range(per_class):
-                path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
-                draw_toy_image(name, rng).save(path)
+        for name, i in itertools.product(toy_class_names(), range(per_class)):
+            path = os.path.join(tmp, TOY_FILE.format(split=split, name=name.replace(" ", "_"), i=i))
+            draw_toy_image(name, rng).save(path)
     open(os.path.join(tmp, "DONE"), "w").close()
     try:
-        os.makedirs(os.path.dirname(root), exist_ok=True)
         os.rename(tmp, root)  # atomic: a concurrent builder that lost the race just uses the winner's copy
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,14 +145,12 @@ def load_toy(split: str) -> Dataset:
     """The synthetic toy set: train / val / test (trainval = train + val), hierarchy class -> shape family -> 'shape',
     one synonym per class with colour and pattern swapped ('striped red circle'), for the judges' synonym rule."""
     root, names = toy_root(), toy_class_names()
-    files = [(TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i), label, name)
-             for part in (["train", "val"] if split == "trainval" else [split])
-             for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
-    examples = [Example(os.path.join(root, rel), label, name, rel) for rel, label, name in files]
+    labelled = [(os.path.join(root, TOY_FILE.format(split=part, name=name.replace(" ", "_"), i=i)), label)
+                for part in (["train", "val"] if split == "trainval" else [split])
+                for label, name in enumerate(names) for i in range(TOY_SPLITS[part][0])]
     synonyms = NameMap({n: [" ".join([n.split()[1], n.split()[0], n.split()[2]])] for n in names})
     hierarchy = NameMap({n: [n.split()[-1], "shape"] for n in names})  # the family: the last word, as CUB's groups
-    return Dataset("toy", examples, names, "shape", hierarchy=hierarchy, synonyms=synonyms,
-                   generic=["shape", "object"], split=split, root=root)
+    return _dataset("toy", "shape", root, split, labelled, names, hierarchy=hierarchy, synonyms=synonyms)
 
 def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     """CoOp base-to-novel rule: sorted class ids, base = the first ceil(n/2), novel = the rest."""
@@ -173,13 +158,10 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
     return list(range(n_base)), list(range(n_base, num_classes))
 
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
-    """k images per class, drawn with a seed (classes with fewer images keep all of theirs)."""
     rng = random.Random(seed)
-    by_class: dict[int, list[Example]] = {}
-    for e in ds.examples:
-        by_class.setdefault(e.label, []).append(e)
-    picked = [e for label in sorted(by_class) for e in rng.sample(by_class[label], min(shots, len(by_class[label])))]
-    short = sorted(len(group) for group in by_class.values() if len(group) < shots)
+    by_class = [[e for e in ds.examples if e.label == label] for label in sorted({e.label for e in ds.examples})]
+    picked = [e for group in by_class for e in rng.sample(group, min(shots, len(group)))]
+    short = sorted(len(group) for group in by_class if len(group) < shots)
     if short:
         common.print0(f"note: --shots {shots}: {len(short)} of {len(by_class)} classes of {ds.name} {ds.split} have "
                       f"fewer images (fewest {short[0]}); all of theirs are used")
@@ -227,7 +209,7 @@ GENERIC_TERMS = {  # broad words that count as a correct but 'generic' answer fo
     "cub": ["bird", "animal"], "flowers": ["flower", "plant", "flowering plant"], "pets": ["pet", "animal"],
     "cars": ["car", "vehicle", "automobile"], "dogs": ["dog", "animal", "canine"], "food": ["food", "dish", "meal"],
     "aircraft": ["aircraft", "airplane", "aeroplane", "plane", "airliner", "jet"], "json": ["object"],
-}
+    "toy": ["shape", "object"]}
 
 def _fail(name: str, what: str):
     raise SystemExit(f"--data {name}: {what}.\nExpected layout:\n{LAYOUTS[name]}")
@@ -242,14 +224,12 @@ def _root(name: str, root: str | None, marker: str = "", subdirs: Sequence[str] 
     return next((path for path in candidates if os.path.exists(os.path.join(path, marker))), root)
 
 def _require(name: str, root: str, *relpaths: str) -> list[str]:
-    """Absolute paths of required files / folders; a clear SystemExit naming the first missing one."""
     for rel in relpaths:
         if not os.path.exists(os.path.join(root, rel)):
             _fail(name, f"{rel} not found under --data-root {root}")
     return [os.path.join(root, rel) for rel in relpaths]
 
 def _rows(name: str, path: str, columns: int) -> list[list[str]]:
-    """Whitespace-separated rows (the last column may hold spaces), '#' lines skipped; a short row stops naming it."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -267,9 +247,8 @@ def _int(name: str, path: str, value: str) -> int:
         _fail(name, f"{path}: expected an integer, got {value!r}")
 
 def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
-    """The variables `keys` of a MATLAB .mat file, via scipy (imported here: only .mat-based datasets need it)."""
     try:
-        import scipy.io
+        import scipy.io  # here: only the .mat-based datasets need it
     except ImportError:
         raise SystemExit(f"--data {name}: reading {path} needs scipy (pip install scipy); only the .mat-based "
                          f"datasets (flowers without its CoOp split file, cars without it, dogs) need it")
@@ -283,10 +262,9 @@ def load_mat(name: str, path: str, *keys: str) -> list[np.ndarray]:
     return [np.atleast_1d(mat[key]) for key in keys]
 
 def _mat_strings(values) -> list[str]:
-    """A MATLAB cell array of strings, however scipy squeezed it, as a list of str."""
     out = []
     for v in np.atleast_1d(values).ravel():
-        while isinstance(v, np.ndarray):
+        while isinstance(v, np.ndarray):  # a MATLAB cell array of strings, however scipy squeezed it
             v = v.ravel()[0] if v.size else ""
         out.append(str(v))
     return out
@@ -297,19 +275,15 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
     if split == "test":
         return test
     if val is None and split != "trainval":
-        by_class: dict[int, list] = {}
-        for pair in train:
-            by_class.setdefault(pair[1], []).append(pair)
         rng, val_paths = random.Random(1), set()
-        for label in sorted(by_class):
-            group = sorted(by_class[label])
+        for _, group in itertools.groupby(sorted(train, key=lambda pair: (pair[1], pair)), lambda pair: pair[1]):
+            group = list(group)
             rng.shuffle(group)
             val_paths.update(path for path, _ in group[:max(1, round(0.2 * len(group))) if len(group) >= 2 else 0])
         train, val = [p for p in train if p[0] not in val_paths], [p for p in train if p[0] in val_paths]
     return {"train": train, "val": val, "trainval": train + (val or [])}[split]
 
 def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tuple[None, None]:
-    """The split's (path, label) pairs and every class name from CoOp's split file; (None, None) without one."""
     file, folder = COOP_FILES[name]
     path = os.path.join(root, file)
     if not os.path.exists(path):
@@ -327,7 +301,6 @@ def _coop_split(name: str, root: str, split: str) -> tuple[list, list[str]] | tu
     return labelled, [names[i] for i in range(max(names) + 1)] if names else []
 
 def _dataset(name: str, kind: str, root: str, split: str, labelled: list, class_names: list[str], **fields) -> Dataset:
-    """A reader's split as a Dataset; the hierarchy defaults to every class -> [kind]."""
     fields.setdefault("hierarchy", NameMap({n: [kind] for n in class_names}))
     examples = [Example(path, label, class_names[label], os.path.relpath(path, root)) for path, label in labelled]
     return Dataset(name, examples, class_names, kind, generic=GENERIC_TERMS[name], split=split, root=root, **fields)
@@ -420,14 +393,12 @@ def car_hierarchy(name: str) -> list[str]:
     """'2012 Audi TTS Coupe' -> ['Audi TTS Coupe', 'Audi TTS', 'Audi', 'car']: model line without the year, without
     the body type, the make, then 'car' (entries equal to the previous one dropped)."""
     words = name.split()
-    if words and YEAR.fullmatch(words[0]):
-        words = words[1:]
+    words = words[1:] if words and YEAR.fullmatch(words[0]) else words
     line = " ".join(words)
     body = next((b for b in CAR_BODY_TYPES if line.endswith(" " + b)), None)
     make = next((m for m in CAR_MAKES_TWO_WORDS if line.startswith(m + " ")), words[0] if words else line)
     chain = [line, line[: -len(body) - 1] if body else line, make, "car"]
-    chain = [a for a in chain if normalize(a) != normalize(name)]
-    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
+    return [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in [name, *chain[:i]]}]
 
 def read_cars(root: str | None, split: str) -> Dataset:
     """Stanford Cars, 196 classes. The CoOp split file when present (6,509 / 1,635 / 8,041), else the devkit .mat
@@ -450,9 +421,8 @@ def read_cars(root: str | None, split: str) -> Dataset:
             return [(os.path.join(root, folder, str(f)), int(c) - 1)
                     for f, c in zip(_mat_strings(annos["fname"]), np.atleast_1d(annos["class"]).ravel())]
         labelled = _pick_split(split, read(train_path, "cars_train"), read(test_path, "cars_test"))
-    # synonyms: the devkit's own word order "Audi TTS Coupe 2012"
     synonyms = NameMap({n: [" ".join(n.split()[1:] + n.split()[:1])] for n in class_names
-                        if n.split() and YEAR.fullmatch(n.split()[0])})
+                        if n.split() and YEAR.fullmatch(n.split()[0])})  # the devkit's order "Audi TTS Coupe 2012"
     return _dataset("cars", "car", root, split, labelled, class_names, synonyms=synonyms,
                     hierarchy=NameMap({n: car_hierarchy(n) for n in class_names}))
 
@@ -481,10 +451,9 @@ def read_aircraft(root: str | None, split: str) -> Dataset:
     for v in class_names:
         chain = [a for a in parents.get(v, []) if normalize(a) != normalize(v)] + ["aircraft"]
         hierarchy[v] = [a for i, a in enumerate(chain) if normalize(a) not in {normalize(b) for b in chain[:i]}]
-        maker = parents.get(v, [None, None])[1]
+        family, maker = parents.get(v, [None, None])
         if maker and not normalize(v).startswith(normalize(maker)):  # "Boeing 707-320" for "707-320"
             synonyms[v] = [f"{maker} {v}"]
-            family = parents[v][0]
             if not normalize(family).startswith(normalize(maker)):  # "Airbus A340" for the family "A340"
                 synonyms[family] = [f"{maker} {family}"]
     return _dataset("aircraft", "aircraft", root, split, labelled, class_names, hierarchy=hierarchy, synonyms=synonyms)
@@ -573,10 +542,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     index = {normalize(n): i for i, n in enumerate(class_names)}
     base = root or os.path.dirname(os.path.abspath(path))
     wanted = {"train", "val"} if split == "trainval" else {split}
-    examples, first_seen, repeats = [], {}, 0
-    for i, r in enumerate(records):
-        if r.get("split") is not None and r["split"] not in wanted:
-            continue  # (a split spelled differently, "Test", is named when the split comes out empty)
+    in_split = [(i, r) for i, r in enumerate(records) if r.get("split") is None or r["split"] in wanted]
+    examples, first_seen = [], {}
+    for i, r in in_split:
         label = index.get(normalize(r["class_name"]))
         if label is None:
             raise SystemExit(f"--data {path}: record {i + 1} has class_name {r['class_name']!r}, which is not in the "
@@ -588,11 +556,9 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
                              f"({class_names[other]!r}, {class_names[label]!r}); expected one class per image")
         if j == i + 1:
             examples.append(Example(image, label, class_names[label], r.get("id", r["image"])))
-        else:
-            repeats += 1
-    if repeats:
-        common.print0(f"note: --data {path}: {repeats} records repeat an earlier record's image and class; each "
-                      f"image is used once")
+    if len(in_split) > len(examples):
+        common.print0(f"note: --data {path}: {len(in_split) - len(examples)} records repeat an earlier record's "
+                      f"image and class; each image is used once")
     if not examples and any(str(r.get("split")).lower() in wanted for r in records):  # "Test" for "test"
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         raise SystemExit(f"--data {path}: no record of split {split!r}; the file's splits are {present} (split names "
@@ -602,9 +568,8 @@ def read_json(path: str, split: str, root: str | None = None) -> Dataset:
     for n in class_names:  # every class ends its chain with the kind, the 'generic' answer
         chain = hierarchy.get(n, [])
         hierarchy[n] = chain if chain and normalize(chain[-1]) == normalize(kind) else chain + [kind]
-    return Dataset(os.path.basename(path), examples, class_names, kind, hierarchy=hierarchy,
-                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]],
-                   split=split, root=base)
+    return Dataset(os.path.basename(path), examples, class_names, kind, split=split, root=base, hierarchy=hierarchy,
+                   synonyms=NameMap(meta.get("synonyms", {})), generic=[kind, *GENERIC_TERMS["json"]])
 
 READERS = {"cub": read_cub, "flowers": read_flowers, "pets": read_pets, "cars": read_cars, "aircraft": read_aircraft,
            "dogs": read_dogs, "food": read_food}
@@ -632,20 +597,6 @@ def probe_image(path: str) -> str | None:
         return "truncated" if "truncated" in str(e).lower() else "not an image"
     return None
 
-def drop_unreadable(ds: Dataset) -> Dataset:
-    """Unreadable images (probe_image) dropped with one warning, counted in `.skipped` and common.IMAGE_PROBLEMS."""
-    bad = [(ex.image, reason) for ex in ds.examples if (reason := probe_image(ex.image)) is not None]
-    if not bad:
-        return ds
-    skipped = Counter(reason for _, reason in bad)
-    common.IMAGE_PROBLEMS.update(skipped)
-    shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
-    common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
-                  f"({dict(skipped)}): {shown}", file=sys.stderr)
-    dropped = {p for p, _ in bad}
-    return dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in dropped],
-                               skipped={**ds.skipped, **skipped})
-
 def load_dataset(name: str, split: str, *, root: str | None = None, classes: str = "all", shots: int | None = None,
                  limit: int | None = None, seed: int = 0) -> Dataset:
     """One split of `name` (toy, cub, flowers, pets, cars, aircraft, dogs, food, or a .json / .jsonl file), maybe
@@ -669,11 +620,18 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
         raise SystemExit(f"--classes {classes}: expected all, base or novel")
     if classes != "all":  # labels keep their global ids
         base, novel = coop_base_novel(len(ds.class_names))
-        keep = base if classes == "base" else novel
-        kept = set(keep)
-        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=keep)
-    if name != "toy":  # toy images are written by this file and never broken
-        ds = drop_unreadable(ds)
+        kept = set(base if classes == "base" else novel)
+        ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=sorted(kept))
+    bad = [(ex.image, reason) for ex in ds.examples if name != "toy" and (reason := probe_image(ex.image)) is not None]
+    if bad:  # counted in .skipped and common.IMAGE_PROBLEMS (toy images are written by this file and never broken)
+        skipped = Counter(reason for _, reason in bad)
+        common.IMAGE_PROBLEMS.update(skipped)
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        common.print0(f"warning: --data {ds.name} {ds.split}: skipped {len(bad)} of {len(ds.examples)} images "
+                      f"({dict(skipped)}): {shown}", file=sys.stderr)
+        bad_paths = {p for p, _ in bad}
+        ds = dataclasses.replace(ds, examples=[ex for ex in ds.examples if ex.image not in bad_paths],
+                                 skipped={**ds.skipped, **skipped})
     if not ds.examples:  # an empty index file, a split or class half with no image, or every image unreadable
         dropped = (f", after dropping {sum(ds.skipped.values())} unreadable images {dict(ds.skipped)}"
                    if ds.skipped else "")

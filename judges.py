@@ -9,6 +9,7 @@ judges.py: what a completion answers and whether it is right.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import os
@@ -49,7 +50,6 @@ def parse_answer(completion: str) -> str | None:
 DIVEK_PREFIXES = ("species name: ", "make model: ", "species: ", "make and model: ")
 
 def strip_prefixes(answer: str, prefixes: Sequence[str]) -> str:
-    """`answer` lowercased without any occurrence of the prefixes, as DiVE-k does ('Species name: X' -> 'x')."""
     text = answer.strip().lower()
     for prefix in prefixes:
         text = text.replace(prefix, "")
@@ -62,8 +62,7 @@ def format_ok(completion: str) -> bool:
 ABSTAIN_ANSWERS = {  # normalised refusals (an empty answer is one too), besides those ABSTAIN_RE finds
     "", "none", "unknown", "no idea", "unsure", "uncertain", "unclear", "undetermined", "n a", "na", "nothing",
     "no answer", "none of the above", "none of these", "unidentified", "unidentifiable", "not identifiable",
-    "impossible to tell", "not possible to tell", "abstain", "pass",
-}
+    "impossible to tell", "not possible to tell", "abstain", "pass"}
 ABSTAIN_RE = re.compile(r"^(i m |i am |i )?(cannot|can t|can not|could not|couldn t|am unable to|unable to|"
                         r"do not know|don t know|have no idea|m not sure|not sure)\b")
 HEDGE_RE = re.compile(r"\b(or|either|versus|vs)\b")
@@ -85,9 +84,6 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
 
 # ----- 2. answer judges -----
-# A judge labels a (ground-truth class name, predicted answer) pair with one of six labels, worst to best (SpeciaRL's
-# verifier). Every judge sees only normalised strings, as SpeciaRL's does, and caches per pair, persisted append-only
-# to a JSONL file so that a long (or restarted) run judges each distinct pair once.
 
 JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
@@ -112,7 +108,6 @@ def label_metrics(labels: Sequence[str]) -> dict[str, float]:
     return out
 
 def add_judge_flags(group):
-    """The flags of an openai: judge's requests and of the stop on judge errors (speciarl.py, eval.py)."""
     group.add_argument("--judge-max-tokens", type=int, default=0, help="max_tokens of an openai: judge's answer (0 = "
                        "not sent: the server's limit, as the paper's client; a thinking judge needs room)")
     group.add_argument("--judge-thinking", type=int, default=0, choices=[0, 1], help="an openai: judge's "
@@ -121,16 +116,15 @@ def add_judge_flags(group):
                        "answers gets no label from the judge (a constrained judge, as the paper's, gives none)")
 
 def judge_error_stop(errors: float, judged: float, limit: float) -> str:
-    """'' or the line that stops a run whose share of judged answers without a judge's label is above `limit`."""
     if judged and errors / judged > limit:
         return (f"{errors:.0f} of {judged:.0f} judged answers got no label from the judge ({errors / judged:.0%}, "
                 f"above --max-judge-errors {limit}): check the judge's server and flags (README: servers)")
     return ""
 
 class Judge:
-    """The shared part: the normalised-pair cache and its append-only JSONL file, keyed by the judge's `name` (records
-    of another judge in the same file are ignored). Subclasses implement `_judge(pairs of normalised strings) ->
-    labels` (None for a pair it could not label)."""
+    """A judge sees only normalised strings, as SpeciaRL's verifier, and caches each pair in an append-only JSONL file
+    keyed by its `name`, so that a long (or restarted) run judges each distinct pair once. Subclasses implement
+    `_judge(pairs of normalised strings) -> labels` (None for a pair it could not label)."""
     writes_as_it_goes = False  # True: _judge persists each label itself as it arrives
 
     def __init__(self, name: str, cache_path: str | None):
@@ -158,21 +152,17 @@ class Judge:
             assert len(labels) == len(todo) and all(lab in JUDGE_LABELS or lab is None for lab in labels), labels
             good = [(k, lab) for k, lab in zip(todo, labels) if lab is not None]
             self.cache.update(good)
-            if not self.writes_as_it_goes:
+            if self.cache_path and not self.writes_as_it_goes:
                 self._persist(good)
             self.errors += len(todo) - len(good)
         self.judged += len(todo)
         return [self.cache.get(k, JUDGE_ERROR) for k in keys]
 
     def stats(self) -> dict[str, float]:
-        """Counters for the run log: pairs judged and lookups answered from the cache, the hit rate, judge errors."""
-        asked = self.judged + self.hits
         return {"judge/judged": self.judged, "judge/cache_hits": self.hits,
-                "judge/cache_hit_rate": self.hits / asked if asked else 0.0, "judge/errors": self.errors}
+                "judge/cache_hit_rate": self.hits / max(self.judged + self.hits, 1), "judge/errors": self.errors}
 
     def _persist(self, records: list[tuple[tuple[str, str], str]]):
-        if not self.cache_path:
-            return
         os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
         text = "".join(json.dumps({"judge": self.name, "truth": t, "prediction": p, "label": lab}) + "\n"
                        for (t, p), lab in records)
@@ -188,8 +178,7 @@ class Judge:
 def _canon(text: str) -> str:
     """normalise, drop a lone 's' after a word (what is left of a possessive in the verifier's text: "anna s
     hummingbird"), drop a leading article, 'grey' -> 'gray'."""
-    words = normalize(text).split()
-    words = [w for i, w in enumerate(words) if not (w == "s" and i > 0)]
+    words = [w for i, w in enumerate(normalize(text).split()) if not (w == "s" and i > 0)]
     if len(words) > 1 and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join("gray" if w == "grey" else w for w in words)
@@ -234,20 +223,12 @@ class RulesJudge(Judge):
         forms = {c, next((c[: -len(g) - 1] for g in self.kind_words if c.endswith(" " + g)), c)}  # kind word cut
         return forms | {f.replace(" ", "") for f in forms} if compact else forms
 
-    def _answer_forms(self, text: str) -> set[str]:
-        c = _canon(text)
-        words, out = c.split(), self._forms(c)
-        if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
-            out |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
-        return out
-
     def _matches(self, answer: set[str], name: str) -> bool:
         return any(answer & self._forms(n) for n in self._names(name))
 
     def _mentions(self, text: str) -> set[str]:
         """Canon class names found as whole-word spans in `text`, keeping only maximal spans."""
-        padded = f" {_canon(text)} "
-        spans = []
+        padded, spans = f" {_canon(text)} ", []
         for form, cname in self.mentionable.items():  # str.find, not a regex per name: hundreds of names per answer
             start = padded.find(f" {form} ")
             while start >= 0:
@@ -260,7 +241,9 @@ class RulesJudge(Judge):
             return "wrong"
         if is_abstain(answer):
             return "abstain"
-        forms = self._answer_forms(answer)
+        words, forms = _canon(answer).split(), self._forms(_canon(answer))
+        if len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
+            forms |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
         if self._matches(forms, truth):
             return "specific"
         if is_hedge(answer):
@@ -324,8 +307,7 @@ class HFJudge(Judge):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     def prompt_ids(self, truth: str, answer: str) -> list[int]:
-        text = JUDGE_PROMPT.format(truth=truth, answer=answer)
-        tok = self.tokenizer
+        text, tok = JUDGE_PROMPT.format(truth=truth, answer=answer), self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
@@ -334,7 +316,6 @@ class HFJudge(Judge):
 
     @torch.no_grad()
     def label_scores(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
-        """[len(pairs), 6] total log-probability of each label's tokens after the judge prompt."""
         if self.model is None:
             self._load()
         rows = [self.prompt_ids(t, a) + ids for t, a in pairs for ids in self.label_ids]
@@ -351,8 +332,7 @@ class HFJudge(Judge):
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=positions.to(self.device), logits_to_keep=keep).logits  # [R, keep, V]
         logp = logits[:, :-1].float().log_softmax(-1)  # [R, keep-1, V] predicts the last keep-1 tokens
-        targets = input_ids[:, width - keep + 1:].to(self.device)  # [R, keep-1]
-        tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [R, keep-1]
+        tok_logp = logp.gather(-1, input_ids[:, width - keep + 1:].to(self.device).unsqueeze(-1)).squeeze(-1)
         first = keep - 1 - torch.tensor(lens, device=self.device)  # [R] column of each row's first label token
         label_mask = torch.arange(keep - 1, device=self.device)[None] >= first[:, None]  # [R, keep-1]
         return (tok_logp * label_mask).sum(1).view(len(pairs), len(JUDGE_LABELS)).cpu()  # [P, 6]
@@ -384,19 +364,15 @@ def retry_after(headers) -> float | None:
     """The seconds a reply asks the client to wait: retry-after-ms, else Retry-After in seconds or as an HTTP date
     (the headers the official openai client reads, in its order)."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             return float(headers.get(name)) * scale
-        except (TypeError, ValueError):
-            pass
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return email.utils.parsedate_to_datetime(headers.get("retry-after") or "").timestamp() - time.time()
-    except (TypeError, ValueError):
-        return None
+    return None
 
 class OpenAIServer:
     """A chat-completions endpoint (`base_url` such as http://host:8000/v1, a model name), requests in a bounded pool,
-    retried as the official openai client retries (README: servers); a 401 or an unknown model stops with one
-    message, another 4xx raises BadRequest."""
+    retried as the official openai client retries (README: servers)."""
 
     BACKOFF = 0.5  # seconds before the first retry, doubling up to 16 x (the openai client's 0.5 s .. 8 s)
     MAX_RETRY_AFTER = 60.0  # a longer wait asked by the server is not taken: the backoff is used (openai client)
@@ -440,14 +416,12 @@ class OpenAIServer:
 
     def request(self, method: str, path: str, body: dict | None = None, retries: int = 5,
                 timeout: float = 60.0) -> dict:
-        """One request, retried up to `retries` times; ServerError after the last try."""
         for attempt in range(retries + 1):
             t0 = time.perf_counter()
             try:
                 out = self._once(method, path, body, timeout)
                 with self._lock:
-                    self.counts["requests"] += 1
-                    self.counts["seconds"] += time.perf_counter() - t0
+                    self.counts.update(requests=1, seconds=time.perf_counter() - t0)
                 return out
             except ServerError as e:
                 if attempt == retries:
@@ -480,9 +454,8 @@ class OpenAIServer:
             raise SystemExit(f"{self.what} {self.url}: the server does not serve {self.model!r}; it serves {served}")
 
     def chat(self, body: dict) -> list[str]:
-        """POST /chat/completions with this model; the texts of the choices. Reasoning the server split out of the
-        text (`reasoning_content`: vLLM's reasoning parsers; `reasoning`: newer vLLM) is put back in front as
-        <think>...</think>, as the model wrote it."""
+        """The texts of the choices; reasoning the server split out of the text (`reasoning_content`: vLLM's reasoning
+        parsers; `reasoning`: newer vLLM) is put back in front as <think>...</think>, as the model wrote it."""
         reply = self.request("POST", "/chat/completions", {"model": self.model, **body})
         try:
             messages = [choice["message"] for choice in reply["choices"]]
@@ -502,8 +475,7 @@ class OpenAIServer:
                 self.counts["wall"] += time.perf_counter() - t0
 
     def chat_image(self, image: str, text: str, **body) -> list[str]:
-        """chat() on one user turn of an image file, sent inline as a data URL, and a text; `body` adds the request's
-        other fields (n, temperature, max_tokens, ...)."""
+        """chat() on an image file (inline as a data URL) and a text; `body`: n, temperature, max_tokens, ..."""
         import base64
         with open(image, "rb") as f:
             inline = (f"data:image/{'png' if image.lower().endswith('.png') else 'jpeg'};base64,"
@@ -544,7 +516,12 @@ class OpenAIJudge(Judge):
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
-            self._probe()
+            for self.constraint in ("structured_outputs", "guided_choice"):  # the first choice field the server obeys
+                with contextlib.suppress(BadRequest):  # the field refused
+                    if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
+                        break
+            else:  # no field obeyed: the free text is read
+                self.constraint = ""
             common.print0(f"--judge-url {self.server.url}: the answer constrained by "
                           f"{self.constraint or 'nothing (the server reads no choice field; free text is read)'}")
 
@@ -559,22 +536,13 @@ class OpenAIJudge(Judge):
                 return self._send(text, choices)
             raise
 
-    def _probe(self):
-        for self.constraint in ("structured_outputs", "guided_choice"):
-            try:
-                if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
-                    return
-            except BadRequest:  # the field refused
-                pass
-        self.constraint = ""
-
     def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
         try:
             label = label_from_text(self._send(JUDGE_PROMPT.format(truth=pair[0], answer=pair[1]),
                                                [JUDGE_LABEL_TEXT[lab] for lab in JUDGE_LABELS]))
         except BadRequest as e:
             raise SystemExit(f"{e} (the judge's request refused)")
-        if label is not None:
+        if label is not None and self.cache_path:
             with self._cache_lock:
                 self._persist([(pair, label)])
         return label
@@ -583,7 +551,6 @@ class OpenAIJudge(Judge):
         return self.server.map(self._ask, pairs)
 
     def stats(self) -> dict[str, float]:
-        """The cache's counters and the server's: requests, retries, requests per second, mean latency."""
         c = self.server.counts
         return {**super().stats(), "judge/requests": c["requests"], "judge/retries": c["retries"],
                 "judge/requests_per_s": c["requests"] / c["wall"] if c["wall"] else 0.0,
