@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -159,7 +160,8 @@ def coop_base_novel(num_classes: int) -> tuple[list[int], list[int]]:
 
 def few_shot(ds: Dataset, shots: int, seed: int) -> Dataset:
     rng = random.Random(seed)
-    by_class = [[e for e in ds.examples if e.label == label] for label in sorted({e.label for e in ds.examples})]
+    label_of = operator.attrgetter("label")  # each class's images in their order (a stable sort), classes by label
+    by_class = [list(group) for _, group in itertools.groupby(sorted(ds.examples, key=label_of), label_of)]
     picked = [e for group in by_class for e in rng.sample(group, min(shots, len(group)))]
     short = sorted(len(group) for group in by_class if len(group) < shots)
     if short:
