@@ -241,8 +241,9 @@ class RulesJudge(Judge):
             return "wrong"
         if is_abstain(answer):
             return "abstain"
-        words, forms = _canon(answer).split(), self._forms(_canon(answer))
-        if len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
+        canon = _canon(answer)
+        words, forms = canon.split(), self._forms(canon)
+        if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
             forms |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
         if self._matches(forms, truth):
             return "specific"
