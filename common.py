@@ -1,11 +1,9 @@
 """
 common.py: the model side every method shares, in execution order:
-
   1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
   2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets; images
   3. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
-  4. per-token log-probs of completions: each group's prompt run once (shared prefix), vocabulary scores only at
-     completion positions, in chunks of a bounded size; the SFT loss
+  4. per-token log-probs of completions (a group's prompt run once, vocabulary scores in bounded chunks); SFT loss
   5. precision, DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
   6. JSONL inputs and the resumable per-rank map
 A run's life (flags, checkpoints, logging, resume, export, the guard) is lifecycle.py; data.py, judges.py and
@@ -67,8 +65,7 @@ class Dist:
         return self.world_size > 1
 
 def init_distributed() -> Dist:
-    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
-    nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
+    """The process group from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); `python script.py`: one process."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available()
@@ -163,8 +160,7 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
 
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
-    """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
-    are deprecated in transformers 5.x)."""
+    """Set the pixel budget in the image processor's `size` dict (transformers 5.x deprecates the call arguments)."""
     for edge, pixels in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
         if pixels is not None:
             processor.image_processor.size[edge] = pixels
@@ -172,8 +168,7 @@ def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
 DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype weights are loaded in: 'auto' = bf16 on GPU, fp32 on CPU; 'bf16-mixed' loads fp32 (bf16 is the
-    compute, see precision_for). A torch.dtype is returned as it is."""
+    """The dtype weights are loaded in ('bf16-mixed' loads fp32 weights: bf16 is the compute, see precision_for)."""
     if isinstance(name, torch.dtype):
         return name
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -390,8 +385,7 @@ def chat_messages(text: str, system: str | None = None) -> list[dict]:
     return msgs
 
 def encode_prompt(processor, image: Image.Image | str, text: str, system: str | None = None) -> EncodedPrompt:
-    """Render the chat template for [image, text], run the processor (expands the image pad to the image's token
-    count and makes the patch rows) and keep the unpadded tensors."""
+    """The chat template for [image, text], processed (image pad expanded, patch rows made) and unpadded."""
     if isinstance(image, str):
         image = open_image(image)
     prompt = processor.apply_chat_template(chat_messages(text, system), tokenize=False, add_generation_prompt=True)
@@ -446,8 +440,7 @@ class Rollout:
 SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (nucleus sampling),
-    without a host sync."""
+    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (the nucleus)."""
     # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
     # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
     # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
@@ -467,7 +460,6 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type; None where autocast is off."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -951,8 +943,7 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.compute, enabled=self.via == "autocast")
 
     @property
-    def fsdp_param_dtype(self) -> torch.dtype | None:
-        """wrap_model's param_dtype: the compute dtype when FSDP2 casts, else None."""
+    def fsdp_param_dtype(self) -> torch.dtype | None:  # wrap_model's param_dtype
         return self.compute if self.via == "fsdp" else None
 
     def __str__(self):
