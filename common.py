@@ -72,12 +72,12 @@ def init_distributed() -> Dist:
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    elif world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     if world > 1 and not dist.is_initialized():
         # on GPU nccl for CUDA tensors and gloo for the small CPU ones (token counts, metrics); a generous timeout,
         # as mining or evaluation on one rank can take long while the others wait at a barrier
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
-    if not use_cuda and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     return Dist(rank, local_rank, world, dev)
 
 def print0(*args, **kwargs):
@@ -174,17 +174,14 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3])
 RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
     # for bench.py on CPU: 30m has a small vocabulary, so its time goes to the decoder layers as a big model's does;
     # 35m has the real 151,936-token vocabulary, for the memory of scoring at that vocabulary
     "qwen2.5-vl-30m-random": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                                  num_key_value_heads=2, vocab_size=None, tie=False,
-                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
-                                              fullatt_block_indexes=[3])),
+                                  num_key_value_heads=2, vocab_size=None, tie=False, vision=SMALL_VISION),
     "qwen2.5-vl-35m-random": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=151936, tie=True,
-                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
-                                              fullatt_block_indexes=[3])),
+                                  num_key_value_heads=2, vocab_size=151936, tie=True, vision=SMALL_VISION),
     "qwen2.5-vl-3b-random": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                  num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie=True),
     "qwen2.5-vl-7b-random": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -247,19 +244,15 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
     ids (or, for a preset with vocab_size None, right after its few hundred tokens), built directly on `device` in
     `dtype` (no host copy, no fp32 copy first). For speed and memory measurements only: its outputs are noise."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    spec = dict(RANDOM_PRESETS[name])
-    real_ids = spec["vocab_size"] is not None
+    spec = RANDOM_PRESETS[name]
     tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
-                                   QWEN_SPECIAL_IDS if real_ids else None)
-    if not real_ids:
-        spec["vocab_size"] = len(tok)
-    cfg = qwen_vl_config(special_ids=special, **spec)
+                                   QWEN_SPECIAL_IDS if spec["vocab_size"] else None)
+    cfg = qwen_vl_config(**{**spec, "vocab_size": spec["vocab_size"] or len(tok)}, special_ids=special)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)  # the same weights at every load: a KL reference loaded the same way is the policy's twin
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
-    proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
-                             chat_template=CHAT_TEMPLATE)
-    return model, proc
+    return model, processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
+                                    chat_template=CHAT_TEMPLATE)
 
 def tiny_pointer() -> str:
     """The file that names this checkout's built stand-in (tiny.py writes it; one per checkout, so checkouts with
@@ -293,7 +286,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     """(model, processor) for a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` or a random preset,
     read or built straight onto `device` in `dtype` (no host copy, no copy in another dtype; under FSDP2 one whole copy
     per GPU until wrap_model shards it). On the meta device: the shapes only, for the memory estimate at start."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
     if attn == "flash_attention_2":
         try:
@@ -322,7 +315,6 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
     try:
         if device.type == "meta":
-            from transformers import AutoConfig
             with device:
                 model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path),
                                                                         dtype=torch_dtype)
@@ -338,8 +330,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     return model.to(device), proc
 
 def special_token_ids(processor) -> dict[str, int]:
-    tok = processor.tokenizer
-    return {name: tok.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
+    return {name: processor.tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
 
 # ----- robust image access: a missing, empty, truncated or non-image file never crashes a run -----
 
@@ -374,7 +365,7 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image
     pixel_values: torch.Tensor  # [n_patches, 3*2*14*14] this image's patch rows
     image_grid_thw: torch.Tensor  # [1, 3]
-    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, filled in by prompt_positions()
+    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, filled in by collate_prompts()
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -397,26 +388,20 @@ def unwrap(model):
     """The Hugging Face model inside a DDP wrapper (FSDP2 modules are the model itself)."""
     return model.module if hasattr(model, "module") else model
 
-def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
-    """[3, L] M-RoPE positions of an unpadded prompt (temporal / height / width rows; text tokens share one value),
-    computed once and cached on the prompt. Uses only the config, so it works on sharded models too."""
-    if prompt.position_ids is None:
-        pos, _ = unwrap(model).model.get_rope_index(
-            prompt.input_ids[None], mm_token_type_ids=prompt.mm_token_type_ids[None],
-            image_grid_thw=prompt.image_grid_thw)
-        prompt.position_ids = pos[:, 0]
-    return prompt.position_ids
-
 def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a list of prompts into one batch, with 3-row positions and each image's patch rows concatenated
     in row order (a prompt listed twice contributes its block twice: that is how rows share an image)."""
     def left_pad(rows: list[torch.Tensor], value: int = 0) -> torch.Tensor:  # [n, width]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
-    positions = [prompt_positions(model, p) for p in prompts]  # [3, L] each
+    for p in prompts:
+        if p.position_ids is None:  # once per prompt, from the config only (so sharded models too)
+            pos, _ = unwrap(model).model.get_rope_index(p.input_ids[None], mm_token_type_ids=p.mm_token_type_ids[None],
+                                                        image_grid_thw=p.image_grid_thw)
+            p.position_ids = pos[:, 0]  # [3, L] temporal / height / width rows; text tokens share one value
     batch = dict(input_ids=left_pad([p.input_ids for p in prompts], pad_id),
                  attention_mask=left_pad([torch.ones(len(p), dtype=torch.long) for p in prompts]),
                  mm_token_type_ids=left_pad([p.mm_token_type_ids for p in prompts]),
-                 position_ids=torch.stack([left_pad([pos[axis] for pos in positions]) for axis in range(3)]),
+                 position_ids=torch.stack([left_pad([p.position_ids[axis] for p in prompts]) for axis in range(3)]),
                  pixel_values=torch.cat([p.pixel_values for p in prompts]),
                  image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))
     return {name: tensor.to(device) for name, tensor in batch.items()}
@@ -518,9 +503,8 @@ def static_cache(model, cache, repeats: int, capacity: int):
         repeat_rows(layer.keys, prefill.keys, repeats)
         repeat_rows(layer.values, prefill.values, repeats)
         layer.cumulative_length.fill_(L)
-        if dtype is not None:
-            stock_update = layer.update
-            layer.update = lambda k, v, *a, _up=stock_update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
+        if dtype is not None:  # (the stock update bound as a default, before the swap)
+            layer.update = lambda k, v, *a, _up=layer.update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
     return static
 
 @functools.cache
@@ -600,8 +584,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     G = group_size
     Lp = batch["input_ids"].shape[1]
     # --- prefill: one row per prompt; logits only for the last position
-    problem = compile_decode_problem(model) if compile_decode else None
-    if problem:
+    if compile_decode and (problem := compile_decode_problem(model)):
         raise ValueError(f"sample(compile_decode=True): {problem}")
     out = model(**batch, use_cache=True, logits_to_keep=1)
     if compile_decode:
@@ -749,14 +732,10 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
         grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-        parts = []
-        for s in range(0, hidden.shape[1], chunk):
-            inputs = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
-            if grad:  # the chunk's vocabulary scores are recomputed in the backward, never kept
-                parts.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *inputs, use_reentrant=False))
-            else:
-                parts.append(_head_logprobs(*inputs))
-        return torch.cat(parts, 1)  # [B, T]
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, _head_logprobs, use_reentrant=False)
+        run = checkpointed if grad else _head_logprobs  # with grad, a chunk's scores are recomputed in the backward
+        return torch.cat([run(hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+                          for s in range(0, hidden.shape[1], chunk)], 1)  # [B, T]
     head.forward = scores
     try:
         yield
@@ -782,12 +761,11 @@ def images_encoded_once(model):
         if len(keep) == len(blocks):
             return encode(pixel_values, grid_thw, **kwargs)
         out = encode(torch.cat([blocks[k] for k in keep]), grid_thw[keep], **kwargs)
-        unit = visual.spatial_merge_size ** 2  # patches per merged (LLM) token
-        merged = out.pooler_output.split([sizes[k] // unit for k in keep])  # per encoded image [tokens, hidden]
-        out.pooler_output = torch.cat([merged[o] for o in owner])  # [sum tokens, hidden], one block per image
-        if getattr(out, "last_hidden_state", None) is not None:  # per-patch states, each image's rows contiguous
-            patches = out.last_hidden_state.split([sizes[k] for k in keep])
-            out.last_hidden_state = torch.cat([patches[o] for o in owner])
+        # merged (LLM) tokens, spatial_merge_size ** 2 patches each, and any per-patch states: one block per image
+        for name, unit in (("pooler_output", visual.spatial_merge_size ** 2), ("last_hidden_state", 1)):
+            if getattr(out, name, None) is not None:
+                encoded = getattr(out, name).split([sizes[k] // unit for k in keep])
+                setattr(out, name, torch.cat([encoded[o] for o in owner]))
         return out
     visual.forward = encode_once
     try:
@@ -969,10 +947,8 @@ def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool 
 def enable_activation_checkpointing(model):
     """Recompute each layer in the backward (non-reentrant): `activation_checkpointing_enable` from transformers 5.2x,
     `gradient_checkpointing_enable` before it (now a deprecated alias that warns)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
 
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
@@ -987,9 +963,8 @@ def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointi
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kw = {}
-    if param_dtype not in (None, torch.float32):
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mixed = param_dtype not in (None, torch.float32)
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)} if mixed else {}
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model]:
         fully_shard(module, **kw)
     return model
@@ -1033,10 +1008,8 @@ def gathered_params(model, warmup_inputs: dict | None = None):
 
 def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
     """A one-prompt batch for gathered_params' warm-up forward (only needed under FSDP2)."""
-    if not _fsdp_modules(model):
-        return None
-    device = next(unwrap(model).parameters()).device
-    return collate_prompts(model, [prompt], special_token_ids(processor)["<|endoftext|>"], device)
+    pad_id = special_token_ids(processor)["<|endoftext|>"]
+    return collate_prompts(model, [prompt], pad_id, next(model.parameters()).device) if _fsdp_modules(model) else None
 
 def progress_bar(show: bool, **kw):
     """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(ranks.is_main, total=steps, desc="grpo")`.
