@@ -122,9 +122,8 @@ def stream_position(position: int, n: int, seed: int) -> int:
 
 # ----- 2. Model and processor loading -----
 
-# The Qwen2-VL / Qwen2.5-VL chat format: system, then user turns whose content is a list of image and text items,
-# `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as the generation prompt.
-# Written for the locally built tokenizers; real checkpoints bring their own template.
+# The Qwen2.5-VL chat format (an image item is `<|vision_start|><|image_pad|><|vision_end|>`), for the locally built
+# tokenizers; real checkpoints bring their own template.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -240,9 +239,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
 
 def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device, dtype: torch.dtype,
                         attn: str):
-    """A random-initialised Qwen2.5-VL of a preset's shape and a small tokenizer whose special tokens sit at the real
-    ids (or, for a preset with vocab_size None, right after its few hundred tokens), built directly on `device` in
-    `dtype` (no host copy, no fp32 copy first). For speed and memory measurements only: its outputs are noise."""
+    """A random-initialised Qwen2.5-VL of a preset's shape, built on `device` in `dtype` (no host or fp32 copy), with a
+    small tokenizer, special tokens at the real ids. For speed and memory measurements only: its outputs are noise."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     spec = RANDOM_PRESETS[name]
     tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
@@ -255,8 +253,7 @@ def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: tor
                                     chat_template=CHAT_TEMPLATE)
 
 def tiny_pointer() -> str:
-    """The file that names this checkout's built stand-in (tiny.py writes it; one per checkout, so checkouts with
-    other prompts that share the cache never swap stand-ins)."""
+    """The file naming this checkout's stand-in, written by tiny.py: one per checkout, so checkouts never swap them."""
     import hashlib
     checkout = hashlib.sha1(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:10]
     return os.path.join(CACHE_DIR, f"tiny-{checkout}.txt")
@@ -427,10 +424,9 @@ SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (the nucleus)."""
     # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
-    # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
-    # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
-    # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
-    # The same tokens as a sort, except that tokens tied at the threshold are all kept.
+    # top_p of the mass, i.e. when its probability passes a per-row threshold, found exactly by bisection over the
+    # float32 bit patterns of the probabilities (for non-negative floats their integer order is their numeric order)
+    # in 31 halvings of [0, max prob]. The same tokens as a sort, except that tokens tied at the threshold are all kept.
     probs = logits.float().softmax(-1)  # [B, V]
     if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
         ranked, order = probs.sort(-1, descending=True)  # [B, V]
@@ -583,10 +579,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     batch = collate_prompts(model, prompts, pad_id, device)
     G = group_size
     Lp = batch["input_ids"].shape[1]
-    # --- prefill: one row per prompt; logits only for the last position
     if compile_decode and (problem := compile_decode_problem(model)):
         raise ValueError(f"sample(compile_decode=True): {problem}")
-    out = model(**batch, use_cache=True, logits_to_keep=1)
+    out = model(**batch, use_cache=True, logits_to_keep=1)  # prefill: one row per prompt, the last position's logits
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
         cache = static_cache(model, returned_cache(out), G, capacity)
@@ -695,8 +690,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
 
 def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Model inputs for rows of (prompt, completion): [left-padded prompt | completion, right-padded]. Completion
-    positions continue the prompt's M-RoPE positions; `mm_token_type_ids` gets zeros for completion tokens."""
+    """Model inputs for rows of [left-padded prompt | right-padded completion], the completion's positions following."""
     batch = collate_prompts(model, prompts, pad_id, device)
     comp = completion_ids.to(device)  # [B, T]
     start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
@@ -707,9 +701,7 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
-# vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32; at Qwen's 151,936-token
-# vocabulary and 16 rows, chunks of 27 positions; at the stand-in's, every position at once
-LOGITS_BUDGET = 2 ** 26
+LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
@@ -775,8 +767,7 @@ def images_encoded_once(model):
 
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
-    """[B, T] log-probs of the completion tokens of one micro-batch (with grad if enabled), through the wrapped model:
-    only the last T+1 positions reach the vocabulary, in chunks without full logits; repeated images encoded once."""
+    """[B, T] completion log-probs (with grad if enabled) via the wrapped model; only the last T+1 positions scored."""
     targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
     with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
         return model(**inputs, use_cache=False, logits_to_keep=targets.shape[1] + 1).logits  # log-probs, not logits
@@ -869,8 +860,7 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
                       completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       shared_prefix: bool = True) -> torch.Tensor:
     """[B, T] log-probs of one micro-batch's completions (with grad if enabled): the one scoring path of every
-    method's old / reference log-probs and update. Rows sharing a prompt go through one packed sequence per group
-    (shared_prefix_inputs); otherwise one row each (scoring_inputs). Past a row's mask: garbage, mask it."""
+    method's old / reference log-probs and update. Past a row's mask: garbage, mask it."""
     device = next(unwrap(model).parameters()).device
     if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
         inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, pad_id, device)
@@ -883,9 +873,8 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
                         shared_prefix: bool = True) -> torch.Tensor:
-    """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time
-    (score_completions: rows sharing a prompt share its forward), each micro-batch cut to its longest completion as
-    the updates cut it. Positions past the completion mask are 0. One copy to the host, at the end."""
+    """[B, T] log-probs (no grad), row b scored with prompts[b], `micro_batch` rows at a time, each micro-batch cut to
+    its longest completion as the updates cut it; 0 past the completion mask. One copy to the host, at the end."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
     out = torch.zeros(completion_mask.shape, device=next(unwrap(model).parameters()).device)  # [B, T]
     for s in range(0, len(prompts), micro_batch):
@@ -976,8 +965,7 @@ def grad_sync(model, on: bool):
         model.require_backward_grad_sync = on
 
 def clip_gradients(params, max_norm: float) -> float:
-    """Global grad-norm clipping (0 = off, the norm still measured); DDP tensors and FSDP2 DTensors alike (the norm
-    is reduced over shards). Returns the norm before clipping."""
+    """Global grad-norm clipping (0: off, still measured) of DDP tensors or FSDP2 shards; the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
