@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -237,21 +237,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
     assert tok.convert_tokens_to_ids(list(special_ids)) == list(special_ids.values())
     return tok, special_ids
 
-def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device, dtype: torch.dtype,
-                        attn: str):
-    """A random-initialised Qwen2.5-VL of a preset's shape, built on `device` in `dtype` (no host or fp32 copy), with a
-    small tokenizer, special tokens at the real ids. For speed and memory measurements only: its outputs are noise."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    spec = RANDOM_PRESETS[name]
-    tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
-                                   QWEN_SPECIAL_IDS if spec["vocab_size"] else None)
-    cfg = qwen_vl_config(**{**spec, "vocab_size": spec["vocab_size"] or len(tok)}, special_ids=special)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(0)  # the same weights at every load: a KL reference loaded the same way is the policy's twin
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
-    return model, processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
-                                    chat_template=CHAT_TEMPLATE)
-
 def tiny_pointer() -> str:
     """The file naming this checkout's stand-in, written by tiny.py: one per checkout, so checkouts never swap them."""
     import hashlib
@@ -291,8 +276,17 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         except ImportError:
             raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
                              "or does not import (pip install flash-attn); use --attn sdpa") from None
-    if name in RANDOM_PRESETS:
-        return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
+    if name in RANDOM_PRESETS:  # for speed and memory measurements only: random weights (outputs are noise) and a small
+        # tokenizer, its special tokens at the real ids where the preset has the real vocabulary size
+        spec = RANDOM_PRESETS[name]
+        tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
+                                       QWEN_SPECIAL_IDS if spec["vocab_size"] else None)
+        cfg = qwen_vl_config(**{**spec, "vocab_size": spec["vocab_size"] or len(tok)}, special_ids=special)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(0)  # the same weights at every load: a KL reference loaded alike is the policy's twin
+            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch_dtype, attn_implementation=attn)
+        image_processor = make_image_processor(min_pixels or 3136, max_pixels or 401408)
+        return model, processor_class()(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     path = tiny_dir() if name == "tiny" else name
     expected = "a local Qwen2.5-VL checkpoint directory (config.json, model*.safetensors, tokenizer, processor files)"
     if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
@@ -449,9 +443,9 @@ def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> to
     buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
     return buffer
 
-@functools.cache
-def preallocated_kv_layer():
-    """The cache-layer class used by the sampler's decode (built once; needs transformers imported)."""
+def expand_cache(cache, repeats: int, capacity: int):
+    """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
+    in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -477,13 +471,7 @@ def preallocated_kv_layer():
             self.buffers[1][:, :, start:end] = value_states
             self.keys, self.values = (buf[:, :, :end] for buf in self.buffers)
             return self.keys, self.values
-
-    return PreallocatedLayer
-
-def expand_cache(cache, repeats: int, capacity: int):
-    """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
-    in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
-    cache.layers = [preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
     return cache
 
 def static_cache(model, cache, repeats: int, capacity: int):
@@ -778,15 +766,10 @@ def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
     return list(zip(starts, starts[1:] + [len(prompts)]))
 
-@dataclasses.dataclass
-class PrefixLayout:
-    """The packed rows of the shared-prefix forward (`shared_prefix_inputs`), handed to every decoder layer in place
-    of an attention mask: each packed row is a prompt left-padded to `prompt_width` slots, `prompt_lengths[r]` of them
-    real, then `groups` completion slots of `width` tokens each."""
-    prompt_width: int
-    groups: int
-    width: int
-    prompt_lengths: list[int]
+# The packed rows of the shared-prefix forward (`shared_prefix_inputs`), handed to every decoder layer in place of an
+# attention mask: each packed row is a prompt left-padded to `prompt_width` slots, `prompt_lengths[r]` of them real,
+# then `groups` completion slots of `width` tokens each.
+PrefixLayout = namedtuple("PrefixLayout", "prompt_width groups width prompt_lengths")
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      base: str = "sdpa", **kwargs):
@@ -977,11 +960,8 @@ def _fsdp_modules(model):
 def gathered_params(model, warmup_inputs: dict | None = None):
     """For sampling on an FSDP2 model: all-gather the parameters once for the whole phase (not per decode step), then
     reshard; a no-op otherwise. FSDP2 needs one forward through the root first: `warmup_inputs`, when given."""
-    mods = _fsdp_modules(model)
-    if not mods:
-        yield
-        return
-    if warmup_inputs is not None:
+    mods = _fsdp_modules(model)  # none: every step below does nothing
+    if mods and warmup_inputs is not None:
         with torch.no_grad():
             model(**warmup_inputs, use_cache=False, logits_to_keep=1)
     for m in mods:
