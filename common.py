@@ -1,13 +1,9 @@
 """
-common.py: the model side every method shares, in execution order:
-  1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
-  2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets; images
-  3. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
-  4. per-token log-probs of completions (a group's prompt run once, vocabulary scores in bounded chunks); SFT loss
-  5. precision, DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
-  6. JSONL inputs and the resumable per-rank map
-A run's life (flags, checkpoints, logging, resume, export, the guard) is lifecycle.py; data.py, judges.py and
-memory.py have one job each. Nothing here imports a method, eval, bench or tiny.
+common.py: the model side every method shares, in six sections in execution order: distributed setup, model and
+processor loading, prompt encoding and the rollout sampler, per-token log-probs of completions (and the SFT loss),
+precision with DDP / FSDP2, JSONL inputs and the resumable per-rank map. A run's life (flags, checkpoints, logging,
+resume, export, the guard) is lifecycle.py; data.py, judges.py and memory.py have one job each. Nothing here imports
+a method, eval, bench or tiny.
 
 Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
   * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
@@ -141,7 +137,6 @@ CHAT_TEMPLATE = (
 
 @functools.cache
 def processor_class():
-    """The image-only processor class (built once; imports transformers)."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -174,9 +169,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3])
-RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
-    # for bench.py on CPU: 30m has a small vocabulary, so its time goes to the decoder layers as a big model's does;
-    # 35m has the real 151,936-token vocabulary, for the memory of scoring at that vocabulary
+RANDOM_PRESETS = {  # random weights in the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2) and, for bench.py on
+    # CPU, 30m (small vocabulary: time goes to the layers, as a big model's) and 35m (real vocabulary: scoring memory)
     "qwen2.5-vl-30m-random": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                                   num_key_value_heads=2, vocab_size=None, tie=False, vision=SMALL_VISION),
     "qwen2.5-vl-35m-random": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -201,11 +195,10 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
         text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                          num_key_value_heads=num_key_value_heads, max_position_embeddings=max_positions,
-                         rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                         rms_norm_eps=1e-6, tie_word_embeddings=tie, pad_token_id=special_ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                           "mrope_section": mrope_section},
-                         bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"],
-                         pad_token_id=special_ids["<|endoftext|>"]),
+                         bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"]),
         vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            out_hidden_size=hidden_size, tokens_per_second=2, **vision),
         image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
@@ -213,9 +206,8 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
         tie_word_embeddings=tie)
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[str, int] | None = None):
-    """A byte-level BPE with Qwen's pre-tokenizer regex, trained in-process (a fraction of a second), wrapped as a
-    Qwen2Tokenizer with the Qwen special tokens and the Qwen2.5-VL chat template. `special_ids` places the special
-    tokens at given ids (the real Qwen ids for the random presets); by default they follow the BPE vocabulary."""
+    """A byte-level BPE with Qwen's pre-tokenizer regex trained in-process (a fraction of a second), a Qwen2Tokenizer
+    with the chat template and the special tokens at `special_ids` (the real ids) or, by default, after the BPE ones."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
@@ -300,8 +292,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
             final = os.path.join(path, "final")  # a run directory: its exported model is in final/
-            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(
-                os.path.join(final, "config.json")) else ""
+            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(f"{final}/config.json") else ""
             raise SystemExit(f"{flag} {path}: config.json says model_type={model_type!r}; this project trains "
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
     try:
@@ -362,9 +353,8 @@ class EncodedPrompt:
         return self.input_ids.shape[0]
 
 def chat_messages(text: str, system: str | None = None) -> list[dict]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
-    return msgs
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    return [{"role": "system", "content": system}, user] if system else [user]
 
 def encode_prompt(processor, image: Image.Image | str, text: str, system: str | None = None) -> EncodedPrompt:
     """The chat template for [image, text], processed (image pad expanded, patch rows made) and unpadded."""
@@ -595,8 +585,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         seen.scatter_(1, batch["input_ids"].repeat_interleave(G, 0), True)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # preallocated outputs
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
+    finished, nonfinite = torch.zeros((2, B), dtype=torch.bool, device=device)  # [B] each: ended; NaN / inf logits
     eos = torch.tensor(eos_ids, device=device)
     uniforms = None
     if row_seeds is not None and temperature > 0:
@@ -659,8 +648,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """1 for every token up to and including the first EOS, 0 after it: [5, 7, EOS, 0, 0] -> [1, 1, 1, 0, 0]."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
-    eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
-    return (eos_before == 0).long()
+    return (is_eos.cumsum(1) - is_eos == 0).long()  # no EOS strictly before the position
 
 def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
     width = max(r.completion_ids.shape[1] for r in parts)
@@ -683,11 +671,10 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
     comp = completion_ids.to(device)  # [B, T]
     start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
     comp_pos = (start[:, None] + torch.arange(comp.shape[1], device=device)).expand(3, -1, -1)  # [3, B, T]
-    return dict(input_ids=torch.cat([batch["input_ids"], comp], 1),
+    return dict(batch, input_ids=torch.cat([batch["input_ids"], comp], 1),  # the images as collated
                 attention_mask=torch.cat([batch["attention_mask"], completion_mask.to(device).long()], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
-                position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+                position_ids=torch.cat([batch["position_ids"], comp_pos], 2))
 
 LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
 
@@ -707,8 +694,7 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
     within LOGITS_BUDGET recomputed in the backward. Swapped inside the model's forward, where DDP / FSDP2 expect it."""
     head = unwrap(model).lm_head
 
-    def scores(hidden):  # [rows, kept, hidden] -> [B, T]
-        # the last kept position predicts past the completion
+    def scores(hidden):  # [rows, kept, hidden] -> [B, T]; the last kept position predicts past the completion
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
         grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
@@ -924,8 +910,7 @@ def enable_activation_checkpointing(model):
 
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
-    """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root; a non-fp32 `param_dtype`
-    gathers in it and reduces in fp32); one process: the model as it is. Optionally with activation checkpointing."""
+    """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root); one process: the model."""
     if activation_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -994,9 +979,8 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
 # ----- 6. JSONL inputs and the resumable per-rank map -----
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
-    """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
-    message naming the file and the line (as an editor numbers it, blank lines counted). `skip_cut_tail`: a last line
-    cut by a kill mid-write is skipped instead (its item is redone by the caller)."""
+    """The records of a JSONL file; a line not JSON or without the `required` keys stops naming file and line (blank
+    lines counted, as an editor does), except that `skip_cut_tail` skips a last line cut by a kill (its item redone)."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")
     with open(path) as f:
