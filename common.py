@@ -1,15 +1,9 @@
 """
-common.py: the model side every method shares, in execution order:
-
-  1. distributed setup for torchrun (nccl on GPU, gloo on CPU) and rank-0 printing
-  2. model + processor loading: any Qwen2.5-VL checkpoint, the built `tiny` stand-in, random presets; images
-  3. prompt encoding and the rollout sampler (prefill once per prompt, KV cache shared by the group)
-  4. per-token log-probs of completions: each group's prompt run once (shared prefix), vocabulary scores only at
-     completion positions, in chunks of a bounded size; the SFT loss
-  5. precision, DDP / FSDP2 wrapping, gathering FSDP2 parameters once per rollout phase
-  6. JSONL inputs and the resumable per-rank map
-A run's life (flags, checkpoints, logging, resume, export, the guard) is lifecycle.py; data.py, judges.py and
-memory.py have one job each. Nothing here imports a method, eval, bench or tiny.
+common.py: the model side every method shares, in six sections in execution order: distributed setup, model and
+processor loading, prompt encoding and the rollout sampler, per-token log-probs of completions (and the SFT loss),
+precision with DDP / FSDP2, JSONL inputs and the resumable per-rank map. A run's life (flags, checkpoints, logging,
+resume, export, the guard) is lifecycle.py; data.py, judges.py and memory.py have one job each. Nothing here imports
+a method, eval, bench or tiny.
 
 Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
   * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
@@ -31,7 +25,7 @@ import os
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -67,20 +61,19 @@ class Dist:
         return self.world_size > 1
 
 def init_distributed() -> Dist:
-    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and start the process group if there is one.
-    nccl on GPU, gloo on CPU. A plain `python script.py` gives a single-process Dist."""
+    """The process group from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); `python script.py`: one process."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    elif world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     if world > 1 and not dist.is_initialized():
         # on GPU nccl for CUDA tensors and gloo for the small CPU ones (token counts, metrics); a generous timeout,
         # as mining or evaluation on one rank can take long while the others wait at a barrier
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
-    if not use_cuda and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     return Dist(rank, local_rank, world, dev)
 
 def print0(*args, **kwargs):
@@ -125,9 +118,8 @@ def stream_position(position: int, n: int, seed: int) -> int:
 
 # ----- 2. Model and processor loading -----
 
-# The Qwen2-VL / Qwen2.5-VL chat format: system, then user turns whose content is a list of image and text items,
-# `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as the generation prompt.
-# Written for the locally built tokenizers; real checkpoints bring their own template.
+# The Qwen2.5-VL chat format (an image item is `<|vision_start|><|image_pad|><|vision_end|>`), for the locally built
+# tokenizers; real checkpoints bring their own template.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -145,7 +137,6 @@ CHAT_TEMPLATE = (
 
 @functools.cache
 def processor_class():
-    """The image-only processor class (built once; imports transformers)."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -163,8 +154,7 @@ def make_image_processor(min_pixels: int, max_pixels: int):
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
 
 def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
-    """Override the image processor's pixel budget (its `size` dict; the min_pixels / max_pixels call arguments
-    are deprecated in transformers 5.x)."""
+    """Set the pixel budget in the image processor's `size` dict (transformers 5.x deprecates the call arguments)."""
     for edge, pixels in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
         if pixels is not None:
             processor.image_processor.size[edge] = pixels
@@ -172,24 +162,19 @@ def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None):
 DTYPES = ("auto", "bf16-mixed", "bf16", "fp32")  # the --dtype choices (see precision_for)
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype weights are loaded in: 'auto' = bf16 on GPU, fp32 on CPU; 'bf16-mixed' loads fp32 (bf16 is the
-    compute, see precision_for). A torch.dtype is returned as it is."""
+    """The dtype weights are loaded in ('bf16-mixed' loads fp32 weights: bf16 is the compute, see precision_for)."""
     if isinstance(name, torch.dtype):
         return name
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
-RANDOM_PRESETS = {  # the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2), random weights, and two small ones
-    # for bench.py on CPU: 30m has a small vocabulary, so its time goes to the decoder layers as a big model's does;
-    # 35m has the real 151,936-token vocabulary, for the memory of scoring at that vocabulary
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3])
+RANDOM_PRESETS = {  # random weights in the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2) and, for bench.py on
+    # CPU, 30m (small vocabulary: time goes to the layers, as a big model's) and 35m (real vocabulary: scoring memory)
     "qwen2.5-vl-30m-random": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                                  num_key_value_heads=2, vocab_size=None, tie=False,
-                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
-                                              fullatt_block_indexes=[3])),
+                                  num_key_value_heads=2, vocab_size=None, tie=False, vision=SMALL_VISION),
     "qwen2.5-vl-35m-random": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=151936, tie=True,
-                                  vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4,
-                                              fullatt_block_indexes=[3])),
+                                  num_key_value_heads=2, vocab_size=151936, tie=True, vision=SMALL_VISION),
     "qwen2.5-vl-3b-random": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                  num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie=True),
     "qwen2.5-vl-7b-random": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -210,11 +195,10 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
         text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                          num_key_value_heads=num_key_value_heads, max_position_embeddings=max_positions,
-                         rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                         rms_norm_eps=1e-6, tie_word_embeddings=tie, pad_token_id=special_ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                           "mrope_section": mrope_section},
-                         bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"],
-                         pad_token_id=special_ids["<|endoftext|>"]),
+                         bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"]),
         vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            out_hidden_size=hidden_size, tokens_per_second=2, **vision),
         image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
@@ -222,9 +206,8 @@ def qwen_vl_config(*, hidden_size, intermediate_size, num_hidden_layers, num_att
         tie_word_embeddings=tie)
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[str, int] | None = None):
-    """A byte-level BPE with Qwen's pre-tokenizer regex, trained in-process (a fraction of a second), wrapped as a
-    Qwen2Tokenizer with the Qwen special tokens and the Qwen2.5-VL chat template. `special_ids` places the special
-    tokens at given ids (the real Qwen ids for the random presets); by default they follow the BPE vocabulary."""
+    """A byte-level BPE with Qwen's pre-tokenizer regex trained in-process (a fraction of a second), a Qwen2Tokenizer
+    with the chat template and the special tokens at `special_ids` (the real ids) or, by default, after the BPE ones."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
@@ -246,29 +229,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_ids: dict[st
     assert tok.convert_tokens_to_ids(list(special_ids)) == list(special_ids.values())
     return tok, special_ids
 
-def build_random_preset(name: str, min_pixels: int, max_pixels: int, device: torch.device, dtype: torch.dtype,
-                        attn: str):
-    """A random-initialised Qwen2.5-VL of a preset's shape and a small tokenizer whose special tokens sit at the real
-    ids (or, for a preset with vocab_size None, right after its few hundred tokens), built directly on `device` in
-    `dtype` (no host copy, no fp32 copy first). For speed and memory measurements only: its outputs are noise."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    spec = dict(RANDOM_PRESETS[name])
-    real_ids = spec["vocab_size"] is not None
-    tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
-                                   QWEN_SPECIAL_IDS if real_ids else None)
-    if not real_ids:
-        spec["vocab_size"] = len(tok)
-    cfg = qwen_vl_config(special_ids=special, **spec)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(0)  # the same weights at every load: a KL reference loaded the same way is the policy's twin
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
-    proc = processor_class()(image_processor=make_image_processor(min_pixels, max_pixels), tokenizer=tok,
-                             chat_template=CHAT_TEMPLATE)
-    return model, proc
-
 def tiny_pointer() -> str:
-    """The file that names this checkout's built stand-in (tiny.py writes it; one per checkout, so checkouts with
-    other prompts that share the cache never swap stand-ins)."""
+    """The file naming this checkout's stand-in, written by tiny.py: one per checkout, so checkouts never swap them."""
     import hashlib
     checkout = hashlib.sha1(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:10]
     return os.path.join(CACHE_DIR, f"tiny-{checkout}.txt")
@@ -298,7 +260,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     """(model, processor) for a hub id or local directory of any Qwen2.5-VL checkpoint, `tiny` or a random preset,
     read or built straight onto `device` in `dtype` (no host copy, no copy in another dtype; under FSDP2 one whole copy
     per GPU until wrap_model shards it). On the meta device: the shapes only, for the memory estimate at start."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
     torch_dtype = resolve_dtype(dtype, device)
     if attn == "flash_attention_2":
         try:
@@ -306,8 +268,17 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         except ImportError:
             raise SystemExit("--attn flash_attention_2 asked for, but the flash-attn package is not installed "
                              "or does not import (pip install flash-attn); use --attn sdpa") from None
-    if name in RANDOM_PRESETS:
-        return build_random_preset(name, min_pixels or 3136, max_pixels or 401408, device, torch_dtype, attn)
+    if name in RANDOM_PRESETS:  # for speed and memory measurements only: random weights (outputs are noise) and a small
+        # tokenizer, its special tokens at the real ids where the preset has the real vocabulary size
+        spec = RANDOM_PRESETS[name]
+        tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
+                                       QWEN_SPECIAL_IDS if spec["vocab_size"] else None)
+        cfg = qwen_vl_config(**{**spec, "vocab_size": spec["vocab_size"] or len(tok)}, special_ids=special)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(0)  # the same weights at every load: a KL reference loaded alike is the policy's twin
+            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch_dtype, attn_implementation=attn)
+        image_processor = make_image_processor(min_pixels or 3136, max_pixels or 401408)
+        return model, processor_class()(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     path = tiny_dir() if name == "tiny" else name
     expected = "a local Qwen2.5-VL checkpoint directory (config.json, model*.safetensors, tokenizer, processor files)"
     if not os.path.exists(path) and (path.startswith((".", "/")) or path.strip("/").count("/") > 1):  # not a hub id
@@ -321,13 +292,11 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
             model_type = json.load(f).get("model_type")
         if model_type != "qwen2_5_vl":
             final = os.path.join(path, "final")  # a run directory: its exported model is in final/
-            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(
-                os.path.join(final, "config.json")) else ""
+            hint = f"; {path} looks like a run directory: use {final}" if os.path.exists(f"{final}/config.json") else ""
             raise SystemExit(f"{flag} {path}: config.json says model_type={model_type!r}; this project trains "
                              f"Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl'){hint}")
     try:
         if device.type == "meta":
-            from transformers import AutoConfig
             with device:
                 model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path),
                                                                         dtype=torch_dtype)
@@ -343,8 +312,7 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
     return model.to(device), proc
 
 def special_token_ids(processor) -> dict[str, int]:
-    tok = processor.tokenizer
-    return {name: tok.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
+    return {name: processor.tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
 
 # ----- robust image access: a missing, empty, truncated or non-image file never crashes a run -----
 
@@ -379,19 +347,17 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image
     pixel_values: torch.Tensor  # [n_patches, 3*2*14*14] this image's patch rows
     image_grid_thw: torch.Tensor  # [1, 3]
-    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, filled in by prompt_positions()
+    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, filled in by collate_prompts()
 
     def __len__(self):
         return self.input_ids.shape[0]
 
 def chat_messages(text: str, system: str | None = None) -> list[dict]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
-    return msgs
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    return [{"role": "system", "content": system}, user] if system else [user]
 
 def encode_prompt(processor, image: Image.Image | str, text: str, system: str | None = None) -> EncodedPrompt:
-    """Render the chat template for [image, text], run the processor (expands the image pad to the image's token
-    count and makes the patch rows) and keep the unpadded tensors."""
+    """The chat template for [image, text], processed (image pad expanded, patch rows made) and unpadded."""
     if isinstance(image, str):
         image = open_image(image)
     prompt = processor.apply_chat_template(chat_messages(text, system), tokenize=False, add_generation_prompt=True)
@@ -403,26 +369,20 @@ def unwrap(model):
     """The Hugging Face model inside a DDP wrapper (FSDP2 modules are the model itself)."""
     return model.module if hasattr(model, "module") else model
 
-def prompt_positions(model, prompt: EncodedPrompt) -> torch.Tensor:
-    """[3, L] M-RoPE positions of an unpadded prompt (temporal / height / width rows; text tokens share one value),
-    computed once and cached on the prompt. Uses only the config, so it works on sharded models too."""
-    if prompt.position_ids is None:
-        pos, _ = unwrap(model).model.get_rope_index(
-            prompt.input_ids[None], mm_token_type_ids=prompt.mm_token_type_ids[None],
-            image_grid_thw=prompt.image_grid_thw)
-        prompt.position_ids = pos[:, 0]
-    return prompt.position_ids
-
 def collate_prompts(model, prompts: Sequence[EncodedPrompt], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a list of prompts into one batch, with 3-row positions and each image's patch rows concatenated
     in row order (a prompt listed twice contributes its block twice: that is how rows share an image)."""
     def left_pad(rows: list[torch.Tensor], value: int = 0) -> torch.Tensor:  # [n, width]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
-    positions = [prompt_positions(model, p) for p in prompts]  # [3, L] each
+    for p in prompts:
+        if p.position_ids is None:  # once per prompt, from the config only (so sharded models too)
+            pos, _ = unwrap(model).model.get_rope_index(p.input_ids[None], mm_token_type_ids=p.mm_token_type_ids[None],
+                                                        image_grid_thw=p.image_grid_thw)
+            p.position_ids = pos[:, 0]  # [3, L] temporal / height / width rows; text tokens share one value
     batch = dict(input_ids=left_pad([p.input_ids for p in prompts], pad_id),
                  attention_mask=left_pad([torch.ones(len(p), dtype=torch.long) for p in prompts]),
                  mm_token_type_ids=left_pad([p.mm_token_type_ids for p in prompts]),
-                 position_ids=torch.stack([left_pad([pos[axis] for pos in positions]) for axis in range(3)]),
+                 position_ids=torch.stack([left_pad([p.position_ids[axis] for p in prompts]) for axis in range(3)]),
                  pixel_values=torch.cat([p.pixel_values for p in prompts]),
                  image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))
     return {name: tensor.to(device) for name, tensor in batch.items()}
@@ -446,13 +406,11 @@ class Rollout:
 SORTED_NUCLEUS_VOCAB = 8192  # up to this vocabulary size the nucleus comes from a sort, above it from a bisection
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (nucleus sampling),
-    without a host sync."""
+    """Mask the logits outside the smallest set of tokens with cumulative probability >= top_p (the nucleus)."""
     # Trick "nucleus without a sort or a sync": a token is kept when the tokens more likely than it hold less than
-    # top_p of the mass, i.e. when its probability passes a per-row threshold. Bisection over the float32 bit
-    # patterns of the probabilities (for non-negative floats their integer order is their numeric order) finds
-    # that threshold exactly in 31 halvings of [0, max prob]: no sort of the vocabulary, no look from the host.
-    # The same tokens as a sort, except that tokens tied at the threshold are all kept.
+    # top_p of the mass, i.e. when its probability passes a per-row threshold, found exactly by bisection over the
+    # float32 bit patterns of the probabilities (for non-negative floats their integer order is their numeric order)
+    # in 31 halvings of [0, max prob]. The same tokens as a sort, except that tokens tied at the threshold are all kept.
     probs = logits.float().softmax(-1)  # [B, V]
     if probs.shape[-1] <= SORTED_NUCLEUS_VOCAB:  # a small vocabulary: one sort is cheaper than 31 passes
         ranked, order = probs.sort(-1, descending=True)  # [B, V]
@@ -467,7 +425,6 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(probs <= lo.int().view(torch.float32)[:, None], float("-inf"))
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type; None where autocast is off."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -476,9 +433,9 @@ def repeat_rows(buffer: torch.Tensor, prefill: torch.Tensor, repeats: int) -> to
     buffer.view(P, repeats, H, -1, D)[:, :, :, :L] = prefill[:, None]
     return buffer
 
-@functools.cache
-def preallocated_kv_layer():
-    """The cache-layer class used by the sampler's decode (built once; needs transformers imported)."""
+def expand_cache(cache, repeats: int, capacity: int):
+    """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
+    in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -504,13 +461,7 @@ def preallocated_kv_layer():
             self.buffers[1][:, :, start:end] = value_states
             self.keys, self.values = (buf[:, :, :end] for buf in self.buffers)
             return self.keys, self.values
-
-    return PreallocatedLayer
-
-def expand_cache(cache, repeats: int, capacity: int):
-    """Share each prompt's prefill KV with its G samples: row p of the prefill cache becomes rows p*G .. p*G+G-1,
-    in preallocated buffers of `capacity` positions (Qwen2.5-VL's layers are all full-attention DynamicLayers)."""
-    cache.layers = [preallocated_kv_layer()(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, repeats, capacity) for layer in cache.layers]
     return cache
 
 def static_cache(model, cache, repeats: int, capacity: int):
@@ -526,9 +477,8 @@ def static_cache(model, cache, repeats: int, capacity: int):
         repeat_rows(layer.keys, prefill.keys, repeats)
         repeat_rows(layer.values, prefill.values, repeats)
         layer.cumulative_length.fill_(L)
-        if dtype is not None:
-            stock_update = layer.update
-            layer.update = lambda k, v, *a, _up=stock_update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
+        if dtype is not None:  # (the stock update bound as a default, before the swap)
+            layer.update = lambda k, v, *a, _up=layer.update, _dt=dtype, **kw: _up(k.to(_dt), v.to(_dt), *a, **kw)
     return static
 
 @functools.cache
@@ -607,11 +557,9 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
     batch = collate_prompts(model, prompts, pad_id, device)
     G = group_size
     Lp = batch["input_ids"].shape[1]
-    # --- prefill: one row per prompt; logits only for the last position
-    problem = compile_decode_problem(model) if compile_decode else None
-    if problem:
+    if compile_decode and (problem := compile_decode_problem(model)):
         raise ValueError(f"sample(compile_decode=True): {problem}")
-    out = model(**batch, use_cache=True, logits_to_keep=1)
+    out = model(**batch, use_cache=True, logits_to_keep=1)  # prefill: one row per prompt, the last position's logits
     if compile_decode:
         capacity = -(-(Lp + max_new_tokens) // 256) * 256  # rounded up: fewer distinct shapes, fewer compilations
         cache = static_cache(model, returned_cache(out), G, capacity)
@@ -637,8 +585,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         seen.scatter_(1, batch["input_ids"].repeat_interleave(G, 0), True)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # preallocated outputs
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
+    finished, nonfinite = torch.zeros((2, B), dtype=torch.bool, device=device)  # [B] each: ended; NaN / inf logits
     eos = torch.tensor(eos_ids, device=device)
     uniforms = None
     if row_seeds is not None and temperature > 0:
@@ -701,8 +648,7 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
 def completion_mask_from(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """1 for every token up to and including the first EOS, 0 after it: [5, 7, EOS, 0, 0] -> [1, 1, 1, 0, 0]."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device)).long()  # [B, T]
-    eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
-    return (eos_before == 0).long()
+    return (is_eos.cumsum(1) - is_eos == 0).long()  # no EOS strictly before the position
 
 def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
     width = max(r.completion_ids.shape[1] for r in parts)
@@ -720,21 +666,17 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
 
 def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Model inputs for rows of (prompt, completion): [left-padded prompt | completion, right-padded]. Completion
-    positions continue the prompt's M-RoPE positions; `mm_token_type_ids` gets zeros for completion tokens."""
+    """Model inputs for rows of [left-padded prompt | right-padded completion], the completion's positions following."""
     batch = collate_prompts(model, prompts, pad_id, device)
     comp = completion_ids.to(device)  # [B, T]
     start = batch["position_ids"].amax(dim=(0, 2)) + 1  # [B] first completion position
     comp_pos = (start[:, None] + torch.arange(comp.shape[1], device=device)).expand(3, -1, -1)  # [3, B, T]
-    return dict(input_ids=torch.cat([batch["input_ids"], comp], 1),
+    return dict(batch, input_ids=torch.cat([batch["input_ids"], comp], 1),  # the images as collated
                 attention_mask=torch.cat([batch["attention_mask"], completion_mask.to(device).long()], 1),
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
-                position_ids=torch.cat([batch["position_ids"], comp_pos], 2),
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+                position_ids=torch.cat([batch["position_ids"], comp_pos], 2))
 
-# vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32; at Qwen's 151,936-token
-# vocabulary and 16 rows, chunks of 27 positions; at the stand-in's, every position at once
-LOGITS_BUDGET = 2 ** 26
+LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
@@ -752,19 +694,14 @@ def lm_head_returns_logprobs(model, targets: torch.Tensor, temperature: float, p
     within LOGITS_BUDGET recomputed in the backward. Swapped inside the model's forward, where DDP / FSDP2 expect it."""
     head = unwrap(model).lm_head
 
-    def scores(hidden):  # [rows, kept, hidden] -> [B, T]
-        # the last kept position predicts past the completion
+    def scores(hidden):  # [rows, kept, hidden] -> [B, T]; the last kept position predicts past the completion
         hidden = hidden[:, :-1] if predictors is None else hidden.reshape(-1, hidden.shape[-1])[predictors]
         chunk = max(1, LOGITS_BUDGET // (hidden.shape[0] * head.weight.shape[0]))
         grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-        parts = []
-        for s in range(0, hidden.shape[1], chunk):
-            inputs = (hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
-            if grad:  # the chunk's vocabulary scores are recomputed in the backward, never kept
-                parts.append(torch.utils.checkpoint.checkpoint(_head_logprobs, *inputs, use_reentrant=False))
-            else:
-                parts.append(_head_logprobs(*inputs))
-        return torch.cat(parts, 1)  # [B, T]
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, _head_logprobs, use_reentrant=False)
+        run = checkpointed if grad else _head_logprobs  # with grad, a chunk's scores are recomputed in the backward
+        return torch.cat([run(hidden[:, s:s + chunk], head.weight, head.bias, targets[:, s:s + chunk], temperature)
+                          for s in range(0, hidden.shape[1], chunk)], 1)  # [B, T]
     head.forward = scores
     try:
         yield
@@ -790,12 +727,11 @@ def images_encoded_once(model):
         if len(keep) == len(blocks):
             return encode(pixel_values, grid_thw, **kwargs)
         out = encode(torch.cat([blocks[k] for k in keep]), grid_thw[keep], **kwargs)
-        unit = visual.spatial_merge_size ** 2  # patches per merged (LLM) token
-        merged = out.pooler_output.split([sizes[k] // unit for k in keep])  # per encoded image [tokens, hidden]
-        out.pooler_output = torch.cat([merged[o] for o in owner])  # [sum tokens, hidden], one block per image
-        if getattr(out, "last_hidden_state", None) is not None:  # per-patch states, each image's rows contiguous
-            patches = out.last_hidden_state.split([sizes[k] for k in keep])
-            out.last_hidden_state = torch.cat([patches[o] for o in owner])
+        # merged (LLM) tokens, spatial_merge_size ** 2 patches each, and any per-patch states: one block per image
+        for name, unit in (("pooler_output", visual.spatial_merge_size ** 2), ("last_hidden_state", 1)):
+            if getattr(out, name, None) is not None:
+                encoded = getattr(out, name).split([sizes[k] // unit for k in keep])
+                setattr(out, name, torch.cat([encoded[o] for o in owner]))
         return out
     visual.forward = encode_once
     try:
@@ -805,8 +741,7 @@ def images_encoded_once(model):
 
 def forward_logprobs(model, inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
-    """[B, T] log-probs of the completion tokens of one micro-batch (with grad if enabled), through the wrapped model:
-    only the last T+1 positions reach the vocabulary, in chunks without full logits; repeated images encoded once."""
+    """[B, T] completion log-probs (with grad if enabled) via the wrapped model; only the last T+1 positions scored."""
     targets = completion_ids.to(inputs["input_ids"].device)  # [B, T]
     with lm_head_returns_logprobs(model, targets, temperature), images_encoded_once(model):
         return model(**inputs, use_cache=False, logits_to_keep=targets.shape[1] + 1).logits  # log-probs, not logits
@@ -817,15 +752,10 @@ def prompt_runs(prompts: Sequence[EncodedPrompt]) -> list[tuple[int, int]]:
     starts = [i for i, p in enumerate(prompts) if i == 0 or p is not prompts[i - 1]]
     return list(zip(starts, starts[1:] + [len(prompts)]))
 
-@dataclasses.dataclass
-class PrefixLayout:
-    """The packed rows of the shared-prefix forward (`shared_prefix_inputs`), handed to every decoder layer in place
-    of an attention mask: each packed row is a prompt left-padded to `prompt_width` slots, `prompt_lengths[r]` of them
-    real, then `groups` completion slots of `width` tokens each."""
-    prompt_width: int
-    groups: int
-    width: int
-    prompt_lengths: list[int]
+# The packed rows of the shared-prefix forward (`shared_prefix_inputs`), handed to every decoder layer in place of an
+# attention mask: each packed row is a prompt left-padded to `prompt_width` slots, `prompt_lengths[r]` of them real,
+# then `groups` completion slots of `width` tokens each.
+PrefixLayout = namedtuple("PrefixLayout", "prompt_width groups width prompt_lengths")
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      base: str = "sdpa", **kwargs):
@@ -899,8 +829,7 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
                       completion_mask: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       shared_prefix: bool = True) -> torch.Tensor:
     """[B, T] log-probs of one micro-batch's completions (with grad if enabled): the one scoring path of every
-    method's old / reference log-probs and update. Rows sharing a prompt go through one packed sequence per group
-    (shared_prefix_inputs); otherwise one row each (scoring_inputs). Past a row's mask: garbage, mask it."""
+    method's old / reference log-probs and update. Past a row's mask: garbage, mask it."""
     device = next(unwrap(model).parameters()).device
     if shared_prefix and shared_prefix_supported(model) and any(e - s > 1 for s, e in prompt_runs(prompts)):
         inputs, predictors, keep = shared_prefix_inputs(model, prompts, completion_ids, pad_id, device)
@@ -913,9 +842,8 @@ def score_completions(model, prompts: Sequence[EncodedPrompt], completion_ids: t
 def completion_logprobs(model, processor, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, temperature: float = 1.0, micro_batch: int = 8,
                         shared_prefix: bool = True) -> torch.Tensor:
-    """[B, T] log-probs (no grad) of completion tokens, row b scored with prompts[b], `micro_batch` rows at a time
-    (score_completions: rows sharing a prompt share its forward), each micro-batch cut to its longest completion as
-    the updates cut it. Positions past the completion mask are 0. One copy to the host, at the end."""
+    """[B, T] log-probs (no grad), row b scored with prompts[b], `micro_batch` rows at a time, each micro-batch cut to
+    its longest completion as the updates cut it; 0 past the completion mask. One copy to the host, at the end."""
     pad_id = special_token_ids(processor)["<|endoftext|>"]
     out = torch.zeros(completion_mask.shape, device=next(unwrap(model).parameters()).device)  # [B, T]
     for s in range(0, len(prompts), micro_batch):
@@ -951,8 +879,7 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.compute, enabled=self.via == "autocast")
 
     @property
-    def fsdp_param_dtype(self) -> torch.dtype | None:
-        """wrap_model's param_dtype: the compute dtype when FSDP2 casts, else None."""
+    def fsdp_param_dtype(self) -> torch.dtype | None:  # wrap_model's param_dtype
         return self.compute if self.via == "fsdp" else None
 
     def __str__(self):
@@ -978,15 +905,12 @@ def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool 
 def enable_activation_checkpointing(model):
     """Recompute each layer in the backward (non-reentrant): `activation_checkpointing_enable` from transformers 5.2x,
     `gradient_checkpointing_enable` before it (now a deprecated alias that warns)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
 
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
-    """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root; a non-fp32 `param_dtype`
-    gathers in it and reduces in fp32); one process: the model as it is. Optionally with activation checkpointing."""
+    """DDP, or FSDP2 (`fully_shard` per vision block, per decoder layer, then the root); one process: the model."""
     if activation_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -996,9 +920,8 @@ def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointi
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kw = {}
-    if param_dtype not in (None, torch.float32):
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mixed = param_dtype not in (None, torch.float32)
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)} if mixed else {}
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, model]:
         fully_shard(module, **kw)
     return model
@@ -1010,8 +933,7 @@ def grad_sync(model, on: bool):
         model.require_backward_grad_sync = on
 
 def clip_gradients(params, max_norm: float) -> float:
-    """Global grad-norm clipping (0 = off, the norm still measured); DDP tensors and FSDP2 DTensors alike (the norm
-    is reduced over shards). Returns the norm before clipping."""
+    """Global grad-norm clipping (0: off, still measured) of DDP tensors or FSDP2 shards; the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -1023,11 +945,8 @@ def _fsdp_modules(model):
 def gathered_params(model, warmup_inputs: dict | None = None):
     """For sampling on an FSDP2 model: all-gather the parameters once for the whole phase (not per decode step), then
     reshard; a no-op otherwise. FSDP2 needs one forward through the root first: `warmup_inputs`, when given."""
-    mods = _fsdp_modules(model)
-    if not mods:
-        yield
-        return
-    if warmup_inputs is not None:
+    mods = _fsdp_modules(model)  # none: every step below does nothing
+    if mods and warmup_inputs is not None:
         with torch.no_grad():
             model(**warmup_inputs, use_cache=False, logits_to_keep=1)
     for m in mods:
@@ -1042,10 +961,8 @@ def gathered_params(model, warmup_inputs: dict | None = None):
 
 def fsdp_warmup_inputs(model, processor, prompt: EncodedPrompt) -> dict | None:
     """A one-prompt batch for gathered_params' warm-up forward (only needed under FSDP2)."""
-    if not _fsdp_modules(model):
-        return None
-    device = next(unwrap(model).parameters()).device
-    return collate_prompts(model, [prompt], special_token_ids(processor)["<|endoftext|>"], device)
+    pad_id = special_token_ids(processor)["<|endoftext|>"]
+    return collate_prompts(model, [prompt], pad_id, next(model.parameters()).device) if _fsdp_modules(model) else None
 
 def progress_bar(show: bool, **kw):
     """A tqdm bar where `show` (rank 0), None elsewhere: `bar = progress_bar(ranks.is_main, total=steps, desc="grpo")`.
@@ -1062,9 +979,8 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
 # ----- 6. JSONL inputs and the resumable per-rank map -----
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
-    """The records of a JSONL file. A line that is not JSON, or a record without the `required` keys, stops with one
-    message naming the file and the line (as an editor numbers it, blank lines counted). `skip_cut_tail`: a last line
-    cut by a kill mid-write is skipped instead (its item is redone by the caller)."""
+    """The records of a JSONL file; a line not JSON or without the `required` keys stops naming file and line (blank
+    lines counted, as an editor does), except that `skip_cut_tail` skips a last line cut by a kill (its item redone)."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")
     with open(path) as f:
