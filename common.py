@@ -1,11 +1,13 @@
 """
-common.py: the model side every method shares, in six sections in execution order: distributed setup, model and
-processor loading, prompt encoding and the rollout sampler, per-token log-probs of completions (and the SFT loss),
-precision with DDP / FSDP2, JSONL inputs and the resumable per-rank map. A run's life (flags, checkpoints, logging,
-resume, export, the guard) is lifecycle.py; data.py, judges.py and memory.py have one job each. Nothing here imports
-a method, eval, bench or tiny.
+common.py: the model side every method shares, in execution order: 1. distributed setup (nccl on GPU, gloo on CPU);
+2. model and processor loading; 3. prompt encoding and the rollout sampler (each prompt prefilled once, its KV cache
+shared by the group); 4. per-token log-probs of completions (each group's prompt run once, vocabulary scores only at
+completion positions, in bounded chunks) and the SFT loss; 5. precision, DDP / FSDP2 (parameters gathered once per
+rollout phase); 6. JSONL inputs and the resumable per-rank map. A run's life (flags, checkpoints, logging, resume,
+export, the guard) is lifecycle.py; data.py, judges.py and memory.py have one job each. Nothing here imports a
+method, eval, bench or tiny.
 
-Facts about Qwen2.5-VL in transformers 5.x that shape this file (see ../shared/research/feasibility.md):
+Facts about Qwen2.5-VL in transformers 5.x that shape this file (README: Real runs):
   * the stock Qwen2_5_VLProcessor needs torchvision; we use an image-only subclass with the PIL image processor;
   * `mm_token_type_ids` must reach every forward, or positions silently fall back to 1-D; we go further and pass
     explicit 3-row M-RoPE `position_ids` computed once per prompt, so prefill, decode and scoring agree exactly;
@@ -169,7 +171,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return {"auto": auto, "bf16-mixed": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[3])
-RANDOM_PRESETS = {  # random weights in the published shapes of Qwen2.5-VL-3B / 7B (SPEC section 2) and, for bench.py on
+RANDOM_PRESETS = {  # random weights in the published shapes of Qwen2.5-VL-3B / 7B (README) and, for bench.py on
     # CPU, 30m (small vocabulary: time goes to the layers, as a big model's) and 35m (real vocabulary: scoring memory)
     "qwen2.5-vl-30m-random": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                                   num_key_value_heads=2, vocab_size=None, tie=False, vision=SMALL_VISION),
@@ -273,7 +275,8 @@ def load_model(name: str, *, device: torch.device, dtype: str | torch.dtype = "a
         spec = RANDOM_PRESETS[name]
         tok, special = train_tokenizer(["a photo of a bird <think> </think> <answer> </answer>"] * 4, 300,
                                        QWEN_SPECIAL_IDS if spec["vocab_size"] else None)
-        cfg = qwen_vl_config(**{**spec, "vocab_size": spec["vocab_size"] or len(tok)}, special_ids=special)
+        vocab_size = spec["vocab_size"] or len(tok)  # the 30m preset: the small tokenizer's
+        cfg = qwen_vl_config(**{**spec, "vocab_size": vocab_size}, special_ids=special)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(0)  # the same weights at every load: a KL reference loaded alike is the policy's twin
             model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch_dtype, attn_implementation=attn)
@@ -585,7 +588,8 @@ def sample(model, processor, prompts: Sequence[EncodedPrompt], *, group_size: in
         seen.scatter_(1, batch["input_ids"].repeat_interleave(G, 0), True)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # preallocated outputs
     token_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished, nonfinite = torch.zeros((2, B), dtype=torch.bool, device=device)  # [B] each: ended; NaN / inf logits
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held a NaN / inf (checked below)
     eos = torch.tensor(eos_ids, device=device)
     uniforms = None
     if row_seeds is not None and temperature > 0:
@@ -676,7 +680,9 @@ def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torc
                 mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
                 position_ids=torch.cat([batch["position_ids"], comp_pos], 2))
 
-LOGITS_BUDGET = 2 ** 26  # vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32
+# vocabulary scores (rows x positions x vocab) computed at once when scoring: 256 MiB in fp32; at Qwen's 151,936-token
+# vocabulary and 16 rows, chunks of 27 positions; at the stand-in's, every position at once
+LOGITS_BUDGET = 2 ** 26
 
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                    temperature: float) -> torch.Tensor:
@@ -727,11 +733,12 @@ def images_encoded_once(model):
         if len(keep) == len(blocks):
             return encode(pixel_values, grid_thw, **kwargs)
         out = encode(torch.cat([blocks[k] for k in keep]), grid_thw[keep], **kwargs)
-        # merged (LLM) tokens, spatial_merge_size ** 2 patches each, and any per-patch states: one block per image
-        for name, unit in (("pooler_output", visual.spatial_merge_size ** 2), ("last_hidden_state", 1)):
-            if getattr(out, name, None) is not None:
-                encoded = getattr(out, name).split([sizes[k] // unit for k in keep])
-                setattr(out, name, torch.cat([encoded[o] for o in owner]))
+        unit = visual.spatial_merge_size ** 2  # patches per merged (LLM) token
+        merged = out.pooler_output.split([sizes[k] // unit for k in keep])  # per encoded image [tokens, hidden]
+        out.pooler_output = torch.cat([merged[o] for o in owner])  # [sum tokens, hidden], one block per image
+        if getattr(out, "last_hidden_state", None) is not None:  # per-patch states, each image's rows contiguous
+            patches = out.last_hidden_state.split([sizes[k] for k in keep])
+            out.last_hidden_state = torch.cat([patches[o] for o in owner])
         return out
     visual.forward = encode_once
     try:
@@ -905,8 +912,10 @@ def precision_for(dtype: str, ranks: Dist, parallel: str, trained_weights: bool 
 def enable_activation_checkpointing(model):
     """Recompute each layer in the backward (non-reentrant): `activation_checkpointing_enable` from transformers 5.2x,
     `gradient_checkpointing_enable` before it (now a deprecated alias that warns)."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 def wrap_model(model, ranks: Dist, parallel: str = "ddp", activation_checkpointing: bool = False,
                param_dtype: torch.dtype | None = None):
@@ -979,7 +988,7 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
 # ----- 6. JSONL inputs and the resumable per-rank map -----
 
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
-    """The records of a JSONL file; a line not JSON or without the `required` keys stops naming file and line (blank
+    """The records of a JSONL file; a line not JSON or without the `required` keys stops with the file and line (blank
     lines counted, as an editor does), except that `skip_cut_tail` skips a last line cut by a kill (its item redone)."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file")

@@ -277,7 +277,7 @@ def _pick_split(split: str, train: list, test: list, val: list | None = None) ->
     if split == "test":
         return test
     if val is None and split != "trainval":
-        rng, val_paths = random.Random(1), set()
+        rng, val_paths = random.Random(1), set()  # each class in path order: val whatever the index file's order
         for _, group in itertools.groupby(sorted(train, key=lambda pair: (pair[1], pair)), lambda pair: pair[1]):
             group = list(group)
             rng.shuffle(group)
@@ -624,7 +624,8 @@ def load_dataset(name: str, split: str, *, root: str | None = None, classes: str
         base, novel = coop_base_novel(len(ds.class_names))
         kept = set(base if classes == "base" else novel)
         ds = dataclasses.replace(ds, examples=[e for e in ds.examples if e.label in kept], classes=sorted(kept))
-    bad = [(ex.image, reason) for ex in ds.examples if name != "toy" and (reason := probe_image(ex.image)) is not None]
+    probed = [] if name == "toy" else [(ex.image, probe_image(ex.image)) for ex in ds.examples]
+    bad = [(image, reason) for image, reason in probed if reason is not None]
     if bad:  # counted in .skipped and common.IMAGE_PROBLEMS (toy images are written by this file and never broken)
         skipped = Counter(reason for _, reason in bad)
         common.IMAGE_PROBLEMS.update(skipped)

@@ -68,7 +68,8 @@ def mcq_prompt(kind: str, options: list[str]) -> str:
     return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
 
 # Two-step inference as an evaluation protocol (eval.py --protocol two_step, and evaluate_two_step below): step 1
-# samples answers with the split's class list as mining does, step 2 asks greedily over the 5 most frequent.
+# samples answers with the split's class list at the paper's mining sampling (fixed here, not the --mine-* flags),
+# step 2 asks greedily over the 5 most frequent.
 TWO_STEP_EVAL = evaluation.Protocol(
     "two_step", evaluation.two_step_batch, evaluation.two_step_metrics, template=[MINE_PROMPT, MCQ_PROMPT],
     prompt=lambda dataset, options: mine_prompt(dataset.kind, dataset.name, dataset.split_class_names),
@@ -125,9 +126,10 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
                                 top_p=args.mine_top_p, repetition_penalty=args.mine_repetition_penalty,
                                 generator=torch.Generator().manual_seed(seed), compile_decode=bool(args.compile_decode))
     answers = [judges.parse_answer(text) for text in rollout.texts]  # image by image, K each
-    return [{"id": ex.id, "image": ex.image,  # option order depends on the image only
+    return [{"id": ex.id, "image": ex.image,
              **build_question(answers[i * args.mine_samples:(i + 1) * args.mine_samples], ex.class_name, base_classes,
-                              random.Random(f"{args.seed}/{ex.id}"), max_options=args.max_options,
+                              random.Random(f"{args.seed}/{ex.id}"),  # option order: seeded by the image only
+                              max_options=args.max_options,
                               random_options=args.random_options, drop_easy=drop_easy,
                               prefixes=(f"{answer_format(args.data)}: ",))}
             for i, ex in enumerate(examples)]
@@ -149,8 +151,10 @@ def answer_letter(completion: str, n_options: int) -> str | None:
     upper = text.upper()
     found = set(LETTER_RE.findall(upper))
     standalone = set(re.findall(r"(?<![A-Z0-9])[A-Z](?![A-Z0-9])", upper))
-    hedged = len(standalone) > 1 and judges.is_hedge(text)
-    return found.pop() if len(found) == 1 and not hedged and found <= set(judges.LETTERS[:n_options]) else None
+    if len(found) != 1 or (len(standalone) > 1 and judges.is_hedge(text)):
+        return None
+    letter = found.pop()
+    return letter if letter in judges.LETTERS[:n_options] else None
 
 def chosen_letter(completion: str, options: list[str]) -> str | None:
     """The chosen option's letter: a letter (answer_letter), or an answer that is exactly one option's text
@@ -355,7 +359,8 @@ def mine_training_set(model, processor, train: data.Dataset, base_classes: list[
                "mining/padded": sum(q["padded"] for q in kept),
                "mining/valid_answer_rate": (sum(q["n_valid"] for q in questions)
                                             / max(1, sum(q["n_samples"] for q in questions))),
-               "mining/truth_in_top_rate": sum(bool(q["counts"].get(q["truth"])) for q in questions) / len(questions),
+               "mining/truth_in_top_rate": (sum(bool(q["counts"].get(q["truth"])) for q in questions)
+                                            / max(1, len(questions))),
                "mining/mean_options": sum(len(q["options"]) for q in kept) / max(1, len(kept))}
     common.print0("stage 1 summary: " + ", ".join(f"{k.split('/')[-1]} {v:g}" for k, v in summary.items()))
     if log_summary:  # a resumed run has it in metrics.jsonl already
@@ -395,7 +400,7 @@ TOY = dict(model="tiny", group_size=8, prompts_per_step=16, lr=2e-4, lr_schedule
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    lifecycle.add_training_args(  # the paper's values (SPEC section 4; trl-0.16 defaults where its scripts set nothing)
+    lifecycle.add_training_args(  # the paper's values (README: DiVE-k; trl-0.16 defaults where its scripts set nothing)
         p, model="Qwen/Qwen2.5-VL-7B-Instruct", group_size=4, rewards="format,mcq", lr=1e-6, lr_schedule="linear",
         beta=0.04, max_new_tokens=1024, micro_batch=4, eval_every=100, save_every=100)
     g = p.add_argument_group("data")
@@ -488,8 +493,8 @@ def main(argv=None):
 
     # models: the policy and, when beta > 0, its frozen initial copy (after the memory estimate on their shapes)
     model, processor, reference = run.load_policy(
-        args.model, reference=args.beta > 0,  # the paper trains the vision tower too (--freeze-vision 1: its ablation)
-        trainable=lambda model: model.model.visual.requires_grad_(not args.freeze_vision),
+        args.model, reference=args.beta > 0,
+        trainable=lambda model: model.model.visual.requires_grad_(not args.freeze_vision),  # the paper trains it
         estimate=lambda processor: memory_estimate(processor, train.kind, base_classes, args, run.ranks.world_size))
     optimizer = lifecycle.adamw(model, args.lr, args.weight_decay)
     evaluate = (lambda step: evaluate_two_step(model, processor, eval_sets, args, run.out, step)) if eval_sets else None

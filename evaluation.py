@@ -45,7 +45,7 @@ FIRST_TO_LAST_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)  # Fine-R
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     name: str
-    batch: Callable  # answer_batch, choice_batch or two_step_batch: (job, [(index, example)]) -> records
+    batch: Callable  # answer_batch, choice_batch or two_step_batch: (evaluate's job, [(index, example)]) -> records
     metrics: Callable  # answer_metrics, choice_metrics or two_step_metrics: (records, protocol, scoring) -> dict
     template: str | list  # the prompt template(s), as metrics.json records them
     prompt: Callable | None = None  # (dataset, options or None) -> the question; None: the template itself

@@ -99,7 +99,8 @@ def make_triplet(anchor: data.Example, by_class: dict, negatives: dict, rng: ran
     negative_class = rng.choice(negatives[anchor.class_name])
     return Triplet(anchor, rng.choice(same), rng.choice(by_class[negative_class]))
 
-# One triplet's 2G responses (rows 0..G-1 the anchor's, G..2G-1 the positive's); accuracy: the first reward's mean
+# One triplet's 2G responses (rows 0..G-1 the anchor's, G..2G-1 the positive's), reward and parts [2G] each;
+# neg_prompt: the same question with the negative image; accuracy: the first reward's mean, which dynamic sampling reads
 Group = collections.namedtuple("Group", "triplet rollout neg_prompt reward parts accuracy")
 
 def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_classes: list[str], args, generator):
@@ -116,8 +117,9 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     for i, t in enumerate(triplets):
         rows = slice(2 * args.group_size * i, 2 * args.group_size * (i + 1))
         reward, parts = score(rollout.texts[rows], {"truth": t.anchor.class_name, **t._asdict()}, args.reward_weights)
-        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, *(column[rows] for column in (
-            rollout.completion_ids, rollout.completion_mask, rollout.logprobs, rollout.truncated, rollout.texts)))
+        own = common.Rollout(prompts[2 * i:2 * i + 2], args.group_size, rollout.completion_ids[rows],
+                             rollout.completion_mask[rows], rollout.logprobs[rows], rollout.truncated[rows],
+                             rollout.texts[rows])
         groups.append(Group(t, own, common.encode_prompt(processor, t.negative.image, questions[i]), reward, parts,
                             float(next(iter(parts.values())).mean())))
     return groups
@@ -225,7 +227,8 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     delta = torch.clamp(neg_logp - logp, -20.0, 20.0)  # [B, T]
     k3 = torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)  # [B, T] k3 estimate of KL(own image || negative)
     clipped = (surrogate_clipped > surrogate) | (pg < pg_ppo)  # [B, T] a clip (either kind) is active
-    token_mean = lambda values: (values * mask).sum() / normalizer  # noqa: E731  [B, T] -> [], this micro-batch's share
+    def token_mean(values: torch.Tensor) -> torch.Tensor:  # [B, T] -> [], this micro-batch's share of the step's mean
+        return (values * mask).sum() / normalizer
     pg_term, kl_term = token_mean(pg), token_mean(k3)  # []
     entropy, entropy_neg = token_mean(-logp), token_mean(-neg_logp)  # [] (neg_logp carries no gradient)
     loss = pg_term - kl_coef * kl_term + entropy_coef * entropy + neg_entropy_coef * entropy_neg  # []
@@ -236,7 +239,7 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
 
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
-    """(rows, groups, metrics on this rank, data position after) of one rollout batch, sampled by dynamic_sampling."""
+    """(batch, groups, metrics on this rank, data position after) of one rollout batch, sampled by dynamic_sampling."""
     def sample_round(round_index: int) -> list[Group]:
         # this rank's triplets: data positions start + rank, + world, ... of seeded epochs over the anchors, each
         # position's draws seeded by it (the same on resume and on any number of ranks)
@@ -293,7 +296,7 @@ def tapo_update(model, optimizer, run: lifecycle.Run, step: int, batch: dict, ro
                             precision=args.precision)
 
 def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Tensor]:
-    """(prompt, target ids) of one rationale: the prompt is context only, the labels its response and <|im_end|>."""
+    """(prompt, target ids) of one rationale (no "system": Qwen's default): the labels its response and <|im_end|>."""
     im_end = common.special_token_ids(processor)["<|im_end|>"]
     return (common.encode_prompt(processor, record["image"], record["question"], record.get("system")),
             torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]

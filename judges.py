@@ -237,11 +237,11 @@ class RulesJudge(Judge):
         return {c for s, e, c in spans if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
 
     def label(self, truth: str, answer: str) -> str:
-        if not _canon(answer):  # nothing but punctuation ('???', '...'): malformed, as the paper's verifier rules
+        canon = _canon(answer)
+        if not canon:  # nothing but punctuation ('???', '...'): malformed, as the paper's verifier rules
             return "wrong"
         if is_abstain(answer):
             return "abstain"
-        canon = _canon(answer)
         words, forms = canon.split(), self._forms(canon)
         if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
             forms |= self._forms(" ".join(words[:-1] + [words[-1][:-1]]))  # 'warblers' -> 'warbler'
@@ -257,7 +257,7 @@ class RulesJudge(Judge):
             return "generic"
         if any(self._matches(forms, below) for n in self._names(truth) for below in self.below.get(n, ())):
             return "more_specific"
-        truth_names, padded = self._names(truth), f" {_canon(answer)} "
+        truth_names, padded = self._names(truth), f" {canon} "
         # the class names in the answer, else the truth's (the truth may not be a class of the dataset)
         mentioned = self._mentions(answer) or {n for n in truth_names if f" {n} " in padded}
         if mentioned and all(m in truth_names or self._names(m) & truth_names for m in mentioned):
@@ -422,7 +422,7 @@ class OpenAIServer:
             try:
                 out = self._once(method, path, body, timeout)
                 with self._lock:
-                    self.counts.update(requests=1, seconds=time.perf_counter() - t0)
+                    self.counts.update(requests=1, seconds=time.perf_counter() - t0)  # a Counter: adds
                 return out
             except ServerError as e:
                 if attempt == retries:
@@ -517,12 +517,7 @@ class OpenAIJudge(Judge):
         self._cache_lock = threading.Lock()  # the pool's threads append to one cache file
         if check:
             self.server.check()
-            for self.constraint in ("structured_outputs", "guided_choice"):  # the first choice field the server obeys
-                with contextlib.suppress(BadRequest):  # the field refused
-                    if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
-                        break
-            else:  # no field obeyed: the free text is read
-                self.constraint = ""
+            self.constraint = self._probe()
             common.print0(f"--judge-url {self.server.url}: the answer constrained by "
                           f"{self.constraint or 'nothing (the server reads no choice field; free text is read)'}")
 
@@ -536,6 +531,13 @@ class OpenAIJudge(Judge):
             if "chat_template_kwargs" in e.detail and self.options.pop("chat_template_kwargs", None):
                 return self._send(text, choices)
             raise
+
+    def _probe(self) -> str:
+        for self.constraint in ("structured_outputs", "guided_choice"):  # the first choice field the server obeys
+            with contextlib.suppress(BadRequest):  # the field refused
+                if strip_think(self._send("Reply with one word.", [self.PROBE])).strip() == self.PROBE:
+                    return self.constraint
+        return ""  # none: the free text is read
 
     def _ask(self, pair: tuple[str, str]) -> str | None:  # the label goes to the cache file the moment it arrives
         try:

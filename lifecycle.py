@@ -487,7 +487,8 @@ class MetricsLog:
         """Drop the records of the steps a resumed run redoes (after `step`; all at step 0): each step logged once."""
         if not self.is_main or not os.path.exists(self.path):
             return
-        lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
+        with open(self.path) as f:
+            lines = f.readlines()  # split at "\n" only
         redone = lambda s: isinstance(s, (int, float)) and (s > step or step == 0)  # noqa: E731
         keep = [line for line in lines if not redone(json.loads(line).get("step"))]
         if len(keep) < len(lines):
@@ -579,7 +580,7 @@ def make_run_dir(out: str):
         f.close()
         raise SystemExit(f"--out {out} is in use by another run (pid {holder}): wait for it to end, stop it, or pass "
                          f"another --out") from None
-    f.truncate(0)
+    f.truncate(0)  # (opened "a+": the pid is written at the new end, 0)
     f.write(f"{os.getpid()}\n")
     f.flush()
     _RUN_LOCKS[os.path.realpath(out)] = f
@@ -652,7 +653,7 @@ POSITIVE_FLAGS = ("max_steps", "group_size", "min_pixels", "max_pixels", "limit"
                   "eval_max_new_tokens", "mine_max_new_tokens", "cot_max_new_tokens", "lr", "sft_lr", "epochs",
                   "sft_epochs", "tapo_epochs", "temperature", "mine_temperature", "threads")
 NONNEGATIVE_FLAGS = ("eval_every", "save_every", "warmup_steps", "sft_warmup", "max_nonfinite", "log_completions",
-                     "beta", "weight_decay", "sft_weight_decay")
+                     "beta", "weight_decay", "sft_weight_decay", "lora_rank")
 WHY = {"temperature": "at 0 every completion of a group is the same, so GRPO has no learning signal",
        "mine_temperature": "at 0 the K mining samples are one answer repeated",
        "limit": "leave it out to use every image", "train_limit": "leave it out to use every image",

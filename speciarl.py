@@ -49,8 +49,8 @@ import memory
 
 # ----- 1. Prompts -----
 
-# The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or
-# 'None' to abstain in <answer>; the format strictly. No system prompt but the chat template's (the paper's is empty).
+# The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or 'None'
+# to abstain in <answer>; the format strictly. The chat template's default system prompt (the paper's configs: empty).
 PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
 SPECIFIC_PROMPT = PROMPT.replace("Classify the image.", "Classify the image, be specific.", 1)
 PROMPTS = {"general": PROMPT, "specific": SPECIFIC_PROMPT}
@@ -403,7 +403,7 @@ def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
 
 # `--data toy` on a 2-core CPU: the tiny stand-in, short completions (its answers are ~30 tokens), a higher learning
 # rate decaying linearly (at a constant 2e-3 the stand-in peaks mid-run, then falls back) and a smaller adapter for a
-# 0.7M-parameter model, one epoch (30 steps), all 360 held-out images. Measured in tests/test_speciarl_learning.py.
+# 0.7M-parameter model, one epoch (30 steps), evaluation on all 360 held-out images (tests/test_speciarl_learning.py).
 TOY = dict(model="tiny", rollout_prompts=16, max_new_tokens=48, lr=2e-3, lr_schedule="linear", lora_rank=16,
            epochs=1, eval_every=10, eval_max_new_tokens=48, eval_batch=120, save_every=10, sample_batch=16,
            micro_batch=80, logprob_micro_batch=160)

@@ -74,7 +74,8 @@ def tiny_example(ex: data.Example, ds: data.Dataset, rng: random.Random) -> tupl
         specific = rng.random() < 0.5
         prompt = speciarl.SPECIFIC_PROMPT if specific else speciarl.PROMPT
         family, generic = ds.hierarchy[ex.class_name]
-        v, cuts = rng.random(), (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
+        v = rng.random()
+        cuts = (0.85, 0.95, 0.98) if specific else (0.45, 0.78, 0.92)
         answer = ex.class_name if v < cuts[0] else family if v < cuts[1] else generic if v < cuts[2] else "None"
     else:  # Fine-R1: a question with its RL format request, or its open-world evaluation prompt
         question = rng.choice(fine_r1.QUESTIONS).format(kind=ds.kind)
