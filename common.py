@@ -46,7 +46,6 @@ QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids; the random presets use them too
 CACHE_DIR = os.environ.get("FGRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fgrl"))
 
 # ----- 1. Distributed setup -----
-
 @dataclasses.dataclass
 class Dist:
     rank: int = 0  # global rank
@@ -119,7 +118,6 @@ def stream_position(position: int, n: int, seed: int) -> int:
     return order[offset]
 
 # ----- 2. Model and processor loading -----
-
 # The Qwen2.5-VL chat format (an image item is `<|vision_start|><|image_pad|><|vision_end|>`), for the locally built
 # tokenizers; real checkpoints bring their own template.
 CHAT_TEMPLATE = (
@@ -318,7 +316,6 @@ def special_token_ids(processor) -> dict[str, int]:
     return {name: processor.tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIAL_IDS}
 
 # ----- robust image access: a missing, empty, truncated or non-image file never crashes a run -----
-
 IMAGE_PROBLEMS: Counter = Counter()  # reason -> count, for this process (load-time checks and failed opens)
 
 class UnreadableImage(OSError):
@@ -342,7 +339,6 @@ def try_open_image(path: str) -> Image.Image | None:
         return None
 
 # ----- 3. Prompt encoding and the rollout sampler -----
-
 @dataclasses.dataclass
 class EncodedPrompt:
     """One chat prompt with one image, tokenised and processed, without padding."""
@@ -667,7 +663,6 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    {k: sum(r.stats.get(k, 0) for r in parts) for k in parts[0].stats})  # times and steps add up
 
 # ----- 4. Per-token log-probs of completions -----
-
 def scoring_inputs(model, prompts: Sequence[EncodedPrompt], completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Model inputs for rows of [left-padded prompt | right-padded completion], the completion's positions following."""
@@ -871,7 +866,6 @@ def sft_loss(model, processor, prompts: Sequence[EncodedPrompt], targets: Sequen
     return -(logp * mask).sum() / mask.sum()
 
 # ----- 5. Precision, DDP / FSDP2 -----
-
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """Weights dtype, compute dtype, and how compute is reached: 'weights' (the same), 'fsdp' (FSDP2 mixed precision)
@@ -986,7 +980,6 @@ def eval_dir(out: str, step: int, *parts: str) -> str:
     return os.path.join(out, "eval", f"step_{step:07d}", *parts)
 
 # ----- 6. JSONL inputs and the resumable per-rank map -----
-
 def read_jsonl(path: str, required: Sequence[str] = (), skip_cut_tail: bool = False) -> list[dict]:
     """The records of a JSONL file; a line not JSON or without the `required` keys stops with the file and line (blank
     lines counted, as an editor does), except that `skip_cut_tail` skips a last line cut by a kill (its item redone)."""

@@ -30,7 +30,6 @@ from PIL import Image, ImageDraw
 import common
 
 # ----- names, records, and the toy dataset -----
-
 def normalize(text: str) -> str:
     """The one key for comparing names (mining, rewards, splits, the rules judge): NFC, lowercase, a possessive "'s"
     dropped, every run of non-letters and non-digits (any script) -> one space, so a hyphen is a space (DiVE-k):

@@ -44,7 +44,6 @@ import lifecycle
 import memory
 
 # ----- 1. Prompts: every instruction of the released prompts, in this project's words -----
-
 # Mining and two-step step 1 (released create_prompt): the object kind; the most likely name in the dataset's answer
 # format; one of the listed categories (a Python list, as released); reasoning and answer tags; the format strictly.
 MINE_PROMPT = ("This is an image containing a {kind}. Give the most likely {answer_format} of the {kind} in the "
@@ -76,7 +75,6 @@ TWO_STEP_EVAL = evaluation.Protocol(
     step2=mcq_prompt, answer_format=answer_format, sampling=dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1))
 
 # ----- 2. Stage 1: each image's question from the model's K answers (the method's data) -----
-
 def build_question(answers: list[str | None], truth: str, base_classes: list[str], rng: random.Random, *,
                    max_options: int = 5, random_options: int = 2, drop_easy: bool = True,
                    prefixes: tuple[str, ...] = judges.DIVEK_PREFIXES[:2], max_chars: int = 120) -> dict:
@@ -135,7 +133,6 @@ def mine(model, processor, examples: list[data.Example], base_classes: list[str]
             for i, ex in enumerate(examples)]
 
 # ----- 3. Reward: a registry of plain functions fn(completions, question) -> one reward per completion -----
-
 # a letter not inside a word and followed by punctuation or the end ("B", "B.", "is B!"), or in brackets ("(B)"), or
 # opening the answer with a bracket ("B) ..."); "B (not A)" chooses nothing, as in the released reader
 LETTER_RE = re.compile(r"(?<![A-Z0-9])([A-Z])(?=[.,:;!?]|$|(?<=\(.)\)|(?<=\A.)\))")
@@ -181,7 +178,6 @@ def random_reward(completions: list[str], question: dict) -> list[float]:
 REWARDS = {"format": format_reward, "mcq": mcq_reward, "random": random_reward}
 
 # ----- 4. Advantage -----
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
                      scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std unbiased (as trl / the paper); mean only with
@@ -198,7 +194,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     return adv.reshape(-1), std.squeeze(1) == 0
 
 # ----- 5. The loss, written by hand -----
-
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, beta: float, clip_low: float, clip_high: float, loss_agg: str,
               normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -246,7 +241,6 @@ def loss_normalizer(loss_agg: str, mask: torch.Tensor, world_size: int) -> float
     return float(mask.shape[0]) if loss_agg == "seq" else lifecycle.global_token_count(mask) / world_size
 
 # ----- 6. The train step: rollout -> reward -> advantage -> log-probs -> micro-batched update -----
-
 def train_step(step: int, questions: list[dict], model, reference, optimizer, processor, kind: str, args,
                run: lifecycle.Run) -> dict:
     """One GRPO step on this rank's questions (each question's G completions on this rank): the step's record."""
@@ -321,7 +315,6 @@ def train_step(step: int, questions: list[dict], model, reference, optimizer, pr
     return record
 
 # ----- 7. Stage 1 over the training set (cached, resumable per rank), and each step's questions -----
-
 def mine_training_set(model, processor, train: data.Dataset, base_classes: list[str], args, run: lifecycle.Run,
                       fsdp_inputs: dict | None, log_summary: bool) -> list[dict]:
     """Stage 1 for every training image, cached in <out>/mcq.jsonl (resumable per rank while it runs, merged in
@@ -382,7 +375,6 @@ def questions_for_step(step: int, pool: list, model, processor, base_classes: li
                     seed=(args.seed + 1_000_000 * (step + 1)) * 1009 + rank)
 
 # ----- 8. Evaluation (two-step inference, eval.py); flags: the paper's values, a toy preset for the CPU -----
-
 def evaluate_two_step(model, processor, eval_sets: dict, args, out: str, step: int) -> dict:
     """Two-step inference on every held-out group, and the harmonic mean of base and novel accuracy when both ran."""
     return evaluation.evaluate_groups(
@@ -475,7 +467,6 @@ def memory_estimate(processor, kind: str, base_classes: list[str], args, world_s
                 rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1, knobs=knobs)
 
 # ----- 9. main: set-up, data, models, resume, stage 1, the GRPO loop, export -----
-
 def main(argv=None):
     args = parse_args(argv)
     args.prompts_per_step = prompts_per_step_for(args, lifecycle.launched_world_size())  # before the process group

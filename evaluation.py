@@ -62,7 +62,6 @@ class Protocol:
         return self.template if self.prompt is None else self.prompt(dataset, options)
 
 # ----- 1. scoring -----
-
 def released_letter(text: str) -> str | None:
     """The letter DiVE-k's released evaluation reads from a step-2 answer: upper-cased, a capital not preceded by a
     letter and followed by . , ? ! : ; or the end. One candidate is the choice; among several, each occurrence scores
@@ -162,7 +161,6 @@ def top_answers(texts: list[str], answer_fmt: str = "species name") -> tuple[lis
     return [shown[key] for key, _ in top], [c for _, c in top], tagged.count(None)
 
 # ----- 2. the batch functions: one protocol on a batch of this rank's images -----
-
 def sample_texts(job, prompts: list, group_size: int = 1, row_seeds: list[int] | None = None, **sampling) -> list[str]:
     """common.sample's texts, greedy unless `sampling` says otherwise; nothing to sample: []."""
     if not prompts:
@@ -274,7 +272,6 @@ def two_step_batch(job, batch: list) -> list[dict]:
     return records
 
 # ----- 3. metrics from the gathered records (the test recomputes them from predictions.jsonl) -----
-
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
@@ -318,7 +315,6 @@ def harmonic(b: float, n: float) -> float:
     return 2 * b * n / (b + n) if b + n > 0 else 0.0
 
 # ----- 4. the harness -----
-
 def evaluate(model, processor, dataset: data.Dataset, protocol: Protocol, *, judge=None, seed: int = 0,
              max_new_tokens: int = 256, samples: int = 20, best_of: int | None = None, out_dir: str | None = None,
              progress: bool = True, micro_batch: int = 8, mcq_distractors: str = "split", scoring: str = "paper",

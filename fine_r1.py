@@ -46,7 +46,6 @@ import lifecycle
 import memory
 
 # ----- 1. Prompts, and TAPO's data: triplets (anchor, positive, negative) and their rollouts, 2G per group -----
-
 # Closed world (the released eval_closedworld): the options as a Python list, the reasoning and the choice in tags.
 QUESTION = "Which {kind} is shown in this picture?"
 CLOSED_PROMPT = ("Question: {question} Choose one of the options {options}. Write your reasoning inside "
@@ -125,7 +124,6 @@ def sample_groups(model, processor, triplets: list[Triplet], kind: str, seen_cla
     return groups
 
 # ----- 2. Rewards (REWARDS, picked and weighted by --rewards), advantage, dynamic sampling -----
-
 def accuracy_reward(completions: list[str], example: dict) -> list[float]:
     """1 if the lowercased truth is a substring of the <answer> text (the paper's rule).
     >>> accuracy_reward(["<think>x</think><answer>a RED CIRCLE, I think</answer>"], {"truth": "red circle"})
@@ -192,7 +190,6 @@ def dynamic_sampling(sample_round, quota: int, max_rounds: int, low: float = 0.0
         "sampled_accuracy": sum(g.accuracy for g in kept + rejected) / max(1, sampled)}
 
 # ----- 3. The TAPO loss, written by hand -----
-
 def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, normalizer: float, clip_low: float = 0.2, clip_high: float = 0.28,
               dual_clip: float = 3.0, kl_coef: float = 0.01, entropy_coef: float = 0.03,
@@ -237,7 +234,6 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, neg_logp: torch.Tensor
     return loss, {"loss": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
 
 # ----- 4. The train steps: TAPO's rollout batch (advantages, old and negative-image log-probs), its update; SFT's -----
-
 def rollout_batch(batch_index: int, cursor: int, model, processor, train, by_class, negatives, args, ranks, timer):
     """(batch, groups, metrics on this rank, data position after) of one rollout batch, sampled by dynamic_sampling."""
     def sample_round(round_index: int) -> list[Group]:
@@ -302,7 +298,6 @@ def sft_example(processor, record: dict) -> tuple[common.EncodedPrompt, torch.Te
             torch.tensor(processor.tokenizer(record["response"])["input_ids"] + [im_end]))  # [T]
 
 # ----- 5. The stages: cot (teacher rationales through a four-part filter), then sft and tapo on the run lifecycle -----
-
 # SFT asks as the paper's SFT samples (--sft-prompt paper): an R1-style system prompt and the bare question. The toy
 # preset (rl) asks with TAPO's prompt and no system prompt: the stand-in, pretrained on the RL and evaluation prompts,
 # lost its closed-world answers when SFT asked it the paper's way (tests/test_fine_r1_learning.py).
@@ -668,7 +663,6 @@ def eval_sets_for(args) -> dict:
             for group, classes in (("seen", "base"), ("unseen", "novel")) if args.eval_every}
 
 # ----- 6. Flags (the paper's values as defaults, a toy preset for the CPU), and main -----
-
 # Toy preset (flags not given): 20 rationales per seen class (each training image, not 1 of 20: 12 SFT samples would
 # not teach the tiny stand-in the format and the attributes); learning rates for a 0.7M-parameter model.
 TOY = dict(model="tiny", **dict.fromkeys(("min_pixels", "max_pixels", "sft_min_pixels", "sft_max_pixels"),

@@ -27,7 +27,6 @@ import common
 from data import Dataset, NameMap, normalize  # noqa: F401 (judges.normalize and judges.NameMap are used elsewhere)
 
 # ----- 1. answer parsing, normalisation, format check -----
-
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the first opening tag, up to the next closing one
 
@@ -84,7 +83,6 @@ FORMAT_LINE = ("Write your reasoning inside <think> </think> and your final answ
                "form:\n<think> ... </think> <answer> {shape} </answer>\nFollow this format exactly.")
 
 # ----- 2. answer judges -----
-
 JUDGE_LABELS = ["wrong", "abstain", "generic", "less_specific", "specific", "more_specific"]
 CORRECT_LABELS = ("generic", "less_specific", "specific", "more_specific")  # correct at some level
 SPECIFIC_LABELS = ("specific", "more_specific")  # what 'accuracy' counts

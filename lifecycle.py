@@ -43,7 +43,6 @@ from common import (DTYPES, Dist, _fsdp_modules, all_reduce_sum, barrier, cleanu
                     print0, progress_bar, read_jsonl, repair_jsonl_tail, seed_everything, unwrap)
 
 # ----- 1. Rewards: one signature in every method -----
-
 def parse_rewards(spec: str, registry: dict[str, Callable]) -> dict[str, float]:
     """--rewards "format,mcq=2" -> {"format": 1.0, "mcq": 2.0}: names from the method's REWARDS, weights default 1."""
     weights = {}
@@ -71,7 +70,6 @@ def group_rewards(registry: dict[str, Callable], weights: dict[str, float], comp
     return sum(weight * parts[name] for name, weight in weights.items()), parts
 
 # ----- 2. The update: one optimizer step over micro-batches -----
-
 def update(model, optimizer, guard: NonFiniteGuard, step: int, micro_batches: Sequence, loss_of: Callable,
            *, grad_clip: float, precision) -> tuple[float, Counter]:
     """`loss_of(rows)` -> (loss, stats) accumulated over the micro-batches; the step is taken unless the guard finds NaN
@@ -100,7 +98,6 @@ def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 # ----- 3. The run -----
-
 class Run:
     """One training run (or one stage of Fine-R1's, `run.stage("sft")`): where it writes, its log, timer and guard."""
 
@@ -239,7 +236,6 @@ class Run:
         print0(f"{self.script}: done; model exported to {path}")
 
 # ----- 4. Flags declared once (eval.py shares the model and system ones), each script's paper values passed in -----
-
 def add_model_args(parser, *, model: str = "tiny", min_pixels: int = 3136, max_pixels: int = 401408):
     """The model, data and system flags of every script, eval.py's included; returns the "system" group."""
     g = parser.add_argument_group("model and data")
@@ -336,7 +332,6 @@ def parse_flags(parser, argv, toy: dict, registry: dict[str, Callable]):
     return args
 
 # ----- 5. Checkpoints and export -----
-
 def _atomic_write_text(path: str, text: str):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -466,7 +461,6 @@ def _set_json(path: str, **values):
     _write_json(path, {**json.loads(pathlib.Path(path).read_text()), **values})
 
 # ----- 6. Logging, the run directory, flags -----
-
 class MetricsLog:
     """Appends one JSON object per step to <out>/metrics.jsonl (rank 0), mirrors to wandb when asked and installed."""
 
@@ -689,7 +683,6 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (total / (dist.get_world_size() if dist.is_initialized() else 1)).tolist()))
 
 # ----- 7. Robustness (faults are injected by the tests: tests/faulty.py patches a method's loss) -----
-
 class NonFiniteGuard:
     """Skip optimizer steps whose loss or gradient norm is NaN / inf on any rank, on every rank together (one
     all-reduced flag, so replicas never diverge); `limit` in a row (0 = never) make `exhausted` true, and the caller

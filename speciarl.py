@@ -48,7 +48,6 @@ import lifecycle
 import memory
 
 # ----- 1. Prompts -----
-
 # The paper's two prompts (released general_base / specific_base): classify; reasoning in <think>; one label or 'None'
 # to abstain in <answer>; the format strictly. The chat template's default system prompt (the paper's configs: empty).
 PROMPT = "Classify the image.\n" + judges.FORMAT_LINE.format(shape="a single label, or None to abstain")
@@ -60,7 +59,6 @@ EVALS = {name: evaluation.Protocol("speciarl", evaluation.answer_batch, evaluati
                                    hm_keys=("hm", "correctness", "specificity")) for name, text in PROMPTS.items()}
 
 # ----- 2. Data: the images of a step, and the verifier's labels -----
-
 def batch_for_step(n_train: int, step: int, rollout_prompts: int, seed: int) -> list[int]:
     """Indices of the training images of rollout batch `step`: a fresh shuffle every epoch (seeded by the epoch),
     the last partial batch dropped (as verl does). A pure function of `step`, so resuming needs only the step."""
@@ -82,7 +80,6 @@ def judge_rollouts(judge, truths: list[str], answers: list[str | None]) -> list[
     return labels
 
 # ----- 3. Reward: fn(completions, example) -> one reward per rollout; example: {"truth", "labels" of the group} -----
-
 TIER = {"wrong": 0, "abstain": 1, "generic": 2, "less_specific": 3, "specific": 4, "more_specific": 4}
 
 def dynamic_reward(completions: list[str], example: dict) -> list[float]:
@@ -124,7 +121,6 @@ def best_label(labels: list[str]) -> str:
     return max(valid, key=judges.JUDGE_LABELS.index) if valid else "none"
 
 # ----- 4. Advantage -----
-
 def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """GRPO advantages over each image's G rollouts (rows of `rewards`, [P, G]); -1 rewards take part here.
     group: (r - mean) / (std + eps) with the unbiased std (verl); none: r - mean (Dr.GRPO). Groups whose rewards are
@@ -139,7 +135,6 @@ def group_advantages(rewards: torch.Tensor, norm: str, eps: float) -> torch.Tens
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # [P, G]
 
 # ----- 5. The loss, written by hand -----
-
 def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float, dual_clip: float,
                   beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,7 +178,6 @@ def speciarl_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     return loss_sum, stats
 
 # ----- 6. The train step: rollout -> verifier labels -> reward -> advantage -> log-probs -> mini-batch updates -----
-
 def train_step(run: lifecycle.Run, step: int, images: list[data.Example], model, reference, optimizer, processor,
                judge, total_steps: int) -> dict:
     """One SpeciaRL step on this rank's images (all G rollouts of an image on this rank): the step's metrics over all
@@ -313,7 +307,6 @@ def save_and_stop(reason: str, out: str, step: int, model, optimizer, eval_pendi
                      f"rerun the same command to resume")
 
 # ----- 7. The policy: LoRA adapters written by hand (no peft) -----
-
 class LoRALinear(torch.nn.Module):
     """y = base(x) + scale * (x A^T) B^T, scale = alpha / rank. Adapters are kept in fp32 (an AdamW update of 3e-5
     would vanish in bf16 weights of magnitude 1e-2) and their output is cast to the layer's dtype."""
@@ -382,7 +375,6 @@ def lora_disabled(model):
             m.adapter_enabled = True
 
 # ----- 8. Evaluation (eval.py, protocol speciarl), and the flags: the paper's values, a toy preset for the CPU -----
-
 def run_eval(args, model, processor, test, judge, out, step, optimizer) -> dict:
     """Greedy evaluation with the speciarl protocol -> {"eval/<number>": value}; collective. A judge server that
     stays away, or judge errors above --max-judge-errors, stop the run with a checkpoint whose evaluation the
@@ -467,7 +459,6 @@ def memory_estimate(args, processor, prompts_per_rank: int) -> dict:
                 rows_per_prompt=min(args.group_size, args.micro_batch) if args.shared_prefix else 1)
 
 # ----- 9. main: set-up, data, models, verifiers, resume, the loop, export -----
-
 def main(argv=None):
     args = parse_args(argv)
     if args.lora_rank > 0 and not args.freeze_vision:
