@@ -74,6 +74,14 @@ def test_bad_values_of_training_flags_are_refused_alike(script, flag, value, mes
     assert message in str(e.value.code)
 
 
+def test_a_negative_lora_rank_is_refused():
+    """-1 once ran a full fine-tune whose KL reference was the policy itself (0 = no LoRA, > 0 = its rank)."""
+    with pytest.raises(SystemExit) as e:
+        parse("speciarl", ["--lora-rank", "-1"])
+    assert "--lora-rank -1: must be 0 or more" in str(e.value.code)
+    assert parse("speciarl", ["--lora-rank", "0"]).lora_rank == 0
+
+
 def test_eval_every_zero_means_never_and_freeze_vision_takes_a_value():
     for script in TRAINING:
         help_text = next(a.help for a in _parser(script)._actions if "--eval-every" in a.option_strings)
