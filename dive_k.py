@@ -67,8 +67,8 @@ def mcq_prompt(kind: str, options: list[str]) -> str:
     return MCQ_PROMPT.format(kind=kind, options="\n".join(f"{judges.LETTERS[i]}. {o}" for i, o in enumerate(options)))
 
 # Two-step inference as an evaluation protocol (eval.py --protocol two_step, and evaluate_two_step below): step 1
-# samples answers with the split's class list at the paper's mining sampling (fixed here, not the --mine-* flags),
-# step 2 asks greedily over the 5 most frequent.
+# samples answers with the split's class list at the released mining's sampling (T=1.0, top_p 0.95, repetition
+# penalty 1.1; fixed here, not the --mine-* flags), step 2 asks greedily over the 5 most frequent.
 TWO_STEP_EVAL = evaluation.Protocol(
     "two_step", evaluation.two_step_batch, evaluation.two_step_metrics, template=[MINE_PROMPT, MCQ_PROMPT],
     prompt=lambda dataset, options: mine_prompt(dataset.kind, dataset.name, dataset.split_class_names),
