@@ -628,8 +628,10 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 def require_divisible(what: str, total: int, by: int, by_what: str):
-    """Refuse at start (never hang later) batch arithmetic that does not divide: every rank stops, rank 0 says why."""
-    said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 1  # noqa: E731
+    """Refuse at start (never hang later) batch arithmetic that does not divide: every rank stops, rank 0 says why.
+    The other ranks leave quietly with status 0: a rank failing first would have torchrun kill rank 0 before it spoke;
+    rank 0's status 1 fails the launch."""
+    said = lambda message: message if int(os.environ.get("RANK", 0)) == 0 else 0  # noqa: E731
     if by <= 0:
         raise SystemExit(said(f"{by_what} = {by}: must be at least 1 ({what} = {total} is divided by it)."))
     if total <= 0:

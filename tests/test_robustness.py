@@ -414,10 +414,14 @@ def test_batch_arithmetic_that_does_not_divide_is_refused_at_start(tmp_path):
         assert expected in str(e.value.code), e.value.code
         # refused before any stage ran (fine_r1: before CoT/SFT), or at parsing, before the run directory exists
         assert not out.exists() or sorted(os.listdir(out)) == [".lock", "config.json", "config_history.jsonl"]
-    # 2 ranks: --prompts-per-step 3 does not split over them; both ranks refuse at once, no rank waits for the other
+    # 2 ranks: --prompts-per-step 3 does not split over them; both ranks refuse at once, no rank waits for the other.
+    # Rank 0 starts 3 s late, so rank 1 refuses first: torchrun must not stop rank 0 before it has said why.
+    late_rank0 = tmp_path / "late_rank0.py"
+    late_rank0.write_text("import os, runpy, sys, time\nif os.environ['RANK'] == '0':\n    time.sleep(3)\n"
+                          "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
     t0 = time.time()
-    proc = torchrun(["dive_k.py", "--data", "toy", "--prompts-per-step", "3", "--out", str(tmp_path / "two")],
-                    timeout=180, check=False)
+    proc = torchrun([str(late_rank0), "dive_k.py", "--data", "toy", "--prompts-per-step", "3", "--out",
+                     str(tmp_path / "two")], timeout=180, check=False)
     assert proc.returncode != 0  # said once, by rank 0, before the process group started
     assert proc.stderr.count("--prompts-per-step = 3 is not divisible by the number of ranks = 2. Use a multiple of "
                              "2, e.g. 2 or 4.") == 1, proc.stderr
