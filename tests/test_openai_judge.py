@@ -416,6 +416,7 @@ def test_a_stop_message_starts_its_own_line(tmp_path, toy, capsys, monkeypatch):
     so the message that follows is not glued to it."""
     import eval as ev
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are drawn on a terminal only
+    monkeypatch.setattr(judges.OpenAIServer, "BACKOFF", 0.01)
     behaviour = fake.Behaviour(rules_labels(toy))
     with fake.Server(behaviour) as server:
         behaviour.fail_after = len(behaviour.asked) + 1  # after the probe, one answer and gone
