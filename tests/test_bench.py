@@ -1,7 +1,5 @@
 """bench.py end to end on the tiny model (tiny settings, timings never asserted) and the fast log-prob path."""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +8,6 @@ import torch
 import bench
 import common
 import speciarl
-from conftest import ROOT
 
 FIGURES = ["copy_bandwidth_GBps", "image_tokens", "prompt_tokens", "params",
            "sample_s", "sample_tok_s", "sample_tokens", "sample_peak_GiB", "prefill_s", "decode_step_ms",
@@ -132,10 +129,13 @@ def test_compiled_decode_is_refused_with_flash_attention_2(tiny, toy_test, monke
         common.sample(model, proc, [prompt], group_size=1, max_new_tokens=4, compile_decode=True)
     monkeypatch.undo()
     assert common.compile_decode_problem(model) is None
-    for script in ("dive_k.py", "speciarl.py", "fine_r1.py", "eval.py --protocol open"):
-        out = subprocess.run([sys.executable, *script.split(), "--compile-decode", "1", "--attn", "flash_attention_2"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0 and "--compile-decode 1" in out.stderr and "Traceback" not in out.stderr, script
+    import dive_k
+    import eval as eval_lib
+    import fine_r1
+    for main, argv in ((dive_k.main, []), (speciarl.main, []), (fine_r1.main, []), (eval_lib.main, ["--protocol", "open"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--compile-decode", "1", "--attn", "flash_attention_2"])
+        assert "--compile-decode 1" in str(e.value.code), (main.__module__, e.value.code)
 
 
 def test_nonfinite_logits_stop_sampling_with_a_message(tiny, toy_test):

@@ -39,10 +39,18 @@ FAULTY = os.path.join(ROOT, "tests", "faulty.py")  # runs a method with a fault 
 
 def run_entry(args, env=None, timeout=300):
     """`python <args>` from the repo root as a user would run it: one process, no torchrun variables, no fault."""
+    return run_entries(args, env=env, timeout=timeout)[0]
+
+
+def run_entries(*commands, env=None, timeout=300):
+    """run_entry for independent commands, side by side (each runs on one thread: the second core works too)."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     full = {k: v for k, v in os.environ.items() if k not in drop}
     full.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(procs, outputs)]
 
 
 def read_jsonl(path):
@@ -286,14 +294,24 @@ def _break_cub(tmp_path, what):
     return base
 
 
-def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
+def test_bad_data_and_model_paths_at_every_entry_point(tmp_path, capsys):
     import dive_k
     import eval as eval_lib
     import fine_r1
     import speciarl
     out = str(tmp_path / "run")
     before = previous_run(out)
-    # (1) subprocesses, as a user runs them: exit status 1, the message on stderr
+    # (1) subprocesses, as a user runs them: exit status 1, the message on stderr, no traceback (HF_HUB_OFFLINE is
+    # read by huggingface_hub at import: a fresh process)
+    proc, offline = run_entries(["eval.py", "--model", str(tmp_path / "no_model"), "--protocol", "open", "--out", out],
+                                ["eval.py", "--model", "someone/NoSuchModel-7B", "--protocol", "open"],
+                                env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a message, not a crash
+    for text in [f"--model {tmp_path / 'no_model'}: no such directory", "Qwen2.5-VL checkpoint directory"]:
+        assert text in proc.stderr, (text, proc.stderr[-3000:])
+    assert offline.returncode == 1 and "Traceback" not in offline.stderr, offline.stderr[-2000:]
+    assert "--model someone/NoSuchModel-7B: cannot load a Qwen2.5-VL checkpoint from it" in offline.stderr
+    # (2) in-process main() of each entry point for the other cases (same code path, no interpreter start)
     wrong = tmp_path / "wrong_layout"
     (wrong / "images").mkdir(parents=True)
     json_dir = tmp_path / "mine"
@@ -302,23 +320,6 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
     (json_dir / "classes.txt").write_text("red circle\nblue square\n")
     (json_dir / "train.jsonl").write_text(json.dumps({"image": "missing.jpg", "class_name": "red circle"}) + "\n" +
                                           json.dumps({"image": "corrupt.jpg", "class_name": "red circle"}) + "\n")
-    cases = [
-        (["dive_k.py", "--data", "cub", "--data-root", str(wrong), "--out", out],
-         [f"images.txt not found under --data-root {wrong}", "Expected layout", "image_class_labels.txt"]),
-        (["speciarl.py", "--data", "cub", "--data-root", str(tmp_path / "nowhere"), "--out", out],
-         [f"--data-root {tmp_path / 'nowhere'} is not a directory", "Expected layout"]),
-        (["fine_r1.py", "--data", str(json_dir / "{split}.jsonl"), "--eval-every", "0", "--out", out],
-         ["missing.jpg (missing)", "corrupt.jpg (not an image)", "split 'train' (base classes) has no usable image"]),
-        (["eval.py", "--model", str(tmp_path / "no_model"), "--protocol", "open", "--out", out],
-         [f"--model {tmp_path / 'no_model'}: no such directory", "Qwen2.5-VL checkpoint directory"]),
-    ]
-    for args, expected in cases:
-        proc = run_entry(args)
-        assert proc.returncode == 1, (args, proc.stdout[-2000:], proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a message, not a crash
-        for text in expected:
-            assert text in proc.stderr, (text, proc.stderr[-3000:])
-    # (2) in-process main() of each entry point for the other cases (same code path, no interpreter start)
     not_qwen = tmp_path / "llama"
     not_qwen.mkdir()
     (not_qwen / "config.json").write_text('{"model_type": "llama"}')
@@ -335,11 +336,13 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
     (run_dir / "final").mkdir(parents=True)
     (run_dir / "config.json").write_text('{"lr": 0.0001}')
     shutil.copy(os.path.join(tiny.tiny_model_dir(), "config.json"), run_dir / "final")
-    offline = run_entry(["eval.py", "--model", "someone/NoSuchModel-7B", "--protocol", "open"],
-                        env={"HF_HUB_OFFLINE": "1"})
-    assert offline.returncode == 1 and "Traceback" not in offline.stderr, offline.stderr[-2000:]
-    assert "--model someone/NoSuchModel-7B: cannot load a Qwen2.5-VL checkpoint from it" in offline.stderr
     cases = [
+        (dive_k.main, ["--data", "cub", "--data-root", str(wrong)],
+         [f"images.txt not found under --data-root {wrong}", "Expected layout", "image_class_labels.txt"]),
+        (speciarl.main, ["--data", "cub", "--data-root", str(tmp_path / "nowhere")],
+         [f"--data-root {tmp_path / 'nowhere'} is not a directory", "Expected layout"]),
+        (fine_r1.main, ["--data", str(json_dir / "{split}.jsonl"), "--eval-every", "0"],
+         ["missing.jpg (missing)", "corrupt.jpg (not an image)", "split 'train' (base classes) has no usable image"]),
         (dive_k.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "empty split file")],
          "split 'train' (base classes) has no usable image"),
         (speciarl.main, ["--data", "cub", "--data-root", _break_cub(tmp_path, "truncated split file")],
@@ -369,7 +372,9 @@ def test_bad_data_and_model_paths_at_every_entry_point(tmp_path):
     for main, argv, expected in cases:
         with pytest.raises(SystemExit) as e:
             main(argv if "--out" in argv else argv + ["--out", out])
-        assert expected in str(e.value.code), (argv, e.value.code)
+        said = capsys.readouterr().err + str(e.value.code)  # the notes before the stop, then its message
+        for text in [expected] if isinstance(expected, str) else expected:
+            assert text in said, (argv, text, said)
     assert tree_bytes(out) == before  # the earlier run's checkpoint, logs and caches are untouched
 
 
@@ -483,11 +488,14 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out, never = str(tmp_path / "run"), str(tmp_path / "never_stops")
     argv = [*SPECIARL[1:], "--max-new-tokens", "40", "--max-steps", "4", "--max-nonfinite", "2", "--out", out]
-    proc = run_entry([FAULTY, "nan", "2-3", "--", "speciarl.py", *argv])
+    never_argv = argv[:-3] + ["0", "--out", never]  # ... "--max-nonfinite", "0", "--out", never
+    # side by side: the run that stops, and one with the same NaN steps that never stops (compared at the end)
+    proc, never_proc = run_entries([FAULTY, "nan", "2-3", "--", "speciarl.py", *argv],
+                                   [FAULTY, "nan", "2-3", "--", "speciarl.py", *never_argv])
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "memory budget per process (CPU), estimated" in proc.stdout  # printed at start
     assert "warning: step 2: non-finite loss or gradient" in proc.stderr
-    assert (f"stopping: 2 optimizer steps in a row had a non-finite loss or gradient norm" in proc.stderr
+    assert ("stopping: 2 optimizer steps in a row had a non-finite loss or gradient norm" in proc.stderr
             and f"saved in {out}/ckpt_0000003" in proc.stderr)
     steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
     assert [(r["step"], r["nonfinite/skipped"], r["nonfinite/in_a_row"]) for r in steps] == [(1, 0, 0), (2, 1, 1),
@@ -511,9 +519,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint_and_re
     steps = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["grad_norm"] == steps[-1]["grad_norm"]
     # the same NaN steps, never stopping: the same step 4 (same images and samples) and the same final weights
-    never_argv = argv[:-3] + ["0", "--out", never]  # ... "--max-nonfinite", "0", "--out", never
-    proc = run_entry([FAULTY, "nan", "2-3", "--", "speciarl.py", *never_argv])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert never_proc.returncode == 0, never_proc.stderr[-3000:]
     last = [[r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r.get("step") == 4][-1] for run in (out, never)]
     for key in ("reward", "correctness", "completion_tokens", "share/specific", "no_answer_rate"):
         assert last[0][key] == last[1][key], key
@@ -547,10 +553,11 @@ def test_kill_mid_step_then_the_same_command_resumes_to_the_same_parameters(tmp_
     from the step-2 checkpoint with the same data (cursor, triplets, sampling seeds) and ends at the parameters of
     a run that was never interrupted."""
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    proc = run_entry([*FINE_R1_TAPO, "--out", full])
+    proc, killed_proc = run_entries([*FINE_R1_TAPO, "--out", full], [FAULTY, "kill", "3", "--", *FINE_R1_TAPO,
+                                                                    "--out", killed])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory budget (stage tapo) per process (CPU), estimated" in proc.stdout  # printed at start
-    proc = run_entry([FAULTY, "kill", "3", "--", *FINE_R1_TAPO, "--out", killed])
+    proc = killed_proc
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "faulty.py: injecting kill at step 3 on rank 0" in proc.stderr
     assert lifecycle.latest_checkpoint(os.path.join(killed, "tapo")).endswith("ckpt_0000002")
