@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
-import lifecycle
 import data  # noqa: E402
 
 torch.set_num_threads(2)
