@@ -15,11 +15,11 @@ with paired s.e. 0.030 (3.1 s.e.; 24 images gained, 7 lost). Other settings on t
 s.e.) and the paper's beta 0.04 with 60 steps 0.739 -> 0.750. Recipe v2 (the old prompts): start 0.644, after 60
 steps 0.811, random-reward control 0.528.
 
-The two runs go side by side, each on one torch thread, a fixed count, so the numbers do not depend on the machine's
-cores or load; the control mines its own questions, the same as the real run's (asserted). Seed 42 so: 0.717 ->
-0.800, +0.083 / 0.027 = 3.1 s.e.; control -0.056 (after the sampler's nucleus change). Earlier seeds tried (one
-torch thread, in one process; base-class two-step accuracy start -> after 90 steps, gain / paired s.e.; the
-random-reward control's gain):
+The two runs go side by side (with the other learning tests' runs), each on one torch thread, a fixed count, so
+the numbers do not depend on the machine's cores or load; the control mines its own questions, the same as the real
+run's (asserted). Seed 42 so: 0.717 -> 0.800, +0.083 / 0.027 = 3.1 s.e.; control -0.056 (after the sampler's
+nucleus change). Earlier seeds tried (one torch thread, in one process; base-class two-step accuracy start -> after
+90 steps, gain / paired s.e.; the random-reward control's gain):
   seed 42 (the test's)  0.717 -> 0.806, +0.089 / 0.029 = 3.1 s.e.; control -0.056
   seed 0                0.728 -> 0.800, +0.072 / 0.033 = 2.2 s.e.; control -0.022
   seed 1                0.722 -> 0.772, +0.050 / 0.025 = 2.0 s.e.; control -0.022
@@ -29,15 +29,16 @@ s.e. (3 s.e. was a knife edge the seed decided).
 import json
 import math
 import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import LEARNING_RUNS
 
 STEPS = 90
 SEED = 42  # the quickstart's default
 FLAGS = ["--data", "toy", "--max-steps", str(STEPS), "--eval-every", str(STEPS), "--eval-classes", "base",
-         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--threads", "1"]
+         "--eval-batch", "20", "--save-every", "0", "--log-completions", "0", "--seed", str(SEED)]
+# the two runs, side by side with the other learning tests' runs, one torch thread each (conftest.learning_runs)
+LEARNING_RUNS[__name__] = {"dive_k": ["dive_k.py", *FLAGS],
+                           "dive_k_control": ["dive_k.py", *FLAGS, "--rewards", "random", "--no-initial-eval"]}
 
 
 def evals(out):
@@ -61,15 +62,8 @@ def paired(before: dict, after: dict) -> tuple[float, float, int]:
     return mean, math.sqrt(var / len(ids)), len(ids)
 
 
-def test_grpo_on_mined_questions_beats_a_random_reward(tmp_path, tiny):
-    real, control = str(tmp_path / "real"), str(tmp_path / "control")
-    # the two runs side by side, one torch thread each (fixed: the numbers depend on the seed only)
-    runs = [subprocess.Popen([sys.executable, "dive_k.py", *FLAGS, "--seed", str(SEED), "--out", out, *extra],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for out, extra in ((real, []), (control, ["--rewards", "random", "--no-initial-eval"]))]
-    for run in runs:
-        output = run.communicate(timeout=1200)[0]
-        assert run.returncode == 0, output[-4000:]
+def test_grpo_on_mined_questions_beats_a_random_reward(learning_runs):
+    real, control = learning_runs("dive_k"), learning_runs("dive_k_control")
     with open(os.path.join(real, "mcq.jsonl")) as f, open(os.path.join(control, "mcq.jsonl")) as g:
         assert f.read() == g.read()  # the control mined the same questions from the same starting model
     before, after, after_control = evals(real)[0], evals(real)[STEPS], evals(control)[STEPS]

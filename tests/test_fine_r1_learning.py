@@ -31,8 +31,8 @@ scored as Fine-R1's evaluation, open asked with its open-world question): start 
 accuracy 0.771 -> 0.836. On an earlier v3 build, asking the SFT questions bare under an R1-style system prompt, as
 the paper's SFT samples do, took seen mcq from 0.794 at the start to 0.572 after SFT.
 
-The test runs on two torch threads (a fixed count: the same numbers on any machine and load); there seed 42 gave the
-same numbers as on one thread.
+The run is on one torch thread (a fixed count: the same numbers on any machine and load), side by side with the
+other learning tests' runs; seed 42 gives the same numbers on two threads.
 Seeds tried (one torch thread; open = Fine-R1's text-include accuracy; start -> after SFT -> after TAPO, seen classes;
 TAPO sampled accuracy, first 3 -> last 3 rollout batches):
   seed 42 (the test's)  mcq 0.722 -> 0.756 -> 0.844 (+0.122, 2 SE 0.086); open 0.656 -> 0.739 -> 0.783 (+0.128, 2 SE
@@ -49,9 +49,10 @@ import json
 import math
 import os
 
-import fine_r1
+from conftest import LEARNING_RUNS
 
 SEED = 42  # the quickstart's default
+LEARNING_RUNS[__name__] = {"fine_r1": ["fine_r1.py", "--data", "toy", "--seed", str(SEED)]}  # the quickstart
 GROUPS = [(protocol, group) for protocol in ("mcq", "open") for group in ("seen", "unseen")]
 
 
@@ -60,9 +61,8 @@ def read(path):
         return [json.loads(line) for line in f]
 
 
-def test_sft_then_tapo_raise_seen_class_accuracy(tmp_path, one_thread):
-    out = str(tmp_path / "run")
-    fine_r1.main(["--data", "toy", "--out", out, "--seed", str(SEED), "--threads", "2"])  # the quickstart
+def test_sft_then_tapo_raise_seen_class_accuracy(learning_runs):
+    out = learning_runs("fine_r1")
     sft = [r for r in read(os.path.join(out, "sft", "metrics.jsonl")) if "eval/mcq/seen" in r]
     tapo = read(os.path.join(out, "tapo", "metrics.jsonl"))
     stages = {"start": sft[0], "after sft": sft[-1], "after tapo": [r for r in tapo if "eval/mcq/seen" in r][-1]}
