@@ -48,19 +48,18 @@ def one_thread():
 LEARNING_RUNS = {}  # test module -> {run name: script and flags}: what each learning test module registers
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def learning_runs(request, tmp_path_factory, tiny_built):
-    """The runs of the selected learning tests, all started with the session, side by side, each on one torch thread
-    (its numbers then depend on its seed only) and at the lowest CPU priority: they work on the cores the other tests
-    leave idle, and have the machine to themselves once their tests wait for them. `wait(name)` -> that run's output
-    folder, once it ended well."""
+    """The runs of the selected learning tests, all started side by side by the first test that asks, each on one
+    torch thread (its numbers then depend on its seed only): single-thread runs fill the machine's cores where one
+    run at a time would leave cores idle. `wait(name)` -> that run's output folder, once it ended well."""
     folder = tmp_path_factory.mktemp("learning")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     selected = {item.module.__name__ for item in request.session.items}
     wanted = {name: argv for module in selected & LEARNING_RUNS.keys() for name, argv in LEARNING_RUNS[module].items()}
     logs = {name: open(folder / f"{name}.log", "w") for name in wanted}
     runs = {name: subprocess.Popen([sys.executable, *argv, "--threads", "1", "--out", str(folder / name)], cwd=ROOT,
-                                   env=env, stdout=logs[name], stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19))
+                                   env=env, stdout=logs[name], stderr=subprocess.STDOUT)
             for name, argv in wanted.items()}
 
     def wait(name: str) -> str:
